@@ -1,0 +1,1 @@
+"""Compiled kernels (Cython). Private: use the public façades in :mod:`ccdgrid`."""

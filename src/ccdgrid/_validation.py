@@ -1,0 +1,53 @@
+"""Input checks shared by the public façades (the kernels trust their inputs)."""
+
+import numpy as np
+
+from .errors import CcdgridError
+
+__all__ = ["as_image", "as_points", "check_backend"]
+
+BACKENDS = ("cython", "numpy")
+
+
+def check_backend(backend):
+    """Return ``backend`` if it names an engine, else raise :class:`CcdgridError`."""
+    if backend not in BACKENDS:
+        raise CcdgridError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def as_image(image, name="image", dtype=np.float32):
+    """Return ``image`` as a C-contiguous 2-D array of ``dtype``.
+
+    Accepts any real numeric dtype (bool, unsigned and signed integers,
+    floats). Rejects other dimensionalities, empty arrays, and complex or
+    object arrays with a message that names ``name``.
+    """
+    arr = np.asarray(image)
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.number) or arr.dtype == bool
+    ) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise CcdgridError(
+            f"`{name}` must hold real numbers, got an array of dtype {arr.dtype}"
+        )
+    if arr.ndim != 2:
+        raise CcdgridError(
+            f"`{name}` must be a 2-D image, got an array of shape {arr.shape}"
+        )
+    if arr.size == 0:
+        raise CcdgridError(f"`{name}` is empty (shape {arr.shape})")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def as_points(points, name="points", ncols=2):
+    """Return ``points`` as a C-contiguous ``(N, ncols)`` float64 array."""
+    arr = np.asarray(points)
+    if arr.dtype == object or np.issubdtype(arr.dtype, np.complexfloating):
+        raise CcdgridError(f"`{name}` must hold real numbers, got dtype {arr.dtype}")
+    if arr.ndim == 1 and arr.size == ncols:
+        arr = arr.reshape(1, ncols)
+    if arr.ndim != 2 or arr.shape[1] != ncols:
+        raise CcdgridError(
+            f"`{name}` must have shape (N, {ncols}), got {arr.shape}"
+        )
+    return np.ascontiguousarray(arr, dtype=np.float64)
