@@ -18,4 +18,3 @@ def test_openmp_flag_is_a_bool():
 def test_unknown_attribute_raises_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         _ = ccdgrid.nonexistent
-

@@ -24,16 +24,14 @@ def as_image(image, name="image", dtype=np.float32):
     object arrays with a message that names ``name``.
     """
     arr = np.asarray(image)
-    if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.number) or arr.dtype == bool
-    ) or np.issubdtype(arr.dtype, np.complexfloating):
-        raise CcdgridError(
-            f"`{name}` must hold real numbers, got an array of dtype {arr.dtype}"
-        )
+    if (
+        arr.dtype == object
+        or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool)
+        or np.issubdtype(arr.dtype, np.complexfloating)
+    ):
+        raise CcdgridError(f"`{name}` must hold real numbers, got an array of dtype {arr.dtype}")
     if arr.ndim != 2:
-        raise CcdgridError(
-            f"`{name}` must be a 2-D image, got an array of shape {arr.shape}"
-        )
+        raise CcdgridError(f"`{name}` must be a 2-D image, got an array of shape {arr.shape}")
     if arr.size == 0:
         raise CcdgridError(f"`{name}` is empty (shape {arr.shape})")
     return np.ascontiguousarray(arr, dtype=dtype)
@@ -47,7 +45,5 @@ def as_points(points, name="points", ncols=2):
     if arr.ndim == 1 and arr.size == ncols:
         arr = arr.reshape(1, ncols)
     if arr.ndim != 2 or arr.shape[1] != ncols:
-        raise CcdgridError(
-            f"`{name}` must have shape (N, {ncols}), got {arr.shape}"
-        )
+        raise CcdgridError(f"`{name}` must have shape (N, {ncols}), got {arr.shape}")
     return np.ascontiguousarray(arr, dtype=np.float64)
