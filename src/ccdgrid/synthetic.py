@@ -149,10 +149,14 @@ class SyntheticGrid:
     ideal : ndarray of shape (M, 2), float64, px
         Ideal ``(y, x)`` positions; ``holes + truth.displacement(holes) == ideal``.
     visible : ndarray of shape (M,), bool
-        The whole hole, plus a margin of ``2 + 3 * psf_sigma`` px, is inside
-        both the lit taper area and the image.
+        Fully visible and clear of the edges: the whole hole plus a margin of
+        ``2 + 3 * psf_sigma`` px is inside both the fully lit taper area and
+        the image. Safe for accuracy tests.
     cut : ndarray of shape (M,), bool
-        Partly visible: cut by the taper edge or the image border.
+        Partly visible: part of the hole lies on the taper's edge ramp, in
+        the dark outside it, or beyond the image border (its centroid is
+        biased). Holes that are neither ``visible`` nor ``cut`` are either
+        whole but within the margin of an edge, or entirely dark.
     taper_mask : ndarray of shape (ny, nx), bool
         Pixels whose centre is inside the lit taper area.
     pitch_px : float
@@ -415,16 +419,14 @@ def grid_image(
         & (holes[:, 1] >= -0.5)
         & (holes[:, 1] < nx - 0.5)
     )
+    # visible: disc + margin in the fully lit area and in the image;
+    # cut: some of the disc is dark (taper ramp or beyond the image border).
+    half_ramp = response.edge_width / 2
+    in_image = _inside_image(holes, extent, shape)
     margin = 2.0 + 3.0 * psf_sigma
-    room = extent + margin
-    in_image = (
-        (holes[:, 0] - room >= -0.5)
-        & (holes[:, 0] + room <= ny - 0.5)
-        & (holes[:, 1] - room >= -0.5)
-        & (holes[:, 1] + room <= nx - 0.5)
-    )
-    visible = in_image & (edge_dist + room <= 0.0)
-    cut = lit_any & ~visible
+    visible = _inside_image(holes, extent + margin, shape)
+    visible &= edge_dist + extent + margin <= -half_ramp
+    cut = lit_any & ((edge_dist + extent > -half_ramp) | ~in_image)
 
     params = {
         "shape": shape,
@@ -642,6 +644,17 @@ def _make_lattice(shape, pitch, rotation_deg, shear_deg, aspect, offset):
     a1 = pitch * aspect * np.array([np.cos(phi), -np.sin(phi)])
     origin = np.array([(ny - 1) / 2.0, (nx - 1) / 2.0]) + offset
     return Lattice(origin=origin, a1=a1, a2=a2)
+
+
+def _inside_image(points, room, shape):
+    """Whether the disc of radius ``room`` around each point is inside the image."""
+    y, x = points[:, 0], points[:, 1]
+    return (
+        (y - room >= -0.5)
+        & (y + room <= shape[0] - 0.5)
+        & (x - room >= -0.5)
+        & (x + room <= shape[1] - 0.5)
+    )
 
 
 def _indices_covering(lattice, box):
