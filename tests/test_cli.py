@@ -5,6 +5,7 @@ generator are replaced by small fakes here, so that these tests exercise the
 command line itself (arguments, messages, exit codes, files) and nothing else.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -517,3 +518,28 @@ def test_console_script_reports_a_user_error_in_one_line(tmp_path):
     assert result.stderr.startswith("ccdgrid: error: image file not found")
     assert result.stderr.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+# -- with the real generator -----------------------------------------------------------------
+
+
+def test_synth_with_the_real_generator_matches_a_direct_call(tmp_path):
+    from ccdgrid import synthetic
+
+    out = tmp_path / "grid.edf"
+    argv = ["synth", "-o", str(out), "--size", "120x200", "--seed", "2", "--distortion", "strong"]
+
+    assert main([*argv, "--hot-pixels", "3", "--spacing", "40", "--hole-diameter", "6"]) == 0
+
+    direct = synthetic.grid_image(
+        (120, 200), seed=2, distortion="strong", hot_pixels=3, pitch_px=40.0, hole_diameter_px=6.0
+    )
+    image, _ = ccdgrid.io.read_image(out)
+    np.testing.assert_array_equal(image, direct.image)
+    dy, dx = direct.truth.corner_maps((120, 200))
+    with np.load(tmp_path / "grid_truth.npz") as truth:
+        assert truth["dy"].shape == (121, 201)
+        np.testing.assert_array_equal(truth["dy"], dy.astype(np.float32))
+        np.testing.assert_array_equal(truth["dx"], dx.astype(np.float32))
+        np.testing.assert_array_equal(truth["holes"], direct.holes)
+        assert json.loads(str(truth["params"]))["seed"] == 2

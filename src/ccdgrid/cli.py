@@ -8,6 +8,7 @@ adds the traceback. Anything else is a bug and keeps its traceback.
 """
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -426,6 +427,7 @@ def _run_synth(args):
                 visible=grid.visible,
                 taper_mask=grid.taper_mask,
                 pitch_px=np.float64(grid.pitch_px),
+                params=np.str_(json.dumps(getattr(grid, "params", {}), default=_plain)),
                 convention=np.str_(
                     "dy, dx: (ny + 1, nx + 1) corner maps in px, corner (i, j) at index "
                     "coordinates (i - 0.5, j - 0.5); true position = position + (dy, dx); "
@@ -437,6 +439,11 @@ def _run_synth(args):
         f"wrote {output} ({ny} x {nx} {grid.image.dtype}, {len(grid.holes)} holes) "
         f"and its ground truth {truth_path}"
     )
+
+
+def _plain(obj):
+    """JSON fallback for numpy values (arrays and scalars have ``tolist``)."""
+    return obj.tolist() if hasattr(obj, "tolist") else str(obj)
 
 
 class _atomic:
