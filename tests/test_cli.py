@@ -50,13 +50,13 @@ def test_parse_length(text, metres):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("0", "must be a positive length, got '0'"),
-        ("-5mm", "must be a positive length, got '-5mm'"),
-        ("abc", "must be a length such as 5mm.*got 'abc'"),
-        ("", "must be a length such as 5mm.*got ''"),
-        ("5 parsecs", "unknown unit 'parsecs' in '5 parsecs'"),
+        ("0", "pitch: expected a positive, finite length, got '0'"),
+        ("-5mm", "pitch: expected a positive, finite length, got '-5mm'"),
+        ("abc", "pitch: expected a length such as 5mm.*got 'abc'"),
+        ("", "pitch: expected a length such as 5mm.*got ''"),
+        ("5 parsecs", "pitch: unknown unit 'parsecs' in '5 parsecs'"),
         ("nan", "got 'nan'"),
-        ("1e999", "must be a positive length, got '1e999'"),
+        ("1e999", "pitch: expected a positive, finite length, got '1e999'"),
         ("5 mm mm", "got '5 mm mm'"),
     ],
 )
@@ -212,8 +212,9 @@ def test_bad_pitch_is_a_usage_error_naming_the_value(capsys, grid_file, pitch):
         main(["calibrate", str(grid_file), f"--pitch={pitch}"])  # "=": "-5mm" is no option
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "argument --pitch" in err
+    assert "argument --pitch: " in err
     assert repr(pitch) in err
+    assert "pitch: pitch" not in err
 
 
 def test_pitch_is_required(capsys, grid_file):

@@ -77,7 +77,7 @@ examples:
 
 def _pitch(text):
     try:
-        return parse_length(text, name="pitch")
+        return parse_length(text)
     except CcdgridError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -28,7 +28,7 @@ LENGTH_UNITS = {
 _LENGTH = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([^\d\s.+-][^\s]*)?\s*$")
 
 
-def parse_length(text, *, name="length"):
+def parse_length(text, *, name=None):
     """Parse a positive length with an optional unit and return it in metres.
 
     Parameters
@@ -38,8 +38,8 @@ def parse_length(text, *, name="length"):
         (case-insensitive, space allowed): ``"5mm"``, ``"5 mm"``,
         ``"5000um"``, ``"5000µm"``, ``"0.5cm"``. A bare number (or a float)
         is in metres: ``"5e-3"`` is 5 mm.
-    name : str
-        What the value is, for the error message (e.g. ``"--pitch"``).
+    name : str or None
+        What the value is; prefixes the error message (e.g. ``"pitch"``).
 
     Returns
     -------
@@ -59,20 +59,21 @@ def parse_length(text, *, name="length"):
     >>> parse_length("5000 µm") == parse_length("5e-3")
     True
     """
+    prefix = f"{name}: " if name else ""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), "m"
+        value = float(text)
     else:
         match = _LENGTH.match(str(text))
         if match is None:
             raise CcdgridError(
-                f"{name} must be a length such as 5mm, 5000um or 5e-3 (metres), got {text!r}"
+                f"{prefix}expected a length such as 5mm, 5000um or 5e-3 (metres), got {text!r}"
             )
         number, unit = match.groups()
         unit = (unit or "m").lower()
         if unit not in LENGTH_UNITS:
             known = ", ".join(sorted(set(LENGTH_UNITS) - {"μm"}))
-            raise CcdgridError(f"{name}: unknown unit {unit!r} in {text!r} (known: {known})")
+            raise CcdgridError(f"{prefix}unknown unit {unit!r} in {text!r} (known: {known})")
         value = float(number) * LENGTH_UNITS[unit]
     if not math.isfinite(value) or value <= 0:
-        raise CcdgridError(f"{name} must be a positive length, got {text!r}")
+        raise CcdgridError(f"{prefix}expected a positive, finite length, got {text!r}")
     return value
