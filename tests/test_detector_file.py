@@ -2,6 +2,8 @@
 
 import datetime
 import os
+import sys
+import zlib
 from types import SimpleNamespace
 
 import h5py
@@ -157,6 +159,18 @@ def test_compression_and_threads_do_not_change_the_values(tmp_path, workers, lev
     ours = detector_factory(str(path)).get_pixel_corners()
 
     np.testing.assert_array_equal(ours, _pyfai_reference(cal).get_pixel_corners())
+
+
+def test_plain_zlib_when_isal_is_not_installed(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "isal", None)  # makes `import isal` fail
+    assert detector_file._compressor(2).func is zlib.compress
+    cal = _calibration((30, 41), seed=8)
+    path = save_detector(tmp_path / "det.h5", cal)
+
+    ours = detector_factory(str(path)).get_pixel_corners()
+
+    np.testing.assert_array_equal(ours, _pyfai_reference(cal).get_pixel_corners())
+    np.testing.assert_array_equal(load(path).dy, cal.dy)
 
 
 def test_pyfai_sees_exactly_one_detector(tmp_path):

@@ -30,6 +30,7 @@ file is either fully replaced or untouched.
 """
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -129,7 +130,7 @@ class DetectorRecord:
 # -- saving ------------------------------------------------------------------
 
 
-def save_detector(path, calibration, *, name="ccdgrid", compression_level=3, workers=None):
+def save_detector(path, calibration, *, name="ccdgrid", compression_level=2, workers=None):
     """Write a calibration as a detector file that pyFAI loads.
 
     Parameters
@@ -162,7 +163,11 @@ def save_detector(path, calibration, *, name="ccdgrid", compression_level=3, wor
     name : str
         Name of the NXdetector group; pyFAI shows it with ``_`` as spaces.
     compression_level : int
-        Deflate level 0-9 of the large datasets (with byte shuffle).
+        Deflate level 0-9 of the large datasets (after a byte shuffle); 0
+        stores them uncompressed. When python-isal is installed its ISA-L
+        deflate (5-7 times faster than zlib, files ~5 % larger) is used at
+        level ``min(compression_level, 2)``; every HDF5 reader inflates
+        both the same way.
     workers : int or None
         Threads compressing chunks; None = up to 4, no more than the CPUs
         this process may use.
@@ -475,7 +480,8 @@ def _write(h5, c, name, level, workers, version):
     tasks = _corner_tasks(c["dy"], c["dx"], c["pixel_size"], rows)
     for key in ("dx", "dy"):
         tasks += _map_tasks(c[key], maps[key].chunks, key)
-    _write_chunks({"corners": corners, "dx": maps["dx"], "dy": maps["dy"]}, tasks, level, workers)
+    datasets = {"corners": corners, "dx": maps["dx"], "dy": maps["dy"]}
+    _write_chunks(datasets, tasks, _compressor(level), workers)
     entry["end_time"] = _now()
 
 
@@ -550,14 +556,30 @@ class _MapChunk:
         return out
 
 
-def _deflate_shuffled(make_chunk, level):
+def _compressor(level):
+    """A function bytes -> zlib stream, what HDF5's deflate filter inflates.
+
+    Both zlib and ISA-L release the GIL while compressing, so the pool's
+    threads run in parallel.
+    """
+    if level > 0:
+        try:
+            from isal import isal_zlib
+        except ImportError:
+            pass
+        else:
+            return functools.partial(isal_zlib.compress, level=min(level, 2))
+    return functools.partial(zlib.compress, level=level)
+
+
+def _deflate_shuffled(make_chunk, compress):
     """HDF5's shuffle then deflate filters, applied by hand to one full chunk."""
     chunk = np.ascontiguousarray(make_chunk())
     shuffled = chunk.view(np.uint8).reshape(-1, chunk.itemsize).T.tobytes()
-    return zlib.compress(shuffled, level)  # zlib releases the GIL: threads run in parallel
+    return compress(shuffled)
 
 
-def _write_chunks(datasets, tasks, level, workers):
+def _write_chunks(datasets, tasks, compress, workers):
     """Compress chunks in ``workers`` threads and write them in order from this thread.
 
     At most ``2 * workers`` chunks are in flight, so memory stays a few MB
@@ -567,7 +589,7 @@ def _write_chunks(datasets, tasks, level, workers):
         pending = deque()
         try:
             for key, offset, make in tasks:
-                pending.append((key, offset, pool.submit(_deflate_shuffled, make, level)))
+                pending.append((key, offset, pool.submit(_deflate_shuffled, make, compress)))
                 if len(pending) >= 2 * workers:
                     key_, offset_, future = pending.popleft()
                     datasets[key_].id.write_direct_chunk(offset_, future.result())
