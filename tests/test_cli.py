@@ -381,7 +381,7 @@ def test_calibrate_passes_the_options_and_writes_the_default_output(
     assert kwargs["pitch_px"] == 98.0
     assert kwargs["threshold"] == 0.3
     assert kwargs["backend"] == "numpy"
-    assert kwargs["source"]["file"] == str(grid_file)
+    assert kwargs["source"]["path"] == str(grid_file)
     assert len(kwargs["source"]["sha256"]) == 64
     out = capsys.readouterr().out
     assert "FAKE SUMMARY: 42 holes" in out

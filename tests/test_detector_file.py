@@ -32,7 +32,7 @@ def _calibration(size, seed=0, **overrides):
     mask = np.zeros(shape, dtype=np.int8)
     mask[: ny // 5, : nx // 3] = 1
     mask[-1, -1] = 1
-    n = 12
+    n, m = 12, 15  # holes fitted, holes found
     fields = {
         "shape": shape,
         "pixel_size": PIXEL_SIZE,
@@ -44,13 +44,20 @@ def _calibration(size, seed=0, **overrides):
             origin=np.array([12.0, 10.0]),
             vectors=np.array([[97.5, -0.4], [0.5, 98.0]]),
             pixel_size=PIXEL_SIZE,
+            indices=rng.integers(-5, 5, (n, 2)),
+            ideal=rng.uniform(0, min(shape), (n, 2)),
             displacement=rng.normal(0, 1, (n, 2)),
             residuals=rng.normal(0, 0.02, (n, 2)),
+            residual_rms=np.float64(0.75),
+            method_used="lsq",
+            seed_result={"not": "recorded"},
         ),
-        "holes": SimpleNamespace(peaks=rng.uniform(0, min(shape), (n, 2))),
-        "lattice": SimpleNamespace(indices=rng.integers(-5, 5, (n, 2))),
+        "holes": SimpleNamespace(peaks=rng.uniform(0, min(shape), (m, 2))),
+        "lattice": SimpleNamespace(
+            indices=rng.integers(-5, 5, (m, 2)), valid=np.arange(m) % 5 != 0
+        ),
         "params": {"threshold": np.float32(0.25), "hole_diameter": 10.5, "backend": "cython"},
-        "source": {"file": "/data/grid.edf", "sha256": "ab" * 32},
+        "source": {"path": "/data/grid.edf", "sha256": "ab" * 32},
         "pitch": 5e-3,
     }
     fields.update(overrides)
@@ -249,11 +256,17 @@ def test_round_trip_through_load(tmp_path):
     np.testing.assert_array_equal(rec.grid["origin"], cal.grid.origin)
     np.testing.assert_array_equal(rec.grid["vectors"], cal.grid.vectors)
     np.testing.assert_array_equal(rec.grid["pixel_size"], PIXEL_SIZE)
+    np.testing.assert_array_equal(rec.grid["indices"], cal.grid.indices)
+    np.testing.assert_array_equal(rec.grid["ideal"], cal.grid.ideal)
+    np.testing.assert_array_equal(rec.grid["displacement"], cal.grid.displacement)
+    np.testing.assert_array_equal(rec.grid["residuals"], cal.grid.residuals)
+    assert rec.grid["residual_rms"] == 0.75
+    assert rec.grid["method_used"] == "lsq"
+    assert "seed_result" not in rec.grid
     np.testing.assert_array_equal(rec.peaks, cal.holes.peaks)
     np.testing.assert_array_equal(rec.indices, cal.lattice.indices)
     assert rec.indices.dtype == np.int64
-    np.testing.assert_array_equal(rec.displacement, cal.grid.displacement)
-    np.testing.assert_array_equal(rec.residuals, cal.grid.residuals)
+    np.testing.assert_array_equal(rec.valid, cal.lattice.valid)
     assert rec.pitch == 5e-3
     assert rec.params == {"threshold": 0.25, "hole_diameter": 10.5, "backend": "cython"}
     assert rec.source == cal.source
@@ -278,6 +291,7 @@ def test_minimal_calibration_object(tmp_path):
     assert rec.shape == (12, 9)
     assert rec.grid == {}
     assert rec.peaks is None
+    assert rec.valid is None
     assert rec.pitch is None
     assert rec.params == {}
     assert rec.source is None

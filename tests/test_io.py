@@ -36,7 +36,7 @@ def test_read_edf_returns_data_and_provenance(tmp_path, rng):
     np.testing.assert_array_equal(image, data)
     assert image.dtype == np.uint16
     assert image.flags.c_contiguous
-    assert info["file"] == str(path)
+    assert info["path"] == str(path)
     assert info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert info["shape"] == (37, 53)
     assert info["dtype"] == "uint16"
@@ -89,7 +89,7 @@ def test_read_hdf5_dataset_path(tmp_path, rng):
     image, info = read_image(f"{path}::/entry/data/data")
 
     np.testing.assert_array_equal(image, data)
-    assert info["file"] == str(path)
+    assert info["path"] == str(path)
     assert info["dataset"] == "/entry/data/data"
     assert info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -328,11 +328,11 @@ def _run_calibrate(args):
 
     output = pathlib.Path(args.output) if args.output else _default_output(args.image)
     image, info = read_image(args.image, frame=args.frame)
-    if output.expanduser().absolute() == pathlib.Path(info["file"]):
+    if output.expanduser().absolute() == pathlib.Path(info["path"]):
         raise CcdgridError(f"the output file {output} would overwrite the input image")
     frame = "" if info["frame"] is None else f" frame {info['frame']}"
     ny, nx = info["shape"]
-    print(f"read {info['file']}{frame}: {ny} x {nx} {info['dtype']}")
+    print(f"read {info['path']}{frame}: {ny} x {nx} {info['dtype']}")
     mask = None if args.mask is None else read_mask(args.mask, image.shape)
 
     from .calibrate import calibrate
@@ -370,7 +370,7 @@ def _run_demo(args):
         grid.image,
         pitch=5e-3,
         backend=args.backend,
-        source={"file": f"ccdgrid.synthetic.grid_image(shape=({ny}, {nx}), seed={args.seed})"},
+        source={"path": f"ccdgrid.synthetic.grid_image(shape=({ny}, {nx}), seed={args.seed})"},
     )
     elapsed = time.perf_counter() - start
     print(calibration.summary())
@@ -509,9 +509,10 @@ def _run_info(args):
     if rec.pitch is not None:
         lines.append(f"pitch       {rec.pitch * 1e3:g} mm")
     if rec.peaks is not None:
-        lines.append(f"holes       {len(rec.peaks)} measured")
+        used = "" if rec.valid is None else f", {int(np.count_nonzero(rec.valid))} in the fit"
+        lines.append(f"holes       {len(rec.peaks)} found{used}")
     if rec.source:
-        lines.append(f"source      {rec.source.get('file')} (sha256 {rec.source.get('sha256')})")
+        lines.append(f"source      {rec.source.get('path')} (sha256 {rec.source.get('sha256')})")
     if rec.params:
         lines.append(f"parameters  {rec.params}")
     if rec.summary:

@@ -11,9 +11,11 @@ Layout (NeXus, as ``pyFAI.detector_factory(path)`` expects it)::
         pixel_corners (ny, nx, 4, 3) float32 m, mask (ny, nx) int8 (1 = invalid)
     /entry/ccdgrid         NX_class=NXcollection: ccdgrid's own record
         dx, dy (ny + 1, nx + 1) float32 px, mask (hard link to the one above),
-        grid/ (P, origin, vectors, pixel_size), holes/ (peaks, indices,
-        displacement, residuals), pitch (m); attributes: version, created,
-        parameters (JSON), source (JSON: input file name and sha256), summary
+        holes/ (peaks, indices, valid: every hole found), grid/ (origin,
+        vectors, pixel_size, P and, per fitted hole, indices, ideal,
+        displacement, residuals; fit figures as attributes), pitch (m);
+        attributes: version, created, parameters (JSON), source (JSON: input
+        file path and sha256), summary
 
 pyFAI's ``find_detector`` only descends into ``NXsubentry``/``NXinstrument``
 children of an ``NXentry``, so the ``NXcollection`` is invisible to it.
@@ -33,6 +35,7 @@ import datetime
 import functools
 import json
 import math
+import numbers
 import os
 import pathlib
 import secrets
@@ -57,7 +60,18 @@ FORMAT_VERSION = 1
 _ENTRY = "entry"
 _RECORD = "ccdgrid"
 _CHUNK_BYTES = 1 << 20
-_GRID_FIELDS = ("P", "origin", "vectors", "pixel_size")
+# what is recorded of `calibration.grid` (when present): arrays, then scalars
+_GRID_ARRAYS = {
+    "P": np.float64,
+    "origin": np.float64,
+    "vectors": np.float64,
+    "pixel_size": np.float64,
+    "indices": np.int64,
+    "ideal": np.float64,
+    "displacement": np.float64,
+    "residuals": np.float64,
+}
+_GRID_SCALARS = ("pitch", "residual_rms", "residual_max", "rms_lsq", "rms_seed", "method_used")
 _CONTIGUITY_TOLERANCE = 1e-3  # px; float32 corners agree to ~1e-7 relative when shared
 
 
@@ -81,19 +95,26 @@ class DetectorRecord:
         relative precision of the float32 corners, i.e. ~2e-4 px at 2048 px).
     mask : ndarray of shape (ny, nx), int8
         1 = invalid pixel (pyFAI's convention); zeros if the file has none.
-    grid : dict of str to ndarray
-        The fitted grid (``P``, ``origin``, ``vectors``, ``pixel_size``),
-        whichever were recorded; empty for a plain pyFAI file.
-    peaks, indices, displacement, residuals : ndarray or None
-        Per-hole ``(N, 2)`` records: measured ``(y, x)`` centres (px),
-        lattice indices (int64), displacement ``ideal - measured`` (px) and
-        fit residuals (px); None when not recorded.
+    grid : dict
+        The fitted grid, whichever of these were recorded: ``origin`` (2,)
+        and ``vectors`` (2, 2) in (y, x) px, ``pixel_size`` (2,) m, ``P``
+        (tutorial order), and for the N fitted holes ``indices`` (N, 2)
+        int64, ``ideal`` and ``displacement`` (``ideal - measured``) and
+        ``residuals`` (N, 2) px; scalars such as ``residual_rms`` (px) and
+        ``method_used``. Empty for a plain pyFAI file.
+    peaks : ndarray of shape (M, 2), float64, or None
+        Every hole centre found, ``(y, x)`` px.
+    indices : ndarray of shape (M, 2), int64, or None
+        Their lattice indices.
+    valid : ndarray of shape (M,), bool, or None
+        Holes used in the grid fit (``peaks[valid]`` pairs with
+        ``grid["displacement"]``).
     pitch : float or None
         Hole pitch of the grid plate, metres.
     params : dict
         Parameters of the calibration run (from JSON).
     source : dict or None
-        The input image: ``"file"``, ``"sha256"``, ... as recorded.
+        The input image: ``"path"``, ``"sha256"``, ... as recorded.
     version : str or None
         ccdgrid version that wrote the file; None for a plain pyFAI file.
     created : str or None
@@ -112,8 +133,7 @@ class DetectorRecord:
     grid: dict = field(default_factory=dict, repr=False)
     peaks: np.ndarray | None = field(default=None, repr=False)
     indices: np.ndarray | None = field(default=None, repr=False)
-    displacement: np.ndarray | None = field(default=None, repr=False)
-    residuals: np.ndarray | None = field(default=None, repr=False)
+    valid: np.ndarray | None = field(default=None, repr=False)
     pitch: float | None = None
     params: dict = field(default_factory=dict, repr=False)
     source: dict | None = field(default=None, repr=False)
@@ -154,12 +174,14 @@ def save_detector(path, calibration, *, name="ccdgrid", compression_level=2, wor
                 Non-zero = invalid pixel. None writes an all-valid mask
                 (pyFAI's ``Distortion`` fails on a detector without one).
         Optional (recorded when present and not None)
-            ``shape`` : checked against the maps; ``grid`` with ``P``,
-            ``origin``, ``vectors``, ``pixel_size`` and per-hole
-            ``displacement``, ``residuals``; ``holes.peaks``;
-            ``lattice.indices``; ``pitch`` (m); ``params`` (dict, stored as
-            JSON); ``source`` (dict, e.g. :func:`ccdgrid.io.read_image`'s
-            ``info``); ``summary()`` (str).
+            ``shape`` : checked against the maps; ``grid`` with any of
+            ``origin``, ``vectors``, ``pixel_size``, ``P``, ``indices``,
+            ``ideal``, ``displacement``, ``residuals`` (arrays) and
+            ``pitch``, ``residual_rms``, ``residual_max``, ``rms_lsq``,
+            ``rms_seed``, ``method_used`` (scalars); ``holes.peaks``;
+            ``lattice.indices`` and ``lattice.valid``; ``pitch`` (m);
+            ``params`` (dict, stored as JSON); ``source`` (dict, e.g.
+            :func:`ccdgrid.io.read_image`'s ``info``); ``summary()`` (str).
     name : str
         Name of the NXdetector group; pyFAI shows it with ``_`` as spaces.
     compression_level : int
@@ -254,23 +276,25 @@ def _collect(cal):
         mask = np.ascontiguousarray(mask != 0, dtype=np.int8)
 
     grid_obj = getattr(cal, "grid", None)
-    grid = {}
+    grid, grid_scalars = {}, {}
+    for key, dtype in _GRID_ARRAYS.items():
+        value = getattr(grid_obj, key, None)
+        if value is not None:
+            grid[key] = _numeric(value, f"calibration.grid.{key}", dtype)
+    for key in _GRID_SCALARS:
+        value = getattr(grid_obj, key, None)
+        if isinstance(value, (numbers.Real, np.number)) and not isinstance(value, bool):
+            grid_scalars[key] = float(value)
+        elif value is not None:
+            grid_scalars[key] = str(value)
     holes = {}
-    if grid_obj is not None:
-        for key in _GRID_FIELDS:
-            value = getattr(grid_obj, key, None)
-            if value is not None:
-                grid[key] = _numeric(value, f"calibration.grid.{key}", np.float64)
-        for key in ("displacement", "residuals"):
-            value = getattr(grid_obj, key, None)
-            if value is not None:
-                holes[key] = _numeric(value, f"calibration.grid.{key}", np.float64)
-    peaks = getattr(getattr(cal, "holes", None), "peaks", None)
-    if peaks is not None:
-        holes["peaks"] = _numeric(peaks, "calibration.holes.peaks", np.float64)
-    indices = getattr(getattr(cal, "lattice", None), "indices", None)
-    if indices is not None:
-        holes["indices"] = _numeric(indices, "calibration.lattice.indices", np.int64)
+    for owner, key, dtype in (("holes", "peaks", np.float64), ("lattice", "indices", np.int64)):
+        value = getattr(getattr(cal, owner, None), key, None)
+        if value is not None:
+            holes[key] = _numeric(value, f"calibration.{owner}.{key}", dtype)
+    valid = getattr(getattr(cal, "lattice", None), "valid", None)
+    if valid is not None:
+        holes["valid"] = np.asarray(valid, dtype=bool)
 
     pitch = getattr(cal, "pitch", None)
     if pitch is not None:
@@ -292,6 +316,7 @@ def _collect(cal):
         "pixel_size": pixel_size,
         "mask": mask,
         "grid": grid,
+        "grid_scalars": grid_scalars,
         "holes": holes,
         "pitch": pitch,
         "params": params,
@@ -457,22 +482,25 @@ def _write(h5, c, name, level, workers, version):
     if c["pitch"] is not None:
         rec["pitch"] = c["pitch"]
         rec["pitch"].attrs["unit"] = "m"
-    if c["grid"]:
+    if c["grid"] or c["grid_scalars"]:
         grid = rec.create_group("grid")
         grid.attrs["NX_class"] = "NXcollection"
+        grid.attrs["convention"] = (
+            "origin, vectors, ideal, displacement, residuals in (y, x) px, index coordinates "
+            "(centre of pixel (i, j) at (i, j)); displacement = ideal - measured, per fitted "
+            "hole (indices); pixel_size (pixel1, pixel2) in m; P = (Ox, Oy, Xx, Yx, Xy, Yy) in "
+            "(x, y) order, pixel_xy = R . hole_xy + (Ox, Oy), R = [[Xx, Yx], [Xy, Yy]]"
+        )
         for key, value in c["grid"].items():
             grid[key] = value
-        grid.attrs["convention"] = (
-            "P = (Ox, Oy, Xx, Yx, Xy, Yy) in (x, y) order, pixel_xy = R . hole_xy + (Ox, Oy) "
-            "with R = [[Xx, Yx], [Xy, Yy]] (pyFAI tutorial order); origin and vectors in "
-            "(y, x) px; pixel_size (pixel1, pixel2) in m"
-        )
+        for key, value in c["grid_scalars"].items():
+            grid.attrs[key] = value
     if c["holes"]:
         holes = rec.create_group("holes")
         holes.attrs["NX_class"] = "NXcollection"
         holes.attrs["convention"] = (
-            "(y, x) index coordinates in px (centre of pixel (i, j) at (i, j)); "
-            "displacement = ideal lattice position - measured position"
+            "every hole found: peaks (y, x) px in index coordinates, lattice indices (i, j), "
+            "valid = used in the grid fit"
         )
         for key, value in c["holes"].items():
             holes[key] = value
@@ -697,8 +725,15 @@ def _read(target, det, rec):
         return DetectorRecord(
             path=target, name=name, shape=shape, pixel_size=pixel_size, dx=dx, dy=dy, mask=mask
         )
-    grid = {key: rec["grid"][key][()] for key in rec["grid"]} if "grid" in rec else {}
-    holes = {key: rec["holes"][key][()] for key in rec["holes"]} if "holes" in rec else {}
+    grid, holes = {}, {}
+    if "grid" in rec:
+        node = rec["grid"]
+        grid = {key: node[key][()] for key in node}
+        grid.update(
+            (key, _attr(node, key)) for key in node.attrs if key not in ("NX_class", "convention")
+        )
+    if "holes" in rec:
+        holes = {key: rec["holes"][key][()] for key in rec["holes"]}
     return DetectorRecord(
         path=target,
         name=name,
@@ -710,8 +745,7 @@ def _read(target, det, rec):
         grid=grid,
         peaks=holes.get("peaks"),
         indices=holes.get("indices"),
-        displacement=holes.get("displacement"),
-        residuals=holes.get("residuals"),
+        valid=holes.get("valid"),
         pitch=float(rec["pitch"][()]) if "pitch" in rec else None,
         params=json.loads(_attr(rec, "parameters", "{}")),
         source=json.loads(_attr(rec, "source", "null")),

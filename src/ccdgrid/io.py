@@ -64,7 +64,7 @@ def read_image(source, *, frame=None):
         The image in the file's own dtype (integers are not converted),
         C-contiguous, indexed ``[y, x]``.
     info : dict
-        ``"file"`` (absolute path, str), ``"dataset"`` (HDF5 path or None),
+        ``"path"`` (absolute file path, str), ``"dataset"`` (HDF5 path or None),
         ``"frame"`` (int or None), ``"sha256"`` (hex digest of the whole
         file's bytes, so that a calibration can be traced to its input),
         ``"shape"`` (tuple ``(ny, nx)``), ``"dtype"`` (str) and ``"format"``
@@ -97,7 +97,7 @@ def read_image(source, *, frame=None):
         data, fmt = _read_fabio(path, frame)
     data = _check_image(data, path)
     info = {
-        "file": str(path),
+        "path": str(path),
         "dataset": dataset,
         "frame": None if frame is None else int(frame),
         "sha256": digest,
@@ -131,7 +131,7 @@ def read_mask(mask, shape):
     """
     if isinstance(mask, (str, os.PathLike)):
         array, info = read_image(mask)
-        label = f"mask file {info['file']}"
+        label = f"mask file {info['path']}"
     else:
         array = np.asarray(mask)
         label = "`mask`"
