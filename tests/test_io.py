@@ -2,6 +2,7 @@
 
 import hashlib
 
+import fabio.cbfimage
 import fabio.edfimage
 import fabio.tifimage
 import h5py
@@ -45,10 +46,17 @@ def test_read_edf_returns_data_and_provenance(tmp_path, rng):
     assert info["format"] == "EdfImage"
 
 
-def test_read_tiff(tmp_path, rng):
-    data = _image(rng, (40, 31))
-    path = tmp_path / "grid.tif"
-    fabio.tifimage.TifImage(data=data).write(str(path))
+@pytest.mark.parametrize(
+    ("suffix", "writer", "dtype"),
+    [
+        (".tif", fabio.tifimage.TifImage, np.uint16),
+        (".cbf", fabio.cbfimage.CbfImage, np.int32),
+    ],
+)
+def test_read_other_fabio_formats(tmp_path, rng, suffix, writer, dtype):
+    data = _image(rng, (40, 31), dtype)
+    path = tmp_path / f"grid{suffix}"
+    writer(data=data).write(str(path))
 
     image, info = read_image(str(path))
 
