@@ -44,8 +44,9 @@ def grid_error(P, points, residuals=False):
     q1 = points[:, 1] - oy
     u0 = i00 * q0 + i01 * q1
     u1 = i10 * q0 + i11 * q1
-    r0 = u0 - np.rint(u0)
-    r1 = u1 - np.rint(u1)
+    with np.errstate(invalid="ignore"):  # non-finite points give NaN, as in the kernel
+        r0 = u0 - np.rint(u0)
+        r1 = u1 - np.rint(u1)
     # One contiguous column at a time: numpy's axis-0 reductions of an (N, 2)
     # array are an order of magnitude slower than these BLAS dot products.
     value = float(r0 @ r0 + r1 @ r1)
