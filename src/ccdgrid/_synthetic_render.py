@@ -141,8 +141,10 @@ class DetectorResponse:
         Shape of the lit area: a rounded square (half-extents 0.95 of the
         image's half-sizes, corner radius 0.3 of the smaller one), a circle of
         radius 0.95 of the smaller half-size, or the whole image.
-    fibres : bool
-        Apply the fibre-bundle gain pattern.
+    fibres : float
+        Contrast of the fibre-bundle gain pattern: 1 for the default (1 %
+        gain spread between fibres, 3 % darker cladding, 2 % spread between
+        multifibres, boundaries up to 15 % darker), 0 for none.
     vignetting : bool
         Apply the intensity fall-off towards the edges.
     background : float, ADU
@@ -151,7 +153,7 @@ class DetectorResponse:
 
     edge_width = 2.0  # px over which the taper edge goes from lit to dark
 
-    def __init__(self, shape, rng, taper="square", fibres=True, vignetting=True, background=50.0):
+    def __init__(self, shape, rng, taper="square", fibres=1.0, vignetting=True, background=50.0):
         ny, nx = shape
         self.shape = (ny, nx)
         half = np.array([ny / 2.0, nx / 2.0])
@@ -177,13 +179,22 @@ class DetectorResponse:
         self.bg_wx = rng.uniform(0.3, 1.5, 3) * np.pi / nx
         self.bg_py = rng.uniform(0, 2 * np.pi, 3)
         self.bg_px = rng.uniform(0, 2 * np.pi, 3)
-        self.fibres = fibres
+        self.fibres = float(fibres)
+        self.cladding_depth = 0.03 * self.fibres
         self.fibre_pitch = rng.uniform(6.0, 9.0)
         self.fibre_angle = rng.uniform(0, np.pi / 3)
-        self.fibre_gain = (1.0 + 0.03 * rng.standard_normal(2**_HASH_BITS)).astype(np.float32)
+        self.fibre_gain = (1.0 + 0.01 * self.fibres * rng.standard_normal(2**_HASH_BITS)).astype(
+            np.float32
+        )
         self.multi_pitch = self.fibre_pitch * rng.uniform(7.0, 10.0)
         self.multi_angle = rng.uniform(0, np.pi / 3)
-        self.multi_gain = (1.0 + 0.02 * rng.standard_normal(2**_HASH_BITS)).astype(np.float32)
+        self.multi_gain = (1.0 + 0.02 * self.fibres * rng.standard_normal(2**_HASH_BITS)).astype(
+            np.float32
+        )
+        # Most multifibre boundaries are faint, a few are clearly dark.
+        self.wire_depth = (0.15 * self.fibres * rng.uniform(size=2**_HASH_BITS) ** 3).astype(
+            np.float32
+        )
         # The multifibre boundaries ("chicken wire") wander by a pixel or two.
         self.wobble_amp = rng.uniform(0.8, 2.0, 2)
         self.wobble_k = 2 * np.pi / rng.uniform(150.0, 400.0, 2)
@@ -228,7 +239,7 @@ class DetectorResponse:
         else:
             dist = self.taper_distance(ys, xs)
             lit = np.clip(0.5 - dist / self.edge_width, 0.0, 1.0).astype(np.float32)
-        gain = self._fibre_gain(ys, xs) if self.fibres else np.ones((len(ys), nx), np.float32)
+        gain = self._fibre_gain(ys, xs) if self.fibres > 0 else np.ones((len(ys), nx), np.float32)
         if self.vignetting:
             ry = (self.vig_alpha * ((ys - self.centre[0]) / self.vig_scale) ** 2).astype(
                 np.float32
@@ -251,7 +262,7 @@ class DetectorResponse:
         cell, edge = _hex_cells(yy, xx, self.fibre_pitch, self.fibre_angle)
         gain = self.fibre_gain[cell]
         # cladding between fibres transmits a little less
-        gain *= _dip(edge, 0.05, 1.2)
+        gain *= _dip(edge, self.cladding_depth, 1.2)
         wy = yy + np.float32(self.wobble_amp[0]) * np.sin(
             np.float32(self.wobble_k[0]) * xx + np.float32(self.wobble_phase[0])
         )
@@ -260,15 +271,18 @@ class DetectorResponse:
         )
         cell, edge = _hex_cells(wy, wx, self.multi_pitch, self.multi_angle)
         gain *= self.multi_gain[cell]
-        gain *= _dip(edge, 0.2, 1.6)
+        gain *= _dip(edge, self.wire_depth[cell], 1.6)
         return gain
 
 
 def _dip(edge, depth, width):
-    """``1 - depth * (1 - edge/width)**2`` within ``width`` px of an edge, else 1 (float32)."""
+    """``1 - depth * (1 - edge/width)**2`` within ``width`` px of an edge, else 1 (float32).
+
+    ``depth`` is a scalar or an array broadcasting with ``edge``.
+    """
     t = np.maximum(np.float32(1.0) - edge / np.float32(width), np.float32(0.0))
     t *= t
-    t *= np.float32(-depth)
+    t *= -np.asarray(depth, dtype=np.float32)
     t += np.float32(1.0)
     return t
 

@@ -40,9 +40,10 @@ Image formation, in order:
    ``psf_sigma`` px plus an optional weak wide Gaussian tail).
 4. **Detector**: the X-ray signal plus a weak scatter level (0.3 x
    ``background``) is multiplied by the fibre-bundle gain (hexagonal fibres
-   of 6-9 px with 3 % gain spread and slightly darker cladding, grouped in
-   hexagonal multifibres of 7-10 fibres whose boundaries, wavy "chicken
-   wire", transmit 20 % less), by the vignetting ``(1 + a r**2)**-2``
+   of 6-9 px with 1 % gain spread and 3 % darker cladding, grouped in
+   hexagonal multifibres of 7-10 fibres with 2 % gain spread whose wavy
+   "chicken-wire" boundaries transmit 0-15 % less, mostly a few %, a few
+   clearly darker), by the vignetting ``(1 + a r**2)**-2``
    (``a`` = 0.25-0.35, ``r`` in units of the half-size) and by the taper
    transmission (1 inside a rounded square of half-extent 0.95 x the half
    size, 0 outside, 2 px ramp), then added to a smooth background of mean
@@ -280,8 +281,9 @@ def grid_image(
     taper : bool or {"square", "circle"}
         Lit area: True or "square" for a rounded square, "circle", or False
         for the whole image.
-    fibre_pattern : bool
-        Apply the fibre-bundle gain pattern.
+    fibre_pattern : bool or float
+        Apply the fibre-bundle gain pattern; a number scales its contrast
+        (True = 1).
     vignetting : bool
         Apply the fall-off of intensity towards the edges.
     hot_pixels : int
@@ -331,6 +333,7 @@ def grid_image(
     background = _finite("background", background, 0.0, np.inf)
     noise_mult = _resolve_noise(noise)
     taper_kind = _resolve_taper(taper)
+    fibre_strength = _resolve_switch("fibre_pattern", fibre_pattern)
     hot_pixels = _count("hot_pixels", hot_pixels, ny * nx)
     dead_rows = _count("dead_rows", dead_rows, ny)
     dead_cols = _count("dead_cols", dead_cols, nx)
@@ -351,7 +354,7 @@ def grid_image(
         shape,
         streams[_STREAM_DETECTOR],
         taper=taper_kind,
-        fibres=bool(fibre_pattern),
+        fibres=fibre_strength,
         vignetting=bool(vignetting),
         background=background,
     )
@@ -447,7 +450,7 @@ def grid_image(
         "noise_multiplier": noise_mult,
         "read_noise_adu": _READ_NOISE * noise_mult,
         "taper": taper_kind,
-        "fibre_pattern": bool(fibre_pattern),
+        "fibre_pattern": fibre_strength,
         "fibre_pitch_px": response.fibre_pitch,
         "multifibre_pitch_px": response.multi_pitch,
         "vignetting": bool(vignetting),
@@ -772,6 +775,13 @@ def _resolve_noise(noise):
             )
         return NOISE_PRESETS[noise]
     return _finite("noise", noise, 0.0, np.inf)
+
+
+def _resolve_switch(name, value):
+    """True -> 1.0, False -> 0.0, a number in [0, 10] -> itself (a contrast multiplier)."""
+    if value is True or value is False:
+        return float(value)
+    return _finite(name, value, 0.0, 10.0)
 
 
 def _resolve_taper(taper):
