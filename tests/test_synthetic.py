@@ -121,6 +121,8 @@ def test_params_record_the_resolved_values():
         ({"dead_rows": 300}, "`dead_rows`"),
         ({"dead_cols": True}, "`dead_cols`"),
         ({"dtype": np.int32}, "`dtype`"),
+        ({"fibre_pattern": -1.0}, "`fibre_pattern`"),
+        ({"fibre_pattern": "yes"}, "`fibre_pattern`"),
         ({"seed": -1}, "`seed`"),
         ({"seed": 1.5}, "`seed`"),
     ],
@@ -436,3 +438,89 @@ def test_frelon_2048_smoke():
     assert res.visible.sum() > 0.75 * len(res.holes)
     assert 10.0 <= res.params["distortion_px"] <= 25.0
     assert_allclose(res.holes + res.truth.displacement(res.holes), res.ideal, atol=1e-6)
+
+
+# -- detector model details ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows_along_x", [True, False])
+def test_fibre_cells_are_whole_hexagons_across_the_period_seam(rows_along_x):
+    from scipy import ndimage
+
+    from ccdgrid._synthetic_render import _HexPattern
+
+    pitch = 7.3
+    pattern = _HexPattern((400, 300), pitch, rows_along_x, periods=4, width=1.2)
+    seam = pattern.period
+    index, _ = pattern.cells(seam - 40, seam + 40)
+    hexagon = np.sqrt(3.0) / 2.0 * pitch**2
+    areas = []
+    for value in np.unique(index):
+        labels, count = ndimage.label(index == value)
+        assert count >= 1
+        for k in range(1, count + 1):
+            ys, xs = np.nonzero(labels == k)
+            # cells cut by the window border are not whole
+            if ys.min() > 0 and ys.max() < 79 and xs.min() > 0 and xs.max() < 299:
+                areas.append(len(ys))
+    areas = np.array(areas)
+    assert len(areas) > 300
+    # a cell split at the seam would show up as a half-size piece
+    assert areas.min() > 0.75 * hexagon
+    assert areas.max() < 1.25 * hexagon
+    assert np.median(areas) == pytest.approx(hexagon, rel=0.05)
+
+
+def test_circular_taper_darkens_the_corners():
+    res = syn.grid_image((256, 256), taper="circle", seed=2)
+    assert res.params["taper"] == "circle"
+    assert not res.taper_mask[0, 0]
+    assert not res.taper_mask[255, 255]
+    assert res.taper_mask[128, 128]
+    # radius 0.95 x the half-size: the lit fraction is about pi/4 * 0.95^2
+    assert res.taper_mask.mean() == pytest.approx(np.pi / 4 * 0.95**2, abs=0.01)
+
+
+def test_no_taper_lights_the_whole_image():
+    res = syn.grid_image((256, 256), taper=False, seed=2)
+    assert res.taper_mask.all()
+
+
+def test_psf_tail_keeps_centroid_and_flux():
+    base = {"distortion": "frelon", "seed": 5, "psf_sigma": 1.0, **CLEAN}
+    sharp = syn.grid_image((384, 384), **base)
+    tailed = syn.grid_image((384, 384), psf_tail=0.05, psf_tail_sigma=6.0, **base)
+    half = 26  # 4 sigma of the tail plus the hole radius
+    inner = tailed.visible & np.all((tailed.holes >= half) & (tailed.holes <= 383 - half), axis=1)
+    assert inner.sum() >= 4
+    c = _centroids(tailed.image, tailed.holes[inner], half)
+    assert np.abs(c - tailed.holes[inner]).max() < 0.01
+    k = np.flatnonzero(inner)[0]
+    cy, cx = np.rint(tailed.holes[k]).astype(int)
+    window = (slice(cy - half, cy + half + 1), slice(cx - half, cx + half + 1))
+    assert tailed.image[window].sum() == pytest.approx(sharp.image[window].sum(), rel=1e-4)
+    # Beyond 10 px only the tail remains: 5 % of the flux times the mass of a
+    # 2-D Gaussian of variance 6^2 + R^2 / 4 (tail + disc) beyond that radius.
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    far = np.hypot(yy, xx) > 10
+    fraction = tailed.image[window][far].sum() / tailed.image[window].sum()
+    expected = 0.05 * np.exp(-(10.0**2) / (2 * (6.0**2 + 5.25**2 / 4)))
+    assert fraction == pytest.approx(expected, rel=0.15)
+    assert sharp.image[window][far].sum() < 1e-6 * sharp.image[window].sum()
+
+
+@pytest.mark.parametrize("strength", [False, 0.0])
+def test_fibre_pattern_off_gives_a_smooth_background(strength):
+    res = syn.grid_image(
+        (256, 256),
+        fibre_pattern=strength,
+        noise="none",
+        taper=False,
+        vignetting=False,
+        signal=1.0,
+        dtype=np.float32,
+        seed=3,
+    )
+    # smooth background only (plus holes): tiny pixel-to-pixel steps away from holes
+    steps = np.abs(np.diff(res.image, axis=1))
+    assert np.median(steps) < 0.05

@@ -378,7 +378,12 @@ def grid_image(
     edge_dist = response.point_distance(holes[:, 0], holes[:, 1])
     lit_any = edge_dist - extent < response.edge_width / 2
 
-    brightness = 1.0 + _HOLE_BRIGHTNESS_SPREAD * streams[_STREAM_HOLES].standard_normal(len(holes))
+    # Looked up by lattice index, so a hole keeps its brightness whatever
+    # other parameters change which holes are enumerated.
+    table = streams[_STREAM_HOLES].standard_normal(1 << 16)
+    brightness = (
+        1.0 + _HOLE_BRIGHTNESS_SPREAD * table[((indices[:, 0] & 255) << 8) | (indices[:, 1] & 255)]
+    )
     signal_img = np.zeros(shape, dtype=np.float32)
     render_holes(
         signal_img,
