@@ -406,23 +406,25 @@ def test_dense_residual_skips_masked_pixels_and_nan_corners(field_512):
     dx[:, 300:] = np.nan
     mask = np.zeros((512, 512), dtype=np.int8)
     mask[:100] = 1
-    res = syn.dense_residual(field_512, dy, dx, mask, n=3000)
+    res = syn.dense_residual(field_512, dy, dx, mask=mask, n=3000)
     assert np.isfinite(res.rms)
     assert res.points[:, 0].min() >= 99.5
     assert res.points[:, 1].max() <= 299.5
 
 
 @pytest.mark.parametrize(
-    ("args", "match"),
+    ("args", "kwargs", "match"),
     [
-        ((np.zeros((5, 5)), np.zeros((5, 6))), "corner maps"),
-        ((np.zeros((5, 5)), np.zeros((5, 5)), np.zeros((5, 5))), "`mask`"),
-        ((np.zeros((5, 5)), np.zeros((5, 5)), np.ones((4, 4))), "no valid pixel"),
+        ((np.zeros((5, 5)), np.zeros((5, 6))), {}, "corner maps"),
+        ((np.zeros((5, 5)), np.zeros((5, 5))), {"mask": np.zeros((5, 5))}, "`mask`"),
+        ((np.zeros((5, 5)), np.zeros((5, 5))), {"region": np.ones((3, 4))}, "`region`"),
+        ((np.zeros((5, 5)), np.zeros((5, 5))), {"mask": np.ones((4, 4))}, "no valid pixel"),
+        ((np.zeros((5, 5)), np.zeros((5, 5))), {"n": 0}, "`n`"),
     ],
 )
-def test_dense_residual_rejects_bad_input(field_512, args, match):
+def test_dense_residual_rejects_bad_input(field_512, args, kwargs, match):
     with pytest.raises(CcdgridError, match=match):
-        syn.dense_residual(field_512, *args)
+        syn.dense_residual(field_512, *args, **kwargs)
 
 
 # -- full-size smoke test ------------------------------------------------------------
@@ -524,3 +526,21 @@ def test_fibre_pattern_off_gives_a_smooth_background(strength):
     # smooth background only (plus holes): tiny pixel-to-pixel steps away from holes
     steps = np.abs(np.diff(res.image, axis=1))
     assert np.median(steps) < 0.05
+
+
+def test_corner_maps_give_pyfai_the_ideal_corner_positions():
+    """pyFAI's set_dy/set_dx put corner (i, j) at the ideal position of that corner."""
+    detector_mod = pytest.importorskip("pyFAI.detectors")
+    shape = (48, 64)
+    truth = syn.make_distortion(shape, distortion_px=2.0, seed=4)
+    dy, dx = truth.corner_maps(shape)
+    det = detector_mod.Detector(pixel1=1e-4, pixel2=1e-4, max_shape=shape)
+    det.set_dy(dy)
+    det.set_dx(dx)
+    corners = det.get_pixel_corners()  # (ny, nx, 4, 3) metres; corner A = (i, j)
+    # pyFAI coordinates are index coordinates + 0.5
+    got = np.stack([corners[:, :, 0, 1] / 1e-4 - 0.5, corners[:, :, 0, 2] / 1e-4 - 0.5], -1)
+    i, j = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    nominal = np.stack([i - 0.5, j - 0.5], axis=-1).reshape(-1, 2)
+    ideal = nominal + truth.displacement(nominal)
+    assert_allclose(got.reshape(-1, 2), ideal, rtol=0, atol=1e-4)  # float32 metres

@@ -60,6 +60,14 @@ Sizes: ``frelon_2048`` and ``frelon_4096`` both use a 98 px pitch, i.e. the
 4096² image is a larger detector with the same pixel size and about four
 times as many holes (~1700), not the 2048² plate at a finer sampling.
 
+What the images ask of a calibration (measured with ``frelon_2048(seed=2)``,
+388 visible holes): a background-subtracted centroid in a 9 px radius
+recovers the hole positions to 0.025 px RMS (0.10 px max) with the default
+detector model, 0.007 px RMS without the fibre pattern -- the per-fibre and
+per-multifibre gain steps across a hole bias its centroid, as on a real
+taper without flat-field correction. A 4096² image takes ~3 s of CPU and
+~0.3-0.4 GB peak memory (2-core machine).
+
 Randomness: ``seed`` feeds a :class:`numpy.random.SeedSequence` whose
 independent children draw the distortion, the lattice offset, the detector
 (taper, fibres, background), the hole brightnesses, the noise and the
@@ -535,7 +543,7 @@ class DenseResidual:
     affine: np.ndarray
 
 
-def dense_residual(truth, dy, dx, mask=None, *, region=None, n=20000, remove_affine=True, seed=0):
+def dense_residual(truth, dy, dx, *, mask=None, region=None, n=20000, remove_affine=True, seed=0):
     """Measure recovered corner maps against a true field at random points.
 
     This is what the accuracy targets mean: the error of the maps *between*
@@ -549,11 +557,12 @@ def dense_residual(truth, dy, dx, mask=None, *, region=None, n=20000, remove_aff
         Recovered corner maps (corner ``(i, j)`` at ``(i - 0.5, j - 0.5)``),
         in the :func:`grid_image` sign convention.
     mask : array_like of shape (ny, nx) or None
-        Pixel mask, non-zero = invalid (pyFAI's convention); such pixels get
-        no points. Points inside pixels that touch a NaN corner are skipped
+        Pixel mask, **non-zero = invalid** (pyFAI's convention); such pixels
+        get no points. Points inside pixels that touch a NaN corner are skipped
         too.
     region : array_like of shape (ny, nx), bool, or None
-        Pixels allowed (e.g. ``SyntheticGrid.taper_mask``); None = all.
+        Pixels allowed, **True = valid** (e.g. ``SyntheticGrid.taper_mask``);
+        None = all.
     n : int
         Number of points, drawn uniformly among the valid pixels and
         uniformly inside each pixel.
