@@ -109,6 +109,7 @@ def test_params_record_the_resolved_values():
         ({"offset": (1.0,)}, "`offset`"),
         ({"distortion": "wild"}, "`distortion`"),
         ({"distortion_px": -1.0}, "`distortion_px`"),
+        ({"distortion_px": 150.0}, "`distortion_px` = 150 is too strong"),
         ({"psf_sigma": -1.0}, "`psf_sigma`"),
         ({"psf_tail": 1.0}, "`psf_tail`"),
         ({"signal": 0.0}, "`signal`"),

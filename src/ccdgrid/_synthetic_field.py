@@ -199,6 +199,13 @@ class SyntheticDistortion:
         dy, dx = self.grid(np.linspace(-0.5, ny - 0.5, n), np.linspace(-0.5, nx - 0.5, n))
         return float(np.sqrt(dy * dy + dx * dx).max())
 
+    def max_strain(self, shape, n=65):
+        """Largest ``|dd_a/dp_b|`` (dimensionless) on an ``n x n`` grid over the image."""
+        ny, nx = _shape(shape)
+        ys, xs = np.meshgrid(np.linspace(-0.5, ny - 0.5, n), np.linspace(-0.5, nx - 0.5, n))
+        jac = self.jacobian(np.stack([ys.ravel(), xs.ravel()], axis=1))
+        return float(np.abs(jac).max())
+
     # -- inverse ------------------------------------------------------------
     def detector_position(self, ideal, tol=1e-9, max_iter=50):
         """Solve ``p + d(p) = ideal`` for the detector position ``p``.

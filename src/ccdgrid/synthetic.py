@@ -102,6 +102,7 @@ NOISE_PRESETS = {"none": 0.0, "low": 0.3, "normal": 1.0, "heavy": 3.0}
 _READ_NOISE = 2.5  # ADU at noise multiplier 1
 _SCATTER = 0.3  # lit-area scatter level, in units of `background`
 _HOLE_BRIGHTNESS_SPREAD = 0.03
+_MAX_STRAIN = 0.25  # beyond this the "grid" would no longer look like a lattice
 _SATURATION = 65535.0
 _BLOCK_ROWS = 256  # rows composed at a time (bounds the temporaries)
 # child streams of the SeedSequence, by purpose
@@ -217,7 +218,9 @@ def make_distortion(shape, distortion="frelon", distortion_px=None, seed=0):
     shape = _check_shape(shape)
     peak = _resolve_distortion(shape, distortion, distortion_px)
     streams = np.random.SeedSequence(_check_seed(seed)).spawn(_N_STREAMS)
-    return random_distortion(shape, peak, np.random.default_rng(streams[_STREAM_DISTORTION]))
+    truth = random_distortion(shape, peak, np.random.default_rng(streams[_STREAM_DISTORTION]))
+    _check_strain(truth, shape, peak)
+    return truth
 
 
 def grid_image(
@@ -310,7 +313,8 @@ def grid_image(
     Raises
     ------
     CcdgridError
-        For an invalid argument (the message names it).
+        For an invalid argument (the message names it), or a distortion so
+        strong for the image size that its gradient exceeds 0.25 somewhere.
 
     Examples
     --------
@@ -355,6 +359,7 @@ def grid_image(
 
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(_N_STREAMS)]
     truth = random_distortion(shape, peak, streams[_STREAM_DISTORTION])
+    _check_strain(truth, shape, peak)
     if offset is None:
         offset = streams[_STREAM_LATTICE].uniform(-pitch_px / 2, pitch_px / 2, size=2)
     lattice = _make_lattice(shape, pitch_px, rotation_deg, shear_deg, aspect, offset)
@@ -661,6 +666,15 @@ def _make_lattice(shape, pitch, rotation_deg, shear_deg, aspect, offset):
     a1 = pitch * aspect * np.array([np.cos(phi), -np.sin(phi)])
     origin = np.array([(ny - 1) / 2.0, (nx - 1) / 2.0]) + offset
     return Lattice(origin=origin, a1=a1, a2=a2)
+
+
+def _check_strain(truth, shape, peak):
+    strain = truth.max_strain(shape)
+    if strain > _MAX_STRAIN:
+        raise CcdgridError(
+            f"`distortion_px` = {peak:g} is too strong for a {shape[0]}x{shape[1]} image: "
+            f"the local strain reaches {strain:.2f} (at most {_MAX_STRAIN} allowed)"
+        )
 
 
 def _inside_image(points, room, shape):
