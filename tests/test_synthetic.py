@@ -83,7 +83,7 @@ def test_params_record_the_resolved_values():
     p = res.params
     assert p["seed"] == 9
     assert p["noise_multiplier"] == 3.0
-    assert p["distortion_px"] == pytest.approx(20.0 * 256 / 1024)
+    assert p["distortion_px"] == pytest.approx(20.0 * 256 / 2048)
     assert p["shape"] == (256, 256)
     assert len(p["offset"]) == 2
 
@@ -220,12 +220,32 @@ def test_detector_position_inverts_the_map():
 @pytest.mark.parametrize(
     ("distortion", "lo", "hi"), [("frelon", 0.5, 3.0), ("strong", 10.0, 25.0)]
 )
-@pytest.mark.parametrize("size", [1024, 2048])
-def test_preset_peak_displacement(distortion, lo, hi, size):
-    truth = syn.make_distortion((size, size), distortion=distortion, seed=6)
-    dy, dx = truth.corner_maps((size, size))
+def test_preset_peak_displacement_at_2048(distortion, lo, hi):
+    truth = syn.make_distortion((2048, 2048), distortion=distortion, seed=6)
+    dy, dx = truth.corner_maps((2048, 2048))
     peak = np.sqrt(dy * dy + dx * dx).max()
     assert lo <= peak <= hi
+
+
+@pytest.mark.parametrize(("size", "scale"), [(4096, 1.0), (1024, 0.5), (512, 0.25)])
+def test_preset_peak_scales_down_below_2048(size, scale):
+    truth = syn.make_distortion((size, size), distortion="strong", seed=6)
+    g = np.linspace(-0.5, size - 0.5, 257)
+    dy, dx = truth.grid(g, g)
+    assert np.sqrt(dy * dy + dx * dx).max() == pytest.approx(20.0 * scale, rel=0.01)
+    # the local strain stays that of a real taper
+    assert truth.max_strain((size, size)) < 0.08
+
+
+def test_distortion_has_no_affine_part():
+    truth = syn.make_distortion((512, 512), distortion="strong", seed=7)
+    g = np.linspace(-0.5, 511.5, 65)
+    dy, dx = truth.grid(g, g)
+    y, x = np.meshgrid(g, g, indexing="ij")
+    design = np.stack([np.ones(y.size), y.ravel(), x.ravel()], axis=1)
+    coef, *_ = np.linalg.lstsq(design, np.stack([dy.ravel(), dx.ravel()], 1), rcond=None)
+    assert np.abs(coef[0]).max() < 1e-9  # px (intercept at the corner (-0.5, -0.5) = 0 too)
+    assert np.abs(coef[1:]).max() < 1e-12  # px / px
 
 
 def test_no_distortion_is_zero_everywhere():

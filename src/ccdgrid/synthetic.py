@@ -27,15 +27,20 @@ Image formation, in order:
    along (about) x. ``origin`` is the image centre plus ``offset``.
 2. **Distortion** (:class:`SyntheticDistortion`): a cubic polynomial (barrel or
    pincushion plus weaker random terms) and 24 random cosines with
-   wavelengths of 0.7-4 image sides, scaled to a chosen peak ``|d|``:
+   wavelengths of 0.7-4 image sides, with its affine part over the image
+   removed (a calibration cannot see it: it fits its own lattice), scaled
+   to a chosen peak ``|d|``:
    ``"none"`` 0 px, ``"frelon"`` 1.5 px, ``"strong"`` 20 px (like real FReLoN
-   data). Below 1024 px the preset peaks shrink with the image
-   (``x min(ny, nx) / 1024``) so that the field keeps the gentle gradients of
-   a real taper (at most ~5 % strain); ``distortion_px`` sets the peak exactly.
+   data, 2048²). Below 2048 px the preset peaks shrink with the image
+   (``x min(ny, nx) / 2048``) so that the field keeps the gentle gradients of
+   a real taper (local strain ``|dd/dp|`` up to ~5 %, ~2.5 % at 4096²);
+   ``distortion_px`` sets the peak exactly (fields with strain > 25 % are
+   refused).
 3. **Holes**: plate discs of diameter ``hole_diameter_px`` mapped to the
    detector through the local affine approximation of the distortion at their
    centre (an ellipse whose centroid is exactly the hole's detector position),
-   anti-aliased (edge pixels integrated exactly along x over 32 sub-rows), each with ±3 % random
+   anti-aliased (edge pixels integrated exactly along x over 32 sub-rows),
+   each with ±3 % random
    brightness, peak ``signal`` ADU, then blurred by the PSF (a Gaussian of
    ``psf_sigma`` px plus an optional weak wide Gaussian tail).
 4. **Detector**: the X-ray signal plus a weak scatter level (0.3 x
@@ -97,7 +102,7 @@ __all__ = [
 ]
 
 DISTORTION_PRESETS = {"none": 0.0, "frelon": 1.5, "strong": 20.0}
-_PRESET_REFERENCE_SIZE = 1024  # below this size the preset peaks shrink linearly
+_PRESET_REFERENCE_SIZE = 2048  # below this size the preset peaks shrink linearly
 NOISE_PRESETS = {"none": 0.0, "low": 0.3, "normal": 1.0, "heavy": 3.0}
 _READ_NOISE = 2.5  # ADU at noise multiplier 1
 _SCATTER = 0.3  # lit-area scatter level, in units of `background`
@@ -203,8 +208,8 @@ def make_distortion(shape, distortion="frelon", distortion_px=None, seed=0):
     shape : tuple of 2 int
         ``(ny, nx)`` of the image.
     distortion : {"frelon", "strong", "none"}
-        Preset peak ``|d|``: 1.5, 20 or 0 px (scaled by ``min(ny, nx) / 1024``
-        below 1024 px).
+        Preset peak ``|d|``: 1.5, 20 or 0 px (scaled by ``min(ny, nx) / 2048``
+        below 2048 px).
     distortion_px : float or None, px
         Exact peak ``|d|`` over the image, overriding the preset's.
     seed : int or None
