@@ -48,6 +48,13 @@ def test_different_seed_changes_distortion_and_noise():
     assert not np.array_equal(a.image, b.image)
 
 
+def test_seed_none_is_recorded_and_reproducible():
+    a = syn.grid_image((128, 128), seed=None)
+    assert isinstance(a.params["seed"], int)
+    b = syn.grid_image((128, 128), seed=a.params["seed"])
+    assert_array_equal(a.image, b.image)
+
+
 def test_changing_the_noise_keeps_the_geometry():
     a = syn.grid_image((256, 256), seed=5, noise="low")
     b = syn.grid_image((256, 256), seed=5, noise="heavy", hot_pixels=3)

@@ -309,7 +309,8 @@ def grid_image(
     dtype : {numpy.uint16, numpy.float32, numpy.float64}
         Output type; uint16 values are rounded and clipped to 0..65535.
     seed : int or None
-        Seed of all randomness (None: fresh entropy, not reproducible).
+        Seed of all randomness. None draws fresh entropy, recorded in
+        ``params["seed"]`` so that the image can be made again.
 
     Returns
     -------
@@ -362,7 +363,9 @@ def grid_image(
         if offset.shape != (2,) or not np.all(np.isfinite(offset)):
             raise CcdgridError(f"`offset` must be a finite (y, x) pair or None, got {offset!r}")
 
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(_N_STREAMS)]
+    root = np.random.SeedSequence(seed)
+    seed = root.entropy  # with seed=None, the drawn entropy: params["seed"] reproduces the image
+    streams = [np.random.default_rng(s) for s in root.spawn(_N_STREAMS)]
     truth = random_distortion(shape, peak, streams[_STREAM_DISTORTION])
     _check_strain(truth, shape, peak)
     if offset is None:
