@@ -40,9 +40,9 @@ Image formation, in order:
    detector through the local affine approximation of the distortion at their
    centre (an ellipse whose centroid is exactly the hole's detector position),
    anti-aliased (edge pixels integrated exactly along x over 32 sub-rows),
-   each with ±3 % random
-   brightness, peak ``signal`` ADU, then blurred by the PSF (a Gaussian of
-   ``psf_sigma`` px plus an optional weak wide Gaussian tail).
+   each with a ±3 % random brightness (keyed by its lattice index), peak
+   ``signal`` ADU, then blurred by the PSF (a Gaussian of ``psf_sigma`` px
+   plus an optional weak wide Gaussian tail).
 4. **Detector**: the X-ray signal plus a weak scatter level (0.3 x
    ``background``) is multiplied by the fibre-bundle gain (hexagonal fibres
    of 6-9 px with 1 % gain spread and 3 % darker cladding, grouped in
@@ -51,7 +51,9 @@ Image formation, in order:
    clearly darker), by the vignetting ``(1 + a r**2)**-2``
    (``a`` = 0.25-0.35, ``r`` in units of the half-size) and by the taper
    transmission (1 inside a rounded square of half-extent 0.95 x the half
-   size, 0 outside, 2 px ramp), then added to a smooth background of mean
+   size and corner radius 0.3 x that, or a circle of radius 0.95 x the
+   smaller half-size, off-centre by up to 0.5 %; 0 outside; a 2 px linear
+   ramp across the edge), then added to a smooth background of mean
    ``background`` ADU present everywhere, also outside the taper.
 5. **Noise**: with a multiplier ``m`` (``"low"`` 0.3, ``"normal"`` 1,
    ``"heavy"`` 3, ``"none"`` 0): Poisson statistics with ``m**2`` ADU per
@@ -66,12 +68,12 @@ Sizes: ``frelon_2048`` and ``frelon_4096`` both use a 98 px pitch, i.e. the
 times as many holes (~1700), not the 2048² plate at a finer sampling.
 
 What the images ask of a calibration (measured with ``frelon_2048(seed=2)``,
-388 visible holes): a background-subtracted centroid in a 9 px radius
-recovers the hole positions to 0.025 px RMS (0.10 px max) with the default
-detector model, 0.007 px RMS without the fibre pattern -- the per-fibre and
-per-multifibre gain steps across a hole bias its centroid, as on a real
-taper without flat-field correction. A 4096² image takes ~3 s of CPU and
-~0.3-0.4 GB peak memory (2-core machine).
+387 visible holes): a background-subtracted centroid in a 9 px radius
+recovers the hole positions to 0.026 px RMS (0.11 px max) with the default
+detector model, 0.007 px RMS (0.011 max) without the fibre pattern -- the
+per-fibre and per-multifibre gain steps across a hole bias its centroid, as
+on a real taper without flat-field correction. A 4096² image takes ~3 s of
+CPU and ~0.26 GB peak memory (2-core machine).
 
 Randomness: ``seed`` feeds a :class:`numpy.random.SeedSequence` whose
 independent children draw the distortion, the lattice offset, the detector
@@ -397,7 +399,7 @@ def grid_image(
     forms = pitch_px * np.linalg.inv(lattice.matrix) @ jac
     extent = radius * np.linalg.norm(np.linalg.inv(forms), ord=2, axis=(1, 2))
     edge_dist = response.point_distance(holes[:, 0], holes[:, 1])
-    lit_any = edge_dist - extent < response.edge_width / 2
+    lit_any = edge_dist - extent < response.edge_width / 2  # some light gets through
 
     # Looked up by lattice index, so a hole keeps its brightness whatever
     # other parameters change which holes are enumerated.
@@ -417,45 +419,16 @@ def grid_image(
         psf_tail_sigma,
     )
 
-    image = np.empty(shape, dtype=out_dtype)
-    noise_rng = streams[_STREAM_NOISE]
-    taper_mask = np.empty(shape, dtype=bool)
-    for y0 in range(0, ny, _BLOCK_ROWS):
-        y1 = min(ny, y0 + _BLOCK_ROWS)
-        lit, gain, bg = response.block(y0, y1)
-        taper_mask[y0:y1] = lit > 0.5
-        sig = signal_img[y0:y1]
-        sig += np.float32(_SCATTER * background)
-        sig *= gain
-        sig *= lit
-        sig += bg
-        if noise_mult > 0:
-            quantum = noise_mult**2
-            sig = noise_rng.poisson(sig / quantum).astype(np.float32) * np.float32(quantum)
-            sig += noise_rng.normal(0.0, _READ_NOISE * noise_mult, sig.shape).astype(np.float32)
-        if out_dtype == np.uint16:
-            np.clip(np.rint(sig), 0, _SATURATION, out=sig)
-        image[y0:y1] = sig
+    image, taper_mask = _compose(
+        signal_img, response, background, noise_mult, out_dtype, streams[_STREAM_NOISE]
+    )
     del signal_img
-
     defects = _add_defects(
-        image, streams[_STREAM_DEFECTS], hot_pixels, dead_rows, dead_cols, signal, response
+        image, streams[_STREAM_DEFECTS], hot_pixels, dead_rows, dead_cols, signal
     )
-
-    keep = (
-        (holes[:, 0] >= -0.5)
-        & (holes[:, 0] < ny - 0.5)
-        & (holes[:, 1] >= -0.5)
-        & (holes[:, 1] < nx - 0.5)
-    )
-    # visible: disc + margin in the fully lit area and in the image;
-    # cut: some of the disc is dark (taper ramp or beyond the image border).
-    half_ramp = response.edge_width / 2
-    in_image = _inside_image(holes, extent, shape)
-    margin = 2.0 + 3.0 * psf_sigma
-    visible = _inside_image(holes, extent + margin, shape)
-    visible &= edge_dist + extent + margin <= -half_ramp
-    cut = lit_any & ((edge_dist + extent > -half_ramp) | ~in_image)
+    keep = _inside_image(holes, 0.0, shape)
+    keep &= (holes[:, 0] < ny - 0.5) & (holes[:, 1] < nx - 0.5)  # half-open pixel range
+    visible, cut = _classify(holes, extent, edge_dist, response.edge_width, psf_sigma, shape)
 
     params = {
         "shape": shape,
@@ -676,6 +649,50 @@ def _make_lattice(shape, pitch, rotation_deg, shear_deg, aspect, offset):
     return Lattice(origin=origin, a1=a1, a2=a2)
 
 
+def _compose(signal_img, response, background, noise_mult, out_dtype, rng):
+    """Detector response, background, noise and quantisation, block by block.
+
+    ``signal_img`` (float32, the PSF-blurred holes) is used as scratch space.
+    Returns the image in ``out_dtype`` and the taper mask (bool).
+    """
+    ny = signal_img.shape[0]
+    image = np.empty(signal_img.shape, dtype=out_dtype)
+    taper_mask = np.empty(signal_img.shape, dtype=bool)
+    for y0 in range(0, ny, _BLOCK_ROWS):
+        y1 = min(ny, y0 + _BLOCK_ROWS)
+        lit, gain, bg = response.block(y0, y1)
+        taper_mask[y0:y1] = lit > 0.5
+        sig = signal_img[y0:y1]
+        sig += np.float32(_SCATTER * background)
+        sig *= gain
+        sig *= lit
+        sig += bg
+        if noise_mult > 0:
+            quantum = noise_mult**2
+            sig = rng.poisson(sig / quantum).astype(np.float32) * np.float32(quantum)
+            sig += rng.normal(0.0, _READ_NOISE * noise_mult, sig.shape).astype(np.float32)
+        if out_dtype == np.uint16:
+            np.clip(np.rint(sig), 0, _SATURATION, out=sig)
+        image[y0:y1] = sig
+    return image, taper_mask
+
+
+def _classify(holes, extent, edge_dist, edge_width, psf_sigma, shape):
+    """(visible, cut) flags of the holes, see :class:`SyntheticGrid`.
+
+    visible: the disc plus a margin lies in the fully lit area and in the
+    image; cut: part of the disc is on the taper's ramp, in the dark, or
+    beyond the image border (and some of it is lit).
+    """
+    half_ramp = edge_width / 2
+    lit_any = edge_dist - extent < half_ramp
+    margin = 2.0 + 3.0 * psf_sigma
+    visible = _inside_image(holes, extent + margin, shape)
+    visible &= edge_dist + extent + margin <= -half_ramp
+    cut = lit_any & ((edge_dist + extent > -half_ramp) | ~_inside_image(holes, extent, shape))
+    return visible, cut
+
+
 def _check_strain(truth, shape, peak):
     strain = truth.max_strain(shape)
     if strain > _MAX_STRAIN:
@@ -710,7 +727,7 @@ def _indices_covering(lattice, box):
     return idx[inside]
 
 
-def _add_defects(image, rng, hot_pixels, dead_rows, dead_cols, signal, response):
+def _add_defects(image, rng, hot_pixels, dead_rows, dead_cols, signal):
     ny, nx = image.shape
     hot = []
     for _ in range(hot_pixels):
