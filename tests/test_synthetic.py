@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numpy.testing import assert_allclose, assert_array_equal
 
 from ccdgrid import CcdgridError
@@ -222,6 +224,22 @@ def test_detector_position_inverts_the_map():
     p = np.random.default_rng(2).uniform(-10, 520, (100, 2))
     q = p + truth.displacement(p)
     assert_allclose(truth.detector_position(q), p, rtol=0, atol=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    fraction=st.floats(0.0, 0.03),
+    ny=st.integers(64, 400),
+    nx=st.integers(64, 400),
+)
+def test_any_field_round_trips_through_its_inverse(seed, fraction, ny, nx):
+    # strain ~ (3-7) x peak / size: 3 % of the size keeps it below the 25 % limit
+    peak = fraction * min(ny, nx)
+    truth = syn.make_distortion((ny, nx), distortion_px=peak, seed=seed)
+    p = np.random.default_rng(seed).uniform(-0.5, [ny - 0.5, nx - 0.5], (64, 2))
+    q = p + truth.displacement(p)
+    assert_allclose(truth.detector_position(q), p, rtol=0, atol=1e-8)
 
 
 @pytest.mark.parametrize(
