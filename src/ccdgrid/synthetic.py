@@ -529,7 +529,7 @@ class DenseResidual:
     affine: np.ndarray
 
 
-def dense_residual(truth, dy, dx, *, mask=None, region=None, n=20000, remove_affine=True, seed=0):
+def dense_residual(truth, dy, dx, mask=None, *, region=None, n=20000, remove_affine=True, seed=0):
     """Measure recovered corner maps against a true field at random points.
 
     This is what the accuracy targets mean: the error of the maps *between*
