@@ -11,8 +11,8 @@ from scipy import ndimage
 __all__ = ["DetectorResponse", "render_holes"]
 
 _SUBROWS = 32  # sub-rows of a pixel cut by a hole's edge (exact chord in x)
-_EDGE_CHUNK = 8192  # edge pixels per vectorised supersampling batch
-_HASH_BITS = 16  # per-fibre gain table: 2**16 entries, (column, row) mod 256
+_EDGE_CHUNK = 8192  # edge pixels per vectorised sub-row batch
+_TABLE_SIZE = 1 << 16  # per-cell gain tables, indexed by (column, row) mod 256
 
 
 def render_holes(out, centres, forms, radius, amplitudes, psf_sigma, tail_fraction, tail_sigma):
@@ -182,15 +182,15 @@ class DetectorResponse:
         self.fibres = float(fibres)
         self.cladding_depth = 0.03 * self.fibres
         self.fibre_pitch = rng.uniform(6.0, 9.0)
-        self.fibre_gain = (1.0 + 0.01 * self.fibres * rng.standard_normal(2**_HASH_BITS)).astype(
+        self.fibre_gain = (1.0 + 0.01 * self.fibres * rng.standard_normal(_TABLE_SIZE)).astype(
             np.float32
         )
         self.multi_pitch = self.fibre_pitch * rng.uniform(7.0, 10.0)
-        self.multi_gain = (1.0 + 0.02 * self.fibres * rng.standard_normal(2**_HASH_BITS)).astype(
+        self.multi_gain = (1.0 + 0.02 * self.fibres * rng.standard_normal(_TABLE_SIZE)).astype(
             np.float32
         )
         # Most multifibre boundaries are faint, a few are clearly dark.
-        self.wire_depth = (0.15 * self.fibres * rng.uniform(size=2**_HASH_BITS) ** 3).astype(
+        self.wire_depth = (0.15 * self.fibres * rng.uniform(size=_TABLE_SIZE) ** 3).astype(
             np.float32
         )
         fibre_rows_along_x, multi_rows_along_x = rng.integers(0, 2, size=2).astype(bool)
