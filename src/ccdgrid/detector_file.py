@@ -206,6 +206,13 @@ def save_detector(path, calibration, *, name="ccdgrid", compression_level=2, wor
         or the target directory does not exist.
     OSError
         If the file cannot be written.
+
+    Examples
+    --------
+    >>> cal = ccdgrid.calibrate(image, pitch=5e-3)  # doctest: +SKIP
+    >>> save_detector("frelon.h5", cal)  # doctest: +SKIP
+    >>> pyFAI.detector_factory("frelon.h5").get_pixel_corners().shape  # doctest: +SKIP
+    (2048, 2048, 4, 3)
     """
     import h5py
 
@@ -652,6 +659,12 @@ def load(path):
     ------
     CcdgridError
         If the file does not exist, is not HDF5, or holds no detector.
+
+    Examples
+    --------
+    >>> rec = ccdgrid.load("frelon.h5")  # doctest: +SKIP
+    >>> rec.dx.shape, rec.pixel_size  # doctest: +SKIP
+    ((2049, 2049), (5.1e-05, 5.1e-05))
     """
     import h5py
 
