@@ -206,7 +206,7 @@ def test_no_command_prints_usage_and_returns_2(capsys):
     assert "usage: ccdgrid" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("pitch", ["0", "-5mm", "abc", "5 parsecs"])
+@pytest.mark.parametrize("pitch", ["0", "-5mm", "abc", "5 parsecs", "5", "0.5nm"])
 def test_bad_pitch_is_a_usage_error_naming_the_value(capsys, grid_file, pitch):
     with pytest.raises(SystemExit) as exit_info:
         main(["calibrate", str(grid_file), f"--pitch={pitch}"])  # "=": "-5mm" is no option
@@ -215,6 +215,12 @@ def test_bad_pitch_is_a_usage_error_naming_the_value(capsys, grid_file, pitch):
     assert "argument --pitch: " in err
     assert repr(pitch) in err
     assert "pitch: pitch" not in err
+
+
+def test_a_pitch_without_unit_is_metres_and_must_be_plausible(capsys, grid_file):
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(grid_file), "--pitch", "5"])
+    assert "'5' is 5 m, not a plausible hole pitch" in capsys.readouterr().err
 
 
 def test_pitch_is_required(capsys, grid_file):

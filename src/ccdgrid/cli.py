@@ -54,7 +54,8 @@ examples:
 _CALIBRATE_EPILOG = (
     """\
 units:
-  --pitch is a length: 5mm, 5000um, 5000µm, 0.5cm, or a bare number in metres (5e-3).
+  --pitch is a length between 1 µm and 10 cm: 5mm, 5000um, 5000µm, 0.5cm, or a
+  bare number in metres (5e-3).
   --hole-diameter and --spacing are in pixels of the image.
 
 output:
@@ -75,11 +76,22 @@ examples:
 # -- argument types (argparse turns their errors into usage errors, exit 2) --
 
 
+_PITCH_RANGE = (1e-6, 0.1)  # m: grid plates have holes 0.1-20 mm apart
+
+
 def _pitch(text):
     try:
-        return parse_length(text)
+        value = parse_length(text)
     except CcdgridError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    low, high = _PITCH_RANGE
+    if not low <= value <= high:
+        # "--pitch 5" is 5 m: almost certainly a forgotten unit
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is {value:g} m, not a plausible hole pitch ({low * 1e6:g} µm to "
+            f"{high * 1e2:g} cm): give a unit, e.g. 5mm"
+        )
+    return value
 
 
 def _positive_float(text):
@@ -352,6 +364,7 @@ def _run_calibrate(args):
     print(calibration.summary())
     calibration.save(output)
     print(f"calibrated in {elapsed:.2f} s; wrote {output}")
+    print(f'use it in pyFAI: pyFAI.detector_factory("{output}")')
 
 
 def _run_demo(args):
