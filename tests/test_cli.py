@@ -80,7 +80,9 @@ class FakeCalibration:
         self.dx = (-0.02 * y).astype(np.float32)
         self.mask = np.zeros(image.shape, np.int8) if mask is None else mask.astype(np.int8)
         self.pitch = pitch
-        self.source = kwargs.get("source")
+        source = kwargs.get("source")
+        # as the pipeline does: a name for an in-memory image becomes a dict
+        self.source = {"path": source, "sha256": None} if isinstance(source, str) else source
         self.params = {}
 
     def summary(self):

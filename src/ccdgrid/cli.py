@@ -383,7 +383,7 @@ def _run_demo(args):
         grid.image,
         pitch=5e-3,
         backend=args.backend,
-        source={"path": f"ccdgrid.synthetic.grid_image(shape=({ny}, {nx}), seed={args.seed})"},
+        source=f"ccdgrid.synthetic.grid_image(shape=({ny}, {nx}), seed={args.seed})",
     )
     elapsed = time.perf_counter() - start
     print(calibration.summary())
