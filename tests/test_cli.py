@@ -436,6 +436,18 @@ def test_info_describes_a_detector_file(capsys, tmp_path, grid_file, fake_calibr
     assert "pitch       5 mm" in text
 
 
+def test_info_on_a_plain_pyfai_detector_file(capsys, tmp_path):
+    from pyFAI.detectors import Detector
+
+    path = tmp_path / "pyfai.h5"
+    Detector(75e-6, 75e-6, max_shape=(30, 20)).save(str(path))
+
+    assert main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "not ccdgrid (a plain pyFAI detector file" in text
+    assert "30 x 20 pixels of 75.000 x 75.000 µm" in text
+
+
 def test_info_on_a_file_that_is_not_a_detector(capsys, tmp_path):
     path = tmp_path / "grid.npy"
     np.save(path, np.zeros((4, 4)))
