@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize
 
-from ._validation import as_points
+from ._validation import as_points, check_backend
 from .errors import CcdgridError
 
 __all__ = ["GridFit", "fit_grid", "pixel_size_from_vectors"]
@@ -126,8 +126,6 @@ def fit_grid(peaks, indices, *, pitch=5e-3, backend="cython"):
     is singular for a lattice at 45°; all three are solved here in the least
     squares sense (see :func:`pixel_size_from_vectors`).
     """
-    from ._validation import check_backend
-
     check_backend(backend)
     pts = as_points(peaks, "peaks")
     ij = np.asarray(indices)
@@ -135,9 +133,10 @@ def fit_grid(peaks, indices, *, pitch=5e-3, backend="cython"):
         raise CcdgridError(
             f"`indices` must have the shape of `peaks` {pts.shape}, got {np.shape(indices)}"
         )
-    if not np.issubdtype(ij.dtype, np.integer):
-        if not np.all(np.isfinite(ij)) or not np.all(ij == np.round(ij)):
-            raise CcdgridError("`indices` must hold integers")
+    if not np.issubdtype(ij.dtype, np.integer) and not (
+        np.all(np.isfinite(ij)) and np.all(ij == np.round(ij))
+    ):
+        raise CcdgridError("`indices` must hold integers")
     ij = ij.astype(np.int64)
     if not np.all(np.isfinite(pts)):
         raise CcdgridError("`peaks` must be finite (drop the rejected holes first)")

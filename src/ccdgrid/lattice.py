@@ -34,12 +34,14 @@ REASONS = {
     "duplicate": "another peak fits the same lattice site better",
     "off-lattice": "farther than `tolerance` pitch from the site its neighbours predict",
     "disconnected": "in a group of peaks that could not be tied to the main lattice",
+    "outlier": "off the smooth trend of its neighbours by more than `outlier_sigma` sigmas",
 }
 
 _MIN_HOLES = 4
 _NEIGHBOURS = 24  # candidates per hole for propagation: all sites up to two steps away
 _REACH = 2.3  # propagation radius in pitches: steps of up to 2 sites bridge a missing hole
 _MAX_STEP = 2
+_OUTLIER_FLOOR_PX = 0.3  # never reject a hole for misfits below this (px)
 _ANGLE_BINS = 180
 _CLUSTER_HALF_WIDTH = np.deg2rad(12.0)
 _SECOND_AXIS_MIN_ANGLE = np.deg2rad(30.0)
@@ -80,6 +82,10 @@ class LatticeIndex:
         Row of the peak the propagation started from (index assigned first).
     tolerance : float
         Largest accepted misfit, in units of ``pitch_px``.
+    outlier_threshold_px : float or None, px
+        Misfit above which a hole was rejected as an outlier (None: no test).
+    reason_counts : dict
+        Number of rejected peaks per key of :data:`REASONS`.
     """
 
     indices: np.ndarray
@@ -93,6 +99,7 @@ class LatticeIndex:
     window: tuple
     start: int
     tolerance: float
+    outlier_threshold_px: object
     reason_counts: dict = field(init=False)
 
     def __post_init__(self):
@@ -104,7 +111,7 @@ class LatticeIndex:
         return int(np.count_nonzero(self.valid))
 
 
-def index_holes(peaks, *, pitch_px=None, tolerance=0.25):
+def index_holes(peaks, *, pitch_px=None, tolerance=0.25, outlier_sigma=6.0):
     """Assign integer lattice indices to hole positions.
 
     Parameters
@@ -154,12 +161,19 @@ def index_holes(peaks, *, pitch_px=None, tolerance=0.25):
        indexed neighbours (itself excluded); misfits above ``tolerance`` pitch
        are rejected ("off-lattice"), twice, so a bad hole cannot shield
        another.
+    5. Then, against a local *quadratic* fit (so that distortion curvature
+       does not count), holes more than ``outlier_sigma`` robust sigmas off
+       are rejected ("outlier"), the worst of a neighbourhood first. This
+       catches holes mis-centred by a few px (cut by the taper edge, a hot
+       pixel, dust), which the coarse test above lets through.
     """
     pts = as_points(peaks, "peaks")
     pitch_px = _check_optional_positive(pitch_px, "pitch_px")
     tolerance = float(tolerance)
     if not 0.0 < tolerance < 0.5:
         raise CcdgridError(f"`tolerance` must be in (0, 0.5) pitch, got {tolerance!r}")
+    if outlier_sigma is not None:
+        outlier_sigma = _check_optional_positive(outlier_sigma, "outlier_sigma")
     n_all = len(pts)
     reason = np.full(n_all, "", dtype=object)
     finite = np.isfinite(pts).all(axis=1)
@@ -197,12 +211,18 @@ def index_holes(peaks, *, pitch_px=None, tolerance=0.25):
     prop.run(start, (0, 0))
     _attach_other_groups(prop, isolated)
     _reject_local_misfits(prop, tol_px)
+    threshold = None
+    if outlier_sigma is not None:
+        threshold = _reject_outliers(prop, outlier_sigma, _OUTLIER_FLOOR_PX)
+        if _reinstate_duplicates(prop):
+            threshold = _reject_outliers(prop, outlier_sigma, _OUTLIER_FLOOR_PX)
 
     idx = prop.index
     ok = prop.assigned
     sub_reason = np.full(n, "", dtype=object)
     sub_reason[prop.duplicate & ~ok] = "duplicate"
     sub_reason[prop.misfit & ~ok] = "off-lattice"
+    sub_reason[prop.outlier & ~ok] = "outlier"
     leftover = ~ok & (sub_reason == "")
     valid_nb = nb_idx < n
     touches_any = np.zeros_like(valid_nb)
@@ -237,6 +257,7 @@ def index_holes(peaks, *, pitch_px=None, tolerance=0.25):
         window=(float(window[0]), float(window[1])),
         start=int(rows[start]),
         tolerance=tolerance,
+        outlier_threshold_px=threshold,
     )
 
 
@@ -335,80 +356,122 @@ class _Propagation:
         self.assigned = np.zeros(n, bool)
         self.group = np.full(n, -1, np.int64)
         self.misfit_px = np.full(n, np.inf)
-        self.local = np.repeat(basis[None], n, axis=0)
+        self.local = [tuple(basis.ravel())] * n  # (a00, a01, a10, a11) per hole
+        self.nbrs = [[m for m in row if m < n] for row in nb_idx.tolist()]
         self.duplicate = np.zeros(n, bool)
         self.misfit = np.zeros(n, bool)
+        self.outlier = np.zeros(n, bool)
         self.sites = {}
+        self.claim = {}  # duplicate hole -> the site it lost
         self.n_groups = 0
 
     def run(self, start, start_index, *, sites=None):
-        """Propagate from ``start``; returns the holes indexed in this run."""
+        """Propagate from ``start``; returns the holes indexed in this run.
+
+        The loop runs on Python lists: per hole it touches ~20 neighbours,
+        where numpy's per-call overhead would dominate.
+        """
         sites = self.sites if sites is None else sites
         gid = self.n_groups
         self.n_groups += 1
-        n = len(self.p)
-        self._take(start, tuple(start_index), 0.0, gid, sites)
+        claim = self.claim
+        py, px = self.p[:, 0].tolist(), self.p[:, 1].tolist()
+        index = self.index.tolist()
+        assigned = self.assigned.tolist()
+        group = self.group.tolist()
+        duplicate = self.duplicate.tolist()
+        misfit = self.misfit_px.tolist()
+        local = self.local
+        nbrs = self.nbrs
+        tol2 = self.tol_px**2
+
+        def take(m, site, miss):
+            index[m] = list(site)
+            assigned[m] = True
+            group[m] = gid
+            misfit[m] = miss
+            sites[site] = m
+
+        take(start, tuple(start_index), 0.0)
         queue = deque([start])
         members = [start]
         while queue:
             h = queue.popleft()
-            if not self.assigned[h] or self.group[h] != gid:
+            if not assigned[h] or group[h] != gid:
                 continue  # evicted by a better-fitting duplicate after being queued
-            nb = self.nb_idx[h]
-            nb = nb[nb < n]
-            if len(nb) == 0:
-                continue
-            lh = self.local[h]
-            d = self.p[nb] - self.p[h]
-            step = np.rint(d @ np.linalg.inv(lh).T)
-            miss = np.hypot(*(d - step @ lh.T).T)
-            span = np.abs(step).max(axis=1)
-            good = (span >= 1) & (span <= _MAX_STEP) & (miss < self.tol_px)
-            base = self.index[h]
-            for m, s, e in zip(nb[good], step[good].astype(np.int64), miss[good]):
-                if self.assigned[m] or self.duplicate[m]:
+            a00, a01, a10, a11 = local[h]  # columns: i step, j step, as (y, x)
+            det = a00 * a11 - a01 * a10
+            hy, hx = py[h], px[h]
+            bi, bj = index[h]
+            for m in nbrs[h]:
+                if assigned[m] or duplicate[m]:
                     continue
-                site = (int(base[0] + s[0]), int(base[1] + s[1]))
+                dy, dx = py[m] - hy, px[m] - hx
+                si = round((a11 * dy - a01 * dx) / det)
+                sj = round((a00 * dx - a10 * dy) / det)
+                span = max(abs(si), abs(sj))
+                if span == 0 or span > _MAX_STEP:
+                    continue
+                ey, ex = dy - a00 * si - a01 * sj, dx - a10 * si - a11 * sj
+                miss2 = ey * ey + ex * ex
+                if miss2 >= tol2:
+                    continue
+                site = (bi + si, bj + sj)
                 owner = sites.get(site)
                 if owner is not None:
-                    if self.misfit_px[owner] <= e:
-                        self.duplicate[m] = True
+                    if misfit[owner] <= miss2**0.5:
+                        duplicate[m] = True
+                        claim[m] = site
                         continue
-                    self._evict(owner)
-                self._take(m, site, e, gid, sites)
-                self._update_local(m, h)
+                    assigned[owner], duplicate[owner], group[owner] = False, True, -1
+                    claim[owner] = site
+                take(m, site, miss2**0.5)
+                local[m] = self._local_matrix(m, nbrs[m], index, assigned, group, py, px)
+                if local[m] is None:
+                    local[m] = local[h]
                 queue.append(m)
                 members.append(m)
-        return np.array([m for m in members if self.assigned[m] and self.group[m] == gid])
+        self.index[:] = index
+        self.assigned[:] = assigned
+        self.group[:] = group
+        self.duplicate[:] = duplicate
+        self.misfit_px[:] = misfit
+        return np.array([m for m in members if assigned[m] and group[m] == gid], dtype=np.int64)
 
-    def _take(self, m, site, misfit, gid, sites):
-        self.index[m] = site
-        self.assigned[m] = True
-        self.group[m] = gid
-        self.misfit_px[m] = misfit
-        sites[site] = m
+    @staticmethod
+    def _local_matrix(m, nbrs, index, assigned, group, py, px):
+        """Least-squares local lattice matrix of ``m`` from its indexed neighbours.
 
-    def _evict(self, m):
-        self.assigned[m] = False
-        self.duplicate[m] = True
-        self.group[m] = -1
-
-    def _update_local(self, m, parent):
-        """Local lattice matrix of ``m`` from its indexed neighbours (parent's if too few)."""
-        n = len(self.p)
-        nb = self.nb_idx[m]
-        nb = nb[(nb < n)]
-        nb = nb[self.assigned[nb] & (self.group[nb] == self.group[m])]
-        di = (self.index[nb] - self.index[m]).astype(np.float64)
-        near = np.abs(di).max(axis=1) <= _MAX_STEP
-        di, nb = di[near], nb[near]
-        if len(nb) >= 2:
-            gram = di.T @ di
-            if np.linalg.det(gram) > 0.5:
-                d = self.p[nb] - self.p[m]
-                self.local[m] = np.linalg.solve(gram, di.T @ d).T
-                return
-        self.local[m] = self.local[parent]
+        Returns ``(a00, a01, a10, a11)`` with columns the i and j steps in
+        (y, x), or None when fewer than two independent steps are indexed.
+        """
+        g = group[m]
+        mi, mj = index[m]
+        s_ii = s_ij = s_jj = 0.0
+        r_iy = r_ix = r_jy = r_jx = 0.0
+        for k in nbrs:
+            if not assigned[k] or group[k] != g:
+                continue
+            di, dj = index[k][0] - mi, index[k][1] - mj
+            if max(abs(di), abs(dj)) > _MAX_STEP:
+                continue
+            dy, dx = py[k] - py[m], px[k] - px[m]
+            s_ii += di * di
+            s_ij += di * dj
+            s_jj += dj * dj
+            r_iy += di * dy
+            r_ix += di * dx
+            r_jy += dj * dy
+            r_jx += dj * dx
+        det = s_ii * s_jj - s_ij * s_ij
+        if det <= 0.5:  # fewer than two independent steps
+            return None
+        # solve [[s_ii, s_ij], [s_ij, s_jj]] [col_i; col_j] = [r_i; r_j] per component
+        ci_y = (s_jj * r_iy - s_ij * r_jy) / det
+        cj_y = (s_ii * r_jy - s_ij * r_iy) / det
+        ci_x = (s_jj * r_ix - s_ij * r_jx) / det
+        cj_x = (s_ii * r_jx - s_ij * r_ix) / det
+        return (ci_y, cj_y, ci_x, cj_x)
 
 
 def _attach_other_groups(prop, isolated):
@@ -439,43 +502,125 @@ def _attach_other_groups(prop, isolated):
         if agree and free:
             prop.index[members] = shifted
             prop.group[members] = 0
-            for m, s in zip(members, shifted.tolist()):
+            for m, s in zip(members, shifted.tolist(), strict=True):
                 prop.sites[tuple(s)] = m
         else:
             prop.assigned[members] = False
             prop.group[members] = -2
 
 
-def _reject_local_misfits(prop, tol_px, passes=2):
-    """Reject indexed holes far from the site their indexed neighbours predict."""
+def _local_misfits(prop, quadratic, judge=None):
+    """Distance of every indexed hole from the site its indexed neighbours predict.
+
+    For every indexed hole at once: a least-squares fit ``p = c + L di`` (plus
+    the three second-order terms if ``quadratic``) over its indexed
+    neighbours up to two sites away, itself excluded; the misfit is
+    ``|p_h - c|`` (px). Returns ``(misfit, judged)``; holes with too few
+    neighbours for a well-posed fit are not judged (misfit 0). ``judge``
+    (bool mask) picks the holes to test, default the indexed ones; only
+    indexed holes serve as neighbours.
+    """
     n = len(prop.p)
+    nb = prop.nb_idx
+    present = nb < n
+    safe = np.where(present, nb, 0)
+    ok = prop.assigned
+    judge = ok if judge is None else judge
+    di = (prop.index[safe] - prop.index[:, None, :]).astype(np.float64)  # (n, K, 2)
+    w = present & ok[safe] & judge[:, None] & (np.abs(di).max(axis=2) <= _MAX_STEP)
+    cols = [np.ones(di.shape[:2]), di[..., 0], di[..., 1]]
+    if quadratic:
+        cols += [di[..., 0] ** 2, di[..., 0] * di[..., 1], di[..., 1] ** 2]
+    design = np.stack(cols, axis=2)  # (n, K, q)
+    q = design.shape[2]
+    wd = design * w[..., None]
+    normal = np.einsum("nki,nkj->nij", wd, design)
+    rhs = np.einsum("nki,nkj->nij", wd, prop.p[safe])
+    # well-posed: enough neighbours and a normal matrix far from singular
+    cond_ok = np.zeros(n, bool)
+    enough = judge & (w.sum(axis=1) >= q + 3)
+    if np.any(enough):
+        cond_ok[enough] = np.linalg.cond(normal[enough]) < 1e8
+    coef = np.zeros((n, q, 2))
+    if np.any(cond_ok):
+        coef[cond_ok] = np.linalg.solve(normal[cond_ok], rhs[cond_ok])
+    miss = np.where(cond_ok, np.hypot(*(prop.p - coef[:, 0, :]).T), 0.0)
+    return miss, cond_ok
+
+
+def _unassign(prop, bad, flag):
+    prop.assigned[bad] = False
+    flag[bad] = True
+    for h in bad:
+        site = tuple(prop.index[h].tolist())
+        if prop.sites.get(site) == h:
+            del prop.sites[site]
+
+
+def _reject_local_misfits(prop, tol_px, passes=2):
+    """Reject indexed holes farther than ``tol_px`` from their predicted site (affine)."""
     for _ in range(passes):
-        ok = prop.assigned
-        bad = []
-        for h in np.flatnonzero(ok):
-            nb = prop.nb_idx[h]
-            nb = nb[nb < n]
-            nb = nb[ok[nb]]
-            di = (prop.index[nb] - prop.index[h]).astype(np.float64)
-            near = np.abs(di).max(axis=1) <= _MAX_STEP
-            di, nb = di[near], nb[near]
-            if len(nb) < 3:
-                continue
-            design = np.column_stack([np.ones(len(nb)), di])
-            if np.linalg.matrix_rank(design) < 3:
-                continue
-            coef = np.linalg.lstsq(design, prop.p[nb], rcond=None)[0]
-            if np.hypot(*(prop.p[h] - coef[0])) > tol_px:
-                bad.append(h)
-        if not bad:
+        miss, judged = _local_misfits(prop, quadratic=False)
+        bad = np.flatnonzero(judged & (miss > tol_px))
+        if len(bad) == 0:
             return
-        bad = np.array(bad)
-        prop.assigned[bad] = False
-        prop.misfit[bad] = True
-        for h in bad:
-            site = tuple(prop.index[h].tolist())
-            if prop.sites.get(site) == h:
-                del prop.sites[site]
+        _unassign(prop, bad, prop.misfit)
+
+
+def _reject_outliers(prop, k_sigma, floor_px, max_rounds=8):
+    """Reject holes off the smooth trend of their neighbours by > k robust sigmas.
+
+    The misfit against a local quadratic fit is noise-dominated for good
+    holes, so its scale comes from the median (Rayleigh: median = 1.1774
+    sigma per component). Each round rejects only holes whose misfit is the
+    largest among their neighbours'; a bad hole can still make a neighbour
+    with few neighbours of its own look worse, so rejected holes are
+    re-tested against the final set and reinstated if they fit. Returns the
+    threshold used (px).
+    """
+    n = len(prop.p)
+    nb = prop.nb_idx
+    present = nb < n
+    safe = np.where(present, nb, 0)
+    miss, judged = _local_misfits(prop, quadratic=True)
+    if np.count_nonzero(judged) < 10:
+        return None
+    threshold = max(floor_px, k_sigma * np.median(miss[judged]) / 1.1774)
+    for _ in range(max_rounds):
+        over = judged & (miss > threshold)
+        if not np.any(over):
+            break
+        nb_miss = np.where(present & prop.assigned[safe], miss[safe], 0.0).max(axis=1)
+        _unassign(prop, np.flatnonzero(over & (miss >= nb_miss)), prop.outlier)
+        miss, judged = _local_misfits(prop, quadratic=True)
+    for _ in range(max_rounds):
+        candidates = prop.outlier & ~prop.assigned
+        if not np.any(candidates):
+            break
+        miss_c, judged_c = _local_misfits(prop, quadratic=True, judge=candidates)
+        back = np.flatnonzero(judged_c & (miss_c <= threshold))
+        back = [h for h in back if tuple(prop.index[h].tolist()) not in prop.sites]
+        if not back:
+            break
+        for h in back:
+            prop.assigned[h] = True
+            prop.outlier[h] = False
+            prop.sites[tuple(prop.index[h].tolist())] = h
+    return threshold
+
+
+def _reinstate_duplicates(prop):
+    """Give duplicates the sites their rivals lost as outliers; True if any moved."""
+    moved = False
+    for m, site in prop.claim.items():
+        if prop.duplicate[m] and not prop.assigned[m] and site not in prop.sites:
+            prop.index[m] = site
+            prop.assigned[m] = True
+            prop.duplicate[m] = False
+            prop.group[m] = 0
+            prop.sites[site] = m
+            moved = True
+    return moved
 
 
 def _affine(idx, pos, basis):
