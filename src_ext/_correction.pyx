@@ -1,0 +1,1 @@
+"""Placeholder: kernel not written yet."""
