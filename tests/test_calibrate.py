@@ -81,7 +81,8 @@ def test_chain_keeps_every_stage_and_records_options(fake_peaks):
     assert cal.lattice.n_valid == len(fake_peaks.points)
     assert cal.grid.indices.shape == (len(fake_peaks.points), 2)
     assert cal.maps.smoothing == 0.5
-    assert cal.dx is cal.maps.dx and cal.dy is cal.maps.dy
+    assert cal.dx is cal.maps.dx
+    assert cal.dy is cal.maps.dy
     assert cal.dx.shape == (SHAPE[0] + 1, SHAPE[1] + 1)
     np.testing.assert_array_equal(cal.mask, cal.maps.mask)
     assert cal.pixel_size == cal.grid.pixel_size
@@ -94,7 +95,8 @@ def test_chain_keeps_every_stage_and_records_options(fake_peaks):
         "displacement_maps",
         "total",
     }
-    assert cal.params["threshold"] == 1.2 and cal.params["pitch"] == 2e-3
+    assert cal.params["threshold"] == 1.2
+    assert cal.params["pitch"] == 2e-3
     assert cal.params["resolved"]["pitch_px"] == PITCH_PX
     assert cal.source is None
 
@@ -132,7 +134,8 @@ def test_summary_names_the_figures(fake_peaks):
     text = cal.summary()
     assert f"holes indexed: {len(fake_peaks.points)}" in text
     assert "1 cut by edge, 1 hot pixel" in text
-    assert "µm" in text and "pitch" in text
+    assert "µm" in text
+    assert "pitch" in text
     assert "find_holes" in text
     assert cal.source == {"path": "grid.edf", "sha256": None}
 

@@ -67,7 +67,8 @@ def test_maps_shapes_and_dtypes(method):
     assert maps.dx.dtype == maps.dy.dtype == np.float32
     assert maps.mask.shape == SHAPE
     assert maps.mask.dtype == np.int8
-    assert np.isfinite(maps.dx).all() and np.isfinite(maps.dy).all()
+    assert np.isfinite(maps.dx).all()
+    assert np.isfinite(maps.dy).all()
     assert maps.shape == SHAPE
     assert maps.method == method
 
@@ -105,7 +106,8 @@ def test_hull_margin_grows_and_shrinks_the_valid_area():
     base = displacement_maps(pts, np.zeros_like(pts), SHAPE, **kwargs).mask
     grown = displacement_maps(pts, np.zeros_like(pts), SHAPE, hull_margin=10.0, **kwargs).mask
     shrunk = displacement_maps(pts, np.zeros_like(pts), SHAPE, hull_margin=-10.0, **kwargs).mask
-    assert np.all(grown <= base) and np.all(base <= shrunk)
+    assert np.all(grown <= base)
+    assert np.all(base <= shrunk)
     assert grown.sum() < base.sum() < shrunk.sum()
 
 
