@@ -21,8 +21,10 @@ __all__ = ["grid_error"]
 # Points are summed in fixed-size blocks whose partial sums are added in
 # block order: the result does not depend on the number of threads.
 cdef Py_ssize_t _BLOCK = 8192
-# Below this many blocks a parallel loop costs more to start than it saves.
-cdef Py_ssize_t _PARALLEL_MIN_BLOCKS = 4
+# Threads only for very large inputs (2**20 points and more). A parallel loop
+# waits for its slowest thread: on a busy 2-core machine a descheduled thread
+# made 100,000 points take 24 ms instead of 0.46 ms serially.
+cdef Py_ssize_t _PARALLEL_MIN_BLOCKS = 128
 # value, g0, g1, m00, m01, m10, m11
 cdef enum:
     _NSUMS = 7

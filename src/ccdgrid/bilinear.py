@@ -10,6 +10,7 @@ Positions are ``(y, x)`` in index coordinates: the centre of pixel ``(i, j)``
 is at ``(i, j)`` and the pixel spans ``i - 0.5 .. i + 0.5``.
 """
 
+import math
 import operator
 
 import numpy as np
@@ -205,14 +206,14 @@ class Bilinear:
         return self._data
 
     def _pixel(self, x):
-        """``(y, x)`` -> int64 (1, 2) pixel, rounded half to even, checked."""
+        """``(y, x)`` -> in-bounds integer pixel, rounded half to even."""
         try:
             y0, x0 = (float(v) for v in x)
         except (TypeError, ValueError) as err:
             raise CcdgridError(
                 f"the position must be a pair (y, x) of numbers, not {x!r}"
             ) from err
-        if not (np.isfinite(y0) and np.isfinite(x0)):
+        if not (math.isfinite(y0) and math.isfinite(x0)):
             raise CcdgridError(f"the position (y, x) = {(y0, x0)} is not finite")
         iy, ix = round(y0), round(x0)
         if not (0 <= iy < self.height and 0 <= ix < self.width):
@@ -220,7 +221,7 @@ class Bilinear:
                 f"the position (y, x) = {(y0, x0)} is outside the image of shape "
                 f"{(self.height, self.width)}"
             )
-        return np.array([[iy, ix]], dtype=np.int64)
+        return iy, ix
 
     def local_maxi(self, x):
         """Refined local maximum reached from one position.
@@ -235,8 +236,7 @@ class Bilinear:
         tuple of float
             ``(y, x)`` as :func:`refine_peaks` gives it.
         """
-        res = self._engine.refine_peaks(self._data, self._pixel(x))
-        return float(res[0, 0]), float(res[0, 1])
+        return self._engine.refine_one(self._data, *self._pixel(x))
 
     def cp_local_maxi(self, x):
         """Flat index ``y * width + x`` of the local maximum reached from flat index ``x``.
@@ -252,9 +252,8 @@ class Bilinear:
             raise CcdgridError(
                 f"the flat index {idx} is outside 0 .. {self.height * self.width - 1}"
             )
-        start = np.array([divmod(idx, self.width)], dtype=np.int64)
-        res = self._engine.climb(self._data, start)
-        return int(res[0, 0]) * self.width + int(res[0, 1])
+        y, x = self._engine.climb_one(self._data, *divmod(idx, self.width))
+        return y * self.width + x
 
     def __call__(self, x):
         """Bilinear interpolation of the image at ``(y, x)`` (float32, like pyFAI).

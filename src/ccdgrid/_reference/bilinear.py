@@ -13,7 +13,7 @@ bit-for-bit those of the compiled kernel.
 
 import numpy as np
 
-__all__ = ["climb", "refine_peaks"]
+__all__ = ["climb", "climb_one", "refine_one", "refine_peaks"]
 
 # The 3x3 window in raster order (top row first, left to right): the order in
 # which ties are broken, the first maximum met wins.
@@ -143,3 +143,15 @@ def refine_peaks(image, seeds):
         out[interior, 0] = y
         out[interior, 1] = x
     return out
+
+
+def climb_one(image, y, x):
+    """:func:`climb` for one seed ``(y, x)`` (ints inside the image); returns ``(y, x)`` ints."""
+    res = climb(image, np.array([[y, x]], dtype=np.int64))
+    return int(res[0, 0]), int(res[0, 1])
+
+
+def refine_one(image, y, x):
+    """:func:`refine_peaks` for one seed ``(y, x)`` (ints inside the image); returns floats."""
+    res = refine_peaks(image, np.array([[y, x]], dtype=np.int64))
+    return float(res[0, 0]), float(res[0, 1])
