@@ -26,6 +26,8 @@ def point_set(rng, *, distortion_px, rotation_deg=3.0, shear_deg=0.5, aspect=1.0
     ii, jj = np.meshgrid(np.arange(-n, n + 1), np.arange(-n, n + 1), indexing="ij")
     idx = np.column_stack([ii.ravel(), jj.ravel()])
     ideal = origin + idx @ np.column_stack([a_i, a_j]).T
+    near = np.all((ideal > -30) & (ideal < np.array(SHAPE) + 30), axis=1)
+    ideal, idx = ideal[near], idx[near]
     field = make_distortion(SHAPE, distortion_px=distortion_px, seed=int(rng.integers(1000)))
     pos = field.detector_position(ideal) if distortion_px > 0 else ideal
     inside = np.all((pos > 3) & (pos < np.array(SHAPE) - 4), axis=1)
