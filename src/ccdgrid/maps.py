@@ -19,7 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import linalg, ndimage
-from scipy.interpolate import CloughTocher2DInterpolator, RBFInterpolator, RectBivariateSpline
+from scipy.interpolate import (
+    BSpline,
+    CloughTocher2DInterpolator,
+    RBFInterpolator,
+    RectBivariateSpline,
+)
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 from scipy.spatial.distance import cdist
 
@@ -362,14 +367,23 @@ def _coarse_axis(n, step):
 
 
 def _upsample(yc, xc, values, ny, nx):
-    """Bicubic interpolation of coarse-grid values to all corners, float32."""
+    """Bicubic interpolation of coarse-grid values to all corners, float32.
+
+    The interpolating tensor-product spline is evaluated as ``By @ C @ Bx.T``
+    with dense B-spline design matrices: two matrix products per block of
+    rows, several times faster than evaluating FITPACK point by point.
+    """
     spline = RectBivariateSpline(yc, xc, values, kx=3, ky=3, s=0)
+    ty, tx = spline.get_knots()
+    coef = spline.get_coeffs().reshape(len(ty) - 4, len(tx) - 4)
     xk = np.arange(nx + 1, dtype=np.float64) - 0.5
+    bx = BSpline.design_matrix(xk, tx, 3).toarray()
     out = np.empty((ny + 1, nx + 1), dtype=np.float32)
     for start in range(0, ny + 1, _BLOCK_ROWS):
         stop = min(start + _BLOCK_ROWS, ny + 1)
         yk = np.arange(start, stop, dtype=np.float64) - 0.5
-        out[start:stop] = spline(yk, xk, grid=True)
+        by = BSpline.design_matrix(yk, ty, 3).toarray()
+        out[start:stop] = (by @ coef) @ bx.T
     return out
 
 
