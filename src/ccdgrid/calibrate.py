@@ -62,7 +62,9 @@ class Calibration:
         Every option used, with the values the stages resolved (threshold,
         hole diameter, pitch in px, smoothing).
     source : dict or None
-        ``{"path": str, "sha256": str}`` when the image came from a file.
+        When the image came from a file, :func:`ccdgrid.io.read_image`'s
+        ``info`` (at least ``"path"`` and ``"sha256"``); for an array, the
+        ``source`` name given as ``{"path": name, "sha256": None}``.
     """
 
     shape: tuple
@@ -134,7 +136,8 @@ def calibrate(
     Parameters
     ----------
     image : array_like of shape (ny, nx) or str or os.PathLike
-        The grid image, or a file fabio reads (EDF, TIFF, CBF, HDF5, ...).
+        The grid image, or a file :func:`ccdgrid.io.read_image` reads (EDF,
+        TIFF, CBF, HDF5, ...).
     pitch : float, m
         Hole spacing of the plate (5 mm for the usual FReLoN plate).
     mask : array_like of shape (ny, nx) or None
@@ -165,9 +168,7 @@ def calibrate(
     timings = {}
     t_start = time.perf_counter()
     if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        image = _read(path)
-        source = {"path": path, "sha256": _sha256(path)}
+        image, source = _read(os.fspath(image))
     elif source is not None:
         source = {"path": str(source), "sha256": None}
     timings["read"] = time.perf_counter() - t_start
@@ -256,19 +257,25 @@ def _timed(timings, name, func, *args, **kwargs):
 
 
 def _read(path):
-    if not os.path.isfile(path):
-        raise CcdgridError(f"`image`: no such file: {path!r}")
+    """``(image, info)`` of a file; ``info`` has at least "path" and "sha256"."""
     try:
         from .io import read_image
     except ImportError:  # the io module is not merged yet: read with fabio directly
-        import fabio
+        return _read_with_fabio(path)
+    array, info = read_image(path)
+    return array, dict(info)
 
-        try:
-            return np.asarray(fabio.open(path).data)
-        except Exception as exc:
-            raise CcdgridError(f"`image`: cannot read {path!r}: {exc}") from exc
-    array, _ = read_image(path)
-    return array
+
+def _read_with_fabio(path):
+    if not os.path.isfile(path):
+        raise CcdgridError(f"`image`: no such file: {path!r}")
+    import fabio
+
+    try:
+        array = np.asarray(fabio.open(path).data)
+    except Exception as exc:  # fabio raises many types for unreadable files
+        raise CcdgridError(f"`image`: cannot read {path!r}: {exc}") from exc
+    return array, {"path": path, "sha256": _sha256(path)}
 
 
 def _sha256(path):
