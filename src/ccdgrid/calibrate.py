@@ -111,7 +111,8 @@ class Calibration:
             f"({grid.residual_rms / pitch_px:.4f} / {grid.residual_max / pitch_px:.4f} pitch)",
             f"grid fit: {grid.method_used} (RMS lsq {grid.rms_lsq:.4f} px, "
             f"seed {grid.rms_seed:.4f} px)",
-            f"maps: {self.maps.method}, smoothing {self.maps.smoothing}, "
+            f"maps: {self.maps.method} (trend degree {self.maps.degree}), "
+            f"smoothing {self.maps.smoothing:.3g} pitch², "
             f"residual at the holes {self.maps.fit_residual_rms:.4f} px; "
             f"{int(self.mask.sum())} pixels masked",
             "time: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.timings.items()),
@@ -228,6 +229,7 @@ def calibrate(
             "lattice_tolerance": lattice.tolerance,
             "outlier_threshold_px": lattice.outlier_threshold_px,
             "smoothing": maps.smoothing,
+            "map_degree": maps.degree,
             "map_method": maps.method,
             "grid_method": grid.method_used,
         },

@@ -136,8 +136,8 @@ def index_holes(peaks, *, pitch_px=None, tolerance=0.25, outlier_sigma=6.0):
     ------
     CcdgridError
         With "too few holes" if fewer than 4 finite peaks are given or no
-        lattice with two independent directions is found; if ``pitch_px`` or
-        ``tolerance`` is out of range.
+        lattice with two independent directions is found; if ``pitch_px``,
+        ``tolerance`` or ``outlier_sigma`` is out of range.
 
     Notes
     -----

@@ -71,6 +71,8 @@ class DisplacementMaps:
     fit_residual_rms : float, px
         RMS of (map at the holes - displacement given there): what the
         smoothing removed.
+    degree : int or None
+        Degree of the polynomial trend of the thin-plate fit (None for cubic).
     """
 
     dx: np.ndarray
@@ -83,6 +85,7 @@ class DisplacementMaps:
     scale_px: float
     coarse_step: object
     fit_residual_rms: float
+    degree: object = None
 
     def evaluate(self, points):
         """Bilinear interpolation of the corner maps at arbitrary points.
@@ -226,9 +229,7 @@ def displacement_maps(
         coarse_step = float(np.clip(scale_px / 2.0, 8.0, 48.0))
     coarse_step = _positive(coarse_step, "coarse_step")
 
-    rbf = RBFInterpolator(
-        pts / scale_px, disp, kernel="thin_plate_spline", smoothing=smoothing, degree=degree
-    )
+    rbf, degree = _fit_tps(pts / scale_px, disp, smoothing, degree)
     yc = _coarse_axis(ny, coarse_step)
     xc = _coarse_axis(nx, coarse_step)
     nodes = np.stack(np.meshgrid(yc, xc, indexing="ij"), axis=-1).reshape(-1, 2)
@@ -247,7 +248,25 @@ def displacement_maps(
         scale_px=scale_px,
         coarse_step=(float(yc[1] - yc[0]), float(xc[1] - xc[0])),
         fit_residual_rms=_rms(fit - disp),
+        degree=degree,
     )
+
+
+def _fit_tps(pts, disp, smoothing, degree):
+    """``(RBFInterpolator, degree used)``: a polynomial trend, else an affine one.
+
+    Holes along a few lines (a narrow strip of plate) leave a quartic trend
+    undetermined; scipy then reports a singular or rank-deficient system.
+    """
+    for deg in dict.fromkeys((degree, 1)):
+        try:
+            rbf = RBFInterpolator(
+                pts, disp, kernel="thin_plate_spline", smoothing=smoothing, degree=deg
+            )
+            return rbf, deg
+        except (ValueError, np.linalg.LinAlgError):
+            continue
+    raise CcdgridError("too few holes: the thin-plate spline system is singular")
 
 
 def hull_mask(equations, shape, *, margin=0.0):
