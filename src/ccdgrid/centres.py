@@ -223,6 +223,26 @@ def fit_hole_profiles(image, seeds, radius, *, half, valid=None, iterations=(5, 
     """
     seeds = np.asarray(seeds, dtype=np.float64)
     halves = np.broadcast_to(np.asarray(half, dtype=np.int64), seeds.shape[:1])
+    fit = _fit_batches(image, seeds, radius, halves, valid, iterations)
+    # a seed far from its hole (e.g. pulled by a hot pixel) leaves the hole
+    # off-centre in its window: fit those again around the new centre
+    moved = np.abs(fit.centres - np.rint(seeds)).max(axis=1) > 1.0
+    if moved.any():
+        h, w = image.shape
+        new = fit.centres[moved]
+        c = np.rint(new).astype(np.int64)
+        room = np.minimum.reduce([c[:, 0] - 1, h - 2 - c[:, 0], c[:, 1] - 1, w - 2 - c[:, 1]])
+        again = room >= halves[moved]
+        idx = np.flatnonzero(moved)[again]
+        if idx.size:
+            refit = _fit_batches(image, new[again], radius, halves[idx], valid, iterations)
+            for name in ProfileFit.__slots__:
+                getattr(fit, name)[idx] = getattr(refit, name)
+    return fit
+
+
+def _fit_batches(image, seeds, radius, halves, valid, iterations):
+    """Fit groups of seeds that share a window size; results in seed order."""
     parts = []
     order = []
     for hv in np.unique(halves):
@@ -330,18 +350,25 @@ def _robust_var(res, sel):
 
 
 def _sector_asymmetry(res, keep, p, yy, xx, half):
-    """Largest |mean residual| over 8 angular sectors of the background ring."""
+    """Largest |mean residual| over 8 angular sectors, on the disc and on its ring.
+
+    A hole cut by the taper edge or by a dark region misses light on one
+    side: its residuals are one-sided on the disc, or on the background ring.
+    """
     dy = yy[None] - p[:, :1]
     dx = xx[None] - p[:, 1:2]
     r = np.hypot(dy, dx)
-    ring = keep & (r > p[:, 2:3] + 2.5 * p[:, 3:4]) & (r <= half)
     sector = ((np.arctan2(dy, dx) + np.pi) * (4.0 / np.pi)).astype(np.int64) % 8
     n = res.shape[0]
     flat = np.arange(n)[:, None] * 8 + sector
-    sums = np.bincount(flat[ring], weights=res[ring], minlength=8 * n).reshape(n, 8)
-    counts = np.bincount(flat[ring], minlength=8 * n).reshape(n, 8)
-    means = sums / np.maximum(counts, 1)
-    return np.abs(means).max(1)
+    worst = np.zeros(n)
+    rad, blur = p[:, 2:3], p[:, 3:4]
+    for zone in (keep & (r <= rad + 1.5 * blur), keep & (r > rad + 2.5 * blur) & (r <= half)):
+        sums = np.bincount(flat[zone], weights=res[zone], minlength=8 * n).reshape(n, 8)
+        counts = np.bincount(flat[zone], minlength=8 * n).reshape(n, 8)
+        means = sums / np.maximum(counts, 1)
+        worst = np.maximum(worst, np.abs(means).max(1))
+    return worst
 
 
 def windowed_centroids(image, seeds, half):

@@ -171,8 +171,9 @@ def _diameter_from_profile(prof):
     """Hole diameter (working px) from the radial median autocorrelation profile."""
     if prof.size < 6 or not np.all(np.isfinite(prof)):
         return None
-    # the zero lag holds the white-noise power; extrapolate it from lags 1, 2
-    peak = 2.0 * prof[1] - prof[2]
+    # the zero lag holds the white-noise power; extrapolate it from lags 1-3
+    # (quadratically: the PSF rounds the top of the overlap function)
+    peak = max(3.0 * prof[1] - 3.0 * prof[2] + prof[3], prof[1])
     # baseline: the first minimum of the profile beyond the central peak
     diffs = np.diff(prof[1:])
     rising = np.flatnonzero(diffs > 0)

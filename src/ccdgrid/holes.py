@@ -173,10 +173,13 @@ def classify_fits(fit, contrast, nmin=5):
         return reasons
     ref = good.copy()
     for _ in range(2):
+        rz = _robust_z(fit.radius, fit.radius[ref])
         med_r = np.median(fit.radius[ref])
         med_s = np.median(fit.blur[ref])
         med_a = np.median(amp[ref])
-        shape = (np.abs(fit.radius / med_r - 1.0) > 0.25) | (fit.blur > 2.5 * med_s + 0.5)
+        rel = np.abs(fit.radius / med_r - 1.0)
+        shape = ((np.abs(rz) > 6.0) & (rel > 0.06)) | (rel > 0.25)
+        shape |= fit.blur > 2.5 * med_s + 0.5
         faint = amp < 0.2 * med_a
         ref = good & ~shape & ~faint
         if ref.sum() < nmin:
@@ -189,7 +192,7 @@ def classify_fits(fit, contrast, nmin=5):
     asym_z = _robust_z(fit.asymmetry, fit.asymmetry[good])
     cut = good & (
         ((chi_z > 6.0) & (fit.chi2 > 1.5 * np.median(fit.chi2[good])))
-        | ((asym_z > 6.0) & (fit.asymmetry > 0.02))
+        | ((asym_z > 6.0) & (fit.asymmetry > 0.04))
     )
     reasons[cut] = "cut by edge"
     return reasons

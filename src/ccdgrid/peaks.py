@@ -327,13 +327,14 @@ def _search(img, valid, diameter, pitch, threshold, backend, timings):
     # hot pixel leaves in the smoothed image is not (3x3 median kills it)
     raw_level = _median3_at(img, peaks_int) - bg[keep]
     flat = raw_level < 0.3 * contrast
-    reasons[flat] = "hot pixel"
+    spike = _box_max_at(img, peaks_int[flat], int(np.ceil(radius)) + 1) - bg[keep][flat]
+    reasons[flat] = np.where(spike > 3.0 * contrast[flat], "hot pixel", "not a hole")
+    # one report per defect: a hot pixel's plateau holds many peaks
+    at = peaks_int.astype(np.float64)
+    _mark_duplicates(at, np.flatnonzero(flat), contrast, diameter, reasons)
+    silent = reasons == "duplicate"
     _mark_duplicates(
-        peaks_int.astype(np.float64),
-        np.flatnonzero(~flat),
-        contrast,
-        max(diameter, 2.0),
-        reasons,
+        peaks_int.astype(np.float64), np.flatnonzero(~flat), contrast, max(radius, 1.5), reasons
     )
     seeds = peaks_int.astype(np.float64)
     todo = np.flatnonzero(reasons == "")
@@ -343,7 +344,9 @@ def _search(img, valid, diameter, pitch, threshold, backend, timings):
     t = time.perf_counter()
     half = int(np.ceil(max(1.5 * radius + 2.0, radius + 5.0)))
     half = int(max(min(half, np.floor(0.45 * pitch)), np.ceil(radius + 3.0)))
-    half_min = int(np.ceil(radius + 3.0))
+    # the guessed diameter runs ~15 % large; keep holes whose ring of
+    # background is thin but present
+    half_min = int(np.ceil(0.85 * radius + 2.5))
     cy = np.rint(seeds[:, 0]).astype(np.int64)
     cx = np.rint(seeds[:, 1]).astype(np.int64)
     room = np.minimum.reduce([cy - 1, h - 2 - cy, cx - 1, w - 2 - cx])
@@ -367,13 +370,18 @@ def _search(img, valid, diameter, pitch, threshold, backend, timings):
 
     t = time.perf_counter()
     accepted = np.flatnonzero(reasons == "")
-    _mark_duplicates(positions, accepted, contrast, radius, reasons)
+    # two seeds may converge on one hole: keep the better fit
+    score = np.zeros(len(positions))
+    if n_fit:
+        score[fit_idx] = -fit.chi2
+    _mark_duplicates(positions, accepted, score, radius, reasons)
     accepted = np.flatnonzero(reasons == "")
+    keep_rej = ~silent & (reasons != "")
     # fitted values for accepted ones (all of them went through the fit)
     where = np.searchsorted(fit_idx, accepted) if n_fit else np.zeros(0, np.int64)
     order = np.lexsort((positions[accepted, 1], np.rint(positions[accepted, 0])))
     accepted, where = accepted[order], where[order]
-    rej = np.flatnonzero(reasons != "")
+    rej = np.flatnonzero(keep_rej)
     if accepted.size and fit is not None:
         fitted_d = 2.0 * float(np.median(fit.radius[where]))
         amplitude = fit.amplitude[where]
@@ -418,6 +426,17 @@ def _median3_at(image, points):
     return np.median(image[rows, cols].reshape(len(points), 9), axis=1).astype(np.float64)
 
 
+def _box_max_at(image, points, half):
+    """Maximum of ``image`` in a square of half width ``half`` around integer points."""
+    h, w = image.shape
+    offs = np.arange(-half, half + 1)
+    rows = np.clip(points[:, 0, None, None] + offs[None, :, None], 0, h - 1)
+    cols = np.clip(points[:, 1, None, None] + offs[None, None, :], 0, w - 1)
+    if len(points) == 0:
+        return np.zeros(0)
+    return image[rows, cols].reshape(len(points), -1).max(axis=1).astype(np.float64)
+
+
 def _masked_fraction_high(valid, fit, half, limit=0.1):
     """True where more than ``limit`` of a hole's disc (r <= R + 1) is invalid."""
     h, w = valid.shape
@@ -433,15 +452,15 @@ def _masked_fraction_high(valid, fit, half, limit=0.1):
     return bad > limit * np.maximum(disc.sum(axis=(1, 2)), 1)
 
 
-def _mark_duplicates(positions, accepted, contrast, radius, reasons):
-    """Among accepted candidates closer than one radius, keep the highest contrast."""
+def _mark_duplicates(positions, accepted, score, radius, reasons):
+    """Among ``accepted`` candidates closer than ``radius``, keep the highest score."""
     if accepted.size < 2:
         return
     pairs = cKDTree(positions[accepted]).query_pairs(r=max(radius, 1.0), output_type="ndarray")
     if pairs.size == 0:
         return
     # visit candidates from the brightest down; a candidate loses to any kept partner
-    order = accepted[np.argsort(-contrast[accepted], kind="stable")]
+    order = accepted[np.argsort(-score[accepted], kind="stable")]
     rank = np.empty(positions.shape[0], dtype=np.int64)
     rank[order] = np.arange(order.size)
     a, b = accepted[pairs[:, 0]], accepted[pairs[:, 1]]
