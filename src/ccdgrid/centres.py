@@ -38,6 +38,11 @@ __all__ = ["ProfileFit", "extract_windows", "fit_hole_profiles", "windowed_centr
 
 _SQRT2 = np.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / np.sqrt(2.0 * np.pi)
+# Variance model exponent: var = var_bg + c (a E)**q. Poisson noise alone is
+# q = 1; a fibre-bundle gain texture multiplies the signal (q = 2). q = 1.5
+# beat both on images with either or both (per-hole error 0.031 against
+# 0.034 for q = 1 with a fibre pattern, equal without one).
+_VARIANCE_EXPONENT = 1.5
 _NPAR = 8  # cy, cx, R, s, a, b0, by, bx
 
 
@@ -56,8 +61,11 @@ class ProfileFit:
         Reduced chi-square of the weighted fit (about 1 when the model and
         the learnt noise model hold).
     asymmetry : ndarray of shape (N,), float64
-        Largest |mean residual| over 8 angular sectors of the background
-        around the hole, in units of the amplitude.
+        Largest |mean residual| over 8 angular sectors of the disc, in units
+        of the amplitude.
+    ring_asymmetry : ndarray of shape (N,), float64
+        Largest |sum of noise-normalised residuals| / sqrt(count) over 8
+        sectors of the background ring (about 2 for a clean hole).
     outliers : ndarray of shape (N,), int64
         Number of raw pixels dropped as outliers (hot or dead pixels).
     converged : ndarray of shape (N,), bool
@@ -74,6 +82,7 @@ class ProfileFit:
         "converged",
         "outliers",
         "radius",
+        "ring_asymmetry",
     )
 
     def __init__(self, **fields):
@@ -103,17 +112,23 @@ def extract_windows(image, centres, half):
     return image[rows, cols]
 
 
+# Paeth's median-of-9 exchange network: after these 19 min/max exchanges the
+# median of the nine values sits in slot 4 (no sort, all elementwise).
+_MEDIAN9 = (
+    (1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3),
+    (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2),
+)  # fmt: skip
+
+
 def _median3(windows):
     """3x3 median of the inner part of (N, w + 2, w + 2) windows -> (N, w, w)."""
-    n, big, _ = windows.shape
-    w = big - 2
-    stack = np.empty((9, n, w, w), dtype=windows.dtype)
-    k = 0
-    for dy in range(3):
-        for dx in range(3):
-            stack[k] = windows[:, dy : dy + w, dx : dx + w]
-            k += 1
-    return np.median(stack, axis=0)
+    w = windows.shape[1] - 2
+    v = [windows[:, dy : dy + w, dx : dx + w].copy() for dy in range(3) for dx in range(3)]
+    for i, j in _MEDIAN9:
+        lo = np.minimum(v[i], v[j])
+        np.maximum(v[i], v[j], out=v[j])
+        v[i] = lo
+    return v[4]
 
 
 def _model(p, yy, xx, with_jacobian=True):
@@ -307,20 +322,31 @@ def _fit_group(image, seeds, radius, half, valid, iterations):
     var_in = _robust_var(res_raw, (edge > 0.9) & ok)
     amp = np.maximum(p[:, 4], 1e-12)
     with np.errstate(invalid="ignore"):
-        slopes = (var_in - var_bg) / amp
+        slopes = (var_in - var_bg) / amp**_VARIANCE_EXPONENT
     slopes = slopes[np.isfinite(slopes)]
     slope = max(float(np.median(slopes)), 0.0) if slopes.size else 0.0
     finite = np.isfinite(var_bg) & (var_bg > 0)
     var_bg = np.where(finite, var_bg, np.median(var_bg[finite]) if finite.any() else 1.0)
     # model mismatch floor, so that noise-free data do not lose good pixels
     var_bg = np.maximum(var_bg, (3e-3 * amp) ** 2)
-    variance = var_bg[:, None] + slope * np.maximum(p[:, 4:5] * edge, 0.0)
+    variance = var_bg[:, None] + slope * np.maximum(p[:, 4:5] * edge, 0.0) ** _VARIANCE_EXPONENT
     keep = ok & (res_raw * res_raw <= 25.0 * variance)
     weight = keep / variance
     p, cost, res = _gauss_newton(p, data, weight, yy, xx, half, iterations[1])
+    # clip again against the refined model: pass 1 may have been pulled by
+    # masked or dead pixels and dropped good pixels next to them
+    keep2 = ok & (res * res <= 25.0 * variance)
+    changed = (keep2 != keep).any(axis=1)
+    if changed.any():
+        keep[changed] = keep2[changed]
+        weight = keep / variance
+        sub, cost_sub, res_sub = _gauss_newton(
+            p[changed], data[changed], weight[changed], yy, xx, half, iterations[1]
+        )
+        p[changed], cost[changed], res[changed] = sub, cost_sub, res_sub
 
     dof = np.maximum(keep.sum(1) - _NPAR, 1)
-    asym = _sector_asymmetry(res, keep, p, yy, xx, half) / np.maximum(np.abs(p[:, 4]), 1e-12)
+    asym, ring_asym = _sector_asymmetry(res, weight, p, yy, xx, half)
     inside = (np.abs(p[:, :2]) < 0.6 * half - 1e-9).all(1)
     converged = inside & np.isfinite(p).all(1) & (p[:, 4] > 0)
     return ProfileFit(
@@ -331,6 +357,7 @@ def _fit_group(image, seeds, radius, half, valid, iterations):
         background=p[:, 5].copy(),
         chi2=cost / dof,
         asymmetry=asym,
+        ring_asymmetry=ring_asym,
         outliers=(ok & ~keep).sum(1).astype(np.int64),
         converged=converged,
     )
@@ -349,11 +376,15 @@ def _robust_var(res, sel):
     return (1.4826 * mad) ** 2
 
 
-def _sector_asymmetry(res, keep, p, yy, xx, half):
-    """Largest |mean residual| over 8 angular sectors, on the disc and on its ring.
+def _sector_asymmetry(res, weight, p, yy, xx, half):
+    """One-sidedness of the residuals over 8 angular sectors around each hole.
 
-    A hole cut by the taper edge or by a dark region misses light on one
-    side: its residuals are one-sided on the disc, or on the background ring.
+    Returns ``(disc, ring)``: the largest |mean residual| of a sector of the
+    disc in units of the amplitude, and the largest |sum of normalised
+    residuals| / sqrt(count) of a sector of the background ring, in units of
+    the noise. A hole cut by the taper edge misses light on one side: its
+    disc residuals are one-sided, or its background is darker on one side --
+    a step far below the amplitude but many times the noise of a sector.
     """
     dy = yy[None] - p[:, :1]
     dx = xx[None] - p[:, 1:2]
@@ -361,14 +392,18 @@ def _sector_asymmetry(res, keep, p, yy, xx, half):
     sector = ((np.arctan2(dy, dx) + np.pi) * (4.0 / np.pi)).astype(np.int64) % 8
     n = res.shape[0]
     flat = np.arange(n)[:, None] * 8 + sector
-    worst = np.zeros(n)
+    keep = weight > 0
     rad, blur = p[:, 2:3], p[:, 3:4]
-    for zone in (keep & (r <= rad + 1.5 * blur), keep & (r > rad + 2.5 * blur) & (r <= half)):
-        sums = np.bincount(flat[zone], weights=res[zone], minlength=8 * n).reshape(n, 8)
-        counts = np.bincount(flat[zone], minlength=8 * n).reshape(n, 8)
-        means = sums / np.maximum(counts, 1)
-        worst = np.maximum(worst, np.abs(means).max(1))
-    return worst
+    zone = keep & (r <= rad + 1.5 * blur)
+    sums = np.bincount(flat[zone], weights=res[zone], minlength=8 * n).reshape(n, 8)
+    counts = np.bincount(flat[zone], minlength=8 * n).reshape(n, 8)
+    disc = np.abs(sums / np.maximum(counts, 1)).max(1) / np.maximum(np.abs(p[:, 4]), 1e-12)
+    zone = keep & (r > rad + 2.5 * blur) & (r <= half)
+    z = res * np.sqrt(weight)
+    sums = np.bincount(flat[zone], weights=z[zone], minlength=8 * n).reshape(n, 8)
+    counts = np.bincount(flat[zone], minlength=8 * n).reshape(n, 8)
+    ring = np.abs(sums / np.sqrt(np.maximum(counts, 1))).max(1)
+    return disc, ring
 
 
 def windowed_centroids(image, seeds, half):

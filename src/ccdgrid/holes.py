@@ -15,6 +15,7 @@ by their fitted profiles (see :func:`classify_fits`).
 """
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 __all__ = ["LogHistogram", "auto_threshold", "classify_fits", "ring_background"]
 
@@ -42,7 +43,7 @@ class LogHistogram:
         return f"LogHistogram({self.counts.size} bins, threshold={self.threshold:.3f})"
 
 
-def ring_background(smoothed, peaks, radius, n=16):
+def ring_background(smoothed, peaks, radius, n=8):
     """Median and spread of ``smoothed`` on a ring around each peak.
 
     Parameters
@@ -58,7 +59,9 @@ def ring_background(smoothed, peaks, radius, n=16):
     Returns
     -------
     median, low, high : ndarray of shape (N,), float64
-        Median, minimum and maximum of the ring samples.
+        Median, minimum and maximum of the ring samples (the smoothing has
+        already averaged each sample over a hole's area, so a few samples
+        suffice).
     """
     h, w = smoothed.shape
     ang = np.arange(n) * (2.0 * np.pi / n)
@@ -66,8 +69,11 @@ def ring_background(smoothed, peaks, radius, n=16):
     ox = np.rint(radius * np.cos(ang)).astype(np.int64)
     rows = np.clip(peaks[:, :1] + oy[None], 0, h - 1)
     cols = np.clip(peaks[:, 1:2] + ox[None], 0, w - 1)
-    ring = smoothed[rows, cols].astype(np.float64)
-    return np.median(ring, axis=1), ring.min(1), ring.max(1)
+    ring = smoothed[rows, cols]
+    k = (n - 1) // 2
+    part = np.partition(ring, (k, n // 2), axis=1)
+    median = 0.5 * (part[:, k].astype(np.float64) + part[:, n // 2])
+    return median, part[:, 0].astype(np.float64), part[:, -1].astype(np.float64)
 
 
 def auto_threshold(log_contrast, bin_width=0.05):
@@ -94,7 +100,8 @@ def auto_threshold(log_contrast, bin_width=0.05):
        (if there are none, the threshold is ``m + 6 s``).
     3. The threshold is the centre of the emptiest stretch of the histogram
        (smoothed over 3 bins) between ``m + 4 s`` and the hole mode minus
-       0.3 decade; ties go to the lower side, so that faint holes are kept
+       0.3 decade (but not below the hole mode minus one decade); the
+       longest run of the emptiest bins wins, so that faint holes are kept
        and sent to the profile checks rather than dropped here.
     """
     vals = np.sort(np.asarray(log_contrast, dtype=np.float64))
@@ -111,7 +118,9 @@ def auto_threshold(log_contrast, bin_width=0.05):
     if bright.size == 0:
         return floor, LogHistogram(edges, counts, floor)
     mode = float(np.median(bright))
-    start = med + 4.0 * spread
+    # holes ten times fainter than the typical one are never kept (see
+    # classify_fits), so the threshold need not go lower
+    start = max(med + 4.0 * spread, mode - 1.0)
     stop = mode - 0.3
     if stop <= start:
         thr = min(floor, mode - 0.3) if mode - 0.3 > med else floor
@@ -188,11 +197,41 @@ def classify_fits(fit, contrast, nmin=5):
     reasons[good & shape] = "shape"
     reasons[good & ~shape & faint] = "too faint"
     good = reasons == ""
-    chi_z = _robust_z(np.log(fit.chi2), np.log(fit.chi2[good]))
+    logchi = np.log(np.maximum(fit.chi2, 1e-300))
+    chi_z = _robust_z(logchi, logchi[good])
     asym_z = _robust_z(fit.asymmetry, fit.asymmetry[good])
+    ring_z = _robust_z(fit.ring_asymmetry, fit.ring_asymmetry[good])
     cut = good & (
         ((chi_z > 6.0) & (fit.chi2 > 1.5 * np.median(fit.chi2[good])))
         | ((asym_z > 6.0) & (fit.asymmetry > 0.04))
+        | ((ring_z > 6.0) & (fit.ring_asymmetry > 6.0))
     )
-    reasons[cut] = "cut by edge"
+    # a hole partly cut by the taper edge keeps its shape but loses light:
+    # it is dimmer than its neighbours (vignetting is smooth on that scale)
+    ratio = _neighbour_ratio(fit.centres, amp, good)
+    # ... and, losing its rim, it looks smaller than its neighbours (the
+    # local magnification changes by far less than 2 % from hole to hole).
+    # A dark fibre-bundle boundary across a hole also dims it and makes it
+    # one-sided, but leaves its radius: dimness alone is not enough.
+    r_ratio = _neighbour_ratio(fit.centres, fit.radius, good)
+    dim = good & (
+        (ratio < 0.7)
+        | (r_ratio < 0.96)
+        | ((ratio < 0.9) & ((r_ratio < 0.98) | ((asym_z > 3.0) & (r_ratio < 0.995))))
+    )
+    reasons[cut | dim] = "cut by edge"
     return reasons
+
+
+def _neighbour_ratio(centres, values, good, k=6):
+    """``values`` over the median of the k nearest ``good`` neighbours' values."""
+    ratio = np.ones(values.size)
+    idx = np.flatnonzero(good)
+    if idx.size <= k:
+        return ratio
+    _, nb = cKDTree(centres[idx]).query(centres, k=k + 1)
+    # the nearest is the point itself for good ones; drop it, else the farthest
+    own = idx[nb[:, 0]] == np.arange(values.size)
+    nb = np.where(own[:, None], nb[:, 1:], nb[:, :-1])
+    ratio = values / np.median(values[idx[nb]], axis=1)
+    return ratio

@@ -123,6 +123,20 @@ def _as_mask(mask, shape):
     return arr != 0
 
 
+def _dead_lines(img, fraction=0.9):
+    """Mask of rows and columns that hold one value almost everywhere (dead lines).
+
+    A dead row crossing a fitting window would otherwise look like a dark
+    edge; masking it lets the fit use the rest of the window. Returns None
+    when there is none.
+    """
+    rows = (img == img[:, :1]).mean(axis=1) >= fraction
+    cols = (img == img[:1, :]).mean(axis=0) >= fraction
+    if not (rows.any() or cols.any()) or rows.all() or cols.all():
+        return None
+    return rows[:, None] | cols[None, :]
+
+
 def _segment(smoothed, backend):
     """Watershed regions of ``smoothed``: (segmentation, peak flat indices, sizes)."""
     try:
@@ -236,6 +250,9 @@ def find_holes(
         if not np.isfinite(threshold):
             raise CcdgridError(f"`threshold` must be finite, got {threshold!r}")
     invalid = _as_mask(mask, img.shape)
+    dead = _dead_lines(img)
+    if dead is not None:
+        invalid = dead if invalid is None else invalid | dead
     finite = np.isfinite(img)
     if invalid is None:
         invalid = ~finite if not finite.all() else None
@@ -329,24 +346,26 @@ def _search(img, valid, diameter, pitch, threshold, backend, timings):
     flat = raw_level < 0.3 * contrast
     spike = _box_max_at(img, peaks_int[flat], int(np.ceil(radius)) + 1) - bg[keep][flat]
     reasons[flat] = np.where(spike > 3.0 * contrast[flat], "hot pixel", "not a hole")
+    if valid is not None:
+        reasons[flat & (_median3_at(valid.view(np.uint8), peaks_int) < 1)] = "masked"
     # one report per defect: a hot pixel's plateau holds many peaks
     at = peaks_int.astype(np.float64)
     _mark_duplicates(at, np.flatnonzero(flat), contrast, diameter, reasons)
     silent = reasons == "duplicate"
-    _mark_duplicates(
-        peaks_int.astype(np.float64), np.flatnonzero(~flat), contrast, max(radius, 1.5), reasons
-    )
-    seeds = peaks_int.astype(np.float64)
+    half = int(np.ceil(max(1.7 * radius + 2.0, radius + 5.0)))
+    half = int(max(min(half, np.floor(0.45 * pitch)), np.ceil(radius + 3.0)))
+    # the guessed diameter runs ~15 % large; keep holes whose ring of
+    # background is thin but present
+    half_min = int(np.ceil(0.85 * radius + 2.5))
+    # no de-duplication before the fit: a peak on a hot pixel's plateau or cut
+    # by the border must not suppress the measurable peak of the hole beside
+    # it; seeds that converge on one hole are merged after the fit
+    seeds = at.copy()
     todo = np.flatnonzero(reasons == "")
     seeds[todo] = _refine(smoothed, peaks_int[todo].astype(np.float64), backend)
     timings["refine"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    half = int(np.ceil(max(1.5 * radius + 2.0, radius + 5.0)))
-    half = int(max(min(half, np.floor(0.45 * pitch)), np.ceil(radius + 3.0)))
-    # the guessed diameter runs ~15 % large; keep holes whose ring of
-    # background is thin but present
-    half_min = int(np.ceil(0.85 * radius + 2.5))
     cy = np.rint(seeds[:, 0]).astype(np.int64)
     cx = np.rint(seeds[:, 1]).astype(np.int64)
     room = np.minimum.reduce([cy - 1, h - 2 - cy, cx - 1, w - 2 - cx])
