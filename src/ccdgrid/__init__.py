@@ -32,6 +32,8 @@ _LAZY = {
     "refine_peaks": "bilinear",
     "Bilinear": "bilinear",
     "grid_error": "grid_error",
+    "find_holes": "peaks",
+    "HoleSearch": "peaks",
     "calibrate": "calibrate",
     "Calibration": "calibrate",
     "load": "detector_file",
