@@ -5,8 +5,10 @@ generator are replaced by small fakes here, so that these tests exercise the
 command line itself (arguments, messages, exit codes, files) and nothing else.
 """
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import types
 import fabio
 import numpy as np
 import pytest
+from pyFAI import detector_factory
 
 import ccdgrid
 from ccdgrid.cli import main
@@ -295,7 +298,7 @@ def test_mask_of_the_wrong_shape(capsys, tmp_path, grid_file, fake_calibrate):
     assert not out.exists()
 
 
-def test_no_grid_found_is_one_error_line_and_no_file(capsys, tmp_path, fake_calibrate):
+def test_a_pipeline_error_is_one_line_and_no_file(capsys, tmp_path, fake_calibrate):
     path = tmp_path / "flat.npy"
     np.save(path, np.full((64, 64), 100, np.uint16))
     out = tmp_path / "out.h5"
@@ -389,14 +392,14 @@ def test_calibrate_passes_the_options_and_writes_the_default_output(
     assert kwargs["pitch_px"] == 98.0
     assert kwargs["threshold"] == 0.3
     assert kwargs["backend"] == "numpy"
-    assert kwargs["source"]["path"] == str(grid_file)
-    assert len(kwargs["source"]["sha256"]) == 64
+    assert kwargs["source"] == str(grid_file)
     out = capsys.readouterr().out
     assert "FAKE SUMMARY: 42 holes" in out
     assert _files(work) == ["grid_detector.h5"]  # IMAGE_STEM_detector.h5 in the cwd
     rec = load(work / "grid_detector.h5")
     assert rec.shape == (40, 60)
-    assert rec.source["sha256"] == kwargs["source"]["sha256"]
+    assert rec.source["path"] == str(grid_file)
+    assert rec.source["sha256"] == hashlib.sha256(grid_file.read_bytes()).hexdigest()
 
 
 def test_calibrate_defaults_leave_the_automatic_choices_to_the_pipeline(
@@ -564,3 +567,52 @@ def test_synth_with_the_real_generator_matches_a_direct_call(tmp_path):
         np.testing.assert_array_equal(truth["dx"], dx.astype(np.float32))
         np.testing.assert_array_equal(truth["holes"], direct.holes)
         assert json.loads(str(truth["params"]))["seed"] == 2
+
+
+# -- with the real pipeline --------------------------------------------------------------------
+
+
+def test_demo_end_to_end(capsys, tmp_path):
+    out = tmp_path / "demo.h5"
+
+    assert main(["demo", "--size", "512", "-o", str(out)]) == 0
+
+    text = capsys.readouterr().out
+    rms = float(re.search(r"RMS (\d+\.\d+) px, max", text).group(1))
+    assert rms < 0.1  # a sanity bound; the pipeline's own tests hold the accuracy targets
+    det = detector_factory(str(out))
+    assert det.shape == (512, 512)
+    assert det.get_pixel_corners().shape == (512, 512, 4, 3)
+
+
+def test_calibrate_a_synthetic_image_end_to_end(capsys, tmp_path):
+    from ccdgrid import synthetic
+
+    image = tmp_path / "grid.edf"
+    out = tmp_path / "det.h5"
+    assert main(["synth", "-o", str(image), "--size", "512", "--seed", "4"]) == 0
+
+    assert main(["calibrate", str(image), "--pitch", "5mm", "-o", str(out)]) == 0
+
+    assert "holes found" in capsys.readouterr().out
+    rec = load(out)
+    assert rec.source["path"] == str(image)
+    assert rec.source["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    truth = synthetic.grid_image((512, 512), seed=4)
+    np.testing.assert_array_equal(ccdgrid.io.read_image(image)[0], truth.image)
+    error = synthetic.dense_residual(
+        truth.truth, rec.dy, rec.dx, rec.mask, region=truth.taper_mask
+    )
+    assert error.rms < 0.1
+    np.testing.assert_array_equal(detector_factory(str(out)).mask, rec.mask)
+
+
+def test_a_constant_image_has_no_grid(capsys, tmp_path):
+    path = tmp_path / "flat.npy"
+    np.save(path, np.full((128, 128), 100, np.uint16))
+    out = tmp_path / "det.h5"
+
+    assert main(["calibrate", str(path), "--pitch", "5mm", "-o", str(out)]) == 1
+
+    assert "no grid of holes" in _error_line(capsys)
+    assert _files(tmp_path) == ["flat.npy"]

@@ -358,13 +358,21 @@ def _run_calibrate(args):
         pitch_px=args.spacing,
         threshold=args.threshold,
         backend=args.backend,
-        source=info,
+        source=info["path"],
     )
     elapsed = time.perf_counter() - start
+    # the image was read here (maybe one frame of a stack or an HDF5 dataset):
+    # record that provenance, with the file's checksum, in the detector file
+    calibration.source = info
     print(calibration.summary())
-    calibration.save(output)
-    print(f"calibrated in {elapsed:.2f} s; wrote {output}")
+    _save(calibration, output, elapsed)
     print(f'use it in pyFAI: pyFAI.detector_factory("{output}")')
+
+
+def _save(calibration, output, elapsed):
+    start = time.perf_counter()
+    calibration.save(output)
+    print(f"calibrated in {elapsed:.2f} s; wrote {output} in {time.perf_counter() - start:.2f} s")
 
 
 def _run_demo(args):
@@ -387,8 +395,7 @@ def _run_demo(args):
     )
     elapsed = time.perf_counter() - start
     print(calibration.summary())
-    calibration.save(args.output)
-    print(f"calibrated in {elapsed:.2f} s; wrote {args.output}")
+    _save(calibration, args.output, elapsed)
     # judged where the taper lets light through: outside it there is nothing to calibrate
     res = synthetic.dense_residual(
         grid.truth, calibration.dy, calibration.dx, calibration.mask, region=grid.taper_mask
@@ -493,6 +500,16 @@ def _write_image(path, suffix, image, header):
         fabio.tifimage.TifImage(data=image).write(str(path))
 
 
+def _flatten(params, prefix=""):
+    """``(dotted.key, value)`` pairs of a nested dict, in key order."""
+    for key in sorted(params):
+        value = params[key]
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def _run_info(args):
     import numpy as np
 
@@ -525,9 +542,13 @@ def _run_info(args):
         used = "" if rec.valid is None else f", {int(np.count_nonzero(rec.valid))} in the fit"
         lines.append(f"holes       {len(rec.peaks)} found{used}")
     if rec.source:
-        lines.append(f"source      {rec.source.get('path')} (sha256 {rec.source.get('sha256')})")
+        digest = rec.source.get("sha256")
+        lines.append(
+            f"source      {rec.source.get('path')}" + (f" (sha256 {digest})" if digest else "")
+        )
     if rec.params:
-        lines.append(f"parameters  {rec.params}")
+        lines.append("parameters")
+        lines.extend(f"  {key} = {value}" for key, value in _flatten(rec.params))
     if rec.summary:
         lines.append("summary:")
         lines.extend("  " + line for line in rec.summary.splitlines())
