@@ -5,28 +5,38 @@ grid nominally sits at ``(i, j)`` and truly at ``(i + dy[i, j], j + dx[i, j])``.
 Input pixel ``(i, j)`` is the quadrilateral of its true corners A = (i, j),
 B = (i+1, j), C = (i+1, j+1), D = (i, j+1); output pixel ``(k, l)`` is the unit
 square ``[k, k+1] x [l, l+1]``. The weight of (output, input) is the area of
-their intersection divided by the area of the quadrilateral, computed by exact
-polygon splitting: the quadrilateral is cut into row strips along ``y = k``,
-then each strip into cells along ``x = l`` (a two-sided Sutherland-Hodgman
-split, so each cut is done once, not once per cell).
+their intersection divided by the area of the quadrilateral.
 
-The matrix is built in compressed-sparse-row form (one row per output pixel)
-in two passes over the input pixels that run the same deterministic code:
-the first counts the non-zeros of every output row, the second writes them.
-Memory is the final matrix plus one int32 count per output pixel and thread.
-With OpenMP, each thread handles one contiguous band of input rows and owns
-one count array, so that every row of the matrix lists its input pixels in
+The areas are exact (to rounding), computed edge by edge with Green's
+theorem: the area of a polygon P inside the cell [k, k+1] x [l, l+1] is
+``-∮_P g(y) h(x) dy`` with g the indicator of [k, k+1] and
+h(x) = clip(x - l, 0, 1). Each edge is cut at the integer rows it crosses,
+then each piece at the integer columns; on a sub-piece h is linear, so its
+integral is (signed height) x h(mid-point), and the columns to its left get
+the full signed height (kept as a difference array and summed once per
+row). This is the exact counterpart of pyFAI's row-strip splitting, which
+treats the edge as flat within each row strip (PYFAI_NOTES §4.4); no polygon
+is built, and it holds for concave quadrilaterals too.
+
+The matrix is built in compressed-sparse-row form (one row per output
+pixel). One pass over the input pixels splits each of them and stores its
+pieces compactly (a one-byte cell offset within the pixel's bounding box and
+the weight), counting the non-zeros of every output row; a prefix sum gives
+the row pointers; a second, cheap pass scatters the pieces into place. With
+OpenMP each thread handles one contiguous band of input rows and owns one
+count array, so that every row of the matrix lists its input pixels in
 raster order whatever the number of threads.
 
 The functions here trust their inputs (the façade ``ccdgrid.correction``
 checks them): C-contiguous arrays of the stated shapes and dtypes, and the
 preconditions stated in each docstring. Nothing here reads or writes out of
-bounds for any finite or non-finite displacement values.
+bounds for any displacement values, finite or not.
 """
 
 from cython.parallel cimport prange
 from libc.math cimport ceil, fabs, floor, isfinite, rint
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdlib cimport free, malloc, realloc
 
 import numpy as np
 
@@ -55,15 +65,12 @@ ctypedef fused image_t:
     double
 
 
+
 cdef enum:
-    # Vertex capacity of a polygon. A simple quadrilateral never needs more
-    # than about 20 after the row and column cuts; splitting refuses inputs
-    # above MAXV / 2 vertices, so a buffer can never overflow.
-    MAXV = 64
-    # A pixel whose bounding box spans more than MAX_EXTENT output pixels
-    # along either axis is dropped as degenerate: it bounds the work and the
-    # stack buffers per pixel (a real distortion is nowhere near it).
-    MAX_EXTENT = 16
+    # Cells per axis of a pixel's bounding box at most (see MAX_SPAN), so
+    # that the cell offset (r, c) in the box fits one byte as r * STRIDE + c.
+    MAX_EXTENT = 15
+    STRIDE = 16
     MAX_PIECES = MAX_EXTENT * MAX_EXTENT
 
 
@@ -72,22 +79,30 @@ cdef enum:
 SNAP = 1e-9
 # Quadrilaterals with a smaller area (px²) are degenerate and dropped.
 AREA_MIN = 1e-9
+# A quadrilateral more than this many px high or wide is degenerate and
+# dropped: it bounds the work and the buffers per pixel (its box then spans
+# at most MAX_EXTENT cells); a real distortion is nowhere near it.
+MAX_SPAN = 13.0
 # Pieces with a smaller weight are rounding noise of a cut along a vertex or
 # an edge and are not stored (at most 1e-13 of a pixel's flux each).
 WEIGHT_MIN = 1e-13
 
 cdef double C_SNAP = SNAP
 cdef double C_AREA_MIN = AREA_MIN
+cdef double C_MAX_SPAN = MAX_SPAN
 cdef double C_WEIGHT_MIN = WEIGHT_MIN
 
-# Below this many pixels a job is run on one thread: starting threads costs
+# Below this many pixels a job runs on one thread: starting threads costs
 # more than it saves.
 PARALLEL_MIN_PIXELS = 1 << 16
 
 
-cdef struct Poly:
-    int n
-    double v[2][MAXV]  # v[0] = y, v[1] = x
+cdef struct Box:
+    int64_t k0  # first output row and column of the bounding box
+    int64_t l0
+    int nk      # rows and columns of the bounding box
+    int nl
+    double area
 
 
 cdef inline double snap(double c) noexcept nogil:
@@ -97,79 +112,45 @@ cdef inline double snap(double c) noexcept nogil:
     return c
 
 
-cdef inline bint split(const Poly* p, int axis, double c, Poly* lo, Poly* hi) noexcept nogil:
-    """Cut ``p`` along the line ``v[axis] == c`` into ``lo`` (<= c) and ``hi`` (>= c).
+cdef inline void snapped_row(const double* dy, const double* dx, int64_t i, int64_t nx,
+                             double* ry, double* rx) noexcept nogil:
+    """True positions of the corners of corner-grid row ``i``, snapped."""
+    cdef int64_t j, a = i * (nx + 1)
+    for j in range(nx + 1):
+        ry[j] = snap(<double>i + dy[a + j])
+        rx[j] = snap(<double>j + dx[a + j])
 
-    Vertices on the line go to both sides; crossing points are placed exactly
-    on the line. Returns False (outputs undefined) if ``p`` has too many
-    vertices for the buffers.
+
+cdef inline int64_t ifloor(double x) noexcept nogil:
+    """floor(x) for |x| < 2**62."""
+    cdef int64_t t = <int64_t>x
+    return t - 1 if <double>t > x else t
+
+
+cdef inline int64_t iceil(double x) noexcept nogil:
+    """ceil(x) for |x| < 2**62."""
+    cdef int64_t t = <int64_t>x
+    return t + 1 if <double>t < x else t
+
+
+cdef inline void box_origin(const double* qy, const double* qx,
+                            int64_t* k0, int64_t* l0) noexcept nogil:
+    """First output cell of the bounding box (pixels accepted by pixel_box only)."""
+    k0[0] = ifloor(min(min(qy[0], qy[1]), min(qy[2], qy[3])))
+    l0[0] = ifloor(min(min(qx[0], qx[1]), min(qx[2], qx[3])))
+
+
+cdef inline int pixel_box(const double* qy, const double* qx,
+                          int64_t ny_out, int64_t nx_out, Box* box) noexcept nogil:
+    """Check one quadrilateral (corners A, B, C, D) and find its bounding box.
+
+    Returns -1 if it is degenerate (non-finite, area below AREA_MIN, which
+    includes folded ones, self-intersecting, or higher or wider than
+    MAX_SPAN), 0 if it lies outside the output grid, 1 otherwise (``box``
+    filled).
     """
-    cdef int i, j, n = p.n, other = 1 - axis
-    cdef double a0, a1, b0, b1, b
-    lo.n = 0
-    hi.n = 0
-    if n > MAXV // 2:
-        return False
-    for i in range(n):
-        j = i + 1
-        if j == n:
-            j = 0
-        a0 = p.v[axis][i]
-        a1 = p.v[axis][j]
-        b0 = p.v[other][i]
-        if a0 <= c:
-            lo.v[axis][lo.n] = a0
-            lo.v[other][lo.n] = b0
-            lo.n += 1
-        if a0 >= c:
-            hi.v[axis][hi.n] = a0
-            hi.v[other][hi.n] = b0
-            hi.n += 1
-        if (a0 < c and a1 > c) or (a0 > c and a1 < c):
-            b1 = p.v[other][j]
-            b = b0 + (c - a0) / (a1 - a0) * (b1 - b0)
-            lo.v[axis][lo.n] = c
-            lo.v[other][lo.n] = b
-            lo.n += 1
-            hi.v[axis][hi.n] = c
-            hi.v[other][hi.n] = b
-            hi.n += 1
-    return True
-
-
-cdef inline double poly_area(const Poly* p) noexcept nogil:
-    """Signed area, positive for the orientation A -> B -> C -> D of a pixel."""
-    cdef int i
-    cdef double y0 = p.v[0][0], x0 = p.v[1][0], s = 0.0
-    for i in range(1, p.n - 1):
-        s += ((p.v[0][i] - y0) * (p.v[1][i + 1] - x0)
-              - (p.v[0][i + 1] - y0) * (p.v[1][i] - x0))
-    return 0.5 * s
-
-
-cdef int split_pixel(const double* qy, const double* qx,
-                     int64_t ny_out, int64_t nx_out,
-                     int64_t* bins, double* weights) noexcept nogil:
-    """Split one quadrilateral over the output grid.
-
-    ``qy``, ``qx``: the 4 corners A, B, C, D in pyFAI pixel coordinates
-    (already snapped). Writes up to MAX_PIECES (output flat index, weight)
-    pairs, in row-major order of the output cells, and returns their number;
-    returns -1 for a degenerate quadrilateral (non-finite, area below
-    AREA_MIN, self-intersecting, or wider than MAX_EXTENT).
-    """
-    cdef int m, n_opposite = 0, npieces = 0
-    cdef int kk, ll, nk, nl, lmin, lmax
-    cdef int64_t k0, l0, k, l
-    cdef double area, ymin, ymax, xmin, xmax, cross, w
-    cdef double ey0, ex0, ey1, ex1
-    cdef Poly quad, strip, cell, row_a, row_b, col_a, col_b
-    cdef Poly* rest
-    cdef Poly* nxt
-    cdef Poly* s
-    cdef Poly* crest
-    cdef Poly* c
-
+    cdef int m, n_opposite = 0
+    cdef double area, ymin, ymax, xmin, xmax, cross
     for m in range(4):
         if not (isfinite(qy[m]) and isfinite(qx[m])):
             return -1
@@ -179,156 +160,380 @@ cdef int split_pixel(const double* qy, const double* qx,
     # A simple quadrilateral turns against its orientation at most once (at a
     # concave vertex); a self-intersecting one ("bow tie") does so twice.
     for m in range(4):
-        ey0 = qy[m] - qy[(m + 3) % 4]
-        ex0 = qx[m] - qx[(m + 3) % 4]
-        ey1 = qy[(m + 1) % 4] - qy[m]
-        ex1 = qx[(m + 1) % 4] - qx[m]
-        cross = ey0 * ex1 - ex0 * ey1
+        cross = ((qy[m] - qy[(m + 3) % 4]) * (qx[(m + 1) % 4] - qx[m])
+                 - (qx[m] - qx[(m + 3) % 4]) * (qy[(m + 1) % 4] - qy[m]))
         if cross < 0.0:
             n_opposite += 1
     if n_opposite > 1:
         return -1
-
-    ymin = ymax = qy[0]
-    xmin = xmax = qx[0]
-    for m in range(1, 4):
-        ymin = min(ymin, qy[m])
-        ymax = max(ymax, qy[m])
-        xmin = min(xmin, qx[m])
-        xmax = max(xmax, qx[m])
-    if ceil(ymax) - floor(ymin) > MAX_EXTENT or ceil(xmax) - floor(xmin) > MAX_EXTENT:
+    ymin = min(min(qy[0], qy[1]), min(qy[2], qy[3]))
+    ymax = max(max(qy[0], qy[1]), max(qy[2], qy[3]))
+    xmin = min(min(qx[0], qx[1]), min(qx[2], qx[3]))
+    xmax = max(max(qx[0], qx[1]), max(qx[2], qx[3]))
+    if ymax - ymin > C_MAX_SPAN or xmax - xmin > C_MAX_SPAN:
         return -1
     if ymax <= 0.0 or xmax <= 0.0 or ymin >= <double>ny_out or xmin >= <double>nx_out:
-        return 0  # entirely outside the output: valid, contributes nothing
-    k0 = <int64_t>floor(ymin)
-    l0 = <int64_t>floor(xmin)
-    nk = <int>(<int64_t>ceil(ymax) - k0)
-    nl = <int>(<int64_t>ceil(xmax) - l0)
+        return 0
+    # From here on |coordinates| < ny_out + MAX_SPAN: the integer casts are safe.
+    box.k0 = ifloor(ymin)
+    box.l0 = ifloor(xmin)
+    box.nk = <int>(iceil(ymax) - box.k0)
+    box.nl = <int>(iceil(xmax) - box.l0)
+    box.area = area
+    return 1
 
+
+cdef inline double positive_mean(double a, double b) noexcept nogil:
+    """Mean over t in [0, 1] of max(a + (b - a) t, 0)."""
+    if a >= 0.0 and b >= 0.0:
+        return 0.5 * (a + b)
+    if a <= 0.0 and b <= 0.0:
+        return 0.0
+    if a > 0.0:
+        return a * a / (2.0 * (a - b))
+    return b * b / (2.0 * (b - a))
+
+
+cdef inline void split_2x2(const double* ly, const double* lx, double area,
+                           double* cells) noexcept nogil:
+    """Areas of a quadrilateral in the 4 cells of a 2x2 box (box coordinates).
+
+    With J = ∫ x dy and P = ∫ max(x - 1, 0) dy along the edges, over their
+    whole length (w) or their part below y = 1 (l), Green's theorem gives
+    cells (0, 1) = -P_l, (1, 1) = P_l - P_w, (0, 0) = P_l - J_l, and (1, 0)
+    the rest of the area.
+    """
+    cdef int m, n
+    cdef double ya, xa, yb, xb, d, xm, jl = 0.0, pl = 0.0, pw = 0.0
+    for m in range(4):
+        n = (m + 1) & 3
+        ya = ly[m]
+        xa = lx[m]
+        yb = ly[n]
+        xb = lx[n]
+        d = yb - ya
+        if d == 0.0:
+            continue
+        pw += d * positive_mean(xa - 1.0, xb - 1.0)
+        if ya <= 1.0 and yb <= 1.0:
+            jl += d * 0.5 * (xa + xb)
+            pl += d * positive_mean(xa - 1.0, xb - 1.0)
+        elif ya < 1.0 or yb < 1.0:
+            xm = xa + (1.0 - ya) * (xb - xa) / d
+            if ya < 1.0:
+                jl += (1.0 - ya) * 0.5 * (xa + xm)
+                pl += (1.0 - ya) * positive_mean(xa - 1.0, xm - 1.0)
+            else:
+                jl += (yb - 1.0) * 0.5 * (xm + xb)
+                pl += (yb - 1.0) * positive_mean(xm - 1.0, xb - 1.0)
+    cells[0] = pl - jl
+    cells[1] = -pl
+    cells[3] = pl - pw
+    cells[2] = area - cells[0] - cells[1] - cells[3]
+
+
+cdef inline int ceil_nonneg(double x) noexcept nogil:
+    """ceil(x) for 0 <= x < 2**31 (negative rounding noise gives 0)."""
+    cdef int t = <int>x
+    return t + 1 if <double>t < x else t
+
+
+cdef inline void add_piece(double* part, double* left, int r, int nl,
+                           double v, double xs, double xe) noexcept nogil:
+    """Add -∫ h dy of a segment within box row ``r`` (v = minus its signed height).
+
+    ``part[c]`` gets the part of column c; ``left[c]`` the full height owed to
+    every column left of c. x is in box coordinates, in [0, nl] up to
+    rounding, which the clamps absorb.
+    """
+    cdef double xlo = min(xs, xe), xhi = max(xs, xe), scale, a, b, f
+    cdef int c, clo, chi
+    cdef int base = r * STRIDE
+    clo = <int>xlo if xlo > 0.0 else 0
+    chi = ceil_nonneg(xhi) - 1
+    if chi < clo:
+        chi = clo  # on an integer line: one column
+    if chi > nl - 1:
+        chi = nl - 1
+    if clo > chi:
+        clo = chi
+    if clo == chi:
+        part[base + clo] += v * (0.5 * (xs + xe) - clo)
+        left[base + clo] += v
+        return
+    scale = v / (xhi - xlo)
+    for c in range(clo, chi + 1):
+        a = xlo if c == clo else <double>c
+        b = xhi if c == chi else <double>(c + 1)
+        f = (b - a) * scale
+        part[base + c] += f * (0.5 * (a + b) - c)
+        left[base + c] += f
+
+
+cdef inline void add_edge(double* part, double* left, int nk, int nl,
+                          double ya, double xa, double yb, double xb) noexcept nogil:
+    """Integrate the edge a -> b of a pixel over the rows of its box."""
+    cdef double y0, x0, y1, x1, sgn, dxdy, ys, xs, ye, xe
+    cdef int r, r0, r1
+    if ya == yb:
+        return  # horizontal: no dy
+    if ya < yb:
+        y0, x0, y1, x1, sgn = ya, xa, yb, xb, -1.0
+    else:
+        y0, x0, y1, x1, sgn = yb, xb, ya, xa, 1.0
+    r0 = <int>y0 if y0 > 0.0 else 0
+    r1 = ceil_nonneg(y1)
+    if r1 > nk:
+        r1 = nk
+    if r0 > r1 - 1:
+        r0 = r1 - 1
+    if r1 - r0 == 1:
+        add_piece(part, left, r0, nl, sgn * (y1 - y0), x0, x1)
+        return
+    dxdy = (x1 - x0) / (y1 - y0)
+    ys = y0
+    xs = x0
+    for r in range(r0, r1):
+        if r == r1 - 1:
+            ye = y1
+            xe = x1
+        else:
+            ye = <double>(r + 1)
+            xe = x0 + (ye - y0) * dxdy
+        add_piece(part, left, r, nl, sgn * (ye - ys), xs, xe)
+        ys = ye
+        xs = xe
+
+
+cdef int split_pixel(const double* qy, const double* qx,
+                     int64_t ny_out, int64_t nx_out, Box* box,
+                     uint8_t* codes, double* weights) noexcept nogil:
+    """Split one quadrilateral over the output grid.
+
+    ``qy``, ``qx``: its corners A, B, C, D in pyFAI pixel coordinates, already
+    snapped. Writes up to MAX_PIECES pieces: ``codes`` = r * STRIDE + c, the
+    output cell (box.k0 + r, box.l0 + c), in row-major order, and their
+    weights. Returns their number, or -1 for a degenerate quadrilateral.
+    """
+    cdef int status = pixel_box(qy, qx, ny_out, nx_out, box)
+    cdef int m, r, c, n = 0, nk, nl, base
+    cdef int64_t k, l
+    cdef double s, w, inv_area
+    cdef double ly[4]
+    cdef double lx[4]
+    cdef double part[MAX_EXTENT * STRIDE]
+    cdef double left[MAX_EXTENT * STRIDE]
+    if status <= 0:
+        return status
+    nk = box.nk
+    nl = box.nl
     if nk == 1 and nl == 1:
         # Inside one output pixel: all of the flux goes there, exactly.
-        if k0 >= 0 and l0 >= 0 and k0 < ny_out and l0 < nx_out:
-            bins[0] = k0 * nx_out + l0
-            weights[0] = 1.0
-            return 1
-        return 0
-
-    # Local coordinates (subtracting an integer is exact here), so that the
-    # areas are computed on small numbers.
-    quad.n = 4
+        codes[0] = 0
+        weights[0] = 1.0
+        return 1
+    # Box coordinates: subtracting an integer is exact here.
     for m in range(4):
-        quad.v[0][m] = qy[m] - <double>k0
-        quad.v[1][m] = qx[m] - <double>l0
-
-    rest = &quad
-    for kk in range(nk):
-        k = k0 + kk
-        if kk < nk - 1:
-            nxt = &row_a if rest != &row_a else &row_b
-            if not split(rest, 0, <double>(kk + 1), &strip, nxt):
-                return -1
-            rest = nxt
-            s = &strip
-        else:
-            s = rest
-        if k < 0 or k >= ny_out or s.n < 3:
+        ly[m] = qy[m] - <double>box.k0
+        lx[m] = qx[m] - <double>box.l0
+    inv_area = 1.0 / box.area
+    if nk == 2 and nl == 2:
+        # The common case of a smooth distortion, without loops.
+        split_2x2(ly, lx, box.area, part)
+        for m in range(4):
+            r = m >> 1
+            c = m & 1
+            k = box.k0 + r
+            l = box.l0 + c
+            w = part[m] * inv_area
+            if w > C_WEIGHT_MIN and k >= 0 and l >= 0 and k < ny_out and l < nx_out:
+                codes[n] = <uint8_t>(r * STRIDE + c)
+                weights[n] = w
+                n += 1
+        return n
+    for r in range(nk):
+        for c in range(nl + 1):
+            part[r * STRIDE + c] = 0.0
+            left[r * STRIDE + c] = 0.0
+    for m in range(4):
+        add_edge(part, left, nk, nl, ly[m], lx[m], ly[(m + 1) % 4], lx[(m + 1) % 4])
+    for r in range(nk):
+        k = box.k0 + r
+        if k < 0 or k >= ny_out:
             continue
-        xmin = xmax = s.v[1][0]
-        for m in range(1, s.n):
-            xmin = min(xmin, s.v[1][m])
-            xmax = max(xmax, s.v[1][m])
-        lmin = <int>floor(xmin)
-        lmax = <int>ceil(xmax)
-        crest = s
-        for ll in range(lmin, lmax):
-            l = l0 + ll
-            if ll < lmax - 1:
-                nxt = &col_a if crest != &col_a else &col_b
-                if not split(crest, 1, <double>(ll + 1), &cell, nxt):
-                    return -1
-                crest = nxt
-                c = &cell
-            else:
-                c = crest
-            if l < 0 or l >= nx_out or c.n < 3:
+        base = r * STRIDE
+        s = 0.0
+        for c in range(nl - 1, -1, -1):
+            s += left[base + c + 1]
+            part[base + c] += s
+        for c in range(nl):
+            l = box.l0 + c
+            if l < 0 or l >= nx_out:
                 continue
-            w = poly_area(c) / area
+            w = part[base + c] * inv_area
             if w > C_WEIGHT_MIN:
-                bins[npieces] = k * nx_out + l
-                weights[npieces] = w
-                npieces += 1
-    return npieces
+                codes[n] = <uint8_t>(base + c)
+                weights[n] = w
+                n += 1
+    return n
 
 
-cdef inline void pixel_corners(const double* dy, const double* dx, int64_t stride,
-                               int64_t i, int64_t j, double* qy, double* qx) noexcept nogil:
-    """Snapped true corners A, B, C, D of input pixel (i, j) (corner grid row stride)."""
-    cdef int64_t a = i * stride + j
-    qy[0] = snap(<double>i + dy[a])
-    qx[0] = snap(<double>j + dx[a])
-    qy[1] = snap(<double>(i + 1) + dy[a + stride])
-    qx[1] = snap(<double>j + dx[a + stride])
-    qy[2] = snap(<double>(i + 1) + dy[a + stride + 1])
-    qx[2] = snap(<double>(j + 1) + dx[a + stride + 1])
-    qy[3] = snap(<double>i + dy[a + 1])
-    qx[3] = snap(<double>(j + 1) + dx[a + 1])
-
-
-cdef int64_t count_band(const double* dy, const double* dx, const unsigned char* mask,
-                        int64_t nx, int64_t row_start, int64_t row_stop,
-                        int64_t ny_out, int64_t nx_out, int32_t* counts) noexcept nogil:
-    """First pass over input rows [row_start, row_stop): non-zeros per output pixel.
-
-    Adds to ``counts`` (length ny_out * nx_out); returns the number of
-    unmasked pixels found degenerate.
-    """
-    cdef int64_t i, j, n_degenerate = 0
-    cdef int m, npieces
-    cdef double qy[4]
-    cdef double qx[4]
-    cdef int64_t bins[MAX_PIECES]
-    cdef double weights[MAX_PIECES]
-    for i in range(row_start, row_stop):
-        for j in range(nx):
-            if mask[i * nx + j]:
-                continue
-            pixel_corners(dy, dx, nx + 1, i, j, qy, qx)
-            npieces = split_pixel(qy, qx, ny_out, nx_out, bins, weights)
-            if npieces < 0:
-                n_degenerate += 1
-                continue
-            for m in range(npieces):
-                counts[bins[m]] += 1
-    return n_degenerate
-
-
-cdef void fill_band(const double* dy, const double* dx, const unsigned char* mask,
+cdef int split_band(const double* dy, const double* dx, const uint8_t* mask,
                     int64_t nx, int64_t row_start, int64_t row_stop,
                     int64_t ny_out, int64_t nx_out,
-                    idx_t* cursors, idx_t* indices, weight_t* data) noexcept nogil:
-    """Second pass over the same rows: write each piece at its output row's cursor."""
-    cdef int64_t i, j
-    cdef int m, npieces
+                    int32_t* counts, uint8_t* npieces,
+                    uint8_t** codes, weight_t** weights, int64_t* size,
+                    int64_t* n_degenerate) noexcept nogil:
+    """First pass over input rows [row_start, row_stop).
+
+    Stores the pieces of the band's pixels in raster order in growable
+    buffers (``*codes``, ``*weights``, ``*size`` entries; the caller frees
+    them), their number per pixel in ``npieces`` and their number per output
+    pixel in ``counts``. Returns -1 if memory ran out, else 0.
+    """
+    cdef int64_t i, j, p, cap, bin0, size0 = 0, ndeg = 0
+    cdef int m, n
+    cdef Box box
+    cdef double qy[4]
+    cdef double qx[4]
+    cdef uint8_t lcodes[MAX_PIECES]
+    cdef double lweights[MAX_PIECES]
+    cdef uint8_t* cbuf
+    cdef weight_t* wbuf
+    cdef void* tmp
+    cdef double* rows = <double*>malloc(4 * (nx + 1) * sizeof(double))
+    cdef double* y0r
+    cdef double* x0r
+    cdef double* y1r
+    cdef double* x1r
+    cdef double* swap
+    if rows == NULL:
+        return -1
+    y0r = rows
+    x0r = rows + (nx + 1)
+    y1r = rows + 2 * (nx + 1)
+    x1r = rows + 3 * (nx + 1)
+    # Smooth distortions give about 4 pieces per pixel.
+    cap = 4 * (row_stop - row_start) * nx + 4096
+    cbuf = <uint8_t*>malloc(cap * sizeof(uint8_t))
+    wbuf = <weight_t*>malloc(cap * sizeof(weight_t))
+    codes[0] = cbuf
+    weights[0] = wbuf
+    if cbuf == NULL or wbuf == NULL:
+        free(rows)
+        return -1
+    snapped_row(dy, dx, row_start, nx, y0r, x0r)
+    for i in range(row_start, row_stop):
+        snapped_row(dy, dx, i + 1, nx, y1r, x1r)
+        for j in range(nx):
+            p = i * nx + j
+            npieces[p] = 0
+            if mask[p]:
+                continue
+            qy[0] = y0r[j]
+            qx[0] = x0r[j]
+            qy[1] = y1r[j]
+            qx[1] = x1r[j]
+            qy[2] = y1r[j + 1]
+            qx[2] = x1r[j + 1]
+            qy[3] = y0r[j + 1]
+            qx[3] = x0r[j + 1]
+            n = split_pixel(qy, qx, ny_out, nx_out, &box, lcodes, lweights)
+            if n < 0:
+                ndeg += 1
+                continue
+            if size0 + n > cap:
+                cap = cap + cap // 2 + MAX_PIECES
+                tmp = realloc(cbuf, cap * sizeof(uint8_t))
+                if tmp == NULL:
+                    free(rows)
+                    return -1
+                cbuf = <uint8_t*>tmp
+                codes[0] = cbuf
+                tmp = realloc(wbuf, cap * sizeof(weight_t))
+                if tmp == NULL:
+                    free(rows)
+                    return -1
+                wbuf = <weight_t*>tmp
+                weights[0] = wbuf
+            npieces[p] = <uint8_t>n
+            bin0 = box.k0 * nx_out + box.l0
+            for m in range(n):
+                cbuf[size0 + m] = lcodes[m]
+                wbuf[size0 + m] = <weight_t>lweights[m]
+                counts[bin0 + (lcodes[m] // STRIDE) * nx_out + lcodes[m] % STRIDE] += 1
+            size0 += n
+            size[0] = size0
+        swap = y0r
+        y0r = y1r
+        y1r = swap
+        swap = x0r
+        x0r = x1r
+        x1r = swap
+    free(rows)
+    n_degenerate[0] = ndeg
+    return 0
+
+
+cdef int scatter_band(const double* dy, const double* dx, int64_t nx,
+                      int64_t row_start, int64_t row_stop, int64_t nx_out,
+                      const uint8_t* npieces, const uint8_t* codes, const weight_t* weights,
+                      idx_t* cursors, idx_t* indices, weight_t* data) noexcept nogil:
+    """Second pass over the same rows: move each stored piece to its slot."""
+    cdef int64_t i, j, p, e = 0, k0, l0, b
+    cdef int m, n
     cdef idx_t pos
     cdef double qy[4]
     cdef double qx[4]
-    cdef int64_t bins[MAX_PIECES]
-    cdef double weights[MAX_PIECES]
+    cdef double* rows = <double*>malloc(4 * (nx + 1) * sizeof(double))
+    cdef double* y0r
+    cdef double* x0r
+    cdef double* y1r
+    cdef double* x1r
+    cdef double* swap
+    if rows == NULL:
+        return -1
+    y0r = rows
+    x0r = rows + (nx + 1)
+    y1r = rows + 2 * (nx + 1)
+    x1r = rows + 3 * (nx + 1)
+    snapped_row(dy, dx, row_start, nx, y0r, x0r)
     for i in range(row_start, row_stop):
+        snapped_row(dy, dx, i + 1, nx, y1r, x1r)
         for j in range(nx):
-            if mask[i * nx + j]:
+            p = i * nx + j
+            n = npieces[p]
+            if n == 0:
                 continue
-            pixel_corners(dy, dx, nx + 1, i, j, qy, qx)
-            npieces = split_pixel(qy, qx, ny_out, nx_out, bins, weights)
-            for m in range(npieces):
-                pos = cursors[bins[m]]
-                indices[pos] = <idx_t>(i * nx + j)
-                data[pos] = <weight_t>weights[m]
-                cursors[bins[m]] = pos + 1
+            qy[0] = y0r[j]
+            qx[0] = x0r[j]
+            qy[1] = y1r[j]
+            qx[1] = x1r[j]
+            qy[2] = y1r[j + 1]
+            qx[2] = x1r[j + 1]
+            qy[3] = y0r[j + 1]
+            qx[3] = x0r[j + 1]
+            # The same corners give the same box as in the first pass.
+            box_origin(qy, qx, &k0, &l0)
+            for m in range(n):
+                b = (k0 + codes[e] // STRIDE) * nx_out + l0 + codes[e] % STRIDE
+                pos = cursors[b]
+                indices[pos] = <idx_t>p
+                data[pos] = weights[e]
+                cursors[b] = pos + 1
+                e += 1
+        swap = y0r
+        y0r = y1r
+        y1r = swap
+        swap = x0r
+        x0r = x1r
+        x1r = swap
+    free(rows)
+    return 0
 
 
 def _counts_to_cursors(int32_t[:, ::1] counts, idx_t[:, ::1] cursors, idx_t[::1] indptr):
-    """Row pointers of the matrix, and each band's first free slot in every row.
+    """Row pointers of the matrix, and each band's first slot in every row.
 
     ``cursors`` may be ``counts`` itself (int32 case): each count is read
     before its slot is overwritten.
@@ -345,16 +550,86 @@ def _counts_to_cursors(int32_t[:, ::1] counts, idx_t[:, ::1] cursors, idx_t[::1]
         indptr[nbins] = <idx_t>running
 
 
-def _fill(const double[:, ::1] dy, const double[:, ::1] dx,
-          const unsigned char[:, ::1] mask, int64_t ny_out, int64_t nx_out,
-          idx_t[:, ::1] cursors, idx_t[::1] indices, weight_t[::1] data):
-    cdef int nthreads = <int>cursors.shape[0]
-    cdef int t
+def _split(const double[:, ::1] dy, const double[:, ::1] dx,
+           const uint8_t[:, ::1] mask, int64_t ny_out, int64_t nx_out,
+           weight_t[::1] dtype_witness, int nthreads):
     cdef int64_t ny = mask.shape[0], nx = mask.shape[1]
-    for t in prange(nthreads, nogil=True, num_threads=nthreads, schedule="static", chunksize=1):
-        fill_band(&dy[0, 0], &dx[0, 0], &mask[0, 0], nx,
-                  t * ny // nthreads, (t + 1) * ny // nthreads,
-                  ny_out, nx_out, &cursors[t, 0], &indices[0], &data[0])
+    cdef int64_t nbins = ny_out * nx_out, nnz = 0, n_deg = 0
+    cdef int t, nt = nthreads
+    cdef uint8_t** codes = <uint8_t**>malloc(nt * sizeof(uint8_t*))
+    cdef weight_t** weights = <weight_t**>malloc(nt * sizeof(weight_t*))
+    cdef int64_t* sizes = <int64_t*>malloc(nt * sizeof(int64_t))
+    cdef int64_t* degs = <int64_t*>malloc(nt * sizeof(int64_t))
+    cdef int* status = <int*>malloc(nt * sizeof(int))
+    cdef int32_t[:, ::1] counts_v
+    cdef uint8_t[::1] npieces_v
+    cdef int32_t[:, ::1] cur32
+    cdef int64_t[:, ::1] cur64
+    cdef int32_t[::1] ind32
+    cdef int64_t[::1] ind64
+    cdef weight_t[::1] data_v
+    if codes == NULL or weights == NULL or sizes == NULL or degs == NULL or status == NULL:
+        free(codes)
+        free(weights)
+        free(sizes)
+        free(degs)
+        free(status)
+        raise MemoryError("cannot allocate the band tables")
+    for t in range(nt):
+        codes[t] = NULL
+        weights[t] = NULL
+        sizes[t] = 0
+        degs[t] = 0
+    try:
+        counts = np.zeros((nt, nbins), dtype=np.int32)
+        npieces = np.empty(ny * nx, dtype=np.uint8)
+        counts_v = counts
+        npieces_v = npieces
+        for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+            status[t] = split_band(&dy[0, 0], &dx[0, 0], &mask[0, 0], nx,
+                                   t * ny // nt, (t + 1) * ny // nt, ny_out, nx_out,
+                                   &counts_v[t, 0], &npieces_v[0],
+                                   &codes[t], &weights[t], &sizes[t], &degs[t])
+        for t in range(nt):
+            if status[t] != 0:
+                raise MemoryError("cannot allocate the pixel-splitting buffers")
+            nnz += sizes[t]
+            n_deg += degs[t]
+
+        small = nnz < 2**31 and ny * nx < 2**31 and nbins < 2**31
+        idx_dtype = np.int32 if small else np.int64
+        cursors = counts if small else counts.astype(np.int64)
+        indptr = np.empty(nbins + 1, dtype=idx_dtype)
+        _counts_to_cursors(counts, cursors, indptr)
+        indices = np.empty(max(nnz, 1), dtype=idx_dtype)
+        data = np.empty(max(nnz, 1), dtype=np.asarray(dtype_witness).dtype)
+        data_v = data
+        if small:
+            cur32 = cursors
+            ind32 = indices
+            for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+                if sizes[t] > 0:
+                    scatter_band(&dy[0, 0], &dx[0, 0], nx, t * ny // nt, (t + 1) * ny // nt,
+                                 nx_out, &npieces_v[0], codes[t], weights[t],
+                                 &cur32[t, 0], &ind32[0], &data_v[0])
+        else:
+            cur64 = cursors
+            ind64 = indices
+            for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+                if sizes[t] > 0:
+                    scatter_band(&dy[0, 0], &dx[0, 0], nx, t * ny // nt, (t + 1) * ny // nt,
+                                 nx_out, &npieces_v[0], codes[t], weights[t],
+                                 &cur64[t, 0], &ind64[0], &data_v[0])
+    finally:
+        for t in range(nt):
+            free(codes[t])
+            free(weights[t])
+        free(codes)
+        free(weights)
+        free(sizes)
+        free(degs)
+        free(status)
+    return data[:nnz], indices[:nnz], indptr, int(n_deg)
 
 
 def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0):
@@ -383,45 +658,20 @@ def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0):
     indptr : ndarray of the same integer dtype, shape (ny_out * nx_out + 1,)
     n_degenerate : int
         Unmasked input pixels dropped: non-finite corners, area below
-        ``AREA_MIN`` px², self-intersecting, or a bounding box wider than
-        16 output pixels.
+        ``AREA_MIN`` px² (folded pixels included), self-intersecting, or a
+        bounding box wider than 15 output pixels.
 
     Notes
     -----
     Preconditions (unchecked): the shapes and dtypes above, ny, nx >= 1.
     """
-    cdef int64_t ny = mask.shape[0], nx = mask.shape[1]
-    cdef int64_t nbins = <int64_t>ny_out * <int64_t>nx_out
+    cdef int64_t ny = mask.shape[0]
     cdef int nt = <int>nthreads if nthreads > 0 else ccdgrid_max_threads()
-    cdef int t
-    if ny * nx < PARALLEL_MIN_PIXELS:
+    if mask.size < PARALLEL_MIN_PIXELS:
         nt = 1
     nt = <int>max(1, min(nt, ny))
-
-    cdef const double[:, ::1] dy_v = dy
-    cdef const double[:, ::1] dx_v = dx
-    cdef const unsigned char[:, ::1] mask_v = mask
-    counts = np.zeros((nt, nbins), dtype=np.int32)
-    n_deg = np.zeros(nt, dtype=np.int64)
-    cdef int32_t[:, ::1] counts_v = counts
-    cdef int64_t[::1] n_deg_v = n_deg
-    cdef int64_t c_ny_out = ny_out, c_nx_out = nx_out
-    for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
-        n_deg_v[t] = count_band(&dy_v[0, 0], &dx_v[0, 0], &mask_v[0, 0], nx,
-                                t * ny // nt, (t + 1) * ny // nt,
-                                c_ny_out, c_nx_out, &counts_v[t, 0])
-
-    nnz = int(counts.sum(dtype=np.int64))
-    small = nnz < 2**31 and ny * nx < 2**31 and nbins < 2**31
-    idx_dtype = np.int32 if small else np.int64
-    cursors = counts if small else counts.astype(np.int64)
-    indptr = np.empty(nbins + 1, dtype=idx_dtype)
-    _counts_to_cursors(counts, cursors, indptr)
-    indices = np.empty(nnz, dtype=idx_dtype)
-    data = np.empty(nnz, dtype=weight_dtype)
-    if nnz:
-        _fill(dy, dx, mask, ny_out, nx_out, cursors, indices, data)
-    return data, indices, indptr, int(n_deg.sum())
+    witness = np.empty(0, dtype=weight_dtype)
+    return _split(dy, dx, mask, ny_out, nx_out, witness, nt)
 
 
 def row_sums(const idx_t[::1] indptr, const weight_t[::1] data):
@@ -485,3 +735,4 @@ def apply_csr(const idx_t[::1] indptr, const idx_t[::1] indices, const weight_t[
             if normalize:
                 acc = <image_t>(acc / coverage[b])
             out[m, b] = acc
+

@@ -23,7 +23,7 @@ __all__ = ["apply_csr", "row_sums", "split_pixels"]
 SNAP = 1e-9
 AREA_MIN = 1e-9
 WEIGHT_MIN = 1e-13
-MAX_EXTENT = 16
+MAX_SPAN = 13.0
 
 
 def _snap(c):
@@ -119,8 +119,8 @@ def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0):
             finite
             & (area > AREA_MIN)
             & (n_opposite <= 1)
-            & (cy - fy <= MAX_EXTENT)
-            & (cx - fx <= MAX_EXTENT)
+            & (ymax - ymin <= MAX_SPAN)
+            & (xmax - xmin <= MAX_SPAN)
         )
     n_degenerate = int(np.count_nonzero(~mask & ~good))
     keep = ~mask & good & (ymax > 0) & (xmax > 0) & (ymin < ny_out) & (xmin < nx_out)
