@@ -34,7 +34,7 @@ bounds for any displacement values, finite or not.
 """
 
 from cython.parallel cimport prange
-from libc.math cimport ceil, fabs, floor, isfinite, rint
+from libc.math cimport fabs, isfinite, rint
 from libc.stdint cimport int32_t, int64_t, uint8_t
 from libc.stdlib cimport free, malloc, realloc
 
@@ -63,7 +63,6 @@ ctypedef fused weight_t:
 ctypedef fused image_t:
     float
     double
-
 
 
 cdef enum:
@@ -317,7 +316,7 @@ cdef int split_pixel(const double* qy, const double* qx,
     """
     cdef int status = pixel_box(qy, qx, ny_out, nx_out, box)
     cdef int m, r, c, n = 0, nk, nl, base
-    cdef int64_t k, l
+    cdef int64_t k, col
     cdef double s, w, inv_area
     cdef double ly[4]
     cdef double lx[4]
@@ -344,9 +343,9 @@ cdef int split_pixel(const double* qy, const double* qx,
             r = m >> 1
             c = m & 1
             k = box.k0 + r
-            l = box.l0 + c
+            col = box.l0 + c
             w = part[m] * inv_area
-            if w > C_WEIGHT_MIN and k >= 0 and l >= 0 and k < ny_out and l < nx_out:
+            if w > C_WEIGHT_MIN and k >= 0 and col >= 0 and k < ny_out and col < nx_out:
                 codes[n] = <uint8_t>(r * STRIDE + c)
                 weights[n] = w
                 n += 1
@@ -367,8 +366,8 @@ cdef int split_pixel(const double* qy, const double* qx,
             s += left[base + c + 1]
             part[base + c] += s
         for c in range(nl):
-            l = box.l0 + c
-            if l < 0 or l >= nx_out:
+            col = box.l0 + c
+            if col < 0 or col >= nx_out:
                 continue
             w = part[base + c] * inv_area
             if w > C_WEIGHT_MIN:
@@ -481,7 +480,7 @@ cdef int scatter_band(const double* dy, const double* dx, int64_t nx,
                       idx_t* cursors, idx_t* indices, weight_t* data) noexcept nogil:
     """Second pass over the same rows: move each stored piece to its slot."""
     cdef int64_t i, j, p, e = 0, k0, l0, b
-    cdef int m, n
+    cdef int n
     cdef idx_t pos
     cdef double qy[4]
     cdef double qx[4]
@@ -515,7 +514,7 @@ cdef int scatter_band(const double* dy, const double* dx, int64_t nx,
             qx[3] = x0r[j + 1]
             # The same corners give the same box as in the first pass.
             box_origin(qy, qx, &k0, &l0)
-            for m in range(n):
+            for _ in range(n):
                 b = (k0 + codes[e] // STRIDE) * nx_out + l0 + codes[e] % STRIDE
                 pos = cursors[b]
                 indices[pos] = <idx_t>p
@@ -735,4 +734,3 @@ def apply_csr(const idx_t[::1] indptr, const idx_t[::1] indices, const weight_t[
             if normalize:
                 acc = <image_t>(acc / coverage[b])
             out[m, b] = acc
-
