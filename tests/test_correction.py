@@ -118,7 +118,7 @@ MAP_CASES = {
 }
 
 
-# -- kernel against its numpy twin ---------------------------------------------------------------
+# -- kernel against its numpy twin ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", sorted(MAP_CASES))
@@ -149,14 +149,14 @@ def test_threads_give_the_same_matrix_and_image():
     mask = np.zeros((300, 260), np.uint8)
     one = kernel.split_pixels(dy, dx, mask, 300, 260, np.float32, 1)
     two = kernel.split_pixels(dy, dx, mask, 300, 260, np.float32, 2)
-    for a, b in zip(one[:3], two[:3]):
+    for a, b in zip(one[:3], two[:3], strict=True):
         assert_array_equal(a, b)
     cm = CorrectionMatrix.from_maps(dy, dx)
     img = np.random.default_rng(6).random((300, 260)).astype(np.float32)
     assert_array_equal(cm.apply(img, nthreads=1), cm.apply(img, nthreads=2))
 
 
-# -- geometry ---------------------------------------------------------------------------------------
+# -- geometry -------------------------------------------------------------------------------------
 
 
 def test_identity_is_exact(backend):
@@ -204,7 +204,7 @@ def test_rotated_pixel_weights_match_independent_clipping(backend):
     for i, j in [(3, 3), (1, 5), (6, 2)]:
         quad = true_quad(dy, dx, i, j)
         total = 0.5 * sum(
-            p[0] * q[1] - q[0] * p[1] for p, q in zip(quad, quad[1:] + quad[:1])
+            p[0] * q[1] - q[0] * p[1] for p, q in zip(quad, quad[1:] + quad[:1], strict=True)
         )
         want = np.array(
             [clip_area(quad, k, l) / total for k in range(8) for l in range(8)]  # noqa: E741
@@ -272,7 +272,7 @@ def test_output_shape_larger_than_input(backend):
     assert out.sum() == pytest.approx(img.sum(), rel=1e-6)
 
 
-# -- masks, invalid corners, degenerate pixels -------------------------------------------------------------
+# -- masks, invalid corners, degenerate pixels ----------------------------------------------------
 
 
 def test_mask_excludes_pixels(backend):
@@ -334,7 +334,7 @@ def test_pixels_outside_the_output_are_not_degenerate(backend):
     assert_array_equal(cm.apply(np.ones((5, 5)), dummy=-1.0), -1.0)
 
 
-# -- apply: dtypes, normalisation, NaN, stacks -------------------------------------------------------
+# -- apply: dtypes, normalisation, NaN, stacks ----------------------------------------------------
 
 
 def test_normalize_divides_by_coverage(backend):
@@ -402,7 +402,7 @@ def test_cython_and_numpy_apply_agree():
     assert_allclose(a.apply(img, normalize=True), b.apply(img, normalize=True), rtol=1e-12)
 
 
-# -- input validation ------------------------------------------------------------------------------
+# -- input validation -----------------------------------------------------------------------------
 
 
 def test_bad_maps_are_rejected():
@@ -434,7 +434,7 @@ def test_bad_images_are_rejected():
         cm.apply(np.zeros((4, 4), complex))
 
 
-# -- correct(): detectors, cache ---------------------------------------------------------------------
+# -- correct(): detectors, cache ------------------------------------------------------------------
 
 
 def test_correct_with_a_detector_object_and_cache():
@@ -466,7 +466,7 @@ def test_correct_with_a_path_needs_the_reader(tmp_path):
         correct(np.zeros((4, 4)), tmp_path / "det.h5")
 
 
-# -- pyFAI parity (pyFAI >= 2026.9) -----------------------------------------------------------
+# -- pyFAI parity (pyFAI >= 2026.9) ---------------------------------------------------------------
 
 
 def pyfai_correct(dy, dx, img):
