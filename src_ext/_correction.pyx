@@ -36,7 +36,7 @@ bounds for any displacement values, finite or not.
 from cython.parallel cimport prange
 from libc.math cimport fabs, isfinite, rint
 from libc.stdint cimport int32_t, int64_t, uint8_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 
 import numpy as np
 
@@ -50,6 +50,27 @@ cdef extern from *:
     #endif
     """
     int ccdgrid_max_threads() noexcept nogil
+
+
+cdef extern from *:
+    """
+    /* Whole pages from the system, handed back at once when released (a
+       malloc'ed block may stay in the process after free). */
+    #if defined(_WIN32)
+    #include <stdlib.h>
+    static void* ccdgrid_map(size_t n) { return malloc(n); }
+    static void ccdgrid_unmap(void* p, size_t n) { (void)n; free(p); }
+    #else
+    #include <sys/mman.h>
+    static void* ccdgrid_map(size_t n) {
+        void* p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        return p == MAP_FAILED ? NULL : p;
+    }
+    static void ccdgrid_unmap(void* p, size_t n) { munmap(p, n); }
+    #endif
+    """
+    void* ccdgrid_map(size_t n) noexcept nogil
+    void ccdgrid_unmap(void* p, size_t n) noexcept nogil
 
 
 ctypedef fused idx_t:
@@ -71,6 +92,8 @@ cdef enum:
     MAX_EXTENT = 15
     STRIDE = 16
     MAX_PIECES = MAX_EXTENT * MAX_EXTENT
+    # Entries per storage block of the first pass (5 MiB with float32 weights).
+    BLOCK = 1 << 20
 
 
 # Corner coordinates closer than this to an integer are snapped onto it, so
@@ -377,29 +400,78 @@ cdef int split_pixel(const double* qy, const double* qx,
     return n
 
 
+cdef struct Band:
+    # The pieces of one band of input rows, in raster order, in blocks of
+    # BLOCK entries: BLOCK one-byte cell codes, then BLOCK weights. Blocks are
+    # mapped and unmapped one by one, so that the scatter pass hands memory
+    # back to the system as it goes (the peak stays near the final matrix).
+    char** blocks
+    int64_t* used
+    int64_t nblocks
+    int64_t cap
+
+
+cdef int band_new_block(Band* band, size_t block_bytes) noexcept nogil:
+    cdef void* tmp
+    cdef char* block
+    if band.nblocks == band.cap:
+        band.cap = 2 * band.cap + 8
+        tmp = realloc(band.blocks, band.cap * sizeof(char*))
+        if tmp == NULL:
+            return -1
+        band.blocks = <char**>tmp
+        tmp = realloc(band.used, band.cap * sizeof(int64_t))
+        if tmp == NULL:
+            return -1
+        band.used = <int64_t*>tmp
+    block = <char*>ccdgrid_map(block_bytes)
+    if block == NULL:
+        return -1
+    band.blocks[band.nblocks] = block
+    band.used[band.nblocks] = 0
+    band.nblocks += 1
+    return 0
+
+
+cdef void band_release(Band* band, int64_t b, size_t block_bytes) noexcept nogil:
+    if band.blocks != NULL and band.blocks[b] != NULL:
+        ccdgrid_unmap(band.blocks[b], block_bytes)
+        band.blocks[b] = NULL
+
+
+cdef void band_free(Band* band, size_t block_bytes) noexcept nogil:
+    cdef int64_t b
+    for b in range(band.nblocks):
+        band_release(band, b, block_bytes)
+    free(band.blocks)
+    free(band.used)
+    band.blocks = NULL
+    band.used = NULL
+    band.nblocks = 0
+
+
 cdef int split_band(const double* dy, const double* dx, const uint8_t* mask,
                     int64_t nx, int64_t row_start, int64_t row_stop,
                     int64_t ny_out, int64_t nx_out,
-                    int32_t* counts, uint8_t* npieces,
-                    uint8_t** codes, weight_t** weights, int64_t* size,
-                    int64_t* n_degenerate) noexcept nogil:
+                    int32_t* counts, uint8_t* npieces, Band* band,
+                    weight_t* witness, int64_t* n_degenerate) noexcept nogil:
     """First pass over input rows [row_start, row_stop).
 
-    Stores the pieces of the band's pixels in raster order in growable
-    buffers (``*codes``, ``*weights``, ``*size`` entries; the caller frees
-    them), their number per pixel in ``npieces`` and their number per output
-    pixel in ``counts``. Returns -1 if memory ran out, else 0.
+    Stores the pieces of the band's pixels in ``band`` (a pixel's pieces
+    never straddle two blocks), their number per pixel in ``npieces`` and
+    per output pixel in ``counts``. ``witness`` only selects the weight
+    dtype. Returns -1 if memory ran out, else 0.
     """
-    cdef int64_t i, j, p, cap, bin0, size0 = 0, ndeg = 0
+    cdef int64_t i, j, p, bin0, used = BLOCK, ndeg = 0
     cdef int m, n
     cdef Box box
     cdef double qy[4]
     cdef double qx[4]
     cdef uint8_t lcodes[MAX_PIECES]
     cdef double lweights[MAX_PIECES]
-    cdef uint8_t* cbuf
-    cdef weight_t* wbuf
-    cdef void* tmp
+    cdef size_t block_bytes = BLOCK * (1 + sizeof(weight_t))
+    cdef uint8_t* cbuf = NULL
+    cdef weight_t* wbuf = NULL
     cdef double* rows = <double*>malloc(4 * (nx + 1) * sizeof(double))
     cdef double* y0r
     cdef double* x0r
@@ -412,15 +484,6 @@ cdef int split_band(const double* dy, const double* dx, const uint8_t* mask,
     x0r = rows + (nx + 1)
     y1r = rows + 2 * (nx + 1)
     x1r = rows + 3 * (nx + 1)
-    # Smooth distortions give about 4 pieces per pixel.
-    cap = 4 * (row_stop - row_start) * nx + 4096
-    cbuf = <uint8_t*>malloc(cap * sizeof(uint8_t))
-    wbuf = <weight_t*>malloc(cap * sizeof(weight_t))
-    codes[0] = cbuf
-    weights[0] = wbuf
-    if cbuf == NULL or wbuf == NULL:
-        free(rows)
-        return -1
     snapped_row(dy, dx, row_start, nx, y0r, x0r)
     for i in range(row_start, row_stop):
         snapped_row(dy, dx, i + 1, nx, y1r, x1r)
@@ -441,28 +504,23 @@ cdef int split_band(const double* dy, const double* dx, const uint8_t* mask,
             if n < 0:
                 ndeg += 1
                 continue
-            if size0 + n > cap:
-                cap = cap + cap // 2 + MAX_PIECES
-                tmp = realloc(cbuf, cap * sizeof(uint8_t))
-                if tmp == NULL:
+            if n == 0:
+                continue
+            if used + n > BLOCK:
+                if band_new_block(band, block_bytes) != 0:
                     free(rows)
                     return -1
-                cbuf = <uint8_t*>tmp
-                codes[0] = cbuf
-                tmp = realloc(wbuf, cap * sizeof(weight_t))
-                if tmp == NULL:
-                    free(rows)
-                    return -1
-                wbuf = <weight_t*>tmp
-                weights[0] = wbuf
+                cbuf = <uint8_t*>band.blocks[band.nblocks - 1]
+                wbuf = <weight_t*>(band.blocks[band.nblocks - 1] + BLOCK)
+                used = 0
             npieces[p] = <uint8_t>n
             bin0 = box.k0 * nx_out + box.l0
             for m in range(n):
-                cbuf[size0 + m] = lcodes[m]
-                wbuf[size0 + m] = <weight_t>lweights[m]
+                cbuf[used + m] = lcodes[m]
+                wbuf[used + m] = <weight_t>lweights[m]
                 counts[bin0 + (lcodes[m] // STRIDE) * nx_out + lcodes[m] % STRIDE] += 1
-            size0 += n
-            size[0] = size0
+            used += n
+            band.used[band.nblocks - 1] = used
         swap = y0r
         y0r = y1r
         y1r = swap
@@ -476,14 +534,20 @@ cdef int split_band(const double* dy, const double* dx, const uint8_t* mask,
 
 cdef int scatter_band(const double* dy, const double* dx, int64_t nx,
                       int64_t row_start, int64_t row_stop, int64_t nx_out,
-                      const uint8_t* npieces, const uint8_t* codes, const weight_t* weights,
+                      const uint8_t* npieces, Band* band,
                       idx_t* cursors, idx_t* indices, weight_t* data) noexcept nogil:
-    """Second pass over the same rows: move each stored piece to its slot."""
-    cdef int64_t i, j, p, e = 0, k0, l0, b
+    """Second pass over the same rows: move each stored piece to its slot.
+
+    Releases each block of ``band`` once it has been read.
+    """
+    cdef int64_t i, j, p, e = 0, k0, l0, b, blk = 0
     cdef int n
     cdef idx_t pos
     cdef double qy[4]
     cdef double qx[4]
+    cdef size_t block_bytes = BLOCK * (1 + sizeof(weight_t))
+    cdef const uint8_t* cbuf = <uint8_t*>band.blocks[0]
+    cdef const weight_t* wbuf = <weight_t*>(band.blocks[0] + BLOCK)
     cdef double* rows = <double*>malloc(4 * (nx + 1) * sizeof(double))
     cdef double* y0r
     cdef double* x0r
@@ -504,6 +568,12 @@ cdef int scatter_band(const double* dy, const double* dx, int64_t nx,
             n = npieces[p]
             if n == 0:
                 continue
+            if e == band.used[blk]:
+                band_release(band, blk, block_bytes)
+                blk += 1
+                cbuf = <uint8_t*>band.blocks[blk]
+                wbuf = <weight_t*>(band.blocks[blk] + BLOCK)
+                e = 0
             qy[0] = y0r[j]
             qx[0] = x0r[j]
             qy[1] = y1r[j]
@@ -515,10 +585,10 @@ cdef int scatter_band(const double* dy, const double* dx, int64_t nx,
             # The same corners give the same box as in the first pass.
             box_origin(qy, qx, &k0, &l0)
             for _ in range(n):
-                b = (k0 + codes[e] // STRIDE) * nx_out + l0 + codes[e] % STRIDE
+                b = (k0 + cbuf[e] // STRIDE) * nx_out + l0 + cbuf[e] % STRIDE
                 pos = cursors[b]
                 indices[pos] = <idx_t>p
-                data[pos] = weights[e]
+                data[pos] = wbuf[e]
                 cursors[b] = pos + 1
                 e += 1
         swap = y0r
@@ -528,6 +598,7 @@ cdef int scatter_band(const double* dy, const double* dx, int64_t nx,
         x0r = x1r
         x1r = swap
     free(rows)
+    band_free(band, block_bytes)
     return 0
 
 
@@ -551,15 +622,14 @@ def _counts_to_cursors(int32_t[:, ::1] counts, idx_t[:, ::1] cursors, idx_t[::1]
 
 def _split(const double[:, ::1] dy, const double[:, ::1] dx,
            const uint8_t[:, ::1] mask, int64_t ny_out, int64_t nx_out,
-           weight_t[::1] dtype_witness, int nthreads):
+           weight_t[::1] witness, int nthreads):
     cdef int64_t ny = mask.shape[0], nx = mask.shape[1]
-    cdef int64_t nbins = ny_out * nx_out, nnz = 0, n_deg = 0
+    cdef int64_t nbins = ny_out * nx_out, nnz = 0, n_deg = 0, b
     cdef int t, nt = nthreads
-    cdef uint8_t** codes = <uint8_t**>malloc(nt * sizeof(uint8_t*))
-    cdef weight_t** weights = <weight_t**>malloc(nt * sizeof(weight_t*))
-    cdef int64_t* sizes = <int64_t*>malloc(nt * sizeof(int64_t))
-    cdef int64_t* degs = <int64_t*>malloc(nt * sizeof(int64_t))
-    cdef int* status = <int*>malloc(nt * sizeof(int))
+    cdef size_t block_bytes = BLOCK * (1 + sizeof(weight_t))
+    cdef Band* bands = <Band*>calloc(nt, sizeof(Band))
+    cdef int64_t* degs = <int64_t*>calloc(nt, sizeof(int64_t))
+    cdef int* status = <int*>calloc(nt, sizeof(int))
     cdef int32_t[:, ::1] counts_v
     cdef uint8_t[::1] npieces_v
     cdef int32_t[:, ::1] cur32
@@ -567,19 +637,9 @@ def _split(const double[:, ::1] dy, const double[:, ::1] dx,
     cdef int32_t[::1] ind32
     cdef int64_t[::1] ind64
     cdef weight_t[::1] data_v
-    if codes == NULL or weights == NULL or sizes == NULL or degs == NULL or status == NULL:
-        free(codes)
-        free(weights)
-        free(sizes)
-        free(degs)
-        free(status)
-        raise MemoryError("cannot allocate the band tables")
-    for t in range(nt):
-        codes[t] = NULL
-        weights[t] = NULL
-        sizes[t] = 0
-        degs[t] = 0
     try:
+        if bands == NULL or degs == NULL or status == NULL:
+            raise MemoryError("cannot allocate the band tables")
         counts = np.zeros((nt, nbins), dtype=np.int32)
         npieces = np.empty(ny * nx, dtype=np.uint8)
         counts_v = counts
@@ -587,45 +647,48 @@ def _split(const double[:, ::1] dy, const double[:, ::1] dx,
         for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
             status[t] = split_band(&dy[0, 0], &dx[0, 0], &mask[0, 0], nx,
                                    t * ny // nt, (t + 1) * ny // nt, ny_out, nx_out,
-                                   &counts_v[t, 0], &npieces_v[0],
-                                   &codes[t], &weights[t], &sizes[t], &degs[t])
+                                   &counts_v[t, 0], &npieces_v[0], &bands[t],
+                                   &witness[0], &degs[t])
         for t in range(nt):
             if status[t] != 0:
                 raise MemoryError("cannot allocate the pixel-splitting buffers")
-            nnz += sizes[t]
+            for b in range(bands[t].nblocks):
+                nnz += bands[t].used[b]
             n_deg += degs[t]
 
         small = nnz < 2**31 and ny * nx < 2**31 and nbins < 2**31
         idx_dtype = np.int32 if small else np.int64
         cursors = counts if small else counts.astype(np.int64)
+        del counts
         indptr = np.empty(nbins + 1, dtype=idx_dtype)
-        _counts_to_cursors(counts, cursors, indptr)
+        _counts_to_cursors(counts_v, cursors, indptr)
         indices = np.empty(max(nnz, 1), dtype=idx_dtype)
-        data = np.empty(max(nnz, 1), dtype=np.asarray(dtype_witness).dtype)
+        data = np.empty(max(nnz, 1), dtype=witness.base.dtype)
         data_v = data
         if small:
             cur32 = cursors
             ind32 = indices
             for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
-                if sizes[t] > 0:
-                    scatter_band(&dy[0, 0], &dx[0, 0], nx, t * ny // nt, (t + 1) * ny // nt,
-                                 nx_out, &npieces_v[0], codes[t], weights[t],
-                                 &cur32[t, 0], &ind32[0], &data_v[0])
+                if bands[t].nblocks > 0:
+                    status[t] = scatter_band(&dy[0, 0], &dx[0, 0], nx, t * ny // nt,
+                                             (t + 1) * ny // nt, nx_out, &npieces_v[0],
+                                             &bands[t], &cur32[t, 0], &ind32[0], &data_v[0])
         else:
             cur64 = cursors
             ind64 = indices
             for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
-                if sizes[t] > 0:
-                    scatter_band(&dy[0, 0], &dx[0, 0], nx, t * ny // nt, (t + 1) * ny // nt,
-                                 nx_out, &npieces_v[0], codes[t], weights[t],
-                                 &cur64[t, 0], &ind64[0], &data_v[0])
-    finally:
+                if bands[t].nblocks > 0:
+                    status[t] = scatter_band(&dy[0, 0], &dx[0, 0], nx, t * ny // nt,
+                                             (t + 1) * ny // nt, nx_out, &npieces_v[0],
+                                             &bands[t], &cur64[t, 0], &ind64[0], &data_v[0])
         for t in range(nt):
-            free(codes[t])
-            free(weights[t])
-        free(codes)
-        free(weights)
-        free(sizes)
+            if status[t] != 0:
+                raise MemoryError("cannot allocate the pixel-splitting buffers")
+    finally:
+        if bands != NULL:
+            for t in range(nt):
+                band_free(&bands[t], block_bytes)
+        free(bands)
         free(degs)
         free(status)
     return data[:nnz], indices[:nnz], indptr, int(n_deg)
@@ -669,7 +732,7 @@ def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0):
     if mask.size < PARALLEL_MIN_PIXELS:
         nt = 1
     nt = <int>max(1, min(nt, ny))
-    witness = np.empty(0, dtype=weight_dtype)
+    witness = np.empty(1, dtype=weight_dtype)
     return _split(dy, dx, mask, ny_out, nx_out, witness, nt)
 
 
