@@ -173,9 +173,10 @@ cdef inline int pixel_box(const double* qy, const double* qx,
     """
     cdef int m, n_opposite = 0
     cdef double area, ymin, ymax, xmin, xmax, cross
-    for m in range(4):
-        if not (isfinite(qy[m]) and isfinite(qx[m])):
-            return -1
+    # One test for all 8 coordinates: a sum is finite only if every term is
+    # (or it overflows, for coordinates beyond 1e307: degenerate anyway).
+    if not isfinite(qy[0] + qy[1] + qy[2] + qy[3] + qx[0] + qx[1] + qx[2] + qx[3]):
+        return -1
     area = 0.5 * ((qy[2] - qy[0]) * (qx[3] - qx[1]) - (qx[2] - qx[0]) * (qy[3] - qy[1]))
     if not (area > C_AREA_MIN):
         return -1

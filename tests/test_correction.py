@@ -289,6 +289,18 @@ def test_mask_excludes_pixels(backend):
     assert_array_equal(cm.apply(spoiled), cm.apply(img * ~mask))
 
 
+def test_corner_shaped_mask_flags_the_pixels_around_a_corner(backend):
+    z = np.zeros((7, 7))
+    corners = np.zeros((7, 7), bool)
+    corners[3, 3] = True
+    cm = CorrectionMatrix.from_maps(z, z, mask=corners, backend=backend)
+    assert cm.n_masked == 4
+    col = np.asarray(cm.matrix.sum(axis=0)).reshape(6, 6)
+    want = np.ones((6, 6))
+    want[2:4, 2:4] = 0.0
+    assert_array_equal(col, want)
+
+
 def test_nan_corner_masks_the_four_pixels_sharing_it(backend):
     dy, dx = smooth_maps(12, 12, 1.0, seed=18)
     dx[4, 6] = np.nan
@@ -413,8 +425,8 @@ def test_bad_maps_are_rejected():
         CorrectionMatrix.from_maps(z, np.zeros((5, 6)))
     with pytest.raises(CcdgridError, match="`dy` must hold real numbers"):
         CorrectionMatrix.from_maps(z.astype(complex), z)
-    with pytest.raises(CcdgridError, match=r"`mask` \(shape \(5, 5\)\) must have the pixel"):
-        CorrectionMatrix.from_maps(z, z, mask=np.zeros((5, 5)))
+    with pytest.raises(CcdgridError, match=r"`mask` \(shape \(5, 4\)\) must have the pixel"):
+        CorrectionMatrix.from_maps(z, z, mask=np.zeros((5, 4)))
     with pytest.raises(CcdgridError, match="`shape_out` must be two positive integers"):
         CorrectionMatrix.from_maps(z, z, shape_out=(4, 0))
     with pytest.raises(CcdgridError, match="`shape_out` must be two positive integers"):

@@ -78,14 +78,21 @@ def _check_maps(dy, dx):
     )
 
 
+def _pixels_with_a_flagged_corner(corner_flags):
+    f = corner_flags
+    return f[:-1, :-1] | f[1:, :-1] | f[1:, 1:] | f[:-1, 1:]
+
+
 def _check_mask(mask, shape):
     if mask is None:
         return np.zeros(shape, dtype=np.uint8)
     mask = _real_array(mask, "mask")
-    if mask.shape != shape:
+    if mask.shape == (shape[0] + 1, shape[1] + 1):
+        mask = _pixels_with_a_flagged_corner(mask != 0)
+    elif mask.shape != shape:
         raise CcdgridError(
             f"`mask` (shape {mask.shape}) must have the pixel shape {shape} "
-            "(one less than the corner maps along each axis)"
+            f"or the corner shape {(shape[0] + 1, shape[1] + 1)}"
         )
     return np.ascontiguousarray(mask != 0, dtype=np.uint8)
 
@@ -166,8 +173,10 @@ class CorrectionMatrix:
             coordinates, is truly at ``(i + dy[i, j], j + dx[i, j])``. Any real
             dtype; used in float64. Non-finite corners invalidate the (up to
             four) pixels that share them.
-        mask : array_like, shape (ny, nx), optional
-            Nonzero marks an invalid input pixel, left out of the matrix.
+        mask : array_like, shape (ny, nx) or (ny + 1, nx + 1), optional
+            Nonzero marks an invalid input pixel, left out of the matrix. A
+            corner-shaped mask flags corners: a pixel with a flagged corner
+            is invalid.
         shape_out : tuple of 2 int, optional
             Shape of the corrected image; default ``(ny, nx)``. Flux that
             falls outside it is lost.
@@ -206,9 +215,7 @@ class CorrectionMatrix:
         shape_out = _check_shape_out(shape_out, shape_in)
         dtype = _check_weight_dtype(dtype)
 
-        bad_corner = ~(np.isfinite(dy) & np.isfinite(dx))
-        bad_pixel = bad_corner[:-1, :-1] | bad_corner[1:, :-1] | bad_corner[1:, 1:]
-        bad_pixel |= bad_corner[:-1, 1:]
+        bad_pixel = _pixels_with_a_flagged_corner(~(np.isfinite(dy) & np.isfinite(dx)))
         n_masked = int(np.count_nonzero(user_mask))
         n_invalid = int(np.count_nonzero(bad_pixel & (user_mask == 0)))
         full_mask = user_mask | bad_pixel.view(np.uint8) if n_invalid else user_mask
@@ -354,7 +361,7 @@ def correct(image, detector, *, normalize=False, dummy=0.0, shape_out=None,
     detector : object or str or os.PathLike
         Anything with attributes ``dy``, ``dx`` (corner maps, shape
         (ny + 1, nx + 1), pixels, see :meth:`CorrectionMatrix.from_maps`) and
-        ``mask`` (shape (ny, nx), nonzero = invalid, or None): a calibration
+        ``mask`` (pixel or corner shaped, nonzero = invalid, or None): a calibration
         result or a loaded detector record. A path is read with
         ``ccdgrid.detector_file.load``.
     normalize, dummy
