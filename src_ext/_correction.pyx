@@ -117,6 +117,9 @@ cdef double C_WEIGHT_MIN = WEIGHT_MIN
 # Below this many pixels a job runs on one thread: starting threads costs
 # more than it saves.
 PARALLEL_MIN_PIXELS = 1 << 16
+# Each building thread owns one int32 count per output pixel: more threads
+# than this would cost more memory than they save time.
+MAX_BUILD_THREADS = 4
 
 
 cdef struct Box:
@@ -711,7 +714,8 @@ def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0):
     weight_dtype : {numpy.float32, numpy.float64}
         Dtype of the stored weights (always computed in float64).
     nthreads : int, optional
-        Threads to use; 0 means OpenMP's default. Small jobs use one.
+        Threads to use; 0 means OpenMP's default. Small jobs use one, and
+        never more than MAX_BUILD_THREADS are used.
 
     Returns
     -------
@@ -732,7 +736,7 @@ def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0):
     cdef int nt = <int>nthreads if nthreads > 0 else ccdgrid_max_threads()
     if mask.size < PARALLEL_MIN_PIXELS:
         nt = 1
-    nt = <int>max(1, min(nt, ny))
+    nt = <int>max(1, min(nt, ny, MAX_BUILD_THREADS))
     witness = np.empty(1, dtype=weight_dtype)
     return _split(dy, dx, mask, ny_out, nx_out, witness, nt)
 
