@@ -34,6 +34,8 @@ _LAZY = {
     "grid_error": "grid_error",
     "find_holes": "peaks",
     "HoleSearch": "peaks",
+    "CorrectionMatrix": "correction",
+    "correct": "correction",
     "index_holes": "lattice",
     "LatticeIndex": "lattice",
     "fit_grid": "gridfit",
@@ -45,7 +47,7 @@ _LAZY = {
     "load": "detector_file",
     "read_image": "io",
 }
-_SUBMODULES = {"synthetic", "cli", "io", "errors"}
+_SUBMODULES = {"synthetic", "cli", "io", "errors", "correction"}
 
 __all__ = ["__version__", "openmp_enabled", *sorted(_LAZY), *sorted(_SUBMODULES)]
 
