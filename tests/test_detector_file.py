@@ -472,3 +472,18 @@ def test_load_errors(tmp_path):
         h5["data"] = np.zeros((4, 4))
     with pytest.raises(CcdgridError, match="holds no detector definition"):
         load(other)
+
+
+def test_ccdgrid_correct_reads_the_file(tmp_path):
+    from ccdgrid import correction
+
+    cal = _calibration((40, 56), seed=9)
+    path = save_detector(tmp_path / "det.h5", cal)
+    image = np.random.default_rng(9).random((40, 56)).astype(np.float32)
+    correction.clear_cache()
+
+    from_file = correction.correct(image, path)
+    from_maps = correction.correct(image, SimpleNamespace(dy=cal.dy, dx=cal.dx, mask=cal.mask))
+
+    np.testing.assert_array_equal(from_file, from_maps)
+    correction.clear_cache()
