@@ -97,7 +97,7 @@ class FakeCalibration:
 
 @pytest.fixture
 def fake_calibrate(monkeypatch):
-    """Install a fake ``ccdgrid.calibrate`` module; ``calls`` records every call."""
+    """Install a fake ``ccdgrid.pipeline`` module; ``calls`` records every call."""
     calls = []
     behaviour = {"raise": None}
 
@@ -107,9 +107,9 @@ def fake_calibrate(monkeypatch):
             raise behaviour["raise"]
         return FakeCalibration(image, **kwargs)
 
-    module = types.ModuleType("ccdgrid.calibrate")
+    module = types.ModuleType("ccdgrid.pipeline")
     module.calibrate = calibrate
-    monkeypatch.setitem(sys.modules, "ccdgrid.calibrate", module)
+    monkeypatch.setitem(sys.modules, "ccdgrid.pipeline", module)
     return types.SimpleNamespace(calls=calls, behaviour=behaviour)
 
 
@@ -392,7 +392,8 @@ def test_calibrate_passes_the_options_and_writes_the_default_output(
     assert kwargs["pitch_px"] == 98.0
     assert kwargs["threshold"] == 0.3
     assert kwargs["backend"] == "numpy"
-    assert kwargs["source"] == str(grid_file)
+    assert kwargs["source"]["path"] == str(grid_file)
+    assert len(kwargs["source"]["sha256"]) == 64
     out = capsys.readouterr().out
     assert "FAKE SUMMARY: 42 holes" in out
     assert _files(work) == ["grid_detector.h5"]  # IMAGE_STEM_detector.h5 in the cwd

@@ -347,7 +347,7 @@ def _run_calibrate(args):
     print(f"read {info['path']}{frame}: {ny} x {nx} {info['dtype']}")
     mask = None if args.mask is None else read_mask(args.mask, image.shape)
 
-    from .calibrate import calibrate
+    from .pipeline import calibrate
 
     start = time.perf_counter()
     calibration = calibrate(
@@ -358,12 +358,9 @@ def _run_calibrate(args):
         pitch_px=args.spacing,
         threshold=args.threshold,
         backend=args.backend,
-        source=info["path"],
+        source=info,  # provenance (file, frame, dataset, sha256) for the detector file
     )
     elapsed = time.perf_counter() - start
-    # the image was read here (maybe one frame of a stack or an HDF5 dataset):
-    # record that provenance, with the file's checksum, in the detector file
-    calibration.source = info
     print(calibration.summary())
     _save(calibration, output, elapsed)
     print(f'use it in pyFAI: pyFAI.detector_factory("{output}")')
@@ -377,7 +374,7 @@ def _save(calibration, output, elapsed):
 
 def _run_demo(args):
     from . import synthetic
-    from .calibrate import calibrate
+    from .pipeline import calibrate
 
     ny, nx = args.size
     start = time.perf_counter()

@@ -161,7 +161,7 @@ def save_detector(path, calibration, *, name="ccdgrid", compression_level=2, wor
         and no partial file remains.
     calibration : object
         Anything with these attributes (duck typing; ccdgrid's
-        :class:`~ccdgrid.calibrate.Calibration` has them all):
+        :class:`~ccdgrid.pipeline.Calibration` has them all):
 
         Required
             ``dx``, ``dy`` : array_like of shape (ny + 1, nx + 1), px
