@@ -15,6 +15,7 @@ import numpy as np
 from libc.math cimport INFINITY, isnan
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
 from libc.stdlib cimport qsort
+from libc.string cimport memcpy
 
 ctypedef fused index_t:
     int32_t
@@ -163,68 +164,87 @@ cdef int64_t _pointers(
     return count
 
 
-cdef void _resolve(int64_t *lab, int64_t n, int64_t *peak) noexcept nogil:
-    """Replace successor pointers by their root's code -(row + 1).
+cdef inline void _resolve_row(int64_t *lab, int64_t start, int64_t stop, int64_t *work) noexcept nogil:
+    """Replace the successor pointers of pixels start..stop-1 by their root's code.
 
-    Roots are recorded in ``peak`` first. Then each pixel walks to the first
-    resolved pixel and compresses its path, so every pixel is walked as an
-    unresolved node at most once: O(N).
+    Pixels whose successor is already resolved (root codes are negative) are
+    done in a branch-free sweep; the others are queued in ``work`` (length
+    >= stop - start) and walk to the first resolved pixel, compressing their
+    path, so every pixel is walked as an unresolved node at most once over
+    the image: O(N).
     """
-    cdef int64_t p, q, x, nx, code
-    for p in range(n):
-        if lab[p] < 0:
-            peak[~lab[p]] = p
-    for p in range(n):
+    cdef int64_t p, q, x, nx, code, m = 0, t
+    for p in range(start, stop):
         q = lab[p]
-        if q < 0:
-            continue
-        code = lab[q]
-        if code >= 0:
-            while code >= 0:
-                code = lab[code]
-            x = p
-            while lab[x] >= 0:
-                nx = lab[x]
-                lab[x] = code
-                x = nx
-        else:
-            lab[p] = code
+        code = lab[q if q >= 0 else p]
+        lab[p] = code if code < 0 else q
+        work[m] = p
+        m += code >= 0
+    for t in range(m):
+        p = work[t]
+        code = lab[p]
+        while code >= 0:
+            code = lab[code]
+        x = p
+        while lab[x] >= 0:
+            nx = lab[x]
+            lab[x] = code
+            x = nx
 
 
-cdef void _count(
-    const int64_t *lab, int64_t h, int64_t w, uint8_t *bor, int64_t *size, int64_t *ptr
+cdef inline void _count_row(
+    const int64_t *lab, int64_t h, int64_t w, int64_t i, uint8_t *bor, int64_t *size,
+    int64_t *ptr
 ) noexcept nogil:
-    """Border bitmask, region sizes and border counts (into ``ptr[r + 1]``)."""
-    cdef int64_t i, j, p, r, c
+    """Border bitmask, region sizes and border counts (into ``ptr[r + 1]``) of row i."""
+    cdef int64_t j, p, r, c
     cdef const int64_t *l0
     cdef const int64_t *l1
     cdef const int64_t *l2
     cdef uint8_t bits
+    for j in range(w):
+        p = i * w + j
+        if 0 < i < h - 1 and 0 < j < w - 1:
+            l0 = lab + p - w
+            l1 = lab + p
+            l2 = lab + p + w
+            c = l1[0]
+            bits = (
+                (l0[-1] != c)
+                | ((l0[0] != c) << 1)
+                | ((l0[1] != c) << 2)
+                | ((l1[1] != c) << 3)
+                | ((l2[1] != c) << 4)
+                | ((l2[0] != c) << 5)
+                | ((l2[-1] != c) << 6)
+                | ((l1[-1] != c) << 7)
+            )
+        else:
+            bits = _border_bits(lab, i, j, h, w)
+        r = ~lab[p]
+        size[r] += 1
+        bor[p] = bits
+        ptr[r + 1] += bits != 0
+
+
+cdef void _resolve_and_count(
+    int64_t *lab, int64_t h, int64_t w, int64_t *peak, uint8_t *bor, int64_t *size,
+    int64_t *ptr, int64_t *work
+) noexcept nogil:
+    """Resolve all labels to root codes, then bitmask, sizes and border counts.
+
+    Counting row i needs rows i-1..i+1 resolved, so it trails the resolution
+    by one row while those rows are still in cache.
+    """
+    cdef int64_t p, i
+    for p in range(h * w):
+        if lab[p] < 0:
+            peak[~lab[p]] = p
     for i in range(h):
-        for j in range(w):
-            p = i * w + j
-            if 0 < i < h - 1 and 0 < j < w - 1:
-                l0 = lab + p - w
-                l1 = lab + p
-                l2 = lab + p + w
-                c = l1[0]
-                bits = (
-                    (l0[-1] != c)
-                    | ((l0[0] != c) << 1)
-                    | ((l0[1] != c) << 2)
-                    | ((l1[1] != c) << 3)
-                    | ((l2[1] != c) << 4)
-                    | ((l2[0] != c) << 5)
-                    | ((l2[-1] != c) << 6)
-                    | ((l1[-1] != c) << 7)
-                )
-            else:
-                bits = _border_bits(lab, i, j, h, w)
-            r = ~lab[p]
-            size[r] += 1
-            bor[p] = bits
-            if bits:
-                ptr[r + 1] += 1
+        _resolve_row(lab, i * w, (i + 1) * w, work)
+        if i > 0:
+            _count_row(lab, h, w, i - 1, bor, size, ptr)
+    _count_row(lab, h, w, h - 1, bor, size, ptr)
 
 
 cdef void _region_table(
@@ -267,15 +287,16 @@ cdef void _region_table(
             border_neighbor[k] = nb
             v = flat[p]
             # pyFAI init_values: running min / strict ">" pass from the first value
+            # (NaN after the first value never wins; v < mini implies not v > pass)
             if k == ptr[r]:
                 mini[r] = v
                 hp[r] = v
                 pass_to[r] = nb
-            elif v < mini[r]:
-                mini[r] = v
-            elif v > hp[r]:
-                hp[r] = v
-                pass_to[r] = nb
+            else:
+                mini[r] = v if v < mini[r] else mini[r]
+                if v > hp[r]:
+                    hp[r] = v
+                    pass_to[r] = nb
         # rows above i are no longer read: give them their final labels
         if i > 0:
             for p in range((i - 1) * w, i * w):
@@ -305,6 +326,7 @@ def segment_kernel(const float[:, ::1] data):
     cdef const float[::1] flat = np.asarray(data).reshape(-1)
     cdef float[::1] best_v = np.empty(w, dtype=np.float32)
     cdef int32_t[::1] best_k = np.empty(w, dtype=np.int32)
+    cdef int64_t[::1] best_k64 = np.empty(w, dtype=np.int64)  # resolve work queue
     with nogil:
         nreg = _pointers(&flat[0], &lab[0], h, w, &best_v[0], &best_k[0])
     peak = np.empty(nreg, dtype=np.int64)
@@ -314,8 +336,8 @@ def segment_kernel(const float[:, ::1] data):
     cdef int64_t[::1] peak_v = peak, size_v = size, ptr_v = border_ptr
     cdef uint8_t[::1] bor = borders.reshape(-1)
     with nogil:
-        _resolve(&lab[0], h * w, &peak_v[0])
-        _count(&lab[0], h, w, &bor[0], &size_v[0], &ptr_v[0])
+        _resolve_and_count(&lab[0], h, w, &peak_v[0], &bor[0], &size_v[0], &ptr_v[0],
+                           &best_k64[0])
         for r in range(nreg):
             ptr_v[r + 1] += ptr_v[r]
     nb = border_ptr[nreg]
@@ -451,6 +473,9 @@ cdef void _merged_borders(
     const int64_t[::1] ptr,
     const int64_t[::1] border_index,
     const int64_t[::1] border_neighbor,
+    const float[::1] old_hp,
+    const int64_t[::1] old_pass_to,
+    const int64_t[::1] rep,
     const index_t[::1] rowmap,
     int64_t[::1] new_ptr,
     int64_t[::1] new_index,
@@ -461,37 +486,44 @@ cdef void _merged_borders(
     """Border CSR of the merged regions in raster order, with pass and pass_to.
 
     A basin's border pixel stays iff its recorded neighbour lies in another
-    region, which can only fail in regions made of several basins: the
-    others are copied as they are. ``new_ptr`` holds the counts' cumsum.
+    region, which can only fail in regions made of several basins: a region
+    of one basin keeps its border and pass as they are. ``new_ptr`` holds the
+    counts' cumsum.
     """
     cdef int64_t nbas = region.shape[0]
     cdef int64_t nreg = peaks_ptr.shape[0] - 1
-    cdef int64_t b, e, g, k, f, start, stop, p
-    cdef bint merged
+    cdef int64_t b, e, g, k, f, start, stop, p, cnt
     cdef float v
     for f in range(nreg):
         pass_to[f] = new_ptr[f]  # used as a fill cursor until the pass loop below
     for b in range(nbas):
         g = region[b]
-        merged = peaks_ptr[g + 1] - peaks_ptr[g] > 1
+        if peaks_ptr[g + 1] - peaks_ptr[g] == 1:
+            cnt = ptr[b + 1] - ptr[b]
+            k = new_ptr[g]
+            memcpy(&new_index[k], &border_index[ptr[b]], cnt * sizeof(int64_t))
+            memcpy(&new_nbr[k], &border_neighbor[ptr[b]], cnt * sizeof(int64_t))
+            continue
         for e in range(ptr[b], ptr[b + 1]):
-            if not merged or region[rowmap[border_neighbor[e]]] != g:
+            if region[rowmap[border_neighbor[e]]] != g:
                 k = pass_to[g]
                 pass_to[g] = k + 1
                 new_index[k] = border_index[e]
-                new_nbr[k] = border_neighbor[e]
     for f in range(nreg):
         start = new_ptr[f]
         stop = new_ptr[f + 1]
-        if peaks_ptr[f + 1] - peaks_ptr[f] > 1 and stop - start > 1:
-            # several basins: their raster-ordered runs interleave
-            qsort(&new_index[start], stop - start, sizeof(int64_t), _cmp_int64)
-            for k in range(start, stop):
-                p = new_index[k]
-                new_nbr[k] = _recorded_neighbour(&lab[0], p, bor[p], w)
+        if peaks_ptr[f + 1] - peaks_ptr[f] == 1:
+            b = rep[f]
+            hp[f] = old_hp[b]
+            pass_to[f] = old_pass_to[b]
+            continue
+        # several basins: their raster-ordered runs interleave
+        qsort(&new_index[start], stop - start, sizeof(int64_t), _cmp_int64)
         pass_to[f] = -1
         for k in range(start, stop):
-            v = flat[new_index[k]]
+            p = new_index[k]
+            new_nbr[k] = _recorded_neighbour(&lab[0], p, bor[p], w)
+            v = flat[p]
             if k == start or v > hp[f]:
                 hp[f] = v
                 pass_to[f] = new_nbr[k]
@@ -506,6 +538,8 @@ def _merge_impl(
     const int64_t[::1] size,
     const float[::1] maxi,
     const float[::1] mini,
+    const float[::1] highest_pass,
+    const int64_t[::1] pass_to,
     const int64_t[::1] border_ptr,
     const int64_t[::1] border_index,
     const int64_t[::1] border_neighbor,
@@ -536,7 +570,8 @@ def _merge_impl(
     peaks_ptr = np.zeros(nreg + 1, dtype=np.int64)
     peaks = np.empty(nbas, dtype=np.int64)
     new_ptr = np.zeros(nreg + 1, dtype=np.int64)
-    cdef int64_t[::1] reg = basin_region, npk = new_peak, nsz = new_size
+    rep = np.empty(nreg, dtype=np.int64)
+    cdef int64_t[::1] reg = basin_region, npk = new_peak, nsz = new_size, rep_v = rep
     cdef int64_t[::1] pptr = peaks_ptr, pks = peaks, nptr = new_ptr
     cdef float[::1] nmaxi = new_maxi, nmini = new_mini
     with nogil:
@@ -547,6 +582,7 @@ def _merge_impl(
                 npk[g] = peak[b]
                 nmaxi[g] = maxi[b]
                 nmini[g] = mini_v[b]
+                rep_v[g] = b
                 ring_v[b] = g  # the ring is no longer needed: reuse it as root -> row
                 g += 1
         for b in range(nbas):
@@ -579,14 +615,14 @@ def _merge_impl(
     k = new_ptr[nreg]
     new_index = np.empty(k, dtype=np.int64)
     new_nbr = np.empty(k, dtype=np.int64)
-    hp = np.full(nreg, np.nan, dtype=np.float32)
-    pass_to = np.empty(nreg, dtype=np.int64)
-    cdef int64_t[::1] nidx = new_index, nnbr = new_nbr, pto = pass_to
-    cdef float[::1] hp_v = hp
+    new_hp = np.full(nreg, np.nan, dtype=np.float32)
+    new_pass_to = np.empty(nreg, dtype=np.int64)
+    cdef int64_t[::1] nidx = new_index, nnbr = new_nbr, pto = new_pass_to
+    cdef float[::1] hp_v = new_hp
     with nogil:
         _merged_borders(flat, lab, bor, w, reg, pptr, border_ptr, border_index, border_neighbor,
-                        rowmap, nptr, nidx, nnbr, hp_v, pto)
-    return (basin_region, new_peak, new_size, new_maxi, new_mini, hp, pass_to,
+                        highest_pass, pass_to, rep_v, rowmap, nptr, nidx, nnbr, hp_v, pto)
+    return (basin_region, new_peak, new_size, new_maxi, new_mini, new_hp, new_pass_to,
             new_ptr, new_index, new_nbr, peaks_ptr, peaks)
 
 
@@ -598,6 +634,8 @@ def merge_kernel(
     const int64_t[::1] size,
     const float[::1] maxi,
     const float[::1] mini,
+    const float[::1] highest_pass,
+    const int64_t[::1] pass_to,
     const int64_t[::1] border_ptr,
     const int64_t[::1] border_index,
     const int64_t[::1] border_neighbor,
@@ -625,6 +663,6 @@ def merge_kernel(
     rowmap = np.empty(n, dtype=itype)
     return _merge_impl(
         np.asarray(data).reshape(-1), np.asarray(labels).reshape(-1),
-        np.asarray(borders).reshape(-1), w, peak, size, maxi, mini,
+        np.asarray(borders).reshape(-1), w, peak, size, maxi, mini, highest_pass, pass_to,
         border_ptr, border_index, border_neighbor, rowmap,
     )
