@@ -164,7 +164,9 @@ cdef int64_t _pointers(
     return count
 
 
-cdef inline void _resolve_row(int64_t *lab, int64_t start, int64_t stop, int64_t *work) noexcept nogil:
+cdef inline void _resolve_row(
+    int64_t *lab, int64_t start, int64_t stop, int64_t *work
+) noexcept nogil:
     """Replace the successor pointers of pixels start..stop-1 by their root's code.
 
     Pixels whose successor is already resolved (root codes are negative) are
