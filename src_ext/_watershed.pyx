@@ -402,22 +402,8 @@ cdef void _union_singletons(
     cdef int b
     cdef int64_t off[8]
     cdef int prio[8]
-    off[0] = -w - 1
-    off[1] = -w
-    off[2] = -w + 1
-    off[3] = 1
-    off[4] = w + 1
-    off[5] = w
-    off[6] = w - 1
-    off[7] = -1
-    prio[0] = 1
-    prio[1] = 3
-    prio[2] = 5
-    prio[3] = 7
-    prio[4] = 0
-    prio[5] = 2
-    prio[6] = 4
-    prio[7] = 6
+    _offsets(w, off)
+    prio[:] = [1, 3, 5, 7, 0, 2, 4, 6]  # N, E, S, W, NW, NE, SE, SW
     for k in range(nbas):
         # only a basin that starts as a singleton can be part of one later
         if not maxi[k] == mini[k]:
