@@ -12,9 +12,9 @@ returned for that ``data``.
 
 import numpy as np
 
-from libc.math cimport INFINITY, isnan
+from libc.math cimport INFINITY, NAN, isnan
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
-from libc.stdlib cimport qsort
+from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy
 
 ctypedef fused index_t:
@@ -47,11 +47,11 @@ cdef inline int64_t _recorded_neighbour(
 
 
 cdef inline uint8_t _border_bits(
-    const int64_t *lab, int64_t i, int64_t j, int64_t h, int64_t w
+    const index_t *lab, int64_t i, int64_t j, int64_t h, int64_t w
 ) noexcept nogil:
     """8-neighbour bitmask of neighbours inside the image with another label."""
     cdef int64_t p = i * w + j
-    cdef int64_t c = lab[p]
+    cdef index_t c = lab[p]
     cdef uint8_t bits = 0
     if i > 0:
         if j > 0 and lab[p - w - 1] != c:
@@ -120,28 +120,66 @@ cdef extern from *:
     ) noexcept nogil
 
 
-cdef int64_t _pointers(
-    const float *d, int64_t *lab, int64_t h, int64_t w, float *best_v, int32_t *best_k
-) noexcept nogil:
-    """Store every pixel's steepest-ascent successor; roots get -(row + 1).
-
-    The successor is the first maximum of the 3x3 window in raster order if it
-    is strictly above the pixel (NaN never wins, a NaN or -inf pixel never
-    moves, as in pyFAI). Roots are numbered in raster order. A row at a time:
-    the eight window positions are swept in raster order over row buffers
-    ``best_v``/``best_k`` of length w, which keeps the comparisons branch-free.
-    Returns the number of roots.
+cdef extern from *:
     """
-    cdef int64_t i, j, p, jlo
+    /* Border bitmask of the interior pixels of one row (see _border_bits),
+       from the codes of the rows above, at and below it. */
+    #define CCDGRID_ROW_BITS(T)                                                   \\
+    static void ccdgrid_row_bits_##T(const T *up, const T *mid, const T *dn,      \\
+                                     uint8_t *restrict out, Py_ssize_t n)         \\
+    {                                                                             \\
+        for (Py_ssize_t j = 0; j < n; j++) {                                      \\
+            T c = mid[j];                                                         \\
+            out[j] = (uint8_t)((up[j - 1] != c) | ((up[j] != c) << 1)             \\
+                               | ((up[j + 1] != c) << 2) | ((mid[j + 1] != c) << 3) \\
+                               | ((dn[j + 1] != c) << 4) | ((dn[j] != c) << 5)    \\
+                               | ((dn[j - 1] != c) << 6) | ((mid[j - 1] != c) << 7)); \\
+        }                                                                         \\
+    }
+    CCDGRID_ROW_BITS(int32_t)
+    CCDGRID_ROW_BITS(int64_t)
+    """
+    void _row_bits32 "ccdgrid_row_bits_int32_t" (
+        const int32_t *up, const int32_t *mid, const int32_t *dn, uint8_t *out, Py_ssize_t n
+    ) noexcept nogil
+    void _row_bits64 "ccdgrid_row_bits_int64_t" (
+        const int64_t *up, const int64_t *mid, const int64_t *dn, uint8_t *out, Py_ssize_t n
+    ) noexcept nogil
+
+
+cdef int64_t _climb_rows(
+    const float *d, index_t *a, int64_t h, int64_t w, float *best_v, int32_t *best_k,
+    int64_t **peak, int64_t *cap
+) noexcept nogil:
+    """Successor pointers, row by row, already resolved where that is free.
+
+    A pixel's successor is the first maximum of its 3x3 window in raster
+    order if strictly above the pixel (NaN never wins, a NaN or -inf pixel
+    never moves, as in pyFAI); a pixel without one is a root and gets the
+    code -(r + 1), r = its rank in raster order, and its flat index goes to
+    ``peak[0][r]`` (grown by doubling ``cap[0]``). The eight window positions
+    are swept over row buffers ``best_v``/``best_k`` of length w, which keeps
+    the comparisons branch-free. Then the row is resolved as far as rows
+    above allow: a pixel whose successor lies above or to its left takes the
+    successor's code if it has one, and runs of east pointers take the code
+    of their end, right to left. What is left (chains that go down) is the
+    work of :func:`_resolve_and_count`.
+
+    Returns the number of roots, or -1 if the peak buffer could not grow.
+    """
+    cdef int64_t i, j, p, q, jlo, c
     cdef int64_t count = 0
     cdef int32_t k
     cdef int dy, dx
     cdef const float *row
+    cdef index_t *ar
+    cdef int64_t *grown
     cdef int64_t delta[9]
     for k in range(9):
         delta[k] = (k // 3 - 1) * w + (k % 3 - 1)
     for i in range(h):
         row = d + i * w
+        ar = a + i * w
         for j in range(w):
             best_v[j] = row[j]
             best_k[j] = 4
@@ -156,155 +194,331 @@ cdef int64_t _pointers(
                       w - (1 if dx else 0), k)
         for j in range(w):
             p = i * w + j
-            if best_k[j] == 4 or row[j] == -INFINITY:
+            k = best_k[j]
+            if k == 4 or row[j] == -INFINITY:
+                if count == cap[0]:
+                    grown = <int64_t *>realloc(peak[0], 2 * count * sizeof(int64_t))
+                    if grown == NULL:
+                        return -1
+                    peak[0] = grown
+                    cap[0] = 2 * count
+                peak[0][count] = p
                 count += 1
-                lab[p] = -count
-            else:
-                lab[p] = p + delta[best_k[j]]
+                ar[j] = <index_t>(-count)
+                continue
+            q = p + delta[k]
+            ar[j] = <index_t>q
+            # only successors before p (k < 4) have been written: others read p itself
+            c = a[q if k < 4 else p]
+            ar[j] = <index_t>(c if c < 0 else q)
+        for j in range(w - 2, -1, -1):
+            p = i * w + j
+            q = ar[j]
+            c = ar[j + 1]
+            ar[j] = <index_t>(c if q == p + 1 and c < 0 else q)
     return count
 
 
-cdef inline void _resolve_row(
-    int64_t *lab, int64_t start, int64_t stop, int64_t *work
-) noexcept nogil:
-    """Replace the successor pointers of pixels start..stop-1 by their root's code.
-
-    Pixels whose successor is already resolved (root codes are negative) are
-    done in a branch-free sweep; the others are queued in ``work`` (length
-    >= stop - start) and walk to the first resolved pixel, compressing their
-    path, so every pixel is walked as an unresolved node at most once over
-    the image: O(N).
-    """
-    cdef int64_t p, q, x, nx, code, m = 0, t
-    for p in range(start, stop):
-        q = lab[p]
-        code = lab[q if q >= 0 else p]
-        lab[p] = code if code < 0 else q
-        work[m] = p
-        m += code >= 0
-    for t in range(m):
-        p = work[t]
-        code = lab[p]
-        while code >= 0:
-            code = lab[code]
-        x = p
-        while lab[x] >= 0:
-            nx = lab[x]
-            lab[x] = code
-            x = nx
-
-
 cdef inline void _count_row(
-    const int64_t *lab, int64_t h, int64_t w, int64_t i, uint8_t *bor, int64_t *size,
-    int64_t *ptr
+    const index_t *a, int64_t h, int64_t w, int64_t i, uint8_t *bor, index_t *cnt
 ) noexcept nogil:
-    """Border bitmask, region sizes and border counts (into ``ptr[r + 1]``) of row i."""
-    cdef int64_t j, p, r, c
-    cdef const int64_t *l0
-    cdef const int64_t *l1
-    cdef const int64_t *l2
-    cdef uint8_t bits
-    for j in range(w):
-        p = i * w + j
-        if 0 < i < h - 1 and 0 < j < w - 1:
-            l0 = lab + p - w
-            l1 = lab + p
-            l2 = lab + p + w
-            c = l1[0]
-            bits = (
-                (l0[-1] != c)
-                | ((l0[0] != c) << 1)
-                | ((l0[1] != c) << 2)
-                | ((l1[1] != c) << 3)
-                | ((l2[1] != c) << 4)
-                | ((l2[0] != c) << 5)
-                | ((l2[-1] != c) << 6)
-                | ((l1[-1] != c) << 7)
-            )
+    """Border bitmask of row i; region sizes into cnt[2r], border counts into cnt[2r+1]."""
+    cdef int64_t j, p, r
+    cdef const index_t *mid = a + i * w
+    cdef uint8_t *out = bor + i * w
+    if 0 < i < h - 1 and w > 2:
+        if index_t is int32_t:
+            _row_bits32(mid - w + 1, mid + 1, mid + w + 1, out + 1, w - 2)
         else:
-            bits = _border_bits(lab, i, j, h, w)
-        r = ~lab[p]
-        size[r] += 1
-        bor[p] = bits
-        ptr[r + 1] += bits != 0
+            _row_bits64(mid - w + 1, mid + 1, mid + w + 1, out + 1, w - 2)
+        out[0] = _border_bits(a, i, 0, h, w)
+        if w > 1:
+            out[w - 1] = _border_bits(a, i, w - 1, h, w)
+    else:
+        for j in range(w):
+            out[j] = _border_bits(a, i, j, h, w)
+    for j in range(w):
+        r = ~mid[j]
+        cnt[2 * r] += 1
+        cnt[2 * r + 1] += out[j] != 0
 
 
 cdef void _resolve_and_count(
-    int64_t *lab, int64_t h, int64_t w, int64_t *peak, uint8_t *bor, int64_t *size,
-    int64_t *ptr, int64_t *work
+    index_t *a, int64_t h, int64_t w, uint8_t *bor, index_t *cnt, index_t *work
 ) noexcept nogil:
-    """Resolve all labels to root codes, then bitmask, sizes and border counts.
+    """Finish resolving codes bottom-up, with the bitmask and counts of each row.
 
-    Counting row i needs rows i-1..i+1 resolved, so it trails the resolution
-    by one row while those rows are still in cache.
+    Going up, every row below row i is resolved, so a pointer down takes its
+    code in a sweep left to right (which also settles west pointers), and
+    east runs in a sweep right to left. The few pixels left point up into a
+    pixel still unresolved: they walk to the first resolved pixel and
+    compress their path (``work``, length >= w, queues them). Row i+1's
+    bitmask and counts need rows i..i+2, so they trail by one row.
     """
-    cdef int64_t p, i
-    for p in range(h * w):
-        if lab[p] < 0:
-            peak[~lab[p]] = p
-    for i in range(h):
-        _resolve_row(lab, i * w, (i + 1) * w, work)
-        if i > 0:
-            _count_row(lab, h, w, i - 1, bor, size, ptr)
-    _count_row(lab, h, w, h - 1, bor, size, ptr)
+    cdef int64_t i, j, p, q, c, x, nx, m, t
+    cdef index_t *ar
+    for i in range(h - 1, -1, -1):
+        ar = a + i * w
+        for j in range(w):
+            q = ar[j]
+            c = a[q if q >= 0 else i * w + j]
+            ar[j] = <index_t>(c if c < 0 else q)
+        m = 0
+        work[0] = i * w + w - 1
+        m += ar[w - 1] >= 0
+        for j in range(w - 2, -1, -1):
+            p = i * w + j
+            q = ar[j]
+            c = ar[j + 1]
+            q = c if q == p + 1 and c < 0 else q
+            ar[j] = <index_t>q
+            work[m] = <index_t>p
+            m += q >= 0
+        for t in range(m):
+            p = work[t]
+            c = a[p]
+            while c >= 0:
+                c = a[c]
+            x = p
+            while a[x] >= 0:
+                nx = a[x]
+                a[x] = <index_t>c
+                x = nx
+        if i + 1 < h:
+            _count_row(a, h, w, i + 1, bor, cnt)
+    _count_row(a, h, w, 0, bor, cnt)
 
 
-cdef void _region_table(
+cdef inline float _slot_float(const index_t *slot) noexcept nogil:
+    cdef float v
+    memcpy(&v, slot, sizeof(float))
+    return v
+
+
+cdef inline void _set_slot_float(index_t *slot, float v) noexcept nogil:
+    memcpy(slot, &v, sizeof(float))
+
+
+cdef bint _region_table(
     const float *flat,
+    const index_t *a,
     int64_t *lab,
     int64_t h,
     int64_t w,
     const int64_t *peak,
     const uint8_t *bor,
-    const int64_t *ptr,
-    int64_t *cursor,
+    index_t *rec,
+    index_t *cols,
     int64_t *border_index,
     int64_t *border_neighbor,
-    float *mini,
-    float *hp,
-    int64_t *pass_to,
 ) noexcept nogil:
-    """Fill the border CSR and mini/highest_pass/pass_to; turn codes into labels.
+    """Fill the border CSR and the running mini/pass; write the int64 labels.
 
-    ``lab`` holds root codes -(row + 1) on entry and peak flat indices on exit.
+    Region r's record is ``rec[4r : 4r + 4]``: fill cursor (its CSR start on
+    entry), code of the pass neighbour (0: none yet; codes are negative),
+    and as float bits the running minimum (+inf on entry) and pass (-inf on
+    entry), so one cache line serves a border pixel. The minimum skips NaN
+    and the pass moves on a strict ">", to the first pixel holding it; a
+    region whose first border value is NaN, or whose pass never rose above
+    -inf, is fixed afterwards by the caller (pyFAI starts both at the first
+    value). ``cols`` (length w) lists a row's border pixels, so the sweep
+    does not branch on every pixel. ``lab`` gets ``peak[~a[p]]`` one row
+    behind: when ``a`` lies in the upper half of ``lab``'s buffer (int32
+    codes), a label never overwrites a code still to be read. Returns True
+    if some border value is NaN.
     """
-    cdef int64_t i, j, p, r, k, nb
+    cdef int64_t i, j, p, k, m, t, nc
+    cdef bint nan_seen = False
+    cdef index_t *rr
     cdef uint8_t bits
-    cdef float v
+    cdef float v, lo, hi
+    cdef bint up
     cdef int64_t off[8]
     cdef int8_t first[256]
     _offsets(w, off)
     _first_priority(first)
     for i in range(h):
+        m = 0
         for j in range(w):
-            p = i * w + j
+            cols[m] = <index_t>j
+            m += bor[i * w + j] != 0
+        for t in range(m):
+            p = i * w + cols[t]
             bits = bor[p]
-            if bits == 0:
-                continue
-            r = ~lab[p]
-            k = cursor[r]
-            cursor[r] = k + 1
-            nb = peak[~lab[p + off[first[bits]]]]
+            rr = rec + 4 * <int64_t>(~a[p])
+            k = rr[0]
+            rr[0] = <index_t>(k + 1)
+            nc = a[p + off[first[bits]]]
             border_index[k] = p
-            border_neighbor[k] = nb
+            border_neighbor[k] = peak[~nc]
             v = flat[p]
-            # pyFAI init_values: running min / strict ">" pass from the first value
-            # (NaN after the first value never wins; v < mini implies not v > pass)
-            if k == ptr[r]:
-                mini[r] = v
-                hp[r] = v
-                pass_to[r] = nb
-            else:
-                mini[r] = v if v < mini[r] else mini[r]
-                if v > hp[r]:
-                    hp[r] = v
-                    pass_to[r] = nb
-        # rows above i are no longer read: give them their final labels
+            nan_seen |= v != v
+            lo = _slot_float(rr + 2)
+            hi = _slot_float(rr + 3)
+            up = v > hi
+            _set_slot_float(rr + 2, v if v < lo else lo)
+            _set_slot_float(rr + 3, v if up else hi)
+            rr[1] = <index_t>(nc if up else rr[1])
+        # row i - 1 is read for the last time by row i
         if i > 0:
             for p in range((i - 1) * w, i * w):
-                lab[p] = peak[~lab[p]]
+                lab[p] = peak[~a[p]]
     for p in range((h - 1) * w, h * w):
-        lab[p] = peak[~lab[p]]
+        lab[p] = peak[~a[p]]
+    return nan_seen
+
+
+cdef void _start_table(
+    const index_t *cnt, int64_t nreg, int64_t *size, int64_t *ptr, index_t *rec
+) noexcept nogil:
+    """Sizes, border CSR offsets and the records :func:`_region_table` starts from."""
+    cdef int64_t r
+    ptr[0] = 0
+    for r in range(nreg):
+        size[r] = cnt[2 * r]
+        ptr[r + 1] = ptr[r] + cnt[2 * r + 1]
+        rec[4 * r] = <index_t>ptr[r]
+        rec[4 * r + 1] = 0
+        _set_slot_float(rec + 4 * r + 2, INFINITY)
+        _set_slot_float(rec + 4 * r + 3, -INFINITY)
+
+
+cdef void _finish_table(
+    const index_t *rec,
+    int64_t nreg,
+    const float *flat,
+    const int64_t *peak,
+    const int64_t *ptr,
+    const int64_t *border_index,
+    const int64_t *border_neighbor,
+    bint nan_seen,
+    float *mini,
+    float *hp,
+    int64_t *pass_to,
+) noexcept nogil:
+    """``mini``, ``highest_pass``, ``pass_to`` from the records of :func:`_region_table`.
+
+    pyFAI starts the minimum and the pass at a region's first border value
+    and moves them with strict comparisons: a NaN first value freezes both
+    at NaN, and the pass stays at the first pixel when nothing rises above
+    it. Regions without border get NaN, NaN, -1. The first value is read
+    only if ``nan_seen`` (a random read per region).
+    """
+    cdef int64_t r, code
+    for r in range(nreg):
+        code = rec[4 * r + 1]
+        if ptr[r + 1] == ptr[r]:
+            mini[r] = NAN
+            hp[r] = NAN
+            pass_to[r] = -1
+            continue
+        mini[r] = _slot_float(rec + 4 * r + 2)
+        hp[r] = _slot_float(rec + 4 * r + 3)
+        if nan_seen and isnan(flat[border_index[ptr[r]]]):
+            mini[r] = NAN
+            hp[r] = NAN
+            code = 0
+        pass_to[r] = peak[~code] if code != 0 else border_neighbor[ptr[r]]
+
+
+cdef int64_t _climb_any(
+    const float *d, int64_t *lab, int64_t h, int64_t w, bint wide, float *best_v,
+    int32_t *best_k, int64_t **peak, int64_t *cap
+) noexcept nogil:
+    if wide:
+        return _climb_rows(d, lab, h, w, best_v, best_k, peak, cap)
+    return _climb_rows(d, <int32_t *>lab + h * w, h, w, best_v, best_k, peak, cap)
+
+
+def _segment(const float[:, ::1] data, bint wide):
+    """:func:`segment_kernel` with int64 (``wide``) or int32 working codes.
+
+    int32 codes live in the upper half of the int64 label buffer and are
+    widened into labels by the last sweep; they need h*w < 2**31.
+    """
+    cdef int64_t h = data.shape[0], w = data.shape[1]
+    cdef int64_t n = h * w
+    cdef int64_t nreg, r, nb, cap = max(64, n // 64)
+    cdef bint nan_seen
+    cdef int64_t *pk = <int64_t *>malloc(cap * sizeof(int64_t))
+    if pk == NULL:
+        raise MemoryError()
+    labels = np.empty((h, w), dtype=np.int64)
+    cdef int64_t[::1] lab = labels.reshape(-1)
+    cdef const float[::1] flat = np.asarray(data).reshape(-1)
+    cdef float[::1] best_v = np.empty(w, dtype=np.float32)
+    cdef int32_t[::1] best_k = np.empty(w, dtype=np.int32)
+    cdef int64_t[::1] peak_v
+    try:
+        with nogil:
+            nreg = _climb_any(&flat[0], &lab[0], h, w, wide, &best_v[0], &best_k[0], &pk, &cap)
+        if nreg < 0:
+            raise MemoryError()
+        peak = np.empty(nreg, dtype=np.int64)
+        peak_v = peak
+        memcpy(&peak_v[0], pk, nreg * sizeof(int64_t))
+    finally:
+        free(pk)
+    itype = np.int64 if wide else np.int32
+    borders = np.empty((h, w), dtype=np.uint8)
+    counts = np.zeros(2 * nreg, dtype=itype)
+    work = np.empty(w, dtype=itype)
+    cdef uint8_t[::1] bor = borders.reshape(-1)
+    cdef int32_t[::1] cnt32, work32
+    cdef int64_t[::1] cnt64, work64
+    if wide:
+        cnt64 = counts
+        work64 = work
+        with nogil:
+            _resolve_and_count(&lab[0], h, w, &bor[0], &cnt64[0], &work64[0])
+    else:
+        cnt32 = counts
+        work32 = work
+        with nogil:
+            _resolve_and_count(<int32_t *>&lab[0] + n, h, w, &bor[0], &cnt32[0], &work32[0])
+    size = np.empty(nreg, dtype=np.int64)
+    border_ptr = np.empty(nreg + 1, dtype=np.int64)
+    rec = np.empty(4 * nreg, dtype=itype)
+    cdef int64_t[::1] size_v = size, ptr_v = border_ptr
+    cdef int32_t[::1] rec32
+    cdef int64_t[::1] rec64
+    if wide:
+        rec64 = rec
+        with nogil:
+            _start_table(&cnt64[0], nreg, &size_v[0], &ptr_v[0], &rec64[0])
+    else:
+        rec32 = rec
+        with nogil:
+            _start_table(&cnt32[0], nreg, &size_v[0], &ptr_v[0], &rec32[0])
+    nb = border_ptr[nreg]
+    # +1: a valid address for &v[0] when there is no border pixel at all
+    border_index = np.empty(nb + 1, dtype=np.int64)
+    border_neighbor = np.empty(nb + 1, dtype=np.int64)
+    mini = np.empty(nreg, dtype=np.float32)
+    hp = np.empty(nreg, dtype=np.float32)
+    pass_to = np.empty(nreg, dtype=np.int64)
+    cdef int64_t[::1] bidx_v = border_index, bnbr_v = border_neighbor, pto_v = pass_to
+    cdef float[::1] mini_v = mini, hp_v = hp
+    if wide:
+        with nogil:
+            nan_seen = _region_table(&flat[0], &lab[0], &lab[0], h, w, &peak_v[0], &bor[0],
+                                     &rec64[0], &work64[0], &bidx_v[0], &bnbr_v[0])
+    else:
+        with nogil:
+            nan_seen = _region_table(&flat[0], <int32_t *>&lab[0] + n, &lab[0], h, w,
+                                     &peak_v[0], &bor[0], &rec32[0], &work32[0], &bidx_v[0],
+                                     &bnbr_v[0])
+    if wide:
+        with nogil:
+            _finish_table(&rec64[0], nreg, &flat[0], &peak_v[0], &ptr_v[0], &bidx_v[0],
+                          &bnbr_v[0], nan_seen, &mini_v[0], &hp_v[0], &pto_v[0])
+    else:
+        with nogil:
+            _finish_table(&rec32[0], nreg, &flat[0], &peak_v[0], &ptr_v[0], &bidx_v[0],
+                          &bnbr_v[0], nan_seen, &mini_v[0], &hp_v[0], &pto_v[0])
+    maxi = np.asarray(flat)[peak]
+    return (labels, borders, peak, size, maxi, mini, hp, pass_to,
+            border_ptr, border_index[:nb], border_neighbor[:nb])
 
 
 def segment_kernel(const float[:, ::1] data):
@@ -320,44 +534,41 @@ def segment_kernel(const float[:, ::1] data):
         ``(labels, borders, peak, size, maxi, mini, highest_pass, pass_to,
         border_ptr, border_index, border_neighbor)``, as documented in
         :class:`ccdgrid.watershed.Segmentation`.
+
+    Notes
+    -----
+    Three sweeps over the image: down (successors, resolved where rows
+    above allow), up (the rest of the resolution, the bitmask, sizes and
+    border counts), down (border CSR, passes, int64 labels). Working codes
+    are int32 below 2**31 pixels.
     """
-    cdef int64_t h = data.shape[0], w = data.shape[1]
-    cdef int64_t nreg, r
-    labels = np.empty((h, w), dtype=np.int64)
-    cdef int64_t[::1] lab = labels.reshape(-1)
-    cdef const float[::1] flat = np.asarray(data).reshape(-1)
-    cdef float[::1] best_v = np.empty(w, dtype=np.float32)
-    cdef int32_t[::1] best_k = np.empty(w, dtype=np.int32)
-    cdef int64_t[::1] best_k64 = np.empty(w, dtype=np.int64)  # resolve work queue
-    with nogil:
-        nreg = _pointers(&flat[0], &lab[0], h, w, &best_v[0], &best_k[0])
-    peak = np.empty(nreg, dtype=np.int64)
-    size = np.zeros(nreg, dtype=np.int64)
-    border_ptr = np.zeros(nreg + 1, dtype=np.int64)
-    borders = np.empty((h, w), dtype=np.uint8)
-    cdef int64_t[::1] peak_v = peak, size_v = size, ptr_v = border_ptr
-    cdef uint8_t[::1] bor = borders.reshape(-1)
-    with nogil:
-        _resolve_and_count(&lab[0], h, w, &peak_v[0], &bor[0], &size_v[0], &ptr_v[0],
-                           &best_k64[0])
-        for r in range(nreg):
-            ptr_v[r + 1] += ptr_v[r]
-    nb = border_ptr[nreg]
-    # +1: a valid address for &v[0] when there is no border pixel at all
-    border_index = np.empty(nb + 1, dtype=np.int64)
-    border_neighbor = np.empty(nb + 1, dtype=np.int64)
-    mini = np.full(nreg, np.nan, dtype=np.float32)
-    hp = np.full(nreg, np.nan, dtype=np.float32)
-    pass_to = np.full(nreg, -1, dtype=np.int64)
-    cdef int64_t[::1] cursor = border_ptr[:-1].copy()
-    cdef int64_t[::1] bidx_v = border_index, bnbr_v = border_neighbor, pto_v = pass_to
-    cdef float[::1] mini_v = mini, hp_v = hp
-    with nogil:
-        _region_table(&flat[0], &lab[0], h, w, &peak_v[0], &bor[0], &ptr_v[0], &cursor[0],
-                      &bidx_v[0], &bnbr_v[0], &mini_v[0], &hp_v[0], &pto_v[0])
-    maxi = np.asarray(flat)[peak]
-    return (labels, borders, peak, size, maxi, mini, hp, pass_to,
-            border_ptr, border_index[:nb], border_neighbor[:nb])
+    return _segment(data, data.shape[0] * data.shape[1] >= 2**31)
+
+
+cdef void _row_starts(
+    const int64_t *peak, int64_t nbas, int64_t h, int64_t w, int64_t *row_start
+) noexcept nogil:
+    """``row_start[y]``: the first basin whose peak lies in image row y or below."""
+    cdef int64_t y, b = 0
+    for y in range(h + 1):
+        while b < nbas and peak[b] < y * w:
+            b += 1
+        row_start[y] = b
+
+
+cdef inline int64_t _basin_of(
+    const int64_t *peak, const int64_t *row_start, int64_t w, int64_t label
+) noexcept nogil:
+    """Basin row of a label (a peak's flat index): bisection among its image row's peaks."""
+    cdef int64_t y = label // w
+    cdef int64_t lo = row_start[y], hi = row_start[y + 1] - 1, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if peak[mid] < label:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 cdef inline int64_t _find(int64_t *parent, int64_t x) noexcept nogil:
@@ -384,7 +595,7 @@ cdef void _union_singletons(
     const float[::1] mini,
     const int64_t[::1] ptr,
     const int64_t[::1] border_neighbor,
-    const index_t[::1] rowmap,
+    const int64_t[::1] row_start,
     int64_t[::1] parent,
     int64_t[::1] ring,
     int64_t[::1] cur_size,
@@ -419,13 +630,13 @@ cdef void _union_singletons(
                 if (bits >> prio[b]) & 1:
                     q = p + off[prio[b]]
                     if flat[q] == maxi[r]:
-                        t = _find(&parent[0], rowmap[lab[q]])
+                        t = _find(&parent[0], _basin_of(&peak[0], &row_start[0], w, lab[q]))
                         break
         if t < 0:
             m = r
             while True:
                 for e in range(ptr[m], ptr[m + 1]):
-                    c = _find(&parent[0], rowmap[border_neighbor[e]])
+                    c = _find(&parent[0], _basin_of(&peak[0], &row_start[0], w, border_neighbor[e]))
                     if c == r or isnan(maxi[c]):
                         continue
                     if t < 0 or maxi[c] > maxi[t] or (maxi[c] == maxi[t] and c < t):
@@ -456,6 +667,8 @@ cdef void _merged_borders(
     const int64_t[::1] lab,
     const uint8_t[::1] bor,
     int64_t w,
+    const int64_t[::1] peak,
+    const int64_t[::1] row_start,
     const int64_t[::1] region,
     const int64_t[::1] peaks_ptr,
     const int64_t[::1] ptr,
@@ -464,7 +677,6 @@ cdef void _merged_borders(
     const float[::1] old_hp,
     const int64_t[::1] old_pass_to,
     const int64_t[::1] rep,
-    const index_t[::1] rowmap,
     int64_t[::1] new_ptr,
     int64_t[::1] new_index,
     int64_t[::1] new_nbr,
@@ -474,26 +686,34 @@ cdef void _merged_borders(
     """Border CSR of the merged regions in raster order, with pass and pass_to.
 
     A basin's border pixel stays iff its recorded neighbour lies in another
-    region, which can only fail in regions made of several basins: a region
-    of one basin keeps its border and pass as they are. ``new_ptr`` holds the
-    counts' cumsum.
+    region, which can only fail in regions made of several basins: regions
+    of one basin keep their border and pass as they are, and a run of them
+    sits at consecutive places in both tables, so it is copied at once.
+    ``new_ptr`` holds the counts' cumsum.
     """
     cdef int64_t nbas = region.shape[0]
     cdef int64_t nreg = peaks_ptr.shape[0] - 1
-    cdef int64_t b, e, g, k, f, start, stop, p, cnt
+    cdef int64_t b, e, g, k, f, start, stop, p, run = 0
     cdef float v
     for f in range(nreg):
         pass_to[f] = new_ptr[f]  # used as a fill cursor until the pass loop below
-    for b in range(nbas):
-        g = region[b]
-        if peaks_ptr[g + 1] - peaks_ptr[g] == 1:
-            cnt = ptr[b + 1] - ptr[b]
-            k = new_ptr[g]
-            memcpy(&new_index[k], &border_index[ptr[b]], cnt * sizeof(int64_t))
-            memcpy(&new_nbr[k], &border_neighbor[ptr[b]], cnt * sizeof(int64_t))
-            continue
+    for b in range(nbas + 1):
+        if b < nbas:
+            g = region[b]
+            if peaks_ptr[g + 1] - peaks_ptr[g] == 1:
+                continue
+        # basins run .. b-1 are whole regions
+        if b > run:
+            k = ptr[b] - ptr[run]
+            memcpy(&new_index[new_ptr[region[run]]], &border_index[ptr[run]],
+                   k * sizeof(int64_t))
+            memcpy(&new_nbr[new_ptr[region[run]]], &border_neighbor[ptr[run]],
+                   k * sizeof(int64_t))
+        run = b + 1
+        if b == nbas:
+            break
         for e in range(ptr[b], ptr[b + 1]):
-            if region[rowmap[border_neighbor[e]]] != g:
+            if region[_basin_of(&peak[0], &row_start[0], w, border_neighbor[e])] != g:
                 k = pass_to[g]
                 pass_to[g] = k + 1
                 new_index[k] = border_index[e]
@@ -531,10 +751,12 @@ def _merge_impl(
     const int64_t[::1] border_ptr,
     const int64_t[::1] border_index,
     const int64_t[::1] border_neighbor,
-    index_t[::1] rowmap,
 ):
     cdef int64_t nbas = peak.shape[0]
+    cdef int64_t h = lab.shape[0] // w
     cdef int64_t b, e, r, g, nreg, k
+    row_start = np.empty(h + 1, dtype=np.int64)
+    cdef int64_t[::1] rs = row_start
     parent = np.arange(nbas, dtype=np.int64)
     ring = np.arange(nbas, dtype=np.int64)
     cur_size = np.array(size, dtype=np.int64)
@@ -542,10 +764,9 @@ def _merge_impl(
     cdef int64_t[::1] par = parent, size_v = cur_size, ring_v = ring
     cdef float[::1] mini_v = cur_mini
     with nogil:
-        for b in range(nbas):
-            rowmap[peak[b]] = <index_t>b
+        _row_starts(&peak[0], nbas, h, w, &rs[0])
         _union_singletons(flat, lab, bor, w, peak, maxi, mini, border_ptr, border_neighbor,
-                          rowmap, par, ring_v, size_v, mini_v)
+                          rs, par, ring_v, size_v, mini_v)
         nreg = 0
         for b in range(nbas):
             if _find(&par[0], b) == b:
@@ -596,7 +817,7 @@ def _merge_impl(
                 nptr[r + 1] += border_ptr[b + 1] - border_ptr[b]
             else:
                 for e in range(border_ptr[b], border_ptr[b + 1]):
-                    if reg[rowmap[border_neighbor[e]]] != r:
+                    if reg[_basin_of(&peak[0], &rs[0], w, border_neighbor[e])] != r:
                         nptr[r + 1] += 1
         for r in range(nreg):
             nptr[r + 1] += nptr[r]
@@ -608,8 +829,9 @@ def _merge_impl(
     cdef int64_t[::1] nidx = new_index, nnbr = new_nbr, pto = new_pass_to
     cdef float[::1] hp_v = new_hp
     with nogil:
-        _merged_borders(flat, lab, bor, w, reg, pptr, border_ptr, border_index, border_neighbor,
-                        highest_pass, pass_to, rep_v, rowmap, nptr, nidx, nnbr, hp_v, pto)
+        _merged_borders(flat, lab, bor, w, peak, rs, reg, pptr, border_ptr, border_index,
+                        border_neighbor, highest_pass, pass_to, rep_v, nptr, nidx, nnbr, hp_v,
+                        pto)
     return (basin_region, new_peak, new_size, new_maxi, new_mini, new_hp, new_pass_to,
             new_ptr, new_index, new_nbr, peaks_ptr, peaks)
 
@@ -644,13 +866,8 @@ def merge_kernel(
         ``(basin_region, peak, size, maxi, mini, highest_pass, pass_to,
         border_ptr, border_index, border_neighbor, peaks_ptr, peaks)``.
     """
-    cdef int64_t h = data.shape[0], w = data.shape[1]
-    cdef int64_t n = h * w
-    # int32 row indices halve the N-sized lookup table whenever they fit
-    itype = np.int32 if n < 2**31 else np.int64
-    rowmap = np.empty(n, dtype=itype)
     return _merge_impl(
         np.asarray(data).reshape(-1), np.asarray(labels).reshape(-1),
-        np.asarray(borders).reshape(-1), w, peak, size, maxi, mini, highest_pass, pass_to,
-        border_ptr, border_index, border_neighbor, rowmap,
+        np.asarray(borders).reshape(-1), data.shape[1], peak, size, maxi, mini, highest_pass,
+        pass_to, border_ptr, border_index, border_neighbor,
     )
