@@ -5,7 +5,9 @@ pure-numpy twins with the same signatures are in
 :mod:`ccdgrid._reference.watershed`; both follow PYFAI_NOTES section 1.
 
 Preconditions (not checked here; breaking them reads out of bounds):
-``data`` is C-contiguous float32 (h, w) with h*w >= 1; the segmentation arrays
+``data`` is C-contiguous float32 or float64 (h, w) with h*w >= 1 (float64
+values are rounded to float32 where read, so no float32 copy of the image
+is made); the segmentation arrays
 passed to :func:`merge_kernel` are exactly those :func:`segment_kernel`
 returned for that ``data``.
 """
@@ -20,6 +22,10 @@ from libc.string cimport memcpy
 ctypedef fused index_t:
     int32_t
     int64_t
+
+ctypedef fused real_t:
+    float
+    double
 
 
 cdef inline int64_t _recorded_neighbour(
@@ -147,9 +153,27 @@ cdef extern from *:
     ) noexcept nogil
 
 
+cdef inline const float *_row_f32(const real_t *d, float *ring, int64_t i, int64_t w) noexcept nogil:
+    """Row i of the image as float32: in place, or in the 3-row ring for float64 data."""
+    if real_t is float:
+        return d + i * w
+    else:
+        return ring + (i % 3) * w
+
+
+cdef inline void _load_row(const real_t *d, float *ring, int64_t i, int64_t w) noexcept nogil:
+    """Round row i of float64 data to float32 into its ring slot (float32 data: nothing)."""
+    cdef int64_t j
+    cdef float *out = ring + (i % 3) * w
+    cdef const real_t *src = d + i * w
+    if real_t is double:
+        for j in range(w):
+            out[j] = <float>src[j]
+
+
 cdef int64_t _climb_rows(
-    const float *d, index_t *a, int64_t h, int64_t w, float *best_v, int32_t *best_k,
-    int64_t **peak, int64_t *cap
+    const real_t *d, index_t *a, int64_t h, int64_t w, float *best_v, int32_t *best_k,
+    float *ring, int64_t **peak, int64_t *cap
 ) noexcept nogil:
     """Successor pointers, row by row, already resolved where that is free.
 
@@ -159,7 +183,8 @@ cdef int64_t _climb_rows(
     code -(r + 1), r = its rank in raster order, and its flat index goes to
     ``peak[0][r]`` (grown by doubling ``cap[0]``). The eight window positions
     are swept over row buffers ``best_v``/``best_k`` of length w, which keeps
-    the comparisons branch-free. Then the row is resolved as far as rows
+    the comparisons branch-free; float64 data are rounded to float32 a row
+    at a time into ``ring`` (3 rows). Then the row is resolved as far as rows
     above allow: a pixel whose successor lies above or to its left takes the
     successor's code if it has one, and runs of east pointers take the code
     of their end, right to left. What is left (chains that go down) is the
@@ -177,8 +202,11 @@ cdef int64_t _climb_rows(
     cdef int64_t delta[9]
     for k in range(9):
         delta[k] = (k // 3 - 1) * w + (k % 3 - 1)
+    _load_row(d, ring, 0, w)
     for i in range(h):
-        row = d + i * w
+        if i + 1 < h:
+            _load_row(d, ring, i + 1, w)
+        row = _row_f32(d, ring, i, w)
         ar = a + i * w
         for j in range(w):
             best_v[j] = row[j]
@@ -190,7 +218,7 @@ cdef int64_t _climb_rows(
                 continue
             # the column range whose neighbour (i + dy, j + dx) is inside the image
             jlo = 1 if dx < 0 else 0
-            _row_best(d + (i + dy) * w + jlo + dx, best_v + jlo, best_k + jlo,
+            _row_best(_row_f32(d, ring, i + dy, w) + jlo + dx, best_v + jlo, best_k + jlo,
                       w - (1 if dx else 0), k)
         for j in range(w):
             p = i * w + j
@@ -300,7 +328,7 @@ cdef inline void _set_slot_float(index_t *slot, float v) noexcept nogil:
 
 
 cdef bint _region_table(
-    const float *flat,
+    const real_t *flat,
     const index_t *a,
     int64_t *lab,
     int64_t h,
@@ -351,7 +379,7 @@ cdef bint _region_table(
             nc = a[p + off[first[bits]]]
             border_index[k] = p
             border_neighbor[k] = peak[~nc]
-            v = flat[p]
+            v = <float>flat[p]
             nan_seen |= v != v
             lo = _slot_float(rr + 2)
             hi = _slot_float(rr + 3)
@@ -386,7 +414,7 @@ cdef void _start_table(
 cdef void _finish_table(
     const index_t *rec,
     int64_t nreg,
-    const float *flat,
+    const real_t *flat,
     const int64_t *peak,
     const int64_t *ptr,
     const int64_t *border_index,
@@ -422,15 +450,15 @@ cdef void _finish_table(
 
 
 cdef int64_t _climb_any(
-    const float *d, int64_t *lab, int64_t h, int64_t w, bint wide, float *best_v,
-    int32_t *best_k, int64_t **peak, int64_t *cap
+    const real_t *d, int64_t *lab, int64_t h, int64_t w, bint wide, float *best_v,
+    int32_t *best_k, float *ring, int64_t **peak, int64_t *cap
 ) noexcept nogil:
     if wide:
-        return _climb_rows(d, lab, h, w, best_v, best_k, peak, cap)
-    return _climb_rows(d, <int32_t *>lab + h * w, h, w, best_v, best_k, peak, cap)
+        return _climb_rows(d, lab, h, w, best_v, best_k, ring, peak, cap)
+    return _climb_rows(d, <int32_t *>lab + h * w, h, w, best_v, best_k, ring, peak, cap)
 
 
-def _segment(const float[:, ::1] data, bint wide):
+def _segment(const real_t[:, ::1] data, bint wide):
     """:func:`segment_kernel` with int64 (``wide``) or int32 working codes.
 
     int32 codes live in the upper half of the int64 label buffer and are
@@ -445,13 +473,15 @@ def _segment(const float[:, ::1] data, bint wide):
         raise MemoryError()
     labels = np.empty((h, w), dtype=np.int64)
     cdef int64_t[::1] lab = labels.reshape(-1)
-    cdef const float[::1] flat = np.asarray(data).reshape(-1)
+    cdef const real_t[::1] flat = np.asarray(data).reshape(-1)
     cdef float[::1] best_v = np.empty(w, dtype=np.float32)
+    cdef float[::1] ring = np.empty(3 * w if real_t is double else 1, dtype=np.float32)
     cdef int32_t[::1] best_k = np.empty(w, dtype=np.int32)
     cdef int64_t[::1] peak_v
     try:
         with nogil:
-            nreg = _climb_any(&flat[0], &lab[0], h, w, wide, &best_v[0], &best_k[0], &pk, &cap)
+            nreg = _climb_any(&flat[0], &lab[0], h, w, wide, &best_v[0], &best_k[0], &ring[0],
+                              &pk, &cap)
         if nreg < 0:
             raise MemoryError()
         peak = np.empty(nreg, dtype=np.int64)
@@ -516,17 +546,18 @@ def _segment(const float[:, ::1] data, bint wide):
         with nogil:
             _finish_table(&rec32[0], nreg, &flat[0], &peak_v[0], &ptr_v[0], &bidx_v[0],
                           &bnbr_v[0], nan_seen, &mini_v[0], &hp_v[0], &pto_v[0])
-    maxi = np.asarray(flat)[peak]
+    maxi = np.asarray(flat)[peak].astype(np.float32, copy=False)
     return (labels, borders, peak, size, maxi, mini, hp, pass_to,
             border_ptr, border_index[:nb], border_neighbor[:nb])
 
 
-def segment_kernel(const float[:, ::1] data):
-    """Inverse watershed segmentation of a float32 image.
+def segment_kernel(data):
+    """Inverse watershed segmentation of an image compared as float32.
 
     Parameters
     ----------
-    data : ndarray of float32, shape (h, w), C-contiguous, h*w >= 1
+    data : ndarray of float32 or float64, shape (h, w), C-contiguous, h*w >= 1
+        float64 values are rounded to float32 where they are read.
 
     Returns
     -------
@@ -586,7 +617,7 @@ cdef int _cmp_int64(const void *a, const void *b) noexcept nogil:
 
 
 cdef void _union_singletons(
-    const float[::1] flat,
+    const real_t[::1] flat,
     const int64_t[::1] lab,
     const uint8_t[::1] bor,
     int64_t w,
@@ -629,7 +660,7 @@ cdef void _union_singletons(
             for b in range(8):
                 if (bits >> prio[b]) & 1:
                     q = p + off[prio[b]]
-                    if flat[q] == maxi[r]:
+                    if <float>flat[q] == maxi[r]:
                         t = _find(&parent[0], _basin_of(&peak[0], &row_start[0], w, lab[q]))
                         break
         if t < 0:
@@ -663,7 +694,7 @@ cdef void _union_singletons(
 
 
 cdef void _merged_borders(
-    const float[::1] flat,
+    const real_t[::1] flat,
     const int64_t[::1] lab,
     const uint8_t[::1] bor,
     int64_t w,
@@ -731,14 +762,14 @@ cdef void _merged_borders(
         for k in range(start, stop):
             p = new_index[k]
             new_nbr[k] = _recorded_neighbour(&lab[0], p, bor[p], w)
-            v = flat[p]
+            v = <float>flat[p]
             if k == start or v > hp[f]:
                 hp[f] = v
                 pass_to[f] = new_nbr[k]
 
 
 def _merge_impl(
-    const float[::1] flat,
+    const real_t[::1] flat,
     const int64_t[::1] lab,
     const uint8_t[::1] bor,
     int64_t w,
@@ -837,7 +868,7 @@ def _merge_impl(
 
 
 def merge_kernel(
-    const float[:, ::1] data,
+    data,
     const int64_t[:, ::1] labels,
     const uint8_t[:, ::1] borders,
     const int64_t[::1] peak,
@@ -859,6 +890,7 @@ def merge_kernel(
     peak index). The larger maximum keeps the peak (a tie keeps the visited
     region), sizes add up, mini is the minimum of the parts' minis, and the
     border, pass and pass_to are recomputed over the merged border.
+    ``data`` is the segmented image, float32 or float64 C-contiguous (h, w).
 
     Returns
     -------

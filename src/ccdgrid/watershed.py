@@ -171,9 +171,19 @@ def segment(image, *, backend="cython"):
     pointers once per pixel (path compression), so the cost is O(h*w).
     """
     check_backend(backend)
-    data = as_image(image, "image")
+    data = _kernel_image(image, "image")
     out = _ENGINES[backend].segment_kernel(data)
     return _basin_segmentation(data.shape, *out)
+
+
+def _kernel_image(image, name):
+    """``image`` as the kernels take it: C-contiguous float64 if it is float64, else float32.
+
+    The kernels round float64 values to float32 where they read them, which
+    saves a float32 copy of the whole image.
+    """
+    dtype = np.float64 if np.asarray(image).dtype == np.float64 else np.float32
+    return as_image(image, name, dtype=dtype)
 
 
 def _basin_segmentation(
@@ -241,7 +251,7 @@ def merge_singletons(segmentation, image, *, backend="cython"):
         )
     if segmentation.is_merged:
         raise CcdgridError("`segmentation` is already merged: pass the result of segment()")
-    data = as_image(image, "image")
+    data = _kernel_image(image, "image")
     if data.shape != segmentation.shape:
         raise CcdgridError(
             f"`image` has shape {data.shape} but `segmentation` was made on {segmentation.shape}"

@@ -10,8 +10,9 @@ specification the kernels are tested against and the ``backend="numpy"`` path.
   Python over the singleton basins only (never per pixel); everything else is
   vectorised.
 
-Both trust their inputs: ``data`` is a C-contiguous float32 (h, w) array and
-the segmentation arrays are the ones :func:`segment_kernel` returned.
+Both trust their inputs: ``data`` is a C-contiguous float32 or float64 (h, w)
+array, compared as float32, and the segmentation arrays are the ones
+:func:`segment_kernel` returned.
 """
 
 import numpy as np
@@ -119,7 +120,8 @@ def segment_kernel(data):
 
     Parameters
     ----------
-    data : ndarray of float32, shape (h, w), C-contiguous
+    data : ndarray of float32 or float64, shape (h, w), C-contiguous
+        Compared as float32.
 
     Returns
     -------
@@ -128,6 +130,7 @@ def segment_kernel(data):
         border_ptr, border_index, border_neighbor)`` as documented in
         :class:`ccdgrid.watershed.Segmentation`.
     """
+    data = data.astype(np.float32, copy=False)
     h, w = data.shape
     flat = data.ravel()
     labels = _climb(data)
@@ -229,8 +232,8 @@ def merge_kernel(
 
     Parameters
     ----------
-    data : ndarray of float32, shape (h, w), C-contiguous
-        The image that was segmented.
+    data : ndarray of float32 or float64, shape (h, w), C-contiguous
+        The image that was segmented (compared as float32).
     labels : ndarray of int64, shape (h, w)
     borders : ndarray of uint8, shape (h, w)
     peak, size, maxi, mini, highest_pass, pass_to : ndarray
@@ -246,6 +249,7 @@ def merge_kernel(
         border_ptr, border_index, border_neighbor, peaks_ptr, peaks)`` of the
         merged table; ``basin_region`` (R_basins,) maps basins to region rows.
     """
+    data = data.astype(np.float32, copy=False)
     width = data.shape[1]
     lab = labels.ravel()
     border_nrow = np.searchsorted(peak, border_neighbor)
