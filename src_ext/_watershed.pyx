@@ -28,6 +28,24 @@ ctypedef fused real_t:
     double
 
 
+def _block(*specs):
+    """Arrays of the given ``(length, dtype)``, as views into one allocation.
+
+    numpy maps allocations of 4 MiB or more with huge pages; arrays of a
+    few MB each would take a page fault per 4 KiB instead, which cost about
+    0.5 ms per MB where this was measured (as much as the kernels' work on
+    them). Views start on 64-byte boundaries.
+    """
+    sizes = [(n * np.dtype(dt).itemsize + 63) // 64 * 64 for n, dt in specs]
+    buf = np.empty(max(sum(sizes), 1), dtype=np.uint8)
+    out = []
+    off = 0
+    for (n, dt), nbytes in zip(specs, sizes):
+        out.append(buf[off:off + n * np.dtype(dt).itemsize].view(dt))
+        off += nbytes
+    return out
+
+
 cdef inline int64_t _recorded_neighbour(
     const int64_t *lab, int64_t p, uint8_t bits, int64_t w
 ) noexcept nogil:
@@ -484,15 +502,18 @@ def _segment(const real_t[:, ::1] data, bint wide):
                               &pk, &cap)
         if nreg < 0:
             raise MemoryError()
-        peak = np.empty(nreg, dtype=np.int64)
+        peak, size, border_ptr, pass_to, maxi, mini, hp = _block(
+            *[(nreg, np.int64)] * 2, (nreg + 1, np.int64), (nreg, np.int64),
+            *[(nreg, np.float32)] * 3
+        )
         peak_v = peak
         memcpy(&peak_v[0], pk, nreg * sizeof(int64_t))
     finally:
         free(pk)
     itype = np.int64 if wide else np.int32
     borders = np.empty((h, w), dtype=np.uint8)
-    counts = np.zeros(2 * nreg, dtype=itype)
-    work = np.empty(w, dtype=itype)
+    counts, rec, work = _block((2 * nreg, itype), (4 * nreg, itype), (w, itype))
+    counts[:] = 0
     cdef uint8_t[::1] bor = borders.reshape(-1)
     cdef int32_t[::1] cnt32, work32
     cdef int64_t[::1] cnt64, work64
@@ -506,9 +527,6 @@ def _segment(const real_t[:, ::1] data, bint wide):
         work32 = work
         with nogil:
             _resolve_and_count(<int32_t *>&lab[0] + n, h, w, &bor[0], &cnt32[0], &work32[0])
-    size = np.empty(nreg, dtype=np.int64)
-    border_ptr = np.empty(nreg + 1, dtype=np.int64)
-    rec = np.empty(4 * nreg, dtype=itype)
     cdef int64_t[::1] size_v = size, ptr_v = border_ptr
     cdef int32_t[::1] rec32
     cdef int64_t[::1] rec64
@@ -524,9 +542,6 @@ def _segment(const real_t[:, ::1] data, bint wide):
     # +1: a valid address for &v[0] when there is no border pixel at all
     border_index = np.empty(nb + 1, dtype=np.int64)
     border_neighbor = np.empty(nb + 1, dtype=np.int64)
-    mini = np.empty(nreg, dtype=np.float32)
-    hp = np.empty(nreg, dtype=np.float32)
-    pass_to = np.empty(nreg, dtype=np.int64)
     cdef int64_t[::1] bidx_v = border_index, bnbr_v = border_neighbor, pto_v = pass_to
     cdef float[::1] mini_v = mini, hp_v = hp
     if wide:
@@ -546,7 +561,7 @@ def _segment(const real_t[:, ::1] data, bint wide):
         with nogil:
             _finish_table(&rec32[0], nreg, &flat[0], &peak_v[0], &ptr_v[0], &bidx_v[0],
                           &bnbr_v[0], nan_seen, &mini_v[0], &hp_v[0], &pto_v[0])
-    maxi = np.asarray(flat)[peak].astype(np.float32, copy=False)
+    maxi[:] = np.asarray(flat)[peak]
     return (labels, borders, peak, size, maxi, mini, hp, pass_to,
             border_ptr, border_index[:nb], border_neighbor[:nb])
 
@@ -701,71 +716,62 @@ cdef void _merged_borders(
     const int64_t[::1] peak,
     const int64_t[::1] row_start,
     const int64_t[::1] region,
-    const int64_t[::1] peaks_ptr,
+    const int64_t[::1] slot,
     const int64_t[::1] ptr,
     const int64_t[::1] border_index,
     const int64_t[::1] border_neighbor,
     const float[::1] old_hp,
     const int64_t[::1] old_pass_to,
     const int64_t[::1] rep,
-    int64_t[::1] new_ptr,
-    int64_t[::1] new_index,
-    int64_t[::1] new_nbr,
+    const int64_t[::1] patch_ptr,
+    int64_t[::1] patch_index,
+    int64_t[::1] patch_nbr,
     float[::1] hp,
     int64_t[::1] pass_to,
 ) noexcept nogil:
-    """Border CSR of the merged regions in raster order, with pass and pass_to.
+    """Border patch of the regions made of several basins, and every pass / pass_to.
 
     A basin's border pixel stays iff its recorded neighbour lies in another
-    region, which can only fail in regions made of several basins: regions
-    of one basin keep their border and pass as they are, and a run of them
-    sits at consecutive places in both tables, so it is copied at once.
-    ``new_ptr`` holds the counts' cumsum.
+    region, which can only fail in regions of several basins: regions of one
+    basin keep their basin's border, pass and pass_to, and only the others
+    (``slot[r] >= 0``) get their border written, in raster order, into the
+    patch CSR ``patch_ptr`` (counts' cumsum, filled here).
     """
     cdef int64_t nbas = region.shape[0]
-    cdef int64_t nreg = peaks_ptr.shape[0] - 1
-    cdef int64_t b, e, g, k, f, start, stop, p, run = 0
+    cdef int64_t nreg = slot.shape[0]
+    cdef int64_t b, e, g, k, f, start, stop, p
     cdef float v
     for f in range(nreg):
-        pass_to[f] = new_ptr[f]  # used as a fill cursor until the pass loop below
-    for b in range(nbas + 1):
-        if b < nbas:
-            g = region[b]
-            if peaks_ptr[g + 1] - peaks_ptr[g] == 1:
-                continue
-        # basins run .. b-1 are whole regions
-        if b > run:
-            k = ptr[b] - ptr[run]
-            memcpy(&new_index[new_ptr[region[run]]], &border_index[ptr[run]],
-                   k * sizeof(int64_t))
-            memcpy(&new_nbr[new_ptr[region[run]]], &border_neighbor[ptr[run]],
-                   k * sizeof(int64_t))
-        run = b + 1
-        if b == nbas:
-            break
+        if slot[f] >= 0:
+            pass_to[f] = patch_ptr[slot[f]]  # a fill cursor until the pass loop below
+    for b in range(nbas):
+        g = region[b]
+        if slot[g] < 0:
+            continue
         for e in range(ptr[b], ptr[b + 1]):
             if region[_basin_of(&peak[0], &row_start[0], w, border_neighbor[e])] != g:
                 k = pass_to[g]
                 pass_to[g] = k + 1
-                new_index[k] = border_index[e]
+                patch_index[k] = border_index[e]
     for f in range(nreg):
-        start = new_ptr[f]
-        stop = new_ptr[f + 1]
-        if peaks_ptr[f + 1] - peaks_ptr[f] == 1:
-            b = rep[f]
-            hp[f] = old_hp[b]
-            pass_to[f] = old_pass_to[b]
+        if slot[f] < 0:
+            hp[f] = old_hp[rep[f]]
+            pass_to[f] = old_pass_to[rep[f]]
+            continue
+        start = patch_ptr[slot[f]]
+        stop = patch_ptr[slot[f] + 1]
+        pass_to[f] = -1
+        if stop == start:
             continue
         # several basins: their raster-ordered runs interleave
-        qsort(&new_index[start], stop - start, sizeof(int64_t), _cmp_int64)
-        pass_to[f] = -1
+        qsort(&patch_index[start], stop - start, sizeof(int64_t), _cmp_int64)
         for k in range(start, stop):
-            p = new_index[k]
-            new_nbr[k] = _recorded_neighbour(&lab[0], p, bor[p], w)
+            p = patch_index[k]
+            patch_nbr[k] = _recorded_neighbour(&lab[0], p, bor[p], w)
             v = <float>flat[p]
             if k == start or v > hp[f]:
                 hp[f] = v
-                pass_to[f] = new_nbr[k]
+                pass_to[f] = patch_nbr[k]
 
 
 def _merge_impl(
@@ -785,13 +791,19 @@ def _merge_impl(
 ):
     cdef int64_t nbas = peak.shape[0]
     cdef int64_t h = lab.shape[0] // w
-    cdef int64_t b, e, r, g, nreg, k
+    cdef int64_t b, e, r, g, nreg, k, nmulti
     row_start = np.empty(h + 1, dtype=np.int64)
     cdef int64_t[::1] rs = row_start
-    parent = np.arange(nbas, dtype=np.int64)
-    ring = np.arange(nbas, dtype=np.int64)
-    cur_size = np.array(size, dtype=np.int64)
-    cur_mini = np.array(mini, dtype=np.float32)
+    parent, ring, cur_size, cur_mini, slot, rep = _block(
+        *[(nbas, np.int64)] * 3, (nbas, np.float32), *[(nbas, np.int64)] * 2
+    )
+    # outputs: region tables sized for the worst case (no merge), cut to R below
+    (basin_region, peaks, new_peak, new_size, new_pass_to, peaks_ptr, new_maxi, new_mini,
+     new_hp) = _block(*[(nbas, np.int64)] * 5, (nbas + 1, np.int64), *[(nbas, np.float32)] * 3)
+    parent[:] = np.arange(nbas)
+    ring[:] = parent
+    cur_size[:] = size
+    cur_mini[:] = mini
     cdef int64_t[::1] par = parent, size_v = cur_size, ring_v = ring
     cdef float[::1] mini_v = cur_mini
     with nogil:
@@ -802,17 +814,20 @@ def _merge_impl(
         for b in range(nbas):
             if _find(&par[0], b) == b:
                 nreg += 1
-    basin_region = np.empty(nbas, dtype=np.int64)
-    new_peak = np.empty(nreg, dtype=np.int64)
-    new_size = np.zeros(nreg, dtype=np.int64)
-    new_maxi = np.empty(nreg, dtype=np.float32)
-    new_mini = np.empty(nreg, dtype=np.float32)
-    peaks_ptr = np.zeros(nreg + 1, dtype=np.int64)
-    peaks = np.empty(nbas, dtype=np.int64)
-    new_ptr = np.zeros(nreg + 1, dtype=np.int64)
-    rep = np.empty(nreg, dtype=np.int64)
+    new_peak = new_peak[:nreg]
+    new_size = new_size[:nreg]
+    new_size[:] = 0
+    new_maxi = new_maxi[:nreg]
+    new_mini = new_mini[:nreg]
+    peaks_ptr = peaks_ptr[:nreg + 1]
+    peaks_ptr[:] = 0
+    new_hp = new_hp[:nreg]
+    new_hp[:] = np.nan
+    new_pass_to = new_pass_to[:nreg]
+    slot = slot[:nreg]
+    rep = rep[:nreg]
     cdef int64_t[::1] reg = basin_region, npk = new_peak, nsz = new_size, rep_v = rep
-    cdef int64_t[::1] pptr = peaks_ptr, pks = peaks, nptr = new_ptr
+    cdef int64_t[::1] pptr = peaks_ptr, pks = peaks, slot_v = slot
     cdef float[::1] nmaxi = new_maxi, nmini = new_mini
     with nogil:
         # representatives are numbered in basin order, i.e. by peak flat index
@@ -830,41 +845,41 @@ def _merge_impl(
             reg[b] = r
             nsz[r] += size[b]
             pptr[r + 1] += 1
+        nmulti = 0
         for r in range(nreg):
+            slot_v[r] = nmulti if pptr[r + 1] > 1 else -1
+            nmulti += pptr[r + 1] > 1
             pptr[r + 1] += pptr[r]
-        # peaks CSR: counting sort of basins by region, basin order kept
+        # peaks CSR: counting sort of basins by region, basin order kept (ring as cursor)
         for r in range(nreg):
-            nptr[r] = pptr[r]
+            ring_v[r] = pptr[r]
         for b in range(nbas):
             r = reg[b]
-            pks[nptr[r]] = peak[b]
-            nptr[r] += 1
-        # border counts: only regions of several basins lose pixels
-        for r in range(nreg + 1):
-            nptr[r] = 0
+            pks[ring_v[r]] = peak[b]
+            ring_v[r] += 1
+    patch_ptr = np.zeros(nmulti + 1, dtype=np.int64)
+    cdef int64_t[::1] qptr = patch_ptr
+    with nogil:
+        # border counts of the regions of several basins: pixels facing their own region go
         for b in range(nbas):
             r = reg[b]
-            if pptr[r + 1] - pptr[r] == 1:
-                nptr[r + 1] += border_ptr[b + 1] - border_ptr[b]
-            else:
+            if slot_v[r] >= 0:
                 for e in range(border_ptr[b], border_ptr[b + 1]):
                     if reg[_basin_of(&peak[0], &rs[0], w, border_neighbor[e])] != r:
-                        nptr[r + 1] += 1
-        for r in range(nreg):
-            nptr[r + 1] += nptr[r]
-    k = new_ptr[nreg]
-    new_index = np.empty(k, dtype=np.int64)
-    new_nbr = np.empty(k, dtype=np.int64)
-    new_hp = np.full(nreg, np.nan, dtype=np.float32)
-    new_pass_to = np.empty(nreg, dtype=np.int64)
-    cdef int64_t[::1] nidx = new_index, nnbr = new_nbr, pto = new_pass_to
+                        qptr[slot_v[r] + 1] += 1
+        for r in range(nmulti):
+            qptr[r + 1] += qptr[r]
+    k = patch_ptr[nmulti]
+    patch_index = np.empty(k, dtype=np.int64)
+    patch_nbr = np.empty(k, dtype=np.int64)
+    cdef int64_t[::1] qidx = patch_index, qnbr = patch_nbr, pto = new_pass_to
     cdef float[::1] hp_v = new_hp
     with nogil:
-        _merged_borders(flat, lab, bor, w, peak, rs, reg, pptr, border_ptr, border_index,
-                        border_neighbor, highest_pass, pass_to, rep_v, nptr, nidx, nnbr, hp_v,
+        _merged_borders(flat, lab, bor, w, peak, rs, reg, slot_v, border_ptr, border_index,
+                        border_neighbor, highest_pass, pass_to, rep_v, qptr, qidx, qnbr, hp_v,
                         pto)
     return (basin_region, new_peak, new_size, new_maxi, new_mini, new_hp, new_pass_to,
-            new_ptr, new_index, new_nbr, peaks_ptr, peaks)
+            patch_ptr, patch_index, patch_nbr, peaks_ptr, peaks)
 
 
 def merge_kernel(
@@ -896,7 +911,10 @@ def merge_kernel(
     -------
     tuple
         ``(basin_region, peak, size, maxi, mini, highest_pass, pass_to,
-        border_ptr, border_index, border_neighbor, peaks_ptr, peaks)``.
+        patch_ptr, patch_index, patch_neighbor, peaks_ptr, peaks)``: the
+        merged table, whose regions of one basin keep that basin's border
+        (not copied); ``patch_*`` is the border CSR of the regions of several
+        basins only, in row order (see ``ccdgrid.watershed._MergedBorders``).
     """
     return _merge_impl(
         np.asarray(data).reshape(-1), np.asarray(labels).reshape(-1),

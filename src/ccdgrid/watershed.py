@@ -15,7 +15,7 @@ the same maximum form one basin (a *region*), labelled by the flat index
 Arrays are indexed ``[row, col] = [y, x]``; flat indices are C order.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -38,6 +38,11 @@ class Segmentation:
     CSR form: region ``r`` owns ``border_index[border_ptr[r]:border_ptr[r+1]]``
     (flat indices, raster order) with one neighbour label each in
     ``border_neighbor``.
+
+    A merged table shares the border CSR of its basins: its own
+    ``border_ptr``, ``border_index`` and ``border_neighbor`` are assembled on
+    first access (a copy of size B), while :meth:`border_of` reads a
+    region's border without assembling anything.
 
     Attributes
     ----------
@@ -91,13 +96,26 @@ class Segmentation:
     mini: np.ndarray
     highest_pass: np.ndarray
     pass_to: np.ndarray
-    border_ptr: np.ndarray
-    border_index: np.ndarray
-    border_neighbor: np.ndarray
     basin_peak: np.ndarray
     basin_region: np.ndarray
     peaks_ptr: np.ndarray
     peaks: np.ndarray
+    _border: object = field(repr=False)
+
+    @property
+    def border_ptr(self):
+        """int64 (R + 1,): CSR offsets of each region's border pixels."""
+        return self._border.csr()[0]
+
+    @property
+    def border_index(self):
+        """int64 (B,): flat indices of border pixels, raster order within each region."""
+        return self._border.csr()[1]
+
+    @property
+    def border_neighbor(self):
+        """int64 (B,): one neighbouring basin's label per border pixel (pyFAI's priority)."""
+        return self._border.csr()[2]
 
     @property
     def n_regions(self):
@@ -131,9 +149,8 @@ class Segmentation:
         return rowmap[self.labels]
 
     def border_of(self, row):
-        """``(border_index, border_neighbor)`` slices of region ``row``."""
-        sl = slice(self.border_ptr[row], self.border_ptr[row + 1])
-        return self.border_index[sl], self.border_neighbor[sl]
+        """``(border_index, border_neighbor)`` of region ``row`` (views, not copies)."""
+        return self._border.of(row)
 
     def peaks_of(self, row):
         """Labels of the basins that make up region ``row`` (ascending)."""
@@ -200,14 +217,97 @@ def _basin_segmentation(
         mini=mini,
         highest_pass=hp,
         pass_to=pass_to,
-        border_ptr=bptr,
-        border_index=bidx,
-        border_neighbor=bnbr,
         basin_peak=peak,
         basin_region=np.arange(n, dtype=np.int64),
         peaks_ptr=np.arange(n + 1, dtype=np.int64),
         peaks=peak,
+        _border=_BorderCSR(bptr, bidx, bnbr),
     )
+
+
+class _BorderCSR:
+    """Border CSR held as arrays (the table of basins)."""
+
+    __slots__ = ("_csr",)
+
+    def __init__(self, ptr, index, neighbor):
+        self._csr = (ptr, index, neighbor)
+
+    def csr(self):
+        return self._csr
+
+    def of(self, row):
+        ptr, index, neighbor = self._csr
+        sl = slice(ptr[row], ptr[row + 1])
+        return index[sl], neighbor[sl]
+
+
+class _MergedBorders:
+    """Border CSR of a merged table: the basins' CSR plus a patch, assembled on demand.
+
+    A region of one basin has that basin's border; the regions of several
+    basins have theirs in the patch CSR (``patch = (ptr, index, neighbor)``,
+    in row order), as pyFAI's merge touches only the merged regions.
+    :meth:`csr` builds the contiguous arrays once, copying runs of
+    consecutive one-basin regions; :meth:`of` answers without building them.
+    """
+
+    __slots__ = ("_basin_peak", "_basins", "_built", "_multi_rows", "_patch", "_peak")
+
+    def __init__(self, basins, basin_peak, peak, peaks_ptr, patch):
+        self._basins = basins
+        self._basin_peak = basin_peak
+        self._peak = peak
+        self._patch = patch
+        self._multi_rows = np.flatnonzero(np.diff(peaks_ptr) > 1)
+        self._built = None
+
+    def _basin(self, rows):
+        # a one-basin region's peak is its basin's label
+        return np.searchsorted(self._basin_peak, self._peak[rows])
+
+    def of(self, row):
+        k = np.searchsorted(self._multi_rows, row)
+        if k < self._multi_rows.size and self._multi_rows[k] == row:
+            ptr, index, neighbor = self._patch
+            sl = slice(ptr[k], ptr[k + 1])
+            return index[sl], neighbor[sl]
+        return self._basins.of(self._basin(row))
+
+    def csr(self):
+        if self._built is None:
+            self._built = self._assemble()
+        return self._built
+
+    def _assemble(self):
+        bptr, bidx, bnbr = self._basins.csr()
+        pptr, pidx, pnbr = self._patch
+        n = self._peak.size
+        single = np.ones(n, dtype=bool)
+        single[self._multi_rows] = False
+        rows = np.flatnonzero(single)
+        basin = self._basin(rows)
+        lengths = np.empty(n, dtype=np.int64)
+        lengths[rows] = bptr[basin + 1] - bptr[basin]
+        lengths[self._multi_rows] = np.diff(pptr)
+        ptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=ptr[1:])
+        index = np.empty(ptr[-1], dtype=np.int64)
+        neighbor = np.empty(ptr[-1], dtype=np.int64)
+        # consecutive one-basin rows holding consecutive basins are one slice of each table
+        cut = np.flatnonzero((np.diff(rows) != 1) | (np.diff(basin) != 1)) + 1
+        for a, b in zip(np.r_[0, cut], np.r_[cut, rows.size], strict=True):
+            if a == b:
+                continue
+            dst = slice(ptr[rows[a]], ptr[rows[b - 1] + 1])
+            src = slice(bptr[basin[a]], bptr[basin[b - 1] + 1])
+            index[dst] = bidx[src]
+            neighbor[dst] = bnbr[src]
+        for k, r in enumerate(self._multi_rows):
+            dst = slice(ptr[r], ptr[r + 1])
+            index[dst] = pidx[pptr[k] : pptr[k + 1]]
+            neighbor[dst] = pnbr[pptr[k] : pptr[k + 1]]
+        return ptr, index, neighbor
 
 
 def merge_singletons(segmentation, image, *, backend="cython"):
@@ -242,7 +342,9 @@ def merge_singletons(segmentation, image, *, backend="cython"):
     Returns
     -------
     Segmentation
-        Merged table; ``labels`` and ``borders`` are shared with the input.
+        Merged table; ``labels``, ``borders`` and the borders of regions
+        made of one basin are shared with the input (its border CSR arrays
+        are assembled on first access, see :class:`Segmentation`).
     """
     check_backend(backend)
     if not isinstance(segmentation, Segmentation):
@@ -271,7 +373,7 @@ def merge_singletons(segmentation, image, *, backend="cython"):
         s.border_index,
         s.border_neighbor,
     )
-    basin_region, peak, size, maxi, mini, hp, pass_to, bptr, bidx, bnbr, pptr, peaks = out
+    basin_region, peak, size, maxi, mini, hp, pass_to, qptr, qidx, qnbr, pptr, peaks = out
     return Segmentation(
         shape=s.shape,
         labels=s.labels,
@@ -282,13 +384,11 @@ def merge_singletons(segmentation, image, *, backend="cython"):
         mini=mini,
         highest_pass=hp,
         pass_to=pass_to,
-        border_ptr=bptr,
-        border_index=bidx,
-        border_neighbor=bnbr,
         basin_peak=s.basin_peak,
         basin_region=basin_region,
         peaks_ptr=pptr,
         peaks=peaks,
+        _border=_MergedBorders(s._border, s.basin_peak, peak, pptr, (qptr, qidx, qnbr)),
     )
 
 

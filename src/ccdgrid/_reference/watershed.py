@@ -246,8 +246,10 @@ def merge_kernel(
     -------
     tuple
         ``(basin_region, peak, size, maxi, mini, highest_pass, pass_to,
-        border_ptr, border_index, border_neighbor, peaks_ptr, peaks)`` of the
+        patch_ptr, patch_index, patch_neighbor, peaks_ptr, peaks)`` of the
         merged table; ``basin_region`` (R_basins,) maps basins to region rows.
+        Regions of one basin keep that basin's border; ``patch_*`` is the
+        border CSR of the regions of several basins only, in row order.
     """
     data = data.astype(np.float32, copy=False)
     width = data.shape[1]
@@ -274,11 +276,16 @@ def merge_kernel(
     pix = border_index[keep]
     nbr = border_neighbor[keep]
     order = np.lexsort((pix, owner))
+    owner = owner[order]
     pix = pix[order]
     nbr = nbr[order]
     new_ptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(owner, minlength=n), out=new_ptr[1:])
     _, hp, pass_to = _region_passes(data.ravel()[pix], nbr, new_ptr)
+    multi = np.diff(peaks_ptr) > 1
+    in_patch = multi[owner]
+    patch_ptr = np.zeros(np.count_nonzero(multi) + 1, dtype=np.int64)
+    np.cumsum(np.diff(new_ptr)[multi], out=patch_ptr[1:])
     return (
         basin_region,
         new_peak,
@@ -287,9 +294,9 @@ def merge_kernel(
         new_mini,
         hp,
         pass_to,
-        new_ptr,
-        pix,
-        nbr,
+        patch_ptr,
+        pix[in_patch],
+        nbr[in_patch],
         peaks_ptr,
         peaks,
     )
