@@ -438,11 +438,12 @@ cdef void _finish_table(
     const int64_t *border_index,
     const int64_t *border_neighbor,
     bint nan_seen,
+    float *maxi,
     float *mini,
     float *hp,
     int64_t *pass_to,
 ) noexcept nogil:
-    """``mini``, ``highest_pass``, ``pass_to`` from the records of :func:`_region_table`.
+    """``maxi``, ``mini``, ``highest_pass``, ``pass_to`` from the records of :func:`_region_table`.
 
     pyFAI starts the minimum and the pass at a region's first border value
     and moves them with strict comparisons: a NaN first value freezes both
@@ -452,6 +453,7 @@ cdef void _finish_table(
     """
     cdef int64_t r, code
     for r in range(nreg):
+        maxi[r] = <float>flat[peak[r]]
         code = rec[4 * r + 1]
         if ptr[r + 1] == ptr[r]:
             mini[r] = NAN
@@ -543,7 +545,7 @@ def _segment(const real_t[:, ::1] data, bint wide):
     border_index = np.empty(nb + 1, dtype=np.int64)
     border_neighbor = np.empty(nb + 1, dtype=np.int64)
     cdef int64_t[::1] bidx_v = border_index, bnbr_v = border_neighbor, pto_v = pass_to
-    cdef float[::1] mini_v = mini, hp_v = hp
+    cdef float[::1] mini_v = mini, hp_v = hp, maxi_v = maxi
     if wide:
         with nogil:
             nan_seen = _region_table(&flat[0], &lab[0], &lab[0], h, w, &peak_v[0], &bor[0],
@@ -556,12 +558,13 @@ def _segment(const real_t[:, ::1] data, bint wide):
     if wide:
         with nogil:
             _finish_table(&rec64[0], nreg, &flat[0], &peak_v[0], &ptr_v[0], &bidx_v[0],
-                          &bnbr_v[0], nan_seen, &mini_v[0], &hp_v[0], &pto_v[0])
+                          &bnbr_v[0], nan_seen, &maxi_v[0], &mini_v[0], &hp_v[0],
+                          &pto_v[0])
     else:
         with nogil:
             _finish_table(&rec32[0], nreg, &flat[0], &peak_v[0], &ptr_v[0], &bidx_v[0],
-                          &bnbr_v[0], nan_seen, &mini_v[0], &hp_v[0], &pto_v[0])
-    maxi[:] = np.asarray(flat)[peak]
+                          &bnbr_v[0], nan_seen, &maxi_v[0], &mini_v[0], &hp_v[0],
+                          &pto_v[0])
     return (labels, borders, peak, size, maxi, mini, hp, pass_to,
             border_ptr, border_index[:nb], border_neighbor[:nb])
 
@@ -800,13 +803,14 @@ def _merge_impl(
     # outputs: region tables sized for the worst case (no merge), cut to R below
     (basin_region, peaks, new_peak, new_size, new_pass_to, peaks_ptr, new_maxi, new_mini,
      new_hp) = _block(*[(nbas, np.int64)] * 5, (nbas + 1, np.int64), *[(nbas, np.float32)] * 3)
-    parent[:] = np.arange(nbas)
-    ring[:] = parent
-    cur_size[:] = size
-    cur_mini[:] = mini
     cdef int64_t[::1] par = parent, size_v = cur_size, ring_v = ring
     cdef float[::1] mini_v = cur_mini
     with nogil:
+        for b in range(nbas):
+            par[b] = b
+            ring_v[b] = b
+            size_v[b] = size[b]
+            mini_v[b] = mini[b]
         _row_starts(&peak[0], nbas, h, w, &rs[0])
         _union_singletons(flat, lab, bor, w, peak, maxi, mini, border_ptr, border_neighbor,
                           rs, par, ring_v, size_v, mini_v)

@@ -207,6 +207,7 @@ def _basin_segmentation(
     shape, labels, borders, peak, size, maxi, mini, hp, pass_to, bptr, bidx, bnbr
 ):
     n = peak.size
+    rows = np.arange(n + 1, dtype=np.int64)  # one allocation for both identity maps
     return Segmentation(
         shape=tuple(shape),
         labels=labels,
@@ -218,8 +219,8 @@ def _basin_segmentation(
         highest_pass=hp,
         pass_to=pass_to,
         basin_peak=peak,
-        basin_region=np.arange(n, dtype=np.int64),
-        peaks_ptr=np.arange(n + 1, dtype=np.int64),
+        basin_region=rows[:n],
+        peaks_ptr=rows,
         peaks=peak,
         _border=_BorderCSR(bptr, bidx, bnbr),
     )
@@ -252,15 +253,23 @@ class _MergedBorders:
     consecutive one-basin regions; :meth:`of` answers without building them.
     """
 
-    __slots__ = ("_basin_peak", "_basins", "_built", "_multi_rows", "_patch", "_peak")
+    __slots__ = ("_basin_peak", "_basins", "_built", "_multi", "_patch", "_peak", "_peaks_ptr")
 
     def __init__(self, basins, basin_peak, peak, peaks_ptr, patch):
         self._basins = basins
         self._basin_peak = basin_peak
         self._peak = peak
+        self._peaks_ptr = peaks_ptr
         self._patch = patch
-        self._multi_rows = np.flatnonzero(np.diff(peaks_ptr) > 1)
+        self._multi = None
         self._built = None
+
+    @property
+    def _multi_rows(self):
+        """Rows of the regions of several basins (found on first use)."""
+        if self._multi is None:
+            self._multi = np.flatnonzero(np.diff(self._peaks_ptr) > 1)
+        return self._multi
 
     def _basin(self, rows):
         # a one-basin region's peak is its basin's label
