@@ -7,11 +7,13 @@ kernel, as the tutorial feeds ``InverseWatershed``. The pyFAI engine runs
 ``InverseWatershed(img).init(); .merge_singleton()``; it is skipped without
 pyFAI.
 
-Run directly for a side-by-side of median times and peak memory::
+Run directly for a side-by-side of median times (the engines take turns, so
+they see the same machine load) and peak memory::
 
-    python benchmarks/suite/bench_watershed.py [size]
+    python benchmarks/suite/bench_watershed.py [size [repeat]]
 """
 
+import gc
 import resource
 import subprocess
 import sys
@@ -101,14 +103,24 @@ class Segment:
         self.run()
 
 
-def _median(func, repeat):
-    wall, cpu = [], []
+def _interleaved_medians(runners, repeat):
+    """Median wall and CPU seconds of each runner, its runs interleaved with the others'.
+
+    Taking turns exposes every engine to the same load on a shared machine,
+    so their ratio is fair even when absolute times drift. Garbage left by
+    the previous run (pyFAI's regions hold reference cycles) is collected
+    before the clock starts, so no engine pays for another's.
+    """
+    wall = {k: [] for k in runners}
+    cpu = {k: [] for k in runners}
     for _ in range(repeat):
-        w0, c0 = time.perf_counter(), time.process_time()
-        func()
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
-    return float(np.median(wall)), float(np.median(cpu))
+        for name, func in runners.items():
+            gc.collect()
+            w0, c0 = time.perf_counter(), time.process_time()
+            func()
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    return {k: (float(np.median(wall[k])), float(np.median(cpu[k]))) for k in runners}
 
 
 def _status_bytes(key):
@@ -143,13 +155,16 @@ def _rss_worker(size, engine):
     print(grow)
 
 
-def main(size=2048):
+def main(size=2048, repeat=7):
     image = convolved_grid(size)
     n = image.size
     engines = ["cython", "numpy"] + (["pyfai"] if PyfaiInverseWatershed else [])
-    times = {e: _median(_runner(image, e), 5 if e == "cython" else 3) for e in engines}
+    times = _interleaved_medians({e: _runner(image, e) for e in engines}, repeat)
     for e, (wall, cpu) in times.items():
-        print(f"{size}², {e}: median wall {wall * 1e3:.1f} ms, cpu {cpu * 1e3:.1f} ms")
+        print(
+            f"{size}², {e}: median of {repeat} (interleaved) wall {wall * 1e3:.1f} ms, "
+            f"cpu {cpu * 1e3:.1f} ms"
+        )
     if "pyfai" in times:
         print(
             f"pyFAI / cython: {times['pyfai'][0] / times['cython'][0]:.1f}x wall, "
@@ -184,4 +199,4 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--rss":
         _rss_worker(int(sys.argv[2]), sys.argv[3])
     else:
-        main(int(sys.argv[1]) if len(sys.argv) > 1 else 2048)
+        main(*(int(a) for a in sys.argv[1:3]))
