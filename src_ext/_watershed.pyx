@@ -180,7 +180,9 @@ cdef extern from *:
     ) noexcept nogil
 
 
-cdef inline const float *_row_f32(const real_t *d, float *ring, int64_t i, int64_t w) noexcept nogil:
+cdef inline const float *_row_f32(
+    const real_t *d, float *ring, int64_t i, int64_t w
+) noexcept nogil:
     """Row i of the image as float32: in place, or in the 3-row ring for float64 data."""
     if real_t is float:
         return d + i * w
@@ -278,7 +280,7 @@ cdef inline void _count_row(
     const index_t *a, int64_t h, int64_t w, int64_t i, uint8_t *bor, index_t *cnt
 ) noexcept nogil:
     """Border bitmask of row i; region sizes into cnt[2r], border counts into cnt[2r+1]."""
-    cdef int64_t j, p, r
+    cdef int64_t j, r
     cdef const index_t *mid = a + i * w
     cdef uint8_t *out = bor + i * w
     if 0 < i < h - 1 and w > 2:
@@ -287,8 +289,7 @@ cdef inline void _count_row(
         else:
             _row_bits64(mid - w + 1, mid + 1, mid + w + 1, out + 1, w - 2)
         out[0] = _border_bits(a, i, 0, h, w)
-        if w > 1:
-            out[w - 1] = _border_bits(a, i, w - 1, h, w)
+        out[w - 1] = _border_bits(a, i, w - 1, h, w)
     else:
         for j in range(w):
             out[j] = _border_bits(a, i, j, h, w)
@@ -495,7 +496,7 @@ def _segment(const real_t[:, ::1] data, bint wide):
     """
     cdef int64_t h = data.shape[0], w = data.shape[1]
     cdef int64_t n = h * w
-    cdef int64_t nreg, r, nb, cap = max(64, n // 64)
+    cdef int64_t nreg, nb, cap = max(64, n // 64)
     cdef bint nan_seen
     cdef int64_t *pk = <int64_t *>malloc(cap * sizeof(int64_t))
     if pk == NULL:
@@ -694,7 +695,8 @@ cdef void _union_singletons(
             m = r
             while True:
                 for e in range(ptr[m], ptr[m + 1]):
-                    c = _find(&parent[0], _basin_of(&peak[0], &row_start[0], w, border_neighbor[e]))
+                    c = _basin_of(&peak[0], &row_start[0], w, border_neighbor[e])
+                    c = _find(&parent[0], c)
                     if c == r or isnan(maxi[c]):
                         continue
                     if t < 0 or maxi[c] > maxi[t] or (maxi[c] == maxi[t] and c < t):

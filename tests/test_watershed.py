@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ccdgrid import CcdgridError
+from ccdgrid._ext import _watershed
 from ccdgrid._reference.watershed import NEIGHBOUR_OFFSETS
 from ccdgrid.watershed import InverseWatershed, Segmentation, merge_singletons, segment
 
@@ -81,6 +82,42 @@ def test_cython_matches_numpy_twin(name, image):
     sc, sn, mc, mn = both(image)
     assert_same(sc, sn)
     assert_same(mc, mn)
+
+
+@pytest.mark.parametrize(("name", "image"), list(images().items()))
+def test_int64_working_codes_match_int32(name, image):
+    # images of 2**31 pixels or more use int64 codes: same results, forced here
+    data = np.ascontiguousarray(image, dtype=np.float64)
+    narrow = _watershed.segment_kernel(data)
+    wide = _watershed._segment(data, True)
+    for x, y in zip(narrow, wide, strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+
+
+def test_float64_compared_as_float32(backend):
+    # float64 values that differ only below float32 resolution tie in float32
+    rng = np.random.default_rng(31)
+    image = rng.integers(0, 3, size=(30, 41)) + rng.uniform(0.0, 1e-9, size=(30, 41))
+    as32 = image.astype(np.float32)
+    assert_same(segment(image, backend=backend), segment(as32, backend=backend))
+    m64 = merge_singletons(segment(image, backend=backend), image, backend=backend)
+    m32 = merge_singletons(segment(as32, backend=backend), as32, backend=backend)
+    assert_same(m64, m32)
+
+
+def test_merged_border_of_reads_the_assembled_csr(backend):
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 3, size=(40, 45)).astype(np.float64)
+    merged = merge_singletons(segment(image, backend=backend), image, backend=backend)
+    assert merged.is_merged
+    # border_of answers from the basins' table and the patch, before any assembly
+    parts = [merged.border_of(r) for r in range(merged.n_regions)]
+    ptr, index, neighbor = merged.border_ptr, merged.border_index, merged.border_neighbor
+    assert ptr.shape == (merged.n_regions + 1,)
+    for r, (idx, nbr) in enumerate(parts):
+        np.testing.assert_array_equal(idx, index[ptr[r] : ptr[r + 1]])
+        np.testing.assert_array_equal(nbr, neighbor[ptr[r] : ptr[r + 1]])
 
 
 def check_invariants(seg, image):
