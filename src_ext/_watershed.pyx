@@ -7,9 +7,8 @@ pure-numpy twins with the same signatures are in
 Preconditions (not checked here; breaking them reads out of bounds):
 ``data`` is C-contiguous float32 or float64 (h, w) with h*w >= 1 (float64
 values are rounded to float32 where read, so no float32 copy of the image
-is made); the segmentation arrays
-passed to :func:`merge_kernel` are exactly those :func:`segment_kernel`
-returned for that ``data``.
+is made); the segmentation arrays passed to :func:`merge_kernel` are
+exactly those :func:`segment_kernel` returned for that ``data``.
 """
 
 import numpy as np
@@ -213,11 +212,10 @@ cdef int64_t _climb_rows(
     ``peak[0][r]`` (grown by doubling ``cap[0]``). The eight window positions
     are swept over row buffers ``best_v``/``best_k`` of length w, which keeps
     the comparisons branch-free; float64 data are rounded to float32 a row
-    at a time into ``ring`` (3 rows). Then the row is resolved as far as rows
-    above allow: a pixel whose successor lies above or to its left takes the
-    successor's code if it has one, and runs of east pointers take the code
-    of their end, right to left. What is left (chains that go down) is the
-    work of :func:`_resolve_and_count`.
+    at a time into ``ring`` (3 rows). Then a pixel whose successor lies
+    above or to its left takes the successor's code if it has one; the rest
+    (chains that go east or down) is the work of :func:`_resolve_and_count`.
+    (Settling east runs here too cost more than the few walks it saves.)
 
     Returns the number of roots, or -1 if the peak buffer could not grow.
     """
@@ -268,11 +266,6 @@ cdef int64_t _climb_rows(
             # only successors before p (k < 4) have been written: others read p itself
             c = a[q if k < 4 else p]
             ar[j] = <index_t>(c if c < 0 else q)
-        for j in range(w - 2, -1, -1):
-            p = i * w + j
-            q = ar[j]
-            c = ar[j + 1]
-            ar[j] = <index_t>(c if q == p + 1 and c < 0 else q)
     return count
 
 
@@ -307,8 +300,9 @@ cdef void _resolve_and_count(
     Going up, every row below row i is resolved, so a pointer down takes its
     code in a sweep left to right (which also settles west pointers), and
     east runs in a sweep right to left. The few pixels left point up into a
-    pixel still unresolved: they walk to the first resolved pixel and
-    compress their path (``work``, length >= w, queues them). Row i+1's
+    pixel still unresolved (often an east run above): they walk to the
+    first resolved pixel and compress their path (``work``, length >= w,
+    queues them). Row i+1's
     bitmask and counts need rows i..i+2, so they trail by one row.
     """
     cdef int64_t i, j, p, q, c, x, nx, m, t
