@@ -598,30 +598,32 @@ def segment_kernel(data):
     return _segment(data, data.shape[0] * data.shape[1] >= 2**31)
 
 
-cdef void _row_starts(
-    const int64_t *peak, int64_t nbas, int64_t h, int64_t w, int64_t *row_start
+cdef void _bucket_starts(
+    const int64_t *peak, int64_t nbas, int64_t nbuckets, int shift, int64_t *start
 ) noexcept nogil:
-    """``row_start[y]``: the first basin whose peak lies in image row y or below."""
-    cdef int64_t y, b = 0
-    for y in range(h + 1):
-        while b < nbas and peak[b] < y * w:
+    """``start[k]``: the first basin whose peak is >= k << shift (k = 0 .. nbuckets)."""
+    cdef int64_t k, b = 0
+    for k in range(nbuckets + 1):
+        while b < nbas and peak[b] < (k << shift):
             b += 1
-        row_start[y] = b
+        start[k] = b
 
 
 cdef inline int64_t _basin_of(
-    const int64_t *peak, const int64_t *row_start, int64_t w, int64_t label
+    const int64_t *peak, const int64_t *start, int shift, int64_t label
 ) noexcept nogil:
-    """Basin row of a label (a peak's flat index): bisection among its image row's peaks."""
-    cdef int64_t y = label // w
-    cdef int64_t lo = row_start[y], hi = row_start[y + 1] - 1, mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if peak[mid] < label:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+    """Basin row of a label (a peak's flat index).
+
+    Bisection among the peaks of its bucket of 2**shift flat indices (about
+    one image row), written with a select rather than a branch.
+    """
+    cdef int64_t base = start[label >> shift]
+    cdef int64_t n = start[(label >> shift) + 1] - base, half
+    while n > 1:
+        half = n >> 1
+        base = base + half if peak[base + half] <= label else base
+        n -= half
+    return base
 
 
 cdef inline int64_t _find(int64_t *parent, int64_t x) noexcept nogil:
@@ -649,6 +651,7 @@ cdef void _union_singletons(
     const int64_t[::1] ptr,
     const int64_t[::1] border_neighbor,
     const int64_t[::1] row_start,
+    int shift,
     int64_t[::1] parent,
     int64_t[::1] ring,
     int64_t[::1] cur_size,
@@ -683,13 +686,13 @@ cdef void _union_singletons(
                 if (bits >> prio[b]) & 1:
                     q = p + off[prio[b]]
                     if <float>flat[q] == maxi[r]:
-                        t = _find(&parent[0], _basin_of(&peak[0], &row_start[0], w, lab[q]))
+                        t = _find(&parent[0], _basin_of(&peak[0], &row_start[0], shift, lab[q]))
                         break
         if t < 0:
             m = r
             while True:
                 for e in range(ptr[m], ptr[m + 1]):
-                    c = _basin_of(&peak[0], &row_start[0], w, border_neighbor[e])
+                    c = _basin_of(&peak[0], &row_start[0], shift, border_neighbor[e])
                     c = _find(&parent[0], c)
                     if c == r or isnan(maxi[c]):
                         continue
@@ -723,6 +726,7 @@ cdef void _merged_borders(
     int64_t w,
     const int64_t[::1] peak,
     const int64_t[::1] row_start,
+    int shift,
     const int64_t[::1] region,
     const int64_t[::1] slot,
     const int64_t[::1] ptr,
@@ -757,7 +761,7 @@ cdef void _merged_borders(
         if slot[g] < 0:
             continue
         for e in range(ptr[b], ptr[b + 1]):
-            if region[_basin_of(&peak[0], &row_start[0], w, border_neighbor[e])] != g:
+            if region[_basin_of(&peak[0], &row_start[0], shift, border_neighbor[e])] != g:
                 k = pass_to[g]
                 pass_to[g] = k + 1
                 patch_index[k] = border_index[e]
@@ -798,9 +802,11 @@ def _merge_impl(
     const int64_t[::1] border_neighbor,
 ):
     cdef int64_t nbas = peak.shape[0]
-    cdef int64_t h = lab.shape[0] // w
+    # labels are found from buckets of 2**shift >= w flat indices (no division)
+    cdef int shift = max(int(w - 1).bit_length(), 0)
+    cdef int64_t nbuckets = ((lab.shape[0] - 1) >> shift) + 1
     cdef int64_t b, e, r, g, nreg, k, nmulti
-    row_start = np.empty(h + 1, dtype=np.int64)
+    row_start = np.empty(nbuckets + 1, dtype=np.int64)
     cdef int64_t[::1] rs = row_start
     parent, ring, cur_size, cur_mini, slot, rep = _block(
         *[(nbas, np.int64)] * 3, (nbas, np.float32), *[(nbas, np.int64)] * 2
@@ -816,9 +822,9 @@ def _merge_impl(
             ring_v[b] = b
             size_v[b] = size[b]
             mini_v[b] = mini[b]
-        _row_starts(&peak[0], nbas, h, w, &rs[0])
+        _bucket_starts(&peak[0], nbas, nbuckets, shift, &rs[0])
         _union_singletons(flat, lab, bor, w, peak, maxi, mini, border_ptr, border_neighbor,
-                          rs, par, ring_v, size_v, mini_v)
+                          rs, shift, par, ring_v, size_v, mini_v)
         nreg = 0
         for b in range(nbas):
             if _find(&par[0], b) == b:
@@ -874,7 +880,7 @@ def _merge_impl(
             r = reg[b]
             if slot_v[r] >= 0:
                 for e in range(border_ptr[b], border_ptr[b + 1]):
-                    if reg[_basin_of(&peak[0], &rs[0], w, border_neighbor[e])] != r:
+                    if reg[_basin_of(&peak[0], &rs[0], shift, border_neighbor[e])] != r:
                         qptr[slot_v[r] + 1] += 1
         for r in range(nmulti):
             qptr[r + 1] += qptr[r]
@@ -884,7 +890,7 @@ def _merge_impl(
     cdef int64_t[::1] qidx = patch_index, qnbr = patch_nbr, pto = new_pass_to
     cdef float[::1] hp_v = new_hp
     with nogil:
-        _merged_borders(flat, lab, bor, w, peak, rs, reg, slot_v, border_ptr, border_index,
+        _merged_borders(flat, lab, bor, w, peak, rs, shift, reg, slot_v, border_ptr, border_index,
                         border_neighbor, highest_pass, pass_to, rep_v, qptr, qidx, qnbr, hp_v,
                         pto)
     return (basin_region, new_peak, new_size, new_maxi, new_mini, new_hp, new_pass_to,
