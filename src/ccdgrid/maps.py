@@ -13,8 +13,14 @@ a coarse grid that covers the corner grid, then upsampled with a bicubic
 spline; the smoothing is chosen by generalised cross-validation (GCV) unless
 given. ``"cubic"``: the
 tutorial's piecewise-cubic ``griddata``, for comparison.
+
+:func:`cross_validate` measures how well such a map predicts a hole it was
+not fitted to (k-fold cross-validation): the honest accuracy figure of a
+calibration, where the residual at the holes only says how much the
+smoothing removed.
 """
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +37,13 @@ from scipy.spatial.distance import cdist
 from ._validation import as_points
 from .errors import CcdgridError
 
-__all__ = ["DisplacementMaps", "displacement_maps", "hull_mask"]
+__all__ = [
+    "CrossValidation",
+    "DisplacementMaps",
+    "cross_validate",
+    "displacement_maps",
+    "hull_mask",
+]
 
 METHODS = ("tps", "cubic")
 _MIN_POINTS = 4
@@ -250,6 +262,242 @@ def displacement_maps(
         fit_residual_rms=_rms(fit - disp),
         degree=degree,
     )
+
+
+@dataclass
+class CrossValidation:
+    """k-fold cross-validated error of the displacement maps at the holes.
+
+    Every hole is predicted by a map fitted without it (and without the rest
+    of its fold), with the smoothing and trend of the full fit.
+
+    Attributes
+    ----------
+    k : int
+        Number of folds.
+    folds : ndarray of shape (N,), int64
+        Fold of each hole, ``0 .. k - 1``.
+    predicted : ndarray of shape (N, 2), float64, px
+        ``(dy, dx)`` predicted at each hole by the map fitted without its
+        fold; NaN where it cannot be predicted (``"cubic"`` outside the
+        training holes' hull).
+    residuals : ndarray of shape (N, 2), float64, px
+        ``predicted - displacement``.
+    n_evaluated : int
+        Holes with a finite prediction (all of them for ``"tps"``).
+    rms_px, mean_px, max_px : float, px
+        RMS, mean and largest ``|residual|`` over the evaluated holes.
+    in_sample_rms_px : float, px
+        RMS of (full fit - displacement) at the holes: what the smoothing
+        removed, the figure the cross-validated one is to be compared with.
+    scale_px : float, px
+        Hole spacing, the unit of the ``*_pitch`` figures.
+    method : str
+        ``"tps"`` or ``"cubic"``.
+    smoothing : float or None
+        Thin-plate smoothing used by every fold, pitch² units.
+    degree : int or None
+        Polynomial trend degree used (``None`` for cubic).
+    seconds : float, s
+        Wall time of the k fits.
+    """
+
+    k: int
+    folds: np.ndarray
+    predicted: np.ndarray
+    residuals: np.ndarray
+    n_evaluated: int
+    rms_px: float
+    mean_px: float
+    max_px: float
+    in_sample_rms_px: float
+    scale_px: float
+    method: str
+    smoothing: object
+    degree: object
+    seconds: float
+
+    @property
+    def rms_pitch(self):
+        """RMS residual in units of the hole spacing."""
+        return self.rms_px / self.scale_px
+
+    @property
+    def mean_pitch(self):
+        """Mean residual in units of the hole spacing."""
+        return self.mean_px / self.scale_px
+
+    @property
+    def max_pitch(self):
+        """Largest residual in units of the hole spacing."""
+        return self.max_px / self.scale_px
+
+    def summary(self):
+        """One line for humans."""
+        return (
+            f"{self.k}-fold cross-validated map error at {self.n_evaluated} holes: "
+            f"RMS {self.rms_px:.4f} px, max {self.max_px:.4f} px "
+            f"({self.rms_pitch:.5f} / {self.max_pitch:.5f} pitch; "
+            f"in-sample RMS {self.in_sample_rms_px:.4f} px)"
+        )
+
+
+def cross_validate(
+    points,
+    displacement,
+    *,
+    k=5,
+    indices=None,
+    method="tps",
+    smoothing=None,
+    degree=None,
+    scale_px=None,
+):
+    """k-fold cross-validated error of the displacement maps at the holes.
+
+    The holes are split into ``k`` spatially interleaved folds; the map is
+    fitted ``k`` times, each time without one fold, and evaluated at the
+    holes left out. The error there (predicted - measured displacement) is
+    the accuracy figure of a calibration: unlike the residual of the full
+    fit, it cannot be made small by a map that merely follows the noise.
+
+    Parameters
+    ----------
+    points : array_like of shape (N, 2), float, px
+        Measured ``(y, x)`` hole centres, index coordinates.
+    displacement : array_like of shape (N, 2), float, px
+        ``(dy, dx) = ideal - measured`` at each hole.
+    k : int
+        Number of folds, ``2 <= k <= N``.
+    indices : array_like of shape (N, 2), int, or None
+        Lattice indices ``(i, j)`` of the holes. Hole ``(i, j)`` goes to fold
+        ``(i + 2 j) mod k`` (``(i + j) mod k`` for ``k < 4``): none of its
+        four nearest neighbours shares its fold, so every left-out hole is
+        predicted from its neighbours one pitch away. None: the indices of
+        the ``scale_px`` cells the holes fall in.
+    method : {"tps", "cubic"}
+        The map's method (see :func:`displacement_maps`).
+    smoothing : float, "auto" or None
+        Thin-plate smoothing, pitch² units, used for every fold (pass the
+        full map's ``DisplacementMaps.smoothing``). None or "auto": chosen
+        once by GCV on all holes, as :func:`displacement_maps` does.
+    degree : int or None
+        Trend degree (pass ``DisplacementMaps.degree``); None: chosen from
+        the number of holes of one training set.
+    scale_px : float or None, px
+        Hole spacing (fit length unit and unit of the ``*_pitch`` figures);
+        None: the median nearest-neighbour distance.
+
+    Returns
+    -------
+    CrossValidation
+
+    Raises
+    ------
+    CcdgridError
+        Bad shapes or values, ``k`` out of range, or a training set too
+        small for the thin-plate system.
+
+    Notes
+    -----
+    The residual at a left-out hole is the map's prediction error there
+    *plus* the error of that hole's measured centre (~0.02 px on FReLoN-like
+    images), so it is an upper bound on the map's error, and it is measured
+    with the holes ``1/k`` sparser than in the real map. Holes on the edge of
+    the plate are extrapolated when left out, so the largest residuals are
+    there. The spline is evaluated directly at the holes, not through the
+    coarse grid and bicubic upsampling of :func:`displacement_maps` (they
+    agree to ~1e-4 px). Cost: ``k`` thin-plate fits on ``(k-1)/k`` of the
+    holes, O(k N³); about 0.05 s for 400 holes and k = 5.
+    """
+    t0 = time.perf_counter()
+    pts = as_points(points, "points")
+    disp = as_points(displacement, "displacement")
+    n = len(pts)
+    if len(disp) != n:
+        raise CcdgridError(f"`displacement` must have one row per point ({n}), got {len(disp)}")
+    if not (np.all(np.isfinite(pts)) and np.all(np.isfinite(disp))):
+        raise CcdgridError("`points` and `displacement` must be finite")
+    if method not in METHODS:
+        raise CcdgridError(f"`method` must be one of {METHODS}, got {method!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 2 <= k <= n:
+        raise CcdgridError(
+            f"`k` must be an integer from 2 to the number of holes ({n}), got {k!r}"
+        )
+    k = int(k)
+    if scale_px is None:
+        scale_px = float(np.median(cKDTree(pts).query(pts, k=2)[0][:, 1]))
+    scale_px = _positive(scale_px, "scale_px")
+    if indices is None:
+        cells = np.floor(pts / scale_px + 0.5).astype(np.int64)
+    else:
+        cells = np.asarray(indices)
+        if cells.shape != pts.shape or not np.issubdtype(cells.dtype, np.integer):
+            raise CcdgridError(
+                f"`indices` must be integers of the shape of `points` {pts.shape}, "
+                f"got {cells.dtype} {cells.shape}"
+            )
+    folds = _interleaved_folds(cells, k)
+    n_train = n - int(np.bincount(folds, minlength=k).max())
+    if n_train < _MIN_POINTS:
+        raise CcdgridError(
+            f"too few holes to cross-validate: {n_train} in the smallest training set, "
+            f"need {_MIN_POINTS}"
+        )
+
+    predicted = np.full((n, 2), np.nan)
+    if method == "tps":
+        degree = _check_degree(degree, n_train)
+        if smoothing is None or (isinstance(smoothing, str) and smoothing == "auto"):
+            sub = _central_subset(pts, _GCV_MAX_POINTS)
+            smoothing, _ = _gcv_smoothing(pts[sub] / scale_px, disp[sub], degree)
+        smoothing = _non_negative(smoothing, "smoothing")
+        unit = pts / scale_px
+        full, _ = _fit_tps(unit, disp, smoothing, degree)
+        in_sample = _rms(full(unit) - disp)
+        for f in range(k):
+            test = folds == f
+            if test.any():
+                rbf, _ = _fit_tps(unit[~test], disp[~test], smoothing, degree)
+                predicted[test] = rbf(unit[test])
+    else:
+        smoothing = degree = None
+        in_sample = 0.0  # the cubic interpolant passes through every hole
+        for f in range(k):
+            test = folds == f
+            if test.any():
+                predicted[test] = CloughTocher2DInterpolator(pts[~test], disp[~test])(pts[test])
+    residuals = predicted - disp
+    norm = np.hypot(residuals[:, 0], residuals[:, 1])
+    ok = np.isfinite(norm)
+    if not ok.any():
+        raise CcdgridError("no hole could be predicted from the others")
+    return CrossValidation(
+        k=k,
+        folds=folds,
+        predicted=predicted,
+        residuals=residuals,
+        n_evaluated=int(ok.sum()),
+        rms_px=float(np.sqrt(np.mean(norm[ok] ** 2))),
+        mean_px=float(norm[ok].mean()),
+        max_px=float(norm[ok].max()),
+        in_sample_rms_px=float(in_sample),
+        scale_px=scale_px,
+        method=method,
+        smoothing=None if smoothing is None else float(smoothing),
+        degree=degree,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _interleaved_folds(cells, k):
+    """Fold ``(i + m j) mod k`` of each lattice cell, ``m = 2`` (``1`` for k < 4).
+
+    With ``m = 2`` and ``k >= 4`` the four nearest neighbours of a hole,
+    ``(i ± 1, j)`` and ``(i, j ± 1)``, are all in other folds than its own.
+    """
+    m = 2 if k >= 4 else 1
+    return np.mod(cells[:, 0] + m * cells[:, 1], k).astype(np.int64)
 
 
 def _fit_tps(pts, disp, smoothing, degree):
