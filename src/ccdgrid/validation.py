@@ -139,10 +139,6 @@ class ValidationResult:
     detector_pixel_size : tuple of 2 float or None, m
         The detector's ``(pixel1, pixel2)``, for comparison with
         ``corrected.pixel_size``.
-    n_outside_valid : int
-        Holes of the corrected image whose centre lies in a pixel the
-        detector's mask marks invalid (outside the area its holes covered:
-        their maps are extrapolated).
     pitch : float, m
         Plate pitch used for the pixel sizes.
     corrected_image : ndarray of shape (ny, nx), float32
@@ -159,7 +155,6 @@ class ValidationResult:
     uncorrected: object
     cross_validation: object
     detector_pixel_size: object
-    n_outside_valid: int
     pitch: float
     corrected_image: object = field(repr=False)
     timings: dict = field(default_factory=dict)
@@ -187,17 +182,16 @@ class ValidationResult:
             "detector_pixel_size": None
             if self.detector_pixel_size is None
             else list(self.detector_pixel_size),
-            "n_outside_valid": self.n_outside_valid,
             "timings": dict(self.timings),
         }
 
     def summary(self):
         """A table of the figures and what they mean, for humans."""
-        head = f"{'':20s}{'holes':>6s}{'mean':>10s}{'RMS':>10s}{'max':>10s}"
         lines = [
             f"validation on a {self.shape[0]} x {self.shape[1]} px image: hole mis-placement "
             "against the best affine lattice",
-            head + "   (px)  |" + f"{'mean':>9s}{'RMS':>9s}{'max':>9s}   (pitch)",
+            f"{'':18s}{'holes':>6s} |{'mean px':>9s}{'RMS px':>9s}{'max px':>9s} |"
+            f"{'mean pitch':>11s}{'RMS pitch':>11s}{'max pitch':>11s}",
             _row("corrected image", self.corrected),
         ]
         if self.uncorrected is not None:
@@ -217,11 +211,6 @@ class ValidationResult:
                 f"(differ by {worst * 100:.3f} %)"
             )
         lines.append(text)
-        if self.n_outside_valid:
-            lines.append(
-                f"{self.n_outside_valid} of the corrected holes lie where the detector's mask "
-                "marks the maps as extrapolated"
-            )
         lines.append(_SELF_CONSISTENCY_NOTE)
         cv = self.cross_validation
         if cv is None:
@@ -241,8 +230,8 @@ class ValidationResult:
 
 def _row(label, r):
     return (
-        f"{label:20s}{r.n_holes:6d}{r.mean_px:10.4f}{r.rms_px:10.4f}{r.max_px:10.4f}"
-        f"{'':7s}|{r.mean_pitch:9.5f}{r.rms_pitch:9.5f}{r.max_pitch:9.5f}"
+        f"{label:18s}{r.n_holes:6d} |{r.mean_px:9.4f}{r.rms_px:9.4f}{r.max_px:9.4f} |"
+        f"{r.mean_pitch:11.5f}{r.rms_pitch:11.5f}{r.max_pitch:11.5f}"
     )
 
 
@@ -372,13 +361,6 @@ def validate(
             before = None
         timings["uncorrected"] = time.perf_counter() - t0
 
-    n_outside = 0
-    if det_mask is not None and corrected.n_holes:
-        iy, ix = np.rint(corrected.points).astype(np.int64).T
-        iy = np.clip(iy, 0, shape[0] - 1)
-        ix = np.clip(ix, 0, shape[1] - 1)
-        n_outside = int(np.count_nonzero(det_mask[iy, ix]))
-
     t0 = time.perf_counter()
     cv = _cross_validation_of(detector)
     timings["cross_validation"] = time.perf_counter() - t0
@@ -390,7 +372,6 @@ def validate(
         uncorrected=before,
         cross_validation=cv,
         detector_pixel_size=None if pixel_size is None else tuple(float(v) for v in pixel_size),
-        n_outside_valid=n_outside,
         pitch=pitch,
         corrected_image=corrected_img,
         timings=timings,
