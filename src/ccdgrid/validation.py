@@ -244,6 +244,7 @@ def validate(
     detector_mask=False,
     uncorrected=True,
     hole_diameter=None,
+    pitch_px=None,
     threshold=None,
     backend="cython",
 ):
@@ -276,8 +277,14 @@ def validate(
         check; their maps are extrapolated only a hole radius.
     uncorrected : bool
         Also measure the image as it is, for contrast.
-    hole_diameter, threshold : float or None
-        Passed to :func:`ccdgrid.peaks.find_holes` (None: automatic).
+    hole_diameter, pitch_px : float or None, px
+        Hole diameter and spacing for :func:`ccdgrid.peaks.find_holes`.
+        None: the values the calibration resolved (``params["resolved"]``
+        of a calibration or detector file), so both images are searched as
+        the calibration was; estimated from the image when there are none.
+    threshold : float or None
+        Detection threshold for :func:`ccdgrid.peaks.find_holes`; None:
+        automatic.
     backend : {"cython", "numpy"}
         Engine of the correction and the hole search.
 
@@ -334,6 +341,12 @@ def validate(
         detector = load(detector)
     dy, dx, det_mask = _detector_maps(detector, shape)
     pitch = _resolve_pitch(pitch, detector)
+    search = {
+        "hole_diameter": _resolved(detector, "hole_diameter", hole_diameter),
+        "pitch_px": _resolved(detector, "pitch_px", pitch_px),
+        "threshold": threshold,
+        "backend": backend,
+    }
     invalid = _input_mask(img, mask)
     correction_mask = invalid if not detector_mask or det_mask is None else invalid | det_mask
 
@@ -347,15 +360,13 @@ def validate(
     timings["correction"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    corrected = _measure(
-        corrected_img, None, pitch, hole_diameter, threshold, backend, "corrected"
-    )
+    corrected = _measure(corrected_img, None, pitch, search, "corrected")
     timings["corrected"] = time.perf_counter() - t0
     before = None
     if uncorrected:
         t0 = time.perf_counter()
         try:
-            before = _measure(img, invalid, pitch, hole_diameter, threshold, backend, "original")
+            before = _measure(img, invalid, pitch, search, "original")
         except CcdgridError:
             # strong distortion may defeat the indexing of the raw image: only the contrast is lost
             before = None
@@ -450,7 +461,17 @@ def _input_mask(img, mask):
     return invalid
 
 
-def _measure(img, mask, pitch, hole_diameter, threshold, backend, label):
+def _resolved(detector, key, value):
+    """``value``, else the calibration's resolved ``key`` (hole search settings), else None."""
+    if value is not None:
+        return value
+    params = getattr(detector, "params", None)
+    resolved = params.get("resolved") if isinstance(params, dict) else None
+    found = resolved.get(key) if isinstance(resolved, dict) else None
+    return float(found) if isinstance(found, (int, float)) and found > 0 else None
+
+
+def _measure(img, mask, pitch, search, label):
     """Find, index and fit the holes of one image -> GridResidual."""
     import numpy as np
 
@@ -461,12 +482,12 @@ def _measure(img, mask, pitch, hole_diameter, threshold, backend, label):
     if mask is not None and not mask.any():
         mask = None
     try:
-        holes = find_holes(
-            img, mask=mask, hole_diameter=hole_diameter, threshold=threshold, backend=backend
-        )
+        holes = find_holes(img, mask=mask, **search)
         lattice = index_holes(holes.peaks, pitch_px=holes.pitch_px)
         valid = lattice.valid
-        grid = fit_grid(holes.peaks[valid], lattice.indices[valid], pitch=pitch, backend=backend)
+        grid = fit_grid(
+            holes.peaks[valid], lattice.indices[valid], pitch=pitch, backend=search["backend"]
+        )
     except CcdgridError as exc:
         raise CcdgridError(f"the {label} image's holes could not be measured: {exc}") from exc
     norm = np.hypot(grid.displacement[:, 0], grid.displacement[:, 1])
