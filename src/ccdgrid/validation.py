@@ -596,7 +596,9 @@ def add_validate_parser(subparsers, *, parents=()):
         "-d", "--detector", required=True, metavar="FILE", help="detector file (.h5)"
     )
     parser.add_argument("--mask", metavar="FILE", help="mask image, non-zero = bad pixel")
-    parser.add_argument("--frame", type=int, metavar="N", help="frame of a multi-frame file")
+    parser.add_argument(
+        "--frame", type=_frame, metavar="N", help="frame of a multi-frame file (0-based)"
+    )
     parser.add_argument(
         "--pitch",
         metavar="LENGTH",
@@ -622,6 +624,18 @@ def add_validate_parser(subparsers, *, parents=()):
         )
     parser.set_defaults(run=run_validate)
     return parser
+
+
+def _frame(text):
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def run_validate(args):
