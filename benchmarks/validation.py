@@ -72,7 +72,7 @@ def main(argv=None):
     print("\naccuracy of the maps")
     cv = cal.cross_validation
     print(
-        f"cross-validated ({cv.k}-fold, at {cv.n_evaluated} holes, includes centre noise): "
+        f"cross-validated ({cv.folds_text()}, at {cv.n_evaluated} holes, includes centre noise): "
         f"RMS {cv.rms_px:.4f} px, max {cv.max_px:.4f} px ({cv.seconds * 1e3:.0f} ms)"
     )
     for label, _, seconds, err in rows:

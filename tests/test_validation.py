@@ -232,6 +232,26 @@ def test_cv_is_deterministic_and_reuses_the_smoothing():
     assert a.max_pitch == pytest.approx(a.max_px / a.scale_px)
 
 
+def test_max_holes_stops_after_enough_folds():
+    rng = np.random.default_rng(8)
+    pts, ij = lattice()
+    disp = rng.normal(0, 0.05, pts.shape)
+    every = cross_validate(pts, disp, k=5, indices=ij, smoothing=0.3, max_holes=None)
+    counts = np.bincount(every.folds, minlength=5)
+    # just more than two folds' worth of holes: three folds are needed
+    part = cross_validate(
+        pts, disp, k=5, indices=ij, smoothing=0.3, max_holes=counts[:2].sum() + 1
+    )
+    assert every.folds_evaluated == 5
+    assert every.n_evaluated == len(pts)
+    assert part.folds_evaluated == 3
+    assert part.n_evaluated == counts[:3].sum()
+    done = part.folds < 3
+    np.testing.assert_array_equal(part.predicted[done], every.predicted[done])
+    assert np.isnan(part.predicted[~done]).all()
+    assert "(3 folds evaluated)" in part.summary()
+
+
 def test_cubic_cannot_predict_outside_the_training_hull():
     pts, ij = lattice()
     disp = np.column_stack([np.sin(pts[:, 0] / 90.0), np.cos(pts[:, 1] / 70.0)])
@@ -261,6 +281,7 @@ def test_folds_without_indices_use_cells():
         ({"indices": np.zeros((3, 2), int)}, "`indices` must be integers"),
         ({"method": "linear"}, "`method` must be one of"),
         ({"smoothing": -1.0}, "`smoothing` must be a number >= 0"),
+        ({"max_holes": 0}, "`max_holes` must be a positive number"),
     ],
 )
 def test_cross_validate_bad_input(kwargs, match):

@@ -135,7 +135,7 @@ class Calibration:
         if cv is None:
             return "accuracy (cross-validated): not measured"
         return (
-            f"accuracy, {cv.k}-fold cross-validated at {cv.n_evaluated} holes "
+            f"accuracy, {cv.folds_text()} cross-validated at {cv.n_evaluated} holes "
             f"(upper bound: includes each hole's centre error): RMS {cv.rms_px:.4f} px, "
             f"max {cv.max_px:.4f} px ({cv.rms_px / pitch_px:.5f} / "
             f"{cv.max_px / pitch_px:.5f} pitch)"

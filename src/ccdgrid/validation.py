@@ -171,6 +171,7 @@ class ValidationResult:
             if cv is None
             else {
                 "k": cv.k,
+                "folds_evaluated": cv.folds_evaluated,
                 "n_holes": cv.n_evaluated,
                 "rms_px": cv.rms_px,
                 "max_px": cv.max_px,
@@ -220,7 +221,7 @@ class ValidationResult:
             )
         else:
             lines.append(
-                f"Accuracy figure: the {cv.k}-fold cross-validated error of the maps at "
+                f"Accuracy figure: the {cv.folds_text()} cross-validated error of the maps at "
                 f"{cv.n_evaluated} holes left out of the fit: RMS {cv.rms_px:.4f} px, max "
                 f"{cv.max_px:.4f} px ({cv.rms_pitch:.5f} / {cv.max_pitch:.5f} pitch); an upper "
                 "bound, as it includes each left-out hole's own centre error."
