@@ -76,7 +76,8 @@ class _ReportData:
     log_hist: object = None  # (edges, counts, threshold) or None
     pair_distances: object = None
     window: object = None
-    source: str = ""
+    source: str = ""  # the grid image's file name, if known
+    detector_file: str = ""
     method: str = ""
     notes: list = field(default_factory=list)
 
@@ -336,27 +337,36 @@ def _from_record(rec, image):
         mask=rec.mask,
         holes=peaks[valid],
         displacement=np.asarray(rec.grid["displacement"], dtype=np.float64),
-        rejected=_group(peaks[~valid], np.full((~valid).sum(), "not used in the fit")),
-        source=str((rec.source or {}).get("path", "") or rec.path),
+        rejected=_group(
+            peaks[~valid], np.full((~valid).sum(), _LATTICE_PREFIX + "reason not in the file")
+        ),
+        source=str((rec.source or {}).get("path", "") or ""),
+        detector_file=str(rec.path),
         method=_method_text(resolved),
     )
     lattice = _reindex(peaks, pitch_px)
     if lattice is not None:
         data.pair_distances = np.asarray(lattice.pair_distances)
         data.window = tuple(lattice.window)
-        notes.append("(c) recomputed from the holes in the file")
+        notes.append("(c): lattice indexed again from the file's holes.")
     if image is not None:
         search = _research(image, resolved)
         if search is not None:
-            data.rejected = _group(np.asarray(search.rejected).reshape(-1, 2), search.reasons)
-            data.rejected += _group(
-                peaks[~valid], np.full((~valid).sum(), _LATTICE_PREFIX + "(file)")
-            )
+            # the file's holes are the truth here: drop re-found candidates on top of them
+            rej = np.asarray(search.rejected, dtype=np.float64).reshape(-1, 2)
+            reasons = np.asarray(search.reasons, dtype=str)
+            if len(rej) and len(peaks):
+                from scipy.spatial import cKDTree
+
+                radius = 0.5 * float(resolved.get("hole_diameter") or 5.0)
+                far = cKDTree(peaks).query(rej, distance_upper_bound=radius)[0] > radius
+                rej, reasons = rej[far], reasons[far]
+            data.rejected = _group(rej, reasons) + data.rejected
             hist = search.log_histogram
             data.log_hist = (hist.edges, hist.counts, float(search.threshold))
-            notes.append("(a), (b): image searched again with the recorded parameters")
+            notes.append("(a), (b): image searched again with the recorded settings.")
     else:
-        notes.append("(b) needs the image: not drawn")
+        notes.append("(b) needs the grid image.")
     data.notes = notes
     return data
 
@@ -519,7 +529,10 @@ def _block_mean(array, f):
 
 def _panel_image(mpl, ax, d):
     fig = ax.figure
-    ax.set_title(f"(a) {d.image_label} (log scale): holes and rejected candidates", loc="left")
+    if d.image is None:
+        ax.set_title("(a) holes in the detector file (no image given)", loc="left")
+    else:
+        ax.set_title(f"(a) {d.image_label} (log scale): holes and rejected candidates", loc="left")
     _image_axes(ax, d.shape)
     f = _image_factor(d.shape, _IMAGE_PANEL_PX)
     if d.image is not None:
@@ -798,7 +811,8 @@ def _panel_residual_hist(ax, res_norm, pitch_px):
     if res_norm.size == 0:
         _empty(ax, "no holes")
         return
-    counts, edges = np.histogram(res_norm, bins=40)
+    bins = int(np.clip(2 * np.sqrt(res_norm.size), 8, 40))
+    counts, edges = np.histogram(res_norm, bins=bins)
     ax.stairs(counts, edges, fill=True, color="#457b9d")
     rms, mx = _rms(res_norm), _max(res_norm)
     ax.axvline(rms, color="#d62828", lw=1.5)
@@ -824,6 +838,7 @@ def _panel_text(ax, d, disp_norm, res_norm):
     n_rej = sum(len(p) for _, p in d.rejected)
     lines = [
         f"image: {ny} × {nx} px" + (f", {os.path.basename(d.source)}" if d.source else ""),
+        *([f"detector file: {os.path.basename(d.detector_file)}"] if d.detector_file else []),
         f"holes in the fit: {len(d.holes)}; rejected: {n_rej}",
         f"pixel size (y, x): {d.pixel_size[0] * 1e6:.3f}, {d.pixel_size[1] * 1e6:.3f} µm",
     ]
@@ -838,11 +853,11 @@ def _panel_text(ax, d, disp_norm, res_norm):
         lines += _wrap(d.method, 48)
     lines += [
         "",
-        "Displacement = ideal grid − measured hole;",
-        "true position = nominal + (dy, dx) (pyFAI).",
-        "y runs downwards in every image panel.",
+        "displacement = ideal grid − measured hole;",
+        "true position = nominal + (dy, dx), as pyFAI.",
     ]
-    lines += d.notes
+    for note in d.notes:
+        lines += _wrap(note, 52)
     ax.set_title("summary", loc="left")
     ax.text(
         0.0,
@@ -852,7 +867,7 @@ def _panel_text(ax, d, disp_norm, res_norm):
         ha="left",
         va="top",
         fontsize=10,
-        linespacing=1.5,
+        linespacing=1.4,
     )
 
 
@@ -863,6 +878,8 @@ def _wrap(text, width):
 
 
 def _empty(ax, message):
+    ax.set_xticks([])
+    ax.set_yticks([])
     ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", color="0.4")
 
 
