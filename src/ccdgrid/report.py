@@ -32,15 +32,18 @@ import os
 import pathlib
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .errors import CcdgridError
+
+# numpy (and matplotlib) are imported inside the functions: the command line
+# builds its parser with add_report_parser, and `ccdgrid --help` must not pay
+# for numpy
 
 __all__ = ["add_report_parser", "plot_calibration", "run_report", "write_report"]
 
 _MISSING_MATPLOTLIB = "the report needs matplotlib: pip install 'ccdgrid[plot]'"
 _IMAGE_PANEL_PX = 640  # the image panel is about this many screen pixels wide
 _MAP_PANEL_PX = 320
+_QUIVER_ACROSS = 24  # at most about this many arrows across panel (f)
 # marker style per rejection reason; unknown reasons cycle through _SPARE_STYLES
 _REASON_STYLES = {
     "hot pixel": ("x", "#ff2d2d"),
@@ -65,11 +68,12 @@ class _ReportData:
     pixel_size: tuple
     pitch: object  # m or None
     pitch_px: object  # px or None
-    dx: np.ndarray
-    dy: np.ndarray
-    mask: np.ndarray
-    holes: np.ndarray  # (N, 2) measured (y, x) of the holes in the fit
-    displacement: np.ndarray  # (N, 2) (dy, dx) = ideal - measured
+    dx: object
+    dy: object
+    mask: object
+    holes: object  # (N, 2) measured (y, x) of the holes in the fit
+    displacement: object  # (N, 2) (dy, dx) = ideal - measured
+    indices: object = None  # (N, 2) lattice (i, j) of the holes, or None
     image: object = None  # 2-D array or None
     image_label: str = "image"
     rejected: list = field(default_factory=list)  # [(label, (K, 2) positions)]
@@ -262,6 +266,8 @@ def _import_matplotlib():
 
 
 def _gather(cal, image):
+    import numpy as np
+
     if hasattr(cal, "holes") and hasattr(cal, "lattice") and hasattr(cal, "maps"):
         data = _from_calibration(cal)
     elif hasattr(cal, "dx") and hasattr(cal, "grid") and hasattr(cal, "peaks"):
@@ -282,6 +288,8 @@ def _gather(cal, image):
 
 
 def _from_calibration(cal):
+    import numpy as np
+
     holes, lattice, grid = cal.holes, cal.lattice, cal.grid
     peaks = np.asarray(holes.peaks, dtype=np.float64)
     valid = np.asarray(lattice.valid, dtype=bool)
@@ -302,6 +310,7 @@ def _from_calibration(cal):
         mask=cal.mask,
         holes=peaks[valid],
         displacement=np.asarray(grid.displacement, dtype=np.float64),
+        indices=np.asarray(grid.indices),
         image=getattr(holes, "smoothed", None),
         image_label="disc-smoothed image",
         rejected=rejected,
@@ -314,6 +323,8 @@ def _from_calibration(cal):
 
 
 def _from_record(rec, image):
+    import numpy as np
+
     if rec.peaks is None or "displacement" not in rec.grid:
         raise CcdgridError(
             f"{getattr(rec, 'path', 'the detector file')} holds no hole record (a plain pyFAI "
@@ -337,6 +348,7 @@ def _from_record(rec, image):
         mask=rec.mask,
         holes=peaks[valid],
         displacement=np.asarray(rec.grid["displacement"], dtype=np.float64),
+        indices=rec.grid.get("indices"),
         rejected=_group(
             peaks[~valid], np.full((~valid).sum(), _LATTICE_PREFIX + "reason not in the file")
         ),
@@ -392,6 +404,8 @@ def _research(image, resolved):
 
 def _group(positions, reasons):
     """[(reason, (K, 2) positions)], most frequent reason first."""
+    import numpy as np
+
     if len(reasons) == 0:
         return []
     keys, counts = np.unique(np.asarray(reasons, dtype=str), return_counts=True)
@@ -416,6 +430,7 @@ def _method_text(resolved):
 
 def _bilinear_corners(dy, dx, points):
     """(M, 2) (dy, dx) of the corner maps at (y, x) points (corner (i, j) at (i-0.5, j-0.5))."""
+    import numpy as np
     from scipy.ndimage import map_coordinates
 
     coords = (np.asarray(points, dtype=np.float64) + 0.5).T
@@ -433,6 +448,8 @@ def _bilinear_corners(dy, dx, points):
 
 def _draw(mpl, d, figsize):
     # a bare Figure on the Agg canvas: no GUI backend, no display, no pyplot state
+    import numpy as np
+
     fig = mpl.figure.Figure(figsize=figsize)
     mpl.backends.backend_agg.FigureCanvasAgg(fig)
     gs = fig.add_gridspec(
@@ -518,6 +535,8 @@ def _image_factor(shape, target):
 
 def _block_mean(array, f):
     """Mean over blocks of f x f pixels (edge-padded to a multiple of f), float32."""
+    import numpy as np
+
     a = np.asarray(array, dtype=np.float32)
     if f == 1:
         return a
@@ -528,6 +547,8 @@ def _block_mean(array, f):
 
 
 def _panel_image(mpl, ax, d):
+    import numpy as np
+
     fig = ax.figure
     if d.image is None:
         ax.set_title("(a) holes in the detector file (no image given)", loc="left")
@@ -619,6 +640,8 @@ def _panel_image(mpl, ax, d):
 
 
 def _panel_threshold(ax, d):
+    import numpy as np
+
     ax.set_title("(b) peak contrast: holes stand out of the noise", loc="left")
     ax.set_xlabel("log10 contrast of a smoothed peak over its surroundings (counts)")
     ax.set_ylabel("number of peaks")
@@ -658,6 +681,8 @@ def _panel_threshold(ax, d):
 
 
 def _panel_pairs(ax, d):
+    import numpy as np
+
     ax.set_title("(c) distances between nearby peaks", loc="left")
     ax.set_xlabel("distance between two peaks (px)")
     ax.set_ylabel("number of pairs")
@@ -692,6 +717,8 @@ def _corner_extent(shape, f):
 
 
 def _sampled_corner_map(d, corner_map):
+    import numpy as np
+
     f = _image_factor(d.shape, _MAP_PANEL_PX)
     values = np.asarray(corner_map)[::f, ::f].astype(np.float32)
     ny, nx = d.shape
@@ -702,6 +729,8 @@ def _sampled_corner_map(d, corner_map):
 
 
 def _panel_map(mpl, ax, d, corner_map, title):
+    import numpy as np
+
     f, values = _sampled_corner_map(d, corner_map)
     ax.set_title(title, loc="left")
     _image_axes(ax, d.shape)
@@ -740,25 +769,37 @@ def _nice(value):
 
 
 def _panel_quiver(mpl, ax, d, disp_norm):
+    import numpy as np
+
     _image_axes(ax, d.shape)
     if len(d.holes) == 0:
         ax.set_title("(f) displacement at the holes", loc="left")
         return
-    big = float(np.percentile(disp_norm, 90))
     spacing = d.pitch_px or max(d.shape) / 10
-    # the 90th percentile arrow spans about 0.6 pitch: a few large ones may overlap
+    holes, disp, norm = d.holes, d.displacement, disp_norm
+    step = math.ceil(max(d.shape) / spacing / _QUIVER_ACROSS)
+    thinned = step > 1 and d.indices is not None and len(d.indices) == len(holes)
+    if thinned:
+        # an arrow can be no longer than the gap to the next one: on large images
+        # show every step-th lattice row and column so that arrows stay readable
+        keep = np.all(np.asarray(d.indices) % step == 0, axis=1)
+        holes, disp, norm = holes[keep], disp[keep], norm[keep]
+        spacing *= step
+    big = float(np.percentile(norm, 90)) if norm.size else 0.0
+    # the 90th percentile arrow spans about 0.6 gap: a few large ones may overlap
     factor = _nice(0.6 * spacing / big) if big > 0 else 1.0
+    which = f"; every {_ordinal(step)} row/col" if thinned else ""
     ax.set_title(
         f"(f) displacement at the holes (px): ideal − measured\n"
-        f"arrows × {factor:g}; the affine grid is removed",
+        f"arrows × {factor:g}; affine grid removed{which}",
         loc="left",
     )
     q = ax.quiver(
-        d.holes[:, 1],
-        d.holes[:, 0],
-        d.displacement[:, 1],
-        d.displacement[:, 0],
-        disp_norm,
+        holes[:, 1],
+        holes[:, 0],
+        disp[:, 1],
+        disp[:, 0],
+        norm,
         angles="xy",
         scale_units="xy",
         scale=1.0 / factor,
@@ -782,7 +823,13 @@ def _panel_quiver(mpl, ax, d, disp_norm):
     )
 
 
+def _ordinal(n):
+    return {2: "2nd", 3: "3rd"}.get(n, f"{n}th")
+
+
 def _panel_residual_map(ax, d, res_norm):
+    import numpy as np
+
     ax.set_title("(g) |map − measured displacement| (px)\nat each hole; worst on top", loc="left")
     _image_axes(ax, d.shape)
     if len(d.holes) == 0:
@@ -805,6 +852,8 @@ def _panel_residual_map(ax, d, res_norm):
 
 
 def _panel_residual_hist(ax, res_norm, pitch_px):
+    import numpy as np
+
     ax.set_title("(h) maps vs measured displacement", loc="left")
     ax.set_xlabel("|map − measured displacement| at a hole (px)")
     ax.set_ylabel("number of holes")
@@ -814,6 +863,7 @@ def _panel_residual_hist(ax, res_norm, pitch_px):
     bins = int(np.clip(2 * np.sqrt(res_norm.size), 8, 40))
     counts, edges = np.histogram(res_norm, bins=bins)
     ax.stairs(counts, edges, fill=True, color="#457b9d")
+    ax.set_ylim(0, counts.max() * 1.45)  # head room for the text box
     rms, mx = _rms(res_norm), _max(res_norm)
     ax.axvline(rms, color="#d62828", lw=1.5)
     text = f"RMS {rms:.4f} px (red line)\nmax {mx:.4f} px"
@@ -832,6 +882,8 @@ def _panel_residual_hist(ax, res_norm, pitch_px):
 
 
 def _panel_text(ax, d, disp_norm, res_norm):
+    import numpy as np
+
     ax.set_axis_off()
     ny, nx = d.shape
     masked = int(np.count_nonzero(d.mask))
@@ -884,10 +936,14 @@ def _empty(ax, message):
 
 
 def _rms(values):
+    import numpy as np
+
     return float(np.sqrt(np.mean(np.square(values)))) if np.size(values) else float("nan")
 
 
 def _max(values):
+    import numpy as np
+
     return float(np.max(values)) if np.size(values) else float("nan")
 
 
