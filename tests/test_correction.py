@@ -1,6 +1,5 @@
 """Exact pixel splitting (ccdgrid.correction): one specification, both engines."""
 
-import importlib.util
 from types import SimpleNamespace
 
 import numpy as np
@@ -467,15 +466,6 @@ def test_correct_with_a_detector_object_and_cache():
 def test_correct_rejects_objects_without_maps():
     with pytest.raises(CcdgridError, match="missing: mask"):
         correct(np.zeros((4, 4)), SimpleNamespace(dx=np.zeros((5, 5)), dy=np.zeros((5, 5))))
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("ccdgrid.detector_file") is not None,
-    reason="a detector file reader is installed",
-)
-def test_correct_with_a_path_needs_the_reader(tmp_path):
-    with pytest.raises(CcdgridError, match="no detector file reader"):
-        correct(np.zeros((4, 4)), tmp_path / "det.h5")
 
 
 # -- pyFAI parity (pyFAI >= 2026.9) ---------------------------------------------------------------

@@ -31,7 +31,7 @@ _LAZY = {
     "InverseWatershed": "watershed",
     "refine_peaks": "bilinear",
     "Bilinear": "bilinear",
-    "grid_error": "grid_error",
+    "grid_error": "hole_error",
     "find_holes": "peaks",
     "HoleSearch": "peaks",
     "CorrectionMatrix": "correction",
@@ -42,12 +42,14 @@ _LAZY = {
     "GridFit": "gridfit",
     "displacement_maps": "maps",
     "DisplacementMaps": "maps",
-    "calibrate": "calibrate",
-    "Calibration": "calibrate",
+    "calibrate": "pipeline",
+    "Calibration": "pipeline",
     "load": "detector_file",
+    "save_detector": "detector_file",
+    "DetectorRecord": "detector_file",
     "read_image": "io",
 }
-_SUBMODULES = {"synthetic", "cli", "io", "errors", "correction"}
+_SUBMODULES = {"synthetic", "cli", "io", "errors", "correction", "detector_file"}
 
 __all__ = ["__version__", "openmp_enabled", *sorted(_LAZY), *sorted(_SUBMODULES)]
 

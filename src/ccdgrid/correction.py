@@ -28,8 +28,6 @@ identity; memory is proportional to the non-zeros; ``normalize=True``
 divides by the coverage so partially covered output pixels are not darker.
 """
 
-import importlib
-import importlib.util
 import os
 import zlib
 from collections import OrderedDict
@@ -342,12 +340,9 @@ def _fingerprint(arr):
 
 
 def _load_detector(path):
-    if importlib.util.find_spec("ccdgrid.detector_file") is None:
-        raise CcdgridError(
-            f"`detector` is a path ({os.fspath(path)!r}) but this ccdgrid has no detector file "
-            "reader; pass an object with dx, dy and mask attributes"
-        )
-    return importlib.import_module("ccdgrid.detector_file").load(path)
+    from .detector_file import load
+
+    return load(path)
 
 
 def correct(image, detector, *, normalize=False, dummy=0.0, shape_out=None,

@@ -255,6 +255,8 @@ def merge_singletons(segmentation, image, *, backend="cython"):
         s.size,
         s.maxi,
         s.mini,
+        s.highest_pass,
+        s.pass_to,
         s.border_ptr,
         s.border_index,
         s.border_neighbor,

@@ -219,6 +219,8 @@ def merge_kernel(
     size,
     maxi,
     mini,
+    highest_pass,
+    pass_to,
     border_ptr,
     border_index,
     border_neighbor,
@@ -231,8 +233,11 @@ def merge_kernel(
         The image that was segmented.
     labels : ndarray of int64, shape (h, w)
     borders : ndarray of uint8, shape (h, w)
-    peak, size, maxi, mini, border_ptr, border_index, border_neighbor : ndarray
-        The basin table of :func:`segment_kernel` (one row per basin).
+    peak, size, maxi, mini, highest_pass, pass_to : ndarray
+    border_ptr, border_index, border_neighbor : ndarray
+        The basin table of :func:`segment_kernel` (one row per basin). This
+        twin recomputes every pass; the kernel copies ``highest_pass`` and
+        ``pass_to`` of regions made of one basin.
 
     Returns
     -------
