@@ -292,10 +292,7 @@ def write_spline(
     if dy.shape != dx.shape:
         raise CcdgridError(f"`dy` and `dx` differ in shape: {dy.shape} vs {dx.shape}")
     pixel1, pixel2 = _pixel_size(pixel_size)
-    if grid_spacing is None:
-        grid_um = 0.0
-    else:
-        grid_um = _positive(grid_spacing, "grid_spacing") * 1e6
+    grid_um = 0.0 if grid_spacing is None else _positive(grid_spacing, "grid_spacing") * 1e6
     if smoothing is not None:
         smoothing = _non_negative(smoothing, "smoothing")
     tolerance = _positive(tolerance, "tolerance")
@@ -594,9 +591,10 @@ def read_spline(path):
 def _header_numbers(target, lines, key_index, count):
     index = key_index + 1
     if index >= len(lines) or not lines[index].strip():
+        found = "the end of the file" if index >= len(lines) else "a blank line"
         raise CcdgridError(
             f"{target}, line {index + 1}: expected {count} numbers after "
-            f"{lines[key_index].strip()!r}, found {'end of file' if index >= len(lines) else 'a blank line'}"
+            f"{lines[key_index].strip()!r}, found {found}"
         )
     values = _parse_numbers(target, lines[index], index)
     if len(values) < count:
