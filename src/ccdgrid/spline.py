@@ -624,18 +624,17 @@ def _read_block(target, lines, key_index):
             f"per axis, got {nkx} and {nky}"
         )
     values = []
-    first = index + 1
-    last = first
-    for last in range(first, len(lines)):
-        line = lines[last]
-        if not line.strip() or line.strip().upper() in _KEYWORDS:
-            break
-        values.extend(_parse_numbers(target, line, last))
+    first = stop = index + 1
+    while (
+        stop < len(lines) and lines[stop].strip() and lines[stop].strip().upper() not in _KEYWORDS
+    ):
+        values.extend(_parse_numbers(target, lines[stop], stop))
+        stop += 1
     expected = nkx + nky + (nkx - _ORDER - 1) * (nky - _ORDER - 1)
     if len(values) != expected:
         raise CcdgridError(
-            f"{target}, lines {first + 1}-{max(first, last)}: {name} with {nkx} x {nky} knots "
-            f"needs {expected} numbers (knots and coefficients), found {len(values)}"
+            f"{target}, lines {first + 1}-{max(first + 1, stop)}: {name} with {nkx} x {nky} "
+            f"knots needs {expected} numbers (knots and coefficients), found {len(values)}"
         )
     values = np.asarray(values, dtype=np.float64)
     tx, ty, c = values[:nkx], values[nkx : nkx + nky], values[nkx + nky :]
