@@ -309,9 +309,9 @@ def write_spline(
 
     ny1, nx1 = dx.shape
     # one distance transform serves both maps
-    nearest = None if valid.all() else _nearest_valid(valid)
-    x_fit = _fit_map(dx, valid, nearest, smoothing, tolerance)
-    y_fit = _fit_map(dy, valid, nearest, smoothing, tolerance)
+    geometry = None if valid.all() else _nearest_valid(valid)
+    x_fit = _fit_map(dx, valid, geometry, smoothing, tolerance)
+    y_fit = _fit_map(dy, valid, geometry, smoothing, tolerance)
     spline = SplineMaps(
         x_tck=x_fit[0],
         y_tck=y_fit[0],
@@ -324,22 +324,28 @@ def write_spline(
     _atomic_write_text(target, text)
     # what a reader gets back: the 8 significant digits written, in float32
     stored = read_spline(target)
-    dys, dxs = stored.corner_maps((ny1 - 1, nx1 - 1))
-    err = np.concatenate([np.abs(dxs - dx)[valid], np.abs(dys - dy)[valid]])
+    worst, squares = 0.0, 0.0
+    for corner_map, spline_map in zip(
+        (dy, dx), stored.corner_maps((ny1 - 1, nx1 - 1)), strict=True
+    ):
+        err = np.abs(spline_map - corner_map)[valid]
+        worst = max(worst, float(err.max()))
+        squares += float(np.dot(err, err))
+    count = np.count_nonzero(valid)
     return SplineFit(
         path=target,
         spline=stored,
         smoothing=(x_fit[1], y_fit[1]),
         stride=(x_fit[2], y_fit[2]),
-        max_error=float(err.max()),
-        rms_error=float(np.sqrt(np.mean(err**2))),
-        valid_corners=int(np.count_nonzero(valid)),
+        max_error=worst,
+        rms_error=math.sqrt(squares / (2 * count)),
+        valid_corners=int(count),
     )
 
 
-def _fit_map(z, valid, nearest, smoothing, tolerance):
+def _fit_map(z, valid, geometry, smoothing, tolerance):
     """Fit one corner map; return (tck, s, stride) of the accepted spline."""
-    filled = z if nearest is None else _smooth_fill(z, valid, nearest)
+    filled = z if geometry is None else _smooth_fill(z, valid, geometry)
     if smoothing is not None:
         return _fit(filled, 1, smoothing), smoothing, 1
     ny1, nx1 = z.shape
@@ -396,38 +402,52 @@ def _max_error(tck, z, valid):
 
 
 def _nearest_valid(valid):
-    """Distance to, and index of, the nearest valid corner of every corner."""
+    """For the invalid corners: flat indices, flat index of the nearest valid corner, distance.
+
+    Kept only for the invalid corners: at 4096² the full distance transform
+    would be 400 MB held through both fits.
+    """
     from scipy import ndimage
 
-    return ndimage.distance_transform_edt(~valid, return_indices=True)
+    dist, (rows, cols) = ndimage.distance_transform_edt(~valid, return_indices=True)
+    invalid = np.flatnonzero(~valid)
+    nearest = rows.ravel()[invalid].astype(np.intp) * valid.shape[1] + cols.ravel()[invalid]
+    return invalid, nearest, dist.ravel()[invalid]
 
 
-def _smooth_fill(z, valid, nearest):
+def _smooth_fill(z, valid, geometry):
     """Replace the invalid corners of ``z`` with a smooth continuation of the valid ones."""
     from scipy.interpolate import RectBivariateSpline
 
+    invalid, nearest, dist = geometry
     ny1, nx1 = z.shape
-    dist, nearest = nearest
+    out = z.copy()
+    flat, source = out.reshape(-1), z.reshape(-1)
     step = max(1, math.ceil(max(ny1, nx1) / _FILL_NODES))
     rows, cols = _samples(ny1, step), _samples(nx1, step)
     coarse_valid = valid[np.ix_(rows, cols)]
     coarse = None
     if np.count_nonzero(coarse_valid) >= _FILL_MIN_VALID:
-        coarse = _thin_plate_fill(np.where(valid, z, 0.0)[np.ix_(rows, cols)], coarse_valid)
+        known = np.where(coarse_valid, z[np.ix_(rows, cols)], 0.0)
+        coarse = _thin_plate_fill(known, coarse_valid)
     if coarse is None:
         # too few valid nodes, or all on one line: nearest valid corner
-        return z[tuple(nearest)]
-    if step == 1:
-        return np.where(valid, z, coarse)
-    upsampled = RectBivariateSpline(
-        rows.astype(np.float64), cols.astype(np.float64), coarse, kx=3, ky=3, s=0
-    )(np.arange(ny1, dtype=np.float64), np.arange(nx1, dtype=np.float64))
-    # carry the residual on the valid corners a short way out, tapering to 0,
-    # so the fill meets the data without a step
-    residual = np.where(valid, z - upsampled, 0.0)[tuple(nearest)]
-    t = np.clip(1.0 - dist / (2.0 * step), 0.0, 1.0)
-    taper = t * t * (3.0 - 2.0 * t)
-    return np.where(valid, z, upsampled + taper * residual)
+        flat[invalid] = source[nearest]
+    elif step == 1:
+        flat[invalid] = coarse.reshape(-1)[invalid]
+    else:
+        # on the whole grid: FITPACK's grid evaluation is 20x faster than point by point
+        upsampled = RectBivariateSpline(
+            rows.astype(np.float64), cols.astype(np.float64), coarse, kx=3, ky=3, s=0
+        )(np.arange(ny1, dtype=np.float64), np.arange(nx1, dtype=np.float64)).reshape(-1)
+        fill = upsampled[invalid]
+        # carry the residual on the valid corners a short way out, tapering to
+        # 0 over two coarse cells, so the fill meets the data without a step
+        residual = source[nearest] - upsampled[nearest]
+        del upsampled
+        t = np.clip(1.0 - dist / (2.0 * step), 0.0, 1.0)
+        flat[invalid] = fill + t * t * (3.0 - 2.0 * t) * residual
+    return out
 
 
 def _thin_plate_fill(z, known):
