@@ -72,6 +72,7 @@ _FIT_POINTS = 256  # aim for about this many fitted corners along the shorter ax
 _FILL_NODES = 192  # coarse grid of the thin-plate fill, nodes along the longer axis
 _FILL_MIN_VALID = 16  # fewer valid coarse nodes: fall back to a nearest-corner fill
 _EVAL_BLOCK = 1 << 16  # points per block in scattered evaluation
+_ERROR_ROWS = 256  # corner rows per block when measuring the fit error
 
 
 @dataclass(frozen=True)
@@ -325,12 +326,10 @@ def write_spline(
     # what a reader gets back: the 8 significant digits written, in float32
     stored = read_spline(target)
     worst, squares = 0.0, 0.0
-    for corner_map, spline_map in zip(
-        (dy, dx), stored.corner_maps((ny1 - 1, nx1 - 1)), strict=True
-    ):
-        err = np.abs(spline_map - corner_map)[valid]
-        worst = max(worst, float(err.max()))
-        squares += float(np.dot(err, err))
+    for tck, corner_map in ((stored.x_tck, dx), (stored.y_tck, dy)):
+        map_worst, map_squares = _error_stats(_as_float32(tck), corner_map, valid)
+        worst = max(worst, map_worst)
+        squares += map_squares
     count = np.count_nonzero(valid)
     return SplineFit(
         path=target,
@@ -358,7 +357,7 @@ def _fit_map(z, valid, geometry, smoothing, tolerance):
                 tck = _fit(filled, stride, s)
             except ValueError:  # FITPACK gave up (too many knots for this s)
                 continue
-            if _max_error(tck, z, valid) <= _ACCEPT * tolerance:
+            if _max_error(tck, z, valid, _ACCEPT * tolerance) <= _ACCEPT * tolerance:
                 return tck, s, stride
         if stride == 1:
             break
@@ -393,23 +392,56 @@ def _samples(n, stride):
     return idx
 
 
-def _max_error(tck, z, valid):
-    # float32 knots and coefficients: what pyFAI keeps of the file
-    tck32 = tuple(np.asarray(a, np.float32).astype(np.float64) for a in tck)
-    ny1, nx1 = z.shape
-    fit = _evaluate_grid(tck32, np.arange(nx1, dtype=float), np.arange(ny1, dtype=float))
-    return float(np.abs(fit - z)[valid].max())
+def _max_error(tck, z, valid, limit):
+    """Largest |spline - z| on the valid corners, or some value above ``limit``."""
+    tck32 = _as_float32(tck)
+    # most rejected candidates already fail on every 4th corner: 1/16 of the work
+    worst, _ = _error_stats(tck32, z, valid, stride=4)
+    if worst > limit:
+        return worst
+    return _error_stats(tck32, z, valid)[0]
+
+
+def _as_float32(tck):
+    """Knots and coefficients rounded to float32: what pyFAI keeps of the file."""
+    return tuple(np.asarray(a, np.float32).astype(np.float64) for a in tck)
+
+
+def _error_stats(tck, z, valid, *, stride=1):
+    """Max and sum of squares of |spline - z| over the valid corners of every stride-th row/col.
+
+    Evaluated by blocks of rows, so no full-size temporary is made.
+    """
+    coef = _coefficients(tck)
+    rows = np.arange(0, z.shape[0], stride)
+    cols = np.arange(0, z.shape[1], stride)
+    along_x = (_design(cols.astype(np.float64), tck[0], coef.shape[0]) @ coef).T
+    by = _design(rows.astype(np.float64), tck[1], coef.shape[1]).tocsr()
+    worst, squares = 0.0, 0.0
+    for start in range(0, len(rows), _ERROR_ROWS):
+        block = slice(start, start + _ERROR_ROWS)
+        fit = np.asarray(by[block] @ along_x)
+        keep = valid[rows[block]][:, cols]
+        err = np.abs(fit - z[rows[block]][:, cols])[keep]
+        if err.size:
+            worst = max(worst, float(err.max()))
+            squares += float(np.dot(err, err))
+    return worst, squares
 
 
 def _nearest_valid(valid):
-    """For the invalid corners: flat indices, flat index of the nearest valid corner, distance.
+    """For the invalid corners: flat indices, flat index of a nearest valid corner, distance.
 
     Kept only for the invalid corners: at 4096² the full distance transform
     would be 400 MB held through both fits.
     """
     from scipy import ndimage
 
-    dist, (rows, cols) = ndimage.distance_transform_edt(~valid, return_indices=True)
+    # chessboard distance: 2.5x faster than the Euclidean transform, and the
+    # taper only needs a distance of the right order
+    dist, (rows, cols) = ndimage.distance_transform_cdt(
+        ~valid, metric="chessboard", return_indices=True
+    )
     invalid = np.flatnonzero(~valid)
     nearest = rows.ravel()[invalid].astype(np.intp) * valid.shape[1] + cols.ravel()[invalid]
     return invalid, nearest, dist.ravel()[invalid]
