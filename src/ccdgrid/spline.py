@@ -270,13 +270,17 @@ def write_spline(
     Invalid corners are filled in three steps: a thin-plate (minimum
     curvature) fill on a coarse grid of about 192 nodes along the longer
     axis, a bicubic upsampling of it, and the residual left on the valid
-    corners carried a few coarse cells into the invalid region with a
-    smooth taper, so the filled field meets the valid one without a step.
+    corners carried two coarse cells into the invalid region with a smooth
+    taper, so the filled field meets the valid one without a step. With
+    fewer than 16 valid coarse nodes the nearest valid corner is copied.
 
     Automatic smoothing tries ``s = n * rms²`` with rms = 1/4, 1/8, 1/16 and
     1/32 of the tolerance on every ``k``-th corner (``k`` chosen to fit about
     256 corners along the shorter axis), halving ``k`` down to 1 when none
     is accurate enough, and ends with an interpolating spline (``s = 0``).
+    A candidate is accepted when its largest error on a valid corner, with
+    float32 knots and coefficients, is within 0.9 ``tolerance``; the margin
+    covers pyFAI's float32 corners in metres.
 
     Examples
     --------
