@@ -407,9 +407,9 @@ def _worker(argv=None):
     then the peak-memory baseline is taken. Reported: ``time_maps`` (image
     to maps + mask), ``time_save`` (detector file write), ``peak_maps_mb``
     (peak RSS above baseline up to the maps), ``peak_total_mb`` (including
-    the write), ``base_mb`` (RSS at the baseline), the pipeline's own
-    per-stage ``timings``. With ``--maps`` the corner maps and mask are saved
-    for the accuracy measurement.
+    the write), ``base_mb`` (RSS at the baseline), ``n_peaks`` (holes used,
+    when the result says), the pipeline's own per-stage ``timings``. With
+    ``--maps`` the corner maps and mask are saved for the accuracy measurement.
     """
     parser = argparse.ArgumentParser(prog="_measure.py")
     parser.add_argument("pipeline", choices=["ccdgrid", "tutorial"])
@@ -456,6 +456,7 @@ def _worker(argv=None):
     save(obj, args.output)
     time_save = time.perf_counter() - start
     peak_total = mem.peak_mb()
+    peaks = next((getattr(obj, a) for a in ("peaks", "holes") if hasattr(obj, a)), None)
     if args.maps:
         np.savez(args.maps, dy=np.asarray(dy), dx=np.asarray(dx), mask=np.asarray(mask))
     print(
@@ -467,6 +468,7 @@ def _worker(argv=None):
                 "peak_total_mb": peak_total,
                 "base_mb": mem.base_mb(),
                 "exact_peak": mem.exact,
+                "n_peaks": None if peaks is None else len(peaks),
                 "timings": timings,
             }
         )

@@ -262,7 +262,12 @@ def bench_e2e(size, repeat, seed, tmp):
         except RuntimeError as exc:
             _skip(pipeline, exc)
             continue
-        med = {k: float(np.median([r[k] for r in runs])) for k in runs[0] if k != "timings"}
+        med = {
+            k: float(np.median([r[k] for r in runs]))
+            for k in runs[0]
+            if k not in ("timings", "n_peaks")
+        }
+        med["n_peaks"] = runs[0]["n_peaks"]
         med["total"] = float(np.median([r["time_maps"] + r["time_save"] for r in runs]))
         med["exact_peak"] = all(r["exact_peak"] for r in runs)
         med["loads"] = _loads_in_pyfai(out, grid.image.shape)
@@ -312,6 +317,7 @@ def bench_e2e(size, repeat, seed, tmp):
                 px(s.get("both", (None,))[0]),
                 px(s.get("both", (None, None))[1]),
                 f"{s.get('valid', float('nan')):.1f}",
+                "-" if s["n_peaks"] is None else s["n_peaks"],
                 s["loads"],
             )
         )
@@ -336,6 +342,7 @@ def bench_e2e(size, repeat, seed, tmp):
                 ratio("both", 1),
                 "",
                 "",
+                "",
             )
         )
     header = (
@@ -350,6 +357,7 @@ def bench_e2e(size, repeat, seed, tmp):
         "RMS px common",
         "max px common",
         "valid %",
+        "peaks",
         "pyFAI loads",
     )
     _print_table(rows, header)
