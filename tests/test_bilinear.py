@@ -1,0 +1,375 @@
+"""Peak climbing and sub-pixel refinement (ccdgrid.bilinear), every engine.
+
+Tolerances: integer outputs and float outputs of the two engines are compared
+exactly (both do the same float32 operations in the same order); analytic
+expectations that pass through float32 arithmetic use ``atol=1e-6`` px; the
+parity with pyFAI is checked exactly and, as the contract states, within
+1e-5 px.
+"""
+
+import importlib.metadata
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from ccdgrid.bilinear import Bilinear, climb, refine_peaks
+from ccdgrid.errors import CcdgridError
+
+BACKENDS = ["cython", "numpy"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def gaussian_image(rng, shape, n_peaks, *, background=10.0, noise=1.0):
+    """Anisotropic, rotated Gaussian peaks on a noisy background (float64)."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    img = np.full(shape, background)
+    for _ in range(n_peaks):
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        sy, sx = rng.uniform(0.7, 4.0, 2)
+        theta = rng.uniform(0, np.pi)
+        c, s = np.cos(theta), np.sin(theta)
+        u = (yy - cy) * c + (xx - cx) * s
+        v = -(yy - cy) * s + (xx - cx) * c
+        img += rng.uniform(100, 2000) * np.exp(-0.5 * ((u / sy) ** 2 + (v / sx) ** 2))
+    return img + rng.normal(0, noise, shape)
+
+
+def random_seeds(rng, shape, n):
+    h, w = shape
+    return np.column_stack([rng.uniform(-0.49, h - 0.51, n), rng.uniform(-0.49, w - 0.51, n)])
+
+
+# --- the two engines agree ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.float32, np.float64])
+def test_engines_agree_exactly_on_gaussian_peaks(dtype):
+    rng = np.random.default_rng(11)
+    img = gaussian_image(rng, (96, 128), 25).astype(dtype)
+    seeds = random_seeds(rng, img.shape, 500)
+    cy = refine_peaks(img, seeds, backend="cython")
+    ref = refine_peaks(img, seeds, backend="numpy")
+    np.testing.assert_array_equal(cy, ref)
+    np.testing.assert_array_equal(
+        climb(img, seeds, backend="cython"), climb(img, seeds, backend="numpy")
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda img: np.round(img / 100), id="quantised-ties"),
+        pytest.param(lambda img: img - 400.0, id="negative"),
+        pytest.param(lambda img: np.where(img > 300, np.nan, img), id="nan-pixels"),
+        pytest.param(lambda img: np.zeros_like(img), id="flat"),
+    ],
+)
+def test_engines_agree_exactly_on_hard_images(make):
+    rng = np.random.default_rng(12)
+    img = make(gaussian_image(rng, (80, 90), 20))
+    seeds = random_seeds(rng, img.shape, 400)
+    np.testing.assert_array_equal(
+        refine_peaks(img, seeds, backend="cython"), refine_peaks(img, seeds, backend="numpy")
+    )
+
+
+def test_non_contiguous_views_give_the_same_as_copies(backend):
+    rng = np.random.default_rng(13)
+    big = gaussian_image(rng, (120, 160), 30).astype(np.float32)
+    for view in (big[::2, 1::3], big.T, big[10:70, 20:90]):
+        assert not view.flags.c_contiguous
+        seeds = random_seeds(rng, view.shape, 100)
+        np.testing.assert_array_equal(
+            refine_peaks(view, seeds, backend=backend),
+            refine_peaks(np.ascontiguousarray(view), seeds, backend=backend),
+        )
+
+
+# --- behaviour stated in the contract -------------------------------------------------
+
+
+def test_two_pixel_plateau_refines_to_its_midpoint(backend):
+    img = np.zeros((5, 6), np.float32)
+    img[2, 2:4] = 1.0
+    np.testing.assert_array_equal(refine_peaks(img, [(1, 1)], backend=backend), [[2.0, 2.5]])
+
+
+def test_gaussian_peak_is_found_close_to_its_true_centre(backend):
+    yy, xx = np.mgrid[0:21, 0:21]
+    img = 1000 * np.exp(-0.5 * (((yy - 10.3) / 2.5) ** 2 + ((xx - 9.8) / 3.0) ** 2))
+    (y, x) = refine_peaks(img, [(5, 15)], backend=backend)[0]
+    # A 3x3 quadratic fit of a Gaussian sampled at 2.5-3 px width is biased
+    # by a few hundredths of a pixel, no more.
+    assert abs(y - 10.3) < 0.05
+    assert abs(x - 9.8) < 0.05
+
+
+def test_singular_hessian_falls_back_to_centre_of_mass(backend):
+    # Rows y-1 and y are equal plateaus, row y+1 is zero: d2/dx2 = 0, so the
+    # Hessian is singular, and the centre of mass is half a row up.
+    img = np.zeros((7, 7), np.float32)
+    img[2:4, 2:5] = 3.0
+    np.testing.assert_allclose(
+        refine_peaks(img, [(3, 3)], backend=backend), [[2.5, 3.0]], rtol=0, atol=1e-6
+    )
+
+
+def test_newton_step_beyond_one_pixel_falls_back_to_centre_of_mass(backend):
+    # For this patch the Newton offsets are (1.14, 1.43) px: rejected.
+    patch = np.array([[5, 3, 0], [5, 6, 5], [0, 5, 5]], np.float32)
+    img = np.zeros((5, 5), np.float32)
+    img[1:4, 1:4] = patch
+    rows, cols = np.mgrid[1:4, 1:4]
+    expected = [(patch * rows).sum() / patch.sum(), (patch * cols).sum() / patch.sum()]
+    np.testing.assert_allclose(
+        refine_peaks(img, [(2, 2)], backend=backend), [expected], rtol=0, atol=1e-6
+    )
+
+
+def test_climb_breaks_ties_by_first_pixel_in_raster_order(backend):
+    img = np.zeros((5, 5), np.float32)
+    img[1, 1] = img[3, 3] = 2.0  # both neighbours of (2, 2), equal
+    img[2, 2] = 1.0
+    np.testing.assert_array_equal(climb(img, [(2, 2)], backend=backend), [[1, 1]])
+
+
+def test_plateau_stops_the_climb(backend):
+    img = np.ones((4, 4), np.float32)
+    seeds = np.array([(0, 0), (1, 2), (3, 3)])
+    np.testing.assert_array_equal(climb(img, seeds, backend=backend), seeds)
+
+
+def test_float_seeds_round_half_to_even(backend):
+    img = np.ones((6, 6), np.float32)  # every pixel stops the climb where it starts
+    got = climb(img, [(2.5, 3.5), (1.5, 0.5), (0.49, 4.51)], backend=backend)
+    np.testing.assert_array_equal(got, [[2, 4], [2, 0], [0, 5]])
+
+
+def test_integer_and_float_seeds_agree(backend):
+    rng = np.random.default_rng(14)
+    img = gaussian_image(rng, (64, 64), 10)
+    seeds = rng.integers(0, 64, (200, 2))
+    np.testing.assert_array_equal(
+        refine_peaks(img, seeds, backend=backend),
+        refine_peaks(img, seeds.astype(np.float64), backend=backend),
+    )
+
+
+def test_nan_pixels_are_never_climbed_and_stop_refinement(backend):
+    img = np.zeros((7, 7), np.float32)
+    img[3, 3] = 5.0
+    img[3, 4] = np.nan  # a NaN neighbour of the maximum
+    img[5, 1] = np.nan  # a NaN start
+    got = refine_peaks(img, [(2, 2), (5, 1)], backend=backend)
+    # (3, 3) is reached; its patch holds NaN, so neither Newton nor the
+    # centre of mass is defined and the pixel itself is returned.
+    np.testing.assert_array_equal(got, [[3.0, 3.0], [5.0, 1.0]])
+
+
+@pytest.mark.parametrize(
+    ("peak", "seed"),
+    [((0, 0), (1, 1)), ((0, 4), (1, 3)), ((5, 0), (4, 1)), ((5, 4), (4, 3)), ((2, 4), (2, 3))],
+)
+def test_maxima_on_the_border_are_not_refined(backend, peak, seed):
+    img = np.zeros((6, 5), np.float32)
+    img[peak] = 10.0
+    img[seed] = 5.0
+    np.testing.assert_array_equal(refine_peaks(img, [seed], backend=backend), [peak])
+
+
+@pytest.mark.parametrize(
+    ("shape", "peak"), [((1, 1), (0, 0)), ((1, 7), (0, 4)), ((7, 1), (2, 0)), ((2, 2), (1, 0))]
+)
+def test_tiny_images_return_integer_maxima(backend, shape, peak):
+    # A single-peaked image: every seed climbs to the peak, which is on the
+    # border of so thin an image and therefore not refined.
+    yy, xx = np.indices(shape)
+    img = -((yy - peak[0]) ** 2 + (xx - peak[1]) ** 2).astype(np.float64)
+    seeds = np.array([(0, 0), (shape[0] - 1, shape[1] - 1)])
+    np.testing.assert_array_equal(refine_peaks(img, seeds, backend=backend), [peak, peak])
+
+
+def test_empty_seeds_give_an_empty_result(backend):
+    img = np.ones((3, 3))
+    for empty in ([], np.empty((0, 2)), np.empty((0, 2), np.int64)):
+        out = refine_peaks(img, empty, backend=backend)
+        assert out.shape == (0, 2)
+        assert out.dtype == np.float64
+        assert climb(img, empty, backend=backend).shape == (0, 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    img=arrays(
+        np.float32,
+        st.tuples(st.integers(1, 12), st.integers(1, 12)),
+        elements=st.integers(0, 4).map(float),
+    ),
+    data=st.data(),
+)
+def test_climb_ends_on_a_local_maximum_and_refinement_stays_within_a_pixel(img, data):
+    h, w = img.shape
+    seeds = np.array(
+        data.draw(
+            st.lists(
+                st.tuples(st.integers(0, h - 1), st.integers(0, w - 1)), min_size=1, max_size=8
+            )
+        )
+    )
+    peaks = climb(img, seeds, backend="cython")
+    np.testing.assert_array_equal(peaks, climb(img, seeds, backend="numpy"))
+    for y, x in peaks:
+        window = img[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2]
+        assert not (window > img[y, x]).any()
+    np.testing.assert_array_equal(climb(img, peaks, backend="cython"), peaks)
+    refined = refine_peaks(img, seeds, backend="cython")
+    np.testing.assert_array_equal(refined, refine_peaks(img, seeds, backend="numpy"))
+    # Non-negative patch: Newton offsets and centres of mass stay in the 3x3 box.
+    assert (np.abs(refined - peaks) <= 1.0).all()
+
+
+# --- parity with pyFAI 2026.9 ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pyfai_bilinear():
+    pytest.importorskip("pyFAI")
+    # local_maxi changed in 2026.9 (PYFAI_NOTES §2.4); older releases differ.
+    release = tuple(int(p) for p in importlib.metadata.version("pyFAI").split(".")[:2])
+    if release < (2026, 9):
+        pytest.skip(f"parity is with pyFAI >= 2026.9, found {release}")
+    from pyFAI.ext.bilinear import Bilinear as PyfaiBilinear
+
+    return PyfaiBilinear
+
+
+@pytest.mark.parametrize("variant", ["gaussians", "quantised", "negative"])
+def test_refine_peaks_matches_pyfai_local_maxi(backend, pyfai_bilinear, variant):
+    rng = np.random.default_rng(21)
+    img = gaussian_image(rng, (128, 160), 40)
+    if variant == "quantised":  # many ties and flat patches: exercises the fallbacks
+        img = np.round(img / 80)
+    elif variant == "negative":  # non-positive patches: no centre of mass
+        img = img - 500
+    seeds = rng.integers(0, img.shape, (600, 2))
+    pf = pyfai_bilinear(img)
+    expected = np.array([pf.local_maxi(tuple(s)) for s in seeds.tolist()])
+    got = refine_peaks(img, seeds, backend=backend)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(got, expected)  # in fact bit for bit
+
+
+def test_climb_matches_pyfai_cp_local_maxi(backend, pyfai_bilinear):
+    rng = np.random.default_rng(22)
+    img = np.round(gaussian_image(rng, (100, 120), 30) / 50)
+    h, w = img.shape
+    starts = rng.integers(0, h * w, 800)
+    pf = pyfai_bilinear(img)
+    expected = np.array([pf.cp_local_maxi(int(i)) for i in starts])
+    peaks = climb(img, np.column_stack(np.divmod(starts, w)), backend=backend)
+    np.testing.assert_array_equal(peaks[:, 0] * w + peaks[:, 1], expected)
+
+
+def test_bilinear_facade_matches_pyfai(backend, pyfai_bilinear):
+    rng = np.random.default_rng(23)
+    img = gaussian_image(rng, (64, 80), 12)
+    ours, theirs = Bilinear(img, backend=backend), pyfai_bilinear(img)
+    assert (ours.height, ours.width) == (theirs.height, theirs.width)
+    assert ours.maxi == theirs.maxi
+    assert ours.mini == theirs.mini
+    for y, x in rng.uniform(0, 63, (100, 2)):
+        assert ours.local_maxi((y, x)) == theirs.local_maxi((y, x))
+        flat = round(y) * 80 + round(x)
+        assert ours.cp_local_maxi(flat) == theirs.cp_local_maxi(flat)
+    for y, x in np.vstack([rng.uniform(-2, 66, (100, 2)), [[3, 4], [3, 4.5], [3.5, 4]]]):
+        assert ours((y, x)) == pytest.approx(theirs((y, x)), rel=1e-6)
+
+
+def test_bilinear_data_is_a_read_only_float32_view(backend):
+    img = np.arange(12, dtype=np.float32).reshape(3, 4)
+    b = Bilinear(img, backend=backend)
+    assert b.data.dtype == np.float32
+    assert not b.data.flags.writeable
+    assert img.flags.writeable  # the caller's array is not frozen
+    assert b((1.0, 2.5)) == pytest.approx(6.5)
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+def test_seed_outside_the_image_is_named(backend):
+    img = np.zeros((10, 20))
+    with pytest.raises(CcdgridError, match=r"`seeds\[1\]` = \(9\.6, 3\.0\) is outside"):
+        refine_peaks(img, [(1.0, 1.0), (9.6, 3.0), (-5.0, 0.0)], backend=backend)
+    with pytest.raises(CcdgridError, match=r"`seeds\[0\]` = \(0, -1\) is outside"):
+        climb(img, np.array([(0, -1)]), backend=backend)
+    with pytest.raises(CcdgridError, match=r"`seeds\[0\]`.*outside"):
+        refine_peaks(img, np.array([(2**40, 0)], np.uint64), backend=backend)
+
+
+def test_non_finite_seed_is_named(backend):
+    with pytest.raises(CcdgridError, match=r"`seeds\[2\]` = \(1\.0, nan\) is not finite"):
+        refine_peaks(np.zeros((5, 5)), [(1, 1), (2, 2), (1, np.nan)], backend=backend)
+    with pytest.raises(CcdgridError, match=r"`seeds\[0\]` = \(inf, 1\.0\) is not finite"):
+        refine_peaks(np.zeros((5, 5)), [(np.inf, 1)], backend=backend)
+
+
+@pytest.mark.parametrize(
+    ("seeds", "match"),
+    [
+        (np.zeros((3, 3)), r"`seeds` must have shape \(N, 2\)"),
+        (np.zeros((2, 2, 2)), r"`seeds` must have shape \(N, 2\)"),
+        (np.zeros((3, 0)), r"`seeds` must have shape \(N, 2\)"),
+        (np.array([(1 + 1j, 2)]), "`seeds` must hold real numbers"),
+        (np.array([("a", "b")]), "`seeds` must hold real numbers"),
+    ],
+)
+def test_malformed_seeds_are_rejected(backend, seeds, match):
+    with pytest.raises(CcdgridError, match=match):
+        refine_peaks(np.zeros((5, 5)), seeds, backend=backend)
+
+
+@pytest.mark.parametrize(
+    ("image", "match"),
+    [
+        (np.zeros(5), "must be a 2-D image"),
+        (np.zeros((2, 3, 4)), "must be a 2-D image"),
+        (np.zeros((0, 4)), "is empty"),
+        (np.zeros((3, 3), complex), "must hold real numbers"),
+        (np.empty((3, 3), object), "must hold real numbers"),
+    ],
+)
+def test_bad_images_are_rejected(backend, image, match):
+    with pytest.raises(CcdgridError, match=match):
+        refine_peaks(image, [(0, 0)], backend=backend)
+    with pytest.raises(CcdgridError, match=match):
+        Bilinear(image, backend=backend)
+
+
+def test_bilinear_rejects_positions_outside_the_image(backend):
+    b = Bilinear(np.zeros((4, 5)), backend=backend)
+    with pytest.raises(
+        CcdgridError, match=r"\(4\.0, 0\.0\) is outside the image of shape \(4, 5\)"
+    ):
+        b.local_maxi((4.0, 0.0))
+    with pytest.raises(CcdgridError, match="is not finite"):
+        b.local_maxi((np.nan, 0.0))
+    with pytest.raises(CcdgridError, match=r"flat index 20 is outside 0 \.\. 19"):
+        b.cp_local_maxi(20)
+    with pytest.raises(CcdgridError, match="flat index must be an integer"):
+        b.cp_local_maxi(2.0)
+    with pytest.raises(CcdgridError, match="must be a pair"):
+        b((1.0,))
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(CcdgridError, match="`backend` must be one of"):
+        refine_peaks(np.zeros((3, 3)), [(1, 1)], backend="opencl")
