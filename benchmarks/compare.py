@@ -114,13 +114,15 @@ def bench_kernels(size, n_seeds, n_points, repeat, seed):
     print(f"  image: {source}, seed {seed}, convolved with the tutorial's 11x11 disc (float32)")
 
     # watershed
+    regions = {}
     cands = []
     for backend in ("cython", "numpy"):
 
         def ws(backend=backend):
             from ccdgrid.watershed import merge_singletons, segment
 
-            return merge_singletons(segment(cnv, backend=backend), cnv, backend=backend)
+            seg = merge_singletons(segment(cnv, backend=backend), cnv, backend=backend)
+            regions[f"ccdgrid {backend}"] = (len(seg.size), int((seg.size > 97).sum()))
 
         cands.append((f"ccdgrid {backend}", ws))
 
@@ -130,11 +132,14 @@ def bench_kernels(size, n_seeds, n_points, repeat, seed):
         iw = InverseWatershed(cnv)
         iw.init()
         iw.merge_singleton()
-        return iw
+        distinct = set(iw.regions.values())
+        regions["pyFAI"] = (len(distinct), sum(r.size > 97 for r in distinct))
 
     cands.append(("pyFAI", ws_pyfai))
     print()
     _time_rows("watershed init + merge singletons", cands, repeat, "pyFAI")
+    for name, (n_all, n_big) in regions.items():
+        print(f"  {name}: {n_all} regions after merging, {n_big} with size > 97")
 
     # bilinear refinement
     rng = np.random.default_rng(seed)
