@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numpy.testing import assert_allclose, assert_array_equal
 
 from ccdgrid import CcdgridError
@@ -48,6 +50,13 @@ def test_different_seed_changes_distortion_and_noise():
     assert not np.array_equal(a.image, b.image)
 
 
+def test_seed_none_is_recorded_and_reproducible():
+    a = syn.grid_image((128, 128), seed=None)
+    assert isinstance(a.params["seed"], int)
+    b = syn.grid_image((128, 128), seed=a.params["seed"])
+    assert_array_equal(a.image, b.image)
+
+
 def test_changing_the_noise_keeps_the_geometry():
     a = syn.grid_image((256, 256), seed=5, noise="low")
     b = syn.grid_image((256, 256), seed=5, noise="heavy", hot_pixels=3)
@@ -83,7 +92,7 @@ def test_params_record_the_resolved_values():
     p = res.params
     assert p["seed"] == 9
     assert p["noise_multiplier"] == 3.0
-    assert p["distortion_px"] == pytest.approx(20.0 * 256 / 1024)
+    assert p["distortion_px"] == pytest.approx(20.0 * 256 / 2048)
     assert p["shape"] == (256, 256)
     assert len(p["offset"]) == 2
 
@@ -109,6 +118,7 @@ def test_params_record_the_resolved_values():
         ({"offset": (1.0,)}, "`offset`"),
         ({"distortion": "wild"}, "`distortion`"),
         ({"distortion_px": -1.0}, "`distortion_px`"),
+        ({"distortion_px": 150.0}, "`distortion_px` = 150 is too strong"),
         ({"psf_sigma": -1.0}, "`psf_sigma`"),
         ({"psf_tail": 1.0}, "`psf_tail`"),
         ({"signal": 0.0}, "`signal`"),
@@ -121,6 +131,8 @@ def test_params_record_the_resolved_values():
         ({"dead_rows": 300}, "`dead_rows`"),
         ({"dead_cols": True}, "`dead_cols`"),
         ({"dtype": np.int32}, "`dtype`"),
+        ({"fibre_pattern": -1.0}, "`fibre_pattern`"),
+        ({"fibre_pattern": "yes"}, "`fibre_pattern`"),
         ({"seed": -1}, "`seed`"),
         ({"seed": 1.5}, "`seed`"),
     ],
@@ -214,15 +226,51 @@ def test_detector_position_inverts_the_map():
     assert_allclose(truth.detector_position(q), p, rtol=0, atol=1e-9)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    fraction=st.floats(0.0, 0.03),
+    ny=st.integers(64, 400),
+    nx=st.integers(64, 400),
+)
+def test_any_field_round_trips_through_its_inverse(seed, fraction, ny, nx):
+    # strain ~ (3-7) x peak / size: 3 % of the size keeps it below the 25 % limit
+    peak = fraction * min(ny, nx)
+    truth = syn.make_distortion((ny, nx), distortion_px=peak, seed=seed)
+    p = np.random.default_rng(seed).uniform(-0.5, [ny - 0.5, nx - 0.5], (64, 2))
+    q = p + truth.displacement(p)
+    assert_allclose(truth.detector_position(q), p, rtol=0, atol=1e-8)
+
+
 @pytest.mark.parametrize(
     ("distortion", "lo", "hi"), [("frelon", 0.5, 3.0), ("strong", 10.0, 25.0)]
 )
-@pytest.mark.parametrize("size", [1024, 2048])
-def test_preset_peak_displacement(distortion, lo, hi, size):
-    truth = syn.make_distortion((size, size), distortion=distortion, seed=6)
-    dy, dx = truth.corner_maps((size, size))
+def test_preset_peak_displacement_at_2048(distortion, lo, hi):
+    truth = syn.make_distortion((2048, 2048), distortion=distortion, seed=6)
+    dy, dx = truth.corner_maps((2048, 2048))
     peak = np.sqrt(dy * dy + dx * dx).max()
     assert lo <= peak <= hi
+
+
+@pytest.mark.parametrize(("size", "scale"), [(4096, 1.0), (1024, 0.5), (512, 0.25)])
+def test_preset_peak_scales_down_below_2048(size, scale):
+    truth = syn.make_distortion((size, size), distortion="strong", seed=6)
+    g = np.linspace(-0.5, size - 0.5, 257)
+    dy, dx = truth.grid(g, g)
+    assert np.sqrt(dy * dy + dx * dx).max() == pytest.approx(20.0 * scale, rel=0.01)
+    # the local strain stays that of a real taper
+    assert truth.max_strain((size, size)) < 0.08
+
+
+def test_distortion_has_no_affine_part():
+    truth = syn.make_distortion((512, 512), distortion="strong", seed=7)
+    g = np.linspace(-0.5, 511.5, 65)
+    dy, dx = truth.grid(g, g)
+    y, x = np.meshgrid(g, g, indexing="ij")
+    design = np.stack([np.ones(y.size), y.ravel(), x.ravel()], axis=1)
+    coef, *_ = np.linalg.lstsq(design, np.stack([dy.ravel(), dx.ravel()], 1), rcond=None)
+    assert np.abs(coef[0]).max() < 1e-9  # px (intercept at the corner (-0.5, -0.5) = 0 too)
+    assert np.abs(coef[1:]).max() < 1e-12  # px / px
 
 
 def test_no_distortion_is_zero_everywhere():
@@ -404,23 +452,25 @@ def test_dense_residual_skips_masked_pixels_and_nan_corners(field_512):
     dx[:, 300:] = np.nan
     mask = np.zeros((512, 512), dtype=np.int8)
     mask[:100] = 1
-    res = syn.dense_residual(field_512, dy, dx, mask, n=3000)
+    res = syn.dense_residual(field_512, dy, dx, mask, n=3000)  # positional, as pyFAI masks
     assert np.isfinite(res.rms)
     assert res.points[:, 0].min() >= 99.5
     assert res.points[:, 1].max() <= 299.5
 
 
 @pytest.mark.parametrize(
-    ("args", "match"),
+    ("args", "kwargs", "match"),
     [
-        ((np.zeros((5, 5)), np.zeros((5, 6))), "corner maps"),
-        ((np.zeros((5, 5)), np.zeros((5, 5)), np.zeros((5, 5))), "`mask`"),
-        ((np.zeros((5, 5)), np.zeros((5, 5)), np.ones((4, 4))), "no valid pixel"),
+        ((np.zeros((5, 5)), np.zeros((5, 6))), {}, "corner maps"),
+        ((np.zeros((5, 5)), np.zeros((5, 5))), {"mask": np.zeros((5, 5))}, "`mask`"),
+        ((np.zeros((5, 5)), np.zeros((5, 5))), {"region": np.ones((3, 4))}, "`region`"),
+        ((np.zeros((5, 5)), np.zeros((5, 5))), {"mask": np.ones((4, 4))}, "no valid pixel"),
+        ((np.zeros((5, 5)), np.zeros((5, 5))), {"n": 0}, "`n`"),
     ],
 )
-def test_dense_residual_rejects_bad_input(field_512, args, match):
+def test_dense_residual_rejects_bad_input(field_512, args, kwargs, match):
     with pytest.raises(CcdgridError, match=match):
-        syn.dense_residual(field_512, *args)
+        syn.dense_residual(field_512, *args, **kwargs)
 
 
 # -- full-size smoke test ------------------------------------------------------------
@@ -436,3 +486,107 @@ def test_frelon_2048_smoke():
     assert res.visible.sum() > 0.75 * len(res.holes)
     assert 10.0 <= res.params["distortion_px"] <= 25.0
     assert_allclose(res.holes + res.truth.displacement(res.holes), res.ideal, atol=1e-6)
+
+
+# -- detector model details ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows_along_x", [True, False])
+def test_fibre_cells_are_whole_hexagons_across_the_period_seam(rows_along_x):
+    from scipy import ndimage
+
+    from ccdgrid._synthetic_render import _HexPattern
+
+    pitch = 7.3
+    pattern = _HexPattern((400, 300), pitch, rows_along_x, periods=4, width=1.2)
+    seam = pattern.period
+    index, _ = pattern.cells(seam - 40, seam + 40)
+    hexagon = np.sqrt(3.0) / 2.0 * pitch**2
+    areas = []
+    for value in np.unique(index):
+        labels, count = ndimage.label(index == value)
+        assert count >= 1
+        for k in range(1, count + 1):
+            ys, xs = np.nonzero(labels == k)
+            # cells cut by the window border are not whole
+            if ys.min() > 0 and ys.max() < 79 and xs.min() > 0 and xs.max() < 299:
+                areas.append(len(ys))
+    areas = np.array(areas)
+    assert len(areas) > 300
+    # a cell split at the seam would show up as a half-size piece
+    assert areas.min() > 0.75 * hexagon
+    assert areas.max() < 1.25 * hexagon
+    assert np.median(areas) == pytest.approx(hexagon, rel=0.05)
+
+
+def test_circular_taper_darkens_the_corners():
+    res = syn.grid_image((256, 256), taper="circle", seed=2)
+    assert res.params["taper"] == "circle"
+    assert not res.taper_mask[0, 0]
+    assert not res.taper_mask[255, 255]
+    assert res.taper_mask[128, 128]
+    # radius 0.95 x the half-size: the lit fraction is about pi/4 * 0.95^2
+    assert res.taper_mask.mean() == pytest.approx(np.pi / 4 * 0.95**2, abs=0.01)
+
+
+def test_no_taper_lights_the_whole_image():
+    res = syn.grid_image((256, 256), taper=False, seed=2)
+    assert res.taper_mask.all()
+
+
+def test_psf_tail_keeps_centroid_and_flux():
+    base = {"distortion": "frelon", "seed": 5, "psf_sigma": 1.0, **CLEAN}
+    sharp = syn.grid_image((384, 384), **base)
+    tailed = syn.grid_image((384, 384), psf_tail=0.05, psf_tail_sigma=6.0, **base)
+    half = 26  # 4 sigma of the tail plus the hole radius
+    inner = tailed.visible & np.all((tailed.holes >= half) & (tailed.holes <= 383 - half), axis=1)
+    assert inner.sum() >= 4
+    c = _centroids(tailed.image, tailed.holes[inner], half)
+    assert np.abs(c - tailed.holes[inner]).max() < 0.01
+    k = np.flatnonzero(inner)[0]
+    cy, cx = np.rint(tailed.holes[k]).astype(int)
+    window = (slice(cy - half, cy + half + 1), slice(cx - half, cx + half + 1))
+    assert tailed.image[window].sum() == pytest.approx(sharp.image[window].sum(), rel=1e-4)
+    # Beyond 10 px only the tail remains: 5 % of the flux times the mass of a
+    # 2-D Gaussian of variance 6^2 + R^2 / 4 (tail + disc) beyond that radius.
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    far = np.hypot(yy, xx) > 10
+    fraction = tailed.image[window][far].sum() / tailed.image[window].sum()
+    expected = 0.05 * np.exp(-(10.0**2) / (2 * (6.0**2 + 5.25**2 / 4)))
+    assert fraction == pytest.approx(expected, rel=0.15)
+    assert sharp.image[window][far].sum() < 1e-6 * sharp.image[window].sum()
+
+
+@pytest.mark.parametrize("strength", [False, 0.0])
+def test_fibre_pattern_off_gives_a_smooth_background(strength):
+    res = syn.grid_image(
+        (256, 256),
+        fibre_pattern=strength,
+        noise="none",
+        taper=False,
+        vignetting=False,
+        signal=1.0,
+        dtype=np.float32,
+        seed=3,
+    )
+    # smooth background only (plus holes): tiny pixel-to-pixel steps away from holes
+    steps = np.abs(np.diff(res.image, axis=1))
+    assert np.median(steps) < 0.05
+
+
+def test_corner_maps_give_pyfai_the_ideal_corner_positions():
+    """pyFAI's set_dy/set_dx put corner (i, j) at the ideal position of that corner."""
+    detector_mod = pytest.importorskip("pyFAI.detectors")
+    shape = (48, 64)
+    truth = syn.make_distortion(shape, distortion_px=2.0, seed=4)
+    dy, dx = truth.corner_maps(shape)
+    det = detector_mod.Detector(pixel1=1e-4, pixel2=1e-4, max_shape=shape)
+    det.set_dy(dy)
+    det.set_dx(dx)
+    corners = det.get_pixel_corners()  # (ny, nx, 4, 3) metres; corner A = (i, j)
+    # pyFAI coordinates are index coordinates + 0.5
+    got = np.stack([corners[:, :, 0, 1] / 1e-4 - 0.5, corners[:, :, 0, 2] / 1e-4 - 0.5], -1)
+    i, j = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    nominal = np.stack([i - 0.5, j - 0.5], axis=-1).reshape(-1, 2)
+    ideal = nominal + truth.displacement(nominal)
+    assert_allclose(got.reshape(-1, 2), ideal, rtol=0, atol=1e-4)  # float32 metres

@@ -199,6 +199,13 @@ class SyntheticDistortion:
         dy, dx = self.grid(np.linspace(-0.5, ny - 0.5, n), np.linspace(-0.5, nx - 0.5, n))
         return float(np.sqrt(dy * dy + dx * dx).max())
 
+    def max_strain(self, shape, n=65):
+        """Largest ``|dd_a/dp_b|`` (dimensionless) on an ``n x n`` grid over the image."""
+        ny, nx = _shape(shape)
+        ys, xs = np.meshgrid(np.linspace(-0.5, ny - 0.5, n), np.linspace(-0.5, nx - 0.5, n))
+        jac = self.jacobian(np.stack([ys.ravel(), xs.ravel()], axis=1))
+        return float(np.abs(jac).max())
+
     # -- inverse ------------------------------------------------------------
     def detector_position(self, ideal, tol=1e-9, max_iter=50):
         """Solve ``p + d(p) = ideal`` for the detector position ``p``.
@@ -263,8 +270,10 @@ def random_distortion(shape, peak_px, rng):
     Barrel/pincushion ``k u |u|**2`` (random sign) and weaker random quadratic
     and cubic terms carry about 60 % of the peak; 24 cosines with wavelengths
     0.7-4 times the largest image side, amplitudes falling as ``f**-1.5``,
-    the rest. The whole field is then scaled so that its peak on a
-    129 x 129 grid over the image is ``peak_px``.
+    the rest. The least-squares affine part over the image (invisible to a
+    calibration, which fits its own lattice) is removed, then the field is
+    scaled so that its peak on a 129 x 129 grid over the image is
+    ``peak_px``.
     """
     ny, nx = shape
     centre = ((ny - 1) / 2.0, (nx - 1) / 2.0)
@@ -289,9 +298,37 @@ def random_distortion(shape, peak_px, rng):
     wave_part = SyntheticDistortion(centre, scale, poly * 0.0, freqs, amps, phases)
     poly *= 0.6 / max(poly_part.peak(shape, n=33), 1e-300)
     amps *= 0.4 / max(wave_part.peak(shape, n=33), 1e-300)
-    field = SyntheticDistortion(centre, scale, poly, freqs, amps, phases)
+    field = _without_affine(SyntheticDistortion(centre, scale, poly, freqs, amps, phases), shape)
     current = field.peak(shape)
     return field.scaled(peak_px / current if current > 0 else 0.0)
+
+
+def _without_affine(field, shape, n=65):
+    """The field minus its least-squares affine part over the image area.
+
+    A calibration measures holes against a fitted lattice, so an affine part
+    of ``d`` only moves, turns and stretches the lattice: it is invisible.
+    Removing it makes the peak ``|d|`` a measure of what can be seen. The
+    affine part is folded into the constant and linear polynomial terms, so
+    the field stays exactly analytic.
+    """
+    ny, nx = shape
+    ys = np.linspace(-0.5, ny - 0.5, n)
+    xs = np.linspace(-0.5, nx - 0.5, n)
+    dy, dx = field.grid(ys, xs)
+    uy, ux = np.meshgrid(
+        (ys - field.centre[0]) / field.scale, (xs - field.centre[1]) / field.scale, indexing="ij"
+    )
+    design = np.stack([np.ones(uy.size), uy.ravel(), ux.ravel()], axis=1)
+    coef, *_ = np.linalg.lstsq(design, np.stack([dy.ravel(), dx.ravel()], axis=1), rcond=None)
+    poly = field.poly.copy()
+    for c in range(2):
+        poly[c, 0, 0] -= coef[0, c]
+        poly[c, 1, 0] -= coef[1, c]
+        poly[c, 0, 1] -= coef[2, c]
+    return SyntheticDistortion(
+        field.centre, field.scale, poly, field.freqs, field.amps, field.phases
+    )
 
 
 def _points(points):

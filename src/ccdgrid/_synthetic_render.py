@@ -11,8 +11,8 @@ from scipy import ndimage
 __all__ = ["DetectorResponse", "render_holes"]
 
 _SUBROWS = 32  # sub-rows of a pixel cut by a hole's edge (exact chord in x)
-_EDGE_CHUNK = 8192  # edge pixels per vectorised supersampling batch
-_HASH_BITS = 16  # per-fibre gain table: 2**16 entries, (column, row) mod 256
+_EDGE_CHUNK = 8192  # edge pixels per vectorised sub-row batch
+_TABLE_SIZE = 1 << 16  # per-cell gain tables, indexed by (column, row) mod 256
 
 
 def render_holes(out, centres, forms, radius, amplitudes, psf_sigma, tail_fraction, tail_sigma):
@@ -141,8 +141,10 @@ class DetectorResponse:
         Shape of the lit area: a rounded square (half-extents 0.95 of the
         image's half-sizes, corner radius 0.3 of the smaller one), a circle of
         radius 0.95 of the smaller half-size, or the whole image.
-    fibres : bool
-        Apply the fibre-bundle gain pattern.
+    fibres : float
+        Contrast of the fibre-bundle gain pattern: 1 for the default (1 %
+        gain spread between fibres, 3 % darker cladding, 2 % spread between
+        multifibres, boundaries up to 15 % darker), 0 for none.
     vignetting : bool
         Apply the intensity fall-off towards the edges.
     background : float, ADU
@@ -151,7 +153,7 @@ class DetectorResponse:
 
     edge_width = 2.0  # px over which the taper edge goes from lit to dark
 
-    def __init__(self, shape, rng, taper="square", fibres=True, vignetting=True, background=50.0):
+    def __init__(self, shape, rng, taper="square", fibres=1.0, vignetting=True, background=50.0):
         ny, nx = shape
         self.shape = (ny, nx)
         half = np.array([ny / 2.0, nx / 2.0])
@@ -177,17 +179,37 @@ class DetectorResponse:
         self.bg_wx = rng.uniform(0.3, 1.5, 3) * np.pi / nx
         self.bg_py = rng.uniform(0, 2 * np.pi, 3)
         self.bg_px = rng.uniform(0, 2 * np.pi, 3)
-        self.fibres = fibres
+        self.fibres = float(fibres)
+        self.cladding_depth = 0.03 * self.fibres
         self.fibre_pitch = rng.uniform(6.0, 9.0)
-        self.fibre_angle = rng.uniform(0, np.pi / 3)
-        self.fibre_gain = (1.0 + 0.03 * rng.standard_normal(2**_HASH_BITS)).astype(np.float32)
+        self.fibre_gain = (1.0 + 0.01 * self.fibres * rng.standard_normal(_TABLE_SIZE)).astype(
+            np.float32
+        )
         self.multi_pitch = self.fibre_pitch * rng.uniform(7.0, 10.0)
-        self.multi_angle = rng.uniform(0, np.pi / 3)
-        self.multi_gain = (1.0 + 0.02 * rng.standard_normal(2**_HASH_BITS)).astype(np.float32)
+        self.multi_gain = (1.0 + 0.02 * self.fibres * rng.standard_normal(_TABLE_SIZE)).astype(
+            np.float32
+        )
+        # Most multifibre boundaries are faint, a few are clearly dark.
+        self.wire_depth = (0.15 * self.fibres * rng.uniform(size=_TABLE_SIZE) ** 3).astype(
+            np.float32
+        )
+        fibre_rows_along_x, multi_rows_along_x = rng.integers(0, 2, size=2).astype(bool)
         # The multifibre boundaries ("chicken wire") wander by a pixel or two.
-        self.wobble_amp = rng.uniform(0.8, 2.0, 2)
-        self.wobble_k = 2 * np.pi / rng.uniform(150.0, 400.0, 2)
-        self.wobble_phase = rng.uniform(0, 2 * np.pi, 2)
+        wobble = (
+            rng.uniform(0.8, 2.0),
+            2 * np.pi / rng.uniform(150.0, 400.0),
+            rng.uniform(0, 2 * np.pi),
+            rng.uniform(0.8, 2.0),
+            rng.uniform(0, 2 * np.pi),
+        )
+        self._fibre_cells = self._multi_cells = None
+        if self.fibres > 0:
+            self._fibre_cells = _HexPattern(
+                shape, self.fibre_pitch, fibre_rows_along_x, periods=4, width=1.2
+            )
+            self._multi_cells = _HexPattern(
+                shape, self.multi_pitch, multi_rows_along_x, periods=2, width=1.6, wobble=wobble
+            )
 
     def taper_distance(self, ys, xs):
         """Signed distance (px) to the taper edge, negative inside, (len(ys), len(xs))."""
@@ -228,7 +250,7 @@ class DetectorResponse:
         else:
             dist = self.taper_distance(ys, xs)
             lit = np.clip(0.5 - dist / self.edge_width, 0.0, 1.0).astype(np.float32)
-        gain = self._fibre_gain(ys, xs) if self.fibres else np.ones((len(ys), nx), np.float32)
+        gain = self._fibre_gain(y0, y1) if self.fibres > 0 else np.ones((len(ys), nx), np.float32)
         if self.vignetting:
             ry = (self.vig_alpha * ((ys - self.centre[0]) / self.vig_scale) ** 2).astype(
                 np.float32
@@ -245,69 +267,106 @@ class DetectorResponse:
         bg = (self.background * (1.0 + left @ right.T)).astype(np.float32)
         return lit, gain, bg
 
-    def _fibre_gain(self, ys, xs):
-        yy = ys.astype(np.float32)[:, None]
-        xx = xs.astype(np.float32)[None, :]
-        cell, edge = _hex_cells(yy, xx, self.fibre_pitch, self.fibre_angle)
+    def _fibre_gain(self, y0, y1):
+        cell, shape = self._fibre_cells.cells(y0, y1)
         gain = self.fibre_gain[cell]
         # cladding between fibres transmits a little less
-        gain *= _dip(edge, 0.05, 1.2)
-        wy = yy + np.float32(self.wobble_amp[0]) * np.sin(
-            np.float32(self.wobble_k[0]) * xx + np.float32(self.wobble_phase[0])
-        )
-        wx = xx + np.float32(self.wobble_amp[1]) * np.sin(
-            np.float32(self.wobble_k[1]) * yy + np.float32(self.wobble_phase[1])
-        )
-        cell, edge = _hex_cells(wy, wx, self.multi_pitch, self.multi_angle)
+        shape *= np.float32(-self.cladding_depth)
+        shape += np.float32(1.0)
+        gain *= shape
+        cell, shape = self._multi_cells.cells(y0, y1)
         gain *= self.multi_gain[cell]
-        gain *= _dip(edge, 0.2, 1.6)
+        shape *= self.wire_depth[cell]
+        np.subtract(np.float32(1.0), shape, out=shape)
+        gain *= shape
         return gain
 
 
-def _dip(edge, depth, width):
-    """``1 - depth * (1 - edge/width)**2`` within ``width`` px of an edge, else 1 (float32)."""
-    t = np.maximum(np.float32(1.0) - edge / np.float32(width), np.float32(0.0))
-    t *= t
-    t *= np.float32(-depth)
-    t += np.float32(1.0)
-    return t
+class _HexPattern:
+    """Hexagonal cells of a fibre bundle, tabulated over one period of rows.
 
+    A hexagonal lattice whose rows run along x (or along y) is stretched by
+    less than 1 % across its rows so that it repeats exactly every
+    ``period`` image rows; one period is computed once, and any block of rows
+    is then a gather plus a running cell index, ~10 array passes instead of
+    ~60 for the nearest-centre search at every pixel.
 
-def _hex_cells(y, x, pitch, angle):
-    """Hexagonal cell of every point: (gain-table index, distance to the cell edge in px).
-
-    The hexagonal lattice of spacing ``pitch`` rotated by ``angle`` is the
-    union of two rectangular lattices ``(pitch, pitch*sqrt(3))`` offset by half
-    a cell; the nearest centre is the nearer of their two rounded nodes.
-    ``y`` and ``x`` are float32 and broadcast together.
+    Parameters
+    ----------
+    shape : tuple of 2 int
+        ``(ny, nx)`` of the image.
+    pitch : float, px
+        Distance between neighbouring cell centres.
+    rows_along_x : bool
+        Orientation of the rows of cells.
+    periods : int
+        Pairs of cell rows (or cells along y) per tabulated period.
+    width : float, px
+        Half-width of the darker band along cell boundaries.
+    wobble : tuple of 5 float or None
+        ``(amp_y, k_x, phase_y, amp_x, phase_x)``: the pattern is sampled at
+        ``y + amp_y sin(k_x x + phase_y)``, ``x + amp_x sin(2 pi y / period +
+        phase_x)`` (px, rad/px, rad), so straight boundaries become wavy.
     """
-    f32 = np.float32
-    r3 = f32(np.sqrt(3.0))
-    c, s = f32(np.cos(angle) / pitch), f32(np.sin(angle) / pitch)
-    u = x * c + y * s  # in units of pitch
-    v = (y * c - x * s) / r3  # in units of pitch * sqrt(3)
-    m1 = np.rint(u)
-    n1 = np.rint(v)
-    m2 = np.floor(u)
-    n2 = np.floor(v)
-    du1 = u - m1
-    dv1 = (v - n1) * r3
-    du2 = u - m2 - f32(0.5)
-    dv2 = (v - n2 - f32(0.5)) * r3
-    second = du2 * du2 + dv2 * dv2 < du1 * du1 + dv1 * dv1
-    du = np.where(second, du2, du1)
-    dv = np.where(second, dv2, dv1)
-    # Neighbours lie along 0, 60 and 120 degrees: the cell is the hexagon
-    # whose apothem is pitch / 2 in those three directions.
-    du *= f32(0.5)
-    dv *= r3 / f32(2.0)
-    proj = np.maximum(np.abs(du + dv), np.abs(du - dv))
-    np.maximum(proj, np.abs(du + du), out=proj)
-    edge = (f32(0.5) - proj) * f32(pitch)
-    # Table index: (column, row) of the cell modulo 256 -- the gain pattern
-    # repeats only every 256 cells (> 1500 px).
-    col = np.where(second, m2 + m2 + f32(1.0), m1 + m1).astype(np.int32)
-    row = np.where(second, n2, n1).astype(np.int32)
-    cell = (col & 255) << 8
-    cell |= row & 255
-    return cell, edge
+
+    def __init__(self, shape, pitch, rows_along_x, periods, width, wobble=None):
+        ny, nx = shape
+        r3 = np.sqrt(3.0)
+        if rows_along_x:
+            self.period = max(1, round(pitch * r3 * periods))
+            along, half_gap = pitch, self.period / (2.0 * periods)
+        else:
+            self.period = max(1, round(pitch * periods))
+            along, half_gap = self.period / periods, pitch * r3 / 2.0
+        # the running index along y grows by this much per period
+        self.step = 2 * periods
+        y = np.arange(min(self.period, ny), dtype=np.float64)[:, None]
+        x = np.arange(nx, dtype=np.float64)[None, :]
+        if wobble is not None:
+            amp_y, k_x, phase_y, amp_x, phase_x = wobble
+            y, x = (
+                y + amp_y * np.sin(k_x * x + phase_y),
+                x + amp_x * np.sin(2 * np.pi * y / self.period + phase_x),
+            )
+        s, t = (x, y) if rows_along_x else (y, x)
+        # Centres: the rectangular lattice (along, 2 half_gap) and its copy
+        # shifted by (along / 2, half_gap); the nearer rounded node wins.
+        m1, n1 = np.rint(s / along), np.rint(t / (2 * half_gap))
+        ds1, dt1 = s - m1 * along, t - n1 * 2 * half_gap
+        m2, n2 = np.floor(s / along), np.floor(t / (2 * half_gap))
+        ds2, dt2 = s - (m2 + 0.5) * along, t - (n2 + 0.5) * 2 * half_gap
+        second = ds2 * ds2 + dt2 * dt2 < ds1 * ds1 + dt1 * dt1
+        ds, dt = np.where(second, ds2, ds1), np.where(second, dt2, dt1)
+        col = np.where(second, 2 * m2 + 1, 2 * m1).astype(np.int32)
+        row = np.where(second, 2 * n2 + 1, 2 * n1).astype(np.int32)
+        # Distance to the cell edge: the bisectors with the six neighbours
+        # (+-along, 0) and (+-along / 2, +-half_gap).
+        edge = 0.5 * along - np.abs(ds)
+        link = np.hypot(0.5 * along, half_gap)
+        for sign in (1.0, -1.0):
+            proj = np.abs(0.5 * along * ds + sign * half_gap * dt) / link
+            edge = np.minimum(edge, 0.5 * link - proj)
+        self.along_y, self.along_x = (row, col) if rows_along_x else (col, row)
+        self.band = (np.maximum(1.0 - edge / width, 0.0) ** 2).astype(np.float32)
+
+    def cells(self, y0, y1):
+        """Cells of rows ``y0:y1``.
+
+        Returns
+        -------
+        index : ndarray of shape (y1 - y0, nx), int32
+            Index of each pixel's cell into a 2**16 table (``(x, y)`` cell
+            counters modulo 256).
+        band : ndarray of shape (y1 - y0, nx), float32
+            ``(1 - edge / width)**2`` within ``width`` px of a cell edge, else 0.
+        """
+        ys = np.arange(y0, y1)
+        local, tile = np.divmod(ys, self.period)[::-1]
+        vy = self.along_y[local]
+        vy += (self.step * tile).astype(np.int32)[:, None]
+        vy &= 255
+        index = self.along_x[local]
+        index &= 255
+        index <<= 8
+        index |= vy
+        return index, self.band[local]

@@ -1,0 +1,295 @@
+"""One call from a grid image to displacement maps: :func:`calibrate`.
+
+:func:`calibrate` only chains the pipeline's stages and keeps what each one
+returned, so a user can inspect or replace any stage:
+
+1. :func:`ccdgrid.peaks.find_holes` -- hole centres ``(y, x)``;
+2. :func:`ccdgrid.lattice.index_holes` -- integer lattice indices;
+3. :func:`ccdgrid.gridfit.fit_grid` -- affine grid, pixel size, displacement
+   ``ideal - measured`` at every hole;
+4. :func:`ccdgrid.maps.displacement_maps` -- ``dx``, ``dy`` on the pixel
+   corners and the validity mask.
+"""
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._validation import as_points, check_backend
+from .errors import CcdgridError
+from .gridfit import fit_grid
+from .lattice import index_holes
+from .maps import displacement_maps
+
+__all__ = ["Calibration", "calibrate"]
+
+
+@dataclass
+class Calibration:
+    """Everything one calibration produced.
+
+    Attributes
+    ----------
+    shape : tuple of 2 int
+        ``(ny, nx)`` of the image.
+    pitch : float, m
+        Hole spacing of the plate.
+    pixel_size : tuple of 2 float, m
+        ``(pixel1, pixel2)``: pixel size along y and x (pyFAI's order).
+    holes : ccdgrid.peaks.HoleSearch
+        Result of the hole search (centres, rejected candidates, threshold,
+        smoothed image, timings).
+    lattice : ccdgrid.lattice.LatticeIndex
+        Lattice indices of the holes and rejected peaks with reasons.
+    grid : ccdgrid.gridfit.GridFit
+        Fitted affine grid and displacement at the indexed holes.
+    maps : ccdgrid.maps.DisplacementMaps
+        Corner maps, mask, smoothing used.
+    dx, dy : ndarray of shape (ny + 1, nx + 1), float32, px
+        Displacement at the pixel corners (corner ``(i, j)`` at index
+        coordinates ``(i - 0.5, j - 0.5)``); true position = nominal +
+        ``(dy, dx)``, as pyFAI's ``Detector.set_dx``/``set_dy``.
+    mask : ndarray of shape (ny, nx), int8
+        1 for pixels outside the area covered by holes (pyFAI's convention)
+        or masked on input.
+    timings : dict of str to float, s
+        Wall time per stage: ``"read"``, ``"find_holes"``, ``"index_holes"``,
+        ``"fit_grid"``, ``"displacement_maps"``, ``"total"``.
+    params : dict
+        Every option used, with the values the stages resolved (threshold,
+        hole diameter, pitch in px, smoothing).
+    source : dict or None
+        When the image came from a file, :func:`ccdgrid.io.read_image`'s
+        ``info`` (at least ``"path"`` and ``"sha256"``); for an array, the
+        ``source`` name given as ``{"path": name, "sha256": None}``.
+    """
+
+    shape: tuple
+    pitch: float
+    pixel_size: tuple
+    holes: object
+    lattice: object
+    grid: object
+    maps: object
+    dx: np.ndarray
+    dy: np.ndarray
+    mask: np.ndarray
+    timings: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    source: object = None
+
+    def save(self, path):
+        """Write the detector definition file (see :func:`ccdgrid.detector_file.save_detector`)."""
+        from .detector_file import save_detector
+
+        return save_detector(path, self)
+
+    def displacement_at(self, points):
+        """``(dy, dx)`` (M, 2) px at ``(y, x)`` points (M, 2), bilinear on the corner maps."""
+        return self.maps.evaluate(points)
+
+    def summary(self):
+        """A few lines for humans: holes, grid, pixel size, residuals, timings."""
+        holes, lattice, grid = self.holes, self.lattice, self.grid
+        pitch_px = float(np.mean(np.hypot(grid.vectors[:, 0], grid.vectors[:, 1])))
+        lines = [
+            f"image {self.shape[0]} x {self.shape[1]} px"
+            + (f", {os.path.basename(self.source['path'])}" if self.source else ""),
+            f"holes found: {len(holes.peaks)}; candidates rejected: "
+            + _count_text(getattr(holes, "reasons", ())),
+            f"holes indexed: {lattice.n_valid}; peaks rejected: " + _count_text(lattice.reasons),
+            "grid vectors (y, x) px: i -> ({:.3f}, {:.3f}), j -> ({:.3f}, {:.3f})".format(
+                *grid.vectors.ravel()
+            ),
+            f"pixel size: {self.pixel_size[0] * 1e6:.3f} x {self.pixel_size[1] * 1e6:.3f} µm "
+            f"(y x) for a {self.pitch * 1e3:g} mm pitch",
+            f"distortion at the holes (ideal - measured): RMS {grid.residual_rms:.3f} px, "
+            f"max {grid.residual_max:.3f} px "
+            f"({grid.residual_rms / pitch_px:.4f} / {grid.residual_max / pitch_px:.4f} pitch)",
+            f"grid fit: {grid.method_used} (RMS lsq {grid.rms_lsq:.4f} px, "
+            f"seed {grid.rms_seed:.4f} px)",
+            f"maps: {self.maps.method} (trend degree {self.maps.degree}), "
+            f"smoothing {self.maps.smoothing:.3g} pitch², "
+            f"residual at the holes {self.maps.fit_residual_rms:.4f} px; "
+            f"{int(self.mask.sum())} pixels masked",
+            "time: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.timings.items()),
+        ]
+        return "\n".join(lines)
+
+
+def calibrate(
+    image,
+    *,
+    pitch=5e-3,
+    mask=None,
+    hole_diameter=None,
+    pitch_px=None,
+    threshold=None,
+    smoothing=None,
+    backend="cython",
+    source=None,
+):
+    """Measure a detector's spatial distortion from one grid-of-holes image.
+
+    Parameters
+    ----------
+    image : array_like of shape (ny, nx) or str or os.PathLike
+        The grid image, or a file :func:`ccdgrid.io.read_image` reads (EDF,
+        TIFF, CBF, HDF5, ...).
+    pitch : float, m
+        Hole spacing of the plate (5 mm for the usual FReLoN plate).
+    mask : array_like of shape (ny, nx) or None
+        Nonzero for pixels to ignore (pyFAI's convention).
+    hole_diameter : float or None, px
+        Hole diameter on the image; None: estimated.
+    pitch_px : float or None, px
+        Hole spacing on the image; None: estimated.
+    threshold : float or None
+        Hole-detection threshold (log10 contrast); None: automatic.
+    smoothing : float, "auto" or None
+        Thin-plate smoothing of the maps in pitch² units; None: by GCV.
+    backend : {"cython", "numpy"}
+        Engine of the compiled kernels.
+    source : str or None
+        Name recorded for an in-memory image (for a path, the path is used).
+
+    Returns
+    -------
+    Calibration
+
+    Raises
+    ------
+    CcdgridError
+        Bad input, an unreadable file, or too few holes at any stage.
+    """
+    check_backend(backend)
+    timings = {}
+    t_start = time.perf_counter()
+    if isinstance(image, (str, os.PathLike)):
+        image, source = _read(os.fspath(image))
+    elif source is not None:
+        source = {"path": str(source), "sha256": None}
+    timings["read"] = time.perf_counter() - t_start
+
+    from .peaks import find_holes
+
+    holes = _timed(
+        timings,
+        "find_holes",
+        find_holes,
+        image,
+        mask=mask,
+        hole_diameter=hole_diameter,
+        pitch_px=pitch_px,
+        threshold=threshold,
+        backend=backend,
+    )
+    shape = tuple(int(v) for v in np.shape(image))
+    peaks = as_points(holes.peaks, "peaks")
+    lattice = _timed(timings, "index_holes", index_holes, peaks, pitch_px=holes.pitch_px)
+    valid = lattice.valid
+    grid = _timed(
+        timings,
+        "fit_grid",
+        fit_grid,
+        peaks[valid],
+        lattice.indices[valid],
+        pitch=pitch,
+        backend=backend,
+    )
+    maps = _timed(
+        timings,
+        "displacement_maps",
+        displacement_maps,
+        peaks[valid],
+        grid.displacement,
+        shape,
+        smoothing=smoothing,
+        scale_px=lattice.pitch_px,
+    )
+    out_mask = maps.mask
+    if mask is not None:
+        out_mask = out_mask | (np.asarray(mask) != 0).astype(np.int8)
+    timings["total"] = time.perf_counter() - t_start
+    params = {
+        "pitch": float(pitch),
+        "mask": mask is not None,
+        "hole_diameter": hole_diameter,
+        "pitch_px": pitch_px,
+        "threshold": threshold,
+        "smoothing": smoothing,
+        "backend": backend,
+        "resolved": {
+            "hole_diameter": float(holes.hole_diameter),
+            "pitch_px": float(holes.pitch_px),
+            "threshold": float(holes.threshold),
+            "lattice_tolerance": lattice.tolerance,
+            "outlier_threshold_px": lattice.outlier_threshold_px,
+            "smoothing": maps.smoothing,
+            "map_degree": maps.degree,
+            "map_method": maps.method,
+            "grid_method": grid.method_used,
+        },
+    }
+    return Calibration(
+        shape=shape,
+        pitch=grid.pitch,
+        pixel_size=grid.pixel_size,
+        holes=holes,
+        lattice=lattice,
+        grid=grid,
+        maps=maps,
+        dx=maps.dx,
+        dy=maps.dy,
+        mask=out_mask.astype(np.int8, copy=False),
+        timings=timings,
+        params=params,
+        source=source,
+    )
+
+
+def _timed(timings, name, func, *args, **kwargs):
+    t0 = time.perf_counter()
+    result = func(*args, **kwargs)
+    timings[name] = time.perf_counter() - t0
+    return result
+
+
+def _read(path):
+    """``(image, info)`` of a file; ``info`` has at least "path" and "sha256"."""
+    try:
+        from .io import read_image
+    except ImportError:  # the io module is not merged yet: read with fabio directly
+        return _read_with_fabio(path)
+    array, info = read_image(path)
+    return array, dict(info)
+
+
+def _read_with_fabio(path):
+    if not os.path.isfile(path):
+        raise CcdgridError(f"`image`: no such file: {path!r}")
+    import fabio
+
+    try:
+        array = np.asarray(fabio.open(path).data)
+    except Exception as exc:  # fabio raises many types for unreadable files
+        raise CcdgridError(f"`image`: cannot read {path!r}: {exc}") from exc
+    return array, {"path": path, "sha256": _sha256(path)}
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _count_text(reasons):
+    keys, counts = np.unique(np.asarray(list(reasons), dtype=str), return_counts=True)
+    if len(keys) == 0:
+        return "none"
+    return ", ".join(f"{c} {k}" for k, c in zip(keys, counts, strict=True))

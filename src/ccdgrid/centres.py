@@ -1,0 +1,434 @@
+"""Sub-pixel hole centres: a blurred-disc profile fitted to every hole at once.
+
+Each hole is measured in a square window of the *raw* image around its seed
+with the model
+
+    f(y, x) = b0 + by (y - y0) + bx (x - x0) + a E(r),
+    E(r) = erfc((r - R) / (sqrt(2) s)) / 2,   r = |(y, x) - (cy, cx)|,
+
+a disc of radius R whose edge is blurred by a Gaussian of width s (a good
+approximation of a disc convolved with a Gaussian PSF when R >> s), on a
+local background plane. Any radially symmetric profile gives an unbiased
+centre for a round hole, so the approximation costs only a little
+efficiency. The eight parameters are found by Levenberg-Marquardt, the
+normal equations of all holes being built and solved as one batch of 8x8
+systems: no Python loop over holes.
+
+Robustness, in two passes:
+
+1. the fit is first made on a 3x3 median-filtered copy of each window, which
+   removes hot pixels and dead pixels (a saturated hot pixel otherwise moves
+   a centre by ~2 px);
+2. a noise model is learnt from the residuals of the population (background
+   variance per hole, plus a Poisson-like term proportional to the signal),
+   pixels of the raw window further than 5 sigma from the first model are
+   dropped, and the fit is refined on the raw pixels with 1/variance weights.
+   This keeps the full precision of the raw data (the median filter alone
+   loses some) while ignoring defects.
+
+The per-hole reduced chi-square and the residual asymmetry of the background
+around the hole (a hole near the taper edge sees light on one side only)
+are returned for the clean-up of the hole finder.
+"""
+
+import numpy as np
+from scipy.special import erfc
+
+__all__ = ["ProfileFit", "extract_windows", "fit_hole_profiles", "windowed_centroids"]
+
+_SQRT2 = np.sqrt(2.0)
+_INV_SQRT2PI = 1.0 / np.sqrt(2.0 * np.pi)
+# Variance model exponent: var = var_bg + c (a E)**q. Poisson noise alone is
+# q = 1; a fibre-bundle gain texture multiplies the signal (q = 2). q = 1.5
+# beat both on images with either or both (per-hole error 0.031 against
+# 0.034 for q = 1 with a fibre pattern, equal without one).
+_VARIANCE_EXPONENT = 1.5
+_NPAR = 8  # cy, cx, R, s, a, b0, by, bx
+
+
+class ProfileFit:
+    """Result of :func:`fit_hole_profiles` for N holes.
+
+    Attributes
+    ----------
+    centres : ndarray of shape (N, 2), float64
+        Fitted centres (y, x) in index coordinates of the image.
+    radius, blur : ndarray of shape (N,), float64
+        Disc radius R and edge blur s, px.
+    amplitude, background : ndarray of shape (N,), float64
+        Disc height a above the local background b0 (image units).
+    chi2 : ndarray of shape (N,), float64
+        Reduced chi-square of the weighted fit (about 1 when the model and
+        the learnt noise model hold).
+    asymmetry : ndarray of shape (N,), float64
+        Largest |mean residual| over 8 angular sectors of the disc, in units
+        of the amplitude.
+    ring_asymmetry : ndarray of shape (N,), float64
+        Largest |sum of noise-normalised residuals| / sqrt(count) over 8
+        sectors of the background ring (about 2 for a clean hole).
+    outliers : ndarray of shape (N,), int64
+        Number of raw pixels dropped as outliers (hot or dead pixels).
+    converged : ndarray of shape (N,), bool
+        The fit converged with parameters inside their bounds.
+    """
+
+    __slots__ = (
+        "amplitude",
+        "asymmetry",
+        "background",
+        "blur",
+        "centres",
+        "chi2",
+        "converged",
+        "outliers",
+        "radius",
+        "ring_asymmetry",
+    )
+
+    def __init__(self, **fields):
+        for name in self.__slots__:
+            setattr(self, name, fields[name])
+
+
+def extract_windows(image, centres, half):
+    """Gather square windows around integer centres (fancy indexing, no loop).
+
+    Parameters
+    ----------
+    image : ndarray of shape (h, w)
+    centres : ndarray of shape (N, 2), int64
+        Window centres (row, col); the caller guarantees
+        ``half <= row < h - half`` and ``half <= col < w - half``.
+    half : int
+        Half width: windows are ``(2 half + 1)`` pixels square.
+
+    Returns
+    -------
+    ndarray of shape (N, 2 half + 1, 2 half + 1), dtype of ``image``
+    """
+    offs = np.arange(-half, half + 1)
+    rows = centres[:, 0, None, None] + offs[None, :, None]
+    cols = centres[:, 1, None, None] + offs[None, None, :]
+    return image[rows, cols]
+
+
+# Paeth's median-of-9 exchange network: after these 19 min/max exchanges the
+# median of the nine values sits in slot 4 (no sort, all elementwise).
+_MEDIAN9 = (
+    (1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3),
+    (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2),
+)  # fmt: skip
+
+
+def _median3(windows):
+    """3x3 median of the inner part of (N, w + 2, w + 2) windows -> (N, w, w)."""
+    w = windows.shape[1] - 2
+    v = [windows[:, dy : dy + w, dx : dx + w].copy() for dy in range(3) for dx in range(3)]
+    for i, j in _MEDIAN9:
+        lo = np.minimum(v[i], v[j])
+        np.maximum(v[i], v[j], out=v[j])
+        v[i] = lo
+    return v[4]
+
+
+def _model(p, yy, xx, with_jacobian=True):
+    """Model values (N, P) and Jacobian (N, 8, P) for parameters p (N, 8)."""
+    cy, cx, rad, s, a = (p[:, k, None] for k in range(5))
+    dy = yy[None, :] - cy
+    dx = xx[None, :] - cx
+    r = np.sqrt(dy * dy + dx * dx)
+    u = (r - rad) / s
+    edge = 0.5 * erfc(u * (1.0 / _SQRT2))
+    f = a * edge
+    f += p[:, 5, None]
+    f += p[:, 6, None] * yy[None, :]
+    f += p[:, 7, None] * xx[None, :]
+    if not with_jacobian:
+        return f, None
+    jac = np.empty((p.shape[0], _NPAR, yy.size))
+    aphi = np.exp(-0.5 * u * u)
+    aphi *= a * (_INV_SQRT2PI / s)
+    np.multiply(aphi, u, out=jac[:, 3])
+    np.copyto(jac[:, 2], aphi)
+    aphi /= np.maximum(r, 1e-9)
+    np.multiply(aphi, dy, out=jac[:, 0])
+    np.multiply(aphi, dx, out=jac[:, 1])
+    np.copyto(jac[:, 4], edge)
+    jac[:, 5] = 1.0
+    jac[:, 6] = yy[None, :]
+    jac[:, 7] = xx[None, :]
+    return f, jac
+
+
+def _gauss_newton(p, data, weight, yy, xx, half, iterations):
+    """Batched, lightly damped Gauss-Newton; returns parameters, cost, residuals.
+
+    The seeds are within a pixel and the problem is well conditioned for a
+    real hole, so plain steps (bounded to a pixel) converge in a few
+    iterations; candidates that are not holes may not converge and are
+    rejected by the caller.
+    """
+    eye = np.eye(_NPAR)
+    for _ in range(iterations):
+        f, jac = _model(p, yy, xx)
+        res = data - f
+        jw = jac * weight[:, None, :]
+        normal = jw @ jac.transpose(0, 2, 1)
+        grad = (jw @ res[..., None])[..., 0]
+        diag = np.einsum("nii->ni", normal)
+        damped = normal + (1e-3 * diag + 1e-12)[:, :, None] * eye
+        step = _solve(damped, grad)
+        np.clip(step[:, :4], -1.0, 1.0, out=step[:, :4])
+        p = p + step
+        _clamp(p, half)
+    f, _ = _model(p, yy, xx, with_jacobian=False)
+    res = data - f
+    cost = np.einsum("np,np->n", weight * res, res)
+    return p, cost, res
+
+
+def _solve(a, b):
+    """Solve a batch of small systems; a singular one gives a zero step."""
+    good = np.isfinite(a).all(axis=(1, 2)) & np.isfinite(b).all(axis=1)
+    out = np.zeros_like(b)
+    try:
+        out[good] = np.linalg.solve(a[good], b[good][..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        for k in np.flatnonzero(good):  # rare: only when some system is singular
+            try:
+                out[k] = np.linalg.solve(a[k], b[k])
+            except np.linalg.LinAlgError:
+                out[k] = 0.0
+    out[~np.isfinite(out)] = 0.0
+    return out
+
+
+def _clamp(p, half):
+    np.clip(p[:, 0], -0.6 * half, 0.6 * half, out=p[:, 0])
+    np.clip(p[:, 1], -0.6 * half, 0.6 * half, out=p[:, 1])
+    np.clip(p[:, 2], 0.5, float(half), out=p[:, 2])
+    np.clip(p[:, 3], 0.2, float(half), out=p[:, 3])
+
+
+def fit_hole_profiles(image, seeds, radius, *, half, valid=None, iterations=(5, 3)):
+    """Fit a blurred disc on a background plane to every hole, vectorised.
+
+    Parameters
+    ----------
+    image : ndarray of shape (h, w), float32 or float64
+        Raw image (not smoothed).
+    seeds : ndarray of shape (N, 2), float64
+        Starting centres (y, x), index coordinates, within ~1 px.
+    radius : float
+        Starting hole radius, px.
+    half : int or ndarray of shape (N,), int
+        Radius of the circular fitting window around each seed's pixel, px;
+        it should reach ``radius + 3 blur + 2`` to hold a ring of background.
+        The square of side ``2 half + 3`` around each seed's pixel must lie
+        inside the image.
+    valid : ndarray of shape (h, w), bool, optional
+        False for pixels that must not be used (masked, dead).
+    iterations : (int, int)
+        Gauss-Newton iterations of the median-filtered and of the raw pass.
+
+    Returns
+    -------
+    ProfileFit
+        In the order of ``seeds``.
+    """
+    seeds = np.asarray(seeds, dtype=np.float64)
+    halves = np.broadcast_to(np.asarray(half, dtype=np.int64), seeds.shape[:1])
+    fit = _fit_batches(image, seeds, radius, halves, valid, iterations)
+    # a seed far from its hole (e.g. pulled by a hot pixel) leaves the hole
+    # off-centre in its window: fit those again around the new centre
+    moved = np.abs(fit.centres - np.rint(seeds)).max(axis=1) > 1.0
+    if moved.any():
+        h, w = image.shape
+        new = fit.centres[moved]
+        c = np.rint(new).astype(np.int64)
+        room = np.minimum.reduce([c[:, 0] - 1, h - 2 - c[:, 0], c[:, 1] - 1, w - 2 - c[:, 1]])
+        again = room >= halves[moved]
+        idx = np.flatnonzero(moved)[again]
+        if idx.size:
+            refit = _fit_batches(image, new[again], radius, halves[idx], valid, iterations)
+            for name in ProfileFit.__slots__:
+                getattr(fit, name)[idx] = getattr(refit, name)
+    return fit
+
+
+def _fit_batches(image, seeds, radius, halves, valid, iterations):
+    """Fit groups of seeds that share a window size; results in seed order."""
+    parts = []
+    order = []
+    for hv in np.unique(halves):
+        idx = np.flatnonzero(halves == hv)
+        parts.append(_fit_group(image, seeds[idx], radius, int(hv), valid, iterations))
+        order.append(idx)
+    if not parts:
+        return _fit_group(image, seeds, radius, 3, valid, iterations)
+    if len(parts) == 1:
+        return parts[0]
+    idx = np.concatenate(order)
+    inv = np.empty_like(idx)
+    inv[idx] = np.arange(idx.size)
+    fields = {
+        name: np.concatenate([getattr(part, name) for part in parts])[inv]
+        for name in ProfileFit.__slots__
+    }
+    return ProfileFit(**fields)
+
+
+def _fit_group(image, seeds, radius, half, valid, iterations):
+    n = seeds.shape[0]
+    centre = np.rint(seeds).astype(np.int64)
+    raw = extract_windows(image, centre, half + 1).astype(np.float64)
+    if valid is None:
+        ok_big = np.ones(raw.shape, dtype=bool)
+    else:
+        ok_big = extract_windows(valid, centre, half + 1)
+    w = 2 * half + 1
+    # invalid pixels take the window median so that the 3x3 median ignores them
+    fill = np.median(raw.reshape(n, -1), axis=1)
+    raw = np.where(ok_big, raw, fill[:, None, None])
+    offs = np.arange(-half, half + 1, dtype=np.float64)
+    yy = np.repeat(offs, w)
+    xx = np.tile(offs, w)
+    disc = np.flatnonzero(yy * yy + xx * xx <= (half + 0.5) ** 2)
+    yy, xx = yy[disc], xx[disc]
+    med = _median3(raw).reshape(n, -1)[:, disc]
+    data = raw[:, 1:-1, 1:-1].reshape(n, -1)[:, disc]
+    ok = ok_big[:, 1:-1, 1:-1].reshape(n, -1)[:, disc]
+
+    p = np.zeros((n, _NPAR))
+    p[:, :2] = seeds - centre
+    p[:, 2] = radius
+    p[:, 3] = max(0.1 * radius, 0.6)
+    rr = np.hypot(yy, xx)
+    outer = rr >= half - 1.5
+    inner = rr <= 0.5 * radius
+    p[:, 5] = np.median(med[:, outer], axis=1)
+    p[:, 4] = np.maximum(np.median(med[:, inner], axis=1) - p[:, 5], 1e-6)
+
+    weight = ok.astype(np.float64)
+    p, _, res_med = _gauss_newton(p, med, weight, yy, xx, half, iterations[0])
+
+    # noise model from the population: background variance per hole plus a
+    # signal-proportional (Poisson-like) term shared by all holes
+    res_raw = data - (med - res_med)
+    edge = 0.5 * erfc(
+        (np.hypot(yy[None] - p[:, :1], xx[None] - p[:, 1:2]) - p[:, 2:3]) / (_SQRT2 * p[:, 3:4])
+    )
+    var_bg = _robust_var(res_raw, (edge < 0.02) & ok)
+    var_in = _robust_var(res_raw, (edge > 0.9) & ok)
+    amp = np.maximum(p[:, 4], 1e-12)
+    with np.errstate(invalid="ignore"):
+        slopes = (var_in - var_bg) / amp**_VARIANCE_EXPONENT
+    slopes = slopes[np.isfinite(slopes)]
+    slope = max(float(np.median(slopes)), 0.0) if slopes.size else 0.0
+    finite = np.isfinite(var_bg) & (var_bg > 0)
+    var_bg = np.where(finite, var_bg, np.median(var_bg[finite]) if finite.any() else 1.0)
+    # model mismatch floor, so that noise-free data do not lose good pixels
+    var_bg = np.maximum(var_bg, (3e-3 * amp) ** 2)
+    variance = var_bg[:, None] + slope * np.maximum(p[:, 4:5] * edge, 0.0) ** _VARIANCE_EXPONENT
+    keep = ok & (res_raw * res_raw <= 25.0 * variance)
+    weight = keep / variance
+    p, cost, res = _gauss_newton(p, data, weight, yy, xx, half, iterations[1])
+    # clip again against the refined model: pass 1 may have been pulled by
+    # masked or dead pixels and dropped good pixels next to them
+    keep2 = ok & (res * res <= 25.0 * variance)
+    changed = (keep2 != keep).any(axis=1)
+    if changed.any():
+        keep[changed] = keep2[changed]
+        weight = keep / variance
+        sub, cost_sub, res_sub = _gauss_newton(
+            p[changed], data[changed], weight[changed], yy, xx, half, iterations[1]
+        )
+        p[changed], cost[changed], res[changed] = sub, cost_sub, res_sub
+
+    dof = np.maximum(keep.sum(1) - _NPAR, 1)
+    asym, ring_asym = _sector_asymmetry(res, weight, p, yy, xx, half)
+    inside = (np.abs(p[:, :2]) < 0.6 * half - 1e-9).all(1)
+    converged = inside & np.isfinite(p).all(1) & (p[:, 4] > 0)
+    return ProfileFit(
+        centres=centre + p[:, :2],
+        radius=p[:, 2].copy(),
+        blur=p[:, 3].copy(),
+        amplitude=p[:, 4].copy(),
+        background=p[:, 5].copy(),
+        chi2=cost / dof,
+        asymmetry=asym,
+        ring_asymmetry=ring_asym,
+        outliers=(ok & ~keep).sum(1).astype(np.int64),
+        converged=converged,
+    )
+
+
+def _robust_var(res, sel):
+    """Per-row variance from the median |residual| over selected pixels (NaN if < 5)."""
+    vals = np.where(sel, np.abs(res), np.inf)
+    vals.sort(axis=1)
+    count = sel.sum(1)
+    rows = np.arange(res.shape[0])
+    lo = vals[rows, np.maximum((count - 1) // 2, 0)]
+    hi = vals[rows, np.maximum(count // 2, 0)]
+    with np.errstate(invalid="ignore"):
+        mad = np.where(count >= 5, 0.5 * (lo + hi), np.nan)
+    return (1.4826 * mad) ** 2
+
+
+def _sector_asymmetry(res, weight, p, yy, xx, half):
+    """One-sidedness of the residuals over 8 angular sectors around each hole.
+
+    Returns ``(disc, ring)``: the largest |mean residual| of a sector of the
+    disc in units of the amplitude, and the largest |sum of normalised
+    residuals| / sqrt(count) of a sector of the background ring, in units of
+    the noise. A hole cut by the taper edge misses light on one side: its
+    disc residuals are one-sided, or its background is darker on one side --
+    a step far below the amplitude but many times the noise of a sector.
+    """
+    dy = yy[None] - p[:, :1]
+    dx = xx[None] - p[:, 1:2]
+    r = np.hypot(dy, dx)
+    sector = ((np.arctan2(dy, dx) + np.pi) * (4.0 / np.pi)).astype(np.int64) % 8
+    n = res.shape[0]
+    flat = np.arange(n)[:, None] * 8 + sector
+    keep = weight > 0
+    rad, blur = p[:, 2:3], p[:, 3:4]
+    zone = keep & (r <= rad + 1.5 * blur)
+    sums = np.bincount(flat[zone], weights=res[zone], minlength=8 * n).reshape(n, 8)
+    counts = np.bincount(flat[zone], minlength=8 * n).reshape(n, 8)
+    disc = np.abs(sums / np.maximum(counts, 1)).max(1) / np.maximum(np.abs(p[:, 4]), 1e-12)
+    zone = keep & (r > rad + 2.5 * blur) & (r <= half)
+    z = res * np.sqrt(weight)
+    sums = np.bincount(flat[zone], weights=z[zone], minlength=8 * n).reshape(n, 8)
+    counts = np.bincount(flat[zone], minlength=8 * n).reshape(n, 8)
+    ring = np.abs(sums / np.sqrt(np.maximum(counts, 1))).max(1)
+    return disc, ring
+
+
+def windowed_centroids(image, seeds, half):
+    """Background-subtracted centroid in a square window (the classic baseline).
+
+    Parameters
+    ----------
+    image : ndarray of shape (h, w)
+    seeds : ndarray of shape (N, 2), float64
+        Window centres (y, x), at least ``half`` from the border.
+    half : int
+        Half width of the window.
+
+    Returns
+    -------
+    ndarray of shape (N, 2), float64
+        Centroids (y, x); the background is the median of the window's
+        outermost pixels and negative values are clipped to 0.
+    """
+    centre = np.rint(np.asarray(seeds)).astype(np.int64)
+    win = extract_windows(image, centre, half).astype(np.float64)
+    border = np.concatenate([win[:, 0], win[:, -1], win[:, 1:-1, 0], win[:, 1:-1, -1]], axis=1)
+    win = np.maximum(win - np.median(border, axis=1)[:, None, None], 0.0)
+    offs = np.arange(-half, half + 1, dtype=np.float64)
+    total = win.sum(axis=(1, 2))
+    cy = np.einsum("nij,i->n", win, offs) / total
+    cx = np.einsum("nij,j->n", win, offs) / total
+    return centre + np.stack([cy, cx], axis=1)

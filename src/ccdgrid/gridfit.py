@@ -1,0 +1,286 @@
+"""Stage 3: the affine grid ``pixel = T + R . (i, j)`` and the pixel size.
+
+Two estimates of the same six parameters are made and compared:
+
+* ``"lsq"``: linear least squares on ``[1, i, j]`` with the lattice indices
+  fixed; it minimises the RMS of ``ideal - measured`` in pixels, the quantity
+  the displacement maps are built from, so it is the one normally used.
+* ``"seed"``: the objective of pyFAI's CCD-calibration tutorial,
+  ``sum |frac(inverse(R) (p - T))|²`` over all holes in (x, y) order, which
+  needs no indices, minimised with BFGS and the analytic gradient of
+  :func:`ccdgrid.grid_error.grid_error`, started from the ``"lsq"`` solution.
+  Kept for comparison with the tutorial. Both are scored by the RMS of
+  ``ideal - measured`` in pixels with the same indices, where ``"lsq"`` is
+  optimal by construction; ``"seed"`` is used only if strictly better.
+
+Parameter order ``P = (Ox, Oy, Xx, Yx, Xy, Yy)`` mirrors the tutorial: (x, y)
+order, ``R = [[Xx, Yx], [Xy, Yy]]``, ``pixel_xy = R . hole_xy + (Ox, Oy)`` with
+``hole_xy = (j, i)``: ``X`` is the step for ``j + 1`` (about +x), ``Y`` the
+step for ``i + 1`` (about +y). Everything else is in (y, x) order.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize
+
+from ._validation import as_points, check_backend
+from .errors import CcdgridError
+from .grid_error import grid_error
+
+__all__ = ["GridFit", "fit_grid", "pixel_size_from_vectors"]
+
+_MIN_HOLES = 3
+
+
+@dataclass
+class GridFit:
+    """An affine hole grid fitted to measured hole centres.
+
+    Attributes
+    ----------
+    P : ndarray of shape (6,), float64
+        ``(Ox, Oy, Xx, Yx, Xy, Yy)`` of the method used, in the tutorial's
+        (x, y) order (px).
+    origin : ndarray of shape (2,), float64, px
+        ``(y, x)`` ideal position of site ``(i, j) = (0, 0)``.
+    vectors : ndarray of shape (2, 2), float64, px
+        Rows: ``(y, x)`` steps for ``i + 1`` and ``j + 1``.
+    pixel_size : tuple of 2 float, m
+        ``(pixel1, pixel2)``: the size of a pixel along y and along x that
+        makes the fitted grid square with side ``pitch``.
+    pitch : float, m
+        Hole spacing of the plate.
+    indices : ndarray of shape (N, 2), int64
+        The ``(i, j)`` used.
+    rms_lsq, rms_seed : float, px
+        RMS of ``|ideal - measured|`` for each method (``nan`` if the seed
+        objective could not be minimised).
+    method_used : {"lsq", "seed"}
+        The method with the smaller RMS.
+    ideal : ndarray of shape (N, 2), float64, px
+        ``(y, x)`` ideal grid positions of the holes, method used.
+    displacement : ndarray of shape (N, 2), float64, px
+        ``(dy, dx) = ideal - measured``: the true position of what is seen at a
+        hole is its measured position plus this.
+    residual_rms, residual_max : float, px
+        RMS and largest ``|displacement|`` (method used).
+    seed_result : dict
+        Minimiser report for the seed objective: ``success``, ``message``,
+        ``nit``, ``value``.
+    """
+
+    P: np.ndarray
+    origin: np.ndarray
+    vectors: np.ndarray
+    pixel_size: tuple
+    pitch: float
+    indices: np.ndarray
+    rms_lsq: float
+    rms_seed: float
+    method_used: str
+    ideal: np.ndarray
+    displacement: np.ndarray
+    residual_rms: float
+    residual_max: float
+    seed_result: dict
+
+    def predict(self, indices):
+        """Ideal ``(y, x)`` px positions, shape (M, 2), of ``(i, j)`` sites (M, 2)."""
+        ij = np.asarray(indices, dtype=np.float64).reshape(-1, 2)
+        return self.origin + ij @ self.vectors
+
+
+def fit_grid(peaks, indices, *, pitch=5e-3, backend="cython"):
+    """Fit the affine hole grid to indexed hole centres.
+
+    Parameters
+    ----------
+    peaks : array_like of shape (N, 2), float, px
+        Measured ``(y, x)`` hole centres, index coordinates. Only holes that
+        were indexed (no ``-1`` rows).
+    indices : array_like of shape (N, 2), int
+        Lattice indices ``(i, j)``, ``i`` about along +y, ``j`` about along +x
+        (as :func:`ccdgrid.lattice.index_holes` returns them).
+    pitch : float, m
+        Hole spacing of the plate (5 mm in the tutorial).
+    backend : {"cython", "numpy"}
+        Engine of :func:`ccdgrid.grid_error.grid_error` for the seed objective.
+
+    Returns
+    -------
+    GridFit
+
+    Raises
+    ------
+    CcdgridError
+        "too few holes" with fewer than 3 holes or indices on one line; bad
+        shapes, non-finite values, ``pitch <= 0``.
+
+    Notes
+    -----
+    Pixel size. With ``s = (pixel2, pixel1)`` the pixel sizes along (x, y),
+    the plate is square iff the columns of ``diag(s) R`` are orthogonal with
+    length ``pitch``:
+    ``Xx² u + Xy² v = pitch²``, ``Yx² u + Yy² v = pitch²``,
+    ``Xx Yx u + Xy Yy v = 0`` with ``u = pixel2²``, ``v = pixel1²``.
+    The tutorial solves the first two (``Py = pitch sqrt((Yx² - Xx²) /
+    ((Xy Yx)² - (Xx Yy)²))``, ``Px = sqrt((pitch² - (Xy Py)²) / Xx²)``), which
+    is singular for a lattice at 45°; all three are solved here in the least
+    squares sense (see :func:`pixel_size_from_vectors`).
+    """
+    check_backend(backend)
+    pts = as_points(peaks, "peaks")
+    ij = np.asarray(indices)
+    if ij.shape != pts.shape:
+        raise CcdgridError(
+            f"`indices` must have the shape of `peaks` {pts.shape}, got {np.shape(indices)}"
+        )
+    if not np.issubdtype(ij.dtype, np.integer) and not (
+        np.all(np.isfinite(ij)) and np.all(ij == np.round(ij))
+    ):
+        raise CcdgridError("`indices` must hold integers")
+    ij = ij.astype(np.int64)
+    if not np.all(np.isfinite(pts)):
+        raise CcdgridError("`peaks` must be finite (drop the rejected holes first)")
+    pitch = _check_pitch(pitch)
+    if len(pts) < _MIN_HOLES:
+        raise CcdgridError(f"too few holes to fit a grid: {len(pts)}, need {_MIN_HOLES}")
+    design = np.column_stack([np.ones(len(ij)), ij.astype(np.float64)])
+    coef, _, rank, _ = np.linalg.lstsq(design, pts, rcond=None)
+    if rank < 3:
+        raise CcdgridError("too few holes to fit a grid: the indexed holes lie on one line")
+    origin, vectors = coef[0], coef[1:3]
+    ideal_lsq = design @ coef
+    rms_lsq = _rms(ideal_lsq - pts)
+
+    p_lsq = _to_tutorial(origin, vectors)
+    p_seed, seed_result = _minimise_seed(p_lsq, pts, backend)
+    if p_seed is not None:
+        origin_s, vectors_s = _from_tutorial(p_seed)
+        ideal_seed = origin_s + ij @ vectors_s
+        rms_seed = _rms(ideal_seed - pts)
+    else:
+        rms_seed = float("nan")
+    # lsq is optimal in this metric: prefer it unless the seed is better beyond rounding
+    if p_seed is not None and rms_seed < rms_lsq * (1.0 - 1e-9):
+        method, params, origin, vectors, ideal = "seed", p_seed, origin_s, vectors_s, ideal_seed
+    else:
+        method, params, ideal = "lsq", p_lsq, ideal_lsq
+    disp = ideal - pts
+    norm = np.hypot(disp[:, 0], disp[:, 1])
+    return GridFit(
+        P=params,
+        origin=np.array(origin, dtype=np.float64),
+        vectors=np.array(vectors, dtype=np.float64),
+        pixel_size=pixel_size_from_vectors(vectors, pitch),
+        pitch=pitch,
+        indices=ij,
+        rms_lsq=rms_lsq,
+        rms_seed=rms_seed,
+        method_used=method,
+        ideal=ideal,
+        displacement=disp,
+        residual_rms=_rms(disp),
+        residual_max=float(norm.max()),
+        seed_result=seed_result,
+    )
+
+
+def pixel_size_from_vectors(vectors, pitch):
+    """Pixel size that makes a fitted lattice a square grid of side ``pitch``.
+
+    Parameters
+    ----------
+    vectors : array_like of shape (2, 2), float, px
+        Rows: ``(y, x)`` lattice steps for ``i + 1`` and ``j + 1``.
+    pitch : float, m
+        Side of the square grid on the plate.
+
+    Returns
+    -------
+    tuple of 2 float, m
+        ``(pixel1, pixel2)``: pixel size along y and along x.
+
+    Raises
+    ------
+    CcdgridError
+        If ``pitch <= 0`` or no positive pixel size fits the lattice (e.g. a
+        degenerate lattice).
+
+    Notes
+    -----
+    Solves ``Xx² u + Xy² v = p²``, ``Yx² u + Yy² v = p²`` and
+    ``Xx Yx u + Xy Yy v = 0`` (``u = pixel2²``, ``v = pixel1²``, each equation
+    divided by ``p²``) by linear least squares, with ``X = vectors[1]`` (the
+    j step) and ``Y = vectors[0]`` (the i step) written in (x, y). The two
+    first equations alone are the tutorial's formula. A grid seen rotated by
+    any angle through rectangular pixels satisfies all three exactly; a
+    residual shear (a plate that is not square) is shared between them.
+    """
+    pitch = _check_pitch(pitch)
+    v = np.asarray(vectors, dtype=np.float64)
+    (yy, yx), (xy, xx) = v  # i step = Y = (Yy, Yx); j step = X = (Xy, Xx)
+    a = np.array([[xx * xx, xy * xy], [yx * yx, yy * yy], [xx * yx, xy * yy]])
+    scale = np.abs(a).max()
+    if not np.isfinite(scale) or scale == 0:
+        raise CcdgridError(f"cannot derive a pixel size from lattice vectors {v.tolist()}")
+    uv, _, rank, _ = np.linalg.lstsq(a / scale, np.array([1.0, 1.0, 0.0]), rcond=None)
+    uv = uv / scale
+    if rank < 2 or not np.all(uv > 0):
+        raise CcdgridError(f"cannot derive a pixel size from lattice vectors {v.tolist()}")
+    pixel2, pixel1 = pitch * np.sqrt(uv)
+    return (float(pixel1), float(pixel2))
+
+
+def _check_pitch(pitch):
+    try:
+        value = float(pitch)
+    except (TypeError, ValueError):
+        raise CcdgridError(f"`pitch` must be a positive length in metres, got {pitch!r}") from None
+    if not (np.isfinite(value) and value > 0):
+        raise CcdgridError(f"`pitch` must be a positive length in metres, got {pitch!r}")
+    return value
+
+
+def _rms(d):
+    return float(np.sqrt(np.mean(d[:, 0] ** 2 + d[:, 1] ** 2)))
+
+
+def _to_tutorial(origin, vectors):
+    """(y, x) origin and rows (i step, j step) -> P = (Ox, Oy, Xx, Yx, Xy, Yy)."""
+    (yy, yx), (xy, xx) = vectors
+    return np.array([origin[1], origin[0], xx, yx, xy, yy], dtype=np.float64)
+
+
+def _from_tutorial(params):
+    ox, oy, xx, yx, xy, yy = params
+    return np.array([oy, ox]), np.array([[yy, yx], [xy, xx]])
+
+
+def _minimise_seed(p0, pts_yx, backend):
+    """Minimise the tutorial's objective from ``p0``; (None, report) on failure."""
+    points_xy = np.ascontiguousarray(pts_yx[:, ::-1])
+
+    def fun(params):
+        value, grad = grid_error(params, points_xy, residuals=False, backend=backend)
+        return float(value), np.asarray(grad, dtype=np.float64)
+
+    try:
+        with np.errstate(all="ignore"):
+            res = minimize(fun, p0, jac=True, method="BFGS")
+    except CcdgridError as exc:  # a line search stepped onto a singular R
+        return None, {"success": False, "message": str(exc), "nit": 0, "value": float("nan")}
+    report = {
+        "success": bool(res.success),
+        "message": str(res.message),
+        "nit": int(res.nit),
+        "value": float(res.fun),
+    }
+    if not np.all(np.isfinite(res.x)) or abs(np.linalg.det(_r_matrix(res.x))) < 1e-12:
+        return None, report
+    return np.asarray(res.x, dtype=np.float64), report
+
+
+def _r_matrix(params):
+    return np.array([[params[2], params[3]], [params[4], params[5]]])

@@ -1,0 +1,237 @@
+"""Which local maxima of the smoothed image are holes: contrast, threshold, clean-up.
+
+Every region of the watershed has one peak. A hole's peak stands far above
+the background around it; a noise peak barely does. The contrast of a peak
+is its smoothed value minus the median of the smoothed image on a ring just
+outside the smoothed hole, so that a slowly varying background, dark areas
+outside the taper and the overall intensity scale do not matter.
+
+The threshold on ``log10(contrast)`` is chosen automatically from the
+histogram of all peaks: the bright mode of the holes is located first, and
+the threshold is put at the deepest, widest gap of the histogram between it
+and the noise peaks, never closer to the noise than a multiple of the noise
+peaks' own spread. Holes, hot pixels and the faint rest are then told apart
+by their fitted profiles (see :func:`classify_fits`).
+"""
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+__all__ = ["LogHistogram", "auto_threshold", "classify_fits", "ring_background"]
+
+
+class LogHistogram:
+    """Histogram of ``log10(contrast)`` of all peaks, for reports.
+
+    Attributes
+    ----------
+    edges : ndarray of shape (B + 1,), float64
+        Bin edges, log10 of image units.
+    counts : ndarray of shape (B,), int64
+    threshold : float
+        The log10 threshold that was used.
+    """
+
+    __slots__ = ("counts", "edges", "threshold")
+
+    def __init__(self, edges, counts, threshold):
+        self.edges = edges
+        self.counts = counts
+        self.threshold = float(threshold)
+
+    def __repr__(self):
+        return f"LogHistogram({self.counts.size} bins, threshold={self.threshold:.3f})"
+
+
+def ring_background(smoothed, peaks, radius, n=8):
+    """Median and spread of ``smoothed`` on a ring around each peak.
+
+    Parameters
+    ----------
+    smoothed : ndarray of shape (h, w), float32
+    peaks : ndarray of shape (N, 2), int64
+        Peak pixels (row, col).
+    radius : float
+        Ring radius, px; ring points outside the image are clamped to its edge.
+    n : int
+        Number of ring points.
+
+    Returns
+    -------
+    median, low, high : ndarray of shape (N,), float64
+        Median, minimum and maximum of the ring samples (the smoothing has
+        already averaged each sample over a hole's area, so a few samples
+        suffice).
+    """
+    h, w = smoothed.shape
+    ang = np.arange(n) * (2.0 * np.pi / n)
+    oy = np.rint(radius * np.sin(ang)).astype(np.int64)
+    ox = np.rint(radius * np.cos(ang)).astype(np.int64)
+    rows = np.clip(peaks[:, :1] + oy[None], 0, h - 1)
+    cols = np.clip(peaks[:, 1:2] + ox[None], 0, w - 1)
+    ring = smoothed[rows, cols]
+    k = (n - 1) // 2
+    part = np.partition(ring, (k, n // 2), axis=1)
+    median = 0.5 * (part[:, k].astype(np.float64) + part[:, n // 2])
+    return median, part[:, 0].astype(np.float64), part[:, -1].astype(np.float64)
+
+
+def auto_threshold(log_contrast, bin_width=0.05):
+    """Choose the log10-contrast threshold separating holes from noise peaks.
+
+    Parameters
+    ----------
+    log_contrast : ndarray of shape (N,), float64
+        ``log10(contrast)`` of the candidate peaks with a positive contrast.
+    bin_width : float
+        Histogram bin width in decades.
+
+    Returns
+    -------
+    threshold : float
+        The chosen threshold (log10 units).
+    histogram : LogHistogram
+
+    Notes
+    -----
+    1. The noise peaks are the bulk of the low values: their median ``m`` and
+       spread ``s`` (MAD) are taken from the lower half of the distribution.
+    2. Holes are the high mode: the median of the values above ``m + 6 s``
+       (if there are none, the threshold is ``m + 6 s``).
+    3. The threshold is the centre of the emptiest stretch of the histogram
+       (smoothed over 3 bins) between ``m + 4 s`` and the hole mode minus
+       0.3 decade (but not below the hole mode minus one decade); the
+       longest run of the emptiest bins wins, so that faint holes are kept
+       and sent to the profile checks rather than dropped here.
+    """
+    vals = np.sort(np.asarray(log_contrast, dtype=np.float64))
+    lo, hi = vals[0], vals[-1]
+    nb = max(int(np.ceil((hi - lo) / bin_width)), 1)
+    edges = lo + bin_width * np.arange(nb + 1)
+    counts = np.histogram(vals, bins=edges)[0].astype(np.int64)
+    lower = vals[: max(vals.size // 2, 1)]
+    med = float(np.median(vals))
+    spread = 1.4826 * float(np.median(np.abs(lower - np.median(lower))))
+    spread = max(spread, bin_width)
+    floor = med + 6.0 * spread
+    bright = vals[vals > floor]
+    if bright.size == 0:
+        return floor, LogHistogram(edges, counts, floor)
+    mode = float(np.median(bright))
+    # holes ten times fainter than the typical one are never kept (see
+    # classify_fits), so the threshold need not go lower
+    start = max(med + 4.0 * spread, mode - 1.0)
+    stop = mode - 0.3
+    if stop <= start:
+        thr = min(floor, mode - 0.3) if mode - 0.3 > med else floor
+        return thr, LogHistogram(edges, counts, thr)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    sm = np.convolve(counts, np.ones(3) / 3.0, mode="same")
+    inside = (centres >= start) & (centres <= stop)
+    if not inside.any():
+        thr = 0.5 * (start + stop)
+        return thr, LogHistogram(edges, counts, thr)
+    idx = np.flatnonzero(inside)
+    low = sm[idx].min()
+    best = idx[sm[idx] <= low + 1e-9]
+    # the longest run of minimal bins; its centre is the threshold
+    runs = np.split(best, np.flatnonzero(np.diff(best) > 1) + 1)
+    run = max(runs, key=len)
+    thr = float(0.5 * (centres[run[0]] + centres[run[-1]]))
+    return thr, LogHistogram(edges, counts, thr)
+
+
+def _robust_z(values, ref):
+    med = np.median(ref)
+    mad = 1.4826 * np.median(np.abs(ref - med))
+    return (values - med) / max(mad, 1e-12 * max(abs(med), 1.0))
+
+
+def classify_fits(fit, contrast, nmin=5):
+    """Reasons to reject fitted candidates, judged against the population.
+
+    Parameters
+    ----------
+    fit : ccdgrid.centres.ProfileFit
+        Profile fits of N candidates.
+    contrast : ndarray of shape (N,), float64
+        Peak contrast of each candidate in the smoothed image.
+    nmin : int
+        Below this many plausible holes, only the absolute tests apply.
+
+    Returns
+    -------
+    ndarray of shape (N,), object
+        ``""`` for an accepted hole, else a short reason: ``"fit failed"``,
+        ``"hot pixel"``, ``"not a hole"`` (no disc in the raw image),
+        ``"shape"`` (radius or blur unlike the other holes), ``"too faint"``,
+        ``"cut by edge"`` (background darker on one side, or a poor fit).
+    """
+    n = fit.amplitude.size
+    reasons = np.full(n, "", dtype=object)
+    amp = fit.amplitude
+    ratio = amp / np.maximum(contrast, 1e-30)
+    reasons[~fit.converged] = "fit failed"
+    # a hole's fitted height matches its smoothed contrast (the disc kernel
+    # is no wider than the hole); a hot pixel's median-filtered window has no disc
+    nodisc = (reasons == "") & ((ratio < 0.3) | (fit.radius < 1.0))
+    reasons[nodisc & (fit.outliers > 0)] = "hot pixel"
+    reasons[nodisc & (fit.outliers == 0)] = "not a hole"
+    good = reasons == ""
+    if good.sum() < nmin:
+        return reasons
+    ref = good.copy()
+    for _ in range(2):
+        rz = _robust_z(fit.radius, fit.radius[ref])
+        med_r = np.median(fit.radius[ref])
+        med_s = np.median(fit.blur[ref])
+        med_a = np.median(amp[ref])
+        rel = np.abs(fit.radius / med_r - 1.0)
+        shape = ((np.abs(rz) > 6.0) & (rel > 0.06)) | (rel > 0.25)
+        shape |= fit.blur > 2.5 * med_s + 0.5
+        faint = amp < 0.2 * med_a
+        ref = good & ~shape & ~faint
+        if ref.sum() < nmin:
+            ref = good
+            break
+    reasons[good & shape] = "shape"
+    reasons[good & ~shape & faint] = "too faint"
+    good = reasons == ""
+    logchi = np.log(np.maximum(fit.chi2, 1e-300))
+    chi_z = _robust_z(logchi, logchi[good])
+    asym_z = _robust_z(fit.asymmetry, fit.asymmetry[good])
+    ring_z = _robust_z(fit.ring_asymmetry, fit.ring_asymmetry[good])
+    cut = good & (
+        ((chi_z > 6.0) & (fit.chi2 > 1.5 * np.median(fit.chi2[good])))
+        | ((asym_z > 6.0) & (fit.asymmetry > 0.04))
+        | ((ring_z > 6.0) & (fit.ring_asymmetry > 6.0))
+    )
+    # a hole partly cut by the taper edge keeps its shape but loses light:
+    # it is dimmer than its neighbours (vignetting is smooth on that scale)
+    ratio = _neighbour_ratio(fit.centres, amp, good)
+    # ... and, losing its rim, it looks smaller than its neighbours (the
+    # local magnification changes by far less than 2 % from hole to hole).
+    # A dark fibre-bundle boundary across a hole also dims it and makes it
+    # one-sided, but leaves its radius: dimness alone is not enough.
+    r_ratio = _neighbour_ratio(fit.centres, fit.radius, good)
+    dim = good & (
+        (ratio < 0.7)
+        | (r_ratio < 0.96)
+        | ((ratio < 0.9) & ((r_ratio < 0.98) | ((asym_z > 3.0) & (r_ratio < 0.995))))
+    )
+    reasons[cut | dim] = "cut by edge"
+    return reasons
+
+
+def _neighbour_ratio(centres, values, good, k=6):
+    """``values`` over the median of the k nearest ``good`` neighbours' values."""
+    ratio = np.ones(values.size)
+    idx = np.flatnonzero(good)
+    if idx.size <= k:
+        return ratio
+    _, nb = cKDTree(centres[idx]).query(centres, k=k + 1)
+    # the nearest is the point itself for good ones; drop it, else the farthest
+    own = idx[nb[:, 0]] == np.arange(values.size)
+    nb = np.where(own[:, None], nb[:, 1:], nb[:, :-1])
+    ratio = values / np.median(values[idx[nb]], axis=1)
+    return ratio

@@ -1,0 +1,91 @@
+"""Disc smoothing of a grid image by FFT convolution (stage 1 of hole finding).
+
+The seed tutorial convolves the image with an 11x11 disc using
+``scipy.signal.convolve2d`` (0.7 s at 2048²). The same "same"-mode linear
+convolution through real FFTs of a fast length costs one forward and one
+inverse transform of the image plus one of the kernel.
+"""
+
+import numpy as np
+from scipy import fft as _fft
+
+__all__ = ["disc_kernel", "smooth_disc"]
+
+
+def disc_kernel(diameter):
+    """Return a normalised disc kernel of odd size.
+
+    Parameters
+    ----------
+    diameter : float
+        Disc diameter in pixels (> 0). The kernel holds the pixels whose
+        centre lies within ``diameter / 2`` of the central pixel, as in the
+        seed tutorial (an 11 px hole gives its 97-pixel 11x11 disc).
+
+    Returns
+    -------
+    ndarray of shape (k, k), float32
+        ``k = 2 * floor(diameter / 2) + 1``; the weights sum to 1.
+    """
+    radius = 0.5 * float(diameter)
+    half = max(int(np.floor(radius)), 1)
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    kernel = (yy * yy + xx * xx <= radius * radius).astype(np.float64)
+    kernel /= kernel.sum()
+    return kernel.astype(np.float32)
+
+
+def _kernel_spectrum(kernel, shape):
+    """``rfft2`` of the centred, symmetric ``kernel`` wrapped on ``shape``, by two small DFTs.
+
+    The kernel is symmetric in y and in x, so its spectrum is real and
+    separable row by row: cosines along x for each kernel row, then one
+    (ny, k) @ (k, nx // 2 + 1) product -- much cheaper than a full-size FFT.
+    """
+    k = kernel.shape[0]
+    half = k // 2
+    offs = np.arange(-half, half + 1, dtype=np.float64)
+    ny, nx = shape
+    kx = np.arange(nx // 2 + 1, dtype=np.float64)
+    ky = np.arange(ny, dtype=np.float64)
+    cx = np.cos((2.0 * np.pi / nx) * np.outer(offs, kx))  # (k, nx//2+1)
+    cy = np.cos((2.0 * np.pi / ny) * np.outer(ky, offs))  # (ny, k)
+    rows = kernel.astype(np.float64) @ cx  # (k, nx//2+1)
+    return (cy @ rows).astype(np.float32)
+
+
+def smooth_disc(image, diameter, *, workers=None):
+    """Convolve ``image`` with :func:`disc_kernel` by FFT.
+
+    Parameters
+    ----------
+    image : ndarray of shape (h, w), float32
+        Image, already validated; invalid pixels should have been filled.
+    diameter : float
+        Disc diameter in pixels.
+    workers : int, optional
+        Threads for :mod:`scipy.fft`.
+
+    Returns
+    -------
+    ndarray of shape (h, w), float32
+        The smoothed image; pixel ``(i, j)`` is the kernel-weighted mean of the
+        pixels around ``(i, j)``.
+
+    Notes
+    -----
+    The convolution is circular on a fast FFT length at least the image size,
+    the image being padded with its own edge values. Only pixels within the
+    kernel radius of the border can see the wrap (never a hole that could be
+    measured: its window would not fit in the image).
+    """
+    kernel = disc_kernel(diameter)
+    h, w = image.shape
+    shape = (_fft.next_fast_len(h, real=True), _fft.next_fast_len(w, real=True))
+    data = image
+    if shape != (h, w):
+        data = np.pad(image, ((0, shape[0] - h), (0, shape[1] - w)), mode="edge")
+    spec = _fft.rfft2(data, workers=workers)
+    spec *= _kernel_spectrum(kernel, shape)
+    full = _fft.irfft2(spec, s=shape, workers=workers)
+    return np.ascontiguousarray(full[:h, :w], dtype=np.float32)

@@ -1,0 +1,206 @@
+"""calibrate(): chaining of the stages, records kept, file input, bad input, end to end."""
+
+import hashlib
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from ccdgrid.calibrate import Calibration, calibrate
+from ccdgrid.errors import CcdgridError
+from ccdgrid.synthetic import grid_image
+
+SHAPE = (384, 416)
+PITCH_PX = 32.0
+
+
+def lattice_points(shape=SHAPE, seed=0):
+    """Detector (y, x) hole positions of a distorted lattice and the field that made them."""
+    from ccdgrid.synthetic import make_distortion
+
+    rng = np.random.default_rng(seed)
+    field = make_distortion(shape, distortion_px=2.0, seed=seed)
+    ys = np.arange(12.0, shape[0] - 12, PITCH_PX) + rng.uniform(-4, 4)
+    xs = np.arange(12.0, shape[1] - 12, PITCH_PX) + rng.uniform(-4, 4)
+    ideal = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+    return field.detector_position(ideal), field
+
+
+@pytest.fixture
+def fake_peaks(monkeypatch):
+    """Replace ccdgrid.peaks by a stub whose find_holes returns known positions."""
+    calls = []
+    points, field = lattice_points()
+
+    def find_holes(
+        image, *, mask=None, hole_diameter=None, pitch_px=None, threshold=None, backend="cython"
+    ):
+        calls.append(
+            {
+                "shape": np.shape(image),
+                "mask": mask,
+                "hole_diameter": hole_diameter,
+                "pitch_px": pitch_px,
+                "threshold": threshold,
+                "backend": backend,
+            }
+        )
+        return types.SimpleNamespace(
+            peaks=points.copy(),
+            rejected=np.zeros((2, 2)),
+            reasons=np.array(["hot pixel", "cut by edge"]),
+            threshold=1.5 if threshold is None else threshold,
+            hole_diameter=6.0 if hole_diameter is None else hole_diameter,
+            pitch_px=PITCH_PX if pitch_px is None else pitch_px,
+            smoothed=None,
+            timings={"smooth": 0.0},
+        )
+
+    module = types.ModuleType("ccdgrid.peaks")
+    module.find_holes = find_holes
+    monkeypatch.setitem(sys.modules, "ccdgrid.peaks", module)
+    return types.SimpleNamespace(calls=calls, points=points, field=field)
+
+
+def test_chain_keeps_every_stage_and_records_options(fake_peaks):
+    image = np.zeros(SHAPE, np.float32)
+    cal = calibrate(image, pitch=2e-3, threshold=1.2, smoothing=0.5, backend="numpy")
+    assert isinstance(cal, Calibration)
+    assert fake_peaks.calls == [
+        {
+            "shape": SHAPE,
+            "mask": None,
+            "hole_diameter": None,
+            "pitch_px": None,
+            "threshold": 1.2,
+            "backend": "numpy",
+        }
+    ]
+    assert cal.shape == SHAPE
+    assert cal.lattice.n_valid == len(fake_peaks.points)
+    assert cal.grid.indices.shape == (len(fake_peaks.points), 2)
+    assert cal.maps.smoothing == 0.5
+    assert cal.dx is cal.maps.dx
+    assert cal.dy is cal.maps.dy
+    assert cal.dx.shape == (SHAPE[0] + 1, SHAPE[1] + 1)
+    np.testing.assert_array_equal(cal.mask, cal.maps.mask)
+    assert cal.pixel_size == cal.grid.pixel_size
+    assert cal.pixel_size[0] == pytest.approx(2e-3 / PITCH_PX, rel=0.02)
+    assert set(cal.timings) == {
+        "read",
+        "find_holes",
+        "index_holes",
+        "fit_grid",
+        "displacement_maps",
+        "total",
+    }
+    assert cal.params["threshold"] == 1.2
+    assert cal.params["pitch"] == 2e-3
+    assert cal.params["resolved"]["pitch_px"] == PITCH_PX
+    assert cal.source is None
+
+
+def test_maps_follow_the_known_field(fake_peaks):
+    cal = calibrate(np.zeros(SHAPE))
+    # the maps are relative to the fitted affine grid: compare after removing an affine part
+    rng = np.random.default_rng(1)
+    probe = rng.uniform([20, 20], [SHAPE[0] - 20, SHAPE[1] - 20], (3000, 2))
+    probe = probe[cal.mask[tuple(np.rint(probe).astype(int).T)] == 0]
+    diff = cal.displacement_at(probe) - fake_peaks.field.displacement(probe)
+    design = np.column_stack([np.ones(len(probe)), probe])
+    diff -= design @ np.linalg.lstsq(design, diff, rcond=None)[0]
+    assert np.sqrt(np.mean(np.sum(diff**2, axis=1))) < 0.01
+
+
+def test_displacement_at_is_maps_evaluate(fake_peaks):
+    cal = calibrate(np.zeros(SHAPE))
+    pts = np.array([[10.0, 20.0], [100.5, 200.25]])
+    np.testing.assert_array_equal(cal.displacement_at(pts), cal.maps.evaluate(pts))
+
+
+def test_input_mask_is_passed_on_and_merged(fake_peaks):
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[200, 200] = 1
+    cal = calibrate(np.zeros(SHAPE), mask=mask)
+    assert fake_peaks.calls[0]["mask"] is mask
+    assert cal.mask[200, 200] == 1
+    assert cal.maps.mask[200, 200] == 0
+    assert cal.mask.dtype == np.int8
+
+
+def test_summary_names_the_figures(fake_peaks):
+    cal = calibrate(np.zeros(SHAPE), source="grid.edf")
+    text = cal.summary()
+    assert f"holes indexed: {len(fake_peaks.points)}" in text
+    assert "1 cut by edge, 1 hot pixel" in text
+    assert "µm" in text
+    assert "pitch" in text
+    assert "find_holes" in text
+    assert cal.source == {"path": "grid.edf", "sha256": None}
+
+
+def test_path_input_records_name_and_checksum(fake_peaks, tmp_path):
+    fabio = pytest.importorskip("fabio")
+    path = tmp_path / "grid.edf"
+    fabio.edfimage.EdfImage(data=np.zeros(SHAPE, np.float32)).write(str(path))
+    cal = calibrate(path)
+    assert cal.source["path"] == str(path.resolve())
+    assert cal.source["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert fake_peaks.calls[0]["shape"] == SHAPE
+
+
+def test_save_delegates_to_detector_file(fake_peaks, monkeypatch, tmp_path):
+    saved = []
+    module = types.ModuleType("ccdgrid.detector_file")
+    module.save_detector = lambda path, calibration: saved.append((path, calibration))
+    monkeypatch.setitem(sys.modules, "ccdgrid.detector_file", module)
+    cal = calibrate(np.zeros(SHAPE))
+    cal.save(tmp_path / "det.h5")
+    assert saved == [(tmp_path / "det.h5", cal)]
+
+
+def test_missing_file():
+    with pytest.raises(CcdgridError, match=r"nonexistent/grid\.edf"):
+        calibrate("/nonexistent/grid.edf")
+
+
+def test_bad_pitch(fake_peaks):
+    with pytest.raises(CcdgridError, match="pitch"):
+        calibrate(np.zeros(SHAPE), pitch=0.0)
+
+
+def test_bad_backend():
+    with pytest.raises(CcdgridError, match="backend"):
+        calibrate(np.zeros(SHAPE), backend="gpu")
+
+
+def test_too_few_holes(monkeypatch):
+    module = types.ModuleType("ccdgrid.peaks")
+    module.find_holes = lambda image, **kw: types.SimpleNamespace(
+        peaks=np.array([[10.0, 10.0], [10.0, 40.0]]), pitch_px=None
+    )
+    monkeypatch.setitem(sys.modules, "ccdgrid.peaks", module)
+    with pytest.raises(CcdgridError, match="too few holes"):
+        calibrate(np.zeros(SHAPE))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("distortion", ["frelon", "strong"])
+def test_end_to_end_on_a_generated_image(distortion):
+    pytest.importorskip("ccdgrid.peaks")
+    grid = grid_image(
+        (512, 512), pitch_px=40.0, hole_diameter_px=6.0, distortion=distortion, seed=4
+    )
+    cal = calibrate(grid.image)
+    truth = grid.truth
+    rng = np.random.default_rng(2)
+    probe = rng.uniform(30, 480, (4000, 2))
+    probe = probe[cal.mask[tuple(np.rint(probe).astype(int).T)] == 0]
+    diff = cal.displacement_at(probe) - truth.displacement(probe)
+    design = np.column_stack([np.ones(len(probe)), probe])
+    diff -= design @ np.linalg.lstsq(design, diff, rcond=None)[0]
+    rms = np.sqrt(np.mean(np.sum(diff**2, axis=1)))
+    assert rms < 0.1
+    visible = grid.visible.sum()
+    assert cal.lattice.n_valid >= 0.9 * visible

@@ -1,0 +1,99 @@
+"""Blurred-disc profile fit (ccdgrid.centres) on single holes with known centres."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ccdgrid.centres import _median3, fit_hole_profiles, windowed_centroids
+
+
+def holes_image(centres, shape=(64, 400), radius=5.0, sigma=0.9, amp=3000.0, bg=200.0):
+    """Sum of anti-aliased discs (16x16 supersampling) blurred by a Gaussian."""
+    sub = (np.arange(16) + 0.5) / 16 - 0.5
+    cover = np.zeros(shape)
+    for yc, xc in centres:
+        iy, ix = round(yc), round(xc)
+        oy, ox = np.mgrid[-8:9, -8:9]
+        py, px = iy + oy, ix + ox
+        fy = py[..., None, None] + sub[:, None] - yc
+        fx = px[..., None, None] + sub[None, :] - xc
+        cover[py, px] += (np.hypot(fy, fx) < radius).mean(axis=(2, 3))
+    return ndimage.gaussian_filter(cover, sigma) * amp + bg
+
+
+@pytest.fixture(scope="module")
+def row_of_holes():
+    rng = np.random.default_rng(11)
+    centres = np.stack(
+        [32 + rng.uniform(-0.5, 0.5, 12), 20 + 30 * np.arange(12) + rng.uniform(-0.5, 0.5, 12)], 1
+    )
+    return holes_image(centres), centres
+
+
+def test_noise_free_centres(row_of_holes):
+    img, centres = row_of_holes
+    fit = fit_hole_profiles(img, np.rint(centres), 5.0, half=10)
+    # erfc edge vs exact blurred disc: a small pixel-phase error remains
+    np.testing.assert_allclose(fit.centres, centres, atol=0.01)
+    np.testing.assert_allclose(fit.radius, 5.0, atol=0.15)
+    assert fit.converged.all()
+    np.testing.assert_allclose(fit.background, 200.0, rtol=0.02)
+
+
+def test_poisson_noise_matches_best_case_centroid(row_of_holes):
+    # isolated holes on a flat background: the centroid's best case (both ~0.011 px)
+    img, centres = row_of_holes
+    rng = np.random.default_rng(12)
+    errs, base = [], []
+    for _ in range(4):
+        noisy = rng.poisson(img).astype(np.float64)
+        fit = fit_hole_profiles(noisy, centres + 0.4, 5.0, half=10)
+        errs.append(fit.centres - centres)
+        base.append(windowed_centroids(noisy, centres, 10) - centres)
+    fit_rms = np.sqrt((np.concatenate(errs) ** 2).sum(1).mean())
+    base_rms = np.sqrt((np.concatenate(base) ** 2).sum(1).mean())
+    assert fit_rms < 0.02
+    assert fit_rms < 1.15 * base_rms
+
+
+def test_hot_pixel_does_not_move_the_centre(row_of_holes):
+    img, centres = row_of_holes
+    spoiled = img.copy()
+    iy, ix = np.rint(centres[3]).astype(int)
+    spoiled[iy + 4, ix - 5] = 65535.0  # on the edge, where it pulls hardest
+    clean = fit_hole_profiles(img, centres, 5.0, half=10)
+    fit = fit_hole_profiles(spoiled, centres, 5.0, half=10)
+    assert abs(fit.centres[3] - clean.centres[3]).max() < 0.01
+    assert fit.outliers[3] >= 1
+    shift = windowed_centroids(spoiled, centres, 10)[3] - windowed_centroids(img, centres, 10)[3]
+    assert abs(shift).max() > 0.5  # the baseline is thrown off
+
+
+def test_masked_pixels_are_ignored(row_of_holes):
+    img, centres = row_of_holes
+    spoiled = img.copy()
+    iy, ix = np.rint(centres[5]).astype(int)
+    valid = np.ones(img.shape, bool)
+    valid[iy - 1 : iy + 2, ix + 3 : ix + 7] = False
+    spoiled[~valid] = 0.0
+    fit = fit_hole_profiles(spoiled, centres, 5.0, half=10, valid=valid)
+    np.testing.assert_allclose(fit.centres[5], centres[5], atol=0.02)
+
+
+def test_per_hole_window_sizes(row_of_holes):
+    img, centres = row_of_holes
+    halves = np.where(np.arange(12) % 2 == 0, 10, 8)
+    fit = fit_hole_profiles(img, centres, 5.0, half=halves)
+    np.testing.assert_allclose(fit.centres, centres, atol=0.015)
+
+
+def test_median3_matches_numpy():
+    rng = np.random.default_rng(13)
+    for values in (rng.normal(size=(7, 12, 12)), rng.integers(0, 3, (7, 12, 12)).astype(float)):
+        ref = np.median(
+            np.stack(
+                [values[:, dy : dy + 10, dx : dx + 10] for dy in range(3) for dx in range(3)]
+            ),
+            axis=0,
+        )
+        np.testing.assert_array_equal(_median3(values), ref)

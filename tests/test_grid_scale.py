@@ -1,0 +1,44 @@
+"""First guesses of pitch and hole diameter (ccdgrid.grid_scale)."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ccdgrid.errors import CcdgridError
+from ccdgrid.grid_scale import estimate_grid_scale
+
+_spec = importlib.util.spec_from_file_location("_tp", Path(__file__).with_name("test_peaks.py"))
+_tp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tp)
+
+
+@pytest.mark.parametrize(
+    ("pitch", "diameter", "hot"),
+    [(48.0, 10.5, 0), (30.0, 6.0, 0), (64.0, 16.0, 0), (48.0, 10.5, 300)],
+)
+def test_pitch_and_diameter(pitch, diameter, hot):
+    img = _tp.make_grid(pitch=pitch, diameter=diameter, hot_pixels=hot, seed=15)[0]
+    scale = estimate_grid_scale(img.astype(np.float32))
+    assert scale.pitch == pytest.approx(pitch, rel=0.02)
+    # a first guess for the smoothing disc: measured +10..+20 % (PSF blur)
+    assert scale.diameter == pytest.approx(diameter * 1.12, rel=0.12)
+    assert scale.contrast > 20
+
+
+def test_given_values_are_kept():
+    img = _tp.make_grid(seed=16)[0].astype(np.float32)
+    scale = estimate_grid_scale(img, pitch=50.0, diameter=9.0)
+    assert (scale.pitch, scale.diameter) == (50.0, 9.0)
+
+
+def test_constant_image():
+    with pytest.raises(CcdgridError, match="constant"):
+        estimate_grid_scale(np.ones((64, 64), np.float32))
+
+
+def test_white_noise():
+    rng = np.random.default_rng(17)
+    with pytest.raises(CcdgridError, match=r"no (hole-like structure|periodic grid)"):
+        estimate_grid_scale(rng.normal(100, 10, (256, 256)).astype(np.float32))

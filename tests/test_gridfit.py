@@ -1,0 +1,160 @@
+"""Affine grid fit: exact recovery, both methods, pixel size, displacement sign, bad input."""
+
+import numpy as np
+import pytest
+
+from ccdgrid.errors import CcdgridError
+from ccdgrid.gridfit import fit_grid, pixel_size_from_vectors
+
+
+@pytest.fixture(params=["cython", "numpy"])
+def backend(request):
+    return request.param
+
+
+def affine_lattice(rng, n=15):
+    """Indices (i, j) on an n x n lattice, a known (origin, vectors) and exact positions."""
+    ii, jj = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    idx = np.column_stack([ii.ravel(), jj.ravel()])
+    origin = np.array([40.3, 61.7])
+    vectors = np.array([[98.2, -1.7], [2.1, 97.4]])  # rows: i step, j step, (y, x)
+    pos = origin + idx @ vectors
+    order = rng.permutation(len(idx))
+    return idx[order], pos[order], origin, vectors
+
+
+def test_exact_affine_is_recovered_by_both_methods(backend):
+    rng = np.random.default_rng(0)
+    idx, pos, origin, vectors = affine_lattice(rng)
+    fit = fit_grid(pos, idx, backend=backend)
+    np.testing.assert_allclose(fit.origin, origin, atol=1e-9)
+    np.testing.assert_allclose(fit.vectors, vectors, atol=1e-9)
+    assert fit.rms_lsq < 1e-9
+    assert fit.rms_seed < 1e-6
+    assert fit.residual_max < 1e-6
+    np.testing.assert_allclose(fit.ideal, pos, atol=1e-6)
+    (yy, yx), (xy, xx) = vectors
+    # the tutorial's order: (Ox, Oy, Xx, Yx, Xy, Yy); X = j step, Y = i step, in (x, y)
+    np.testing.assert_allclose(fit.P, [origin[1], origin[0], xx, yx, xy, yy], atol=1e-6)
+
+
+def test_seed_objective_minimum_is_found_from_a_perturbed_lattice(backend):
+    rng = np.random.default_rng(1)
+    idx, pos, _, _ = affine_lattice(rng)
+    noisy = pos + rng.normal(0.0, 0.05, pos.shape)
+    fit = fit_grid(noisy, idx, backend=backend)
+    assert fit.seed_result["success"]
+    # both minimise nearly the same thing on small residuals
+    assert fit.rms_lsq <= fit.rms_seed + 1e-12
+    assert fit.rms_seed < fit.rms_lsq * 1.01
+    assert fit.method_used == "lsq"
+    assert 0.05 < fit.residual_rms < 0.09  # sqrt(2) * 0.05 minus 6 fitted parameters
+
+
+def test_backends_agree():
+    rng = np.random.default_rng(2)
+    idx, pos, _, _ = affine_lattice(rng)
+    noisy = pos + rng.normal(0.0, 0.3, pos.shape)
+    a = fit_grid(noisy, idx, backend="cython")
+    b = fit_grid(noisy, idx, backend="numpy")
+    np.testing.assert_allclose(a.rms_seed, b.rms_seed, rtol=1e-8)
+    np.testing.assert_array_equal(a.P, b.P)  # lsq used by both: no minimiser involved
+
+
+def test_displacement_is_ideal_minus_measured():
+    rng = np.random.default_rng(3)
+    idx, pos, _, _ = affine_lattice(rng)
+    pos = pos + rng.normal(0.0, 0.5, pos.shape)
+    fit = fit_grid(pos, idx)
+    np.testing.assert_allclose(fit.ideal, fit.origin + idx @ fit.vectors, atol=1e-9)
+    np.testing.assert_allclose(fit.displacement, fit.ideal - pos, atol=1e-12)
+    norm = np.hypot(*fit.displacement.T)
+    assert fit.residual_rms == pytest.approx(np.sqrt(np.mean(norm**2)))
+    assert fit.residual_max == pytest.approx(norm.max())
+    np.testing.assert_allclose(fit.predict(idx[:5]), fit.ideal[:5], atol=1e-9)
+
+
+@pytest.mark.parametrize("rotation_deg", [0.0, 7.0, 30.0, 45.0, -60.0, 90.0])
+def test_pixel_size_of_a_rotated_lattice_seen_through_rectangular_pixels(rotation_deg):
+    pixel1, pixel2, pitch = 51.3e-6, 49.7e-6, 5e-3
+    t = np.deg2rad(rotation_deg)
+    # plate steps in metres (x, y): the lattice is square on the plate, rotated by t
+    step_j = pitch * np.array([np.cos(t), np.sin(t)])
+    step_i = pitch * np.array([-np.sin(t), np.cos(t)])
+    # on the detector in pixels, (y, x): the apparent lattice is sheared unless t = 0 mod 90
+    vectors = np.array(
+        [
+            [step_i[1] / pixel1, step_i[0] / pixel2],
+            [step_j[1] / pixel1, step_j[0] / pixel2],
+        ]
+    )
+    p1, p2 = pixel_size_from_vectors(vectors, pitch)
+    assert p1 == pytest.approx(pixel1, rel=1e-12)
+    assert p2 == pytest.approx(pixel2, rel=1e-12)
+
+
+def test_pixel_size_matches_the_tutorial_formula_at_small_rotation():
+    pixel1, pixel2, pitch = 51.3e-6, 49.7e-6, 5e-3
+    t = np.deg2rad(2.0)
+    xx, xy = pitch * np.cos(t) / pixel2, pitch * np.sin(t) / pixel1
+    yx, yy = -pitch * np.sin(t) / pixel2, pitch * np.cos(t) / pixel1
+    # PYFAI_NOTES §8 step 5
+    py = pitch * np.sqrt((yx**2 - xx**2) / ((xy * yx) ** 2 - (xx * yy) ** 2))
+    px = np.sqrt((pitch**2 - (xy * py) ** 2) / xx**2)
+    p1, p2 = pixel_size_from_vectors(np.array([[yy, yx], [xy, xx]]), pitch)
+    assert p1 == pytest.approx(py, rel=1e-10)
+    assert p2 == pytest.approx(px, rel=1e-10)
+
+
+def test_fit_grid_reports_pixel_size_from_pitch():
+    rng = np.random.default_rng(4)
+    idx, pos, _, vectors = affine_lattice(rng)
+    fit = fit_grid(pos, idx, pitch=2.5e-3)
+    assert fit.pixel_size == pytest.approx(pixel_size_from_vectors(vectors, 2.5e-3), rel=1e-9)
+    assert fit.pitch == 2.5e-3
+    # about 98 px per 2.5 mm
+    assert fit.pixel_size[0] == pytest.approx(2.5e-3 / 98.2, rel=0.02)
+
+
+def test_too_few_holes():
+    with pytest.raises(CcdgridError, match="too few holes"):
+        fit_grid([[0.0, 0.0], [0.0, 98.0]], [[0, 0], [0, 1]])
+
+
+def test_collinear_indices():
+    idx = np.column_stack([np.zeros(6, int), np.arange(6)])
+    pos = idx * 98.0
+    with pytest.raises(CcdgridError, match="too few holes"):
+        fit_grid(pos, idx)
+
+
+@pytest.mark.parametrize("pitch", [0.0, -5e-3, np.inf, None])
+def test_bad_pitch(pitch):
+    rng = np.random.default_rng(5)
+    idx, pos, _, _ = affine_lattice(rng, n=4)
+    with pytest.raises(CcdgridError, match="pitch"):
+        fit_grid(pos, idx, pitch=pitch)
+
+
+def test_bad_indices():
+    rng = np.random.default_rng(6)
+    idx, pos, _, _ = affine_lattice(rng, n=4)
+    with pytest.raises(CcdgridError, match="indices"):
+        fit_grid(pos, idx[:-1])
+    with pytest.raises(CcdgridError, match="indices"):
+        fit_grid(pos, idx + 0.5)
+
+
+def test_non_finite_peaks():
+    rng = np.random.default_rng(7)
+    idx, pos, _, _ = affine_lattice(rng, n=4)
+    pos[0, 0] = np.nan
+    with pytest.raises(CcdgridError, match="finite"):
+        fit_grid(pos, idx)
+
+
+def test_bad_backend():
+    rng = np.random.default_rng(8)
+    idx, pos, _, _ = affine_lattice(rng, n=4)
+    with pytest.raises(CcdgridError, match="backend"):
+        fit_grid(pos, idx, backend="fortran")

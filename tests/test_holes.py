@@ -1,0 +1,34 @@
+"""Peak contrast and the automatic threshold (ccdgrid.holes)."""
+
+import numpy as np
+import pytest
+
+from ccdgrid.holes import auto_threshold, ring_background
+
+
+@pytest.mark.parametrize("n_holes", [40, 400])
+def test_threshold_between_noise_and_holes(n_holes):
+    rng = np.random.default_rng(18)
+    noise = rng.normal(0.5, 0.3, 20000)  # log10 contrast of noise peaks
+    holes = rng.normal(3.4, 0.08, n_holes)
+    hot = rng.uniform(1.8, 2.2, 30)  # hot pixels: between the populations
+    thr, hist = auto_threshold(np.concatenate([noise, holes, hot]))
+    assert noise.max() < thr < holes.min()
+    assert hist.counts.sum() == 20000 + n_holes + 30
+    assert hist.threshold == thr
+
+
+def test_threshold_moves_with_scale():
+    rng = np.random.default_rng(19)
+    vals = np.concatenate([rng.normal(0.5, 0.3, 5000), rng.normal(3.4, 0.08, 200)])
+    t1, _ = auto_threshold(vals)
+    t2, _ = auto_threshold(vals + 1.0)
+    assert t2 - t1 == pytest.approx(1.0, abs=0.1)
+
+
+def test_ring_background():
+    yy, xx = np.mgrid[0:64, 0:64]
+    img = (5.0 + 0.0 * yy).astype(np.float32)
+    img[np.hypot(yy - 32, xx - 32) < 4] = 100.0
+    med, low, high = ring_background(img, np.array([[32, 32]]), 10.0)
+    assert (med[0], low[0], high[0]) == (5.0, 5.0, 5.0)
