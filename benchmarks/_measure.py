@@ -408,7 +408,8 @@ def _worker(argv=None):
     to maps + mask), ``time_save`` (detector file write), ``peak_maps_mb``
     (peak RSS above baseline up to the maps), ``peak_total_mb`` (including
     the write), ``base_mb`` (RSS at the baseline), ``n_peaks`` (holes used,
-    when the result says), the pipeline's own per-stage ``timings``. With
+    when the result says) and ``close_pairs`` (pairs of them closer than
+    3 px), ``save_error``, the pipeline's own per-stage ``timings``. With
     ``--maps`` the corner maps and mask are saved for the accuracy measurement.
     """
     parser = argparse.ArgumentParser(prog="_measure.py")
@@ -429,6 +430,7 @@ def _worker(argv=None):
         import scipy.optimize
         import scipy.signal
         import scipy.spatial  # noqa: F401
+
         from ccdgrid.calibrate import calibrate
 
         def run(image):
@@ -461,10 +463,21 @@ def _worker(argv=None):
     time_maps = time.perf_counter() - start
     peak_maps = mem.peak_mb()
     start = time.perf_counter()
-    save(obj, args.output)
-    time_save = time.perf_counter() - start
+    save_error = None
+    try:
+        save(obj, args.output)
+        time_save = time.perf_counter() - start
+    except Exception as exc:  # the maps are still worth reporting
+        save_error, time_save = f"{type(exc).__name__}: {exc}", None
     peak_total = mem.peak_mb()
-    peaks = next((getattr(obj, a) for a in ("peaks", "holes") if hasattr(obj, a)), None)
+    peaks = getattr(obj, "peaks", None)
+    if peaks is None:  # ccdgrid: Calibration.holes.peaks
+        peaks = getattr(getattr(obj, "holes", None), "peaks", None)
+    close_pairs = None
+    if peaks is not None and np.ndim(peaks) == 2 and len(peaks) > 1:
+        from scipy.spatial import cKDTree
+
+        close_pairs = len(cKDTree(np.asarray(peaks, dtype=np.float64)).query_pairs(3.0))
     if args.maps:
         np.savez(args.maps, dy=np.asarray(dy), dx=np.asarray(dx), mask=np.asarray(mask))
     print(
@@ -477,6 +490,8 @@ def _worker(argv=None):
                 "base_mb": mem.base_mb(),
                 "exact_peak": mem.exact,
                 "n_peaks": None if peaks is None else len(peaks),
+                "save_error": save_error,
+                "close_pairs": close_pairs,
                 "timings": timings,
             }
         )
