@@ -7,8 +7,8 @@ import types
 import numpy as np
 import pytest
 
-from ccdgrid.calibrate import Calibration, calibrate
 from ccdgrid.errors import CcdgridError
+from ccdgrid.pipeline import Calibration, calibrate
 from ccdgrid.synthetic import grid_image
 
 SHAPE = (384, 416)

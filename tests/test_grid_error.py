@@ -1,4 +1,4 @@
-"""Pixel-to-hole error of the affine grid model (ccdgrid.grid_error), every engine.
+"""Pixel-to-hole error of the affine grid model (ccdgrid.hole_error), every engine.
 
 Everything here is in (x, y) order, as in the module. Tolerances: residuals
 of the two engines are compared exactly (same operations, same order); sums
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from scipy.optimize import minimize
 
 from ccdgrid.errors import CcdgridError
-from ccdgrid.grid_error import grid_error, grid_error_value
+from ccdgrid.hole_error import grid_error, grid_error_value
 
 BACKENDS = ["cython", "numpy"]
 

@@ -31,7 +31,7 @@ class GridError:
     param_names = ("n_points", "residuals", "engine")
 
     def setup(self, n_points, residuals, engine):
-        from ccdgrid.grid_error import grid_error
+        from ccdgrid.hole_error import grid_error
 
         points = _points(n_points)
         self.run = lambda: grid_error(P, points, residuals=residuals, backend=engine)
@@ -56,7 +56,7 @@ def _median_seconds(func, repeat):
 
 
 def main():
-    from ccdgrid.grid_error import grid_error
+    from ccdgrid.hole_error import grid_error
 
     for n in (1_000, 100_000):
         points = _points(n)

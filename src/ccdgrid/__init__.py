@@ -31,21 +31,25 @@ _LAZY = {
     "InverseWatershed": "watershed",
     "refine_peaks": "bilinear",
     "Bilinear": "bilinear",
-    "grid_error": "grid_error",
+    "grid_error": "hole_error",
     "find_holes": "peaks",
     "HoleSearch": "peaks",
+    "CorrectionMatrix": "correction",
+    "correct": "correction",
     "index_holes": "lattice",
     "LatticeIndex": "lattice",
     "fit_grid": "gridfit",
     "GridFit": "gridfit",
     "displacement_maps": "maps",
     "DisplacementMaps": "maps",
-    "calibrate": "calibrate",
-    "Calibration": "calibrate",
+    "calibrate": "pipeline",
+    "Calibration": "pipeline",
     "load": "detector_file",
+    "save_detector": "detector_file",
+    "DetectorRecord": "detector_file",
     "read_image": "io",
 }
-_SUBMODULES = {"synthetic", "cli", "io", "errors"}
+_SUBMODULES = {"synthetic", "cli", "io", "errors", "correction", "detector_file"}
 
 __all__ = ["__version__", "openmp_enabled", *sorted(_LAZY), *sorted(_SUBMODULES)]
 

@@ -8,7 +8,7 @@ Two estimates of the same six parameters are made and compared:
 * ``"seed"``: the objective of pyFAI's CCD-calibration tutorial,
   ``sum |frac(inverse(R) (p - T))|²`` over all holes in (x, y) order, which
   needs no indices, minimised with BFGS and the analytic gradient of
-  :func:`ccdgrid.grid_error.grid_error`, started from the ``"lsq"`` solution.
+  :func:`ccdgrid.hole_error.grid_error`, started from the ``"lsq"`` solution.
   Kept for comparison with the tutorial. Both are scored by the RMS of
   ``ideal - measured`` in pixels with the same indices, where ``"lsq"`` is
   optimal by construction; ``"seed"`` is used only if strictly better.
@@ -26,7 +26,7 @@ from scipy.optimize import minimize
 
 from ._validation import as_points, check_backend
 from .errors import CcdgridError
-from .grid_error import grid_error
+from .hole_error import grid_error
 
 __all__ = ["GridFit", "fit_grid", "pixel_size_from_vectors"]
 
@@ -105,7 +105,7 @@ def fit_grid(peaks, indices, *, pitch=5e-3, backend="cython"):
     pitch : float, m
         Hole spacing of the plate (5 mm in the tutorial).
     backend : {"cython", "numpy"}
-        Engine of :func:`ccdgrid.grid_error.grid_error` for the seed objective.
+        Engine of :func:`ccdgrid.hole_error.grid_error` for the seed objective.
 
     Returns
     -------

@@ -11,7 +11,6 @@ returned, so a user can inspect or replace any stage:
    corners and the validity mask.
 """
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._validation import as_points, check_backend
-from .errors import CcdgridError
 from .gridfit import fit_grid
 from .lattice import index_holes
 from .maps import displacement_maps
@@ -153,8 +151,10 @@ def calibrate(
         Thin-plate smoothing of the maps in pitch² units; None: by GCV.
     backend : {"cython", "numpy"}
         Engine of the compiled kernels.
-    source : str or None
-        Name recorded for an in-memory image (for a path, the path is used).
+    source : str, dict or None
+        What to record as the image's origin for an in-memory image: a name,
+        or the ``info`` dict of :func:`ccdgrid.io.read_image` (path, sha256,
+        frame, ...). For a path, the file's own information is used.
 
     Returns
     -------
@@ -170,6 +170,8 @@ def calibrate(
     t_start = time.perf_counter()
     if isinstance(image, (str, os.PathLike)):
         image, source = _read(os.fspath(image))
+    elif isinstance(source, dict):
+        source = dict(source)
     elif source is not None:
         source = {"path": str(source), "sha256": None}
     timings["read"] = time.perf_counter() - t_start
@@ -260,32 +262,10 @@ def _timed(timings, name, func, *args, **kwargs):
 
 def _read(path):
     """``(image, info)`` of a file; ``info`` has at least "path" and "sha256"."""
-    try:
-        from .io import read_image
-    except ImportError:  # the io module is not merged yet: read with fabio directly
-        return _read_with_fabio(path)
+    from .io import read_image
+
     array, info = read_image(path)
     return array, dict(info)
-
-
-def _read_with_fabio(path):
-    if not os.path.isfile(path):
-        raise CcdgridError(f"`image`: no such file: {path!r}")
-    import fabio
-
-    try:
-        array = np.asarray(fabio.open(path).data)
-    except Exception as exc:  # fabio raises many types for unreadable files
-        raise CcdgridError(f"`image`: cannot read {path!r}: {exc}") from exc
-    return array, {"path": path, "sha256": _sha256(path)}
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _count_text(reasons):

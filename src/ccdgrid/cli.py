@@ -1,0 +1,552 @@
+"""The ``ccdgrid`` command: calibrate, demo, synth, info.
+
+Each subcommand imports its heavy modules (numpy, fabio, h5py, the pipeline)
+only when it runs, so ``ccdgrid --help`` answers at once. Errors in the input
+(:class:`~ccdgrid.errors.CcdgridError`, and ``OSError`` for files) print one
+line ``ccdgrid: error: ...`` on stderr and exit with status 1; ``--debug``
+adds the traceback. Anything else is a bug and keeps its traceback.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+import traceback
+
+from .errors import CcdgridError
+from .units import parse_length
+
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_EXIT_CODES = """\
+exit status:
+  0    success
+  1    error in the input or the data (one line on stderr; --debug adds the traceback)
+  2    invalid command line
+  130  interrupted (Ctrl-C)
+"""
+
+_DESCRIPTION = """\
+Calibrate the spatial distortion of an X-ray area detector from one image of a
+regular grid of holes, and write a detector file that pyFAI loads as is:
+    pyFAI.detector_factory("detector.h5")
+"""
+
+_MAIN_EPILOG = (
+    """\
+examples:
+  ccdgrid demo                                 calibrate a built-in 2048x2048 example
+  ccdgrid calibrate grid.edf --pitch 5mm       calibrate your grid image
+  ccdgrid info grid_detector.h5                what a detector file holds
+  ccdgrid COMMAND --help                       the options of one command
+
+"""
+    + _EXIT_CODES
+)
+
+_CALIBRATE_EPILOG = (
+    """\
+units:
+  --pitch is a length between 1 µm and 10 cm: 5mm, 5000um, 5000µm, 0.5cm, or a
+  bare number in metres (5e-3).
+  --hole-diameter and --spacing are in pixels of the image.
+
+output:
+  Without -o the file is IMAGE_STEM_detector.h5 in the current directory (raw-data
+  directories are often read-only). An existing file is replaced; nothing is
+  written if the calibration fails.
+
+examples:
+  ccdgrid calibrate grid.edf --pitch 5mm
+  ccdgrid calibrate grid.tif --pitch 5mm --mask mask.edf -o frelon_2026.h5
+  ccdgrid calibrate scan.h5::/entry/data/data --frame 3 --pitch 5mm
+
+"""
+    + _EXIT_CODES
+)
+
+
+# -- argument types (argparse turns their errors into usage errors, exit 2) --
+
+
+_PITCH_RANGE = (1e-6, 0.1)  # m: grid plates have holes 0.1-20 mm apart
+
+
+def _pitch(text):
+    try:
+        value = parse_length(text)
+    except CcdgridError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    low, high = _PITCH_RANGE
+    if not low <= value <= high:
+        # "--pitch 5" is 5 m: almost certainly a forgotten unit
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is {value:g} m, not a plausible hole pitch ({low * 1e6:g} µm to "
+            f"{high * 1e2:g} cm): give a unit, e.g. 5mm"
+        )
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _size(text):
+    """``"2048"`` (square) or ``"1024x2048"`` (ny x nx) -> (ny, nx)."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        dims = [int(p) for p in parts]
+    except ValueError:
+        dims = []
+    if len(dims) == 1:
+        dims = dims * 2
+    if len(dims) != 2 or min(dims) < 16:
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 2048 or 1024x2048 (rows x columns, each >= 16), got {text!r}"
+        )
+    return tuple(dims)
+
+
+# -- the parser --------------------------------------------------------------
+
+
+def build_parser():
+    """Return the ``ccdgrid`` argument parser (subcommands set ``args.run``)."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ccdgrid",
+        description=_DESCRIPTION,
+        epilog=_MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ccdgrid {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    cal = sub.add_parser(
+        "calibrate",
+        parents=[common],
+        help="calibrate a detector from a grid image and write its detector file",
+        description="Find the holes of a grid image, fit the grid, and write the distortion\n"
+        "as a detector file for pyFAI. Hole size, spacing and detection threshold are\n"
+        "found automatically; the options below override them.",
+        epilog=_CALIBRATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cal.add_argument(
+        "image",
+        metavar="IMAGE",
+        help="grid image: EDF, TIFF, CBF, ... (anything fabio reads), .npy, or "
+        "file.h5::/path/to/dataset",
+    )
+    cal.add_argument(
+        "--pitch",
+        type=_pitch,
+        required=True,
+        metavar="LENGTH",
+        help="distance between neighbouring holes of the grid plate, e.g. 5mm (required: "
+        "it sets the pixel size)",
+    )
+    cal.add_argument("-o", "--output", metavar="FILE", help="detector file to write (.h5)")
+    cal.add_argument(
+        "--mask", metavar="FILE", help="mask image of the same shape, non-zero = bad pixel"
+    )
+    cal.add_argument(
+        "--frame", type=_count, metavar="N", help="frame of a multi-frame file (0-based)"
+    )
+    cal.add_argument(
+        "--hole-diameter", type=_positive_float, metavar="PX", help="hole diameter, pixels"
+    )
+    cal.add_argument(
+        "--spacing",
+        type=_positive_float,
+        metavar="PX",
+        help="approximate distance between neighbouring holes in the image, pixels",
+    )
+    cal.add_argument(
+        "--threshold",
+        type=float,
+        metavar="T",
+        help="detection threshold (default: automatic)",
+    )
+    cal.add_argument(
+        "--backend",
+        choices=("cython", "numpy"),
+        default="cython",
+        help="compiled kernels (default) or their pure-numpy twins",
+    )
+    cal.set_defaults(run=_run_calibrate)
+
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="calibrate a generated FReLoN-like grid image and check it against the truth",
+        description="Generate a grid image with a known distortion (no input file needed),\n"
+        "calibrate it, write the detector file, and report the error of the recovered\n"
+        "distortion against the ground truth.",
+        epilog="example:\n  ccdgrid demo --size 1024 --seed 3\n\n" + _EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument(
+        "--size", type=_size, default=(2048, 2048), metavar="N", help="image size (default 2048)"
+    )
+    demo.add_argument("--seed", type=_count, default=0, help="random seed (default 0)")
+    demo.add_argument(
+        "-o",
+        "--output",
+        default="demo_detector.h5",
+        metavar="FILE",
+        help="detector file to write (default demo_detector.h5)",
+    )
+    demo.add_argument("--backend", choices=("cython", "numpy"), default="cython")
+    demo.set_defaults(run=_run_demo)
+
+    synth = sub.add_parser(
+        "synth",
+        parents=[common],
+        help="write a synthetic grid image and its ground truth",
+        description="Write a FReLoN-like grid-of-holes image with a known distortion and,\n"
+        "beside it, OUTPUT_STEM_truth.npz: the true corner maps dy, dx (pixels, shape\n"
+        "(ny + 1, nx + 1), corner (i, j) at index coordinates (i - 0.5, j - 0.5); true\n"
+        "position = position + (dy, dx)) and the true hole positions (y, x).",
+        epilog="examples:\n  ccdgrid synth -o grid.edf\n"
+        "  ccdgrid synth -o hard.edf --size 4096 --distortion strong --noise heavy "
+        "--hot-pixels 200 --dead-rows 3\n\n" + _EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    synth.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="FILE",
+        help="image file: .edf, .tif/.tiff or .npy",
+    )
+    synth.add_argument(
+        "--size",
+        type=_size,
+        default=(2048, 2048),
+        metavar="N",
+        help="N (square) or NYxNX, pixels (default 2048)",
+    )
+    synth.add_argument("--seed", type=_count, default=0, help="random seed (default 0)")
+    synth.add_argument(
+        "--distortion",
+        choices=("frelon", "strong", "none"),
+        default="frelon",
+        help="peak distortion: frelon 1.5 px, strong 20 px, none (default frelon)",
+    )
+    synth.add_argument("--noise", choices=("none", "low", "normal", "heavy"), default="normal")
+    synth.add_argument("--hot-pixels", type=_count, default=0, metavar="N")
+    synth.add_argument("--dead-rows", type=_count, default=0, metavar="N")
+    synth.add_argument("--dead-cols", type=_count, default=0, metavar="N")
+    synth.add_argument(
+        "--spacing", type=_positive_float, default=98.0, metavar="PX", help="hole pitch, pixels"
+    )
+    synth.add_argument(
+        "--hole-diameter", type=_positive_float, default=10.5, metavar="PX", help="pixels"
+    )
+    synth.set_defaults(run=_run_synth)
+
+    info = sub.add_parser(
+        "info",
+        parents=[common],
+        help="show what a detector file holds",
+        description="Print the shape, pixel size, mask, distortion range and provenance\n"
+        "recorded in a detector file (ccdgrid's, or a plain pyFAI one).",
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    info.add_argument("detector", metavar="DETECTOR", help="detector file (.h5)")
+    info.set_defaults(run=_run_info)
+    return parser
+
+
+# -- entry point ---------------------------------------------------------------
+
+
+def main(argv=None):
+    """Run the ``ccdgrid`` command line and return its exit status.
+
+    Parameters
+    ----------
+    argv : list of str or None
+        Arguments without the program name; None reads ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        0 on success, 1 on an input error, 130 when interrupted. Usage
+        errors raise ``SystemExit(2)`` from argparse.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("ccdgrid: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CcdgridError, OSError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"ccdgrid: error: {_describe(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _describe(exc):
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+# -- subcommands -----------------------------------------------------------------
+
+
+def _default_output(image):
+    path = pathlib.Path(image.split("::", 1)[0])
+    return pathlib.Path.cwd() / f"{path.stem}_detector.h5"
+
+
+def _run_calibrate(args):
+    from .io import read_image, read_mask
+
+    output = pathlib.Path(args.output) if args.output else _default_output(args.image)
+    image, info = read_image(args.image, frame=args.frame)
+    if output.expanduser().absolute() == pathlib.Path(info["path"]):
+        raise CcdgridError(f"the output file {output} would overwrite the input image")
+    frame = "" if info["frame"] is None else f" frame {info['frame']}"
+    ny, nx = info["shape"]
+    print(f"read {info['path']}{frame}: {ny} x {nx} {info['dtype']}")
+    mask = None if args.mask is None else read_mask(args.mask, image.shape)
+
+    from .pipeline import calibrate
+
+    start = time.perf_counter()
+    calibration = calibrate(
+        image,
+        pitch=args.pitch,
+        mask=mask,
+        hole_diameter=args.hole_diameter,
+        pitch_px=args.spacing,
+        threshold=args.threshold,
+        backend=args.backend,
+        source=info,  # provenance (file, frame, dataset, sha256) for the detector file
+    )
+    elapsed = time.perf_counter() - start
+    print(calibration.summary())
+    _save(calibration, output, elapsed)
+    print(f'use it in pyFAI: pyFAI.detector_factory("{output}")')
+
+
+def _save(calibration, output, elapsed):
+    start = time.perf_counter()
+    calibration.save(output)
+    print(f"calibrated in {elapsed:.2f} s; wrote {output} in {time.perf_counter() - start:.2f} s")
+
+
+def _run_demo(args):
+    from . import synthetic
+    from .pipeline import calibrate
+
+    ny, nx = args.size
+    start = time.perf_counter()
+    grid = synthetic.grid_image(shape=(ny, nx), seed=args.seed)
+    generated = time.perf_counter() - start
+    print(
+        f"generated a {ny} x {nx} FReLoN-like grid image (seed {args.seed}) in {generated:.2f} s"
+    )
+    start = time.perf_counter()
+    calibration = calibrate(
+        grid.image,
+        pitch=5e-3,
+        backend=args.backend,
+        source=f"ccdgrid.synthetic.grid_image(shape=({ny}, {nx}), seed={args.seed})",
+    )
+    elapsed = time.perf_counter() - start
+    print(calibration.summary())
+    _save(calibration, args.output, elapsed)
+    # judged where the taper lets light through: outside it there is nothing to calibrate
+    res = synthetic.dense_residual(
+        grid.truth, calibration.dy, calibration.dx, calibration.mask, region=grid.taper_mask
+    )
+    print(
+        f"accuracy against the ground truth, between the holes ({res.points.shape[0]} random "
+        f"points, affine part removed): RMS {res.rms:.4f} px, max {res.max:.4f} px"
+    )
+
+
+def _run_synth(args):
+    import numpy as np
+
+    from . import synthetic
+
+    output = pathlib.Path(args.output).expanduser().absolute()
+    suffix = output.suffix.lower()
+    if suffix not in (".edf", ".tif", ".tiff", ".npy"):
+        raise CcdgridError(
+            f"cannot write {output.name}: choose a .edf, .tif, .tiff or .npy file name"
+        )
+    if not output.parent.is_dir():
+        raise CcdgridError(f"cannot write {output}: directory {output.parent} does not exist")
+    truth_path = output.with_name(f"{output.stem}_truth.npz")
+    grid = synthetic.grid_image(
+        shape=args.size,
+        seed=args.seed,
+        distortion=args.distortion,
+        noise=args.noise,
+        hot_pixels=args.hot_pixels,
+        dead_rows=args.dead_rows,
+        dead_cols=args.dead_cols,
+        pitch_px=args.spacing,
+        hole_diameter_px=args.hole_diameter,
+    )
+    dy, dx = grid.truth.corner_maps(args.size)
+    params = {k: v for k, v in vars(args).items() if k not in ("run", "debug", "command")}
+    header = {"ccdgrid_synth": " ".join(f"{k}={v}" for k, v in sorted(params.items()))}
+    with _atomic(output) as tmp_image, _atomic(truth_path) as tmp_truth:
+        _write_image(tmp_image, suffix, grid.image, header)
+        with open(tmp_truth, "wb") as stream:
+            np.savez(
+                stream,
+                dy=dy.astype(np.float32),
+                dx=dx.astype(np.float32),
+                holes=grid.holes,
+                indices=grid.indices,
+                ideal=grid.ideal,
+                visible=grid.visible,
+                taper_mask=grid.taper_mask,
+                pitch_px=np.float64(grid.pitch_px),
+                params=np.str_(json.dumps(getattr(grid, "params", {}), default=_plain)),
+                convention=np.str_(
+                    "dy, dx: (ny + 1, nx + 1) corner maps in px, corner (i, j) at index "
+                    "coordinates (i - 0.5, j - 0.5); true position = position + (dy, dx); "
+                    "holes, ideal: (y, x) px, centre of pixel (i, j) at (i, j)"
+                ),
+            )
+    ny, nx = args.size
+    print(
+        f"wrote {output} ({ny} x {nx} {grid.image.dtype}, {len(grid.holes)} holes) "
+        f"and its ground truth {truth_path}"
+    )
+
+
+def _plain(obj):
+    """JSON fallback for numpy values (arrays and scalars have ``tolist``)."""
+    return obj.tolist() if hasattr(obj, "tolist") else str(obj)
+
+
+class _atomic:
+    """Context manager: yield a temporary path beside ``target``, rename it on success."""
+
+    def __init__(self, target):
+        self.target = pathlib.Path(target)
+        self.tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.tmp")
+
+    def __enter__(self):
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            os.replace(self.tmp, self.target)
+        else:
+            self.tmp.unlink(missing_ok=True)
+        return False
+
+
+def _write_image(path, suffix, image, header):
+    import numpy as np
+
+    if suffix == ".npy":
+        with open(path, "wb") as stream:
+            np.save(stream, image)
+        return
+    import fabio.edfimage
+    import fabio.tifimage
+
+    if suffix == ".edf":
+        fabio.edfimage.EdfImage(data=image, header=header).write(str(path))
+    else:
+        fabio.tifimage.TifImage(data=image).write(str(path))
+
+
+def _flatten(params, prefix=""):
+    """``(dotted.key, value)`` pairs of a nested dict, in key order."""
+    for key in sorted(params):
+        value = params[key]
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _run_info(args):
+    import numpy as np
+
+    from .detector_file import load
+
+    rec = load(args.detector)
+    ny, nx = rec.shape
+    p1, p2 = rec.pixel_size
+    masked = int(np.count_nonzero(rec.mask))
+    if rec.is_ccdgrid:
+        writer = f"ccdgrid {rec.version} on {rec.created}"
+    else:
+        writer = "not ccdgrid (a plain pyFAI detector file: no grid, holes or parameters)"
+    lines = [
+        f"file        {rec.path}",
+        f"written by  {writer}",
+        f"detector    {rec.name!r}: {ny} x {nx} pixels of {p1 * 1e6:.3f} x {p2 * 1e6:.3f} µm "
+        f"(pixel1 = y, pixel2 = x)",
+        f"mask        {masked} invalid pixels ({100 * masked / (ny * nx):.2f} %)",
+    ]
+    for label, corner_map in (("dy", rec.dy), ("dx", rec.dx)):
+        rms = float(np.sqrt(np.mean(np.square(corner_map, dtype=np.float64))))
+        lines.append(
+            f"{label}          corner map {corner_map.shape}: min {corner_map.min():+.3f}, "
+            f"max {corner_map.max():+.3f}, RMS {rms:.3f} px"
+        )
+    if rec.pitch is not None:
+        lines.append(f"pitch       {rec.pitch * 1e3:g} mm")
+    if rec.peaks is not None:
+        used = "" if rec.valid is None else f", {int(np.count_nonzero(rec.valid))} in the fit"
+        lines.append(f"holes       {len(rec.peaks)} found{used}")
+    if rec.source:
+        digest = rec.source.get("sha256")
+        lines.append(
+            f"source      {rec.source.get('path')}" + (f" (sha256 {digest})" if digest else "")
+        )
+    if rec.params:
+        lines.append("parameters")
+        lines.extend(f"  {key} = {value}" for key, value in _flatten(rec.params))
+    if rec.summary:
+        lines.append("summary:")
+        lines.extend("  " + line for line in rec.summary.splitlines())
+    print("\n".join(lines))

@@ -1,0 +1,408 @@
+"""Flux-conserving distortion correction of images by exact pixel splitting.
+
+A calibrated detector is described by the displacement of its pixel corners:
+corner ``(i, j)`` of the ``(ny + 1, nx + 1)`` corner grid truly sits at
+``(i + dy[i, j], j + dx[i, j])`` in *pyFAI coordinates* (pixel units, where
+input pixel ``(i, j)`` nominally spans ``[i, i+1] x [j, j+1]``; ccdgrid's index
+coordinates are these minus 0.5). This is the convention of pyFAI's
+``Detector.set_dx``/``set_dy`` with corner-shaped maps: a positive ``dx``
+means the corner is really further along +x.
+
+Each input pixel is the quadrilateral of its four true corners
+A = (i, j), B = (i+1, j), C = (i+1, j+1), D = (i, j+1). Each output pixel
+``(k, l)`` is the unit square ``[k, k+1] x [l, l+1]`` of the undistorted grid.
+The correction is the sparse matrix ``M`` (rows: output pixels, columns:
+input pixels) with
+
+    M[out, in] = area(quad_in ∩ square_out) / area(quad_in),
+
+computed by exact polygon clipping, so that every input pixel lying wholly
+inside the output frame gives all of its counts, and nothing more, to the
+output (flux conservation). ``corrected = M @ image``.
+
+Differences from pyFAI's ``pyFAI.distortion.Distortion`` (PYFAI_NOTES §4, §7):
+the splitting is exact in both directions (pyFAI's is exact along rows
+only, up to 6 % of a pixel misplaced for a 20° rotation); the input mask is
+honoured for distorted detectors; an undistorted detector gives exactly the
+identity; memory is proportional to the non-zeros; ``normalize=True``
+divides by the coverage so partially covered output pixels are not darker.
+"""
+
+import os
+import zlib
+from collections import OrderedDict
+
+import numpy as np
+import scipy.sparse
+
+from ._validation import check_backend
+from .errors import CcdgridError
+
+__all__ = ["CorrectionMatrix", "clear_cache", "correct"]
+
+
+def _kernels(backend):
+    if backend == "cython":
+        from ._ext import _correction
+    else:
+        from ._reference import correction as _correction
+    return _correction
+
+
+def _real_array(value, name):
+    arr = np.asarray(value)
+    if (
+        arr.dtype == object
+        or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool)
+        or np.issubdtype(arr.dtype, np.complexfloating)
+    ):
+        raise CcdgridError(f"`{name}` must hold real numbers, got an array of dtype {arr.dtype}")
+    return arr
+
+
+def _check_maps(dy, dx):
+    dy = _real_array(dy, "dy")
+    dx = _real_array(dx, "dx")
+    if dy.ndim != 2 or dy.shape[0] < 2 or dy.shape[1] < 2:
+        raise CcdgridError(
+            f"`dy` must be a corner map of shape (ny + 1, nx + 1) with ny, nx >= 1, "
+            f"got shape {dy.shape}"
+        )
+    if dx.shape != dy.shape:
+        raise CcdgridError(f"`dx` (shape {dx.shape}) must have the shape of `dy` ({dy.shape})")
+    return (
+        np.ascontiguousarray(dy, dtype=np.float64),
+        np.ascontiguousarray(dx, dtype=np.float64),
+    )
+
+
+def _pixels_with_a_flagged_corner(corner_flags):
+    f = corner_flags
+    return f[:-1, :-1] | f[1:, :-1] | f[1:, 1:] | f[:-1, 1:]
+
+
+def _check_mask(mask, shape):
+    if mask is None:
+        return np.zeros(shape, dtype=np.uint8)
+    mask = _real_array(mask, "mask")
+    if mask.shape == (shape[0] + 1, shape[1] + 1):
+        mask = _pixels_with_a_flagged_corner(mask != 0)
+    elif mask.shape != shape:
+        raise CcdgridError(
+            f"`mask` (shape {mask.shape}) must have the pixel shape {shape} "
+            f"or the corner shape {(shape[0] + 1, shape[1] + 1)}"
+        )
+    return np.ascontiguousarray(mask != 0, dtype=np.uint8)
+
+
+def _check_shape_out(shape_out, default):
+    if shape_out is None:
+        return default
+    try:
+        ny, nx = (int(s) for s in shape_out)
+        ok = (ny, nx) == tuple(shape_out) and ny >= 1 and nx >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise CcdgridError(f"`shape_out` must be two positive integers, got {shape_out!r}")
+    return ny, nx
+
+
+def _check_weight_dtype(dtype):
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        dtype = None
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise CcdgridError(f"`dtype` must be float32 or float64, got {dtype!r}")
+    return dtype
+
+
+class CorrectionMatrix:
+    """The sparse pixel-splitting matrix of a distorted detector.
+
+    Build it with :meth:`from_maps`; apply it with :meth:`apply`.
+
+    Attributes
+    ----------
+    matrix : scipy.sparse.csr_matrix, shape (ny_out * nx_out, ny * nx)
+        Row ``k * nx_out + l`` holds the weights of output pixel ``(k, l)``;
+        column ``i * nx + j`` is input pixel ``(i, j)``. Weights are float32
+        or float64 (``dtype``), indices int32 (int64 beyond 2**31 entries);
+        within a row, columns are in increasing order.
+    shape_in : tuple of int
+        ``(ny, nx)``, the input image shape.
+    shape_out : tuple of int
+        ``(ny_out, nx_out)``, the output image shape.
+    n_masked : int
+        Input pixels excluded by the user's mask.
+    n_invalid : int
+        Further input pixels excluded because a corner is NaN or infinite.
+    n_degenerate : int
+        Further input pixels dropped because their quadrilateral is
+        degenerate: area below 1e-9 px², folded (negative area),
+        self-intersecting, or spanning more than 16 output pixels.
+    backend : str
+        The engine that built the matrix (``"cython"`` or ``"numpy"``); it
+        also applies it.
+    """
+
+    def __init__(self, matrix, shape_in, shape_out, *, n_masked=0, n_invalid=0,
+                 n_degenerate=0, backend="cython"):  # fmt: skip
+        self.matrix = matrix
+        self.shape_in = tuple(shape_in)
+        self.shape_out = tuple(shape_out)
+        self.n_masked = int(n_masked)
+        self.n_invalid = int(n_invalid)
+        self.n_degenerate = int(n_degenerate)
+        self.backend = check_backend(backend)
+        self._coverage = None
+
+    @classmethod
+    def from_maps(cls, dy, dx, *, mask=None, shape_out=None, backend="cython",
+                  dtype=np.float32, nthreads=0):  # fmt: skip
+        """Build the matrix from corner displacement maps.
+
+        Parameters
+        ----------
+        dy, dx : array_like of real, shape (ny + 1, nx + 1)
+            Displacement of every pixel corner in pixels, along y (rows) and
+            x (columns): corner ``(i, j)``, nominally at ``(i, j)`` in pyFAI
+            coordinates, is truly at ``(i + dy[i, j], j + dx[i, j])``. Any real
+            dtype; used in float64. Non-finite corners invalidate the (up to
+            four) pixels that share them.
+        mask : array_like, shape (ny, nx) or (ny + 1, nx + 1), optional
+            Nonzero marks an invalid input pixel, left out of the matrix. A
+            corner-shaped mask flags corners: a pixel with a flagged corner
+            is invalid.
+        shape_out : tuple of 2 int, optional
+            Shape of the corrected image; default ``(ny, nx)``. Flux that
+            falls outside it is lost.
+        backend : {"cython", "numpy"}
+            The compiled kernel, or its pure-numpy twin (slow; for checks).
+        dtype : {numpy.float32, numpy.float64}
+            Storage dtype of the weights (they are always computed in
+            float64). float32 halves the memory and speeds up :meth:`apply`;
+            its rounding (6e-8 relative) is far below any calibration error.
+        nthreads : int
+            OpenMP threads for the cython backend; 0 means OpenMP's default
+            (``OMP_NUM_THREADS``), at most 4. Small detectors always use one.
+
+        Returns
+        -------
+        CorrectionMatrix
+
+        Raises
+        ------
+        CcdgridError
+            Maps that are not real 2-D arrays of one shape with at least 2x2
+            corners, a mask of the wrong shape, a bad ``shape_out``,
+            ``backend`` or ``dtype``.
+
+        Notes
+        -----
+        Corner coordinates within 1e-9 px of an integer are snapped onto it,
+        so an undistorted grid, or one shifted by whole pixels, gives
+        exactly one weight of 1.0 per pixel. Cuts that leave less than 1e-13
+        of a pixel in a cell (rounding noise) are not stored.
+        """
+        check_backend(backend)
+        dy, dx = _check_maps(dy, dx)
+        shape_in = (dy.shape[0] - 1, dy.shape[1] - 1)
+        user_mask = _check_mask(mask, shape_in)
+        shape_out = _check_shape_out(shape_out, shape_in)
+        dtype = _check_weight_dtype(dtype)
+
+        bad_pixel = _pixels_with_a_flagged_corner(~(np.isfinite(dy) & np.isfinite(dx)))
+        n_masked = int(np.count_nonzero(user_mask))
+        n_invalid = int(np.count_nonzero(bad_pixel & (user_mask == 0)))
+        full_mask = user_mask | bad_pixel.view(np.uint8) if n_invalid else user_mask
+
+        data, indices, indptr, n_degenerate = _kernels(backend).split_pixels(
+            dy, dx, full_mask, shape_out[0], shape_out[1], dtype, nthreads
+        )
+        matrix = scipy.sparse.csr_matrix(
+            (data, indices, indptr),
+            shape=(shape_out[0] * shape_out[1], shape_in[0] * shape_in[1]),
+            copy=False,
+        )
+        return cls(
+            matrix,
+            shape_in,
+            shape_out,
+            n_masked=n_masked,
+            n_invalid=n_invalid,
+            n_degenerate=n_degenerate,
+            backend=backend,
+        )
+
+    @property
+    def nnz(self):
+        """Number of stored weights."""
+        return int(self.matrix.nnz)
+
+    @property
+    def nbytes(self):
+        """Memory held by the matrix arrays, in bytes."""
+        m = self.matrix
+        return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes)
+
+    @property
+    def coverage(self):
+        """Sum of the weights of each output pixel, float64, shape ``shape_out``.
+
+        1 where input pixels tile the output pixel completely, less near
+        masked pixels, at the edge of the distorted frame, or where input
+        pixels are stretched; 0 where no input pixel reaches.
+        """
+        if self._coverage is None:
+            m = self.matrix
+            self._coverage = _kernels(self.backend).row_sums(m.indptr, m.data)
+        return self._coverage.reshape(self.shape_out)
+
+    def apply(self, image, *, normalize=False, dummy=0.0, nthreads=0):
+        """Correct one image, or a stack of images, for the distortion.
+
+        Parameters
+        ----------
+        image : array_like of real, shape ``shape_in`` or (n,) + ``shape_in``
+            Counts per input pixel (any real dtype). A 3-D stack is corrected
+            image by image in one call.
+        normalize : bool
+            If True, divide each output pixel by its coverage (see
+            :attr:`coverage`), giving an intensity per full pixel rather than
+            the counts received; partially covered pixels at the edges of
+            the frame or next to masked pixels are then not darker.
+        dummy : float
+            Value of the output pixels that no valid input pixel reaches
+            (default 0; ``float("nan")`` to flag them).
+        nthreads : int
+            OpenMP threads (cython backend); 0 means OpenMP's default.
+
+        Returns
+        -------
+        ndarray, shape ``shape_out`` or (n,) + ``shape_out``
+            float64 for float64 input, float32 for every other dtype; it is
+            also the accumulator's dtype. NaN in an input pixel makes NaN
+            exactly the output pixels it overlaps.
+
+        Raises
+        ------
+        CcdgridError
+            If ``image`` is not real or has the wrong shape.
+        """
+        arr = _real_array(image, "image")
+        if arr.ndim == 2 and arr.shape == self.shape_in:
+            stack, single = arr[None], True
+        elif arr.ndim == 3 and arr.shape[1:] == self.shape_in:
+            stack, single = arr, False
+        else:
+            raise CcdgridError(
+                f"`image` must have shape {self.shape_in} or (n, *{self.shape_in}), "
+                f"got {arr.shape}"
+            )
+        work = np.float64 if arr.dtype == np.float64 else np.float32
+        stack = np.ascontiguousarray(stack.reshape(stack.shape[0], -1), dtype=work)
+        out = np.empty((stack.shape[0], self.shape_out[0] * self.shape_out[1]), dtype=work)
+        coverage = self.coverage.ravel() if normalize else np.zeros(0)
+        m = self.matrix
+        _kernels(self.backend).apply_csr(
+            m.indptr, m.indices, m.data, stack, out, coverage, bool(normalize),
+            float(dummy), nthreads,
+        )  # fmt: skip
+        out = out.reshape((-1, *self.shape_out))
+        return out[0] if single else out
+
+    def __repr__(self):
+        return (
+            f"CorrectionMatrix(shape_in={self.shape_in}, shape_out={self.shape_out}, "
+            f"nnz={self.nnz}, dtype={self.matrix.dtype}, n_masked={self.n_masked}, "
+            f"n_invalid={self.n_invalid}, n_degenerate={self.n_degenerate})"
+        )
+
+
+# Built matrices, most recently used last. Each can weigh ~150 MB at 2048²,
+# hence a very small cache.
+_CACHE = OrderedDict()
+_CACHE_SIZE = 2
+
+
+def clear_cache():
+    """Forget the matrices cached by :func:`correct`."""
+    _CACHE.clear()
+
+
+def _fingerprint(arr):
+    if arr is None:
+        return None
+    arr = np.ascontiguousarray(arr)
+    return (arr.shape, arr.dtype.str, zlib.crc32(memoryview(arr).cast("B")))
+
+
+def _load_detector(path):
+    from .detector_file import load
+
+    return load(path)
+
+
+def correct(image, detector, *, normalize=False, dummy=0.0, shape_out=None,
+            backend="cython", dtype=np.float32, cache=True):  # fmt: skip
+    """Correct an image for a detector's distortion (build, cache and apply).
+
+    Parameters
+    ----------
+    image : array_like of real, shape (ny, nx) or (n, ny, nx)
+        The distorted image(s).
+    detector : object or str or os.PathLike
+        Anything with attributes ``dy``, ``dx`` (corner maps, shape
+        (ny + 1, nx + 1), pixels, see :meth:`CorrectionMatrix.from_maps`) and
+        ``mask`` (pixel or corner shaped, nonzero = invalid, or None): a calibration
+        result or a loaded detector record. A path is read with
+        ``ccdgrid.detector_file.load``.
+    normalize, dummy
+        See :meth:`CorrectionMatrix.apply`.
+    shape_out, backend, dtype
+        See :meth:`CorrectionMatrix.from_maps`.
+    cache : bool
+        Reuse the matrix of a recent call with the same maps, mask and
+        options (recognised by content, not identity, so maps modified in
+        place are never served stale). Fingerprinting the maps costs about
+        25 ms per 2048² float64 map: to correct many images, build a
+        :class:`CorrectionMatrix` once, or pass a stack.
+
+    Returns
+    -------
+    ndarray
+        See :meth:`CorrectionMatrix.apply`.
+    """
+    if isinstance(detector, (str, os.PathLike)):
+        detector = _load_detector(detector)
+    missing = [a for a in ("dy", "dx", "mask") if not hasattr(detector, a)]
+    if missing:
+        raise CcdgridError(
+            f"`detector` must have dy, dx and mask attributes (missing: {', '.join(missing)}); "
+            f"got {type(detector).__name__}"
+        )
+    dy, dx, mask = detector.dy, detector.dx, detector.mask
+    key = None
+    if cache:
+        key = (
+            _fingerprint(np.asarray(dy)),
+            _fingerprint(np.asarray(dx)),
+            _fingerprint(None if mask is None else np.asarray(mask)),
+            None if shape_out is None else tuple(shape_out),
+            backend,
+            np.dtype(dtype).str,
+        )
+        cm = _CACHE.get(key)
+        if cm is not None:
+            _CACHE.move_to_end(key)
+            return cm.apply(image, normalize=normalize, dummy=dummy)
+    cm = CorrectionMatrix.from_maps(
+        dy, dx, mask=mask, shape_out=shape_out, backend=backend, dtype=dtype
+    )
+    if cache:
+        _CACHE[key] = cm
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return cm.apply(image, normalize=normalize, dummy=dummy)

@@ -1,0 +1,619 @@
+"""The ``ccdgrid`` command line and the length parser it uses for --pitch.
+
+Most tests call ``main([...])`` in-process. The pipeline and the synthetic
+generator are replaced by small fakes here, so that these tests exercise the
+command line itself (arguments, messages, exit codes, files) and nothing else.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+
+import fabio
+import numpy as np
+import pytest
+from pyFAI import detector_factory
+
+import ccdgrid
+from ccdgrid.cli import main
+from ccdgrid.detector_file import load, save_detector
+from ccdgrid.errors import CcdgridError
+from ccdgrid.units import parse_length
+
+# -- lengths ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "metres"),
+    [
+        ("5mm", 0.005),
+        ("5 mm", 0.005),
+        ("5MM", 0.005),
+        ("5e-3", 0.005),
+        ("0.005", 0.005),
+        ("5000um", 0.005),
+        ("5000µm", 0.005),  # micro sign U+00B5
+        ("5000μm", 0.005),  # Greek mu U+03BC
+        ("0.5cm", 0.005),
+        (".5cm", 0.005),
+        ("+2.5mm", 0.0025),
+        ("1m", 1.0),
+        (0.004, 0.004),
+    ],
+)
+def test_parse_length(text, metres):
+    assert parse_length(text) == pytest.approx(metres, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("0", "pitch: expected a positive, finite length, got '0'"),
+        ("-5mm", "pitch: expected a positive, finite length, got '-5mm'"),
+        ("abc", "pitch: expected a length such as 5mm.*got 'abc'"),
+        ("", "pitch: expected a length such as 5mm.*got ''"),
+        ("5 parsecs", "pitch: unknown unit 'parsecs' in '5 parsecs'"),
+        ("nan", "got 'nan'"),
+        ("1e999", "pitch: expected a positive, finite length, got '1e999'"),
+        ("5 mm mm", "got '5 mm mm'"),
+    ],
+)
+def test_parse_length_rejects(text, message):
+    with pytest.raises(CcdgridError, match=message):
+        parse_length(text, name="pitch")
+
+
+# -- fakes for the pipeline and the generator -------------------------------------------------
+
+
+class FakeCalibration:
+    """Has what the CLI and save_detector use: maps, mask, summary(), save()."""
+
+    def __init__(self, image, pitch, mask=None, **kwargs):
+        ny, nx = image.shape
+        self.shape = (ny, nx)
+        self.pixel_size = (pitch / 98.0, pitch / 98.0)
+        y, x = np.mgrid[0 : ny + 1, 0 : nx + 1]
+        self.dy = (0.01 * x).astype(np.float32)
+        self.dx = (-0.02 * y).astype(np.float32)
+        self.mask = np.zeros(image.shape, np.int8) if mask is None else mask.astype(np.int8)
+        self.pitch = pitch
+        source = kwargs.get("source")
+        # as the pipeline does: a name for an in-memory image becomes a dict
+        self.source = {"path": source, "sha256": None} if isinstance(source, str) else source
+        self.params = {}
+
+    def summary(self):
+        return "FAKE SUMMARY: 42 holes"
+
+    def save(self, path):
+        return save_detector(path, self)
+
+
+@pytest.fixture
+def fake_calibrate(monkeypatch):
+    """Install a fake ``ccdgrid.pipeline`` module; ``calls`` records every call."""
+    calls = []
+    behaviour = {"raise": None}
+
+    def calibrate(image, **kwargs):
+        calls.append((image, kwargs))
+        if behaviour["raise"] is not None:
+            raise behaviour["raise"]
+        return FakeCalibration(image, **kwargs)
+
+    module = types.ModuleType("ccdgrid.pipeline")
+    module.calibrate = calibrate
+    monkeypatch.setitem(sys.modules, "ccdgrid.pipeline", module)
+    return types.SimpleNamespace(calls=calls, behaviour=behaviour)
+
+
+@pytest.fixture
+def fake_synthetic(monkeypatch):
+    """Install a fake ``ccdgrid.synthetic`` with a known image and truth."""
+
+    class Truth:
+        def corner_maps(self, shape):
+            ny, nx = shape
+            return np.full((ny + 1, nx + 1), 0.5), np.full((ny + 1, nx + 1), -0.25)
+
+        def displacement(self, points):
+            return np.zeros((len(points), 2))
+
+    calls = []
+
+    def grid_image(shape=(2048, 2048), **kwargs):
+        calls.append(dict(shape=shape, **kwargs))
+        rng = np.random.default_rng(kwargs.get("seed", 0))
+        return types.SimpleNamespace(
+            image=rng.integers(0, 1000, size=shape).astype(np.uint16),
+            truth=Truth(),
+            holes=np.array([[10.0, 12.0], [10.5, 110.0]]),
+            indices=np.array([[0, 0], [0, 1]]),
+            ideal=np.array([[10.2, 12.1], [10.4, 110.3]]),
+            visible=np.array([True, True]),
+            taper_mask=np.ones(shape, bool),
+            pitch_px=98.0,
+        )
+
+    def dense_residual(truth, dy, dx, mask=None, *, region=None, **kwargs):
+        calls.append({"dense_residual": (np.shape(dy), np.shape(dx), np.shape(region))})
+        return types.SimpleNamespace(rms=0.0123, max=0.0456, points=np.zeros((20000, 2)))
+
+    module = types.ModuleType("ccdgrid.synthetic")
+    module.grid_image = grid_image
+    module.dense_residual = dense_residual
+    monkeypatch.setitem(sys.modules, "ccdgrid.synthetic", module)
+    monkeypatch.setattr(ccdgrid, "synthetic", module, raising=False)
+    return calls
+
+
+@pytest.fixture
+def grid_file(tmp_path):
+    """A small image file to calibrate (the fake pipeline ignores its content)."""
+    path = tmp_path / "grid.edf"
+    data = np.random.default_rng(0).integers(0, 1000, size=(40, 60)).astype(np.uint16)
+    fabio.edfimage.EdfImage(data=data).write(str(path))
+    return path
+
+
+def _error_line(capsys):
+    """stderr must be exactly one line ``ccdgrid: error: ...``; return it."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("ccdgrid: error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+# -- help, version, usage errors ------------------------------------------------------------
+
+
+def test_help_lists_commands_units_and_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("calibrate", "demo", "synth", "info", "examples:", "130"):
+        assert word in out
+
+
+@pytest.mark.parametrize("command", ["calibrate", "demo", "synth", "info"])
+def test_each_command_has_help(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: ccdgrid {command}" in capsys.readouterr().out
+
+
+def test_calibrate_help_explains_pitch_units(capsys):
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    out = capsys.readouterr().out
+    assert "5000µm" in out
+    assert "metres" in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ccdgrid {ccdgrid.__version__}"
+
+
+def test_no_command_prints_usage_and_returns_2(capsys):
+    assert main([]) == 2
+    assert "usage: ccdgrid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pitch", ["0", "-5mm", "abc", "5 parsecs", "5", "0.5nm"])
+def test_bad_pitch_is_a_usage_error_naming_the_value(capsys, grid_file, pitch):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", str(grid_file), f"--pitch={pitch}"])  # "=": "-5mm" is no option
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --pitch: " in err
+    assert repr(pitch) in err
+    assert "pitch: pitch" not in err
+
+
+def test_a_pitch_without_unit_is_metres_and_must_be_plausible(capsys, grid_file):
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(grid_file), "--pitch", "5"])
+    assert "'5' is 5 m, not a plausible hole pitch" in capsys.readouterr().err
+
+
+def test_pitch_is_required(capsys, grid_file):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", str(grid_file)])
+    assert exit_info.value.code == 2
+    assert "--pitch" in capsys.readouterr().err
+
+
+def test_help_does_not_import_the_heavy_modules():
+    code = (
+        "import sys; from ccdgrid.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('numpy', 'fabio', 'h5py', 'scipy') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+# -- calibrate: errors ----------------------------------------------------------------------
+
+
+def _files(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_missing_image(capsys, tmp_path, fake_calibrate, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    assert main(["calibrate", "nothere.edf", "--pitch", "5mm"]) == 1
+    assert "image file not found" in _error_line(capsys)
+    assert _files(tmp_path) == []
+    assert fake_calibrate.calls == []
+
+
+def test_text_file_is_not_an_image(capsys, tmp_path, fake_calibrate, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.edf").write_text("not an image\n")
+
+    assert main(["calibrate", "notes.edf", "--pitch", "5mm", "-o", "out.h5"]) == 1
+    assert "cannot read" in _error_line(capsys)
+    assert _files(tmp_path) == ["notes.edf"]
+
+
+def test_stack_needs_a_frame(capsys, tmp_path, fake_calibrate):
+    path = tmp_path / "stack.npy"
+    np.save(path, np.zeros((3, 20, 20), np.uint16))
+    out = tmp_path / "out.h5"
+
+    assert main(["calibrate", str(path), "--pitch", "5mm", "-o", str(out)]) == 1
+    assert "holds 3 frames: choose one" in _error_line(capsys)
+    assert not out.exists()
+
+    assert main(["calibrate", str(path), "--pitch", "5mm", "-o", str(out), "--frame", "2"]) == 0
+    assert out.exists()
+
+
+def test_mask_of_the_wrong_shape(capsys, tmp_path, grid_file, fake_calibrate):
+    mask = tmp_path / "mask.npy"
+    np.save(mask, np.zeros((10, 10)))
+    out = tmp_path / "out.h5"
+
+    code = main(
+        ["calibrate", str(grid_file), "--pitch", "5mm", "--mask", str(mask), "-o", str(out)]
+    )
+
+    assert code == 1
+    assert "has shape (10, 10), but the image has shape (40, 60)" in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_a_pipeline_error_is_one_line_and_no_file(capsys, tmp_path, fake_calibrate):
+    path = tmp_path / "flat.npy"
+    np.save(path, np.full((64, 64), 100, np.uint16))
+    out = tmp_path / "out.h5"
+    fake_calibrate.behaviour["raise"] = CcdgridError("no grid found: the image is constant")
+
+    assert main(["calibrate", str(path), "--pitch", "5mm", "-o", str(out)]) == 1
+    assert _error_line(capsys) == "ccdgrid: error: no grid found: the image is constant\n"
+    assert not out.exists()
+
+
+def test_debug_adds_the_traceback(capsys, grid_file, fake_calibrate):
+    fake_calibrate.behaviour["raise"] = CcdgridError("no grid found")
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert err.endswith("ccdgrid: error: no grid found\n")
+
+
+def test_interrupt_exits_130(capsys, grid_file, fake_calibrate):
+    fake_calibrate.behaviour["raise"] = KeyboardInterrupt()
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm"]) == 130
+    assert capsys.readouterr().err == "ccdgrid: interrupted\n"
+
+
+def test_a_bug_keeps_its_traceback(grid_file, fake_calibrate):
+    fake_calibrate.behaviour["raise"] = ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        main(["calibrate", str(grid_file), "--pitch", "5mm"])
+
+
+def test_unwritable_output_directory(capsys, tmp_path, grid_file, fake_calibrate):
+    out = tmp_path / "no" / "such" / "dir.h5"
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(out)]) == 1
+    assert "does not exist" in _error_line(capsys)
+
+
+def test_output_may_not_overwrite_the_input(capsys, tmp_path, fake_calibrate):
+    path = tmp_path / "grid.npy"
+    np.save(path, np.zeros((20, 20), np.uint16))
+    before = path.read_bytes()
+
+    assert main(["calibrate", str(path), "--pitch", "5mm", "-o", str(path)]) == 1
+    assert "would overwrite the input image" in _error_line(capsys)
+    assert path.read_bytes() == before
+    assert fake_calibrate.calls == []
+
+
+# -- calibrate: success ---------------------------------------------------------------------
+
+
+def test_calibrate_passes_the_options_and_writes_the_default_output(
+    capsys, tmp_path, grid_file, fake_calibrate, monkeypatch
+):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    mask = tmp_path / "mask.npy"
+    mask_data = np.zeros((40, 60), np.uint8)
+    mask_data[5, 7] = 1
+    np.save(mask, mask_data)
+
+    code = main(
+        [
+            "calibrate",
+            str(grid_file),
+            "--pitch",
+            "5000µm",
+            "--mask",
+            str(mask),
+            "--hole-diameter",
+            "10.5",
+            "--spacing",
+            "98",
+            "--threshold",
+            "0.3",
+            "--backend",
+            "numpy",
+        ]
+    )
+
+    assert code == 0
+    ((image, kwargs),) = fake_calibrate.calls
+    assert image.shape == (40, 60)
+    assert kwargs["pitch"] == pytest.approx(5e-3, rel=1e-12)
+    np.testing.assert_array_equal(kwargs["mask"], mask_data.astype(bool))
+    assert kwargs["hole_diameter"] == 10.5
+    assert kwargs["pitch_px"] == 98.0
+    assert kwargs["threshold"] == 0.3
+    assert kwargs["backend"] == "numpy"
+    assert kwargs["source"]["path"] == str(grid_file)
+    assert len(kwargs["source"]["sha256"]) == 64
+    out = capsys.readouterr().out
+    assert "FAKE SUMMARY: 42 holes" in out
+    assert _files(work) == ["grid_detector.h5"]  # IMAGE_STEM_detector.h5 in the cwd
+    rec = load(work / "grid_detector.h5")
+    assert rec.shape == (40, 60)
+    assert rec.source["path"] == str(grid_file)
+    assert rec.source["sha256"] == hashlib.sha256(grid_file.read_bytes()).hexdigest()
+
+
+def test_calibrate_defaults_leave_the_automatic_choices_to_the_pipeline(
+    tmp_path, grid_file, fake_calibrate
+):
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(tmp_path / "o.h5")]) == 0
+
+    ((_, kwargs),) = fake_calibrate.calls
+    assert kwargs["mask"] is None
+    assert kwargs["hole_diameter"] is None
+    assert kwargs["pitch_px"] is None
+    assert kwargs["threshold"] is None
+    assert kwargs["backend"] == "cython"
+
+
+def test_calibrate_replaces_an_existing_output(tmp_path, grid_file, fake_calibrate):
+    out = tmp_path / "det.h5"
+    out.write_bytes(b"old content")
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(out)]) == 0
+    assert load(out).shape == (40, 60)
+
+
+# -- info ------------------------------------------------------------------------------------
+
+
+def test_info_describes_a_detector_file(capsys, tmp_path, grid_file, fake_calibrate):
+    out = tmp_path / "det.h5"
+    main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(out)])
+    capsys.readouterr()
+
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "40 x 60 pixels of 51.020 x 51.020 µm" in text
+    assert f"ccdgrid {ccdgrid.__version__}" in text
+    assert str(grid_file) in text
+    assert "pitch       5 mm" in text
+
+
+def test_info_on_a_plain_pyfai_detector_file(capsys, tmp_path):
+    from pyFAI.detectors import Detector
+
+    path = tmp_path / "pyfai.h5"
+    Detector(75e-6, 75e-6, max_shape=(30, 20)).save(str(path))
+
+    assert main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "not ccdgrid (a plain pyFAI detector file" in text
+    assert "30 x 20 pixels of 75.000 x 75.000 µm" in text
+
+
+def test_info_on_a_file_that_is_not_a_detector(capsys, tmp_path):
+    path = tmp_path / "grid.npy"
+    np.save(path, np.zeros((4, 4)))
+
+    assert main(["info", str(path)]) == 1
+    assert "is not an HDF5 detector file" in _error_line(capsys)
+
+
+# -- synth and demo -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".edf", ".tif", ".npy"])
+def test_synth_writes_the_image_and_its_truth(capsys, tmp_path, fake_synthetic, suffix):
+    out = tmp_path / f"grid{suffix}"
+
+    code = main(
+        [
+            *("synth", "-o", str(out), "--size", "48x64", "--seed", "3"),
+            *("--distortion", "strong", "--hot-pixels", "5", "--dead-rows", "1"),
+        ]
+    )
+
+    assert code == 0
+    assert _files(tmp_path) == sorted([out.name, "grid_truth.npz"])
+    image, _ = ccdgrid.io.read_image(out)
+    expected = np.random.default_rng(3).integers(0, 1000, size=(48, 64)).astype(np.uint16)
+    np.testing.assert_array_equal(image, expected)
+    with np.load(tmp_path / "grid_truth.npz") as truth:
+        np.testing.assert_array_equal(truth["dy"], np.full((49, 65), 0.5, np.float32))
+        np.testing.assert_array_equal(truth["dx"], np.full((49, 65), -0.25, np.float32))
+        np.testing.assert_array_equal(truth["holes"], [[10.0, 12.0], [10.5, 110.0]])
+    (call,) = fake_synthetic
+    assert call["shape"] == (48, 64)
+    assert call["seed"] == 3
+    assert call["distortion"] == "strong"
+    assert call["hot_pixels"] == 5
+    assert call["dead_rows"] == 1
+    assert str(out) in capsys.readouterr().out
+
+
+def test_synth_refuses_an_unknown_format(capsys, tmp_path, fake_synthetic):
+    assert main(["synth", "-o", str(tmp_path / "grid.jpg"), "--size", "32"]) == 1
+    assert "choose a .edf, .tif, .tiff or .npy file name" in _error_line(capsys)
+    assert _files(tmp_path) == []
+
+
+def test_synth_size_is_checked(capsys, tmp_path, fake_synthetic):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synth", "-o", str(tmp_path / "g.edf"), "--size", "8"])
+    assert exit_info.value.code == 2
+    assert "got '8'" in capsys.readouterr().err
+
+
+def test_demo_runs_without_arguments_or_input(
+    capsys, tmp_path, fake_calibrate, fake_synthetic, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+
+    assert main(["demo", "--size", "64"]) == 0
+
+    out = capsys.readouterr().out
+    assert "FAKE SUMMARY" in out
+    assert "RMS 0.0123 px, max 0.0456 px" in out
+    assert _files(tmp_path) == ["demo_detector.h5"]
+    ((image, kwargs),) = fake_calibrate.calls
+    assert image.shape == (64, 64)
+    assert kwargs["pitch"] == 5e-3
+    assert fake_synthetic[-1] == {"dense_residual": ((65, 65), (65, 65), (64, 64))}
+
+
+# -- the installed console script (one subprocess run) ---------------------------------------
+
+
+def test_console_script_reports_a_user_error_in_one_line(tmp_path):
+    script = shutil.which("ccdgrid", path=os.path.dirname(sys.executable)) or shutil.which(
+        "ccdgrid"
+    )
+    assert script is not None, "the ccdgrid console script is not installed"
+
+    result = subprocess.run(
+        [script, "calibrate", str(tmp_path / "missing.edf"), "--pitch", "5mm"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith("ccdgrid: error: image file not found")
+    assert result.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- with the real generator -----------------------------------------------------------------
+
+
+def test_synth_with_the_real_generator_matches_a_direct_call(tmp_path):
+    from ccdgrid import synthetic
+
+    out = tmp_path / "grid.edf"
+    argv = ["synth", "-o", str(out), "--size", "120x200", "--seed", "2", "--distortion", "strong"]
+
+    assert main([*argv, "--hot-pixels", "3", "--spacing", "40", "--hole-diameter", "6"]) == 0
+
+    direct = synthetic.grid_image(
+        (120, 200), seed=2, distortion="strong", hot_pixels=3, pitch_px=40.0, hole_diameter_px=6.0
+    )
+    image, _ = ccdgrid.io.read_image(out)
+    np.testing.assert_array_equal(image, direct.image)
+    dy, dx = direct.truth.corner_maps((120, 200))
+    with np.load(tmp_path / "grid_truth.npz") as truth:
+        assert truth["dy"].shape == (121, 201)
+        np.testing.assert_array_equal(truth["dy"], dy.astype(np.float32))
+        np.testing.assert_array_equal(truth["dx"], dx.astype(np.float32))
+        np.testing.assert_array_equal(truth["holes"], direct.holes)
+        assert json.loads(str(truth["params"]))["seed"] == 2
+
+
+# -- with the real pipeline --------------------------------------------------------------------
+
+
+def test_demo_end_to_end(capsys, tmp_path):
+    out = tmp_path / "demo.h5"
+
+    assert main(["demo", "--size", "512", "-o", str(out)]) == 0
+
+    text = capsys.readouterr().out
+    rms = float(re.search(r"RMS (\d+\.\d+) px, max", text).group(1))
+    assert rms < 0.1  # a sanity bound; the pipeline's own tests hold the accuracy targets
+    det = detector_factory(str(out))
+    assert det.shape == (512, 512)
+    assert det.get_pixel_corners().shape == (512, 512, 4, 3)
+
+
+def test_calibrate_a_synthetic_image_end_to_end(capsys, tmp_path):
+    from ccdgrid import synthetic
+
+    image = tmp_path / "grid.edf"
+    out = tmp_path / "det.h5"
+    assert main(["synth", "-o", str(image), "--size", "512", "--seed", "4"]) == 0
+
+    assert main(["calibrate", str(image), "--pitch", "5mm", "-o", str(out)]) == 0
+
+    assert "holes found" in capsys.readouterr().out
+    rec = load(out)
+    assert rec.source["path"] == str(image)
+    assert rec.source["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    truth = synthetic.grid_image((512, 512), seed=4)
+    np.testing.assert_array_equal(ccdgrid.io.read_image(image)[0], truth.image)
+    error = synthetic.dense_residual(
+        truth.truth, rec.dy, rec.dx, rec.mask, region=truth.taper_mask
+    )
+    assert error.rms < 0.1
+    np.testing.assert_array_equal(detector_factory(str(out)).mask, rec.mask)
+
+
+def test_a_constant_image_has_no_grid(capsys, tmp_path):
+    path = tmp_path / "flat.npy"
+    np.save(path, np.full((128, 128), 100, np.uint16))
+    out = tmp_path / "det.h5"
+
+    assert main(["calibrate", str(path), "--pitch", "5mm", "-o", str(out)]) == 1
+
+    assert "no grid of holes" in _error_line(capsys)
+    assert _files(tmp_path) == ["flat.npy"]

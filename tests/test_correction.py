@@ -1,0 +1,508 @@
+"""Exact pixel splitting (ccdgrid.correction): one specification, both engines."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from ccdgrid import correction
+from ccdgrid._ext import _correction as kernel
+from ccdgrid._reference import correction as reference
+from ccdgrid.correction import CorrectionMatrix, correct
+from ccdgrid.errors import CcdgridError
+
+
+@pytest.fixture(params=["cython", "numpy"])
+def backend(request):
+    return request.param
+
+
+def corner_grid(ny, nx):
+    return np.mgrid[0 : ny + 1, 0 : nx + 1].astype(np.float64)
+
+
+def rotation_maps(ny, nx, degrees, centre=None):
+    """Maps that rotate the whole grid by `degrees` about `centre` (pyFAI coords)."""
+    yy, xx = corner_grid(ny, nx)
+    cy, cx = centre if centre is not None else (ny / 2, nx / 2)
+    t = np.deg2rad(degrees)
+    y = cy + (yy - cy) * np.cos(t) - (xx - cx) * np.sin(t)
+    x = cx + (yy - cy) * np.sin(t) + (xx - cx) * np.cos(t)
+    return y - yy, x - xx
+
+
+def smooth_maps(ny, nx, amplitude, seed):
+    """A smooth random field: 3 plane waves of 0.3-1 cycle per image, |d| <= `amplitude` px."""
+    rng = np.random.default_rng(seed)
+    yy, xx = corner_grid(ny, nx)
+    maps = []
+    for _ in range(2):
+        d = np.zeros_like(yy)
+        for _ in range(3):
+            ky, kx = rng.uniform(0.3, 1.0, 2) * 2 * np.pi / np.array([ny, nx])
+            d += np.sin(ky * yy + kx * xx + rng.uniform(0, 2 * np.pi))
+        maps.append(amplitude * d / 3)
+    return maps[0], maps[1]
+
+
+def scale_maps(ny, nx, sy, sx):
+    """Scale the grid by (sy, sx) about its centre."""
+    yy, xx = corner_grid(ny, nx)
+    return (yy - ny / 2) * (sy - 1), (xx - nx / 2) * (sx - 1)
+
+
+def dense(cm):
+    return cm.matrix.toarray()
+
+
+def clip_area(quad, y0, x0):
+    """Area of a polygon [(y, x), ...] inside [y0, y0+1] x [x0, x0+1].
+
+    An independent Sutherland-Hodgman clipping in plain Python, for checks.
+    """
+
+    def clip(poly, inside, cut):
+        out = []
+        for k, p in enumerate(poly):
+            q = poly[(k + 1) % len(poly)]
+            if inside(p):
+                out.append(p)
+            if inside(p) != inside(q):
+                out.append(cut(p, q))
+        return out
+
+    def at_y(c):
+        return lambda p, q: (c, p[1] + (c - p[0]) * (q[1] - p[1]) / (q[0] - p[0]))
+
+    def at_x(c):
+        return lambda p, q: (p[0] + (c - p[1]) * (q[0] - p[0]) / (q[1] - p[1]), c)
+
+    poly = list(quad)
+    poly = clip(poly, lambda p: p[0] >= y0, at_y(y0))
+    poly = clip(poly, lambda p: p[0] <= y0 + 1, at_y(y0 + 1)) if poly else poly
+    poly = clip(poly, lambda p: p[1] >= x0, at_x(x0)) if poly else poly
+    poly = clip(poly, lambda p: p[1] <= x0 + 1, at_x(x0 + 1)) if poly else poly
+    if len(poly) < 3:
+        return 0.0
+    s = 0.0
+    for k, p in enumerate(poly):
+        q = poly[(k + 1) % len(poly)]
+        s += p[0] * q[1] - q[0] * p[1]
+    return 0.5 * s
+
+
+def true_quad(dy, dx, i, j):
+    yy, xx = corner_grid(dy.shape[0] - 1, dy.shape[1] - 1)
+    y, x = yy + dy, xx + dx
+    return [(y[a, b], x[a, b]) for a, b in ((i, j), (i + 1, j), (i + 1, j + 1), (i, j + 1))]
+
+
+def inside_pixels(dy, dx, shape_out):
+    """Input pixels whose four true corners all lie inside the output frame."""
+    yy, xx = corner_grid(dy.shape[0] - 1, dy.shape[1] - 1)
+    y, x = yy + dy, xx + dx
+    ok = (y >= 0) & (y <= shape_out[0]) & (x >= 0) & (x <= shape_out[1])
+    return ok[:-1, :-1] & ok[1:, :-1] & ok[1:, 1:] & ok[:-1, 1:]
+
+
+MAP_CASES = {
+    "noise": lambda: tuple(np.random.default_rng(1).normal(0, 0.25, (2, 25, 33))),
+    "rotation20": lambda: rotation_maps(24, 32, 20),
+    "smooth": lambda: smooth_maps(24, 32, 2.0, seed=2),
+    "shift": lambda: (np.full((25, 33), 0.5), np.full((25, 33), -2.25)),
+    "shrink": lambda: scale_maps(24, 32, 1.3, 0.6),
+    "magnify": lambda: scale_maps(24, 32, 3.5, 2.2),
+    "rough": lambda: tuple(np.random.default_rng(3).normal(0, 0.6, (2, 25, 33))),
+}
+
+
+# -- kernel against its numpy twin ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(MAP_CASES))
+def test_kernel_matches_reference(case):
+    dy, dx = MAP_CASES[case]()
+    mask = (np.random.default_rng(4).random((24, 32)) < 0.05).astype(np.uint8)
+    got = kernel.split_pixels(dy, dx, mask, 24, 32, np.float64)
+    want = reference.split_pixels(dy, dx, mask, 24, 32, np.float64)
+    assert_array_equal(got[2], want[2])  # same row pointers
+    assert_array_equal(got[1], want[1])  # same columns, same order
+    assert_allclose(got[0], want[0], rtol=0, atol=1e-12)
+    assert got[3] == want[3]
+
+
+def test_kernel_matches_reference_with_another_output_shape():
+    dy, dx = smooth_maps(20, 24, 3.0, seed=5)
+    mask = np.zeros((20, 24), np.uint8)
+    got = kernel.split_pixels(dy, dx, mask, 17, 29, np.float64)
+    want = reference.split_pixels(dy, dx, mask, 17, 29, np.float64)
+    assert_array_equal(got[2], want[2])
+    assert_array_equal(got[1], want[1])
+    assert_allclose(got[0], want[0], rtol=0, atol=1e-12)
+
+
+def test_threads_give_the_same_matrix_and_image():
+    # Above the size where the kernels go parallel (PARALLEL_MIN_PIXELS).
+    dy, dx = smooth_maps(300, 260, 3.0, seed=6)
+    mask = np.zeros((300, 260), np.uint8)
+    one = kernel.split_pixels(dy, dx, mask, 300, 260, np.float32, 1)
+    two = kernel.split_pixels(dy, dx, mask, 300, 260, np.float32, 2)
+    for a, b in zip(one[:3], two[:3], strict=True):
+        assert_array_equal(a, b)
+    cm = CorrectionMatrix.from_maps(dy, dx)
+    img = np.random.default_rng(6).random((300, 260)).astype(np.float32)
+    assert_array_equal(cm.apply(img, nthreads=1), cm.apply(img, nthreads=2))
+
+
+# -- geometry -------------------------------------------------------------------------------------
+
+
+def test_identity_is_exact(backend):
+    z = np.zeros((33, 41))
+    cm = CorrectionMatrix.from_maps(z, z, backend=backend, dtype=np.float64)
+    assert cm.nnz == 32 * 40
+    assert_array_equal(cm.matrix.data, 1.0)
+    assert_array_equal(cm.matrix.indices, np.arange(32 * 40))
+    img = np.random.default_rng(7).random((32, 40))
+    assert_array_equal(cm.apply(img), img)
+
+
+def test_corner_noise_below_snap_still_gives_identity(backend):
+    # Round-off in maps (e.g. float32 metres / pixel size) must not create tiny weights.
+    noise = np.random.default_rng(8).uniform(-1e-10, 1e-10, (2, 17, 17))
+    cm = CorrectionMatrix.from_maps(noise[0], noise[1], backend=backend)
+    assert cm.nnz == 256
+    assert_array_equal(cm.matrix.data, 1.0)
+
+
+def test_integer_shift_moves_columns(backend):
+    z = np.zeros((21, 31))
+    cm = CorrectionMatrix.from_maps(z, z + 3.0, backend=backend)
+    img = np.random.default_rng(9).random((20, 30))
+    out = cm.apply(img, dummy=np.nan)
+    assert_array_equal(out[:, 3:], img[:, :-3])
+    assert np.isnan(out[:, :3]).all()  # nothing lands there
+    assert cm.nnz == 20 * 27  # the 3 last columns leave the frame
+
+
+def test_half_pixel_shift_splits_in_halves(backend):
+    z = np.zeros((13, 11))
+    cm = CorrectionMatrix.from_maps(z + 0.5, z, backend=backend)
+    assert_array_equal(cm.matrix.data, 0.5)
+    img = np.random.default_rng(10).random((12, 10))
+    out = cm.apply(img)
+    assert_allclose(out[1:], 0.5 * (img[1:] + img[:-1]), rtol=1e-15)
+    assert_allclose(out[0], 0.5 * img[0], rtol=1e-15)
+
+
+def test_rotated_pixel_weights_match_independent_clipping(backend):
+    dy, dx = rotation_maps(8, 8, 20)
+    cm = CorrectionMatrix.from_maps(dy, dx, backend=backend, dtype=np.float64)
+    m = dense(cm)
+    for i, j in [(3, 3), (1, 5), (6, 2)]:
+        quad = true_quad(dy, dx, i, j)
+        total = 0.5 * sum(
+            p[0] * q[1] - q[0] * p[1] for p, q in zip(quad, quad[1:] + quad[:1], strict=True)
+        )
+        want = np.array(
+            [clip_area(quad, k, l) / total for k in range(8) for l in range(8)]  # noqa: E741
+        )
+        assert_allclose(m[:, i * 8 + j], want, rtol=0, atol=1e-12)
+
+
+def test_rotated_unit_square_known_split(backend):
+    # A unit pixel rotated by 20° about its own centre (2.5, 2.5): the exact split
+    # along its middle row is (0.031, 0.877, 0.031) (PYFAI_NOTES §4.4), where
+    # pyFAI's row-strip splitting gives (0, 0.938, 0).
+    dy, dx = rotation_maps(5, 5, 20, centre=(2.5, 2.5))
+    mask = np.ones((5, 5), bool)
+    mask[2, 2] = False
+    cm = CorrectionMatrix.from_maps(dy, dx, mask=mask, backend=backend, dtype=np.float64)
+    w = dense(cm)[:, 2 * 5 + 2].reshape(5, 5)
+    assert_allclose(w[2, 1:4], [0.031, 0.877, 0.031], atol=1e-3)
+    assert_allclose(w.sum(), 1.0, rtol=1e-13)
+    # analytically: sin and cos of 20° give the corner triangles exactly
+    s, c = np.sin(np.deg2rad(20)), np.cos(np.deg2rad(20))
+    h = (c + s) / 2 - 0.5  # how far each vertex pokes out of the central square
+    tri = 0.5 * h * h / (s * c)  # area of one poking triangle (legs h/s and h/c)
+    assert_allclose(w[2, 1], tri, rtol=1e-12)
+    assert_allclose(w[2, 2], 1 - 4 * tri, rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_flux_is_conserved_for_pixels_inside(backend, seed):
+    dy, dx = smooth_maps(40, 36, 3.0, seed=seed)
+    cm = CorrectionMatrix.from_maps(dy, dx, backend=backend, dtype=np.float64)
+    col = np.asarray(cm.matrix.sum(axis=0)).reshape(40, 36)
+    inside = inside_pixels(dy, dx, (40, 36))
+    assert inside.sum() > 1000
+    assert_allclose(col[inside], 1.0, rtol=0, atol=1e-12)
+    assert (col[~inside] <= 1.0 + 1e-12).all()
+
+
+def test_total_flux_when_the_grid_stays_inside(backend):
+    yy, xx = corner_grid(48, 48)
+    t = np.deg2rad(7)  # rotate by 7° and shrink by 0.8 about the centre
+    y = 24 + 0.8 * ((yy - 24) * np.cos(t) - (xx - 24) * np.sin(t))
+    x = 24 + 0.8 * ((yy - 24) * np.sin(t) + (xx - 24) * np.cos(t))
+    dy, dx = y - yy, x - xx
+    assert inside_pixels(dy, dx, (48, 48)).all()
+    img = np.random.default_rng(14).random((48, 48))
+    cm = CorrectionMatrix.from_maps(dy, dx, backend=backend, dtype=np.float64)
+    assert_allclose(cm.apply(img).sum(), img.sum(), rtol=1e-12)
+
+
+def test_float32_weights_keep_flux_to_float32_precision(backend):
+    dy, dx = smooth_maps(40, 36, 3.0, seed=15)
+    cm = CorrectionMatrix.from_maps(dy, dx, backend=backend)
+    assert cm.matrix.dtype == np.float32
+    col = np.asarray(cm.matrix.sum(axis=0, dtype=np.float64)).reshape(40, 36)
+    assert_allclose(col[inside_pixels(dy, dx, (40, 36))], 1.0, rtol=0, atol=1e-6)
+
+
+def test_output_shape_larger_than_input(backend):
+    z = np.zeros((11, 9))
+    cm = CorrectionMatrix.from_maps(z + 2, z + 1, shape_out=(15, 12), backend=backend)
+    img = np.random.default_rng(16).random((10, 8)).astype(np.float32)
+    out = cm.apply(img)
+    assert out.shape == (15, 12)
+    assert_array_equal(out[2:12, 1:9], img)
+    assert out.sum() == pytest.approx(img.sum(), rel=1e-6)
+
+
+# -- masks, invalid corners, degenerate pixels ----------------------------------------------------
+
+
+def test_mask_excludes_pixels(backend):
+    dy, dx = smooth_maps(20, 20, 1.5, seed=17)
+    mask = np.zeros((20, 20), bool)
+    mask[5:8, 9] = True
+    cm = CorrectionMatrix.from_maps(dy, dx, mask=mask, backend=backend)
+    assert cm.n_masked == 3
+    col = np.asarray(cm.matrix.sum(axis=0)).reshape(20, 20)
+    assert_array_equal(col[mask], 0.0)
+    img = np.random.default_rng(17).random((20, 20))
+    spoiled = img.copy()
+    spoiled[mask] = np.nan
+    assert_array_equal(cm.apply(spoiled), cm.apply(img * ~mask))
+
+
+def test_corner_shaped_mask_flags_the_pixels_around_a_corner(backend):
+    z = np.zeros((7, 7))
+    corners = np.zeros((7, 7), bool)
+    corners[3, 3] = True
+    cm = CorrectionMatrix.from_maps(z, z, mask=corners, backend=backend)
+    assert cm.n_masked == 4
+    col = np.asarray(cm.matrix.sum(axis=0)).reshape(6, 6)
+    want = np.ones((6, 6))
+    want[2:4, 2:4] = 0.0
+    assert_array_equal(col, want)
+
+
+def test_nan_corner_masks_the_four_pixels_sharing_it(backend):
+    dy, dx = smooth_maps(12, 12, 1.0, seed=18)
+    dx[4, 6] = np.nan
+    cm = CorrectionMatrix.from_maps(dy, dx, backend=backend)
+    assert cm.n_invalid == 4
+    assert cm.n_degenerate == 0
+    col = np.asarray(cm.matrix.sum(axis=0, dtype=np.float64)).reshape(12, 12)
+    invalid = np.zeros((12, 12), bool)
+    invalid[3:5, 5:7] = True
+    assert_array_equal(col[invalid], 0.0)
+    inside = inside_pixels(np.nan_to_num(dy), np.nan_to_num(dx), (12, 12)) & ~invalid
+    assert_allclose(col[inside], 1.0, atol=1e-6)
+
+
+def test_folded_and_bow_tie_pixels_are_dropped_and_counted(backend):
+    z = np.zeros((9, 9))
+    dy, dx = z.copy(), z.copy()
+    dy[3, 3] = 1.6  # corner A of pixel (3, 3) passes below its B: a bow tie
+    dx[6, 6] = 1.2  # corner A of pixel (6, 6) passes right of its D: a bow tie
+    cm = CorrectionMatrix.from_maps(dy, dx, backend=backend)
+    assert cm.n_degenerate >= 2
+    col = np.asarray(cm.matrix.sum(axis=0)).reshape(8, 8)
+    assert col[3, 3] == 0.0
+    assert np.isfinite(cm.apply(np.ones((8, 8)))).all()
+
+
+def test_huge_displacements_do_not_crash(backend):
+    z = np.zeros((6, 6))
+    dy, dx = z.copy(), z.copy()
+    dy[2, 2] = 1e300
+    dx[0, 0] = -1e17
+    dy[5, 5] = 40.0  # a spike: pixel (4, 4) becomes taller than MAX_SPAN
+    cm = CorrectionMatrix.from_maps(dy, dx, backend=backend)
+    assert cm.n_degenerate == 4 + 1 + 1
+    assert np.isfinite(cm.apply(np.ones((5, 5)))).all()
+
+
+def test_pixels_outside_the_output_are_not_degenerate(backend):
+    z = np.zeros((6, 6))
+    cm = CorrectionMatrix.from_maps(z + 100.0, z, backend=backend)
+    assert cm.nnz == 0
+    assert cm.n_degenerate == 0
+    assert_array_equal(cm.apply(np.ones((5, 5)), dummy=-1.0), -1.0)
+
+
+# -- apply: dtypes, normalisation, NaN, stacks ----------------------------------------------------
+
+
+def test_normalize_divides_by_coverage(backend):
+    dy, dx = rotation_maps(30, 30, 10)
+    mask = np.zeros((30, 30), bool)
+    mask[10:13, 14] = True
+    cm = CorrectionMatrix.from_maps(dy, dx, mask=mask, backend=backend, dtype=np.float64)
+    flat = np.full((30, 30), 7.0)
+    raw = cm.apply(flat, dummy=np.nan)
+    norm = cm.apply(flat, normalize=True, dummy=np.nan)
+    covered = cm.coverage > 0
+    assert_allclose(norm[covered], 7.0, rtol=1e-12)
+    assert_allclose(raw[covered], 7.0 * cm.coverage[covered], rtol=1e-12)
+    assert np.isnan(norm[~covered]).all()
+    assert (~covered).sum() > 0
+    assert (cm.coverage < 1 - 1e-3).sum() > 20  # edges and the masked hole
+
+
+def test_nan_input_touches_only_its_output_pixels(backend):
+    dy, dx = smooth_maps(16, 16, 1.5, seed=19)
+    cm = CorrectionMatrix.from_maps(dy, dx, backend=backend)
+    img = np.ones((16, 16), np.float32)
+    img[7, 8] = np.nan
+    out = cm.apply(img)
+    touched = (dense(cm)[:, 7 * 16 + 8] > 0).reshape(16, 16)
+    assert touched.sum() >= 1
+    assert_array_equal(np.isnan(out), touched)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "out_dtype"),
+    [
+        (np.float64, np.float64),
+        (np.float32, np.float32),
+        (np.uint16, np.float32),
+        (np.int32, np.float32),
+        (bool, np.float32),
+    ],
+)
+def test_output_dtype(backend, dtype, out_dtype):
+    dy, dx = smooth_maps(10, 12, 1.0, seed=20)
+    cm = CorrectionMatrix.from_maps(dy, dx, backend=backend)
+    img = (np.random.default_rng(20).random((10, 12)) * 100).astype(dtype)
+    out = cm.apply(img)
+    assert out.dtype == out_dtype
+    want = cm.matrix.astype(np.float64) @ img.astype(np.float64).ravel()
+    assert_allclose(out.ravel(), want, rtol=1e-5 if out_dtype == np.float32 else 1e-12)
+
+
+def test_stack_equals_images_one_by_one(backend):
+    dy, dx = smooth_maps(14, 18, 1.0, seed=21)
+    cm = CorrectionMatrix.from_maps(dy, dx, backend=backend)
+    stack = np.random.default_rng(21).random((3, 14, 18)).astype(np.float32)
+    out = cm.apply(stack, normalize=True)
+    assert out.shape == (3, 14, 18)
+    for k in range(3):
+        assert_allclose(out[k], cm.apply(stack[k], normalize=True), rtol=1e-6)
+
+
+def test_cython_and_numpy_apply_agree():
+    dy, dx = smooth_maps(20, 24, 2.0, seed=22)
+    a = CorrectionMatrix.from_maps(dy, dx, backend="cython")
+    b = CorrectionMatrix.from_maps(dy, dx, backend="numpy")
+    img = np.random.default_rng(22).random((2, 20, 24))
+    assert_allclose(a.apply(img, normalize=True), b.apply(img, normalize=True), rtol=1e-12)
+
+
+# -- input validation -----------------------------------------------------------------------------
+
+
+def test_bad_maps_are_rejected():
+    z = np.zeros((5, 5))
+    with pytest.raises(CcdgridError, match="`dy` must be a corner map"):
+        CorrectionMatrix.from_maps(np.zeros(5), np.zeros(5))
+    with pytest.raises(CcdgridError, match=r"`dx` \(shape \(5, 6\)\) must have the shape"):
+        CorrectionMatrix.from_maps(z, np.zeros((5, 6)))
+    with pytest.raises(CcdgridError, match="`dy` must hold real numbers"):
+        CorrectionMatrix.from_maps(z.astype(complex), z)
+    with pytest.raises(CcdgridError, match=r"`mask` \(shape \(5, 4\)\) must have the pixel"):
+        CorrectionMatrix.from_maps(z, z, mask=np.zeros((5, 4)))
+    with pytest.raises(CcdgridError, match="`shape_out` must be two positive integers"):
+        CorrectionMatrix.from_maps(z, z, shape_out=(4, 0))
+    with pytest.raises(CcdgridError, match="`shape_out` must be two positive integers"):
+        CorrectionMatrix.from_maps(z, z, shape_out=(4.5, 3))
+    with pytest.raises(CcdgridError, match="`backend` must be one of"):
+        CorrectionMatrix.from_maps(z, z, backend="opencl")
+    with pytest.raises(CcdgridError, match="`dtype` must be float32 or float64"):
+        CorrectionMatrix.from_maps(z, z, dtype=np.int32)
+
+
+def test_bad_images_are_rejected():
+    z = np.zeros((5, 5))
+    cm = CorrectionMatrix.from_maps(z, z)
+    with pytest.raises(CcdgridError, match=r"`image` must have shape \(4, 4\)"):
+        cm.apply(np.zeros((5, 4)))
+    with pytest.raises(CcdgridError, match="`image` must hold real numbers"):
+        cm.apply(np.zeros((4, 4), complex))
+
+
+# -- correct(): detectors, cache ------------------------------------------------------------------
+
+
+def test_correct_with_a_detector_object_and_cache():
+    correction.clear_cache()
+    dy, dx = smooth_maps(16, 16, 1.0, seed=23)
+    det = SimpleNamespace(dy=dy, dx=dx, mask=None)
+    img = np.random.default_rng(23).random((16, 16)).astype(np.float32)
+    want = CorrectionMatrix.from_maps(dy, dx).apply(img)
+    assert_array_equal(correct(img, det), want)
+    assert_array_equal(correct(img, det), want)
+    assert len(correction._CACHE) == 1
+    det.dx = dx + 0.5  # a new map is a new matrix
+    assert not np.array_equal(correct(img, det), want)
+    assert len(correction._CACHE) == 2
+    correction.clear_cache()
+
+
+def test_correct_rejects_objects_without_maps():
+    with pytest.raises(CcdgridError, match="missing: mask"):
+        correct(np.zeros((4, 4)), SimpleNamespace(dx=np.zeros((5, 5)), dy=np.zeros((5, 5))))
+
+
+# -- pyFAI parity (pyFAI >= 2026.9) ---------------------------------------------------------------
+
+
+def pyfai_correct(dy, dx, img):
+    detectors = pytest.importorskip("pyFAI.detectors")
+    distortion = pytest.importorskip("pyFAI.distortion")
+    shape = img.shape
+    det = detectors.Detector(1.0, 1.0, max_shape=shape)  # pixel 1.0: exact corners (§3.2)
+    det.set_dx(dx)
+    det.set_dy(dy)
+    dis = distortion.Distortion(det, mask=np.zeros(shape, np.int8))
+    return dis.correct(img)
+
+
+@pytest.mark.parametrize(("sy", "sx"), [(0.0, 2.5), (1.25, 0.0), (-0.75, 0.4)])
+def test_pure_shifts_match_pyfai(sy, sx):
+    z = np.zeros((33, 29))
+    img = np.random.default_rng(24).random((32, 28)).astype(np.float32) * 1000
+    ours = CorrectionMatrix.from_maps(z + sy, z + sx).apply(img)
+    assert_allclose(ours, pyfai_correct(z + sy, z + sx, img), rtol=0, atol=1e-3)
+
+
+def test_smooth_distortion_matches_pyfai_within_its_row_strip_error():
+    # pyFAI is exact along rows and treats each edge as flat in x within a row strip
+    # (§4.4). For an edge of slope s = dx/dy crossing a column line inside a strip,
+    # the flux it misplaces across that line is at most |s| / 8 of a pixel; with
+    # smooth maps |s| <= max |∂dx/∂y| + max |∂dy/∂x| ≈ 0.1 here, so each output
+    # pixel may differ by at most a few 1e-2 of the intensity scale.
+    dy, dx = smooth_maps(48, 48, 1.5, seed=25)
+    slope = max(np.abs(np.diff(dx, axis=0)).max(), np.abs(np.diff(dy, axis=1)).max())
+    assert slope < 0.15
+    img = np.random.default_rng(25).random((48, 48)).astype(np.float32)
+    ours = CorrectionMatrix.from_maps(dy, dx).apply(img)
+    theirs = pyfai_correct(dy, dx, img)
+    diff = np.abs(ours - theirs)
+    assert diff.max() <= 4 * slope / 8
+    assert diff.mean() < diff.max() / 3  # most pixels agree much better
+    assert_allclose(ours.sum(), theirs.sum(), rtol=1e-5)  # both conserve flux
