@@ -431,7 +431,7 @@ def _worker(argv=None):
         import scipy.signal
         import scipy.spatial  # noqa: F401
 
-        from ccdgrid.calibrate import calibrate
+        from ccdgrid import calibrate
 
         def run(image):
             cal = calibrate(image, pitch=5e-3)

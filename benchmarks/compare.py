@@ -125,7 +125,7 @@ def bench_kernels(size, n_seeds, n_points, repeat, seed):
     for backend in ("cython", "numpy"):
 
         def ws(backend=backend):
-            from ccdgrid.watershed import merge_singletons, segment
+            from ccdgrid import merge_singletons, segment
 
             seg = merge_singletons(segment(cnv, backend=backend), cnv, backend=backend)
             regions[f"ccdgrid {backend}"] = (len(seg.size), int((seg.size > 97).sum()))
@@ -158,7 +158,7 @@ def bench_kernels(size, n_seeds, n_points, repeat, seed):
     for backend in ("cython", "numpy"):
 
         def refine(backend=backend):
-            from ccdgrid.bilinear import refine_peaks
+            from ccdgrid import refine_peaks
 
             outputs[backend] = refine_peaks(cnv, seeds, backend=backend)
 
@@ -191,7 +191,7 @@ def bench_kernels(size, n_seeds, n_points, repeat, seed):
     for backend in ("cython", "numpy"):
 
         def ge(backend=backend):
-            from ccdgrid.grid_error import grid_error
+            from ccdgrid import grid_error
 
             return grid_error(params, pts, backend=backend)
 
@@ -230,7 +230,7 @@ def _run_worker(pipeline, image_path, out_path, threshold, maps_path):
 
 def _available(pipeline):
     if pipeline == "ccdgrid":
-        from ccdgrid.calibrate import calibrate  # noqa: F401
+        from ccdgrid import calibrate  # noqa: F401
     else:
         import pyFAI.ext.watershed  # noqa: F401
 
@@ -406,7 +406,7 @@ def bench_accuracy(size, seeds):
     from tutorial_pipeline import tutorial_pipeline
 
     try:
-        from ccdgrid.calibrate import calibrate
+        from ccdgrid import calibrate
     except ImportError as exc:
         _skip("ccdgrid", exc)
         calibrate = None

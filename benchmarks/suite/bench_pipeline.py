@@ -39,7 +39,7 @@ setup_cache.timeout = 900
 
 def _calibrate():
     try:
-        from ccdgrid.calibrate import calibrate
+        from ccdgrid import calibrate
     except ImportError as exc:
         raise NotImplementedError(f"ccdgrid.calibrate not available: {exc}") from exc
     return calibrate
