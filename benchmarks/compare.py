@@ -5,7 +5,7 @@ Usage (from the repository root, with ccdgrid and pyFAI installed)::
     python benchmarks/compare.py             # kernels at 2048², end to end at 2048² and 4096²
     python benchmarks/compare.py --quick     # small and fast smoke run (1024², 1 repeat)
     python benchmarks/compare.py --only e2e --sizes 2048 --repeat 3
-    python benchmarks/compare.py --only e2e --sizes 2048 --repeat 1 --accuracy-seeds 5
+    python benchmarks/compare.py --only accuracy --sizes 2048 --accuracy-seeds 5
 
 Part (a), kernels, times each ccdgrid kernel with its Cython and numpy
 backends against pyFAI doing the same job, in this process:
@@ -486,7 +486,12 @@ def main(argv=None):
         default=None,
         help="measurements per row, median reported (default 3; --quick: 1)",
     )
-    parser.add_argument("--only", choices=["kernels", "e2e"], default=None)
+    parser.add_argument(
+        "--only",
+        choices=["kernels", "e2e", "accuracy"],
+        default=None,
+        help="run one part; 'accuracy' runs part (c) alone (default K = 5)",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -518,9 +523,10 @@ def main(argv=None):
         with tempfile.TemporaryDirectory(prefix="ccdgrid-bench-") as tmp:
             for size in sizes:
                 bench_e2e(size, repeat, args.seed, Path(tmp))
-        if args.accuracy_seeds > 0:
-            for size in sizes:
-                bench_accuracy(size, list(range(args.seed, args.seed + args.accuracy_seeds)))
+    n_acc = args.accuracy_seeds or (5 if args.only == "accuracy" else 0)
+    if args.only in (None, "e2e", "accuracy") and n_acc > 0:
+        for size in sizes:
+            bench_accuracy(size, list(range(args.seed, args.seed + n_acc)))
 
 
 if __name__ == "__main__":
