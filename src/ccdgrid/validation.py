@@ -305,11 +305,14 @@ def validate(
     The figures are ``|ideal - measured|`` per hole against an affine lattice
     fitted to the corrected holes, in px and in units of the hole spacing.
     On the seed tutorial's real FReLoN data this check gave 0.003 (max) and
-    0.0006 (mean) pitch. On generated 2048² images ccdgrid's calibration
-    gives about 0.0005 max and 0.00012 mean pitch, the exact maps about the
-    same or slightly more (see ``benchmarks/validation.py``): the figures
-    are dominated by re-measurement, not by the maps. Read
-    :attr:`ValidationResult.cross_validation` for the maps' accuracy.
+    0.0006 (mean) pitch. On generated FReLoN-like images with 20 px of
+    distortion (``benchmarks/validation.py``), ccdgrid's calibration gives
+    0.00012 mean / 0.00050 max pitch at 2048² and 0.00015 / 0.00076 at
+    4096², and the *exact* maps 0.00016 / 0.00078 and 0.00015 / 0.00086:
+    the figures measure the re-measurement, not the maps (maps fitted to
+    the hole finder's own centres even undo its bias and score better than
+    the truth). Read :attr:`ValidationResult.cross_validation` for the
+    maps' accuracy.
 
     Examples
     --------
