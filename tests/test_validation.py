@@ -345,6 +345,19 @@ def test_cli_prints_the_summary_and_writes_json(small, tmp_path, capsys):
         run_cli(["validate", str(image), "-d", str(det), "--max-mean", "1e-9"])
 
 
+def test_cli_shares_the_parents_debug_option():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true")
+    parser = argparse.ArgumentParser(prog="ccdgrid")
+    add_validate_parser(parser.add_subparsers(dest="command"), parents=[common])
+    args = parser.parse_args(["validate", "grid.edf", "-d", "det.h5", "--debug", "--frame", "2"])
+    assert args.debug is True
+    assert args.frame == 2
+    assert args.detector == "det.h5"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["validate", "grid.edf", "-d", "det.h5", "--frame", "-1"])
+
+
 def test_cli_missing_detector_option():
     with pytest.raises(SystemExit):
         run_cli(["validate", "grid.edf"])
