@@ -377,7 +377,7 @@ def _search(img, valid, diameter, pitch, threshold, backend, timings):
     fit = None
     if n_fit:
         fit = _centres.fit_hole_profiles(
-            img, seeds[fit_idx], radius, half=halves[fit_idx], valid=valid
+            img, seeds[fit_idx], radius, half=halves[fit_idx], valid=valid, backend=backend
         )
         positions[fit_idx] = fit.centres
         fit_reasons = _holes.classify_fits(fit, contrast[fit_idx])
