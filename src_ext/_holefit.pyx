@@ -21,7 +21,7 @@ import numpy as np
 
 from cython.parallel cimport prange
 
-__all__ = ["gauss_newton", "gaussian_tail"]
+__all__ = ["gauss_newton", "gaussian_tail", "sector_asymmetry"]
 
 cdef enum:
     NPAR = 8  # cy, cx, R, s, a, b0, by, bx
@@ -349,3 +349,87 @@ def gauss_newton(p0, data, weight, yy, xx, double half, int iterations, double t
     if n and out_steps.min() < 0:
         raise MemoryError("no memory for the hole fits' scratch arrays")
     return out_p, out_cost, out_res, out_steps
+
+
+cdef inline int _sector(double dy, double dx) noexcept nogil:
+    """``floor((atan2(dy, dx) + pi) * 4 / pi) % 8`` by comparisons (no atan2).
+
+    Exact, signed zeros included, except for offsets exactly on a diagonal,
+    where rounding decides atan2's side.
+    """
+    if dy >= 0.0:
+        if dx > 0.0 or (dx == 0.0 and dy == 0.0):
+            return 4 if (dy < dx or dy == 0.0) else 5
+        if dx == 0.0:
+            return 6
+        if dy == 0.0:
+            return 0  # atan2 = pi
+        return 6 if dy > -dx else 7
+    if dx < 0.0:
+        return 0 if -dy < -dx else 1
+    return 2 if -dy > dx else 3
+
+
+def sector_asymmetry(p, res, weight, yy, xx, double half):
+    """One-sidedness of the residuals over 8 sectors (see ``ccdgrid._reference.holefit``).
+
+    Parameters
+    ----------
+    p : ndarray of shape (N, 8), float64, C-contiguous
+    res, weight : ndarray of shape (N, P), float64, C-contiguous
+    yy, xx : ndarray of shape (P,), float64, C-contiguous
+    half : float
+
+    Returns
+    -------
+    disc, ring : ndarray of shape (N,), float64
+    """
+    cdef const double[:, ::1] pv = p
+    cdef const double[:, ::1] rv = res
+    cdef const double[:, ::1] wv = weight
+    cdef const double[::1] y = yy
+    cdef const double[::1] x = xx
+    cdef Py_ssize_t n = pv.shape[0]
+    cdef Py_ssize_t npix = rv.shape[1]
+    out_disc = np.empty(n, dtype=np.float64)
+    out_ring = np.empty(n, dtype=np.float64)
+    cdef double[::1] dv = out_disc
+    cdef double[::1] gv = out_ring
+    cdef double dsum[8]
+    cdef double rsum[8]
+    cdef int64_t dcount[8]
+    cdef int64_t rcount[8]
+    cdef double dy, dx, r, inner, outer, best_d, best_r
+    cdef Py_ssize_t i, k
+    cdef int s
+    with nogil:
+        for i in range(n):
+            for s in range(8):
+                dsum[s] = 0.0
+                rsum[s] = 0.0
+                dcount[s] = 0
+                rcount[s] = 0
+            inner = pv[i, 2] + 1.5 * pv[i, 3]
+            outer = pv[i, 2] + 2.5 * pv[i, 3]
+            for k in range(npix):
+                if not wv[i, k] > 0.0:
+                    continue
+                dy = y[k] - pv[i, 0]
+                dx = x[k] - pv[i, 1]
+                r = sqrt(dy * dy + dx * dx)
+                if r <= inner:
+                    s = _sector(dy, dx)
+                    dsum[s] = dsum[s] + rv[i, k]
+                    dcount[s] = dcount[s] + 1
+                elif r > outer and r <= half:
+                    s = _sector(dy, dx)
+                    rsum[s] = rsum[s] + rv[i, k] * sqrt(wv[i, k])
+                    rcount[s] = rcount[s] + 1
+            best_d = 0.0
+            best_r = 0.0
+            for s in range(8):
+                best_d = max(best_d, fabs(dsum[s] / max(dcount[s], 1)))
+                best_r = max(best_r, fabs(rsum[s]) / sqrt(<double>max(rcount[s], 1)))
+            dv[i] = best_d / max(fabs(pv[i, 4]), 1e-12)
+            gv[i] = best_r
+    return out_disc, out_ring

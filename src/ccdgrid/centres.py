@@ -290,7 +290,7 @@ def _fit_group(image, seeds, radius, half, valid, passes, engine):
         p[changed], cost[changed], res[changed] = sub, cost_sub, res_sub
 
     dof = np.maximum(keep.sum(1) - _NPAR, 1)
-    asym, ring_asym = _sector_asymmetry(res, weight, p, yy, xx, half)
+    asym, ring_asym = engine.sector_asymmetry(p, res, weight, yy, xx, float(half))
     inside = (np.abs(p[:, :2]) < 0.6 * half - 1e-9).all(1)
     converged = inside & np.isfinite(p).all(1) & (p[:, 4] > 0)
     return ProfileFit(
@@ -341,36 +341,6 @@ def _robust_var(res, sel):
     with np.errstate(invalid="ignore"):
         mad = np.where(count >= 5, 0.5 * (lo + hi), np.nan)
     return (1.4826 * mad) ** 2
-
-
-def _sector_asymmetry(res, weight, p, yy, xx, half):
-    """One-sidedness of the residuals over 8 angular sectors around each hole.
-
-    Returns ``(disc, ring)``: the largest |mean residual| of a sector of the
-    disc in units of the amplitude, and the largest |sum of normalised
-    residuals| / sqrt(count) of a sector of the background ring, in units of
-    the noise. A hole cut by the taper edge misses light on one side: its
-    disc residuals are one-sided, or its background is darker on one side --
-    a step far below the amplitude but many times the noise of a sector.
-    """
-    dy = yy[None] - p[:, :1]
-    dx = xx[None] - p[:, 1:2]
-    r = np.hypot(dy, dx)
-    sector = ((np.arctan2(dy, dx) + np.pi) * (4.0 / np.pi)).astype(np.int64) % 8
-    n = res.shape[0]
-    flat = np.arange(n)[:, None] * 8 + sector
-    keep = weight > 0
-    rad, blur = p[:, 2:3], p[:, 3:4]
-    zone = keep & (r <= rad + 1.5 * blur)
-    sums = np.bincount(flat[zone], weights=res[zone], minlength=8 * n).reshape(n, 8)
-    counts = np.bincount(flat[zone], minlength=8 * n).reshape(n, 8)
-    disc = np.abs(sums / np.maximum(counts, 1)).max(1) / np.maximum(np.abs(p[:, 4]), 1e-12)
-    zone = keep & (r > rad + 2.5 * blur) & (r <= half)
-    z = res * np.sqrt(weight)
-    sums = np.bincount(flat[zone], weights=z[zone], minlength=8 * n).reshape(n, 8)
-    counts = np.bincount(flat[zone], minlength=8 * n).reshape(n, 8)
-    ring = np.abs(sums / np.sqrt(np.maximum(counts, 1))).max(1)
-    return disc, ring
 
 
 def windowed_centroids(image, seeds, half):

@@ -19,7 +19,7 @@ with finite values and ``weight >= 0``, ``yy`` and ``xx`` ``(P,)`` float64.
 import numpy as np
 from scipy.special import erfc
 
-__all__ = ["gauss_newton", "gaussian_tail", "model"]
+__all__ = ["gauss_newton", "gaussian_tail", "model", "sector_asymmetry"]
 
 _SQRT2 = np.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / np.sqrt(2.0 * np.pi)
@@ -173,3 +173,55 @@ def gauss_newton(p0, data, weight, yy, xx, half, iterations, tol):
     res = data - f
     cost = np.einsum("np,np->n", weight * res, res)
     return p, cost, res, steps
+
+
+def sector_asymmetry(p, res, weight, yy, xx, half):
+    """One-sidedness of the residuals over 8 angular sectors around each hole.
+
+    Returns ``(disc, ring)``: the largest |mean residual| of a sector of the
+    disc in units of the amplitude, and the largest |sum of normalised
+    residuals| / sqrt(count) of a sector of the background ring, in units of
+    the noise. A hole cut by the taper edge misses light on one side: its
+    disc residuals are one-sided, or its background is darker on one side --
+    a step far below the amplitude but many times the noise of a sector.
+
+    Parameters
+    ----------
+    p : ndarray of shape (N, 8), float64
+        Fitted parameters ``(cy, cx, R, s, a, b0, by, bx)``.
+    res : ndarray of shape (N, P), float64
+        Residuals ``data - model(p)``.
+    weight : ndarray of shape (N, P), float64
+        Fit weights (1 / variance); pixels of weight 0 are ignored.
+    yy, xx : ndarray of shape (P,), float64
+        Pixel offsets from the window centre, px.
+    half : float
+        Outer radius of the ring, px.
+
+    Returns
+    -------
+    disc, ring : ndarray of shape (N,), float64
+
+    Notes
+    -----
+    Sector ``k`` holds the angles ``atan2(dy, dx)`` in
+    ``[-pi + k pi / 4, -pi + (k + 1) pi / 4)`` around the fitted centre.
+    """
+    dy = yy[None] - p[:, :1]
+    dx = xx[None] - p[:, 1:2]
+    r = np.hypot(dy, dx)
+    sector = ((np.arctan2(dy, dx) + np.pi) * (4.0 / np.pi)).astype(np.int64) % 8
+    n = res.shape[0]
+    flat = np.arange(n)[:, None] * 8 + sector
+    keep = weight > 0
+    rad, blur = p[:, 2:3], p[:, 3:4]
+    zone = keep & (r <= rad + 1.5 * blur)
+    sums = np.bincount(flat[zone], weights=res[zone], minlength=8 * n).reshape(n, 8)
+    counts = np.bincount(flat[zone], minlength=8 * n).reshape(n, 8)
+    disc = np.abs(sums / np.maximum(counts, 1)).max(1) / np.maximum(np.abs(p[:, 4]), 1e-12)
+    zone = keep & (r > rad + 2.5 * blur) & (r <= half)
+    z = res * np.sqrt(weight)
+    sums = np.bincount(flat[zone], weights=z[zone], minlength=8 * n).reshape(n, 8)
+    counts = np.bincount(flat[zone], minlength=8 * n).reshape(n, 8)
+    ring = np.abs(sums / np.sqrt(np.maximum(counts, 1))).max(1)
+    return disc, ring
