@@ -45,6 +45,8 @@ examples:
   ccdgrid demo                                 calibrate a built-in 2048x2048 example
   ccdgrid calibrate grid.edf --pitch 5mm       calibrate your grid image
   ccdgrid info grid_detector.h5                what a detector file holds
+  ccdgrid report grid_detector.h5 grid.edf -o report.png   the figure to check a calibration
+  ccdgrid convert grid_detector.h5 grid.spline export for Fit2D / pyFAI splinefile=
   ccdgrid COMMAND --help                       the options of one command
 
 """
@@ -174,6 +176,12 @@ def build_parser():
     )
     cal.add_argument("-o", "--output", metavar="FILE", help="detector file to write (.h5)")
     cal.add_argument(
+        "--report",
+        metavar="FILE",
+        help="also draw the report figure (.png, .pdf, .svg; needs matplotlib: "
+        "pip install 'ccdgrid[plot]')",
+    )
+    cal.add_argument(
         "--mask", metavar="FILE", help="mask image of the same shape, non-zero = bad pixel"
     )
     cal.add_argument(
@@ -283,6 +291,12 @@ def build_parser():
     )
     info.add_argument("detector", metavar="DETECTOR", help="detector file (.h5)")
     info.set_defaults(run=_run_info)
+
+    from .exchange import add_convert_parser
+    from .report import add_report_parser
+
+    add_report_parser(sub, parents=[common])
+    add_convert_parser(sub, parents=[common])
     return parser
 
 
@@ -364,6 +378,10 @@ def _run_calibrate(args):
     print(calibration.summary())
     _save(calibration, output, elapsed)
     print(f'use it in pyFAI: pyFAI.detector_factory("{output}")')
+    if args.report:
+        from .report import write_report
+
+        print(f"wrote {write_report(calibration, args.report, image)}")
 
 
 def _save(calibration, output, elapsed):
