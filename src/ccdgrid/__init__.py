@@ -45,6 +45,10 @@ _LAZY = {
     "calibrate": "pipeline",
     "Calibration": "pipeline",
     "load": "detector_file",
+    "validate": "validation",
+    "ValidationResult": "validation",
+    "cross_validate": "maps",
+    "CrossValidation": "maps",
     "read_spline": "spline",
     "write_spline": "spline",
     "convert": "exchange",
@@ -64,6 +68,7 @@ _SUBMODULES = {
     "report",
     "spline",
     "exchange",
+    "validation",
 }
 
 __all__ = ["__version__", "openmp_enabled", *sorted(_LAZY), *sorted(_SUBMODULES)]
