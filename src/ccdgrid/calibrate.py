@@ -20,7 +20,7 @@ import numpy as np
 
 from ._validation import as_points, check_backend
 from .errors import CcdgridError
-from .gridfit import fit_grid
+from .gridfit import _check_pitch, fit_grid
 from .lattice import index_holes
 from .maps import displacement_maps
 
@@ -166,6 +166,8 @@ def calibrate(
         Bad input, an unreadable file, or too few holes at any stage.
     """
     check_backend(backend)
+    # checked before the (long) hole search, not when the grid fit needs it
+    pitch = _check_pitch(pitch)
     timings = {}
     t_start = time.perf_counter()
     if isinstance(image, (str, os.PathLike)):
