@@ -31,6 +31,7 @@ distortion.
 """
 
 import importlib.util
+import subprocess
 import sys
 from functools import cache
 from pathlib import Path
@@ -445,3 +446,15 @@ def test_bad_pitch_is_refused_before_the_hole_search(pitch):
     # a constant image would fail in the hole search: the pitch must be checked first
     with pytest.raises(CcdgridError, match="`pitch` must be a positive length in metres"):
         calibrate(np.full((64, 64), 1.0), pitch=pitch)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="__init__.py: importing the submodule ccdgrid.calibrate (`from ccdgrid.calibrate "
+    "import ...`, a CLI) binds ccdgrid.calibrate to the module, shadowing the lazy function",
+)
+def test_public_calibrate_stays_callable_after_its_module_is_imported():
+    # a fresh interpreter: this test module itself imports ccdgrid.calibrate
+    code = "import ccdgrid.calibrate, ccdgrid; assert callable(ccdgrid.calibrate)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-300:]
