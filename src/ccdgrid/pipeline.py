@@ -21,7 +21,7 @@ import numpy as np
 
 from ._validation import as_points, check_backend
 from .errors import CcdgridError
-from .gridfit import fit_grid
+from .gridfit import _check_pitch, fit_grid
 from .lattice import index_holes
 from .maps import cross_validate, displacement_maps
 
@@ -195,6 +195,8 @@ def calibrate(
     """
     check_backend(backend)
     cv_folds = _check_folds(cv_folds)
+    # checked before the (long) hole search, not when the grid fit needs it
+    pitch = _check_pitch(pitch)
     timings = {}
     t_start = time.perf_counter()
     if isinstance(image, (str, os.PathLike)):
