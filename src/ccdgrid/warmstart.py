@@ -485,12 +485,12 @@ def _global_move(img, valid, prev, radius, max_shift, backend):
     # the brightest spot of its window
     win = _centres.extract_windows(img, centre, search + 1).astype(np.float32)
     win = _centres._median3(win)
-    box = max(int(round(2 * radius)), 1)
+    box = max(round(2 * radius), 1)
     win = ndimage.uniform_filter(win, size=(1, box, box), mode="nearest")
     flat = win.reshape(len(pick), -1).argmax(axis=1)
     side = 2 * search + 1
     coarse = centre + np.stack(np.divmod(flat, side), axis=1) - search
-    half, half_min = _window_half(radius, prev.pitch_px)
+    half, _ = _window_half(radius, prev.pitch_px)
     room = np.minimum.reduce(
         [coarse[:, 0] - 1, h - 2 - coarse[:, 0], coarse[:, 1] - 1, w - 2 - coarse[:, 1]]
     )
