@@ -149,6 +149,7 @@ class _Previous:
     dx: np.ndarray
     dy: np.ndarray
     mask: np.ndarray
+    smoothing: object  # float, pitch² units, or None when unknown
 
 
 def recalibrate(
@@ -184,7 +185,9 @@ def recalibrate(
         Smallest fraction of the previous holes that must be measured again,
         in (0, 1]; below it, a cold calibration is made.
     smoothing : float, "auto" or None
-        Thin-plate smoothing of the maps (see :func:`ccdgrid.maps.displacement_maps`).
+        Thin-plate smoothing of the maps in pitch² units (see
+        :func:`ccdgrid.maps.displacement_maps`). None: the previous
+        calibration's (by GCV if it is not known); "auto": by GCV again.
     backend : {"cython", "numpy"}
         Engine of the compiled kernels.
     source : str, dict or None
@@ -298,8 +301,11 @@ def recalibrate(
         outlier_threshold_px=None,
     )
     t0 = time.perf_counter()
+    # the same detector, plate and exposure: the previous smoothing fits, and
+    # choosing it again by GCV would cost more than the whole warm start
+    map_smoothing = prev.smoothing if smoothing is None else smoothing
     maps = displacement_maps(
-        peaks, grid.displacement, prev.shape, smoothing=smoothing, scale_px=holes.pitch_px
+        peaks, grid.displacement, prev.shape, smoothing=map_smoothing, scale_px=holes.pitch_px
     )
     timings["displacement_maps"] = time.perf_counter() - t0
     cv = None
@@ -387,6 +393,7 @@ def _previous(previous):
             dx=previous.dx,
             dy=previous.dy,
             mask=previous.mask,
+            smoothing=_smoothing(getattr(previous.maps, "smoothing", None)),
         )
     needed = ("peaks", "indices", "valid", "grid", "params", "shape", "dx", "dy", "mask")
     missing = [name for name in needed if getattr(previous, name, None) is None]
@@ -419,7 +426,17 @@ def _previous(previous):
         dx=previous.dx,
         dy=previous.dy,
         mask=previous.mask,
+        smoothing=_smoothing(resolved.get("smoothing")),
     )
+
+
+def _smoothing(value):
+    """A previous smoothing that can be reused (positive finite float), else None."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 # -- measuring ---------------------------------------------------------------
@@ -655,6 +672,6 @@ def _map_change(prev, cal):
             corner[dy : dy + pix.shape[0], dx : dx + pix.shape[1]] |= pix
     if not corner.any():
         return float("nan"), float("nan")
-    ddx = np.abs(np.asarray(cal.dx, np.float64) - prev.dx)[corner]
-    ddy = np.abs(np.asarray(cal.dy, np.float64) - prev.dy)[corner]
+    ddx = np.abs(np.subtract(cal.dx, prev.dx, dtype=np.float32))[corner]
+    ddy = np.abs(np.subtract(cal.dy, prev.dy, dtype=np.float32))[corner]
     return float(np.nanmax(ddx)), float(np.nanmax(ddy))
