@@ -125,6 +125,16 @@ def test_previous_from_detector_file(base, tmp_path):
     np.testing.assert_allclose(warm.dx, direct.dx, atol=1e-5)
 
 
+def test_report_figure_of_a_warm_calibration(base, tmp_path):
+    pytest.importorskip("matplotlib")
+    from ccdgrid.report import write_report
+
+    g, prev = base
+    warm = recalibrate(g.image, prev, cv_folds=0)
+    out = write_report(warm, tmp_path / "warm.png", g.image)
+    assert out.stat().st_size > 10_000
+
+
 def test_calibrate_previous_keyword_delegates(base):
     g, prev = base
     cal = calibrate(g.image, previous=prev, cv_folds=0)

@@ -620,6 +620,11 @@ def _hole_search(found, ok, prev, timings):
         pitch_px = float(np.median(dist[:, 1]))
     else:
         pitch_px = prev.pitch_px
+    # reports show the log10 contrast of the candidates: here the fitted
+    # height of every window, against the previous threshold
+    amp = fit.amplitude[fit.amplitude > 0]
+    logc = np.log10(amp) if amp.size else np.zeros(1)
+    counts, edges = np.histogram(logc, bins=max(10, min(100, logc.size // 4)))
     return _peaks.HoleSearch(
         peaks=peaks,
         amplitude=fit.amplitude[where],
@@ -633,7 +638,7 @@ def _hole_search(found, ok, prev, timings):
         smoothed=None,
         segmentation=None,
         timings=dict(timings),
-        log_histogram=None,
+        log_histogram=_holes.LogHistogram(edges, counts.astype(np.int64), prev.threshold),
     )
 
 
