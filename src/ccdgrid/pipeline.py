@@ -154,6 +154,7 @@ def calibrate(
     backend="cython",
     source=None,
     cv_folds=5,
+    previous=None,
 ):
     """Measure a detector's spatial distortion from one grid-of-holes image.
 
@@ -183,16 +184,37 @@ def calibrate(
         What to record as the image's origin for an in-memory image: a name,
         or the ``info`` dict of :func:`ccdgrid.io.read_image` (path, sha256,
         frame, ...). For a path, the file's own information is used.
+    previous : Calibration, ccdgrid.detector_file.DetectorRecord, str or None
+        A previous calibration of the same detector (or its detector file):
+        recalibrate warm from it with :func:`ccdgrid.warmstart.recalibrate`
+        (``hole_diameter``, ``pitch_px`` and ``threshold`` are then taken
+        from it; a cold calibration is made, with a warning, if the plate
+        moved too far).
 
     Returns
     -------
     Calibration
+        A :class:`ccdgrid.warmstart.WarmCalibration` (with ``drift``) when
+        ``previous`` is given.
 
     Raises
     ------
     CcdgridError
         Bad input, an unreadable file, or too few holes at any stage.
     """
+    if previous is not None:
+        from .warmstart import recalibrate
+
+        return recalibrate(
+            image,
+            previous,
+            pitch=pitch,
+            mask=mask,
+            smoothing=smoothing,
+            backend=backend,
+            source=source,
+            cv_folds=cv_folds,
+        )
     check_backend(backend)
     cv_folds = _check_folds(cv_folds)
     # checked before the (long) hole search, not when the grid fit needs it
