@@ -177,6 +177,14 @@ def build_parser():
     )
     cal.add_argument("-o", "--output", metavar="FILE", help="detector file to write (.h5)")
     cal.add_argument(
+        "--from",
+        dest="previous",
+        metavar="DETECTOR",
+        help="previous detector file (.h5) of this detector: measure the holes near their "
+        "previous positions instead of searching the image (faster); falls back to a full "
+        "calibration, with a warning, if the plate moved too far",
+    )
+    cal.add_argument(
         "--report",
         metavar="FILE",
         help="also draw the report figure (.png, .pdf, .svg; needs matplotlib: "
@@ -375,6 +383,7 @@ def _run_calibrate(args):
         pitch_px=args.spacing,
         threshold=args.threshold,
         backend=args.backend,
+        previous=args.previous,
         source=info,  # provenance (file, frame, dataset, sha256) for the detector file
     )
     elapsed = time.perf_counter() - start
