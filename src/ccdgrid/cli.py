@@ -46,6 +46,7 @@ examples:
   ccdgrid calibrate grid.edf --pitch 5mm       calibrate your grid image
   ccdgrid info grid_detector.h5                what a detector file holds
   ccdgrid validate grid.edf -d grid_detector.h5            correct the grid image, re-measure it
+  ccdgrid correct scan_*.edf -d grid_detector.h5 -o out/   correct images for the distortion
   ccdgrid report grid_detector.h5 grid.edf -o report.png   the figure to check a calibration
   ccdgrid convert grid_detector.h5 grid.spline export for Fit2D / pyFAI splinefile=
   ccdgrid COMMAND --help                       the options of one command
@@ -301,11 +302,13 @@ def build_parser():
     info.add_argument("detector", metavar="DETECTOR", help="detector file (.h5)")
     info.set_defaults(run=_run_info)
 
+    from .correction import add_correct_parser
     from .exchange import add_convert_parser
     from .report import add_report_parser
     from .validation import add_validate_parser
 
     add_validate_parser(sub, parents=[common])
+    add_correct_parser(sub, parents=[common])
     add_report_parser(sub, parents=[common])
     add_convert_parser(sub, parents=[common])
     return parser
