@@ -389,28 +389,42 @@ def _read_block(source, i0, i1):
     return source[i0:i1]
 
 
+def _raw(frame):
+    return np.ascontiguousarray(frame)
+
+
 def _stream(source, target, matrix, chunk_frames, compression, level, normalize, dummy,
             workers, bar):  # fmt: skip
-    """Read block k+1 while block k is corrected and block k-1 is compressed.
+    """Read block k+1 and write block k-1 while block k is corrected.
 
-    Only this thread touches the output file; h5py serialises HDF5 calls, so
-    the reader thread and this one never run HDF5 at the same time, but the
-    matrix product and compression run meanwhile. At most ``2 * workers``
-    compressed frames are waiting to be written.
+    Four stages overlap: a reader thread, this thread's matrix product
+    (OpenMP), ``workers`` compression threads and one writer thread that
+    writes the finished frames in order, one HDF5 chunk each, bypassing
+    HDF5's own (single-threaded) filters. h5py serialises HDF5 calls, so
+    reading and writing take turns, but the product and compression run
+    meanwhile; all of them release the GIL. At most ``chunk_frames + 2 *
+    workers`` corrected frames wait to be written, which bounds memory.
     """
     from .detector_file import _compressor, _deflate_shuffled
 
     n = source.shape[0]
     starts = list(range(0, n, chunk_frames))
     compress = _compressor(level) if compression else None
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(workers) as packer:
-        pending = deque()
+    in_flight = chunk_frames + 2 * workers
+    pending = deque()
 
-        def write_oldest():
-            index, future = pending.popleft()
-            target.id.write_direct_chunk((index, 0, 0), future.result())
-            bar.update(1)
+    def write(index, packed):
+        target.id.write_direct_chunk((index, 0, 0), packed.result())
 
+    def retire_oldest():
+        pending.popleft().result()
+        bar.update(1)
+
+    with (
+        ThreadPoolExecutor(1) as reader,
+        ThreadPoolExecutor(workers) as packer,
+        ThreadPoolExecutor(1) as writer,
+    ):
         try:
             ahead = reader.submit(_read_block, source, 0, min(chunk_frames, n)) if n else None
             for k, i0 in enumerate(starts):
@@ -420,19 +434,20 @@ def _stream(source, target, matrix, chunk_frames, compression, level, normalize,
                     ahead = reader.submit(_read_block, source, j0, min(j0 + chunk_frames, n))
                 corrected = matrix.apply(block, normalize=normalize, dummy=dummy)
                 del block
-                if compress is None:
-                    target[i0 : i0 + corrected.shape[0]] = corrected
-                    bar.update(corrected.shape[0])
-                    continue
                 for offset, frame in enumerate(corrected):
-                    job = packer.submit(_deflate_shuffled, lambda f=frame: f, compress)
-                    pending.append((i0 + offset, job))
-                    while len(pending) > 2 * workers:
-                        write_oldest()
+                    if compress is None:
+                        packed = packer.submit(_raw, frame)
+                    else:
+                        packed = packer.submit(_deflate_shuffled, lambda f=frame: f, compress)
+                    # one writer thread: chunks reach the file in frame order
+                    pending.append(writer.submit(write, i0 + offset, packed))
+                    while len(pending) > in_flight:
+                        retire_oldest()
+                del corrected
             while pending:
-                write_oldest()
+                retire_oldest()
         except BaseException:
-            for _, future in pending:
+            for future in pending:
                 future.cancel()
             raise
 
