@@ -202,16 +202,16 @@ def test_hdf5_failure_leaves_no_file(tmp_path, detector, frames, monkeypatch):
     calls = []
     real_apply = CorrectionMatrix.apply
 
-    def fail_on_third(self, image, **kwargs):
-        calls.append(image.shape[0])
-        if len(calls) == 3:
+    def fail_in_third_block(self, image, **kwargs):
+        calls.append(image.shape)
+        if len(calls) == 10:
             raise RuntimeError("disk full (simulated)")
         return real_apply(self, image, **kwargs)
 
-    monkeypatch.setattr(CorrectionMatrix, "apply", fail_on_third)
+    monkeypatch.setattr(CorrectionMatrix, "apply", fail_in_third_block)
     with pytest.raises(RuntimeError, match="simulated"):
         stack.correct_hdf5(src, existing, detector, chunk_frames=4, progress=False)
-    assert calls == [4, 4, 4]
+    assert calls == [(NY, NX)] * 10
     assert existing.read_bytes() == b"previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5", "out.h5"]
 
