@@ -104,7 +104,7 @@ def test_dask_graph_holds_the_matrix_once(detector, frames):
     source = da.from_array(frames, chunks=(1, NY, NX))  # 20 blocks
     lazy = stack.correct_dask(source, matrix)
     # one task per block, plus one key for the matrix
-    assert len(lazy.__dask_graph__()) == 2 * N_FRAMES + 1
+    assert len(lazy.__dask_graph__()) - len(source.__dask_graph__()) == N_FRAMES + 1
     added = len(pickle.dumps(dict(lazy.__dask_graph__()))) - len(
         pickle.dumps(dict(source.__dask_graph__()))
     )
@@ -221,6 +221,12 @@ def test_hdf5_rejects_a_two_dimensional_dataset(tmp_path, detector, frames):
     with pytest.raises(CcdgridError, match=r"has shape \(64, 96\): a stack must be 3-D"):
         stack.correct_hdf5(src, tmp_path / "out.h5", detector, progress=False)
     assert not (tmp_path / "out.h5").exists()
+
+
+def test_hdf5_rejects_an_empty_stack(tmp_path, detector):
+    src = _write_source(tmp_path / "in.h5", np.zeros((0, NY, NX), dtype=np.uint16))
+    with pytest.raises(CcdgridError, match="holds no frame"):
+        stack.correct_hdf5(src, tmp_path / "out.h5", detector, progress=False)
 
 
 def test_hdf5_rejects_a_shape_mismatch(tmp_path, detector, frames):

@@ -229,6 +229,8 @@ def _open_source(path, dataset):
             raise CcdgridError(
                 f"{path}::{dataset} has shape {node.shape}: a stack must be 3-D (n, ny, nx)"
             )
+        if node.shape[0] == 0:
+            raise CcdgridError(f"{path}::{dataset} holds no frame (shape {node.shape})")
     except BaseException:
         handle.close()
         raise
