@@ -98,11 +98,29 @@ def test_dask_two_dimensional_and_float64(client, detector, frames):
     np.testing.assert_array_equal(client.compute(lazy).result(), matrix.apply(image))
 
 
+def test_dask_scatters_the_matrix_to_the_cluster(client, detector, frames):
+    import dask.array as da
+
+    matrix = _matrix(detector)
+    before = set(client.who_has())
+    lazy = stack.correct_dask(da.from_array(frames, chunks=(2, NY, NX)), matrix)
+    added = {key: workers for key, workers in client.who_has().items() if key not in before}
+    # on both workers before anything is computed, and not in the graph
+    assert [len(workers) for key, workers in added.items() if "CorrectionMatrix" in key] == [2]
+    assert not any(isinstance(v, CorrectionMatrix) for v in dict(lazy.__dask_graph__()).values())
+    np.testing.assert_array_equal(client.compute(lazy).result(), matrix.apply(frames))
+
+
 def test_dask_graph_holds_the_matrix_once(detector, frames):
+    """With a local scheduler the matrix is one delayed key of the graph."""
+    dask = pytest.importorskip("dask")
     da = pytest.importorskip("dask.array")
     matrix = _matrix(detector)
     source = da.from_array(frames, chunks=(1, NY, NX))  # 20 blocks
-    lazy = stack.correct_dask(source, matrix)
+    # the module's cluster may still be the default client: choose threads explicitly
+    with dask.config.set(scheduler="threads"):
+        lazy = stack.correct_dask(source, matrix)
+        np.testing.assert_array_equal(lazy.compute(), matrix.apply(frames))
     # one task per block, plus one key for the matrix
     assert len(lazy.__dask_graph__()) - len(source.__dask_graph__()) == N_FRAMES + 1
     added = len(pickle.dumps(dict(lazy.__dask_graph__()))) - len(

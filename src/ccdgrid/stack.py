@@ -5,10 +5,10 @@ frame by frame; the result is exactly what ``CorrectionMatrix.apply`` gives on
 the whole stack in memory.
 
 * :func:`correct_dask` turns a dask array of frames ``(n, ny, nx)`` into a
-  dask array of corrected frames. The matrix (about 80 MB at 2048²) enters the
-  task graph once, as a single ``dask.delayed`` key that every block task
-  refers to: a distributed scheduler ships it to each worker once, not with
-  every task.
+  dask array of corrected frames. The matrix (~150 MB at 2048² for a
+  few-pixel distortion) is shared by every block task, never copied into
+  each: scattered once to the workers of a distributed client, else one
+  ``dask.delayed`` key of the graph.
 * :func:`correct_hdf5` streams a 3-D HDF5 dataset block by block into a
   chunked, compressed HDF5 dataset (one frame per chunk). Memory is bounded by
   a few blocks, whatever the number of frames. Reading the next block, the
@@ -85,6 +85,25 @@ def _apply_block(block, matrix, normalize, dummy, nthreads):
     return matrix.apply(block, normalize=normalize, dummy=dummy, nthreads=nthreads)
 
 
+def _share(matrix, dask):
+    """The matrix as one object every block task refers to, never a copy per task.
+
+    On a distributed cluster it is scattered to every worker at once: put in
+    the graph instead, it would travel through the scheduler (which warns
+    about any graph above 10 MB; the matrix weighs ~150 MB at 2048²).
+    """
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):  # ValueError: no distributed client is running
+        client = None
+    if client is not None and dask.base.get_scheduler() == client.get:
+        return client.scatter(matrix, broadcast=True, hash=False)
+    # a fresh key: id() may be reused by a later matrix while a cluster holds the old one
+    return dask.delayed(matrix, name=f"correction-matrix-{uuid.uuid4().hex}")
+
+
 def correct_dask(array, detector_or_matrix, *, normalize=False, dummy=0.0, nthreads=1):
     """Correct a dask array of frames for the distortion, lazily.
 
@@ -119,11 +138,18 @@ def correct_dask(array, detector_or_matrix, *, normalize=False, dummy=0.0, nthre
 
     Notes
     -----
-    The matrix is wrapped in one ``dask.delayed`` object, so it appears once
-    in the graph whatever the number of blocks. On a distributed cluster,
-    scattering it first (``client.scatter(matrix, broadcast=True)``) and
-    passing the future's result is not needed: the scheduler copies the
-    single key to each worker that needs it.
+    The matrix is shared, never copied into each task. When dask's
+    scheduler is a ``distributed`` client, the matrix is scattered to all
+    its workers now (``client.scatter(matrix, broadcast=True)``) and
+    the graph refers to that future: compute the result on that client.
+    Otherwise it is one ``dask.delayed`` key, whatever the number of
+    blocks, for the threaded or process schedulers.
+
+    An h5py dataset can be wrapped with ``dask.array.from_array`` for the
+    threaded scheduler, but h5py objects cannot be pickled, so worker
+    processes must open the file themselves (e.g. one ``dask.delayed`` read
+    per block); for a plain file-to-file job :func:`correct_hdf5` is
+    simpler and bounded in memory.
     """
     try:
         import dask
@@ -148,8 +174,7 @@ def correct_dask(array, detector_or_matrix, *, normalize=False, dummy=0.0, nthre
     if len(array.chunks[1]) > 1 or len(array.chunks[2]) > 1:
         array = array.rechunk({1: -1, 2: -1})
     work = _work_dtype(array.dtype)
-    # a fresh key: id() may be reused by a later matrix while a cluster still holds the old one
-    shared = dask.delayed(matrix, name=f"correction-matrix-{uuid.uuid4().hex}")
+    shared = _share(matrix, dask)
     ny, nx = matrix.shape_out
     return da.map_blocks(
         _apply_block,
