@@ -341,7 +341,12 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=8, compression="gzip",
         reader), or none.
     compression_level : int
         Deflate level, 1 (fastest; the default) to 9. ISA-L is used when
-        installed (``ccdgrid[fast]``), at most at level 2.
+        installed (``ccdgrid[fast]``), at most at level 2. Deflating a
+        2048² float32 frame costs ~23 ms of CPU with ISA-L but ~330 ms with
+        the standard zlib, against ~45 ms for the correction itself: without
+        ISA-L, compression sets the pace (about 5x slower than
+        ``compression=None`` on 2 cores). Corrected counts compress poorly
+        anyway (~80 % of the raw size).
     normalize, dummy
         See :meth:`CorrectionMatrix.apply`.
     progress : bool
@@ -490,8 +495,9 @@ examples:
   ccdgrid correct-stack scan.h5::/entry/data -d detector.h5 -o corrected.h5 --chunk 16
 
 The output holds float32 frames (float64 for float64 input), one frame per HDF5
-chunk, shuffled and deflated (--no-compression to store them raw). It is written
-under a temporary name and moved into place only when complete.
+chunk, shuffled and deflated (--no-compression to store them raw; deflate is
+fast only with ISA-L: pip install "ccdgrid[fast]"). It is written under a
+temporary name and moved into place only when complete.
 """
 
 
