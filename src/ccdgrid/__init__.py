@@ -45,6 +45,8 @@ _LAZY = {
     "calibrate": "pipeline",
     "Calibration": "pipeline",
     "load": "detector_file",
+    "correct_dask": "stack",
+    "correct_hdf5": "stack",
     "recalibrate": "warmstart",
     "WarmCalibration": "warmstart",
     "WarmStartFallback": "warmstart",
@@ -72,6 +74,7 @@ _SUBMODULES = {
     "spline",
     "exchange",
     "validation",
+    "stack",
 }
 
 __all__ = ["__version__", "openmp_enabled", *sorted(_LAZY), *sorted(_SUBMODULES)]

@@ -47,6 +47,8 @@ examples:
   ccdgrid info grid_detector.h5                what a detector file holds
   ccdgrid validate grid.edf -d grid_detector.h5            correct the grid image, re-measure it
   ccdgrid correct scan_*.edf -d grid_detector.h5 -o out/   correct images for the distortion
+  ccdgrid correct-stack in.h5::/entry/data -d grid_detector.h5 -o out.h5::/entry/data
+                                               correct a frame stack, streamed
   ccdgrid report grid_detector.h5 grid.edf -o report.png   the figure to check a calibration
   ccdgrid convert grid_detector.h5 grid.spline export for Fit2D / pyFAI splinefile=
   ccdgrid COMMAND --help                       the options of one command
@@ -305,10 +307,12 @@ def build_parser():
     from .correction import add_correct_parser
     from .exchange import add_convert_parser
     from .report import add_report_parser
+    from .stack import add_correct_stack_parser
     from .validation import add_validate_parser
 
     add_validate_parser(sub, parents=[common])
     add_correct_parser(sub, parents=[common])
+    add_correct_stack_parser(sub, parents=[common])
     add_report_parser(sub, parents=[common])
     add_convert_parser(sub, parents=[common])
     return parser

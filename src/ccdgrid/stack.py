@@ -29,8 +29,6 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
 from .correction import CorrectionMatrix
 from .errors import CcdgridError
 
@@ -65,10 +63,14 @@ def _as_matrix(detector_or_matrix, name="detector_or_matrix"):
 
 def _work_dtype(dtype):
     """The dtype CorrectionMatrix.apply returns for input of ``dtype``."""
+    import numpy as np
+
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
 def _check_real_dtype(dtype, label):
+    import numpy as np
+
     dtype = np.dtype(dtype)
     if (
         dtype.kind == "O"
@@ -151,6 +153,8 @@ def correct_dask(array, detector_or_matrix, *, normalize=False, dummy=0.0, nthre
     per block); for a plain file-to-file job :func:`correct_hdf5` is
     simpler and bounded in memory.
     """
+    import numpy as np
+
     try:
         import dask
         import dask.array as da
@@ -214,7 +218,7 @@ class StackResult:
     path: pathlib.Path
     dataset: str
     shape: tuple
-    dtype: np.dtype
+    dtype: object  # numpy.dtype of the output frames
     seconds: float
 
     @property
@@ -302,6 +306,8 @@ class _Progress:
 
 
 def _check_compression(compression, level):
+    import numpy as np
+
     if compression not in ("gzip", None):
         raise CcdgridError(f"`compression` must be 'gzip' or None, got {compression!r}")
     if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or not 1 <= level <= 9:
@@ -309,6 +315,8 @@ def _check_compression(compression, level):
 
 
 def _positive_int(value, label):
+    import numpy as np
+
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise CcdgridError(f"`{label}` must be a positive int, got {value!r}")
     return int(value)
@@ -425,6 +433,8 @@ def _read_block(source, i0, i1):
 
 
 def _raw(frame):
+    import numpy as np
+
     return np.ascontiguousarray(frame)
 
 
