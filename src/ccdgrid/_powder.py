@@ -46,6 +46,7 @@ import numpy as np
 __all__ = [
     "PowderSetup",
     "RingFit",
+    "fit_beam_centre",
     "fit_rings",
     "integrate_rings",
     "regular_detector",
@@ -220,8 +221,81 @@ class RingFit:
     intensity: np.ndarray
 
 
+def fit_beam_centre(image, detector, setup, *, mask=None, iterations=3, half_window=4.0):
+    """PONI ``(poni1, poni2)`` in m: the common centre of the rings as ``detector`` sees them.
+
+    Each detector model puts the pixels in its own frame: ccdgrid's frame is
+    its fitted lattice's, which may be translated (and scaled by a few 1e-4)
+    from the generator's. A translated beam centre would smear every ring
+    by ``± shift``, so the centre is fitted for each detector, as one would
+    refine the PONI on a calibrant.
+
+    Parameters
+    ----------
+    image : ndarray of shape ``setup.shape``
+    detector : pyFAI.detectors.Detector
+    setup : PowderSetup
+        Gives the starting centre (``setup.poni``) and the ring radii.
+    mask : ndarray of shape ``setup.shape`` or None
+        Nonzero for pixels to leave out.
+    iterations : int
+        Refits, each re-selecting the pixels around the rings.
+    half_window : float
+        Pixels within ``half_window * sigma_px`` of a ring are used.
+
+    Returns
+    -------
+    tuple of 2 float, m
+
+    Notes
+    -----
+    A weighted algebraic (Kåsa) circle fit with one centre for all rings:
+    ``|x|² = 2 c . x + b_k`` is linear in ``(c, b_1 .. b_K)``; each pixel is
+    weighted by its counts above the background. A ring symmetric about its
+    centre gives an unbiased centre.
+    """
+    pos1, pos2 = detector.calc_cartesian_positions()[:2]
+    pos1 = np.asarray(pos1, dtype=np.float64)
+    pos2 = np.asarray(pos2, dtype=np.float64)
+    good = np.isfinite(pos1) & np.isfinite(pos2)
+    if mask is not None:
+        good &= np.asarray(mask) == 0
+    weight = np.asarray(image, dtype=np.float64) - setup.background
+    centre = np.array(setup.poni, dtype=np.float64)
+    unit = setup.unit_m
+    # coordinates in px about the starting centre keep the normal equations well scaled
+    y = (pos1[good] - centre[0]) / unit
+    x = (pos2[good] - centre[1]) / unit
+    w = weight[good]
+    shift = np.zeros(2)
+    k_count = len(setup.radii_px)
+    for _ in range(iterations):
+        r = np.hypot(y - shift[0], x - shift[1])
+        rows, rhs, wts = [], [], []
+        for k, rk in enumerate(setup.radii_px):
+            sel = (np.abs(r - rk) <= half_window * setup.sigma_px) & (w > 0)
+            design = np.zeros((int(sel.sum()), 2 + k_count))
+            design[:, 0] = 2 * y[sel]
+            design[:, 1] = 2 * x[sel]
+            design[:, 2 + k] = 1.0
+            rows.append(design)
+            rhs.append(y[sel] ** 2 + x[sel] ** 2)
+            wts.append(np.sqrt(w[sel]))
+        design, rhs, wts = np.vstack(rows), np.concatenate(rhs), np.concatenate(wts)
+        sol, *_ = np.linalg.lstsq(design * wts[:, None], rhs * wts, rcond=None)
+        shift = sol[:2]
+    return tuple(centre + shift * unit)
+
+
 def integrate_rings(
-    image, detector, setup, *, mask=None, bin_px=0.25, method=("full", "csr", "cython")
+    image,
+    detector,
+    setup,
+    *,
+    poni=None,
+    mask=None,
+    bin_px=0.25,
+    method=("full", "csr", "cython"),
 ):
     """Azimuthal profile of ``image`` in px of radius, with pyFAI.
 
@@ -230,7 +304,9 @@ def integrate_rings(
     image : ndarray of shape ``setup.shape``
     detector : pyFAI.detectors.Detector
     setup : PowderSetup
-        Gives the PONI (the same for every detector), distance, wavelength.
+        Gives the distance, the wavelength and the default PONI.
+    poni : tuple of 2 float or None, m
+        ``(poni1, poni2)``; None: ``setup.poni``.
     mask : ndarray of shape ``setup.shape`` or None
         Nonzero for pixels to leave out.
     bin_px : float, px
@@ -245,7 +321,7 @@ def integrate_rings(
     """
     from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
-    poni1, poni2 = setup.poni
+    poni1, poni2 = setup.poni if poni is None else poni
     ai = AzimuthalIntegrator(
         dist=setup.dist, poni1=poni1, poni2=poni2, detector=detector, wavelength=setup.wavelength
     )
