@@ -11,8 +11,15 @@ image (see :mod:`ccdgrid._powder` for the model), then integrated by pyFAI's
     (``set_dy``/``set_dx``), with the pixel size ccdgrid's rule gives for
     the generator's exact lattice.
 
-All three use the same PONI. Each ring is fitted by a Gaussian plus a
-constant; the table gives its radius (px and 2 theta) and FWHM (px).
+The distance and the starting PONI are the true ones for all three; the
+beam centre is then fitted for each detector separately
+(:func:`ccdgrid._powder.fit_beam_centre`), because each model puts the
+pixels in its own frame: ccdgrid's is its fitted lattice's, translated from
+the generator's by up to a pixel with the "strong" preset, which with a
+common PONI would smear every ring by that much. The pixels ccdgrid
+calibrated (its mask) are used for all three. Each ring is fitted by a
+Gaussian plus a constant; the table gives its radius (px and 2 theta) and
+FWHM (px).
 Targets: |radius(b) - radius(c)| <= 0.05 px and FWHM(b) within 5 % of
 FWHM(c).
 
