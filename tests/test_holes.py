@@ -26,6 +26,33 @@ def test_threshold_moves_with_scale():
     assert t2 - t1 == pytest.approx(1.0, abs=0.1)
 
 
+@pytest.mark.parametrize(
+    ("modes", "n_holes"),
+    [
+        ([(0.1, 0.15, 100), (1.2, 0.2, 60), (2.2, 0.1, 60)], 130),  # few, multimodal noise peaks
+        ([(2.4, 0.3, 30)], 100),  # holes are three quarters of the peaks
+    ],
+)
+def test_threshold_finds_holes_when_the_noise_spread_is_spoiled(modes, n_holes):
+    # median + 6 MAD of these peaks lies above every hole (the floor used to be
+    # returned as is: 0 holes); the gap of >= 0.6 decade below the holes is the threshold
+    rng = np.random.default_rng(20)
+    noise = np.concatenate([rng.normal(m, s, n) for m, s, n in modes])
+    noise = np.minimum(noise, 3.0)
+    holes = rng.normal(3.75, 0.08, n_holes).clip(3.6, 3.9)
+    thr, _ = auto_threshold(np.concatenate([noise, holes]))
+    assert noise.max() < thr < holes.min()
+
+
+def test_threshold_keeps_a_few_holes_above_the_noise():
+    # four holes over a single noise mode: the floor keeps them, no gap search
+    rng = np.random.default_rng(21)
+    noise = rng.normal(1.0, 0.25, 300)
+    holes = np.array([4.1, 4.11, 4.12, 4.13])
+    thr, _ = auto_threshold(np.concatenate([noise, holes]))
+    assert noise.max() < thr < holes.min()
+
+
 def test_ring_background():
     yy, xx = np.mgrid[0:64, 0:64]
     img = (5.0 + 0.0 * yy).astype(np.float32)

@@ -76,6 +76,11 @@ def ring_background(smoothed, peaks, radius, n=8):
     return median, part[:, 0].astype(np.float64), part[:, -1].astype(np.float64)
 
 
+# fewer peaks above the noise floor than this means the floor missed the holes
+# (peaks.MIN_HOLES: no lattice can be defined from fewer)
+_MIN_BRIGHT = 6
+
+
 def auto_threshold(log_contrast, bin_width=0.05):
     """Choose the log10-contrast threshold separating holes from noise peaks.
 
@@ -97,7 +102,11 @@ def auto_threshold(log_contrast, bin_width=0.05):
     1. The noise peaks are the bulk of the low values: their median ``m`` and
        spread ``s`` (MAD) are taken from the lower half of the distribution.
     2. Holes are the high mode: the median of the values above ``m + 6 s``
-       (if there are none, the threshold is ``m + 6 s``).
+       (if there are none, the threshold is ``m + 6 s``). If fewer than six
+       values lie above ``m + 6 s``, the noise statistics were spoiled (few,
+       multimodal noise peaks, or holes near half of all peaks): the floor
+       and the lower end of the search in 3. move to the widest gap between
+       sorted values above the faintest tenth, if six values lie above it.
     3. The threshold is the centre of the emptiest stretch of the histogram
        (smoothed over 3 bins) between ``m + 4 s`` and the hole mode minus
        0.3 decade (but not below the hole mode minus one decade); the
@@ -114,13 +123,29 @@ def auto_threshold(log_contrast, bin_width=0.05):
     spread = 1.4826 * float(np.median(np.abs(lower - np.median(lower))))
     spread = max(spread, bin_width)
     floor = med + 6.0 * spread
+    start = med + 4.0 * spread
     bright = vals[vals > floor]
+    if bright.size < _MIN_BRIGHT and vals.size > 2 * _MIN_BRIGHT:
+        # With few noise peaks (large holes leave few watershed regions) or
+        # holes making up nearly half of the peaks, the "noise" spread holds
+        # several modes or the holes themselves and the floor lands above
+        # every hole. The holes are then the values above the widest gap
+        # between sorted values, which is where the floor goes instead; the
+        # faintest tenth (the noise's own long tail) is left out of the search.
+        upper = vals[vals.size // 10 :]
+        k = int(np.argmax(np.diff(upper)))
+        # fewer values above the gap than are needed: these few are the holes
+        # and the floor already keeps them
+        if upper.size - k - 1 >= _MIN_BRIGHT and upper[k] < floor:
+            start = float(upper[k])
+            floor = 0.5 * (upper[k] + upper[k + 1])
+            bright = vals[vals > floor]
     if bright.size == 0:
         return floor, LogHistogram(edges, counts, floor)
     mode = float(np.median(bright))
     # holes ten times fainter than the typical one are never kept (see
     # classify_fits), so the threshold need not go lower
-    start = max(med + 4.0 * spread, mode - 1.0)
+    start = max(start, mode - 1.0)
     stop = mode - 0.3
     if stop <= start:
         thr = min(floor, mode - 0.3) if mode - 0.3 > med else floor
