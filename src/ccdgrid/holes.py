@@ -172,7 +172,7 @@ def _robust_z(values, ref):
     return (values - med) / max(mad, 1e-12 * max(abs(med), 1.0))
 
 
-def classify_fits(fit, contrast, nmin=5):
+def classify_fits(fit, contrast, nmin=5, image_shape=None):
     """Reasons to reject fitted candidates, judged against the population.
 
     Parameters
@@ -183,6 +183,9 @@ def classify_fits(fit, contrast, nmin=5):
         Peak contrast of each candidate in the smoothed image.
     nmin : int
         Below this many plausible holes, only the absolute tests apply.
+    image_shape : tuple of int, optional
+        ``(h, w)`` of the image: a hole whose blurred disc (``R + 2 s``)
+        reaches past the image border is cut by it.
 
     Returns
     -------
@@ -226,23 +229,48 @@ def classify_fits(fit, contrast, nmin=5):
     chi_z = _robust_z(logchi, logchi[good])
     asym_z = _robust_z(fit.asymmetry, fit.asymmetry[good])
     ring_z = _robust_z(fit.ring_asymmetry, fit.ring_asymmetry[good])
-    cut = good & (
-        ((chi_z > 6.0) & (fit.chi2 > 1.5 * np.median(fit.chi2[good])))
-        | ((asym_z > 6.0) & (fit.asymmetry > 0.04))
-        | ((ring_z > 6.0) & (fit.ring_asymmetry > 6.0))
-    )
     # a hole partly cut by the taper edge keeps its shape but loses light:
     # it is dimmer than its neighbours (vignetting is smooth on that scale)
     ratio = _neighbour_ratio(fit.centres, amp, good)
+    # A hole cut by a lit-area edge need not look smaller: the fit may
+    # drop its dimmed side as outliers and leave a one-sided residual. Both
+    # are judged against this image's holes, with margins that a hot pixel
+    # or two in a hole does not reach (outliers alone also come from a
+    # missing neighbour or a background step beside a whole hole).
+    out = fit.outliers.astype(np.float64)
+    out_med = float(np.median(out[good]))
+    out_mad = 1.4826 * float(np.median(np.abs(out[good] - out_med)))
+    asym_med = float(np.median(fit.asymmetry[good]))
+    cut = good & (
+        ((chi_z > 6.0) & (fit.chi2 > 1.5 * np.median(fit.chi2[good])))
+        | ((asym_z > 6.0) & (fit.asymmetry > 0.04))
+        # one-sided and dimmer than the neighbours: cut (a whole hole in a
+        # resampled image may be as one-sided, but keeps its light)
+        | ((asym_z > 6.0) & (fit.asymmetry > 2.0 * asym_med) & (ratio < 0.95))
+        | ((ring_z > 6.0) & (fit.ring_asymmetry > 6.0))
+        | ((out > max(1.5 * out_med + 20.0, out_med + 6.0 * out_mad)) & (asym_z > 3.0))
+    )
+    if image_shape is not None:
+        reach = fit.radius + 2.0 * fit.blur
+        cy, cx = fit.centres[:, 0], fit.centres[:, 1]
+        h, w = image_shape
+        edge = np.minimum(np.minimum(cy, h - 1 - cy), np.minimum(cx, w - 1 - cx))
+        cut |= good & (edge < reach)
     # ... and, losing its rim, it looks smaller than its neighbours (the
     # local magnification changes by far less than 2 % from hole to hole).
     # A dark fibre-bundle boundary across a hole also dims it and makes it
     # one-sided, but leaves its radius: dimness alone is not enough.
     r_ratio = _neighbour_ratio(fit.centres, fit.radius, good)
+    # How far a whole hole's fitted radius strays from its neighbours' depends
+    # on the noise and on how much the holes differ: the limits scale with
+    # the robust spread of the ratio over this image's holes.
+    r_spread = 1.4826 * float(np.median(np.abs(r_ratio[good] - np.median(r_ratio[good]))))
+    small = 1.0 - max(0.04, 4.0 * r_spread)
+    smallish = 1.0 - max(0.02, 2.0 * r_spread)
     dim = good & (
         (ratio < 0.7)
-        | (r_ratio < 0.96)
-        | ((ratio < 0.9) & ((r_ratio < 0.98) | ((asym_z > 3.0) & (r_ratio < 0.995))))
+        | (r_ratio < small)
+        | ((ratio < 0.9) & ((r_ratio < smallish) | ((asym_z > 3.0) & (r_ratio < 0.995))))
     )
     reasons[cut | dim] = "cut by edge"
     return reasons

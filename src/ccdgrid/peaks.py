@@ -340,7 +340,7 @@ def _search(img, valid, diameter, pitch, threshold, backend, timings):
             img, seeds[fit_idx], radius, half=halves[fit_idx], valid=valid, backend=backend
         )
         positions[fit_idx] = fit.centres
-        fit_reasons = _holes.classify_fits(fit, contrast[fit_idx])
+        fit_reasons = _holes.classify_fits(fit, contrast[fit_idx], image_shape=img.shape)
         if valid is not None:
             heavy = _masked_fraction_high(valid, fit, half_min)
             fit_reasons[(fit_reasons == "") & heavy] = "masked"
