@@ -221,7 +221,13 @@ def find_holes(
     valid = None if invalid is None else ~invalid
     if valid is not None:
         if not valid.any():
-            raise CcdgridError("`mask` marks every pixel of `image` as invalid")
+            user = _as_mask(mask, img.shape)
+            if user is not None and user.all():
+                raise CcdgridError("`mask` marks every pixel of `image` as invalid")
+            raise CcdgridError(
+                "`image` has no usable pixel: every pixel is NaN, infinite, on a dead line"
+                " or masked"
+            )
         img = np.where(valid, img, np.float32(np.median(img[valid])))
 
     timings = {}
