@@ -221,7 +221,13 @@ def find_holes(
     valid = None if invalid is None else ~invalid
     if valid is not None:
         if not valid.any():
-            raise CcdgridError("`mask` marks every pixel of `image` as invalid")
+            user = _as_mask(mask, img.shape)
+            if user is not None and user.all():
+                raise CcdgridError("`mask` marks every pixel of `image` as invalid")
+            raise CcdgridError(
+                "`image` has no usable pixel: every pixel is NaN, infinite, on a dead line"
+                " or masked"
+            )
         img = np.where(valid, img, np.float32(np.median(img[valid])))
 
     timings = {}
@@ -340,7 +346,7 @@ def _search(img, valid, diameter, pitch, threshold, backend, timings):
             img, seeds[fit_idx], radius, half=halves[fit_idx], valid=valid, backend=backend
         )
         positions[fit_idx] = fit.centres
-        fit_reasons = _holes.classify_fits(fit, contrast[fit_idx])
+        fit_reasons = _holes.classify_fits(fit, contrast[fit_idx], image_shape=img.shape)
         if valid is not None:
             heavy = _masked_fraction_high(valid, fit, half_min)
             fit_reasons[(fit_reasons == "") & heavy] = "masked"
