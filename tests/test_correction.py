@@ -1,5 +1,7 @@
 """Exact pixel splitting (ccdgrid.correction): one specification, both engines."""
 
+import os
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -506,3 +508,152 @@ def test_smooth_distortion_matches_pyfai_within_its_row_strip_error():
     assert diff.max() <= 4 * slope / 8
     assert diff.mean() < diff.max() / 3  # most pixels agree much better
     assert_allclose(ours.sum(), theirs.sum(), rtol=1e-5)  # both conserve flux
+
+
+# -- the ``ccdgrid correct`` command ---------------------------------------------
+
+
+def write_detector(path, dy, dx, mask=None):
+    from ccdgrid.detector_file import save_detector
+
+    cal = SimpleNamespace(dy=dy, dx=dx, pixel_size=(5e-5, 5e-5), mask=mask)
+    return save_detector(path, cal)
+
+
+def write_inputs(directory, images):
+    """Write images[0] as .npy, images[1] as .edf, images[2] as .tif; return the paths."""
+    import fabio.edfimage
+    import fabio.tifimage
+
+    paths = [directory / "a.npy", directory / "b.edf", directory / "c.tif"][: len(images)]
+    writers = [
+        lambda p, d: np.save(p, d),
+        lambda p, d: fabio.edfimage.EdfImage(data=d).write(str(p)),
+        lambda p, d: fabio.tifimage.TifImage(data=d).write(str(p)),
+    ]
+    for path, image, write in zip(paths, images, writers, strict=False):
+        write(path, image)
+    return paths
+
+
+def test_cli_correct_builds_once_and_writes_every_image(tmp_path, backend, capsys):
+    from ccdgrid.cli import main
+    from ccdgrid.detector_file import load
+
+    dy, dx = smooth_maps(40, 48, 1.5, seed=30)
+    mask = np.zeros((40, 48), np.int8)
+    mask[7, 9:12] = 1
+    det = write_detector(tmp_path / "det.h5", dy, dx, mask)
+    rng = np.random.default_rng(30)
+    images = [rng.integers(0, 4000, (40, 48)).astype(np.uint16) for _ in range(3)]
+    paths = write_inputs(tmp_path, images)
+    out = tmp_path / "out" / "new"
+
+    argv = ["correct", *map(str, paths), "-d", str(det), "-o", str(out), "--backend", backend]
+    assert main(argv) == 0
+
+    printed = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("detector ") for line in printed) == 1
+    assert [line.split()[1] for line in printed if line.startswith("wrote ")] == [
+        str(out / "a_corrected.npy"),
+        str(out / "b_corrected.edf"),
+        str(out / "c_corrected.tif"),
+    ]
+    assert sorted(os.listdir(out)) == ["a_corrected.npy", "b_corrected.edf", "c_corrected.tif"]
+    # the stored maps are float32: the expectation uses what the file holds, built by
+    # the numpy twin so that the command's engine is checked against the other one
+    rec = load(det)
+    for name, image in zip(["a_corrected.npy", "b_corrected.edf", "c_corrected.tif"], images,
+                           strict=True):  # fmt: skip
+        expected = correct(image, rec, backend="numpy", cache=False)
+        got = np.load(out / name) if name.endswith(".npy") else fabio_read(out / name)
+        assert got.dtype == np.float32
+        assert_allclose(got, expected, rtol=2e-6, atol=1e-3)
+
+
+def fabio_read(path):
+    import fabio
+
+    return fabio.open(str(path)).data
+
+
+def test_cli_correct_normalize_dummy_and_format(tmp_path):
+    from ccdgrid.cli import main
+
+    # a shift of +2.5 px along x: output column l >= 3 holds half of input columns
+    # l - 3 and l - 2; column 2 only half of column 0; columns 0 and 1 nothing
+    z = np.zeros((25, 21))
+    det = write_detector(tmp_path / "det.h5", z, z + 2.5)
+    image = np.random.default_rng(31).random((24, 20)) * 100
+    np.save(tmp_path / "frame.npy", image)
+    argv = ["correct", str(tmp_path / "frame.npy"), "-d", str(det), "-o", str(tmp_path)]
+    assert main([*argv, "--normalize", "--dummy", "nan", "--format", "edf"]) == 0
+
+    got = fabio_read(tmp_path / "frame_corrected.edf")
+    assert got.dtype == np.float64  # float64 input stays float64
+    assert np.isnan(got[:, :2]).all()
+    assert_allclose(got[:, 2], image[:, 0], rtol=1e-12)
+    assert_allclose(got[:, 3:], 0.5 * (image[:, :-3] + image[:, 1:-2]), rtol=1e-12)
+
+
+def test_cli_correct_missing_detector_leaves_nothing(tmp_path, capsys):
+    from ccdgrid.cli import main
+
+    np.save(tmp_path / "a.npy", np.ones((8, 8)))
+    out = tmp_path / "out"
+    code = main(["correct", str(tmp_path / "a.npy"), "-d", str(tmp_path / "nope.h5"),
+                 "-o", str(out)])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ccdgrid: error: detector file not found")
+    assert len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_correct_shape_mismatch_leaves_nothing(tmp_path, capsys):
+    from ccdgrid.cli import main
+
+    z = np.zeros((17, 17))
+    det = write_detector(tmp_path / "det.h5", z, z)
+    np.save(tmp_path / "small.npy", np.ones((16, 15)))
+    out = tmp_path / "out"
+    assert main(["correct", str(tmp_path / "small.npy"), "-d", str(det), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"small\.npy has shape \(16, 15\), but the detector .* is \(16, 16\)", err)
+    assert not out.exists()
+
+
+def test_cli_correct_refuses_two_inputs_with_one_output_name(tmp_path, capsys):
+    from ccdgrid.cli import main
+
+    z = np.zeros((9, 9))
+    det = write_detector(tmp_path / "det.h5", z, z)
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        np.save(tmp_path / sub / "x.npy", np.ones((8, 8)))
+    argv = ["correct", str(tmp_path / "a" / "x.npy"), str(tmp_path / "b" / "x.npy"),
+            "-d", str(det), "-o", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 1
+    assert "would both be written to x_corrected.npy" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_correct_failed_write_leaves_no_file(tmp_path, monkeypatch, capsys):
+    from ccdgrid.cli import main
+
+    z = np.zeros((9, 9))
+    det = write_detector(tmp_path / "det.h5", z, z)
+    np.save(tmp_path / "x.npy", np.ones((8, 8)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x_corrected.npy").write_bytes(b"old")
+
+    def disk_full(stream, data):
+        stream.write(b"partial")
+        raise OSError(28, "No space left on device", str(out / "x_corrected.npy"))
+
+    monkeypatch.setattr(np, "save", disk_full)
+    assert main(["correct", str(tmp_path / "x.npy"), "-d", str(det), "-o", str(out)]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert os.listdir(out) == ["x_corrected.npy"]
+    assert (out / "x_corrected.npy").read_bytes() == b"old"  # the old file is untouched

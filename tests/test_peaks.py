@@ -357,6 +357,18 @@ def test_bad_mask_shape(default_image):
         find_holes(default_image[0], mask=np.zeros((3, 3), bool))
 
 
+def test_all_nan_image_is_named_not_the_mask():
+    # no mask was given: the message must not blame one
+    with pytest.raises(CcdgridError, match="`image` has no usable pixel"):
+        find_holes(np.full((64, 64), np.nan))
+
+
+def test_all_masked_image_blames_the_mask(default_image):
+    image = default_image[0]
+    with pytest.raises(CcdgridError, match="`mask` marks every pixel"):
+        find_holes(image, mask=np.ones(image.shape, dtype=bool))
+
+
 def test_bad_backend(default_image):
     with pytest.raises(CcdgridError, match="backend"):
         find_holes(default_image[0], backend="fortran")

@@ -45,11 +45,37 @@ _LAZY = {
     "calibrate": "pipeline",
     "Calibration": "pipeline",
     "load": "detector_file",
+    "correct_dask": "stack",
+    "correct_hdf5": "stack",
+    "recalibrate": "warmstart",
+    "WarmCalibration": "warmstart",
+    "WarmStartFallback": "warmstart",
+    "validate": "validation",
+    "ValidationResult": "validation",
+    "cross_validate": "maps",
+    "CrossValidation": "maps",
+    "read_spline": "spline",
+    "write_spline": "spline",
+    "convert": "exchange",
+    "read_edf_maps": "exchange",
+    "write_edf_maps": "exchange",
     "save_detector": "detector_file",
     "DetectorRecord": "detector_file",
     "read_image": "io",
 }
-_SUBMODULES = {"synthetic", "cli", "io", "errors", "correction", "detector_file"}
+_SUBMODULES = {
+    "synthetic",
+    "cli",
+    "io",
+    "errors",
+    "correction",
+    "detector_file",
+    "report",
+    "spline",
+    "exchange",
+    "validation",
+    "stack",
+}
 
 __all__ = ["__version__", "openmp_enabled", *sorted(_LAZY), *sorted(_SUBMODULES)]
 

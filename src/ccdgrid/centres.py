@@ -32,18 +32,20 @@ are returned for the clean-up of the hole finder.
 """
 
 import numpy as np
-from scipy.special import erfc
+
+from ._ext import _holefit as _cython
+from ._reference import holefit as _numpy
+from ._validation import check_backend
 
 __all__ = ["ProfileFit", "extract_windows", "fit_hole_profiles", "windowed_centroids"]
 
-_SQRT2 = np.sqrt(2.0)
-_INV_SQRT2PI = 1.0 / np.sqrt(2.0 * np.pi)
 # Variance model exponent: var = var_bg + c (a E)**q. Poisson noise alone is
 # q = 1; a fibre-bundle gain texture multiplies the signal (q = 2). q = 1.5
 # beat both on images with either or both (per-hole error 0.031 against
 # 0.034 for q = 1 with a fibre pattern, equal without one).
 _VARIANCE_EXPONENT = 1.5
 _NPAR = 8  # cy, cx, R, s, a, b0, by, bx
+_ENGINES = {"cython": _cython, "numpy": _numpy}
 
 
 class ProfileFit:
@@ -131,86 +133,17 @@ def _median3(windows):
     return v[4]
 
 
-def _model(p, yy, xx, with_jacobian=True):
-    """Model values (N, P) and Jacobian (N, 8, P) for parameters p (N, 8)."""
-    cy, cx, rad, s, a = (p[:, k, None] for k in range(5))
-    dy = yy[None, :] - cy
-    dx = xx[None, :] - cx
-    r = np.sqrt(dy * dy + dx * dx)
-    u = (r - rad) / s
-    edge = 0.5 * erfc(u * (1.0 / _SQRT2))
-    f = a * edge
-    f += p[:, 5, None]
-    f += p[:, 6, None] * yy[None, :]
-    f += p[:, 7, None] * xx[None, :]
-    if not with_jacobian:
-        return f, None
-    jac = np.empty((p.shape[0], _NPAR, yy.size))
-    aphi = np.exp(-0.5 * u * u)
-    aphi *= a * (_INV_SQRT2PI / s)
-    np.multiply(aphi, u, out=jac[:, 3])
-    np.copyto(jac[:, 2], aphi)
-    aphi /= np.maximum(r, 1e-9)
-    np.multiply(aphi, dy, out=jac[:, 0])
-    np.multiply(aphi, dx, out=jac[:, 1])
-    np.copyto(jac[:, 4], edge)
-    jac[:, 5] = 1.0
-    jac[:, 6] = yy[None, :]
-    jac[:, 7] = xx[None, :]
-    return f, jac
-
-
-def _gauss_newton(p, data, weight, yy, xx, half, iterations):
-    """Batched, lightly damped Gauss-Newton; returns parameters, cost, residuals.
-
-    The seeds are within a pixel and the problem is well conditioned for a
-    real hole, so plain steps (bounded to a pixel) converge in a few
-    iterations; candidates that are not holes may not converge and are
-    rejected by the caller.
-    """
-    eye = np.eye(_NPAR)
-    for _ in range(iterations):
-        f, jac = _model(p, yy, xx)
-        res = data - f
-        jw = jac * weight[:, None, :]
-        normal = jw @ jac.transpose(0, 2, 1)
-        grad = (jw @ res[..., None])[..., 0]
-        diag = np.einsum("nii->ni", normal)
-        damped = normal + (1e-3 * diag + 1e-12)[:, :, None] * eye
-        step = _solve(damped, grad)
-        np.clip(step[:, :4], -1.0, 1.0, out=step[:, :4])
-        p = p + step
-        _clamp(p, half)
-    f, _ = _model(p, yy, xx, with_jacobian=False)
-    res = data - f
-    cost = np.einsum("np,np->n", weight * res, res)
-    return p, cost, res
-
-
-def _solve(a, b):
-    """Solve a batch of small systems; a singular one gives a zero step."""
-    good = np.isfinite(a).all(axis=(1, 2)) & np.isfinite(b).all(axis=1)
-    out = np.zeros_like(b)
-    try:
-        out[good] = np.linalg.solve(a[good], b[good][..., None])[..., 0]
-    except np.linalg.LinAlgError:
-        for k in np.flatnonzero(good):  # rare: only when some system is singular
-            try:
-                out[k] = np.linalg.solve(a[k], b[k])
-            except np.linalg.LinAlgError:
-                out[k] = 0.0
-    out[~np.isfinite(out)] = 0.0
-    return out
-
-
-def _clamp(p, half):
-    np.clip(p[:, 0], -0.6 * half, 0.6 * half, out=p[:, 0])
-    np.clip(p[:, 1], -0.6 * half, 0.6 * half, out=p[:, 1])
-    np.clip(p[:, 2], 0.5, float(half), out=p[:, 2])
-    np.clip(p[:, 3], 0.2, float(half), out=p[:, 3])
-
-
-def fit_hole_profiles(image, seeds, radius, *, half, valid=None, iterations=(5, 3)):
+def fit_hole_profiles(
+    image,
+    seeds,
+    radius,
+    *,
+    half,
+    valid=None,
+    iterations=(5, 3),
+    tol=(1e-2, 1e-3),
+    backend="cython",
+):
     """Fit a blurred disc on a background plane to every hole, vectorised.
 
     Parameters
@@ -229,16 +162,24 @@ def fit_hole_profiles(image, seeds, radius, *, half, valid=None, iterations=(5, 
     valid : ndarray of shape (h, w), bool, optional
         False for pixels that must not be used (masked, dead).
     iterations : (int, int)
-        Gauss-Newton iterations of the median-filtered and of the raw pass.
+        Most Gauss-Newton iterations of the median-filtered and of the raw pass.
+    tol : (float, float)
+        Per pass, a hole stops iterating once its steps in centre, radius and
+        blur are at most ``tol`` px (and its amplitude step ``tol`` times the
+        amplitude).
+    backend : {"cython", "numpy"}
+        Engine of the Gauss-Newton fits.
 
     Returns
     -------
     ProfileFit
         In the order of ``seeds``.
     """
+    engine = _ENGINES[check_backend(backend)]
+    passes = tuple(zip((int(k) for k in iterations), (float(t) for t in tol), strict=True))
     seeds = np.asarray(seeds, dtype=np.float64)
     halves = np.broadcast_to(np.asarray(half, dtype=np.int64), seeds.shape[:1])
-    fit = _fit_batches(image, seeds, radius, halves, valid, iterations)
+    fit = _fit_batches(image, seeds, radius, halves, valid, passes, engine)
     # a seed far from its hole (e.g. pulled by a hot pixel) leaves the hole
     # off-centre in its window: fit those again around the new centre
     moved = np.abs(fit.centres - np.rint(seeds)).max(axis=1) > 1.0
@@ -250,22 +191,22 @@ def fit_hole_profiles(image, seeds, radius, *, half, valid=None, iterations=(5, 
         again = room >= halves[moved]
         idx = np.flatnonzero(moved)[again]
         if idx.size:
-            refit = _fit_batches(image, new[again], radius, halves[idx], valid, iterations)
+            refit = _fit_batches(image, new[again], radius, halves[idx], valid, passes, engine)
             for name in ProfileFit.__slots__:
                 getattr(fit, name)[idx] = getattr(refit, name)
     return fit
 
 
-def _fit_batches(image, seeds, radius, halves, valid, iterations):
+def _fit_batches(image, seeds, radius, halves, valid, passes, engine):
     """Fit groups of seeds that share a window size; results in seed order."""
     parts = []
     order = []
     for hv in np.unique(halves):
         idx = np.flatnonzero(halves == hv)
-        parts.append(_fit_group(image, seeds[idx], radius, int(hv), valid, iterations))
+        parts.append(_fit_group(image, seeds[idx], radius, int(hv), valid, passes, engine))
         order.append(idx)
     if not parts:
-        return _fit_group(image, seeds, radius, 3, valid, iterations)
+        return _fit_group(image, seeds, radius, 3, valid, passes, engine)
     if len(parts) == 1:
         return parts[0]
     idx = np.concatenate(order)
@@ -278,7 +219,8 @@ def _fit_batches(image, seeds, radius, halves, valid, iterations):
     return ProfileFit(**fields)
 
 
-def _fit_group(image, seeds, radius, half, valid, iterations):
+def _fit_group(image, seeds, radius, half, valid, passes, engine):
+    solve, tail = engine.gauss_newton, engine.gaussian_tail
     n = seeds.shape[0]
     centre = np.rint(seeds).astype(np.int64)
     raw = extract_windows(image, centre, half + 1).astype(np.float64)
@@ -286,18 +228,21 @@ def _fit_group(image, seeds, radius, half, valid, iterations):
         ok_big = np.ones(raw.shape, dtype=bool)
     else:
         ok_big = extract_windows(valid, centre, half + 1)
+        # invalid pixels take the window median so that the 3x3 median ignores them
+        bad = np.flatnonzero(~ok_big.all(axis=(1, 2)))
+        if bad.size:
+            fill = np.median(raw[bad].reshape(bad.size, -1), axis=1)
+            raw[bad] = np.where(ok_big[bad], raw[bad], fill[:, None, None])
     w = 2 * half + 1
-    # invalid pixels take the window median so that the 3x3 median ignores them
-    fill = np.median(raw.reshape(n, -1), axis=1)
-    raw = np.where(ok_big, raw, fill[:, None, None])
     offs = np.arange(-half, half + 1, dtype=np.float64)
     yy = np.repeat(offs, w)
     xx = np.tile(offs, w)
     disc = np.flatnonzero(yy * yy + xx * xx <= (half + 0.5) ** 2)
     yy, xx = yy[disc], xx[disc]
-    med = _median3(raw).reshape(n, -1)[:, disc]
-    data = raw[:, 1:-1, 1:-1].reshape(n, -1)[:, disc]
-    ok = ok_big[:, 1:-1, 1:-1].reshape(n, -1)[:, disc]
+    # the kernels take C-contiguous rows (fancy indexing may not give them)
+    med = np.ascontiguousarray(_median3(raw).reshape(n, -1)[:, disc])
+    data = np.ascontiguousarray(raw[:, 1:-1, 1:-1].reshape(n, -1)[:, disc])
+    ok = np.ascontiguousarray(ok_big[:, 1:-1, 1:-1].reshape(n, -1)[:, disc])
 
     p = np.zeros((n, _NPAR))
     p[:, :2] = seeds - centre
@@ -310,14 +255,13 @@ def _fit_group(image, seeds, radius, half, valid, iterations):
     p[:, 4] = np.maximum(np.median(med[:, inner], axis=1) - p[:, 5], 1e-6)
 
     weight = ok.astype(np.float64)
-    p, _, res_med = _gauss_newton(p, med, weight, yy, xx, half, iterations[0])
+    _population_start(p, med, weight, yy, xx, half, passes[0][0], solve)
+    p, _, res_med, _ = solve(p, med, weight, yy, xx, half, *passes[0])
 
     # noise model from the population: background variance per hole plus a
     # signal-proportional (Poisson-like) term shared by all holes
     res_raw = data - (med - res_med)
-    edge = 0.5 * erfc(
-        (np.hypot(yy[None] - p[:, :1], xx[None] - p[:, 1:2]) - p[:, 2:3]) / (_SQRT2 * p[:, 3:4])
-    )
+    edge = tail((np.hypot(yy[None] - p[:, :1], xx[None] - p[:, 1:2]) - p[:, 2:3]) / p[:, 3:4])
     var_bg = _robust_var(res_raw, (edge < 0.02) & ok)
     var_in = _robust_var(res_raw, (edge > 0.9) & ok)
     amp = np.maximum(p[:, 4], 1e-12)
@@ -332,7 +276,7 @@ def _fit_group(image, seeds, radius, half, valid, iterations):
     variance = var_bg[:, None] + slope * np.maximum(p[:, 4:5] * edge, 0.0) ** _VARIANCE_EXPONENT
     keep = ok & (res_raw * res_raw <= 25.0 * variance)
     weight = keep / variance
-    p, cost, res = _gauss_newton(p, data, weight, yy, xx, half, iterations[1])
+    p, cost, res, _ = solve(p, data, weight, yy, xx, half, *passes[1])
     # clip again against the refined model: pass 1 may have been pulled by
     # masked or dead pixels and dropped good pixels next to them
     keep2 = ok & (res * res <= 25.0 * variance)
@@ -340,13 +284,13 @@ def _fit_group(image, seeds, radius, half, valid, iterations):
     if changed.any():
         keep[changed] = keep2[changed]
         weight = keep / variance
-        sub, cost_sub, res_sub = _gauss_newton(
-            p[changed], data[changed], weight[changed], yy, xx, half, iterations[1]
+        sub, cost_sub, res_sub, _ = solve(
+            p[changed], data[changed], weight[changed], yy, xx, half, *passes[1]
         )
         p[changed], cost[changed], res[changed] = sub, cost_sub, res_sub
 
     dof = np.maximum(keep.sum(1) - _NPAR, 1)
-    asym, ring_asym = _sector_asymmetry(res, weight, p, yy, xx, half)
+    asym, ring_asym = engine.sector_asymmetry(p, res, weight, yy, xx, float(half))
     inside = (np.abs(p[:, :2]) < 0.6 * half - 1e-9).all(1)
     converged = inside & np.isfinite(p).all(1) & (p[:, 4] > 0)
     return ProfileFit(
@@ -363,6 +307,29 @@ def _fit_group(image, seeds, radius, half, valid, iterations):
     )
 
 
+def _population_start(p, data, weight, yy, xx, half, iterations, solve, size=24):
+    """Start every hole from the median radius and blur of a few fitted ones (in place).
+
+    The radius guess comes from the image's autocorrelation and runs ~15 %
+    large, the blur guess is a plain default; all holes of a plate share
+    both to a few per cent. Fitting a spread-out sample of the brighter
+    candidates first lets the others converge in about two iterations
+    instead of five.
+    """
+    n = p.shape[0]
+    if n < 2 * size:
+        return
+    bright = np.flatnonzero(p[:, 4] >= 0.5 * np.median(p[:, 4]))
+    if bright.size < size:
+        return
+    sample = bright[np.linspace(0, bright.size - 1, size).astype(np.int64)]
+    fitted, _, _, _ = solve(p[sample], data[sample], weight[sample], yy, xx, half, iterations, 0.0)
+    good = np.isfinite(fitted).all(axis=1) & (fitted[:, 4] > 0)
+    if good.sum() >= size // 2:
+        p[:, 2] = np.median(fitted[good, 2])
+        p[:, 3] = np.median(fitted[good, 3])
+
+
 def _robust_var(res, sel):
     """Per-row variance from the median |residual| over selected pixels (NaN if < 5)."""
     vals = np.where(sel, np.abs(res), np.inf)
@@ -374,36 +341,6 @@ def _robust_var(res, sel):
     with np.errstate(invalid="ignore"):
         mad = np.where(count >= 5, 0.5 * (lo + hi), np.nan)
     return (1.4826 * mad) ** 2
-
-
-def _sector_asymmetry(res, weight, p, yy, xx, half):
-    """One-sidedness of the residuals over 8 angular sectors around each hole.
-
-    Returns ``(disc, ring)``: the largest |mean residual| of a sector of the
-    disc in units of the amplitude, and the largest |sum of normalised
-    residuals| / sqrt(count) of a sector of the background ring, in units of
-    the noise. A hole cut by the taper edge misses light on one side: its
-    disc residuals are one-sided, or its background is darker on one side --
-    a step far below the amplitude but many times the noise of a sector.
-    """
-    dy = yy[None] - p[:, :1]
-    dx = xx[None] - p[:, 1:2]
-    r = np.hypot(dy, dx)
-    sector = ((np.arctan2(dy, dx) + np.pi) * (4.0 / np.pi)).astype(np.int64) % 8
-    n = res.shape[0]
-    flat = np.arange(n)[:, None] * 8 + sector
-    keep = weight > 0
-    rad, blur = p[:, 2:3], p[:, 3:4]
-    zone = keep & (r <= rad + 1.5 * blur)
-    sums = np.bincount(flat[zone], weights=res[zone], minlength=8 * n).reshape(n, 8)
-    counts = np.bincount(flat[zone], minlength=8 * n).reshape(n, 8)
-    disc = np.abs(sums / np.maximum(counts, 1)).max(1) / np.maximum(np.abs(p[:, 4]), 1e-12)
-    zone = keep & (r > rad + 2.5 * blur) & (r <= half)
-    z = res * np.sqrt(weight)
-    sums = np.bincount(flat[zone], weights=z[zone], minlength=8 * n).reshape(n, 8)
-    counts = np.bincount(flat[zone], minlength=8 * n).reshape(n, 8)
-    ring = np.abs(sums / np.sqrt(np.maximum(counts, 1))).max(1)
-    return disc, ring
 
 
 def windowed_centroids(image, seeds, half):

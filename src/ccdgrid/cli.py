@@ -45,6 +45,12 @@ examples:
   ccdgrid demo                                 calibrate a built-in 2048x2048 example
   ccdgrid calibrate grid.edf --pitch 5mm       calibrate your grid image
   ccdgrid info grid_detector.h5                what a detector file holds
+  ccdgrid validate grid.edf -d grid_detector.h5            correct the grid image, re-measure it
+  ccdgrid correct scan_*.edf -d grid_detector.h5 -o out/   correct images for the distortion
+  ccdgrid correct-stack in.h5::/entry/data -d grid_detector.h5 -o out.h5::/entry/data
+                                               correct a frame stack, streamed
+  ccdgrid report grid_detector.h5 grid.edf -o report.png   the figure to check a calibration
+  ccdgrid convert grid_detector.h5 grid.spline export for Fit2D / pyFAI splinefile=
   ccdgrid COMMAND --help                       the options of one command
 
 """
@@ -174,6 +180,20 @@ def build_parser():
     )
     cal.add_argument("-o", "--output", metavar="FILE", help="detector file to write (.h5)")
     cal.add_argument(
+        "--from",
+        dest="previous",
+        metavar="DETECTOR",
+        help="previous detector file (.h5) of this detector: measure the holes near their "
+        "previous positions instead of searching the image (faster); falls back to a full "
+        "calibration, with a warning, if the plate moved too far",
+    )
+    cal.add_argument(
+        "--report",
+        metavar="FILE",
+        help="also draw the report figure (.png, .pdf, .svg; needs matplotlib: "
+        "pip install 'ccdgrid[plot]')",
+    )
+    cal.add_argument(
         "--mask", metavar="FILE", help="mask image of the same shape, non-zero = bad pixel"
     )
     cal.add_argument(
@@ -283,6 +303,18 @@ def build_parser():
     )
     info.add_argument("detector", metavar="DETECTOR", help="detector file (.h5)")
     info.set_defaults(run=_run_info)
+
+    from .correction import add_correct_parser
+    from .exchange import add_convert_parser
+    from .report import add_report_parser
+    from .stack import add_correct_stack_parser
+    from .validation import add_validate_parser
+
+    add_validate_parser(sub, parents=[common])
+    add_correct_parser(sub, parents=[common])
+    add_correct_stack_parser(sub, parents=[common])
+    add_report_parser(sub, parents=[common])
+    add_convert_parser(sub, parents=[common])
     return parser
 
 
@@ -358,12 +390,17 @@ def _run_calibrate(args):
         pitch_px=args.spacing,
         threshold=args.threshold,
         backend=args.backend,
+        previous=args.previous,
         source=info,  # provenance (file, frame, dataset, sha256) for the detector file
     )
     elapsed = time.perf_counter() - start
     print(calibration.summary())
     _save(calibration, output, elapsed)
     print(f'use it in pyFAI: pyFAI.detector_factory("{output}")')
+    if args.report:
+        from .report import write_report
+
+        print(f"wrote {write_report(calibration, args.report, image)}")
 
 
 def _save(calibration, output, elapsed):

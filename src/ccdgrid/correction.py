@@ -26,19 +26,19 @@ only, up to 6 % of a pixel misplaced for a 20° rotation); the input mask is
 honoured for distorted detectors; an undistorted detector gives exactly the
 identity; memory is proportional to the non-zeros; ``normalize=True``
 divides by the coverage so partially covered output pixels are not darker.
+
+The module imports numpy and scipy inside its functions only: the command line
+imports it to build its parser (``ccdgrid correct``), and ``ccdgrid --help``
+must answer at once.
 """
 
 import os
 import zlib
 from collections import OrderedDict
 
-import numpy as np
-import scipy.sparse
-
-from ._validation import check_backend
 from .errors import CcdgridError
 
-__all__ = ["CorrectionMatrix", "clear_cache", "correct"]
+__all__ = ["CorrectionMatrix", "add_correct_parser", "clear_cache", "correct", "run_correct"]
 
 
 def _kernels(backend):
@@ -50,6 +50,8 @@ def _kernels(backend):
 
 
 def _real_array(value, name):
+    import numpy as np
+
     arr = np.asarray(value)
     if (
         arr.dtype == object
@@ -61,6 +63,8 @@ def _real_array(value, name):
 
 
 def _check_maps(dy, dx):
+    import numpy as np
+
     dy = _real_array(dy, "dy")
     dx = _real_array(dx, "dx")
     if dy.ndim != 2 or dy.shape[0] < 2 or dy.shape[1] < 2:
@@ -82,6 +86,8 @@ def _pixels_with_a_flagged_corner(corner_flags):
 
 
 def _check_mask(mask, shape):
+    import numpy as np
+
     if mask is None:
         return np.zeros(shape, dtype=np.uint8)
     mask = _real_array(mask, "mask")
@@ -109,6 +115,8 @@ def _check_shape_out(shape_out, default):
 
 
 def _check_weight_dtype(dtype):
+    import numpy as np
+
     try:
         dtype = np.dtype(dtype)
     except TypeError:
@@ -155,12 +163,14 @@ class CorrectionMatrix:
         self.n_masked = int(n_masked)
         self.n_invalid = int(n_invalid)
         self.n_degenerate = int(n_degenerate)
+        from ._validation import check_backend
+
         self.backend = check_backend(backend)
         self._coverage = None
 
     @classmethod
     def from_maps(cls, dy, dx, *, mask=None, shape_out=None, backend="cython",
-                  dtype=np.float32, nthreads=0):  # fmt: skip
+                  dtype="float32", nthreads=0):  # fmt: skip
         """Build the matrix from corner displacement maps.
 
         Parameters
@@ -206,6 +216,10 @@ class CorrectionMatrix:
         exactly one weight of 1.0 per pixel. Cuts that leave less than 1e-13
         of a pixel in a cell (rounding noise) are not stored.
         """
+        import numpy as np
+
+        from ._validation import check_backend
+
         check_backend(backend)
         dy, dx = _check_maps(dy, dx)
         shape_in = (dy.shape[0] - 1, dy.shape[1] - 1)
@@ -221,6 +235,8 @@ class CorrectionMatrix:
         data, indices, indptr, n_degenerate = _kernels(backend).split_pixels(
             dy, dx, full_mask, shape_out[0], shape_out[1], dtype, nthreads
         )
+        import scipy.sparse
+
         matrix = scipy.sparse.csr_matrix(
             (data, indices, indptr),
             shape=(shape_out[0] * shape_out[1], shape_in[0] * shape_in[1]),
@@ -291,6 +307,8 @@ class CorrectionMatrix:
         CcdgridError
             If ``image`` is not real or has the wrong shape.
         """
+        import numpy as np
+
         arr = _real_array(image, "image")
         if arr.ndim == 2 and arr.shape == self.shape_in:
             stack, single = arr[None], True
@@ -333,6 +351,8 @@ def clear_cache():
 
 
 def _fingerprint(arr):
+    import numpy as np
+
     if arr is None:
         return None
     arr = np.ascontiguousarray(arr)
@@ -346,7 +366,7 @@ def _load_detector(path):
 
 
 def correct(image, detector, *, normalize=False, dummy=0.0, shape_out=None,
-            backend="cython", dtype=np.float32, cache=True):  # fmt: skip
+            backend="cython", dtype="float32", cache=True):  # fmt: skip
     """Correct an image for a detector's distortion (build, cache and apply).
 
     Parameters
@@ -375,6 +395,8 @@ def correct(image, detector, *, normalize=False, dummy=0.0, shape_out=None,
     ndarray
         See :meth:`CorrectionMatrix.apply`.
     """
+    import numpy as np
+
     if isinstance(detector, (str, os.PathLike)):
         detector = _load_detector(detector)
     missing = [a for a in ("dy", "dx", "mask") if not hasattr(detector, a)]
@@ -406,3 +428,194 @@ def correct(image, detector, *, normalize=False, dummy=0.0, shape_out=None,
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return cm.apply(image, normalize=normalize, dummy=dummy)
+
+
+# -- the ``ccdgrid correct`` command ---------------------------------------------
+
+_FORMATS = {"edf": ".edf", "tif": ".tif", "npy": ".npy"}
+_SUFFIX_FORMAT = {".edf": "edf", ".tif": "tif", ".tiff": "tif", ".npy": "npy"}
+
+_CORRECT_EPILOG = """\
+what it does:
+  Builds the flux-conserving pixel-splitting matrix of the detector file's
+  distortion once (its masked pixels left out), applies it to every IMAGE and
+  writes IMAGE_STEM_corrected.EXT in DIR. Pixel values are counts per output
+  pixel; --normalize divides by each pixel's coverage instead, so pixels at the
+  edge of the frame or beside masked pixels are not darker. Output is float32
+  (float64 for float64 input). An existing output file is replaced; a file is
+  written whole or not at all.
+
+examples:
+  ccdgrid correct scan_*.edf -d frelon_detector.h5 -o corrected/
+  ccdgrid correct frame.tif -d frelon_detector.h5 -o . --normalize --dummy nan --format npy
+"""
+
+
+def add_correct_parser(subparsers, parents=()):
+    """Add the ``correct`` subcommand to the ``ccdgrid`` command line.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        What ``ArgumentParser.add_subparsers`` returned.
+    parents : sequence of argparse.ArgumentParser
+        Parent parsers whose options the subcommand shares. Without any, the
+        subcommand defines ``--debug`` itself (the command line's ``main``
+        reads ``args.debug``); pass a parent only if it defines ``--debug``.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The subcommand's parser; it sets ``args.run`` to :func:`run_correct`.
+    """
+    import argparse
+
+    parser = subparsers.add_parser(
+        "correct",
+        parents=list(parents),
+        help="correct images for a detector's distortion",
+        description="Correct images for the spatial distortion recorded in a detector file.",
+        epilog=_CORRECT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="images to correct (anything `ccdgrid calibrate` reads), all of the detector's shape",
+    )
+    parser.add_argument(
+        "-d", "--detector", required=True, metavar="FILE", help="detector file (.h5)"
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="directory of the corrected images (created if missing)",
+    )
+    parser.add_argument(
+        "--normalize",
+        action="store_true",
+        help="divide by the coverage: intensity per full pixel instead of counts received",
+    )
+    parser.add_argument(
+        "--dummy",
+        type=float,
+        default=0.0,
+        metavar="V",
+        help="value of the pixels no valid input pixel reaches (default 0; nan allowed)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=tuple(_FORMATS),
+        help="output format (default: the input's when it is EDF, TIFF or .npy, else edf)",
+    )
+    parser.add_argument("--backend", choices=("cython", "numpy"), default="cython")
+    if not parents:
+        parser.add_argument(
+            "--debug", action="store_true", help="show the full traceback of an error"
+        )
+    parser.set_defaults(run=run_correct)
+    return parser
+
+
+def _output_path(source, directory, fmt):
+    """``directory / (stem + "_corrected" + ext)`` for an input ``path`` or ``path::dataset``."""
+    import pathlib
+
+    path = pathlib.Path(str(source).split("::", 1)[0])
+    if fmt is None:
+        fmt = _SUFFIX_FORMAT.get(path.suffix.lower(), "edf")
+    return directory / f"{path.stem}_corrected{_FORMATS[fmt]}", fmt
+
+
+def _write_atomically(target, fmt, data, header):
+    """Write ``data`` to a temporary file beside ``target``, then rename it onto ``target``."""
+    import secrets
+
+    import numpy as np
+
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        if fmt == "npy":
+            with open(tmp, "wb") as stream:
+                np.save(stream, data)
+        elif fmt == "edf":
+            import fabio.edfimage
+
+            fabio.edfimage.EdfImage(data=data, header=header).write(str(tmp))
+        else:
+            import fabio.tifimage
+
+            fabio.tifimage.TifImage(data=data).write(str(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        # also on KeyboardInterrupt: never leave the temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def run_correct(args):
+    """Run ``ccdgrid correct`` from parsed arguments; print one line per image.
+
+    The matrix is built once and applied to each image in turn, so memory
+    holds one image at a time. Images are written as they are corrected: an
+    error on one image stops the run and leaves the images before it written
+    (each whole) and nothing of it.
+
+    Raises
+    ------
+    CcdgridError
+        A missing or unreadable detector file or image, an image whose shape
+        is not the detector's, two inputs that would give the same output
+        name, or an output path that is not a directory.
+    """
+    import pathlib
+    import time
+
+    from .detector_file import load
+    from .io import read_image
+
+    directory = pathlib.Path(args.output).expanduser().absolute()
+    if directory.exists() and not directory.is_dir():
+        raise CcdgridError(f"the output {directory} exists and is not a directory")
+    targets = {}
+    for source in args.images:
+        target, fmt = _output_path(source, directory, args.format)
+        if target in targets:
+            raise CcdgridError(
+                f"{source} and {targets[target][0]} would both be written to {target.name}: "
+                "correct them in separate runs or rename one"
+            )
+        targets[target] = (source, fmt)
+
+    detector = load(args.detector)
+    start = time.perf_counter()
+    cm = CorrectionMatrix.from_maps(
+        detector.dy, detector.dx, mask=detector.mask, backend=args.backend
+    )
+    ny, nx = cm.shape_in
+    print(
+        f"detector {detector.path}: {ny} x {nx}, {int(detector.mask.astype(bool).sum())} "
+        f"masked pixels; correction matrix of {cm.nnz} weights "
+        f"({cm.nbytes / 2**20:.1f} MB) built in {time.perf_counter() - start:.2f} s"
+    )
+    header = {
+        "ccdgrid_correct": f"detector={detector.path} normalize={bool(args.normalize)} "
+        f"dummy={args.dummy:g}"
+    }
+    for target, (source, fmt) in targets.items():
+        image, info = read_image(source)
+        if image.shape != cm.shape_in:
+            raise CcdgridError(
+                f"{info['path']} has shape {image.shape}, but the detector "
+                f"{detector.path} is {cm.shape_in}"
+            )
+        start = time.perf_counter()
+        corrected = cm.apply(image, normalize=args.normalize, dummy=args.dummy)
+        elapsed = time.perf_counter() - start
+        # created only now, so that a run failing on its first image leaves nothing behind
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomically(target, fmt, corrected, header)
+        print(f"wrote {target} (from {info['path']}, corrected in {elapsed:.3f} s)")

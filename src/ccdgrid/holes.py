@@ -76,6 +76,11 @@ def ring_background(smoothed, peaks, radius, n=8):
     return median, part[:, 0].astype(np.float64), part[:, -1].astype(np.float64)
 
 
+# fewer peaks above the noise floor than this means the floor missed the holes
+# (peaks.MIN_HOLES: no lattice can be defined from fewer)
+_MIN_BRIGHT = 6
+
+
 def auto_threshold(log_contrast, bin_width=0.05):
     """Choose the log10-contrast threshold separating holes from noise peaks.
 
@@ -97,7 +102,11 @@ def auto_threshold(log_contrast, bin_width=0.05):
     1. The noise peaks are the bulk of the low values: their median ``m`` and
        spread ``s`` (MAD) are taken from the lower half of the distribution.
     2. Holes are the high mode: the median of the values above ``m + 6 s``
-       (if there are none, the threshold is ``m + 6 s``).
+       (if there are none, the threshold is ``m + 6 s``). If fewer than six
+       values lie above ``m + 6 s``, the noise statistics were spoiled (few,
+       multimodal noise peaks, or holes near half of all peaks): the floor
+       and the lower end of the search in 3. move to the widest gap between
+       sorted values above the faintest tenth, if six values lie above it.
     3. The threshold is the centre of the emptiest stretch of the histogram
        (smoothed over 3 bins) between ``m + 4 s`` and the hole mode minus
        0.3 decade (but not below the hole mode minus one decade); the
@@ -114,13 +123,29 @@ def auto_threshold(log_contrast, bin_width=0.05):
     spread = 1.4826 * float(np.median(np.abs(lower - np.median(lower))))
     spread = max(spread, bin_width)
     floor = med + 6.0 * spread
+    start = med + 4.0 * spread
     bright = vals[vals > floor]
+    if bright.size < _MIN_BRIGHT and vals.size > 2 * _MIN_BRIGHT:
+        # With few noise peaks (large holes leave few watershed regions) or
+        # holes making up nearly half of the peaks, the "noise" spread holds
+        # several modes or the holes themselves and the floor lands above
+        # every hole. The holes are then the values above the widest gap
+        # between sorted values, which is where the floor goes instead; the
+        # faintest tenth (the noise's own long tail) is left out of the search.
+        upper = vals[vals.size // 10 :]
+        k = int(np.argmax(np.diff(upper)))
+        # fewer values above the gap than are needed: these few are the holes
+        # and the floor already keeps them
+        if upper.size - k - 1 >= _MIN_BRIGHT and upper[k] < floor:
+            start = float(upper[k])
+            floor = 0.5 * (upper[k] + upper[k + 1])
+            bright = vals[vals > floor]
     if bright.size == 0:
         return floor, LogHistogram(edges, counts, floor)
     mode = float(np.median(bright))
     # holes ten times fainter than the typical one are never kept (see
     # classify_fits), so the threshold need not go lower
-    start = max(med + 4.0 * spread, mode - 1.0)
+    start = max(start, mode - 1.0)
     stop = mode - 0.3
     if stop <= start:
         thr = min(floor, mode - 0.3) if mode - 0.3 > med else floor
@@ -147,7 +172,7 @@ def _robust_z(values, ref):
     return (values - med) / max(mad, 1e-12 * max(abs(med), 1.0))
 
 
-def classify_fits(fit, contrast, nmin=5):
+def classify_fits(fit, contrast, nmin=5, image_shape=None):
     """Reasons to reject fitted candidates, judged against the population.
 
     Parameters
@@ -158,6 +183,9 @@ def classify_fits(fit, contrast, nmin=5):
         Peak contrast of each candidate in the smoothed image.
     nmin : int
         Below this many plausible holes, only the absolute tests apply.
+    image_shape : tuple of int, optional
+        ``(h, w)`` of the image: a hole whose blurred disc (``R + 2 s``)
+        reaches past the image border is cut by it.
 
     Returns
     -------
@@ -201,23 +229,48 @@ def classify_fits(fit, contrast, nmin=5):
     chi_z = _robust_z(logchi, logchi[good])
     asym_z = _robust_z(fit.asymmetry, fit.asymmetry[good])
     ring_z = _robust_z(fit.ring_asymmetry, fit.ring_asymmetry[good])
-    cut = good & (
-        ((chi_z > 6.0) & (fit.chi2 > 1.5 * np.median(fit.chi2[good])))
-        | ((asym_z > 6.0) & (fit.asymmetry > 0.04))
-        | ((ring_z > 6.0) & (fit.ring_asymmetry > 6.0))
-    )
     # a hole partly cut by the taper edge keeps its shape but loses light:
     # it is dimmer than its neighbours (vignetting is smooth on that scale)
     ratio = _neighbour_ratio(fit.centres, amp, good)
+    # A hole cut by a lit-area edge need not look smaller: the fit may
+    # drop its dimmed side as outliers and leave a one-sided residual. Both
+    # are judged against this image's holes, with margins that a hot pixel
+    # or two in a hole does not reach (outliers alone also come from a
+    # missing neighbour or a background step beside a whole hole).
+    out = fit.outliers.astype(np.float64)
+    out_med = float(np.median(out[good]))
+    out_mad = 1.4826 * float(np.median(np.abs(out[good] - out_med)))
+    asym_med = float(np.median(fit.asymmetry[good]))
+    cut = good & (
+        ((chi_z > 6.0) & (fit.chi2 > 1.5 * np.median(fit.chi2[good])))
+        | ((asym_z > 6.0) & (fit.asymmetry > 0.04))
+        # one-sided and dimmer than the neighbours: cut (a whole hole in a
+        # resampled image may be as one-sided, but keeps its light)
+        | ((asym_z > 6.0) & (fit.asymmetry > 2.0 * asym_med) & (ratio < 0.95))
+        | ((ring_z > 6.0) & (fit.ring_asymmetry > 6.0))
+        | ((out > max(1.5 * out_med + 20.0, out_med + 6.0 * out_mad)) & (asym_z > 3.0))
+    )
+    if image_shape is not None:
+        reach = fit.radius + 2.0 * fit.blur
+        cy, cx = fit.centres[:, 0], fit.centres[:, 1]
+        h, w = image_shape
+        edge = np.minimum(np.minimum(cy, h - 1 - cy), np.minimum(cx, w - 1 - cx))
+        cut |= good & (edge < reach)
     # ... and, losing its rim, it looks smaller than its neighbours (the
     # local magnification changes by far less than 2 % from hole to hole).
     # A dark fibre-bundle boundary across a hole also dims it and makes it
     # one-sided, but leaves its radius: dimness alone is not enough.
     r_ratio = _neighbour_ratio(fit.centres, fit.radius, good)
+    # How far a whole hole's fitted radius strays from its neighbours' depends
+    # on the noise and on how much the holes differ: the limits scale with
+    # the robust spread of the ratio over this image's holes.
+    r_spread = 1.4826 * float(np.median(np.abs(r_ratio[good] - np.median(r_ratio[good]))))
+    small = 1.0 - max(0.04, 4.0 * r_spread)
+    smallish = 1.0 - max(0.02, 2.0 * r_spread)
     dim = good & (
         (ratio < 0.7)
-        | (r_ratio < 0.96)
-        | ((ratio < 0.9) & ((r_ratio < 0.98) | ((asym_z > 3.0) & (r_ratio < 0.995))))
+        | (r_ratio < small)
+        | ((ratio < 0.9) & ((r_ratio < smallish) | ((asym_z > 3.0) & (r_ratio < 0.995))))
     )
     reasons[cut | dim] = "cut by edge"
     return reasons

@@ -30,9 +30,11 @@ from scipy.spatial import cKDTree
 from . import centres as _centres
 from . import holes as _holes
 from ._validation import as_image, check_backend
+from .bilinear import refine_peaks
 from .errors import CcdgridError
 from .grid_scale import estimate_grid_scale
 from .smoothing import disc_kernel, smooth_disc
+from .watershed import merge_singletons, segment
 
 __all__ = ["MIN_HOLES", "HoleSearch", "find_holes"]
 
@@ -130,8 +132,9 @@ def _dead_lines(img, fraction=0.9):
     edge; masking it lets the fit use the rest of the window. Returns None
     when there is none.
     """
-    rows = (img == img[:, :1]).mean(axis=1) >= fraction
-    cols = (img == img[:1, :]).mean(axis=0) >= fraction
+    h, w = img.shape
+    rows = np.count_nonzero(img == img[:, :1], axis=1) >= fraction * w
+    cols = np.count_nonzero(img == img[:1, :], axis=0) >= fraction * h
     if not (rows.any() or cols.any()) or rows.all() or cols.all():
         return None
     return rows[:, None] | cols[None, :]
@@ -139,53 +142,8 @@ def _dead_lines(img, fraction=0.9):
 
 def _segment(smoothed, backend):
     """Watershed regions of ``smoothed``: (segmentation, peak flat indices, sizes)."""
-    try:
-        from .watershed import merge_singletons, segment
-    except ImportError:  # the kernel is not built into this tree yet
-        return _local_maxima(smoothed)
     seg = merge_singletons(segment(smoothed, backend=backend), smoothed, backend=backend)
     return seg, np.asarray(seg.peak, dtype=np.int64), np.asarray(seg.size, dtype=np.int64)
-
-
-def _local_maxima(smoothed):
-    """Stand-in for the watershed: pixels not below any 8-neighbour."""
-    pad = np.pad(smoothed, 1, mode="constant", constant_values=-np.inf)
-    h, w = smoothed.shape
-    is_max = np.ones((h, w), dtype=bool)
-    for dy in range(3):
-        for dx in range(3):
-            if dy != 1 or dx != 1:
-                is_max &= smoothed >= pad[dy : dy + h, dx : dx + w]
-    peak = np.flatnonzero(is_max)
-    return None, peak, np.full(peak.size, np.iinfo(np.int64).max // 2)
-
-
-def _refine(smoothed, seeds, backend):
-    try:
-        from .bilinear import refine_peaks
-    except ImportError:
-        return _newton_refine(smoothed, seeds)
-    return np.asarray(refine_peaks(smoothed, seeds, backend=backend), dtype=np.float64)
-
-
-def _newton_refine(smoothed, seeds):
-    """Stand-in for ``refine_peaks``: one Newton step from the 3x3 derivatives."""
-    h, w = smoothed.shape
-    y = np.clip(np.rint(seeds[:, 0]).astype(np.int64), 1, h - 2)
-    x = np.clip(np.rint(seeds[:, 1]).astype(np.int64), 1, w - 2)
-
-    def a(dy, dx):
-        return smoothed[y + dy, x + dx].astype(np.float64)
-
-    d00 = a(1, 0) - 2 * a(0, 0) + a(-1, 0)
-    d11 = a(0, 1) - 2 * a(0, 0) + a(0, -1)
-    d01 = (a(-1, -1) - a(-1, 1) - a(1, -1) + a(1, 1)) / 4
-    den = 2 * (d00 * d11 - d01 * d01)
-    with np.errstate(all="ignore"):
-        dy = ((a(0, 1) - a(0, -1)) * d01 + (a(-1, 0) - a(1, 0)) * d11) / den
-        dx = ((a(0, -1) - a(0, 1)) * d00 + (a(1, 0) - a(-1, 0)) * d01) / den
-    ok = np.isfinite(dy) & np.isfinite(dx) & (np.abs(dy) <= 1) & (np.abs(dx) <= 1)
-    return np.stack([y + np.where(ok, dy, 0.0), x + np.where(ok, dx, 0.0)], axis=1)
 
 
 def find_holes(
@@ -253,15 +211,23 @@ def find_holes(
     dead = _dead_lines(img)
     if dead is not None:
         invalid = dead if invalid is None else invalid | dead
-    finite = np.isfinite(img)
-    if invalid is None:
-        invalid = ~finite if not finite.all() else None
-    elif not finite.all():
-        invalid = invalid | ~finite
+    # integer images (the usual detector output) hold no NaN: skip the scan
+    if np.issubdtype(np.asarray(image).dtype, np.floating):
+        finite = np.isfinite(img)
+        if invalid is None:
+            invalid = ~finite if not finite.all() else None
+        elif not finite.all():
+            invalid = invalid | ~finite
     valid = None if invalid is None else ~invalid
     if valid is not None:
         if not valid.any():
-            raise CcdgridError("`mask` marks every pixel of `image` as invalid")
+            user = _as_mask(mask, img.shape)
+            if user is not None and user.all():
+                raise CcdgridError("`mask` marks every pixel of `image` as invalid")
+            raise CcdgridError(
+                "`image` has no usable pixel: every pixel is NaN, infinite, on a dead line"
+                " or masked"
+            )
         img = np.where(valid, img, np.float32(np.median(img[valid])))
 
     timings = {}
@@ -362,7 +328,7 @@ def _search(img, valid, diameter, pitch, threshold, backend, timings):
     # it; seeds that converge on one hole are merged after the fit
     seeds = at.copy()
     todo = np.flatnonzero(reasons == "")
-    seeds[todo] = _refine(smoothed, peaks_int[todo].astype(np.float64), backend)
+    seeds[todo] = refine_peaks(smoothed, peaks_int[todo].astype(np.float64), backend=backend)
     timings["refine"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -377,10 +343,10 @@ def _search(img, valid, diameter, pitch, threshold, backend, timings):
     fit = None
     if n_fit:
         fit = _centres.fit_hole_profiles(
-            img, seeds[fit_idx], radius, half=halves[fit_idx], valid=valid
+            img, seeds[fit_idx], radius, half=halves[fit_idx], valid=valid, backend=backend
         )
         positions[fit_idx] = fit.centres
-        fit_reasons = _holes.classify_fits(fit, contrast[fit_idx])
+        fit_reasons = _holes.classify_fits(fit, contrast[fit_idx], image_shape=img.shape)
         if valid is not None:
             heavy = _masked_fraction_high(valid, fit, half_min)
             fit_reasons[(fit_reasons == "") & heavy] = "masked"

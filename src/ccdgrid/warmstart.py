@@ -1,0 +1,686 @@
+"""Warm-start recalibration: measure a detector again from a previous calibration.
+
+A detector that was calibrated once is usually recalibrated after a small
+move of the grid plate (a few pixels, a fraction of a degree). The previous
+calibration already knows every hole's lattice index, its measured position,
+the hole size and the lattice; :func:`recalibrate` reuses them instead of
+searching the whole image:
+
+1. a few dozen previous holes spread over the image are looked for in
+   windows of half a pitch around their previous positions (3x3 median, box
+   filter of the hole's size, arg-max), fitted with the blurred-disc model of
+   :func:`ccdgrid.centres.fit_hole_profiles`, and an affine map from the old
+   to the new positions is fitted robustly: the global move;
+2. every previous hole's position is predicted through that map and fitted
+   in a small window around the prediction, with the same estimator and the
+   same rejection tests as :func:`ccdgrid.peaks.find_holes` (missing, cut by
+   the border or the taper edge, hot pixel, masked);
+3. the holes keep their previous lattice indices, and the grid, maps and
+   cross-validation are made as in :func:`ccdgrid.pipeline.calibrate`.
+
+No full-image smoothing or segmentation is done. When the plate moved too
+far (the move cannot be measured reliably, exceeds ``max_shift``, or fewer
+than ``min_matched`` of the previous holes are found again) a cold
+:func:`~ccdgrid.pipeline.calibrate` is run instead and a
+:class:`WarmStartFallback` warning says why.
+
+Coordinates are ``(y, x)`` index coordinates: the centre of pixel ``(i, j)``
+is at ``(i, j)``; displacement is ``ideal - measured`` in px.
+"""
+
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, fields
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from . import centres as _centres
+from . import holes as _holes
+from . import peaks as _peaks
+from ._validation import as_image, check_backend
+from .errors import CcdgridError
+from .gridfit import fit_grid
+from .lattice import LatticeIndex
+from .maps import cross_validate, displacement_maps
+from .pipeline import Calibration, _check_folds, _read, calibrate
+
+__all__ = ["Drift", "WarmCalibration", "WarmStartFallback", "recalibrate"]
+
+_SAMPLE_SIDE = 8  # the global move is measured on up to 8 x 8 spread-out holes
+_MIN_SAMPLE = 6
+# largest departure of the old -> new linear map from identity (0.6 deg, 1 %):
+# beyond it the plate was not just nudged
+_MAX_LINEAR = 0.01
+
+
+class WarmStartFallback(UserWarning):
+    """A warm start was not possible; a cold calibration was made instead."""
+
+
+@dataclass
+class Drift:
+    """How the grid and the maps changed since the previous calibration.
+
+    Attributes
+    ----------
+    shift : ndarray of shape (2,), float64, px
+        ``(y, x)`` move of the fitted grid at the image centre (new - old).
+    rotation_mdeg : float, millidegree
+        Rotation of the grid, from +x towards +y.
+    scale_ppm : float, ppm
+        Change of the grid's scale (square root of the area ratio), parts per
+        million.
+    max_change_dx, max_change_dy : float, px
+        Largest ``|new - old|`` of the ``dx`` and ``dy`` corner maps over the
+        corners of pixels valid in both calibrations.
+    n_previous, n_matched : int
+        Holes of the previous calibration, and how many were measured again.
+    warm : bool
+        False if the warm start fell back to a cold calibration (the grid
+        figures are then NaN: the lattice indices are not comparable).
+    reason : str
+        Why the warm start fell back ("" when it did not).
+    """
+
+    shift: np.ndarray
+    rotation_mdeg: float
+    scale_ppm: float
+    max_change_dx: float
+    max_change_dy: float
+    n_previous: int
+    n_matched: int
+    warm: bool = True
+    reason: str = ""
+
+    @property
+    def matched_fraction(self):
+        """``n_matched / n_previous``."""
+        return self.n_matched / max(self.n_previous, 1)
+
+    def summary(self):
+        """One line for humans."""
+        maps = (
+            f"maps changed by at most {self.max_change_dx:.4f} px (dx), "
+            f"{self.max_change_dy:.4f} px (dy)"
+        )
+        if not self.warm:
+            return f"drift: warm start fell back to a cold calibration ({self.reason}); " + maps
+        return (
+            f"drift since the previous calibration: shift (y, x) ({self.shift[0]:.3f}, "
+            f"{self.shift[1]:.3f}) px, rotation {self.rotation_mdeg:.2f} mdeg, "
+            f"scale {self.scale_ppm:.1f} ppm; {self.n_matched}/{self.n_previous} holes "
+            f"matched; " + maps
+        )
+
+
+@dataclass
+class WarmCalibration(Calibration):
+    """A :class:`~ccdgrid.pipeline.Calibration` with the drift from a previous one.
+
+    Attributes
+    ----------
+    drift : Drift or None
+        Move of the grid and change of the maps since the previous calibration.
+    """
+
+    drift: object = None
+
+    def summary(self):
+        """The calibration's summary, then the drift line."""
+        text = super().summary()
+        return text if self.drift is None else text + "\n" + self.drift.summary()
+
+
+@dataclass
+class _Previous:
+    shape: tuple
+    peaks: np.ndarray  # (N, 2) measured positions of the indexed holes
+    indices: np.ndarray  # (N, 2) int64
+    origin: np.ndarray
+    vectors: np.ndarray
+    hole_diameter: float
+    pitch_px: float
+    threshold: float
+    pitch: float
+    dx: np.ndarray
+    dy: np.ndarray
+    mask: np.ndarray
+    smoothing: object  # float, pitch² units, or None when unknown
+
+
+def recalibrate(
+    image,
+    previous,
+    *,
+    pitch=None,
+    mask=None,
+    max_shift=None,
+    min_matched=0.8,
+    smoothing=None,
+    backend="cython",
+    source=None,
+    cv_folds=5,
+):
+    """Calibrate again from a previous calibration of the same detector.
+
+    Parameters
+    ----------
+    image : array_like of shape (ny, nx) or str or os.PathLike
+        The new grid image, or a file :func:`ccdgrid.io.read_image` reads.
+    previous : Calibration or ccdgrid.detector_file.DetectorRecord or str or os.PathLike
+        The previous calibration, its loaded detector record, or the path of
+        a detector file written by ccdgrid (it must hold the holes and grid).
+    pitch : float or None, m
+        Hole spacing of the plate; None: the previous calibration's.
+    mask : array_like of shape (ny, nx) or None
+        Nonzero for pixels to ignore (pyFAI's convention).
+    max_shift : float or None, px
+        Largest move of the plate at the image centre handled warm; None:
+        0.3 of the previous pitch. Beyond it, a cold calibration is made.
+    min_matched : float
+        Smallest fraction of the previous holes that must be measured again,
+        in (0, 1]; below it, a cold calibration is made.
+    smoothing : float, "auto" or None
+        Thin-plate smoothing of the maps in pitch² units (see
+        :func:`ccdgrid.maps.displacement_maps`). None: the previous
+        calibration's (by GCV if it is not known); "auto": by GCV again.
+    backend : {"cython", "numpy"}
+        Engine of the compiled kernels.
+    source : str, dict or None
+        Origin of an in-memory image (see :func:`ccdgrid.pipeline.calibrate`).
+    cv_folds : int or None
+        Folds of the maps' cross-validation; 0 or None skips it.
+
+    Returns
+    -------
+    WarmCalibration
+        The new calibration; ``drift`` holds the move since ``previous`` and
+        ``params["warm_start"]`` whether the warm start was used (and why not).
+
+    Raises
+    ------
+    CcdgridError
+        Bad input, a previous calibration without holes or grid, or one of a
+        different image shape.
+
+    Warns
+    -----
+    WarmStartFallback
+        When a cold calibration was made instead (the message says why).
+    """
+    check_backend(backend)
+    cv_folds = _check_folds(cv_folds)
+    if not 0.0 < float(min_matched) <= 1.0:
+        raise CcdgridError(f"`min_matched` must be in (0, 1], got {min_matched!r}")
+    timings = {}
+    t_start = time.perf_counter()
+    if isinstance(image, (str, os.PathLike)):
+        image, source = _read(os.fspath(image))
+    elif isinstance(source, dict):
+        source = dict(source)
+    elif source is not None:
+        source = {"path": str(source), "sha256": None}
+    prev = _previous(previous)
+    img = as_image(image)
+    if img.shape != prev.shape:
+        raise CcdgridError(
+            f"`image` has shape {img.shape} but `previous` was calibrated on {prev.shape}"
+        )
+    if pitch is None:
+        pitch = prev.pitch
+    if max_shift is None:
+        max_shift = 0.3 * prev.pitch_px
+    max_shift = float(max_shift)
+    if not (math.isfinite(max_shift) and max_shift > 0):
+        raise CcdgridError(f"`max_shift` must be a positive number of px, got {max_shift!r}")
+    timings["read"] = time.perf_counter() - t_start
+
+    def cold(reason):
+        warnings.warn(
+            f"warm start not possible ({reason}); made a cold calibration instead",
+            WarmStartFallback,
+            stacklevel=3,
+        )
+        cal = calibrate(
+            image,
+            pitch=pitch,
+            mask=mask,
+            smoothing=smoothing,
+            backend=backend,
+            source=source,
+            cv_folds=cv_folds,
+        )
+        cal.params["warm_start"] = {"used": False, "reason": reason}
+        change = _map_change(prev, cal)
+        nan = float("nan")
+        drift = Drift(np.full(2, nan), nan, nan, *change, len(prev.peaks), 0, False, reason)
+        return WarmCalibration(**{f.name: getattr(cal, f.name) for f in fields(cal)}, drift=drift)
+
+    t0 = time.perf_counter()
+    filled, valid = _prepare(img, image, mask)
+    radius = 0.5 * prev.hole_diameter
+    move, why = _global_move(filled, valid, prev, radius, max_shift, backend)
+    timings["global_move"] = time.perf_counter() - t0
+    if move is None:
+        return cold(why)
+
+    t0 = time.perf_counter()
+    predicted = _apply(move, prev.peaks)
+    found = _measure(filled, valid, predicted, radius, prev.pitch_px, backend)
+    timings["measure_holes"] = time.perf_counter() - t0
+    ok = found["reasons"] == ""
+    n_ok = int(ok.sum())
+    if n_ok < min_matched * len(prev.peaks) or n_ok < _peaks.MIN_HOLES:
+        return cold(
+            f"only {n_ok} of the previous {len(prev.peaks)} holes found again "
+            f"(< {min_matched:.0%})"
+        )
+    peaks = found["centres"][ok]
+    indices = prev.indices[ok]
+    holes = _hole_search(found, ok, prev, timings)
+
+    t0 = time.perf_counter()
+    grid = fit_grid(peaks, indices, pitch=pitch, backend=backend)
+    timings["fit_grid"] = time.perf_counter() - t0
+    lattice = LatticeIndex(
+        indices=indices.copy(),
+        valid=np.ones(n_ok, dtype=bool),
+        vectors=grid.vectors.copy(),
+        origin=grid.origin.copy(),
+        rejected=np.zeros(0, dtype=np.int64),
+        reasons=[],
+        pitch_px=float(holes.pitch_px),
+        pair_distances=np.zeros(0),
+        window=(float("nan"), float("nan")),
+        start=0,
+        tolerance=float("nan"),
+        outlier_threshold_px=None,
+    )
+    t0 = time.perf_counter()
+    # the same detector, plate and exposure: the previous smoothing fits, and
+    # choosing it again by GCV would cost more than the whole warm start
+    map_smoothing = prev.smoothing if smoothing is None else smoothing
+    maps = displacement_maps(
+        peaks, grid.displacement, prev.shape, smoothing=map_smoothing, scale_px=holes.pitch_px
+    )
+    timings["displacement_maps"] = time.perf_counter() - t0
+    cv = None
+    if cv_folds:
+        try:
+            cv = cross_validate(
+                peaks,
+                grid.displacement,
+                k=min(cv_folds, len(grid.displacement)),
+                indices=grid.indices,
+                method=maps.method,
+                smoothing=maps.smoothing,
+                degree=maps.degree,
+                scale_px=maps.scale_px,
+            )
+        except CcdgridError:
+            cv = None  # a diagnostic only, as in calibrate()
+    out_mask = maps.mask
+    if mask is not None:
+        out_mask = out_mask | (np.asarray(mask) != 0).astype(np.int8)
+    out_mask = out_mask.astype(np.int8, copy=False)
+    timings["total"] = time.perf_counter() - t_start
+    params = {
+        "pitch": float(pitch),
+        "mask": mask is not None,
+        "smoothing": smoothing,
+        "backend": backend,
+        "cv_folds": cv_folds,
+        "max_shift": max_shift,
+        "min_matched": float(min_matched),
+        "warm_start": {"used": True, "reason": ""},
+        "resolved": {
+            "hole_diameter": float(holes.hole_diameter),
+            "pitch_px": float(holes.pitch_px),
+            "threshold": float(holes.threshold),
+            "smoothing": maps.smoothing,
+            "map_degree": maps.degree,
+            "map_method": maps.method,
+            "grid_method": grid.method_used,
+        },
+    }
+    cal = WarmCalibration(
+        shape=prev.shape,
+        pitch=grid.pitch,
+        pixel_size=grid.pixel_size,
+        holes=holes,
+        lattice=lattice,
+        grid=grid,
+        maps=maps,
+        dx=maps.dx,
+        dy=maps.dy,
+        mask=out_mask,
+        timings=timings,
+        params=params,
+        source=source,
+        cross_validation=cv,
+    )
+    t0 = time.perf_counter()
+    cal.drift = _drift(prev, cal, len(prev.peaks), n_ok)
+    timings["drift"] = time.perf_counter() - t0
+    del timings["total"]  # re-added last, for the summary's order
+    timings["total"] = time.perf_counter() - t_start
+    return cal
+
+
+# -- the previous calibration ------------------------------------------------
+
+
+def _previous(previous):
+    """Normalise a Calibration, DetectorRecord or path to :class:`_Previous`."""
+    if isinstance(previous, (str, os.PathLike)):
+        from .detector_file import load
+
+        previous = load(previous)
+    if isinstance(previous, Calibration):
+        lat, holes, grid = previous.lattice, previous.holes, previous.grid
+        peaks = np.asarray(holes.peaks, dtype=np.float64)
+        valid = np.asarray(lat.valid, dtype=bool)
+        return _Previous(
+            shape=tuple(int(n) for n in previous.shape),
+            peaks=peaks[valid],
+            indices=np.asarray(lat.indices, dtype=np.int64)[valid],
+            origin=np.asarray(grid.origin, dtype=np.float64),
+            vectors=np.asarray(grid.vectors, dtype=np.float64),
+            hole_diameter=float(holes.hole_diameter),
+            pitch_px=float(holes.pitch_px),
+            threshold=float(holes.threshold),
+            pitch=float(previous.pitch),
+            dx=previous.dx,
+            dy=previous.dy,
+            mask=previous.mask,
+            smoothing=_smoothing(getattr(previous.maps, "smoothing", None)),
+        )
+    needed = ("peaks", "indices", "valid", "grid", "params", "shape", "dx", "dy", "mask")
+    missing = [name for name in needed if getattr(previous, name, None) is None]
+    if missing:
+        raise CcdgridError(
+            "`previous` must be a Calibration, a detector record or the path of a detector "
+            f"file written by ccdgrid; got {type(previous).__name__} without {missing}"
+        )
+    grid = previous.grid
+    resolved = (previous.params or {}).get("resolved", {})
+    if "origin" not in grid or "vectors" not in grid or "hole_diameter" not in resolved:
+        raise CcdgridError(
+            "`previous` holds no fitted grid or hole size (a plain pyFAI detector file?): "
+            "it cannot seed a warm start"
+        )
+    valid = np.asarray(previous.valid, dtype=bool)
+    pitch = previous.pitch or (previous.params or {}).get("pitch", 5e-3)
+    vectors = np.asarray(grid["vectors"], dtype=np.float64)
+    pitch_px = resolved.get("pitch_px") or float(np.mean(np.hypot(*vectors.T)))
+    return _Previous(
+        shape=tuple(int(n) for n in previous.shape),
+        peaks=np.asarray(previous.peaks, dtype=np.float64)[valid],
+        indices=np.asarray(previous.indices, dtype=np.int64)[valid],
+        origin=np.asarray(grid["origin"], dtype=np.float64),
+        vectors=vectors,
+        hole_diameter=float(resolved["hole_diameter"]),
+        pitch_px=float(pitch_px),
+        threshold=float(resolved.get("threshold", float("nan"))),
+        pitch=float(pitch),
+        dx=previous.dx,
+        dy=previous.dy,
+        mask=previous.mask,
+        smoothing=_smoothing(resolved.get("smoothing")),
+    )
+
+
+def _smoothing(value):
+    """A previous smoothing that can be reused (positive finite float), else None."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+# -- measuring ---------------------------------------------------------------
+
+
+def _prepare(img, original, mask):
+    """The image with invalid pixels set to the valid median, and the valid map (or None).
+
+    Same treatment of the mask, dead lines and non-finite pixels as
+    :func:`ccdgrid.peaks.find_holes`.
+    """
+    invalid = _peaks._as_mask(mask, img.shape)
+    dead = _peaks._dead_lines(img)
+    if dead is not None:
+        invalid = dead if invalid is None else invalid | dead
+    if np.issubdtype(np.asarray(original).dtype, np.floating):
+        finite = np.isfinite(img)
+        if not finite.all():
+            invalid = ~finite if invalid is None else invalid | ~finite
+    if invalid is None:
+        return img, None
+    valid = ~invalid
+    if not valid.any():
+        raise CcdgridError("`mask` marks every pixel of `image` as invalid")
+    return np.where(valid, img, np.float32(np.median(img[valid]))), valid
+
+
+def _window_half(radius, pitch_px):
+    """Fit window half width and the smallest one accepted (as find_holes)."""
+    half = int(np.ceil(max(1.7 * radius + 2.0, radius + 5.0)))
+    half = int(max(min(half, np.floor(0.45 * pitch_px)), np.ceil(radius + 3.0)))
+    return half, int(np.ceil(0.85 * radius + 2.5))
+
+
+def _sample(points, shape):
+    """Row numbers of up to 8 x 8 points spread over the image."""
+    ny, nx = shape
+    gy, gx = np.meshgrid(
+        (np.arange(_SAMPLE_SIDE) + 0.5) * ny / _SAMPLE_SIDE,
+        (np.arange(_SAMPLE_SIDE) + 0.5) * nx / _SAMPLE_SIDE,
+        indexing="ij",
+    )
+    _, idx = cKDTree(points).query(np.stack([gy.ravel(), gx.ravel()], axis=1))
+    return np.unique(idx)
+
+
+def _global_move(img, valid, prev, radius, max_shift, backend):
+    """Affine map old -> new positions from a sample of holes, or (None, reason)."""
+    h, w = img.shape
+    pick = _sample(prev.peaks, prev.shape)
+    search = int(np.floor(0.5 * prev.pitch_px))
+    centre = np.rint(prev.peaks[pick]).astype(np.int64)
+    inside = (
+        (centre[:, 0] >= search + 1)
+        & (centre[:, 0] < h - search - 1)
+        & (centre[:, 1] >= search + 1)
+        & (centre[:, 1] < w - search - 1)
+    )
+    pick, centre = pick[inside], centre[inside]
+    if pick.size < _MIN_SAMPLE:
+        return None, f"only {pick.size} previous holes far enough from the border to search"
+    # a 3x3 median removes hot pixels, a box of the hole's size makes the hole
+    # the brightest spot of its window
+    win = _centres.extract_windows(img, centre, search + 1).astype(np.float32)
+    win = _centres._median3(win)
+    box = max(round(2 * radius), 1)
+    win = ndimage.uniform_filter(win, size=(1, box, box), mode="nearest")
+    flat = win.reshape(len(pick), -1).argmax(axis=1)
+    side = 2 * search + 1
+    coarse = centre + np.stack(np.divmod(flat, side), axis=1) - search
+    half, _ = _window_half(radius, prev.pitch_px)
+    room = np.minimum.reduce(
+        [coarse[:, 0] - 1, h - 2 - coarse[:, 0], coarse[:, 1] - 1, w - 2 - coarse[:, 1]]
+    )
+    usable = room >= half
+    pick, coarse = pick[usable], coarse[usable]
+    if pick.size < _MIN_SAMPLE:
+        return None, "too few sample holes inside the image"
+    fit = _centres.fit_hole_profiles(
+        img, coarse.astype(np.float64), radius, half=half, valid=valid, backend=backend
+    )
+    good = fit.converged & (fit.amplitude > 0)
+    if good.sum() >= _MIN_SAMPLE:
+        good &= fit.amplitude >= 0.3 * np.median(fit.amplitude[good])
+    src, dst = prev.peaks[pick[good]], fit.centres[good]
+    if len(src) < _MIN_SAMPLE:
+        return None, "the sample holes were not found near their previous positions"
+    # a rigid move of the plate leaves sub-pixel residuals (the distortion
+    # hardly changes over a few px); holes locked on a neighbour are a pitch off
+    cap = max(1.5, 0.05 * prev.pitch_px)
+    move, inliers = _robust_affine(src, dst, cap)
+    if move is None or inliers.sum() < max(_MIN_SAMPLE, 0.6 * len(pick)):
+        return None, (
+            "the move is not consistent over the image (a different plate, or a move of "
+            "half a pitch or more)"
+        )
+    if np.abs(move[1:] - np.eye(2)).max() > _MAX_LINEAR:
+        return None, (
+            "the rotation or scale change of the grid is too large for a warm start "
+            f"(linear part {move[1:].T.round(4).tolist()})"
+        )
+    centre_img = (np.asarray(prev.shape, dtype=np.float64) - 1.0) / 2.0
+    shift = _apply(move, centre_img[None])[0] - centre_img
+    if np.hypot(*shift) > max_shift:
+        return None, (
+            f"the plate moved by {np.hypot(*shift):.1f} px at the image centre "
+            f"(max_shift {max_shift:.1f} px)"
+        )
+    return move, ""
+
+
+def _robust_affine(src, dst, cap, rounds=5):
+    """``(3, 2)`` affine map ``dst ~ [1, src] @ M`` by least squares with outlier rejection.
+
+    Starts from the median translation, so that a minority of holes locked on
+    a neighbour does not pull the first fit; residuals above ``cap`` px are
+    always outliers.
+    """
+    design = np.column_stack([np.ones(len(src)), src])
+    move = np.vstack([np.median(dst - src, axis=0), np.eye(2)])
+    keep = None
+    for _ in range(rounds):
+        err = np.hypot(*(design @ move - dst).T)
+        ref = err if keep is None else err[keep]
+        new = err <= min(max(1.0, 4.0 * 1.4826 * np.median(ref)), cap)
+        if keep is not None and np.array_equal(new, keep):
+            break
+        keep = new
+        if keep.sum() < _MIN_SAMPLE:
+            return None, keep
+        move, *_ = np.linalg.lstsq(design[keep], dst[keep], rcond=None)
+    return move, keep
+
+
+def _apply(move, points):
+    return np.column_stack([np.ones(len(points)), points]) @ move
+
+
+def _measure(img, valid, predicted, radius, pitch_px, backend):
+    """Fit every predicted hole; centres and a rejection reason per hole ("" = accepted)."""
+    h, w = img.shape
+    n = len(predicted)
+    half, half_min = _window_half(radius, pitch_px)
+    reasons = np.full(n, "", dtype=object)
+    cy, cx = np.rint(predicted).astype(np.int64).T
+    room = np.minimum.reduce([cy - 1, h - 2 - cy, cx - 1, w - 2 - cx])
+    halves = np.minimum(half, room)
+    reasons[halves < half_min] = "cut by border"
+    centres = predicted.copy()
+    fit_idx = np.flatnonzero(reasons == "")
+    fit = None
+    if fit_idx.size:
+        fit = _centres.fit_hole_profiles(
+            img, predicted[fit_idx], radius, half=halves[fit_idx], valid=valid, backend=backend
+        )
+        centres[fit_idx] = fit.centres
+        # no smoothed image here: a hole's expected contrast is the population's
+        # amplitude, so a window on the dark (a missing hole) fails the disc test
+        amp = fit.amplitude[fit.converged & (fit.amplitude > 0)]
+        typical = float(np.median(amp)) if amp.size else 1.0
+        fit_reasons = _holes.classify_fits(fit, np.full(fit_idx.size, typical))
+        if valid is not None:
+            heavy = _peaks._masked_fraction_high(valid, fit, half_min)
+            fit_reasons[(fit_reasons == "") & heavy] = "masked"
+        # the prediction is good to a fraction of a pixel: a fit that wandered
+        # off it found something else
+        off = np.hypot(*(fit.centres - predicted[fit_idx]).T) > max(2.0, 0.05 * pitch_px)
+        fit_reasons[(fit_reasons == "") & off] = "off prediction"
+        reasons[fit_idx] = fit_reasons
+    return {"centres": centres, "reasons": reasons, "fit": fit, "fit_idx": fit_idx}
+
+
+def _hole_search(found, ok, prev, timings):
+    """A :class:`ccdgrid.peaks.HoleSearch` for the measured holes (no smoothed image)."""
+    fit, fit_idx = found["fit"], found["fit_idx"]
+    where = np.searchsorted(fit_idx, np.flatnonzero(ok))
+    rejected = ~ok
+    peaks = found["centres"][ok]
+    if len(peaks) >= 2:
+        dist, _ = cKDTree(peaks).query(peaks, k=2)
+        pitch_px = float(np.median(dist[:, 1]))
+    else:
+        pitch_px = prev.pitch_px
+    # reports show the log10 contrast of the candidates: here the fitted
+    # height of every window, against the previous threshold
+    amp = fit.amplitude[fit.amplitude > 0]
+    logc = np.log10(amp) if amp.size else np.zeros(1)
+    counts, edges = np.histogram(logc, bins=max(10, min(100, logc.size // 4)))
+    return _peaks.HoleSearch(
+        peaks=peaks,
+        amplitude=fit.amplitude[where],
+        width=np.stack([fit.radius[where], fit.blur[where]], axis=1),
+        background=fit.background[where],
+        rejected=found["centres"][rejected],
+        reasons=found["reasons"][rejected].astype(str),
+        threshold=prev.threshold,
+        hole_diameter=2.0 * float(np.median(fit.radius[where])),
+        pitch_px=pitch_px,
+        smoothed=None,
+        segmentation=None,
+        timings=dict(timings),
+        log_histogram=_holes.LogHistogram(edges, counts.astype(np.int64), prev.threshold),
+    )
+
+
+# -- drift -------------------------------------------------------------------
+
+
+def _drift(prev, cal, n_previous, n_matched):
+    """Grid move (same lattice indices) and map change between ``prev`` and ``cal``."""
+    # row-vector convention: p = origin + (i, j) @ vectors, so
+    # p_new = o_new + (p_old - o_old) @ inv(V_old) @ V_new
+    lin = np.linalg.solve(prev.vectors, cal.grid.vectors)
+    centre = (np.asarray(prev.shape, dtype=np.float64) - 1.0) / 2.0
+    moved = cal.grid.origin + (centre - prev.origin) @ lin
+    a = lin.T  # acts on (y, x) column vectors
+    # rotation from +x towards +y: y_out gains sin(t) x_in
+    theta = math.atan2(a[0, 1] - a[1, 0], a[0, 0] + a[1, 1])
+    scale = math.sqrt(abs(np.linalg.det(a)))
+    change_dx, change_dy = _map_change(prev, cal)
+    return Drift(
+        shift=moved - centre,
+        rotation_mdeg=math.degrees(theta) * 1e3,
+        scale_ppm=(scale - 1.0) * 1e6,
+        max_change_dx=change_dx,
+        max_change_dy=change_dy,
+        n_previous=n_previous,
+        n_matched=n_matched,
+    )
+
+
+def _map_change(prev, cal):
+    """Largest ``|new - old|`` of dx and dy over corners of pixels valid in both."""
+    pix = (np.asarray(prev.mask) == 0) & (np.asarray(cal.mask) == 0)
+    corner = np.zeros((pix.shape[0] + 1, pix.shape[1] + 1), dtype=bool)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            corner[dy : dy + pix.shape[0], dx : dx + pix.shape[1]] |= pix
+    if not corner.any():
+        return float("nan"), float("nan")
+    ddx = np.abs(np.subtract(cal.dx, prev.dx, dtype=np.float32))[corner]
+    ddy = np.abs(np.subtract(cal.dy, prev.dy, dtype=np.float32))[corner]
+    return float(np.nanmax(ddx)), float(np.nanmax(ddy))

@@ -1,0 +1,164 @@
+"""Tests of ccdgrid.warmstart: recalibration seeded by a previous calibration."""
+
+import numpy as np
+import pytest
+
+from ccdgrid.errors import CcdgridError
+from ccdgrid.pipeline import calibrate
+from ccdgrid.synthetic import dense_residual, grid_image
+from ccdgrid.warmstart import WarmCalibration, WarmStartFallback, recalibrate
+
+SHAPE = (512, 512)
+PLATE = {"pitch_px": 40.0, "hole_diameter_px": 7.0, "rotation_deg": 0.4, "seed": 5}
+BASE_OFFSET = (0.3, -0.2)
+
+
+def _plate(offset=BASE_OFFSET, **changes):
+    return grid_image(SHAPE, **{**PLATE, "offset": offset, **changes})
+
+
+@pytest.fixture(params=["cython", "numpy"])
+def backend(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def base():
+    g = _plate()
+    return g, calibrate(g.image, cv_folds=0)
+
+
+def _valid_corners(*masks):
+    pix = np.logical_and.reduce([np.asarray(m) == 0 for m in masks])
+    corner = np.zeros((pix.shape[0] + 1, pix.shape[1] + 1), dtype=bool)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            corner[dy : dy + pix.shape[0], dx : dx + pix.shape[1]] |= pix
+    return corner
+
+
+def test_same_image_gives_same_maps_and_no_drift(base, backend):
+    g, cold = base
+    warm = recalibrate(g.image, cold, cv_folds=0, backend=backend)
+    assert isinstance(warm, WarmCalibration)
+    assert warm.params["warm_start"] == {"used": True, "reason": ""}
+    # every indexed hole is found again with its previous indices, except at
+    # most a borderline one at the taper edge (judged against its neighbours)
+    assert warm.drift.n_matched >= cold.lattice.n_valid - 2
+    prev_ij = {tuple(ij): k for k, ij in enumerate(cold.grid.indices)}
+    rows = np.array([prev_ij[tuple(ij)] for ij in warm.lattice.indices])
+    np.testing.assert_allclose(
+        warm.holes.peaks, cold.holes.peaks[cold.lattice.valid][rows], atol=0.01
+    )
+    # the centre fit depends slightly on its window (sized here from the
+    # fitted, not the guessed, diameter): ~1e-3 px per hole
+    diff = np.hypot(warm.dx - cold.dx, warm.dy - cold.dy)[_valid_corners(cold.mask, warm.mask)]
+    assert np.sqrt(np.mean(diff**2)) < 3e-3
+    assert diff.max() < 0.05
+    drift = warm.drift
+    assert np.hypot(*drift.shift) < 0.005
+    assert abs(drift.rotation_mdeg) < 0.5
+    assert abs(drift.scale_ppm) < 30
+    assert drift.max_change_dx < 0.05
+    assert drift.max_change_dy < 0.05
+    assert "drift since the previous calibration" in warm.summary()
+
+
+def test_shifted_plate_reports_shift_and_keeps_accuracy(base, backend):
+    _, cold_prev = base
+    move = np.array([3.0, -2.0])
+    g = _plate(offset=tuple(np.add(BASE_OFFSET, move)))
+    warm = recalibrate(g.image, cold_prev, cv_folds=0, backend=backend)
+    assert warm.params["warm_start"]["used"]
+    np.testing.assert_allclose(warm.drift.shift, move, atol=0.05)
+    assert abs(warm.drift.rotation_mdeg) < 5
+    assert warm.drift.matched_fraction > 0.9
+    cold = calibrate(g.image, cv_folds=0, backend=backend)
+    rms_warm = dense_residual(g.truth, warm.dy, warm.dx, warm.mask, region=g.taper_mask).rms
+    rms_cold = dense_residual(g.truth, cold.dy, cold.dx, cold.mask, region=g.taper_mask).rms
+    assert rms_warm <= 1.1 * rms_cold
+
+
+def test_rotated_plate_reports_rotation(base):
+    _, prev = base
+    g = _plate(rotation_deg=PLATE["rotation_deg"] + 0.05)
+    warm = recalibrate(g.image, prev, cv_folds=0)
+    assert warm.params["warm_start"]["used"]
+    # the plate turned by 50 mdeg about the image centre, where hole (0, 0) sits
+    assert warm.drift.rotation_mdeg == pytest.approx(50.0, abs=3.0)
+    assert np.hypot(*warm.drift.shift) < 0.1
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"offset": (BASE_OFFSET[0] + 20.0, BASE_OFFSET[1])}, "moved|consistent"),
+        ({"pitch_px": 31.0, "hole_diameter_px": 6.0}, "consistent|found again|rotation or scale"),
+    ],
+    ids=["half-pitch-move", "other-plate"],
+)
+def test_large_move_falls_back_to_cold(base, changes, why):
+    _, prev = base
+    g = _plate(**changes)
+    with pytest.warns(WarmStartFallback, match=f"warm start not possible .*({why})"):
+        cal = recalibrate(g.image, prev, cv_folds=0)
+    assert cal.params["warm_start"]["used"] is False
+    assert not cal.drift.warm
+    assert np.isnan(cal.drift.rotation_mdeg)
+    assert "fell back to a cold calibration" in cal.summary()
+    # the cold result is a full calibration of the new image
+    assert cal.lattice.n_valid > 50
+
+
+def test_previous_from_detector_file(base, tmp_path):
+    g, prev = base
+    path = tmp_path / "detector.h5"
+    prev.save(path)
+    warm = recalibrate(g.image, path, cv_folds=0)
+    assert warm.params["warm_start"]["used"]
+    assert warm.pitch == prev.pitch
+    # the file holds what the warm start needs: same result as from memory
+    direct = recalibrate(g.image, prev, cv_folds=0)
+    assert warm.drift.n_matched == direct.drift.n_matched
+    np.testing.assert_array_equal(warm.lattice.indices, direct.lattice.indices)
+    np.testing.assert_allclose(warm.holes.peaks, direct.holes.peaks, atol=1e-9)
+    np.testing.assert_allclose(warm.dx, direct.dx, atol=1e-5)
+
+
+def test_report_figure_of_a_warm_calibration(base, tmp_path):
+    pytest.importorskip("matplotlib")
+    from ccdgrid.report import write_report
+
+    g, prev = base
+    warm = recalibrate(g.image, prev, cv_folds=0)
+    out = write_report(warm, tmp_path / "warm.png", g.image)
+    assert out.stat().st_size > 10_000
+
+
+def test_calibrate_previous_keyword_delegates(base):
+    g, prev = base
+    cal = calibrate(g.image, previous=prev, cv_folds=0)
+    assert isinstance(cal, WarmCalibration)
+    assert cal.params["warm_start"]["used"]
+
+
+def test_shape_mismatch_is_an_error(base):
+    _, prev = base
+    with pytest.raises(CcdgridError, match=r"shape \(256, 256\).*\(512, 512\)"):
+        recalibrate(np.zeros((256, 256), np.float32), prev)
+
+
+def test_previous_without_holes_is_an_error(base):
+    g, _ = base
+    with pytest.raises(CcdgridError, match="`previous` must be a Calibration"):
+        recalibrate(g.image, {"dx": 1})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"max_shift": -1.0}, "max_shift"), ({"min_matched": 1.5}, "min_matched")],
+)
+def test_bad_options(base, kwargs, match):
+    g, prev = base
+    with pytest.raises(CcdgridError, match=match):
+        recalibrate(g.image, prev, **kwargs)
