@@ -463,7 +463,7 @@ def _write(h5, c, name, level, workers, version):
     corners = det.create_dataset(
         "pixel_corners",
         shape=(ny, nx, 4, 3),
-        dtype=np.float32,
+        dtype="<f4",  # _CornerPlane builds little-endian bytes
         chunks=(rows, nx, 4, 1),
         compression="gzip",
         compression_opts=level,
@@ -552,11 +552,21 @@ def _corner_tasks(dy, dx, pixel_size, rows):
 
 
 class _CornerPlane:
-    """One chunk of pixel_corners: the y (axis 0) or x (axis 1) metres of rows i0..i1.
+    """One chunk of pixel_corners, the y (axis 0) or x (axis 1) metres of rows i0..i1, shuffled.
 
     The arithmetic is that of pyFAI's corner-shaped ``set_dy``/``set_dx``:
     ``pixel1 * (dy + i)`` and ``pixel2 * (dx + j)`` in float64, rounded to
     float32, so the file equals pyFAI's own detector bit for bit.
+
+    Calling it returns what HDF5's shuffle filter makes of the chunk
+    ``(rows, nx, 4, 1)`` of little-endian float32: a uint8 array of shape
+    (4, rows * nx * 4), byte plane ``b`` holding byte ``b`` of the corners A,
+    B, C, D of each pixel in turn. It is built from the (rows + 1, nx + 1)
+    corner grid without ever materialising the float32 chunk: for each byte
+    plane, the four bytes of one pixel are packed into a single uint32 word
+    with whole-array shifts and ors, which numpy vectorises. That is about
+    4 times cheaper than filling the chunk with four strided float32 copies
+    and shuffling its 16 bytes per pixel one by one.
     """
 
     def __init__(self, corner_map, pixel, i0, i1, rows, axis):
@@ -571,15 +581,23 @@ class _CornerPlane:
         else:
             block += np.arange(block.shape[1], dtype=np.float64)
         block *= self.pixel
-        metres = block.astype(np.float32)
-        n = i1 - i0
-        out = np.empty((self.rows, metres.shape[1] - 1, 4), dtype=np.float32)
-        out[n:] = 0  # padding rows of the partial last chunk, outside the dataset
-        out[:n, :, 0] = metres[:-1, :-1]  # A = corner (i, j)
-        out[:n, :, 1] = metres[1:, :-1]  # B = corner (i + 1, j)
-        out[:n, :, 2] = metres[1:, 1:]  # C = corner (i + 1, j + 1)
-        out[:n, :, 3] = metres[:-1, 1:]  # D = corner (i, j + 1)
-        return out[:, :, :, None]
+        # values, not memory, are shifted below: the result is little-endian on any host
+        bits = block.astype("<f4").view("<u4")
+        n, nx = i1 - i0, bits.shape[1] - 1
+        planes = np.zeros((4, self.rows, nx), dtype="<u4")  # rows >= n: zero padding
+        byte = np.empty_like(bits)
+        term = np.empty((n, nx), dtype="<u4")
+        for b in range(4):
+            np.right_shift(bits, 8 * b, out=byte)
+            byte &= 0xFF
+            word = planes[b, :n]
+            word |= byte[:-1, :-1]  # A = corner (i, j), lowest byte (first in memory)
+            for shift, corner in ((8, byte[1:, :-1]), (16, byte[1:, 1:]), (24, byte[:-1, 1:])):
+                np.left_shift(
+                    corner, shift, out=term
+                )  # B (i + 1, j), C (i + 1, j + 1), D (i, j + 1)
+                word |= term
+        return planes.view(np.uint8).reshape(4, -1)
 
 
 def _map_tasks(corner_map, chunks, key):
@@ -596,11 +614,11 @@ class _MapChunk:
 
     def __call__(self):
         part = self.corner_map[self.i0 : self.i0 + self.rows]
-        if part.shape[0] == self.rows:
-            return part
-        out = np.zeros((self.rows, part.shape[1]), dtype=part.dtype)
-        out[: part.shape[0]] = part
-        return out
+        if part.shape[0] < self.rows:
+            padded = np.zeros((self.rows, part.shape[1]), dtype=part.dtype)
+            padded[: part.shape[0]] = part
+            part = padded
+        return _shuffle(part)
 
 
 def _compressor(level):
@@ -632,12 +650,13 @@ def _shuffle(chunk):
     return np.ascontiguousarray(chunk.view(np.uint8).reshape(-1, chunk.itemsize).T)
 
 
-def _deflate_whole(make_chunk, compress, level):
-    return compress(_shuffle(make_chunk()), level=level)
+def _deflate_whole(make_planes, compress, level):
+    """Deflate a shuffled chunk as a whole (``make_planes()``: uint8 (itemsize, n))."""
+    return compress(make_planes(), level=level)
 
 
-def _deflate_planes(make_chunk, level):
-    """Shuffle one chunk, then deflate each byte plane with its own settings into one zlib stream.
+def _deflate_planes(make_planes, level):
+    """Deflate each byte plane of a shuffled chunk with its own settings into one zlib stream.
 
     The shuffled chunk is the concatenation of its byte planes, and a raw
     deflate stream may be cut into independently compressed pieces: every
@@ -652,7 +671,7 @@ def _deflate_planes(make_chunk, level):
     100 MB to 5 MB. So at the fast levels (1, 2) that plane is stored as is
     (deflate level 0); at levels >= 3 every plane is deflated at ``level``.
     """
-    planes = _shuffle(make_chunk())
+    planes = make_planes()  # uint8 (itemsize, n), see _shuffle
     if level == 0:
         return zlib.compress(planes, 0)
     last = len(planes) - 1
