@@ -126,18 +126,49 @@ def check(path, cal):
     return bool(np.array_equal(ours, ref.get_pixel_corners()))
 
 
-def phases(cal, compressors):
-    """Single-threaded CPU seconds of one pass over the corner chunks, per phase."""
+def _chunk_before(make):
+    """The chunk as built before: float32 (rows, nx, 4) by 4 strided copies, then shuffled."""
+    i0, i1, rows = make.i0, make.i1, make.rows
+    block = make.corner_map[i0 : i1 + 1].astype(np.float64)
+    if make.axis == 0:
+        block += np.arange(i0, i1 + 1, dtype=np.float64)[:, None]
+    else:
+        block += np.arange(block.shape[1], dtype=np.float64)
+    block *= make.pixel
+    metres = block.astype(np.float32)
+    n = i1 - i0
+    out = np.zeros((rows, metres.shape[1] - 1, 4), dtype=np.float32)
+    out[:n, :, 0] = metres[:-1, :-1]
+    out[:n, :, 1] = metres[1:, :-1]
+    out[:n, :, 2] = metres[1:, 1:]
+    out[:n, :, 3] = metres[:-1, 1:]
+    return np.ascontiguousarray(out.view(np.uint8).reshape(-1, 4).T)
+
+
+def phases(cal, compressors, repeat):
+    """Single-threaded CPU seconds (median of ``repeat``) of one pass over the corner chunks."""
     ny, nx = cal.shape
     rows = detector_file._chunk_rows(nx * 4 * 4, ny)
-    tasks = detector_file._corner_tasks(cal.dy, cal.dx, cal.pixel_size, rows)
-    t0 = time.process_time()
-    chunks = [make() for _, _, make in tasks]
-    out = {"build shuffled chunks": (time.process_time() - t0, None)}
+    tasks = [
+        make for _, _, make in detector_file._corner_tasks(cal.dy, cal.dx, cal.pixel_size, rows)
+    ]
+
+    def cpu(fn):
+        times = []
+        for _ in range(repeat):
+            t0 = time.process_time()
+            result = fn()
+            times.append(time.process_time() - t0)
+        return statistics.median(times), result
+
+    out = {}
+    out["build+shuffle, before"] = (cpu(lambda: [_chunk_before(m) for m in tasks])[0], None)
+    seconds, chunks = cpu(lambda: [m() for m in tasks])
+    out["build+shuffle, now"] = (seconds, None)
+    assert all(np.array_equal(c, _chunk_before(m)) for c, m in zip(chunks, tasks, strict=True))
     for label, compressor in compressors:
-        t0 = time.process_time()
-        size = sum(len(compressor(lambda c=c: c)) for c in chunks)
-        out[f"deflate {label}"] = (time.process_time() - t0, size)
+        seconds, size = cpu(lambda c=compressor: sum(len(c(lambda x=x: x)) for x in chunks))
+        out[f"deflate {label}"] = (seconds, size)
     return rows, len(tasks), out
 
 
@@ -212,7 +243,7 @@ def main(argv=None):
                     ),
                 )
             )
-    rows, count, out = phases(cal, compressors)
+    rows, count, out = phases(cal, compressors, args.repeat)
     print(f"\ncorner chunks (x and y planes): {count} chunks of {rows} rows, one thread")
     print(f"{'phase':26s} {'cpu s':>8s} {'MB out':>8s}")
     for label, (seconds, size) in out.items():

@@ -39,6 +39,7 @@ import numbers
 import os
 import pathlib
 import secrets
+import threading
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -575,29 +576,55 @@ class _CornerPlane:
 
     def __call__(self):
         i0, i1 = self.i0, self.i1
-        block = self.corner_map[i0 : i1 + 1].astype(np.float64)
+        source = self.corner_map[i0 : i1 + 1]
+        n, nx = i1 - i0, source.shape[1] - 1
+        block, single, byte, term = _scratch(source.shape)
+        np.copyto(block, source)
         if self.axis == 0:
             block += np.arange(i0, i1 + 1, dtype=np.float64)[:, None]
         else:
-            block += np.arange(block.shape[1], dtype=np.float64)
+            block += np.arange(nx + 1, dtype=np.float64)
         block *= self.pixel
-        # values, not memory, are shifted below: the result is little-endian on any host
-        bits = block.astype("<f4").view("<u4")
-        n, nx = i1 - i0, bits.shape[1] - 1
-        planes = np.zeros((4, self.rows, nx), dtype="<u4")  # rows >= n: zero padding
-        byte = np.empty_like(bits)
-        term = np.empty((n, nx), dtype="<u4")
+        np.copyto(single, block, casting="same_kind")
+        # values, not memory, are shifted below: the bytes are little-endian on any host
+        bits = single.view("<u4")
+        planes = np.empty((4, self.rows, nx), dtype="<u4")
+        planes[:, n:] = 0  # padding rows of the partial last chunk, outside the dataset
+        term = term[:n]
         for b in range(4):
             np.right_shift(bits, 8 * b, out=byte)
             byte &= 0xFF
             word = planes[b, :n]
-            word |= byte[:-1, :-1]  # A = corner (i, j), lowest byte (first in memory)
-            for shift, corner in ((8, byte[1:, :-1]), (16, byte[1:, 1:]), (24, byte[:-1, 1:])):
-                np.left_shift(
-                    corner, shift, out=term
-                )  # B (i + 1, j), C (i + 1, j + 1), D (i, j + 1)
-                word |= term
+            np.left_shift(byte[1:, :-1], 8, out=word)  # B = corner (i + 1, j)
+            word |= byte[:-1, :-1]  # A = corner (i, j): lowest byte, first in memory
+            np.left_shift(byte[1:, 1:], 16, out=term)  # C = corner (i + 1, j + 1)
+            word |= term
+            np.left_shift(byte[:-1, 1:], 24, out=term)  # D = corner (i, j + 1)
+            word |= term
         return planes.view(np.uint8).reshape(4, -1)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape):
+    """This thread's work arrays for a corner block of ``shape`` (rows + 1, nx + 1).
+
+    Reused from chunk to chunk: freshly allocated MB-sized arrays come from
+    new zero pages, and the page faults on first touch cost more than all of
+    the arithmetic.
+    """
+    arrays = getattr(_SCRATCH, "arrays", None)
+    if arrays is None or arrays[0].shape[0] < shape[0] or arrays[0].shape[1] != shape[1]:
+        arrays = (
+            np.empty(shape, dtype=np.float64),  # metres, exact
+            np.empty(shape, dtype="<f4"),  # metres, rounded
+            np.empty(shape, dtype="<u4"),  # one byte of each corner
+            np.empty((shape[0] - 1, shape[1] - 1), dtype="<u4"),  # one shifted term
+        )
+        _SCRATCH.arrays = arrays
+    rows = shape[0]
+    return arrays[0][:rows], arrays[1][:rows], arrays[2][:rows], arrays[3][: rows - 1]
 
 
 def _map_tasks(corner_map, chunks, key):
