@@ -13,11 +13,16 @@ produces), float32, on the (ny + 1, nx + 1) corner grid. Every variant goes
 through :func:`ccdgrid.detector_file.save_detector`; only the chunk
 compressor differs:
 
-* ``zlib-whole L``: zlib deflate of the whole shuffled chunk at level L (what
-  ccdgrid did before byte-plane deflate; level 2 was the default);
+* ``<rev>: default``: ``save_detector`` as of git revision ``--baseline``
+  (default ``main``), with zlib and, if installed, ISA-L: the "before";
+* ``zlib-whole L``: zlib deflate of the whole shuffled chunk at level L (how
+  main deflates with zlib; its default level is 2);
 * ``zlib-planes L``: the current zlib path, one deflate per byte plane in a
   single zlib stream, low byte plane stored at levels 1-2;
-* ``isal L``: ISA-L deflate of the whole shuffled chunk (``ccdgrid[fast]``);
+* ``isal-whole L``: ISA-L deflate of the whole shuffled chunk (how main uses
+  ``ccdgrid[fast]``, at level 2);
+* ``isal-planes L``: the current path with python-isal installed (ISA-L at
+  level min(L, 2), byte plane by byte plane, low plane stored at L <= 2);
 * ``none``: ``compression_level=0``;
 * ``pyFAI``: ``Detector(...); set_dx; set_dy; save(path)`` (pyFAI 2026.9).
 
@@ -60,7 +65,7 @@ def variants(have_isal):
     """(label, compression_level, compressor factory or None = ccdgrid's own choice, isal?)."""
     rows = [
         ("zlib-whole 1", 1, functools.partial(_whole_zlib, 1)),
-        ("zlib-whole 2 (before)", 2, functools.partial(_whole_zlib, 2)),
+        ("zlib-whole 2", 2, functools.partial(_whole_zlib, 2)),
         ("zlib-planes 1", 1, None),
         ("zlib-planes 2 (default)", 2, None),
         ("zlib-planes 3", 3, None),
@@ -72,12 +77,15 @@ def variants(have_isal):
         from isal import isal_zlib
 
         for level in (0, 1, 2):
-            make = functools.partial(
-                detector_file._deflate_whole, compress=isal_zlib.compress, level=level
-            )
-            label = f"isal {level}" + (" (default)" if level == 2 else "")
-            rows.append((label, max(level, 1), make, True))
+            make = functools.partial(_deflate_whole, compress=isal_zlib.compress, level=level)
+            rows.append((f"isal-whole {level}", max(level, 1), make, True))
+        rows.append(("isal-planes 2 (default)", 2, None, True))
+        rows.append(("isal-planes 3", 3, None, True))
     return rows
+
+
+def _deflate_whole(make_planes, compress, level):
+    return compress(make_planes(), level=level)
 
 
 def _whole_zlib(level, make_planes):
@@ -97,6 +105,43 @@ def run_save(path, cal, level, compressor, use_isal):
         return time.perf_counter() - wall, time.process_time() - cpu
     finally:
         detector_file._compressor = saved_compressor
+        if saved_isal == "absent":
+            sys.modules.pop("isal", None)
+        else:
+            sys.modules["isal"] = saved_isal
+
+
+def baseline_module(rev):
+    """ccdgrid's detector_file.py as of git revision ``rev``, imported beside the current one."""
+    import importlib.util
+    import subprocess
+
+    source = subprocess.run(
+        ["git", "show", f"{rev}:src/ccdgrid/detector_file.py"],
+        cwd=Path(__file__).resolve().parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as handle:
+        handle.write(source)
+    # a name inside the package, so its relative imports (.errors, __version__) resolve
+    spec = importlib.util.spec_from_file_location("ccdgrid._detector_file_baseline", handle.name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    os.unlink(handle.name)
+    return module
+
+
+def run_baseline(module, path, cal, use_isal):
+    saved_isal = sys.modules.get("isal", "absent")
+    if not use_isal:
+        sys.modules["isal"] = None
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        module.save_detector(path, cal)
+        return time.perf_counter() - wall, time.process_time() - cpu
+    finally:
         if saved_isal == "absent":
             sys.modules.pop("isal", None)
         else:
@@ -179,6 +224,12 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="load each file with pyFAI")
     parser.add_argument("--no-pyfai", action="store_true", help="skip pyFAI's own save")
     parser.add_argument("--no-phases", action="store_true", help="skip the phase breakdown")
+    parser.add_argument(
+        "--baseline",
+        default="main",
+        help="git revision whose save_detector runs first, default settings (default: main; "
+        "'' to skip)",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -202,7 +253,13 @@ def main(argv=None):
     header += "  pyFAI corners ==" if args.check else ""
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [(label, level, make, isal_) for label, level, make, isal_ in variants(have_isal)]
+        rows = []
+        if args.baseline:
+            module = baseline_module(args.baseline)
+            rows.append((f"{args.baseline}: default, zlib", "baseline", module, False))
+            if have_isal:
+                rows.append((f"{args.baseline}: default, isal", "baseline", module, True))
+        rows += variants(have_isal)
         if not args.no_pyfai:
             rows.append(("pyFAI Detector.save", None, None, False))
         for label, level, make, use_isal in rows:
@@ -212,6 +269,8 @@ def main(argv=None):
                 path.unlink(missing_ok=True)
                 if level is None:
                     wall, cpu = run_pyfai(path, cal)
+                elif level == "baseline":
+                    wall, cpu = run_baseline(make, path, cal, use_isal)
                 else:
                     wall, cpu = run_save(path, cal, level, make, use_isal)
                 walls.append(wall)
@@ -226,23 +285,25 @@ def main(argv=None):
 
     if args.no_phases:
         return
+    planes = detector_file._deflate_planes
     compressors = [
         ("zlib-whole 2", functools.partial(_whole_zlib, 2)),
-        ("zlib-planes 2", functools.partial(detector_file._deflate_planes, level=2)),
-        ("zlib-planes 3", functools.partial(detector_file._deflate_planes, level=3)),
+        ("zlib-planes 2", functools.partial(planes, level=2, store_low=True, engine=zlib)),
+        ("zlib-planes 3", functools.partial(planes, level=3, store_low=False, engine=zlib)),
     ]
     if have_isal:
         from isal import isal_zlib
 
-        for level in (0, 1, 2):
+        for level in (0, 2):
             compressors.append(
                 (
-                    f"isal {level}",
-                    functools.partial(
-                        detector_file._deflate_whole, compress=isal_zlib.compress, level=level
-                    ),
+                    f"isal-whole {level}",
+                    functools.partial(_deflate_whole, compress=isal_zlib.compress, level=level),
                 )
             )
+        compressors.append(
+            ("isal-planes 2", functools.partial(planes, level=2, store_low=True, engine=isal_zlib))
+        )
     rows, count, out = phases(cal, compressors, args.repeat)
     print(f"\ncorner chunks (x and y planes): {count} chunks of {rows} rows, one thread")
     print(f"{'phase':26s} {'cpu s':>8s} {'MB out':>8s}")

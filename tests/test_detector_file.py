@@ -170,7 +170,7 @@ def test_compression_and_threads_do_not_change_the_values(tmp_path, workers, lev
 
 def test_plain_zlib_when_isal_is_not_installed(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "isal", None)  # makes `import isal` fail
-    assert detector_file._compressor(2).func is detector_file._deflate_planes
+    assert detector_file._compressor(2).keywords["engine"] is zlib
     cal = _calibration((30, 41), seed=8)
     path = save_detector(tmp_path / "det.h5", cal)
 
@@ -216,13 +216,18 @@ def _unshuffle(raw, dtype, shape):
     return planes.T.copy().view(dtype).reshape(shape)
 
 
+@pytest.mark.parametrize("engine_name", ["zlib", "isal"])
 @pytest.mark.parametrize("level", [0, 1, 2, 3, 6])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16, np.uint8])
-def test_plane_wise_zlib_stream_is_a_plain_zlib_stream(level, dtype):
+def test_plane_wise_stream_is_a_plain_zlib_stream(level, dtype, engine_name):
+    engine = zlib if engine_name == "zlib" else pytest.importorskip("isal.isal_zlib")
+    engine_level = level if engine is zlib else min(level, 2)  # ISA-L has levels 0-3
     rng = np.random.default_rng(10)
     chunk = (rng.normal(0, 1, (5, 301, 4)) * 1e3).astype(dtype)
 
-    stream = detector_file._deflate_planes(lambda: _shuffled(chunk), level=level)
+    stream = detector_file._deflate_planes(
+        lambda: _shuffled(chunk), level=engine_level, store_low=level <= 2, engine=engine
+    )
 
     # zlib.decompress checks the header, every block and the Adler-32 trailer
     raw = zlib.decompress(stream)
@@ -234,8 +239,12 @@ def test_fast_levels_store_the_low_byte_plane_and_higher_levels_deflate_it():
     chunk = (0.05 + 1e-3 * rng.random((8, 256, 4))).astype(np.float32)  # low byte: noise
     low_plane = chunk.size  # bytes of one byte plane
 
-    fast = detector_file._deflate_planes(lambda: _shuffled(chunk), level=2)
-    full = detector_file._deflate_planes(lambda: _shuffled(chunk), level=3)
+    fast = detector_file._deflate_planes(
+        lambda: _shuffled(chunk), level=2, store_low=True, engine=zlib
+    )
+    full = detector_file._deflate_planes(
+        lambda: _shuffled(chunk), level=3, store_low=False, engine=zlib
+    )
 
     # stored blocks cost 5 bytes of header each, at most 65535 bytes apiece
     assert len(fast) > low_plane

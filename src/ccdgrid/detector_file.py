@@ -190,18 +190,17 @@ def save_detector(path, calibration, *, name="ccdgrid", compression_level=2, wor
         Name of the NXdetector group; pyFAI shows it with ``_`` as spaces.
     compression_level : int
         Deflate level 0-9 of the large datasets (after a byte shuffle); 0
-        stores them uncompressed. With zlib, the fast levels 1 and 2 store
-        the least significant byte plane of the float32 chunks as is and
-        deflate the three others: at 2048² the default (2) writes the
-        corners in a third of the CPU time of a full level-2 deflate, for
-        a file ~1.5 times larger (~40 MB instead of 25 MB; uncompressed
-        they are 134 MB plus the all-zero z plane, which is never written).
-        Levels >= 3 deflate every plane: smaller and 3-5 times slower.
-        When python-isal is installed (``ccdgrid[fast]``) its ISA-L
-        deflate is used instead at level ``min(compression_level, 2)`` on
-        whole chunks (5-7 times faster than zlib, ~26 MB). Every HDF5
-        reader inflates all of these the same way.
-        ``benchmarks/save.py`` measures the choices.
+        stores them uncompressed. At the fast levels 1 and 2 (default) the
+        least significant byte plane of the float32 chunks, close to noise,
+        is stored as is and the three others are deflated; levels >= 3
+        deflate every plane. When python-isal is installed
+        (``ccdgrid[fast]``) its ISA-L deflate replaces zlib, at level
+        ``min(compression_level, 2)``. Every HDF5 reader inflates all of
+        these the same way. Measured at 2048² (``benchmarks/save.py``,
+        2 cores), the whole file: level 2 with zlib 0.8 s CPU and 57 MB,
+        with ISA-L ~0.3 s CPU and ~57 MB; level 3 with zlib 1.7 s and
+        46 MB; level 0 0.26 s and 174 MB (the corners alone are 134 MB
+        raw, plus the all-zero z plane, which is never written).
     workers : int or None
         Threads compressing chunks; None = up to 4, no more than the CPUs
         this process may use.
@@ -649,23 +648,23 @@ class _MapChunk:
 
 
 def _compressor(level):
-    """A function chunk -> bytes: what HDF5's shuffle + deflate filters make of it.
+    """A function (make_planes) -> bytes: what HDF5's deflate filter makes of a shuffled chunk.
 
-    With python-isal: ISA-L deflate of the whole shuffled chunk at level
-    ``min(level, 2)``. Otherwise zlib, byte plane by byte plane (see
-    :func:`_deflate_planes`). Both release the GIL while compressing, so the
+    Deflate byte plane by byte plane (see :func:`_deflate_planes`) with
+    ISA-L when python-isal is installed, at level ``min(level, 2)``, else
+    with zlib at ``level``. Both release the GIL while compressing, so the
     pool's threads run in parallel.
     """
-    if level > 0:
-        try:
-            from isal import isal_zlib
-        except ImportError:
-            pass
-        else:
-            return functools.partial(
-                _deflate_whole, compress=isal_zlib.compress, level=min(level, 2)
-            )
-    return functools.partial(_deflate_planes, level=level)
+    if level == 0:
+        return functools.partial(_deflate_planes, level=0, store_low=False, engine=zlib)
+    store_low = level <= _FAST_LEVEL
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return functools.partial(_deflate_planes, level=level, store_low=store_low, engine=zlib)
+    return functools.partial(
+        _deflate_planes, level=min(level, 2), store_low=store_low, engine=isal_zlib
+    )
 
 
 def _shuffle(chunk):
@@ -677,12 +676,7 @@ def _shuffle(chunk):
     return np.ascontiguousarray(chunk.view(np.uint8).reshape(-1, chunk.itemsize).T)
 
 
-def _deflate_whole(make_planes, compress, level):
-    """Deflate a shuffled chunk as a whole (``make_planes()``: uint8 (itemsize, n))."""
-    return compress(make_planes(), level=level)
-
-
-def _deflate_planes(make_planes, level):
+def _deflate_planes(make_planes, level, store_low, engine):
     """Deflate each byte plane of a shuffled chunk with its own settings into one zlib stream.
 
     The shuffled chunk is the concatenation of its byte planes, and a raw
@@ -695,18 +689,32 @@ def _deflate_planes(make_planes, level):
     Why: the least significant byte of a float32 corner in metres is close
     to noise. At 2048² zlib spends about 2/3 of its time on that plane to
     save ~40 % of it (34 -> 20 MB), while the three other planes fall from
-    100 MB to 5 MB. So at the fast levels (1, 2) that plane is stored as is
-    (deflate level 0); at levels >= 3 every plane is deflated at ``level``.
+    100 MB to 5 MB; ISA-L spends half of its time there. So when
+    ``store_low`` is true (the fast levels 1 and 2) that plane is stored as
+    is (deflate level 0).
+
+    Parameters
+    ----------
+    make_planes : callable
+        Returns the shuffled chunk, uint8 of shape (itemsize, n).
+    level : int
+        Deflate level of the planes (all of them stored if 0).
+    store_low : bool
+        Store plane 0 (the least significant byte) instead of deflating it.
+    engine : module
+        ``zlib`` or ``isal.isal_zlib`` (the same ``compressobj`` interface).
     """
-    planes = make_planes()  # uint8 (itemsize, n), see _shuffle
+    planes = make_planes()
     if level == 0:
         return zlib.compress(planes, 0)
     last = len(planes) - 1
     pieces = [_ZLIB_HEADER]
     adler = 1
     for k, plane in enumerate(planes):
-        plane_level = 0 if k == 0 and last > 0 and level <= _FAST_LEVEL else level
-        deflate = zlib.compressobj(plane_level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        if k == 0 and last > 0 and store_low:
+            deflate = zlib.compressobj(0, zlib.DEFLATED, -zlib.MAX_WBITS)
+        else:
+            deflate = engine.compressobj(level, engine.DEFLATED, -zlib.MAX_WBITS)
         pieces.append(deflate.compress(plane))
         pieces.append(deflate.flush(zlib.Z_FINISH if k == last else zlib.Z_SYNC_FLUSH))
         adler = zlib.adler32(plane, adler)
