@@ -170,7 +170,7 @@ def test_compression_and_threads_do_not_change_the_values(tmp_path, workers, lev
 
 def test_plain_zlib_when_isal_is_not_installed(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "isal", None)  # makes `import isal` fail
-    assert detector_file._compressor(2).func is zlib.compress
+    assert detector_file._compressor(2).keywords["engine"] is zlib
     cal = _calibration((30, 41), seed=8)
     path = save_detector(tmp_path / "det.h5", cal)
 
@@ -178,6 +178,92 @@ def test_plain_zlib_when_isal_is_not_installed(tmp_path, monkeypatch):
 
     np.testing.assert_array_equal(ours, _pyfai_reference(cal).get_pixel_corners())
     np.testing.assert_array_equal(load(path).dy, cal.dy)
+
+
+@pytest.fixture(params=["zlib", "isal"])
+def deflate(request, monkeypatch):
+    """Which deflate the save uses: zlib byte plane by byte plane, or ISA-L if installed."""
+    if request.param == "isal":
+        pytest.importorskip("isal")
+    else:
+        monkeypatch.setitem(sys.modules, "isal", None)
+    return request.param
+
+
+@pytest.mark.parametrize("level", [1, 2, 3, 9])
+def test_every_deflate_level_gives_pyfai_the_same_corners(tmp_path, deflate, level):
+    cal = _calibration((23, 37), seed=9)
+    path = save_detector(tmp_path / "det.h5", cal, compression_level=level, workers=2)
+
+    ours = detector_factory(str(path)).get_pixel_corners()
+
+    np.testing.assert_array_equal(ours, _pyfai_reference(cal).get_pixel_corners())
+    record = load(path)
+    np.testing.assert_array_equal(record.dx, cal.dx)
+    np.testing.assert_array_equal(record.dy, cal.dy)
+
+
+def _shuffled(chunk):
+    """HDF5's shuffle filter, written independently of the code under test."""
+    raw = np.frombuffer(chunk.tobytes(), np.uint8).reshape(chunk.size, chunk.itemsize)
+    return np.ascontiguousarray(raw.T)
+
+
+def _unshuffle(raw, dtype, shape):
+    """Undo HDF5's shuffle filter, written independently of the code under test."""
+    itemsize = np.dtype(dtype).itemsize
+    planes = np.frombuffer(raw, np.uint8).reshape(itemsize, -1)
+    return planes.T.copy().view(dtype).reshape(shape)
+
+
+@pytest.mark.parametrize("engine_name", ["zlib", "isal"])
+@pytest.mark.parametrize("level", [0, 1, 2, 3, 6])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16, np.uint8])
+def test_plane_wise_stream_is_a_plain_zlib_stream(level, dtype, engine_name):
+    engine = zlib if engine_name == "zlib" else pytest.importorskip("isal.isal_zlib")
+    engine_level = level if engine is zlib else min(level, 2)  # ISA-L has levels 0-3
+    rng = np.random.default_rng(10)
+    chunk = (rng.normal(0, 1, (5, 301, 4)) * 1e3).astype(dtype)
+
+    stream = detector_file._deflate_planes(
+        lambda: _shuffled(chunk), level=engine_level, store_low=level <= 2, engine=engine
+    )
+
+    # zlib.decompress checks the header, every block and the Adler-32 trailer
+    raw = zlib.decompress(stream)
+    np.testing.assert_array_equal(_unshuffle(raw, dtype, chunk.shape), chunk)
+
+
+def test_fast_levels_store_the_low_byte_plane_and_higher_levels_deflate_it():
+    rng = np.random.default_rng(11)
+    chunk = (0.05 + 1e-3 * rng.random((8, 256, 4))).astype(np.float32)  # low byte: noise
+    low_plane = chunk.size  # bytes of one byte plane
+
+    fast = detector_file._deflate_planes(
+        lambda: _shuffled(chunk), level=2, store_low=True, engine=zlib
+    )
+    full = detector_file._deflate_planes(
+        lambda: _shuffled(chunk), level=3, store_low=False, engine=zlib
+    )
+
+    # stored blocks cost 5 bytes of header each, at most 65535 bytes apiece
+    assert len(fast) > low_plane
+    assert len(full) < len(fast)
+    assert zlib.decompress(fast) == zlib.decompress(full)
+
+
+def test_the_zero_z_plane_is_not_written_and_reads_as_zeros(tmp_path, deflate):
+    cal = _calibration((40, 33), seed=12)
+    path = save_detector(tmp_path / "det.h5", cal)
+
+    with h5py.File(path) as h5:
+        corners = h5["entry/pyFAI/ccdgrid/pixel_corners"]
+        stored = [
+            corners.id.get_chunk_info(k).chunk_offset for k in range(corners.id.get_num_chunks())
+        ]
+        z = corners[..., 0]
+    assert sorted({offset[3] for offset in stored}) == [1, 2]  # y and x planes only
+    np.testing.assert_array_equal(z, np.zeros((40, 33, 4), np.float32))
 
 
 def test_pyfai_sees_exactly_one_detector(tmp_path):
@@ -328,7 +414,7 @@ def test_a_failed_save_leaves_no_file(tmp_path, monkeypatch, error):
 def test_a_failed_save_leaves_an_existing_file_untouched(tmp_path, monkeypatch):
     path = save_detector(tmp_path / "det.h5", _calibration((16, 16), seed=1))
     before = path.read_bytes()
-    monkeypatch.setattr(detector_file, "_deflate_shuffled", _boom)  # fails mid-way, in a thread
+    monkeypatch.setattr(detector_file, "_shuffle", _boom)  # fails mid-way, in a thread
 
     with pytest.raises(RuntimeError, match="disk on fire"):
         save_detector(path, _calibration((16, 16), seed=2))
