@@ -450,7 +450,7 @@ def _stream(source, target, matrix, chunk_frames, compression, level, normalize,
     meanwhile; all of them release the GIL. At most ``2 * workers + 2``
     corrected frames wait to be written, which bounds memory.
     """
-    from .detector_file import _compressor, _deflate_shuffled
+    from .detector_file import _compressor, _shuffle
 
     n = source.shape[0]
     starts = list(range(0, n, chunk_frames))
@@ -484,7 +484,7 @@ def _stream(source, target, matrix, chunk_frames, compression, level, normalize,
                     if compress is None:
                         packed = packer.submit(_raw, frame)
                     else:
-                        packed = packer.submit(_deflate_shuffled, lambda f=frame: f, compress)
+                        packed = packer.submit(compress, lambda f=frame: _shuffle(f))
                     # one writer thread: chunks reach the file in frame order
                     pending.append(writer.submit(write, i0 + offset, packed))
                     while len(pending) > in_flight:
