@@ -265,25 +265,8 @@ def calibrate(
         smoothing=smoothing,
         scale_px=lattice.pitch_px,
     )
-    cv = None
-    if cv_folds:
-        try:
-            cv = cross_validate(
-                peaks[valid],
-                grid.displacement,
-                k=min(cv_folds, len(grid.displacement)),
-                indices=grid.indices,
-                method=maps.method,
-                smoothing=maps.smoothing,
-                degree=maps.degree,
-                scale_px=maps.scale_px,
-            )
-        except CcdgridError:
-            # a diagnostic only: too few holes to leave some out must not fail the calibration
-            cv = None
-    out_mask = maps.mask
-    if mask is not None:
-        out_mask = out_mask | (np.asarray(mask) != 0).astype(np.int8)
+    cv = _cross_validation(peaks[valid], grid, maps, cv_folds)
+    out_mask = _output_mask(maps.mask, mask)
     timings["total"] = time.perf_counter() - t_start
     params = {
         "pitch": float(pitch),
@@ -316,7 +299,7 @@ def calibrate(
         maps=maps,
         dx=maps.dx,
         dy=maps.dy,
-        mask=out_mask.astype(np.int8, copy=False),
+        mask=out_mask,
         timings=timings,
         params=params,
         source=source,
@@ -330,6 +313,34 @@ def _check_folds(cv_folds):
     if isinstance(cv_folds, bool) or not isinstance(cv_folds, (int, np.integer)) or cv_folds < 2:
         raise CcdgridError(f"`cv_folds` must be 0, None or an integer >= 2, got {cv_folds!r}")
     return int(cv_folds)
+
+
+def _cross_validation(points, grid, maps, cv_folds):
+    """k-fold cross-validated map error at the holes, or None (``cv_folds`` 0, too few holes)."""
+    if not cv_folds:
+        return None
+    try:
+        return cross_validate(
+            points,
+            grid.displacement,
+            k=min(cv_folds, len(grid.displacement)),
+            indices=grid.indices,
+            method=maps.method,
+            smoothing=maps.smoothing,
+            degree=maps.degree,
+            scale_px=maps.scale_px,
+        )
+    except CcdgridError:
+        # a diagnostic only: too few holes to leave some out must not fail the calibration
+        return None
+
+
+def _output_mask(maps_mask, user_mask):
+    """int8 (ny, nx), 1 = invalid: outside the holes' hull or masked by the user."""
+    out = maps_mask
+    if user_mask is not None:
+        out = out | (np.asarray(user_mask) != 0).astype(np.int8)
+    return out.astype(np.int8, copy=False)
 
 
 def _timed(timings, name, func, *args, **kwargs):

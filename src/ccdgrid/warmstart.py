@@ -45,8 +45,15 @@ from ._validation import as_image, check_backend
 from .errors import CcdgridError
 from .gridfit import fit_grid
 from .lattice import LatticeIndex
-from .maps import cross_validate, displacement_maps
-from .pipeline import Calibration, _check_folds, _read, calibrate
+from .maps import displacement_maps
+from .pipeline import (
+    Calibration,
+    _check_folds,
+    _cross_validation,
+    _output_mask,
+    _read,
+    calibrate,
+)
 
 __all__ = ["Drift", "WarmCalibration", "WarmStartFallback", "recalibrate"]
 
@@ -308,25 +315,8 @@ def recalibrate(
         peaks, grid.displacement, prev.shape, smoothing=map_smoothing, scale_px=holes.pitch_px
     )
     timings["displacement_maps"] = time.perf_counter() - t0
-    cv = None
-    if cv_folds:
-        try:
-            cv = cross_validate(
-                peaks,
-                grid.displacement,
-                k=min(cv_folds, len(grid.displacement)),
-                indices=grid.indices,
-                method=maps.method,
-                smoothing=maps.smoothing,
-                degree=maps.degree,
-                scale_px=maps.scale_px,
-            )
-        except CcdgridError:
-            cv = None  # a diagnostic only, as in calibrate()
-    out_mask = maps.mask
-    if mask is not None:
-        out_mask = out_mask | (np.asarray(mask) != 0).astype(np.int8)
-    out_mask = out_mask.astype(np.int8, copy=False)
+    cv = _cross_validation(peaks, grid, maps, cv_folds)
+    out_mask = _output_mask(maps.mask, mask)
     timings["total"] = time.perf_counter() - t_start
     params = {
         "pitch": float(pitch),
