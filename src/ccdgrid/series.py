@@ -1,0 +1,1324 @@
+"""Calibrate a series of grid images in parallel: :func:`calibrate_series`.
+
+A series is several image files, frames of an HDF5 stack (``file.h5::/path``)
+or in-memory arrays. Every frame is calibrated on its own
+(:func:`ccdgrid.pipeline.calibrate`), by a pool of worker processes (or
+threads), and gets one detector file and one row of a table: hole counts,
+grid, pixel size, cross-validated residual, and the drift against a reference
+(the first frame of the series that calibrates, or a detector file given as
+``reference``). A frame that fails is recorded with its error message and the
+series goes on.
+
+Why processes, and how they are set up (measured on 2 cores, 2048² frames, in
+``benchmarks/series.py``): most of the pipeline is numpy/scipy code that
+holds the GIL between short compiled calls, so threads do not scale; each
+frame is independent, so processes do. Each worker process is started with
+OpenMP and BLAS limited to one thread (two workers each running a two-thread
+BLAS only fight over the cores), reads its frames itself (a path and a frame
+number travel to it, never the image), writes the detector file itself, and
+sends back one small :class:`FrameResult`.
+
+Drift is measured as :mod:`ccdgrid.warmstart` measures it (grid shift at the
+image centre, rotation, scale, largest change of ``dx``/``dy`` over the pixels
+valid in both), after matching the frame's lattice indices to the reference's
+(two calibrations index their holes from their own corner): the shift must be
+less than half a pitch to be told apart from a whole-pitch move.
+
+Coordinates are ``(y, x)`` index coordinates in pixels (the centre of pixel
+``(i, j)`` is at ``(i, j)``).
+"""
+
+import concurrent.futures as cf
+import contextlib
+import csv
+import dataclasses
+import io as _stdio
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import shutil
+import signal
+import string
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import CcdgridError
+
+__all__ = [
+    "COLUMNS",
+    "FrameResult",
+    "SeriesResult",
+    "calibrate_series",
+    "expand_frames",
+    "parse_frames",
+]
+
+#: Environment variables that cap the threads of OpenMP and of the BLAS
+#: libraries numpy and scipy may load; set to 1 in every worker process.
+THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+#: Options passed on to :func:`ccdgrid.pipeline.calibrate` for every frame.
+CALIBRATE_OPTIONS = ("hole_diameter", "pitch_px", "threshold", "smoothing", "backend", "cv_folds")
+
+_OUTPUT_FIELDS = ("index", "frame", "stem")
+_MAX_ATTEMPTS = 2  # a frame in flight when a worker process dies is tried once more
+
+# -- the table -----------------------------------------------------------------
+
+
+@dataclass
+class FrameResult:
+    """One frame of a series: where it came from, what its calibration gave.
+
+    Floats are NaN and counts -1 when not measured (a failed frame, no
+    cross-validation, no drift reference).
+
+    Attributes
+    ----------
+    index : int
+        Position in the series (0-based).
+    file : str
+        Image file (absolute path), or ``"<array N>"`` for an in-memory array.
+    dataset : str
+        HDF5 dataset path ("" for other files).
+    frame : int
+        Frame within the file or dataset; -1 for a single-image file.
+    status : {"ok", "failed"}
+    error : str
+        Why the frame failed ("" if it did not).
+    note : str
+        A warning worth keeping (e.g. why a warm start fell back to a cold one).
+    output : str
+        Detector file written ("" if none).
+    holes_found, holes_rejected, holes_indexed : int
+        Hole centres found, candidates rejected by the hole search, holes
+        given a lattice index and used in the grid fit.
+    pitch_px : float, px
+        Mean length of the two fitted lattice vectors.
+    rotation_deg : float, degree
+        Angle of the lattice's ``j`` direction (about +x) from +x towards +y.
+    pixel1_um, pixel2_um : float, µm
+        Pixel size along y and x for the plate's pitch.
+    cv_rms_px, cv_max_px : float, px
+        Cross-validated map error at the holes (the calibration's accuracy
+        figure, an upper bound: it includes each hole's centre error).
+    cv_rms_pitch, cv_max_pitch : float
+        The same in pitches.
+    fit_residual_px : float, px
+        RMS residual of the smoothed maps at the holes they were fitted to.
+    warm : bool
+        True if the frame was warm-started from the reference.
+    reference_index : int
+        Series index of the drift reference; -1 for a reference file or none.
+    drift_shift_y_px, drift_shift_x_px : float, px
+        Move of the fitted grid at the image centre since the reference.
+    drift_rotation_mdeg : float, millidegree
+        Rotation of the grid since the reference, from +x towards +y.
+    drift_scale_ppm : float, ppm
+        Change of the grid's scale since the reference.
+    drift_max_change_dx_px, drift_max_change_dy_px : float, px
+        Largest change of the ``dx``/``dy`` corner maps over the pixels valid
+        in both calibrations.
+    drift_matched : int
+        Holes matched to the reference's.
+    seconds : float, s
+        Wall time of the frame in its worker (read, calibrate, write).
+    traceback : str
+        Traceback of an unexpected error (not a column of the table).
+    """
+
+    index: int
+    file: str
+    dataset: str = ""
+    frame: int = -1
+    status: str = "failed"
+    error: str = ""
+    note: str = ""
+    output: str = ""
+    holes_found: int = -1
+    holes_rejected: int = -1
+    holes_indexed: int = -1
+    pitch_px: float = math.nan
+    rotation_deg: float = math.nan
+    pixel1_um: float = math.nan
+    pixel2_um: float = math.nan
+    cv_rms_px: float = math.nan
+    cv_max_px: float = math.nan
+    cv_rms_pitch: float = math.nan
+    cv_max_pitch: float = math.nan
+    fit_residual_px: float = math.nan
+    warm: bool = False
+    reference_index: int = -1
+    drift_shift_y_px: float = math.nan
+    drift_shift_x_px: float = math.nan
+    drift_rotation_mdeg: float = math.nan
+    drift_scale_ppm: float = math.nan
+    drift_max_change_dx_px: float = math.nan
+    drift_max_change_dy_px: float = math.nan
+    drift_matched: int = -1
+    seconds: float = math.nan
+    traceback: str = field(default="", repr=False)
+
+    @property
+    def ok(self):
+        """True if the frame was calibrated."""
+        return self.status == "ok"
+
+    @property
+    def label(self):
+        """``file``, ``file::dataset`` and ``[frame]`` as a user would name the frame."""
+        text = self.file + (f"::{self.dataset}" if self.dataset else "")
+        return text + (f" [frame {self.frame}]" if self.frame >= 0 else "")
+
+    def row(self):
+        """The table columns (:data:`COLUMNS`) as a dict."""
+        return {name: getattr(self, name) for name in COLUMNS}
+
+
+#: Columns of the table, in order (every :class:`FrameResult` field but the traceback).
+COLUMNS = tuple(f.name for f in dataclasses.fields(FrameResult) if f.name != "traceback")
+_DRIFT_COLUMNS = (
+    "drift_shift_y_px",
+    "drift_shift_x_px",
+    "drift_rotation_mdeg",
+    "drift_scale_ppm",
+    "drift_max_change_dx_px",
+    "drift_max_change_dy_px",
+    "drift_matched",
+)
+
+
+@dataclass
+class SeriesResult:
+    """The outcome of :func:`calibrate_series`.
+
+    Attributes
+    ----------
+    frames : list of FrameResult
+        One per frame, in series order.
+    reference : str
+        What the drift is measured against: ``"frame N"`` (series index), a
+        detector file path, or ``""`` when no frame calibrated.
+    workers : int
+        Workers used.
+    executor : {"process", "thread", "serial"}
+        How the frames were run ("serial": in the calling process).
+    seconds : float, s
+        Wall time of the whole series (pool start-up included).
+    tables : tuple of pathlib.Path
+        The CSV and JSON files written (empty if none).
+    """
+
+    frames: list
+    reference: str = ""
+    workers: int = 1
+    executor: str = "serial"
+    seconds: float = math.nan
+    tables: tuple = ()
+
+    @property
+    def ok(self):
+        """True if every frame was calibrated."""
+        return all(f.ok for f in self.frames)
+
+    @property
+    def failed(self):
+        """The frames that failed, in series order."""
+        return [f for f in self.frames if not f.ok]
+
+    @property
+    def throughput(self):
+        """Frames per second of wall time (failed frames included)."""
+        return len(self.frames) / self.seconds if self.seconds > 0 else math.nan
+
+    def table(self):
+        """The table as a numpy structured array, one record per frame.
+
+        Returns
+        -------
+        ndarray of shape (n_frames,), structured
+            Fields :data:`COLUMNS`: strings as ``U`` (unicode), counts as
+            int64, flags as bool, measures as float64 (NaN when not measured).
+        """
+        dtype = []
+        for f in dataclasses.fields(FrameResult):
+            if f.name not in COLUMNS:
+                continue
+            if f.type in ("int", int):
+                kind = np.int64
+            elif f.type in ("float", float):
+                kind = np.float64
+            elif f.type in ("bool", bool):
+                kind = np.bool_
+            else:
+                width = max([1] + [len(getattr(r, f.name)) for r in self.frames])
+                kind = f"U{width}"
+            dtype.append((f.name, kind))
+        return np.array([tuple(r.row().values()) for r in self.frames], dtype=dtype)
+
+    def write_csv(self, path):
+        """Write the table as CSV (header of :data:`COLUMNS`; empty cell = not measured).
+
+        The file is written beside its target and renamed: never half-written.
+        """
+        buffer = _stdio.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        for r in self.frames:
+            writer.writerow(_csv_cell(v) for v in r.row().values())
+        return _write_text(path, buffer.getvalue())
+
+    def write_json(self, path):
+        """Write the table and the run's settings as JSON (null = not measured)."""
+        from . import __version__
+
+        doc = {
+            "ccdgrid_version": __version__,
+            "reference": self.reference,
+            "workers": self.workers,
+            "executor": self.executor,
+            "seconds": _json_value(self.seconds),
+            "n_frames": len(self.frames),
+            "n_failed": len(self.failed),
+            "units": _UNITS,
+            "frames": [{k: _json_value(v) for k, v in r.row().items()} for r in self.frames],
+        }
+        return _write_text(path, json.dumps(doc, indent=1) + "\n")
+
+    def summary(self):
+        """One line for humans."""
+        n, bad = len(self.frames), len(self.failed)
+        text = (
+            f"calibrated {n - bad} of {n} frames in {self.seconds:.1f} s "
+            f"({self.throughput:.2f} frames/s, {self.workers} {self.executor} worker"
+            f"{'s' if self.workers > 1 else ''})"
+        )
+        if bad:
+            text += f"; {bad} failed: " + ", ".join(str(f.index) for f in self.failed[:10])
+            text += ", ..." if bad > 10 else ""
+        return text
+
+
+_UNITS = {
+    "pitch_px": "px",
+    "rotation_deg": "degree, lattice j axis from +x towards +y",
+    "pixel1_um": "µm (y)",
+    "pixel2_um": "µm (x)",
+    "cv_rms_px": "px",
+    "cv_max_px": "px",
+    "cv_rms_pitch": "pitch",
+    "cv_max_pitch": "pitch",
+    "fit_residual_px": "px",
+    "drift_shift_y_px": "px, grid move at the image centre",
+    "drift_shift_x_px": "px, grid move at the image centre",
+    "drift_rotation_mdeg": "millidegree, from +x towards +y",
+    "drift_scale_ppm": "ppm",
+    "drift_max_change_dx_px": "px",
+    "drift_max_change_dy_px": "px",
+    "seconds": "s",
+    "frame": "-1: single-image file",
+}
+
+
+def _csv_cell(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return value
+
+
+def _json_value(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _write_text(path, text):
+    target = pathlib.Path(path).expanduser().absolute()
+    if not target.parent.is_dir():
+        raise CcdgridError(f"cannot write {target}: directory {target.parent} does not exist")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+# -- frame selection -------------------------------------------------------------
+
+
+def parse_frames(text):
+    """Parse a frame selection: ``"0:16"``, ``"0,3,7"``, ``"0:8:2,12"``, ``"all"``.
+
+    Parameters
+    ----------
+    text : str
+        Comma-separated items, each a 0-based frame number or a Python slice
+        ``start:stop[:step]`` (ends may be omitted or negative, counted from
+        the end of the stack). ``"all"`` (or ``":"``) selects every frame.
+
+    Returns
+    -------
+    tuple of (int or slice)
+
+    Raises
+    ------
+    CcdgridError
+        If an item is not a number or a slice, or a step is 0.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise CcdgridError(f"`frames` must be a selection such as '0:16' or '0,3,7', got {text!r}")
+    if text.strip().lower() == "all":
+        return (slice(None),)
+    items = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if ":" in part:
+                bounds = [int(b) if b.strip() else None for b in part.split(":")]
+                if len(bounds) > 3 or bounds[2:] == [0]:
+                    raise ValueError
+                items.append(slice(*bounds))
+            else:
+                items.append(int(part))
+        except ValueError:
+            raise CcdgridError(
+                f"bad frame selection {part!r} in {text!r}: use numbers (0,3,7) and "
+                "slices (0:16, 0:16:2; the end is excluded)"
+            ) from None
+    return tuple(items)
+
+
+def expand_frames(selection, nframes):
+    """Frame numbers a selection picks among ``nframes``, in the order given.
+
+    Parameters
+    ----------
+    selection : None, int, slice, str or sequence of (int or slice)
+        None selects every frame; a string is parsed by :func:`parse_frames`.
+        Negative numbers count from the end.
+    nframes : int
+
+    Returns
+    -------
+    list of int
+        May hold numbers ``>= nframes`` when asked for explicitly (reading
+        that frame then fails with a message naming the stack size); slices
+        are clipped to the stack, as Python's are.
+    """
+    if selection is None:
+        return list(range(nframes))
+    if isinstance(selection, str):
+        selection = parse_frames(selection)
+    elif isinstance(selection, (int, np.integer, slice)):
+        selection = (selection,)
+    out = []
+    for item in selection:
+        if isinstance(item, slice):
+            out.extend(range(*item.indices(nframes)))
+        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            out.append(int(item) + nframes if item < 0 else int(item))
+        else:
+            raise CcdgridError(f"`frames` items must be ints or slices, got {item!r}")
+    return [f for f in out if f >= 0]
+
+
+def _count_frames(text):
+    """Frames a source holds, or None when only a reader can tell (fabio formats).
+
+    Cheap: reads only HDF5 metadata or the ``.npy`` header.
+    """
+    from . import io
+
+    path, dataset = io._split_source(text)
+    if not path.is_file():
+        raise CcdgridError(f"image file not found: {path}")
+    suffix = path.suffix.lower()
+    if dataset is not None or suffix in io._HDF5_SUFFIXES:
+        import h5py
+
+        try:
+            handle = h5py.File(path, "r")
+        except OSError as exc:
+            raise CcdgridError(f"cannot open {path} as an HDF5 file: {exc}") from exc
+        with handle:
+            name = dataset if dataset is not None else io._only_image_dataset(handle, path)
+            node = handle.get(name)
+            if not isinstance(node, h5py.Dataset):
+                raise CcdgridError(f"{path} has no dataset {name!r}")
+            return node.shape[0] if node.ndim == 3 else 1
+    if suffix == ".npy":
+        try:
+            data = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise CcdgridError(f"cannot read {path} as a .npy array: {exc}") from exc
+        return data.shape[0] if data.ndim == 3 else 1
+    return None
+
+
+def _fabio_frames(path):
+    import fabio
+
+    try:
+        return int(getattr(fabio.open(str(path)), "nframes", 1) or 1)
+    except Exception as exc:  # fabio raises many types
+        raise CcdgridError(f"cannot read {path} as an image: {exc}") from exc
+
+
+@dataclass
+class _Spec:
+    """One frame to calibrate, as sent to a worker (small: a path, not an image)."""
+
+    index: int
+    file: str  # as given by the user, may hold "::dataset"; or "<array N>"
+    frame: int | None
+    output: str = ""
+    array: object = None  # an in-memory 2-D image (tests, notebooks)
+    error: str = ""  # set when the frame cannot even be named (missing file ...)
+    attempts: int = 0
+
+
+def _specs(sources, frames):
+    """Expand sources and a frame selection into one :class:`_Spec` per frame."""
+    if isinstance(sources, (str, os.PathLike, np.ndarray)):
+        sources = [sources]
+    try:
+        sources = list(sources)
+    except TypeError:
+        raise CcdgridError(
+            f"`sources` must be a path, an array or a list of them, got {type(sources).__name__}"
+        ) from None
+    if not sources:
+        raise CcdgridError("`sources` is empty: give at least one image")
+    specs = []
+    for n, src in enumerate(sources):
+        if isinstance(src, np.ndarray):
+            label = f"<array {n}>"
+            if src.ndim == 2:  # one image, whatever the selection
+                specs.append(_Spec(len(specs), label, None, array=src))
+            elif src.ndim == 3:
+                for f in expand_frames(frames, src.shape[0]):
+                    if f >= src.shape[0]:
+                        err = f"frame {f} requested but the array holds {src.shape[0]} frame(s)"
+                        specs.append(_Spec(len(specs), label, f, error=err))
+                    else:
+                        specs.append(_Spec(len(specs), label, f, array=src[f]))
+            else:
+                raise CcdgridError(
+                    f"`sources[{n}]` must be a 2-D image or a 3-D stack, got shape {src.shape}"
+                )
+            continue
+        if not isinstance(src, (str, os.PathLike)):
+            raise CcdgridError(
+                f"`sources[{n}]` must be a path or an array, got {type(src).__name__}"
+            )
+        text = os.fspath(src)
+        try:
+            count = _count_frames(text)
+            if count is None and frames is not None:
+                count = _fabio_frames(text.split("::", 1)[0])
+        except CcdgridError as exc:
+            specs.append(_Spec(len(specs), text, None, error=str(exc)))
+            continue
+        if count is None or (count == 1 and frames is None):
+            # one image (or a fabio file whose reader will say if it holds several)
+            specs.append(_Spec(len(specs), text, None))
+        else:
+            for f in expand_frames(frames, count):
+                specs.append(_Spec(len(specs), text, f))
+    return specs
+
+
+# -- output names ------------------------------------------------------------------
+
+
+def _check_pattern(pattern):
+    fields = {name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None}
+    unknown = sorted(f for f in fields if f.split(".")[0].split("[")[0] not in _OUTPUT_FIELDS)
+    if unknown:
+        raise CcdgridError(
+            f"unknown field {{{unknown[0]}}} in the output name pattern {pattern!r}: "
+            "use {index} (position in the series), {frame} (frame in its file) or {stem} "
+            "(file name without extension), e.g. out/detector_{index:03d}.h5"
+        )
+    if not pattern.lower().endswith((".h5", ".hdf5", ".nxs")):
+        raise CcdgridError(f"the output name pattern {pattern!r} must end with .h5")
+
+
+def _assign_outputs(specs, output):
+    """Set every spec's detector file from a directory or a ``{field}`` pattern."""
+    if output is None:
+        return None
+    text = os.fspath(output)
+    if "{" in text:
+        _check_pattern(text)
+        directory = None
+    else:
+        directory = pathlib.Path(text).expanduser().absolute()
+        if directory.exists() and not directory.is_dir():
+            raise CcdgridError(
+                f"the output {directory} is a file: for a series give a directory or a name "
+                "pattern such as out/detector_{index:03d}.h5"
+            )
+    used = {}
+    inputs = {
+        str(pathlib.Path(s.file.split("::", 1)[0]).expanduser().absolute())
+        for s in specs
+        if s.array is None
+    }
+    for s in specs:
+        stem = pathlib.Path(s.file.split("::", 1)[0]).stem if s.array is None else "array"
+        if s.array is not None:
+            stem = f"array{s.file.strip('<>').split()[-1]}"
+        frame = -1 if s.frame is None else s.frame
+        if directory is None:
+            try:
+                name = text.format(index=s.index, frame=max(frame, 0), stem=stem)
+            except (ValueError, IndexError, KeyError) as exc:
+                raise CcdgridError(f"bad output name pattern {text!r}: {exc}") from None
+            path = pathlib.Path(name).expanduser().absolute()
+        else:
+            suffix = "" if s.frame is None else f"_{s.frame:04d}"
+            path = directory / f"{stem}{suffix}_detector.h5"
+        if str(path) in inputs:
+            raise CcdgridError(f"the output file {path} would overwrite an input image")
+        if str(path) in used:
+            hint = (
+                "put {index} in the pattern"
+                if directory is None
+                else "give a name pattern with {index}"
+            )
+            raise CcdgridError(
+                f"frames {used[str(path)]} and {s.index} would both be written to {path}: {hint}"
+            )
+        used[str(path)] = s.index
+        s.output = str(path)
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+    else:
+        for path in used:
+            parent = pathlib.Path(path).parent
+            if not parent.is_dir():
+                raise CcdgridError(f"cannot write {path}: directory {parent} does not exist")
+    return directory
+
+
+# -- the work of one frame (runs in a worker) --------------------------------------
+
+
+@dataclass(frozen=True)
+class _Config:
+    pitch: float
+    options: dict
+    mask: object  # None, a path, or an array
+    save_workers: int | None  # compression threads of the detector-file writer
+
+
+class _Worker:
+    """Calibrates frames; one per worker process (or shared by threads)."""
+
+    def __init__(self, config):
+        self.config = config
+        self._references = {}
+        self._mask = None
+
+    def _reference(self, path):
+        if path not in self._references:
+            from .detector_file import load
+
+            self._references[path] = load(path)
+        return self._references[path]
+
+    def _mask_for(self, shape):
+        mask = self.config.mask
+        if mask is None:
+            return None
+        if self._mask is None or self._mask.shape != shape:
+            from .io import read_mask
+
+            self._mask = read_mask(mask, shape)
+        return self._mask
+
+    def run(self, spec, reference, reference_index, warm):
+        """Calibrate one frame; never raises for a bad frame (only on interrupt)."""
+        start = time.perf_counter()
+        row = _new_row(spec)
+        try:
+            if spec.error:
+                raise CcdgridError(spec.error)
+            self._calibrate(spec, row, reference, reference_index, warm)
+            row.status = "ok"
+        except (CcdgridError, OSError) as exc:
+            row.error = _describe(exc)
+        except Exception as exc:  # a bug on one frame must not stop the series
+            row.error = f"unexpected {type(exc).__name__}: {exc} (please report it)"
+            row.traceback = traceback.format_exc()
+        row.seconds = time.perf_counter() - start
+        return row
+
+    def _calibrate(self, spec, row, reference, reference_index, warm):
+        from .pipeline import calibrate
+
+        if spec.array is not None:
+            image = spec.array
+            source = {"path": spec.file, "sha256": None, "frame": spec.frame}
+        else:
+            from .io import read_image
+
+            image, source = read_image(spec.file, frame=spec.frame)
+            row.file, row.dataset = source["path"], source["dataset"] or ""
+        mask = self._mask_for(tuple(np.shape(image)))
+        previous = None
+        if warm and reference is not None:
+            previous = self._reference(reference)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            cal = calibrate(
+                image,
+                pitch=self.config.pitch,
+                mask=mask,
+                source=source,
+                previous=previous,
+                **self.config.options,
+            )
+        row.note = "; ".join(dict.fromkeys(str(w.message) for w in caught))
+        row.warm = bool(previous is not None and cal.params.get("warm_start", {}).get("used"))
+        _fill_calibration(row, cal)
+        if spec.output:
+            from .detector_file import save_detector
+
+            save_detector(spec.output, cal, workers=self.config.save_workers)
+            row.output = spec.output
+        if reference is not None:
+            drift = getattr(cal, "drift", None)
+            if drift is None or not drift.warm:
+                drift = _aligned_drift(self._reference(reference), cal)
+            _fill_drift(row, drift, reference_index)
+
+    def drift(self, frame_file, reference, reference_index):
+        """Drift columns of a frame already written to ``frame_file``."""
+        from .detector_file import load
+
+        row = FrameResult(index=-1, file="")
+        try:
+            drift = _aligned_drift(self._reference(reference), load(frame_file))
+            _fill_drift(row, drift, reference_index)
+        except (CcdgridError, OSError) as exc:
+            row.note = f"drift not measured: {_describe(exc)}"
+        return row
+
+
+def _new_row(spec):
+    if spec.array is None and "::" in spec.file:
+        file, dataset = spec.file.split("::", 1)
+    else:
+        file, dataset = spec.file, ""
+    return FrameResult(
+        index=spec.index,
+        file=file,
+        dataset=dataset,
+        frame=-1 if spec.frame is None else spec.frame,
+    )
+
+
+def _describe(exc):
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+def _fill_calibration(row, cal):
+    vectors = np.asarray(cal.grid.vectors, dtype=np.float64)
+    pitch_px = float(np.mean(np.hypot(vectors[:, 0], vectors[:, 1])))
+    row.holes_found = len(cal.holes.peaks)
+    row.holes_rejected = len(getattr(cal.holes, "rejected", ()))
+    row.holes_indexed = int(cal.lattice.n_valid)
+    row.pitch_px = pitch_px
+    # vectors[1] is the j step, about +x: its angle from +x towards +y
+    row.rotation_deg = math.degrees(math.atan2(vectors[1, 0], vectors[1, 1]))
+    row.pixel1_um, row.pixel2_um = (float(p) * 1e6 for p in cal.pixel_size)
+    cv = cal.cross_validation
+    if cv is not None:
+        row.cv_rms_px, row.cv_max_px = float(cv.rms_px), float(cv.max_px)
+        row.cv_rms_pitch, row.cv_max_pitch = row.cv_rms_px / pitch_px, row.cv_max_px / pitch_px
+    row.fit_residual_px = float(cal.maps.fit_residual_rms)
+
+
+def _fill_drift(row, drift, reference_index):
+    row.reference_index = reference_index
+    row.drift_shift_y_px, row.drift_shift_x_px = (float(v) for v in drift.shift)
+    row.drift_rotation_mdeg = float(drift.rotation_mdeg)
+    row.drift_scale_ppm = float(drift.scale_ppm)
+    row.drift_max_change_dx_px = float(drift.max_change_dx)
+    row.drift_max_change_dy_px = float(drift.max_change_dy)
+    row.drift_matched = int(drift.n_matched)
+
+
+def _aligned_drift(reference, calibration):
+    """:mod:`ccdgrid.warmstart`'s drift of a cold calibration against a reference.
+
+    Two cold calibrations number their holes from their own corner; the
+    frame's indices are first shifted onto the reference's by matching every
+    hole to the nearest reference hole (within 0.3 pitch) and taking the
+    most common index difference.
+    """
+    from types import SimpleNamespace
+
+    from scipy.spatial import cKDTree
+
+    from .warmstart import _drift, _previous
+
+    ref, new = _previous(reference), _previous(calibration)
+    if ref.shape != new.shape:
+        raise CcdgridError(
+            f"the drift reference was calibrated on {ref.shape} images, this frame is {new.shape}"
+        )
+    if len(ref.peaks) == 0 or len(new.peaks) == 0:
+        raise CcdgridError("no indexed holes to compare with the drift reference")
+    # both calibrations orient i about +y and j about +x (lattice.py): the
+    # index frames differ by a translation only, if the grid turned < 45 deg
+    dist, nearest = cKDTree(ref.peaks).query(new.peaks)
+    close = dist < 0.3 * ref.pitch_px
+    if not close.any():
+        raise CcdgridError(
+            "no hole of this frame lies within 0.3 pitch of a reference hole: the plate "
+            "moved too far to measure the drift"
+        )
+    diff = ref.indices[nearest[close]] - new.indices[close]
+    keys, counts = np.unique(diff, axis=0, return_counts=True)
+    offset = keys[np.argmax(counts)].astype(np.float64)
+    n_matched = int(counts.max())
+    shifted = SimpleNamespace(
+        grid=SimpleNamespace(origin=new.origin - offset @ new.vectors, vectors=new.vectors),
+        dx=new.dx,
+        dy=new.dy,
+        mask=new.mask,
+    )
+    return _drift(ref, shifted, len(ref.peaks), n_matched)
+
+
+# -- process workers -----------------------------------------------------------------
+
+_PROCESS_WORKER = None
+
+
+def _init_process(config):
+    """Initialiser of a worker process: its :class:`_Worker` and the pipeline's modules."""
+    global _PROCESS_WORKER
+    # Ctrl-C reaches the whole process group: the parent stops the series and
+    # each worker finishes its frame (its detector file is written whole)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # loaded once here rather than by the first frame, so that start-up
+    # overlaps in all workers and every frame costs the same
+    from . import detector_file, io, pipeline, warmstart  # noqa: F401
+
+    _PROCESS_WORKER = _Worker(config)
+
+
+def _process_run(spec, reference, reference_index, warm):
+    return _PROCESS_WORKER.run(spec, reference, reference_index, warm)
+
+
+def _process_drift(frame_file, reference, reference_index):
+    return _PROCESS_WORKER.drift(frame_file, reference, reference_index)
+
+
+def _process_ready():
+    """Run once per worker at start: its pid and thread limits (for tests and benchmarks)."""
+    return os.getpid(), {name: os.environ.get(name) for name in THREAD_ENV}
+
+
+@contextlib.contextmanager
+def _single_threaded_environment():
+    """Set :data:`THREAD_ENV` to 1 while worker processes are started, then restore it.
+
+    A spawned process reads these when numpy, scipy and the OpenMP runtime
+    load, before any code of ours could limit them.
+    """
+    saved = {name: os.environ.get(name) for name in THREAD_ENV}
+    os.environ.update(dict.fromkeys(THREAD_ENV, "1"))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class _Pool:
+    """The executor of a series: worker processes, threads, or the calling process."""
+
+    def __init__(self, kind, workers, config):
+        self.kind, self.workers, self.config = kind, workers, config
+        self.executor = None
+        self.local = None
+        self.thread_env = []
+        self.start()
+
+    def start(self):
+        if self.kind == "process":
+            context = multiprocessing.get_context("spawn")
+            self.executor = cf.ProcessPoolExecutor(
+                self.workers,
+                mp_context=context,
+                initializer=_init_process,
+                initargs=(self.config,),
+            )
+            # processes are spawned on submit: start them all now, single-threaded
+            with _single_threaded_environment():
+                ready = [self.executor.submit(_process_ready) for _ in range(self.workers)]
+            try:
+                self.thread_env = [f.result() for f in ready]
+            except cf.process.BrokenProcessPool:
+                self.shutdown(cancel=True)
+                raise CcdgridError(
+                    "the worker processes could not start (a script that uses process workers "
+                    "must call ccdgrid from under `if __name__ == '__main__':`)"
+                ) from None
+        else:
+            self.local = _Worker(self.config)
+            if self.kind == "thread":
+                self.executor = cf.ThreadPoolExecutor(self.workers)
+
+    def restart(self):
+        self.shutdown(cancel=True)
+        self.start()
+
+    def submit_run(self, *args):
+        if self.kind == "process":
+            return self.executor.submit(_process_run, *args)
+        if self.kind == "thread":
+            return self.executor.submit(self.local.run, *args)
+        return _done(self.local.run, *args)
+
+    def submit_drift(self, *args):
+        if self.kind == "process":
+            return self.executor.submit(_process_drift, *args)
+        if self.kind == "thread":
+            return self.executor.submit(self.local.drift, *args)
+        return _done(self.local.drift, *args)
+
+    def shutdown(self, cancel=False):
+        if self.executor is not None:
+            self.executor.shutdown(wait=not cancel, cancel_futures=cancel)
+            self.executor = None
+
+
+def _done(func, *args):
+    """A completed future of ``func(*args)`` (the serial executor)."""
+    future = cf.Future()
+    future.set_result(func(*args))
+    return future
+
+
+# -- the series ----------------------------------------------------------------------
+
+
+def calibrate_series(
+    sources,
+    *,
+    pitch=5e-3,
+    frames=None,
+    output=None,
+    table=None,
+    workers=None,
+    executor="process",
+    warm=False,
+    reference=None,
+    mask=None,
+    progress=True,
+    on_frame=None,
+    **options,
+):
+    """Calibrate every frame of a series of grid images, in parallel.
+
+    Parameters
+    ----------
+    sources : str, os.PathLike, ndarray or list of them
+        Image files (anything :func:`ccdgrid.io.read_image` reads; an HDF5
+        stack as ``"file.h5::/entry/data"``), or in-memory arrays of shape
+        ``(ny, nx)`` or stacks ``(n, ny, nx)`` (sent to the workers whole:
+        prefer files for process workers).
+    pitch : float, m
+        Hole spacing of the plate.
+    frames : None, int, slice, str or sequence of (int or slice)
+        Frames to calibrate in each multi-frame source (see
+        :func:`parse_frames` for the string form, e.g. ``"0:16"``); None:
+        every frame.
+    output : str, os.PathLike or None
+        Where the detector files go: a directory (created if missing; files
+        named ``STEM_detector.h5``, or ``STEM_FFFF_detector.h5`` for frame
+        FFFF of a stack), or a name pattern with the fields ``{index}``
+        (position in the series), ``{frame}`` and ``{stem}``, e.g.
+        ``"out/detector_{index:03d}.h5"``. None: no detector files (the
+        table only). Each file is written by its worker, atomically.
+    table : str, os.PathLike or None
+        Write the table to ``TABLE.csv`` and ``TABLE.json`` (a ``.csv`` or
+        ``.json`` suffix is replaced); None: not written.
+    workers : int or None
+        Parallel workers; None: the CPUs this process may use, at most the
+        number of frames. 1 calibrates the frames one after the other in the
+        calling process.
+    executor : {"process", "thread"}
+        Worker processes (each limited to one OpenMP/BLAS thread; scales) or
+        threads of this process (much of the pipeline holds the GIL; kept for
+        comparison).
+    warm : bool
+        Warm-start every frame from the drift reference
+        (:func:`ccdgrid.warmstart.recalibrate`): from ``reference``, or else
+        from the first frame that calibrates (frames already running by then
+        are calibrated cold).
+    reference : str, os.PathLike or None
+        A detector file written by ccdgrid: measure the drift against it
+        (and warm-start from it with ``warm=True``). None: the drift is
+        measured against the first frame of the series that calibrates.
+    mask : str, os.PathLike, array_like of shape (ny, nx) or None
+        Pixels to ignore in every frame (nonzero = invalid); a file is read
+        once per worker.
+    progress : bool
+        Show a progress bar (tqdm) on stderr.
+    on_frame : callable or None
+        Called in this process with each :class:`FrameResult` as soon as it
+        is complete (in completion order), e.g. to print a line per frame.
+    **options
+        Passed to :func:`ccdgrid.pipeline.calibrate` for every frame:
+        ``hole_diameter``, ``pitch_px``, ``threshold``, ``smoothing``,
+        ``backend``, ``cv_folds``.
+
+    Returns
+    -------
+    SeriesResult
+        One :class:`FrameResult` per frame, in series order; failed frames
+        carry their error message. ``SeriesResult.table()`` gives the table
+        as a structured array.
+
+    Raises
+    ------
+    CcdgridError
+        Bad arguments, output names that would collide or overwrite an input,
+        or an unusable reference file -- before any frame is calibrated. A
+        frame that cannot be read or calibrated does not raise: it is
+        recorded as failed.
+
+    Examples
+    --------
+    >>> res = ccdgrid.calibrate_series(  # doctest: +SKIP
+    ...     "scan.h5::/entry/data", frames="0:16", pitch=5e-3, output="out/", workers=2
+    ... )
+    >>> res.table()["drift_shift_x_px"]  # doctest: +SKIP
+    """
+    from .gridfit import _check_pitch
+
+    unknown = sorted(set(options) - set(CALIBRATE_OPTIONS))
+    if unknown:
+        raise CcdgridError(
+            f"unknown option `{unknown[0]}` for calibrate_series; accepted: "
+            + ", ".join(CALIBRATE_OPTIONS)
+        )
+    pitch = _check_pitch(pitch)
+    _check_options(options)
+    if executor not in ("process", "thread"):
+        raise CcdgridError(f"`executor` must be 'process' or 'thread', got {executor!r}")
+    if reference is not None:
+        reference = _check_reference(reference)
+    if mask is not None and not isinstance(mask, (str, os.PathLike)):
+        mask = np.asarray(mask)
+    elif mask is not None:
+        mask = os.fspath(mask)
+        if not os.path.isfile(mask.split("::", 1)[0]):
+            raise CcdgridError(f"mask file not found: {mask}")
+    specs = _specs(sources, frames)
+    _assign_outputs(specs, output)  # creates the output directory
+    table_paths = _table_paths(table)
+    workers = _check_workers(workers, len(specs))
+    kind = "serial" if workers == 1 else executor
+    config = _Config(
+        pitch=pitch,
+        options=dict(options),
+        mask=mask,
+        # in a pool every worker writes single-threaded; alone, it may use the CPUs
+        save_workers=1 if kind == "process" else None,
+    )
+    start = time.perf_counter()
+    scratch = None if output is not None else tempfile.mkdtemp(prefix="ccdgrid-series-")
+    try:
+        run = _Run(specs, config, kind, workers, reference, warm, scratch, progress, on_frame)
+        rows = run.execute()
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    result = SeriesResult(
+        frames=rows,
+        reference=run.reference_text(),
+        workers=workers,
+        executor=kind,
+        seconds=time.perf_counter() - start,
+    )
+    if table_paths:
+        result.tables = (
+            result.write_csv(table_paths[0]),
+            result.write_json(table_paths[1]),
+        )
+    return result
+
+
+def _check_options(options):
+    from ._validation import check_backend
+    from .pipeline import _check_folds
+
+    if "backend" in options:
+        check_backend(options["backend"])
+    if "cv_folds" in options:
+        options["cv_folds"] = _check_folds(options["cv_folds"])
+    for name in ("hole_diameter", "pitch_px"):
+        value = options.get(name)
+        if value is not None and not (_is_real(value) and math.isfinite(value) and value > 0):
+            raise CcdgridError(f"`{name}` must be a positive number of px or None, got {value!r}")
+    value = options.get("threshold")
+    if value is not None and not (_is_real(value) and math.isfinite(value)):
+        raise CcdgridError(f"`threshold` must be a finite number or None, got {value!r}")
+
+
+def _is_real(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _check_reference(reference):
+    from .detector_file import load
+
+    if not isinstance(reference, (str, os.PathLike)):
+        raise CcdgridError(
+            f"`reference` must be the path of a detector file, got {type(reference).__name__}"
+        )
+    path = str(pathlib.Path(reference).expanduser().absolute())
+    rec = load(path)  # fails here, once, rather than on every frame
+    if not rec.is_ccdgrid or rec.peaks is None or "vectors" not in rec.grid:
+        raise CcdgridError(
+            f"{path} holds no fitted grid and holes (not written by ccdgrid?): it cannot "
+            "be a drift reference"
+        )
+    return path
+
+
+def _check_workers(workers, n):
+    if workers is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+        return max(1, min(cpus, n))
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise CcdgridError(f"`workers` must be a positive int or None, got {workers!r}")
+    return max(1, min(int(workers), n))
+
+
+def _table_paths(table):
+    if table is None:
+        return None
+    if not isinstance(table, (str, os.PathLike)):
+        raise CcdgridError(f"`table` must be a file path or None, got {type(table).__name__}")
+    path = pathlib.Path(table).expanduser().absolute()
+    if path.suffix.lower() in (".csv", ".json"):
+        path = path.with_suffix("")
+    if not path.parent.is_dir():
+        raise CcdgridError(
+            f"cannot write the table {path}: directory {path.parent} does not exist"
+        )
+    return path.with_name(path.name + ".csv"), path.with_name(path.name + ".json")
+
+
+class _Run:
+    """Schedules the frames of one series and collects their rows.
+
+    The drift reference, when not given, is the first frame in series order
+    that calibrates; it is known once that frame and every frame before it
+    are done. Frames started before that (at most ``workers + 1``) are
+    calibrated cold and get their drift measured afterwards, from their
+    detector files (written to a scratch directory when the series writes
+    none).
+    """
+
+    def __init__(self, specs, config, kind, workers, reference, warm, scratch, progress, on_frame):
+        self.specs = specs
+        self.pool_args = (kind, workers, config)
+        self.workers = workers
+        self.reference = reference
+        self.reference_index = -1
+        self.decided = reference is not None
+        self.warm = bool(warm)
+        self.scratch = scratch
+        self.progress = progress
+        self.on_frame = on_frame
+        self.rows = [None] * len(specs)
+        self.blind = set()  # series indices of frames started before the reference was known
+        self.files = {}  # series index -> detector file of those frames
+        self.pending_drift = []  # their rows, until the reference is known
+
+    def reference_text(self):
+        if self.reference_index >= 0:
+            return f"frame {self.reference_index}"
+        return self.reference or ""
+
+    def execute(self):
+        from tqdm import tqdm
+
+        queue = deque(self.specs)
+        bar = tqdm(
+            total=len(self.specs),
+            unit="frame",
+            desc="calibrate",
+            file=sys.stderr,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        pool = _Pool(*self.pool_args)
+        runs, drifts = {}, {}
+        # one extra frame queued in a pool keeps every worker busy between results
+        depth = self.workers + (1 if pool.kind != "serial" else 0)
+        failed = 0
+        try:
+            while queue or runs or drifts:
+                while queue and len(runs) < depth:
+                    spec = queue.popleft()
+                    spec.attempts += 1
+                    runs[self._submit(pool, spec)] = spec
+                done, _ = cf.wait({**runs, **drifts}, return_when=cf.FIRST_COMPLETED)
+                broken = False
+                for future in done:
+                    if future in drifts:
+                        row = drifts.pop(future)
+                        try:
+                            _merge_drift(row, future.result())
+                        except cf.process.BrokenProcessPool:
+                            broken = True
+                            row.note = _join(row.note, "drift not measured: worker process died")
+                        continue
+                    spec = runs.pop(future)
+                    try:
+                        row = future.result()
+                    except cf.process.BrokenProcessPool:
+                        broken = True
+                        row = self._crashed(spec, queue)
+                        if row is None:
+                            continue
+                    self._store(spec, row)
+                    failed += not row.ok
+                    bar.update(1)
+                    bar.set_postfix(failed=failed, refresh=False)
+                    if self.on_frame is not None:
+                        self.on_frame(row)
+                if broken:
+                    # the pool is lost with every frame in it: try those once more
+                    for spec in runs.values():
+                        row = self._crashed(spec, queue)
+                        if row is not None:
+                            self._store(spec, row)
+                            bar.update(1)
+                    for row in drifts.values():
+                        row.note = _join(row.note, "drift not measured: worker process died")
+                    runs.clear()
+                    drifts.clear()
+                    pool.restart()
+                self._decide_reference()
+                if self.decided:
+                    for row in self.pending_drift:
+                        future = pool.submit_drift(
+                            self.files[row.index], self.reference, self.reference_index
+                        )
+                        drifts[future] = row
+                    self.pending_drift = []
+        except BaseException:
+            pool.shutdown(cancel=True)
+            raise
+        finally:
+            bar.close()
+        pool.shutdown()
+        return self.rows
+
+    def _submit(self, pool, spec):
+        if self.decided:
+            return pool.submit_run(spec, self.reference, self.reference_index, self.warm)
+        if not spec.output and self.scratch is not None:
+            spec = dataclasses.replace(
+                spec, output=os.path.join(self.scratch, f"frame_{spec.index:06d}.h5")
+            )
+        self.blind.add(spec.index)
+        return pool.submit_run(spec, None, -1, False)
+
+    def _crashed(self, spec, queue):
+        """A worker process died with ``spec`` in flight: queue it again, or fail it."""
+        if spec.attempts < _MAX_ATTEMPTS:
+            queue.appendleft(spec)
+            return None
+        row = _new_row(spec)
+        row.error = (
+            "the worker process died while calibrating this frame or another one "
+            "(out of memory, or a crash in a compiled library)"
+        )
+        return row
+
+    def _store(self, spec, row):
+        if row.ok and spec.index in self.blind:
+            self.files[row.index] = row.output
+            self.pending_drift.append(row)
+            if not spec.output:  # written to the scratch directory only
+                row.output = ""
+        self.rows[spec.index] = row
+
+    def _decide_reference(self):
+        """Fix the reference once the frames before the first good one are done."""
+        if self.decided:
+            return
+        for row in self.rows:
+            if row is None:
+                return  # an earlier frame is still running
+            if row.ok:
+                break
+        else:
+            return
+        self.decided = True
+        self.reference_index = row.index
+        self.reference = self.files[row.index]
+        _fill_drift(row, _zero_drift(row.holes_indexed), row.index)
+        self.pending_drift = [r for r in self.pending_drift if r.index != row.index]
+
+
+def _merge_drift(row, drift):
+    for name in (*_DRIFT_COLUMNS, "reference_index"):
+        setattr(row, name, getattr(drift, name))
+    row.note = _join(row.note, drift.note)
+
+
+def _join(*notes):
+    return "; ".join(n for n in notes if n)
+
+
+def _zero_drift(n_holes):
+    """The drift of the reference frame against itself."""
+    from .warmstart import Drift
+
+    return Drift(np.zeros(2), 0.0, 0.0, 0.0, 0.0, n_holes, n_holes)
