@@ -643,6 +643,7 @@ class _Worker:
         self.config = config
         self._references = {}
         self._mask = None
+        self._digests = {}
 
     def _reference(self, path):
         if path not in self._references:
@@ -685,9 +686,7 @@ class _Worker:
             image = spec.array
             source = {"path": spec.file, "sha256": None, "frame": spec.frame}
         else:
-            from .io import read_image
-
-            image, source = read_image(spec.file, frame=spec.frame)
+            image, source = _read_frame(spec.file, spec.frame, self._digests)
             row.file, row.dataset = source["path"], source["dataset"] or ""
         mask = self._mask_for(tuple(np.shape(image)))
         previous = None
@@ -728,6 +727,41 @@ class _Worker:
         except (CcdgridError, OSError) as exc:
             row.note = f"drift not measured: {_describe(exc)}"
         return row
+
+
+def _read_frame(text, frame, digests):
+    """:func:`ccdgrid.io.read_image`, hashing each file once rather than once per frame.
+
+    ``read_image`` records the SHA-256 of the whole file, which for a stack
+    of N frames would cost N reads of the stack: ``digests`` keeps it per
+    (path, modification time, size).
+    """
+    from . import io
+
+    path, dataset = io._split_source(text)
+    if not path.is_file():
+        return io.read_image(text, frame=frame)  # raises the reader's own message
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in digests:
+        digests[key] = io.sha256_file(path)
+    if dataset is not None or path.suffix.lower() in io._HDF5_SUFFIXES:
+        data, dataset, fmt = io._read_hdf5(path, dataset, frame)
+    elif path.suffix.lower() == ".npy":
+        data, fmt = io._read_npy(path, frame), "npy"
+    else:
+        data, fmt = io._read_fabio(path, frame)
+    data = io._check_image(data, path)
+    info = {
+        "path": str(path),
+        "dataset": dataset,
+        "frame": None if frame is None else int(frame),
+        "sha256": digests[key],
+        "shape": tuple(int(n) for n in data.shape),
+        "dtype": str(data.dtype),
+        "format": fmt,
+    }
+    return data, info
 
 
 def _new_row(spec):
@@ -870,62 +904,74 @@ def _single_threaded_environment():
 
 
 class _Pool:
-    """The executor of a series: worker processes, threads, or the calling process."""
+    """The workers of a series: processes, threads, or the calling process alone.
+
+    With ``kind="process"`` and ``workers=N``, N - 1 worker processes run
+    beside one worker thread of the calling process: the caller has already
+    paid for importing numpy, scipy and the pipeline (about 0.5-2 s of CPU
+    per process on the 2-core reference machine, as much as a 2048² frame), so
+    it calibrates frames while the other workers start.
+    """
 
     def __init__(self, kind, workers, config):
         self.kind, self.workers, self.config = kind, workers, config
-        self.executor = None
-        self.local = None
-        self.thread_env = []
+        self.processes = None  # ProcessPoolExecutor
+        self.threads = None  # ThreadPoolExecutor running self.local
+        self.local = _Worker(config)
+        self.ready = []
+        self.local_busy = 0
         self.start()
 
     def start(self):
+        if self.kind == "serial":
+            return
+        n_threads = self.workers if self.kind == "thread" else 1
+        self.threads = cf.ThreadPoolExecutor(n_threads, thread_name_prefix="ccdgrid-series")
         if self.kind == "process":
-            context = multiprocessing.get_context("spawn")
-            self.executor = cf.ProcessPoolExecutor(
-                self.workers,
-                mp_context=context,
-                initializer=_init_process,
-                initargs=(self.config,),
-            )
-            # processes are spawned on submit: start them all now, single-threaded
-            with _single_threaded_environment():
-                ready = [self.executor.submit(_process_ready) for _ in range(self.workers)]
-            try:
-                self.thread_env = [f.result() for f in ready]
-            except cf.process.BrokenProcessPool:
-                self.shutdown(cancel=True)
-                raise CcdgridError(
-                    "the worker processes could not start (a script that uses process workers "
-                    "must call ccdgrid from under `if __name__ == '__main__':`)"
-                ) from None
-        else:
-            self.local = _Worker(self.config)
-            if self.kind == "thread":
-                self.executor = cf.ThreadPoolExecutor(self.workers)
+            self._start_processes()
+
+    def _start_processes(self):
+        self.processes = cf.ProcessPoolExecutor(
+            self.workers - 1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_process,
+            initargs=(self.config,),
+        )
+        # processes are spawned on submit: start them all now, single-threaded
+        with _single_threaded_environment():
+            self.ready = [self.processes.submit(_process_ready) for _ in range(self.workers - 1)]
 
     def restart(self):
-        self.shutdown(cancel=True)
-        self.start()
+        """Replace a broken process pool (the frames in it are lost)."""
+        if not any(f.done() and f.exception() is None for f in self.ready):
+            self.shutdown(cancel=True)
+            raise CcdgridError(
+                "the worker processes could not start (a script that uses process workers "
+                "must call ccdgrid from under `if __name__ == '__main__':`)"
+            )
+        self.processes.shutdown(wait=False, cancel_futures=True)
+        self._start_processes()
 
-    def submit_run(self, *args):
-        if self.kind == "process":
-            return self.executor.submit(_process_run, *args)
-        if self.kind == "thread":
-            return self.executor.submit(self.local.run, *args)
-        return _done(self.local.run, *args)
+    def submit(self, func_name, *args):
+        """Run ``_Worker.<func_name>(*args)`` on a free worker; returns ``(future, local)``."""
+        if self.kind == "serial":
+            return _done(getattr(self.local, func_name), *args), True
+        if self.kind == "thread" or self.local_busy == 0:
+            self.local_busy += self.kind == "process"
+            return self.threads.submit(getattr(self.local, func_name), *args), True
+        func = _process_run if func_name == "run" else _process_drift
+        return self.processes.submit(func, *args), False
 
-    def submit_drift(self, *args):
-        if self.kind == "process":
-            return self.executor.submit(_process_drift, *args)
-        if self.kind == "thread":
-            return self.executor.submit(self.local.drift, *args)
-        return _done(self.local.drift, *args)
+    def release(self, local):
+        """A frame submitted with ``local`` is done."""
+        if local and self.kind == "process":
+            self.local_busy -= 1
 
     def shutdown(self, cancel=False):
-        if self.executor is not None:
-            self.executor.shutdown(wait=not cancel, cancel_futures=cancel)
-            self.executor = None
+        for executor in (self.processes, self.threads):
+            if executor is not None:
+                executor.shutdown(wait=not cancel, cancel_futures=cancel)
+        self.processes = self.threads = None
 
 
 def _done(func, *args):
@@ -1177,6 +1223,7 @@ class _Run:
         self.blind = set()  # series indices of frames started before the reference was known
         self.files = {}  # series index -> detector file of those frames
         self.pending_drift = []  # their rows, until the reference is known
+        self.announced = set()  # series indices passed to on_frame
 
     def reference_text(self):
         if self.reference_index >= 0:
@@ -1205,19 +1252,23 @@ class _Run:
                 while queue and len(runs) < depth:
                     spec = queue.popleft()
                     spec.attempts += 1
-                    runs[self._submit(pool, spec)] = spec
+                    future, local = self._submit(pool, spec)
+                    runs[future] = (spec, local)
                 done, _ = cf.wait({**runs, **drifts}, return_when=cf.FIRST_COMPLETED)
                 broken = False
                 for future in done:
                     if future in drifts:
-                        row = drifts.pop(future)
+                        row, local = drifts.pop(future)
+                        pool.release(local)
                         try:
                             _merge_drift(row, future.result())
                         except cf.process.BrokenProcessPool:
                             broken = True
                             row.note = _join(row.note, "drift not measured: worker process died")
+                        self._announce(row)
                         continue
-                    spec = runs.pop(future)
+                    spec, local = runs.pop(future)
+                    pool.release(local)
                     try:
                         row = future.result()
                     except cf.process.BrokenProcessPool:
@@ -1229,28 +1280,34 @@ class _Run:
                     failed += not row.ok
                     bar.update(1)
                     bar.set_postfix(failed=failed, refresh=False)
-                    if self.on_frame is not None:
-                        self.on_frame(row)
+                    if not (row.ok and spec.index in self.blind):
+                        self._announce(row)  # else once its drift is known
                 if broken:
                     # the pool is lost with every frame in it: try those once more
-                    for spec in runs.values():
+                    for spec, local in runs.values():
+                        if local:
+                            continue  # the thread in this process goes on
                         row = self._crashed(spec, queue)
                         if row is not None:
                             self._store(spec, row)
                             bar.update(1)
-                    for row in drifts.values():
-                        row.note = _join(row.note, "drift not measured: worker process died")
-                    runs.clear()
-                    drifts.clear()
+                    for row, local in drifts.values():
+                        if not local:
+                            row.note = _join(row.note, "drift not measured: worker process died")
+                            self._announce(row)
+                    runs = {f: v for f, v in runs.items() if v[1]}
+                    drifts = {f: v for f, v in drifts.items() if v[1]}
                     pool.restart()
                 self._decide_reference()
                 if self.decided:
                     for row in self.pending_drift:
-                        future = pool.submit_drift(
-                            self.files[row.index], self.reference, self.reference_index
+                        future, local = pool.submit(
+                            "drift", self.files[row.index], self.reference, self.reference_index
                         )
-                        drifts[future] = row
+                        drifts[future] = (row, local)
                     self.pending_drift = []
+            for row in self.rows:
+                self._announce(row)  # frames whose drift could not be measured
         except BaseException:
             pool.shutdown(cancel=True)
             raise
@@ -1259,15 +1316,20 @@ class _Run:
         pool.shutdown()
         return self.rows
 
+    def _announce(self, row):
+        if self.on_frame is not None and row.index not in self.announced:
+            self.announced.add(row.index)
+            self.on_frame(row)
+
     def _submit(self, pool, spec):
         if self.decided:
-            return pool.submit_run(spec, self.reference, self.reference_index, self.warm)
+            return pool.submit("run", spec, self.reference, self.reference_index, self.warm)
         if not spec.output and self.scratch is not None:
             spec = dataclasses.replace(
                 spec, output=os.path.join(self.scratch, f"frame_{spec.index:06d}.h5")
             )
         self.blind.add(spec.index)
-        return pool.submit_run(spec, None, -1, False)
+        return pool.submit("run", spec, None, -1, False)
 
     def _crashed(self, spec, queue):
         """A worker process died with ``spec`` in flight: queue it again, or fail it."""
@@ -1305,6 +1367,7 @@ class _Run:
         self.reference = self.files[row.index]
         _fill_drift(row, _zero_drift(row.holes_indexed), row.index)
         self.pending_drift = [r for r in self.pending_drift if r.index != row.index]
+        self._announce(row)
 
 
 def _merge_drift(row, drift):
