@@ -9,6 +9,7 @@ adds the traceback. Anything else is a bug and keeps its traceback.
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import sys
@@ -69,10 +70,23 @@ output:
   directories are often read-only). An existing file is replaced; nothing is
   written if the calibration fails.
 
+series (several images, or --frames):
+  Every frame is calibrated on its own, several at once (--workers), and gets its
+  own detector file: -o names a directory (created if missing; files
+  STEM_detector.h5, or STEM_FFFF_detector.h5 for frame FFFF of a stack) or a name
+  pattern with {index} (position in the series), {frame} and {stem}. A table of
+  every frame (holes, grid, pixel size, cross-validated residual, drift against
+  the first frame that calibrates, or against --from) is written as CSV and
+  JSON. A frame that fails is listed in the table and the others go on; the
+  exit status is then 1.
+
 examples:
   ccdgrid calibrate grid.edf --pitch 5mm
   ccdgrid calibrate grid.tif --pitch 5mm --mask mask.edf -o frelon_2026.h5
   ccdgrid calibrate scan.h5::/entry/data/data --frame 3 --pitch 5mm
+  ccdgrid calibrate scan.h5::/entry/data --frames 0:16 --pitch 5mm -o out/
+  ccdgrid calibrate grid_*.edf --pitch 5mm -o 'out/detector_{index:03d}.h5' --warm
+  ccdgrid calibrate pos_a.edf pos_b.edf pos_c.edf --pitch 5mm --combine -o plate.h5
 
 """
     + _EXIT_CODES
@@ -80,6 +94,26 @@ examples:
 
 
 # -- argument types (argparse turns their errors into usage errors, exit 2) --
+
+
+def _frames(text):
+    from .series import parse_frames
+
+    try:
+        parse_frames(text)
+    except CcdgridError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
 
 
 _PITCH_RANGE = (1e-6, 0.1)  # m: grid plates have holes 0.1-20 mm apart
@@ -165,10 +199,11 @@ def build_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cal.add_argument(
-        "image",
+        "images",
+        nargs="+",
         metavar="IMAGE",
         help="grid image: EDF, TIFF, CBF, ... (anything fabio reads), .npy, or "
-        "file.h5::/path/to/dataset",
+        "file.h5::/path/to/dataset; several images (or --frames) calibrate a series",
     )
     cal.add_argument(
         "--pitch",
@@ -178,7 +213,13 @@ def build_parser():
         help="distance between neighbouring holes of the grid plate, e.g. 5mm (required: "
         "it sets the pixel size)",
     )
-    cal.add_argument("-o", "--output", metavar="FILE", help="detector file to write (.h5)")
+    cal.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="detector file to write (.h5); for a series, a directory or a name pattern "
+        "such as out/detector_{index:03d}.h5",
+    )
     cal.add_argument(
         "--from",
         dest="previous",
@@ -198,6 +239,40 @@ def build_parser():
     )
     cal.add_argument(
         "--frame", type=_count, metavar="N", help="frame of a multi-frame file (0-based)"
+    )
+    cal.add_argument(
+        "--frames",
+        type=_frames,
+        metavar="SEL",
+        help="calibrate these frames of each file as a series: 0:16, 0,3,7, 0:16:2, all",
+    )
+    series = cal.add_argument_group("series (several images, or --frames)")
+    series.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="frames calibrated at once (default: the CPUs available)",
+    )
+    series.add_argument(
+        "--warm",
+        action="store_true",
+        help="warm-start every frame from the first one that calibrates (faster; a frame "
+        "whose plate moved too far is calibrated in full)",
+    )
+    series.add_argument(
+        "--table",
+        metavar="FILE",
+        help="write the per-frame table to FILE.csv and FILE.json (default: STEM_series.csv "
+        "and .json beside the detector files)",
+    )
+    series.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (default: on a terminal)"
+    )
+    series.add_argument(
+        "--combine",
+        action="store_true",
+        help="instead of one calibration per image: calibrate the images (the same plate "
+        "shifted between them) jointly into one detector file",
     )
     cal.add_argument(
         "--hole-diameter", type=_positive_float, metavar="PX", help="hole diameter, pixels"
@@ -220,7 +295,7 @@ def build_parser():
         default="cython",
         help="compiled kernels (default) or their pure-numpy twins",
     )
-    cal.set_defaults(run=_run_calibrate)
+    cal.set_defaults(run=_run_calibrate, parser=cal)
 
     demo = sub.add_parser(
         "demo",
@@ -368,10 +443,45 @@ def _default_output(image):
 
 
 def _run_calibrate(args):
+    series = len(args.images) > 1 or args.frames is not None
+    _check_calibrate_options(args, series)
+    if args.combine:
+        return _run_combine(args)
+    if series:
+        return _run_series(args)
+    _run_single(args, args.images[0])
+
+
+_SERIES_ONLY = ("workers", "warm", "table")
+
+
+def _check_calibrate_options(args, series):
+    """Usage errors (exit 2) for options that do not go together."""
+    given = [name for name in _SERIES_ONLY if getattr(args, name) not in (None, False)]
+    if args.frame is not None and args.frames is not None:
+        args.parser.error("give either --frame N or --frames SEL, not both")
+    if args.combine:
+        clash = [f"--{n}" for n in given] + (["--from"] if args.previous else [])
+        clash += ["--report"] if args.report else []
+        if clash:
+            args.parser.error(f"--combine makes one calibration: {clash[0]} does not apply")
+        return
+    if not series and given:
+        args.parser.error(
+            f"--{given[0]} is for a series: give several images or --frames (one image "
+            "is calibrated on its own)"
+        )
+    if series and args.report:
+        args.parser.error("--report draws the figure of one calibration: give one image")
+
+
+def _run_single(args, source):
     from .io import read_image, read_mask
 
-    output = pathlib.Path(args.output) if args.output else _default_output(args.image)
-    image, info = read_image(args.image, frame=args.frame)
+    output = pathlib.Path(args.output) if args.output else _default_output(source)
+    if output.is_dir():
+        output = output / _default_output(source).name
+    image, info = read_image(source, frame=args.frame)
     if output.expanduser().absolute() == pathlib.Path(info["path"]):
         raise CcdgridError(f"the output file {output} would overwrite the input image")
     frame = "" if info["frame"] is None else f" frame {info['frame']}"
@@ -401,6 +511,134 @@ def _run_calibrate(args):
         from .report import write_report
 
         print(f"wrote {write_report(calibration, args.report, image)}")
+
+
+def _calibrate_options(args):
+    """The pipeline options the user set (the others keep the pipeline's defaults)."""
+    options = {
+        "hole_diameter": args.hole_diameter,
+        "pitch_px": args.spacing,
+        "threshold": args.threshold,
+    }
+    options = {key: value for key, value in options.items() if value is not None}
+    if args.backend != "cython":
+        options["backend"] = args.backend
+    return options
+
+
+def _run_series(args):
+    from .series import calibrate_series
+
+    frames = args.frames if args.frames is not None else args.frame
+    output = args.output if args.output else pathlib.Path.cwd()
+    table = args.table
+    if table is None:
+        text = os.fspath(output)
+        folder = pathlib.Path(text).parent if "{" in text else pathlib.Path(text)
+        stem = pathlib.Path(args.images[0].split("::", 1)[0]).stem
+        table = folder / f"{stem}_series"
+    progress = not args.no_progress and sys.stderr.isatty()
+    echo = _frame_printer(progress, args.debug)
+    result = calibrate_series(
+        args.images,
+        pitch=args.pitch,
+        frames=frames,
+        output=output,
+        table=table,
+        workers=args.workers,
+        warm=args.warm or args.previous is not None,
+        reference=args.previous,
+        mask=args.mask,
+        progress=progress,
+        on_frame=echo,
+        **_calibrate_options(args),
+    )
+    print(result.summary())
+    if result.reference:
+        print(f"drift measured against {result.reference}")
+    print("table: " + ", ".join(str(p) for p in result.tables))
+    failed = result.failed
+    if failed:
+        first = failed[0]
+        raise CcdgridError(
+            f"{len(failed)} of {len(result.frames)} frames failed (first: {first.label}: "
+            f"{first.error}); the table lists them all"
+        )
+
+
+def _frame_printer(progress, debug):
+    """One line per frame as it completes (above the progress bar when there is one)."""
+    if progress:
+        from tqdm import tqdm
+
+        def write(text, stream):
+            tqdm.write(text, file=stream)
+    else:
+
+        def write(text, stream):
+            print(text, file=stream, flush=True)
+
+    def echo(row):
+        if not row.ok:
+            write(f"[{row.index}] {row.label}: FAILED: {row.error}", sys.stderr)
+            if debug and row.traceback:
+                write(row.traceback.rstrip(), sys.stderr)
+            return
+        parts = [f"{row.holes_indexed} holes", f"CV RMS {row.cv_rms_px:.4f} px"]
+        if row.warm:
+            parts.append("warm")
+        if math.isfinite(row.drift_shift_y_px):
+            parts.append(
+                f"drift ({row.drift_shift_y_px:+.3f}, {row.drift_shift_x_px:+.3f}) px, "
+                f"{row.drift_rotation_mdeg:+.1f} mdeg"
+            )
+        line = f"[{row.index}] {row.label}: " + ", ".join(parts)
+        write(line + (f" -> {row.output}" if row.output else ""), sys.stdout)
+        if row.note:
+            write(f"[{row.index}] note: {row.note}", sys.stderr)
+
+    return echo
+
+
+def _run_combine(args):
+    from .io import read_image, read_mask
+    from .series import _specs
+
+    # the images are read here: the joint fit needs them all at once
+    images, sources = [], []
+    for spec in _specs(args.images, args.frames if args.frames is not None else args.frame):
+        if spec.error:
+            raise CcdgridError(spec.error)
+        image, info = read_image(spec.file, frame=spec.frame)
+        images.append(image)
+        sources.append(info)
+    if len(images) < 2:
+        raise CcdgridError("--combine needs at least two images (or frames) of the plate")
+    single = _default_output(args.images[0])
+    default = single.with_name(single.name.replace("_detector.h5", "_combined_detector.h5"))
+    output = pathlib.Path(args.output).expanduser().absolute() if args.output else default
+    if output.is_dir():
+        output = output / default.name
+    if any(output == pathlib.Path(info["path"]) for info in sources):
+        raise CcdgridError(f"the output file {output} would overwrite an input image")
+    mask = None if args.mask is None else read_mask(args.mask, images[0].shape)
+    print(f"read {len(images)} images of {images[0].shape[0]} x {images[0].shape[1]} px")
+
+    try:
+        from .combined import calibrate_combined
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.combined":
+            raise
+        raise CcdgridError("--combine is not available in this installation of ccdgrid") from None
+
+    start = time.perf_counter()
+    calibration = calibrate_combined(
+        images, pitch=args.pitch, mask=mask, **_calibrate_options(args)
+    )
+    elapsed = time.perf_counter() - start
+    print(calibration.summary())
+    _save(calibration, output, elapsed)
+    print(f'use it in pyFAI: pyFAI.detector_factory("{output}")')
 
 
 def _save(calibration, output, elapsed):

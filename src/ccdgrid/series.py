@@ -182,9 +182,9 @@ class FrameResult:
 
     @property
     def label(self):
-        """``file``, ``file::dataset`` and ``[frame]`` as a user would name the frame."""
-        text = self.file + (f"::{self.dataset}" if self.dataset else "")
-        return text + (f" [frame {self.frame}]" if self.frame >= 0 else "")
+        """The frame as a user names it: ``name.h5::/dataset frame 3`` (file name only)."""
+        text = os.path.basename(self.file) + (f"::{self.dataset}" if self.dataset else "")
+        return text + (f" frame {self.frame}" if self.frame >= 0 else "")
 
     def row(self):
         """The table columns (:data:`COLUMNS`) as a dict."""
@@ -765,10 +765,10 @@ def _read_frame(text, frame, digests):
 
 
 def _new_row(spec):
-    if spec.array is None and "::" in spec.file:
-        file, dataset = spec.file.split("::", 1)
-    else:
-        file, dataset = spec.file, ""
+    file, dataset = spec.file, ""
+    if spec.array is None:
+        file, _, dataset = spec.file.partition("::")
+        file = str(pathlib.Path(file).expanduser().absolute())
     return FrameResult(
         index=spec.index,
         file=file,
