@@ -130,7 +130,10 @@ def main():
             truth, region = make_stack(stack, args.frames, args.size)
             print(f"wrote {args.frames} frames of {args.size}² in {time.perf_counter() - t:.1f} s")
         source = f"{stack}::/entry/data"
-        configs = [("1 worker", 1, "process", False), ("2 workers (processes)", 2, "process", False)]
+        configs = [
+            ("1 worker", 1, "process", False),
+            ("2 workers (processes)", 2, "process", False),
+        ]
         if args.all:
             configs += [
                 ("2 workers (threads)", 2, "thread", False),

@@ -952,13 +952,20 @@ class _Pool:
         self.processes.shutdown(wait=False, cancel_futures=True)
         self._start_processes()
 
-    def submit(self, func_name, *args):
-        """Run ``_Worker.<func_name>(*args)`` on a free worker; returns ``(future, local)``."""
+    def submit(self, func_name, *args, where="any"):
+        """Run ``_Worker.<func_name>(*args)``; ``(future, local)``, or None if it cannot.
+
+        ``where``: "any" free worker (this process first), "local" (this
+        process only: None if busy) or "process" (a worker process only).
+        """
         if self.kind == "serial":
             return _done(getattr(self.local, func_name), *args), True
-        if self.kind == "thread" or self.local_busy == 0:
+        local_free = self.kind == "thread" or self.local_busy == 0
+        if where != "process" and local_free:
             self.local_busy += self.kind == "process"
             return self.threads.submit(getattr(self.local, func_name), *args), True
+        if where == "local" or self.processes is None:
+            return None
         func = _process_run if func_name == "run" else _process_drift
         return self.processes.submit(func, *args), False
 
@@ -1250,10 +1257,12 @@ class _Run:
         try:
             while queue or runs or drifts:
                 while queue and len(runs) < depth:
+                    placed = self._place(pool, queue[0], runs)
+                    if placed is None:
+                        break  # wait for a suspect frame to finish alone
                     spec = queue.popleft()
                     spec.attempts += 1
-                    future, local = self._submit(pool, spec)
-                    runs[future] = (spec, local)
+                    runs[placed[0]] = (spec, placed[1])
                 done, _ = cf.wait({**runs, **drifts}, return_when=cf.FIRST_COMPLETED)
                 broken = False
                 for future in done:
@@ -1321,15 +1330,33 @@ class _Run:
             self.announced.add(row.index)
             self.on_frame(row)
 
-    def _submit(self, pool, spec):
-        if self.decided:
-            return pool.submit("run", spec, self.reference, self.reference_index, self.warm)
-        if not spec.output and self.scratch is not None:
-            spec = dataclasses.replace(
-                spec, output=os.path.join(self.scratch, f"frame_{spec.index:06d}.h5")
-            )
-        self.blind.add(spec.index)
-        return pool.submit("run", spec, None, -1, False)
+    def _place(self, pool, spec, runs):
+        """Submit ``spec`` where it may run; ``(future, local)``, or None to wait.
+
+        A frame that was in a worker process when it died is a suspect: it is
+        run again alone in a worker process (never in this one), with no
+        other frame beside it in a process that it could take down.
+        """
+        suspects = any(s.attempts > 1 for s, local in runs.values() if not local)
+        if spec.attempts > 0:  # a suspect
+            if any(not local for _, local in runs.values()):
+                return None
+            where = "process"
+        elif suspects:
+            where = "local"
+        else:
+            where = "any"
+        args = (spec, self.reference, self.reference_index, self.warm)
+        if not self.decided:
+            if not spec.output and self.scratch is not None:
+                spec = dataclasses.replace(
+                    spec, output=os.path.join(self.scratch, f"frame_{spec.index:06d}.h5")
+                )
+            args = (spec, None, -1, False)
+        placed = pool.submit("run", *args, where=where)
+        if placed is not None and not self.decided:
+            self.blind.add(spec.index)
+        return placed
 
     def _crashed(self, spec, queue):
         """A worker process died with ``spec`` in flight: queue it again, or fail it."""
@@ -1338,8 +1365,8 @@ class _Run:
             return None
         row = _new_row(spec)
         row.error = (
-            "the worker process died while calibrating this frame or another one "
-            "(out of memory, or a crash in a compiled library)"
+            "a worker process died while calibrating this frame, twice (out of memory, or "
+            "a crash in a compiled library)"
         )
         return row
 

@@ -1,0 +1,498 @@
+"""Series of grid images: ``calibrate_series`` and ``ccdgrid calibrate`` on several frames.
+
+The stack: frames of one synthetic plate (one seed, so one true distortion)
+moved by known amounts between frames, and one blank frame that cannot be
+calibrated. Drift is ``new - reference`` grid position at the image centre,
+``(y, x)`` px, so a plate moved by ``(dy, dx)`` drifts by about ``(dy, dx)``.
+"""
+
+import csv
+import json
+import os
+import pathlib
+
+import h5py
+import numpy as np
+import pytest
+from pyFAI import detector_factory
+
+from ccdgrid.cli import main
+from ccdgrid.detector_file import load
+from ccdgrid.errors import CcdgridError
+from ccdgrid.series import (
+    COLUMNS,
+    THREAD_ENV,
+    _Config,
+    _Pool,
+    calibrate_series,
+    expand_frames,
+    parse_frames,
+)
+from ccdgrid.synthetic import grid_image
+
+SIZE = 512
+BASE = (0.3, -0.2)  # px, plate offset of frame 0
+# (y, x) px plate move of each frame from frame 0; None = a blank frame
+MOVES = [(0.0, 0.0), None, (0.4, -0.3), (23.0, -17.5)]
+DRIFT_TOL = 0.05  # px: the grid fit of 25 holes under a 0.4 px distortion
+
+
+def _frame(move):
+    if move is None:
+        return np.full((SIZE, SIZE), 120, dtype=np.uint16)
+    return grid_image((SIZE, SIZE), seed=5, offset=(BASE[0] + move[0], BASE[1] + move[1])).image
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    path = tmp_path_factory.mktemp("stack") / "scan.h5"
+    with h5py.File(path, "w") as h5:
+        h5["/entry/data"] = np.stack([_frame(m) for m in MOVES])
+    return path
+
+
+@pytest.fixture(scope="module")
+def serial(stack, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serial")
+    res = calibrate_series(
+        f"{stack}::/entry/data",
+        pitch=5e-3,
+        output=out,
+        table=out / "table",
+        workers=1,
+        progress=False,
+    )
+    return res, out
+
+
+# -- frame selections ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "frames"),
+    [
+        ("0:4", [0, 1, 2, 3]),
+        ("0,3,7", [0, 3, 7]),
+        ("0:8:3", [0, 3, 6]),
+        ("7:", [7, 8, 9]),
+        ("-2:", [8, 9]),
+        ("-1", [9]),
+        ("all", list(range(10))),
+        (":", list(range(10))),
+        ("0:2, 5", [0, 1, 5]),
+        ("8:20", [8, 9]),  # a slice is clipped to the stack, as Python's are
+        ("12", [12]),  # an explicit number is kept: reading it names the stack size
+    ],
+)
+def test_frame_selection(text, frames):
+    assert expand_frames(text, 10) == frames
+
+
+@pytest.mark.parametrize("text", ["", "a", "1:2:3:4", "0:8:0", "1.5", "0;3"])
+def test_a_bad_frame_selection_is_refused(text):
+    with pytest.raises(CcdgridError, match=r"frame selection|`frames` must be"):
+        parse_frames(text)
+
+
+def test_frame_selection_from_python_objects():
+    assert expand_frames(None, 3) == [0, 1, 2]
+    assert expand_frames(slice(1, None), 3) == [1, 2]
+    assert expand_frames([2, slice(0, 1)], 3) == [2, 0]
+
+
+# -- a series, frame by frame ----------------------------------------------------------
+
+
+def test_every_frame_is_a_row_and_the_bad_one_is_recorded(serial):
+    res, _ = serial
+    assert [f.index for f in res.frames] == [0, 1, 2, 3]
+    assert [f.frame for f in res.frames] == [0, 1, 2, 3]
+    assert [f.status for f in res.frames] == ["ok", "failed", "ok", "ok"]
+    assert res.frames[1].error != ""
+    assert res.frames[1].output == ""
+    assert [f.index for f in res.failed] == [1]
+    assert not res.ok
+    for f in res.frames:
+        assert f.file == str(pathlib.Path(res.frames[0].file))
+        assert f.dataset == "/entry/data"
+
+
+def test_rows_hold_the_calibration_figures(serial):
+    res, _ = serial
+    for f in (res.frames[0], res.frames[2], res.frames[3]):
+        assert f.holes_indexed >= 20
+        assert f.holes_found >= f.holes_indexed
+        assert f.pitch_px == pytest.approx(98.0 * (1 + 1.005) / 2, rel=2e-3)
+        assert f.rotation_deg == pytest.approx(0.5, abs=0.02)
+        assert 0 < f.cv_rms_px <= f.cv_max_px < 0.3
+        assert f.cv_rms_pitch == pytest.approx(f.cv_rms_px / f.pitch_px, rel=1e-12)
+        # 5 mm over the lattice step along each axis (aspect 1.005 along y)
+        assert f.pixel2_um == pytest.approx(5e3 / 98.0, rel=2e-3)
+        assert f.pixel1_um == pytest.approx(5e3 / (98.0 * 1.005), rel=2e-3)
+        assert f.seconds > 0
+
+
+def test_drift_against_the_first_frame_follows_the_plate(serial):
+    res, _ = serial
+    assert res.reference == "frame 0"
+    first = res.frames[0]
+    assert (first.drift_shift_y_px, first.drift_shift_x_px) == (0.0, 0.0)
+    for index in (2, 3):
+        f = res.frames[index]
+        assert f.reference_index == 0
+        np.testing.assert_allclose(
+            (f.drift_shift_y_px, f.drift_shift_x_px), MOVES[index], atol=DRIFT_TOL
+        )
+        assert abs(f.drift_rotation_mdeg) < 5.0
+        assert abs(f.drift_scale_ppm) < 500.0
+        # the same detector: the maps hardly change
+        assert f.drift_max_change_dx_px < 0.2
+        assert f.drift_max_change_dy_px < 0.2
+        assert f.drift_matched >= 15
+    assert np.isnan(res.frames[1].drift_shift_x_px)
+
+
+def test_each_frame_has_a_detector_file_pyfai_loads(serial):
+    res, out = serial
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "scan_0000_detector.h5",
+        "scan_0002_detector.h5",
+        "scan_0003_detector.h5",
+        "table.csv",
+        "table.json",
+    ]
+    for index in (0, 2, 3):
+        path = out / f"scan_{index:04d}_detector.h5"
+        assert res.frames[index].output == str(path)
+        det = detector_factory(str(path))
+        assert det.shape == (SIZE, SIZE)
+        rec = load(path)
+        assert rec.source["frame"] == index
+        assert rec.source["dataset"] == "/entry/data"
+
+
+def test_the_table_as_csv_json_and_array(serial):
+    res, out = serial
+    with open(out / "table.csv", newline="") as stream:
+        rows = list(csv.reader(stream))
+    assert tuple(rows[0]) == COLUMNS
+    assert len(rows) == 5
+    head = COLUMNS.index("status")
+    assert [r[head] for r in rows[1:]] == ["ok", "failed", "ok", "ok"]
+    assert rows[2][COLUMNS.index("cv_rms_px")] == ""  # not measured: an empty cell
+    assert float(rows[3][COLUMNS.index("cv_rms_px")]) == res.frames[2].cv_rms_px
+
+    doc = json.loads((out / "table.json").read_text())
+    assert doc["n_frames"] == 4
+    assert doc["n_failed"] == 1
+    assert doc["reference"] == "frame 0"
+    assert doc["frames"][1]["cv_rms_px"] is None
+    assert doc["frames"][3]["holes_indexed"] == res.frames[3].holes_indexed
+
+    table = res.table()
+    assert table.dtype.names == COLUMNS
+    assert table["holes_indexed"].dtype == np.int64
+    np.testing.assert_array_equal(table["status"], ["ok", "failed", "ok", "ok"])
+    assert table["holes_indexed"][1] == -1
+    assert np.isnan(table["cv_rms_px"][1])
+
+
+def test_no_temporary_file_is_left(serial):
+    _, out = serial
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+# -- workers -----------------------------------------------------------------------------
+
+
+def test_worker_processes_start_single_threaded():
+    before = {name: os.environ.get(name) for name in THREAD_ENV}
+    pool = _Pool("process", 2, _Config(pitch=5e-3, options={}, mask=None, save_workers=1))
+    try:
+        pids = set()
+        for future in pool.ready:
+            pid, env = future.result(timeout=120)
+            pids.add(pid)
+            assert env == dict.fromkeys(THREAD_ENV, "1")
+        assert os.getpid() not in pids
+    finally:
+        pool.shutdown()
+    assert {name: os.environ.get(name) for name in THREAD_ENV} == before
+
+
+def test_two_processes_give_the_serial_results(stack, serial, tmp_path):
+    res, _ = serial
+    par = calibrate_series(
+        f"{stack}::/entry/data",
+        pitch=5e-3,
+        output=tmp_path,
+        workers=2,
+        executor="process",
+        progress=False,
+    )
+    assert par.executor == "process"
+    assert par.workers == 2
+    for a, b in zip(res.frames, par.frames, strict=True):
+        assert (a.index, a.status, a.error) == (b.index, b.status, b.error)
+        assert (a.holes_found, a.holes_indexed, a.drift_matched) == (
+            b.holes_found,
+            b.holes_indexed,
+            b.drift_matched,
+        )
+        for name in ("cv_rms_px", "pitch_px", "drift_shift_y_px", "drift_shift_x_px"):
+            np.testing.assert_allclose(getattr(b, name), getattr(a, name), atol=1e-6)
+        assert pathlib.Path(b.output).parent == tmp_path if b.ok else b.output == ""
+
+
+def test_threads_calibrate_too(stack, tmp_path):
+    res = calibrate_series(
+        f"{stack}::/entry/data",
+        frames="2:4",
+        pitch=5e-3,
+        output=tmp_path,
+        workers=2,
+        executor="thread",
+        progress=False,
+    )
+    assert res.executor == "thread"
+    assert [f.status for f in res.frames] == ["ok", "ok"]
+    np.testing.assert_allclose(
+        (res.frames[1].drift_shift_y_px, res.frames[1].drift_shift_x_px),
+        np.subtract(MOVES[3], MOVES[2]),
+        atol=DRIFT_TOL,
+    )
+
+
+class _KillsItsWorker(np.ndarray):
+    """An image that ends the process that unpickles it: a worker crash."""
+
+    def __reduce__(self):
+        return (os._exit, (3,))
+
+
+def test_a_crashed_worker_fails_its_frame_only():
+    rng = np.random.default_rng(0)
+    good = grid_image((SIZE, SIZE), seed=5, offset=BASE).image
+    killer = rng.integers(0, 100, (SIZE, SIZE)).astype(np.uint16).view(_KillsItsWorker)
+    res = calibrate_series([good, killer, good], pitch=5e-3, workers=2, progress=False, cv_folds=0)
+    assert [f.status for f in res.frames] == ["ok", "failed", "ok"]
+    # tried again alone in a new worker process, never in the calling one
+    assert res.frames[1].error.startswith("a worker process died while calibrating this frame")
+
+
+# -- references, warm starts, in-memory sources -------------------------------------------
+
+
+def test_drift_against_a_reference_file_with_warm_starts(stack, serial):
+    res, out = serial
+    warm = calibrate_series(
+        f"{stack}::/entry/data",
+        frames=[2, 3],
+        pitch=5e-3,
+        reference=out / "scan_0000_detector.h5",
+        warm=True,
+        workers=1,
+        progress=False,
+    )
+    assert warm.reference == str(out / "scan_0000_detector.h5")
+    for f, index in zip(warm.frames, (2, 3), strict=True):
+        assert f.ok
+        assert f.warm
+        assert f.reference_index == -1
+        np.testing.assert_allclose(
+            (f.drift_shift_y_px, f.drift_shift_x_px), MOVES[index], atol=DRIFT_TOL
+        )
+        assert f.cv_rms_px < 2 * res.frames[index].cv_rms_px
+
+
+def test_warm_start_from_the_first_frame(stack):
+    res = calibrate_series(
+        f"{stack}::/entry/data", frames="0,2", pitch=5e-3, warm=True, workers=1, progress=False
+    )
+    assert [f.warm for f in res.frames] == [False, True]
+    np.testing.assert_allclose(
+        (res.frames[1].drift_shift_y_px, res.frames[1].drift_shift_x_px),
+        MOVES[2],
+        atol=DRIFT_TOL,
+    )
+
+
+def test_the_first_good_frame_is_the_reference(stack):
+    res = calibrate_series(
+        f"{stack}::/entry/data", frames="1,2,3", pitch=5e-3, workers=1, progress=False
+    )
+    assert res.reference == "frame 1"  # series index 1: stack frame 2
+    assert [f.reference_index for f in res.frames] == [-1, 1, 1]
+    np.testing.assert_allclose(
+        (res.frames[2].drift_shift_y_px, res.frames[2].drift_shift_x_px),
+        np.subtract(MOVES[3], MOVES[2]),
+        atol=DRIFT_TOL,
+    )
+
+
+def test_arrays_and_no_output_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    frames = np.stack([_frame(MOVES[0]), _frame(MOVES[2])])
+    res = calibrate_series([frames], pitch=5e-3, workers=1, progress=False)
+    assert [f.file for f in res.frames] == ["<array 0>", "<array 0>"]
+    assert [f.frame for f in res.frames] == [0, 1]
+    assert [f.output for f in res.frames] == ["", ""]
+    np.testing.assert_allclose(
+        (res.frames[1].drift_shift_y_px, res.frames[1].drift_shift_x_px),
+        MOVES[2],
+        atol=DRIFT_TOL,
+    )
+    assert os.listdir(tmp_path) == []
+
+
+# -- output names and argument errors ------------------------------------------------------
+
+
+def test_a_name_pattern(stack, tmp_path):
+    res = calibrate_series(
+        f"{stack}::/entry/data",
+        frames="2,0",
+        pitch=5e-3,
+        output=tmp_path / "det_{index:02d}_f{frame}.h5",
+        workers=1,
+        progress=False,
+        cv_folds=0,
+    )
+    assert [pathlib.Path(f.output).name for f in res.frames] == ["det_00_f2.h5", "det_01_f0.h5"]
+    assert sorted(os.listdir(tmp_path)) == ["det_00_f2.h5", "det_01_f0.h5"]
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("same.h5", "is a file: for a series give a directory or a name pattern"),
+        ("det_{stem}.h5", r"frames 0 and 1 would both be written to .*det_scan\.h5"),
+        ("det_{frames}.h5", r"unknown field \{frames\}"),
+        ("det_{index}.edf", "must end with .h5"),
+        ("missing/det_{index}.h5", "directory .*missing does not exist"),
+    ],
+)
+def test_bad_outputs_are_refused_before_any_work(stack, tmp_path, output, message):
+    (tmp_path / "same.h5").write_bytes(b"")
+    with pytest.raises(CcdgridError, match=message):
+        calibrate_series(
+            f"{stack}::/entry/data", frames="0:2", output=tmp_path / output, progress=False
+        )
+    assert sorted(os.listdir(tmp_path)) == ["same.h5"]
+
+
+def test_the_output_may_not_overwrite_an_input(tmp_path):
+    image = tmp_path / "grid.h5"
+    with h5py.File(image, "w") as h5:
+        h5["data"] = _frame(MOVES[0])
+    with pytest.raises(CcdgridError, match="would overwrite an input image"):
+        calibrate_series(f"{image}::/data", frames="0", output=tmp_path / "{stem}.h5")
+    assert os.listdir(tmp_path) == ["grid.h5"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"workers": 0}, "`workers` must be a positive int"),
+        ({"executor": "mpi"}, "`executor` must be 'process' or 'thread'"),
+        ({"pitch": -1.0}, "`pitch` must be a positive length"),
+        ({"backend": "fortran"}, "`backend` must be one of"),
+        ({"hole_diameter": -3}, "`hole_diameter` must be a positive number"),
+        ({"colour": "red"}, "unknown option `colour`"),
+        ({"reference": "nowhere.h5"}, "detector file not found"),
+    ],
+)
+def test_bad_arguments_are_named(stack, kwargs, message):
+    with pytest.raises(CcdgridError, match=message):
+        calibrate_series(f"{stack}::/entry/data", progress=False, **kwargs)
+
+
+def test_a_missing_file_is_a_failed_frame(stack, tmp_path):
+    res = calibrate_series(
+        [tmp_path / "nowhere.edf", f"{stack}::/entry/data"],
+        frames="0",
+        pitch=5e-3,
+        workers=1,
+        progress=False,
+        cv_folds=0,
+    )
+    assert [f.status for f in res.frames] == ["failed", "ok"]
+    assert "image file not found" in res.frames[0].error
+    assert res.reference == "frame 1"
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def test_cli_series_writes_files_and_table(capsys, stack, tmp_path):
+    code = main(
+        [
+            "calibrate",
+            f"{stack}::/entry/data",
+            "--frames",
+            "2:4",
+            "--pitch",
+            "5mm",
+            "-o",
+            str(tmp_path / "out"),
+            "--workers",
+            "1",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "scan_0002_detector.h5",
+        "scan_0003_detector.h5",
+        "scan_series.csv",
+        "scan_series.json",
+    ]
+    assert "calibrated 2 of 2 frames" in out
+    assert "[1] scan.h5::/entry/data frame 3: " in out
+    assert err == ""
+
+
+def test_cli_series_with_a_bad_frame_exits_1_in_one_line(capsys, stack, tmp_path):
+    code = main(
+        [
+            "calibrate",
+            f"{stack}::/entry/data",
+            "--frames",
+            "0,1",
+            "--pitch",
+            "5mm",
+            "-o",
+            str(tmp_path / "det_{index}.h5"),
+            "--table",
+            str(tmp_path / "t.csv"),
+            "--workers",
+            "1",
+        ]
+    )
+    _, err = capsys.readouterr()
+    assert code == 1
+    assert sorted(os.listdir(tmp_path)) == ["det_0.h5", "t.csv", "t.json"]
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("[1] scan.h5::/entry/data frame 1: FAILED: ")
+    assert lines[-1].startswith("ccdgrid: error: 1 of 2 frames failed (first: scan.h5")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--warm"], "--warm is for a series"),
+        (["--workers", "2"], "--workers is for a series"),
+        (["--frame", "0", "--frames", "0:2"], "either --frame N or --frames SEL"),
+        (["--frames", "0:2", "--report", "r.png"], "--report draws the figure of one"),
+        (["--combine", "--warm"], "--combine makes one calibration: --warm"),
+        (["--frames", "x"], "bad frame selection 'x'"),
+        (["--workers", "0"], "must be at least 1"),
+    ],
+)
+def test_cli_usage_errors(capsys, stack, extra, message):
+    with pytest.raises(SystemExit) as stop:
+        main(["calibrate", f"{stack}::/entry/data", "--pitch", "5mm", *extra])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
