@@ -7,6 +7,7 @@ calibrated. Drift is ``new - reference`` grid position at the image centre,
 """
 
 import csv
+import hashlib
 import json
 import os
 import pathlib
@@ -152,8 +153,9 @@ def test_drift_against_the_first_frame_follows_the_plate(serial):
     assert np.isnan(res.frames[1].drift_shift_x_px)
 
 
-def test_each_frame_has_a_detector_file_pyfai_loads(serial):
+def test_each_frame_has_a_detector_file_pyfai_loads(stack, serial):
     res, out = serial
+    digest = hashlib.sha256(stack.read_bytes()).hexdigest()
     names = sorted(p.name for p in out.iterdir())
     assert names == [
         "scan_0000_detector.h5",
@@ -170,6 +172,7 @@ def test_each_frame_has_a_detector_file_pyfai_loads(serial):
         rec = load(path)
         assert rec.source["frame"] == index
         assert rec.source["dataset"] == "/entry/data"
+        assert rec.source["sha256"] == digest
 
 
 def test_the_table_as_csv_json_and_array(serial):

@@ -498,6 +498,7 @@ class _Spec:
     array: object = None  # an in-memory 2-D image (tests, notebooks)
     error: str = ""  # set when the frame cannot even be named (missing file ...)
     attempts: int = 0
+    sha256: str | None = None  # of the whole file, hashed once for all its frames
 
 
 def _specs(sources, frames):
@@ -643,7 +644,6 @@ class _Worker:
         self.config = config
         self._references = {}
         self._mask = None
-        self._digests = {}
 
     def _reference(self, path):
         if path not in self._references:
@@ -662,14 +662,21 @@ class _Worker:
             self._mask = read_mask(mask, shape)
         return self._mask
 
-    def run(self, spec, reference, reference_index, warm):
-        """Calibrate one frame; never raises for a bad frame (only on interrupt)."""
+    def run(self, spec, reference, reference_index, warm, marker=None):
+        """Calibrate one frame; never raises for a bad frame (only on interrupt).
+
+        ``marker``: when the drift reference was not known at submission, the
+        file where the scheduler writes it once it is (read before and after
+        the calibration).
+        """
         start = time.perf_counter()
         row = _new_row(spec)
         try:
             if spec.error:
                 raise CcdgridError(spec.error)
-            self._calibrate(spec, row, reference, reference_index, warm)
+            if reference is None:
+                reference, reference_index = _read_marker(marker)
+            self._calibrate(spec, row, reference, reference_index, warm, marker)
             row.status = "ok"
         except (CcdgridError, OSError) as exc:
             row.error = _describe(exc)
@@ -679,14 +686,14 @@ class _Worker:
         row.seconds = time.perf_counter() - start
         return row
 
-    def _calibrate(self, spec, row, reference, reference_index, warm):
+    def _calibrate(self, spec, row, reference, reference_index, warm, marker):
         from .pipeline import calibrate
 
         if spec.array is not None:
             image = spec.array
             source = {"path": spec.file, "sha256": None, "frame": spec.frame}
         else:
-            image, source = _read_frame(spec.file, spec.frame, self._digests)
+            image, source = _read_frame(spec.file, spec.frame, spec.sha256)
             row.file, row.dataset = source["path"], source["dataset"] or ""
         mask = self._mask_for(tuple(np.shape(image)))
         previous = None
@@ -710,11 +717,17 @@ class _Worker:
 
             save_detector(spec.output, cal, workers=self.config.save_workers)
             row.output = spec.output
+        if reference is None:
+            reference, reference_index = _read_marker(marker)
         if reference is not None:
             drift = getattr(cal, "drift", None)
-            if drift is None or not drift.warm:
-                drift = _aligned_drift(self._reference(reference), cal)
-            _fill_drift(row, drift, reference_index)
+            try:
+                if drift is None or not drift.warm:
+                    drift = _aligned_drift(self._reference(reference), cal)
+            except CcdgridError as exc:  # the calibration itself is good
+                row.note = _join(row.note, f"drift not measured: {exc}")
+            else:
+                _fill_drift(row, drift, reference_index)
 
     def drift(self, frame_file, reference, reference_index):
         """Drift columns of a frame already written to ``frame_file``."""
@@ -729,22 +742,27 @@ class _Worker:
         return row
 
 
-def _read_frame(text, frame, digests):
-    """:func:`ccdgrid.io.read_image`, hashing each file once rather than once per frame.
+def _read_marker(marker):
+    """``(reference path, series index)`` from the scheduler's marker file, or (None, -1)."""
+    if marker is None or not os.path.exists(marker):
+        return None, -1
+    with open(marker, encoding="utf-8") as stream:
+        found = json.load(stream)
+    return found["path"], int(found["index"])
 
-    ``read_image`` records the SHA-256 of the whole file, which for a stack
-    of N frames would cost N reads of the stack: ``digests`` keeps it per
-    (path, modification time, size).
+
+def _read_frame(text, frame, sha256):
+    """:func:`ccdgrid.io.read_image` with the file's SHA-256 already known.
+
+    ``read_image`` hashes the whole file, which for a stack of N frames would
+    read the stack N times: the series hashes each file once, in the
+    scheduling process, while the workers start.
     """
     from . import io
 
     path, dataset = io._split_source(text)
-    if not path.is_file():
-        return io.read_image(text, frame=frame)  # raises the reader's own message
-    stat = path.stat()
-    key = (str(path), stat.st_mtime_ns, stat.st_size)
-    if key not in digests:
-        digests[key] = io.sha256_file(path)
+    if sha256 is None or not path.is_file():
+        return io.read_image(text, frame=frame)
     if dataset is not None or path.suffix.lower() in io._HDF5_SUFFIXES:
         data, dataset, fmt = io._read_hdf5(path, dataset, frame)
     elif path.suffix.lower() == ".npy":
@@ -756,7 +774,7 @@ def _read_frame(text, frame, digests):
         "path": str(path),
         "dataset": dataset,
         "frame": None if frame is None else int(frame),
-        "sha256": digests[key],
+        "sha256": sha256,
         "shape": tuple(int(n) for n in data.shape),
         "dtype": str(data.dtype),
         "format": fmt,
@@ -858,6 +876,36 @@ def _aligned_drift(reference, calibration):
 _PROCESS_WORKER = None
 
 
+def _thread_limits(user_api=None):
+    """Limit BLAS and/or OpenMP of this process to one thread, restored on exit.
+
+    Needs threadpoolctl (numpy and the kernels are loaded already here, too
+    late for environment variables); without it, a null context. OpenMP's
+    limit holds for the calling thread only, BLAS's for the whole process.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    # the libraries must be loaded for threadpoolctl to find them
+    from . import detector_file, pipeline, warmstart  # noqa: F401
+
+    return threadpool_limits(limits=1, user_api=user_api)
+
+
+def _can_limit_threads():
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _init_thread():
+    """Initialiser of a worker thread: OpenMP limited to one thread in it."""
+    _thread_limits("openmp").__enter__()  # for the thread's life: never restored
+
+
 def _init_process(config):
     """Initialiser of a worker process: its :class:`_Worker` and the pipeline's modules."""
     global _PROCESS_WORKER
@@ -871,8 +919,8 @@ def _init_process(config):
     _PROCESS_WORKER = _Worker(config)
 
 
-def _process_run(spec, reference, reference_index, warm):
-    return _PROCESS_WORKER.run(spec, reference, reference_index, warm)
+def _process_run(*args):
+    return _PROCESS_WORKER.run(*args)
 
 
 def _process_drift(frame_file, reference, reference_index):
@@ -907,10 +955,14 @@ class _Pool:
     """The workers of a series: processes, threads, or the calling process alone.
 
     With ``kind="process"`` and ``workers=N``, N - 1 worker processes run
-    beside one worker thread of the calling process: the caller has already
-    paid for importing numpy, scipy and the pipeline (about 0.5-2 s of CPU
-    per process on the 2-core reference machine, as much as a 2048² frame), so
-    it calibrates frames while the other workers start.
+    beside one worker thread of the calling process, which has already paid
+    for importing numpy, scipy and the pipeline (0.7 s of CPU per process on
+    the 2-core reference machine, most of a 2048² frame). That needs
+    threadpoolctl, to hold this process's BLAS and OpenMP to one thread
+    during the series; without it, N worker processes run the frames.
+    Every worker runs single-threaded (:data:`THREAD_ENV`): on 2 cores,
+    calibrating 2048² frames, it gave the same frames/s as the libraries' own
+    threads on an idle machine and 4x more on a busy one.
     """
 
     def __init__(self, kind, workers, config):
@@ -918,28 +970,37 @@ class _Pool:
         self.processes = None  # ProcessPoolExecutor
         self.threads = None  # ThreadPoolExecutor running self.local
         self.local = _Worker(config)
+        self.use_local = kind != "process" or _can_limit_threads()
         self.ready = []
         self.local_busy = 0
+        self.limits = contextlib.ExitStack()
         self.start()
 
     def start(self):
+        # BLAS threads are per process: held at 1 in this one for the series
+        self.limits.enter_context(_thread_limits(None if self.kind == "serial" else "blas"))
         if self.kind == "serial":
             return
-        n_threads = self.workers if self.kind == "thread" else 1
-        self.threads = cf.ThreadPoolExecutor(n_threads, thread_name_prefix="ccdgrid-series")
+        if self.use_local:
+            self.threads = cf.ThreadPoolExecutor(
+                self.workers if self.kind == "thread" else 1,
+                thread_name_prefix="ccdgrid-series",
+                initializer=_init_thread,
+            )
         if self.kind == "process":
             self._start_processes()
 
     def _start_processes(self):
+        n = self.workers - 1 if self.use_local else self.workers
         self.processes = cf.ProcessPoolExecutor(
-            self.workers - 1,
+            n,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_process,
             initargs=(self.config,),
         )
         # processes are spawned on submit: start them all now, single-threaded
         with _single_threaded_environment():
-            self.ready = [self.processes.submit(_process_ready) for _ in range(self.workers - 1)]
+            self.ready = [self.processes.submit(_process_ready) for _ in range(n)]
 
     def restart(self):
         """Replace a broken process pool (the frames in it are lost)."""
@@ -960,7 +1021,7 @@ class _Pool:
         """
         if self.kind == "serial":
             return _done(getattr(self.local, func_name), *args), True
-        local_free = self.kind == "thread" or self.local_busy == 0
+        local_free = self.use_local and (self.kind == "thread" or self.local_busy == 0)
         if where != "process" and local_free:
             self.local_busy += self.kind == "process"
             return self.threads.submit(getattr(self.local, func_name), *args), True
@@ -979,6 +1040,7 @@ class _Pool:
             if executor is not None:
                 executor.shutdown(wait=not cancel, cancel_futures=cancel)
         self.processes = self.threads = None
+        self.limits.close()
 
 
 def _done(func, *args):
@@ -1117,13 +1179,14 @@ def calibrate_series(
         save_workers=1 if kind == "process" else None,
     )
     start = time.perf_counter()
-    scratch = None if output is not None else tempfile.mkdtemp(prefix="ccdgrid-series-")
+    # the reference marker, and the detector files of frames that need a
+    # later drift measurement when the series writes none
+    scratch = tempfile.mkdtemp(prefix="ccdgrid-series-")
     try:
         run = _Run(specs, config, kind, workers, reference, warm, scratch, progress, on_frame)
         rows = run.execute()
     finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     result = SeriesResult(
         frames=rows,
         reference=run.reference_text(),
@@ -1231,6 +1294,7 @@ class _Run:
         self.files = {}  # series index -> detector file of those frames
         self.pending_drift = []  # their rows, until the reference is known
         self.announced = set()  # series indices passed to on_frame
+        self.marker = os.path.join(scratch, "reference.json")
 
     def reference_text(self):
         if self.reference_index >= 0:
@@ -1250,6 +1314,7 @@ class _Run:
             dynamic_ncols=True,
         )
         pool = _Pool(*self.pool_args)
+        _hash_files(self.specs)  # while the worker processes start
         runs, drifts = {}, {}
         # one extra frame queued in a pool keeps every worker busy between results
         depth = self.workers + (1 if pool.kind != "serial" else 0)
@@ -1285,11 +1350,11 @@ class _Run:
                         row = self._crashed(spec, queue)
                         if row is None:
                             continue
-                    self._store(spec, row)
+                    complete = self._store(spec, row)
                     failed += not row.ok
                     bar.update(1)
                     bar.set_postfix(failed=failed, refresh=False)
-                    if not (row.ok and spec.index in self.blind):
+                    if complete:
                         self._announce(row)  # else once its drift is known
                 if broken:
                     # the pool is lost with every frame in it: try those once more
@@ -1348,11 +1413,11 @@ class _Run:
             where = "any"
         args = (spec, self.reference, self.reference_index, self.warm)
         if not self.decided:
-            if not spec.output and self.scratch is not None:
+            if not spec.output:
                 spec = dataclasses.replace(
                     spec, output=os.path.join(self.scratch, f"frame_{spec.index:06d}.h5")
                 )
-            args = (spec, None, -1, False)
+            args = (spec, None, -1, self.warm, self.marker)
         placed = pool.submit("run", *args, where=where)
         if placed is not None and not self.decided:
             self.blind.add(spec.index)
@@ -1371,12 +1436,16 @@ class _Run:
         return row
 
     def _store(self, spec, row):
+        """Keep a frame's row; False if it waits for its drift before being announced."""
+        self.rows[spec.index] = row
         if row.ok and spec.index in self.blind:
             self.files[row.index] = row.output
-            self.pending_drift.append(row)
             if not spec.output:  # written to the scratch directory only
                 row.output = ""
-        self.rows[spec.index] = row
+            if row.reference_index < 0:  # the reference was not known in time
+                self.pending_drift.append(row)
+                return False
+        return True
 
     def _decide_reference(self):
         """Fix the reference once the frames before the first good one are done."""
@@ -1392,9 +1461,28 @@ class _Run:
         self.decided = True
         self.reference_index = row.index
         self.reference = self.files[row.index]
+        # frames already queued in a worker read it from there when they start
+        _write_text(self.marker, json.dumps({"path": self.reference, "index": row.index}))
         _fill_drift(row, _zero_drift(row.holes_indexed), row.index)
         self.pending_drift = [r for r in self.pending_drift if r.index != row.index]
         self._announce(row)
+
+
+def _hash_files(specs):
+    """Set ``sha256`` of every file-backed spec, reading each file once."""
+    from .io import sha256_file
+
+    digests = {}
+    for spec in specs:
+        if spec.array is not None or spec.error:
+            continue
+        path = str(pathlib.Path(spec.file.partition("::")[0]).expanduser().absolute())
+        if path not in digests:
+            try:
+                digests[path] = sha256_file(path)
+            except OSError:
+                digests[path] = None  # the worker's reader reports it
+        spec.sha256 = digests[path]
 
 
 def _merge_drift(row, drift):
