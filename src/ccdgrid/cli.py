@@ -226,7 +226,8 @@ def build_parser():
         metavar="DETECTOR",
         help="previous detector file (.h5) of this detector: measure the holes near their "
         "previous positions instead of searching the image (faster); falls back to a full "
-        "calibration, with a warning, if the plate moved too far",
+        "calibration, with a warning, if the plate moved too far. In a series, every frame "
+        "starts from it and its drift is measured against it",
     )
     cal.add_argument(
         "--report",
