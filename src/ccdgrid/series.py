@@ -9,14 +9,21 @@ grid, pixel size, cross-validated residual, and the drift against a reference
 ``reference``). A frame that fails is recorded with its error message and the
 series goes on.
 
-Why processes, and how they are set up (measured on 2 cores, 2048² frames, in
-``benchmarks/series.py``): most of the pipeline is numpy/scipy code that
-holds the GIL between short compiled calls, so threads do not scale; each
-frame is independent, so processes do. Each worker process is started with
-OpenMP and BLAS limited to one thread (two workers each running a two-thread
-BLAS only fight over the cores), reads its frames itself (a path and a frame
-number travel to it, never the image), writes the detector file itself, and
-sends back one small :class:`FrameResult`.
+Why processes, and how they are set up: much of the pipeline is numpy and
+scipy code that holds the GIL between compiled calls, and each frame is
+independent, so worker processes scale where threads of one process are
+limited by the GIL. Every worker runs its BLAS and OpenMP single-threaded
+(worker processes are started with :data:`THREAD_ENV` set to 1; the calling
+process, which works as one of the workers, is held to one thread with
+threadpoolctl when it is installed): on the 2-core reference machine, busy
+with other jobs, a 2048² frame cost 0.85 s of CPU single-threaded against
+3.2 s with the libraries' own threads, which spin while they wait. Workers
+read their frames themselves (a path and a frame number travel to them,
+never an image), write the detector files themselves and send back one small
+:class:`FrameResult`. A worker process costs about 0.7 s of CPU to start
+(importing numpy, scipy and the pipeline) and 0.3 s more on its first frame:
+a series needs several frames per worker to gain. ``benchmarks/series.py``
+measures the throughput with 1 and 2 workers.
 
 Drift is measured as :mod:`ccdgrid.warmstart` measures it (grid shift at the
 image centre, rotation, scale, largest change of ``dx``/``dy`` over the pixels
@@ -1137,7 +1144,24 @@ def calibrate_series(
         Bad arguments, output names that would collide or overwrite an input,
         or an unusable reference file -- before any frame is calibrated. A
         frame that cannot be read or calibrated does not raise: it is
-        recorded as failed.
+        recorded as failed, and so is a frame whose worker process died
+        twice (it is tried again alone, never in the calling process).
+
+    Notes
+    -----
+    Process workers are started with the ``spawn`` method: a script that
+    calls this function must do so under ``if __name__ == "__main__":``.
+    With ``workers=N`` and process workers, N - 1 worker processes run and
+    the calling process calibrates frames too, if threadpoolctl is installed
+    (to hold its BLAS and OpenMP to one thread during the series); without
+    it, N worker processes run and this process only schedules. With
+    ``workers=1`` the frames are calibrated here, one after the other, also
+    single-threaded when threadpoolctl is installed.
+
+    The drift reference is the first frame, in series order, that
+    calibrates. Frames that started before it was known (at most
+    ``workers + 1``) are calibrated cold even with ``warm=True``, and their
+    drift is measured from their detector files.
 
     Examples
     --------
