@@ -26,12 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import linalg, ndimage
-from scipy.interpolate import (
-    BSpline,
-    CloughTocher2DInterpolator,
-    RBFInterpolator,
-    RectBivariateSpline,
-)
+from scipy.interpolate import BSpline, CloughTocher2DInterpolator, RectBivariateSpline
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 from scipy.spatial.distance import cdist
 
@@ -582,20 +577,100 @@ def _interleaved_folds(cells, k):
 
 
 def _fit_tps(pts, disp, smoothing, degree):
-    """``(RBFInterpolator, degree used)``: a polynomial trend, else an affine one.
+    """``(_ThinPlate, degree used)``: a polynomial trend, else an affine one.
 
     Holes along a few lines (a narrow strip of plate) leave a quartic trend
-    undetermined; scipy then reports a singular or rank-deficient system.
+    undetermined: the trend's monomials are then rank-deficient.
     """
     for deg in dict.fromkeys((degree, 1)):
         try:
-            rbf = RBFInterpolator(
-                pts, disp, kernel="thin_plate_spline", smoothing=smoothing, degree=deg
-            )
-            return rbf, deg
-        except (ValueError, np.linalg.LinAlgError):
+            return _ThinPlate(pts, disp, smoothing, deg), deg
+        except (np.linalg.LinAlgError, linalg.LinAlgError):
             continue
     raise CcdgridError("too few holes: the thin-plate spline system is singular")
+
+
+class _ThinPlate:
+    """Smoothing thin-plate spline ``f(x) = sum_i c_i phi(|x - p_i|) + P(x) a``, 2 components.
+
+    ``phi(r) = r² log r``; ``P`` the monomials up to ``degree``. The same
+    function as ``scipy.interpolate.RBFInterpolator(kernel="thin_plate_spline",
+    smoothing=s, degree=degree)``, solved and evaluated at about half the
+    cost: the system ``[[K + s I, P], [P', 0]]`` is reduced to the
+    complement of ``P`` (``Q2' (K + s I) Q2``, positive definite) and
+    solved by Cholesky, O(N³ / 3) instead of an O(2 N³ / 3) LU; evaluation
+    takes ``r²`` from ``cdist`` and ``phi = r² log(r²) / 2`` (no square root).
+
+    Parameters
+    ----------
+    pts : ndarray of shape (N, 2), float64
+        Centres, in the fit's length unit.
+    disp : ndarray of shape (N, 2), float64
+        Values at the centres.
+    smoothing : float
+        Added to the diagonal of the kernel matrix, >= 0.
+    degree : int
+        Degree of the polynomial trend.
+
+    Raises
+    ------
+    numpy.linalg.LinAlgError
+        If the trend is undetermined by the centres or the system is singular.
+    """
+
+    _CHUNK = 2048  # evaluation points per block (a few MB of kernel values)
+
+    def __init__(self, pts, disp, smoothing, degree):
+        self.centres = np.ascontiguousarray(pts, dtype=np.float64)
+        self.degree = degree
+        self.shift = self.centres.mean(axis=0)
+        self.scale = max(float(np.abs(self.centres - self.shift).max()), 1e-300)
+        poly = self._poly(self.centres)
+        n, p = poly.shape
+        if n <= p:
+            raise np.linalg.LinAlgError("fewer centres than trend terms")
+        (house, tau), _ = linalg.qr(poly, mode="raw")
+        r_diag = np.abs(np.diag(house[:p]))
+        if r_diag.min() <= 1e-10 * r_diag.max():
+            raise np.linalg.LinAlgError("the trend's monomials are rank-deficient")
+        kern = self._kernel(self.centres)
+        kern[np.diag_indices(n)] += smoothing
+        rotated = _apply_q(house, tau, _apply_q(house, tau, kern, "L"), "R")
+        del kern
+        rhs = _apply_q(house, tau, np.asarray(disp, dtype=np.float64), "L")
+        # Cholesky of Q2' (K + s I) Q2: positive definite for distinct centres
+        y = linalg.cho_solve(linalg.cho_factor(rotated[p:, p:]), rhs[p:])
+        padded = np.zeros((n, y.shape[1]))
+        padded[p:] = y
+        self.coef = _apply_q(house, tau, padded, "L", transpose=False)  # c = Q2 y
+        # P a = d - (K + s I) c, projected on Q1: R a = Q1' d - (Q1' (K + s I) Q2) y
+        upper = np.triu(house[:p])
+        self.trend = linalg.solve_triangular(upper, rhs[:p] - rotated[:p, p:] @ y)
+
+    def _poly(self, x):
+        u = (x - self.shift) / self.scale
+        cols = [
+            u[:, 0] ** a * u[:, 1] ** (t - a) for t in range(self.degree + 1) for a in range(t + 1)
+        ]
+        return np.column_stack(cols)
+
+    def _kernel(self, x):
+        r2 = cdist(x, self.centres, "sqeuclidean")
+        np.maximum(r2, 1e-300, out=r2)  # phi(0) = 0: r² log r² -> 0
+        k = np.log(r2)
+        k *= r2
+        k *= 0.5
+        return k
+
+    def __call__(self, x):
+        """Values at points ``x`` (M, 2) -> (M, 2) float64."""
+        x = np.asarray(x, dtype=np.float64)
+        out = np.empty((len(x), self.coef.shape[1]))
+        for start in range(0, len(x), self._CHUNK):
+            part = x[start : start + self._CHUNK]
+            out[start : start + len(part)] = self._kernel(part) @ self.coef
+            out[start : start + len(part)] += self._poly(part) @ self.trend
+        return out
 
 
 def hull_mask(equations, shape, *, margin=0.0):
@@ -888,10 +963,14 @@ def _gcv_scores(pts, disp, degrees):
     return out
 
 
-def _apply_q(house, tau, c, side):
-    """``Q' c`` (side "L") or ``c Q`` (side "R"), ``Q`` given by Householder reflectors."""
+def _apply_q(house, tau, c, side, transpose=True):
+    """``Q' c`` (side "L"; ``Q c`` if not ``transpose``) or ``c Q`` (side "R").
+
+    ``Q`` is given by the Householder reflectors of ``scipy.linalg.qr(...,
+    mode="raw")``.
+    """
     ormqr = linalg.get_lapack_funcs("ormqr", (house, c))
-    trans = "T" if side == "L" else "N"
+    trans = "T" if (side == "L") == transpose else "N"
     lwork = max(1, c.shape[1] if side == "L" else c.shape[0]) * 64
     out, _, info = ormqr(side, trans, house, tau, c, lwork)
     if info != 0:
