@@ -231,3 +231,33 @@ def test_gcv_choice_picks_the_degree_with_the_lowest_score():
     assert degree >= 3
     assert scores["score"].min() == pytest.approx(scores["degree_scores"][degree])
     assert smoothing == scores["smoothing"][np.argmin(scores["score"])]
+
+
+@pytest.mark.parametrize("degree", [1, 2, 4])
+@pytest.mark.parametrize("smoothing", [0.0, 0.05, 10.0])
+def test_thin_plate_equals_scipy_rbf_interpolator(degree, smoothing):
+    from scipy.interpolate import RBFInterpolator
+
+    from ccdgrid.maps import _ThinPlate
+
+    rng = np.random.default_rng(13)
+    pts = rng.uniform(0.0, 8.0, (80, 2))
+    values = rng.normal(0.0, 1.0, (80, 2))
+    probe = np.vstack([rng.uniform(-1.0, 9.0, (500, 2)), pts[:5]])  # centres too (r = 0)
+    ours = _ThinPlate(pts, values, smoothing, degree)(probe)
+    scipy_rbf = RBFInterpolator(
+        pts, values, kernel="thin_plate_spline", smoothing=smoothing, degree=degree
+    )
+    np.testing.assert_allclose(ours, scipy_rbf(probe), rtol=0, atol=1e-8)
+
+
+def test_thin_plate_falls_back_to_an_affine_trend_on_a_few_lines():
+    from ccdgrid.maps import _fit_tps
+
+    # holes on 3 rows: a quartic trend in y is undetermined
+    ys, xs = np.meshgrid([0.0, 1.0, 2.0], np.arange(12.0), indexing="ij")
+    pts = np.column_stack([ys.ravel(), xs.ravel()])
+    values = np.column_stack([0.1 * pts[:, 1], -0.2 * pts[:, 0]])
+    tps, degree = _fit_tps(pts, values, 0.0, 4)
+    assert degree == 1
+    np.testing.assert_allclose(tps(pts), values, atol=1e-9)
