@@ -8,10 +8,12 @@ at index coordinates ``(i - 0.5, j - 0.5)``. That is where pyFAI's
 seed tutorial evaluates at integer index coordinates instead, half a pixel off.
 
 Default method ``"tps"``: a smoothing thin-plate spline with a polynomial
-trend through the holes (``scipy.interpolate.RBFInterpolator``), evaluated on
-a coarse grid that covers the corner grid, then upsampled with a bicubic
-spline; the smoothing is chosen by generalised cross-validation (GCV) unless
-given. ``"cubic"``: the
+trend through the holes (the function of
+``scipy.interpolate.RBFInterpolator(kernel="thin_plate_spline")``, solved here
+by Cholesky on the complement of the trend), evaluated on a coarse grid that
+covers the corner grid, then upsampled with a bicubic spline (a compiled
+kernel, ``ccdgrid._ext._upsample``, and its numpy twin); the smoothing is
+chosen by generalised cross-validation (GCV) unless given. ``"cubic"``: the
 tutorial's piecewise-cubic ``griddata``, for comparison.
 
 :func:`cross_validate` measures how well such a map predicts a hole it was
