@@ -256,11 +256,21 @@ def test_hdf5_corrupt_chunk_is_reported(tmp_path, detector, frames):
             "/entry/data", data=frames, chunks=(1, NY, NX), compression="gzip", shuffle=True
         )
         dset.id.write_direct_chunk((3, 0, 0), b"not a zlib stream")
-    with pytest.raises(CcdgridError, match="cannot inflate a chunk"):
+    with pytest.raises(CcdgridError, match=r"cannot inflate a chunk of .*in\.h5::/entry/data"):
         stack.correct_hdf5(
             f"{tmp_path / 'in.h5'}::/entry/data", tmp_path / "out.h5", detector, progress=False
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5"]
+
+
+def test_hdf5_truncated_chunk_is_reported(tmp_path, detector, frames):
+    with h5py.File(tmp_path / "in.h5", "w") as h5:
+        dset = h5.create_dataset("/entry/data", data=frames, chunks=(1, NY, NX), shuffle=True)
+        dset.id.write_direct_chunk((3, 0, 0), frames[3].tobytes()[:-10])
+    with pytest.raises(CcdgridError, match=r"holds 12278 bytes after its filters, expected 12288"):
+        stack.correct_hdf5(
+            f"{tmp_path / 'in.h5'}::/entry/data", tmp_path / "out.h5", detector, progress=False
+        )
 
 
 # source layouts: read chunk by chunk ("direct") or through HDF5 ("hdf5")

@@ -522,6 +522,7 @@ class _Reader:
 
     def __init__(self, source, chunk_frames):
         self.source = source
+        self.name = f"{source.file.filename}::{source.name}"  # workers must not call HDF5
         self.n = source.shape[0]
         self.dtype = source.dtype
         self.filters = _direct_filters(source)
@@ -562,13 +563,13 @@ class _Reader:
                 continue
             code, element_size = self.filters[index]
             if code == "deflate":
-                data = _inflate(data, self.chunk_nbytes)
+                data = _inflate(data, self.chunk_nbytes, self.name)
             else:
                 data = _unshuffle(data, element_size)
         if data.size != self.chunk_nbytes:
             raise CcdgridError(
-                f"chunk of frame {self.source.name} holds {data.size} bytes after its filters, "
-                f"expected {self.chunk_nbytes}: the file is damaged"
+                f"a chunk of {self.name} holds {data.size} bytes after its filters, expected "
+                f"{self.chunk_nbytes}: the file is damaged"
             )
         frames = data.view(self.dtype).reshape(self.depth, *self.frame_shape)
         return frames[:count]
@@ -598,15 +599,15 @@ def _direct_filters(source):
     return filters
 
 
-def _inflate(data, size):
-    """Inflate one zlib stream (HDF5's deflate filter) into a uint8 array of ``size`` bytes."""
+def _inflate(data, size, name):
+    """Inflate one zlib stream (HDF5's deflate filter) into a uint8 array (``size`` expected)."""
     import numpy as np
 
     engine = _deflate_engine()
     try:
         return np.frombuffer(engine.decompress(data, 15, size), dtype=np.uint8)
     except engine.error as exc:
-        raise CcdgridError(f"cannot inflate a chunk of the source: {exc}") from exc
+        raise CcdgridError(f"cannot inflate a chunk of {name}: {exc}") from exc
 
 
 def _unshuffle(data, element_size):
