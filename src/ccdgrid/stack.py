@@ -369,29 +369,34 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
 
     Notes
     -----
-    What the defaults cost, measured at 2048² on 2 cores (see
-    ``benchmarks/stack.py``): the correction itself takes ~30 ms of CPU
-    per frame. Deflating a corrected frame compresses it to ~80 % of its
-    float32 size: the fractional counts make the low three bytes of every
-    float noise, only the exponent byte compresses. So each byte plane is
-    deflated only if a sample of it shrinks by 10 % or more, else stored
-    as is. That costs ~10 ms of CPU per frame with ISA-L, 15-40 ms with
-    zlib (zlib deflating every plane would cost ~330 ms). Higher levels buy
-    little on such data. float32 output doubles the size of uint16 input.
+    What the defaults cost, CPU per 2048² frame on one core (measured with
+    ``python benchmarks/stack.py``, stage profile): applying the matrix
+    ~33 ms; reading a stored chunk ~2 ms, writing one ~4 ms; deflating ~18
+    ms with ISA-L, ~55 ms with zlib. Corrected counts are fractional, so
+    the three low bytes of every float32 are noise and only the exponent
+    byte compresses: each byte plane is deflated only if a sample of it
+    shrinks by 10 % or more, else stored as is, and the file is ~80 % of
+    the float32 size (1.6x a uint16 input) at any level. Deflating every
+    plane (what HDF5's own filter does) costs ~330 ms with zlib for the
+    same size. Most of the deflate time goes to the exponent byte, more on
+    noisy frames than on smooth ones. Higher levels cost CPU for a few
+    percent of size. ``compression=None`` stores 25 % more bytes for no
+    CPU.
 
-    Frames are corrected in parallel, ``workers`` at a time; with 2
-    workers the throughput is about that of
-    :meth:`CorrectionMatrix.apply` on the same frames in memory.
-    Chunks of one or more whole frames, stored raw or with HDF5's
-    shuffle and deflate filters, are read with ``read_direct_chunk`` and
-    inflated by the workers (zlib and ISA-L release the GIL); any other
-    layout (tiled chunks, other filters, contiguous) is read through HDF5,
+    Frames are corrected in parallel, ``workers`` at a time, each by one
+    thread with one OpenMP thread (``CorrectionMatrix.apply`` on a 3-D
+    stack, which gathers from all its frames at once, costs about twice
+    the CPU per frame). Chunks of one or more whole frames, stored raw or
+    with HDF5's shuffle and deflate filters, are read with
+    ``read_direct_chunk`` and inflated by the workers; any other layout
+    (tiled chunks, other filters, contiguous) is read through HDF5,
     ``chunk_frames`` frames at a time. Output chunks are written with
     ``write_direct_chunk``. At most ``2 * workers`` frames are in flight:
-    memory is the matrix (~150 MB at 2048²) plus about ``2 * workers``
-    times 3-4 float32 frames (~50 MB each at 2048²), whatever the number
-    of frames. The output is written under a temporary name beside ``dst``
-    and moved into place with :func:`os.replace`.
+    memory is the matrix (~150 MB at 2048²) plus about 3-4 float32 frames
+    per frame in flight (~60 MB at 2048²), whatever the number of frames
+    (~400 MB in all at 2048² with 2 workers). The output is written under
+    a temporary name beside ``dst`` and moved into place with
+    :func:`os.replace`.
     """
     if chunk_frames is not None:
         chunk_frames = _positive_int(chunk_frames, "chunk_frames")
@@ -755,8 +760,8 @@ The output holds float32 frames (float64 for float64 input), one frame per HDF5
 chunk, byte-shuffled and deflated: any HDF5 reader opens it without plugins.
 Corrected counts are fractional, so their low bytes are noise: the file is
 ~80 % of the float32 size (1.6x a uint16 input), whatever the level. At 2048²,
-deflating costs ~10 ms of CPU per frame with ISA-L (pip install "ccdgrid[fast]"),
-15-40 ms with zlib, against ~30 ms for the correction; frames are corrected
+deflating costs ~18 ms of CPU per frame with ISA-L (pip install "ccdgrid[fast]"),
+~55 ms with zlib, against ~33 ms for the correction; frames are corrected
 --workers at a time. The file is written under a temporary name and moved into
 place only when complete.
 """
