@@ -318,8 +318,8 @@ def _table(rows, args):
     reference = max(memory, key=lambda r: r["frames"] / r["seconds"], default=None)
     ref_fps = reference["frames"] / reference["seconds"] if reference else None
     header = ("mode", "deflate", "frames", "time s", "frames/s", "vs memory", "peak MB",
-              "out MB", "build s", "CPU s", "sys s")  # fmt: skip
-    widths = (-16, 7, 6, 7, 8, 9, 7, 7, 7, 6, 6)
+              "out MB", "build s", "CPU s", "sys s", "CPU ms/fr")  # fmt: skip
+    widths = (-16, 7, 6, 7, 8, 9, 7, 7, 7, 6, 6, 9)
     cells = zip(header, widths, strict=True)
     print(" ".join(f"{h:<{-w}}" if w < 0 else f"{h:>{w}}" for h, w in cells))
     for r in rows:
@@ -327,11 +327,13 @@ def _table(rows, args):
         ratio = f"{ref_fps / fps:.2f}x" if ref_fps else "-"
         print(f"{r['mode']:<16} {r['engine']:>7} {r['frames']:>6} {r['seconds']:>7.2f} "
               f"{fps:>8.1f} {ratio:>9} {r['peak_mb']:>7.0f} {r['out_mb']:>7.0f} "
-              f"{r['build']:>7.2f} {r['cpu']:>6.1f} {r['sys']:>6.1f}")  # fmt: skip
+              f"{r['build']:>7.2f} {r['cpu']:>6.1f} {r['sys']:>6.1f} "
+              f"{1000 * r['cpu'] / r['frames']:>9.1f}")  # fmt: skip
     if reference:
         print(f"targets: peak < {MEMORY_TARGET_MB} MB; streaming within {THROUGHPUT_TARGET}x "
               f"of in-memory frames/s ('vs memory' = {reference['mode']} frames/s, the faster "
-              "in-memory way, / this mode's)")  # fmt: skip
+              "in-memory way, / this mode's; on a busy machine compare CPU ms/fr, which "
+              "wall time follows when both cores are saturated)")  # fmt: skip
     default = next((r for r in rows if r["mode"] == "hdf5-gzip"), None)
     if reference and default:
         fps = default["frames"] / default["seconds"]
