@@ -856,7 +856,9 @@ def add_correct_stack_parser(subparsers, parents=()):
     parser.add_argument(
         "--normalize", action="store_true", help="divide by each output pixel's coverage"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bar (shown on a terminal only anyway)"
+    )
     if not parents:
         parser.add_argument(
             "--debug", action="store_true", help="show the full traceback of an error"
