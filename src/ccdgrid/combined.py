@@ -47,6 +47,12 @@ _OFFSET_PASSES = 2
 # for any smoothing from 1e-6 to 100.
 _OFFSET_SMOOTHING = 1.0
 _OFFSET_TREND_DEGREE = 3
+# Above this many samples (all holes of all images) the thin-plate fit, O(n³)
+# in time and O(n²) in memory, is made on the per-site means instead (one
+# sample per hole, as for one image): 4000 samples is ~0.13 GB per kernel
+# matrix and a few seconds; four 4096² images (~6800) would take ~0.4 GB each
+# and tens of seconds.
+_MAX_JOINT_POINTS = 4000
 # Largest departure of a lattice step of image k from an integer combination
 # of the first image's steps, and of a known offset from the grid's, in pitch
 _ALIGN_TOLERANCE = 0.25
@@ -276,24 +282,29 @@ def calibrate_combined(
        ``origin_k - origin_0 = t_k + s V_0``. With ``t_k`` known, ``s`` is
        the nearest integer pair; unknown, the ``t_k`` within half a step of
        zero is taken (a shift by a whole lattice step shows the same holes).
-    3. Offsets (when unknown): one linear least squares over all holes of
-       all images, ``measured = origin + t_k + (i, j) V - f(measured)``, with
-       the shared field ``f`` represented by Chebyshev polynomials of degree
-       2 to 6 over the image, so that the offsets do not absorb the change of
-       the field between the places each image samples.
-    4. With the offsets fixed, the joint lattice is
-       :func:`ccdgrid.gridfit.fit_grid` of ``measured - t_k`` and the common
-       indices; ``d = ideal - measured`` at every hole of every image feeds
-       one :func:`ccdgrid.maps.displacement_maps`, with the hole spacing as
-       length unit (the samples of one hole in shifted images may be a few
-       pixels apart: GCV then picks a smoothing that averages them rather
-       than interpolating their centre noise). Its cross-validation puts all
-       samples of a lattice site in one fold.
+    3. Offsets, from that rough start: the joint lattice is fitted with the
+       current offsets, and what is left of each image's displacements as a
+       constant beside a smooth field shared by all images is removed
+       (Speckman's partial-residual estimator with a thin-plate smoother);
+       twice. They are estimated also when given, for comparison.
+    4. With the offsets fixed (the given ones when known), the joint lattice
+       is :func:`ccdgrid.gridfit.fit_grid` of ``measured - t_k`` with the
+       common indices, and ``d = ideal - measured`` at every hole of every
+       image feeds one :func:`ccdgrid.maps.displacement_maps`, with the hole
+       spacing as length unit. Its smoothing (unless given) is the larger of
+       GCV on all samples and GCV on the per-site means (scaled to all
+       samples): GCV alone takes the shared error of the samples of one hole
+       in images shifted by a few pixels for signal (see
+       :func:`_combined_maps`). The cross-validation puts all samples of a
+       lattice site in one fold.
 
-    Cost: the hole search is made once per image; the thin-plate fit is
-    O(n³) in the total number of holes ``n``: about 1600 for four 2048²
-    FReLoN-like images (~400 holes each), a fraction of a second; four
-    4096² images (~6800 holes) take tens of seconds and ~1 GB for it.
+    Cost: the hole search once per image, then thin-plate fits, O(n³) in
+    the number of samples ``n`` (all holes of all images): ~1500 for four
+    2048² FReLoN-like images, about a second. Above 4000 samples (e.g.
+    three or four 4096² images, ~1700 holes each) the map is fitted to the
+    per-site means instead: the noise of the centres still averages out,
+    but the map loses the denser sampling (the offsets are still estimated
+    from at most 1500 samples near the centre).
     """
     t_start = time.perf_counter()
     timings = {}
@@ -367,12 +378,12 @@ def calibrate_combined(
     timings["joint_fit"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    maps, cv, choice = _combined_maps(
+    maps, cv, choice, site_smoothing = _combined_maps(
         points, grid.displacement, grid.indices, shape, scale_px, smoothing, cv_folds
     )
     timings["displacement_maps"] = time.perf_counter() - t0
 
-    holes_all, lattice_all = _merged_records(stages, matrices, shifts, low, grid)
+    holes_all, lattice_all = _merged_records(stages, matrices, shifts, grid)
     per_image = _per_image_figures(points, grid.displacement, image_of, maps, cv, n_img)
     combined = CombinedPositions(
         n_images=n_img,
@@ -406,14 +417,24 @@ def calibrate_combined(
         "cv_folds": cv_folds,
         "offsets": None if given is None else given.tolist(),
         "resolved": {
-            "hole_diameter": [float(s[0].hole_diameter) for s in stages],
-            "pitch_px": [float(s[0].pitch_px) for s in stages],
-            "threshold": [float(s[0].threshold) for s in stages],
-            "smoothing": maps.smoothing,
+            "hole_diameter": float(stages[0][0].hole_diameter),
+            "pitch_px": scale_px,
+            "threshold": float(stages[0][0].threshold),
+            "lattice_tolerance": stages[0][1].tolerance,
+            "outlier_threshold_px": stages[0][1].outlier_threshold_px,
+            # what one image of this plate would use (one sample per hole), for
+            # warm starts and validations made of single images
+            "smoothing": site_smoothing,
+            "map_smoothing": maps.smoothing,
+            "smoothing_choice": choice,
             "map_degree": maps.degree,
             "map_method": maps.method,
-            "smoothing_choice": choice,
             "grid_method": grid.method_used,
+            "per_image": {
+                "hole_diameter": [float(s[0].hole_diameter) for s in stages],
+                "pitch_px": [float(s[0].pitch_px) for s in stages],
+                "threshold": [float(s[0].threshold) for s in stages],
+            },
         },
         "combined": combined.as_dict(),
     }
@@ -647,7 +668,10 @@ def _central_subset(points, limit):
 
 
 def _combined_maps(points, disp, indices, shape, scale_px, smoothing, cv_folds):
-    """``(maps, cross_validation, choice)``: the combined map and how its smoothing was chosen.
+    """``(maps, cross_validation, choice, per-site smoothing)`` of the combined map.
+
+    ``choice`` says how the smoothing was chosen; the per-site smoothing is
+    its equivalent for one sample per hole (a single image).
 
     With ``smoothing`` None, the larger of two GCV choices: on all samples,
     and on the per-site means (:func:`_site_smoothing`), with the trend
@@ -666,6 +690,14 @@ def _combined_maps(points, disp, indices, shape, scale_px, smoothing, cv_folds):
     The larger smoothing was within 1 % of the better of the two in all
     these cases.
     """
+    if len(points) > _MAX_JOINT_POINTS:
+        mean_pts, mean_disp, sites = _site_means(points, disp, indices)
+        maps = displacement_maps(
+            mean_pts, mean_disp, shape, smoothing=smoothing, scale_px=scale_px
+        )
+        cv = _cross_validation(mean_pts, mean_disp, sites, maps, cv_folds)
+        choice = f"per-site means only ({len(points)} samples > {_MAX_JOINT_POINTS})"
+        return maps, cv, choice, maps.smoothing
     if smoothing is not None:
         maps = displacement_maps(points, disp, shape, smoothing=smoothing, scale_px=scale_px)
         choice = "given"
@@ -681,7 +713,9 @@ def _combined_maps(points, disp, indices, shape, scale_px, smoothing, cv_folds):
         maps = displacement_maps(
             points, disp, shape, smoothing=smoothing, degree=d_site, scale_px=scale_px
         )
-    return maps, _cross_validation(points, disp, indices, maps, cv_folds), choice
+    cv = _cross_validation(points, disp, indices, maps, cv_folds)
+    n_sites = len(np.unique(indices, axis=0))
+    return maps, cv, choice, maps.smoothing * n_sites / len(points)
 
 
 def _site_smoothing(points, disp, indices, shape, scale_px, coarse_step):
@@ -692,18 +726,22 @@ def _site_smoothing(points, disp, indices, shape, scale_px, coarse_step):
     at one place weighs ``m`` times its mean in the fit of all samples, so
     their smoothing is the means' times the number of samples per site.
     """
+    mean_pts, mean_disp, _ = _site_means(points, disp, indices)
+    maps = displacement_maps(
+        mean_pts, mean_disp, shape, scale_px=scale_px, coarse_step=coarse_step
+    )
+    return maps.smoothing * len(points) / len(mean_pts), maps.degree
+
+
+def _site_means(points, disp, indices):
+    """``(points, displacement, indices)`` averaged over the samples of each lattice site."""
     sites, inverse, counts = np.unique(indices, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.ravel()
     mean_pts = np.zeros((len(sites), 2))
     mean_disp = np.zeros((len(sites), 2))
     np.add.at(mean_pts, inverse, points)
     np.add.at(mean_disp, inverse, disp)
-    mean_pts /= counts[:, None]
-    mean_disp /= counts[:, None]
-    maps = displacement_maps(
-        mean_pts, mean_disp, shape, scale_px=scale_px, coarse_step=coarse_step
-    )
-    return maps.smoothing * len(points) / len(sites), maps.degree
+    return mean_pts / counts[:, None], mean_disp / counts[:, None], sites
 
 
 def _cross_validation(points, disp, indices, maps, cv_folds, **fit):
@@ -732,7 +770,7 @@ def _per_image_figures(points, disp, image_of, maps, cv, n_img):
         sel = image_of == k
         lattice_rms[k] = _rms(disp[sel])
         fit_rms[k] = _rms(fit[sel])
-        if cv is not None:
+        if cv is not None and len(cv.residuals) == len(points):
             res = cv.residuals[sel]
             res = res[np.all(np.isfinite(res), axis=1)]
             if len(res):
@@ -740,7 +778,7 @@ def _per_image_figures(points, disp, image_of, maps, cv, n_img):
     return {"lattice_rms": lattice_rms, "fit_rms": fit_rms, "cv_rms": cv_rms}
 
 
-def _merged_records(stages, matrices, shifts, low, grid):
+def _merged_records(stages, matrices, shifts, grid):
     """The hole searches and indexings of all images as one, in the common frame.
 
     Rows are the images' peaks one image after the other, so that
