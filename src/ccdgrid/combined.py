@@ -53,6 +53,8 @@ _OFFSET_TREND_DEGREE = 3
 # matrix and a few seconds; four 4096² images (~6800) would take ~0.4 GB each
 # and tens of seconds.
 _MAX_JOINT_POINTS = 4000
+# Folds (of 5) on which the candidate map fits are scored
+_CHOICE_FOLDS = 2
 # Largest departure of a lattice step of image k from an integer combination
 # of the first image's steps, and of a known offset from the grid's, in pitch
 _ALIGN_TOLERANCE = 0.25
@@ -636,23 +638,11 @@ def _offset_errors(points, disp, image_of, n_img, scale_px):
     one_hot = (image_of[:, None] == np.arange(1, n_img)[None, :]).astype(np.float64)
     values = np.column_stack([disp, one_hot])
     unit = points / scale_px
-    fitted = None
-    for degree in (_OFFSET_TREND_DEGREE, 1):
-        try:
-            rbf = RBFInterpolator(
-                unit,
-                values,
-                kernel="thin_plate_spline",
-                smoothing=_OFFSET_SMOOTHING,
-                degree=degree,
-            )
-        except (ValueError, np.linalg.LinAlgError):
-            continue
-        fitted = rbf(unit)
-        break
+    rbf = _tps(unit, values, _OFFSET_SMOOTHING, _OFFSET_TREND_DEGREE)
     out = np.zeros((n_img, 2))
-    if fitted is None:
+    if rbf is None:
         return out
+    fitted = rbf(unit)
     resid = values - fitted
     coef, *_ = np.linalg.lstsq(resid[:, 2:], resid[:, :2], rcond=None)
     out[1:] = coef
@@ -670,67 +660,107 @@ def _central_subset(points, limit):
 def _combined_maps(points, disp, indices, shape, scale_px, smoothing, cv_folds):
     """``(maps, cross_validation, choice, per-site smoothing)`` of the combined map.
 
-    ``choice`` says how the smoothing was chosen; the per-site smoothing is
-    its equivalent for one sample per hole (a single image).
+    ``choice`` names the fit made; the per-site smoothing is the fit's
+    equivalent for one sample per hole (a single image).
 
-    With ``smoothing`` None, the larger of two GCV choices: on all samples,
-    and on the per-site means (:func:`_site_smoothing`), with the trend
-    degree of the latter. Each fails one way, by smoothing too little:
+    With ``smoothing`` None, three fits are scored by their error at
+    left-out lattice sites (:func:`_site_cv_error`) and the best is made:
 
-    * GCV assumes independent errors. Samples of one hole in images shifted
-      by a few pixels share most of theirs (same fibres, same pixels); GCV
-      on all samples takes them for exact data: on 1024² images shifted by
-      up to 3 px (3 images, 3 seeds) it gave a dense error 1.1-3.6x that of
-      one image, the site means 0.75-0.85x.
-    * Shifted by a fraction of a pitch, the samples of a site are different
-      places and their errors independent; averaging them blurs the field
-      and the site means' GCV smooths too little: 0.58-0.82x against
-      0.43-0.67x for GCV on all samples (frelon and strong distortion).
+    * ``"all samples, GCV"``: a thin-plate fit of every sample with the
+      smoothing GCV picks on them;
+    * ``"all samples, site GCV"``: the same with the smoothing GCV picks on
+      the per-site means, times the samples per site (a site of ``m``
+      samples at one place weighs ``m`` times its mean);
+    * ``"per-site means"``: the fit of the means of each site's samples.
 
-    The larger smoothing was within 1 % of the better of the two in all
-    these cases.
+    GCV assumes independent errors. The samples of one hole in images
+    shifted by a few pixels share much of theirs (same fibres, same pixels):
+    GCV on all samples may then take them for exact data and barely smooth,
+    and the fit of all samples follows that shared error between
+    neighbouring samples (on 512² images shifted by up to 4 px, a dense
+    error 1.4x that of one image where the means gave 0.84x). Shifted by a
+    fraction of a pitch, the samples are different places with independent
+    errors and fitting them all is the best (0.44-0.74x one image against
+    0.52-0.71x for the means).
     """
+    mean_pts, mean_disp, sites = _site_means(points, disp, indices)
     if len(points) > _MAX_JOINT_POINTS:
-        mean_pts, mean_disp, sites = _site_means(points, disp, indices)
         maps = displacement_maps(
             mean_pts, mean_disp, shape, smoothing=smoothing, scale_px=scale_px
         )
         cv = _cross_validation(mean_pts, mean_disp, sites, maps, cv_folds)
-        choice = f"per-site means only ({len(points)} samples > {_MAX_JOINT_POINTS})"
+        choice = f"per-site means ({len(points)} samples > {_MAX_JOINT_POINTS})"
         return maps, cv, choice, maps.smoothing
+    per_site = len(mean_pts) / len(points)
     if smoothing is not None:
         maps = displacement_maps(points, disp, shape, smoothing=smoothing, scale_px=scale_px)
-        choice = "given"
-    else:
-        # only the smoothing is wanted from these two: a coarse evaluation grid keeps them cheap
-        coarse = 4.0 * scale_px
-        direct = displacement_maps(points, disp, shape, scale_px=scale_px, coarse_step=coarse)
-        s_site, d_site = _site_smoothing(points, disp, indices, shape, scale_px, coarse)
-        if s_site > direct.smoothing:
-            smoothing, choice = s_site, "per-site means"
-        else:
-            smoothing, choice = direct.smoothing, "all samples"
+        cv = _cross_validation(points, disp, indices, maps, cv_folds)
+        return maps, cv, "all samples, given smoothing", maps.smoothing * per_site
+    # only the smoothing and degree are wanted here: a coarse evaluation grid keeps it cheap
+    coarse = 4.0 * scale_px
+    direct = displacement_maps(points, disp, shape, scale_px=scale_px, coarse_step=coarse)
+    means = displacement_maps(mean_pts, mean_disp, shape, scale_px=scale_px, coarse_step=coarse)
+    candidates = {
+        "all samples, GCV": (False, direct.smoothing, direct.degree),
+        "all samples, site GCV": (False, means.smoothing / per_site, means.degree),
+        "per-site means": (True, means.smoothing, means.degree),
+    }
+    errors = _site_cv_error(points, disp, indices, candidates, scale_px)
+    choice = min(errors, key=errors.get)
+    on_means, s, degree = candidates[choice]
+    if on_means:
         maps = displacement_maps(
-            points, disp, shape, smoothing=smoothing, degree=d_site, scale_px=scale_px
+            mean_pts, mean_disp, shape, smoothing=s, degree=degree, scale_px=scale_px
         )
+        cv = _cross_validation(mean_pts, mean_disp, sites, maps, cv_folds)
+        return maps, cv, choice, s
+    maps = displacement_maps(points, disp, shape, smoothing=s, degree=degree, scale_px=scale_px)
     cv = _cross_validation(points, disp, indices, maps, cv_folds)
-    n_sites = len(np.unique(indices, axis=0))
-    return maps, cv, choice, maps.smoothing * n_sites / len(points)
+    return maps, cv, choice, s * per_site
 
 
-def _site_smoothing(points, disp, indices, shape, scale_px, coarse_step):
-    """``(smoothing, degree)`` for all samples, chosen by GCV on the per-site means.
+def _site_cv_error(points, disp, indices, candidates, scale_px):
+    """Mean squared error of each candidate fit at left-out sites, px².
 
-    On the means of each lattice site's samples (one sample per hole, as in
-    one image) GCV's independence assumption holds. A site of ``m`` samples
-    at one place weighs ``m`` times its mean in the fit of all samples, so
-    their smoothing is the means' times the number of samples per site.
+    Sites go to fold ``(i + 2 j) mod 5`` (their four neighbours elsewhere);
+    for the first :data:`_CHOICE_FOLDS` folds every candidate is fitted
+    without the fold's samples (or, for a fit of means, the means of the
+    other sites) and predicts the mean displacement of each left-out site at
+    its mean position: the same targets for all, so that the fits of
+    samples and of means compare.
     """
-    mean_pts, mean_disp, _ = _site_means(points, disp, indices)
-    maps = displacement_maps(
-        mean_pts, mean_disp, shape, scale_px=scale_px, coarse_step=coarse_step
-    )
-    return maps.smoothing * len(points) / len(mean_pts), maps.degree
+    mean_pts, mean_disp, sites = _site_means(points, disp, indices)
+    _, inverse = np.unique(indices, axis=0, return_inverse=True)
+    fold = np.mod(sites[:, 0] + 2 * sites[:, 1], 5)
+    errors = dict.fromkeys(candidates, 0.0)
+    for f in range(_CHOICE_FOLDS):
+        test = fold == f
+        train = ~test[inverse.ravel()]
+        if not test.any():
+            continue
+        for name, (on_means, s, degree) in candidates.items():
+            x, y = (
+                (mean_pts[~test], mean_disp[~test]) if on_means else (points[train], disp[train])
+            )
+            rbf = _tps(x / scale_px, y, s, degree)
+            if rbf is None:
+                errors[name] = np.inf
+                continue
+            err = rbf(mean_pts[test] / scale_px) - mean_disp[test]
+            errors[name] += float(np.sum(err * err))
+    return errors
+
+
+def _tps(x, y, smoothing, degree):
+    """A smoothing thin-plate ``RBFInterpolator``, with an affine trend if ``degree``'s fails."""
+    for deg in dict.fromkeys((degree, 1)):
+        try:
+            return RBFInterpolator(
+                x, y, kernel="thin_plate_spline", smoothing=smoothing, degree=deg
+            )
+        except (ValueError, np.linalg.LinAlgError):
+            continue
+    return None
 
 
 def _site_means(points, disp, indices):
