@@ -724,10 +724,10 @@ def _site_cv_error(points, disp, indices, candidates, scale_px):
 
     Sites go to fold ``(i + 2 j) mod 5`` (their four neighbours elsewhere);
     for the first :data:`_CHOICE_FOLDS` folds every candidate is fitted
-    without the fold's samples (or, for a fit of means, the means of the
-    other sites) and predicts the mean displacement of each left-out site at
-    its mean position: the same targets for all, so that the fits of
-    samples and of means compare.
+    without the fold's samples (or, for a fit of means, with the means of
+    the other sites) and predicts each left-out sample at its own place: the
+    same targets for all, so that the fits of samples and of means compare,
+    and a fit of means pays for blurring samples that are far apart.
     """
     mean_pts, mean_disp, sites = _site_means(points, disp, indices)
     _, inverse = np.unique(indices, axis=0, return_inverse=True)
@@ -746,7 +746,7 @@ def _site_cv_error(points, disp, indices, candidates, scale_px):
             if rbf is None:
                 errors[name] = np.inf
                 continue
-            err = rbf(mean_pts[test] / scale_px) - mean_disp[test]
+            err = rbf(points[~train] / scale_px) - disp[~train]
             errors[name] += float(np.sum(err * err))
     return errors
 
