@@ -293,12 +293,15 @@ def calibrate_combined(
        is :func:`ccdgrid.gridfit.fit_grid` of ``measured - t_k`` with the
        common indices, and ``d = ideal - measured`` at every hole of every
        image feeds one :func:`ccdgrid.maps.displacement_maps`, with the hole
-       spacing as length unit. Its smoothing (unless given) is the larger of
-       GCV on all samples and GCV on the per-site means (scaled to all
-       samples): GCV alone takes the shared error of the samples of one hole
-       in images shifted by a few pixels for signal (see
-       :func:`_combined_maps`). The cross-validation puts all samples of a
-       lattice site in one fold.
+       spacing as length unit. Unless a smoothing is given, three fits (all
+       samples with GCV's smoothing, all samples with the smoothing GCV
+       picks on the per-site means, or the per-site means alone) are scored
+       by their error at left-out lattice sites and the best is made (see
+       :func:`_combined_maps`): GCV alone takes the shared error of the
+       samples of one hole in images shifted by a few pixels for signal.
+       The cross-validation puts all samples of a lattice site in one fold;
+       after a fit of the per-site means it is that of the means (less noisy
+       targets, so not comparable with one image's figure).
 
     Cost: the hole search once per image, then thin-plate fits, O(n³) in
     the number of samples ``n`` (all holes of all images): ~1500 for four
