@@ -17,6 +17,7 @@ from scipy import fft as _fft
 from scipy import ndimage
 
 from .errors import CcdgridError
+from .smoothing import block_mean as _binned
 
 __all__ = ["GridScale", "estimate_grid_scale"]
 
@@ -59,21 +60,6 @@ class GridScale:
             f"GridScale(pitch={self.pitch:.2f}, diameter={self.diameter:.2f}, "
             f"contrast={self.contrast:.1f})"
         )
-
-
-def _binned(image, factor):
-    """Mean of ``factor`` x ``factor`` blocks (a partial last block is dropped), float32."""
-    if factor == 1:
-        return np.asarray(image, dtype=np.float32)
-    h, w = image.shape
-    h2, w2 = h // factor * factor, w // factor * factor
-    # strided sums: a reshape + mean over two axes is ten times slower
-    out = np.zeros((h2 // factor, w2 // factor), dtype=np.float32)
-    for dy in range(factor):
-        for dx in range(factor):
-            out += image[dy:h2:factor, dx:w2:factor]
-    out *= np.float32(1.0 / (factor * factor))
-    return out
 
 
 def _clip_isolated(image):
