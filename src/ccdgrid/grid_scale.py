@@ -205,25 +205,34 @@ def _lattice_vector(box, half, diameter):
     # an autocorrelation that varies smoothly with the lag and spreads over
     # all lags; a lattice peak is a bump about one hole wide. Removing a copy
     # smoothed over more than a hole keeps the bumps and flattens the rest.
-    box = box - ndimage.gaussian_filter(box, sigma=max(1.5 * diameter, 2.0), mode="nearest")
-    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
-    r = np.hypot(yy, xx)
-    far = (r >= 1.5 * diameter + 1) & (yy >= 0)
-    vals = np.where(far, box, -np.inf)
-    flat = int(np.argmax(vals))
-    iy, ix = divmod(flat, box.shape[1])
-    ring = box[far]
+    sigma = max(1.5 * diameter, 2.0)
+    # The autocorrelation is symmetric: only lags dy >= 0 are searched, and
+    # the filter needs its kernel radius (scipy's, truncate=4) of rows above
+    # them, plus one for the sub-pixel step. Filtering that part alone gives
+    # the same values as filtering the whole box.
+    top = max(half - int(4.0 * sigma + 0.5) - 2, 0)
+    part = box[top:]
+    hp = part - ndimage.gaussian_filter(part, sigma=sigma, mode="nearest")
+    row0 = half - top  # row of lag dy = 0 in hp
+    lag_y = np.arange(half + 1)
+    lag_x = np.arange(-half, half + 1)
+    far = (lag_y[:, None] ** 2 + lag_x[None, :] ** 2) >= (1.5 * diameter + 1) ** 2
+    searched = hp[row0:]
+    flat = int(np.argmax(np.where(far, searched, -np.inf)))
+    iy, ix = divmod(flat, searched.shape[1])
+    ring = searched[far]
     med = np.median(ring)
     spread = 1.4826 * np.median(np.abs(ring - med)) + 1e-30
-    contrast = (box[iy, ix] - med) / spread
+    contrast = (searched[iy, ix] - med) / spread
     dy = dx = 0.0
-    if 0 < iy < box.shape[0] - 1 and 0 < ix < box.shape[1] - 1:
-        c = box[iy, ix]
-        up, dn = box[iy - 1, ix], box[iy + 1, ix]
-        lf, rt = box[iy, ix - 1], box[iy, ix + 1]
+    r = row0 + iy
+    if 0 < r < hp.shape[0] - 1 and 0 < ix < hp.shape[1] - 1:
+        c = hp[r, ix]
+        up, dn = hp[r - 1, ix], hp[r + 1, ix]
+        lf, rt = hp[r, ix - 1], hp[r, ix + 1]
         den_y, den_x = up - 2 * c + dn, lf - 2 * c + rt
         if den_y < 0:
             dy = float(np.clip(0.5 * (up - dn) / den_y, -0.5, 0.5))
         if den_x < 0:
             dx = float(np.clip(0.5 * (lf - rt) / den_x, -0.5, 0.5))
-    return np.array([iy - half + dy, ix - half + dx]), contrast
+    return np.array([iy + dy, ix - half + dx]), contrast
