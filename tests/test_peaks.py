@@ -408,3 +408,19 @@ def test_too_few_holes():
     img, _, _, _ = make_grid((160, 160), pitch=110.0, seed=9)
     with pytest.raises(CcdgridError, match=f"at least {MIN_HOLES}"):
         find_holes(img, hole_diameter=10.5, pitch_px=110.0)
+
+
+def test_dead_lines_found_in_every_block_of_rows():
+    from ccdgrid.peaks import _dead_lines
+
+    rng = np.random.default_rng(11)
+    img = rng.normal(100.0, 5.0, (150, 70)).astype(np.float32)  # 150 rows: a partial block
+    assert _dead_lines(img) is None
+    img[[3, 64, 149]] = 0.0
+    img[:, 69] = 7.0
+    img[10:13, 69] = 8.0  # 98 % of the column still dead
+    dead = _dead_lines(img)
+    expected = np.zeros(img.shape, bool)
+    expected[[3, 64, 149]] = True
+    expected[:, 69] = True
+    np.testing.assert_array_equal(dead, expected)

@@ -67,13 +67,18 @@ def ring_background(smoothed, peaks, radius, n=8):
     ang = np.arange(n) * (2.0 * np.pi / n)
     oy = np.rint(radius * np.sin(ang)).astype(np.int64)
     ox = np.rint(radius * np.cos(ang)).astype(np.int64)
-    rows = np.clip(peaks[:, :1] + oy[None], 0, h - 1)
-    cols = np.clip(peaks[:, 1:2] + ox[None], 0, w - 1)
-    ring = smoothed[rows, cols]
-    k = (n - 1) // 2
-    part = np.partition(ring, (k, n // 2), axis=1)
-    median = 0.5 * (part[:, k].astype(np.float64) + part[:, n // 2])
-    return median, part[:, 0].astype(np.float64), part[:, -1].astype(np.float64)
+    rows = np.clip(peaks[:, 0] + oy[:, None], 0, h - 1)
+    cols = np.clip(peaks[:, 1] + ox[:, None], 0, w - 1)
+    # one row of samples per ring point, sorted across rows by an exchange
+    # network: a few vectorised min/max over N values instead of N small sorts
+    ring = list(smoothed.ravel()[rows * w + cols])
+    for i in range(n - 1):
+        for j in range(n - 1 - i):
+            lo = np.minimum(ring[j], ring[j + 1])
+            np.maximum(ring[j], ring[j + 1], out=ring[j + 1])
+            ring[j] = lo
+    median = 0.5 * (ring[(n - 1) // 2].astype(np.float64) + ring[n // 2])
+    return median, ring[0].astype(np.float64), ring[-1].astype(np.float64)
 
 
 # fewer peaks above the noise floor than this means the floor missed the holes

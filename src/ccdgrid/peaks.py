@@ -145,8 +145,20 @@ def _dead_lines(img, fraction=0.9):
     when there is none.
     """
     h, w = img.shape
-    rows = np.count_nonzero(img == img[:, :1], axis=1) >= fraction * w
-    cols = np.count_nonzero(img == img[:1, :], axis=0) >= fraction * h
+    # one pass in blocks of rows small enough to stay in cache; a row is
+    # compared with its first pixel, a column with its pixel in the first row
+    block = 64
+    rows = np.empty(h, dtype=bool)
+    col_count = np.zeros(w, dtype=np.int64)
+    eq = np.empty((block, w), dtype=bool)
+    for r0 in range(0, h, block):
+        blk = img[r0 : r0 + block]
+        e = eq[: blk.shape[0]]
+        np.equal(blk, blk[:, :1], out=e)
+        rows[r0 : r0 + block] = e.view(np.uint8).sum(axis=1, dtype=np.int64) >= fraction * w
+        np.equal(blk, img[0], out=e)
+        col_count += e.view(np.uint8).sum(axis=0, dtype=np.int64)
+    cols = col_count >= fraction * h
     if not (rows.any() or cols.any()) or rows.all() or cols.all():
         return None
     return rows[:, None] | cols[None, :]
