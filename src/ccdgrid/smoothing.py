@@ -34,11 +34,14 @@ def block_mean(image, factor):
         return np.asarray(image, dtype=np.float32)
     h, w = image.shape
     h2, w2 = h // factor * factor, w // factor * factor
-    # strided sums: a reshape + mean over two axes is ten times slower
-    out = np.zeros((h2 // factor, w2 // factor), dtype=np.float32)
-    for dy in range(factor):
-        for dx in range(factor):
-            out += image[dy:h2:factor, dx:w2:factor]
+    # rows first (whole rows: one pass over the image), then columns of the
+    # row sums, a factor smaller; a reshape + mean over two axes is far slower
+    rows = np.array(image[0:h2:factor, :w2], dtype=np.float32)
+    for dy in range(1, factor):
+        rows += image[dy:h2:factor, :w2]
+    out = np.array(rows[:, 0::factor], dtype=np.float32)
+    for dx in range(1, factor):
+        out += rows[:, dx::factor]
     out *= np.float32(1.0 / (factor * factor))
     return out
 
