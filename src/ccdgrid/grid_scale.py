@@ -17,7 +17,7 @@ from scipy import fft as _fft
 from scipy import ndimage
 
 from .errors import CcdgridError
-from .smoothing import block_mean as _binned
+from .smoothing import block_mean
 
 __all__ = ["GridScale", "estimate_grid_scale"]
 
@@ -118,7 +118,7 @@ def _radial_median(box, half, rmax):
     return vals[(starts + ends - 1) // 2]
 
 
-def estimate_grid_scale(image, *, pitch=None, diameter=None):
+def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
     """Guess the grid pitch and the hole diameter of a grid image.
 
     Parameters
@@ -128,6 +128,9 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None):
     pitch, diameter : float, optional
         Known values (px); a known value is returned unchanged and, for the
         pitch, bounds the search of the diameter.
+    binned : callable, optional
+        ``binned(factor)`` returns ``block_mean(image, factor)`` (float32),
+        for a caller that keeps binned copies of the image; None bins here.
 
     Returns
     -------
@@ -147,7 +150,7 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None):
     if diameter is not None:
         factor = max(1, min(factor, int(diameter // 4)))
     while True:
-        small = _clip_isolated(_binned(image, factor))
+        small = _clip_isolated(binned(factor) if binned is not None else block_mean(image, factor))
         sh, sw = small.shape
         max_period = min(sh, sw) / 4.0
         ac = _autocorrelation(small, max_period)

@@ -185,6 +185,27 @@ def detection_binning(diameter):
     return max(1, int(float(diameter) // _MIN_BINNED_DIAMETER))
 
 
+class _BinnedCopies:
+    """Binned copies of one image, each made once (the scale guess and the search share them).
+
+    An even factor is binned from the 2x2 copy, a quarter of the image: the
+    scale guess's 4x4 copy of a 4096² image then costs little more than the
+    2x2 one the search needs.
+    """
+
+    def __init__(self, image):
+        self.image = image
+        self.copies = {1: image}
+
+    def __call__(self, factor):
+        if factor not in self.copies:
+            if factor % 2 == 0 and factor > 2:
+                self.copies[factor] = block_mean(self(2), factor // 2)
+            else:
+                self.copies[factor] = block_mean(self.image, factor)
+        return self.copies[factor]
+
+
 def _segment(smoothed, backend):
     """Watershed regions of ``smoothed``: (segmentation, peak flat indices, sizes)."""
     seg = merge_singletons(segment(smoothed, backend=backend), smoothed, backend=backend)
@@ -277,20 +298,21 @@ def find_holes(
 
     timings = {}
     t0 = time.perf_counter()
+    binned = _BinnedCopies(img)
     if hole_diameter is None or pitch_px is None:
-        scale = estimate_grid_scale(img, pitch=pitch_px, diameter=hole_diameter)
+        scale = estimate_grid_scale(img, pitch=pitch_px, diameter=hole_diameter, binned=binned)
         diameter0, pitch0 = scale.diameter, scale.pitch
     else:
         diameter0, pitch0 = hole_diameter, pitch_px
     timings["scale"] = time.perf_counter() - t0
 
-    result = _search(img, valid, diameter0, pitch0, threshold, backend, timings)
+    result = _search(img, binned, valid, diameter0, pitch0, threshold, backend, timings)
     if hole_diameter is None and result is not None:
         fitted_d = result[1]
         # the first guess sized the smoothing disc; redo with the measured size
         # when it was far off, so the smoothed peaks are single and centred
         if abs(fitted_d / diameter0 - 1.0) > 0.3:
-            result = _search(img, valid, fitted_d, pitch0, threshold, backend, timings)
+            result = _search(img, binned, valid, fitted_d, pitch0, threshold, backend, timings)
     if result is None:
         raise CcdgridError(
             "no grid of holes found in `image`: no peak stands out of the background"
@@ -317,7 +339,7 @@ def _summary(reasons):
     return ", ".join(f"{c} {n}" for n, c in zip(names, counts, strict=True))
 
 
-def _search(img, valid, diameter, pitch, threshold, backend, timings):
+def _search(img, binned, valid, diameter, pitch, threshold, backend, timings):
     """One pass of the search for a given hole diameter; None if no peak at all."""
     h, w = img.shape
     t = time.perf_counter()
@@ -325,7 +347,7 @@ def _search(img, valid, diameter, pitch, threshold, backend, timings):
     # hole sizes); positions go back to full resolution as block centres
     factor = detection_binning(diameter)
     small_d = diameter / factor
-    smoothed = smooth_disc(block_mean(img, factor), small_d)
+    smoothed = smooth_disc(binned(factor), small_d)
     timings["smooth"] = time.perf_counter() - t
 
     t = time.perf_counter()
