@@ -125,3 +125,15 @@ def test_ring_background_is_median_min_max_of_ring_samples(n):
         ring = img[np.clip(y + oy, 0, 39), np.clip(x + ox, 0, 49)].astype(np.float64)
         assert med[k] == pytest.approx(np.median(ring), rel=1e-6)
         assert (low[k], high[k]) == (ring.min(), ring.max())
+
+
+@pytest.mark.parametrize("n", [3, 7, 8])
+def test_sorting_networks_sort_every_zero_one_input(n):
+    # the 0-1 principle: a network that sorts every 0/1 input sorts every input
+    from ccdgrid.holes import _sorting_network
+
+    bits = (np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1
+    v = [bits[:, k].copy() for k in range(n)]
+    for i, j in _sorting_network(n):
+        v[i], v[j] = np.minimum(v[i], v[j]), np.maximum(v[i], v[j])
+    np.testing.assert_array_equal(np.stack(v, 1), np.sort(bits, axis=1))
