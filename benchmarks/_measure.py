@@ -43,6 +43,7 @@ __all__ = [
     "grid_image",
     "machine_info",
     "median_time",
+    "side_by_side",
 ]
 
 
@@ -321,6 +322,53 @@ def median_time(fn, repeat=3):
         fn()
         times.append(time.perf_counter() - start)
     return float(np.median(times)), times
+
+
+def side_by_side(candidates, repeat=7, min_time=0.02):
+    """Median wall time per call of each candidate, measured in interleaved rounds.
+
+    Every round calls each candidate in turn, each enough times in a row to
+    last about ``min_time`` seconds (counted on a timed warm-up call), so
+    that a burst of load on a shared machine falls on all candidates alike
+    and sub-millisecond calls are not lost in the timer's noise.
+
+    Parameters
+    ----------
+    candidates : sequence of (str, callable)
+        Names and zero-argument callables.
+    repeat : int
+        Rounds; the median over rounds is reported.
+    min_time : float, s
+        Least duration of one candidate's share of a round.
+
+    Returns
+    -------
+    times : dict
+        ``name -> median seconds per call``, in the order given, for the
+        candidates that ran.
+    failures : dict
+        ``name -> exception`` for those that raised (on the warm-up call).
+    """
+    calls, failures = {}, {}
+    for name, fn in candidates:
+        try:
+            start = time.perf_counter()
+            fn()  # warm-up: imports, first-call allocations, the editable rebuild check
+            once = time.perf_counter() - start
+        except Exception as exc:
+            failures[name] = exc
+            continue
+        calls[name] = max(1, int(min_time / max(once, 1e-7)))
+    samples = {name: [] for name in calls}
+    funcs = dict(candidates)
+    for _ in range(max(int(repeat), 1)):
+        for name, n in calls.items():
+            fn = funcs[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - start) / n)
+    return {name: float(np.median(v)) for name, v in samples.items()}, failures
 
 
 def machine_info():
