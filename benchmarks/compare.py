@@ -169,37 +169,6 @@ def bench_kernels(size, n_seeds, n_points, repeat, seed):
     bench_grid_error(n_points, repeat, seed)
 
 
-def _tutorial_seeds(n_seeds, seed):
-    """``(n_seeds, 2)`` int64 seeds taken the tutorial's way, and the image they refine on.
-
-    The tutorial refines the peak pixel of every watershed region of the
-    11x11-disc-convolved image with more than 97 pixels and a maximum above
-    its threshold. One 2048² image at the usual 98 px pitch has ~400 such
-    peaks; a 19 px pitch gives ~10,000 distinct ones on the same size, so no
-    peak is refined twice. They come in random order, as the tutorial's
-    ``set(iw.regions.values())`` gives them.
-    """
-    from scipy import signal
-
-    from ccdgrid import merge_singletons, segment
-
-    try:
-        from ccdgrid.synthetic import grid_image
-    except ImportError:
-        grid = _measure.fallback_grid_image((2048, 2048), pitch_px=19.0, seed=seed)
-    else:
-        grid = grid_image((2048, 2048), pitch_px=19.0, seed=seed)
-    cnv = np.ascontiguousarray(signal.convolve2d(grid.image, disc_kernel(), "same"), np.float32)
-    seg = merge_singletons(segment(cnv), cnv)
-    keep = (seg.size > 97) & (seg.maxi > _measure.by_eye_threshold(grid.image))
-    peaks = np.stack(np.divmod(seg.peak[keep], cnv.shape[1]), axis=1)
-    rng = np.random.default_rng(seed)
-    peaks = peaks[rng.permutation(len(peaks))]
-    if len(peaks) < n_seeds:  # only with the small fallback image
-        peaks = peaks[np.arange(n_seeds) % len(peaks)]
-    return cnv, np.ascontiguousarray(peaks[:n_seeds], dtype=np.int64)
-
-
 def bench_refine(n_seeds, repeat, seed):
     """``refine_peaks`` against a Python loop over pyFAI's ``Bilinear.local_maxi``."""
     try:
@@ -207,7 +176,7 @@ def bench_refine(n_seeds, repeat, seed):
     except ImportError as exc:
         Bilinear = None
         _skip("pyFAI Bilinear", exc)
-    cnv, peaks = _tutorial_seeds(n_seeds, seed)
+    cnv, peaks = _measure.tutorial_seeds(n_seeds, seed)
     rng = np.random.default_rng(seed + 2)
     h, w = cnv.shape
     cases = [
@@ -267,21 +236,6 @@ def _refine_case(cnv, seeds, repeat, Bilinear):
     return times
 
 
-def _lattice_points(n_points, rng):
-    """Hole centres of a distorted grid, (x, y) px: the pipeline's kind of points.
-
-    A ~13 px pitch lattice fills a 4096² detector with ~100,000 holes; a
-    smooth distortion of up to ~3 px and 0.05 px of noise move them off it.
-    """
-    side = int(np.ceil(np.sqrt(n_points)))
-    j, i = np.meshgrid(np.arange(side), np.arange(side))
-    holes = np.stack([j.ravel(), i.ravel()], axis=1)[:n_points].astype(np.float64)
-    true = np.array([20.3, 17.9, 12.9, 0.11, -0.09, 12.95])
-    pts = holes @ true[2:].reshape(2, 2).T + true[:2]
-    pts += 3.0 * np.sin(pts[:, ::-1] / 900.0) + rng.normal(0, 0.05, pts.shape)
-    return pts, true + np.array([0.4, -0.3, 0.002, 0.001, -0.001, 0.003])
-
-
 def _grid_error_case(params, pts, repeat):
     """One row set of :func:`bench_grid_error`: ccdgrid's engines and the tutorial's numpy."""
     from scipy.optimize import approx_fprime
@@ -322,7 +276,7 @@ def bench_grid_error(n_points, repeat, seed):
             np.array([1020.3, 1031.7, 97.9, -0.8, 0.9, 98.1]),
             rng.uniform(0, 4096, size=(n_points, 2)),
         ),
-        ("lattice-like points", *reversed(_lattice_points(n_points, rng))),
+        ("lattice-like points", *_measure.lattice_points(n_points, seed + 1)),
     ]
     for title, params, pts in cases:
         print(f"\n  grid error, {n_points} {title} (kernel code path: {isa})")
