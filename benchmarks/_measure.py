@@ -4,7 +4,12 @@
   :func:`fallback_grid_image`, a small stand-in kept for development.
 * Accuracy: ``ccdgrid.synthetic.dense_residual`` when importable, else
   :func:`fallback_dense_residual` (same definition).
-* Timing (:func:`median_time`) and machine description (:func:`machine_info`).
+* Kernel inputs shared by ``compare.py`` and the asv suite:
+  :func:`tutorial_seeds` (peaks to refine, taken the tutorial's way) and
+  :func:`lattice_points` (hole centres of a distorted grid).
+* Timing (:func:`median_time`; :func:`side_by_side` and
+  :func:`print_side_by_side` for kernels against their rivals in
+  interleaved rounds) and machine description (:func:`machine_info`).
 * Peak memory: run as a script, this module is the worker ``compare.py``
   starts in a fresh process for every end-to-end measurement (see
   :func:`_worker`). It reports the peak resident set size *above the
@@ -41,8 +46,12 @@ __all__ = [
     "fallback_dense_residual",
     "fallback_grid_image",
     "grid_image",
+    "lattice_points",
     "machine_info",
     "median_time",
+    "print_side_by_side",
+    "side_by_side",
+    "tutorial_seeds",
 ]
 
 
@@ -222,6 +231,61 @@ def grid_image(size, seed=0):
     return synthetic_grid_image((size, size), seed=seed), "ccdgrid.synthetic.grid_image"
 
 
+def lattice_points(n_points, seed=0):
+    """Hole centres of a distorted grid and parameters near its own: the pipeline's kind of points.
+
+    A ~13 px pitch lattice fills a 4096² detector with ~100,000 holes; a
+    smooth distortion of up to ~3 px and 0.05 px of noise move them off it.
+
+    Returns
+    -------
+    params : ndarray of shape (6,)
+        ``(Ox, Oy, Xx, Yx, Xy, Yy)`` a little off the true grid, as during a fit.
+    points : ndarray of shape (n_points, 2), float64
+        **(x, y)** px, the order of :func:`ccdgrid.grid_error`.
+    """
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n_points)))
+    j, i = np.meshgrid(np.arange(side), np.arange(side))
+    holes = np.stack([j.ravel(), i.ravel()], axis=1)[:n_points].astype(np.float64)
+    true = np.array([20.3, 17.9, 12.9, 0.11, -0.09, 12.95])
+    pts = holes @ true[2:].reshape(2, 2).T + true[:2]
+    pts += 3.0 * np.sin(pts[:, ::-1] / 900.0) + rng.normal(0, 0.05, pts.shape)
+    return true + np.array([0.4, -0.3, 0.002, 0.001, -0.001, 0.003]), pts
+
+
+def tutorial_seeds(n_seeds, seed=0):
+    """``(n_seeds, 2)`` int64 seeds taken the tutorial's way, and the image they refine on.
+
+    The tutorial refines the peak pixel of every watershed region of the
+    11x11-disc-convolved image with more than 97 pixels and a maximum above
+    its threshold. One 2048² image at the usual 98 px pitch has ~400 such
+    peaks; a 19 px pitch gives ~10,000 distinct ones on the same size, so no
+    peak is refined twice. They come in random order, as the tutorial's
+    ``set(iw.regions.values())`` gives them.
+    """
+    from scipy import signal
+    from tutorial_pipeline import disc_kernel
+
+    from ccdgrid import merge_singletons, segment
+
+    try:
+        from ccdgrid.synthetic import grid_image
+    except ImportError:
+        grid = fallback_grid_image((2048, 2048), pitch_px=19.0, seed=seed)
+    else:
+        grid = grid_image((2048, 2048), pitch_px=19.0, seed=seed)
+    cnv = np.ascontiguousarray(signal.convolve2d(grid.image, disc_kernel(), "same"), np.float32)
+    seg = merge_singletons(segment(cnv), cnv)
+    keep = (seg.size > 97) & (seg.maxi > by_eye_threshold(grid.image))
+    peaks = np.stack(np.divmod(seg.peak[keep], cnv.shape[1]), axis=1)
+    rng = np.random.default_rng(seed)
+    peaks = peaks[rng.permutation(len(peaks))]
+    if len(peaks) < n_seeds:  # only with the small fallback image
+        peaks = peaks[np.arange(n_seeds) % len(peaks)]
+    return cnv, np.ascontiguousarray(peaks[:n_seeds], dtype=np.int64)
+
+
 def by_eye_threshold(image):
     """Intensity cut for the tutorial pipeline, standing in for its by-eye choice.
 
@@ -321,6 +385,66 @@ def median_time(fn, repeat=3):
         fn()
         times.append(time.perf_counter() - start)
     return float(np.median(times)), times
+
+
+def side_by_side(candidates, repeat=7, min_time=0.02):
+    """Median wall time per call of each candidate, measured in interleaved rounds.
+
+    Every round calls each candidate in turn, each enough times in a row to
+    last about ``min_time`` seconds (counted on a timed warm-up call), so
+    that a burst of load on a shared machine falls on all candidates alike
+    and sub-millisecond calls are not lost in the timer's noise.
+
+    Parameters
+    ----------
+    candidates : sequence of (str, callable)
+        Names and zero-argument callables.
+    repeat : int
+        Rounds; the median over rounds is reported.
+    min_time : float, s
+        Least duration of one candidate's share of a round.
+
+    Returns
+    -------
+    times : dict
+        ``name -> median seconds per call``, in the order given, for the
+        candidates that ran.
+    failures : dict
+        ``name -> exception`` for those that raised (on the warm-up call).
+    """
+    calls, failures = {}, {}
+    for name, fn in candidates:
+        try:
+            start = time.perf_counter()
+            fn()  # warm-up: imports, first-call allocations, the editable rebuild check
+            once = time.perf_counter() - start
+        except Exception as exc:
+            failures[name] = exc
+            continue
+        calls[name] = max(1, int(min_time / max(once, 1e-7)))
+    samples = {name: [] for name in calls}
+    funcs = dict(candidates)
+    for _ in range(max(int(repeat), 1)):
+        for name, n in calls.items():
+            fn = funcs[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - start) / n)
+    return {name: float(np.median(v)) for name, v in samples.items()}, failures
+
+
+def print_side_by_side(label, candidates, reference, repeat=7):
+    """One line: :func:`side_by_side` medians and each one's speed-up over ``reference``."""
+    times, failures = side_by_side(candidates, repeat)
+    ref = times.get(reference)
+    parts = [
+        f"{name} {t * 1e3:.3f} ms" + (f" ({ref / t:.1f}x)" if ref and name != reference else "")
+        for name, t in times.items()
+    ]
+    parts += [f"{name} failed ({type(exc).__name__}: {exc})" for name, exc in failures.items()]
+    print(f"{label}: " + ", ".join(parts))
+    return times
 
 
 def machine_info():

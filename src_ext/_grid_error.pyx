@@ -1,6 +1,6 @@
 """Compiled twin of :mod:`ccdgrid._reference.grid_error`: one fused pass over the points.
 
-Preconditions (checked by :mod:`ccdgrid.grid_error`, trusted here): ``P`` is a
+Preconditions (checked by :mod:`ccdgrid.hole_error`, trusted here): ``P`` is a
 float64 ``(6,)`` array ``(Ox, Oy, Xx, Yx, Xy, Yy)`` with finite entries and a
 non-singular ``R = [[Xx, Yx], [Xy, Yy]]``; ``points`` is a C-contiguous
 float64 ``(N, 2)`` array of **(x, y)** pixel positions.
@@ -9,14 +9,240 @@ The value, the seven sums the gradient needs and, on request, the residuals
 come out of a single pass with no per-point temporary. ``R^-1`` is applied with
 the same products and sums as the numpy twin, and the build is ISO C (no
 fused multiply-add), so both engines round to the same holes.
+
+The pass is written on the compiler's generic vector types and chosen once
+at import (:func:`simd_isa`): four points per AVX2 + FMA instruction when the
+CPU has them (rounding with ``vroundpd``), else two per SSE2 / NEON
+instruction (rounding with a guarded magic-number addition). Cython cannot
+express vector types or per-function target ISAs, hence the block of C
+below; a build without GCC/Clang vector extensions runs the scalar loop
+:func:`_block_exact`, which every path falls back to where its shortcut may
+be wrong. Only the order in which the seven sums are added differs between
+the paths (FMA also rounds each product-sum once): the residuals are the
+same bits everywhere.
 """
 
 from cython.parallel cimport prange
-from libc.math cimport fabs, rint
+from libc.math cimport rint
+from libc.stdlib cimport free, malloc
 
 import numpy as np
 
-__all__ = ["grid_error"]
+__all__ = ["grid_error", "simd_isa"]
+
+cdef extern from *:
+    """
+    #include <string.h>
+
+    #ifndef __has_builtin
+    #define __has_builtin(x) 0
+    #endif
+    #if defined(__GNUC__) && __has_builtin(__builtin_shufflevector)
+    #define CCDGRID_GE_VECTOR 1
+    #else
+    #define CCDGRID_GE_VECTOR 0
+    #endif
+    #if CCDGRID_GE_VECTOR && defined(__x86_64__)
+    #define CCDGRID_GE_AVX2 1
+    #include <immintrin.h>
+    #else
+    #define CCDGRID_GE_AVX2 0
+    #endif
+
+    /* c[0..5] = (Ox, Oy, i00, i01, i10, i11) with R^-1 = [[i00, i01], [i10, i11]];
+       sums[0..6] = value, g0, g1, m00, m01, m10, m11. Returns 0 when a
+       residual of the block may be wrong (the caller then redoes the block
+       exactly); always 0 without vector extensions. */
+    typedef int (*ccdgrid_ge_block_fn)(const double *, Py_ssize_t, const double *,
+                                       double *, double *);
+
+    /* "Redo every block exactly": the scalar path. */
+    static int ccdgrid_ge_block_none(const double *pts, Py_ssize_t n, const double *c,
+                                     double *res, double *sums)
+    {
+        (void)pts; (void)n; (void)c; (void)res; (void)sums;
+        return 0;
+    }
+
+    #if CCDGRID_GE_VECTOR
+    typedef double ccdgrid_v2d __attribute__((vector_size(16)));
+    typedef long long ccdgrid_v2i __attribute__((vector_size(16)));
+    typedef double ccdgrid_v4d __attribute__((vector_size(32)));
+    typedef long long ccdgrid_v4i __attribute__((vector_size(32)));
+
+    /* Even / odd doubles of the concatenation a|b: the x and the y of LANES
+       points (with 4 lanes in the order 0, 2, 1, 3, which the sums do not
+       mind); the same shuffle of r0|r1 interleaves the residuals back. */
+    #define CCDGRID_GE_EVEN2(a, b) __builtin_shufflevector(a, b, 0, 2)
+    #define CCDGRID_GE_ODD2(a, b) __builtin_shufflevector(a, b, 1, 3)
+    #define CCDGRID_GE_EVEN4(a, b) __builtin_shufflevector(a, b, 0, 4, 2, 6)
+    #define CCDGRID_GE_ODD4(a, b) __builtin_shufflevector(a, b, 1, 5, 3, 7)
+
+    /* frac(u) for the baseline ISA, which has no vector rounding: for
+       |u| < 2**51, u + 1.5 * 2**52 lies in [2**52, 2**53), where the doubles
+       are exactly the integers, so the addition rounds u half to even as
+       rint does and subtracting the constant back is exact. Whether the sum
+       landed there is read off its sign and exponent bits, collected in
+       `off`: NaN, inf and large |u| send the block to the exact path. */
+    #define CCDGRID_GE_MAGIC 6755399441055744.0
+    #define CCDGRID_GE_EXP_BITS 0x4330000000000000LL
+    #define CCDGRID_GE_SIGN_EXP_MASK ((long long)0xFFF0000000000000ULL)
+    #define CCDGRID_GE_FRAC_MAGIC(r, u)                                                 \
+        do {                                                                        \
+            t = (u) + CCDGRID_GE_MAGIC;                                             \
+            r = (u) - (t - CCDGRID_GE_MAGIC);                                       \
+            off |= (__typeof__(off))t ^ CCDGRID_GE_EXP_BITS;                        \
+        } while (0)
+    #define CCDGRID_GE_MADD(acc, a, b) acc += (a) * (b)
+
+    /* LANES points from a|b: their terms to the sums, their residuals to lo|hi. */
+    #define CCDGRID_GE_STEP(EVEN, ODD, FRAC, MADD)                                      \
+        x = EVEN(a, b);                                                             \
+        y = ODD(a, b);                                                              \
+        q0 = x - ox;                                                                \
+        q1 = y - oy;                                                                \
+        u0 = i00 * q0 + i01 * q1;                                                   \
+        u1 = i10 * q0 + i11 * q1;                                                   \
+        FRAC(r0, u0);                                                               \
+        FRAC(r1, u1);                                                               \
+        MADD(s_v0, r0, r0);                                                         \
+        MADD(s_v1, r1, r1);                                                         \
+        s_g0 += r0;                                                                 \
+        s_g1 += r1;                                                                 \
+        MADD(s_m00, r0, u0);                                                        \
+        MADD(s_m01, r0, u1);                                                        \
+        MADD(s_m10, r1, u0);                                                        \
+        MADD(s_m11, r1, u1);                                                        \
+        lo = EVEN(r0, r1);                                                          \
+        hi = ODD(r0, r1)
+
+    /* One block on LANES-wide vectors. A macro because C has no type
+       parameters: the instances differ in vector width, in how frac() is
+       taken and in whether the sums use fused multiply-adds, so in the
+       rounding of the seven sums, never in the rounding of a residual
+       (u is computed with separate products and sums everywhere). */
+    #define CCDGRID_GE_DEFINE_BODY(NAME, ATTR, LANES, VD, VI, EVEN, ODD, FRAC, MADD)    \
+    ATTR static inline __attribute__((always_inline)) int NAME(                     \
+        const double *restrict pts, Py_ssize_t n, const double *restrict c,         \
+        double *restrict res, double *restrict sums, const int want_res)           \
+    {                                                                               \
+        const VD zero = {0.0};                                                      \
+        const double ox = c[0], oy = c[1];                                          \
+        const double i00 = c[2], i01 = c[3], i10 = c[4], i11 = c[5];                \
+        VD s_v0 = zero, s_v1 = zero, s_g0 = zero, s_g1 = zero;                      \
+        VD s_m00 = zero, s_m01 = zero, s_m10 = zero, s_m11 = zero;                  \
+        VI off = (VI){0};                                                           \
+        VD a, b, x, y, q0, q1, u0, u1, t, r0, r1, lo, hi;                           \
+        double pad[2 * LANES], out[2 * LANES], lanes[8][LANES];                     \
+        Py_ssize_t k, j, m;                                                         \
+        long long any = 0;                                                          \
+        (void)t;                                                                    \
+        for (k = 0; k + LANES <= n; k += LANES) {                                  \
+            memcpy(&a, pts + 2 * k, sizeof a);                                      \
+            memcpy(&b, pts + 2 * k + LANES, sizeof b);                              \
+            CCDGRID_GE_STEP(EVEN, ODD, FRAC, MADD);                                 \
+            if (want_res) {                                                         \
+                memcpy(res + 2 * k, &lo, sizeof lo);                                \
+                memcpy(res + 2 * k + LANES, &hi, sizeof hi);                        \
+            }                                                                       \
+        }                                                                           \
+        m = n - k;                                                                  \
+        if (m > 0) {                                                                \
+            /* Padding points at the origin T have u = 0: they add nothing. */      \
+            for (j = 0; j < LANES; ++j) {                                           \
+                pad[2 * j] = ox;                                                    \
+                pad[2 * j + 1] = oy;                                                \
+            }                                                                       \
+            memcpy(pad, pts + 2 * k, (size_t)(2 * m) * sizeof(double));             \
+            memcpy(&a, pad, sizeof a);                                              \
+            memcpy(&b, pad + LANES, sizeof b);                                      \
+            CCDGRID_GE_STEP(EVEN, ODD, FRAC, MADD);                                 \
+            if (want_res) {                                                         \
+                memcpy(out, &lo, sizeof lo);                                        \
+                memcpy(out + LANES, &hi, sizeof hi);                                \
+                memcpy(res + 2 * k, out, (size_t)(2 * m) * sizeof(double));         \
+            }                                                                       \
+        }                                                                           \
+        memcpy(lanes[0], &s_v0, sizeof s_v0);                                       \
+        memcpy(lanes[1], &s_v1, sizeof s_v1);                                       \
+        memcpy(lanes[2], &s_g0, sizeof s_g0);                                       \
+        memcpy(lanes[3], &s_g1, sizeof s_g1);                                       \
+        memcpy(lanes[4], &s_m00, sizeof s_m00);                                     \
+        memcpy(lanes[5], &s_m01, sizeof s_m01);                                     \
+        memcpy(lanes[6], &s_m10, sizeof s_m10);                                     \
+        memcpy(lanes[7], &s_m11, sizeof s_m11);                                     \
+        for (j = 0; j < 8; ++j) {                                                   \
+            for (m = 1; m < LANES; ++m) lanes[j][0] += lanes[j][m];                 \
+        }                                                                           \
+        sums[0] = lanes[0][0] + lanes[1][0];                                        \
+        for (j = 1; j < 7; ++j) sums[j] = lanes[j + 1][0];                          \
+        for (j = 0; j < LANES; ++j) any |= off[j];                                  \
+        return (any & CCDGRID_GE_SIGN_EXP_MASK) == 0;                               \
+    }
+
+    #define CCDGRID_GE_NO_ATTR
+    CCDGRID_GE_DEFINE_BODY(ccdgrid_ge_body2, CCDGRID_GE_NO_ATTR, 2, ccdgrid_v2d, ccdgrid_v2i,
+                           CCDGRID_GE_EVEN2, CCDGRID_GE_ODD2, CCDGRID_GE_FRAC_MAGIC,
+                           CCDGRID_GE_MADD)
+
+    static int ccdgrid_ge_block_generic(const double *pts, Py_ssize_t n, const double *c,
+                                        double *res, double *sums)
+    {
+        return res != NULL ? ccdgrid_ge_body2(pts, n, c, res, sums, 1)
+                           : ccdgrid_ge_body2(pts, n, c, NULL, sums, 0);
+    }
+    #else
+    #define ccdgrid_ge_block_generic ccdgrid_ge_block_none
+    #endif
+
+    #if CCDGRID_GE_AVX2
+    /* AVX2 + FMA: four lanes, frac() with vroundpd (exact for every input,
+       so `off` stays 0) and fused multiply-adds into the sums. The products
+       and sums that make u are separate instructions (the build is ISO C,
+       which does not contract them), so residuals match the numpy twin. */
+    #define CCDGRID_GE_FRAC_ROUND(r, u)                                                 \
+        r = (u) - (ccdgrid_v4d)_mm256_round_pd(                                     \
+            (__m256d)(u), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+    #define CCDGRID_GE_FMADD(acc, a, b)                                                 \
+        acc = (ccdgrid_v4d)_mm256_fmadd_pd((__m256d)(a), (__m256d)(b), (__m256d)(acc))
+
+    #define CCDGRID_GE_AVX2_ATTR __attribute__((target("avx2,fma")))
+    CCDGRID_GE_DEFINE_BODY(ccdgrid_ge_body4, CCDGRID_GE_AVX2_ATTR, 4, ccdgrid_v4d, ccdgrid_v4i,
+                           CCDGRID_GE_EVEN4, CCDGRID_GE_ODD4, CCDGRID_GE_FRAC_ROUND,
+                           CCDGRID_GE_FMADD)
+
+    CCDGRID_GE_AVX2_ATTR
+    static int ccdgrid_ge_block_avx2(const double *pts, Py_ssize_t n, const double *c,
+                                     double *res, double *sums)
+    {
+        return res != NULL ? ccdgrid_ge_body4(pts, n, c, res, sums, 1)
+                           : ccdgrid_ge_body4(pts, n, c, NULL, sums, 0);
+    }
+    static int ccdgrid_ge_cpu_has_avx2(void)
+    {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    #else
+    static int ccdgrid_ge_block_avx2(const double *pts, Py_ssize_t n, const double *c,
+                                     double *res, double *sums)
+    {
+        return ccdgrid_ge_block_generic(pts, n, c, res, sums);
+    }
+    static int ccdgrid_ge_cpu_has_avx2(void) { return 0; }
+    #endif
+    """
+    ctypedef int (*ccdgrid_ge_block_fn)(const double*, Py_ssize_t, const double*,
+                                        double*, double*) noexcept nogil
+    int CCDGRID_GE_VECTOR
+    int ccdgrid_ge_block_none(const double*, Py_ssize_t, const double*,
+                              double*, double*) noexcept nogil
+    int ccdgrid_ge_block_generic(const double*, Py_ssize_t, const double*,
+                                 double*, double*) noexcept nogil
+    int ccdgrid_ge_block_avx2(const double*, Py_ssize_t, const double*,
+                              double*, double*) noexcept nogil
+    int ccdgrid_ge_cpu_has_avx2() noexcept nogil
+
 
 # Points are summed in fixed-size blocks whose partial sums are added in
 # block order: the result does not depend on the number of threads.
@@ -29,78 +255,86 @@ cdef Py_ssize_t _PARALLEL_MIN_BLOCKS = 128
 cdef enum:
     _NSUMS = 7
 
+cdef ccdgrid_ge_block_fn _vector_block = ccdgrid_ge_block_none
+cdef str _isa = "scalar"
+if CCDGRID_GE_VECTOR:
+    _vector_block = ccdgrid_ge_block_generic
+    _isa = "baseline"
+    if ccdgrid_ge_cpu_has_avx2():
+        _vector_block = ccdgrid_ge_block_avx2
+        _isa = "avx2"
 
-cdef inline double _nearest_integer(double u) noexcept nogil:
-    """``u`` rounded half to even (``np.rint``), without a libm call for |u| < 2**51.
 
-    Adding and removing 1.5 * 2**52 leaves no fraction bits, so the FPU's
-    round-to-nearest-even does the rounding; larger |u| (and NaN) go to rint.
+def simd_isa():
+    """Which code path the kernel runs: ``"avx2"``, ``"baseline"`` or ``"scalar"``.
+
+    ``"avx2"``: four lanes, AVX2 + FMA. ``"baseline"``: two lanes, the build
+    target's ISA (SSE2 on x86-64). ``"scalar"``: one point at a time with
+    ``rint`` (builds without vector extensions).
     """
-    if fabs(u) < 2251799813685248.0:
-        return (u + 6755399441055744.0) - 6755399441055744.0
-    return rint(u)
+    return _isa
 
 
-cdef inline void _point(
-    const double* p, double ox, double oy, double i00, double i01, double i10, double i11,
-    double* out, double* acc
+def _select_isa(name):
+    """Force a code path (for tests); returns the previous one. Not thread-safe."""
+    global _vector_block, _isa
+    previous = _isa
+    if name == "avx2" and ccdgrid_ge_cpu_has_avx2():
+        _vector_block = ccdgrid_ge_block_avx2
+    elif name == "baseline" and CCDGRID_GE_VECTOR:
+        _vector_block = ccdgrid_ge_block_generic
+    elif name == "scalar":
+        _vector_block = ccdgrid_ge_block_none
+    else:
+        raise ValueError(f"code path {name!r} is not available in this build or on this CPU")
+    _isa = name
+    return previous
+
+
+cdef void _block_exact(
+    const double* pts, Py_ssize_t n, const double* c, double* res, double* sums
 ) noexcept nogil:
-    """Add one point's terms to the 7 sums ``acc``; its residual to ``out`` if not NULL."""
-    cdef double q0 = p[0] - ox
-    cdef double q1 = p[1] - oy
-    cdef double u0 = i00 * q0 + i01 * q1
-    cdef double u1 = i10 * q0 + i11 * q1
-    cdef double r0 = u0 - _nearest_integer(u0)
-    cdef double r1 = u1 - _nearest_integer(u1)
-    acc[0] += r0 * r0 + r1 * r1
-    acc[1] += r0
-    acc[2] += r1
-    acc[3] += r0 * u0
-    acc[4] += r0 * u1
-    acc[5] += r1 * u0
-    acc[6] += r1 * u1
-    if out != NULL:
-        out[0] = r0
-        out[1] = r1
+    """The 7 sums over ``n`` points (x, y) at ``pts``, rounding with ``rint``.
 
-
-cdef void _block(
-    const double* pts, Py_ssize_t n, const double* P6, double* res, double* sums
-) noexcept nogil:
-    """The 7 sums over ``n`` points (x, y) at ``pts``; residuals to ``res`` unless NULL.
-
-    Two interleaved sets of accumulators, so that consecutive points do not
-    wait on each other's additions.
+    The reference path of the vector code, for blocks where its shortcut may
+    be wrong (|u| >= 2**51, NaN, inf) and for builds without it.
     """
-    cdef double ox = P6[0]
-    cdef double oy = P6[1]
-    cdef double det = P6[2] * P6[5] - P6[3] * P6[4]
-    cdef double i00 = P6[5] / det
-    cdef double i01 = -P6[3] / det
-    cdef double i10 = -P6[4] / det
-    cdef double i11 = P6[2] / det
-    cdef double even[_NSUMS]
-    cdef double odd[_NSUMS]
+    cdef double acc[_NSUMS]
+    cdef double q0, q1, u0, u1, r0, r1
     cdef Py_ssize_t k, j
     for j in range(_NSUMS):
-        even[j] = 0.0
-        odd[j] = 0.0
-    k = 0
-    while k + 1 < n:
-        _point(pts + 2 * k, ox, oy, i00, i01, i10, i11,
-               res + 2 * k if res != NULL else NULL, even)
-        _point(pts + 2 * k + 2, ox, oy, i00, i01, i10, i11,
-               res + 2 * k + 2 if res != NULL else NULL, odd)
-        k += 2
-    if k < n:
-        _point(pts + 2 * k, ox, oy, i00, i01, i10, i11,
-               res + 2 * k if res != NULL else NULL, even)
+        acc[j] = 0.0
+    for k in range(n):
+        q0 = pts[2 * k] - c[0]
+        q1 = pts[2 * k + 1] - c[1]
+        u0 = c[2] * q0 + c[3] * q1
+        u1 = c[4] * q0 + c[5] * q1
+        r0 = u0 - rint(u0)
+        r1 = u1 - rint(u1)
+        acc[0] += r0 * r0 + r1 * r1
+        acc[1] += r0
+        acc[2] += r1
+        acc[3] += r0 * u0
+        acc[4] += r0 * u1
+        acc[5] += r1 * u0
+        acc[6] += r1 * u1
+        if res != NULL:
+            res[2 * k] = r0
+            res[2 * k + 1] = r1
     for j in range(_NSUMS):
-        sums[j] = even[j] + odd[j]
+        sums[j] = acc[j]
+
+
+cdef inline void _block(
+    ccdgrid_ge_block_fn vector_block, const double* pts, Py_ssize_t n, const double* c,
+    double* res, double* sums
+) noexcept nogil:
+    if not vector_block(pts, n, c, res, sums):
+        _block_exact(pts, n, c, res, sums)
 
 
 def grid_error(const double[::1] P, const double[:, ::1] points, bint residuals):
-    """Value, gradient and optionally residuals; see :func:`ccdgrid.grid_error.grid_error`.
+    """Value, gradient and optionally residuals; see :func:`ccdgrid.hole_error.grid_error`.
 
     Parameters
     ----------
@@ -120,40 +354,62 @@ def grid_error(const double[::1] P, const double[:, ::1] points, bint residuals)
     cdef Py_ssize_t nblocks = (n + _BLOCK - 1) // _BLOCK
     cdef Py_ssize_t b, start, j
     cdef double det = P[2] * P[5] - P[3] * P[4]
-    cdef double i00 = P[5] / det
-    cdef double i01 = -P[3] / det
-    cdef double i10 = -P[4] / det
-    cdef double i11 = P[2] / det
+    cdef double c[6]
     cdef double total[_NSUMS]
-    partial_arr = np.zeros((max(nblocks, 1), _NSUMS), dtype=np.float64)
-    cdef double[:, ::1] partial = partial_arr
-    res_arr = np.empty((n if residuals else 0, 2), dtype=np.float64)
-    cdef double[:, ::1] res_view = res_arr
+    cdef double sums[_NSUMS]
+    cdef double* partial = NULL
     cdef double* res = NULL
-    if residuals and n > 0:
-        res = &res_view[0, 0]
-    with nogil:
-        for b in prange(nblocks, schedule="static",
-                        use_threads_if=nblocks >= _PARALLEL_MIN_BLOCKS):
-            start = b * _BLOCK
-            _block(&points[start, 0], min(_BLOCK, n - start), &P[0],
-                   res + 2 * start if res != NULL else NULL, &partial[b, 0])
+    cdef double[:, ::1] res_view
+    cdef const double* pts = &points[0, 0] if n > 0 else NULL
+    cdef ccdgrid_ge_block_fn vector_block = _vector_block
+    c[0] = P[0]
+    c[1] = P[1]
+    c[2] = P[5] / det
+    c[3] = -P[3] / det
+    c[4] = -P[4] / det
+    c[5] = P[2] / det
+    res_arr = None
+    if residuals:
+        res_arr = np.empty((n, 2), dtype=np.float64)
+        if n > 0:
+            res_view = res_arr
+            res = &res_view[0, 0]
     for j in range(_NSUMS):
         total[j] = 0.0
-    for b in range(nblocks):
-        for j in range(_NSUMS):
-            total[j] += partial[b, j]
-    value = total[0]
+    if nblocks < _PARALLEL_MIN_BLOCKS:
+        with nogil:
+            for b in range(nblocks):
+                start = b * _BLOCK
+                _block(vector_block, pts + 2 * start, min(_BLOCK, n - start), c,
+                       res + 2 * start if res != NULL else NULL, sums)
+                for j in range(_NSUMS):
+                    total[j] += sums[j]
+    else:
+        partial = <double*>malloc(nblocks * _NSUMS * sizeof(double))
+        if partial == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                for b in prange(nblocks, schedule="static"):
+                    start = b * _BLOCK
+                    _block(vector_block, pts + 2 * start, min(_BLOCK, n - start), c,
+                           res + 2 * start if res != NULL else NULL, partial + _NSUMS * b)
+                # Same order of additions as the serial loop above.
+                for b in range(nblocks):
+                    for j in range(_NSUMS):
+                        total[j] += partial[_NSUMS * b + j]
+        finally:
+            free(partial)
     # d value / d T = -2 R^-T g and d value / d R = -2 R^-T M, with
     # g = sum r_k and M = sum r_k u_k^T (R^-T[a, b] = R^-1[b, a]).
     gradient = np.array([
-        -2.0 * (i00 * total[1] + i10 * total[2]),
-        -2.0 * (i01 * total[1] + i11 * total[2]),
-        -2.0 * (i00 * total[3] + i10 * total[5]),
-        -2.0 * (i00 * total[4] + i10 * total[6]),
-        -2.0 * (i01 * total[3] + i11 * total[5]),
-        -2.0 * (i01 * total[4] + i11 * total[6]),
+        -2.0 * (c[2] * total[1] + c[4] * total[2]),
+        -2.0 * (c[3] * total[1] + c[5] * total[2]),
+        -2.0 * (c[2] * total[3] + c[4] * total[5]),
+        -2.0 * (c[2] * total[4] + c[4] * total[6]),
+        -2.0 * (c[3] * total[3] + c[5] * total[5]),
+        -2.0 * (c[3] * total[4] + c[5] * total[6]),
     ])
     if residuals:
-        return value, gradient, res_arr
-    return value, gradient
+        return total[0], gradient, res_arr
+    return total[0], gradient

@@ -197,6 +197,42 @@ def test_tiny_images_return_integer_maxima(backend, shape, peak):
     np.testing.assert_array_equal(refine_peaks(img, seeds, backend=backend), [peak, peak])
 
 
+@pytest.mark.parametrize("shape", [(3, 3), (3, 4), (4, 3), (5, 7), (8, 8)])
+def test_every_interior_pixel_as_a_maximum_matches_the_numpy_twin(shape):
+    """Each interior pixel in turn is the peak, the last one included.
+
+    The compiled test for "no neighbour is higher" reads each row of the
+    window four floats wide; at the last interior pixel it must not.
+    """
+    rng = np.random.default_rng(sum(shape))
+    h, w = shape
+    seeds = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2)
+    for y in range(1, h - 1):
+        for x in range(1, w - 1):
+            img = rng.uniform(0, 1, shape).astype(np.float32)
+            img[y, x] = 5.0
+            img[y, x + 1] = 3.0
+            np.testing.assert_array_equal(
+                refine_peaks(img, seeds, backend="cython"),
+                refine_peaks(img, seeds, backend="numpy"),
+            )
+            np.testing.assert_array_equal(
+                climb(img, seeds, backend="cython"), climb(img, seeds, backend="numpy")
+            )
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 600, 2000])
+def test_many_seeds_in_any_order_match_the_numpy_twin(n):
+    """Batches longer than the prefetch distance, shuffled and repeated seeds."""
+    rng = np.random.default_rng(n)
+    img = gaussian_image(rng, (150, 170), 60)
+    seeds = np.column_stack([rng.integers(0, 150, n), rng.integers(0, 170, n)])
+    seeds[n // 2 :] = seeds[: n - n // 2]
+    np.testing.assert_array_equal(
+        refine_peaks(img, seeds, backend="cython"), refine_peaks(img, seeds, backend="numpy")
+    )
+
+
 def test_empty_seeds_give_an_empty_result(backend):
     img = np.ones((3, 3))
     for empty in ([], np.empty((0, 2)), np.empty((0, 2), np.int64)):

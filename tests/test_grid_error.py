@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
+from ccdgrid._ext import _grid_error as _kernel
 from ccdgrid.errors import CcdgridError
 from ccdgrid.hole_error import grid_error, grid_error_value
 
@@ -20,6 +21,29 @@ BACKENDS = ["cython", "numpy"]
 
 # The tutorial's order: (Ox, Oy, Xx, Yx, Xy, Yy), R = [[Xx, Yx], [Xy, Yy]].
 P_TRUE = np.array([734.2, 1181.7, 98.3, 1.2, -0.8, 97.6])
+
+
+def _available_paths():
+    paths = []
+    for name in ("avx2", "baseline", "scalar"):
+        try:
+            previous = _kernel._select_isa(name)
+        except ValueError:
+            continue
+        _kernel._select_isa(previous)
+        paths.append(name)
+    return paths
+
+
+PATHS = _available_paths()
+
+
+@pytest.fixture(params=PATHS)
+def isa(request):
+    """Run the Cython kernel through one of its code paths, then restore the default."""
+    previous = _kernel._select_isa(request.param)
+    yield request.param
+    _kernel._select_isa(previous)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -66,7 +90,7 @@ def test_gradient_matches_central_finite_differences(backend):
     np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-9 * np.abs(numeric).max())
 
 
-def test_engines_agree():
+def test_engines_agree(isa):
     rng = np.random.default_rng(33)
     points = rng.uniform(-50, 2100, (20_000, 2))  # some near half-way: same rounding needed
     P = np.array([10.5, -3.25, 97.1, 2.3, -1.7, 98.9])
@@ -93,10 +117,42 @@ def test_gradient_is_the_same_with_and_without_residuals(backend):
 
 def test_half_way_points_round_half_to_even(backend):
     identity = [0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
-    big = 2.0**51  # from here on the kernel rounds with rint() instead of its shortcut
+    big = 2.0**51  # from here on the baseline path's shortcut rounding is not exact
     points = np.array([[0.5, 1.5], [2.5, -0.5], [-1.5, 3.25], [big + 0.5, big + 1.5]])
     _, _, res = grid_error(identity, points, residuals=True, backend=backend)
     np.testing.assert_array_equal(res, [[0.5, -0.5], [0.5, -0.5], [0.5, 0.25], [0.5, -0.5]])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 8191, 8192, 8193, 20_003])
+def test_every_code_path_matches_the_numpy_twin(isa, n):
+    """Vector widths, tails and block boundaries; residuals bit for bit."""
+    rng = np.random.default_rng(n)
+    # R^-1 = diag(1/2, 1/4) is exact: points on a quarter-pixel raster give
+    # exact half-way hole coordinates, where rounding half to even matters.
+    P = np.array([-40.5, 17.25, 2.0, 0.0, 0.0, 4.0])
+    points = rng.uniform(-100, 2200, (n, 2))
+    points[: (n + 1) // 2] = np.round(points[: (n + 1) // 2] * 4) / 4
+    value, grad, res = grid_error(P, points, residuals=True)
+    ref_value, ref_grad, ref_res = grid_error(P, points, residuals=True, backend="numpy")
+    np.testing.assert_array_equal(res, ref_res)
+    assert value == pytest.approx(ref_value, rel=1e-12)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-10, atol=1e-12 * np.abs(ref_grad).max())
+    value2, grad2 = grid_error(P, points)
+    assert value2 == value
+    np.testing.assert_array_equal(grad2, grad)
+
+
+@pytest.mark.parametrize("where", [0, 4097, 8191, 8192, 9999])
+def test_a_huge_coordinate_in_one_block_leaves_the_others_exact(isa, where):
+    """|u| >= 2**51 in one point: its block takes the exact path, the others do not."""
+    rng = np.random.default_rng(where)
+    identity = [0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    points = rng.uniform(-50, 50, (10_000, 2))
+    points[where] = [2.0**52 + 3.0, -(2.0**51) - 0.5]
+    value, _, res = grid_error(identity, points, residuals=True)
+    expected = points - np.rint(points)
+    np.testing.assert_array_equal(res, expected)
+    assert value == pytest.approx((expected**2).sum(), rel=1e-12)
 
 
 def test_no_points_gives_zero(backend):
@@ -135,6 +191,7 @@ def test_minimize_recovers_the_grid_from_noisy_points(backend):
     seed=st.integers(0, 2**32 - 1),
 )
 def test_value_is_the_sum_of_squared_residuals_within_half_a_hole(P, seed):
+    # Runs the default code path only: fixtures do not mix with @given.
     rng = np.random.default_rng(seed)
     points = rng.uniform(-3000, 3000, (64, 2))
     value, _, res = grid_error(P, points, residuals=True)

@@ -8,6 +8,7 @@ import pytest
 
 from ccdgrid.errors import CcdgridError
 from ccdgrid.grid_scale import estimate_grid_scale
+from ccdgrid.smoothing import block_mean
 
 _spec = importlib.util.spec_from_file_location("_tp", Path(__file__).with_name("test_peaks.py"))
 _tp = importlib.util.module_from_spec(_spec)
@@ -42,3 +43,17 @@ def test_white_noise():
     rng = np.random.default_rng(17)
     with pytest.raises(CcdgridError, match=r"no (hole-like structure|periodic grid)"):
         estimate_grid_scale(rng.normal(100, 10, (256, 256)).astype(np.float32))
+
+
+def test_small_holes_in_a_large_image_are_measured_at_full_resolution():
+    # binned 2x2, 6 px holes are 3 px wide: the diameter is measured again
+    # unbinned, on a central crop of about 1024 px
+    img = _tp.make_grid(shape=(1536, 1536), pitch=40.0, diameter=6.0, seed=18)[0]
+    img = img.astype(np.float32)
+    scale = estimate_grid_scale(img)
+    assert scale.pitch == pytest.approx(40.0, rel=0.02)
+    assert scale.diameter == pytest.approx(6.0 * 1.12, rel=0.12)
+    assert scale.contrast > 20
+    # the same through a caller's binned copies
+    again = estimate_grid_scale(img, binned=lambda f: block_mean(img, f))
+    assert (again.pitch, again.diameter) == (scale.pitch, scale.diameter)

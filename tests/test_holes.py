@@ -111,3 +111,29 @@ def test_ring_background():
     img[np.hypot(yy - 32, xx - 32) < 4] = 100.0
     med, low, high = ring_background(img, np.array([[32, 32]]), 10.0)
     assert (med[0], low[0], high[0]) == (5.0, 5.0, 5.0)
+
+
+@pytest.mark.parametrize("n", [8, 7])
+def test_ring_background_is_median_min_max_of_ring_samples(n):
+    rng = np.random.default_rng(5)
+    img = rng.normal(100.0, 10.0, (40, 50)).astype(np.float32)
+    peaks = np.array([[20, 25], [0, 0], [39, 49], [5, 30]])
+    med, low, high = ring_background(img, peaks, 6.0, n=n)
+    ang = np.arange(n) * (2.0 * np.pi / n)
+    oy, ox = np.rint(6.0 * np.sin(ang)).astype(int), np.rint(6.0 * np.cos(ang)).astype(int)
+    for k, (y, x) in enumerate(peaks):
+        ring = img[np.clip(y + oy, 0, 39), np.clip(x + ox, 0, 49)].astype(np.float64)
+        assert med[k] == pytest.approx(np.median(ring), rel=1e-6)
+        assert (low[k], high[k]) == (ring.min(), ring.max())
+
+
+@pytest.mark.parametrize("n", [3, 7, 8])
+def test_sorting_networks_sort_every_zero_one_input(n):
+    # the 0-1 principle: a network that sorts every 0/1 input sorts every input
+    from ccdgrid.holes import _sorting_network
+
+    bits = (np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1
+    v = [bits[:, k].copy() for k in range(n)]
+    for i, j in _sorting_network(n):
+        v[i], v[j] = np.minimum(v[i], v[j]), np.maximum(v[i], v[j])
+    np.testing.assert_array_equal(np.stack(v, 1), np.sort(bits, axis=1))

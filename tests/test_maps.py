@@ -188,3 +188,76 @@ def test_bad_arrays():
         displacement_maps(pts, bad, SHAPE)
     with pytest.raises(CcdgridError, match="shape"):
         displacement_maps(pts, np.zeros_like(pts), (0, 10))
+
+
+@pytest.mark.parametrize("degrees", [[1, 2, 3, 4], [3], [2, 4]])
+def test_gcv_scores_equal_the_explicit_smoother_matrix(degrees):
+    # The shared eigendecomposition (lowest degree) with the higher monomials
+    # as constraints must give the score of each degree's own smoother H(s),
+    # built here column by column by scipy's thin-plate fit of unit vectors.
+    from scipy.interpolate import RBFInterpolator
+
+    from ccdgrid.maps import _GCV_GRID, _gcv_scores
+
+    rng = np.random.default_rng(11)
+    pts = rng.uniform(0.0, 6.0, (45, 2))
+    disp = np.column_stack([np.sin(pts[:, 0]), pts[:, 0] * pts[:, 1] / 10]) + rng.normal(
+        0.0, 0.05, pts.shape
+    )
+    scores = _gcv_scores(pts, disp, degrees)
+    n = len(pts)
+    for deg in degrees:
+        for k in (3, 15, 24, 33):
+            s = _GCV_GRID[k]
+            rbf = RBFInterpolator(
+                pts, np.eye(n), kernel="thin_plate_spline", smoothing=s, degree=deg
+            )
+            resid = np.eye(n) - rbf(pts).T  # I - H(s)
+            expected = n * np.sum((resid @ disp) ** 2) / np.trace(resid) ** 2
+            assert scores[deg][k] == pytest.approx(expected, rel=1e-6)
+
+
+def test_gcv_choice_picks_the_degree_with_the_lowest_score():
+    from ccdgrid.maps import _gcv_choice
+
+    rng = np.random.default_rng(12)
+    pts = rng.uniform(0.0, 8.0, (90, 2))
+    # a cubic trend plus noise: degree 1 and 2 leave structure, 3 and 4 fit it
+    disp = np.column_stack([(pts[:, 0] - 4) ** 3 / 20, (pts[:, 1] - 4) ** 3 / 30])
+    disp += rng.normal(0.0, 0.01, pts.shape)
+    smoothing, scores, degree = _gcv_choice(pts, disp, 4, [1, 2, 3, 4])
+    best = min(scores["degree_scores"], key=scores["degree_scores"].get)
+    assert degree == best
+    assert degree >= 3
+    assert scores["score"].min() == pytest.approx(scores["degree_scores"][degree])
+    assert smoothing == scores["smoothing"][np.argmin(scores["score"])]
+
+
+@pytest.mark.parametrize("degree", [1, 2, 4])
+@pytest.mark.parametrize("smoothing", [0.0, 0.05, 10.0])
+def test_thin_plate_equals_scipy_rbf_interpolator(degree, smoothing):
+    from scipy.interpolate import RBFInterpolator
+
+    from ccdgrid.maps import _ThinPlate
+
+    rng = np.random.default_rng(13)
+    pts = rng.uniform(0.0, 8.0, (80, 2))
+    values = rng.normal(0.0, 1.0, (80, 2))
+    probe = np.vstack([rng.uniform(-1.0, 9.0, (500, 2)), pts[:5]])  # centres too (r = 0)
+    ours = _ThinPlate(pts, values, smoothing, degree)(probe)
+    scipy_rbf = RBFInterpolator(
+        pts, values, kernel="thin_plate_spline", smoothing=smoothing, degree=degree
+    )
+    np.testing.assert_allclose(ours, scipy_rbf(probe), rtol=0, atol=1e-8)
+
+
+def test_thin_plate_falls_back_to_an_affine_trend_on_a_few_lines():
+    from ccdgrid.maps import _fit_tps
+
+    # holes on 3 rows: a quartic trend in y is undetermined
+    ys, xs = np.meshgrid([0.0, 1.0, 2.0], np.arange(12.0), indexing="ij")
+    pts = np.column_stack([ys.ravel(), xs.ravel()])
+    values = np.column_stack([0.1 * pts[:, 1], -0.2 * pts[:, 0]])
+    tps, degree = _fit_tps(pts, values, 0.0, 4)
+    assert degree == 1
+    np.testing.assert_allclose(tps(pts), values, atol=1e-9)

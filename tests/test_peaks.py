@@ -14,7 +14,7 @@ from scipy.spatial import cKDTree
 
 from ccdgrid.centres import windowed_centroids
 from ccdgrid.errors import CcdgridError
-from ccdgrid.peaks import MIN_HOLES, HoleSearch, find_holes
+from ccdgrid.peaks import MIN_HOLES, HoleSearch, detection_binning, find_holes
 from ccdgrid.smoothing import smooth_disc
 
 
@@ -209,7 +209,9 @@ def test_result_fields(default_image):
     assert search.amplitude.shape == (n,)
     assert search.width.shape == (n, 2)
     assert search.rejected.shape == (len(search.reasons), 2)
-    assert search.smoothed.shape == img.shape
+    # 10.5 px holes are searched in a 2x2-binned image
+    assert search.binning == 2
+    assert search.smoothed.shape == (256, 256)
     assert search.smoothed.dtype == np.float32
     assert {"smooth", "segment", "classify", "fit"} <= set(search.timings)
     hist = search.log_histogram
@@ -217,6 +219,23 @@ def test_result_fields(default_image):
     assert hist.threshold == search.threshold
     # rows of pixels in increasing order
     assert (np.diff(np.rint(search.peaks[:, 0])) >= 0).all()
+
+
+@pytest.mark.parametrize(
+    ("diameter", "factor"), [(3.0, 1), (9.9, 1), (10.0, 2), (10.5, 2), (14.9, 2), (21.0, 4)]
+)
+def test_detection_binning_keeps_holes_five_pixels_wide(diameter, factor):
+    assert detection_binning(diameter) == factor
+
+
+@pytest.mark.parametrize(("diameter", "factor"), [(7.0, 1), (16.0, 3)])
+def test_holes_found_at_every_binning(backend, diameter, factor):
+    img, truth, visible, _ = make_grid(diameter=diameter, pitch=40.0 + diameter, seed=7)
+    search = find_holes(img, backend=backend)
+    assert search.binning == factor
+    assert search.smoothed.shape == (512 // factor, 512 // factor)
+    idx = check_found(search, truth, visible)
+    assert rms(search.peaks - truth[idx]) < 0.04
 
 
 def test_hot_pixels_rejected_with_reason(backend):
@@ -389,3 +408,19 @@ def test_too_few_holes():
     img, _, _, _ = make_grid((160, 160), pitch=110.0, seed=9)
     with pytest.raises(CcdgridError, match=f"at least {MIN_HOLES}"):
         find_holes(img, hole_diameter=10.5, pitch_px=110.0)
+
+
+def test_dead_lines_found_in_every_block_of_rows():
+    from ccdgrid.peaks import _dead_lines
+
+    rng = np.random.default_rng(11)
+    img = rng.normal(100.0, 5.0, (150, 70)).astype(np.float32)  # 150 rows: a partial block
+    assert _dead_lines(img) is None
+    img[[3, 64, 149]] = 0.0
+    img[:, 69] = 7.0
+    img[10:13, 69] = 8.0  # 98 % of the column still dead
+    dead = _dead_lines(img)
+    expected = np.zeros(img.shape, bool)
+    expected[[3, 64, 149]] = True
+    expected[:, 69] = True
+    np.testing.assert_array_equal(dead, expected)

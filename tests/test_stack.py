@@ -1,8 +1,12 @@
 """Stacks beyond memory: correct_dask on a real distributed cluster, streamed correct_hdf5."""
 
 import argparse
+import io
 import pickle
+import sys
 import types
+import zlib
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -204,34 +208,212 @@ def test_hdf5_normalize_and_default_dataset(tmp_path, detector, frames):
     np.testing.assert_array_equal(out, expected)
 
 
-def test_hdf5_progress_without_tqdm(tmp_path, detector, frames, capsys, monkeypatch):
-    import sys
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
 
-    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm -> ImportError
+
+@pytest.mark.parametrize(
+    ("progress", "terminal", "shown"),
+    [(None, True, True), (None, False, False), (True, False, True), (False, True, False)],
+    ids=["auto-tty", "auto-pipe", "forced", "quiet"],
+)
+def test_hdf5_progress_bar(tmp_path, detector, frames, monkeypatch, progress, terminal, shown):
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
     src = _write_source(tmp_path / "in.h5", frames)
-    stack.correct_hdf5(src, tmp_path / "out.h5", detector, chunk_frames=7, progress=True)
-    assert f"{N_FRAMES}/{N_FRAMES} frames" in capsys.readouterr().err
+    stack.correct_hdf5(src, tmp_path / "out.h5", detector, progress=progress)
+    assert (f"{N_FRAMES}/{N_FRAMES}" in stderr.getvalue()) is shown
+    assert ("correcting" in stderr.getvalue()) is shown
 
 
 def test_hdf5_failure_leaves_no_file(tmp_path, detector, frames, monkeypatch):
-    src = _write_source(tmp_path / "in.h5", frames)
+    src = _write_source(tmp_path / "in.h5", frames, chunks=(1, NY, NX))
     existing = tmp_path / "out.h5"
     existing.write_bytes(b"previous result")
     calls = []
     real_apply = CorrectionMatrix.apply
 
-    def fail_in_third_block(self, image, **kwargs):
+    def fail_at_the_tenth_frame(self, image, **kwargs):
         calls.append(image.shape)
         if len(calls) == 10:
             raise RuntimeError("disk full (simulated)")
         return real_apply(self, image, **kwargs)
 
-    monkeypatch.setattr(CorrectionMatrix, "apply", fail_in_third_block)
+    monkeypatch.setattr(CorrectionMatrix, "apply", fail_at_the_tenth_frame)
     with pytest.raises(RuntimeError, match="simulated"):
-        stack.correct_hdf5(src, existing, detector, chunk_frames=4, progress=False)
-    assert calls == [(NY, NX)] * 10
+        stack.correct_hdf5(src, existing, detector, progress=False, workers=2)
+    # frame by frame, and at most 2 * workers frames were in flight when it failed
+    assert set(calls) == {(NY, NX)}
+    assert 10 <= len(calls) <= 10 + 4 < N_FRAMES
     assert existing.read_bytes() == b"previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5", "out.h5"]
+
+
+def test_hdf5_corrupt_chunk_is_reported(tmp_path, detector, frames):
+    with h5py.File(tmp_path / "in.h5", "w") as h5:
+        dset = h5.create_dataset(
+            "/entry/data", data=frames, chunks=(1, NY, NX), compression="gzip", shuffle=True
+        )
+        dset.id.write_direct_chunk((3, 0, 0), b"not a zlib stream")
+    with pytest.raises(CcdgridError, match=r"cannot inflate a chunk of .*in\.h5::/entry/data"):
+        stack.correct_hdf5(
+            f"{tmp_path / 'in.h5'}::/entry/data", tmp_path / "out.h5", detector, progress=False
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5"]
+
+
+def test_hdf5_truncated_chunk_is_reported(tmp_path, detector, frames):
+    with h5py.File(tmp_path / "in.h5", "w") as h5:
+        dset = h5.create_dataset("/entry/data", data=frames, chunks=(1, NY, NX), shuffle=True)
+        dset.id.write_direct_chunk((3, 0, 0), frames[3].tobytes()[:-10])
+    with pytest.raises(CcdgridError, match=r"holds 12278 bytes after its filters, expected 12288"):
+        stack.correct_hdf5(
+            f"{tmp_path / 'in.h5'}::/entry/data", tmp_path / "out.h5", detector, progress=False
+        )
+
+
+# source layouts: read chunk by chunk ("direct") or through HDF5 ("hdf5")
+_LAYOUTS = {
+    "raw-frames": ({"chunks": (1, NY, NX)}, "direct"),
+    "gzip-shuffle-frames": (
+        {"chunks": (1, NY, NX), "compression": "gzip", "shuffle": True},
+        "direct",
+    ),
+    "gzip-3-frames": ({"chunks": (3, NY, NX), "compression": "gzip"}, "direct"),
+    "shuffle-only-7-frames": ({"chunks": (7, NY, NX), "shuffle": True}, "direct"),
+    "gzip-tiles": ({"chunks": (2, 32, 48), "compression": "gzip"}, "hdf5"),
+    "lzf-frames": ({"chunks": (1, NY, NX), "compression": "lzf"}, "hdf5"),
+    "fletcher32": ({"chunks": (1, NY, NX), "fletcher32": True}, "hdf5"),
+    "contiguous": ({}, "hdf5"),
+}
+
+
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+@pytest.mark.parametrize("dtype", ["<u2", ">u2", "<i4", ">f4", "<f8"])
+def test_hdf5_reads_every_source_layout(tmp_path, detector, frames, layout, dtype):
+    options, path = _LAYOUTS[layout]
+    data = (frames.astype(np.int64) - 1000).astype(dtype) if dtype == "<i4" else frames
+    data = data.astype(dtype)
+    src = _write_source(tmp_path / "in.h5", data, **options)
+    with h5py.File(tmp_path / "in.h5", "r") as h5:
+        assert h5["/entry/data"].dtype == np.dtype(dtype)
+        assert (stack._direct_filters(h5["/entry/data"]) is not None) == (path == "direct")
+    stack.correct_hdf5(src, tmp_path / "out.h5", detector, chunk_frames=4, progress=False)
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        out = h5["/entry/data"][()]
+    np.testing.assert_array_equal(out, _matrix(detector).apply(data.astype(dtype[1:])))
+
+
+def test_hdf5_unwritten_chunks_read_as_the_fill_value(tmp_path, detector, frames):
+    with h5py.File(tmp_path / "in.h5", "w") as h5:
+        dset = h5.create_dataset(
+            "/entry/data", shape=frames.shape, dtype=np.uint16, chunks=(2, NY, NX),
+            compression="gzip", fillvalue=7,
+        )  # fmt: skip
+        dset[:6] = frames[:6]  # chunks 3 .. 9 are never allocated
+    stack.correct_hdf5(
+        f"{tmp_path / 'in.h5'}::/entry/data", tmp_path / "out.h5", detector, progress=False
+    )
+    expected = frames.copy()
+    expected[6:] = 7
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        np.testing.assert_array_equal(h5["/entry/data"][()], _matrix(detector).apply(expected))
+
+
+def test_hdf5_honours_a_chunk_whose_deflate_was_skipped(tmp_path, detector, frames):
+    """HDF5 stores a chunk unfiltered by an optional filter when that filter fails."""
+    with h5py.File(tmp_path / "in.h5", "w") as h5:
+        dset = h5.create_dataset(
+            "/entry/data", data=frames, chunks=(1, NY, NX), compression="gzip", shuffle=True
+        )
+        shuffled = np.ascontiguousarray(frames[5].view(np.uint8).reshape(-1, 2).T)
+        # pipeline (shuffle, deflate): bit 1 set = deflate not applied to this chunk
+        dset.id.write_direct_chunk((5, 0, 0), shuffled.tobytes(), filter_mask=0b10)
+    with h5py.File(tmp_path / "in.h5", "r") as h5:  # (reopened: HDF5 caches the old mask)
+        assert h5["/entry/data"].id.read_direct_chunk((5, 0, 0))[0] == 0b10
+        np.testing.assert_array_equal(h5["/entry/data"][5], frames[5])  # HDF5 itself agrees
+    stack.correct_hdf5(
+        f"{tmp_path / 'in.h5'}::/entry/data", tmp_path / "out.h5", detector, progress=False
+    )
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        np.testing.assert_array_equal(h5["/entry/data"][()], _matrix(detector).apply(frames))
+
+
+# -- the output chunks: HDF5's shuffle + deflate, built plane by plane ----------
+
+
+@pytest.fixture(params=["zlib", "isal"])
+def engine(request):
+    if request.param == "zlib":
+        return zlib
+    return pytest.importorskip("isal.isal_zlib")
+
+
+def _shuffled(frame):
+    return np.ascontiguousarray(frame.view(np.uint8).reshape(-1, frame.itemsize).T).tobytes()
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1), (7, 5), (255, 257), (300, 301), (2, 65535)],
+    ids=["one-pixel", "tiny", "one-full-block", "blocks-and-rest", "two-full-blocks"],
+)
+@pytest.mark.parametrize("kind", ["noise", "smooth", "constant", "float64"])
+def test_deflater_output_is_the_shuffled_frame_as_one_zlib_stream(engine, shape, kind):
+    rng = np.random.default_rng(5)
+    if kind == "noise":
+        frame = rng.uniform(0, 4000, shape).astype(np.float32)
+    elif kind == "smooth":
+        frame = np.round(np.add.outer(np.arange(shape[0]), np.arange(shape[1])) / 8.0)
+        frame = frame.astype(np.float32)
+    elif kind == "constant":
+        frame = np.full(shape, 3.0, dtype=np.float32)
+    else:
+        frame = rng.normal(100, 10, shape)
+    chunk = stack._Deflater(1, engine=engine)(frame)
+    assert chunk.dtype == np.uint8
+    assert chunk.ndim == 1
+    # zlib.decompress checks the header, the final block and the Adler-32
+    assert zlib.decompress(chunk.tobytes()) == _shuffled(frame)
+
+
+def test_deflater_stores_noise_planes_and_deflates_the_others(engine):
+    rng = np.random.default_rng(6)
+    n = 256 * 256
+    # three random low bytes (as the fraction of corrected counts), a constant top byte
+    bits = rng.integers(0, 1 << 24, n, dtype=np.uint32) | np.uint32(0x44 << 24)
+    frame = bits.view(np.float32).reshape(256, 256)
+    chunk = stack._Deflater(1, engine=engine)(frame)
+    stored_planes = 3 * (n + 5 * 2)  # two stored blocks per 65536-byte plane
+    # header, three stored planes, the deflated constant plane (< 1 KB), Adler-32
+    assert stored_planes + 2 + 4 < chunk.nbytes < stored_planes + 2 + 4 + 1000
+    assert zlib.decompress(chunk.tobytes()) == _shuffled(frame)
+
+
+def test_deflater_deflates_a_smooth_frame_well(engine):
+    frame = np.full((256, 256), 1500.0, dtype=np.float32)
+    frame[100:] = 20.0
+    chunk = stack._Deflater(1, engine=engine)(frame)
+    assert chunk.nbytes < 0.01 * frame.nbytes
+    assert zlib.decompress(chunk.tobytes()) == _shuffled(frame)
+
+
+@pytest.mark.parametrize("level", [1, 6, 9])
+def test_hdf5_output_is_a_plain_gzip_dataset(tmp_path, detector, frames, level):
+    src = _write_source(tmp_path / "in.h5", frames[:4])
+    result = stack.correct_hdf5(
+        src, tmp_path / "out.h5", detector, compression_level=level, progress=False
+    )
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        out = h5["/entry/data"]
+        assert out.compression == "gzip"
+        assert out.compression_opts == level
+        assert out.shuffle
+        np.testing.assert_array_equal(out[()], _matrix(detector).apply(frames[:4]))
+        stored = sum(out.id.get_chunk_info(i).size for i in range(out.id.get_num_chunks()))
+    assert result.stored_bytes == stored
+    assert result.compression_ratio == pytest.approx(stored / (4 * NY * NX * 4))
 
 
 def test_hdf5_rejects_a_two_dimensional_dataset(tmp_path, detector, frames):
@@ -260,13 +442,16 @@ def test_hdf5_rejects_a_shape_mismatch(tmp_path, detector, frames):
         ({"chunk_frames": 0}, "`chunk_frames` must be a positive int"),
         ({"compression": "lzf"}, "`compression` must be 'gzip' or None"),
         ({"compression_level": 0}, "`compression_level` must be an int from 1 to 9"),
+        ({"compression_level": 10}, "`compression_level` must be an int from 1 to 9"),
+        ({"workers": 0}, "`workers` must be a positive int"),
+        ({"progress": "yes"}, "`progress` must be True, False or None"),
     ],
-    ids=["chunk", "compression", "level"],
+    ids=["chunk", "compression", "level0", "level10", "workers", "progress"],
 )
 def test_hdf5_rejects_bad_options(tmp_path, detector, frames, kwargs, message):
     src = _write_source(tmp_path / "in.h5", frames[:2])
     with pytest.raises(CcdgridError, match=message):
-        stack.correct_hdf5(src, tmp_path / "out.h5", detector, progress=False, **kwargs)
+        stack.correct_hdf5(src, tmp_path / "out.h5", detector, **{"progress": False, **kwargs})
 
 
 def test_hdf5_rejects_bad_paths(tmp_path, detector, frames):
@@ -286,18 +471,54 @@ def test_hdf5_rejects_bad_paths(tmp_path, detector, frames):
         )
 
 
+def _parser():
+    parser = argparse.ArgumentParser(prog="ccdgrid")
+    stack.add_correct_stack_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
 def test_command_line_parser_runs_correct_hdf5(tmp_path, detector, frames, monkeypatch, capsys):
     src = _write_source(tmp_path / "in.h5", frames[:3])
     monkeypatch.setattr(stack, "_as_matrix", lambda d, name="": _matrix(detector))
-    parser = argparse.ArgumentParser(prog="ccdgrid")
-    stack.add_correct_stack_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
-        ["correct-stack", src, "-d", "det.h5", "-o", str(tmp_path / "out.h5"), "--chunk", "2"]
-    )
+    args = _parser().parse_args(
+        ["correct-stack", src, "-d", "det.h5", "-o", str(tmp_path / "out.h5"), "--chunk", "2",
+         "--level", "6", "--workers", "3", "--quiet"]
+    )  # fmt: skip
     assert args.debug is False
     args.run(args)
     assert "wrote" in capsys.readouterr().out
     with h5py.File(tmp_path / "out.h5", "r") as h5:
+        assert h5["/entry/data"].compression_opts == 6
         np.testing.assert_array_equal(h5["/entry/data"][()], _matrix(detector).apply(frames[:3]))
+
+
+def test_command_line_defaults_and_progress(monkeypatch, capsys):
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        return stack.StackResult(Path("o.h5"), "/entry/data", (2, 3, 4), np.dtype("f4"), 1.0, 48)
+
+    monkeypatch.setattr(stack, "correct_hdf5", record)
+    args = _parser().parse_args(["correct-stack", "in.h5::/x", "-d", "d.h5", "-o", "o.h5"])
+    args.run(args)
+    assert "2 frames of 3 x 4 float32 in 1.00 s (2.0 frames/s, 50 % of the raw size)" in (
+        capsys.readouterr().out
+    )
+    assert seen == {
+        "chunk_frames": None,
+        "compression": "gzip",
+        "compression_level": 1,
+        "normalize": False,
+        "progress": None,  # tqdm decides: shown on a terminal only
+        "workers": None,
+    }
+
+
+@pytest.mark.parametrize(
+    "option", [["--chunk", "0"], ["--level", "0"], ["--level", "10"], ["--workers", "x"]]
+)
+def test_command_line_rejects_bad_numbers(option, capsys):
     with pytest.raises(SystemExit):
-        parser.parse_args(["correct-stack", src, "-d", "d.h5", "-o", "o.h5", "--chunk", "0"])
+        _parser().parse_args(["correct-stack", "i.h5::/x", "-d", "d.h5", "-o", "o.h5", *option])
+    assert "expected" in capsys.readouterr().err

@@ -162,3 +162,40 @@ def test_bad_options(base, kwargs, match):
     g, prev = base
     with pytest.raises(CcdgridError, match=match):
         recalibrate(g.image, prev, **kwargs)
+
+
+def test_warm_maps_reuse_the_previous_smoothing_and_degree(base, tmp_path):
+    g, prev = base
+    warm = recalibrate(g.image, prev, cv_folds=0)
+    assert warm.maps.smoothing == prev.maps.smoothing
+    assert warm.maps.degree == prev.maps.degree
+    path = tmp_path / "detector.h5"
+    prev.save(path)
+    from_file = recalibrate(g.image, path, cv_folds=0)
+    assert from_file.maps.degree == prev.maps.degree
+    # "auto" chooses both again
+    again = recalibrate(g.image, prev, cv_folds=0, smoothing="auto")
+    assert again.maps.smoothing_scores is not None
+
+
+def test_map_change_is_the_largest_difference_over_shared_valid_corners():
+    from types import SimpleNamespace
+
+    from ccdgrid.warmstart import _map_change
+
+    rng = np.random.default_rng(3)
+    ny, nx = 600, 37  # more corner rows than one block of the comparison
+
+    def calibration():
+        mask = (rng.uniform(size=(ny, nx)) < 0.3).astype(np.int8)
+        maps = rng.normal(0.0, 1.0, (2, ny + 1, nx + 1)).astype(np.float32)
+        return SimpleNamespace(mask=mask, dx=maps[0], dy=maps[1])
+
+    old, new = calibration(), calibration()
+    new.dx[0, 0] = np.nan  # ignored, as by nanmax
+    corner = _valid_corners(old.mask, new.mask)
+    expected_dx = np.nanmax(np.abs(new.dx - old.dx)[corner])
+    expected_dy = np.max(np.abs(new.dy - old.dy)[corner])
+    assert _map_change(old, new) == (expected_dx, expected_dy)
+    new.mask[:] = 1
+    assert np.isnan(_map_change(old, new)).all()

@@ -17,7 +17,7 @@ import _measure
 import numpy as np
 from tutorial_pipeline import tutorial_pipeline
 
-__all__ = ["TimeCalibrate", "TimeSave", "TimeTutorial", "setup_cache"]
+__all__ = ["TimeCalibrate", "TimeFindHoles", "TimeSave", "TimeTutorial", "setup_cache"]
 
 SIZES = [1024, 2048, 4096]
 PITCH = 5e-3
@@ -71,6 +71,36 @@ class TimeCalibrate(_Pipeline):
 
     def peakmem_reference(self, cache, size):
         """Imports + image only: subtract from ``peakmem_calibrate``."""
+
+
+class TimeFindHoles(_Pipeline):
+    """``ccdgrid.find_holes(image)``: stage 1 alone (scale guess, binned search, profile fits).
+
+    ``track_*`` report the stage's own split (seconds, from
+    ``HoleSearch.timings``) of one call: which part a change moved.
+    """
+
+    def setup(self, cache, size):
+        try:
+            from ccdgrid import find_holes
+        except ImportError as exc:
+            raise NotImplementedError(f"ccdgrid.find_holes not available: {exc}") from exc
+        self.find_holes = find_holes
+        self.image = np.load(cache[size]["path"])
+
+    def time_find_holes(self, cache, size):
+        self.find_holes(self.image)
+
+    def track_fit_seconds(self, cache, size):
+        return self.find_holes(self.image).timings["fit"]
+
+    def track_search_seconds(self, cache, size):
+        """Scale guess, smoothing, segmentation and classification of the binned image."""
+        t = self.find_holes(self.image).timings
+        return sum(t[k] for k in ("scale", "smooth", "segment", "classify"))
+
+    track_fit_seconds.unit = "seconds"
+    track_search_seconds.unit = "seconds"
 
 
 class TimeSave(_Pipeline):

@@ -62,6 +62,8 @@ _LAZY = {
     "save_detector": "detector_file",
     "DetectorRecord": "detector_file",
     "read_image": "io",
+    "calibrate_combined": "combined",
+    "CombinedCalibration": "combined",
 }
 _SUBMODULES = {
     "synthetic",
@@ -75,6 +77,7 @@ _SUBMODULES = {
     "exchange",
     "validation",
     "stack",
+    "combined",
 }
 
 __all__ = ["__version__", "openmp_enabled", *sorted(_LAZY), *sorted(_SUBMODULES)]

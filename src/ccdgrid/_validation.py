@@ -24,11 +24,8 @@ def as_image(image, name="image", dtype=np.float32):
     object arrays with a message that names ``name``.
     """
     arr = np.asarray(image)
-    if (
-        arr.dtype == object
-        or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool)
-        or np.issubdtype(arr.dtype, np.complexfloating)
-    ):
+    # kinds: bool, signed, unsigned, float (a dtype check that costs ~0.1 us)
+    if arr.dtype.kind not in "biuf":
         raise CcdgridError(f"`{name}` must hold real numbers, got an array of dtype {arr.dtype}")
     if arr.ndim != 2:
         raise CcdgridError(f"`{name}` must be a 2-D image, got an array of shape {arr.shape}")
@@ -40,7 +37,7 @@ def as_image(image, name="image", dtype=np.float32):
 def as_points(points, name="points", ncols=2):
     """Return ``points`` as a C-contiguous ``(N, ncols)`` float64 array."""
     arr = np.asarray(points)
-    if arr.dtype == object or np.issubdtype(arr.dtype, np.complexfloating):
+    if arr.dtype.kind not in "biuf":
         raise CcdgridError(f"`{name}` must hold real numbers, got dtype {arr.dtype}")
     if arr.ndim == 1 and arr.size == ncols:
         arr = arr.reshape(1, ncols)

@@ -93,7 +93,7 @@ class ProfileFit:
 
 
 def extract_windows(image, centres, half):
-    """Gather square windows around integer centres (fancy indexing, no loop).
+    """Copy square windows around integer centres (one strided gather, no loop).
 
     Parameters
     ----------
@@ -108,10 +108,10 @@ def extract_windows(image, centres, half):
     -------
     ndarray of shape (N, 2 half + 1, 2 half + 1), dtype of ``image``
     """
-    offs = np.arange(-half, half + 1)
-    rows = centres[:, 0, None, None] + offs[None, :, None]
-    cols = centres[:, 1, None, None] + offs[None, None, :]
-    return image[rows, cols]
+    size = 2 * half + 1
+    # one window per centre from a strided view: row copies, no index arrays
+    view = np.lib.stride_tricks.sliding_window_view(image, (size, size))
+    return view[centres[:, 0] - half, centres[:, 1] - half]
 
 
 # Paeth's median-of-9 exchange network: after these 19 min/max exchanges the
@@ -126,10 +126,11 @@ def _median3(windows):
     """3x3 median of the inner part of (N, w + 2, w + 2) windows -> (N, w, w)."""
     w = windows.shape[1] - 2
     v = [windows[:, dy : dy + w, dx : dx + w].copy() for dy in range(3) for dx in range(3)]
+    spare = np.empty_like(v[0])  # exchanges reuse one buffer: no allocation per step
     for i, j in _MEDIAN9:
-        lo = np.minimum(v[i], v[j])
+        np.minimum(v[i], v[j], out=spare)
         np.maximum(v[i], v[j], out=v[j])
-        v[i] = lo
+        v[i], spare = spare, v[i]
     return v[4]
 
 
@@ -223,7 +224,9 @@ def _fit_group(image, seeds, radius, half, valid, passes, engine):
     solve, tail = engine.gauss_newton, engine.gaussian_tail
     n = seeds.shape[0]
     centre = np.rint(seeds).astype(np.int64)
-    raw = extract_windows(image, centre, half + 1).astype(np.float64)
+    # the image's own dtype (float32 from the hole finder): the 3x3 median
+    # selects values, so it is exact in it, and moves half the bytes
+    raw = extract_windows(image, centre, half + 1)
     if valid is None:
         ok_big = np.ones(raw.shape, dtype=bool)
     else:
@@ -231,7 +234,7 @@ def _fit_group(image, seeds, radius, half, valid, passes, engine):
         # invalid pixels take the window median so that the 3x3 median ignores them
         bad = np.flatnonzero(~ok_big.all(axis=(1, 2)))
         if bad.size:
-            fill = np.median(raw[bad].reshape(bad.size, -1), axis=1)
+            fill = np.median(raw[bad].reshape(bad.size, -1), axis=1).astype(raw.dtype)
             raw[bad] = np.where(ok_big[bad], raw[bad], fill[:, None, None])
     w = 2 * half + 1
     offs = np.arange(-half, half + 1, dtype=np.float64)
@@ -240,8 +243,8 @@ def _fit_group(image, seeds, radius, half, valid, passes, engine):
     disc = np.flatnonzero(yy * yy + xx * xx <= (half + 0.5) ** 2)
     yy, xx = yy[disc], xx[disc]
     # the kernels take C-contiguous rows (fancy indexing may not give them)
-    med = np.ascontiguousarray(_median3(raw).reshape(n, -1)[:, disc])
-    data = np.ascontiguousarray(raw[:, 1:-1, 1:-1].reshape(n, -1)[:, disc])
+    med = np.ascontiguousarray(_median3(raw).reshape(n, -1)[:, disc], dtype=np.float64)
+    data = np.ascontiguousarray(raw[:, 1:-1, 1:-1].reshape(n, -1)[:, disc], dtype=np.float64)
     ok = np.ascontiguousarray(ok_big[:, 1:-1, 1:-1].reshape(n, -1)[:, disc])
 
     p = np.zeros((n, _NPAR))

@@ -12,6 +12,8 @@ and along y) and ``T = (Ox, Oy)``. :func:`grid_error` is what
 ``scipy.optimize.minimize(grid_error, P0, args=(points,), jac=True)`` wants.
 """
 
+import math
+
 import numpy as np
 
 from ._ext import _grid_error as _cython
@@ -23,7 +25,7 @@ __all__ = ["grid_error", "grid_error_value"]
 
 _ENGINES = {"cython": _cython, "numpy": _numpy}
 
-_EPS = np.finfo(np.float64).eps
+_EPS = float(np.finfo(np.float64).eps)
 
 
 def _as_parameters(P):
@@ -35,10 +37,12 @@ def _as_parameters(P):
         raise CcdgridError(
             f"`P` must have shape (6,) as (Ox, Oy, Xx, Yx, Xy, Yy), got {arr.shape}"
         )
-    arr = np.ascontiguousarray(arr, dtype=np.float64)
-    if not np.isfinite(arr).all():
-        raise CcdgridError(f"`P` must be finite, got {arr.tolist()}")
-    _, _, xx, yx, xy, yy = arr.tolist()
+    # Six Python numbers: checking them one by one costs less than a numpy
+    # call, and this runs once per objective evaluation in a minimiser.
+    values = arr.tolist()
+    if not all(map(math.isfinite, values)):
+        raise CcdgridError(f"`P` must be finite, got {values}")
+    _, _, xx, yx, xy, yy = (float(v) for v in values)
     det = xx * yy - yx * xy
     # Singular when det is zero up to the rounding error of its own two products.
     if abs(det) <= 4 * _EPS * (abs(xx * yy) + abs(yx * xy)):
@@ -46,7 +50,7 @@ def _as_parameters(P):
             f"`P` has a singular grid matrix R = [[Xx, Yx], [Xy, Yy]] = "
             f"[[{xx!r}, {yx!r}], [{xy!r}, {yy!r}]] (det = {det!r})"
         )
-    return arr
+    return np.ascontiguousarray(arr, dtype=np.float64)
 
 
 def grid_error(P, points, *, residuals=False, backend="cython"):
@@ -114,7 +118,7 @@ def grid_error(P, points, *, residuals=False, backend="cython"):
     params = _as_parameters(P)
     pts = as_points(points)
     out = engine.grid_error(params, pts, bool(residuals))
-    if not np.isfinite(out[0]):
+    if not math.isfinite(out[0]):
         # Checked after the pass, which costs nothing when all is well.
         bad = np.flatnonzero(~np.isfinite(pts).all(axis=1))
         if bad.size:

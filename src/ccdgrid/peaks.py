@@ -4,16 +4,19 @@ The pipeline, all of it automatic (every guess can be overridden):
 
 1. the pitch and hole diameter are guessed from the autocorrelation of the
    image (:mod:`ccdgrid.grid_scale`);
-2. the image is smoothed with a disc of the hole's size by FFT
-   (:mod:`ccdgrid.smoothing`);
+2. the image is binned so that a hole still spans about five pixels
+   (:func:`detection_binning`; 2x2 for the usual 10 px holes), then smoothed
+   with a disc of the hole's size by FFT (:mod:`ccdgrid.smoothing`);
 3. the smoothed image is cut into inverse-watershed regions, one per local
    maximum, and singleton regions are merged (:mod:`ccdgrid.watershed`);
 4. the contrast of each region's peak over its surroundings is thresholded
    in log10 at an automatically chosen level (:mod:`ccdgrid.holes`);
 5. the peaks are refined to sub-pixel seeds on the smoothed image
-   (:func:`ccdgrid.bilinear.refine_peaks`);
-6. a blurred-disc profile is fitted to every hole in the *raw* image
-   (:mod:`ccdgrid.centres`), robust to hot and dead pixels;
+   (:func:`ccdgrid.bilinear.refine_peaks`) and mapped back to full
+   resolution;
+6. a blurred-disc profile is fitted to every hole in the *raw*,
+   full-resolution image (:mod:`ccdgrid.centres`), robust to hot and dead
+   pixels;
 7. duplicates, holes cut by the image border, the taper edge or masked
    pixels, hot pixels and other non-holes are rejected with a reason.
 
@@ -33,12 +36,14 @@ from ._validation import as_image, check_backend
 from .bilinear import refine_peaks
 from .errors import CcdgridError
 from .grid_scale import estimate_grid_scale
-from .smoothing import disc_kernel, smooth_disc
+from .smoothing import block_mean, disc_kernel, smooth_disc
 from .watershed import merge_singletons, segment
 
-__all__ = ["MIN_HOLES", "HoleSearch", "find_holes"]
+__all__ = ["MIN_HOLES", "HoleSearch", "detection_binning", "find_holes"]
 
 MIN_HOLES = 6  # fewer accepted holes than this cannot define a lattice
+# smallest hole diameter, in binned pixels, that the peak search bins down to
+_MIN_BINNED_DIAMETER = 5.0
 
 
 @dataclass(eq=False)
@@ -70,14 +75,20 @@ class HoleSearch:
     pitch_px : float
         Grid pitch, px: the given value, else the median nearest-neighbour
         distance of the accepted holes.
-    smoothed : ndarray of shape (h, w), float32
-        The disc-smoothed image.
+    smoothed : ndarray of shape (h // binning, w // binning), float32
+        The binned, disc-smoothed image the peaks were searched in: its
+        pixel ``(i, j)`` is centred at ``binning * (i, j) + (binning - 1) / 2``
+        in the image's index coordinates.
     segmentation : object
-        The watershed segmentation of ``smoothed`` (after singleton merging).
+        The watershed segmentation of ``smoothed`` (after singleton merging);
+        its flat indices refer to ``smoothed``.
     timings : dict of str to float
         Seconds spent per stage.
     log_histogram : ccdgrid.holes.LogHistogram
         Histogram of log10 contrast of all peaks, with the threshold.
+    binning : int
+        Block size of ``smoothed`` (:func:`detection_binning` of the hole
+        diameter): 1 means full resolution.
     """
 
     peaks: np.ndarray
@@ -93,6 +104,7 @@ class HoleSearch:
     segmentation: object = field(repr=False)
     timings: dict
     log_histogram: _holes.LogHistogram = field(repr=False)
+    binning: int = 1
 
     def __repr__(self):
         return (
@@ -133,11 +145,65 @@ def _dead_lines(img, fraction=0.9):
     when there is none.
     """
     h, w = img.shape
-    rows = np.count_nonzero(img == img[:, :1], axis=1) >= fraction * w
-    cols = np.count_nonzero(img == img[:1, :], axis=0) >= fraction * h
+    # one pass in blocks of rows small enough to stay in cache; a row is
+    # compared with its first pixel, a column with its pixel in the first row
+    block = 64
+    rows = np.empty(h, dtype=bool)
+    col_count = np.zeros(w, dtype=np.int64)
+    eq = np.empty((block, w), dtype=bool)
+    for r0 in range(0, h, block):
+        blk = img[r0 : r0 + block]
+        e = eq[: blk.shape[0]]
+        np.equal(blk, blk[:, :1], out=e)
+        rows[r0 : r0 + block] = e.view(np.uint8).sum(axis=1, dtype=np.int64) >= fraction * w
+        np.equal(blk, img[0], out=e)
+        col_count += e.view(np.uint8).sum(axis=0, dtype=np.int64)
+    cols = col_count >= fraction * h
     if not (rows.any() or cols.any()) or rows.all() or cols.all():
         return None
     return rows[:, None] | cols[None, :]
+
+
+def detection_binning(diameter):
+    """Block size of the image the peaks are searched in, for a hole ``diameter`` px wide.
+
+    The segmentation only has to give one region per hole; a hole that
+    still spans five pixels after binning does (the disc kernel stays at
+    least 5x5, so the smoothed hole keeps a single, central maximum). The
+    centres are measured on the full-resolution image afterwards.
+
+    Parameters
+    ----------
+    diameter : float
+        Hole diameter, px.
+
+    Returns
+    -------
+    int
+        Binning factor, >= 1.
+    """
+    return max(1, int(float(diameter) // _MIN_BINNED_DIAMETER))
+
+
+class _BinnedCopies:
+    """Binned copies of one image, each made once (the scale guess and the search share them).
+
+    An even factor is binned from the 2x2 copy, a quarter of the image: the
+    scale guess's 4x4 copy of a 4096² image then costs little more than the
+    2x2 one the search needs.
+    """
+
+    def __init__(self, image):
+        self.image = image
+        self.copies = {1: image}
+
+    def __call__(self, factor):
+        if factor not in self.copies:
+            if factor % 2 == 0 and factor > 2:
+                self.copies[factor] = block_mean(self(2), factor // 2)
+            else:
+                self.copies[factor] = block_mean(self.image, factor)
+        return self.copies[factor]
 
 
 def _segment(smoothed, backend):
@@ -232,20 +298,21 @@ def find_holes(
 
     timings = {}
     t0 = time.perf_counter()
+    binned = _BinnedCopies(img)
     if hole_diameter is None or pitch_px is None:
-        scale = estimate_grid_scale(img, pitch=pitch_px, diameter=hole_diameter)
+        scale = estimate_grid_scale(img, pitch=pitch_px, diameter=hole_diameter, binned=binned)
         diameter0, pitch0 = scale.diameter, scale.pitch
     else:
         diameter0, pitch0 = hole_diameter, pitch_px
     timings["scale"] = time.perf_counter() - t0
 
-    result = _search(img, valid, diameter0, pitch0, threshold, backend, timings)
+    result = _search(img, binned, valid, diameter0, pitch0, threshold, backend, timings)
     if hole_diameter is None and result is not None:
         fitted_d = result[1]
         # the first guess sized the smoothing disc; redo with the measured size
         # when it was far off, so the smoothed peaks are single and centred
         if abs(fitted_d / diameter0 - 1.0) > 0.3:
-            result = _search(img, valid, fitted_d, pitch0, threshold, backend, timings)
+            result = _search(img, binned, valid, fitted_d, pitch0, threshold, backend, timings)
     if result is None:
         raise CcdgridError(
             "no grid of holes found in `image`: no peak stands out of the background"
@@ -272,11 +339,15 @@ def _summary(reasons):
     return ", ".join(f"{c} {n}" for n, c in zip(names, counts, strict=True))
 
 
-def _search(img, valid, diameter, pitch, threshold, backend, timings):
+def _search(img, binned, valid, diameter, pitch, threshold, backend, timings):
     """One pass of the search for a given hole diameter; None if no peak at all."""
     h, w = img.shape
     t = time.perf_counter()
-    smoothed = smooth_disc(img, diameter)
+    # peaks are searched in a binned image (4x fewer pixels at the usual
+    # hole sizes); positions go back to full resolution as block centres
+    factor = detection_binning(diameter)
+    small_d = diameter / factor
+    smoothed = smooth_disc(binned(factor), small_d)
     timings["smooth"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -284,13 +355,13 @@ def _search(img, valid, diameter, pitch, threshold, backend, timings):
     timings["segment"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    kernel_area = float(disc_kernel(diameter).astype(bool).sum())
+    kernel_area = float(disc_kernel(small_d).astype(bool).sum())
     # regions much smaller than the smoothing disc are noise, never a hole
     big = size >= 0.25 * kernel_area
     peak_flat = peak_flat[big]
-    peaks_int = np.stack(np.divmod(peak_flat, w), axis=1).astype(np.int64)
-    ring_r = min(diameter + 2.0, 0.45 * pitch)
-    bg, _, _ = _holes.ring_background(smoothed, peaks_int, ring_r)
+    peaks_small = np.stack(np.divmod(peak_flat, smoothed.shape[1]), axis=1).astype(np.int64)
+    ring_r = min(diameter + 2.0, 0.45 * pitch) / factor
+    bg, _, _ = _holes.ring_background(smoothed, peaks_small, ring_r)
     contrast = smoothed.ravel()[peak_flat].astype(np.float64) - bg
     positive = contrast > 0
     if positive.sum() == 0:
@@ -300,7 +371,9 @@ def _search(img, valid, diameter, pitch, threshold, backend, timings):
     thr = thr_auto if threshold is None else threshold
     hist.threshold = thr
     keep = np.flatnonzero(positive)[logc >= thr]
-    peaks_int, contrast = peaks_int[keep], contrast[keep]
+    peaks_small, contrast, bg = peaks_small[keep], contrast[keep], bg[keep]
+    # the full-resolution pixel nearest to the centre of each peak's block
+    peaks_int = peaks_small * factor + factor // 2
     timings["classify"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -308,14 +381,14 @@ def _search(img, valid, diameter, pitch, threshold, backend, timings):
     reasons = np.full(len(peaks_int), "", dtype=object)
     # a hole is bright in the raw image at its smoothed peak; the plateau a
     # hot pixel leaves in the smoothed image is not (3x3 median kills it)
-    raw_level = _median3_at(img, peaks_int) - bg[keep]
+    raw_level = _median3_at(img, peaks_int) - bg
     flat = raw_level < 0.3 * contrast
-    spike = _box_max_at(img, peaks_int[flat], int(np.ceil(radius)) + 1) - bg[keep][flat]
+    spike = _box_max_at(img, peaks_int[flat], int(np.ceil(radius)) + factor) - bg[flat]
     reasons[flat] = np.where(spike > 3.0 * contrast[flat], "hot pixel", "not a hole")
     if valid is not None:
         reasons[flat & (_median3_at(valid.view(np.uint8), peaks_int) < 1)] = "masked"
     # one report per defect: a hot pixel's plateau holds many peaks
-    at = peaks_int.astype(np.float64)
+    at = _full_resolution(peaks_small.astype(np.float64), factor)
     _mark_duplicates(at, np.flatnonzero(flat), contrast, diameter, reasons)
     silent = reasons == "duplicate"
     half = int(np.ceil(max(1.7 * radius + 2.0, radius + 5.0)))
@@ -328,7 +401,8 @@ def _search(img, valid, diameter, pitch, threshold, backend, timings):
     # it; seeds that converge on one hole are merged after the fit
     seeds = at.copy()
     todo = np.flatnonzero(reasons == "")
-    seeds[todo] = refine_peaks(smoothed, peaks_int[todo].astype(np.float64), backend=backend)
+    refined = refine_peaks(smoothed, peaks_small[todo].astype(np.float64), backend=backend)
+    seeds[todo] = _full_resolution(refined, factor)
     timings["refine"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -398,8 +472,14 @@ def _search(img, valid, diameter, pitch, threshold, backend, timings):
         segmentation=seg,
         timings=timings,
         log_histogram=hist,
+        binning=factor,
     )
     return search, fitted_d
+
+
+def _full_resolution(points, factor):
+    """Index coordinates in the image of points given in its ``factor``-binned copy."""
+    return points * factor + 0.5 * (factor - 1)
 
 
 def _median3_at(image, points):

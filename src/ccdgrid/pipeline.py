@@ -264,6 +264,7 @@ def calibrate(
         shape,
         smoothing=smoothing,
         scale_px=lattice.pitch_px,
+        backend=backend,
     )
     cv = _cross_validation(peaks[valid], grid, maps, cv_folds)
     out_mask = _output_mask(maps.mask, mask)

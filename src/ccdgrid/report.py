@@ -76,6 +76,7 @@ class _ReportData:
     indices: object = None  # (N, 2) lattice (i, j) of the holes, or None
     image: object = None  # 2-D array or None
     image_label: str = "image"
+    image_binning: int = 1  # detector pixels per image pixel (the peak search bins)
     rejected: list = field(default_factory=list)  # [(label, (K, 2) positions)]
     log_hist: object = None  # (edges, counts, threshold) or None
     pair_distances: object = None
@@ -313,6 +314,7 @@ def _from_calibration(cal):
         indices=np.asarray(grid.indices),
         image=getattr(holes, "smoothed", None),
         image_label="disc-smoothed image",
+        image_binning=int(getattr(holes, "binning", 1)),
         rejected=rejected,
         log_hist=(hist.edges, hist.counts, float(holes.threshold)),
         pair_distances=np.asarray(lattice.pair_distances),
@@ -558,7 +560,9 @@ def _panel_image(mpl, ax, d):
     f = _image_factor(d.shape, _IMAGE_PANEL_PX)
     if d.image is not None:
         # the mean of a block keeps the holes visible; a hot pixel is diluted f² times
-        small = _block_mean(d.image, f)
+        b = max(int(d.image_binning), 1)
+        small = _block_mean(d.image, max(f // b, 1))
+        scale = max(f // b, 1) * b  # detector pixels per displayed pixel
         good = small[np.isfinite(small) & (small > 0)]
         if good.size:
             lo, hi = np.percentile(good, [1.0, 99.9])
@@ -568,7 +572,7 @@ def _panel_image(mpl, ax, d):
                 np.clip(np.nan_to_num(small, nan=lo), lo, None),
                 cmap="gray",
                 norm=mpl.colors.LogNorm(vmin=lo, vmax=hi, clip=True),
-                extent=(-0.5, small.shape[1] * f - 0.5, small.shape[0] * f - 0.5, -0.5),
+                extent=(-0.5, small.shape[1] * scale - 0.5, small.shape[0] * scale - 0.5, -0.5),
                 interpolation="nearest",
             )
             _colorbar(fig, ax, im, "counts (log scale; 1–99.9 % of the pixels)")

@@ -9,7 +9,41 @@ inverse transform of the image plus one of the kernel.
 import numpy as np
 from scipy import fft as _fft
 
-__all__ = ["disc_kernel", "smooth_disc"]
+__all__ = ["block_mean", "disc_kernel", "smooth_disc"]
+
+
+def block_mean(image, factor):
+    """Mean of ``factor`` x ``factor`` blocks of an image (binning).
+
+    Parameters
+    ----------
+    image : ndarray of shape (h, w), real
+    factor : int
+        Block size, >= 1.
+
+    Returns
+    -------
+    ndarray of shape (h // factor, w // factor), float32
+        Pixel ``(i, j)`` is the mean of the image's pixels
+        ``[factor i, factor (i + 1)) x [factor j, factor (j + 1))``, so its
+        centre is at index coordinates ``factor * (i, j) + (factor - 1) / 2``
+        of the image. A partial last block of rows or columns is dropped.
+        For ``factor == 1``, the image as float32 (not a copy if it already is).
+    """
+    if factor == 1:
+        return np.asarray(image, dtype=np.float32)
+    h, w = image.shape
+    h2, w2 = h // factor * factor, w // factor * factor
+    # rows first (whole rows: one pass over the image), then columns of the
+    # row sums, a factor smaller; a reshape + mean over two axes is far slower
+    rows = np.array(image[0:h2:factor, :w2], dtype=np.float32)
+    for dy in range(1, factor):
+        rows += image[dy:h2:factor, :w2]
+    out = np.array(rows[:, 0::factor], dtype=np.float32)
+    for dx in range(1, factor):
+        out += rows[:, dx::factor]
+    out *= np.float32(1.0 / (factor * factor))
+    return out
 
 
 def disc_kernel(diameter):

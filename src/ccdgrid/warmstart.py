@@ -157,6 +157,7 @@ class _Previous:
     dy: np.ndarray
     mask: np.ndarray
     smoothing: object  # float, pitch² units, or None when unknown
+    degree: object = None  # trend degree of the previous maps, or None when unknown
 
 
 def recalibrate(
@@ -311,8 +312,16 @@ def recalibrate(
     # the same detector, plate and exposure: the previous smoothing fits, and
     # choosing it again by GCV would cost more than the whole warm start
     map_smoothing = prev.smoothing if smoothing is None else smoothing
+    # with the smoothing, the trend degree GCV chose for it (not the fixed rule)
+    map_degree = _degree(prev.degree, n_ok) if smoothing is None else None
     maps = displacement_maps(
-        peaks, grid.displacement, prev.shape, smoothing=map_smoothing, scale_px=holes.pitch_px
+        peaks,
+        grid.displacement,
+        prev.shape,
+        smoothing=map_smoothing,
+        degree=map_degree if map_smoothing is not None else None,
+        scale_px=holes.pitch_px,
+        backend=backend,
     )
     timings["displacement_maps"] = time.perf_counter() - t0
     cv = _cross_validation(peaks, grid, maps, cv_folds)
@@ -388,6 +397,7 @@ def _previous(previous):
             dy=previous.dy,
             mask=previous.mask,
             smoothing=_smoothing(getattr(previous.maps, "smoothing", None)),
+            degree=getattr(previous.maps, "degree", None),
         )
     needed = ("peaks", "indices", "valid", "grid", "params", "shape", "dx", "dy", "mask")
     missing = [name for name in needed if getattr(previous, name, None) is None]
@@ -421,6 +431,7 @@ def _previous(previous):
         dy=previous.dy,
         mask=previous.mask,
         smoothing=_smoothing(resolved.get("smoothing")),
+        degree=resolved.get("map_degree"),
     )
 
 
@@ -431,6 +442,15 @@ def _smoothing(value):
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) and value >= 0 else None
+
+
+def _degree(value, n_holes):
+    """A previous trend degree usable with ``n_holes`` holes (1-5, more holes than terms)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        return None
+    if not 1 <= value <= 5 or n_holes <= (value + 1) * (value + 2) // 2:
+        return None
+    return int(value)
 
 
 # -- measuring ---------------------------------------------------------------
@@ -662,15 +682,37 @@ def _drift(prev, cal, n_previous, n_matched):
     )
 
 
+_CHANGE_ROWS = 256  # corner rows compared at a time: a few MB of temporaries
+
+
 def _map_change(prev, cal):
-    """Largest ``|new - old|`` of dx and dy over corners of pixels valid in both."""
-    pix = (np.asarray(prev.mask) == 0) & (np.asarray(cal.mask) == 0)
-    corner = np.zeros((pix.shape[0] + 1, pix.shape[1] + 1), dtype=bool)
-    for dy in (0, 1):
-        for dx in (0, 1):
-            corner[dy : dy + pix.shape[0], dx : dx + pix.shape[1]] |= pix
-    if not corner.any():
+    """Largest ``|new - old|`` of dx and dy over corners of pixels valid in both.
+
+    Works on blocks of rows, so that no full-size temporary is made: at
+    4096² the four maps are 270 MB, and masks, differences and boolean
+    selections of full size cost more than the comparison itself.
+    """
+    old_mask, new_mask = np.asarray(prev.mask), np.asarray(cal.mask)
+    ny, nx = old_mask.shape
+    worst = np.full(2, -np.inf)
+    for start in range(0, ny + 1, _CHANGE_ROWS):
+        stop = min(start + _CHANGE_ROWS, ny + 1)
+        # corner rows start..stop-1 touch pixel rows start-1..stop-1
+        lo, hi = max(start - 1, 0), min(stop, ny)
+        pix = (old_mask[lo:hi] == 0) & (new_mask[lo:hi] == 0)
+        rows = np.zeros((hi - lo + 1, nx + 1), dtype=bool)  # corner rows lo..hi
+        for dy in (0, 1):
+            for dx in (0, 1):
+                rows[dy : dy + hi - lo, dx : dx + nx] |= pix
+        corner = rows[start - lo : stop - lo]
+        if not corner.any():
+            continue
+        for k, (new, old) in enumerate(((cal.dx, prev.dx), (cal.dy, prev.dy))):
+            diff = np.subtract(new[start:stop], old[start:stop], dtype=np.float32)
+            np.abs(diff, out=diff)
+            # fmax skips NaN (a corner map that is not finite somewhere)
+            top = np.fmax.reduce(diff, axis=None, where=corner, initial=-np.inf)
+            worst[k] = np.fmax(worst[k], top)
+    if not np.isfinite(worst).all():
         return float("nan"), float("nan")
-    ddx = np.abs(np.subtract(cal.dx, prev.dx, dtype=np.float32))[corner]
-    ddy = np.abs(np.subtract(cal.dy, prev.dy, dtype=np.float32))[corner]
-    return float(np.nanmax(ddx)), float(np.nanmax(ddy))
+    return float(worst[0]), float(worst[1])

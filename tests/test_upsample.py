@@ -1,0 +1,62 @@
+"""Bicubic upsampling of the coarse maps: compiled kernel and numpy twin against FITPACK."""
+
+import numpy as np
+import pytest
+from scipy.interpolate import RectBivariateSpline
+
+from ccdgrid import maps
+from ccdgrid.errors import CcdgridError
+
+
+@pytest.fixture(params=["cython", "numpy"])
+def backend(request):
+    return request.param
+
+
+@pytest.mark.parametrize(("ny", "nx", "step"), [(40, 57, 9.0), (3, 5, 8.0), (130, 70, 16.0)])
+def test_upsample_matches_fitpack_at_every_corner(backend, ny, nx, step):
+    rng = np.random.default_rng(0)
+    yc = maps._coarse_axis(ny, step)
+    xc = maps._coarse_axis(nx, step)
+    coarse = rng.normal(0.0, 2.0, (len(yc), len(xc), 2))
+    out0, out1 = maps._upsample(yc, xc, coarse, ny, nx, backend)
+    assert out0.shape == out1.shape == (ny + 1, nx + 1)
+    assert out0.dtype == out1.dtype == np.float32
+    yk = np.arange(ny + 1) - 0.5  # corner (i, j) is at index coordinates (i - 0.5, j - 0.5)
+    xk = np.arange(nx + 1) - 0.5
+    for c, out in enumerate((out0, out1)):
+        spline = RectBivariateSpline(yc, xc, coarse[..., c], kx=3, ky=3, s=0)
+        # float32 rounding of values of a few units: ~5e-7
+        np.testing.assert_allclose(out, spline(yk, xk), rtol=0, atol=2e-6)
+
+
+def test_upsample_interpolates_the_nodes(backend):
+    rng = np.random.default_rng(1)
+    ny, nx = 64, 48
+    yc = maps._coarse_axis(ny, 16.0)  # nodes at -0.5, 15.5, ...: on corners
+    xc = maps._coarse_axis(nx, 16.0)
+    coarse = rng.normal(0.0, 1.0, (len(yc), len(xc), 2))
+    out0, out1 = maps._upsample(yc, xc, coarse, ny, nx, backend)
+    iy = np.rint(yc + 0.5).astype(int)
+    ix = np.rint(xc + 0.5).astype(int)
+    np.testing.assert_allclose(out0[np.ix_(iy, ix)], coarse[..., 0], atol=1e-6)
+    np.testing.assert_allclose(out1[np.ix_(iy, ix)], coarse[..., 1], atol=1e-6)
+
+
+def test_backends_give_the_same_maps():
+    rng = np.random.default_rng(2)
+    pts = rng.uniform(5, 250, (120, 2))
+    disp = np.column_stack([np.sin(pts[:, 0] / 40), np.cos(pts[:, 1] / 50)])
+    shape = (256, 300)
+    a = maps.displacement_maps(pts, disp, shape, backend="cython")
+    b = maps.displacement_maps(pts, disp, shape, backend="numpy")
+    assert a.smoothing == b.smoothing
+    np.testing.assert_allclose(a.dx, b.dx, atol=1e-6)
+    np.testing.assert_allclose(a.dy, b.dy, atol=1e-6)
+    np.testing.assert_array_equal(a.mask, b.mask)
+
+
+def test_bad_backend():
+    pts = np.array([[0.0, 0.0], [0.0, 50.0], [50.0, 0.0], [50.0, 50.0], [25.0, 20.0]])
+    with pytest.raises(CcdgridError, match="backend"):
+        maps.displacement_maps(pts, np.zeros_like(pts), (60, 60), backend="fortran")
