@@ -522,3 +522,29 @@ def test_cli_usage_errors(capsys, stack, extra, message):
         main(["calibrate", f"{stack}::/entry/data", "--pitch", "5mm", *extra])
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_combine_writes_one_detector_file(capsys, stack, tmp_path):
+    output = tmp_path / "plate.h5"
+    source = f"{stack}::/entry/data"
+    code = main(
+        ["calibrate", source, "--frames", "0,2", "--combine", "--pitch", "5mm", "-o", str(output)]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert os.listdir(tmp_path) == ["plate.h5"]
+    assert detector_factory(str(output)).shape == (SIZE, SIZE)
+    assert "combined 2 plate positions" in out
+
+
+def test_cli_combine_needs_two_images(capsys, stack, tmp_path):
+    output = tmp_path / "plate.h5"
+    source = f"{stack}::/entry/data"
+    code = main(
+        ["calibrate", source, "--frame", "0", "--combine", "--pitch", "5mm", "-o", str(output)]
+    )
+    assert code == 1
+    assert capsys.readouterr().err == (
+        "ccdgrid: error: --combine needs at least two images (or frames) of the plate\n"
+    )
+    assert os.listdir(tmp_path) == []

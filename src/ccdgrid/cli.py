@@ -625,16 +625,11 @@ def _run_combine(args):
     mask = None if args.mask is None else read_mask(args.mask, images[0].shape)
     print(f"read {len(images)} images of {images[0].shape[0]} x {images[0].shape[1]} px")
 
-    try:
-        from .combined import calibrate_combined
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.combined":
-            raise
-        raise CcdgridError("--combine is not available in this installation of ccdgrid") from None
+    from .combined import calibrate_combined
 
     start = time.perf_counter()
     calibration = calibrate_combined(
-        images, pitch=args.pitch, mask=mask, **_calibrate_options(args)
+        images, pitch=args.pitch, mask=mask, sources=sources, **_calibrate_options(args)
     )
     elapsed = time.perf_counter() - start
     print(calibration.summary())
