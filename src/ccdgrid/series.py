@@ -10,16 +10,18 @@ grid, pixel size, cross-validated residual, and the drift against a reference
 series goes on.
 
 Why processes, and how they are set up: much of the pipeline is numpy and
-scipy code that holds the GIL between compiled calls, and each frame is
-independent, so worker processes scale where threads of one process are
-limited by the GIL. Every worker runs its BLAS and OpenMP single-threaded
-(worker processes are started with :data:`THREAD_ENV` set to 1; the calling
-process, which works as one of the workers, is held to one thread with
-threadpoolctl when it is installed): on the 2-core reference machine, busy
-with other jobs, a 2048² frame cost 0.85 s of CPU single-threaded against
-3.2 s with the libraries' own threads, which spin while they wait. Workers
-read their frames themselves (a path and a frame number travel to them,
-never an image), write the detector files themselves and send back one small
+scipy code that holds the GIL between compiled calls, and the frames are
+independent, so worker processes are the safe way to use several cores
+(``executor="thread"`` is kept for comparison: on the shared 2-core machine
+two threads gave 1.0-1.5x, a measurement too noisy to choose them). Every
+worker runs its BLAS and OpenMP single-threaded (worker processes are started
+with :data:`THREAD_ENV` set to 1; the calling process, which works as one of
+the workers, is held to one thread with threadpoolctl): on the 2-core
+reference machine a 2048² frame then costs about 0.65 s of CPU, against
+0.75-0.8 s with the libraries' own threads (which spin while they wait) for
+the same wall time, and two workers do not fight over the cores. Workers read
+their frames themselves (a path and a frame number travel to them, never an
+image), write the detector files themselves and send back one small
 :class:`FrameResult`. A worker process costs about 0.7 s of CPU to start
 (importing numpy, scipy and the pipeline) and 0.3 s more on its first frame:
 a series needs several frames per worker to gain. ``benchmarks/series.py``
@@ -964,12 +966,11 @@ class _Pool:
     With ``kind="process"`` and ``workers=N``, N - 1 worker processes run
     beside one worker thread of the calling process, which has already paid
     for importing numpy, scipy and the pipeline (0.7 s of CPU per process on
-    the 2-core reference machine, most of a 2048² frame). That needs
+    the 2-core reference machine, as much as a 2048² frame). That needs
     threadpoolctl, to hold this process's BLAS and OpenMP to one thread
     during the series; without it, N worker processes run the frames.
-    Every worker runs single-threaded (:data:`THREAD_ENV`): on 2 cores,
-    calibrating 2048² frames, it gave the same frames/s as the libraries' own
-    threads on an idle machine and 4x more on a busy one.
+    Every worker runs single-threaded (:data:`THREAD_ENV`; see the module
+    notes for what that saves).
     """
 
     def __init__(self, kind, workers, config):
@@ -1102,9 +1103,11 @@ def calibrate_series(
         Write the table to ``TABLE.csv`` and ``TABLE.json`` (a ``.csv`` or
         ``.json`` suffix is replaced); None: not written.
     workers : int or None
-        Parallel workers; None: the CPUs this process may use, at most the
-        number of frames. 1 calibrates the frames one after the other in the
-        calling process.
+        Frames calibrated at once, each by one single-threaded worker (BLAS,
+        OpenMP and the detector-file compression held to one thread); None:
+        the CPUs this process may use, at most the number of frames. 1
+        calibrates the frames one after the other in the calling process, on
+        one core.
     executor : {"process", "thread"}
         Worker processes (each limited to one OpenMP/BLAS thread; scales) or
         threads of this process (much of the pipeline holds the GIL; kept for
@@ -1199,8 +1202,9 @@ def calibrate_series(
         pitch=pitch,
         options=dict(options),
         mask=mask,
-        # in a pool every worker writes single-threaded; alone, it may use the CPUs
-        save_workers=1 if kind == "process" else None,
+        # a worker is one thread, down to the detector-file compression: N
+        # workers use N cores (workers=1 leaves the others free)
+        save_workers=1,
     )
     start = time.perf_counter()
     # the reference marker, and the detector files of frames that need a
