@@ -13,7 +13,10 @@ little further (0.25 px in y, -0.15 px in x and 2 mdeg per frame). Then
 :func:`ccdgrid.series.calibrate_series` calibrates the whole stack from
 ``file.h5::/entry/data`` and writes one detector file per frame into a
 scratch directory, with 1 worker (in this process) and with 2 (this process
-and one worker process), the runs taking turns ``--repeat`` times. Reported:
+and one worker process), the runs taking turns ``--repeat`` times. A worker
+is one thread (BLAS, OpenMP and the detector-file compression held to one
+thread), so 1 worker uses one core; ``--all`` adds a plain loop of
+``calibrate`` + ``save`` with the libraries' own threads for comparison. Reported:
 the best wall time of each configuration (the machine is shared: the best is
 the least disturbed), frames/s, the ratio to 1 worker, the CPU time of all
 processes (on a busy machine two processes get a larger share of it than
