@@ -12,8 +12,9 @@ and the centre-of-mass sums are float32. The build compiles in ISO C mode
 roundings are those of the numpy twin.
 """
 
-from libc.math cimport fabs
+from libc.math cimport INFINITY, nextafterf
 from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memset
 
 import numpy as np
 
@@ -21,19 +22,27 @@ from cython.parallel cimport prange
 
 cdef extern from *:
     """
-    /* Ask for the three rows of the 3x3 window at (y, x), inside an h x w
-       image. A macro, not a function: GCC deems a function that only
-       prefetches free of effects and deletes the calls. */
+    #include <math.h>
+    #include <string.h>
+
+    /* Ask for the three rows of the 3x3 window at (y, x) of an image w
+       pixels wide. A macro, not a function: GCC deems a function that only
+       prefetches free of effects and deletes the calls. The address is
+       computed on integers and may point outside the image (a prefetch
+       never faults), which saves clamping it on the first and last rows. */
     #if defined(__GNUC__)
-    #define ccdgrid_prefetch_window(base, h, w, y, x)                              \
-        do {                                                                    \
-            const float *ccdgrid_p_ = (base) + (y) * (w) + (x);                 \
-            __builtin_prefetch((y) > 0 ? ccdgrid_p_ - (w) : ccdgrid_p_, 0, 3);  \
-            __builtin_prefetch(ccdgrid_p_, 0, 3);                               \
-            __builtin_prefetch((y) + 1 < (h) ? ccdgrid_p_ + (w) : ccdgrid_p_, 0, 3); \
+    #include <stdint.h>
+    #define ccdgrid_prefetch_window(base, w, y, x)                                   \
+        do {                                                                      \
+            const uintptr_t ccdgrid_a_ = (uintptr_t)(base)                        \
+                + (uintptr_t)((y) * (w) + (x) - 1) * sizeof(float);               \
+            const uintptr_t ccdgrid_r_ = (uintptr_t)(w) * sizeof(float);          \
+            __builtin_prefetch((const void *)(ccdgrid_a_ - ccdgrid_r_), 0, 3);    \
+            __builtin_prefetch((const void *)ccdgrid_a_, 0, 3);                   \
+            __builtin_prefetch((const void *)(ccdgrid_a_ + ccdgrid_r_), 0, 3);    \
         } while (0)
     #else
-    #define ccdgrid_prefetch_window(base, h, w, y, x) ((void)0)
+    #define ccdgrid_prefetch_window(base, w, y, x) ((void)0)
     #endif
 
     /* 1 if no pixel of the 3x3 window centred on *p is strictly greater than
@@ -44,7 +53,6 @@ cdef extern from *:
     #define __has_builtin(x) 0
     #endif
     #if defined(__GNUC__) && __has_builtin(__builtin_shufflevector)
-    #include <string.h>
     typedef float ccdgrid_v4f __attribute__((vector_size(16)));
     static inline int ccdgrid_centre_is_highest(const float *p, Py_ssize_t w)
     {
@@ -64,11 +72,161 @@ cdef extern from *:
                  | (p[1] > c) | (p[w - 1] > c) | (p[w] > c) | (p[w + 1] > c));
     }
     #endif
+
+    /* The 3x3 window centred on *p (an interior pixel) as three rows of four
+       floats into dst[0..11]; the fourth float of each row is the pixel past
+       the window when `wide` (p[w + 2] is inside the image), else zero. */
+    static inline void ccdgrid_copy_window(const float *p, Py_ssize_t w, int wide, float *dst)
+    {
+        if (wide) {
+            memcpy(dst, p - w - 1, 4 * sizeof *dst);
+            memcpy(dst + 4, p - 1, 4 * sizeof *dst);
+            memcpy(dst + 8, p + w - 1, 4 * sizeof *dst);
+        } else {
+            memcpy(dst, p - w - 1, 3 * sizeof *dst);
+            memcpy(dst + 4, p - 1, 3 * sizeof *dst);
+            memcpy(dst + 8, p + w - 1, 3 * sizeof *dst);
+            dst[3] = dst[7] = dst[11] = 0.0f;
+        }
+    }
+
+    /* The common case of a batch of peaks, in one go: if (y, x) is an
+       interior pixel not in the last two columns (1 <= y < 1 + ylim,
+       1 <= x < 1 + xlim, the limits being h - 2 and w - 3 or 0) and no
+       pixel of its 3x3 window is higher, write the window to dst as
+       ccdgrid_copy_window does and return 1; else return 0 (dst may have
+       been written). */
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    static inline int ccdgrid_gather_maximum(const float *base, Py_ssize_t w, Py_ssize_t y,
+                                             Py_ssize_t x, size_t ylim, size_t xlim,
+                                             float *dst)
+    {
+        if (!(((size_t)(y - 1) < ylim) & ((size_t)(x - 1) < xlim)))
+            return 0;
+        const float *p = base + y * w + x;
+        const __m128 c = _mm_set1_ps(p[0]);
+        const __m128 r0 = _mm_loadu_ps(p - w - 1);
+        const __m128 r1 = _mm_loadu_ps(p - 1);
+        const __m128 r2 = _mm_loadu_ps(p + w - 1);
+        _mm_storeu_ps(dst, r0);
+        _mm_storeu_ps(dst + 4, r1);
+        _mm_storeu_ps(dst + 8, r2);
+        const __m128 m = _mm_or_ps(_mm_or_ps(_mm_cmpgt_ps(r0, c), _mm_cmpgt_ps(r1, c)),
+                                   _mm_cmpgt_ps(r2, c));
+        return (_mm_movemask_ps(m) & 7) == 0;
+    }
+    #else
+    static inline int ccdgrid_gather_maximum(const float *base, Py_ssize_t w, Py_ssize_t y,
+                                             Py_ssize_t x, size_t ylim, size_t xlim,
+                                             float *dst)
+    {
+        if (!(((size_t)(y - 1) < ylim) & ((size_t)(x - 1) < xlim)))
+            return 0;
+        const float *p = base + y * w + x;
+        if (!ccdgrid_centre_is_highest(p, w))
+            return 0;
+        ccdgrid_copy_window(p, w, 1, dst);
+        return 1;
+    }
+    #endif
+
+    /* pyFAI 2026.9's Newton step for CCDGRID_LANES maxima at once, one per
+       vector lane: the same operations in the same order for each maximum as
+       the scalar code, so the same roundings. The second differences d00 and
+       d11 are evaluated in double and rounded once to float (pyFAI's double
+       literal 2.0); d01 = (...) / 4.0 and denom = 2.0 * (...) are float
+       values scaled by powers of two, exact in double, so the float
+       operations round them the same way. `win` holds CCDGRID_LANES windows
+       as written by ccdgrid_copy_window; `thr` is the least float f with
+       (double)f >= 1e-10, so that |denom| >= thr is pyFAI's
+       fabs(denom) >= 1e-10. Returns the bit mask of the lanes whose step is
+       accepted (|denom| >= 1e-10, |dy| <= 1, |dx| <= 1), with their offsets
+       in dy[], dx[]. */
+    #if defined(__GNUC__) && __has_builtin(__builtin_shufflevector) \
+        && __has_builtin(__builtin_convertvector)
+    #define CCDGRID_LANES 4
+    typedef double ccdgrid_v2d __attribute__((vector_size(16)));
+    typedef double ccdgrid_v4d __attribute__((vector_size(32)));
+    typedef int ccdgrid_v4i __attribute__((vector_size(16)));
+
+    static inline void ccdgrid_transpose_row(const float *win, int r, ccdgrid_v4f *c0,
+                                             ccdgrid_v4f *c1, ccdgrid_v4f *c2)
+    {
+        ccdgrid_v4f l0, l1, l2, l3, t0, t1, t2, t3;
+        memcpy(&l0, win + r * 4, sizeof l0);
+        memcpy(&l1, win + 12 + r * 4, sizeof l1);
+        memcpy(&l2, win + 24 + r * 4, sizeof l2);
+        memcpy(&l3, win + 36 + r * 4, sizeof l3);
+        t0 = __builtin_shufflevector(l0, l1, 0, 4, 1, 5);
+        t1 = __builtin_shufflevector(l0, l1, 2, 6, 3, 7);
+        t2 = __builtin_shufflevector(l2, l3, 0, 4, 1, 5);
+        t3 = __builtin_shufflevector(l2, l3, 2, 6, 3, 7);
+        *c0 = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+        *c1 = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+        *c2 = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+    }
+
+    /* (float)((double)u - 2.0 * (double)c + (double)v), lane by lane */
+    static inline ccdgrid_v4f ccdgrid_second_difference(ccdgrid_v4f u, ccdgrid_v4f c,
+                                                        ccdgrid_v4f v)
+    {
+        ccdgrid_v4d du = __builtin_convertvector(u, ccdgrid_v4d);
+        ccdgrid_v4d dc = __builtin_convertvector(c, ccdgrid_v4d);
+        ccdgrid_v4d dv = __builtin_convertvector(v, ccdgrid_v4d);
+        return __builtin_convertvector((du - 2.0 * dc) + dv, ccdgrid_v4f);
+    }
+
+    static inline int ccdgrid_newton_lanes(const float *win, float thr, float *dy, float *dx)
+    {
+        ccdgrid_v4f a00, a01, a02, a10, a11, a12, a20, a21, a22;
+        ccdgrid_v4f d00, d11, d01, denom, vy, vx, ad, ay, ax;
+        ccdgrid_transpose_row(win, 0, &a00, &a01, &a02);
+        ccdgrid_transpose_row(win, 1, &a10, &a11, &a12);
+        ccdgrid_transpose_row(win, 2, &a20, &a21, &a22);
+        d00 = ccdgrid_second_difference(a21, a11, a01);
+        d11 = ccdgrid_second_difference(a12, a11, a10);
+        d01 = (((a00 - a02) - a20) + a22) * 0.25f;
+        denom = (d00 * d11 - d01 * d01) * 2.0f;
+        vy = ((a12 - a10) * d01 + (a01 - a21) * d11) / denom;
+        vx = ((a10 - a12) * d00 + (a21 - a01) * d01) / denom;
+        memcpy(dy, &vy, sizeof vy);
+        memcpy(dx, &vx, sizeof vx);
+        /* |v| by clearing the sign bit; comparisons with NaN are false */
+        const ccdgrid_v4f one = {1.0f, 1.0f, 1.0f, 1.0f};
+        const ccdgrid_v4f t = {thr, thr, thr, thr};
+        const ccdgrid_v4i sign = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
+        ad = (ccdgrid_v4f)((ccdgrid_v4i)denom & sign);
+        ay = (ccdgrid_v4f)((ccdgrid_v4i)vy & sign);
+        ax = (ccdgrid_v4f)((ccdgrid_v4i)vx & sign);
+        ccdgrid_v4i ok = (ad >= t) & (ay <= one) & (ax <= one);
+        return (ok[0] & 1) | (ok[1] & 2) | (ok[2] & 4) | (ok[3] & 8);
+    }
+    #else
+    #define CCDGRID_LANES 1
+    static inline int ccdgrid_newton_lanes(const float *a, float thr, float *dy, float *dx)
+    {
+        float d00 = (float)(((double)a[9] - 2.0 * (double)a[5]) + (double)a[1]);
+        float d11 = (float)(((double)a[6] - 2.0 * (double)a[5]) + (double)a[4]);
+        float d01 = (((a[0] - a[2]) - a[8]) + a[10]) * 0.25f;
+        float denom = (d00 * d11 - d01 * d01) * 2.0f;
+        *dy = ((a[6] - a[4]) * d01 + (a[1] - a[9]) * d11) / denom;
+        *dx = ((a[4] - a[6]) * d00 + (a[9] - a[1]) * d01) / denom;
+        return fabsf(denom) >= thr && fabsf(*dy) <= 1.0f && fabsf(*dx) <= 1.0f;
+    }
+    #endif
     """
     void ccdgrid_prefetch_window(
-        const float* base, Py_ssize_t h, Py_ssize_t w, Py_ssize_t y, Py_ssize_t x
+        const float* base, Py_ssize_t w, Py_ssize_t y, Py_ssize_t x
     ) noexcept nogil
     bint ccdgrid_centre_is_highest(const float* p, Py_ssize_t w) noexcept nogil
+    void ccdgrid_copy_window(const float* p, Py_ssize_t w, int wide, float* dst) noexcept nogil
+    int ccdgrid_newton_lanes(const float* win, float thr, float* dy, float* dx) noexcept nogil
+    bint ccdgrid_gather_maximum(
+        const float* base, Py_ssize_t w, Py_ssize_t y, Py_ssize_t x, size_t ylim, size_t xlim,
+        float* dst
+    ) noexcept nogil
+    enum: CCDGRID_LANES
 
 ctypedef fused seed_t:
     int64_t
@@ -82,7 +240,7 @@ cdef Py_ssize_t _PARALLEL_MIN = 1 << 20
 # Seeds scattered over a large image miss the caches: the window of the
 # seed this many places ahead is requested while the current one is worked on.
 cdef enum:
-    _AHEAD = 8
+    _AHEAD = 16
 
 __all__ = ["climb", "climb_one", "refine_one", "refine_peaks", "seed_pixels"]
 
@@ -208,15 +366,14 @@ cdef inline int _best_in_window(const float* a) noexcept nogil:
 
 
 cdef inline bint _climb(
-    const float* base, Py_ssize_t h, Py_ssize_t w, Py_ssize_t* py, Py_ssize_t* px, float* a
+    const float* base, Py_ssize_t h, Py_ssize_t w, Py_ssize_t* py, Py_ssize_t* px
 ) noexcept nogil:
     """Move ``(py, px)`` uphill until no pixel of its clipped 3x3 window is greater.
 
     Strict ``>`` against a running best in raster order: the first maximum
     met wins ties, plateaus stop the climb, NaN is never chosen and a NaN
     start never moves. Returns True when the climb ends on an interior
-    pixel, with its 3x3 window in ``a[0..8]`` unless ``a`` is NULL; False
-    on the image border.
+    pixel, False on the image border.
     """
     cdef Py_ssize_t cy = py[0]
     cdef Py_ssize_t cx = px[0]
@@ -269,53 +426,30 @@ cdef inline bint _climb(
         cx = nx
     py[0] = cy
     px[0] = cx
-    if interior and a != NULL:
-        _load_window(base + cy * w + cx, w, a)
     return interior
 
 
-cdef inline void _subpixel(
-    const float* a, Py_ssize_t y, Py_ssize_t x, double* oy, double* ox
+cdef inline void _centre_of_mass(
+    const float* win, Py_ssize_t y, Py_ssize_t x, double* oy, double* ox
 ) noexcept nogil:
-    """Sub-pixel position of the local maximum at interior pixel ``(y, x)``.
+    """pyFAI's fallback when the Newton step is rejected, for the maximum at ``(y, x)``.
 
-    ``a[0..8]`` is its 3x3 window in raster order. One Newton step from the
-    second differences, kept when both offsets are within one pixel; else
-    the centre of mass of the raw window if its sum is positive; else the
-    pixel itself.
+    ``win`` is its 3x3 window as three rows of four floats (the fourth
+    unused). The centre of mass of the raw window if its sum is positive,
+    else the pixel itself.
     """
-    cdef float a00 = a[0]
-    cdef float a01 = a[1]
-    cdef float a02 = a[2]
-    cdef float a10 = a[3]
-    cdef float a11 = a[4]
-    cdef float a12 = a[5]
-    cdef float a20 = a[6]
-    cdef float a21 = a[7]
-    cdef float a22 = a[8]
-    cdef float d00, d11, d01, denom, dy, dx, s, sy, sx
-    cdef int i
-    # The literal 2.0 is a double: these two are evaluated in double and
-    # rounded once to float32, as in pyFAI.
-    d00 = a21 - 2.0 * a11 + a01
-    d11 = a12 - 2.0 * a11 + a10
-    d01 = (a00 - a02 - a20 + a22) / 4.0
-    denom = 2.0 * (d00 * d11 - d01 * d01)
-    if fabs(denom) >= 1e-10:
-        dy = ((a12 - a10) * d01 + (a01 - a21) * d11) / denom
-        dx = ((a10 - a12) * d00 + (a21 - a01) * d01) / denom
-        if fabs(dy) <= 1.0 and fabs(dx) <= 1.0:
-            oy[0] = <double>dy + <double>y
-            ox[0] = <double>dx + <double>x
-            return
+    cdef float s = 0
+    cdef float sy = 0
+    cdef float sx = 0
+    cdef float v
+    cdef int r, c
     # float32 running sums in raster order, as pyFAI adds them
-    s = 0
-    sy = 0
-    sx = 0
-    for i in range(9):
-        sy = sy + a[i] * <float>(y + i // 3 - 1)
-        sx = sx + a[i] * <float>(x + i % 3 - 1)
-        s = s + a[i]
+    for r in range(3):
+        for c in range(3):
+            v = win[4 * r + c]
+            sy = sy + v * <float>(y + r - 1)
+            sx = sx + v * <float>(x + c - 1)
+            s = s + v
     if s > 0:
         oy[0] = <double>(sy / s)
         ox[0] = <double>(sx / s)
@@ -324,17 +458,79 @@ cdef inline void _subpixel(
         ox[0] = <double>x
 
 
-cdef inline void _refine(
-    const float* base, Py_ssize_t h, Py_ssize_t w, Py_ssize_t y, Py_ssize_t x,
-    double* oy, double* ox
+cdef float _newton_threshold() noexcept nogil:
+    """The least float ``f`` with ``(double)f >= 1e-10``: pyFAI's bound on ``|denom|``."""
+    cdef float t = <float>1e-10
+    if <double>t < 1e-10:
+        t = nextafterf(t, INFINITY)
+    return t
+
+
+cdef inline void _flush(
+    const float* win, const Py_ssize_t* lk, const Py_ssize_t* ly, const Py_ssize_t* lx,
+    int nl, float thr, double* out
 ) noexcept nogil:
-    """Climb from pixel ``(y, x)`` and refine the maximum; border maxima stay as they are."""
-    cdef float a[9]
-    if _climb(base, h, w, &y, &x, a):
-        _subpixel(a, y, x, oy, ox)
-    else:
-        oy[0] = <double>y
-        ox[0] = <double>x
+    """Refine the ``nl`` maxima gathered in ``win`` and write seed ``lk[l]``'s result.
+
+    The lanes from ``nl`` to ``CCDGRID_LANES - 1`` are computed and ignored.
+    """
+    cdef float dy[CCDGRID_LANES]
+    cdef float dx[CCDGRID_LANES]
+    cdef int i
+    cdef int ok = ccdgrid_newton_lanes(win, thr, dy, dx)
+    for i in range(nl):
+        if (ok >> i) & 1:
+            # float32 offset + integer pixel, added in double as pyFAI does
+            out[2 * lk[i]] = <double>dy[i] + <double>ly[i]
+            out[2 * lk[i] + 1] = <double>dx[i] + <double>lx[i]
+        else:
+            _centre_of_mass(win + 12 * i, ly[i], lx[i], &out[2 * lk[i]], &out[2 * lk[i] + 1])
+
+
+cdef void _refine_range(
+    const float* base, Py_ssize_t h, Py_ssize_t w, const int64_t* seeds, double* out,
+    Py_ssize_t start, Py_ssize_t stop, Py_ssize_t n
+) noexcept nogil:
+    """Climb and refine seeds ``start .. stop - 1`` of ``n``; ``(y, x)`` pairs in, out.
+
+    The maxima reached on interior pixels are gathered ``CCDGRID_LANES`` at a
+    time and their Newton steps computed together, one per vector lane;
+    maxima on the image border are written as they are.
+    """
+    cdef float win[12 * CCDGRID_LANES]
+    cdef Py_ssize_t lk[CCDGRID_LANES]
+    cdef Py_ssize_t ly[CCDGRID_LANES]
+    cdef Py_ssize_t lx[CCDGRID_LANES]
+    cdef int nl = 0
+    cdef float thr = _newton_threshold()
+    # The last interior pixel whose window's rows can be copied four floats wide.
+    cdef Py_ssize_t wide_end = (h - 2) * w + (w - 3)
+    cdef size_t ylim = h - 2 if h > 2 else 0
+    cdef size_t xlim = w - 3 if w > 3 else 0
+    cdef Py_ssize_t k, y, x
+    for k in range(start, stop):
+        if k + _AHEAD < n:
+            ccdgrid_prefetch_window(base, w, seeds[2 * (k + _AHEAD)], seeds[2 * (k + _AHEAD) + 1])
+        y = <Py_ssize_t>seeds[2 * k]
+        x = <Py_ssize_t>seeds[2 * k + 1]
+        # Seeds that are already maxima (a watershed's peaks) need no climb.
+        if not ccdgrid_gather_maximum(base, w, y, x, ylim, xlim, win + 12 * nl):
+            if not _climb(base, h, w, &y, &x):
+                out[2 * k] = <double>y
+                out[2 * k + 1] = <double>x
+                continue
+            ccdgrid_copy_window(base + y * w + x, w, y * w + x <= wide_end, win + 12 * nl)
+        lk[nl] = k
+        ly[nl] = y
+        lx[nl] = x
+        nl += 1
+        if nl == CCDGRID_LANES:
+            _flush(win, lk, ly, lx, nl, thr, out)
+            nl = 0
+    if nl:
+        # Unused lanes: zeros, any finite values would do.
+        memset(win + 12 * nl, 0, 12 * (CCDGRID_LANES - nl) * sizeof(float))
+        _flush(win, lk, ly, lx, nl, thr, out)
 
 
 def climb(const float[:, ::1] image, const int64_t[:, ::1] seeds):
@@ -360,10 +556,10 @@ def climb(const float[:, ::1] image, const int64_t[:, ::1] seeds):
     with nogil:
         for k in prange(n, schedule="static", use_threads_if=n >= _PARALLEL_MIN):
             if k + _AHEAD < n:
-                ccdgrid_prefetch_window(base, h, w, seeds[k + _AHEAD, 0], seeds[k + _AHEAD, 1])
+                ccdgrid_prefetch_window(base, w, seeds[k + _AHEAD, 0], seeds[k + _AHEAD, 1])
             y = <Py_ssize_t>seeds[k, 0]
             x = <Py_ssize_t>seeds[k, 1]
-            _climb(base, h, w, &y, &x, NULL)
+            _climb(base, h, w, &y, &x)
             res[k, 0] = y
             res[k, 1] = x
     return out
@@ -383,18 +579,13 @@ def refine_peaks(const float[:, ::1] image, const int64_t[:, ::1] seeds):
         Refined ``(y, x)`` in index coordinates.
     """
     cdef Py_ssize_t n = seeds.shape[0]
-    cdef Py_ssize_t k
-    cdef Py_ssize_t h = image.shape[0]
-    cdef Py_ssize_t w = image.shape[1]
-    cdef const float* base = &image[0, 0]
     out = np.empty((n, 2), dtype=np.float64)
+    if n == 0:
+        return out
     cdef double[:, ::1] res = out
     with nogil:
-        for k in prange(n, schedule="static", use_threads_if=n >= _PARALLEL_MIN):
-            if k + _AHEAD < n:
-                ccdgrid_prefetch_window(base, h, w, seeds[k + _AHEAD, 0], seeds[k + _AHEAD, 1])
-            _refine(base, h, w, <Py_ssize_t>seeds[k, 0], <Py_ssize_t>seeds[k, 1],
-                    &res[k, 0], &res[k, 1])
+        _refine_range(&image[0, 0], image.shape[0], image.shape[1], &seeds[0, 0],
+                      &res[0, 0], 0, n, n)
     return out
 
 
@@ -403,7 +594,7 @@ def climb_one(const float[:, ::1] image, Py_ssize_t y, Py_ssize_t x):
 
     For per-call use (pyFAI's ``cp_local_maxi``) without building arrays.
     """
-    _climb(&image[0, 0], image.shape[0], image.shape[1], &y, &x, NULL)
+    _climb(&image[0, 0], image.shape[0], image.shape[1], &y, &x)
     return y, x
 
 
@@ -412,6 +603,9 @@ def refine_one(const float[:, ::1] image, Py_ssize_t y, Py_ssize_t x):
 
     For per-call use (pyFAI's ``local_maxi``) without building arrays.
     """
-    cdef double oy, ox
-    _refine(&image[0, 0], image.shape[0], image.shape[1], y, x, &oy, &ox)
-    return oy, ox
+    cdef int64_t seed[2]
+    cdef double res[2]
+    seed[0] = y
+    seed[1] = x
+    _refine_range(&image[0, 0], image.shape[0], image.shape[1], seed, res, 0, 1, 1)
+    return res[0], res[1]
