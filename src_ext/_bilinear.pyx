@@ -24,6 +24,9 @@ cdef extern from *:
     """
     #include <math.h>
     #include <string.h>
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    #endif
 
     /* Ask for the three rows of the 3x3 window at (y, x) of an image w
        pixels wide. A macro, not a function: GCC deems a function that only
@@ -97,7 +100,6 @@ cdef extern from *:
        ccdgrid_copy_window does and return 1; else return 0 (dst may have
        been written). */
     #if defined(__SSE2__)
-    #include <emmintrin.h>
     static inline int ccdgrid_gather_maximum(const float *base, Py_ssize_t w, Py_ssize_t y,
                                              Py_ssize_t x, size_t ylim, size_t xlim,
                                              float *dst)
@@ -133,16 +135,18 @@ cdef extern from *:
 
     /* pyFAI 2026.9's Newton step for CCDGRID_LANES maxima at once, one per
        vector lane: the same operations in the same order for each maximum as
-       the scalar code, so the same roundings. The second differences d00 and
-       d11 are evaluated in double and rounded once to float (pyFAI's double
-       literal 2.0); d01 = (...) / 4.0 and denom = 2.0 * (...) are float
-       values scaled by powers of two, exact in double, so the float
+       pyFAI's scalar code, so the same roundings. The second differences d00
+       and d11 are evaluated in double and rounded once to float (pyFAI's
+       double literal 2.0); d01 = (...) / 4.0 and denom = 2.0 * (...) are
+       float values scaled by powers of two, exact in double, so float
        operations round them the same way. `win` holds CCDGRID_LANES windows
-       as written by ccdgrid_copy_window; `thr` is the least float f with
-       (double)f >= 1e-10, so that |denom| >= thr is pyFAI's
-       fabs(denom) >= 1e-10. Returns the bit mask of the lanes whose step is
-       accepted (|denom| >= 1e-10, |dy| <= 1, |dx| <= 1), with their offsets
-       in dy[], dx[]. */
+       as written by ccdgrid_copy_window, `pix` their centres (y, x) as
+       doubles, `thr` is the least float f with (double)f >= 1e-10, so that
+       |denom| >= thr is pyFAI's fabs(denom) >= 1e-10. For each lane i < nl
+       whose step is accepted (|denom| >= 1e-10, |dy| <= 1, |dx| <= 1),
+       writes (dy + y, dx + x), each float offset added to its pixel in
+       double, to out[2 lk[i]], out[2 lk[i] + 1]. Returns the bit mask of
+       those lanes; the others are left to the caller. */
     #if defined(__GNUC__) && __has_builtin(__builtin_shufflevector) \
         && __has_builtin(__builtin_convertvector)
     #define CCDGRID_LANES 4
@@ -177,10 +181,25 @@ cdef extern from *:
         return __builtin_convertvector((du - 2.0 * dc) + dv, ccdgrid_v4f);
     }
 
-    static inline int ccdgrid_newton_lanes(const float *win, float thr, float *dy, float *dx)
+    /* (dy[i] + y, dx[i] + x) in double from the interleaved float offsets
+       `o` = (dy[i], dx[i], ...) at lane `half` (0 or 1) of `o`. */
+    #define CCDGRID_STORE_LANE(o, half, i)                                          \
+        do {                                                                      \
+            if (mask >> (i) & 1) {                                                \
+                ccdgrid_v2d p_, d_ = __builtin_convertvector(                     \
+                    __builtin_shufflevector(o, o, 2 * (half), 2 * (half) + 1),    \
+                    ccdgrid_v2d);                                                 \
+                memcpy(&p_, pix + 2 * (i), sizeof p_);                            \
+                d_ += p_;                                                         \
+                memcpy(out + 2 * lk[i], &d_, sizeof d_);                          \
+            }                                                                     \
+        } while (0)
+
+    static inline int ccdgrid_newton_lanes(const float *win, float thr, const double *pix,
+                                           const Py_ssize_t *lk, int nl, double *out)
     {
         ccdgrid_v4f a00, a01, a02, a10, a11, a12, a20, a21, a22;
-        ccdgrid_v4f d00, d11, d01, denom, vy, vx, ad, ay, ax;
+        ccdgrid_v4f d00, d11, d01, denom, vy, vx, ad, ay, ax, lo, hi;
         ccdgrid_transpose_row(win, 0, &a00, &a01, &a02);
         ccdgrid_transpose_row(win, 1, &a10, &a11, &a12);
         ccdgrid_transpose_row(win, 2, &a20, &a21, &a22);
@@ -190,8 +209,6 @@ cdef extern from *:
         denom = (d00 * d11 - d01 * d01) * 2.0f;
         vy = ((a12 - a10) * d01 + (a01 - a21) * d11) / denom;
         vx = ((a10 - a12) * d00 + (a21 - a01) * d01) / denom;
-        memcpy(dy, &vy, sizeof vy);
-        memcpy(dx, &vx, sizeof vx);
         /* |v| by clearing the sign bit; comparisons with NaN are false */
         const ccdgrid_v4f one = {1.0f, 1.0f, 1.0f, 1.0f};
         const ccdgrid_v4f t = {thr, thr, thr, thr};
@@ -200,19 +217,37 @@ cdef extern from *:
         ay = (ccdgrid_v4f)((ccdgrid_v4i)vy & sign);
         ax = (ccdgrid_v4f)((ccdgrid_v4i)vx & sign);
         ccdgrid_v4i ok = (ad >= t) & (ay <= one) & (ax <= one);
-        return (ok[0] & 1) | (ok[1] & 2) | (ok[2] & 4) | (ok[3] & 8);
+    #if defined(__SSE2__)
+        int mask = _mm_movemask_ps((__m128)ok);
+    #else
+        int mask = (ok[0] & 1) | (ok[1] & 2) | (ok[2] & 4) | (ok[3] & 8);
+    #endif
+        mask &= (1 << nl) - 1;
+        lo = __builtin_shufflevector(vy, vx, 0, 4, 1, 5);
+        hi = __builtin_shufflevector(vy, vx, 2, 6, 3, 7);
+        CCDGRID_STORE_LANE(lo, 0, 0);
+        CCDGRID_STORE_LANE(lo, 1, 1);
+        CCDGRID_STORE_LANE(hi, 0, 2);
+        CCDGRID_STORE_LANE(hi, 1, 3);
+        return mask;
     }
     #else
     #define CCDGRID_LANES 1
-    static inline int ccdgrid_newton_lanes(const float *a, float thr, float *dy, float *dx)
+    static inline int ccdgrid_newton_lanes(const float *a, float thr, const double *pix,
+                                           const Py_ssize_t *lk, int nl, double *out)
     {
         float d00 = (float)(((double)a[9] - 2.0 * (double)a[5]) + (double)a[1]);
         float d11 = (float)(((double)a[6] - 2.0 * (double)a[5]) + (double)a[4]);
         float d01 = (((a[0] - a[2]) - a[8]) + a[10]) * 0.25f;
         float denom = (d00 * d11 - d01 * d01) * 2.0f;
-        *dy = ((a[6] - a[4]) * d01 + (a[1] - a[9]) * d11) / denom;
-        *dx = ((a[4] - a[6]) * d00 + (a[9] - a[1]) * d01) / denom;
-        return fabsf(denom) >= thr && fabsf(*dy) <= 1.0f && fabsf(*dx) <= 1.0f;
+        float dy = ((a[6] - a[4]) * d01 + (a[1] - a[9]) * d11) / denom;
+        float dx = ((a[4] - a[6]) * d00 + (a[9] - a[1]) * d01) / denom;
+        if (nl > 0 && fabsf(denom) >= thr && fabsf(dy) <= 1.0f && fabsf(dx) <= 1.0f) {
+            out[2 * lk[0]] = (double)dy + pix[0];
+            out[2 * lk[0] + 1] = (double)dx + pix[1];
+            return 1;
+        }
+        return 0;
     }
     #endif
     """
@@ -221,7 +256,9 @@ cdef extern from *:
     ) noexcept nogil
     bint ccdgrid_centre_is_highest(const float* p, Py_ssize_t w) noexcept nogil
     void ccdgrid_copy_window(const float* p, Py_ssize_t w, int wide, float* dst) noexcept nogil
-    int ccdgrid_newton_lanes(const float* win, float thr, float* dy, float* dx) noexcept nogil
+    int ccdgrid_newton_lanes(
+        const float* win, float thr, const double* pix, const Py_ssize_t* lk, int nl, double* out
+    ) noexcept nogil
     bint ccdgrid_gather_maximum(
         const float* base, Py_ssize_t w, Py_ssize_t y, Py_ssize_t x, size_t ylim, size_t xlim,
         float* dst
@@ -467,24 +504,20 @@ cdef float _newton_threshold() noexcept nogil:
 
 
 cdef inline void _flush(
-    const float* win, const Py_ssize_t* lk, const Py_ssize_t* ly, const Py_ssize_t* lx,
-    int nl, float thr, double* out
+    const float* win, const double* pix, const Py_ssize_t* lk, int nl, float thr, double* out
 ) noexcept nogil:
-    """Refine the ``nl`` maxima gathered in ``win`` and write seed ``lk[l]``'s result.
+    """Refine the ``nl`` maxima gathered in ``win`` and write seed ``lk[i]``'s result.
 
     The lanes from ``nl`` to ``CCDGRID_LANES - 1`` are computed and ignored.
     """
-    cdef float dy[CCDGRID_LANES]
-    cdef float dx[CCDGRID_LANES]
     cdef int i
-    cdef int ok = ccdgrid_newton_lanes(win, thr, dy, dx)
+    cdef int ok = ccdgrid_newton_lanes(win, thr, pix, lk, nl, out)
+    if ok == (1 << nl) - 1:
+        return
     for i in range(nl):
-        if (ok >> i) & 1:
-            # float32 offset + integer pixel, added in double as pyFAI does
-            out[2 * lk[i]] = <double>dy[i] + <double>ly[i]
-            out[2 * lk[i] + 1] = <double>dx[i] + <double>lx[i]
-        else:
-            _centre_of_mass(win + 12 * i, ly[i], lx[i], &out[2 * lk[i]], &out[2 * lk[i] + 1])
+        if not (ok >> i) & 1:
+            _centre_of_mass(win + 12 * i, <Py_ssize_t>pix[2 * i], <Py_ssize_t>pix[2 * i + 1],
+                            &out[2 * lk[i]], &out[2 * lk[i] + 1])
 
 
 cdef void _refine_range(
@@ -499,8 +532,7 @@ cdef void _refine_range(
     """
     cdef float win[12 * CCDGRID_LANES]
     cdef Py_ssize_t lk[CCDGRID_LANES]
-    cdef Py_ssize_t ly[CCDGRID_LANES]
-    cdef Py_ssize_t lx[CCDGRID_LANES]
+    cdef double pix[2 * CCDGRID_LANES]
     cdef int nl = 0
     cdef float thr = _newton_threshold()
     # The last interior pixel whose window's rows can be copied four floats wide.
@@ -521,16 +553,16 @@ cdef void _refine_range(
                 continue
             ccdgrid_copy_window(base + y * w + x, w, y * w + x <= wide_end, win + 12 * nl)
         lk[nl] = k
-        ly[nl] = y
-        lx[nl] = x
+        pix[2 * nl] = <double>y
+        pix[2 * nl + 1] = <double>x
         nl += 1
         if nl == CCDGRID_LANES:
-            _flush(win, lk, ly, lx, nl, thr, out)
+            _flush(win, pix, lk, nl, thr, out)
             nl = 0
     if nl:
         # Unused lanes: zeros, any finite values would do.
         memset(win + 12 * nl, 0, 12 * (CCDGRID_LANES - nl) * sizeof(float))
-        _flush(win, lk, ly, lx, nl, thr, out)
+        _flush(win, pix, lk, nl, thr, out)
 
 
 def climb(const float[:, ::1] image, const int64_t[:, ::1] seeds):
