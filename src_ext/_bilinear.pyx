@@ -300,11 +300,18 @@ cdef Py_ssize_t _first_outside(
     cdef double fw = <double>w
     cdef double fy, fx
     cdef bint ok = True
-    for k in range(n):
-        if seed_t is int64_t:
-            # A negative value is a huge unsigned one: one comparison per axis.
-            ok &= (<uint64_t>yx[2 * k] < <uint64_t>h) & (<uint64_t>yx[2 * k + 1] < <uint64_t>w)
-        else:
+    # v is in [0, m] when neither v nor m - v has its top bit set: OR and
+    # subtraction only, which SSE2 vectorises (it has no 64-bit comparison).
+    cdef uint64_t acc = 0
+    cdef uint64_t hm = <uint64_t>(h - 1)
+    cdef uint64_t wm = <uint64_t>(w - 1)
+    if seed_t is int64_t:
+        for k in range(n):
+            acc |= (<uint64_t>yx[2 * k] | (hm - <uint64_t>yx[2 * k])
+                    | <uint64_t>yx[2 * k + 1] | (wm - <uint64_t>yx[2 * k + 1]))
+        ok = (acc >> 63) == 0
+    else:
+        for k in range(n):
             fy = (yx[2 * k] + magic) - magic
             fx = (yx[2 * k + 1] + magic) - magic
             # Comparisons with NaN are false: NaN seeds are outside.
