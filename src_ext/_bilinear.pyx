@@ -154,23 +154,6 @@ cdef extern from *:
     typedef double ccdgrid_v4d __attribute__((vector_size(32)));
     typedef int ccdgrid_v4i __attribute__((vector_size(16)));
 
-    static inline void ccdgrid_transpose_row(const float *win, int r, ccdgrid_v4f *c0,
-                                             ccdgrid_v4f *c1, ccdgrid_v4f *c2)
-    {
-        ccdgrid_v4f l0, l1, l2, l3, t0, t1, t2, t3;
-        memcpy(&l0, win + r * 4, sizeof l0);
-        memcpy(&l1, win + 12 + r * 4, sizeof l1);
-        memcpy(&l2, win + 24 + r * 4, sizeof l2);
-        memcpy(&l3, win + 36 + r * 4, sizeof l3);
-        t0 = __builtin_shufflevector(l0, l1, 0, 4, 1, 5);
-        t1 = __builtin_shufflevector(l0, l1, 2, 6, 3, 7);
-        t2 = __builtin_shufflevector(l2, l3, 0, 4, 1, 5);
-        t3 = __builtin_shufflevector(l2, l3, 2, 6, 3, 7);
-        *c0 = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
-        *c1 = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
-        *c2 = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
-    }
-
     /* (float)((double)u - 2.0 * (double)c + (double)v), lane by lane */
     static inline ccdgrid_v4f ccdgrid_second_difference(ccdgrid_v4f u, ccdgrid_v4f c,
                                                         ccdgrid_v4f v)
@@ -181,55 +164,132 @@ cdef extern from *:
         return __builtin_convertvector((du - 2.0 * dc) + dv, ccdgrid_v4f);
     }
 
-    /* (dy[i] + y, dx[i] + x) in double from the interleaved float offsets
-       `o` = (dy[i], dx[i], ...) at lane `half` (0 or 1) of `o`. */
-    #define CCDGRID_STORE_LANE(o, half, i)                                          \
-        do {                                                                      \
-            if (mask >> (i) & 1) {                                                \
-                ccdgrid_v2d p_, d_ = __builtin_convertvector(                     \
-                    __builtin_shufflevector(o, o, 2 * (half), 2 * (half) + 1),    \
-                    ccdgrid_v2d);                                                 \
-                memcpy(&p_, pix + 2 * (i), sizeof p_);                            \
-                d_ += p_;                                                         \
-                memcpy(out + 2 * lk[i], &d_, sizeof d_);                          \
-            }                                                                     \
-        } while (0)
-
-    static inline int ccdgrid_newton_lanes(const float *win, float thr, const double *pix,
-                                           const Py_ssize_t *lk, int nl, double *out)
+    /* Columns c0, c1, c2 of the 4x4 matrix whose rows are l0..l3: row r of
+       the windows of four maxima, one per row, becomes a_r0, a_r1, a_r2 with
+       one maximum per lane. */
+    static inline void ccdgrid_transpose(ccdgrid_v4f l0, ccdgrid_v4f l1, ccdgrid_v4f l2,
+                                         ccdgrid_v4f l3, ccdgrid_v4f *c0, ccdgrid_v4f *c1,
+                                         ccdgrid_v4f *c2)
     {
-        ccdgrid_v4f a00, a01, a02, a10, a11, a12, a20, a21, a22;
-        ccdgrid_v4f d00, d11, d01, denom, vy, vx, ad, ay, ax, lo, hi;
-        ccdgrid_transpose_row(win, 0, &a00, &a01, &a02);
-        ccdgrid_transpose_row(win, 1, &a10, &a11, &a12);
-        ccdgrid_transpose_row(win, 2, &a20, &a21, &a22);
+        ccdgrid_v4f t0 = __builtin_shufflevector(l0, l1, 0, 4, 1, 5);
+        ccdgrid_v4f t1 = __builtin_shufflevector(l0, l1, 2, 6, 3, 7);
+        ccdgrid_v4f t2 = __builtin_shufflevector(l2, l3, 0, 4, 1, 5);
+        ccdgrid_v4f t3 = __builtin_shufflevector(l2, l3, 2, 6, 3, 7);
+        *c0 = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+        *c1 = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+        *c2 = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+    }
+
+    /* Bit i set when lane i of the comparison result m is true. */
+    static inline int ccdgrid_lane_mask(ccdgrid_v4i m)
+    {
+    #if defined(__SSE2__)
+        return _mm_movemask_ps((__m128)m);
+    #else
+        return (m[0] & 1) | (m[1] & 2) | (m[2] & 4) | (m[3] & 8);
+    #endif
+    }
+
+    /* The Newton step of four maxima given their windows a_rc, one maximum
+       per lane; returns the mask of the lanes whose step is accepted, with
+       the float offsets in *vy, *vx. */
+    static inline int ccdgrid_newton4(
+        ccdgrid_v4f a00, ccdgrid_v4f a01, ccdgrid_v4f a02, ccdgrid_v4f a10, ccdgrid_v4f a11,
+        ccdgrid_v4f a12, ccdgrid_v4f a20, ccdgrid_v4f a21, ccdgrid_v4f a22, float thr,
+        ccdgrid_v4f *vy, ccdgrid_v4f *vx)
+    {
+        ccdgrid_v4f d00, d11, d01, denom, ad, ay, ax;
         d00 = ccdgrid_second_difference(a21, a11, a01);
         d11 = ccdgrid_second_difference(a12, a11, a10);
         d01 = (((a00 - a02) - a20) + a22) * 0.25f;
         denom = (d00 * d11 - d01 * d01) * 2.0f;
-        vy = ((a12 - a10) * d01 + (a01 - a21) * d11) / denom;
-        vx = ((a10 - a12) * d00 + (a21 - a01) * d01) / denom;
+        *vy = ((a12 - a10) * d01 + (a01 - a21) * d11) / denom;
+        *vx = ((a10 - a12) * d00 + (a21 - a01) * d01) / denom;
         /* |v| by clearing the sign bit; comparisons with NaN are false */
         const ccdgrid_v4f one = {1.0f, 1.0f, 1.0f, 1.0f};
         const ccdgrid_v4f t = {thr, thr, thr, thr};
         const ccdgrid_v4i sign = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
         ad = (ccdgrid_v4f)((ccdgrid_v4i)denom & sign);
-        ay = (ccdgrid_v4f)((ccdgrid_v4i)vy & sign);
-        ax = (ccdgrid_v4f)((ccdgrid_v4i)vx & sign);
-        ccdgrid_v4i ok = (ad >= t) & (ay <= one) & (ax <= one);
-    #if defined(__SSE2__)
-        int mask = _mm_movemask_ps((__m128)ok);
-    #else
-        int mask = (ok[0] & 1) | (ok[1] & 2) | (ok[2] & 4) | (ok[3] & 8);
-    #endif
+        ay = (ccdgrid_v4f)((ccdgrid_v4i)*vy & sign);
+        ax = (ccdgrid_v4f)((ccdgrid_v4i)*vx & sign);
+        return ccdgrid_lane_mask((ad >= t) & (ay <= one) & (ax <= one));
+    }
+
+    /* (dy + y, dx + x) in double, from lanes 2 half and 2 half + 1 of the
+       interleaved offsets o = (dy_i, dx_i, dy_j, dx_j) and the pixel p. */
+    static inline ccdgrid_v2d ccdgrid_position(ccdgrid_v4f o, int half, ccdgrid_v2d p)
+    {
+        ccdgrid_v4f s = half ? __builtin_shufflevector(o, o, 2, 3, 2, 3) : o;
+        return __builtin_convertvector(__builtin_shufflevector(s, s, 0, 1), ccdgrid_v2d) + p;
+    }
+
+    static inline int ccdgrid_newton_lanes(const float *win, float thr, const double *pix,
+                                           const Py_ssize_t *lk, int nl, double *out)
+    {
+        ccdgrid_v4f a[9], l[12], vy, vx, lo, hi;
+        ccdgrid_v2d p;
+        int r, i;
+        memcpy(l, win, sizeof l);
+        for (r = 0; r < 3; r++)
+            ccdgrid_transpose(l[r], l[3 + r], l[6 + r], l[9 + r], &a[3 * r], &a[3 * r + 1],
+                              &a[3 * r + 2]);
+        int mask = ccdgrid_newton4(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8],
+                                   thr, &vy, &vx);
         mask &= (1 << nl) - 1;
         lo = __builtin_shufflevector(vy, vx, 0, 4, 1, 5);
         hi = __builtin_shufflevector(vy, vx, 2, 6, 3, 7);
-        CCDGRID_STORE_LANE(lo, 0, 0);
-        CCDGRID_STORE_LANE(lo, 1, 1);
-        CCDGRID_STORE_LANE(hi, 0, 2);
-        CCDGRID_STORE_LANE(hi, 1, 3);
+        for (i = 0; i < 4; i++) {
+            if (mask >> i & 1) {
+                memcpy(&p, pix + 2 * i, sizeof p);
+                p = ccdgrid_position(i < 2 ? lo : hi, i & 1, p);
+                memcpy(out + 2 * lk[i], &p, sizeof p);
+            }
+        }
         return mask;
+    }
+
+    /* The common case of a batch of peaks, four at a time without copies:
+       if the four seeds s[0..7] are interior pixels not in the last two
+       columns (as in ccdgrid_gather_maximum), none has a higher neighbour,
+       and the four Newton steps are accepted, write the four refined
+       positions to out[0..7] and return 1. Else return 0, having written
+       nothing. */
+    static inline int ccdgrid_refine_four(const float *base, Py_ssize_t w, size_t ylim,
+                                          size_t xlim, const int64_t *s, float thr,
+                                          double *out)
+    {
+        const float *q[4];
+        ccdgrid_v4f row[12], a[9], c, vy, vx, lo, hi;
+        ccdgrid_v4i higher = {0, 0, 0, 0};
+        int i, inside = 1;
+        for (i = 0; i < 4; i++)
+            inside &= ((size_t)(s[2 * i] - 1) < ylim) & ((size_t)(s[2 * i + 1] - 1) < xlim);
+        if (!inside)
+            return 0;
+        for (i = 0; i < 4; i++) {
+            q[i] = base + s[2 * i] * w + s[2 * i + 1];
+            memcpy(&row[i], q[i] - w - 1, sizeof row[i]);
+            memcpy(&row[4 + i], q[i] - 1, sizeof row[i]);
+            memcpy(&row[8 + i], q[i] + w - 1, sizeof row[i]);
+            c = __builtin_shufflevector(row[4 + i], row[4 + i], 1, 1, 1, 1);
+            higher |= (row[i] > c) | (row[4 + i] > c) | (row[8 + i] > c);
+        }
+        if (ccdgrid_lane_mask(higher) & 7)
+            return 0;
+        for (i = 0; i < 3; i++)
+            ccdgrid_transpose(row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3],
+                              &a[3 * i], &a[3 * i + 1], &a[3 * i + 2]);
+        if (ccdgrid_newton4(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], thr,
+                            &vy, &vx) != 15)
+            return 0;
+        lo = __builtin_shufflevector(vy, vx, 0, 4, 1, 5);
+        hi = __builtin_shufflevector(vy, vx, 2, 6, 3, 7);
+        for (i = 0; i < 4; i++) {
+            ccdgrid_v2d p = {(double)s[2 * i], (double)s[2 * i + 1]};
+            p = ccdgrid_position(i < 2 ? lo : hi, i & 1, p);
+            memcpy(out + 2 * i, &p, sizeof p);
+        }
+        return 1;
     }
     #else
     #define CCDGRID_LANES 1
@@ -249,6 +309,12 @@ cdef extern from *:
         }
         return 0;
     }
+    static inline int ccdgrid_refine_four(const float *base, Py_ssize_t w, size_t ylim,
+                                          size_t xlim, const int64_t *s, float thr,
+                                          double *out)
+    {
+        return 0;
+    }
     #endif
     """
     void ccdgrid_prefetch_window(
@@ -258,6 +324,10 @@ cdef extern from *:
     void ccdgrid_copy_window(const float* p, Py_ssize_t w, int wide, float* dst) noexcept nogil
     int ccdgrid_newton_lanes(
         const float* win, float thr, const double* pix, const Py_ssize_t* lk, int nl, double* out
+    ) noexcept nogil
+    bint ccdgrid_refine_four(
+        const float* base, Py_ssize_t w, size_t ylim, size_t xlim, const int64_t* s, float thr,
+        double* out
     ) noexcept nogil
     bint ccdgrid_gather_maximum(
         const float* base, Py_ssize_t w, Py_ssize_t y, Py_ssize_t x, size_t ylim, size_t xlim,
@@ -273,6 +343,9 @@ ctypedef fused seed_t:
 # thread: on a busy 2-core machine a descheduled thread made 10,000 seeds take
 # 20 ms instead of 0.5 ms serially; pipelines refine a few thousand at most.
 cdef Py_ssize_t _PARALLEL_MIN = 1 << 20
+cdef Py_ssize_t _REFINE_PARALLEL_MIN = 8192
+cdef enum:
+    _CHUNK = 512
 
 # Seeds scattered over a large image miss the caches: the window of the
 # seed this many places ahead is requested while the current one is worked on.
@@ -527,45 +600,72 @@ cdef inline void _flush(
                             &out[2 * lk[i]], &out[2 * lk[i] + 1])
 
 
+cdef inline int _push(
+    const float* base, Py_ssize_t h, Py_ssize_t w, size_t ylim, size_t xlim, Py_ssize_t y,
+    Py_ssize_t x, Py_ssize_t k, float* win, double* pix, Py_ssize_t* lk, int nl, float thr,
+    double* out
+) noexcept nogil:
+    """Climb from seed ``k`` at ``(y, x)``; queue the interior maximum reached as lane ``nl``.
+
+    A maximum on the image border is written as it is. When the lanes are
+    full they are refined and emptied. Returns the number of lanes in use.
+    """
+    # Seeds that are already maxima (a watershed's peaks) need no climb.
+    if not ccdgrid_gather_maximum(base, w, y, x, ylim, xlim, win + 12 * nl):
+        if not _climb(base, h, w, &y, &x):
+            out[2 * k] = <double>y
+            out[2 * k + 1] = <double>x
+            return nl
+        # not four floats wide when p[w + 2] would be past the image's end
+        ccdgrid_copy_window(base + y * w + x, w, y * w + x <= (h - 2) * w + (w - 3),
+                            win + 12 * nl)
+    lk[nl] = k
+    pix[2 * nl] = <double>y
+    pix[2 * nl + 1] = <double>x
+    nl += 1
+    if nl == CCDGRID_LANES:
+        _flush(win, pix, lk, nl, thr, out)
+        nl = 0
+    return nl
+
+
 cdef void _refine_range(
     const float* base, Py_ssize_t h, Py_ssize_t w, const int64_t* seeds, double* out,
     Py_ssize_t start, Py_ssize_t stop, Py_ssize_t n
 ) noexcept nogil:
     """Climb and refine seeds ``start .. stop - 1`` of ``n``; ``(y, x)`` pairs in, out.
 
-    The maxima reached on interior pixels are gathered ``CCDGRID_LANES`` at a
-    time and their Newton steps computed together, one per vector lane;
-    maxima on the image border are written as they are.
+    Four consecutive seeds that are all maxima are refined together, one per
+    vector lane, straight from the image (the common case of peaks). Other
+    seeds climb one by one and the interior maxima they reach are queued
+    ``CCDGRID_LANES`` at a time for the same vector Newton step; maxima on
+    the image border are written as they are.
     """
     cdef float win[12 * CCDGRID_LANES]
     cdef Py_ssize_t lk[CCDGRID_LANES]
     cdef double pix[2 * CCDGRID_LANES]
     cdef int nl = 0
     cdef float thr = _newton_threshold()
-    # The last interior pixel whose window's rows can be copied four floats wide.
-    cdef Py_ssize_t wide_end = (h - 2) * w + (w - 3)
     cdef size_t ylim = h - 2 if h > 2 else 0
     cdef size_t xlim = w - 3 if w > 3 else 0
-    cdef Py_ssize_t k, y, x
-    for k in range(start, stop):
-        if k + _AHEAD < n:
-            ccdgrid_prefetch_window(base, w, seeds[2 * (k + _AHEAD)], seeds[2 * (k + _AHEAD) + 1])
-        y = <Py_ssize_t>seeds[2 * k]
-        x = <Py_ssize_t>seeds[2 * k + 1]
-        # Seeds that are already maxima (a watershed's peaks) need no climb.
-        if not ccdgrid_gather_maximum(base, w, y, x, ylim, xlim, win + 12 * nl):
-            if not _climb(base, h, w, &y, &x):
-                out[2 * k] = <double>y
-                out[2 * k + 1] = <double>x
-                continue
-            ccdgrid_copy_window(base + y * w + x, w, y * w + x <= wide_end, win + 12 * nl)
-        lk[nl] = k
-        pix[2 * nl] = <double>y
-        pix[2 * nl + 1] = <double>x
-        nl += 1
-        if nl == CCDGRID_LANES:
-            _flush(win, pix, lk, nl, thr, out)
-            nl = 0
+    cdef Py_ssize_t k = start
+    cdef Py_ssize_t j
+    cdef const int64_t* ahead
+    while k + 4 <= stop:
+        if k + _AHEAD + 4 <= n:
+            ahead = seeds + 2 * (k + _AHEAD)
+            ccdgrid_prefetch_window(base, w, ahead[0], ahead[1])
+            ccdgrid_prefetch_window(base, w, ahead[2], ahead[3])
+            ccdgrid_prefetch_window(base, w, ahead[4], ahead[5])
+            ccdgrid_prefetch_window(base, w, ahead[6], ahead[7])
+        if not ccdgrid_refine_four(base, w, ylim, xlim, seeds + 2 * k, thr, out + 2 * k):
+            for j in range(k, k + 4):
+                nl = _push(base, h, w, ylim, xlim, seeds[2 * j], seeds[2 * j + 1], j,
+                           win, pix, lk, nl, thr, out)
+        k += 4
+    for j in range(k, stop):
+        nl = _push(base, h, w, ylim, xlim, seeds[2 * j], seeds[2 * j + 1], j,
+                   win, pix, lk, nl, thr, out)
     if nl:
         # Unused lanes: zeros, any finite values would do.
         memset(win + 12 * nl, 0, 12 * (CCDGRID_LANES - nl) * sizeof(float))
@@ -604,7 +704,7 @@ def climb(const float[:, ::1] image, const int64_t[:, ::1] seeds):
     return out
 
 
-def refine_peaks(const float[:, ::1] image, const int64_t[:, ::1] seeds):
+def refine_peaks(const float[:, ::1] image, const int64_t[:, ::1] seeds, int nthreads=1):
     """Climb and refine every seed; see :func:`ccdgrid.bilinear.refine_peaks`.
 
     Parameters
@@ -622,9 +722,19 @@ def refine_peaks(const float[:, ::1] image, const int64_t[:, ::1] seeds):
     if n == 0:
         return out
     cdef double[:, ::1] res = out
+    cdef const float* base = &image[0, 0]
+    cdef const int64_t* sp = &seeds[0, 0]
+    cdef double* op = &res[0, 0]
+    cdef Py_ssize_t h = image.shape[0]
+    cdef Py_ssize_t w = image.shape[1]
+    cdef Py_ssize_t nchunk = (n + _CHUNK - 1) // _CHUNK
+    cdef Py_ssize_t c
     with nogil:
-        _refine_range(&image[0, 0], image.shape[0], image.shape[1], &seeds[0, 0],
-                      &res[0, 0], 0, n, n)
+        if n < _REFINE_PARALLEL_MIN or nthreads < 2:
+            _refine_range(base, h, w, sp, op, 0, n, n)
+        else:
+            for c in prange(nchunk, schedule="dynamic", chunksize=1, num_threads=nthreads):
+                _refine_range(base, h, w, sp, op, c * _CHUNK, min((c + 1) * _CHUNK, n), n)
     return out
 
 
