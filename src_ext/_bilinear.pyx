@@ -24,6 +24,12 @@ cdef extern from *:
     """
     #include <math.h>
     #include <string.h>
+    #ifdef CCDGRID_OPENMP
+    #include <omp.h>
+    static int ccdgrid_max_threads(void) { return omp_get_max_threads(); }
+    #else
+    static int ccdgrid_max_threads(void) { return 1; }
+    #endif
     #if defined(__SSE2__)
     #include <emmintrin.h>
     #endif
@@ -334,6 +340,7 @@ cdef extern from *:
         float* dst
     ) noexcept nogil
     enum: CCDGRID_LANES
+    int ccdgrid_max_threads() noexcept nogil
 
 ctypedef fused seed_t:
     int64_t
@@ -343,6 +350,11 @@ ctypedef fused seed_t:
 # thread: on a busy 2-core machine a descheduled thread made 10,000 seeds take
 # 20 ms instead of 0.5 ms serially; pipelines refine a few thousand at most.
 cdef Py_ssize_t _PARALLEL_MIN = 1 << 20
+
+# refine_peaks asked for threads: below this many seeds one thread is faster
+# (starting a team costs ~10 us); above it, chunks of _CHUNK seeds are handed
+# out dynamically, because climbs from seeds that are not maxima vary in
+# length and a static split left one thread with most of the work.
 cdef Py_ssize_t _REFINE_PARALLEL_MIN = 8192
 cdef enum:
     _CHUNK = 512
@@ -711,6 +723,9 @@ def refine_peaks(const float[:, ::1] image, const int64_t[:, ::1] seeds, int nth
     ----------
     image : ndarray of shape (H, W), float32, C-contiguous
     seeds : ndarray of shape (N, 2), int64, C-contiguous, inside the image
+    nthreads : int
+        OpenMP threads, 0 for OpenMP's default; batches of fewer than 8192
+        seeds use one. The results do not depend on it.
 
     Returns
     -------
@@ -729,6 +744,8 @@ def refine_peaks(const float[:, ::1] image, const int64_t[:, ::1] seeds, int nth
     cdef Py_ssize_t w = image.shape[1]
     cdef Py_ssize_t nchunk = (n + _CHUNK - 1) // _CHUNK
     cdef Py_ssize_t c
+    if nthreads <= 0:
+        nthreads = ccdgrid_max_threads()
     with nogil:
         if n < _REFINE_PARALLEL_MIN or nthreads < 2:
             _refine_range(base, h, w, sp, op, 0, n, n)
