@@ -260,9 +260,17 @@ cdef extern from *:
        and the four Newton steps are accepted, write the four refined
        positions to out[0..7] and return 1. Else return 0, having written
        nothing. */
-    static inline int ccdgrid_refine_four(const float *base, Py_ssize_t w, size_t ylim,
-                                          size_t xlim, const int64_t *s, float thr,
-                                          double *out)
+    #if defined(__GNUC__) && defined(__x86_64__) && defined(__has_attribute)
+    #if __has_attribute(target_clones)
+    #define CCDGRID_CLONES __attribute__((noinline, target_clones("avx2", "default")))
+    #endif
+    #endif
+    #ifndef CCDGRID_CLONES
+    #define CCDGRID_CLONES
+    #endif
+    CCDGRID_CLONES
+    static int ccdgrid_refine_four(const float *base, Py_ssize_t w, size_t ylim,
+                                   size_t xlim, const int64_t *s, float thr, double *out)
     {
         const float *q[4];
         ccdgrid_v4f row[12], a[9], c, vy, vx, lo, hi;
@@ -362,7 +370,7 @@ cdef enum:
 # Seeds scattered over a large image miss the caches: the window of the
 # seed this many places ahead is requested while the current one is worked on.
 cdef enum:
-    _AHEAD = 16
+    _AHEAD = 8
 
 __all__ = ["climb", "climb_one", "refine_one", "refine_peaks", "seed_pixels"]
 
