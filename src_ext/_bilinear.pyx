@@ -260,7 +260,8 @@ cdef extern from *:
        and the four Newton steps are accepted, write the four refined
        positions to out[0..7] and return 1. Else return 0, having written
        nothing. */
-    #if defined(__GNUC__) && defined(__x86_64__) && defined(__has_attribute)
+    /* target_clones dispatches through an ifunc: glibc on x86-64 only */
+    #if defined(__GNUC__) && defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
     #if __has_attribute(target_clones)
     #define CCDGRID_CLONES __attribute__((noinline, target_clones("avx2", "default")))
     #endif
