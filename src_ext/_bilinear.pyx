@@ -12,8 +12,9 @@ and the centre-of-mass sums are float32. The build compiles in ISO C mode
 roundings are those of the numpy twin.
 """
 
-from libc.math cimport fabs
+from libc.math cimport INFINITY, nextafterf
 from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memset
 
 import numpy as np
 
@@ -21,19 +22,36 @@ from cython.parallel cimport prange
 
 cdef extern from *:
     """
-    /* Ask for the three rows of the 3x3 window at (y, x), inside an h x w
-       image. A macro, not a function: GCC deems a function that only
-       prefetches free of effects and deletes the calls. */
+    #include <math.h>
+    #include <string.h>
+    #ifdef CCDGRID_OPENMP
+    #include <omp.h>
+    static int ccdgrid_max_threads(void) { return omp_get_max_threads(); }
+    #else
+    static int ccdgrid_max_threads(void) { return 1; }
+    #endif
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    #endif
+
+    /* Ask for the three rows of the 3x3 window at (y, x) of an image w
+       pixels wide. A macro, not a function: GCC deems a function that only
+       prefetches free of effects and deletes the calls. The address is
+       computed on integers and may point outside the image (a prefetch
+       never faults), which saves clamping it on the first and last rows. */
     #if defined(__GNUC__)
-    #define ccdgrid_prefetch_window(base, h, w, y, x)                              \
-        do {                                                                    \
-            const float *ccdgrid_p_ = (base) + (y) * (w) + (x);                 \
-            __builtin_prefetch((y) > 0 ? ccdgrid_p_ - (w) : ccdgrid_p_, 0, 3);  \
-            __builtin_prefetch(ccdgrid_p_, 0, 3);                               \
-            __builtin_prefetch((y) + 1 < (h) ? ccdgrid_p_ + (w) : ccdgrid_p_, 0, 3); \
+    #include <stdint.h>
+    #define ccdgrid_prefetch_window(base, w, y, x)                                   \
+        do {                                                                      \
+            const uintptr_t ccdgrid_a_ = (uintptr_t)(base)                        \
+                + (uintptr_t)((y) * (w) + (x) - 1) * sizeof(float);               \
+            const uintptr_t ccdgrid_r_ = (uintptr_t)(w) * sizeof(float);          \
+            __builtin_prefetch((const void *)(ccdgrid_a_ - ccdgrid_r_), 0, 3);    \
+            __builtin_prefetch((const void *)ccdgrid_a_, 0, 3);                   \
+            __builtin_prefetch((const void *)(ccdgrid_a_ + ccdgrid_r_), 0, 3);    \
         } while (0)
     #else
-    #define ccdgrid_prefetch_window(base, h, w, y, x) ((void)0)
+    #define ccdgrid_prefetch_window(base, w, y, x) ((void)0)
     #endif
 
     /* 1 if no pixel of the 3x3 window centred on *p is strictly greater than
@@ -44,7 +62,6 @@ cdef extern from *:
     #define __has_builtin(x) 0
     #endif
     #if defined(__GNUC__) && __has_builtin(__builtin_shufflevector)
-    #include <string.h>
     typedef float ccdgrid_v4f __attribute__((vector_size(16)));
     static inline int ccdgrid_centre_is_highest(const float *p, Py_ssize_t w)
     {
@@ -64,11 +81,275 @@ cdef extern from *:
                  | (p[1] > c) | (p[w - 1] > c) | (p[w] > c) | (p[w + 1] > c));
     }
     #endif
+
+    /* The 3x3 window centred on *p (an interior pixel) as three rows of four
+       floats into dst[0..11]; the fourth float of each row is the pixel past
+       the window when `wide` (p[w + 2] is inside the image), else zero. */
+    static inline void ccdgrid_copy_window(const float *p, Py_ssize_t w, int wide, float *dst)
+    {
+        if (wide) {
+            memcpy(dst, p - w - 1, 4 * sizeof *dst);
+            memcpy(dst + 4, p - 1, 4 * sizeof *dst);
+            memcpy(dst + 8, p + w - 1, 4 * sizeof *dst);
+        } else {
+            memcpy(dst, p - w - 1, 3 * sizeof *dst);
+            memcpy(dst + 4, p - 1, 3 * sizeof *dst);
+            memcpy(dst + 8, p + w - 1, 3 * sizeof *dst);
+            dst[3] = dst[7] = dst[11] = 0.0f;
+        }
+    }
+
+    /* The common case of a batch of peaks, in one go: if (y, x) is an
+       interior pixel not in the last two columns (1 <= y < 1 + ylim,
+       1 <= x < 1 + xlim, the limits being h - 2 and w - 3 or 0) and no
+       pixel of its 3x3 window is higher, write the window to dst as
+       ccdgrid_copy_window does and return 1; else return 0 (dst may have
+       been written). */
+    #if defined(__SSE2__)
+    static inline int ccdgrid_gather_maximum(const float *base, Py_ssize_t w, Py_ssize_t y,
+                                             Py_ssize_t x, size_t ylim, size_t xlim,
+                                             float *dst)
+    {
+        if (!(((size_t)(y - 1) < ylim) & ((size_t)(x - 1) < xlim)))
+            return 0;
+        const float *p = base + y * w + x;
+        const __m128 c = _mm_set1_ps(p[0]);
+        const __m128 r0 = _mm_loadu_ps(p - w - 1);
+        const __m128 r1 = _mm_loadu_ps(p - 1);
+        const __m128 r2 = _mm_loadu_ps(p + w - 1);
+        _mm_storeu_ps(dst, r0);
+        _mm_storeu_ps(dst + 4, r1);
+        _mm_storeu_ps(dst + 8, r2);
+        const __m128 m = _mm_or_ps(_mm_or_ps(_mm_cmpgt_ps(r0, c), _mm_cmpgt_ps(r1, c)),
+                                   _mm_cmpgt_ps(r2, c));
+        return (_mm_movemask_ps(m) & 7) == 0;
+    }
+    #else
+    static inline int ccdgrid_gather_maximum(const float *base, Py_ssize_t w, Py_ssize_t y,
+                                             Py_ssize_t x, size_t ylim, size_t xlim,
+                                             float *dst)
+    {
+        if (!(((size_t)(y - 1) < ylim) & ((size_t)(x - 1) < xlim)))
+            return 0;
+        const float *p = base + y * w + x;
+        if (!ccdgrid_centre_is_highest(p, w))
+            return 0;
+        ccdgrid_copy_window(p, w, 1, dst);
+        return 1;
+    }
+    #endif
+
+    /* pyFAI 2026.9's Newton step for CCDGRID_LANES maxima at once, one per
+       vector lane: the same operations in the same order for each maximum as
+       pyFAI's scalar code, so the same roundings. The second differences d00
+       and d11 are evaluated in double and rounded once to float (pyFAI's
+       double literal 2.0); d01 = (...) / 4.0 and denom = 2.0 * (...) are
+       float values scaled by powers of two, exact in double, so float
+       operations round them the same way. `win` holds CCDGRID_LANES windows
+       as written by ccdgrid_copy_window, `pix` their centres (y, x) as
+       doubles, `thr` is the least float f with (double)f >= 1e-10, so that
+       |denom| >= thr is pyFAI's fabs(denom) >= 1e-10. For each lane i < nl
+       whose step is accepted (|denom| >= 1e-10, |dy| <= 1, |dx| <= 1),
+       writes (dy + y, dx + x), each float offset added to its pixel in
+       double, to out[2 lk[i]], out[2 lk[i] + 1]. Returns the bit mask of
+       those lanes; the others are left to the caller. */
+    #if defined(__GNUC__) && __has_builtin(__builtin_shufflevector) \
+        && __has_builtin(__builtin_convertvector)
+    #define CCDGRID_LANES 4
+    typedef double ccdgrid_v2d __attribute__((vector_size(16)));
+    typedef double ccdgrid_v4d __attribute__((vector_size(32)));
+    typedef int ccdgrid_v4i __attribute__((vector_size(16)));
+
+    /* (float)((double)u - 2.0 * (double)c + (double)v), lane by lane */
+    static inline ccdgrid_v4f ccdgrid_second_difference(ccdgrid_v4f u, ccdgrid_v4f c,
+                                                        ccdgrid_v4f v)
+    {
+        ccdgrid_v4d du = __builtin_convertvector(u, ccdgrid_v4d);
+        ccdgrid_v4d dc = __builtin_convertvector(c, ccdgrid_v4d);
+        ccdgrid_v4d dv = __builtin_convertvector(v, ccdgrid_v4d);
+        return __builtin_convertvector((du - 2.0 * dc) + dv, ccdgrid_v4f);
+    }
+
+    /* Columns c0, c1, c2 of the 4x4 matrix whose rows are l0..l3: row r of
+       the windows of four maxima, one per row, becomes a_r0, a_r1, a_r2 with
+       one maximum per lane. */
+    static inline void ccdgrid_transpose(ccdgrid_v4f l0, ccdgrid_v4f l1, ccdgrid_v4f l2,
+                                         ccdgrid_v4f l3, ccdgrid_v4f *c0, ccdgrid_v4f *c1,
+                                         ccdgrid_v4f *c2)
+    {
+        ccdgrid_v4f t0 = __builtin_shufflevector(l0, l1, 0, 4, 1, 5);
+        ccdgrid_v4f t1 = __builtin_shufflevector(l0, l1, 2, 6, 3, 7);
+        ccdgrid_v4f t2 = __builtin_shufflevector(l2, l3, 0, 4, 1, 5);
+        ccdgrid_v4f t3 = __builtin_shufflevector(l2, l3, 2, 6, 3, 7);
+        *c0 = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+        *c1 = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+        *c2 = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+    }
+
+    /* Bit i set when lane i of the comparison result m is true. */
+    static inline int ccdgrid_lane_mask(ccdgrid_v4i m)
+    {
+    #if defined(__SSE2__)
+        return _mm_movemask_ps((__m128)m);
+    #else
+        return (m[0] & 1) | (m[1] & 2) | (m[2] & 4) | (m[3] & 8);
+    #endif
+    }
+
+    /* The Newton step of four maxima given their windows a_rc, one maximum
+       per lane; returns the mask of the lanes whose step is accepted, with
+       the float offsets in *vy, *vx. */
+    static inline int ccdgrid_newton4(
+        ccdgrid_v4f a00, ccdgrid_v4f a01, ccdgrid_v4f a02, ccdgrid_v4f a10, ccdgrid_v4f a11,
+        ccdgrid_v4f a12, ccdgrid_v4f a20, ccdgrid_v4f a21, ccdgrid_v4f a22, float thr,
+        ccdgrid_v4f *vy, ccdgrid_v4f *vx)
+    {
+        ccdgrid_v4f d00, d11, d01, denom, ad, ay, ax;
+        d00 = ccdgrid_second_difference(a21, a11, a01);
+        d11 = ccdgrid_second_difference(a12, a11, a10);
+        d01 = (((a00 - a02) - a20) + a22) * 0.25f;
+        denom = (d00 * d11 - d01 * d01) * 2.0f;
+        *vy = ((a12 - a10) * d01 + (a01 - a21) * d11) / denom;
+        *vx = ((a10 - a12) * d00 + (a21 - a01) * d01) / denom;
+        /* |v| by clearing the sign bit; comparisons with NaN are false */
+        const ccdgrid_v4f one = {1.0f, 1.0f, 1.0f, 1.0f};
+        const ccdgrid_v4f t = {thr, thr, thr, thr};
+        const ccdgrid_v4i sign = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
+        ad = (ccdgrid_v4f)((ccdgrid_v4i)denom & sign);
+        ay = (ccdgrid_v4f)((ccdgrid_v4i)*vy & sign);
+        ax = (ccdgrid_v4f)((ccdgrid_v4i)*vx & sign);
+        return ccdgrid_lane_mask((ad >= t) & (ay <= one) & (ax <= one));
+    }
+
+    /* (dy + y, dx + x) in double, from lanes 2 half and 2 half + 1 of the
+       interleaved offsets o = (dy_i, dx_i, dy_j, dx_j) and the pixel p. */
+    static inline ccdgrid_v2d ccdgrid_position(ccdgrid_v4f o, int half, ccdgrid_v2d p)
+    {
+        ccdgrid_v4f s = half ? __builtin_shufflevector(o, o, 2, 3, 2, 3) : o;
+        return __builtin_convertvector(__builtin_shufflevector(s, s, 0, 1), ccdgrid_v2d) + p;
+    }
+
+    static inline int ccdgrid_newton_lanes(const float *win, float thr, const double *pix,
+                                           const Py_ssize_t *lk, int nl, double *out)
+    {
+        ccdgrid_v4f a[9], l[12], vy, vx, lo, hi;
+        ccdgrid_v2d p;
+        int r, i;
+        memcpy(l, win, sizeof l);
+        for (r = 0; r < 3; r++)
+            ccdgrid_transpose(l[r], l[3 + r], l[6 + r], l[9 + r], &a[3 * r], &a[3 * r + 1],
+                              &a[3 * r + 2]);
+        int mask = ccdgrid_newton4(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8],
+                                   thr, &vy, &vx);
+        mask &= (1 << nl) - 1;
+        lo = __builtin_shufflevector(vy, vx, 0, 4, 1, 5);
+        hi = __builtin_shufflevector(vy, vx, 2, 6, 3, 7);
+        for (i = 0; i < 4; i++) {
+            if (mask >> i & 1) {
+                memcpy(&p, pix + 2 * i, sizeof p);
+                p = ccdgrid_position(i < 2 ? lo : hi, i & 1, p);
+                memcpy(out + 2 * lk[i], &p, sizeof p);
+            }
+        }
+        return mask;
+    }
+
+    /* The common case of a batch of peaks, four at a time without copies:
+       if the four seeds s[0..7] are interior pixels not in the last two
+       columns (as in ccdgrid_gather_maximum), none has a higher neighbour,
+       and the four Newton steps are accepted, write the four refined
+       positions to out[0..7] and return 1. Else return 0, having written
+       nothing. */
+    /* target_clones dispatches through an ifunc: glibc on x86-64 only */
+    #if defined(__GNUC__) && defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
+    #if __has_attribute(target_clones)
+    #define CCDGRID_CLONES __attribute__((noinline, target_clones("avx2", "default")))
+    #endif
+    #endif
+    #ifndef CCDGRID_CLONES
+    #define CCDGRID_CLONES
+    #endif
+    CCDGRID_CLONES
+    static int ccdgrid_refine_four(const float *base, Py_ssize_t w, size_t ylim,
+                                   size_t xlim, const int64_t *s, float thr, double *out)
+    {
+        const float *q[4];
+        ccdgrid_v4f row[12], a[9], c, vy, vx, lo, hi;
+        ccdgrid_v4i higher = {0, 0, 0, 0};
+        int i, inside = 1;
+        for (i = 0; i < 4; i++)
+            inside &= ((size_t)(s[2 * i] - 1) < ylim) & ((size_t)(s[2 * i + 1] - 1) < xlim);
+        if (!inside)
+            return 0;
+        for (i = 0; i < 4; i++) {
+            q[i] = base + s[2 * i] * w + s[2 * i + 1];
+            memcpy(&row[i], q[i] - w - 1, sizeof row[i]);
+            memcpy(&row[4 + i], q[i] - 1, sizeof row[i]);
+            memcpy(&row[8 + i], q[i] + w - 1, sizeof row[i]);
+            c = __builtin_shufflevector(row[4 + i], row[4 + i], 1, 1, 1, 1);
+            higher |= (row[i] > c) | (row[4 + i] > c) | (row[8 + i] > c);
+        }
+        if (ccdgrid_lane_mask(higher) & 7)
+            return 0;
+        for (i = 0; i < 3; i++)
+            ccdgrid_transpose(row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3],
+                              &a[3 * i], &a[3 * i + 1], &a[3 * i + 2]);
+        if (ccdgrid_newton4(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], thr,
+                            &vy, &vx) != 15)
+            return 0;
+        lo = __builtin_shufflevector(vy, vx, 0, 4, 1, 5);
+        hi = __builtin_shufflevector(vy, vx, 2, 6, 3, 7);
+        for (i = 0; i < 4; i++) {
+            ccdgrid_v2d p = {(double)s[2 * i], (double)s[2 * i + 1]};
+            p = ccdgrid_position(i < 2 ? lo : hi, i & 1, p);
+            memcpy(out + 2 * i, &p, sizeof p);
+        }
+        return 1;
+    }
+    #else
+    #define CCDGRID_LANES 1
+    static inline int ccdgrid_newton_lanes(const float *a, float thr, const double *pix,
+                                           const Py_ssize_t *lk, int nl, double *out)
+    {
+        float d00 = (float)(((double)a[9] - 2.0 * (double)a[5]) + (double)a[1]);
+        float d11 = (float)(((double)a[6] - 2.0 * (double)a[5]) + (double)a[4]);
+        float d01 = (((a[0] - a[2]) - a[8]) + a[10]) * 0.25f;
+        float denom = (d00 * d11 - d01 * d01) * 2.0f;
+        float dy = ((a[6] - a[4]) * d01 + (a[1] - a[9]) * d11) / denom;
+        float dx = ((a[4] - a[6]) * d00 + (a[9] - a[1]) * d01) / denom;
+        if (nl > 0 && fabsf(denom) >= thr && fabsf(dy) <= 1.0f && fabsf(dx) <= 1.0f) {
+            out[2 * lk[0]] = (double)dy + pix[0];
+            out[2 * lk[0] + 1] = (double)dx + pix[1];
+            return 1;
+        }
+        return 0;
+    }
+    static inline int ccdgrid_refine_four(const float *base, Py_ssize_t w, size_t ylim,
+                                          size_t xlim, const int64_t *s, float thr,
+                                          double *out)
+    {
+        return 0;
+    }
+    #endif
     """
     void ccdgrid_prefetch_window(
-        const float* base, Py_ssize_t h, Py_ssize_t w, Py_ssize_t y, Py_ssize_t x
+        const float* base, Py_ssize_t w, Py_ssize_t y, Py_ssize_t x
     ) noexcept nogil
     bint ccdgrid_centre_is_highest(const float* p, Py_ssize_t w) noexcept nogil
+    void ccdgrid_copy_window(const float* p, Py_ssize_t w, int wide, float* dst) noexcept nogil
+    int ccdgrid_newton_lanes(
+        const float* win, float thr, const double* pix, const Py_ssize_t* lk, int nl, double* out
+    ) noexcept nogil
+    bint ccdgrid_refine_four(
+        const float* base, Py_ssize_t w, size_t ylim, size_t xlim, const int64_t* s, float thr,
+        double* out
+    ) noexcept nogil
+    bint ccdgrid_gather_maximum(
+        const float* base, Py_ssize_t w, Py_ssize_t y, Py_ssize_t x, size_t ylim, size_t xlim,
+        float* dst
+    ) noexcept nogil
+    enum: CCDGRID_LANES
+    int ccdgrid_max_threads() noexcept nogil
 
 ctypedef fused seed_t:
     int64_t
@@ -78,6 +359,14 @@ ctypedef fused seed_t:
 # thread: on a busy 2-core machine a descheduled thread made 10,000 seeds take
 # 20 ms instead of 0.5 ms serially; pipelines refine a few thousand at most.
 cdef Py_ssize_t _PARALLEL_MIN = 1 << 20
+
+# refine_peaks asked for threads: below this many seeds one thread is faster
+# (starting a team costs ~10 us); above it, chunks of _CHUNK seeds are handed
+# out dynamically, because climbs from seeds that are not maxima vary in
+# length and a static split left one thread with most of the work.
+cdef Py_ssize_t _REFINE_PARALLEL_MIN = 8192
+cdef enum:
+    _CHUNK = 512
 
 # Seeds scattered over a large image miss the caches: the window of the
 # seed this many places ahead is requested while the current one is worked on.
@@ -105,11 +394,18 @@ cdef Py_ssize_t _first_outside(
     cdef double fw = <double>w
     cdef double fy, fx
     cdef bint ok = True
-    for k in range(n):
-        if seed_t is int64_t:
-            # A negative value is a huge unsigned one: one comparison per axis.
-            ok &= (<uint64_t>yx[2 * k] < <uint64_t>h) & (<uint64_t>yx[2 * k + 1] < <uint64_t>w)
-        else:
+    # v is in [0, m] when neither v nor m - v has its top bit set: OR and
+    # subtraction only, which SSE2 vectorises (it has no 64-bit comparison).
+    cdef uint64_t acc = 0
+    cdef uint64_t hm = <uint64_t>(h - 1)
+    cdef uint64_t wm = <uint64_t>(w - 1)
+    if seed_t is int64_t:
+        for k in range(n):
+            acc |= (<uint64_t>yx[2 * k] | (hm - <uint64_t>yx[2 * k])
+                    | <uint64_t>yx[2 * k + 1] | (wm - <uint64_t>yx[2 * k + 1]))
+        ok = (acc >> 63) == 0
+    else:
+        for k in range(n):
             fy = (yx[2 * k] + magic) - magic
             fx = (yx[2 * k + 1] + magic) - magic
             # Comparisons with NaN are false: NaN seeds are outside.
@@ -208,15 +504,14 @@ cdef inline int _best_in_window(const float* a) noexcept nogil:
 
 
 cdef inline bint _climb(
-    const float* base, Py_ssize_t h, Py_ssize_t w, Py_ssize_t* py, Py_ssize_t* px, float* a
+    const float* base, Py_ssize_t h, Py_ssize_t w, Py_ssize_t* py, Py_ssize_t* px
 ) noexcept nogil:
     """Move ``(py, px)`` uphill until no pixel of its clipped 3x3 window is greater.
 
     Strict ``>`` against a running best in raster order: the first maximum
     met wins ties, plateaus stop the climb, NaN is never chosen and a NaN
     start never moves. Returns True when the climb ends on an interior
-    pixel, with its 3x3 window in ``a[0..8]`` unless ``a`` is NULL; False
-    on the image border.
+    pixel, False on the image border.
     """
     cdef Py_ssize_t cy = py[0]
     cdef Py_ssize_t cx = px[0]
@@ -269,53 +564,30 @@ cdef inline bint _climb(
         cx = nx
     py[0] = cy
     px[0] = cx
-    if interior and a != NULL:
-        _load_window(base + cy * w + cx, w, a)
     return interior
 
 
-cdef inline void _subpixel(
-    const float* a, Py_ssize_t y, Py_ssize_t x, double* oy, double* ox
+cdef inline void _centre_of_mass(
+    const float* win, Py_ssize_t y, Py_ssize_t x, double* oy, double* ox
 ) noexcept nogil:
-    """Sub-pixel position of the local maximum at interior pixel ``(y, x)``.
+    """pyFAI's fallback when the Newton step is rejected, for the maximum at ``(y, x)``.
 
-    ``a[0..8]`` is its 3x3 window in raster order. One Newton step from the
-    second differences, kept when both offsets are within one pixel; else
-    the centre of mass of the raw window if its sum is positive; else the
-    pixel itself.
+    ``win`` is its 3x3 window as three rows of four floats (the fourth
+    unused). The centre of mass of the raw window if its sum is positive,
+    else the pixel itself.
     """
-    cdef float a00 = a[0]
-    cdef float a01 = a[1]
-    cdef float a02 = a[2]
-    cdef float a10 = a[3]
-    cdef float a11 = a[4]
-    cdef float a12 = a[5]
-    cdef float a20 = a[6]
-    cdef float a21 = a[7]
-    cdef float a22 = a[8]
-    cdef float d00, d11, d01, denom, dy, dx, s, sy, sx
-    cdef int i
-    # The literal 2.0 is a double: these two are evaluated in double and
-    # rounded once to float32, as in pyFAI.
-    d00 = a21 - 2.0 * a11 + a01
-    d11 = a12 - 2.0 * a11 + a10
-    d01 = (a00 - a02 - a20 + a22) / 4.0
-    denom = 2.0 * (d00 * d11 - d01 * d01)
-    if fabs(denom) >= 1e-10:
-        dy = ((a12 - a10) * d01 + (a01 - a21) * d11) / denom
-        dx = ((a10 - a12) * d00 + (a21 - a01) * d01) / denom
-        if fabs(dy) <= 1.0 and fabs(dx) <= 1.0:
-            oy[0] = <double>dy + <double>y
-            ox[0] = <double>dx + <double>x
-            return
+    cdef float s = 0
+    cdef float sy = 0
+    cdef float sx = 0
+    cdef float v
+    cdef int r, c
     # float32 running sums in raster order, as pyFAI adds them
-    s = 0
-    sy = 0
-    sx = 0
-    for i in range(9):
-        sy = sy + a[i] * <float>(y + i // 3 - 1)
-        sx = sx + a[i] * <float>(x + i % 3 - 1)
-        s = s + a[i]
+    for r in range(3):
+        for c in range(3):
+            v = win[4 * r + c]
+            sy = sy + v * <float>(y + r - 1)
+            sx = sx + v * <float>(x + c - 1)
+            s = s + v
     if s > 0:
         oy[0] = <double>(sy / s)
         ox[0] = <double>(sx / s)
@@ -324,17 +596,101 @@ cdef inline void _subpixel(
         ox[0] = <double>x
 
 
-cdef inline void _refine(
-    const float* base, Py_ssize_t h, Py_ssize_t w, Py_ssize_t y, Py_ssize_t x,
-    double* oy, double* ox
+cdef float _newton_threshold() noexcept nogil:
+    """The least float ``f`` with ``(double)f >= 1e-10``: pyFAI's bound on ``|denom|``."""
+    cdef float t = <float>1e-10
+    if <double>t < 1e-10:
+        t = nextafterf(t, INFINITY)
+    return t
+
+
+cdef inline void _flush(
+    const float* win, const double* pix, const Py_ssize_t* lk, int nl, float thr, double* out
 ) noexcept nogil:
-    """Climb from pixel ``(y, x)`` and refine the maximum; border maxima stay as they are."""
-    cdef float a[9]
-    if _climb(base, h, w, &y, &x, a):
-        _subpixel(a, y, x, oy, ox)
-    else:
-        oy[0] = <double>y
-        ox[0] = <double>x
+    """Refine the ``nl`` maxima gathered in ``win`` and write seed ``lk[i]``'s result.
+
+    The lanes from ``nl`` to ``CCDGRID_LANES - 1`` are computed and ignored.
+    """
+    cdef int i
+    cdef int ok = ccdgrid_newton_lanes(win, thr, pix, lk, nl, out)
+    if ok == (1 << nl) - 1:
+        return
+    for i in range(nl):
+        if not (ok >> i) & 1:
+            _centre_of_mass(win + 12 * i, <Py_ssize_t>pix[2 * i], <Py_ssize_t>pix[2 * i + 1],
+                            &out[2 * lk[i]], &out[2 * lk[i] + 1])
+
+
+cdef inline int _push(
+    const float* base, Py_ssize_t h, Py_ssize_t w, size_t ylim, size_t xlim, Py_ssize_t y,
+    Py_ssize_t x, Py_ssize_t k, float* win, double* pix, Py_ssize_t* lk, int nl, float thr,
+    double* out
+) noexcept nogil:
+    """Climb from seed ``k`` at ``(y, x)``; queue the interior maximum reached as lane ``nl``.
+
+    A maximum on the image border is written as it is. When the lanes are
+    full they are refined and emptied. Returns the number of lanes in use.
+    """
+    # Seeds that are already maxima (a watershed's peaks) need no climb.
+    if not ccdgrid_gather_maximum(base, w, y, x, ylim, xlim, win + 12 * nl):
+        if not _climb(base, h, w, &y, &x):
+            out[2 * k] = <double>y
+            out[2 * k + 1] = <double>x
+            return nl
+        # not four floats wide when p[w + 2] would be past the image's end
+        ccdgrid_copy_window(base + y * w + x, w, y * w + x <= (h - 2) * w + (w - 3),
+                            win + 12 * nl)
+    lk[nl] = k
+    pix[2 * nl] = <double>y
+    pix[2 * nl + 1] = <double>x
+    nl += 1
+    if nl == CCDGRID_LANES:
+        _flush(win, pix, lk, nl, thr, out)
+        nl = 0
+    return nl
+
+
+cdef void _refine_range(
+    const float* base, Py_ssize_t h, Py_ssize_t w, const int64_t* seeds, double* out,
+    Py_ssize_t start, Py_ssize_t stop, Py_ssize_t n
+) noexcept nogil:
+    """Climb and refine seeds ``start .. stop - 1`` of ``n``; ``(y, x)`` pairs in, out.
+
+    Four consecutive seeds that are all maxima are refined together, one per
+    vector lane, straight from the image (the common case of peaks). Other
+    seeds climb one by one and the interior maxima they reach are queued
+    ``CCDGRID_LANES`` at a time for the same vector Newton step; maxima on
+    the image border are written as they are.
+    """
+    cdef float win[12 * CCDGRID_LANES]
+    cdef Py_ssize_t lk[CCDGRID_LANES]
+    cdef double pix[2 * CCDGRID_LANES]
+    cdef int nl = 0
+    cdef float thr = _newton_threshold()
+    cdef size_t ylim = h - 2 if h > 2 else 0
+    cdef size_t xlim = w - 3 if w > 3 else 0
+    cdef Py_ssize_t k = start
+    cdef Py_ssize_t j
+    cdef const int64_t* ahead
+    while k + 4 <= stop:
+        if k + _AHEAD + 4 <= n:
+            ahead = seeds + 2 * (k + _AHEAD)
+            ccdgrid_prefetch_window(base, w, ahead[0], ahead[1])
+            ccdgrid_prefetch_window(base, w, ahead[2], ahead[3])
+            ccdgrid_prefetch_window(base, w, ahead[4], ahead[5])
+            ccdgrid_prefetch_window(base, w, ahead[6], ahead[7])
+        if not ccdgrid_refine_four(base, w, ylim, xlim, seeds + 2 * k, thr, out + 2 * k):
+            for j in range(k, k + 4):
+                nl = _push(base, h, w, ylim, xlim, seeds[2 * j], seeds[2 * j + 1], j,
+                           win, pix, lk, nl, thr, out)
+        k += 4
+    for j in range(k, stop):
+        nl = _push(base, h, w, ylim, xlim, seeds[2 * j], seeds[2 * j + 1], j,
+                   win, pix, lk, nl, thr, out)
+    if nl:
+        # Unused lanes: zeros, any finite values would do.
+        memset(win + 12 * nl, 0, 12 * (CCDGRID_LANES - nl) * sizeof(float))
+        _flush(win, pix, lk, nl, thr, out)
 
 
 def climb(const float[:, ::1] image, const int64_t[:, ::1] seeds):
@@ -360,22 +716,25 @@ def climb(const float[:, ::1] image, const int64_t[:, ::1] seeds):
     with nogil:
         for k in prange(n, schedule="static", use_threads_if=n >= _PARALLEL_MIN):
             if k + _AHEAD < n:
-                ccdgrid_prefetch_window(base, h, w, seeds[k + _AHEAD, 0], seeds[k + _AHEAD, 1])
+                ccdgrid_prefetch_window(base, w, seeds[k + _AHEAD, 0], seeds[k + _AHEAD, 1])
             y = <Py_ssize_t>seeds[k, 0]
             x = <Py_ssize_t>seeds[k, 1]
-            _climb(base, h, w, &y, &x, NULL)
+            _climb(base, h, w, &y, &x)
             res[k, 0] = y
             res[k, 1] = x
     return out
 
 
-def refine_peaks(const float[:, ::1] image, const int64_t[:, ::1] seeds):
+def refine_peaks(const float[:, ::1] image, const int64_t[:, ::1] seeds, int nthreads=1):
     """Climb and refine every seed; see :func:`ccdgrid.bilinear.refine_peaks`.
 
     Parameters
     ----------
     image : ndarray of shape (H, W), float32, C-contiguous
     seeds : ndarray of shape (N, 2), int64, C-contiguous, inside the image
+    nthreads : int
+        OpenMP threads, 0 for OpenMP's default; batches of fewer than 8192
+        seeds use one. The results do not depend on it.
 
     Returns
     -------
@@ -383,18 +742,25 @@ def refine_peaks(const float[:, ::1] image, const int64_t[:, ::1] seeds):
         Refined ``(y, x)`` in index coordinates.
     """
     cdef Py_ssize_t n = seeds.shape[0]
-    cdef Py_ssize_t k
+    out = np.empty((n, 2), dtype=np.float64)
+    if n == 0:
+        return out
+    cdef double[:, ::1] res = out
+    cdef const float* base = &image[0, 0]
+    cdef const int64_t* sp = &seeds[0, 0]
+    cdef double* op = &res[0, 0]
     cdef Py_ssize_t h = image.shape[0]
     cdef Py_ssize_t w = image.shape[1]
-    cdef const float* base = &image[0, 0]
-    out = np.empty((n, 2), dtype=np.float64)
-    cdef double[:, ::1] res = out
+    cdef Py_ssize_t nchunk = (n + _CHUNK - 1) // _CHUNK
+    cdef Py_ssize_t c
+    if nthreads <= 0:
+        nthreads = ccdgrid_max_threads()
     with nogil:
-        for k in prange(n, schedule="static", use_threads_if=n >= _PARALLEL_MIN):
-            if k + _AHEAD < n:
-                ccdgrid_prefetch_window(base, h, w, seeds[k + _AHEAD, 0], seeds[k + _AHEAD, 1])
-            _refine(base, h, w, <Py_ssize_t>seeds[k, 0], <Py_ssize_t>seeds[k, 1],
-                    &res[k, 0], &res[k, 1])
+        if n < _REFINE_PARALLEL_MIN or nthreads < 2:
+            _refine_range(base, h, w, sp, op, 0, n, n)
+        else:
+            for c in prange(nchunk, schedule="dynamic", chunksize=1, num_threads=nthreads):
+                _refine_range(base, h, w, sp, op, c * _CHUNK, min((c + 1) * _CHUNK, n), n)
     return out
 
 
@@ -403,7 +769,7 @@ def climb_one(const float[:, ::1] image, Py_ssize_t y, Py_ssize_t x):
 
     For per-call use (pyFAI's ``cp_local_maxi``) without building arrays.
     """
-    _climb(&image[0, 0], image.shape[0], image.shape[1], &y, &x, NULL)
+    _climb(&image[0, 0], image.shape[0], image.shape[1], &y, &x)
     return y, x
 
 
@@ -412,6 +778,9 @@ def refine_one(const float[:, ::1] image, Py_ssize_t y, Py_ssize_t x):
 
     For per-call use (pyFAI's ``local_maxi``) without building arrays.
     """
-    cdef double oy, ox
-    _refine(&image[0, 0], image.shape[0], image.shape[1], y, x, &oy, &ox)
-    return oy, ox
+    cdef int64_t seed[2]
+    cdef double res[2]
+    seed[0] = y
+    seed[1] = x
+    _refine_range(&image[0, 0], image.shape[0], image.shape[1], seed, res, 0, 1, 1)
+    return res[0], res[1]

@@ -233,6 +233,68 @@ def test_many_seeds_in_any_order_match_the_numpy_twin(n):
     )
 
 
+def local_maxima(img):
+    """``(M, 2)`` int64 pixels of every local maximum reached from every pixel (numpy twin)."""
+    h, w = img.shape
+    every = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2)
+    return np.unique(climb(img, every, backend="numpy"), axis=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 13, 64])
+def test_seeds_on_maxima_match_the_numpy_twin_for_any_batch_length(n):
+    """Seeds that are maxima, the tutorial's case: the kernel refines them
+    four at a time, one per vector lane, and the rest of the batch (a
+    remainder of fewer than four, groups broken by a seed that climbs or a
+    maximum on the border or in the last two columns) through a queue of
+    lanes that is flushed partly filled at the end."""
+    rng = np.random.default_rng(100 + n)
+    img = gaussian_image(rng, (60, 70), 30).astype(np.float32)
+    img[[5, 30, 50], -2] += 400  # maxima in the last interior column
+    img[0, 30] = img[-1, 5] = img.max() + 1  # and on the border
+    maxima = local_maxima(img)
+    others = np.column_stack([rng.integers(0, 60, n), rng.integers(0, 70, n)])
+    for mix in (0.0, 0.2, 0.5):
+        pick = maxima[rng.integers(0, len(maxima), n)]
+        seeds = np.where((rng.uniform(size=n) < mix)[:, None], others, pick)
+        np.testing.assert_array_equal(
+            refine_peaks(img, seeds, backend="cython"), refine_peaks(img, seeds, backend="numpy")
+        )
+
+
+@pytest.mark.parametrize("odd_one", range(4))
+def test_a_rejected_newton_step_among_four_maxima_falls_back_alone(odd_one):
+    """Four maxima refined together, one of which has a singular Hessian."""
+    img = np.zeros((9, 40), np.float32)
+    starts = [3, 11, 19, 27]
+    for x in starts:
+        img[3:6, x : x + 3] = [[1, 2, 1], [2, 5, 3], [1, 3, 2]]
+    x0 = starts[odd_one]
+    img[3:6, x0 : x0 + 3] = [[3, 3, 3], [3, 3, 3], [0, 0, 0]]  # as in the singular test
+    seeds = np.array([(4, x + 1) for x in starts])
+    expected = refine_peaks(img, seeds, backend="numpy")
+    np.testing.assert_array_equal(refine_peaks(img, seeds, backend="cython"), expected)
+    np.testing.assert_allclose(expected[odd_one], [3.5, x0 + 1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("nthreads", [0, 2, 3])
+def test_threads_give_the_same_results_as_one(nthreads):
+    """Batches of 8192 seeds and more are split in chunks between threads."""
+    rng = np.random.default_rng(31)
+    img = gaussian_image(rng, (200, 240), 120).astype(np.float32)
+    maxima = local_maxima(img)
+    n = 10_001
+    seeds = np.concatenate(
+        [
+            maxima[rng.integers(0, len(maxima), n // 2)],
+            np.column_stack([rng.integers(0, 200, n - n // 2), rng.integers(0, 240, n - n // 2)]),
+        ]
+    )
+    seeds = seeds[rng.permutation(n)]
+    one = refine_peaks(img, seeds, nthreads=1)
+    np.testing.assert_array_equal(refine_peaks(img, seeds, nthreads=nthreads), one)
+    np.testing.assert_array_equal(refine_peaks(img, seeds, backend="numpy"), one)
+
+
 def test_empty_seeds_give_an_empty_result(backend):
     img = np.ones((3, 3))
     for empty in ([], np.empty((0, 2)), np.empty((0, 2), np.int64)):
@@ -301,6 +363,22 @@ def test_refine_peaks_matches_pyfai_local_maxi(backend, pyfai_bilinear, variant)
     got = refine_peaks(img, seeds, backend=backend)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(got, expected)  # in fact bit for bit
+
+
+@pytest.mark.parametrize("variant", ["gaussians", "quantised", "nan"])
+def test_refining_maxima_matches_pyfai_local_maxi(backend, pyfai_bilinear, variant):
+    """The tutorial's case: every seed is already a local maximum."""
+    rng = np.random.default_rng(24)
+    img = gaussian_image(rng, (128, 160), 60)
+    if variant == "quantised":  # flat patches: centre-of-mass fallbacks among the peaks
+        img = np.round(img / 80)
+    elif variant == "nan":
+        img[rng.integers(0, 128, 40), rng.integers(0, 160, 40)] = np.nan
+    seeds = local_maxima(img.astype(np.float32))
+    seeds = seeds[rng.permutation(len(seeds))]
+    pf = pyfai_bilinear(img)
+    expected = np.array([pf.local_maxi(tuple(s)) for s in seeds.tolist()])
+    np.testing.assert_array_equal(refine_peaks(img, seeds, backend=backend), expected)
 
 
 def test_climb_matches_pyfai_cp_local_maxi(backend, pyfai_bilinear):
@@ -404,6 +482,15 @@ def test_bilinear_rejects_positions_outside_the_image(backend):
         b.cp_local_maxi(2.0)
     with pytest.raises(CcdgridError, match="must be a pair"):
         b((1.0,))
+
+
+@pytest.mark.parametrize(
+    ("nthreads", "match"),
+    [(-1, "`nthreads` must be >= 0"), (2.0, "`nthreads` must be an integer"), (None, "integer")],
+)
+def test_bad_thread_counts_are_rejected(backend, nthreads, match):
+    with pytest.raises(CcdgridError, match=match):
+        refine_peaks(np.zeros((3, 3)), [(1, 1)], backend=backend, nthreads=nthreads)
 
 
 def test_unknown_backend_is_rejected():

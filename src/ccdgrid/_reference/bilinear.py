@@ -116,7 +116,7 @@ def _subpixel(image, py, px):
     return y, x
 
 
-def refine_peaks(image, seeds):
+def refine_peaks(image, seeds, nthreads=1):
     """Climb from each seed to its local maximum and refine it to sub-pixel.
 
     Parameters
@@ -125,6 +125,8 @@ def refine_peaks(image, seeds):
         The image (trusted).
     seeds : ndarray of shape (N, 2), int64
         Start pixels ``(y, x)``, all inside the image (trusted).
+    nthreads : int
+        Ignored (the compiled twin's thread count); numpy runs as it does.
 
     Returns
     -------
