@@ -119,6 +119,10 @@ cdef enum:
     MAX_EXTENT = 15
     STRIDE = 16
     MAX_PIECES = MAX_EXTENT * MAX_EXTENT
+    # What the survey found about an input pixel
+    SKIP = 0   # masked, degenerate or outside the output grid
+    OTHER = 1  # to split by the general method
+    PLAIN = 2  # accepted by plain_pixel: one corner in each cell of a 2 x 2 box
 
 
 # Corner coordinates closer than this to an integer are snapped onto it, so
@@ -290,6 +294,35 @@ cdef inline bint plain_pixel(const double* qy, const double* qx,
             and quad_area(qy, qx) > C_AREA_MIN)
 
 
+cdef inline void square_weights(const double* ly, const double* lx, double* w) noexcept nogil:
+    """:func:`near_square_weights` for a pixel known to have one corner in each cell."""
+    cdef double ua = 1.0 - ly[0], va = 1.0 - lx[0]
+    cdef double ub = ly[1] - 1.0, vb = 1.0 - lx[1]
+    cdef double uc = ly[2] - 1.0, vc = lx[2] - 1.0
+    cdef double ud = 1.0 - ly[3], vd = lx[3] - 1.0
+    cdef double e_ab, e_dc, e_ad, e_bc, m_y, m_x, ol, orr, ot, os, c00, c01, c10, c11, inv
+    e_ab = ua + ub
+    e_dc = ud + uc
+    e_ad = va + vd
+    e_bc = vb + vc
+    m_y = e_ab * e_dc
+    m_x = e_ad * e_bc
+    # |OL|, |OR|, |OT|, |OS| times e_ab e_dc e_ad e_bc
+    ol = (va * ub + vb * ua) * (e_dc * m_x)
+    orr = (vd * uc + vc * ud) * (e_ab * m_x)
+    ot = (ua * vd + ud * va) * (m_y * e_bc)
+    os = (ub * vc + uc * vb) * (m_y * e_ad)
+    c00 = ua * ol + va * ot
+    c01 = ot * vd + orr * ud
+    c10 = os * vb + ol * ub
+    c11 = uc * orr + vc * os
+    inv = 1.0 / ((c00 + c11) + (c01 + c10))
+    w[0] = c00 * inv
+    w[1] = c01 * inv
+    w[2] = c10 * inv
+    w[3] = c11 * inv
+
+
 cdef inline bint near_square_weights(const double* ly, const double* lx,
                                      double* w) noexcept nogil:
     """Weights of a near-square in the 4 cells of a 2x2 box, if it has one corner in each.
@@ -318,34 +351,10 @@ cdef inline bint near_square_weights(const double* ly, const double* lx,
     to 1 to rounding) and returns True, or returns False (nothing written)
     when the corners are not so placed.
     """
-    cdef double ua = 1.0 - ly[0], va = 1.0 - lx[0]
-    cdef double ub = ly[1] - 1.0, vb = 1.0 - lx[1]
-    cdef double uc = ly[2] - 1.0, vc = lx[2] - 1.0
-    cdef double ud = 1.0 - ly[3], vd = lx[3] - 1.0
-    cdef double e_ab, e_dc, e_ad, e_bc, m_y, m_x, ol, orr, ot, os, c00, c01, c10, c11, inv
-    if not (ua > 0.0 and va > 0.0 and ub > 0.0 and vb > 0.0
-            and uc > 0.0 and vc > 0.0 and ud > 0.0 and vd > 0.0):
+    if not (ly[0] < 1.0 and lx[0] < 1.0 and ly[1] > 1.0 and lx[1] < 1.0
+            and ly[2] > 1.0 and lx[2] > 1.0 and ly[3] < 1.0 and lx[3] > 1.0):
         return False
-    e_ab = ua + ub
-    e_dc = ud + uc
-    e_ad = va + vd
-    e_bc = vb + vc
-    m_y = e_ab * e_dc
-    m_x = e_ad * e_bc
-    # |OL|, |OR|, |OT|, |OS| times e_ab e_dc e_ad e_bc
-    ol = (va * ub + vb * ua) * (e_dc * m_x)
-    orr = (vd * uc + vc * ud) * (e_ab * m_x)
-    ot = (ua * vd + ud * va) * (m_y * e_bc)
-    os = (ub * vc + uc * vb) * (m_y * e_ad)
-    c00 = ua * ol + va * ot
-    c01 = ot * vd + orr * ud
-    c10 = os * vb + ol * ub
-    c11 = uc * orr + vc * os
-    inv = 1.0 / ((c00 + c11) + (c01 + c10))
-    w[0] = c00 * inv
-    w[1] = c01 * inv
-    w[2] = c10 * inv
-    w[3] = c11 * inv
+    square_weights(ly, lx, w)
     return True
 
 
@@ -537,13 +546,13 @@ cdef int split_quad(const double* qy, const double* qx, const Box* box,
 
 cdef int survey_rows(const double* dy, const double* dx, const uint8_t* mask,
                      int64_t nx, int64_t row_start, int64_t row_stop,
-                     int64_t ny_out, int64_t nx_out, uint8_t* valid,
+                     int64_t ny_out, int64_t nx_out, uint8_t* kinds,
                      int64_t* rowlo, int64_t* rowhi,
                      int64_t* n_degenerate, int64_t* bound) noexcept nogil:
     """First pass over input rows [row_start, row_stop): which pixels to split.
 
-    Sets ``valid[p]`` to 1 for the unmasked, non-degenerate pixels that
-    reach the output grid, else 0; ``rowlo[i]``, ``rowhi[i]`` to the output
+    Sets ``kinds[p]`` to PLAIN or OTHER for the unmasked, non-degenerate
+    pixels that reach the output grid, else SKIP; ``rowlo[i]``, ``rowhi[i]`` to the output
     rows [lo, hi) the valid pixels of input row i reach (lo = ny_out, hi = 0
     if none). Adds the degenerate unmasked pixels to ``n_degenerate`` and
     the output cells of the valid pixels' bounding boxes (an upper bound of
@@ -573,11 +582,13 @@ cdef int survey_rows(const double* dy, const double* dx, const uint8_t* mask,
         hi = 0
         for j in range(nx):
             p = i * nx + j
-            valid[p] = 0
+            kinds[p] = SKIP
             if mask[p]:
                 continue
             gather_quad(y0r, x0r, y1r, x1r, j, qy, qx)
-            if not plain_pixel(qy, qx, ny_out, nx_out, &box):
+            if plain_pixel(qy, qx, ny_out, nx_out, &box):
+                kinds[p] = PLAIN
+            else:
                 status = pixel_status(qy, qx, ny_out, nx_out)
                 if status < 0:
                     ndeg += 1
@@ -585,7 +596,7 @@ cdef int survey_rows(const double* dy, const double* dx, const uint8_t* mask,
                 if status == 0:
                     continue
                 bounding_box(qy, qx, &box)
-            valid[p] = 1
+                kinds[p] = OTHER
             k_lo = max(box.k0, 0)
             k_hi = min(box.k0 + box.nk, ny_out)
             l_lo = max(box.l0, 0)
@@ -611,7 +622,7 @@ cdef struct Plan:
     # What every band builder reads (see split_pixels).
     const double* dy
     const double* dx
-    const uint8_t* valid    # per input pixel, from the survey
+    const uint8_t* kinds    # per input pixel: SKIP, OTHER or PLAIN (the survey)
     const int64_t* rowlo    # per input row: output rows [rowlo, rowhi) reached
     const int64_t* rowhi
     const int64_t* first    # per band: input rows [first, last) to visit
@@ -666,6 +677,7 @@ cdef int build_bands(Plan* plan, idx_t* indptr, idx_t* indices,
     cdef long long start
     cdef int m, npieces, failed = 0
     cdef int32_t c, running
+    cdef uint8_t kind
     cdef Box box
     cdef double qy[4]
     cdef double qx[4]
@@ -713,24 +725,29 @@ cdef int build_bands(Plan* plan, idx_t* indptr, idx_t* indices,
                 prev = i
                 for j in range(nx):
                     p = i * nx + j
-                    if not plan.valid[p]:
-                        continue
-                    gather_quad(y0r, x0r, y1r, x1r, j, qy, qx)
-                    bounding_box(qy, qx, &box)
-                    if box.k0 >= k_end or box.k0 + box.nk <= k_top:
+                    kind = plan.kinds[p]
+                    if kind == SKIP:
                         continue
                     if n + MAX_PIECES > cap:
                         if grow(n + MAX_PIECES, &cap, &pix, &pw, &pbin) != 0:
                             failed = 1
                             break
-                    # The common case inline (a call per pixel costs a fifth of the
-                    # build): a near-square whose 2 x 2 block lies in the band and grid.
-                    if (box.nk == 2 and box.nl == 2 and box.k0 >= k_top and box.k0 + 2 <= k_end
-                            and box.l0 >= 0 and box.l0 + 2 <= nx_out):
-                        for m in range(4):
-                            ly[m] = qy[m] - <double>box.k0
-                            lx[m] = qx[m] - <double>box.l0
-                        if near_square_weights(ly, lx, weights):
+                    gather_quad(y0r, x0r, y1r, x1r, j, qy, qx)
+                    if kind == PLAIN:
+                        # The common case, inline (a call per pixel costs a fifth of
+                        # the build). Corner A is in the first cell of the 2 x 2 box.
+                        box.k0 = ifloor(qy[0])
+                        box.l0 = ifloor(qx[0])
+                        box.nk = 2
+                        box.nl = 2
+                        if box.k0 >= k_end or box.k0 + 2 <= k_top:
+                            continue
+                        if (box.k0 >= k_top and box.k0 + 2 <= k_end
+                                and box.l0 >= 0 and box.l0 + 2 <= nx_out):
+                            for m in range(4):
+                                ly[m] = qy[m] - <double>box.k0
+                                lx[m] = qx[m] - <double>box.l0
+                            square_weights(ly, lx, weights)
                             bin_ = (box.k0 - k_top) * nx_out + box.l0
                             for m in range(4):
                                 if weights[m] > C_WEIGHT_MIN:
@@ -740,6 +757,10 @@ cdef int build_bands(Plan* plan, idx_t* indptr, idx_t* indices,
                                     pw[n] = <weight_t>weights[m]
                                     counts[k] += 1
                                     n += 1
+                            continue
+                    else:
+                        bounding_box(qy, qx, &box)
+                        if box.k0 >= k_end or box.k0 + box.nk <= k_top:
                             continue
                     npieces = split_quad(qy, qx, &box, codes, weights)
                     for m in range(npieces):
@@ -788,7 +809,7 @@ cdef int build_bands(Plan* plan, idx_t* indptr, idx_t* indices,
 
 
 def _survey(const double[:, ::1] dy, const double[:, ::1] dx, const uint8_t[:, ::1] mask,
-            int64_t ny_out, int64_t nx_out, uint8_t[::1] valid, int64_t[::1] rowlo,
+            int64_t ny_out, int64_t nx_out, uint8_t[::1] kinds, int64_t[::1] rowlo,
             int64_t[::1] rowhi, int nthreads):
     """Run :func:`survey_rows` on ``nthreads`` bands of input rows; (n_degenerate, bound)."""
     cdef int64_t ny = mask.shape[0], nx = mask.shape[1]
@@ -802,7 +823,7 @@ def _survey(const double[:, ::1] dy, const double[:, ::1] dx, const uint8_t[:, :
     for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
         status_v[t] = survey_rows(&dy[0, 0], &dx[0, 0], &mask[0, 0], nx,
                                   t * ny // nt, (t + 1) * ny // nt, ny_out, nx_out,
-                                  &valid[0], &rowlo[0], &rowhi[0],
+                                  &kinds[0], &rowlo[0], &rowhi[0],
                                   &degs_v[t], &cells_v[t])
     if status.any():
         raise MemoryError("cannot allocate the pixel-splitting buffers")
@@ -829,7 +850,7 @@ def _band_rows(const int64_t[::1] rowlo, const int64_t[::1] rowhi, int64_t heigh
                 last[b] = 0
 
 
-def _fill(const double[:, ::1] dy, const double[:, ::1] dx, const uint8_t[::1] valid,
+def _fill(const double[:, ::1] dy, const double[:, ::1] dx, const uint8_t[::1] kinds,
           const int64_t[::1] rowlo, const int64_t[::1] rowhi,
           const int64_t[::1] first, const int64_t[::1] last, int64_t[::1] starts,
           int64_t ny_out, int64_t nx_out, int64_t height,
@@ -842,7 +863,7 @@ def _fill(const double[:, ::1] dy, const double[:, ::1] dx, const uint8_t[::1] v
     cdef int32_t[::1] status_v = status
     plan.dy = &dy[0, 0]
     plan.dx = &dx[0, 0]
-    plan.valid = &valid[0]
+    plan.kinds = &kinds[0]
     plan.rowlo = &rowlo[0]
     plan.rowhi = &rowhi[0]
     plan.first = &first[0]
@@ -901,10 +922,10 @@ def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0):
         nt = 1
     nt = <int>max(1, min(nt, ny))
 
-    valid = np.empty(ny * nx, dtype=np.uint8)
+    kinds = np.empty(ny * nx, dtype=np.uint8)
     rowlo = np.empty(ny, dtype=np.int64)
     rowhi = np.empty(ny, dtype=np.int64)
-    n_degenerate, bound = _survey(dy, dx, mask, ny_out, nx_out, valid, rowlo, rowhi, nt)
+    n_degenerate, bound = _survey(dy, dx, mask, ny_out, nx_out, kinds, rowlo, rowhi, nt)
 
     reach = (rowhi - rowlo)[rowhi > rowlo]
     typical = int(np.median(reach)) if reach.size else 1
@@ -924,11 +945,11 @@ def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0):
     indptr = np.empty(nbins + 1, dtype=idx_dtype)
     starts = np.full(nbands + 1, UNSET, dtype=np.int64)
     starts[0] = 0
-    ok = _fill(dy, dx, valid, rowlo, rowhi, first, last, starts, ny_out, nx_out, height,
+    ok = _fill(dy, dx, kinds, rowlo, rowhi, first, last, starts, ny_out, nx_out, height,
                indptr, indices, data, nt)
     if not ok:
         raise MemoryError("cannot allocate the pixel-splitting buffers")
-    del valid
+    del kinds
     nnz = int(starts[nbands])
     indptr[nbins] = nnz
     indices.resize(nnz, refcheck=False)
