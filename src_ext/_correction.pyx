@@ -43,7 +43,7 @@ bounds for any displacement values, finite or not.
 """
 
 from cython.parallel cimport prange
-from libc.math cimport fabs, isfinite, rint
+from libc.math cimport isfinite
 from libc.stdint cimport int32_t, int64_t, uint8_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memset
@@ -100,6 +100,40 @@ cdef extern from *:
     long long ccdgrid_fetch_add(long long* p, long long v) noexcept nogil
 
 
+cdef extern from *:
+    """
+    /* Snapping and flooring, the hottest arithmetic of the survey. Plain
+       x86-64 has no rounding instruction (SSE4.1 has), and the compiler's
+       inline rint() and floor() test the magnitude and handle the sign:
+       this shorter form made the whole build 7 % faster. Adding and
+       subtracting 1.5 * 2**52 rounds to an integer, ties to even, like
+       rint() in the default rounding mode, for |c| < 2**51. Beyond, c is
+       already a multiple of 0.5 and the result is c or at least 0.5 away:
+       snapping keeps c, and the floor is only used after bounds that reject
+       such values (as every test rejects NaN). It needs double arithmetic
+       without extra precision. */
+    #include <float.h>
+    #include <math.h>
+    #if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD == 0
+    static inline double ccdgrid_round_even(double c) {
+        return (c + 6755399441055744.0) - 6755399441055744.0;
+    }
+    #else
+    static inline double ccdgrid_round_even(double c) { return rint(c); }
+    #endif
+    static inline double ccdgrid_snap(double c, double tol) {
+        double r = ccdgrid_round_even(c);
+        return fabs(c - r) <= tol ? r : c;
+    }
+    static inline double ccdgrid_floor(double c) {
+        double r = ccdgrid_round_even(c);
+        return r > c ? r - 1.0 : r;
+    }
+    """
+    double c_snap "ccdgrid_snap"(double c, double tol) noexcept nogil
+    double c_floor "ccdgrid_floor"(double c) noexcept nogil
+
+
 ctypedef fused idx_t:
     int32_t
     int64_t
@@ -122,7 +156,7 @@ cdef enum:
     # What the survey found about an input pixel
     SKIP = 0   # masked, degenerate or outside the output grid
     OTHER = 1  # to split by the general method
-    PLAIN = 2  # accepted by plain_pixel: one corner in each cell of a 2 x 2 box
+    PLAIN = 2  # one corner in each cell of a 2 x 2 box (see survey_rows)
 
 
 # Corner coordinates closer than this to an integer are snapped onto it, so
@@ -165,10 +199,8 @@ cdef struct Box:
 
 
 cdef inline double snap(double c) noexcept nogil:
-    cdef double r = rint(c)
-    if fabs(c - r) <= C_SNAP:
-        return r
-    return c
+    """``c`` snapped onto the nearest integer if within SNAP of it."""
+    return c_snap(c, C_SNAP)
 
 
 cdef inline void snapped_row(const double* dy, const double* dx, int64_t i, int64_t nx,
@@ -261,37 +293,6 @@ cdef inline int pixel_status(const double* qy, const double* qx,
     if ymax <= 0.0 or xmax <= 0.0 or ymin >= <double>ny_out or xmin >= <double>nx_out:
         return 0
     return 1
-
-
-cdef inline bint plain_pixel(const double* qy, const double* qx,
-                             int64_t ny_out, int64_t nx_out, Box* box) noexcept nogil:
-    """A quick accept for the common pixel: True if it certainly passes :func:`pixel_status`.
-
-    That is a pixel that reaches the output grid, whose bounding box is 2 x 2
-    cells with one corner in each, in the order of :func:`near_square_weights`
-    (so it is simple and positively oriented), and whose area exceeds
-    AREA_MIN. Fills ``box`` then. False says nothing: ask pixel_status.
-    """
-    cdef double ymin = min(min(qy[0], qy[1]), min(qy[2], qy[3]))
-    cdef double ymax = max(max(qy[0], qy[1]), max(qy[2], qy[3]))
-    cdef double xmin = min(min(qx[0], qx[1]), min(qx[2], qx[3]))
-    cdef double xmax = max(max(qx[0], qx[1]), max(qx[2], qx[3]))
-    cdef double ym, xm
-    # false for NaN; within the grid give or take 2 px, so the casts are safe
-    if not (ymax - ymin <= 2.0 and xmax - xmin <= 2.0 and ymax > 0.0 and xmax > 0.0
-            and ymin < <double>ny_out and xmin < <double>nx_out):
-        return False
-    box.k0 = ifloor(ymin)
-    box.l0 = ifloor(xmin)
-    box.nk = <int>(iceil(ymax) - box.k0)
-    box.nl = <int>(iceil(xmax) - box.l0)
-    if box.nk != 2 or box.nl != 2:
-        return False
-    ym = <double>box.k0 + 1.0
-    xm = <double>box.l0 + 1.0
-    return (qy[0] < ym and qx[0] < xm and qy[1] > ym and qx[1] < xm
-            and qy[2] > ym and qx[2] > xm and qy[3] < ym and qx[3] > xm
-            and quad_area(qy, qx) > C_AREA_MIN)
 
 
 cdef inline void square_weights(const double* ly, const double* lx, double* w) noexcept nogil:
@@ -544,6 +545,20 @@ cdef int split_quad(const double* qy, const double* qx, const Box* box,
     return n
 
 
+cdef inline void survey_row(const double* dy, const double* dx, int64_t i, int64_t nx,
+                            double* ry, double* rx, double* fy, double* fx) noexcept nogil:
+    """:func:`snapped_row`, and the floors of the snapped coordinates (as doubles)."""
+    cdef int64_t j, a = i * (nx + 1)
+    cdef double y, x
+    for j in range(nx + 1):
+        y = snap(<double>i + dy[a + j])
+        x = snap(<double>j + dx[a + j])
+        ry[j] = y
+        rx[j] = x
+        fy[j] = c_floor(y)
+        fx[j] = c_floor(x)
+
+
 cdef int survey_rows(const double* dy, const double* dx, const uint8_t* mask,
                      int64_t nx, int64_t row_start, int64_t row_stop,
                      int64_t ny_out, int64_t nx_out, uint8_t* kinds,
@@ -552,51 +567,88 @@ cdef int survey_rows(const double* dy, const double* dx, const uint8_t* mask,
     """First pass over input rows [row_start, row_stop): which pixels to split.
 
     Sets ``kinds[p]`` to PLAIN or OTHER for the unmasked, non-degenerate
-    pixels that reach the output grid, else SKIP; ``rowlo[i]``, ``rowhi[i]`` to the output
-    rows [lo, hi) the valid pixels of input row i reach (lo = ny_out, hi = 0
-    if none). Adds the degenerate unmasked pixels to ``n_degenerate`` and
-    the output cells of the valid pixels' bounding boxes (an upper bound of
-    their non-zeros) to ``bound``. Returns -1 if memory ran out, else 0.
+    pixels that reach the output grid, else SKIP; ``rowlo[i]``,
+    ``rowhi[i]`` to the output rows [lo, hi) the valid pixels of input row
+    i reach (lo = ny_out, hi = 0 if none). Adds the degenerate unmasked
+    pixels to ``n_degenerate`` and the output cells of the valid pixels'
+    bounding boxes (an upper bound of their non-zeros) to ``bound``.
+    Returns -1 if memory ran out, else 0.
+
+    A pixel is PLAIN when its bounding box is 2 x 2 cells with corners A, B,
+    C, D strictly inside cells (0, 0), (1, 0), (1, 1), (0, 1) (the case of
+    :func:`near_square_weights`), the box meets the output grid and the
+    area exceeds AREA_MIN: such a pixel certainly passes
+    :func:`pixel_status` (finite, simple, positively oriented, small). It
+    is recognised from the floors of the corner coordinates, computed once
+    per corner: A and D in one row of cells, B and C in the next and not on
+    the line between; likewise for the columns. The test has no branches
+    (NaN fails every comparison; infinite or huge coordinates fail the
+    bounds), so that it vectorises; the other pixels get the full check.
     """
     cdef int64_t i, j, p, lo, hi, k_lo, k_hi, l_lo, l_hi, ndeg = 0, cells = 0
     cdef int status
     cdef Box box
     cdef double qy[4]
     cdef double qx[4]
-    cdef double* rows = <double*>malloc(4 * (nx + 1) * sizeof(double))
+    cdef double ny_d = <double>ny_out, nx_d = <double>nx_out
+    cdef double* rows = <double*>malloc(8 * (nx + 1) * sizeof(double))
+    cdef uint8_t* plain = <uint8_t*>malloc(nx * sizeof(uint8_t))
     cdef double* y0r
     cdef double* x0r
+    cdef double* fy0
+    cdef double* fx0
     cdef double* y1r
     cdef double* x1r
+    cdef double* fy1
+    cdef double* fx1
     cdef double* swap
-    if rows == NULL:
+    if rows == NULL or plain == NULL:
+        free(rows)
+        free(plain)
         return -1
     y0r = rows
     x0r = rows + (nx + 1)
-    y1r = rows + 2 * (nx + 1)
-    x1r = rows + 3 * (nx + 1)
-    snapped_row(dy, dx, row_start, nx, y0r, x0r)
+    fy0 = rows + 2 * (nx + 1)
+    fx0 = rows + 3 * (nx + 1)
+    y1r = rows + 4 * (nx + 1)
+    x1r = rows + 5 * (nx + 1)
+    fy1 = rows + 6 * (nx + 1)
+    fx1 = rows + 7 * (nx + 1)
+    survey_row(dy, dx, row_start, nx, y0r, x0r, fy0, fx0)
     for i in range(row_start, row_stop):
-        snapped_row(dy, dx, i + 1, nx, y1r, x1r)
+        survey_row(dy, dx, i + 1, nx, y1r, x1r, fy1, fx1)
+        for j in range(nx):
+            plain[j] = (
+                (fy0[j + 1] == fy0[j]) & (fy1[j] == fy0[j] + 1.0) & (fy1[j + 1] == fy1[j])
+                & (y1r[j] != fy1[j]) & (y1r[j + 1] != fy1[j + 1])
+                & (fx1[j] == fx0[j]) & (fx0[j + 1] == fx0[j] + 1.0) & (fx1[j + 1] == fx0[j + 1])
+                & (x0r[j + 1] != fx0[j + 1]) & (x1r[j + 1] != fx1[j + 1])
+                & (fy0[j] >= -1.0) & (fy0[j] < ny_d) & (fx0[j] >= -1.0) & (fx0[j] < nx_d)
+                & (0.5 * ((y1r[j + 1] - y0r[j]) * (x0r[j + 1] - x1r[j])
+                          - (x1r[j + 1] - x0r[j]) * (y0r[j + 1] - y1r[j])) > C_AREA_MIN))
         lo = ny_out
         hi = 0
         for j in range(nx):
             p = i * nx + j
-            kinds[p] = SKIP
             if mask[p]:
+                kinds[p] = SKIP
                 continue
-            gather_quad(y0r, x0r, y1r, x1r, j, qy, qx)
-            if plain_pixel(qy, qx, ny_out, nx_out, &box):
+            if plain[j]:
                 kinds[p] = PLAIN
+                box.k0 = <int64_t>fy0[j]
+                box.l0 = <int64_t>fx0[j]
+                box.nk = 2
+                box.nl = 2
             else:
+                gather_quad(y0r, x0r, y1r, x1r, j, qy, qx)
                 status = pixel_status(qy, qx, ny_out, nx_out)
-                if status < 0:
-                    ndeg += 1
+                if status <= 0:
+                    kinds[p] = SKIP
+                    if status < 0:
+                        ndeg += 1
                     continue
-                if status == 0:
-                    continue
-                bounding_box(qy, qx, &box)
                 kinds[p] = OTHER
+                bounding_box(qy, qx, &box)
             k_lo = max(box.k0, 0)
             k_hi = min(box.k0 + box.nk, ny_out)
             l_lo = max(box.l0, 0)
@@ -612,7 +664,14 @@ cdef int survey_rows(const double* dy, const double* dx, const uint8_t* mask,
         swap = x0r
         x0r = x1r
         x1r = swap
+        swap = fy0
+        fy0 = fy1
+        fy1 = swap
+        swap = fx0
+        fx0 = fx1
+        fx1 = swap
     free(rows)
+    free(plain)
     n_degenerate[0] = ndeg
     bound[0] = cells
     return 0
