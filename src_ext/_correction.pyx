@@ -295,12 +295,19 @@ cdef inline int pixel_status(const double* qy, const double* qx,
     return 1
 
 
-cdef inline void square_weights(const double* ly, const double* lx, double* w) noexcept nogil:
-    """:func:`near_square_weights` for a pixel known to have one corner in each cell."""
-    cdef double ua = 1.0 - ly[0], va = 1.0 - lx[0]
-    cdef double ub = ly[1] - 1.0, vb = 1.0 - lx[1]
-    cdef double uc = ly[2] - 1.0, vc = lx[2] - 1.0
-    cdef double ud = 1.0 - ly[3], vd = lx[3] - 1.0
+cdef inline void square_weights(double ya, double xa, double yb, double xb,
+                                double yc, double xc, double yd, double xd,
+                                double* w, int64_t stride) noexcept nogil:
+    """:func:`near_square_weights` for a pixel known to have one corner in each cell.
+
+    Corners in box coordinates, as scalars; the weights of cells (0, 0),
+    (0, 1), (1, 0), (1, 1) go to ``w[0]``, ``w[stride]``, ``w[2 stride]``,
+    ``w[3 stride]``.
+    """
+    cdef double ua = 1.0 - ya, va = 1.0 - xa
+    cdef double ub = yb - 1.0, vb = 1.0 - xb
+    cdef double uc = yc - 1.0, vc = xc - 1.0
+    cdef double ud = 1.0 - yd, vd = xd - 1.0
     cdef double e_ab, e_dc, e_ad, e_bc, m_y, m_x, ol, orr, ot, os, c00, c01, c10, c11, inv
     e_ab = ua + ub
     e_dc = ud + uc
@@ -319,9 +326,31 @@ cdef inline void square_weights(const double* ly, const double* lx, double* w) n
     c11 = uc * orr + vc * os
     inv = 1.0 / ((c00 + c11) + (c01 + c10))
     w[0] = c00 * inv
-    w[1] = c01 * inv
-    w[2] = c10 * inv
-    w[3] = c11 * inv
+    w[stride] = c01 * inv
+    w[2 * stride] = c10 * inv
+    w[3 * stride] = c11 * inv
+
+
+cdef void row_square_weights(const double* y0r, const double* x0r, const double* fy0,
+                             const double* fx0, const double* y1r, const double* x1r,
+                             int64_t nx, double* w) noexcept nogil:
+    """:func:`square_weights` of every pixel of a row, as if all were plain.
+
+    ``y0r``, ``x0r``, ``fy0``, ``fx0``: the snapped corners of the row's top
+    edge and their floors; ``y1r``, ``x1r``: its bottom edge. Writes the
+    four weights of pixel j to ``w[4 j : 4 j + 4]``; they are meaningless
+    for pixels that are not PLAIN. Without branches, so that the compiler
+    vectorises it (one output array: more would exceed the run-time alias
+    checks it is willing to insert).
+    """
+    cdef int64_t j
+    cdef double k0, l0
+    for j in range(nx):
+        k0 = fy0[j]
+        l0 = fx0[j]
+        square_weights(y0r[j] - k0, x0r[j] - l0, y1r[j] - k0, x1r[j] - l0,
+                       y1r[j + 1] - k0, x1r[j + 1] - l0, y0r[j + 1] - k0, x0r[j + 1] - l0,
+                       w + 4 * j, 1)
 
 
 cdef inline bint near_square_weights(const double* ly, const double* lx,
@@ -355,7 +384,7 @@ cdef inline bint near_square_weights(const double* ly, const double* lx,
     if not (ly[0] < 1.0 and lx[0] < 1.0 and ly[1] > 1.0 and lx[1] < 1.0
             and ly[2] > 1.0 and lx[2] > 1.0 and ly[3] < 1.0 and lx[3] > 1.0):
         return False
-    square_weights(ly, lx, w)
+    square_weights(ly[0], lx[0], ly[1], lx[1], ly[2], lx[2], ly[3], lx[3], w, 1)
     return True
 
 
@@ -742,18 +771,23 @@ cdef int build_bands(Plan* plan, idx_t* indptr, idx_t* indices,
     cdef double qx[4]
     cdef uint8_t codes[MAX_PIECES]
     cdef double weights[MAX_PIECES]
-    cdef double ly[4]
-    cdef double lx[4]
+    cdef double w
+    cdef bint inside
     cdef idx_t pos
     cdef idx_t* pix = NULL
     cdef weight_t* pw = NULL
     cdef int32_t* pbin = NULL
-    cdef double* rows = <double*>malloc(4 * (nx + 1) * sizeof(double))
+    cdef double* rows = <double*>malloc((8 * (nx + 1) + 4 * nx) * sizeof(double))
     cdef int32_t* counts = <int32_t*>malloc(height * nx_out * sizeof(int32_t))
     cdef double* y0r = rows
     cdef double* x0r = rows + (nx + 1)
-    cdef double* y1r = rows + 2 * (nx + 1)
-    cdef double* x1r = rows + 3 * (nx + 1)
+    cdef double* fy0 = rows + 2 * (nx + 1)
+    cdef double* fx0 = rows + 3 * (nx + 1)
+    cdef double* y1r = rows + 4 * (nx + 1)
+    cdef double* x1r = rows + 5 * (nx + 1)
+    cdef double* fy1 = rows + 6 * (nx + 1)
+    cdef double* fx1 = rows + 7 * (nx + 1)
+    cdef double* wrow = rows + 8 * (nx + 1)
     cdef double* swap
     if rows == NULL or counts == NULL:
         failed = 1
@@ -778,10 +812,17 @@ cdef int build_bands(Plan* plan, idx_t* indptr, idx_t* indices,
                     swap = x0r
                     x0r = x1r
                     x1r = swap
+                    swap = fy0
+                    fy0 = fy1
+                    fy1 = swap
+                    swap = fx0
+                    fx0 = fx1
+                    fx1 = swap
                 else:
-                    snapped_row(plan.dy, plan.dx, i, nx, y0r, x0r)
-                snapped_row(plan.dy, plan.dx, i + 1, nx, y1r, x1r)
+                    survey_row(plan.dy, plan.dx, i, nx, y0r, x0r, fy0, fx0)
+                survey_row(plan.dy, plan.dx, i + 1, nx, y1r, x1r, fy1, fx1)
                 prev = i
+                row_square_weights(y0r, x0r, fy0, fx0, y1r, x1r, nx, wrow)
                 for j in range(nx):
                     p = i * nx + j
                     kind = plan.kinds[p]
@@ -791,36 +832,37 @@ cdef int build_bands(Plan* plan, idx_t* indptr, idx_t* indices,
                         if grow(n + MAX_PIECES, &cap, &pix, &pw, &pbin) != 0:
                             failed = 1
                             break
-                    gather_quad(y0r, x0r, y1r, x1r, j, qy, qx)
                     if kind == PLAIN:
-                        # The common case, inline (a call per pixel costs a fifth of
-                        # the build). Corner A is in the first cell of the 2 x 2 box.
-                        box.k0 = ifloor(qy[0])
-                        box.l0 = ifloor(qx[0])
-                        box.nk = 2
-                        box.nl = 2
+                        # The common case: weights from the row pass, inline (a
+                        # call per pixel costs a fifth of the build). Corner A is
+                        # in the first cell of the 2 x 2 box.
+                        box.k0 = <int64_t>fy0[j]
+                        box.l0 = <int64_t>fx0[j]
                         if box.k0 >= k_end or box.k0 + 2 <= k_top:
                             continue
-                        if (box.k0 >= k_top and box.k0 + 2 <= k_end
-                                and box.l0 >= 0 and box.l0 + 2 <= nx_out):
-                            for m in range(4):
-                                ly[m] = qy[m] - <double>box.k0
-                                lx[m] = qx[m] - <double>box.l0
-                            square_weights(ly, lx, weights)
-                            bin_ = (box.k0 - k_top) * nx_out + box.l0
-                            for m in range(4):
-                                if weights[m] > C_WEIGHT_MIN:
-                                    k = bin_ + (m >> 1) * nx_out + (m & 1)
-                                    pbin[n] = <int32_t>k
-                                    pix[n] = <idx_t>p
-                                    pw[n] = <weight_t>weights[m]
-                                    counts[k] += 1
-                                    n += 1
-                            continue
-                    else:
-                        bounding_box(qy, qx, &box)
-                        if box.k0 >= k_end or box.k0 + box.nk <= k_top:
-                            continue
+                        bin_ = (box.k0 - k_top) * nx_out + box.l0
+                        inside = (box.k0 >= k_top and box.k0 + 2 <= k_end
+                                  and box.l0 >= 0 and box.l0 + 2 <= nx_out)
+                        for m in range(4):
+                            w = wrow[4 * j + m]
+                            if not w > C_WEIGHT_MIN:
+                                continue
+                            if not inside:
+                                k = box.k0 + (m >> 1)
+                                col = box.l0 + (m & 1)
+                                if k < k_top or k >= k_end or col < 0 or col >= nx_out:
+                                    continue
+                            k = bin_ + (m >> 1) * nx_out + (m & 1)
+                            pbin[n] = <int32_t>k
+                            pix[n] = <idx_t>p
+                            pw[n] = <weight_t>w
+                            counts[k] += 1
+                            n += 1
+                        continue
+                    gather_quad(y0r, x0r, y1r, x1r, j, qy, qx)
+                    bounding_box(qy, qx, &box)
+                    if box.k0 >= k_end or box.k0 + box.nk <= k_top:
+                        continue
                     npieces = split_quad(qy, qx, &box, codes, weights)
                     for m in range(npieces):
                         k = box.k0 + codes[m] // STRIDE
