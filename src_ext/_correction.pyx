@@ -8,10 +8,11 @@ square ``[k, k+1] x [l, l+1]``. The weight of (output, input) is the area of
 their intersection divided by the area of the quadrilateral.
 
 The areas are exact (to rounding). In the common case of a smooth
-distortion, a pixel is a near-square whose four corners fall in the four
-cells of a 2 x 2 block, one each: the two cut lines then divide it into four
-quadrilaterals whose areas are half the cross product of their diagonals
-(:func:`near_square_weights`, one division). Otherwise Green's theorem is
+distortion (99.5 % of the pixels of the benchmark's field), a pixel is a
+near-square whose four corners fall in the four cells of a 2 x 2 block, one
+each: the two cut lines then divide it into four quadrilaterals whose areas
+are half the cross product of their diagonals (:func:`near_square_weights`,
+one division, vectorised over a row). Otherwise Green's theorem is
 applied edge by edge: the area of a polygon P inside the cell
 [k, k+1] x [l, l+1] is ``-∮_P g(y) h(x) dy`` with g the indicator of
 [k, k+1] and h(x) = clip(x - l, 0, 1). Each edge is cut at the integer rows
@@ -24,8 +25,8 @@ splitting, which treats the edge as flat within each row strip (PYFAI_NOTES
 
 The matrix is built in compressed-sparse-row form (one row per output
 pixel) in two passes. A survey checks every input pixel once (mask,
-finiteness, degeneracy), and records for every input row the output rows
-its pixels reach and an upper bound of the non-zeros. The output rows are
+finiteness, degeneracy, near-square or not), and records for every input
+row the output rows its pixels reach and an upper bound of the non-zeros. The output rows are
 then cut into bands of a few dozen; for each band, in turn, the input rows
 that reach it are split, keeping the pieces that fall in the band, and a
 counting sort by output pixel puts them in CSR order (within an output

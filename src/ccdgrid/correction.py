@@ -196,7 +196,8 @@ class CorrectionMatrix:
             its rounding (6e-8 relative) is far below any calibration error.
         nthreads : int
             OpenMP threads for the cython backend; 0 means OpenMP's default
-            (``OMP_NUM_THREADS``), at most 4. Small detectors always use one.
+            (``OMP_NUM_THREADS``). Small detectors always use one; the
+            matrix does not depend on the number of threads.
 
         Returns
         -------
