@@ -157,6 +157,21 @@ def test_threads_give_the_same_matrix_and_image():
     assert_array_equal(cm.apply(img, nthreads=1), cm.apply(img, nthreads=2))
 
 
+def test_threads_give_the_same_matrix_when_rows_are_tilted():
+    # A rotation tilts every input row across many output rows, so each input
+    # row is split by several bands and the bands hand over to each other.
+    dy, dx = rotation_maps(300, 260, 4)
+    mask = (np.random.default_rng(23).random((300, 260)) < 0.01).astype(np.uint8)
+    one = kernel.split_pixels(dy, dx, mask, 300, 260, np.float64, 1)
+    two = kernel.split_pixels(dy, dx, mask, 300, 260, np.float64, 2)
+    for a, b in zip(one[:3], two[:3], strict=True):
+        assert_array_equal(a, b)
+    assert one[3] == two[3]
+    col = np.bincount(one[1], weights=one[0], minlength=300 * 260).reshape(300, 260)
+    inside = inside_pixels(dy, dx, (300, 260)) & (mask == 0)
+    assert_allclose(col[inside], 1.0, rtol=0, atol=1e-12)
+
+
 # -- geometry -------------------------------------------------------------------------------------
 
 
@@ -211,6 +226,64 @@ def test_rotated_pixel_weights_match_independent_clipping(backend):
             [clip_area(quad, k, l) / total for k in range(8) for l in range(8)]  # noqa: E741
         )
         assert_allclose(m[:, i * 8 + j], want, rtol=0, atol=1e-12)
+
+
+def near_square_maps(ny, nx, seed):
+    """Every corner (i, j) moved into the cell [i, i+1] x [j, j+1], away from its edges.
+
+    Each pixel then has one corner in each cell of a 2 x 2 block of output
+    pixels (the kernel's fast case); some of these quadrilaterals are concave.
+    """
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0.03, 0.97, (2, ny + 1, nx + 1))
+
+
+def test_near_squares_match_independent_clipping(backend):
+    dy, dx = near_square_maps(6, 7, seed=24)
+    cm = CorrectionMatrix.from_maps(dy, dx, shape_out=(8, 9), backend=backend, dtype=np.float64)
+    m = dense(cm)
+    concave = 0
+    for i in range(6):
+        for j in range(7):
+            quad = true_quad(dy, dx, i, j)
+            total = 0.5 * sum(
+                p[0] * q[1] - q[0] * p[1] for p, q in zip(quad, quad[1:] + quad[:1], strict=True)
+            )
+            want = np.zeros((8, 9))
+            for k in (i, i + 1):
+                for l in (j, j + 1):  # noqa: E741
+                    want[k, l] = clip_area(quad, k, l) / total
+            assert_allclose(m[:, i * 7 + j].reshape(8, 9), want, rtol=0, atol=1e-12)
+            edges = [np.subtract(quad[(n + 1) % 4], quad[n]) for n in range(4)]
+            turns = [
+                edges[n - 1][0] * edges[n][1] - edges[n - 1][1] * edges[n][0] for n in range(4)
+            ]
+            concave += min(turns) < 0
+    assert concave > 0  # the draw includes concave pixels
+
+
+def test_pieces_below_weight_min_are_dropped_in_the_fast_case(backend):
+    # Corner (2, 2) of a grid shifted by half a pixel pushed to 1e-7 px of the
+    # corner of its output cell: the piece of pixel (2, 2) in that cell has a
+    # weight near 1e-14, below WEIGHT_MIN; the other pieces are kept.
+    dy = np.full((5, 5), 0.5)
+    dx = np.full((5, 5), 0.5)
+    for d, dropped in ((1e-7, True), (1e-5, False)):
+        dy[2, 2] = dx[2, 2] = 1.0 - d
+        cm = CorrectionMatrix.from_maps(
+            dy, dx, shape_out=(5, 5), backend=backend, dtype=np.float64
+        )
+        m = dense(cm)
+        quad = true_quad(dy, dx, 2, 2)
+        total = 0.5 * sum(
+            p[0] * q[1] - q[0] * p[1] for p, q in zip(quad, quad[1:] + quad[:1], strict=True)
+        )
+        tiny = clip_area(quad, 2, 2) / total
+        assert (tiny < reference.WEIGHT_MIN) == dropped
+        assert (m[2 * 5 + 2, 2 * 4 + 2] == 0.0) == dropped
+        if not dropped:
+            assert_allclose(m[2 * 5 + 2, 2 * 4 + 2], tiny, rtol=0, atol=1e-14)
+        assert np.count_nonzero(m) == 16 * 4 - dropped
 
 
 def test_rotated_unit_square_known_split(backend):

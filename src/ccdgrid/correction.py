@@ -196,7 +196,8 @@ class CorrectionMatrix:
             its rounding (6e-8 relative) is far below any calibration error.
         nthreads : int
             OpenMP threads for the cython backend; 0 means OpenMP's default
-            (``OMP_NUM_THREADS``), at most 4. Small detectors always use one.
+            (``OMP_NUM_THREADS``). Small detectors always use one; the
+            matrix does not depend on the number of threads.
 
         Returns
         -------
@@ -227,10 +228,15 @@ class CorrectionMatrix:
         shape_out = _check_shape_out(shape_out, shape_in)
         dtype = _check_weight_dtype(dtype)
 
-        bad_pixel = _pixels_with_a_flagged_corner(~(np.isfinite(dy) & np.isfinite(dx)))
         n_masked = int(np.count_nonzero(user_mask))
-        n_invalid = int(np.count_nonzero(bad_pixel & (user_mask == 0)))
-        full_mask = user_mask | bad_pixel.view(np.uint8) if n_invalid else user_mask
+        n_invalid, full_mask = 0, user_mask
+        # A finite sum means finite maps: one cheap pass in the usual case
+        # (a sum that overflows only costs the exact check below).
+        if not (np.isfinite(dy.sum()) and np.isfinite(dx.sum())):
+            bad_pixel = _pixels_with_a_flagged_corner(~(np.isfinite(dy) & np.isfinite(dx)))
+            n_invalid = int(np.count_nonzero(bad_pixel & (user_mask == 0)))
+            if n_invalid:
+                full_mask = user_mask | bad_pixel.view(np.uint8)
 
         data, indices, indptr, n_degenerate = _kernels(backend).split_pixels(
             dy, dx, full_mask, shape_out[0], shape_out[1], dtype, nthreads
