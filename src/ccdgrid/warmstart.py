@@ -233,7 +233,7 @@ def recalibrate(
     elif source is not None:
         source = {"path": str(source), "sha256": None}
     prev = _previous(previous)
-    img = as_image(image)
+    img = _native(image)
     if img.shape != prev.shape:
         raise CcdgridError(
             f"`image` has shape {img.shape} but `previous` was calibrated on {prev.shape}"
@@ -454,6 +454,22 @@ def _degree(value, n_holes):
 
 
 # -- measuring ---------------------------------------------------------------
+
+
+def _native(image):
+    """``image`` validated as a C-contiguous 2-D array, in its own dtype when it can be.
+
+    The fits read a few hundred pixels around each hole and convert those
+    windows to float64 themselves: converting the whole image to float32
+    first (64 MB at 4096², and its page faults) cost more than all of them
+    on a busy machine. Booleans become uint8 and half floats float32.
+    """
+    arr = np.asarray(image)
+    if arr.dtype == np.bool_:
+        arr = arr.view(np.uint8)
+    elif arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    return as_image(arr, dtype=arr.dtype)
 
 
 def _prepare(img, original, mask):
