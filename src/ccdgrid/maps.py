@@ -11,7 +11,8 @@ Default method ``"tps"``: a smoothing thin-plate spline with a polynomial
 trend through the holes (the function of
 ``scipy.interpolate.RBFInterpolator(kernel="thin_plate_spline")``, solved here
 by Cholesky on the complement of the trend), evaluated on a coarse grid that
-covers the corner grid, then upsampled with a bicubic spline (a compiled
+covers the corner grid (kernel sums by a compiled kernel,
+``ccdgrid._ext._tps``, and its numpy twin), then upsampled with a bicubic spline (a compiled
 kernel, ``ccdgrid._ext._upsample``, and its numpy twin); the smoothing is
 chosen by generalised cross-validation (GCV) unless given. ``"cubic"``: the
 tutorial's piecewise-cubic ``griddata``, for comparison.
@@ -217,7 +218,10 @@ def displacement_maps(
     bicubic upsampling never extrapolates (the spline is smooth at that
     scale: against the spline evaluated at every corner, 48 px steps leave
     2e-5 to 9e-5 px RMS and 2e-4 to 1.6e-3 px at most, on 4096² and 2048²
-    FReLoN-like images). With ``N`` holes the fit costs O(N³); the
+    FReLoN-like images). With ``N`` holes the fit costs O(N³) (the
+    Cholesky factorisation; ~0.05 s for 1500 holes), the coarse grid
+    O(M N) kernel terms for its ``M`` nodes (~2 ns a term on one AVX2
+    core: ~0.02 s for 7600 nodes and 1500 holes at 4096²); the
     upsampling costs a few operations per corner, computed row by row from
     each corner's four B-spline weights per axis and written straight into
     the float32 maps (no full-size temporary). BLAS runs on one thread here
