@@ -199,3 +199,16 @@ def test_map_change_is_the_largest_difference_over_shared_valid_corners():
     assert _map_change(old, new) == (expected_dx, expected_dy)
     new.mask[:] = 1
     assert np.isnan(_map_change(old, new)).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_image_dtype_does_not_change_the_result(base, dtype):
+    # the warm start fits windows of the image in its own dtype: uint16
+    # counts and the same counts as floats or wider integers are the same data
+    _, prev = base
+    moved = _plate(offset=(BASE_OFFSET[0] + 1.3, BASE_OFFSET[1] - 0.8))
+    ref = recalibrate(moved.image, prev, cv_folds=0)
+    other = recalibrate(moved.image.astype(dtype), prev, cv_folds=0)
+    assert moved.image.dtype == np.uint16
+    np.testing.assert_array_equal(other.holes.peaks, ref.holes.peaks)
+    np.testing.assert_array_equal(other.dx, ref.dx)

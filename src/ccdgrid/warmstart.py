@@ -8,9 +8,9 @@ searching the whole image:
 
 1. a few dozen previous holes spread over the image are looked for in
    windows of half a pitch around their previous positions (3x3 median, box
-   filter of the hole's size, arg-max), fitted with the blurred-disc model of
-   :func:`ccdgrid.centres.fit_hole_profiles`, and an affine map from the old
-   to the new positions is fitted robustly: the global move;
+   filter of the hole's size, arg-max), located by their centroid (~0.1 px,
+   enough to place the fitting windows), and an affine map from the old to
+   the new positions is fitted robustly: the global move;
 2. every previous hole's position is predicted through that map and fitted
    in a small window around the prediction, with the same estimator and the
    same rejection tests as :func:`ccdgrid.peaks.find_holes` (missing, cut by
@@ -233,7 +233,7 @@ def recalibrate(
     elif source is not None:
         source = {"path": str(source), "sha256": None}
     prev = _previous(previous)
-    img = as_image(image)
+    img = _native(image)
     if img.shape != prev.shape:
         raise CcdgridError(
             f"`image` has shape {img.shape} but `previous` was calibrated on {prev.shape}"
@@ -271,7 +271,7 @@ def recalibrate(
     t0 = time.perf_counter()
     filled, valid = _prepare(img, image, mask)
     radius = 0.5 * prev.hole_diameter
-    move, why = _global_move(filled, valid, prev, radius, max_shift, backend)
+    move, why = _global_move(filled, prev, radius, max_shift)
     timings["global_move"] = time.perf_counter() - t0
     if move is None:
         return cold(why)
@@ -456,6 +456,22 @@ def _degree(value, n_holes):
 # -- measuring ---------------------------------------------------------------
 
 
+def _native(image):
+    """``image`` validated as a C-contiguous 2-D array, in its own dtype when it can be.
+
+    The fits read a few hundred pixels around each hole and convert those
+    windows to float64 themselves: converting the whole image to float32
+    first (64 MB at 4096², and its page faults) cost more than all of them
+    on a busy machine. Booleans become uint8 and half floats float32.
+    """
+    arr = np.asarray(image)
+    if arr.dtype == np.bool_:
+        arr = arr.view(np.uint8)
+    elif arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    return as_image(arr, dtype=arr.dtype)
+
+
 def _prepare(img, original, mask):
     """The image with invalid pixels set to the valid median, and the valid map (or None).
 
@@ -497,7 +513,7 @@ def _sample(points, shape):
     return np.unique(idx)
 
 
-def _global_move(img, valid, prev, radius, max_shift, backend):
+def _global_move(img, prev, radius, max_shift):
     """Affine map old -> new positions from a sample of holes, or (None, reason)."""
     h, w = img.shape
     pick = _sample(prev.peaks, prev.shape)
@@ -529,13 +545,11 @@ def _global_move(img, valid, prev, radius, max_shift, backend):
     pick, coarse = pick[usable], coarse[usable]
     if pick.size < _MIN_SAMPLE:
         return None, "too few sample holes inside the image"
-    fit = _centres.fit_hole_profiles(
-        img, coarse.astype(np.float64), radius, half=half, valid=valid, backend=backend
-    )
-    good = fit.converged & (fit.amplitude > 0)
+    centres, contrast = _centroids(img, coarse, half)
+    good = np.isfinite(centres).all(axis=1) & (contrast > 0)
     if good.sum() >= _MIN_SAMPLE:
-        good &= fit.amplitude >= 0.3 * np.median(fit.amplitude[good])
-    src, dst = prev.peaks[pick[good]], fit.centres[good]
+        good &= contrast >= 0.3 * np.median(contrast[good])
+    src, dst = prev.peaks[pick[good]], centres[good]
     if len(src) < _MIN_SAMPLE:
         return None, "the sample holes were not found near their previous positions"
     # a rigid move of the plate leaves sub-pixel residuals (the distortion
@@ -560,6 +574,34 @@ def _global_move(img, valid, prev, radius, max_shift, backend):
             f"(max_shift {max_shift:.1f} px)"
         )
     return move, ""
+
+
+def _centroids(img, coarse, half):
+    """Centroids of the holes near integer positions, and their contrast.
+
+    On the 3x3-median-filtered window of half width ``half`` around each
+    position (hot pixels removed), above its border's median plus a fifth of
+    the contrast (the noise of the background would pull the centroid to the
+    window's centre). Good to ~0.1 px: enough for the global move, which
+    only places the fitting windows (every hole is then fitted), at a
+    fraction of the cost of fitting the sample (~25 ms for 64 holes, most
+    of it fixed costs of the batched fit).
+
+    Returns ``(centres (N, 2) float64, NaN where the window is flat;
+    contrast (N,) float64)``.
+    """
+    win = _centres._median3(_centres.extract_windows(img, coarse, half + 1).astype(np.float32))
+    border = np.concatenate([win[:, 0], win[:, -1], win[:, 1:-1, 0], win[:, 1:-1, -1]], axis=1)
+    background = np.median(border, axis=1)
+    contrast = win.max(axis=(1, 2)) - background
+    above = win - (background + 0.2 * contrast)[:, None, None]
+    np.maximum(above, 0.0, out=above)
+    offs = np.arange(-half, half + 1, dtype=np.float64)
+    total = above.sum(axis=(1, 2), dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy = np.einsum("nij,i->n", above, offs) / total
+        cx = np.einsum("nij,j->n", above, offs) / total
+    return coarse + np.stack([cy, cx], axis=1), contrast.astype(np.float64)
 
 
 def _robust_affine(src, dst, cap, rounds=5):
