@@ -64,6 +64,9 @@ _LAZY = {
     "read_image": "io",
     "calibrate_combined": "combined",
     "CombinedCalibration": "combined",
+    "calibrate_series": "series",
+    "SeriesResult": "series",
+    "FrameResult": "series",
 }
 _SUBMODULES = {
     "synthetic",
@@ -78,6 +81,7 @@ _SUBMODULES = {
     "validation",
     "stack",
     "combined",
+    "series",
 }
 
 __all__ = ["__version__", "openmp_enabled", *sorted(_LAZY), *sorted(_SUBMODULES)]
