@@ -212,3 +212,13 @@ def test_image_dtype_does_not_change_the_result(base, dtype):
     assert moved.image.dtype == np.uint16
     np.testing.assert_array_equal(other.holes.peaks, ref.holes.peaks)
     np.testing.assert_array_equal(other.dx, ref.dx)
+
+
+def test_calibrate_with_previous_keeps_the_previous_pitch_by_default():
+    # a 7 mm plate recalibrated warm without restating the pitch: the pixel
+    # size must follow the previous 7 mm, not calibrate()'s cold default of 5 mm
+    img = grid_image((384, 384), seed=3, pitch_px=40.0).image
+    first = calibrate(img, pitch=7e-3, cv_folds=0)
+    again = calibrate(img, previous=first, cv_folds=0)
+    np.testing.assert_allclose(again.pixel_size, first.pixel_size, rtol=1e-3)
+    assert again.pitch == pytest.approx(7e-3)

@@ -145,7 +145,7 @@ class Calibration:
 def calibrate(
     image,
     *,
-    pitch=5e-3,
+    pitch=None,
     mask=None,
     hole_diameter=None,
     pitch_px=None,
@@ -163,8 +163,9 @@ def calibrate(
     image : array_like of shape (ny, nx) or str or os.PathLike
         The grid image, or a file :func:`ccdgrid.io.read_image` reads (EDF,
         TIFF, CBF, HDF5, ...).
-    pitch : float, m
-        Hole spacing of the plate (5 mm for the usual FReLoN plate).
+    pitch : float or None, m
+        Hole spacing of the plate. None: the previous calibration's pitch
+        when ``previous`` is given, else 5 mm (the usual FReLoN plate).
     mask : array_like of shape (ny, nx) or None
         Nonzero for pixels to ignore (pyFAI's convention).
     hole_diameter : float or None, px
@@ -218,7 +219,7 @@ def calibrate(
     check_backend(backend)
     cv_folds = _check_folds(cv_folds)
     # checked before the (long) hole search, not when the grid fit needs it
-    pitch = _check_pitch(pitch)
+    pitch = _check_pitch(5e-3 if pitch is None else pitch)
     timings = {}
     t_start = time.perf_counter()
     if isinstance(image, (str, os.PathLike)):
