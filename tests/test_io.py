@@ -301,3 +301,21 @@ def test_read_mask_shape_is_checked(tmp_path):
 def test_read_mask_refuses_non_numbers():
     with pytest.raises(CcdgridError, match="`mask` must hold numbers"):
         read_mask(np.array([["a", "b"]]), (1, 2))
+
+
+def test_known_sha256_is_recorded_without_hashing_the_file(tmp_path, monkeypatch, rng):
+    # a series hashes a stack once and passes the digest to every frame's read
+    img = _image(rng)
+    path = tmp_path / "a.npy"
+    np.save(path, img)
+    truth = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def no_hash(_):
+        raise AssertionError("the file was hashed although its digest was given")
+
+    monkeypatch.setattr(io, "sha256_file", no_hash)
+    data, info = read_image(path, sha256=truth)
+    np.testing.assert_array_equal(data, img)
+    assert info["sha256"] == truth
+    with pytest.raises(CcdgridError, match="not found"):
+        read_image(tmp_path / "missing.npy", sha256=truth)

@@ -43,7 +43,7 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
-def read_image(source, *, frame=None):
+def read_image(source, *, frame=None, sha256=None):
     """Read one 2-D image from a file.
 
     Parameters
@@ -57,6 +57,9 @@ def read_image(source, *, frame=None):
         Frame of a multi-frame file or of a 3-D dataset (0-based). Required
         when the source holds more than one frame; ``None`` or ``0`` for a
         single image.
+    sha256 : str or None
+        The file's SHA-256 when the caller already knows it (a series reads
+        many frames of one stack and hashes it once); None: computed here.
 
     Returns
     -------
@@ -88,7 +91,9 @@ def read_image(source, *, frame=None):
         isinstance(frame, bool) or not isinstance(frame, (int, np.integer)) or frame < 0
     ):
         raise CcdgridError(f"`frame` must be a non-negative int or None, got {frame!r}")
-    digest = sha256_file(path)  # also surfaces permission errors as OSError
+    # hashing also surfaces permission errors as OSError; a known digest skips
+    # it and the reader below raises them instead
+    digest = sha256_file(path) if sha256 is None else str(sha256)
     if dataset is not None or path.suffix.lower() in _HDF5_SUFFIXES:
         data, dataset, fmt = _read_hdf5(path, dataset, frame)
     elif path.suffix.lower() == ".npy":

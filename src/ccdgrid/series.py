@@ -696,13 +696,14 @@ class _Worker:
         return row
 
     def _calibrate(self, spec, row, reference, reference_index, warm, marker):
+        from .io import read_image
         from .pipeline import calibrate
 
         if spec.array is not None:
             image = spec.array
             source = {"path": spec.file, "sha256": None, "frame": spec.frame}
         else:
-            image, source = _read_frame(spec.file, spec.frame, spec.sha256)
+            image, source = read_image(spec.file, frame=spec.frame, sha256=spec.sha256)
             row.file, row.dataset = source["path"], source["dataset"] or ""
         mask = self._mask_for(tuple(np.shape(image)))
         previous = None
@@ -758,37 +759,6 @@ def _read_marker(marker):
     with open(marker, encoding="utf-8") as stream:
         found = json.load(stream)
     return found["path"], int(found["index"])
-
-
-def _read_frame(text, frame, sha256):
-    """:func:`ccdgrid.io.read_image` with the file's SHA-256 already known.
-
-    ``read_image`` hashes the whole file, which for a stack of N frames would
-    read the stack N times: the series hashes each file once, in the
-    scheduling process, while the workers start.
-    """
-    from . import io
-
-    path, dataset = io._split_source(text)
-    if sha256 is None or not path.is_file():
-        return io.read_image(text, frame=frame)
-    if dataset is not None or path.suffix.lower() in io._HDF5_SUFFIXES:
-        data, dataset, fmt = io._read_hdf5(path, dataset, frame)
-    elif path.suffix.lower() == ".npy":
-        data, fmt = io._read_npy(path, frame), "npy"
-    else:
-        data, fmt = io._read_fabio(path, frame)
-    data = io._check_image(data, path)
-    info = {
-        "path": str(path),
-        "dataset": dataset,
-        "frame": None if frame is None else int(frame),
-        "sha256": sha256,
-        "shape": tuple(int(n) for n in data.shape),
-        "dtype": str(data.dtype),
-        "format": fmt,
-    }
-    return data, info
 
 
 def _new_row(spec):
