@@ -528,15 +528,7 @@ def _global_move(img, prev, radius, max_shift):
     pick, centre = pick[inside], centre[inside]
     if pick.size < _MIN_SAMPLE:
         return None, f"only {pick.size} previous holes far enough from the border to search"
-    # a 3x3 median removes hot pixels, a box of the hole's size makes the hole
-    # the brightest spot of its window
-    win = _centres.extract_windows(img, centre, search + 1).astype(np.float32)
-    win = _centres._median3(win)
-    box = max(round(2 * radius), 1)
-    win = ndimage.uniform_filter(win, size=(1, box, box), mode="nearest")
-    flat = win.reshape(len(pick), -1).argmax(axis=1)
-    side = 2 * search + 1
-    coarse = centre + np.stack(np.divmod(flat, side), axis=1) - search
+    coarse = centre + _brightest_spot(img, centre, search + 1, radius)
     half, _ = _window_half(radius, prev.pitch_px)
     room = np.minimum.reduce(
         [coarse[:, 0] - 1, h - 2 - coarse[:, 0], coarse[:, 1] - 1, w - 2 - coarse[:, 1]]
@@ -574,6 +566,41 @@ def _global_move(img, prev, radius, max_shift):
             f"(max_shift {max_shift:.1f} px)"
         )
     return move, ""
+
+
+def _brightest_spot(img, centre, ext, radius):
+    """Offset (N, 2) int64 from ``centre`` to the brightest hole-sized spot within ``ext`` px.
+
+    The windows are binned as the cold search bins the image
+    (:func:`ccdgrid.peaks.detection_binning`: a hole still spans about five
+    binned pixels), then a 3x3 median removes hot pixels and a box of the
+    hole's size makes the hole the brightest spot of its window. The spot
+    is good to about one binned pixel: it only places the centroid windows.
+    Binning 2x2 made the search 4x cheaper (the median of 64 windows of
+    99² px cost ~19 ms, most of the global move, at 4096²).
+    """
+    n = len(centre)
+    win = _centres.extract_windows(img, centre, ext).astype(np.float32)
+    factor = _peaks.detection_binning(2.0 * radius)
+    if factor > 1:
+        # block sums from strided slices (a reduction over two inner axes of a
+        # 5-D view is ~10x slower); the scale does not matter to an arg-max
+        m = win.shape[1] // factor
+        blocks = [
+            win[:, dy : m * factor : factor, dx : m * factor : factor]
+            for dy in range(factor)
+            for dx in range(factor)
+        ]
+        win = blocks[0].copy()
+        for part in blocks[1:]:
+            win += part
+    win = _centres._median3(win)  # binned pixel (a, b) of win is (a + 1, b + 1) before
+    box = max(round(2.0 * radius / factor), 1)
+    win = ndimage.uniform_filter(win, size=(1, box, box), mode="nearest")
+    a, b = np.divmod(win.reshape(n, -1).argmax(axis=1), win.shape[2])
+    # centre of binned pixel (a + 1, b + 1) in window coordinates
+    spot = factor * (np.stack([a, b], axis=1) + 1) + 0.5 * (factor - 1)
+    return np.rint(spot).astype(np.int64) - ext
 
 
 def _centroids(img, coarse, half):
