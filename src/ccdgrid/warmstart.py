@@ -62,6 +62,8 @@ _MIN_SAMPLE = 6
 # largest departure of the old -> new linear map from identity (0.6 deg, 1 %):
 # beyond it the plate was not just nudged
 _MAX_LINEAR = 0.01
+# fraction of the previous holes that may be lost before the maps' smoothing is chosen again
+_SAME_HOLES_LOST = 0.05
 
 
 class WarmStartFallback(UserWarning):
@@ -195,7 +197,9 @@ def recalibrate(
     smoothing : float, "auto" or None
         Thin-plate smoothing of the maps in pitch² units (see
         :func:`ccdgrid.maps.displacement_maps`). None: the previous
-        calibration's (by GCV if it is not known); "auto": by GCV again.
+        calibration's, with its trend degree, when at least 95 % of its holes
+        were measured again; otherwise (or if it is not known) by GCV again.
+        "auto": by GCV again.
     backend : {"cython", "numpy"}
         Engine of the compiled kernels.
     source : str, dict or None
@@ -309,17 +313,18 @@ def recalibrate(
         outlier_threshold_px=None,
     )
     t0 = time.perf_counter()
-    # the same detector, plate and exposure: the previous smoothing fits, and
-    # choosing it again by GCV would cost more than the whole warm start
-    map_smoothing = prev.smoothing if smoothing is None else smoothing
-    # with the smoothing, the trend degree GCV chose for it (not the fixed rule)
-    map_degree = _degree(prev.degree, n_ok) if smoothing is None else None
+    map_smoothing, map_degree = smoothing, None
+    if smoothing is None and _same_hole_set(n_ok, len(prev.peaks)):
+        # the same detector, plate, exposure and holes: the previous smoothing
+        # and the trend degree GCV chose with it fit again
+        map_smoothing = prev.smoothing
+        map_degree = _degree(prev.degree, n_ok) if map_smoothing is not None else None
     maps = displacement_maps(
         peaks,
         grid.displacement,
         prev.shape,
         smoothing=map_smoothing,
-        degree=map_degree if map_smoothing is not None else None,
+        degree=map_degree,
         scale_px=holes.pitch_px,
         backend=backend,
     )
@@ -433,6 +438,16 @@ def _previous(previous):
         smoothing=_smoothing(resolved.get("smoothing")),
         degree=resolved.get("map_degree"),
     )
+
+
+def _same_hole_set(n_matched, n_previous):
+    """True when the holes measured again are the previous ones but a few.
+
+    GCV's smoothing depends on how densely and how far the holes sample the
+    field: with more than ``_SAME_HOLES_LOST`` of them gone (masked, cut, in
+    the dark) the previous value no longer fits and is chosen again.
+    """
+    return n_matched >= (1.0 - _SAME_HOLES_LOST) * n_previous
 
 
 def _smoothing(value):
