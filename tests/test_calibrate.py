@@ -7,6 +7,7 @@ import types
 import numpy as np
 import pytest
 
+from ccdgrid import pipeline
 from ccdgrid.errors import CcdgridError
 from ccdgrid.pipeline import Calibration, calibrate
 from ccdgrid.synthetic import grid_image
@@ -29,7 +30,7 @@ def lattice_points(shape=SHAPE, seed=0):
 
 @pytest.fixture
 def fake_peaks(monkeypatch):
-    """Replace ccdgrid.peaks by a stub whose find_holes returns known positions."""
+    """Replace the pipeline's find_holes by a stub that returns known positions."""
     calls = []
     points, field = lattice_points()
 
@@ -57,9 +58,7 @@ def fake_peaks(monkeypatch):
             timings={"smooth": 0.0},
         )
 
-    module = types.ModuleType("ccdgrid.peaks")
-    module.find_holes = find_holes
-    monkeypatch.setitem(sys.modules, "ccdgrid.peaks", module)
+    monkeypatch.setattr(pipeline, "find_holes", find_holes)
     return types.SimpleNamespace(calls=calls, points=points, field=field)
 
 
@@ -176,11 +175,13 @@ def test_bad_backend():
 
 
 def test_too_few_holes(monkeypatch):
-    module = types.ModuleType("ccdgrid.peaks")
-    module.find_holes = lambda image, **kw: types.SimpleNamespace(
-        peaks=np.array([[10.0, 10.0], [10.0, 40.0]]), pitch_px=None
+    monkeypatch.setattr(
+        pipeline,
+        "find_holes",
+        lambda image, **kw: types.SimpleNamespace(
+            peaks=np.array([[10.0, 10.0], [10.0, 40.0]]), pitch_px=None
+        ),
     )
-    monkeypatch.setitem(sys.modules, "ccdgrid.peaks", module)
     with pytest.raises(CcdgridError, match="too few holes"):
         calibrate(np.zeros(SHAPE))
 

@@ -178,6 +178,19 @@ def test_warm_maps_reuse_the_previous_smoothing_and_degree(base, tmp_path):
     assert again.maps.smoothing_scores is not None
 
 
+def test_warm_maps_choose_the_smoothing_again_when_holes_are_lost(base):
+    g, prev = base
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[:, :70] = 1  # the first column of holes or so: more than 5 % of them
+    warm = recalibrate(g.image, prev, mask=mask, cv_folds=0)
+    assert warm.params["warm_start"]["used"]
+    lost = 1.0 - warm.drift.n_matched / warm.drift.n_previous
+    assert 0.05 < lost < 0.2
+    assert warm.maps.smoothing_scores is not None  # chosen by GCV
+    kept = recalibrate(g.image, prev, cv_folds=0)
+    assert kept.maps.smoothing_scores is None
+
+
 def test_map_change_is_the_largest_difference_over_shared_valid_corners():
     from types import SimpleNamespace
 

@@ -24,6 +24,7 @@ from .errors import CcdgridError
 from .gridfit import _check_pitch, fit_grid
 from .lattice import index_holes
 from .maps import cross_validate, displacement_maps
+from .peaks import find_holes
 
 __all__ = ["Calibration", "calibrate"]
 
@@ -230,8 +231,6 @@ def calibrate(
         source = {"path": str(source), "sha256": None}
     timings["read"] = time.perf_counter() - t_start
 
-    from .peaks import find_holes
-
     holes = _timed(
         timings,
         "find_holes",
@@ -339,10 +338,12 @@ def _cross_validation(points, grid, maps, cv_folds):
 
 def _output_mask(maps_mask, user_mask):
     """int8 (ny, nx), 1 = invalid: outside the holes' hull or masked by the user."""
-    out = maps_mask
-    if user_mask is not None:
-        out = out | (np.asarray(user_mask) != 0).astype(np.int8)
-    return out.astype(np.int8, copy=False)
+    if user_mask is None:
+        return maps_mask.astype(np.int8, copy=False)
+    # the comparison's own (fresh) array becomes the output: no second full-size one
+    out = np.not_equal(user_mask, 0).view(np.int8)
+    np.bitwise_or(out, maps_mask, out=out)
+    return out
 
 
 def _timed(timings, name, func, *args, **kwargs):
