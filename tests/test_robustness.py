@@ -218,21 +218,7 @@ FIELDS = {
 }
 
 # Known failures, all in the hole finder (see the module docstring). Keys: (case, property).
-NOISY = (
-    "holes.classify_fits: at a peak SNR of 9, 2 of 64 clean holes are still rejected "
-    "as 'shape' (fitted blur and radius trade off at the noise limit)"
-)
-CUT = (
-    "Gaussian holes fit poorly by the blurred-disc model (~90 outlier pixels per hole): "
-    "holes cut by the lit circle are accepted 0.15-0.54 px off and whole holes are up to "
-    "0.13 px off"
-)
-XFAIL = {
-    ("gauss-768-barrel-27px-circle-lit", "centres"): CUT,
-    ("gauss-768-barrel-27px-circle-lit", "dense"): CUT,
-    ("gauss-768-barrel-27px-circle-lit", "holes"): CUT,
-    ("gauss-512-heavy-noise-snr9", "found"): NOISY,
-}
+XFAIL = {}
 
 
 def params(prop):

@@ -70,6 +70,12 @@ class ProfileFit:
         sectors of the background ring (about 2 for a clean hole).
     outliers : ndarray of shape (N,), int64
         Number of raw pixels dropped as outliers (hot or dead pixels).
+    ring_step : ndarray of shape (N,), float64, or None
+        As ``ring_asymmetry``, but from the 3x3-median-filtered window (hot
+        pixels removed, nothing clipped) in units of the noise typical of
+        all the holes: a step of the background across the window (a lit
+        edge, a beam stop) stands out even where it inflated the hole's own
+        noise estimate. None when not measured.
     converged : ndarray of shape (N,), bool
         The fit converged with parameters inside their bounds.
     """
@@ -85,11 +91,12 @@ class ProfileFit:
         "outliers",
         "radius",
         "ring_asymmetry",
+        "ring_step",
     )
 
     def __init__(self, **fields):
         for name in self.__slots__:
-            setattr(self, name, fields[name])
+            setattr(self, name, fields.get(name) if name == "ring_step" else fields[name])
 
 
 def extract_windows(image, centres, half):
@@ -294,6 +301,11 @@ def _fit_group(image, seeds, radius, half, valid, passes, engine):
 
     dof = np.maximum(keep.sum(1) - _NPAR, 1)
     asym, ring_asym = engine.sector_asymmetry(p, res, weight, yy, xx, float(half))
+    # the background's one-sidedness on the median-filtered pixels, unclipped,
+    # against the typical hole's noise (see ProfileFit.ring_step)
+    _, ring_step = engine.sector_asymmetry(
+        p, med - data + res, ok / float(np.median(var_bg)), yy, xx, float(half)
+    )
     inside = (np.abs(p[:, :2]) < 0.6 * half - 1e-9).all(1)
     converged = inside & np.isfinite(p).all(1) & (p[:, 4] > 0)
     return ProfileFit(
@@ -305,6 +317,7 @@ def _fit_group(image, seeds, radius, half, valid, passes, engine):
         chi2=cost / dof,
         asymmetry=asym,
         ring_asymmetry=ring_asym,
+        ring_step=ring_step,
         outliers=(ok & ~keep).sum(1).astype(np.int64),
         converged=converged,
     )

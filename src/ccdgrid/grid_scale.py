@@ -148,6 +148,45 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
     h, w = image.shape
     if not np.ptp(image) > 0:
         raise CcdgridError("`image` is constant: there is no grid of holes in it")
+    found = _estimate(image, pitch, diameter, binned, tophat=False)
+    if found is None or _implausible(found, pitch, diameter):
+        # A lit-area edge, a beam stop or a background step puts a cone under
+        # the central peak of the autocorrelation (the autocorrelation of a
+        # step falls linearly with the lag): the peak's half width then
+        # measures the step, not the holes. A white top-hat removes every
+        # structure wider than its window, steps included, and keeps the holes.
+        retry = _estimate(image, pitch, diameter, binned, tophat=True)
+        if retry is not None and (found is None or not _implausible(retry, pitch, diameter)):
+            found = retry
+    if found is None:
+        raise CcdgridError(
+            "`image` shows no hole-like structure (flat autocorrelation): is there a grid in it?"
+        )
+    found_p, found_d, vec, contrast = found
+    if contrast < MIN_CONTRAST:
+        raise CcdgridError(
+            "`image` shows no periodic grid of holes: the autocorrelation's lattice peak is "
+            f"{contrast:.1f} times its spread (noise gives ~4, grids > 30)"
+        )
+    return GridScale(found_p, found_d, vec, contrast)
+
+
+def _implausible(found, pitch, diameter):
+    """A first guess no plate gives: holes wider than half the pitch, or no lattice peak."""
+    found_p, found_d, _, contrast = found
+    return contrast < MIN_CONTRAST or (
+        pitch is None and diameter is None and found_d > 0.5 * found_p
+    )
+
+
+def _tophat(image, size):
+    """White top-hat: ``image`` minus its grey opening by a ``size`` square."""
+    return image - ndimage.grey_opening(image, size=(size, size))
+
+
+def _estimate(image, pitch, diameter, binned, tophat):
+    """(pitch, diameter, lattice vector, contrast), full-resolution px; None: no peak."""
+    h, w = image.shape
     # a ~1024 px working image keeps the cost low; the holes stay >= 3 px wide
     factor = max(1, round(max(h, w) / _WORKING_SIZE))
     if diameter is not None:
@@ -157,6 +196,9 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
         work = binned(factor) if binned is not None else block_mean(image, factor)
         small = _clip_isolated(work[crop])
         sh, sw = small.shape
+        if tophat:
+            # wider than any hole of a plate with a few tens of holes across
+            small = _tophat(small, max(min(sh, sw) // 16, 9))
         max_period = min(sh, sw) / 4.0
         ac = _autocorrelation(small, max_period)
         half = int(min(max_period * 1.25, sh // 2 - 1, sw // 2 - 1))
@@ -181,18 +223,11 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
                 for n in (h // factor, w // factor)
             )
     if d_est is None and diameter is None:
-        raise CcdgridError(
-            "`image` shows no hole-like structure (flat autocorrelation): is there a grid in it?"
-        )
+        return None
     found_d = diameter if diameter is not None else d_est * factor
     vec, contrast = _lattice_vector(box, half, found_d / factor)
-    if contrast < MIN_CONTRAST:
-        raise CcdgridError(
-            "`image` shows no periodic grid of holes: the autocorrelation's lattice peak is "
-            f"{contrast:.1f} times its spread (noise gives ~4, grids > 30)"
-        )
     found_p = pitch if pitch is not None else float(np.hypot(*vec)) * factor
-    return GridScale(found_p, found_d, vec * factor, contrast)
+    return found_p, found_d, vec * factor, contrast
 
 
 def _diameter_from_profile(prof):
