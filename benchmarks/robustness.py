@@ -91,9 +91,7 @@ def cases():
         if n == 2048:
             out |= {
                 "gauss-2048-p40-small-holes": _case(n, 40, "gauss", 2.0, MILD),
-                "super3-2048-p100-big-holes": _case(
-                    n, 100, "super", 7.0, MILD, super_order=3
-                ),
+                "super3-2048-p100-big-holes": _case(n, 100, "super", 7.0, MILD, super_order=3),
                 "gauss-2048-p80-hot200-clusters": _case(
                     n, 80, "gauss", 3.0, MILD, hot_pixels=200, hot_clusters=30
                 ),
@@ -232,9 +230,7 @@ def run_case(name, shape, kwargs, terms, seed, workdir):
     row["ctr_max"] = float(cKDTree(grid.holes).query(used)[0].max())
 
     maps = _CornerMaps(dy, dx)
-    det = dense_residual(
-        grid.field, dy, dx, mask, region=grid.valid_region(), n=20000, seed=3
-    )
+    det = dense_residual(grid.field, dy, dx, mask, region=grid.valid_region(), n=20000, seed=3)
     row["det_rms"] = det.rms
     row["frame_rms"], row["frame_max"] = rob.frame_residual(grid, maps, det.points)
     visible = grid.holes[grid.visible]
@@ -286,8 +282,10 @@ def main(argv=None):
         if v[0][0] in args.sizes and (args.only is None or args.only in k)
     }
     print("command: python " + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
-    print(f"ccdgrid {ccdgrid.__version__}, load average {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} cores")
+    print(
+        f"ccdgrid {ccdgrid.__version__}, load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores"
+    )
     header = [title for _, title, _ in _COLUMNS]
     print(" | ".join(header))
     rows = []

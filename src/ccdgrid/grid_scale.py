@@ -145,7 +145,6 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
         If the image is constant, has no hole-like structure, or no lattice
         peak stronger than :data:`MIN_CONTRAST`.
     """
-    h, w = image.shape
     if not np.ptp(image) > 0:
         raise CcdgridError("`image` is constant: there is no grid of holes in it")
     found = _estimate(image, pitch, diameter, binned, tophat=False)
