@@ -29,6 +29,11 @@ HALF_OVERLAP = 0.8079
 # noise gives 3.5-5, grid images 30 (300 hot pixels at 512²) to 1000.
 MIN_CONTRAST = 10.0
 
+# Above this pedestal under the autocorrelation's central peak (its foot over
+# its height), the guess is made again on a top-hat filtered image: clean
+# grids give ~0, background gradients 0.1-0.4, a lit-area edge 0.3-0.6.
+_MAX_PEDESTAL = 0.1
+
 # Side of the working image, px: the image is binned down to about this size.
 _WORKING_SIZE = 1024
 
@@ -148,20 +153,23 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
     if not np.ptp(image) > 0:
         raise CcdgridError("`image` is constant: there is no grid of holes in it")
     found = _estimate(image, pitch, diameter, binned, tophat=False)
-    if found is None or _implausible(found, pitch, diameter):
+    if found is None or found[4] > _MAX_PEDESTAL or _implausible(found, pitch, diameter):
         # A lit-area edge, a beam stop or a background step puts a cone under
         # the central peak of the autocorrelation (the autocorrelation of a
         # step falls linearly with the lag): the peak's half width then
-        # measures the step, not the holes. A white top-hat removes every
-        # structure wider than its window, steps included, and keeps the holes.
+        # measures the step, not the holes, and the lattice peak drowns. A
+        # white top-hat removes every structure wider than its window, steps
+        # included, and keeps the holes; the guess whose lattice peak stands
+        # out more wins.
         retry = _estimate(image, pitch, diameter, binned, tophat=True)
-        if retry is not None and (found is None or not _implausible(retry, pitch, diameter)):
-            found = retry
+        ranked = [f for f in (found, retry) if f is not None]
+        ranked.sort(key=lambda f: (not _implausible(f, pitch, diameter), f[3]))
+        found = ranked[-1] if ranked else None
     if found is None:
         raise CcdgridError(
             "`image` shows no hole-like structure (flat autocorrelation): is there a grid in it?"
         )
-    found_p, found_d, vec, contrast = found
+    found_p, found_d, vec, contrast, _ = found
     if contrast < MIN_CONTRAST:
         raise CcdgridError(
             "`image` shows no periodic grid of holes: the autocorrelation's lattice peak is "
@@ -172,7 +180,7 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
 
 def _implausible(found, pitch, diameter):
     """A first guess no plate gives: holes wider than half the pitch, or no lattice peak."""
-    found_p, found_d, _, contrast = found
+    found_p, found_d, _, contrast, _ = found
     return contrast < MIN_CONTRAST or (
         pitch is None and diameter is None and found_d > 0.5 * found_p
     )
@@ -184,7 +192,11 @@ def _tophat(image, size):
 
 
 def _estimate(image, pitch, diameter, binned, tophat):
-    """(pitch, diameter, lattice vector, contrast), full-resolution px; None: no peak."""
+    """(pitch, diameter, lattice vector, contrast, pedestal); None: no central peak.
+
+    Lengths in full-resolution px; the pedestal is the autocorrelation at the
+    foot of its central peak over the peak's height (~0 for a clean grid).
+    """
     h, w = image.shape
     # a ~1024 px working image keeps the cost low; the holes stay >= 3 px wide
     factor = max(1, round(max(h, w) / _WORKING_SIZE))
@@ -204,7 +216,7 @@ def _estimate(image, pitch, diameter, binned, tophat):
         box = _lag_box(ac, half)
         rmax = min(half, 48)
         prof = _radial_median(_lag_box(ac, rmax), rmax, rmax)
-        d_est = _diameter_from_profile(prof)
+        d_est, pedestal = _diameter_from_profile(prof)
         if d_est is None or factor == 1 or d_est >= 4.0:
             break
         # The holes are too small at this binning: look again at half of it.
@@ -226,13 +238,17 @@ def _estimate(image, pitch, diameter, binned, tophat):
     found_d = diameter if diameter is not None else d_est * factor
     vec, contrast = _lattice_vector(box, half, found_d / factor)
     found_p = pitch if pitch is not None else float(np.hypot(*vec)) * factor
-    return found_p, found_d, vec * factor, contrast
+    return found_p, found_d, vec * factor, contrast, pedestal
 
 
 def _diameter_from_profile(prof):
-    """Hole diameter (working px) from the radial median autocorrelation profile."""
+    """Hole diameter (working px, None if not found) and pedestal from the radial profile.
+
+    The pedestal is the profile at the first minimum beyond the central peak
+    over the peak's height (NaN when undefined).
+    """
     if prof.size < 6 or not np.all(np.isfinite(prof)):
-        return None
+        return None, np.nan
     # the zero lag holds the white-noise power; extrapolate it from lags 1-3
     # (quadratically: the PSF rounds the top of the overlap function)
     peak = max(3.0 * prof[1] - 3.0 * prof[2] + prof[3], prof[1])
@@ -242,16 +258,17 @@ def _diameter_from_profile(prof):
     first_min = int(rising[0]) + 1 if rising.size else prof.size - 1
     base = prof[first_min]
     if not peak > base or first_min < 2:
-        return None
+        return None, np.nan
+    pedestal = base / peak if peak > 0 else np.nan
     level = base + 0.5 * (peak - base)
     seg = prof[1 : first_min + 1]
     below = np.flatnonzero(seg <= level)
     if below.size == 0:
-        return None
+        return None, pedestal
     k = int(below[0]) + 1  # prof[k] <= level < prof[k - 1] (prof[0] taken as `peak`)
     upper = peak if k == 1 else prof[k - 1]
     r_half = (k - 1) + (upper - level) / (upper - prof[k])
-    return 2.0 * r_half / HALF_OVERLAP
+    return 2.0 * r_half / HALF_OVERLAP, pedestal
 
 
 def _lattice_vector(box, half, diameter):

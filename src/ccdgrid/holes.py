@@ -307,10 +307,15 @@ def classify_fits(fit, contrast, nmin=5, image_shape=None):
     r_spread = 1.4826 * float(np.median(np.abs(r_ratio[good] - np.median(r_ratio[good]))))
     small = 1.0 - max(0.04, 4.0 * r_spread)
     smallish = 1.0 - max(0.02, 2.0 * r_spread)
+    # likewise for the brightness: plates whose holes differ in transmission
+    # by several per cent must not lose their dimmer whole holes
+    a_spread = 1.4826 * float(np.median(np.abs(ratio[good] - np.median(ratio[good]))))
+    dark = 1.0 - max(0.3, 6.0 * a_spread)
+    darkish = 1.0 - max(0.1, 3.0 * a_spread)
     dim = good & (
-        (ratio < 0.7)
+        (ratio < dark)
         | (r_ratio < small)
-        | ((ratio < 0.9) & ((r_ratio < smallish) | ((asym_z > 3.0) & (r_ratio < 0.995))))
+        | ((ratio < darkish) & ((r_ratio < smallish) | ((asym_z > 3.0) & (r_ratio < 0.995))))
     )
     reasons[cut | dim] = "cut by edge"
     return reasons
