@@ -76,6 +76,9 @@ class ProfileFit:
         all the holes: a step of the background across the window (a lit
         edge, a beam stop) stands out even where it inflated the hole's own
         noise estimate. None when not measured.
+    slope : ndarray of shape (N, 2), float64, or None
+        Gradient ``(by, bx)`` of the fitted background plane, image units
+        per px. None when not measured.
     converged : ndarray of shape (N,), bool
         The fit converged with parameters inside their bounds.
     """
@@ -92,11 +95,14 @@ class ProfileFit:
         "radius",
         "ring_asymmetry",
         "ring_step",
+        "slope",
     )
+
+    _OPTIONAL = ("ring_step", "slope")
 
     def __init__(self, **fields):
         for name in self.__slots__:
-            setattr(self, name, fields.get(name) if name == "ring_step" else fields[name])
+            setattr(self, name, fields.get(name) if name in self._OPTIONAL else fields[name])
 
 
 def extract_windows(image, centres, half):
@@ -318,6 +324,7 @@ def _fit_group(image, seeds, radius, half, valid, passes, engine):
         asymmetry=asym,
         ring_asymmetry=ring_asym,
         ring_step=ring_step,
+        slope=p[:, 6:8].copy(),
         outliers=(ok & ~keep).sum(1).astype(np.int64),
         converged=converged,
     )

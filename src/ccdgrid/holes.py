@@ -290,6 +290,20 @@ def classify_fits(fit, contrast, nmin=5, image_shape=None):
         # background, gradient included, stays within ~5.
         step_z = _robust_z(fit.ring_step, fit.ring_step[good])
         cut |= good & (step_z > 6.0) & (fit.ring_step > 2.0 * np.median(fit.ring_step[good]))
+    if fit.slope is not None:
+        # The same step tilts the fitted background plane: against the
+        # plane of its neighbours (a smooth background tilts them alike),
+        # a cut hole's differs by 30-500 typical spreads, a whole hole's by
+        # less than 4, even where the step is too faint for ring_step (a
+        # dark background, a peak SNR of 9).
+        # Cut holes come in rows along the edge: a second pass leaves the
+        # tilted ones out of the neighbours' medians.
+        ref = good
+        for _ in range(2):
+            tilt = np.hypot(*(fit.slope - _neighbour_median(fit.centres, fit.slope, ref)).T)
+            tilted = good & (_robust_z(tilt, tilt[ref]) > 8.0)
+            ref = good & ~tilted
+        cut |= tilted
     if image_shape is not None:
         reach = fit.radius + 2.0 * fit.blur
         cy, cx = fit.centres[:, 0], fit.centres[:, 1]
@@ -333,13 +347,22 @@ def _rms_radius(radius, blur):
 
 def _neighbour_ratio(centres, values, good, k=6):
     """``values`` over the median of the k nearest ``good`` neighbours' values."""
-    ratio = np.ones(values.size)
+    if np.count_nonzero(good) <= k:
+        return np.ones(values.size)
+    return values / _neighbour_median(centres, values, good, k)
+
+
+def _neighbour_median(centres, values, good, k=6):
+    """Median of ``values`` (N,) or (N, d) over each point's k nearest ``good`` neighbours.
+
+    A point is not its own neighbour. With k or fewer good points, the
+    median over all of them.
+    """
     idx = np.flatnonzero(good)
     if idx.size <= k:
-        return ratio
+        return np.broadcast_to(np.median(values[idx], axis=0), values.shape)
     _, nb = cKDTree(centres[idx]).query(centres, k=k + 1)
     # the nearest is the point itself for good ones; drop it, else the farthest
-    own = idx[nb[:, 0]] == np.arange(values.size)
+    own = idx[nb[:, 0]] == np.arange(values.shape[0])
     nb = np.where(own[:, None], nb[:, 1:], nb[:, :-1])
-    ratio = values / np.median(values[idx[nb]], axis=1)
-    return ratio
+    return np.median(values[idx[nb]], axis=1)
