@@ -194,3 +194,19 @@ def test_dimness_limit_follows_the_brightness_scatter(spread, kept):
     fields["radius"][50] = 6.0 * 0.975
     reasons = classify_fits(ProfileFit(**fields), fields["amplitude"])
     assert (reasons[50] == "") is kept
+
+
+def test_background_plane_tilted_against_its_neighbours_marks_a_cut_hole():
+    # a row of holes along a lit edge: each plane tilts towards the light;
+    # the whole holes beside them keep the smooth gradient of the background
+    rng = np.random.default_rng(27)
+    fields = _population(rng, 0.01)
+    n = fields["amplitude"].size
+    fields["slope"] = np.array([0.8, -0.3]) + 0.05 * rng.standard_normal((n, 2))
+    row = np.arange(12 * 11, 12 * 12)  # the last row of the 12 x 12 grid
+    fields["slope"][row, 0] += rng.uniform(5.0, 40.0, row.size)
+    # a whole hole 15 spreads off: barely touched by some step, kept
+    fields["slope"][40, 1] += 15 * 0.05
+    reasons = classify_fits(ProfileFit(**fields), fields["amplitude"])
+    np.testing.assert_array_equal(np.flatnonzero(reasons != ""), row)
+    assert set(reasons[row]) == {"cut by edge"}
