@@ -26,9 +26,17 @@ Robustness, in two passes:
    This keeps the full precision of the raw data (the median filter alone
    loses some) while ignoring defects.
 
-The per-hole reduced chi-square and the residual asymmetry of the background
-around the hole (a hole near the taper edge sees light on one side only)
-are returned for the clean-up of the hole finder.
+The per-hole reduced chi-square, the residual asymmetry of the background
+around the hole (a hole near the taper edge sees light on one side only),
+the same on the median-filtered window in the noise units of all holes
+(``ring_step``: a lit edge's step inflates the hole's own noise estimate)
+and the fitted background plane's gradient are returned for the clean-up of
+the hole finder.
+
+The blurred disc also fits Gaussian and super-Gaussian holes with unbiased
+centres (any radially symmetric misfit is symmetric), provided the window
+holds the profile's tails: the hole finder sizes it from the fitted
+``R + 3 s``.
 """
 
 import numpy as np

@@ -217,8 +217,18 @@ def classify_fits(fit, contrast, nmin=5, image_shape=None):
     ndarray of shape (N,), object
         ``""`` for an accepted hole, else a short reason: ``"fit failed"``,
         ``"hot pixel"``, ``"not a hole"`` (no disc in the raw image),
-        ``"shape"`` (radius or blur unlike the other holes), ``"too faint"``,
-        ``"cut by edge"`` (background darker on one side, or a poor fit).
+        ``"shape"`` (RMS radius or blur unlike the other holes), ``"too
+        faint"``, ``"cut by edge"`` (background darker on one side or
+        stepped, its plane tilted against the neighbours', dimmer or smaller
+        than the neighbours, or a poor fit).
+
+    Notes
+    -----
+    Every limit is judged against this image's holes (robust z-scores, or
+    spreads of neighbour ratios), so that it follows the noise and the
+    hole-to-hole scatter of the plate rather than fixed tolerances. The
+    optional ``fit.ring_step`` and ``fit.slope`` (None in fits that did not
+    measure them) add the background-step and tilted-plane tests.
     """
     n = fit.amplitude.size
     reasons = np.full(n, "", dtype=object)

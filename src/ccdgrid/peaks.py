@@ -16,7 +16,8 @@ The pipeline, all of it automatic (every guess can be overridden):
    resolution;
 6. a blurred-disc profile is fitted to every hole in the *raw*,
    full-resolution image (:mod:`ccdgrid.centres`), robust to hot and dead
-   pixels;
+   pixels; soft (Gaussian-like) holes are fitted again in windows wide
+   enough for their tails;
 7. duplicates, holes cut by the image border, the taper edge or masked
    pixels, hot pixels and other non-holes are rejected with a reason.
 
