@@ -6,7 +6,12 @@ copies of it at every lattice vector. Its half width at half maximum gives
 the hole radius (two discs of radius R overlap by half at a distance of
 0.808 R), and its strongest off-centre peak the nearest lattice vector.
 White noise and isolated hot pixels only add to the zero lag, which is never
-used; slow illumination changes are removed by a high-pass filter.
+used; slow illumination changes are removed by a high-pass filter. A step
+(a lit-area edge, a beam stop) is not slow: its autocorrelation is a cone
+under the central peak, seen as a pedestal at the peak's foot. The guess is
+then made again on a white top-hat of the image, which removes anything
+wider than a hole, steps included, and the one with the stronger lattice
+peak is kept.
 
 These are starting values: the hole finder refines the diameter from fitted
 hole profiles and the pitch from nearest-neighbour distances of the holes.
