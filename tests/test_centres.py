@@ -97,3 +97,23 @@ def test_median3_matches_numpy():
             axis=0,
         )
         np.testing.assert_array_equal(_median3(values), ref)
+
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+def test_background_step_across_a_window_shows_in_ring_step(row_of_holes, backend):
+    # a lit-area edge 9 px from hole 4: the background drops from 200 to 20
+    # beyond it (the hole itself stays whole); the step inflates that hole's
+    # own noise estimate, but not ring_step, which uses the typical noise
+    img, centres = row_of_holes
+    rng = np.random.default_rng(14)
+    cut = img.copy()
+    xs = np.arange(img.shape[1])
+    edge = centres[4, 1] + 9.0
+    cut[:, xs > edge] -= 180.0
+    cut = rng.poisson(np.maximum(cut, 0.0)).astype(np.float64)
+    fit = fit_hole_profiles(cut, centres, 5.0, half=10, backend=backend)
+    others = np.delete(fit.ring_step, [4, 5])  # hole 5 lies beyond the edge
+    assert fit.ring_step[4] > 2.0 * others.max()
+    assert fit.ring_step[4] > 8.0 * np.median(others)
+    # the hole's own noise units hide the step (what ring_step is for)
+    assert fit.ring_asymmetry[4] < 2.0 * np.median(fit.ring_asymmetry)

@@ -183,6 +183,8 @@ def test_fit_hole_profiles_backends_agree(many_holes, backend):
     ref = fit_hole_profiles(img, seeds, 6.0, half=11, backend="numpy")
     np.testing.assert_allclose(fit.centres, ref.centres, rtol=0, atol=1e-7)
     np.testing.assert_allclose(fit.ring_asymmetry, ref.ring_asymmetry, rtol=1e-6)
+    np.testing.assert_allclose(fit.ring_step, ref.ring_step, rtol=1e-6)
+    np.testing.assert_allclose(fit.slope, ref.slope, rtol=0, atol=1e-6 * np.abs(ref.slope).max())
     assert fit.converged.all()
     # Poisson noise on a 2000 ADU disc: ~0.01 px per hole
     assert np.sqrt(((fit.centres - centres) ** 2).sum(1).mean()) < 0.03

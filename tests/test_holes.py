@@ -137,3 +137,76 @@ def test_sorting_networks_sort_every_zero_one_input(n):
     for i, j in _sorting_network(n):
         v[i], v[j] = np.minimum(v[i], v[j]), np.maximum(v[i], v[j])
     np.testing.assert_array_equal(np.stack(v, 1), np.sort(bits, axis=1))
+
+
+def test_background_step_across_the_window_marks_a_cut_hole():
+    # a lit edge crossing the window: the step stands far out of this image's
+    # spread of ring_step; a whole hole a little above the typical value stays
+    rng = np.random.default_rng(24)
+    fields = _population(rng, 0.01)
+    n = fields["amplitude"].size
+    fields["ring_step"] = np.abs(1.4 + 0.3 * rng.standard_normal(n))
+    fields["ring_step"][[30, 61]] = [25.0, 3.0]
+    reasons = classify_fits(ProfileFit(**fields), fields["amplitude"])
+    assert reasons[30] == "cut by edge"
+    assert reasons[61] == ""
+    assert np.count_nonzero(reasons != "") == 1
+    # fits that did not measure it (ring_step None) are judged without it
+    del fields["ring_step"]
+    assert ProfileFit(**fields).ring_step is None
+    assert classify_fits(ProfileFit(**fields), fields["amplitude"])[30] == ""
+
+
+def _soft_population(rng, n_side=12, pitch=56.0):
+    """Fits of Gaussian-like holes: the fitted radius and blur trade off at the noise."""
+    fields = _population(rng, 0.0, n_side, pitch)
+    n = fields["amplitude"].size
+    # a Gaussian of sigma ~3.2 px fits as R ~3.7, s ~2.8: along the valley of
+    # equal RMS radius sqrt(R²/2 + 2 s²) the pair scatters by ~10 %
+    rms = 4.78 * (1.0 + 0.02 * rng.standard_normal(n))
+    fields["radius"] = 3.7 * (1.0 + 0.1 * rng.standard_normal(n))
+    fields["blur"] = np.sqrt((rms**2 - 0.5 * fields["radius"] ** 2) / 2.0)
+    return fields
+
+
+def test_soft_holes_are_judged_by_their_rms_radius():
+    rng = np.random.default_rng(25)
+    fields = _soft_population(rng)
+    # R 39 % below the median but the same RMS radius (a clean hole at SNR 9)
+    fields["radius"][20], fields["blur"][20] = 2.26, 3.24
+    # both R and s small: a smaller object
+    fields["radius"][70], fields["blur"][70] = 2.3, 1.6
+    reasons = classify_fits(ProfileFit(**fields), fields["amplitude"])
+    assert reasons[20] == ""
+    assert reasons[70] in ("shape", "cut by edge")
+    assert np.count_nonzero(reasons != "") == 1
+
+
+@pytest.mark.parametrize(("spread", "kept"), [(0.05, True), (0.01, False)])
+def test_dimness_limit_follows_the_brightness_scatter(spread, kept):
+    # a hole ~12 % dimmer and ~2.5 % smaller than its neighbours: on a plate
+    # whose holes scatter by 5 % in brightness it is a whole hole, on one whose
+    # holes scatter by 1 % it has lost light to an edge
+    rng = np.random.default_rng(26)
+    fields = _population(rng, 0.005)
+    fields["amplitude"] = 1000.0 * (1.0 + spread * rng.standard_normal(fields["radius"].size))
+    fields["amplitude"][50] = 880.0
+    fields["radius"][50] = 6.0 * 0.975
+    reasons = classify_fits(ProfileFit(**fields), fields["amplitude"])
+    assert (reasons[50] == "") is kept
+
+
+def test_background_plane_tilted_against_its_neighbours_marks_a_cut_hole():
+    # a row of holes along a lit edge: each plane tilts towards the light;
+    # the whole holes beside them keep the smooth gradient of the background
+    rng = np.random.default_rng(27)
+    fields = _population(rng, 0.01)
+    n = fields["amplitude"].size
+    fields["slope"] = np.array([0.8, -0.3]) + 0.05 * rng.standard_normal((n, 2))
+    row = np.arange(12 * 11, 12 * 12)  # the last row of the 12 x 12 grid
+    fields["slope"][row, 0] += rng.uniform(5.0, 40.0, row.size)
+    # a whole hole 15 spreads off: barely touched by some step, kept
+    fields["slope"][40, 1] += 15 * 0.05
+    reasons = classify_fits(ProfileFit(**fields), fields["amplitude"])
+    np.testing.assert_array_equal(np.flatnonzero(reasons != ""), row)
+    assert set(reasons[row]) == {"cut by edge"}

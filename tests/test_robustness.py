@@ -192,6 +192,40 @@ CASES = {
         ),
         "quiet",
     ),
+    "gauss-1024-p48-circle-lit-barrel-20px-hot-dead-beam-stop": (
+        (1024, 1024),
+        dict(
+            pitch_px=48,
+            profile="gauss",
+            width_px=2.5,
+            rotation_deg=3,
+            lit_axes=(0.48, 0.48),
+            hot_pixels=80,
+            hot_clusters=15,
+            dead_rows=2,
+            dead_cols=2,
+            beam_stop=(480, 560, 40),
+        ),
+        "quiet",
+    ),
+    "super-1024-p56-pincushion-20px-snr9-nan-lines-ellipse": (
+        (1024, 1024),
+        dict(
+            pitch_px=56,
+            profile="super",
+            width_px=4.5,
+            rotation_deg=-2,
+            lit_axes=(0.46, 0.42),
+            dead_rows=2,
+            dead_cols=2,
+            dead_value=np.nan,
+            amplitude=120.0,
+            background=(0.2, 0.45),
+            dark=20.0,
+            read_noise=3.0,
+        ),
+        "noisy",
+    ),
 }
 
 # distortion of each case (px at the image corners: see the ids)
@@ -215,24 +249,12 @@ FIELDS = {
     "gauss-800x1000-ellipse-dark-background-all-defects": dict(
         k1=-15.0, k2=3.0, t1=1.0, bumps=[(300, 600, 150, 1.0, 0.5)]
     ),
+    "gauss-1024-p48-circle-lit-barrel-20px-hot-dead-beam-stop": dict(k1=-20.0, k2=-2.0, t1=1.0),
+    "super-1024-p56-pincushion-20px-snr9-nan-lines-ellipse": dict(k1=18.0, k2=2.0, t2=-1.0),
 }
 
 # Known failures, all in the hole finder (see the module docstring). Keys: (case, property).
-NOISY = (
-    "holes.classify_fits: at a peak SNR of 9, 2 of 64 clean holes are still rejected "
-    "as 'shape' (fitted blur and radius trade off at the noise limit)"
-)
-CUT = (
-    "Gaussian holes fit poorly by the blurred-disc model (~90 outlier pixels per hole): "
-    "holes cut by the lit circle are accepted 0.15-0.54 px off and whole holes are up to "
-    "0.13 px off"
-)
-XFAIL = {
-    ("gauss-768-barrel-27px-circle-lit", "centres"): CUT,
-    ("gauss-768-barrel-27px-circle-lit", "dense"): CUT,
-    ("gauss-768-barrel-27px-circle-lit", "holes"): CUT,
-    ("gauss-512-heavy-noise-snr9", "found"): NOISY,
-}
+XFAIL = {}
 
 
 def params(prop):

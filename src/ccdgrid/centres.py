@@ -26,9 +26,17 @@ Robustness, in two passes:
    This keeps the full precision of the raw data (the median filter alone
    loses some) while ignoring defects.
 
-The per-hole reduced chi-square and the residual asymmetry of the background
-around the hole (a hole near the taper edge sees light on one side only)
-are returned for the clean-up of the hole finder.
+The per-hole reduced chi-square, the residual asymmetry of the background
+around the hole (a hole near the taper edge sees light on one side only),
+the same on the median-filtered window in the noise units of all holes
+(``ring_step``: a lit edge's step inflates the hole's own noise estimate)
+and the fitted background plane's gradient are returned for the clean-up of
+the hole finder.
+
+The blurred disc also fits Gaussian and super-Gaussian holes with unbiased
+centres (any radially symmetric misfit is symmetric), provided the window
+holds the profile's tails: the hole finder sizes it from the fitted
+``R + 3 s``.
 """
 
 import numpy as np
@@ -70,6 +78,15 @@ class ProfileFit:
         sectors of the background ring (about 2 for a clean hole).
     outliers : ndarray of shape (N,), int64
         Number of raw pixels dropped as outliers (hot or dead pixels).
+    ring_step : ndarray of shape (N,), float64, or None
+        As ``ring_asymmetry``, but from the 3x3-median-filtered window (hot
+        pixels removed, nothing clipped) in units of the noise typical of
+        all the holes: a step of the background across the window (a lit
+        edge, a beam stop) stands out even where it inflated the hole's own
+        noise estimate. None when not measured.
+    slope : ndarray of shape (N, 2), float64, or None
+        Gradient ``(by, bx)`` of the fitted background plane, image units
+        per px. None when not measured.
     converged : ndarray of shape (N,), bool
         The fit converged with parameters inside their bounds.
     """
@@ -85,11 +102,15 @@ class ProfileFit:
         "outliers",
         "radius",
         "ring_asymmetry",
+        "ring_step",
+        "slope",
     )
+
+    _OPTIONAL = ("ring_step", "slope")
 
     def __init__(self, **fields):
         for name in self.__slots__:
-            setattr(self, name, fields[name])
+            setattr(self, name, fields.get(name) if name in self._OPTIONAL else fields[name])
 
 
 def extract_windows(image, centres, half):
@@ -294,6 +315,11 @@ def _fit_group(image, seeds, radius, half, valid, passes, engine):
 
     dof = np.maximum(keep.sum(1) - _NPAR, 1)
     asym, ring_asym = engine.sector_asymmetry(p, res, weight, yy, xx, float(half))
+    # the background's one-sidedness on the median-filtered pixels, unclipped,
+    # against the typical hole's noise (see ProfileFit.ring_step)
+    _, ring_step = engine.sector_asymmetry(
+        p, med - data + res, ok / float(np.median(var_bg)), yy, xx, float(half)
+    )
     inside = (np.abs(p[:, :2]) < 0.6 * half - 1e-9).all(1)
     converged = inside & np.isfinite(p).all(1) & (p[:, 4] > 0)
     return ProfileFit(
@@ -305,6 +331,8 @@ def _fit_group(image, seeds, radius, half, valid, passes, engine):
         chi2=cost / dof,
         asymmetry=asym,
         ring_asymmetry=ring_asym,
+        ring_step=ring_step,
+        slope=p[:, 6:8].copy(),
         outliers=(ok & ~keep).sum(1).astype(np.int64),
         converged=converged,
     )

@@ -6,7 +6,12 @@ copies of it at every lattice vector. Its half width at half maximum gives
 the hole radius (two discs of radius R overlap by half at a distance of
 0.808 R), and its strongest off-centre peak the nearest lattice vector.
 White noise and isolated hot pixels only add to the zero lag, which is never
-used; slow illumination changes are removed by a high-pass filter.
+used; slow illumination changes are removed by a high-pass filter. A step
+(a lit-area edge, a beam stop) is not slow: its autocorrelation is a cone
+under the central peak, seen as a pedestal at the peak's foot. The guess is
+then made again on a white top-hat of the image, which removes anything
+wider than a hole, steps included, and the one with the stronger lattice
+peak is kept.
 
 These are starting values: the hole finder refines the diameter from fitted
 hole profiles and the pitch from nearest-neighbour distances of the holes.
@@ -28,6 +33,11 @@ HALF_OVERLAP = 0.8079
 # Lattice-peak contrast below which an image is said to hold no grid: white
 # noise gives 3.5-5, grid images 30 (300 hot pixels at 512²) to 1000.
 MIN_CONTRAST = 10.0
+
+# Above this pedestal under the autocorrelation's central peak (its foot over
+# its height), the guess is made again on a top-hat filtered image: clean
+# grids give ~0, background gradients 0.1-0.4, a lit-area edge 0.3-0.6.
+_MAX_PEDESTAL = 0.1
 
 # Side of the working image, px: the image is binned down to about this size.
 _WORKING_SIZE = 1024
@@ -145,9 +155,54 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
         If the image is constant, has no hole-like structure, or no lattice
         peak stronger than :data:`MIN_CONTRAST`.
     """
-    h, w = image.shape
     if not np.ptp(image) > 0:
         raise CcdgridError("`image` is constant: there is no grid of holes in it")
+    found = _estimate(image, pitch, diameter, binned, tophat=False)
+    if found is None or found[4] > _MAX_PEDESTAL or _implausible(found, pitch, diameter):
+        # A lit-area edge, a beam stop or a background step puts a cone under
+        # the central peak of the autocorrelation (the autocorrelation of a
+        # step falls linearly with the lag): the peak's half width then
+        # measures the step, not the holes, and the lattice peak drowns. A
+        # white top-hat removes every structure wider than its window, steps
+        # included, and keeps the holes; the guess whose lattice peak stands
+        # out more wins.
+        retry = _estimate(image, pitch, diameter, binned, tophat=True)
+        ranked = [f for f in (found, retry) if f is not None]
+        ranked.sort(key=lambda f: (not _implausible(f, pitch, diameter), f[3]))
+        found = ranked[-1] if ranked else None
+    if found is None:
+        raise CcdgridError(
+            "`image` shows no hole-like structure (flat autocorrelation): is there a grid in it?"
+        )
+    found_p, found_d, vec, contrast, _ = found
+    if contrast < MIN_CONTRAST:
+        raise CcdgridError(
+            "`image` shows no periodic grid of holes: the autocorrelation's lattice peak is "
+            f"{contrast:.1f} times its spread (noise gives ~4, grids > 30)"
+        )
+    return GridScale(found_p, found_d, vec, contrast)
+
+
+def _implausible(found, pitch, diameter):
+    """A first guess no plate gives: holes wider than half the pitch, or no lattice peak."""
+    found_p, found_d, _, contrast, _ = found
+    return contrast < MIN_CONTRAST or (
+        pitch is None and diameter is None and found_d > 0.5 * found_p
+    )
+
+
+def _tophat(image, size):
+    """White top-hat: ``image`` minus its grey opening by a ``size`` square."""
+    return image - ndimage.grey_opening(image, size=(size, size))
+
+
+def _estimate(image, pitch, diameter, binned, tophat):
+    """(pitch, diameter, lattice vector, contrast, pedestal); None: no central peak.
+
+    Lengths in full-resolution px; the pedestal is the autocorrelation at the
+    foot of its central peak over the peak's height (~0 for a clean grid).
+    """
+    h, w = image.shape
     # a ~1024 px working image keeps the cost low; the holes stay >= 3 px wide
     factor = max(1, round(max(h, w) / _WORKING_SIZE))
     if diameter is not None:
@@ -157,13 +212,16 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
         work = binned(factor) if binned is not None else block_mean(image, factor)
         small = _clip_isolated(work[crop])
         sh, sw = small.shape
+        if tophat:
+            # wider than any hole of a plate with a few tens of holes across
+            small = _tophat(small, max(min(sh, sw) // 16, 9))
         max_period = min(sh, sw) / 4.0
         ac = _autocorrelation(small, max_period)
         half = int(min(max_period * 1.25, sh // 2 - 1, sw // 2 - 1))
         box = _lag_box(ac, half)
         rmax = min(half, 48)
         prof = _radial_median(_lag_box(ac, rmax), rmax, rmax)
-        d_est = _diameter_from_profile(prof)
+        d_est, pedestal = _diameter_from_profile(prof)
         if d_est is None or factor == 1 or d_est >= 4.0:
             break
         # The holes are too small at this binning: look again at half of it.
@@ -181,24 +239,21 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
                 for n in (h // factor, w // factor)
             )
     if d_est is None and diameter is None:
-        raise CcdgridError(
-            "`image` shows no hole-like structure (flat autocorrelation): is there a grid in it?"
-        )
+        return None
     found_d = diameter if diameter is not None else d_est * factor
     vec, contrast = _lattice_vector(box, half, found_d / factor)
-    if contrast < MIN_CONTRAST:
-        raise CcdgridError(
-            "`image` shows no periodic grid of holes: the autocorrelation's lattice peak is "
-            f"{contrast:.1f} times its spread (noise gives ~4, grids > 30)"
-        )
     found_p = pitch if pitch is not None else float(np.hypot(*vec)) * factor
-    return GridScale(found_p, found_d, vec * factor, contrast)
+    return found_p, found_d, vec * factor, contrast, pedestal
 
 
 def _diameter_from_profile(prof):
-    """Hole diameter (working px) from the radial median autocorrelation profile."""
+    """Hole diameter (working px, None if not found) and pedestal from the radial profile.
+
+    The pedestal is the profile at the first minimum beyond the central peak
+    over the peak's height (NaN when undefined).
+    """
     if prof.size < 6 or not np.all(np.isfinite(prof)):
-        return None
+        return None, np.nan
     # the zero lag holds the white-noise power; extrapolate it from lags 1-3
     # (quadratically: the PSF rounds the top of the overlap function)
     peak = max(3.0 * prof[1] - 3.0 * prof[2] + prof[3], prof[1])
@@ -208,16 +263,17 @@ def _diameter_from_profile(prof):
     first_min = int(rising[0]) + 1 if rising.size else prof.size - 1
     base = prof[first_min]
     if not peak > base or first_min < 2:
-        return None
+        return None, np.nan
+    pedestal = base / peak if peak > 0 else np.nan
     level = base + 0.5 * (peak - base)
     seg = prof[1 : first_min + 1]
     below = np.flatnonzero(seg <= level)
     if below.size == 0:
-        return None
+        return None, pedestal
     k = int(below[0]) + 1  # prof[k] <= level < prof[k - 1] (prof[0] taken as `peak`)
     upper = peak if k == 1 else prof[k - 1]
     r_half = (k - 1) + (upper - level) / (upper - prof[k])
-    return 2.0 * r_half / HALF_OVERLAP
+    return 2.0 * r_half / HALF_OVERLAP, pedestal
 
 
 def _lattice_vector(box, half, diameter):

@@ -16,7 +16,8 @@ The pipeline, all of it automatic (every guess can be overridden):
    resolution;
 6. a blurred-disc profile is fitted to every hole in the *raw*,
    full-resolution image (:mod:`ccdgrid.centres`), robust to hot and dead
-   pixels;
+   pixels; soft (Gaussian-like) holes are fitted again in windows wide
+   enough for their tails;
 7. duplicates, holes cut by the image border, the taper edge or masked
    pixels, hot pixels and other non-holes are rejected with a reason.
 
@@ -419,6 +420,24 @@ def _search(img, binned, valid, diameter, pitch, threshold, backend, timings):
         fit = _centres.fit_hole_profiles(
             img, seeds[fit_idx], radius, half=halves[fit_idx], valid=valid, backend=backend
         )
+        # The window was sized from the diameter alone. Soft holes (Gaussian
+        # profiles: a small fitted radius, a wide blur) reach further: with
+        # their tails cut by the window, the background plane absorbs them
+        # and the centres scatter several times more. Fit again in windows
+        # that hold the profile and a ring of background.
+        reach = _profile_reach(fit)
+        wider = min(reach, int(np.floor(0.45 * pitch)))
+        if wider > half:
+            half = wider
+            halves = np.minimum(half, room)
+            fit = _centres.fit_hole_profiles(
+                img,
+                seeds[fit_idx],
+                float(np.median(fit.radius[fit.converged])),
+                half=halves[fit_idx],
+                valid=valid,
+                backend=backend,
+            )
         positions[fit_idx] = fit.centres
         fit_reasons = _holes.classify_fits(fit, contrast[fit_idx], image_shape=img.shape)
         if valid is not None:
@@ -536,3 +555,15 @@ def _mark_duplicates(positions, accepted, score, radius, reasons):
         if not dropped[winner[k]]:
             dropped[loser[k]] = True
     reasons[dropped] = "duplicate"
+
+
+def _profile_reach(fit):
+    """Window radius, px, holding the typical fitted profile and a ring of background.
+
+    ``R + 3 s`` (the blurred edge down to 0.1 %) plus 2 px of background,
+    from the median radius and blur of the converged fits; 0 if none.
+    """
+    ok = fit.converged
+    if not ok.any():
+        return 0
+    return int(np.ceil(np.median(fit.radius[ok]) + 3.0 * np.median(fit.blur[ok]) + 2.0))
