@@ -216,9 +216,12 @@ def test_worker_processes_start_single_threaded():
     pool = _Pool("process", 2, _Config(pitch=5e-3, options={}, mask=None, save_workers=1))
     try:
         for future in pool.ready:
-            pid, env = future.result(timeout=120)
+            pid, env, startup = future.result(timeout=120)
             assert pid != os.getpid()
             assert env == dict.fromkeys(THREAD_ENV, "1")
+            assert startup["pid"] == pid
+            assert startup["entered"] <= startup["ready"]
+            assert startup["startup_cpu"] > 0
     finally:
         pool.shutdown()
     assert {name: os.environ.get(name) for name in THREAD_ENV} == before
