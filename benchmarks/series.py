@@ -111,7 +111,9 @@ def timelines(res):
     workers = {}
     for f in res.frames:
         if f.timing:
-            workers.setdefault(f.timing["worker"].split(":")[0], []).append(f.timing | {"i": f.index})
+            workers.setdefault(f.timing["worker"].split(":")[0], []).append(
+                f.timing | {"i": f.index}
+            )
     startups = {str(p["pid"]): p for p in res.timeline.get("processes", [])}
     lines = []
     for name, frames in sorted(workers.items(), key=lambda kv: kv[0] in startups):
@@ -123,7 +125,7 @@ def timelines(res):
         if name in startups:
             st = startups[name]
             head += (
-                f" (pool asked at {res.timeline['pool_started'] - t0:.2f}, interpreter up at "
+                f" (pool asked at {res.timeline['pool_started'] - t0:.2f}, initialiser runs at "
                 f"{st['entered'] - t0:.2f}, imports done at {st['ready'] - t0:.2f}, "
                 f"start-up CPU {st['startup_cpu']:.2f} s)"
             )
@@ -137,6 +139,32 @@ def timelines(res):
             + " ".join(f"{t['i']}:{t['start'] - t0:.2f}-{t['end'] - t0:.2f}" for t in frames)
         )
     return lines
+
+
+def cpu_makespan(res):
+    """The run's length if every worker had had a core to itself, s (an estimate).
+
+    Each worker's frames are laid end to end at their CPU time (they stay
+    where they ran), after the worker's own start: this process's first
+    frame as measured, a worker process's start-up at its CPU time. On a
+    shared machine the wall time counts the time other processes took the
+    cores; this does not (it keeps the contention of the run's own workers,
+    which shows as CPU time).
+    """
+    t0 = res.timeline["start"]
+    startups = {str(p["pid"]): p for p in res.timeline.get("processes", [])}
+    ends = {}
+    for f in res.frames:
+        if not f.timing:
+            continue
+        name = f.timing["worker"].split(":")[0]
+        if name not in ends:
+            if name in startups:
+                ends[name] = res.timeline["pool_started"] - t0 + startups[name]["startup_cpu"]
+            else:
+                ends[name] = min(g.timing["start"] for g in res.frames if g.timing) - t0
+        ends[name] += f.timing["cpu"]
+    return max(ends.values())
 
 
 def series_run(source, workers, executor="process", warm=False, outdir=None):
@@ -268,6 +296,11 @@ def main():
             )
         two, one = best["2 workers (processes)"][0], best["1 worker"][0]
         print(f"ratio 2 workers / 1 worker: {two.throughput / base:.2f} (target >= 1.7)")
+        print(
+            f"the same from each worker's CPU time (an estimate for an idle machine): "
+            f"{cpu_makespan(one):.2f} s / {cpu_makespan(two):.2f} s = "
+            f"{cpu_makespan(one) / cpu_makespan(two):.2f}"
+        )
         # on a busy machine the wall-time ratio is unreliable: the CPU time says
         # what the parallel run costs in all, start-up and contention included
         print(

@@ -1071,7 +1071,9 @@ class _Pool:
     def startups(self):
         """Start-up times of the worker processes that started (see SeriesResult.timeline)."""
         return [
-            f.result()[2] for f in self.spawned if f.done() and not f.cancelled() and not f.exception()
+            f.result()[2]
+            for f in self.spawned
+            if f.done() and not f.cancelled() and not f.exception()
         ]
 
     def shutdown(self, cancel=False):
