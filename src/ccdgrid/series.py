@@ -22,10 +22,23 @@ reference machine a 2048² frame then costs about 0.65 s of CPU, against
 the same wall time, and two workers do not fight over the cores. Workers read
 their frames themselves (a path and a frame number travel to them, never an
 image), write the detector files themselves and send back one small
-:class:`FrameResult`. A worker process costs about 0.7 s of CPU to start
-(importing numpy, scipy and the pipeline) and 0.3 s more on its first frame:
-a series needs several frames per worker to gain. ``benchmarks/series.py``
-measures the throughput with 1 and 2 workers.
+:class:`FrameResult`. A worker process costs about 0.65 s of CPU to start
+(importing numpy, scipy -- ``scipy.optimize`` alone is half of it -- and the
+pipeline) and ~0.15 s more on its first frame (it loads the drift reference
+once): a series needs several frames per worker to gain.
+
+Scheduling: frames are handed out one at a time to whichever worker is free
+(the calling process's worker thread first), so a slow or late worker simply
+does fewer frames. While at least one frame per worker would still wait, one
+more frame is queued behind a busy worker process (it then never waits for
+this process between two frames); the last frames go only to a free worker,
+since a frame queued in a process cannot be taken back and could leave
+another worker idle for up to two frames at the end. Whole frames cannot be
+split, so one worker may still wait up to one frame at the end.
+:attr:`FrameResult.timing` and :attr:`SeriesResult.timeline` say where and
+when every frame ran and when each worker process was ready;
+``benchmarks/series.py --timeline`` prints them with the CPU time of each
+part, and measures the throughput with 1 and 2 workers.
 
 Drift is measured as :mod:`ccdgrid.warmstart` measures it (grid shift at the
 image centre, rotation, scale, largest change of ``dx``/``dy`` over the pixels
