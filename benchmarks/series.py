@@ -5,6 +5,7 @@ Usage (from the repository root, with ccdgrid installed)::
     python benchmarks/series.py                      # 16 frames of 2048², 1 and 2 workers
     python benchmarks/series.py --repeat 2 --all     # also threads, warm starts, a plain loop
     python benchmarks/series.py --frames 4 --size 1024 --repeat 1
+    python benchmarks/series.py --repeat 2 --timeline  # where each worker spent its time
 
 A stack of FReLoN-like frames of one plate (``grid_image`` with the
 ``frelon_2048`` presets, strong distortion, the same seed, so the same true
@@ -28,6 +29,18 @@ inside the lit area, affine part removed; mean cross-validated RMS).
 ``--all`` adds: 2 threads of one process, warm starts from frame 0 with 1 and
 2 workers, and a plain loop of ``calibrate`` + ``save`` (the cost of the
 series machinery itself).
+
+On a shared machine the wall times count what other processes took from the
+run: each run also reports the CPU time other processes and the kernel used
+meanwhile, and the ratio is estimated a second way, from each worker's CPU
+time (its frames laid end to end after its start-up; see ``cpu_makespan``):
+an estimate for an idle machine, never a replacement for the measured ratio.
+``--timeline`` prints, for the best run of each configuration, every worker's
+start-up (when the worker process was asked for, when its initialiser ran,
+when its imports were done, the CPU time they took), its frames (start-end,
+s from the call), its busy and CPU time, gaps and idle time at the end.
+``--outdir /dev/shm`` writes the detector files to memory (the disk out of
+the measure).
 """
 
 import argparse
@@ -111,9 +124,7 @@ def timelines(res):
     workers = {}
     for f in res.frames:
         if f.timing:
-            workers.setdefault(f.timing["worker"].split(":")[0], []).append(
-                f.timing | {"i": f.index}
-            )
+            workers.setdefault(f.timing["worker"], []).append(f.timing | {"i": f.index})
     startups = {str(p["pid"]): p for p in res.timeline.get("processes", [])}
     lines = []
     for name, frames in sorted(workers.items(), key=lambda kv: kv[0] in startups):
@@ -121,7 +132,7 @@ def timelines(res):
         busy = sum(t["end"] - t["start"] for t in frames)
         cpu = sum(t["cpu"] for t in frames)
         first, last = frames[0]["start"] - t0, frames[-1]["end"] - t0
-        head = "this process" if name not in startups else f"process {name}"
+        head = f"process {name}" if name in startups else f"this process ({name})"
         if name in startups:
             st = startups[name]
             head += (
@@ -157,7 +168,7 @@ def cpu_makespan(res):
     for f in res.frames:
         if not f.timing:
             continue
-        name = f.timing["worker"].split(":")[0]
+        name = f.timing["worker"]
         if name not in ends:
             if name in startups:
                 ends[name] = res.timeline["pool_started"] - t0 + startups[name]["startup_cpu"]

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pathlib
+import threading
 
 import h5py
 import numpy as np
@@ -298,9 +299,10 @@ class _SimulatedPool:
     """One worker thread here and one worker process, on a simulated clock.
 
     Nothing is calibrated: a frame takes ``local_s`` in this process and
-    ``process_s`` in the worker process, which can start its first frame at
-    ``startup_s`` and runs the frames queued in it one after the other (as a
-    real worker process does: a frame queued there cannot be taken back).
+    ``process_s`` in the worker process, which is up at ``startup_s`` (it
+    takes no frame before, as :class:`~ccdgrid.series._Pool`) and runs the
+    frames queued in it one after the other (as a real worker process does: a
+    frame queued there cannot be taken back).
     """
 
     kind = "process"
@@ -308,6 +310,7 @@ class _SimulatedPool:
     def __init__(self, startup_s, local_s, process_s):
         self.now = 0.0
         self.local_s, self.process_s = local_s, process_s
+        self.startup_s = startup_s
         self.process_free = startup_s  # when the process can start its next frame
         self.local_busy = False
         self.finish = {}  # future -> (time, row, where)
@@ -324,7 +327,7 @@ class _SimulatedPool:
             self.finish[future] = (self.now + self.local_s, row, "local")
             self.placed.append((spec.index, "local", 0))
             return future, True
-        if where == "local":
+        if where == "local" or self.now < self.startup_s:
             return None
         ahead = sum(1 for f, (_, _, w) in self.finish.items() if w == "process" and not f.done())
         self.process_free = max(self.now, self.process_free) + self.process_s
@@ -333,7 +336,12 @@ class _SimulatedPool:
         return future, False
 
     def wait(self, futures):
-        future = min(futures, key=lambda f: self.finish[f][0])
+        future = min(futures, key=lambda f: self.finish[f][0], default=None)
+        if self.now < self.startup_s and (
+            future is None or self.finish[future][0] > self.startup_s
+        ):
+            self.now = self.startup_s  # the worker process is up
+            return set()
         self.now, row, where = self.finish[future]
         self.ends[where] = self.now
         future.set_result(row)
@@ -374,6 +382,16 @@ def test_the_last_frames_go_to_a_free_worker(tmp_path):
     assert abs(pool.ends["local"] - pool.ends["process"]) < 1.5
 
 
+def test_a_worker_process_gets_frames_only_once_up(tmp_path):
+    # it comes up after this process's worker could do every frame: it gets
+    # none (queued in it while it started, one would have ended at 11 s)
+    pool = _SimulatedPool(startup_s=10.0, local_s=1.0, process_s=1.0)
+    rows = _simulated_series(3, pool, tmp_path)
+    assert [r.index for r in rows] == [0, 1, 2]
+    assert pool.placed == [(0, "local", 0), (1, "local", 0), (2, "local", 0)]
+    assert pool.ends == {"local": 3.0}
+
+
 def test_a_series_shorter_than_the_workers_is_placed_without_queueing(tmp_path):
     pool = _SimulatedPool(startup_s=0.5, local_s=1.0, process_s=1.0)
     rows = _simulated_series(2, pool, tmp_path)
@@ -394,6 +412,32 @@ def test_a_series_shorter_than_the_workers_is_placed_without_queueing(tmp_path):
 )
 def test_frames_in_flight(kind, workers, queued, depth):
     assert series._depth(kind, workers, queued) == depth
+
+
+def test_a_worker_process_takes_frames_once_up():
+    pool = _Pool("process", 2, _Config(pitch=5e-3, options={}, mask=None, save_workers=1))
+    try:
+        pool.local_busy = 1  # this process's worker is busy
+        up, starting = pool.ready, cf.Future()
+        pool.ready = [starting]  # the process, as if still importing
+        spec = series._Spec(0, "<array 0>", None, error="no image")
+        assert pool.submit("run", spec, None, -1, False) is None
+        # waiting wakes when the process comes up, with no frame done
+        threading.Timer(0.05, starting.set_result, (None,)).start()
+        assert pool.wait(set()) == set()
+        pool.ready = up
+        up[0].result(timeout=120)
+        first = pool.submit("run", spec, None, -1, False)
+        second = pool.submit("run", spec, None, -1, False)  # queued behind it
+        assert pool.submit("run", spec, None, -1, False) is None  # no more
+        assert [local for _, local in (first, second)] == [False, False]
+        for future, _ in (first, second):
+            row = future.result(timeout=120)
+            assert (row.index, row.status, row.error) == (0, "failed", "no image")
+            pool.release(False)
+        assert pool.process_busy == 0
+    finally:
+        pool.shutdown()
 
 
 def test_rows_say_where_and_when_each_frame_ran(stack, tmp_path):
@@ -434,7 +478,11 @@ class _KillsItsWorker(np.ndarray):
         return (os._exit, (3,))
 
 
-def test_a_crashed_worker_fails_its_frame_only():
+def test_a_crashed_worker_fails_its_frame_only(monkeypatch):
+    # worker processes only: this process's worker would take the frames
+    # while they start, and never unpickles the killer
+    monkeypatch.setattr(series, "_can_limit_threads", lambda: False)
+    monkeypatch.setattr(series, "_thread_limits", lambda api=None: contextlib.nullcontext())
     rng = np.random.default_rng(0)
     good = grid_image((SIZE, SIZE), seed=5, offset=BASE).image
     killer = rng.integers(0, 100, (SIZE, SIZE)).astype(np.uint16).view(_KillsItsWorker)

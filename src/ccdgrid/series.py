@@ -29,12 +29,15 @@ once): a series needs several frames per worker to gain.
 
 Scheduling: frames are handed out one at a time to whichever worker is free
 (the calling process's worker thread first), so a slow or late worker simply
-does fewer frames. While at least one frame per worker would still wait, one
-more frame is queued behind a busy worker process (it then never waits for
-this process between two frames); the last frames go only to a free worker,
-since a frame queued in a process cannot be taken back and could leave
-another worker idle for up to two frames at the end. Whole frames cannot be
-split, so one worker may still wait up to one frame at the end.
+does fewer frames; a worker process gets its first frame only once it is up
+(the calling process calibrates while it imports: a frame queued in a
+process still starting could not be taken back). While at least one frame
+per worker would still wait, one more frame is queued behind a busy worker
+process (it then never waits for this process between two frames); the
+last frames go only to a free worker, since one queued behind a busy one
+could leave another worker idle for up to two frames at the end. Whole
+frames cannot be split, so one worker may still wait up to one frame at the
+end.
 :attr:`FrameResult.timing` and :attr:`SeriesResult.timeline` say where and
 when every frame ran and when each worker process was ready;
 ``benchmarks/series.py --timeline`` prints them with the CPU time of each
@@ -1013,6 +1016,7 @@ class _Pool:
         self.ready = []
         self.spawned = []  # the ready futures of every process started, restarts included
         self.local_busy = 0
+        self.process_busy = 0  # frames running or queued in the worker processes
         self.limits = contextlib.ExitStack()
         self.start()
 
@@ -1042,6 +1046,7 @@ class _Pool:
         with _single_threaded_environment():
             self.ready = [self.processes.submit(_process_ready) for _ in range(n)]
         self.spawned += self.ready
+        self.process_busy = 0
 
     def restart(self):
         """Replace a broken process pool (the frames in it are lost)."""
@@ -1068,18 +1073,47 @@ class _Pool:
             return self.threads.submit(getattr(self.local, func_name), *args), True
         if where == "local" or self.processes is None:
             return None
+        if self.process_busy >= self._process_slots():
+            return None
         func = _process_run if func_name == "run" else _process_drift
-        return self.processes.submit(func, *args), False
+        try:
+            future = self.processes.submit(func, *args)
+        except cf.process.BrokenProcessPool as exc:  # a process died starting
+            future = cf.Future()
+            future.set_exception(exc)
+        self.process_busy += 1
+        return future, False
 
-    @staticmethod
-    def wait(futures):
-        """Wait for at least one of ``futures``; the set of those done."""
-        return cf.wait(futures, return_when=cf.FIRST_COMPLETED).done
+    def _process_slots(self):
+        """Frames the worker processes may hold: one per process up, and one queued.
+
+        None before a process is up: a frame queued in a process still
+        importing could not be taken back, and this process's worker would
+        wait for it at the end if that start-up were slow (a loaded machine,
+        a short series); until then this process's worker takes the frames.
+        A process counts as up once it has answered :func:`_process_ready`
+        (one answer per process started, whichever process gives it).
+        """
+        up = sum(f.done() for f in self.ready)
+        return up + 1 if up else 0
+
+    def wait(self, futures):
+        """Wait for one of ``futures`` to finish or a worker process to come up.
+
+        Returns the set of ``futures`` done (empty when a process came up).
+        """
+        starting = {f for f in self.ready if not f.done()}
+        done = cf.wait(set(futures) | starting, return_when=cf.FIRST_COMPLETED).done
+        return done - starting
 
     def release(self, local):
-        """A frame submitted with ``local`` is done."""
-        if local and self.kind == "process":
+        """A frame submitted with ``local`` (True: to this process) is done."""
+        if self.kind != "process":
+            return
+        if local:
             self.local_busy -= 1
+        else:
+            self.process_busy -= 1
 
     def startups(self):
         """Start-up times of the worker processes that started (see SeriesResult.timeline)."""
