@@ -5,6 +5,7 @@ Usage (from the repository root, with ccdgrid installed)::
     python benchmarks/series.py                      # 16 frames of 2048², 1 and 2 workers
     python benchmarks/series.py --repeat 2 --all     # also threads, warm starts, a plain loop
     python benchmarks/series.py --frames 4 --size 1024 --repeat 1
+    python benchmarks/series.py --repeat 2 --timeline  # where each worker spent its time
 
 A stack of FReLoN-like frames of one plate (``grid_image`` with the
 ``frelon_2048`` presets, strong distortion, the same seed, so the same true
@@ -28,6 +29,18 @@ inside the lit area, affine part removed; mean cross-validated RMS).
 ``--all`` adds: 2 threads of one process, warm starts from frame 0 with 1 and
 2 workers, and a plain loop of ``calibrate`` + ``save`` (the cost of the
 series machinery itself).
+
+On a shared machine the wall times count what other processes took from the
+run: each run also reports the CPU time other processes and the kernel used
+meanwhile, and the ratio is estimated a second way, from each worker's CPU
+time (its frames laid end to end after its start-up; see ``cpu_makespan``):
+an estimate for an idle machine, never a replacement for the measured ratio.
+``--timeline`` prints, for the best run of each configuration, every worker's
+start-up (when the worker process was asked for, when its initialiser ran,
+when its imports were done, the CPU time they took), its frames (start-end,
+s from the call), its busy and CPU time, gaps and idle time at the end.
+``--outdir /dev/shm`` writes the detector files to memory (the disk out of
+the measure).
 """
 
 import argparse
@@ -82,10 +95,93 @@ def cpu_seconds():
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def series_run(source, workers, executor="process", warm=False):
-    out = tempfile.mkdtemp(prefix="ccdgrid-bench-series-")
+def machine_cpu_seconds():
+    """Busy and idle CPU time of the whole machine since boot, s (Linux; else NaN).
+
+    Busy less this run's own CPU time is what other processes and the kernel
+    (e.g. writing the detector files back to disk) took from the run.
+    """
     try:
-        cpu = cpu_seconds()
+        with open("/proc/stat", encoding="ascii") as stream:
+            ticks = [int(v) for v in stream.readline().split()[1:]]
+    except OSError:
+        return float("nan"), float("nan")
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / hz, idle / hz
+
+
+def children_cpu_seconds():
+    """User + system CPU time of the finished children of this process, s."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return children.ru_utime + children.ru_stime
+
+
+def timelines(res):
+    """Per-worker lines: start-up, frames, busy and idle time, CPU (s from the call)."""
+    t0 = res.timeline["start"]
+    end = t0 + res.seconds
+    workers = {}
+    for f in res.frames:
+        if f.timing:
+            workers.setdefault(f.timing["worker"], []).append(f.timing | {"i": f.index})
+    startups = {str(p["pid"]): p for p in res.timeline.get("processes", [])}
+    lines = []
+    for name, frames in sorted(workers.items(), key=lambda kv: kv[0] in startups):
+        frames.sort(key=lambda t: t["start"])
+        busy = sum(t["end"] - t["start"] for t in frames)
+        cpu = sum(t["cpu"] for t in frames)
+        first, last = frames[0]["start"] - t0, frames[-1]["end"] - t0
+        head = f"process {name}" if name in startups else f"this process ({name})"
+        if name in startups:
+            st = startups[name]
+            head += (
+                f" (pool asked at {res.timeline['pool_started'] - t0:.2f}, initialiser runs at "
+                f"{st['entered'] - t0:.2f}, imports done at {st['ready'] - t0:.2f}, "
+                f"start-up CPU {st['startup_cpu']:.2f} s)"
+            )
+        lines.append(
+            f"    {head}: {len(frames)} frames, first starts at {first:.2f}, busy {busy:.2f} s "
+            f"(CPU {cpu:.2f} s), "
+            f"gaps {last - first - busy:.2f} s, idle at the end {end - t0 - last:.2f} s"
+        )
+        lines.append(
+            "      "
+            + " ".join(f"{t['i']}:{t['start'] - t0:.2f}-{t['end'] - t0:.2f}" for t in frames)
+        )
+    return lines
+
+
+def cpu_makespan(res):
+    """The run's length if every worker had had a core to itself, s (an estimate).
+
+    Each worker's frames are laid end to end at their CPU time (they stay
+    where they ran), after the worker's own start: this process's first
+    frame as measured, a worker process's start-up at its CPU time. On a
+    shared machine the wall time counts the time other processes took the
+    cores; this does not (it keeps the contention of the run's own workers,
+    which shows as CPU time).
+    """
+    t0 = res.timeline["start"]
+    startups = {str(p["pid"]): p for p in res.timeline.get("processes", [])}
+    ends = {}
+    for f in res.frames:
+        if not f.timing:
+            continue
+        name = f.timing["worker"]
+        if name not in ends:
+            if name in startups:
+                ends[name] = res.timeline["pool_started"] - t0 + startups[name]["startup_cpu"]
+            else:
+                ends[name] = min(g.timing["start"] for g in res.frames if g.timing) - t0
+        ends[name] += f.timing["cpu"]
+    return max(ends.values())
+
+
+def series_run(source, workers, executor="process", warm=False, outdir=None):
+    out = tempfile.mkdtemp(prefix="ccdgrid-bench-series-", dir=outdir)
+    try:
+        cpu, cpu_children, machine = cpu_seconds(), children_cpu_seconds(), machine_cpu_seconds()
         res = calibrate_series(
             source,
             pitch=5e-3,
@@ -97,6 +193,9 @@ def series_run(source, workers, executor="process", warm=False):
         )
         # the worker processes have exited (and been waited for) by now
         res.cpu_seconds = cpu_seconds() - cpu
+        res.cpu_children = children_cpu_seconds() - cpu_children
+        busy, idle = np.subtract(machine_cpu_seconds(), machine)
+        res.cpu_others, res.cpu_idle = busy - res.cpu_seconds, idle
         if not res.ok:
             raise SystemExit(f"frames failed: {[f.error for f in res.failed]}")
         return res, out
@@ -127,6 +226,16 @@ def main():
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--all", action="store_true", help="also threads, warm starts, loop")
     parser.add_argument("--stack", help="keep the generated stack in this .h5 file (reused)")
+    parser.add_argument(
+        "--outdir",
+        help="write the detector files under this directory (default: the system's temporary "
+        "directory; /dev/shm takes the disk out of the measure)",
+    )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="print each worker's start-up, frames and idle time in the best runs",
+    )
     args = parser.parse_args()
 
     scratch = tempfile.mkdtemp(prefix="ccdgrid-bench-stack-")
@@ -161,7 +270,7 @@ def main():
         loop_best = None
         for _ in range(args.repeat):
             for name, workers, executor, warm in configs:
-                res, out = series_run(source, workers, executor, warm)
+                res, out = series_run(source, workers, executor, warm, args.outdir)
                 try:
                     if best[name] is None or res.seconds < best[name][0].seconds:
                         files = [f.output for f in res.frames]
@@ -174,7 +283,7 @@ def main():
         base = best["1 worker"][0].throughput
         print(
             f"{args.frames} frames of {args.size}², best of {args.repeat}, "
-            f"{len(os.sched_getaffinity(0))} CPUs:"
+            f"{len(os.sched_getaffinity(0))} CPUs, load average {os.getloadavg()[0]:.2f}:"
         )
         for name, (res, dense) in best.items():
             cv = np.nanmean(res.table()["cv_rms_px"])
@@ -184,6 +293,13 @@ def main():
                 f"x{res.throughput / base:4.2f}  CPU {res.cpu_seconds:6.1f} s  "
                 f"dense residual {dense:.4f} px  CV RMS {cv:.4f} px  warm {warm}/{len(res.frames)}"
             )
+            if args.timeline:
+                print(
+                    f"    CPU of the worker processes {res.cpu_children:.2f} s; of other "
+                    f"processes and the kernel during the run {res.cpu_others:.2f} s; "
+                    f"idle {res.cpu_idle:.2f} s"
+                )
+                print("\n".join(timelines(res)))
         if loop_best is not None:
             print(
                 f"  {'plain loop calibrate + save':30s} {loop_best:6.2f} s  "
@@ -191,6 +307,11 @@ def main():
             )
         two, one = best["2 workers (processes)"][0], best["1 worker"][0]
         print(f"ratio 2 workers / 1 worker: {two.throughput / base:.2f} (target >= 1.7)")
+        print(
+            f"the same from each worker's CPU time (an estimate for an idle machine): "
+            f"{cpu_makespan(one):.2f} s / {cpu_makespan(two):.2f} s = "
+            f"{cpu_makespan(one) / cpu_makespan(two):.2f}"
+        )
         # on a busy machine the wall-time ratio is unreliable: the CPU time says
         # what the parallel run costs in all, start-up and contention included
         print(

@@ -6,12 +6,14 @@ calibrated. Drift is ``new - reference`` grid position at the image centre,
 ``(y, x)`` px, so a plate moved by ``(dy, dx)`` drifts by about ``(dy, dx)``.
 """
 
+import concurrent.futures as cf
 import contextlib
 import csv
 import hashlib
 import json
 import os
 import pathlib
+import threading
 
 import h5py
 import numpy as np
@@ -216,9 +218,12 @@ def test_worker_processes_start_single_threaded():
     pool = _Pool("process", 2, _Config(pitch=5e-3, options={}, mask=None, save_workers=1))
     try:
         for future in pool.ready:
-            pid, env = future.result(timeout=120)
+            pid, env, startup = future.result(timeout=120)
             assert pid != os.getpid()
             assert env == dict.fromkeys(THREAD_ENV, "1")
+            assert startup["pid"] == pid
+            assert startup["entered"] <= startup["ready"]
+            assert startup["startup_cpu"] > 0
     finally:
         pool.shutdown()
     assert {name: os.environ.get(name) for name in THREAD_ENV} == before
@@ -290,6 +295,182 @@ def test_threads_calibrate_too(stack, tmp_path):
     )
 
 
+class _SimulatedPool:
+    """One worker thread here and one worker process, on a simulated clock.
+
+    Nothing is calibrated: a frame takes ``local_s`` in this process and
+    ``process_s`` in the worker process, which is up at ``startup_s`` (it
+    takes no frame before, as :class:`~ccdgrid.series._Pool`) and runs the
+    frames queued in it one after the other (as a real worker process does: a
+    frame queued there cannot be taken back).
+    """
+
+    kind = "process"
+
+    def __init__(self, startup_s, local_s, process_s):
+        self.now = 0.0
+        self.local_s, self.process_s = local_s, process_s
+        self.startup_s = startup_s
+        self.process_free = startup_s  # when the process can start its next frame
+        self.local_busy = False
+        self.finish = {}  # future -> (time, row, where)
+        self.placed = []  # (series index, where, frames before it still in that worker)
+        self.ends = {}  # where -> end of its last frame
+
+    def submit(self, func_name, spec, *args, where="any"):
+        assert func_name == "run"
+        future = cf.Future()
+        row = series._new_row(spec)
+        row.status = "ok"
+        if where != "process" and not self.local_busy:
+            self.local_busy = True
+            self.finish[future] = (self.now + self.local_s, row, "local")
+            self.placed.append((spec.index, "local", 0))
+            return future, True
+        if where == "local" or self.now < self.startup_s:
+            return None
+        ahead = sum(1 for f, (_, _, w) in self.finish.items() if w == "process" and not f.done())
+        self.process_free = max(self.now, self.process_free) + self.process_s
+        self.finish[future] = (self.process_free, row, "process")
+        self.placed.append((spec.index, "process", ahead))
+        return future, False
+
+    def wait(self, futures):
+        future = min(futures, key=lambda f: self.finish[f][0], default=None)
+        if self.now < self.startup_s and (
+            future is None or self.finish[future][0] > self.startup_s
+        ):
+            self.now = self.startup_s  # the worker process is up
+            return set()
+        self.now, row, where = self.finish[future]
+        self.ends[where] = self.now
+        future.set_result(row)
+        return {future}
+
+    def release(self, local):
+        self.local_busy = self.local_busy and not local
+
+    def startups(self):
+        return []
+
+    def shutdown(self, cancel=False):
+        pass
+
+
+def _simulated_series(n, pool, tmp_path):
+    specs = [series._Spec(i, f"<array {i}>", None, array=np.zeros((1, 1))) for i in range(n)]
+    config = _Config(pitch=5e-3, options={}, mask=None, save_workers=1)
+    # a reference file known from the start: no frame waits for a drift reference
+    run = series._Run(specs, config, "process", 2, "reference.h5", False, tmp_path, False, None)
+    run.pool_factory = lambda *args: pool
+    return run.execute()
+
+
+def test_the_last_frames_go_to_a_free_worker(tmp_path):
+    # the worker process starts late and is slower: with a frame queued in it
+    # ahead of time to the end, this process would wait 3 s for it, idle
+    pool = _SimulatedPool(startup_s=1.0, local_s=1.0, process_s=1.5)
+    rows = _simulated_series(8, pool, tmp_path)
+    assert [r.index for r in rows] == list(range(8))
+    assert all(r.ok for r in rows)
+    assert sorted(i for i, _, _ in pool.placed) == list(range(8))
+    # while frames remain for every worker, one waits queued in the busy process
+    assert max(ahead for _, _, ahead in pool.placed[:-2]) == 1
+    # the last two are placed only where they start at once
+    assert [ahead for _, _, ahead in pool.placed[-2:]] == [0, 0]
+    # so neither worker waits for the other longer than a frame at the end
+    assert abs(pool.ends["local"] - pool.ends["process"]) < 1.5
+
+
+def test_a_worker_process_gets_frames_only_once_up(tmp_path):
+    # it comes up after this process's worker could do every frame: it gets
+    # none (queued in it while it started, one would have ended at 11 s)
+    pool = _SimulatedPool(startup_s=10.0, local_s=1.0, process_s=1.0)
+    rows = _simulated_series(3, pool, tmp_path)
+    assert [r.index for r in rows] == [0, 1, 2]
+    assert pool.placed == [(0, "local", 0), (1, "local", 0), (2, "local", 0)]
+    assert pool.ends == {"local": 3.0}
+
+
+def test_a_series_shorter_than_the_workers_is_placed_without_queueing(tmp_path):
+    pool = _SimulatedPool(startup_s=0.5, local_s=1.0, process_s=1.0)
+    rows = _simulated_series(2, pool, tmp_path)
+    assert [r.index for r in rows] == [0, 1]
+    assert pool.placed == [(0, "local", 0), (1, "process", 0)]
+
+
+@pytest.mark.parametrize(
+    ("kind", "workers", "queued", "depth"),
+    [
+        ("serial", 1, 10, 1),
+        ("process", 2, 3, 3),  # one frame waits queued while two more remain
+        ("process", 2, 2, 2),  # the last two frames: only to a free worker
+        ("process", 2, 1, 2),
+        ("thread", 4, 5, 5),
+        ("thread", 4, 4, 4),
+    ],
+)
+def test_frames_in_flight(kind, workers, queued, depth):
+    assert series._depth(kind, workers, queued) == depth
+
+
+def test_a_worker_process_takes_frames_once_up():
+    pool = _Pool("process", 2, _Config(pitch=5e-3, options={}, mask=None, save_workers=1))
+    try:
+        pool.local_busy = 1  # this process's worker is busy
+        up, starting = pool.ready, cf.Future()
+        pool.ready = [starting]  # the process, as if still importing
+        spec = series._Spec(0, "<array 0>", None, error="no image")
+        assert pool.submit("run", spec, None, -1, False) is None
+        # waiting wakes when the process comes up, with no frame done
+        threading.Timer(0.05, starting.set_result, (None,)).start()
+        assert pool.wait(set()) == set()
+        pool.ready = up
+        up[0].result(timeout=120)
+        first = pool.submit("run", spec, None, -1, False)
+        second = pool.submit("run", spec, None, -1, False)  # queued behind it
+        assert pool.submit("run", spec, None, -1, False) is None  # no more
+        assert [local for _, local in (first, second)] == [False, False]
+        for future, _ in (first, second):
+            row = future.result(timeout=120)
+            assert (row.index, row.status, row.error) == (0, "failed", "no image")
+            pool.release(False)
+        assert pool.process_busy == 0
+    finally:
+        pool.shutdown()
+
+
+def test_rows_say_where_and_when_each_frame_ran(stack, tmp_path):
+    res = calibrate_series(
+        f"{stack}::/entry/data",
+        frames="0,2,3",
+        pitch=5e-3,
+        workers=2,
+        executor="process",
+        progress=False,
+        cv_folds=0,
+    )
+    assert res.executor == "process"
+    start, end = res.timeline["start"], res.timeline["start"] + res.seconds
+    assert start <= res.timeline["pool_started"] <= end
+    workers = set()
+    for f in res.frames:
+        assert start <= f.timing["start"] <= f.timing["end"] <= end
+        assert f.timing["end"] - f.timing["start"] == pytest.approx(f.seconds, abs=1e-6)
+        assert f.timing["cpu"] > 0
+        workers.add(f.timing["worker"])
+    # this process's worker is a thread, named "PID:THREAD"; a process is "PID"
+    assert all(w.split(":")[0].isdigit() for w in workers)
+    assert all(w.startswith(f"{os.getpid()}:") for w in workers if ":" in w)
+    for p in res.timeline["processes"]:
+        assert p["pid"] != os.getpid()
+        assert start <= p["entered"] <= p["ready"] <= end
+        assert p["startup_cpu"] > 0
+    # the timing is for profiling, not a column of the table
+    assert "timing" not in COLUMNS
+    assert "timing" not in res.table().dtype.names
+
+
 class _KillsItsWorker(np.ndarray):
     """An image that ends the process that unpickles it: a worker crash."""
 
@@ -297,7 +478,11 @@ class _KillsItsWorker(np.ndarray):
         return (os._exit, (3,))
 
 
-def test_a_crashed_worker_fails_its_frame_only():
+def test_a_crashed_worker_fails_its_frame_only(monkeypatch):
+    # worker processes only: this process's worker would take the frames
+    # while they start, and never unpickles the killer
+    monkeypatch.setattr(series, "_can_limit_threads", lambda: False)
+    monkeypatch.setattr(series, "_thread_limits", lambda api=None: contextlib.nullcontext())
     rng = np.random.default_rng(0)
     good = grid_image((SIZE, SIZE), seed=5, offset=BASE).image
     killer = rng.integers(0, 100, (SIZE, SIZE)).astype(np.uint16).view(_KillsItsWorker)

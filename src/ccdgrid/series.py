@@ -22,10 +22,26 @@ reference machine a 2048² frame then costs about 0.65 s of CPU, against
 the same wall time, and two workers do not fight over the cores. Workers read
 their frames themselves (a path and a frame number travel to them, never an
 image), write the detector files themselves and send back one small
-:class:`FrameResult`. A worker process costs about 0.7 s of CPU to start
-(importing numpy, scipy and the pipeline) and 0.3 s more on its first frame:
-a series needs several frames per worker to gain. ``benchmarks/series.py``
-measures the throughput with 1 and 2 workers.
+:class:`FrameResult`. A worker process costs about 0.65 s of CPU to start
+(importing numpy, scipy -- ``scipy.optimize`` alone is half of it -- and the
+pipeline) and ~0.15 s more on its first frame (it loads the drift reference
+once): a series needs several frames per worker to gain.
+
+Scheduling: frames are handed out one at a time to whichever worker is free
+(the calling process's worker thread first), so a slow or late worker simply
+does fewer frames; a worker process gets its first frame only once it is up
+(the calling process calibrates while it imports: a frame queued in a
+process still starting could not be taken back). While at least one frame
+per worker would still wait, one more frame is queued behind a busy worker
+process (it then never waits for this process between two frames); the
+last frames go only to a free worker, since one queued behind a busy one
+could leave another worker idle for up to two frames at the end. Whole
+frames cannot be split, so one worker may still wait up to one frame at the
+end.
+:attr:`FrameResult.timing` and :attr:`SeriesResult.timeline` say where and
+when every frame ran and when each worker process was ready;
+``benchmarks/series.py --timeline`` prints them with the CPU time of each
+part, and measures the throughput with 1 and 2 workers.
 
 Drift is measured as :mod:`ccdgrid.warmstart` measures it (grid shift at the
 image centre, rotation, scale, largest change of ``dx``/``dy`` over the pixels
@@ -52,6 +68,7 @@ import signal
 import string
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -150,6 +167,15 @@ class FrameResult:
         Wall time of the frame in its worker (read, calibrate, write).
     traceback : str
         Traceback of an unexpected error (not a column of the table).
+    timing : dict
+        Where and when the frame ran (not a column of the table): ``worker``
+        (str, ``"PID"`` for a worker process, ``"PID:THREAD"`` for a worker
+        thread of the calling process), ``start`` and ``end`` (s, wall clock,
+        :func:`time.time`, comparable across the processes of one machine)
+        and ``cpu`` (s of CPU time of the worker's process while it ran the
+        frame; with ``executor="thread"``, of its thread only, without the
+        detector file's compression thread). Empty for a frame that never
+        reached a worker.
     """
 
     index: int
@@ -183,6 +209,7 @@ class FrameResult:
     drift_matched: int = -1
     seconds: float = math.nan
     traceback: str = field(default="", repr=False)
+    timing: dict = field(default_factory=dict, repr=False)
 
     @property
     def ok(self):
@@ -200,8 +227,11 @@ class FrameResult:
         return {name: getattr(self, name) for name in COLUMNS}
 
 
-#: Columns of the table, in order (every :class:`FrameResult` field but the traceback).
-COLUMNS = tuple(f.name for f in dataclasses.fields(FrameResult) if f.name != "traceback")
+#: Columns of the table, in order (every :class:`FrameResult` field but the
+#: traceback and the timing).
+COLUMNS = tuple(
+    f.name for f in dataclasses.fields(FrameResult) if f.name not in ("traceback", "timing")
+)
 _DRIFT_COLUMNS = (
     "drift_shift_y_px",
     "drift_shift_x_px",
@@ -232,6 +262,14 @@ class SeriesResult:
         Wall time of the whole series (pool start-up included).
     tables : tuple of pathlib.Path
         The CSV and JSON files written (empty if none).
+    timeline : dict
+        When the run's parts started, for profiling (times in s, wall clock,
+        :func:`time.time`): ``start`` (the call), ``pool_started`` (the
+        workers were asked to start) and ``processes``, one dict per worker
+        process that started: ``pid``, ``entered`` (its initialiser began:
+        the interpreter is up), ``ready`` (it has imported the pipeline),
+        ``startup_cpu`` (s of CPU time it had used by then). With the frames'
+        :attr:`FrameResult.timing`, it tells where a parallel run lost time.
     """
 
     frames: list
@@ -240,6 +278,7 @@ class SeriesResult:
     executor: str = "serial"
     seconds: float = math.nan
     tables: tuple = ()
+    timeline: dict = field(default_factory=dict, repr=False)
 
     @property
     def ok(self):
@@ -647,10 +686,15 @@ class _Config:
 
 
 class _Worker:
-    """Calibrates frames; one per worker process (or shared by threads)."""
+    """Calibrates frames; one per worker process (or shared by threads).
 
-    def __init__(self, config):
+    ``shared``: several threads of this process run frames at once with it
+    (a frame's CPU time is then its thread's, not the process's).
+    """
+
+    def __init__(self, config, shared=False):
         self.config = config
+        self.shared = shared
         self._references = {}
         self._mask = None
 
@@ -678,7 +722,7 @@ class _Worker:
         file where the scheduler writes it once it is (read before and after
         the calibration).
         """
-        start = time.perf_counter()
+        start, wall, cpu = time.perf_counter(), time.time(), self._cpu()
         row = _new_row(spec)
         try:
             if spec.error:
@@ -693,7 +737,24 @@ class _Worker:
             row.error = f"unexpected {type(exc).__name__}: {exc} (please report it)"
             row.traceback = traceback.format_exc()
         row.seconds = time.perf_counter() - start
+        row.timing = {
+            "worker": self._name(),
+            "start": wall,
+            "end": wall + row.seconds,
+            "cpu": self._cpu() - cpu,
+        }
         return row
+
+    def _cpu(self):
+        # a worker alone in its process runs one frame at a time: the process's
+        # CPU time is the frame's (the scheduling threads of the calling
+        # process add a few ms), compression thread included
+        return time.thread_time() if self.shared else time.process_time()
+
+    def _name(self):
+        if self is _PROCESS_WORKER:
+            return str(os.getpid())
+        return f"{os.getpid()}:{threading.current_thread().name}"
 
     def _calibrate(self, spec, row, reference, reference_index, warm, marker):
         from .io import read_image
@@ -853,6 +914,7 @@ def _aligned_drift(reference, calibration):
 # -- process workers -----------------------------------------------------------------
 
 _PROCESS_WORKER = None
+_STARTUP = {}  # this worker process's start-up, for SeriesResult.timeline
 
 
 def _thread_limits(user_api=None):
@@ -888,6 +950,7 @@ def _init_thread():
 def _init_process(config):
     """Initialiser of a worker process: its :class:`_Worker` and the pipeline's modules."""
     global _PROCESS_WORKER
+    _STARTUP.update(pid=os.getpid(), entered=time.time())
     # Ctrl-C reaches the whole process group: the parent stops the series and
     # each worker finishes its frame (its detector file is written whole)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -896,6 +959,7 @@ def _init_process(config):
     from . import detector_file, io, pipeline, warmstart  # noqa: F401
 
     _PROCESS_WORKER = _Worker(config)
+    _STARTUP.update(ready=time.time(), startup_cpu=time.process_time())
 
 
 def _process_run(*args):
@@ -907,8 +971,8 @@ def _process_drift(frame_file, reference, reference_index):
 
 
 def _process_ready():
-    """Run once per worker at start: its pid and thread limits (for tests and benchmarks)."""
-    return os.getpid(), {name: os.environ.get(name) for name in THREAD_ENV}
+    """Run once per worker at start: its pid, thread limits and start-up times."""
+    return os.getpid(), {name: os.environ.get(name) for name in THREAD_ENV}, dict(_STARTUP)
 
 
 @contextlib.contextmanager
@@ -947,10 +1011,12 @@ class _Pool:
         self.kind, self.workers, self.config = kind, workers, config
         self.processes = None  # ProcessPoolExecutor
         self.threads = None  # ThreadPoolExecutor running self.local
-        self.local = _Worker(config)
+        self.local = _Worker(config, shared=kind == "thread" and workers > 1)
         self.use_local = kind != "process" or _can_limit_threads()
         self.ready = []
+        self.spawned = []  # the ready futures of every process started, restarts included
         self.local_busy = 0
+        self.process_busy = 0  # frames running or queued in the worker processes
         self.limits = contextlib.ExitStack()
         self.start()
 
@@ -979,6 +1045,8 @@ class _Pool:
         # processes are spawned on submit: start them all now, single-threaded
         with _single_threaded_environment():
             self.ready = [self.processes.submit(_process_ready) for _ in range(n)]
+        self.spawned += self.ready
+        self.process_busy = 0
 
     def restart(self):
         """Replace a broken process pool (the frames in it are lost)."""
@@ -1005,13 +1073,55 @@ class _Pool:
             return self.threads.submit(getattr(self.local, func_name), *args), True
         if where == "local" or self.processes is None:
             return None
+        if self.process_busy >= self._process_slots():
+            return None
         func = _process_run if func_name == "run" else _process_drift
-        return self.processes.submit(func, *args), False
+        try:
+            future = self.processes.submit(func, *args)
+        except cf.process.BrokenProcessPool as exc:  # a process died starting
+            future = cf.Future()
+            future.set_exception(exc)
+        self.process_busy += 1
+        return future, False
+
+    def _process_slots(self):
+        """Frames the worker processes may hold: one per process up, and one queued.
+
+        None before a process is up: a frame queued in a process still
+        importing could not be taken back, and this process's worker would
+        wait for it at the end if that start-up were slow (a loaded machine,
+        a short series); until then this process's worker takes the frames.
+        A process counts as up once it has answered :func:`_process_ready`
+        (one answer per process started, whichever process gives it).
+        """
+        up = sum(f.done() for f in self.ready)
+        return up + 1 if up else 0
+
+    def wait(self, futures):
+        """Wait for one of ``futures`` to finish or a worker process to come up.
+
+        Returns the set of ``futures`` done (empty when a process came up).
+        """
+        starting = {f for f in self.ready if not f.done()}
+        done = cf.wait(set(futures) | starting, return_when=cf.FIRST_COMPLETED).done
+        return done - starting
 
     def release(self, local):
-        """A frame submitted with ``local`` is done."""
-        if local and self.kind == "process":
+        """A frame submitted with ``local`` (True: to this process) is done."""
+        if self.kind != "process":
+            return
+        if local:
             self.local_busy -= 1
+        else:
+            self.process_busy -= 1
+
+    def startups(self):
+        """Start-up times of the worker processes that started (see SeriesResult.timeline)."""
+        return [
+            f.result()[2]
+            for f in self.spawned
+            if f.done() and not f.cancelled() and not f.exception()
+        ]
 
     def shutdown(self, cancel=False):
         for executor in (self.processes, self.threads):
@@ -1176,7 +1286,7 @@ def calibrate_series(
         # workers use N cores (workers=1 leaves the others free)
         save_workers=1,
     )
-    start = time.perf_counter()
+    start, wall = time.perf_counter(), time.time()
     # the reference marker, and the detector files of frames that need a
     # later drift measurement when the series writes none
     scratch = tempfile.mkdtemp(prefix="ccdgrid-series-")
@@ -1191,6 +1301,7 @@ def calibrate_series(
         workers=workers,
         executor=kind,
         seconds=time.perf_counter() - start,
+        timeline={"start": wall, **run.timeline},
     )
     if table_paths:
         result.tables = (
@@ -1293,6 +1404,8 @@ class _Run:
         self.pending_drift = []  # their rows, until the reference is known
         self.announced = set()  # series indices passed to on_frame
         self.marker = os.path.join(scratch, "reference.json")
+        self.pool_factory = _Pool
+        self.timeline = {}
 
     def reference_text(self):
         if self.reference_index >= 0:
@@ -1311,22 +1424,21 @@ class _Run:
             disable=not self.progress,
             dynamic_ncols=True,
         )
-        pool = _Pool(*self.pool_args)
+        pool = self.pool_factory(*self.pool_args)
+        self.timeline["pool_started"] = time.time()
         _hash_files(self.specs)  # while the worker processes start
         runs, drifts = {}, {}
-        # one extra frame queued in a pool keeps every worker busy between results
-        depth = self.workers + (1 if pool.kind != "serial" else 0)
         failed = 0
         try:
             while queue or runs or drifts:
-                while queue and len(runs) < depth:
+                while queue and len(runs) < _depth(pool.kind, self.workers, len(queue)):
                     placed = self._place(pool, queue[0], runs)
                     if placed is None:
                         break  # wait for a suspect frame to finish alone
                     spec = queue.popleft()
                     spec.attempts += 1
                     runs[placed[0]] = (spec, placed[1])
-                done, _ = cf.wait({**runs, **drifts}, return_when=cf.FIRST_COMPLETED)
+                done = pool.wait({**runs, **drifts})
                 broken = False
                 for future in done:
                     if future in drifts:
@@ -1386,6 +1498,7 @@ class _Run:
         finally:
             bar.close()
         pool.shutdown()
+        self.timeline["processes"] = pool.startups()
         return self.rows
 
     def _announce(self, row):
@@ -1464,6 +1577,22 @@ class _Run:
         _fill_drift(row, _zero_drift(row.holes_indexed), row.index)
         self.pending_drift = [r for r in self.pending_drift if r.index != row.index]
         self._announce(row)
+
+
+def _depth(kind, workers, queued):
+    """Frames to have in flight with ``queued`` frames still waiting.
+
+    One frame more than there are workers, while at least one frame per
+    worker would still wait after it: queued behind a busy worker process,
+    it spares that worker the round trip to this process between two frames.
+    Near the end of the series it would instead tie a frame to a busy worker
+    while another may be about to be free (a worker process cannot give back
+    a frame once queued in it), and leave that one idle for up to a frame:
+    the last frames go only to a free worker.
+    """
+    if kind == "serial":
+        return 1
+    return workers + (queued > workers)
 
 
 def _hash_files(specs):
