@@ -245,8 +245,9 @@ def test_map_change_finds_a_maximum_between_the_sampled_corners():
     from ccdgrid.warmstart import _map_change
 
     rng = np.random.default_rng(8)
-    old, new = _smooth_calibration(rng, (200, 300), holes=0.0), _smooth_calibration(
-        rng, (200, 300), holes=0.0
+    old, new = (
+        _smooth_calibration(rng, (200, 300), holes=0.0),
+        _smooth_calibration(rng, (200, 300), holes=0.0),
     )
     new.dx[:] = old.dx
     # a smooth bump of the change peaking at corner (101, 203), off the 8-lattice
