@@ -251,6 +251,41 @@ def test_thin_plate_equals_scipy_rbf_interpolator(degree, smoothing):
     np.testing.assert_allclose(ours, scipy_rbf(probe), rtol=0, atol=1e-8)
 
 
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.05, 10.0])
+def test_residual_at_centres_is_the_fit_minus_the_values(backend, smoothing):
+    from scipy.interpolate import RBFInterpolator
+
+    from ccdgrid.maps import _ThinPlate
+
+    rng = np.random.default_rng(21)
+    pts = rng.uniform(0.0, 8.0, (120, 2))
+    values = rng.normal(0.0, 1.0, (120, 2))
+    tps = _ThinPlate(pts, values, smoothing, 3, backend)
+    scipy_rbf = RBFInterpolator(
+        pts, values, kernel="thin_plate_spline", smoothing=smoothing, degree=3
+    )
+    np.testing.assert_allclose(tps.residual_at_centres(), scipy_rbf(pts) - values, atol=1e-8)
+    np.testing.assert_allclose(tps.residual_at_centres(), tps(pts) - values, atol=1e-9)
+
+
+def test_fit_residual_rms_is_the_rms_at_the_holes():
+    from scipy.interpolate import RBFInterpolator
+
+    rng = np.random.default_rng(22)
+    pts = holes(rng)
+    field = make_distortion(SHAPE, distortion_px=3.0, seed=4)
+    disp = field.displacement(pts) + rng.normal(0.0, 0.05, pts.shape)
+    maps = displacement_maps(pts, disp, SHAPE, smoothing=0.3)
+    unit = pts / maps.scale_px
+    spline = RBFInterpolator(
+        unit, disp, kernel="thin_plate_spline", smoothing=0.3, degree=maps.degree
+    )
+    rms = np.sqrt(np.mean(np.sum((spline(unit) - disp) ** 2, axis=1)))
+    assert maps.fit_residual_rms == pytest.approx(rms, rel=1e-6)
+    assert maps.fit_residual_rms > 0.01  # the smoothing removed part of the noise
+
+
 def test_thin_plate_falls_back_to_an_affine_trend_on_a_few_lines():
     from ccdgrid.maps import _fit_tps
 

@@ -191,27 +191,96 @@ def test_warm_maps_choose_the_smoothing_again_when_holes_are_lost(base):
     assert kept.maps.smoothing_scores is None
 
 
-def test_map_change_is_the_largest_difference_over_shared_valid_corners():
+def _smooth_calibration(rng, shape, holes=0.3):
+    """Masks with holes of random blobs and smooth maps (a few slow waves), float32."""
     from types import SimpleNamespace
 
+    ny, nx = shape
+    blobs = rng.uniform(size=(ny // 16 + 2, nx // 16 + 2)) < holes
+    mask = np.kron(blobs, np.ones((16, 16), dtype=np.int8))[:ny, :nx].astype(np.int8)
+    y, x = np.mgrid[0 : ny + 1, 0 : nx + 1] - 0.5
+    maps = []
+    for _ in range(2):
+        k = rng.uniform(0.005, 0.03, size=(3, 2))
+        phase = rng.uniform(0, 2 * np.pi, size=3)
+        field = sum(np.sin(k[m, 0] * y + k[m, 1] * x + phase[m]) for m in range(3))
+        maps.append((field * rng.uniform(0.01, 0.1)).astype(np.float32))
+    return SimpleNamespace(mask=mask, dx=maps[0], dy=maps[1])
+
+
+def _exact_map_change(old, new):
+    """Brute force: the largest |new - old| over corners valid in both (NaN skipped)."""
+    corner = _valid_corners(old.mask, new.mask)
+    if not corner.any():
+        return float("nan"), float("nan")
+    out = []
+    for n, o in ((new.dx, old.dx), (new.dy, old.dy)):
+        change = np.abs(n.astype(np.float64) - o)[corner]
+        change = change[np.isfinite(change)]
+        out.append(float(change.max()) if change.size else float("nan"))
+    return tuple(out)
+
+
+@pytest.mark.parametrize("shape", [(600, 37), (256, 256), (97, 161), (1, 9)])
+def test_map_change_matches_the_corner_by_corner_maximum_on_smooth_maps(shape):
+    from ccdgrid.warmstart import _CHANGE_STEP, _map_change
+
+    rng = np.random.default_rng(sum(shape))
+    for _ in range(5):
+        old, new = _smooth_calibration(rng, shape), _smooth_calibration(rng, shape)
+        exact = _exact_map_change(old, new)
+        approx = _map_change(old, new)
+        for a, e, n, o in zip(approx, exact, (new.dx, new.dy), (old.dx, old.dy), strict=True):
+            if np.isnan(e):
+                assert np.isnan(a)
+                continue
+            # a lower bound, short by at most the gradient over half a diagonal
+            change = n.astype(np.float64) - o
+            grad = max(np.abs(np.diff(change, axis=ax)).max(initial=0.0) for ax in (0, 1))
+            assert a <= e + 1e-7
+            assert e - a <= grad * _CHANGE_STEP / np.sqrt(2) + 1e-7
+
+
+def test_map_change_finds_a_maximum_between_the_sampled_corners():
+    from ccdgrid.warmstart import _map_change
+
+    rng = np.random.default_rng(8)
+    old, new = (
+        _smooth_calibration(rng, (200, 300), holes=0.0),
+        _smooth_calibration(rng, (200, 300), holes=0.0),
+    )
+    new.dx[:] = old.dx
+    # a smooth bump of the change peaking at corner (101, 203), off the 8-lattice
+    y, x = np.mgrid[0:201, 0:301]
+    new.dx += (0.5 * np.exp(-((y - 101) ** 2 + (x - 203) ** 2) / 200.0)).astype(np.float32)
+    change_dx, _ = _map_change(old, new)
+    assert change_dx == pytest.approx(_exact_map_change(old, new)[0], abs=1e-6)
+    assert change_dx == pytest.approx(0.5, abs=1e-3)
+
+
+def test_map_change_skips_nan_and_needs_a_shared_valid_corner():
     from ccdgrid.warmstart import _map_change
 
     rng = np.random.default_rng(3)
-    ny, nx = 600, 37  # more corner rows than one block of the comparison
-
-    def calibration():
-        mask = (rng.uniform(size=(ny, nx)) < 0.3).astype(np.int8)
-        maps = rng.normal(0.0, 1.0, (2, ny + 1, nx + 1)).astype(np.float32)
-        return SimpleNamespace(mask=mask, dx=maps[0], dy=maps[1])
-
-    old, new = calibration(), calibration()
-    new.dx[0, 0] = np.nan  # ignored, as by nanmax
-    corner = _valid_corners(old.mask, new.mask)
-    expected_dx = np.nanmax(np.abs(new.dx - old.dx)[corner])
-    expected_dy = np.max(np.abs(new.dy - old.dy)[corner])
-    assert _map_change(old, new) == (expected_dx, expected_dy)
+    old, new = _smooth_calibration(rng, (64, 48), 0.0), _smooth_calibration(rng, (64, 48), 0.0)
+    new.dx[0, 0] = np.nan  # a sampled corner: skipped, as by nanmax
+    new.dy[:] = np.nan
+    change_dx, change_dy = _map_change(old, new)
+    assert change_dx == pytest.approx(_exact_map_change(old, new)[0], abs=1e-6)
+    assert np.isnan(change_dy)
     new.mask[:] = 1
     assert np.isnan(_map_change(old, new)).all()
+
+
+@pytest.mark.parametrize("shape", [(17, 17), (16, 25), (9, 8), (1, 1)])
+def test_take_lattice_is_the_gather(shape):
+    from ccdgrid.warmstart import _take_lattice
+
+    a = np.arange(np.prod(shape)).reshape(shape)
+    for step in (1, 4, 8):
+        rows = np.unique(np.r_[0 : shape[0] : step, shape[0] - 1])
+        cols = np.unique(np.r_[0 : shape[1] : step, shape[1] - 1])
+        np.testing.assert_array_equal(_take_lattice(a, rows, cols, step), a[np.ix_(rows, cols)])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
@@ -235,3 +304,84 @@ def test_calibrate_with_previous_keeps_the_previous_pitch_by_default():
     again = calibrate(img, previous=first, cv_folds=0)
     np.testing.assert_allclose(again.pixel_size, first.pixel_size, rtol=1e-3)
     assert again.pitch == pytest.approx(7e-3)
+
+
+def _lined_image(rng, shape, counts, rows=(), cols=(), value=0, spoil=0.0):
+    """Poisson counts with dead rows and columns (``spoil``: fraction of them left live)."""
+    img = rng.poisson(counts, shape).astype(np.uint16)
+    for r in rows:
+        live = rng.uniform(size=shape[1]) < spoil
+        img[r, ~live] = value
+    for c in cols:
+        live = rng.uniform(size=shape[0]) < spoil
+        img[~live, c] = value
+    return img
+
+
+@pytest.mark.parametrize(
+    ("counts", "rows", "cols", "spoil"),
+    [
+        (60.0, (), (), 0.0),
+        (60.0, (5, 77), (0, 300), 0.0),
+        (60.0, (200,), (13,), 0.08),  # 92 % dead: still dead
+        (60.0, (200,), (13,), 0.12),  # 88 %: not dead
+        (0.3, (9,), (), 0.0),  # mostly zeros: many lines nearly dead
+        (1.0, (), (40,), 0.05),
+    ],
+)
+def test_dead_lines_are_those_of_the_hole_finder(counts, rows, cols, spoil):
+    from ccdgrid.peaks import _dead_lines as finder_lines
+    from ccdgrid.warmstart import _dead_lines
+
+    rng = np.random.default_rng(int(counts * 10) + len(rows))
+    img = _lined_image(rng, (700, 1100), counts, rows, cols, value=17, spoil=spoil)
+    ours, theirs = _dead_lines(img), finder_lines(img)
+    if theirs is None:
+        assert ours is None
+    else:
+        np.testing.assert_array_equal(ours, theirs)
+    if rows and spoil <= 0.08 and counts > 10:
+        assert ours is not None
+        assert ours[rows[0]].all()
+
+
+def test_dead_lines_of_an_image_of_lines_are_none():
+    from ccdgrid.warmstart import _dead_lines
+
+    img = np.repeat(np.arange(300, dtype=np.float32)[:, None], 200, axis=1)  # every row constant
+    assert _dead_lines(img) is None
+    img[:, 50] = 7.0
+    assert _dead_lines(img) is None  # still every row dead
+
+
+def test_dead_row_across_holes_is_masked(base, backend):
+    _, prev = base
+    moved = _plate(offset=(BASE_OFFSET[0] + 1.3, BASE_OFFSET[1] - 0.8))
+    clean = recalibrate(moved.image, prev, cv_folds=0, backend=backend)
+    peaks = clean.holes.peaks
+    centre_row = int(np.rint(np.median(peaks[np.abs(peaks[:, 0] - 256) < 20, 0])))
+    column = int(np.rint(np.median(peaks[np.abs(peaks[:, 1] - 131) < 20, 1]))) + 7
+    by_index = {tuple(ij): p for ij, p in zip(clean.lattice.indices, peaks, strict=True)}
+    # 7 px holes in windows of half width 9: a row 7 px off the centres
+    # crosses the windows, not the holes; one through the centres crosses both
+    for offset in (7, 0):
+        img = moved.image.copy()
+        row = centre_row + offset
+        img[row] = 0
+        img[:, column] = 4000  # bright: it would draw the global move's search
+        warm = recalibrate(img, prev, cv_folds=0, backend=backend)
+        assert warm.params["warm_start"]["used"]
+        near = np.abs(peaks[:, 0] - row) < 9
+        assert near.sum() >= 5
+        masked = warm.holes.rejected[warm.holes.reasons == "masked"]
+        if offset:
+            # the holes are measured without the dead row, as well as before
+            assert warm.drift.n_matched >= clean.drift.n_matched - 3
+            for ij, p in zip(warm.lattice.indices, warm.holes.peaks, strict=True):
+                if abs(p[0] - row) < 9 or abs(p[1] - column) < 9:
+                    assert np.hypot(*(p - by_index[tuple(ij)])) < 0.05
+        else:
+            # more than a tenth of their disc is dead: rejected as masked, as the
+            # hole finder does
+            assert len(masked) >= near.sum() - 2
+            assert np.all(np.abs(masked[:, 0] - row) < 3)

@@ -301,7 +301,6 @@ def displacement_maps(
     nodes = np.stack(np.meshgrid(yc, xc, indexing="ij"), axis=-1).reshape(-1, 2)
     coarse = rbf(nodes / scale_px).reshape(len(yc), len(xc), 2)
     dy, dx = _upsample(yc, xc, coarse, ny, nx, backend)
-    fit = rbf(pts / scale_px)
     return DisplacementMaps(
         dx=dx,
         dy=dy,
@@ -312,7 +311,7 @@ def displacement_maps(
         smoothing_scores=scores,
         scale_px=scale_px,
         coarse_step=(float(yc[1] - yc[0]), float(xc[1] - xc[0])),
-        fit_residual_rms=_rms(fit - disp),
+        fit_residual_rms=_rms(rbf.residual_at_centres()),
         degree=degree,
     )
 
@@ -538,7 +537,7 @@ def cross_validate(
         smoothing = _non_negative(smoothing, "smoothing")
         unit = pts / scale_px
         full, _ = _fit_tps(unit, disp, smoothing, degree, backend)
-        in_sample = _rms(full(unit) - disp)
+        in_sample = _rms(full.residual_at_centres())
         for f in order:
             test = folds == f
             if test.any():
@@ -634,6 +633,7 @@ class _ThinPlate:
     def __init__(self, pts, disp, smoothing, degree, backend="cython"):
         self.centres = np.ascontiguousarray(pts, dtype=np.float64)
         self.degree = degree
+        self.smoothing = float(smoothing)
         self._engine = _TPS[backend]
         self.shift = self.centres.mean(axis=0)
         self.scale = max(float(np.abs(self.centres - self.shift).max()), 1e-300)
@@ -662,6 +662,16 @@ class _ThinPlate:
         self.trend = np.ascontiguousarray(
             linalg.solve_triangular(upper, rhs[:p] - rotated[:p, p:] @ y)
         )
+
+    def residual_at_centres(self):
+        """Values at the centres minus the values fitted, (N, 2) float64.
+
+        The solution satisfies ``(K + s I) c + P a = d``, so at the centres
+        ``f = K c + P a = d - s c``: no kernel sum over the N² pairs (at
+        4096², ~1500 holes, that evaluation cost as much as a fifth of the
+        coarse grid's). Exact up to rounding (~1e-12 relative to ``d``).
+        """
+        return -self.smoothing * self.coef
 
     def _poly(self, x):
         u = (x - self.shift) / self.scale

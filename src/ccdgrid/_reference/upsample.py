@@ -1,10 +1,12 @@
 """Pure-numpy twin of ``ccdgrid._ext._upsample``: two tensor-product cubic splines on a grid.
 
 Same signature and preconditions as the compiled kernel (checked by
-:func:`ccdgrid.maps._upsample`). The weights are scattered into dense
-B-spline design matrices and each block of rows is the matrix product
-``By @ coef @ Bx.T``: the formulation a BLAS makes fast, at the price of
-``ky`` and ``kx`` multiply-adds per output value where four would do.
+:func:`ccdgrid.maps._upsample`), sums in double throughout (the compiled
+kernel makes its last four products per value in float32: a few ulps
+apart). The weights are scattered into dense B-spline design matrices
+and each block of rows is the matrix product ``By @ coef @ Bx.T``: the
+formulation a BLAS makes fast, at the price of ``ky`` and ``kx``
+multiply-adds per output value where four would do.
 """
 
 import numpy as np
