@@ -282,6 +282,7 @@ def test_folds_without_indices_use_cells():
         ({"method": "linear"}, "`method` must be one of"),
         ({"smoothing": -1.0}, "`smoothing` must be a number >= 0"),
         ({"max_holes": 0}, "`max_holes` must be a positive number"),
+        ({"in_sample_rms": -0.1}, "`in_sample_rms` must be a number >= 0"),
     ],
 )
 def test_cross_validate_bad_input(kwargs, match):
@@ -309,6 +310,23 @@ def test_calibration_cv_against_the_truth(strong_1024):
     assert cv.rms_px == pytest.approx(np.hypot(rms[0], rms[1]), rel=0.25)
     assert cv.rms_px > rms[2]  # an upper bound on the maps' true error at the holes
     assert "cross-validated" in cal.summary()
+
+
+def test_calibration_cv_reports_the_maps_in_sample_residual(strong_1024):
+    # calibrate() hands the maps' own residual to cross_validate instead of a second full fit:
+    # it must be the figure a full fit of the same holes with the same settings gives
+    _, cal = strong_1024
+    refit = cross_validate(
+        cal.grid.ideal - cal.grid.displacement,
+        cal.grid.displacement,
+        k=5,
+        indices=cal.grid.indices,
+        smoothing=cal.maps.smoothing,
+        degree=cal.maps.degree,
+        scale_px=cal.maps.scale_px,
+    )
+    assert cal.cross_validation.in_sample_rms_px == pytest.approx(refit.in_sample_rms_px, rel=1e-6)
+    np.testing.assert_allclose(cal.cross_validation.predicted, refit.predicted, atol=1e-9)
 
 
 def test_calibrate_without_cross_validation(small):

@@ -330,6 +330,8 @@ def _cross_validation(points, grid, maps, cv_folds):
             smoothing=maps.smoothing,
             degree=maps.degree,
             scale_px=maps.scale_px,
+            # the maps were fitted to these holes with these settings: no second full fit
+            in_sample_rms=maps.fit_residual_rms if maps.method == "tps" else None,
         )
     except CcdgridError:
         # a diagnostic only: too few holes to leave some out must not fail the calibration
