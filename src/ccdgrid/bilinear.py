@@ -52,6 +52,17 @@ def _as_seeds(seeds, shape, *, check=True):
     With ``check=False`` integer seeds are not checked against ``shape``
     (the caller's kernel does it); float seeds always are.
     """
+    if (
+        not check
+        and type(seeds) is np.ndarray
+        and seeds.dtype == np.int64
+        and seeds.ndim == 2
+        and seeds.shape[1] == 2
+        and seeds.flags.c_contiguous
+    ):
+        # The usual case, taken in a quarter of the general path's time
+        # (which is as long as refining a few hundred peaks).
+        return seeds
     arr = np.asarray(seeds)
     kind = arr.dtype.kind
     if kind not in "iuf":
