@@ -3,10 +3,16 @@
 Preconditions (checked by :mod:`ccdgrid.bilinear`, trusted here; breaking them
 reads out of bounds): ``image`` is a non-empty C-contiguous float32 2-D array,
 ``seeds`` a C-contiguous ``(N, 2)`` int64 array whose rows ``(y, x)`` satisfy
-``0 <= y < H`` and ``0 <= x < W``.
+``0 <= y < H`` and ``0 <= x < W``; except that :func:`refine_peaks` checks the
+seeds itself, in the pass that refines them, and returns the first bad one.
+
+Seeds that are already local maxima (a watershed's peaks, the tutorial's
+case) are refined several at a time, one per vector lane: eight with AVX2
+when the CPU has it (asked once at import; :func:`use_avx2`), else four.
 
 The arithmetic reproduces pyFAI 2026.9 ``Bilinear.local_maxi``: the second
-differences are evaluated in double and stored as float32, the Newton offsets
+differences are evaluated in double and stored as float32 (the eight-lane path
+takes them in float32 where that gives the same bits), the Newton offsets
 and the centre-of-mass sums are float32. The build compiles in ISO C mode
 (``c_std=c11``), so the compiler does not fuse multiply-adds and the float32
 roundings are those of the numpy twin.
