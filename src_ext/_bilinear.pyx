@@ -959,11 +959,21 @@ cdef Py_ssize_t _refine_range(
     # The eight-lane path computes offsets from the low 32 bits of y and w.
     if _AVX2 and h < _AVX2_MAX_SIDE and w < _AVX2_MAX_SIDE:
         while k + 8 <= stop:
-            k += 8 * ccdgrid_refine_blocks(base, h, w, seeds + 2 * k, (stop - k) // 8, thr,
-                                           out + 2 * k)
-            if k + 8 > stop:
-                break
-            # the block at k stopped the vector path: its seeds one by one
+            y = seeds[2 * k]
+            x = seeds[2 * k + 1]
+            # A block whose first seed is not a maximum would fail: seeds that
+            # climb (a warm start's predictions) skip the vector path's
+            # set-up, and its own request for the next windows is made here.
+            if (<size_t>(y - 1) < ylim and <size_t>(x - 1) < xlim
+                    and ccdgrid_centre_is_highest(base + y * w + x, w)):
+                k += 8 * ccdgrid_refine_blocks(base, h, w, seeds + 2 * k, (stop - k) // 8,
+                                               thr, out + 2 * k)
+                if k + 8 > stop:
+                    break
+            elif k + 16 <= n:
+                for j in range(k + 8, k + 16):
+                    ccdgrid_prefetch_window(base, w, seeds[2 * j], seeds[2 * j + 1])
+            # the block at k is not for the vector path: its seeds one by one
             for j in range(k, k + 8):
                 y = seeds[2 * j]
                 x = seeds[2 * j + 1]
