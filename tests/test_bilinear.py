@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from ccdgrid.bilinear import Bilinear, climb, refine_peaks
+from ccdgrid._ext import _bilinear as _cython
+from ccdgrid.bilinear import Bilinear, _as_seeds, climb, refine_peaks
 from ccdgrid.errors import CcdgridError
 
 BACKENDS = ["cython", "numpy"]
@@ -24,6 +25,20 @@ BACKENDS = ["cython", "numpy"]
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
+
+
+@pytest.fixture(params=["avx2", "four-lane"])
+def lanes(request):
+    """The compiled engine's vector path for seeds at maxima: eight lanes
+    (AVX2, where the CPU has it) or four; restored after the test."""
+    before = _cython.use_avx2()
+    if request.param == "avx2" and not _cython.use_avx2(True):
+        _cython.use_avx2(before)
+        pytest.skip("this CPU has no AVX2")
+    if request.param == "four-lane":
+        _cython.use_avx2(False)
+    yield request.param
+    _cython.use_avx2(before)
 
 
 def gaussian_image(rng, shape, n_peaks, *, background=10.0, noise=1.0):
@@ -241,7 +256,7 @@ def local_maxima(img):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 13, 64])
-def test_seeds_on_maxima_match_the_numpy_twin_for_any_batch_length(n):
+def test_seeds_on_maxima_match_the_numpy_twin_for_any_batch_length(lanes, n):
     """Seeds that are maxima, the tutorial's case: the kernel refines them
     four at a time, one per vector lane, and the rest of the batch (a
     remainder of fewer than four, groups broken by a seed that climbs or a
@@ -262,7 +277,7 @@ def test_seeds_on_maxima_match_the_numpy_twin_for_any_batch_length(n):
 
 
 @pytest.mark.parametrize("odd_one", range(4))
-def test_a_rejected_newton_step_among_four_maxima_falls_back_alone(odd_one):
+def test_a_rejected_newton_step_among_four_maxima_falls_back_alone(lanes, odd_one):
     """Four maxima refined together, one of which has a singular Hessian."""
     img = np.zeros((9, 40), np.float32)
     starts = [3, 11, 19, 27]
@@ -277,7 +292,7 @@ def test_a_rejected_newton_step_among_four_maxima_falls_back_alone(odd_one):
 
 
 @pytest.mark.parametrize("nthreads", [0, 2, 3])
-def test_threads_give_the_same_results_as_one(nthreads):
+def test_threads_give_the_same_results_as_one(lanes, nthreads):
     """Batches of 8192 seeds and more are split in chunks between threads."""
     rng = np.random.default_rng(31)
     img = gaussian_image(rng, (200, 240), 120).astype(np.float32)
@@ -293,6 +308,170 @@ def test_threads_give_the_same_results_as_one(nthreads):
     one = refine_peaks(img, seeds, nthreads=1)
     np.testing.assert_array_equal(refine_peaks(img, seeds, nthreads=nthreads), one)
     np.testing.assert_array_equal(refine_peaks(img, seeds, backend="numpy"), one)
+
+
+# --- the compiled engine's vector paths for seeds at maxima ---------------------------
+
+
+def peak_windows(centres, neighbours, corners, pitch=4):
+    """An image of separate 3x3 windows on a background of -inf, and their centres.
+
+    Window ``k`` has centre value ``centres[k]``, edge neighbours
+    ``neighbours[k]`` (up, left, right, down) and corners ``corners[k]``
+    (raster order); windows are ``pitch`` px apart on a row, so that the
+    compiled engine refines consecutive seeds together.
+    """
+    n = len(centres)
+    img = np.full((5, pitch * n + 2), -np.inf, np.float32)
+    seeds = np.array([(2, 2 + pitch * k) for k in range(n)])
+    for k, (y, x) in enumerate(seeds):
+        img[y, x] = centres[k]
+        img[y - 1, x], img[y, x - 1], img[y, x + 1], img[y + 1, x] = neighbours[k]
+        img[y - 1, x - 1], img[y - 1, x + 1], img[y + 1, x - 1], img[y + 1, x + 1] = corners[k]
+    return img, seeds
+
+
+def test_second_differences_are_pyfais_at_every_magnitude(lanes):
+    """The eight-lane path takes the second differences in float32 when
+    that is exact (centre c > 0, edge neighbours in [c / 2, c]) and in
+    double otherwise, as pyFAI always does. Peaks whose Newton step is
+    accepted, with neighbours above, at and below c / 2, from subnormal to
+    near-overflow centres, and negative and zero centres, all agree with the
+    numpy twin bit for bit."""
+    rng = np.random.default_rng(41)
+    f32 = np.float32
+    centres, neighbours = [], []
+    # One kind of window after the other, so that whole blocks take each way.
+    # Opposite neighbours are close, so that the Newton step is accepted.
+    for kind in ("near", "half", "below", "far"):
+        for exponent in range(-149, 128):
+            c = f32(np.ldexp(rng.uniform(1, 2), exponent))
+            half = f32(c * f32(0.5))
+            lo, hi = {
+                "near": (0.5, 1.0),
+                "half": (0.5, 0.5),
+                "below": (0.3, 0.5),
+                "far": (0.05, 0.3),
+            }[kind]
+            u, v = rng.uniform(lo, hi, 2) * c
+            edge = np.array([u, v, v * 1.01, u * 0.99], f32)
+            if kind == "half":
+                edge[:2] = half
+            centres.append(c)
+            neighbours.append(np.minimum(edge, c))
+    for c in (f32(-3.0), f32(-1e-30), f32(0.0)):
+        centres += [c] * 8
+        neighbours += [np.full(4, c, f32) - f32(rng.uniform(0, 2)) for _ in range(8)]
+    corners = np.min(neighbours, axis=1)[:, None] * np.full((len(centres), 4), 0.5)
+    img, seeds = peak_windows(centres, neighbours, corners.astype(f32))
+    np.testing.assert_array_equal(
+        refine_peaks(img, seeds, backend="cython"), refine_peaks(img, seeds, backend="numpy")
+    )
+
+
+@pytest.mark.parametrize("odd_one", range(8))
+def test_a_rejected_newton_step_among_eight_maxima_falls_back_alone(lanes, odd_one):
+    patch = np.array([[1, 2, 1], [2, 5, 3], [1, 3, 2]], np.float32)
+    singular = np.array([[3, 3, 3], [3, 3, 3], [0, 0, 0]], np.float32)
+    img = np.zeros((9, 4 * 9 + 2), np.float32)
+    for k in range(9):
+        img[3:6, 4 * k + 1 : 4 * k + 4] = singular if k == odd_one else patch
+    seeds = np.array([(4, 4 * k + 2) for k in range(9)])
+    expected = refine_peaks(img, seeds, backend="numpy")
+    np.testing.assert_array_equal(refine_peaks(img, seeds, backend="cython"), expected)
+    np.testing.assert_allclose(expected[odd_one], [3.5, 4 * odd_one + 2], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda img: img, id="gaussians"),
+        pytest.param(lambda img: np.round(img / 60), id="plateaus"),
+        pytest.param(lambda img: img - 300.0, id="negative"),
+        pytest.param(lambda img: np.where(img > 400, np.nan, img), id="nan"),
+        pytest.param(lambda img: np.where(img > 400, np.inf, img), id="inf"),
+    ],
+)
+def test_batches_of_maxima_mixed_with_climbs_match_the_numpy_twin(lanes, make):
+    """Runs of maxima long enough for both vector paths, broken by seeds
+    that climb, at any offset in the batch."""
+    rng = np.random.default_rng(42)
+    img = make(gaussian_image(rng, (90, 110), 70)).astype(np.float32)
+    maxima = local_maxima(img)
+    n = 300
+    seeds = maxima[rng.integers(0, len(maxima), n)]
+    climbers = rng.uniform(size=n) < 0.08
+    seeds[climbers] = np.column_stack(
+        [rng.integers(0, 90, climbers.sum()), rng.integers(0, 110, climbers.sum())]
+    )
+    for start in range(0, 9):
+        batch = seeds[start:]
+        np.testing.assert_array_equal(
+            refine_peaks(img, batch, backend="cython"), refine_peaks(img, batch, backend="numpy")
+        )
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.int16, np.uint32, np.int64, np.float64])
+def test_maxima_of_every_image_dtype_match_the_numpy_twin(lanes, dtype):
+    rng = np.random.default_rng(43)
+    img = gaussian_image(rng, (70, 90), 40)
+    img = img > 300 if dtype is bool else (img / 4).astype(dtype)
+    maxima = local_maxima(np.asarray(img, np.float32))
+    seeds = maxima[rng.permutation(len(maxima))]
+    np.testing.assert_array_equal(
+        refine_peaks(img, seeds, backend="cython"), refine_peaks(img, seeds, backend="numpy")
+    )
+
+
+@pytest.mark.parametrize("shape", [(1, 9), (2, 9), (3, 3), (3, 4), (9, 3), (4, 5)])
+def test_many_seeds_on_tiny_images_match_the_numpy_twin(lanes, shape):
+    """Blocks of eight seeds on images too small for the vector paths' windows."""
+    rng = np.random.default_rng(44)
+    img = rng.integers(0, 4, shape).astype(np.float32)
+    seeds = np.concatenate([local_maxima(img)] * 8)
+    np.testing.assert_array_equal(
+        refine_peaks(img, seeds, backend="cython"), refine_peaks(img, seeds, backend="numpy")
+    )
+
+
+@pytest.mark.parametrize("where", [0, 7, 8, 13, 15, 16, 37, 39])
+@pytest.mark.parametrize("bad", [(-1, 5), (5, -1), (20, 5), (5, 44), (2**62, 5), (-(2**63), 5)])
+def test_the_first_integer_seed_outside_is_named_wherever_it_is(backend, lanes, where, bad):
+    """Integer seeds are checked in the refining pass: a bad seed inside a
+    block of maxima, at a block's edge or in the tail is found, and the
+    first of two is named."""
+    img = np.zeros((20, 44), np.float32)
+    img[2:18:4, 2:42:4] = 1.0
+    seeds = np.argwhere(img == 1.0)[:40]
+    seeds[where] = bad
+    seeds[-1] = (100, 100)
+    if where == len(seeds) - 1:
+        seeds[where] = bad
+    with pytest.raises(CcdgridError, match=rf"`seeds\[{where}\]` = \({bad[0]}, {bad[1]}\)"):
+        refine_peaks(img, seeds, backend=backend)
+
+
+def test_the_first_seed_outside_is_named_with_threads():
+    rng = np.random.default_rng(45)
+    img = gaussian_image(rng, (60, 80), 30).astype(np.float32)
+    seeds = local_maxima(img)[rng.integers(0, 5, 9000)]
+    seeds[8500] = (60, 0)
+    seeds[8999] = (0, -3)
+    for nthreads in (1, 2):
+        with pytest.raises(CcdgridError, match=r"`seeds\[8500\]` = \(60, 0\)"):
+            refine_peaks(img, seeds, nthreads=nthreads)
+
+
+def test_int64_seeds_pass_through_uncopied_and_others_give_the_same():
+    rng = np.random.default_rng(46)
+    img = gaussian_image(rng, (50, 60), 20).astype(np.float32)
+    seeds = np.ascontiguousarray(local_maxima(img)[rng.integers(0, 10, 40)], np.int64)
+    assert _as_seeds(seeds, img.shape, check=False) is seeds
+    expected = refine_peaks(img, seeds)
+    wide = np.zeros((40, 4), np.int64)
+    wide[:, ::2] = seeds
+    for other in (seeds.astype(np.int32), np.asfortranarray(seeds), wide[:, ::2], seeds.tolist()):
+        np.testing.assert_array_equal(refine_peaks(img, other), expected)
 
 
 def test_empty_seeds_give_an_empty_result(backend):

@@ -124,18 +124,24 @@ def refine_peaks(image, seeds, nthreads=1):
     image : ndarray of shape (H, W), float32, C-contiguous
         The image (trusted).
     seeds : ndarray of shape (N, 2), int64
-        Start pixels ``(y, x)``, all inside the image (trusted).
+        Start pixels ``(y, x)``, checked here against the image.
     nthreads : int
         Ignored (the compiled twin's thread count); numpy runs as it does.
 
     Returns
     -------
-    ndarray of shape (N, 2), float64
+    out : ndarray of shape (N, 2), float64
         Refined ``(y, x)`` positions in index coordinates (the centre of pixel
         ``(i, j)`` is at ``(i, j)``). Maxima on the first or last row or
-        column are returned unrefined.
+        column are returned unrefined. Meaningless when ``bad >= 0``.
+    bad : int
+        Index of the first seed outside ``[0, H) x [0, W)``, or -1.
     """
     h, w = image.shape
+    seeds = np.asarray(seeds, dtype=np.int64).reshape(-1, 2)
+    outside = (seeds[:, 0] < 0) | (seeds[:, 0] >= h) | (seeds[:, 1] < 0) | (seeds[:, 1] >= w)
+    if outside.any():
+        return np.empty(seeds.shape, np.float64), int(np.argmax(outside))
     peaks = climb(image, seeds)
     out = peaks.astype(np.float64)
     py, px = peaks[:, 0], peaks[:, 1]
@@ -144,7 +150,7 @@ def refine_peaks(image, seeds, nthreads=1):
         y, x = _subpixel(image, py[interior], px[interior])
         out[interior, 0] = y
         out[interior, 1] = x
-    return out
+    return out, -1
 
 
 def climb_one(image, y, x):
@@ -155,5 +161,5 @@ def climb_one(image, y, x):
 
 def refine_one(image, y, x):
     """:func:`refine_peaks` for one seed ``(y, x)`` (ints inside the image); returns floats."""
-    res = refine_peaks(image, np.array([[y, x]], dtype=np.int64))
+    res, _ = refine_peaks(image, np.array([[y, x]], dtype=np.int64))
     return float(res[0, 0]), float(res[0, 1])
