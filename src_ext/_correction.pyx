@@ -45,9 +45,9 @@ bounds for any displacement values, finite or not.
 
 from cython.parallel cimport prange
 from libc.math cimport isfinite
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 import numpy as np
 
@@ -162,6 +162,16 @@ ctypedef fused weight_t:
 ctypedef fused image_t:
     float
     double
+
+# Pixel types apply_csr reads directly: float32 or float64, or integers that
+# float32 holds exactly (so converting each pixel in the kernel gives the
+# same sums as converting the image first, without its 2-4 byte-per-pixel copy).
+ctypedef fused pixel_t:
+    float
+    double
+    uint8_t
+    uint16_t
+    int16_t
 
 
 cdef enum:
@@ -1141,16 +1151,20 @@ def row_sums(const idx_t[::1] indptr, const weight_t[::1] data):
 
 
 def apply_csr(const idx_t[::1] indptr, const idx_t[::1] indices, const weight_t[::1] data,
-              const image_t[:, ::1] images, image_t[:, ::1] out,
+              const pixel_t[:, ::1] images, image_t[:, ::1] out,
               const double[::1] coverage, bint normalize, double dummy, int nthreads=0):
     """``out[m] = M @ images[m]`` for every image m of a stack, in place.
 
     Parameters
     ----------
     indptr, indices, data : CSR arrays of M, shape (nbins, npix)
-    images : ndarray of float32 or float64, shape (n, npix)
-        The accumulator has this dtype (float32 sums for float32 images).
-    out : ndarray, same dtype as images, shape (n, nbins)
+    images : ndarray of float32, float64, uint8, uint16 or int16, shape (n, npix)
+        Each pixel is converted to the dtype of ``out`` as it is read: the
+        integer types are exact in float32, so the result is the same as for
+        ``images.astype(out.dtype)``.
+    out : ndarray of float32 or float64, shape (n, nbins)
+        The accumulator has this dtype (float32 sums for float32 output).
+        float64 images need a float64 ``out``.
     coverage : ndarray of float64, shape (nbins,)
         Row sums of M; read only if ``normalize``.
     normalize : bool
@@ -1170,7 +1184,7 @@ def apply_csr(const idx_t[::1] indptr, const idx_t[::1] indices, const weight_t[
     cdef image_t acc
     cdef image_t c_dummy = <image_t>dummy
     cdef int nt = nthreads if nthreads > 0 else ccdgrid_max_threads()
-    cdef const image_t* img
+    cdef const pixel_t* img
     cdef image_t* res
     if nbins * nimg < PARALLEL_MIN_PIXELS:
         nt = 1
@@ -1188,7 +1202,95 @@ def apply_csr(const idx_t[::1] indptr, const idx_t[::1] indices, const weight_t[
             if start < stop:
                 acc = 0
                 for p in range(start, stop):
-                    acc = acc + <image_t>(data[p] * img[indices[p]])
+                    acc = acc + <image_t>(data[p] * <image_t>img[indices[p]])
                 if normalize:
                     acc = <image_t>(acc / coverage[b])
             res[b] = acc
+
+
+cdef extern from *:
+    """
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    #define CCDGRID_LITTLE_ENDIAN 1
+    #else
+    #define CCDGRID_LITTLE_ENDIAN 0
+    #endif
+    """
+    int CCDGRID_LITTLE_ENDIAN
+
+
+cdef enum:
+    STORED_BLOCK = 65535  # bytes in one stored deflate block at most
+
+
+def shuffle_planes(const uint8_t[::1] src, Py_ssize_t itemsize, uint8_t[::1] dst,
+                   const int64_t[::1] starts, const uint8_t[::1] stored):
+    """HDF5's byte shuffle of ``src``, each byte plane written where it will be stored.
+
+    Byte ``k`` of every element of ``src`` (``n = src.size // itemsize``
+    elements) goes to plane ``k``, which begins at ``dst[starts[k]]`` and is
+    either the ``n`` bytes in a row (``stored[k] == 0``: to be deflated
+    later) or the same bytes as stored (uncompressed) deflate blocks:
+    before every 65535 bytes, and before the last, shorter run, the block's
+    5-byte header (BTYPE 00, BFINAL 0, LEN, NLEN), so ``5 * ceil(n / 65535)``
+    more bytes. One pass over ``src`` writes every plane, and stored planes
+    need no copy after it.
+
+    Parameters
+    ----------
+    src : ndarray of uint8, shape (n * itemsize,)
+        The elements' bytes, in memory order.
+    itemsize : int
+        Bytes per element, >= 1.
+    dst : ndarray of uint8
+        Written at the planes' spans only.
+    starts : ndarray of int64, shape (itemsize,)
+        Offset of each plane in ``dst``.
+    stored : ndarray of uint8, shape (itemsize,)
+        Non-zero to write a plane as stored blocks.
+
+    Notes
+    -----
+    Preconditions (unchecked): ``src.size`` is a multiple of ``itemsize``,
+    every plane's span lies inside ``dst``, spans do not overlap.
+    """
+    cdef Py_ssize_t n = src.shape[0] // itemsize, g0, count, i, k
+    cdef const uint8_t* s = &src[0] if src.shape[0] else NULL
+    cdef uint8_t* d
+    cdef uint8_t* planes[16]
+    cdef uint8_t* base = &dst[0] if dst.shape[0] else NULL
+    cdef int64_t offset
+    cdef uint32_t word
+    if n == 0:
+        return
+    if itemsize > 16:
+        raise ValueError("itemsize above 16")
+    with nogil:
+        g0 = 0
+        while g0 < n:
+            count = min(<Py_ssize_t>STORED_BLOCK, n - g0)
+            for k in range(itemsize):
+                if stored[k]:
+                    offset = starts[k] + (g0 // STORED_BLOCK) * (STORED_BLOCK + 5)
+                    d = base + offset
+                    d[0] = 0
+                    d[1] = count & 0xFF
+                    d[2] = (count >> 8) & 0xFF
+                    d[3] = (~count) & 0xFF
+                    d[4] = ((~count) >> 8) & 0xFF
+                    planes[k] = d + 5
+                else:
+                    planes[k] = base + starts[k] + g0
+            if itemsize == 4 and CCDGRID_LITTLE_ENDIAN:
+                # the float32 case: one 4-byte load, four byte stores
+                for i in range(count):
+                    memcpy(&word, s + 4 * (g0 + i), 4)
+                    planes[0][i] = <uint8_t>word
+                    planes[1][i] = <uint8_t>(word >> 8)
+                    planes[2][i] = <uint8_t>(word >> 16)
+                    planes[3][i] = <uint8_t>(word >> 24)
+            else:
+                for i in range(count):
+                    for k in range(itemsize):
+                        planes[k][i] = s[(g0 + i) * itemsize + k]
+            g0 = g0 + count

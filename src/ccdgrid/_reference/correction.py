@@ -17,7 +17,7 @@ array operations, one output cell offset at a time.
 
 import numpy as np
 
-__all__ = ["apply_csr", "row_sums", "split_pixels"]
+__all__ = ["apply_csr", "row_sums", "shuffle_planes", "split_pixels"]
 
 # The same constants as the kernel (see its module docstring).
 SNAP = 1e-9
@@ -184,9 +184,11 @@ def apply_csr(indptr, indices, data, images, out, coverage, normalize, dummy, nt
     """``out[m] = M @ images[m]`` for every image of the stack, in place.
 
     See :func:`ccdgrid._ext._correction.apply_csr`; accumulates in the dtype
-    of ``images``; ``nthreads`` is ignored.
+    of ``out`` (integer images are converted to it first); ``nthreads`` is
+    ignored.
     """
     del nthreads
+    images = images.astype(out.dtype, copy=False)
     counts = np.diff(indptr)
     rows = np.repeat(np.arange(counts.size), counts)
     products = data.astype(images.dtype)[None, :] * images[:, indices]
@@ -198,3 +200,32 @@ def apply_csr(indptr, indices, data, images, out, coverage, normalize, dummy, nt
         acc[:, covered] /= coverage[covered].astype(images.dtype)
     acc[:, counts == 0] = dummy
     out[...] = acc
+
+
+_STORED_BLOCK = 65535
+
+
+def shuffle_planes(src, itemsize, dst, starts, stored):
+    """HDF5's byte shuffle of ``src``, each byte plane written where it will be stored.
+
+    See :func:`ccdgrid._ext._correction.shuffle_planes`: plane ``k`` (byte
+    ``k`` of every element) at ``dst[starts[k]:]``, in a row or as stored
+    deflate blocks of 65535 bytes, each after its 5-byte header.
+    """
+    n = src.size // itemsize
+    if n == 0:
+        return
+    planes = src[: n * itemsize].reshape(n, itemsize).T
+    full, rest = divmod(n, _STORED_BLOCK)
+    counts = [_STORED_BLOCK] * full + ([rest] if rest else [])
+    for k in range(itemsize):
+        start = int(starts[k])
+        if not stored[k]:
+            dst[start : start + n] = planes[k]
+            continue
+        for g, count in enumerate(counts):
+            at = start + g * (_STORED_BLOCK + 5)
+            nlen = count ^ 0xFFFF
+            dst[at : at + 5] = (0, count & 0xFF, count >> 8, nlen & 0xFF, nlen >> 8)
+            first = g * _STORED_BLOCK
+            dst[at + 5 : at + 5 + count] = planes[k][first : first + count]
