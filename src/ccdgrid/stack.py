@@ -16,9 +16,10 @@ the whole stack in memory.
   what HDF5's shuffle + deflate filters would have stored, written with
   ``write_direct_chunk``: the file is a plain gzip dataset. All of that
   releases the GIL. Memory is bounded by a few frames in flight, whatever
-  the number of frames. The output is written under a temporary name beside
-  the target and moved into place with :func:`os.replace`, so a failure
-  leaves no half-written file.
+  the number of frames, and their buffers serve frame after frame. The
+  output is written under a temporary name beside the target and moved
+  into place with :func:`os.replace`, so a failure leaves no half-written
+  file.
 
 Dask is an optional extra: ``pip install "ccdgrid[dask]"``.
 """
@@ -338,9 +339,13 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
     compression : {"gzip", None}
         Output compression: byte shuffle + deflate, or none.
     compression_level : int
-        Deflate level, 1 (the default) to 9. With python-isal installed
-        (``pip install "ccdgrid[fast]"``) ISA-L deflates at level
-        ``min(compression_level, 3)``, else zlib at ``compression_level``.
+        1 (the default) to 9. At 1, a byte plane is deflated as one
+        Huffman-coded block of literals (the fastest deflate that shrinks
+        the exponent byte of corrected counts, and the smallest on it),
+        unless LZ77 does clearly better on a sample of it (smooth or masked
+        areas). From 2, every plane is deflated with LZ77: ISA-L at level
+        ``min(compression_level, 3)`` with python-isal installed (``pip
+        install "ccdgrid[fast]"``), else zlib at ``compression_level``.
     normalize, dummy
         See :meth:`CorrectionMatrix.apply`.
     progress : bool or None
@@ -369,34 +374,34 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
 
     Notes
     -----
-    What the defaults cost, CPU per 2048² frame on one core (measured with
-    ``python benchmarks/stack.py``, stage profile): applying the matrix
-    ~33 ms; reading a stored chunk ~2 ms, writing one ~4 ms; deflating ~18
-    ms with ISA-L, ~55 ms with zlib. Corrected counts are fractional, so
-    the three low bytes of every float32 are noise and only the exponent
-    byte compresses: each byte plane is deflated only if a sample of it
-    shrinks by 10 % or more, else stored as is, and the file is ~80 % of
-    the float32 size (1.6x a uint16 input) at any level. Deflating every
-    plane (what HDF5's own filter does) costs ~330 ms with zlib for the
-    same size. Most of the deflate time goes to the exponent byte, more on
-    noisy frames than on smooth ones. Higher levels cost CPU for a few
-    percent of size. ``compression=None`` stores 25 % more bytes for no
-    CPU.
+    What the defaults cost, CPU per 2048² uint16 frame on one core
+    (``python benchmarks/stack.py --modes stages``): reading a stored chunk
+    ~1 ms, applying the matrix ~14 ms (uint16 pixels read as they are),
+    encoding the chunk ~10 ms at level 1 (shuffle 2 ms, Huffman coding of
+    the exponent byte 5 ms, Adler-32 1 ms), ~14 ms with ISA-L's LZ77 (level
+    2), writing it ~7 ms (system time, into tmpfs). Corrected counts are
+    fractional, so the three low bytes of every float32 are noise and only
+    the exponent byte compresses: each byte plane is deflated only if a
+    sample of it shrinks by 10 % or more, else stored as is, and the file
+    is ~80 % of the float32 size (1.6x a uint16 input) at any level.
+    Deflating every plane (what HDF5's own filter does) costs ~350 ms with
+    zlib for the same size. ``compression=None`` stores 25 % more bytes
+    and costs ~2 ms more to write than it saves in encoding.
 
     Frames are corrected in parallel, ``workers`` at a time, each by one
-    thread with one OpenMP thread (``CorrectionMatrix.apply`` on a 3-D
-    stack, which gathers from all its frames at once, costs about twice
-    the CPU per frame). Chunks of one or more whole frames, stored raw or
-    with HDF5's shuffle and deflate filters, are read with
+    thread with one OpenMP thread. Chunks of one or more whole frames,
+    stored raw or with HDF5's shuffle and deflate filters, are read with
     ``read_direct_chunk`` and inflated by the workers; any other layout
     (tiled chunks, other filters, contiguous) is read through HDF5,
     ``chunk_frames`` frames at a time. Output chunks are written with
-    ``write_direct_chunk``. At most ``2 * workers`` frames are in flight:
-    memory is the matrix (~150 MB at 2048²) plus about 3-4 float32 frames
-    per frame in flight (~60 MB at 2048²), whatever the number of frames
-    (~400 MB in all at 2048² with 2 workers). The output is written under
-    a temporary name beside ``dst`` and moved into place with
-    :func:`os.replace`.
+    ``write_direct_chunk``. At most ``2 * workers`` frames are in flight,
+    and their buffers serve again frame after frame (a fresh 16 MB array
+    per frame costs its page faults each time): memory is the matrix
+    (~150 MB at 2048²), an input and an output chunk per frame in flight
+    (~25 MB at 2048² uint16) and a float32 frame per worker, whatever the
+    number of frames (~340 MB peak in all at 2048² with 2 workers). The
+    output is written under a temporary name beside ``dst`` and moved into
+    place with :func:`os.replace`.
     """
     if chunk_frames is not None:
         chunk_frames = _positive_int(chunk_frames, "chunk_frames")
@@ -890,10 +895,11 @@ The output holds float32 frames (float64 for float64 input), one frame per HDF5
 chunk, byte-shuffled and deflated: any HDF5 reader opens it without plugins.
 Corrected counts are fractional, so their low bytes are noise: the file is
 ~80 % of the float32 size (1.6x a uint16 input), whatever the level. At 2048²,
-deflating costs ~18 ms of CPU per frame with ISA-L (pip install "ccdgrid[fast]"),
-~55 ms with zlib, against ~33 ms for the correction; frames are corrected
---workers at a time. The file is written under a temporary name and moved into
-place only when complete.
+one frame costs ~14 ms of CPU to correct, ~10 ms to encode at level 1 (the
+exponent byte Huffman-coded), ~14 ms at level 2 with ISA-L (pip install
+"ccdgrid[fast]"), and ~7 ms to write; frames are corrected --workers at a time.
+The file is written under a temporary name and moved into place only when
+complete.
 """
 
 
@@ -961,8 +967,9 @@ def add_correct_stack_parser(subparsers, parents=()):
         type=_level_argument,
         default=1,
         metavar="L",
-        help="deflate level 1-9 (default: %(default)s; higher levels cost CPU for a few %% "
-        "of size on corrected counts)",
+        help="deflate level 1-9 (default: %(default)s, Huffman coding of the compressible "
+        "byte planes; from 2, LZ77, which costs more CPU for about the same size on "
+        "corrected counts)",
     )
     parser.add_argument(
         "--no-compression",
@@ -974,7 +981,7 @@ def add_correct_stack_parser(subparsers, parents=()):
         type=_positive_argument,
         metavar="N",
         help="frames corrected at once, one thread each (default: CPUs, at most 4); "
-        "memory grows by ~100 MB per worker at 2048²",
+        "memory grows by ~70 MB per worker at 2048²",
     )
     parser.add_argument(
         "--chunk",
