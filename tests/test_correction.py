@@ -730,3 +730,158 @@ def test_cli_correct_failed_write_leaves_no_file(tmp_path, monkeypatch, capsys):
     assert "No space left on device" in capsys.readouterr().err
     assert os.listdir(out) == ["x_corrected.npy"]
     assert (out / "x_corrected.npy").read_bytes() == b"old"  # the old file is untouched
+
+
+# -- apply: out=, integer images read as they are --------------------------------
+
+
+@pytest.mark.parametrize("weights", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "int32", "bool"])
+def test_integer_images_give_the_float32_result_exactly(backend, weights, dtype):
+    rng = np.random.default_rng(41)
+    dy, dx = smooth_maps(24, 31, 1.5, seed=41)
+    cm = CorrectionMatrix.from_maps(dy, dx, backend=backend, dtype=weights)
+    info = np.iinfo(dtype) if dtype != "bool" else None
+    low, high = (0, 2) if info is None else (info.min, info.max)
+    stack = rng.integers(low, high, (3, 24, 31), endpoint=True).astype(dtype)
+    out = cm.apply(stack, dummy=-1.0)
+    assert out.dtype == np.float32
+    assert_array_equal(out, cm.apply(stack.astype(np.float32), dummy=-1.0))
+    assert_array_equal(cm.apply(stack[1]), cm.apply(stack[1].astype(np.float32)))
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float32", "float64"])
+def test_apply_into_out_returns_out_with_the_same_values(backend, dtype):
+    rng = np.random.default_rng(42)
+    dy, dx = smooth_maps(20, 22, 2.0, seed=42)
+    cm = CorrectionMatrix.from_maps(dy, dx, backend=backend)
+    stack = (rng.uniform(0, 4000, (2, 20, 22))).astype(dtype)
+    work = np.float64 if dtype == "float64" else np.float32
+    out = np.full((2, 20, 22), 7.0, dtype=work)
+    assert cm.apply(stack, normalize=True, out=out) is out
+    assert_array_equal(out, cm.apply(stack, normalize=True))
+    single = np.empty((20, 22), dtype=work)
+    assert cm.apply(stack[0], out=single) is single
+    assert_array_equal(single, cm.apply(stack[0]))
+
+
+def test_apply_rejects_an_unsuitable_out():
+    dy, dx = smooth_maps(10, 12, 1.0, seed=43)
+    cm = CorrectionMatrix.from_maps(dy, dx)
+    image = np.ones((10, 12), dtype=np.uint16)
+    with pytest.raises(CcdgridError, match=r"`out` must be a C-contiguous float32 array"):
+        cm.apply(image, out=np.empty((10, 12), dtype=np.float64))
+    with pytest.raises(CcdgridError, match=r"of shape \(10, 12\), got float32 \(1, 10, 12\)"):
+        cm.apply(image, out=np.empty((1, 10, 12), dtype=np.float32))
+    with pytest.raises(CcdgridError, match="not C-contiguous"):
+        cm.apply(image, out=np.empty((12, 10), dtype=np.float32).T)
+    with pytest.raises(CcdgridError, match="numpy array"):
+        cm.apply(image, out=[[0.0] * 12] * 10)
+    frozen = np.empty((10, 12), dtype=np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(CcdgridError, match="writeable"):
+        cm.apply(image, out=frozen)
+    same = np.ones((10, 12), dtype=np.float32)
+    with pytest.raises(CcdgridError, match="must not overlap"):
+        cm.apply(same, out=same)
+
+
+# -- the chunk-encoding kernels (HDF5 shuffle, Huffman-only deflate) -------------
+
+
+@pytest.fixture(params=["cython", "numpy"])
+def chunk_kernels(request):
+    return kernel if request.param == "cython" else reference
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+@pytest.mark.parametrize("n", [1, 65535, 65536, 140001])
+def test_shuffle_planes_writes_each_byte_plane_in_place(chunk_kernels, itemsize, n):
+    rng = np.random.default_rng(44)
+    src = rng.integers(0, 256, n * itemsize, dtype=np.uint8)
+    stored = (np.arange(itemsize) % 2 == 0).astype(np.uint8)
+    blocks = -(-n // 65535)
+    sizes = [n + 5 * blocks if s else n for s in stored]
+    starts = np.cumsum([3, *sizes[:-1]]).astype(np.int64)
+    dst = np.full(3 + sum(sizes) + 2, 0xAB, dtype=np.uint8)
+    chunk_kernels.shuffle_planes(src, itemsize, dst, starts, stored)
+    # nothing outside the spans
+    assert (dst[:3] == 0xAB).all()
+    assert (dst[-2:] == 0xAB).all()
+    for k in range(itemsize):
+        plane = src[k::itemsize]  # byte k of every element
+        at = int(starts[k])
+        if not stored[k]:
+            assert_array_equal(dst[at : at + n], plane)
+            continue
+        for b in range(blocks):
+            count = min(65535, n - 65535 * b)
+            head = at + b * 65540
+            assert dst[head] == 0  # not final, stored
+            assert int(dst[head + 1]) | int(dst[head + 2]) << 8 == count
+            assert int(dst[head + 3]) | int(dst[head + 4]) << 8 == count ^ 0xFFFF
+            assert_array_equal(dst[head + 5 : head + 5 + count], plane[65535 * b :][:count])
+
+
+def _inflate_raw(data, final):
+    import zlib
+
+    inflater = zlib.decompressobj(-15)
+    # a non-final block needs a final one after it: an empty fixed-Huffman block
+    out = inflater.decompress(data if final else data + b"\x03\x00")
+    assert inflater.eof
+    return out
+
+
+@pytest.mark.parametrize("final", [True, False], ids=["final", "not-final"])
+@pytest.mark.parametrize("kind", ["exponent", "two-values", "skewed", "one-value"])
+def test_huffman_deflate_is_a_valid_smaller_block(chunk_kernels, kind, final):
+    rng = np.random.default_rng(45)
+    n = 50001
+    if kind == "exponent":  # the top byte of float32 counts from 100 to 5000
+        src = (rng.uniform(100, 5000, n).astype(np.float32).view(np.uint32) >> 24).astype(np.uint8)
+    elif kind == "two-values":
+        src = rng.choice(np.array([0x44, 0x45], dtype=np.uint8), n, p=[0.9, 0.1])
+    elif kind == "skewed":  # code lengths beyond 15 before limiting
+        src = (np.minimum(rng.geometric(0.5, n), 255)).astype(np.uint8)
+    else:
+        src = np.full(n, 0x42, dtype=np.uint8)
+    dst = np.zeros(n + 64, dtype=np.uint8)
+    size = chunk_kernels.huffman_deflate(src, dst, final)
+    assert 0 < size < n
+    assert _inflate_raw(dst[:size].tobytes(), final) == src.tobytes()
+    assert (dst[0] & 1) == final  # BFINAL
+    header = (3 + 5 + 5 + 4 + 19 * 3 + 259 * 4) / 8
+    if kind == "one-value":  # the value and end-of-block: one bit each
+        assert size <= header + (n + 1) / 8 + 6
+    elif kind == "two-values":  # codes of 1 bit (0x44), 2 bits (0x45, end-of-block)
+        bits = np.count_nonzero(src == 0x44) + 2 * np.count_nonzero(src == 0x45) + 2
+        assert size <= header + bits / 8 + 6
+
+
+def test_huffman_deflate_gives_up_on_noise_and_small_buffers(chunk_kernels):
+    rng = np.random.default_rng(46)
+    noise = rng.integers(0, 256, 20000, dtype=np.uint8)
+    assert chunk_kernels.huffman_deflate(noise, np.zeros(30000, np.uint8), True) == -1
+    flat = np.full(20000, 7, dtype=np.uint8)
+    untouched = np.full(100, 0xCD, dtype=np.uint8)
+    assert chunk_kernels.huffman_deflate(flat, untouched, True) == -1  # 2.5 KB would not fit
+    assert (untouched == 0xCD).all()
+
+
+@pytest.mark.parametrize("n", [4, 5, 30000, 30003])
+@pytest.mark.parametrize("room", [1.0, 3.0], ids=["one-stream", "two-streams"])
+@pytest.mark.parametrize("final", [True, False], ids=["final", "not-final"])
+def test_huffman_deflate_twins_write_the_same_bytes(n, room, final):
+    # with room for twice the block, the kernel codes two halves as two streams
+    rng = np.random.default_rng(47)
+    src = rng.choice(np.arange(40, 44, dtype=np.uint8), n, p=[0.7, 0.2, 0.05, 0.05])
+    ours = np.zeros(int(room * n) + 300, np.uint8)
+    theirs = np.zeros(int(room * n) + 300, np.uint8)
+    size = kernel.huffman_deflate(src, ours, final)
+    assert size == reference.huffman_deflate(src, theirs, final)
+    if n > 5:
+        assert size > 0
+    assert_array_equal(ours[: max(size, 0)], theirs[: max(size, 0)])
+    if size > 0:
+        assert _inflate_raw(ours[:size].tobytes(), final) == src.tobytes()

@@ -340,6 +340,28 @@ def test_hdf5_honours_a_chunk_whose_deflate_was_skipped(tmp_path, detector, fram
         np.testing.assert_array_equal(h5["/entry/data"][()], _matrix(detector).apply(frames))
 
 
+@pytest.mark.parametrize("kind", ["zeros", "noise", "counts"])
+def test_inflate_into_a_reused_buffer(kind):
+    rng = np.random.default_rng(13)
+    n = 300_000
+    if kind == "zeros":  # 16 KB of input inflate to far more than one 64 KB piece
+        raw = bytes(n)
+    elif kind == "noise":
+        raw = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+    else:
+        raw = rng.integers(100, 200, n // 2, dtype=np.uint16).tobytes()
+    stream = zlib.compress(raw, 6)
+    scratch = types.SimpleNamespace()
+    first = stack._inflate(stream, n, "f.h5::/d", scratch)
+    assert first.tobytes() == raw
+    again = stack._inflate(stream, n, "f.h5::/d", scratch)
+    assert np.shares_memory(first, again)  # the same buffer, not a new one
+    with pytest.raises(CcdgridError, match="holds more than the 1000 bytes"):
+        stack._inflate(stream, 1000, "f.h5::/d", types.SimpleNamespace())
+    with pytest.raises(CcdgridError, match="truncated"):
+        stack._inflate(stream[: len(stream) // 2], n, "f.h5::/d", scratch)
+
+
 # -- the output chunks: HDF5's shuffle + deflate, built plane by plane ----------
 
 
@@ -397,6 +419,61 @@ def test_deflater_deflates_a_smooth_frame_well(engine):
     chunk = stack._Deflater(1, engine=engine)(frame)
     assert chunk.nbytes < 0.01 * frame.nbytes
     assert zlib.decompress(chunk.tobytes()) == _shuffled(frame)
+
+
+def test_deflater_moves_stored_planes_after_a_deflated_one(engine):
+    rng = np.random.default_rng(8)
+    # a zero low byte (deflated, first in the stream) under three random bytes (stored)
+    bits = rng.integers(0, 1 << 24, 300 * 301, dtype=np.uint32) << np.uint32(8)
+    frame = bits.view(np.float32).reshape(300, 301)
+    chunk = stack._Deflater(1, engine=engine)(frame)
+    assert chunk.nbytes < 3.01 * frame.size
+    assert zlib.decompress(chunk.tobytes()) == _shuffled(frame)
+
+
+def test_deflater_huffman_codes_the_exponent_of_fractional_counts(engine):
+    rng = np.random.default_rng(9)
+    frame = rng.uniform(100, 5000, (256, 300)).astype(np.float32)
+    deflate = stack._Deflater(1, engine=engine)
+    planes = frame.reshape(-1).view(np.uint8).reshape(-1, 4).T
+    assert [deflate._method(p) for p in planes] == [None, None, None, "huffman"]
+    assert stack._Deflater(2, engine=engine)._method(planes[3]) == "lz77"
+    assert deflate._method(np.zeros(50000, dtype=np.uint8)) == "lz77"  # runs: LZ77 wins
+    buffer = np.empty(stack._Deflater.bound(frame.shape, frame.dtype), dtype=np.uint8)
+    for _ in range(2):  # the same buffer twice: nothing left over from the first frame
+        chunk = deflate(frame, buffer)
+        assert np.shares_memory(chunk, buffer)
+        assert zlib.decompress(chunk.tobytes()) == _shuffled(frame)
+        frame = frame[::-1].copy()
+    # three stored planes and a Huffman-coded exponent byte (~2 bits a byte here)
+    assert chunk.nbytes < 3.1 * frame.size + 0.3 * frame.size
+
+
+def test_hdf5_stream_reuses_its_buffers(tmp_path, detector, monkeypatch):
+    rng = np.random.default_rng(10)
+    frames = rng.integers(0, 60000, (30, NY, NX), dtype=np.uint16)
+    src = _write_source(tmp_path / "in.h5", frames, chunks=(1, NY, NX))
+    outputs, inputs = [], set()
+    new_output = stack._FrameCorrector.new_output
+    read = stack._Reader.read
+
+    def counted_output(self):
+        outputs.append(new_output(self))
+        return outputs[-1]
+
+    def counted_read(self, i0, count, buffer=None):
+        payload, buffer = read(self, i0, count, buffer)
+        inputs.add(id(buffer))
+        return payload, buffer
+
+    monkeypatch.setattr(stack._FrameCorrector, "new_output", counted_output)
+    monkeypatch.setattr(stack._Reader, "read", counted_read)
+    stack.correct_hdf5(src, tmp_path / "out.h5", detector, workers=2, progress=False)
+    # at most 2 * workers frames in flight, whatever the number of frames
+    assert 1 <= len(outputs) <= 4
+    assert 1 <= len(inputs) <= 4
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        np.testing.assert_array_equal(h5["/entry/data"][()], _matrix(detector).apply(frames))
 
 
 @pytest.mark.parametrize("level", [1, 6, 9])

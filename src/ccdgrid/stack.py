@@ -16,9 +16,10 @@ the whole stack in memory.
   what HDF5's shuffle + deflate filters would have stored, written with
   ``write_direct_chunk``: the file is a plain gzip dataset. All of that
   releases the GIL. Memory is bounded by a few frames in flight, whatever
-  the number of frames. The output is written under a temporary name beside
-  the target and moved into place with :func:`os.replace`, so a failure
-  leaves no half-written file.
+  the number of frames, and their buffers serve frame after frame. The
+  output is written under a temporary name beside the target and moved
+  into place with :func:`os.replace`, so a failure leaves no half-written
+  file.
 
 Dask is an optional extra: ``pip install "ccdgrid[dask]"``.
 """
@@ -338,9 +339,13 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
     compression : {"gzip", None}
         Output compression: byte shuffle + deflate, or none.
     compression_level : int
-        Deflate level, 1 (the default) to 9. With python-isal installed
-        (``pip install "ccdgrid[fast]"``) ISA-L deflates at level
-        ``min(compression_level, 3)``, else zlib at ``compression_level``.
+        1 (the default) to 9. At 1, a byte plane is deflated as one
+        Huffman-coded block of literals (the fastest deflate that shrinks
+        the exponent byte of corrected counts, and the smallest on it),
+        unless LZ77 does clearly better on a sample of it (smooth or masked
+        areas). From 2, every plane is deflated with LZ77: ISA-L at level
+        ``min(compression_level, 3)`` with python-isal installed (``pip
+        install "ccdgrid[fast]"``), else zlib at ``compression_level``.
     normalize, dummy
         See :meth:`CorrectionMatrix.apply`.
     progress : bool or None
@@ -369,34 +374,34 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
 
     Notes
     -----
-    What the defaults cost, CPU per 2048² frame on one core (measured with
-    ``python benchmarks/stack.py``, stage profile): applying the matrix
-    ~33 ms; reading a stored chunk ~2 ms, writing one ~4 ms; deflating ~18
-    ms with ISA-L, ~55 ms with zlib. Corrected counts are fractional, so
-    the three low bytes of every float32 are noise and only the exponent
-    byte compresses: each byte plane is deflated only if a sample of it
-    shrinks by 10 % or more, else stored as is, and the file is ~80 % of
-    the float32 size (1.6x a uint16 input) at any level. Deflating every
-    plane (what HDF5's own filter does) costs ~330 ms with zlib for the
-    same size. Most of the deflate time goes to the exponent byte, more on
-    noisy frames than on smooth ones. Higher levels cost CPU for a few
-    percent of size. ``compression=None`` stores 25 % more bytes for no
-    CPU.
+    What the defaults cost, CPU per 2048² uint16 frame on one core
+    (``python benchmarks/stack.py --modes stages``): reading a stored chunk
+    ~1 ms, applying the matrix ~14 ms (uint16 pixels read as they are),
+    encoding the chunk ~10 ms at level 1 (shuffle 2 ms, Huffman coding of
+    the exponent byte 5 ms, Adler-32 1 ms), ~14 ms with ISA-L's LZ77 (level
+    2), writing it ~7 ms (system time, into tmpfs). Corrected counts are
+    fractional, so the three low bytes of every float32 are noise and only
+    the exponent byte compresses: each byte plane is deflated only if a
+    sample of it shrinks by 10 % or more, else stored as is, and the file
+    is ~80 % of the float32 size (1.6x a uint16 input) at any level.
+    Deflating every plane (what HDF5's own filter does) costs ~350 ms with
+    zlib for the same size. ``compression=None`` stores 25 % more bytes
+    and costs ~2 ms more to write than it saves in encoding.
 
     Frames are corrected in parallel, ``workers`` at a time, each by one
-    thread with one OpenMP thread (``CorrectionMatrix.apply`` on a 3-D
-    stack, which gathers from all its frames at once, costs about twice
-    the CPU per frame). Chunks of one or more whole frames, stored raw or
-    with HDF5's shuffle and deflate filters, are read with
+    thread with one OpenMP thread. Chunks of one or more whole frames,
+    stored raw or with HDF5's shuffle and deflate filters, are read with
     ``read_direct_chunk`` and inflated by the workers; any other layout
     (tiled chunks, other filters, contiguous) is read through HDF5,
     ``chunk_frames`` frames at a time. Output chunks are written with
-    ``write_direct_chunk``. At most ``2 * workers`` frames are in flight:
-    memory is the matrix (~150 MB at 2048²) plus about 3-4 float32 frames
-    per frame in flight (~60 MB at 2048²), whatever the number of frames
-    (~400 MB in all at 2048² with 2 workers). The output is written under
-    a temporary name beside ``dst`` and moved into place with
-    :func:`os.replace`.
+    ``write_direct_chunk``. At most ``2 * workers`` frames are in flight,
+    and their buffers serve again frame after frame (a fresh 16 MB array
+    per frame costs its page faults each time): memory is the matrix
+    (~150 MB at 2048²), an input and an output chunk per frame in flight
+    (~25 MB at 2048² uint16) and a float32 frame per worker, whatever the
+    number of frames (~340 MB peak in all at 2048² with 2 workers). The
+    output is written under a temporary name beside ``dst`` and moved into
+    place with :func:`os.replace`.
     """
     if chunk_frames is not None:
         chunk_frames = _positive_int(chunk_frames, "chunk_frames")
@@ -429,10 +434,10 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
         work = _work_dtype(source.dtype)
         shape = (n, *matrix.shape_out)
         reader = _Reader(source, chunk_frames)
-        encode = _Deflater(compression_level) if compression else _raw_chunk
+        encode = _Deflater(compression_level) if compression else None
         correct = _FrameCorrector(
             reader.decode, matrix, normalize, dummy, encode,
-            nthreads=max(1, _available_cpus() // workers),
+            nthreads=max(1, _available_cpus() // workers), work=work,
         )  # fmt: skip
         tmp = _temporary_sibling(dst_path)
         try:
@@ -463,66 +468,112 @@ def _stream(reader, target, correct, workers, bar):
     """Correct the chunks of ``reader`` in ``workers`` threads; write them in order here.
 
     This thread alone calls HDF5 (h5py serialises its calls anyway): it
-    reads a chunk, hands it to the pool, and writes the oldest finished
-    chunk's frames once ``2 * workers`` frames are in flight, which bounds
-    memory. Workers inflate, correct and deflate without the GIL, so they
-    keep the cores busy while this thread does I/O. Returns the number of
-    bytes written.
+    reads a chunk into a free input buffer, hands it to the pool with free
+    output buffers, and writes the oldest finished chunk's frames (from
+    their buffers, which then serve again) once ``2 * workers`` frames are
+    in flight, which bounds memory. Workers inflate, correct and deflate
+    without the GIL, so they keep the cores busy while this thread does I/O.
+    Returns the number of bytes written.
     """
     in_flight = 2 * workers
-    pending = deque()  # (first frame, future of a list of encoded frames)
+    pending = deque()  # (first frame, input buffer, output buffers, future)
+    free_inputs, free_outputs = [], []
     queued = 0
     stored = 0
 
     def retire_oldest():
         nonlocal queued, stored
-        i0, future = pending.popleft()
+        i0, source, outputs, future = pending.popleft()
         chunks = future.result()
         for offset, chunk in enumerate(chunks):
             target.id.write_direct_chunk((i0 + offset, 0, 0), chunk)
             stored += chunk.nbytes
         queued -= len(chunks)
         bar.update(len(chunks))
+        free_inputs.append(source)
+        free_outputs.extend(outputs)
 
     with ThreadPoolExecutor(workers, thread_name_prefix="ccdgrid-stack") as pool:
         try:
-            for i0, count, payload in reader:
-                pending.append((i0, pool.submit(correct, payload, count)))
-                queued += count
-                while queued >= in_flight:
+            for i0, count in reader.chunks():
+                while queued and queued + count > in_flight:
                     retire_oldest()
+                spare = free_inputs.pop() if free_inputs else None
+                payload, source = reader.read(i0, count, spare)
+                outputs = [
+                    free_outputs.pop() if free_outputs else correct.new_output()
+                    for _ in range(count)
+                ]
+                future = pool.submit(correct, payload, count, outputs)
+                pending.append((i0, source, outputs, future))
+                queued += count
             while pending:
                 retire_oldest()
         except BaseException:
-            for _, future in pending:
+            for *_, future in pending:
                 future.cancel()
             raise
     return stored
 
 
 class _FrameCorrector:
-    """Decode a chunk of input, correct its frames one by one, encode each output chunk."""
+    """Decode a chunk of input, correct its frames one by one, encode each output chunk.
 
-    def __init__(self, decode, matrix, normalize, dummy, encode, nthreads):
+    Called by the workers with the output buffers (one per frame) that the
+    stream hands out and takes back: nothing of a frame's size is allocated
+    per frame. Without compression the matrix is applied straight into the
+    output buffer (the chunk is the frame); with it, into a float frame of
+    the worker's own, which the encoder then shuffles and deflates into the
+    output buffer.
+    """
+
+    def __init__(self, decode, matrix, normalize, dummy, encode, nthreads, work):
+        import threading
+
         self.decode, self.matrix, self.encode = decode, matrix, encode
         self.options = {"normalize": bool(normalize), "dummy": float(dummy), "nthreads": nthreads}
+        self.work = work
+        self.local = threading.local()
 
-    def __call__(self, payload, count):
-        frames = self.decode(payload, count)
-        return [self.encode(self.matrix.apply(frame, **self.options)) for frame in frames]
+    def new_output(self):
+        """An output buffer for one frame's chunk (the stream keeps and reuses it)."""
+        import numpy as np
+
+        if self.encode is None:
+            return np.empty(self.matrix.shape_out, dtype=self.work)
+        return np.empty(self.encode.bound(self.matrix.shape_out, self.work), dtype=np.uint8)
+
+    def _frame(self):
+        import numpy as np
+
+        frame = getattr(self.local, "frame", None)
+        if frame is None:
+            frame = self.local.frame = np.empty(self.matrix.shape_out, dtype=self.work)
+        return frame
+
+    def __call__(self, payload, count, outputs):
+        frames = self.decode(payload, count, self.local)
+        chunks = []
+        for frame, output in zip(frames, outputs, strict=True):
+            if self.encode is None:
+                chunks.append(self.matrix.apply(frame, out=output, **self.options))
+            else:
+                corrected = self.matrix.apply(frame, out=self._frame(), **self.options)
+                chunks.append(self.encode(corrected, output))
+        return chunks
 
 
 # -- reading: chunk by chunk, inflated by the workers --------------------------
 
 
 class _Reader:
-    """Iterate over a source dataset as ``(first frame, frames, payload)``.
+    """Read a source dataset chunk by chunk into reused buffers.
 
     When each chunk holds whole frames and its filters are among shuffle
-    and deflate, the payload is the chunk's stored bytes
-    (``read_direct_chunk``) and :meth:`decode` (run by a worker) undoes the
-    filters. Otherwise HDF5 reads ``chunk_frames`` frames at once and the
-    payload is already the frames.
+    and deflate, a chunk's stored bytes are read with ``read_direct_chunk``
+    and :meth:`decode` (run by a worker) undoes the filters. Otherwise HDF5
+    reads ``chunk_frames`` frames at once and the payload is already the
+    frames.
     """
 
     def __init__(self, source, chunk_frames):
@@ -540,26 +591,38 @@ class _Reader:
         self.frame_shape = source.shape[1:]
         self.chunk_nbytes = self.depth * math.prod(self.frame_shape) * self.dtype.itemsize
 
-    def __iter__(self):
+    def chunks(self):
+        """``(first frame, frames)`` of every chunk, in order."""
+        for i0 in range(0, self.n, self.depth):
+            yield i0, min(self.depth, self.n - i0)
+
+    def read(self, i0, count, buffer=None):
+        """The payload of the chunk at frame ``i0``, read into ``buffer`` when it is large
+        enough, and the buffer that holds it (to pass again once the payload is used)."""
         import numpy as np
 
-        for i0 in range(0, self.n, self.depth):
-            count = min(self.depth, self.n - i0)
-            if self.filters is None:
-                yield i0, count, self.source[i0 : i0 + count]
-                continue
-            offset = (i0, 0, 0)
-            info = self.source.id.get_chunk_info_by_coord(offset)
-            if info.byte_offset is None:  # never written: HDF5 supplies the fill value
-                yield i0, count, self.source[i0 : i0 + count]
-                continue
-            # a numpy buffer, not bytes: large bytes objects cost a page fault per 4 KiB
-            stored = np.empty(info.size, dtype=np.uint8)
-            mask, _ = self.source.id.read_direct_chunk(offset, out=stored)
-            yield i0, count, (mask, stored)
+        info = None
+        if self.filters is not None:
+            info = self.source.id.get_chunk_info_by_coord((i0, 0, 0))
+        # a chunk never written (HDF5 supplies the fill value) is read through HDF5
+        if info is None or info.byte_offset is None:
+            size = count * math.prod(self.frame_shape) * self.dtype.itemsize
+            if buffer is None or buffer.nbytes < size:
+                buffer = np.empty(max(size, self.chunk_nbytes), dtype=np.uint8)
+            frames = buffer[:size].view(self.dtype).reshape(count, *self.frame_shape)
+            self.source.read_direct(frames, np.s_[i0 : i0 + count])
+            return frames, buffer
+        if buffer is None or buffer.nbytes < info.size:
+            buffer = np.empty(max(info.size, self.chunk_nbytes), dtype=np.uint8)
+        mask, _ = self.source.id.read_direct_chunk((i0, 0, 0), out=buffer)
+        return (mask, buffer[: info.size]), buffer
 
-    def decode(self, payload, count):
-        """The frames ``(count, ny, nx)`` of one payload (a worker runs this)."""
+    def decode(self, payload, count, scratch=None):
+        """The frames ``(count, ny, nx)`` of one payload (a worker runs this).
+
+        ``scratch`` (any object taking attributes, e.g. a thread-local) keeps
+        the buffer of unshuffled bytes from one call to the next.
+        """
         if not isinstance(payload, tuple):  # read through HDF5: already frames
             return payload
         mask, data = payload
@@ -568,9 +631,9 @@ class _Reader:
                 continue
             code, element_size = self.filters[index]
             if code == "deflate":
-                data = _inflate(data, self.chunk_nbytes, self.name)
+                data = _inflate(data, self.chunk_nbytes, self.name, scratch)
             else:
-                data = _unshuffle(data, element_size)
+                data = _unshuffle(data, element_size, scratch)
         if data.size != self.chunk_nbytes:
             raise CcdgridError(
                 f"a chunk of {self.name} holds {data.size} bytes after its filters, expected "
@@ -604,23 +667,74 @@ def _direct_filters(source):
     return filters
 
 
-def _inflate(data, size, name):
-    """Inflate one zlib stream (HDF5's deflate filter) into a uint8 array (``size`` expected)."""
+_INFLATE_PIECE = 262144  # compressed bytes fed to the inflater at a time
+_INFLATE_OUT = 1048576  # inflated bytes it returns at most at a time
+
+
+def _inflate(data, size, name, scratch=None):
+    """Inflate one zlib stream (HDF5's deflate filter) into a uint8 array (``size`` expected).
+
+    With ``scratch`` (any object taking attributes, e.g. a thread-local), the
+    result goes to ``scratch.inflated``, reused while large enough: the
+    inflater is fed and drained in pieces of 1 MB at most, which the allocator
+    recycles, where one ``size``-byte result would be fresh memory (and
+    ~2000 page faults at 2048² uint16) every chunk.
+    """
     import numpy as np
 
     engine = _deflate_engine()
+    if scratch is None:
+        try:
+            return np.frombuffer(engine.decompress(data, 15, size), dtype=np.uint8)
+        except engine.error as exc:
+            raise CcdgridError(f"cannot inflate a chunk of {name}: {exc}") from exc
+    out = getattr(scratch, "inflated", None)
+    if out is None or out.size < size:
+        out = scratch.inflated = np.empty(size, dtype=np.uint8)
+    inflater = engine.decompressobj(15)
+    source = memoryview(data).cast("B")
+    pos, overflow = 0, False
     try:
-        return np.frombuffer(engine.decompress(data, 15, size), dtype=np.uint8)
+        for first in range(0, len(source), _INFLATE_PIECE):
+            pending = source[first : first + _INFLATE_PIECE]
+            # drained when the input is used up and a call returns less than asked
+            while not (inflater.eof or overflow):
+                piece = inflater.decompress(pending, _INFLATE_OUT)
+                overflow = pos + len(piece) > size
+                if not overflow:
+                    out[pos : pos + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+                    pos += len(piece)
+                pending = inflater.unconsumed_tail
+                if not pending and len(piece) < _INFLATE_OUT:
+                    break
+            if inflater.eof or overflow:
+                break
+        complete = inflater.eof and not overflow
     except engine.error as exc:
         raise CcdgridError(f"cannot inflate a chunk of {name}: {exc}") from exc
+    if not complete:
+        raise CcdgridError(
+            f"cannot inflate a chunk of {name}: the stream is truncated or holds more than "
+            f"the {size} bytes of a chunk"
+        )
+    return out[:pos]
 
 
-def _unshuffle(data, element_size):
-    """Undo HDF5's shuffle filter: byte plane k back into byte k of every element."""
+def _unshuffle(data, element_size, scratch=None):
+    """Undo HDF5's shuffle filter: byte plane k back into byte k of every element.
+
+    The result goes to ``scratch.unshuffled`` (reused while large enough)
+    when ``scratch`` is given.
+    """
     import numpy as np
 
     n = data.size // element_size
-    out = np.empty(data.size, dtype=np.uint8)
+    out = getattr(scratch, "unshuffled", None)
+    if out is None or out.size < data.size:
+        out = np.empty(data.size, dtype=np.uint8)
+        if scratch is not None:
+            scratch.unshuffled = out
+    out = out[: data.size]
     elements = out[: n * element_size].reshape(n, element_size)
     for k in range(element_size):
         # one strided copy per plane: a single (n, size) <- (size, n).T copy is 5x slower
@@ -636,6 +750,7 @@ _STORED_MAX = 65535  # bytes in one stored deflate block
 _SAMPLES = 4  # windows of a byte plane deflated to judge it
 _SAMPLE_BYTES = 8192
 _WORTH = 0.9  # deflate a plane whose sample shrinks below this fraction
+_LZ77_GAIN = 0.75  # LZ77 rather than Huffman alone when its sample is this much smaller
 
 
 def _deflate_engine():
@@ -646,57 +761,82 @@ def _deflate_engine():
     return isal_zlib
 
 
-def _raw_chunk(frame):
-    import numpy as np
-
-    return np.ascontiguousarray(frame)
-
-
 class _Deflater:
     """One output frame -> the bytes HDF5's shuffle + deflate filters store for it.
 
     The result is one zlib stream (RFC 1950) of the shuffled frame, built
-    byte plane by byte plane: a plane whose sample does not shrink by 10 %
-    (the noisy low bytes of fractional counts) is written as stored deflate
-    blocks, straight from the frame into the output buffer (no copy of the
-    plane, no call to the compressor); the others are deflated with ISA-L
-    (when installed) or zlib and end with a sync flush, so the pieces
-    concatenate into one valid stream. Any inflate (HDF5's filter) reads it.
+    byte plane by byte plane, in a buffer the caller may reuse from frame to
+    frame. One pass of the ``shuffle_planes`` kernel writes every byte plane
+    where it goes: a plane whose sample does not shrink by 10 % (the noisy
+    low bytes of fractional counts) as stored deflate blocks, in place (no
+    call to the compressor, no copy after); the others in a row, then
+    deflated with ISA-L (when installed) or zlib, ending with a sync flush
+    so the pieces concatenate into one valid stream. Any inflate (HDF5's
+    filter) reads it.
     """
 
     def __init__(self, level, engine=None):
+        import threading
+
+        from ._ext import _correction
+
         self.engine = _deflate_engine() if engine is None else engine
         self.level = min(level, 3) if self.engine is not zlib else level
+        self.huffman = level == 1
+        self.kernels = _correction
+        self.local = threading.local()  # each worker thread's Huffman output buffer
 
-    def __call__(self, frame):
+    @staticmethod
+    def bound(shape, dtype):
+        """Bytes of the largest chunk of a frame of ``shape`` and ``dtype`` (all planes stored)."""
+        import numpy as np
+
+        return 2 + np.dtype(dtype).itemsize * _stored_size(math.prod(shape)) + 4
+
+    def __call__(self, frame, out=None):
+        """The chunk of ``frame``: a uint8 view of ``out`` (at least :meth:`bound` bytes),
+        or of a new array when ``out`` is None."""
         import numpy as np
 
         frame = np.ascontiguousarray(frame)
         size = frame.itemsize
+        if out is None:
+            out = np.empty(self.bound(frame.shape, frame.dtype), dtype=np.uint8)
         planes = frame.reshape(-1).view(np.uint8).reshape(-1, size).T  # (size, n) strided
         n = planes.shape[1]
-        out = np.empty(2 + size * _stored_size(n) + 4, dtype=np.uint8)
+        span = _stored_size(n)
+        # each plane at the place it has if every plane before it is stored
+        starts = 2 + span * np.arange(size, dtype=np.int64)
+        methods = [self._method(p) for p in planes]
+        stored = np.array([m is None for m in methods], dtype=np.uint8)
+        self.kernels.shuffle_planes(frame.reshape(-1).view(np.uint8), size, out, starts, stored)
         out[:2] = _ZLIB_HEADER
         pos, adler = 2, 1
         for k in range(size):
             final = k == size - 1
-            plane = planes[k]
-            piece = None
-            if self._worth_deflating(plane):
-                plane = np.ascontiguousarray(plane)
-                piece = self._deflate(plane, final)
-                if len(piece) >= _stored_size(n):
-                    piece = None
-            if piece is None:
-                pos, adler = _put_stored(out, pos, plane, final, adler, self.engine)
-            else:
+            start = int(starts[k])
+            if stored[k]:
+                if pos != start:  # an earlier plane deflated: move this one up
+                    out[pos : pos + span] = out[start : start + span]
+                adler = _stored_adler(out, pos, n, adler, self.engine)
+                if final:
+                    out[pos + (_blocks(n) - 1) * (_STORED_MAX + 5)] |= 1
+                pos += span
+                continue
+            plane = out[start : start + n]
+            adler = self.engine.adler32(plane, adler)
+            piece = self._deflate(plane, final, methods[k])
+            if len(piece) < span:
                 out[pos : pos + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
                 pos += len(piece)
-                adler = self.engine.adler32(plane, adler)
+            else:  # it did not shrink after all: store it
+                pos, _ = _put_stored(out, pos, plane.copy(), final, 1, self.engine)
         out[pos : pos + 4] = np.frombuffer(adler.to_bytes(4, "big"), dtype=np.uint8)
         return out[: pos + 4]
 
-    def _worth_deflating(self, plane):
+    def _method(self, plane):
+        """How to store a byte plane, judged on a sample: None (as it is, when
+        deflating it shrinks it by less than 10 %), "huffman" or "lz77"."""
         import numpy as np
 
         n = plane.size
@@ -705,18 +845,57 @@ class _Deflater:
         else:
             starts = np.linspace(0, n - _SAMPLE_BYTES, _SAMPLES).astype(np.int64)
             sample = np.concatenate([plane[s : s + _SAMPLE_BYTES] for s in starts])
-        packed = self.engine.compress(sample, self.level)
-        return len(packed) < _WORTH * sample.size
+        lz77 = len(self.engine.compress(sample, self.level)) / sample.size
+        huffman = _huffman_estimate(sample) if self.huffman else 1.0
+        if min(lz77, huffman) >= _WORTH:
+            return None
+        # Huffman coding alone costs 1 bit a byte at least, and misses repeats:
+        # LZ77 when it does clearly better (smooth or masked areas)
+        return "lz77" if lz77 < _LZ77_GAIN * huffman else "huffman"
 
-    def _deflate(self, plane, final):
+    def _deflate(self, plane, final, method="lz77"):
+        if method == "huffman":
+            import numpy as np
+
+            # room for the kernel's two interleaved bit streams (its fast path)
+            room = 2 * plane.size + 64
+            buffer = getattr(self.local, "buffer", None)
+            if buffer is None or buffer.size < room:
+                buffer = self.local.buffer = np.empty(room, dtype=np.uint8)
+            size = self.kernels.huffman_deflate(plane, buffer, final)
+            if size >= 0:
+                return buffer[:size]
         deflate = self.engine.compressobj(self.level, self.engine.DEFLATED, -zlib.MAX_WBITS)
         head = deflate.compress(plane)
         return head + deflate.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
 
 
+def _huffman_estimate(sample):
+    """Bytes per byte that Huffman coding alone would give ``sample`` (its order-0
+    entropy, at least 1 bit per byte)."""
+    import numpy as np
+
+    counts = np.bincount(sample, minlength=256)
+    p = counts[counts > 0] / sample.size
+    return max(float(-(p * np.log2(p)).sum()), 1.0) / 8
+
+
+def _blocks(n):
+    """Stored deflate blocks that hold ``n`` bytes (one, empty, for none)."""
+    return max(1, -(-n // _STORED_MAX))
+
+
 def _stored_size(n):
     """Bytes of ``n`` bytes written as stored deflate blocks (5-byte header each)."""
-    return n + 5 * max(1, -(-n // _STORED_MAX))
+    return n + 5 * _blocks(n)
+
+
+def _stored_adler(out, pos, n, adler, engine):
+    """The running Adler-32 updated with the ``n`` bytes stored as blocks at ``out[pos:]``."""
+    for first in range(0, n, _STORED_MAX):
+        at = pos + (first // _STORED_MAX) * (_STORED_MAX + 5) + 5
+        adler = engine.adler32(out[at : at + min(_STORED_MAX, n - first)], adler)
+    return adler
 
 
 def _put_stored(out, pos, plane, final, adler, engine):
@@ -760,10 +939,11 @@ The output holds float32 frames (float64 for float64 input), one frame per HDF5
 chunk, byte-shuffled and deflated: any HDF5 reader opens it without plugins.
 Corrected counts are fractional, so their low bytes are noise: the file is
 ~80 % of the float32 size (1.6x a uint16 input), whatever the level. At 2048²,
-deflating costs ~18 ms of CPU per frame with ISA-L (pip install "ccdgrid[fast]"),
-~55 ms with zlib, against ~33 ms for the correction; frames are corrected
---workers at a time. The file is written under a temporary name and moved into
-place only when complete.
+one frame costs ~14 ms of CPU to correct, ~10 ms to encode at level 1 (the
+exponent byte Huffman-coded), ~14 ms at level 2 with ISA-L (pip install
+"ccdgrid[fast]"), and ~7 ms to write; frames are corrected --workers at a time.
+The file is written under a temporary name and moved into place only when
+complete.
 """
 
 
@@ -831,8 +1011,9 @@ def add_correct_stack_parser(subparsers, parents=()):
         type=_level_argument,
         default=1,
         metavar="L",
-        help="deflate level 1-9 (default: %(default)s; higher levels cost CPU for a few %% "
-        "of size on corrected counts)",
+        help="deflate level 1-9 (default: %(default)s, Huffman coding of the compressible "
+        "byte planes; from 2, LZ77, which costs more CPU for about the same size on "
+        "corrected counts)",
     )
     parser.add_argument(
         "--no-compression",
@@ -844,7 +1025,7 @@ def add_correct_stack_parser(subparsers, parents=()):
         type=_positive_argument,
         metavar="N",
         help="frames corrected at once, one thread each (default: CPUs, at most 4); "
-        "memory grows by ~100 MB per worker at 2048²",
+        "memory grows by ~70 MB per worker at 2048²",
     )
     parser.add_argument(
         "--chunk",
