@@ -28,8 +28,8 @@ and matrix included) is its own:
 * ``stages``: a profile, one thread, of what one frame costs in each stage of
   the stream, into buffers reused from frame to frame as the stream does:
   read the stored chunk, inflate it (compressed source only), apply the
-  matrix, shuffle the byte planes, encode a chunk (the default level 1,
-  Huffman-coded exponent byte; level 2, LZ77 by ISA-L when installed; zlib),
+  matrix, shuffle the byte planes, encode a chunk (the default level 1 and
+  level 2, by ISA-L when installed; zlib level 1),
   write the chunk (into ``--outdir``, like the stream).
 
 The matrix is built before the clock starts (its build time is printed
@@ -171,7 +171,7 @@ def _stages(stack_path, matrix, outdir, repeats=8):
     cost["shuffle (all planes stored)"] = _median_ms(
         lambda: _correction.shuffle_planes(raw_bytes, 4, chunk, starts, every), repeats
     )
-    deflaters = {"huffman": stack._Deflater(1), "lz77 level 2": stack._Deflater(2)}
+    deflaters = {"level 1": stack._Deflater(1), "level 2": stack._Deflater(2)}
     deflaters["zlib"] = stack._Deflater(1, engine=zlib)
     sizes = {}
     for name, deflate in deflaters.items():
@@ -182,7 +182,7 @@ def _stages(stack_path, matrix, outdir, repeats=8):
     cost["deflate every plane (zlib)"] = _median_ms(
         lambda: zlib.compress(corrected.view(np.uint8).reshape(-1, 4).T.copy(), 1), 3
     )
-    encoded = deflaters["huffman"](corrected, chunk)
+    encoded = deflaters["level 1"](corrected, chunk)
     with (
         tempfile.TemporaryDirectory(dir=outdir) as scratch,
         h5py.File(Path(scratch) / "w.h5", "w") as h5,

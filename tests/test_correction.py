@@ -786,7 +786,7 @@ def test_apply_rejects_an_unsuitable_out():
         cm.apply(same, out=same)
 
 
-# -- the chunk-encoding kernels (HDF5 shuffle, Huffman-only deflate) -------------
+# -- the chunk-encoding kernel (HDF5 shuffle) -----------------------------------
 
 
 @pytest.fixture(params=["cython", "numpy"])
@@ -821,67 +821,3 @@ def test_shuffle_planes_writes_each_byte_plane_in_place(chunk_kernels, itemsize,
             assert int(dst[head + 1]) | int(dst[head + 2]) << 8 == count
             assert int(dst[head + 3]) | int(dst[head + 4]) << 8 == count ^ 0xFFFF
             assert_array_equal(dst[head + 5 : head + 5 + count], plane[65535 * b :][:count])
-
-
-def _inflate_raw(data, final):
-    import zlib
-
-    inflater = zlib.decompressobj(-15)
-    # a non-final block needs a final one after it: an empty fixed-Huffman block
-    out = inflater.decompress(data if final else data + b"\x03\x00")
-    assert inflater.eof
-    return out
-
-
-@pytest.mark.parametrize("final", [True, False], ids=["final", "not-final"])
-@pytest.mark.parametrize("kind", ["exponent", "two-values", "skewed", "one-value"])
-def test_huffman_deflate_is_a_valid_smaller_block(chunk_kernels, kind, final):
-    rng = np.random.default_rng(45)
-    n = 50001
-    if kind == "exponent":  # the top byte of float32 counts from 100 to 5000
-        src = (rng.uniform(100, 5000, n).astype(np.float32).view(np.uint32) >> 24).astype(np.uint8)
-    elif kind == "two-values":
-        src = rng.choice(np.array([0x44, 0x45], dtype=np.uint8), n, p=[0.9, 0.1])
-    elif kind == "skewed":  # code lengths beyond 15 before limiting
-        src = (np.minimum(rng.geometric(0.5, n), 255)).astype(np.uint8)
-    else:
-        src = np.full(n, 0x42, dtype=np.uint8)
-    dst = np.zeros(n + 64, dtype=np.uint8)
-    size = chunk_kernels.huffman_deflate(src, dst, final)
-    assert 0 < size < n
-    assert _inflate_raw(dst[:size].tobytes(), final) == src.tobytes()
-    assert (dst[0] & 1) == final  # BFINAL
-    header = (3 + 5 + 5 + 4 + 19 * 3 + 259 * 4) / 8
-    if kind == "one-value":  # the value and end-of-block: one bit each
-        assert size <= header + (n + 1) / 8 + 6
-    elif kind == "two-values":  # codes of 1 bit (0x44), 2 bits (0x45, end-of-block)
-        bits = np.count_nonzero(src == 0x44) + 2 * np.count_nonzero(src == 0x45) + 2
-        assert size <= header + bits / 8 + 6
-
-
-def test_huffman_deflate_gives_up_on_noise_and_small_buffers(chunk_kernels):
-    rng = np.random.default_rng(46)
-    noise = rng.integers(0, 256, 20000, dtype=np.uint8)
-    assert chunk_kernels.huffman_deflate(noise, np.zeros(30000, np.uint8), True) == -1
-    flat = np.full(20000, 7, dtype=np.uint8)
-    untouched = np.full(100, 0xCD, dtype=np.uint8)
-    assert chunk_kernels.huffman_deflate(flat, untouched, True) == -1  # 2.5 KB would not fit
-    assert (untouched == 0xCD).all()
-
-
-@pytest.mark.parametrize("n", [4, 5, 30000, 30003])
-@pytest.mark.parametrize("room", [1.0, 3.0], ids=["one-stream", "two-streams"])
-@pytest.mark.parametrize("final", [True, False], ids=["final", "not-final"])
-def test_huffman_deflate_twins_write_the_same_bytes(n, room, final):
-    # with room for twice the block, the kernel codes two halves as two streams
-    rng = np.random.default_rng(47)
-    src = rng.choice(np.arange(40, 44, dtype=np.uint8), n, p=[0.7, 0.2, 0.05, 0.05])
-    ours = np.zeros(int(room * n) + 300, np.uint8)
-    theirs = np.zeros(int(room * n) + 300, np.uint8)
-    size = kernel.huffman_deflate(src, ours, final)
-    assert size == reference.huffman_deflate(src, theirs, final)
-    if n > 5:
-        assert size > 0
-    assert_array_equal(ours[: max(size, 0)], theirs[: max(size, 0)])
-    if size > 0:
-        assert _inflate_raw(ours[:size].tobytes(), final) == src.tobytes()

@@ -339,13 +339,9 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
     compression : {"gzip", None}
         Output compression: byte shuffle + deflate, or none.
     compression_level : int
-        1 (the default) to 9. At 1, a byte plane is deflated as one
-        Huffman-coded block of literals (the fastest deflate that shrinks
-        the exponent byte of corrected counts, and the smallest on it),
-        unless LZ77 does clearly better on a sample of it (smooth or masked
-        areas). From 2, every plane is deflated with LZ77: ISA-L at level
-        ``min(compression_level, 3)`` with python-isal installed (``pip
-        install "ccdgrid[fast]"``), else zlib at ``compression_level``.
+        1 (the default) to 9: ISA-L at level ``min(compression_level, 3)``
+        with python-isal installed (``pip install "ccdgrid[fast]"``), else
+        zlib at ``compression_level``.
     normalize, dummy
         See :meth:`CorrectionMatrix.apply`.
     progress : bool or None
@@ -377,13 +373,13 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
     What the defaults cost, CPU per 2048² uint16 frame on one core
     (``python benchmarks/stack.py --modes stages``): reading a stored chunk
     ~1 ms, applying the matrix ~14 ms (uint16 pixels read as they are),
-    encoding the chunk ~10 ms at level 1 (shuffle 2 ms, Huffman coding of
-    the exponent byte 5 ms, Adler-32 1 ms), ~14 ms with ISA-L's LZ77 (level
-    2), writing it ~7 ms (system time, into tmpfs). Corrected counts are
-    fractional, so the three low bytes of every float32 are noise and only
-    the exponent byte compresses: each byte plane is deflated only if a
-    sample of it shrinks by 10 % or more, else stored as is, and the file
-    is ~80 % of the float32 size (1.6x a uint16 input) at any level.
+    encoding the chunk ~14 ms at level 1 with ISA-L (shuffle 2 ms, deflate
+    of the exponent byte ~10 ms, Adler-32 1 ms), writing it ~7 ms (system
+    time, into tmpfs). Corrected counts are fractional, so the three low
+    bytes of every float32 are noise and only the exponent byte
+    compresses: each byte plane is deflated only if a sample of it shrinks
+    by 10 % or more, else stored as is, and the file is ~80 % of the
+    float32 size (1.6x a uint16 input) at any level.
     Deflating every plane (what HDF5's own filter does) costs ~350 ms with
     zlib for the same size. ``compression=None`` stores 25 % more bytes
     and costs ~2 ms more to write than it saves in encoding.
@@ -750,7 +746,6 @@ _STORED_MAX = 65535  # bytes in one stored deflate block
 _SAMPLES = 4  # windows of a byte plane deflated to judge it
 _SAMPLE_BYTES = 8192
 _WORTH = 0.9  # deflate a plane whose sample shrinks below this fraction
-_LZ77_GAIN = 0.75  # LZ77 rather than Huffman alone when its sample is this much smaller
 
 
 def _deflate_engine():
@@ -776,15 +771,11 @@ class _Deflater:
     """
 
     def __init__(self, level, engine=None):
-        import threading
-
         from ._ext import _correction
 
         self.engine = _deflate_engine() if engine is None else engine
         self.level = min(level, 3) if self.engine is not zlib else level
-        self.huffman = level == 1
         self.kernels = _correction
-        self.local = threading.local()  # each worker thread's Huffman output buffer
 
     @staticmethod
     def bound(shape, dtype):
@@ -807,8 +798,7 @@ class _Deflater:
         span = _stored_size(n)
         # each plane at the place it has if every plane before it is stored
         starts = 2 + span * np.arange(size, dtype=np.int64)
-        methods = [self._method(p) for p in planes]
-        stored = np.array([m is None for m in methods], dtype=np.uint8)
+        stored = np.array([not self._worth_deflating(p) for p in planes], dtype=np.uint8)
         self.kernels.shuffle_planes(frame.reshape(-1).view(np.uint8), size, out, starts, stored)
         out[:2] = _ZLIB_HEADER
         pos, adler = 2, 1
@@ -825,7 +815,7 @@ class _Deflater:
                 continue
             plane = out[start : start + n]
             adler = self.engine.adler32(plane, adler)
-            piece = self._deflate(plane, final, methods[k])
+            piece = self._deflate(plane, final)
             if len(piece) < span:
                 out[pos : pos + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
                 pos += len(piece)
@@ -834,9 +824,8 @@ class _Deflater:
         out[pos : pos + 4] = np.frombuffer(adler.to_bytes(4, "big"), dtype=np.uint8)
         return out[: pos + 4]
 
-    def _method(self, plane):
-        """How to store a byte plane, judged on a sample: None (as it is, when
-        deflating it shrinks it by less than 10 %), "huffman" or "lz77"."""
+    def _worth_deflating(self, plane):
+        """Whether deflating a byte plane shrinks a sample of it by 10 % or more."""
         import numpy as np
 
         n = plane.size
@@ -845,39 +834,12 @@ class _Deflater:
         else:
             starts = np.linspace(0, n - _SAMPLE_BYTES, _SAMPLES).astype(np.int64)
             sample = np.concatenate([plane[s : s + _SAMPLE_BYTES] for s in starts])
-        lz77 = len(self.engine.compress(sample, self.level)) / sample.size
-        huffman = _huffman_estimate(sample) if self.huffman else 1.0
-        if min(lz77, huffman) >= _WORTH:
-            return None
-        # Huffman coding alone costs 1 bit a byte at least, and misses repeats:
-        # LZ77 when it does clearly better (smooth or masked areas)
-        return "lz77" if lz77 < _LZ77_GAIN * huffman else "huffman"
+        return len(self.engine.compress(sample, self.level)) < _WORTH * sample.size
 
-    def _deflate(self, plane, final, method="lz77"):
-        if method == "huffman":
-            import numpy as np
-
-            # room for the kernel's two interleaved bit streams (its fast path)
-            room = 2 * plane.size + 64
-            buffer = getattr(self.local, "buffer", None)
-            if buffer is None or buffer.size < room:
-                buffer = self.local.buffer = np.empty(room, dtype=np.uint8)
-            size = self.kernels.huffman_deflate(plane, buffer, final)
-            if size >= 0:
-                return buffer[:size]
+    def _deflate(self, plane, final):
         deflate = self.engine.compressobj(self.level, self.engine.DEFLATED, -zlib.MAX_WBITS)
         head = deflate.compress(plane)
         return head + deflate.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
-
-
-def _huffman_estimate(sample):
-    """Bytes per byte that Huffman coding alone would give ``sample`` (its order-0
-    entropy, at least 1 bit per byte)."""
-    import numpy as np
-
-    counts = np.bincount(sample, minlength=256)
-    p = counts[counts > 0] / sample.size
-    return max(float(-(p * np.log2(p)).sum()), 1.0) / 8
 
 
 def _blocks(n):
@@ -939,9 +901,8 @@ The output holds float32 frames (float64 for float64 input), one frame per HDF5
 chunk, byte-shuffled and deflated: any HDF5 reader opens it without plugins.
 Corrected counts are fractional, so their low bytes are noise: the file is
 ~80 % of the float32 size (1.6x a uint16 input), whatever the level. At 2048²,
-one frame costs ~14 ms of CPU to correct, ~10 ms to encode at level 1 (the
-exponent byte Huffman-coded), ~14 ms at level 2 with ISA-L (pip install
-"ccdgrid[fast]"), and ~7 ms to write; frames are corrected --workers at a time.
+one frame costs ~14 ms of CPU to correct, ~14 ms to encode at level 1 with
+ISA-L (pip install "ccdgrid[fast]"), and ~7 ms to write; frames are corrected --workers at a time.
 The file is written under a temporary name and moved into place only when
 complete.
 """
@@ -1011,9 +972,8 @@ def add_correct_stack_parser(subparsers, parents=()):
         type=_level_argument,
         default=1,
         metavar="L",
-        help="deflate level 1-9 (default: %(default)s, Huffman coding of the compressible "
-        "byte planes; from 2, LZ77, which costs more CPU for about the same size on "
-        "corrected counts)",
+        help="deflate level 1-9 (default: %(default)s; higher levels cost more CPU for "
+        "about the same size on corrected counts)",
     )
     parser.add_argument(
         "--no-compression",

@@ -17,7 +17,7 @@ array operations, one output cell offset at a time.
 
 import numpy as np
 
-__all__ = ["apply_csr", "huffman_deflate", "row_sums", "shuffle_planes", "split_pixels"]
+__all__ = ["apply_csr", "row_sums", "shuffle_planes", "split_pixels"]
 
 # The same constants as the kernel (see its module docstring).
 SNAP = 1e-9
@@ -229,86 +229,3 @@ def shuffle_planes(src, itemsize, dst, starts, stored):
             dst[at : at + 5] = (0, count & 0xFF, count >> 8, nlen & 0xFF, nlen >> 8)
             first = g * _STORED_BLOCK
             dst[at + 5 : at + 5 + count] = planes[k][first : first + count]
-
-
-def _huffman_lengths(counts, limit):
-    """Huffman code lengths <= ``limit`` (0 for absent symbols), at least two codes.
-
-    Ties are broken by symbol, then by order of merging, as in the kernel,
-    so both give the same code.
-    """
-    import heapq
-
-    weights = [int(c) for c in counts]
-    present = [s for s, c in enumerate(weights) if c > 0]
-    for s in (0, 1):
-        if len(present) < 2 and s not in present:
-            weights[s] = 1
-            present.append(s)
-    while True:
-        lengths = np.zeros(len(weights), dtype=np.int64)
-        heap = [(weights[s], s, (s,)) for s in present]
-        heapq.heapify(heap)
-        tie = len(weights)
-        while len(heap) > 1:
-            wa, _, a = heapq.heappop(heap)
-            wb, _, b = heapq.heappop(heap)
-            lengths[list(a + b)] += 1
-            heapq.heappush(heap, (wa + wb, tie, a + b))
-            tie += 1
-        if lengths.max() <= limit:
-            return lengths
-        weights = [(w >> 1) | 1 if w else 0 for w in weights]
-
-
-def _code_bits(lengths):
-    """Per symbol, the bits of its canonical code in the order they are written
-    (first bit first), as rows of a (symbols, max length) table."""
-    longest = int(lengths.max())
-    table = np.zeros((lengths.size, longest), dtype=np.uint8)
-    count = np.bincount(lengths, minlength=longest + 1)
-    count[0] = 0
-    code, first = 0, {}
-    for length in range(1, longest + 1):
-        code = (code + count[length - 1]) << 1 if length > 1 else 0
-        first[length] = code
-    for s in np.flatnonzero(lengths):
-        length = int(lengths[s])
-        c = first[length]
-        first[length] += 1
-        table[s, :length] = [(c >> (length - 1 - b)) & 1 for b in range(length)]
-    return table
-
-
-def _bits(value, count):
-    """``count`` bits of ``value``, least significant first (deflate's header fields)."""
-    return [(value >> b) & 1 for b in range(count)]
-
-
-def huffman_deflate(src, dst, final):
-    """Deflate ``src`` as one dynamic-Huffman block of literals (no matches).
-
-    See :func:`ccdgrid._ext._correction.huffman_deflate`: the same block,
-    built as an array of bits (one byte each) packed at the end.
-    """
-    n = src.size
-    counts = np.append(np.bincount(src, minlength=256), 1)  # + end of block
-    lengths = _huffman_lengths(counts, 15)
-    table = _code_bits(lengths)
-    header = [int(final), 0, 1, *_bits(0, 5), *_bits(1, 5), *_bits(15, 4)]
-    order = (16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15)
-    header += [b for s in order for b in _bits(4 if s < 16 else 0, 3)]
-    # the code length code gives symbol k (0-15) the 4-bit code k, first bit first
-    nibble = [[(length >> (3 - b)) & 1 for b in range(4)] for length in range(16)]
-    header += [b for length in [*lengths, 1, 1] for b in nibble[length]]
-    widths = lengths[src]
-    body = table[src][np.arange(table.shape[1])[None, :] < widths[:, None]]
-    bits = np.concatenate([np.array(header, dtype=np.uint8), body, table[256, : lengths[256]]])
-    if not final:  # an empty stored block: 3 header bits, padding, LEN 0, NLEN 0xFFFF
-        bits = np.concatenate([bits, np.zeros(3 + (-(bits.size + 3)) % 8, dtype=np.uint8)])
-        bits = np.concatenate([bits, np.array(_bits(0xFFFF0000, 32), dtype=np.uint8)])
-    packed = np.packbits(bits, bitorder="little")
-    if packed.size + 8 > dst.size or packed.size >= n:
-        return -1
-    dst[: packed.size] = packed
-    return int(packed.size)
