@@ -306,54 +306,6 @@ def test_calibrate_with_previous_keeps_the_previous_pitch_by_default():
     assert again.pitch == pytest.approx(7e-3)
 
 
-def _lined_image(rng, shape, counts, rows=(), cols=(), value=0, spoil=0.0):
-    """Poisson counts with dead rows and columns (``spoil``: fraction of them left live)."""
-    img = rng.poisson(counts, shape).astype(np.uint16)
-    for r in rows:
-        live = rng.uniform(size=shape[1]) < spoil
-        img[r, ~live] = value
-    for c in cols:
-        live = rng.uniform(size=shape[0]) < spoil
-        img[~live, c] = value
-    return img
-
-
-@pytest.mark.parametrize(
-    ("counts", "rows", "cols", "spoil"),
-    [
-        (60.0, (), (), 0.0),
-        (60.0, (5, 77), (0, 300), 0.0),
-        (60.0, (200,), (13,), 0.08),  # 92 % dead: still dead
-        (60.0, (200,), (13,), 0.12),  # 88 %: not dead
-        (0.3, (9,), (), 0.0),  # mostly zeros: many lines nearly dead
-        (1.0, (), (40,), 0.05),
-    ],
-)
-def test_dead_lines_are_those_of_the_hole_finder(counts, rows, cols, spoil):
-    from ccdgrid.peaks import _dead_lines as finder_lines
-    from ccdgrid.warmstart import _dead_lines
-
-    rng = np.random.default_rng(int(counts * 10) + len(rows))
-    img = _lined_image(rng, (700, 1100), counts, rows, cols, value=17, spoil=spoil)
-    ours, theirs = _dead_lines(img), finder_lines(img)
-    if theirs is None:
-        assert ours is None
-    else:
-        np.testing.assert_array_equal(ours, theirs)
-    if rows and spoil <= 0.08 and counts > 10:
-        assert ours is not None
-        assert ours[rows[0]].all()
-
-
-def test_dead_lines_of_an_image_of_lines_are_none():
-    from ccdgrid.warmstart import _dead_lines
-
-    img = np.repeat(np.arange(300, dtype=np.float32)[:, None], 200, axis=1)  # every row constant
-    assert _dead_lines(img) is None
-    img[:, 50] = 7.0
-    assert _dead_lines(img) is None  # still every row dead
-
-
 def test_dead_row_across_holes_is_masked(base, backend):
     _, prev = base
     moved = _plate(offset=(BASE_OFFSET[0] + 1.3, BASE_OFFSET[1] - 0.8))

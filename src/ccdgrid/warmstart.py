@@ -490,14 +490,13 @@ def _native(image):
 def _prepare(img, original, mask):
     """The image with invalid pixels set to the valid median, and the valid map (or None).
 
-    Same treatment of the mask, dead lines and non-finite pixels as
-    :func:`ccdgrid.peaks.find_holes`; the dead lines by :func:`_dead_lines`
-    (the same lines, at half the cost) and the fill value from a 1/16
-    subsample of the valid pixels (it only has to look like background to
-    the global move's search: the fits ignore invalid pixels).
+    Same treatment of the mask, dead lines (the same scan) and non-finite
+    pixels as :func:`ccdgrid.peaks.find_holes`, and the fill value from a
+    1/16 subsample of the valid pixels (it only has to look like background
+    to the global move's search: the fits ignore invalid pixels).
     """
     invalid = _peaks._as_mask(mask, img.shape)
-    dead = _dead_lines(img)
+    dead = _peaks._dead_lines(img)
     if dead is not None:
         invalid = dead if invalid is None else invalid | dead
     if np.issubdtype(np.asarray(original).dtype, np.floating):
@@ -514,54 +513,6 @@ def _prepare(img, original, mask):
     if sample.size == 0:
         sample = img[valid]
     return np.where(valid, img, np.float32(np.median(sample))), valid
-
-
-_DEAD_FRACTION = 0.9  # a dead line holds one value on at least this fraction of its pixels
-_DEAD_CHUNK = 512  # pixels of a line compared at a time
-
-
-def _dead_lines(img):
-    """Mask of the dead rows and columns, or None: :func:`ccdgrid.peaks._dead_lines`'s.
-
-    A row is dead when at least 90 % of its pixels equal its first one, a
-    column when 90 % equal its pixel in the first row; when every row or
-    every column is dead (an image of lines) nothing is. The lines are
-    compared by chunks of ``_DEAD_CHUNK`` pixels, and a line is dropped as
-    soon as more of its pixels differ than a dead line allows: a noisy line
-    after its first chunk. Reading an eighth of the image for the rows and
-    an eighth for the columns, it costs ~9 ms of CPU at 4096² where the
-    one-pass scan of every pixel cost ~19 ms.
-    """
-    h, w = img.shape
-    rows = np.zeros(h, dtype=bool)
-    cols = np.zeros(w, dtype=bool)
-    rows[_dead(img, 0)] = True
-    cols[_dead(img, 1)] = True
-    if not (rows.any() or cols.any()) or rows.all() or cols.all():
-        return None
-    return rows[:, None] | cols[None, :]
-
-
-def _dead(img, axis):
-    """Indices of the dead rows (``axis`` 0) or columns (1) of ``img``."""
-    n = img.shape[1 - axis]
-    allowed = n - _DEAD_FRACTION * n
-    lines = np.arange(img.shape[axis])
-    ref = img[:, 0] if axis == 0 else img[0]
-    unlike = np.zeros(lines.size, dtype=np.int64)
-    for start in range(0, n, _DEAD_CHUNK):
-        stop = min(start + _DEAD_CHUNK, n)
-        if axis == 0:
-            block = img[:, start:stop] if start == 0 else img[lines, start:stop]
-            unlike += np.count_nonzero(block != ref[:, None], axis=1)
-        else:
-            block = img[start:stop] if start == 0 else img[start:stop][:, lines]
-            unlike += np.count_nonzero(block != ref, axis=0)
-        keep = unlike <= allowed
-        lines, ref, unlike = lines[keep], ref[keep], unlike[keep]
-        if lines.size == 0:
-            break
-    return lines
 
 
 def _window_half(radius, pitch_px):
