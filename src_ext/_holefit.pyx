@@ -13,7 +13,7 @@ trusted here): ``p0`` is C-contiguous ``(N, 8)`` float64; ``data`` and
 ``half > 0``; ``iterations >= 0``.
 """
 
-from libc.math cimport exp, fabs, isfinite, sqrt
+from libc.math cimport fabs, isfinite, sqrt
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
@@ -25,25 +25,7 @@ __all__ = ["gauss_newton", "gaussian_tail", "sector_asymmetry"]
 
 cdef enum:
     NPAR = 8  # cy, cx, R, s, a, b0, by, bx
-    NSCRATCH = 9  # per-pixel arrays of one hole's fit, see _fit_one
-
-cdef double _INV_SQRT2PI = 0.3989422804014327
-
-# The Gaussian tail Q(x) = erfc(x / sqrt(2)) / 2 for x >= 0 as
-# phi(x) * poly(t), t = 1 / (1 + 0.3 x), phi the normal density: the
-# exponential is the one the Jacobian needs anyway, so an edge costs one exp
-# and a Horner polynomial instead of libm's erfc (two exps). Coefficients of
-# poly (t^0 first): a weighted least-squares Chebyshev fit of Q / phi on
-# 0 <= x <= 14, reweighted towards a uniform absolute error; the absolute
-# error on Q is below 2.2e-15 for every x (checked against scipy's erfc).
-cdef double _TAIL_C = 0.3
-cdef double[13] _TAIL = [
-    -0.00018995285985040633, 0.30366449237885146, 0.26758990642099595,
-    0.4466923367994351, -0.4084644199470453, 1.751012791537267,
-    -2.90414572950165, 3.967911255353158, -3.7638782400869104,
-    2.2897851529933178, -0.8671682177337061, 0.1887140930921305,
-    -0.0182093311304925,
-]
+    NSCRATCH = 10  # per-pixel arrays of one hole's fit, see _fit_one
 
 # Threads pay only for large batches: a parallel loop waits for its slowest
 # thread, and on a busy machine a descheduled thread costs milliseconds.
@@ -51,33 +33,175 @@ cdef double[13] _TAIL = [
 cdef Py_ssize_t _PARALLEL_MIN_WORK = 100_000
 
 
-cdef inline double _tail(double u, double gauss) noexcept nogil:
-    """Q(u) = erfc(u / sqrt(2)) / 2, given ``gauss = exp(-u * u / 2)``."""
-    cdef double x = fabs(u)
-    cdef double t = 1.0 / (1.0 + _TAIL_C * x)
-    cdef double poly = _TAIL[12]
-    cdef int i
-    for i in range(11, -1, -1):
-        poly = poly * t + _TAIL[i]
-    poly = poly * gauss * _INV_SQRT2PI
-    return poly if u >= 0.0 else 1.0 - poly
-
-
 cdef extern from *:
     """
+    #include <stdint.h>
+    #include <string.h>
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    #define CCDGRID_CLONES __attribute__((target_clones("avx2", "default")))
+    #else
+    #define CCDGRID_CLONES
+    #endif
+    /* No floating-point exceptions are looked at here: let the compiler turn
+       the selections of the loops below into blends (vector code). */
+    #if defined(__GNUC__) && !defined(__clang__)
+    #pragma GCC push_options
+    #pragma GCC optimize("no-trapping-math")
+    #endif
+    #define CCDGRID_INV_SQRT2PI 0.3989422804014327
+
+    /* exp(x) for x <= 0 (NaN gives NaN), within 1 ulp of libm's: the model's
+       Gaussian. Branch-free, so that the per-pixel loops vectorise (a libm
+       call cannot be), and no compat wrapper. Cody-Waite reduction
+       x = n ln2 + r, |r| <= ln2 / 2, with ln2 in two parts (n ln2_hi is
+       exact), a degree-13 Taylor polynomial (truncation error 2e-18), and
+       2^n put in the exponent bits: the low bits of x log2(e) + 1.5 2^52
+       hold n. Below -708, where 2^n is no longer normal, exp is 0. */
+    static inline double ccdgrid_exp_neg(double x)
+    {
+        const double shift = 0x1.8p52;
+        double xc = x < -708.0 ? -708.0 : x;
+        double kd = xc * 1.4426950408889634 + shift;
+        double n = kd - shift;
+        uint64_t bits;
+        memcpy(&bits, &kd, sizeof bits);
+        double r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+        double p = 1.0 / 6227020800.0;
+        p = p * r + 1.0 / 479001600.0;
+        p = p * r + 1.0 / 39916800.0;
+        p = p * r + 1.0 / 3628800.0;
+        p = p * r + 1.0 / 362880.0;
+        p = p * r + 1.0 / 40320.0;
+        p = p * r + 1.0 / 5040.0;
+        p = p * r + 1.0 / 720.0;
+        p = p * r + 1.0 / 120.0;
+        p = p * r + 1.0 / 24.0;
+        p = p * r + 1.0 / 6.0;
+        p = p * r + 0.5;
+        p = p * r + 1.0;
+        p = p * r + 1.0;
+        uint64_t sbits = (bits << 52) + ((uint64_t)1023 << 52);
+        double scale;
+        memcpy(&scale, &sbits, sizeof scale);
+        return x < -708.0 ? 0.0 : p * scale;
+    }
+
+    /* The Gaussian tail Q(u) = erfc(u / sqrt(2)) / 2 as phi(u) * poly(t),
+       t = 1 / (1 + 0.3 |u|), phi the normal density, given gauss = exp(-u^2/2):
+       the exponential is the one the Jacobian needs anyway, so an edge costs
+       one exp and a Horner polynomial instead of libm's erfc (two exps).
+       Coefficients of poly (t^0 first): a weighted least-squares Chebyshev
+       fit of Q / phi on 0 <= |u| <= 14, reweighted towards a uniform absolute
+       error; the absolute error on Q is below 2.2e-15 for every u (checked
+       against scipy's erfc). */
+    static const double ccdgrid_tail_c[13] = {
+        -0.00018995285985040633, 0.30366449237885146, 0.26758990642099595,
+        0.4466923367994351, -0.4084644199470453, 1.751012791537267,
+        -2.90414572950165, 3.967911255353158, -3.7638782400869104,
+        2.2897851529933178, -0.8671682177337061, 0.1887140930921305,
+        -0.0182093311304925,
+    };
+
+    static inline double ccdgrid_tail(double u, double gauss)
+    {
+        double t = 1.0 / (1.0 + 0.3 * fabs(u));
+        double poly = ccdgrid_tail_c[12];
+        for (int i = 11; i >= 0; i--) {
+            poly = poly * t + ccdgrid_tail_c[i];
+        }
+        poly = poly * gauss * CCDGRID_INV_SQRT2PI;
+        return u >= 0.0 ? poly : 1.0 - poly;
+    }
+
+    /* Distances of the pixels from (cy, cx). Apart from the loops below:
+       with errno-setting math (the default) a sqrt keeps its loop scalar. */
+    static void ccdgrid_radii(const double *restrict yy, const double *restrict xx,
+                              Py_ssize_t n, double cy, double cx, double *restrict r)
+    {
+        for (Py_ssize_t k = 0; k < n; k++) {
+            double dy = yy[k] - cy, dx = xx[k] - cx;
+            r[k] = sqrt(dy * dy + dx * dx);
+        }
+    }
+
+    /* One Gauss-Newton iteration's per-pixel work for parameters p: the five
+       nonlinear Jacobian columns (d/dcy, d/dcx, d/dR, d/ds, d/da) and the
+       residual, all times the root weight sw, given the radii rr. */
+    CCDGRID_CLONES
+    static void ccdgrid_jacobian(const double *restrict yy, const double *restrict xx,
+                                 const double *restrict data, const double *restrict sw,
+                                 Py_ssize_t n, const double *restrict p,
+                                 const double *restrict rr, double *restrict jac,
+                                 double *restrict wres)
+    {
+        const double cy = p[0], cx = p[1], rad = p[2], inv_s = 1.0 / p[3], amp = p[4];
+        const double b0 = p[5], by = p[6], bx = p[7];
+        const double scale = amp * CCDGRID_INV_SQRT2PI * inv_s;
+        for (Py_ssize_t k = 0; k < n; k++) {
+            double dy = yy[k] - cy, dx = xx[k] - cx, r = rr[k];
+            double u = (r - rad) * inv_s;
+            double gauss = ccdgrid_exp_neg(-0.5 * u * u);
+            double edge = ccdgrid_tail(u, gauss);
+            double res = data[k] - (amp * edge + b0 + by * yy[k] + bx * xx[k]);
+            double root = sw[k];
+            double phi = root * scale * gauss;
+            double q = phi / (r > 1e-9 ? r : 1e-9);
+            jac[k] = q * dy;
+            jac[n + k] = q * dx;
+            jac[2 * n + k] = phi;
+            jac[3 * n + k] = phi * u;
+            jac[4 * n + k] = root * edge;
+            wres[k] = root * res;
+        }
+    }
+
+    /* The disc's edge profile E = Q((r - R) / s) at radii rr into edge. */
+    CCDGRID_CLONES
+    static void ccdgrid_edge(const double *restrict rr, Py_ssize_t n, double rad,
+                             double inv_s, double *restrict edge)
+    {
+        for (Py_ssize_t k = 0; k < n; k++) {
+            double u = (rr[k] - rad) * inv_s;
+            edge[k] = ccdgrid_tail(u, ccdgrid_exp_neg(-0.5 * u * u));
+        }
+    }
+
+    /* Q(u) elementwise. */
+    CCDGRID_CLONES
+    static void ccdgrid_tail_of(const double *restrict u, Py_ssize_t n, double *restrict out)
+    {
+        for (Py_ssize_t k = 0; k < n; k++) {
+            out[k] = ccdgrid_tail(u[k], ccdgrid_exp_neg(-0.5 * u[k] * u[k]));
+        }
+    }
+
+    /* Residuals data - model(p) at radii rr into res (edge: scratch). */
+    CCDGRID_CLONES
+    static void ccdgrid_residuals(const double *restrict yy, const double *restrict xx,
+                                  const double *restrict data, Py_ssize_t n,
+                                  const double *restrict p, const double *restrict rr,
+                                  double *restrict res)
+    {
+        const double rad = p[2], inv_s = 1.0 / p[3], amp = p[4];
+        const double b0 = p[5], by = p[6], bx = p[7];
+        for (Py_ssize_t k = 0; k < n; k++) {
+            double u = (rr[k] - rad) * inv_s;
+            double edge = ccdgrid_tail(u, ccdgrid_exp_neg(-0.5 * u * u));
+            res[k] = data[k] - (amp * edge + b0 + by * yy[k] + bx * xx[k]);
+        }
+    }
+    #if defined(__GNUC__) && !defined(__clang__)
+    #pragma GCC pop_options
+    #endif
+
     /* The dot products of the normal equations are a large part of a fit's
        work. Sixteen running sums, one per lane of a fixed-size inner loop,
        let the compiler use vector registers and keep several additions in
        flight, and fix the order of the additions whatever the instruction
        set (the same result with SSE2 or AVX2). On x86-64 gcc also builds an
        AVX2 copy and picks it at load time on CPUs that have it. */
-    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-    #define CCDGRID_DOT_CLONES __attribute__((target_clones("avx2", "default")))
-    #else
-    #define CCDGRID_DOT_CLONES
-    #endif
     #define CCDGRID_DOT_LANES 16
-    CCDGRID_DOT_CLONES
+    CCDGRID_CLONES
     static double ccdgrid_dot(const double *restrict a, const double *restrict b,
                               Py_ssize_t n)
     {
@@ -100,6 +224,21 @@ cdef extern from *:
     }
     """
     double _dot "ccdgrid_dot" (const double* a, const double* b, Py_ssize_t n) noexcept nogil
+    void _radii "ccdgrid_radii" (
+        const double* yy, const double* xx, Py_ssize_t n, double cy, double cx, double* r
+    ) noexcept nogil
+    void _jacobian "ccdgrid_jacobian" (
+        const double* yy, const double* xx, const double* data, const double* sw,
+        Py_ssize_t n, const double* p, const double* rr, double* jac, double* wres
+    ) noexcept nogil
+    void _edge "ccdgrid_edge" (
+        const double* rr, Py_ssize_t n, double rad, double inv_s, double* edge
+    ) noexcept nogil
+    void _tail_of "ccdgrid_tail_of" (const double* u, Py_ssize_t n, double* out) noexcept nogil
+    void _model_residuals "ccdgrid_residuals" (
+        const double* yy, const double* xx, const double* data, Py_ssize_t n,
+        const double* p, const double* rr, double* res
+    ) noexcept nogil
 
 
 cdef inline double _sum(const double* a, Py_ssize_t n) noexcept nogil:
@@ -162,19 +301,17 @@ cdef inline bint _cholesky_solve(double* a, double* b) noexcept nogil:
 
 cdef inline double _residuals(
     const double* p, const double* data, const double* weight, const double* yy,
-    const double* xx, Py_ssize_t npix, double* res
+    const double* xx, Py_ssize_t npix, double* res, double* rr
 ) noexcept nogil:
-    """Residuals ``data - model`` into ``res`` (every pixel); returns the weighted cost."""
-    cdef double cy = p[0], cx = p[1], rad = p[2], inv_s = 1.0 / p[3], amp = p[4]
-    cdef double dy, dx, u, cost = 0.0
+    """Residuals ``data - model`` into ``res`` (every pixel); returns the weighted cost.
+
+    ``rr`` is scratch for ``npix`` radii.
+    """
+    cdef double cost = 0.0
     cdef Py_ssize_t k
+    _radii(yy, xx, npix, p[0], p[1], rr)
+    _model_residuals(yy, xx, data, npix, p, rr, res)
     for k in range(npix):
-        dy = yy[k] - cy
-        dx = xx[k] - cx
-        u = (sqrt(dy * dy + dx * dx) - rad) * inv_s
-        res[k] = data[k] - (
-            amp * _tail(u, exp(-0.5 * u * u)) + p[5] + p[6] * yy[k] + p[7] * xx[k]
-        )
         cost = cost + weight[k] * res[k] * res[k]
     return cost
 
@@ -189,7 +326,8 @@ cdef int _fit_one(
     ``scratch`` holds NSCRATCH * npix doubles. The least-squares problem is
     written with root weights, ``sqrt(w) (data - f)``: each iteration stores
     the five nonlinear Jacobian columns and the residual, all times
-    ``sqrt(w)``, per pixel (six stores), then forms the normal equations as
+    ``sqrt(w)``, per pixel (six stores, in one vectorised loop: see
+    ``ccdgrid_jacobian``), then forms the normal equations as
     vectorised dot products. The columns of the background plane,
     ``sqrt(w) (1, y, x)``, are fixed: they are stored once and their own
     block of the normal equations is summed once.
@@ -199,11 +337,11 @@ cdef int _fit_one(
     cdef double* swx = scratch + 2 * npix  # sqrt(w) * x
     cdef double* jac = scratch + 3 * npix  # 5 columns: sqrt(w) d/dcy, d/dcx, d/dR, d/ds, d/da
     cdef double* wres = scratch + 8 * npix  # sqrt(w) * residual
+    cdef double* rr = scratch + 9 * npix  # distances from the centre
     cdef double a[NPAR * NPAR]
     cdef double fixed[6]
     cdef double g[NPAR]
-    cdef double dy, dx, r, u, gauss, edge, phi, q, res, big, root
-    cdef double cy, cx, rad, inv_s, amp, scale
+    cdef double big
     cdef Py_ssize_t k
     cdef int it, i, j
     cdef bint ok
@@ -218,29 +356,8 @@ cdef int _fit_one(
     fixed[4] = _dot(swy, swx, npix)
     fixed[5] = _dot(swx, swx, npix)
     for it in range(iterations):
-        cy = p[0]
-        cx = p[1]
-        rad = p[2]
-        inv_s = 1.0 / p[3]
-        amp = p[4]
-        scale = amp * _INV_SQRT2PI * inv_s
-        for k in range(npix):
-            dy = yy[k] - cy
-            dx = xx[k] - cx
-            r = sqrt(dy * dy + dx * dx)
-            u = (r - rad) * inv_s
-            gauss = exp(-0.5 * u * u)
-            edge = _tail(u, gauss)
-            res = data[k] - (amp * edge + p[5] + p[6] * yy[k] + p[7] * xx[k])
-            root = sw[k]
-            phi = root * scale * gauss
-            q = phi / max(r, 1e-9)
-            jac[k] = q * dy
-            jac[npix + k] = q * dx
-            jac[2 * npix + k] = phi
-            jac[3 * npix + k] = phi * u
-            jac[4 * npix + k] = root * edge
-            wres[k] = root * res
+        _radii(yy, xx, npix, p[0], p[1], rr)
+        _jacobian(yy, xx, data, sw, npix, p, rr, jac, wres)
         for i in range(5):
             for j in range(i, 5):
                 a[i * NPAR + j] = _dot(jac + i * npix, jac + j * npix, npix)
@@ -297,10 +414,9 @@ def gaussian_tail(u):
     out = np.empty_like(arr)
     cdef const double[::1] src = arr.reshape(-1)
     cdef double[::1] dst = out.reshape(-1)
-    cdef Py_ssize_t k
-    with nogil:
-        for k in range(src.shape[0]):
-            dst[k] = _tail(src[k], exp(-0.5 * src[k] * src[k]))
+    if src.shape[0]:
+        with nogil:
+            _tail_of(&src[0], src.shape[0], &dst[0])
     return out
 
 
@@ -361,13 +477,16 @@ def gauss_newton(p0, data, weight, yy, xx, double half, int iterations, double t
             scratch = <double*>malloc(NSCRATCH * npix * sizeof(double))
             if scratch == NULL:
                 sv[k] = -1
+                cv[k] = 0.0
             else:
                 sv[k] = _fit_one(
                     &pv[k, 0], &d[k, 0], &w[k, 0], &y[0], &x[0], npix, half, iterations, tol,
                     scratch,
                 )
+                cv[k] = _residuals(
+                    &pv[k, 0], &d[k, 0], &w[k, 0], &y[0], &x[0], npix, &rv[k, 0], scratch
+                )
                 free(scratch)
-            cv[k] = _residuals(&pv[k, 0], &d[k, 0], &w[k, 0], &y[0], &x[0], npix, &rv[k, 0])
     if n and out_steps.min() < 0:
         raise MemoryError("no memory for the hole fits' scratch arrays")
     return out_p, out_cost, out_res, out_steps
