@@ -13,7 +13,7 @@ trusted here): ``p0`` is C-contiguous ``(N, 8)`` float64; ``data`` and
 ``half > 0``; ``iterations >= 0``.
 """
 
-from libc.math cimport fabs, isfinite, sqrt
+from libc.math cimport NAN, fabs, isfinite, sqrt
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from cython.parallel cimport prange
 
-__all__ = ["gauss_newton", "gaussian_tail", "sector_asymmetry"]
+__all__ = ["clip_weights", "edge_variances", "gauss_newton", "gaussian_tail", "sector_asymmetry"]
 
 cdef enum:
     NPAR = 8  # cy, cx, R, s, a, b0, by, bx
@@ -490,6 +490,192 @@ def gauss_newton(p0, data, weight, yy, xx, double half, int iterations, double t
     if n and out_steps.min() < 0:
         raise MemoryError("no memory for the hole fits' scratch arrays")
     return out_p, out_cost, out_res, out_steps
+
+
+cdef inline double _select(double* v, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+    """The ``k``-th smallest of ``v[:n]`` (``v`` is reordered: quickselect, Hoare partition).
+
+    On return ``v[:k] <= v[k] <= v[k + 1:n]``.
+    """
+    cdef Py_ssize_t lo = 0, hi = n - 1, i, j
+    cdef double pivot, t
+    while lo < hi:
+        pivot = v[lo + (hi - lo) // 2]
+        i = lo
+        j = hi
+        while i <= j:
+            while v[i] < pivot:
+                i = i + 1
+            while pivot < v[j]:
+                j = j - 1
+            if i <= j:
+                t = v[i]
+                v[i] = v[j]
+                v[j] = t
+                i = i + 1
+                j = j - 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            break
+    return v[k]
+
+
+cdef inline double _robust_var(double* v, Py_ssize_t count) noexcept nogil:
+    """``(1.4826 median(v[:count]))**2`` (NaN below 5 values); ``v`` is reordered."""
+    cdef Py_ssize_t k
+    cdef double lo, hi
+    if count < 5:
+        return NAN
+    lo = _select(v, count, (count - 1) // 2)
+    hi = lo
+    if count % 2 == 0:
+        # the upper middle value: the smallest of those after the lower one
+        hi = v[count // 2]
+        for k in range(count // 2 + 1, count):
+            hi = min(hi, v[k])
+    lo = 1.4826 * (0.5 * (lo + hi))
+    return lo * lo
+
+
+def edge_variances(p, res, ok, yy, xx):
+    """Noise variance of the background and of the disc's top per hole, from residuals.
+
+    Parameters
+    ----------
+    p : ndarray of shape (N, 8), float64, C-contiguous
+        Fitted parameters ``(cy, cx, R, s, a, b0, by, bx)``.
+    res : ndarray of shape (N, P), float64, C-contiguous
+        Residuals ``data - model``.
+    ok : ndarray of shape (N, P), bool, C-contiguous
+        Usable pixels.
+    yy, xx : ndarray of shape (P,), float64, C-contiguous
+        Pixel offsets from the window centre, px.
+
+    Returns
+    -------
+    var_bg, var_in : ndarray of shape (N,), float64
+        ``(1.4826 median |res|)**2`` over the usable pixels where the model's
+        edge profile ``E = Q((r - R) / s)`` is below 0.02 (background) and
+        above 0.9 (the disc's top); NaN where fewer than 5 pixels qualify.
+    """
+    cdef const double[:, ::1] pv = p
+    cdef const double[:, ::1] rv = res
+    cdef const unsigned char[:, ::1] okv = ok.view(np.uint8)
+    cdef const double[::1] y = yy
+    cdef const double[::1] x = xx
+    cdef Py_ssize_t n = pv.shape[0]
+    cdef Py_ssize_t npix = rv.shape[1]
+    out_bg = np.empty(n, dtype=np.float64)
+    out_in = np.empty(n, dtype=np.float64)
+    cdef double[::1] bg = out_bg
+    cdef double[::1] top = out_in
+    cdef Py_ssize_t i, k, nb, nt
+    cdef double* buf
+    failed = np.zeros(n, dtype=np.uint8)
+    cdef unsigned char[::1] fv = failed
+    if n == 0:
+        return out_bg, out_in
+    if npix == 0:
+        out_bg[:] = np.nan
+        out_in[:] = np.nan
+        return out_bg, out_in
+    cdef bint threads = n * npix >= _PARALLEL_MIN_WORK
+    with nogil:
+        for i in prange(n, schedule="static", use_threads_if=threads):
+            # radii, then edges, then |res| of the background and of the top
+            buf = <double*>malloc(3 * npix * sizeof(double))
+            if buf == NULL:
+                fv[i] = 1
+            else:
+                _radii(&y[0], &x[0], npix, pv[i, 0], pv[i, 1], buf)
+                _edge(buf, npix, pv[i, 2], 1.0 / pv[i, 3], buf + npix)
+                nb = 0
+                nt = 0
+                for k in range(npix):
+                    if okv[i, k]:
+                        if buf[npix + k] < 0.02:
+                            buf[nb] = fabs(rv[i, k])  # behind k: radii no longer needed
+                            nb = nb + 1
+                        elif buf[npix + k] > 0.9:
+                            buf[2 * npix + nt] = fabs(rv[i, k])
+                            nt = nt + 1
+                bg[i] = _robust_var(buf, nb)
+                top[i] = _robust_var(buf + 2 * npix, nt)
+                free(buf)
+    if failed.any():
+        raise MemoryError("no memory for the noise model's scratch arrays")
+    return out_bg, out_in
+
+
+def clip_weights(p, res, ok, yy, xx, var_bg, double slope, double exponent, double nsigma):
+    """Noise model per pixel, outlier clip and least-squares weights.
+
+    Parameters
+    ----------
+    p : ndarray of shape (N, 8), float64, C-contiguous
+    res : ndarray of shape (N, P), float64, C-contiguous
+        Residuals ``data - model`` of the model the pixels are judged against.
+    ok : ndarray of shape (N, P), bool, C-contiguous
+    yy, xx : ndarray of shape (P,), float64, C-contiguous
+    var_bg : ndarray of shape (N,), float64, C-contiguous
+        Background variance per hole.
+    slope, exponent : float
+        Signal term of the variance: ``slope (a E)**exponent``.
+    nsigma : float
+        Pixels with ``|res| > nsigma sqrt(variance)`` are dropped.
+
+    Returns
+    -------
+    variance : ndarray of shape (N, P), float64
+        ``var_bg + slope max(a E, 0)**exponent``, ``E`` the edge profile of ``p``.
+    keep : ndarray of shape (N, P), bool
+        ``ok & (res**2 <= nsigma**2 variance)``.
+    weight : ndarray of shape (N, P), float64
+        ``keep / variance``.
+    """
+    cdef const double[:, ::1] pv = p
+    cdef const double[:, ::1] rv = res
+    cdef const unsigned char[:, ::1] okv = ok.view(np.uint8)
+    cdef const double[::1] y = yy
+    cdef const double[::1] x = xx
+    cdef const double[::1] vb = var_bg
+    cdef Py_ssize_t n = pv.shape[0]
+    cdef Py_ssize_t npix = rv.shape[1]
+    out_var = np.empty((n, npix), dtype=np.float64)
+    out_keep = np.empty((n, npix), dtype=bool)
+    out_w = np.empty((n, npix), dtype=np.float64)
+    cdef double[:, ::1] var = out_var
+    cdef unsigned char[:, ::1] keep = out_keep.view(np.uint8)
+    cdef double[:, ::1] wv = out_w
+    cdef double limit = nsigma * nsigma
+    cdef double amp, sig, v, r2
+    cdef bint threads = n * npix >= _PARALLEL_MIN_WORK
+    cdef bint sqrt_power = exponent == 1.5
+    cdef Py_ssize_t i, k
+    if n == 0 or npix == 0:
+        return out_var, out_keep, out_w
+    with nogil:
+        for i in prange(n, schedule="static", use_threads_if=threads):
+            # the edges go to the weights' row first (scratch)
+            _radii(&y[0], &x[0], npix, pv[i, 0], pv[i, 1], &var[i, 0])
+            _edge(&var[i, 0], npix, pv[i, 2], 1.0 / pv[i, 3], &wv[i, 0])
+            amp = pv[i, 4]
+            for k in range(npix):
+                sig = max(amp * wv[i, k], 0.0)
+                # x**1.5 as x sqrt(x): the model's exponent, at a third of pow's cost
+                v = vb[i] + slope * (sig * sqrt(sig) if sqrt_power else sig ** exponent)
+                var[i, k] = v
+                r2 = rv[i, k] * rv[i, k]
+                if okv[i, k] and r2 <= limit * v:
+                    keep[i, k] = 1
+                    wv[i, k] = 1.0 / v
+                else:
+                    keep[i, k] = 0
+                    wv[i, k] = 0.0
+    return out_var, out_keep, out_w
 
 
 cdef inline int _sector(double dy, double dx) noexcept nogil:

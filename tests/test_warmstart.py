@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy.spatial import cKDTree
 
 from ccdgrid.errors import CcdgridError
 from ccdgrid.pipeline import calibrate
@@ -47,20 +48,29 @@ def test_same_image_gives_same_maps_and_no_drift(base, backend):
     assert warm.drift.n_matched >= cold.lattice.n_valid - 2
     prev_ij = {tuple(ij): k for k, ij in enumerate(cold.grid.indices)}
     rows = np.array([prev_ij[tuple(ij)] for ij in warm.lattice.indices])
-    np.testing.assert_allclose(
-        warm.holes.peaks, cold.holes.peaks[cold.lattice.valid][rows], atol=0.01
-    )
-    # the centre fit depends slightly on its window (sized here from the
-    # fitted, not the guessed, diameter): ~1e-3 px per hole
+    before = cold.holes.peaks[cold.lattice.valid][rows]
+    # the warm fit starts from the previous shape and fits the raw pixels
+    # (no median-filtered pass): the same centres to 0.01 px, except at the
+    # taper edge, where it is nearer the truth than the cold fit
+    err_warm, _ = cKDTree(g.holes).query(warm.holes.peaks)
+    err_cold, _ = cKDTree(g.holes).query(before)
+    moved = np.hypot(*(warm.holes.peaks - before).T) > 0.01
+    assert moved.sum() <= 0.1 * len(rows)
+    assert (err_warm[moved] <= err_cold[moved] + 0.01).all()
+    assert np.sqrt(np.mean(err_warm**2)) <= np.sqrt(np.mean(err_cold**2))
+    # the maps follow: as close to the truth as the cold ones, or closer
+    res_warm = dense_residual(g.truth, warm.dy, warm.dx, warm.mask, region=g.taper_mask).rms
+    res_cold = dense_residual(g.truth, cold.dy, cold.dx, cold.mask, region=g.taper_mask).rms
+    assert res_warm <= 1.05 * res_cold
     diff = np.hypot(warm.dx - cold.dx, warm.dy - cold.dy)[_valid_corners(cold.mask, warm.mask)]
-    assert np.sqrt(np.mean(diff**2)) < 3e-3
-    assert diff.max() < 0.05
+    assert diff.max() < 0.15
     drift = warm.drift
     assert np.hypot(*drift.shift) < 0.005
     assert abs(drift.rotation_mdeg) < 0.5
     assert abs(drift.scale_ppm) < 30
-    assert drift.max_change_dx < 0.05
-    assert drift.max_change_dy < 0.05
+    # the most the maps change is at the holes cut by the taper edge
+    assert drift.max_change_dx < 0.15
+    assert drift.max_change_dy < 0.15
     assert "drift since the previous calibration" in warm.summary()
 
 
@@ -121,8 +131,13 @@ def test_previous_from_detector_file(base, tmp_path):
     direct = recalibrate(g.image, prev, cv_folds=0)
     assert warm.drift.n_matched == direct.drift.n_matched
     np.testing.assert_array_equal(warm.lattice.indices, direct.lattice.indices)
-    np.testing.assert_allclose(warm.holes.peaks, direct.holes.peaks, atol=1e-9)
-    np.testing.assert_allclose(warm.dx, direct.dx, atol=1e-5)
+    # the file holds no per-hole radius and blur: the fits start from a
+    # sample's shape instead of each hole's own, and converge to the same centres
+    # (holes cut by the taper edge, whose profile is not a disc, to 0.05 px)
+    diff = np.hypot(*(warm.holes.peaks - direct.holes.peaks).T)
+    assert np.median(diff) < 1e-3
+    assert (diff > 2e-3).sum() <= 2
+    assert diff.max() < 0.05
 
 
 def test_report_figure_of_a_warm_calibration(base, tmp_path):

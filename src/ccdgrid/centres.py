@@ -39,11 +39,14 @@ holds the profile's tails: the hole finder sizes it from the fitted
 ``R + 3 s``.
 """
 
+import warnings
+
 import numpy as np
 
 from ._ext import _holefit as _cython
 from ._reference import holefit as _numpy
 from ._validation import check_backend
+from .errors import CcdgridError
 
 __all__ = ["ProfileFit", "extract_windows", "fit_hole_profiles", "windowed_centroids"]
 
@@ -53,6 +56,7 @@ __all__ = ["ProfileFit", "extract_windows", "fit_hole_profiles", "windowed_centr
 # 0.034 for q = 1 with a fibre pattern, equal without one).
 _VARIANCE_EXPONENT = 1.5
 _NPAR = 8  # cy, cx, R, s, a, b0, by, bx
+_CLIP_SIGMA = 5.0  # raw pixels further than this from the first model are outliers
 _ENGINES = {"cython": _cython, "numpy": _numpy}
 
 
@@ -164,6 +168,8 @@ def fit_hole_profiles(
     valid=None,
     iterations=(5, 3),
     tol=(1e-2, 1e-3),
+    start_shape=None,
+    median_pass=True,
     backend="cython",
 ):
     """Fit a blurred disc on a background plane to every hole, vectorised.
@@ -175,7 +181,7 @@ def fit_hole_profiles(
     seeds : ndarray of shape (N, 2), float64
         Starting centres (y, x), index coordinates, within ~1 px.
     radius : float
-        Starting hole radius, px.
+        Starting hole radius, px (unused with ``start_shape``).
     half : int or ndarray of shape (N,), int
         Radius of the circular fitting window around each seed's pixel, px;
         it should reach ``radius + 3 blur + 2`` to hold a ring of background.
@@ -184,11 +190,21 @@ def fit_hole_profiles(
     valid : ndarray of shape (h, w), bool, optional
         False for pixels that must not be used (masked, dead).
     iterations : (int, int)
-        Most Gauss-Newton iterations of the median-filtered and of the raw pass.
+        Most Gauss-Newton iterations of the first pass (median-filtered, or
+        raw and unweighted without ``median_pass``) and of the weighted pass.
     tol : (float, float)
         Per pass, a hole stops iterating once its steps in centre, radius and
         blur are at most ``tol`` px (and its amplitude step ``tol`` times the
         amplitude).
+    start_shape : (ndarray of shape (N,), ndarray of shape (N,)), optional
+        Starting radius and blur of every hole, px (e.g. a previous
+        calibration's fits); the population start is then skipped.
+    median_pass : bool
+        First fit a 3x3-median-filtered copy of each window (robust from a
+        rough start). False: the first pass fits the raw pixels, unweighted,
+        which needs a start within a fraction of a pixel (``start_shape`` and
+        seeds from a previous calibration, best with ``start_shape``);
+        ``ring_step`` is then not measured (None).
     backend : {"cython", "numpy"}
         Engine of the Gauss-Newton fits.
 
@@ -200,8 +216,11 @@ def fit_hole_profiles(
     engine = _ENGINES[check_backend(backend)]
     passes = tuple(zip((int(k) for k in iterations), (float(t) for t in tol), strict=True))
     seeds = np.asarray(seeds, dtype=np.float64)
+    n = seeds.shape[0]
     halves = np.broadcast_to(np.asarray(half, dtype=np.int64), seeds.shape[:1])
-    fit = _fit_batches(image, seeds, radius, halves, valid, passes, engine)
+    shape = None if start_shape is None else _check_shape(start_shape, n)
+    opts = (valid, passes, engine, bool(median_pass))
+    fit = _fit_batches(image, seeds, radius, halves, shape, opts)
     # a seed far from its hole (e.g. pulled by a hot pixel) leaves the hole
     # off-centre in its window: fit those again around the new centre
     moved = np.abs(fit.centres - np.rint(seeds)).max(axis=1) > 1.0
@@ -213,81 +232,130 @@ def fit_hole_profiles(
         again = room >= halves[moved]
         idx = np.flatnonzero(moved)[again]
         if idx.size:
-            refit = _fit_batches(image, new[again], radius, halves[idx], valid, passes, engine)
+            sub = None if shape is None else shape[idx]
+            refit = _fit_batches(image, new[again], radius, halves[idx], sub, opts)
             for name in ProfileFit.__slots__:
-                getattr(fit, name)[idx] = getattr(refit, name)
+                value = getattr(fit, name)
+                if value is not None:
+                    value[idx] = getattr(refit, name)
     return fit
 
 
-def _fit_batches(image, seeds, radius, halves, valid, passes, engine):
+def _check_shape(start_shape, n):
+    """``start_shape`` as an (n, 2) array of radius and blur, px."""
+    try:
+        rad, blur = (np.asarray(v, dtype=np.float64) for v in start_shape)
+        shape = np.column_stack([np.broadcast_to(rad, (n,)), np.broadcast_to(blur, (n,))])
+    except (TypeError, ValueError):
+        raise CcdgridError(
+            f"`start_shape` must be (radius, blur), each a number or one per seed ({n})"
+        ) from None
+    if not (np.isfinite(shape).all() and (shape > 0).all()):
+        raise CcdgridError("`start_shape` must hold positive finite radii and blurs (px)")
+    return shape
+
+
+def _fit_batches(image, seeds, radius, halves, shape, opts):
     """Fit groups of seeds that share a window size; results in seed order."""
     parts = []
     order = []
     for hv in np.unique(halves):
         idx = np.flatnonzero(halves == hv)
-        parts.append(_fit_group(image, seeds[idx], radius, int(hv), valid, passes, engine))
+        sub = None if shape is None else shape[idx]
+        parts.append(_fit_group(image, seeds[idx], radius, int(hv), sub, *opts))
         order.append(idx)
     if not parts:
-        return _fit_group(image, seeds, radius, 3, valid, passes, engine)
+        return _fit_group(image, seeds, radius, 3, shape, *opts)
     if len(parts) == 1:
         return parts[0]
     idx = np.concatenate(order)
     inv = np.empty_like(idx)
     inv[idx] = np.arange(idx.size)
     fields = {
-        name: np.concatenate([getattr(part, name) for part in parts])[inv]
+        name: None
+        if getattr(parts[0], name) is None
+        else np.concatenate([getattr(part, name) for part in parts])[inv]
         for name in ProfileFit.__slots__
     }
     return ProfileFit(**fields)
 
 
-def _fit_group(image, seeds, radius, half, valid, passes, engine):
-    solve, tail = engine.gauss_newton, engine.gaussian_tail
-    n = seeds.shape[0]
-    centre = np.rint(seeds).astype(np.int64)
-    # the image's own dtype (float32 from the hole finder): the 3x3 median
-    # selects values, so it is exact in it, and moves half the bytes
-    raw = extract_windows(image, centre, half + 1)
-    if valid is None:
-        ok_big = np.ones(raw.shape, dtype=bool)
-    else:
-        ok_big = extract_windows(valid, centre, half + 1)
-        # invalid pixels take the window median so that the 3x3 median ignores them
-        bad = np.flatnonzero(~ok_big.all(axis=(1, 2)))
-        if bad.size:
-            fill = np.median(raw[bad].reshape(bad.size, -1), axis=1).astype(raw.dtype)
-            raw[bad] = np.where(ok_big[bad], raw[bad], fill[:, None, None])
+def _disc_offsets(half):
+    """Pixel offsets (y, x) of the circular window of radius ``half + 0.5``, and their indices."""
     w = 2 * half + 1
     offs = np.arange(-half, half + 1, dtype=np.float64)
     yy = np.repeat(offs, w)
     xx = np.tile(offs, w)
     disc = np.flatnonzero(yy * yy + xx * xx <= (half + 0.5) ** 2)
-    yy, xx = yy[disc], xx[disc]
-    # the kernels take C-contiguous rows (fancy indexing may not give them)
-    med = np.ascontiguousarray(_median3(raw).reshape(n, -1)[:, disc], dtype=np.float64)
-    data = np.ascontiguousarray(raw[:, 1:-1, 1:-1].reshape(n, -1)[:, disc], dtype=np.float64)
-    ok = np.ascontiguousarray(ok_big[:, 1:-1, 1:-1].reshape(n, -1)[:, disc])
+    return yy[disc], xx[disc], disc
+
+
+def _fit_group(image, seeds, radius, half, shape, valid, passes, engine, median_pass):
+    solve = engine.gauss_newton
+    n = seeds.shape[0]
+    centre = np.rint(seeds).astype(np.int64)
+    yy, xx, disc = _disc_offsets(half)
+    if median_pass:
+        # the image's own dtype (float32 from the hole finder): the 3x3 median
+        # selects values, so it is exact in it, and moves half the bytes
+        raw = extract_windows(image, centre, half + 1)
+        if valid is None:
+            ok_big = np.ones(raw.shape, dtype=bool)
+        else:
+            ok_big = extract_windows(valid, centre, half + 1)
+            # invalid pixels take the window median so that the 3x3 median ignores them
+            bad = np.flatnonzero(~ok_big.all(axis=(1, 2)))
+            if bad.size:
+                fill = np.median(raw[bad].reshape(bad.size, -1), axis=1).astype(raw.dtype)
+                raw[bad] = np.where(ok_big[bad], raw[bad], fill[:, None, None])
+        # the kernels take C-contiguous rows (fancy indexing may not give them)
+        first = np.ascontiguousarray(_median3(raw).reshape(n, -1)[:, disc], dtype=np.float64)
+        data = np.ascontiguousarray(raw[:, 1:-1, 1:-1].reshape(n, -1)[:, disc], dtype=np.float64)
+        ok = np.ascontiguousarray(ok_big[:, 1:-1, 1:-1].reshape(n, -1)[:, disc])
+    else:
+        raw = extract_windows(image, centre, half).reshape(n, -1)
+        data = np.ascontiguousarray(raw[:, disc], dtype=np.float64)
+        if valid is None:
+            ok = np.ones(data.shape, dtype=bool)
+        else:
+            ok = np.ascontiguousarray(extract_windows(valid, centre, half).reshape(n, -1)[:, disc])
+        first = data
 
     p = np.zeros((n, _NPAR))
     p[:, :2] = seeds - centre
-    p[:, 2] = radius
-    p[:, 3] = max(0.1 * radius, 0.6)
+    if shape is None:
+        p[:, 2] = radius
+        p[:, 3] = max(0.1 * radius, 0.6)
+        inner_radius = radius
+    else:
+        p[:, 2:4] = shape
+        inner_radius = float(np.median(shape[:, 0])) if n else 0.0
     rr = np.hypot(yy, xx)
     outer = rr >= half - 1.5
-    inner = rr <= 0.5 * radius
-    p[:, 5] = np.median(med[:, outer], axis=1)
-    p[:, 4] = np.maximum(np.median(med[:, inner], axis=1) - p[:, 5], 1e-6)
+    inner = rr <= 0.5 * inner_radius
+    if valid is None or median_pass:
+        p[:, 5] = np.median(first[:, outer], axis=1)
+        p[:, 4] = np.maximum(np.median(first[:, inner], axis=1) - p[:, 5], 1e-6)
+    else:
+        # masked pixels must not set the start: medians of the usable ones
+        masked = np.where(ok, first, np.nan)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a fully masked ring
+            p[:, 5] = np.nan_to_num(np.nanmedian(masked[:, outer], axis=1))
+            top = np.nan_to_num(np.nanmedian(masked[:, inner], axis=1))
+        p[:, 4] = np.maximum(top - p[:, 5], 1e-6)
 
     weight = ok.astype(np.float64)
-    _population_start(p, med, weight, yy, xx, half, passes[0][0], solve)
-    p, _, res_med, _ = solve(p, med, weight, yy, xx, half, *passes[0])
+    if shape is None:
+        # enough iterations for the sample to converge from the rough guess
+        _population_start(p, first, weight, yy, xx, half, max(passes[0][0], 5), solve)
+    p, _, res_first, _ = solve(p, first, weight, yy, xx, half, *passes[0])
+    # the raw pixels' residuals from the first model
+    res_raw = res_first if not median_pass else data - (first - res_first)
 
     # noise model from the population: background variance per hole plus a
     # signal-proportional (Poisson-like) term shared by all holes
-    res_raw = data - (med - res_med)
-    edge = tail((np.hypot(yy[None] - p[:, :1], xx[None] - p[:, 1:2]) - p[:, 2:3]) / p[:, 3:4])
-    var_bg = _robust_var(res_raw, (edge < 0.02) & ok)
-    var_in = _robust_var(res_raw, (edge > 0.9) & ok)
+    var_bg, var_in = engine.edge_variances(p, res_raw, ok, yy, xx)
     amp = np.maximum(p[:, 4], 1e-12)
     with np.errstate(invalid="ignore"):
         slopes = (var_in - var_bg) / amp**_VARIANCE_EXPONENT
@@ -296,18 +364,18 @@ def _fit_group(image, seeds, radius, half, valid, passes, engine):
     finite = np.isfinite(var_bg) & (var_bg > 0)
     var_bg = np.where(finite, var_bg, np.median(var_bg[finite]) if finite.any() else 1.0)
     # model mismatch floor, so that noise-free data do not lose good pixels
-    var_bg = np.maximum(var_bg, (3e-3 * amp) ** 2)
-    variance = var_bg[:, None] + slope * np.maximum(p[:, 4:5] * edge, 0.0) ** _VARIANCE_EXPONENT
-    keep = ok & (res_raw * res_raw <= 25.0 * variance)
-    weight = keep / variance
+    var_bg = np.ascontiguousarray(np.maximum(var_bg, (3e-3 * amp) ** 2))
+    variance, keep, weight = engine.clip_weights(
+        p, res_raw, ok, yy, xx, var_bg, slope, _VARIANCE_EXPONENT, _CLIP_SIGMA
+    )
     p, cost, res, _ = solve(p, data, weight, yy, xx, half, *passes[1])
     # clip again against the refined model: pass 1 may have been pulled by
     # masked or dead pixels and dropped good pixels next to them
-    keep2 = ok & (res * res <= 25.0 * variance)
+    keep2 = ok & (res * res <= _CLIP_SIGMA**2 * variance)
     changed = (keep2 != keep).any(axis=1)
     if changed.any():
         keep[changed] = keep2[changed]
-        weight = keep / variance
+        weight[changed] = np.where(keep2[changed], 1.0 / variance[changed], 0.0)
         sub, cost_sub, res_sub, _ = solve(
             p[changed], data[changed], weight[changed], yy, xx, half, *passes[1]
         )
@@ -315,11 +383,13 @@ def _fit_group(image, seeds, radius, half, valid, passes, engine):
 
     dof = np.maximum(keep.sum(1) - _NPAR, 1)
     asym, ring_asym = engine.sector_asymmetry(p, res, weight, yy, xx, float(half))
-    # the background's one-sidedness on the median-filtered pixels, unclipped,
-    # against the typical hole's noise (see ProfileFit.ring_step)
-    _, ring_step = engine.sector_asymmetry(
-        p, med - data + res, ok / float(np.median(var_bg)), yy, xx, float(half)
-    )
+    ring_step = None
+    if median_pass:
+        # the background's one-sidedness on the median-filtered pixels,
+        # unclipped, against the typical hole's noise (see ProfileFit.ring_step)
+        _, ring_step = engine.sector_asymmetry(
+            p, first - data + res, ok / float(np.median(var_bg)), yy, xx, float(half)
+        )
     inside = (np.abs(p[:, :2]) < 0.6 * half - 1e-9).all(1)
     converged = inside & np.isfinite(p).all(1) & (p[:, 4] > 0)
     return ProfileFit(
@@ -359,19 +429,6 @@ def _population_start(p, data, weight, yy, xx, half, iterations, solve, size=24)
     if good.sum() >= size // 2:
         p[:, 2] = np.median(fitted[good, 2])
         p[:, 3] = np.median(fitted[good, 3])
-
-
-def _robust_var(res, sel):
-    """Per-row variance from the median |residual| over selected pixels (NaN if < 5)."""
-    vals = np.where(sel, np.abs(res), np.inf)
-    vals.sort(axis=1)
-    count = sel.sum(1)
-    rows = np.arange(res.shape[0])
-    lo = vals[rows, np.maximum((count - 1) // 2, 0)]
-    hi = vals[rows, np.maximum(count // 2, 0)]
-    with np.errstate(invalid="ignore"):
-        mad = np.where(count >= 5, 0.5 * (lo + hi), np.nan)
-    return (1.4826 * mad) ** 2
 
 
 def windowed_centroids(image, seeds, half):

@@ -64,6 +64,8 @@ _MIN_SAMPLE = 6
 _MAX_LINEAR = 0.01
 # fraction of the previous holes that may be lost before the maps' smoothing is chosen again
 _SAME_HOLES_LOST = 0.05
+# Gauss-Newton iterations of the warm fits: unweighted on the raw pixels, then weighted
+_WARM_ITERATIONS = (1, 2)
 
 
 class WarmStartFallback(UserWarning):
@@ -160,6 +162,7 @@ class _Previous:
     mask: np.ndarray
     smoothing: object  # float, pitch² units, or None when unknown
     degree: object = None  # trend degree of the previous maps, or None when unknown
+    shapes: object = None  # (N, 2) fitted radius and blur of the holes, px, or None
 
 
 def recalibrate(
@@ -282,7 +285,7 @@ def recalibrate(
 
     t0 = time.perf_counter()
     predicted = _apply(move, prev.peaks)
-    found = _measure(filled, valid, predicted, radius, prev.pitch_px, backend)
+    found = _measure(filled, valid, predicted, radius, prev, backend)
     timings["measure_holes"] = time.perf_counter() - t0
     ok = found["reasons"] == ""
     n_ok = int(ok.sum())
@@ -403,6 +406,7 @@ def _previous(previous):
             mask=previous.mask,
             smoothing=_smoothing(getattr(previous.maps, "smoothing", None)),
             degree=getattr(previous.maps, "degree", None),
+            shapes=_shapes(holes, valid),
         )
     needed = ("peaks", "indices", "valid", "grid", "params", "shape", "dx", "dy", "mask")
     missing = [name for name in needed if getattr(previous, name, None) is None]
@@ -438,6 +442,18 @@ def _previous(previous):
         smoothing=_smoothing(resolved.get("smoothing")),
         degree=resolved.get("map_degree"),
     )
+
+
+def _shapes(holes, valid):
+    """Fitted (radius, blur) of the indexed holes, (N, 2) px, or None when not usable."""
+    width = getattr(holes, "width", None)
+    if width is None:
+        return None
+    width = np.asarray(width, dtype=np.float64)
+    if width.shape != (valid.size, 2):
+        return None
+    width = width[valid]
+    return width if (np.isfinite(width).all() and (width > 0).all()) else None
 
 
 def _same_hole_set(n_matched, n_previous):
@@ -679,10 +695,20 @@ def _apply(move, points):
     return np.column_stack([np.ones(len(points)), points]) @ move
 
 
-def _measure(img, valid, predicted, radius, pitch_px, backend):
-    """Fit every predicted hole; centres and a rejection reason per hole ("" = accepted)."""
+def _measure(img, valid, predicted, radius, prev, backend):
+    """Fit every predicted hole; centres and a rejection reason per hole ("" = accepted).
+
+    Every hole starts at its predicted position (good to a few hundredths of
+    a pixel) from its own previous radius and blur (from a detector file,
+    which does not hold them: from the shape of a sample of holes fitted
+    first): one unweighted iteration on the raw pixels, the noise model,
+    then two weighted ones (:func:`ccdgrid.centres.fit_hole_profiles` with
+    ``median_pass=False``), where a cold fit needs the median-filtered pass
+    and more iterations.
+    """
     h, w = img.shape
     n = len(predicted)
+    pitch_px = prev.pitch_px
     half, half_min = _window_half(radius, pitch_px)
     reasons = np.full(n, "", dtype=object)
     cy, cx = np.rint(predicted).astype(np.int64).T
@@ -693,8 +719,18 @@ def _measure(img, valid, predicted, radius, pitch_px, backend):
     fit_idx = np.flatnonzero(reasons == "")
     fit = None
     if fit_idx.size:
+        warm = {"median_pass": False, "iterations": _WARM_ITERATIONS}
+        if prev.shapes is not None:
+            shape = prev.shapes[fit_idx]
+            warm["start_shape"] = (shape[:, 0], shape[:, 1])
         fit = _centres.fit_hole_profiles(
-            img, predicted[fit_idx], radius, half=halves[fit_idx], valid=valid, backend=backend
+            img,
+            predicted[fit_idx],
+            radius,
+            half=halves[fit_idx],
+            valid=valid,
+            backend=backend,
+            **warm,
         )
         centres[fit_idx] = fit.centres
         # no smoothed image here: a hole's expected contrast is the population's

@@ -19,7 +19,14 @@ with finite values and ``weight >= 0``, ``yy`` and ``xx`` ``(P,)`` float64.
 import numpy as np
 from scipy.special import erfc
 
-__all__ = ["gauss_newton", "gaussian_tail", "model", "sector_asymmetry"]
+__all__ = [
+    "clip_weights",
+    "edge_variances",
+    "gauss_newton",
+    "gaussian_tail",
+    "model",
+    "sector_asymmetry",
+]
 
 _SQRT2 = np.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / np.sqrt(2.0 * np.pi)
@@ -225,3 +232,80 @@ def sector_asymmetry(p, res, weight, yy, xx, half):
     counts = np.bincount(flat[zone], minlength=8 * n).reshape(n, 8)
     ring = np.abs(sums / np.sqrt(np.maximum(counts, 1))).max(1)
     return disc, ring
+
+
+def _edge(p, yy, xx):
+    """The edge profile ``E = Q((r - R) / s)`` of every hole at every pixel, (N, P)."""
+    r = np.hypot(yy[None] - p[:, :1], xx[None] - p[:, 1:2])
+    return gaussian_tail((r - p[:, 2:3]) / p[:, 3:4])
+
+
+def _robust_var(res, sel):
+    """Per-row ``(1.4826 median |res|)**2`` over selected pixels (NaN below 5)."""
+    vals = np.where(sel, np.abs(res), np.inf)
+    vals.sort(axis=1)
+    count = sel.sum(1)
+    rows = np.arange(res.shape[0])
+    lo = vals[rows, np.maximum((count - 1) // 2, 0)]
+    hi = vals[rows, np.maximum(count // 2, 0)]
+    with np.errstate(invalid="ignore"):
+        mad = np.where(count >= 5, 0.5 * (lo + hi), np.nan)
+    return (1.4826 * mad) ** 2
+
+
+def edge_variances(p, res, ok, yy, xx):
+    """Noise variance of the background and of the disc's top per hole, from residuals.
+
+    Parameters
+    ----------
+    p : ndarray of shape (N, 8), float64
+        Fitted parameters ``(cy, cx, R, s, a, b0, by, bx)``.
+    res : ndarray of shape (N, P), float64
+        Residuals ``data - model``.
+    ok : ndarray of shape (N, P), bool
+        Usable pixels.
+    yy, xx : ndarray of shape (P,), float64
+        Pixel offsets from the window centre, px.
+
+    Returns
+    -------
+    var_bg, var_in : ndarray of shape (N,), float64
+        ``(1.4826 median |res|)**2`` over the usable pixels where the model's
+        edge profile ``E = Q((r - R) / s)`` is below 0.02 (background) and
+        above 0.9 (the disc's top); NaN where fewer than 5 pixels qualify.
+    """
+    edge = _edge(p, yy, xx)
+    return _robust_var(res, (edge < 0.02) & ok), _robust_var(res, (edge > 0.9) & ok)
+
+
+def clip_weights(p, res, ok, yy, xx, var_bg, slope, exponent, nsigma):
+    """Noise model per pixel, outlier clip and least-squares weights.
+
+    Parameters
+    ----------
+    p : ndarray of shape (N, 8), float64
+    res : ndarray of shape (N, P), float64
+        Residuals ``data - model`` of the model the pixels are judged against.
+    ok : ndarray of shape (N, P), bool
+    yy, xx : ndarray of shape (P,), float64
+    var_bg : ndarray of shape (N,), float64
+        Background variance per hole.
+    slope, exponent : float
+        Signal term of the variance: ``slope (a E)**exponent``.
+    nsigma : float
+        Pixels with ``|res| > nsigma sqrt(variance)`` are dropped.
+
+    Returns
+    -------
+    variance : ndarray of shape (N, P), float64
+        ``var_bg + slope max(a E, 0)**exponent``, ``E`` the edge profile of ``p``.
+    keep : ndarray of shape (N, P), bool
+        ``ok & (res**2 <= nsigma**2 variance)``.
+    weight : ndarray of shape (N, P), float64
+        ``keep / variance``.
+    """
+    edge = _edge(p, yy, xx)
+    variance = var_bg[:, None] + slope * np.maximum(p[:, 4:5] * edge, 0.0) ** exponent
+    keep = ok & (res * res <= nsigma * nsigma * variance)
+    with np.errstate(divide="ignore"):
+        return variance, keep, np.where(keep, 1.0 / variance, 0.0)
