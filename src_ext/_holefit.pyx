@@ -21,7 +21,15 @@ import numpy as np
 
 from cython.parallel cimport prange
 
-__all__ = ["clip_weights", "edge_variances", "gauss_newton", "gaussian_tail", "sector_asymmetry"]
+__all__ = [
+    "clip_weights",
+    "edge_variances",
+    "gauss_newton",
+    "gaussian_tail",
+    "sector_asymmetry",
+    "warm_first_pass",
+    "warm_weighted_pass",
+]
 
 cdef enum:
     NPAR = 8  # cy, cx, R, s, a, b0, by, bx
@@ -43,10 +51,12 @@ cdef extern from *:
     #define CCDGRID_CLONES
     #endif
     /* No floating-point exceptions are looked at here: let the compiler turn
-       the selections of the loops below into blends (vector code). */
+       the selections of the loops below into blends (vector code). No fused
+       multiply-adds either: the AVX2 copies then give the same results as
+       the baseline ones, bit for bit. */
     #if defined(__GNUC__) && !defined(__clang__)
     #pragma GCC push_options
-    #pragma GCC optimize("no-trapping-math")
+    #pragma GCC optimize("no-trapping-math", "fp-contract=off")
     #endif
     #define CCDGRID_INV_SQRT2PI 0.3989422804014327
 
@@ -114,11 +124,27 @@ cdef extern from *:
     }
 
     /* Distances of the pixels from (cy, cx). Apart from the loops below:
-       with errno-setting math (the default) a sqrt keeps its loop scalar. */
+       with errno-setting math (the default) the compiler keeps a sqrt
+       scalar, with a test and a call for negative arguments; the sum of
+       squares is never negative, so on x86-64 the SSE2 instruction does two
+       at a time (the same correctly rounded results). */
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    #endif
     static void ccdgrid_radii(const double *restrict yy, const double *restrict xx,
                               Py_ssize_t n, double cy, double cx, double *restrict r)
     {
-        for (Py_ssize_t k = 0; k < n; k++) {
+        Py_ssize_t k = 0;
+    #if defined(__SSE2__)
+        const __m128d vcy = _mm_set1_pd(cy), vcx = _mm_set1_pd(cx);
+        for (; k + 2 <= n; k += 2) {
+            __m128d dy = _mm_sub_pd(_mm_loadu_pd(yy + k), vcy);
+            __m128d dx = _mm_sub_pd(_mm_loadu_pd(xx + k), vcx);
+            __m128d s = _mm_add_pd(_mm_mul_pd(dy, dy), _mm_mul_pd(dx, dx));
+            _mm_storeu_pd(r + k, _mm_sqrt_pd(s));
+        }
+    #endif
+        for (; k < n; k++) {
             double dy = yy[k] - cy, dx = xx[k] - cx;
             r[k] = sqrt(dy * dy + dx * dx);
         }
@@ -678,6 +704,267 @@ def clip_weights(p, res, ok, yy, xx, var_bg, double slope, double exponent, doub
     return out_var, out_keep, out_w
 
 
+cdef double _median_of(
+    const double* v, const unsigned char* ok, const unsigned char* sel, Py_ssize_t npix,
+    double* buf
+) noexcept nogil:
+    """Median of ``v`` over the pixels both ``ok`` and ``sel`` (0 when there is none)."""
+    cdef Py_ssize_t k, m = 0
+    cdef double lo, hi
+    for k in range(npix):
+        if ok[k] and sel[k]:
+            buf[m] = v[k]
+            m = m + 1
+    if m == 0:
+        return 0.0
+    lo = _select(buf, m, (m - 1) // 2)
+    hi = lo
+    if m % 2 == 0:
+        hi = buf[m // 2]
+        for k in range(m // 2 + 1, m):
+            hi = min(hi, buf[k])
+    return 0.5 * (lo + hi)
+
+
+def warm_first_pass(
+    p0, data, ok, yy, xx, outer, inner, double half, bint start_levels, int iterations,
+    double tol
+):
+    """First pass of a warm fit: unweighted iterations on the raw pixels, then noise statistics.
+
+    Parameters
+    ----------
+    p0 : ndarray of shape (N, 8), float64, C-contiguous
+        Start ``(cy, cx, R, s, a, b0, by, bx)`` per hole.
+    data : ndarray of shape (N, P), float64, C-contiguous
+        Raw pixel values.
+    ok : ndarray of shape (N, P), bool, C-contiguous
+        Usable pixels.
+    yy, xx : ndarray of shape (P,), float64, C-contiguous
+        Pixel offsets from the window centre, px.
+    outer, inner : ndarray of shape (P,), bool, C-contiguous
+        Pixels of the background ring and of the disc's centre.
+    half : float
+        Window radius, px (bounds of the parameters, see :func:`gauss_newton`).
+    start_levels : bool
+        Start ``b0`` at the median of the usable ``outer`` pixels and ``a``
+        at the median of the usable ``inner`` ones minus ``b0`` (at least
+        1e-6); otherwise ``p0``'s.
+    iterations : int
+        Most Gauss-Newton iterations, every usable pixel of weight 1.
+    tol : float
+        Convergence tolerance (see :func:`gauss_newton`).
+
+    Returns
+    -------
+    p : ndarray of shape (N, 8), float64
+    var_bg, var_in : ndarray of shape (N,), float64
+        :func:`edge_variances` of the residuals at ``p``.
+    """
+    cdef const double[:, ::1] d = data
+    cdef const unsigned char[:, ::1] okv = ok.view(np.uint8)
+    cdef const double[::1] y = yy
+    cdef const double[::1] x = xx
+    cdef const unsigned char[::1] ov = outer.view(np.uint8)
+    cdef const unsigned char[::1] iv = inner.view(np.uint8)
+    out_p = np.array(p0, dtype=np.float64, order="C", copy=True)
+    cdef Py_ssize_t n = out_p.shape[0]
+    cdef Py_ssize_t npix = d.shape[1]
+    out_bg = np.full(n, np.nan)
+    out_in = np.full(n, np.nan)
+    failed = np.zeros(n, dtype=np.uint8)
+    cdef double[:, ::1] pv = out_p
+    cdef double[::1] bg = out_bg
+    cdef double[::1] top = out_in
+    cdef unsigned char[::1] fv = failed
+    cdef bint threads = n * npix * (max(iterations, 0) + 2) >= _PARALLEL_MIN_WORK
+    cdef Py_ssize_t i, k, nb, nt
+    cdef double* scratch
+    cdef double* w
+    cdef double* res
+    cdef double* edge
+    cdef double* buf
+    if n == 0 or npix == 0:
+        return out_p, out_bg, out_in
+    with nogil:
+        for i in prange(n, schedule="dynamic", chunksize=4, use_threads_if=threads):
+            scratch = <double*>malloc((NSCRATCH + 4) * npix * sizeof(double))
+            if scratch == NULL:
+                fv[i] = 1
+            else:
+                w = scratch + NSCRATCH * npix
+                res = w + npix
+                edge = res + npix
+                buf = edge + npix
+                if start_levels:
+                    pv[i, 5] = _median_of(&d[i, 0], &okv[i, 0], &ov[0], npix, buf)
+                    pv[i, 4] = max(
+                        _median_of(&d[i, 0], &okv[i, 0], &iv[0], npix, buf) - pv[i, 5], 1e-6
+                    )
+                for k in range(npix):
+                    w[k] = 1.0 if okv[i, k] else 0.0
+                _fit_one(
+                    &pv[i, 0], &d[i, 0], w, &y[0], &x[0], npix, half, iterations, tol, scratch
+                )
+                # residuals and edges at the fitted parameters (scratch: the radii)
+                _radii(&y[0], &x[0], npix, pv[i, 0], pv[i, 1], scratch)
+                _model_residuals(&y[0], &x[0], &d[i, 0], npix, &pv[i, 0], scratch, res)
+                _edge(scratch, npix, pv[i, 2], 1.0 / pv[i, 3], edge)
+                nb = 0
+                nt = 0
+                for k in range(npix):
+                    if okv[i, k]:
+                        if edge[k] < 0.02:
+                            buf[nb] = fabs(res[k])
+                            nb = nb + 1
+                        elif edge[k] > 0.9:
+                            scratch[nt] = fabs(res[k])  # the radii are no longer needed
+                            nt = nt + 1
+                bg[i] = _robust_var(buf, nb)
+                top[i] = _robust_var(scratch, nt)
+                free(scratch)
+    if failed.any():
+        raise MemoryError("no memory for the hole fits' scratch arrays")
+    return out_p, out_bg, out_in
+
+
+cdef inline Py_ssize_t _clip(
+    const double* res, const double* var, const unsigned char* ok, Py_ssize_t npix,
+    double limit, double* w
+) noexcept nogil:
+    """Weights ``1 / var`` of the usable pixels with ``res**2 <= limit var``, else 0; the count."""
+    cdef Py_ssize_t k, kept = 0
+    for k in range(npix):
+        if ok[k] and res[k] * res[k] <= limit * var[k]:
+            w[k] = 1.0 / var[k]
+            kept = kept + 1
+        else:
+            w[k] = 0.0
+    return kept
+
+
+def warm_weighted_pass(
+    p1, data, ok, yy, xx, double half, var_bg, double slope, double exponent, double nsigma,
+    int iterations, double tol
+):
+    """Weighted pass of a warm fit: noise model, clip, fit, clip again, sector asymmetry.
+
+    The pixels are judged against the model ``p1`` with the variance
+    ``var_bg + slope max(a E, 0)**exponent`` (see :func:`clip_weights`),
+    fitted with weights 1 / variance, judged again against the new model, and
+    the holes whose kept pixels changed are fitted again from there.
+
+    Parameters
+    ----------
+    p1 : ndarray of shape (N, 8), float64, C-contiguous
+        Parameters of the first pass.
+    data : ndarray of shape (N, P), float64, C-contiguous
+    ok : ndarray of shape (N, P), bool, C-contiguous
+    yy, xx : ndarray of shape (P,), float64, C-contiguous
+    half : float
+        Window radius, px.
+    var_bg : ndarray of shape (N,), float64, C-contiguous
+        Background variance per hole (> 0).
+    slope, exponent : float
+        Signal term of the variance.
+    nsigma : float
+        Clip at ``nsigma`` standard deviations.
+    iterations : int
+        Most Gauss-Newton iterations of each weighted fit.
+    tol : float
+        Convergence tolerance (see :func:`gauss_newton`).
+
+    Returns
+    -------
+    p : ndarray of shape (N, 8), float64
+    cost : ndarray of shape (N,), float64
+        Weighted sum of squared residuals at ``p``.
+    kept, outliers : ndarray of shape (N,), int64
+        Pixels used, and usable pixels dropped as outliers.
+    disc, ring : ndarray of shape (N,), float64
+        :func:`sector_asymmetry` of the final residuals and weights.
+    """
+    cdef const double[:, ::1] d = data
+    cdef const unsigned char[:, ::1] okv = ok.view(np.uint8)
+    cdef const double[::1] y = yy
+    cdef const double[::1] x = xx
+    cdef const double[::1] vb = var_bg
+    out_p = np.array(p1, dtype=np.float64, order="C", copy=True)
+    cdef Py_ssize_t n = out_p.shape[0]
+    cdef Py_ssize_t npix = d.shape[1]
+    out_cost = np.zeros(n)
+    out_kept = np.zeros(n, dtype=np.int64)
+    out_outliers = np.zeros(n, dtype=np.int64)
+    out_disc = np.zeros(n)
+    out_ring = np.zeros(n)
+    failed = np.zeros(n, dtype=np.uint8)
+    cdef double[:, ::1] pv = out_p
+    cdef double[::1] cv = out_cost
+    cdef int64_t[::1] kv = out_kept
+    cdef int64_t[::1] outv = out_outliers
+    cdef double[::1] dv = out_disc
+    cdef double[::1] gv = out_ring
+    cdef unsigned char[::1] fv = failed
+    cdef double limit = nsigma * nsigma
+    cdef bint sqrt_power = exponent == 1.5
+    cdef bint threads = n * npix * (2 * max(iterations, 0) + 3) >= _PARALLEL_MIN_WORK
+    cdef Py_ssize_t i, k, usable, kept
+    cdef double sig, amp
+    cdef bint changed, now
+    cdef double* scratch
+    cdef double* w
+    cdef double* res
+    cdef double* var
+    if n == 0 or npix == 0:
+        return out_p, out_cost, out_kept, out_outliers, out_disc, out_ring
+    with nogil:
+        for i in prange(n, schedule="dynamic", chunksize=4, use_threads_if=threads):
+            scratch = <double*>malloc((NSCRATCH + 3) * npix * sizeof(double))
+            if scratch == NULL:
+                fv[i] = 1
+            else:
+                w = scratch + NSCRATCH * npix
+                res = w + npix
+                var = res + npix
+                # the noise model and the residuals of the first pass's model
+                _radii(&y[0], &x[0], npix, pv[i, 0], pv[i, 1], scratch)
+                _model_residuals(&y[0], &x[0], &d[i, 0], npix, &pv[i, 0], scratch, res)
+                _edge(scratch, npix, pv[i, 2], 1.0 / pv[i, 3], var)
+                amp = pv[i, 4]
+                usable = 0
+                for k in range(npix):
+                    sig = max(amp * var[k], 0.0)
+                    var[k] = vb[i] + slope * (sig * sqrt(sig) if sqrt_power else sig ** exponent)
+                    usable = usable + (1 if okv[i, k] else 0)
+                kept = _clip(res, var, &okv[i, 0], npix, limit, w)
+                _fit_one(
+                    &pv[i, 0], &d[i, 0], w, &y[0], &x[0], npix, half, iterations, tol, scratch
+                )
+                cv[i] = _residuals(&pv[i, 0], &d[i, 0], w, &y[0], &x[0], npix, res, scratch)
+                # clip again against the refined model: the first one may have
+                # been pulled by masked or dead pixels and dropped good ones
+                changed = False
+                for k in range(npix):
+                    now = okv[i, k] != 0 and res[k] * res[k] <= limit * var[k]
+                    if now != (w[k] > 0.0):
+                        changed = True
+                        break
+                if changed:
+                    kept = _clip(res, var, &okv[i, 0], npix, limit, w)
+                    _fit_one(
+                        &pv[i, 0], &d[i, 0], w, &y[0], &x[0], npix, half, iterations, tol,
+                        scratch,
+                    )
+                    cv[i] = _residuals(&pv[i, 0], &d[i, 0], w, &y[0], &x[0], npix, res, scratch)
+                kv[i] = kept
+                outv[i] = usable - kept
+                _sectors(&pv[i, 0], res, w, &y[0], &x[0], npix, half, &dv[i], &gv[i])
+                free(scratch)
+    if failed.any():
+        raise MemoryError("no memory for the hole fits' scratch arrays")
+    return out_p, out_cost, out_kept, out_outliers, out_disc, out_ring
+
+
 cdef inline int _sector(double dy, double dx) noexcept nogil:
     """``floor((atan2(dy, dx) + pi) * 4 / pi) % 8`` by comparisons (no atan2).
 
@@ -695,6 +982,45 @@ cdef inline int _sector(double dy, double dx) noexcept nogil:
     if dx < 0.0:
         return 0 if -dy < -dx else 1
     return 2 if -dy > dx else 3
+
+
+cdef void _sectors(
+    const double* p, const double* res, const double* weight, const double* yy,
+    const double* xx, Py_ssize_t npix, double half, double* disc, double* ring
+) noexcept nogil:
+    """One hole of :func:`sector_asymmetry`: its ``disc`` and ``ring`` values."""
+    cdef double dsum[8]
+    cdef double rsum[8]
+    cdef int64_t dcount[8]
+    cdef int64_t rcount[8]
+    cdef double dy, dx, r, best_d = 0.0, best_r = 0.0
+    cdef double inner = p[2] + 1.5 * p[3], outer = p[2] + 2.5 * p[3]
+    cdef Py_ssize_t k
+    cdef int s
+    for s in range(8):
+        dsum[s] = 0.0
+        rsum[s] = 0.0
+        dcount[s] = 0
+        rcount[s] = 0
+    for k in range(npix):
+        if not weight[k] > 0.0:
+            continue
+        dy = yy[k] - p[0]
+        dx = xx[k] - p[1]
+        r = sqrt(dy * dy + dx * dx)
+        if r <= inner:
+            s = _sector(dy, dx)
+            dsum[s] = dsum[s] + res[k]
+            dcount[s] = dcount[s] + 1
+        elif r > outer and r <= half:
+            s = _sector(dy, dx)
+            rsum[s] = rsum[s] + res[k] * sqrt(weight[k])
+            rcount[s] = rcount[s] + 1
+    for s in range(8):
+        best_d = max(best_d, fabs(dsum[s] / max(dcount[s], 1)))
+        best_r = max(best_r, fabs(rsum[s]) / sqrt(<double>max(rcount[s], 1)))
+    disc[0] = best_d / max(fabs(p[4]), 1e-12)
+    ring[0] = best_r
 
 
 def sector_asymmetry(p, res, weight, yy, xx, double half):
@@ -722,41 +1048,8 @@ def sector_asymmetry(p, res, weight, yy, xx, double half):
     out_ring = np.empty(n, dtype=np.float64)
     cdef double[::1] dv = out_disc
     cdef double[::1] gv = out_ring
-    cdef double dsum[8]
-    cdef double rsum[8]
-    cdef int64_t dcount[8]
-    cdef int64_t rcount[8]
-    cdef double dy, dx, r, inner, outer, best_d, best_r
-    cdef Py_ssize_t i, k
-    cdef int s
+    cdef Py_ssize_t i
     with nogil:
         for i in range(n):
-            for s in range(8):
-                dsum[s] = 0.0
-                rsum[s] = 0.0
-                dcount[s] = 0
-                rcount[s] = 0
-            inner = pv[i, 2] + 1.5 * pv[i, 3]
-            outer = pv[i, 2] + 2.5 * pv[i, 3]
-            for k in range(npix):
-                if not wv[i, k] > 0.0:
-                    continue
-                dy = y[k] - pv[i, 0]
-                dx = x[k] - pv[i, 1]
-                r = sqrt(dy * dy + dx * dx)
-                if r <= inner:
-                    s = _sector(dy, dx)
-                    dsum[s] = dsum[s] + rv[i, k]
-                    dcount[s] = dcount[s] + 1
-                elif r > outer and r <= half:
-                    s = _sector(dy, dx)
-                    rsum[s] = rsum[s] + rv[i, k] * sqrt(wv[i, k])
-                    rcount[s] = rcount[s] + 1
-            best_d = 0.0
-            best_r = 0.0
-            for s in range(8):
-                best_d = max(best_d, fabs(dsum[s] / max(dcount[s], 1)))
-                best_r = max(best_r, fabs(rsum[s]) / sqrt(<double>max(rcount[s], 1)))
-            dv[i] = best_d / max(fabs(pv[i, 4]), 1e-12)
-            gv[i] = best_r
+            _sectors(&pv[i, 0], &rv[i, 0], &wv[i, 0], &y[0], &x[0], npix, half, &dv[i], &gv[i])
     return out_disc, out_ring

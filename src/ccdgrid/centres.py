@@ -39,8 +39,6 @@ holds the profile's tails: the hole finder sizes it from the fitted
 ``R + 3 s``.
 """
 
-import warnings
-
 import numpy as np
 
 from ._ext import _holefit as _cython
@@ -291,36 +289,9 @@ def _disc_offsets(half):
 
 
 def _fit_group(image, seeds, radius, half, shape, valid, passes, engine, median_pass):
-    solve = engine.gauss_newton
     n = seeds.shape[0]
     centre = np.rint(seeds).astype(np.int64)
     yy, xx, disc = _disc_offsets(half)
-    if median_pass:
-        # the image's own dtype (float32 from the hole finder): the 3x3 median
-        # selects values, so it is exact in it, and moves half the bytes
-        raw = extract_windows(image, centre, half + 1)
-        if valid is None:
-            ok_big = np.ones(raw.shape, dtype=bool)
-        else:
-            ok_big = extract_windows(valid, centre, half + 1)
-            # invalid pixels take the window median so that the 3x3 median ignores them
-            bad = np.flatnonzero(~ok_big.all(axis=(1, 2)))
-            if bad.size:
-                fill = np.median(raw[bad].reshape(bad.size, -1), axis=1).astype(raw.dtype)
-                raw[bad] = np.where(ok_big[bad], raw[bad], fill[:, None, None])
-        # the kernels take C-contiguous rows (fancy indexing may not give them)
-        first = np.ascontiguousarray(_median3(raw).reshape(n, -1)[:, disc], dtype=np.float64)
-        data = np.ascontiguousarray(raw[:, 1:-1, 1:-1].reshape(n, -1)[:, disc], dtype=np.float64)
-        ok = np.ascontiguousarray(ok_big[:, 1:-1, 1:-1].reshape(n, -1)[:, disc])
-    else:
-        raw = extract_windows(image, centre, half).reshape(n, -1)
-        data = np.ascontiguousarray(raw[:, disc], dtype=np.float64)
-        if valid is None:
-            ok = np.ones(data.shape, dtype=bool)
-        else:
-            ok = np.ascontiguousarray(extract_windows(valid, centre, half).reshape(n, -1)[:, disc])
-        first = data
-
     p = np.zeros((n, _NPAR))
     p[:, :2] = seeds - centre
     if shape is None:
@@ -333,38 +304,43 @@ def _fit_group(image, seeds, radius, half, shape, valid, passes, engine, median_
     rr = np.hypot(yy, xx)
     outer = rr >= half - 1.5
     inner = rr <= 0.5 * inner_radius
-    if valid is None or median_pass:
-        p[:, 5] = np.median(first[:, outer], axis=1)
-        p[:, 4] = np.maximum(np.median(first[:, inner], axis=1) - p[:, 5], 1e-6)
+    if median_pass:
+        return _cold_group(
+            image, centre, p, yy, xx, disc, outer, inner, half, valid, passes, engine
+        )
+    return _warm_group(
+        image, centre, p, yy, xx, disc, outer, inner, half, shape is None, valid, passes, engine
+    )
+
+
+def _cold_group(image, centre, p, yy, xx, disc, outer, inner, half, valid, passes, engine):
+    """A median-filtered pass from the population start, then the weighted raw pass."""
+    solve = engine.gauss_newton
+    n = centre.shape[0]
+    # the image's own dtype (float32 from the hole finder): the 3x3 median
+    # selects values, so it is exact in it, and moves half the bytes
+    raw = extract_windows(image, centre, half + 1)
+    if valid is None:
+        ok_big = np.ones(raw.shape, dtype=bool)
     else:
-        # masked pixels must not set the start: medians of the usable ones
-        masked = np.where(ok, first, np.nan)
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a fully masked ring
-            p[:, 5] = np.nan_to_num(np.nanmedian(masked[:, outer], axis=1))
-            top = np.nan_to_num(np.nanmedian(masked[:, inner], axis=1))
-        p[:, 4] = np.maximum(top - p[:, 5], 1e-6)
+        ok_big = extract_windows(valid, centre, half + 1)
+        # invalid pixels take the window median so that the 3x3 median ignores them
+        bad = np.flatnonzero(~ok_big.all(axis=(1, 2)))
+        if bad.size:
+            fill = np.median(raw[bad].reshape(bad.size, -1), axis=1).astype(raw.dtype)
+            raw[bad] = np.where(ok_big[bad], raw[bad], fill[:, None, None])
+    # the kernels take C-contiguous rows (fancy indexing may not give them)
+    med = np.ascontiguousarray(_median3(raw).reshape(n, -1)[:, disc], dtype=np.float64)
+    data = np.ascontiguousarray(raw[:, 1:-1, 1:-1].reshape(n, -1)[:, disc], dtype=np.float64)
+    ok = np.ascontiguousarray(ok_big[:, 1:-1, 1:-1].reshape(n, -1)[:, disc])
+    p[:, 5] = np.median(med[:, outer], axis=1)
+    p[:, 4] = np.maximum(np.median(med[:, inner], axis=1) - p[:, 5], 1e-6)
 
     weight = ok.astype(np.float64)
-    if shape is None:
-        # enough iterations for the sample to converge from the rough guess
-        _population_start(p, first, weight, yy, xx, half, max(passes[0][0], 5), solve)
-    p, _, res_first, _ = solve(p, first, weight, yy, xx, half, *passes[0])
-    # the raw pixels' residuals from the first model
-    res_raw = res_first if not median_pass else data - (first - res_first)
-
-    # noise model from the population: background variance per hole plus a
-    # signal-proportional (Poisson-like) term shared by all holes
-    var_bg, var_in = engine.edge_variances(p, res_raw, ok, yy, xx)
-    amp = np.maximum(p[:, 4], 1e-12)
-    with np.errstate(invalid="ignore"):
-        slopes = (var_in - var_bg) / amp**_VARIANCE_EXPONENT
-    slopes = slopes[np.isfinite(slopes)]
-    slope = max(float(np.median(slopes)), 0.0) if slopes.size else 0.0
-    finite = np.isfinite(var_bg) & (var_bg > 0)
-    var_bg = np.where(finite, var_bg, np.median(var_bg[finite]) if finite.any() else 1.0)
-    # model mismatch floor, so that noise-free data do not lose good pixels
-    var_bg = np.ascontiguousarray(np.maximum(var_bg, (3e-3 * amp) ** 2))
+    _population_start(p, med, weight, yy, xx, half, passes[0][0], solve)
+    p, _, res_med, _ = solve(p, med, weight, yy, xx, half, *passes[0])
+    res_raw = data - (med - res_med)
+    var_bg, slope = _noise_model(*engine.edge_variances(p, res_raw, ok, yy, xx), p[:, 4])
     variance, keep, weight = engine.clip_weights(
         p, res_raw, ok, yy, xx, var_bg, slope, _VARIANCE_EXPONENT, _CLIP_SIGMA
     )
@@ -381,15 +357,66 @@ def _fit_group(image, seeds, radius, half, shape, valid, passes, engine, median_
         )
         p[changed], cost[changed], res[changed] = sub, cost_sub, res_sub
 
-    dof = np.maximum(keep.sum(1) - _NPAR, 1)
     asym, ring_asym = engine.sector_asymmetry(p, res, weight, yy, xx, float(half))
-    ring_step = None
-    if median_pass:
-        # the background's one-sidedness on the median-filtered pixels,
-        # unclipped, against the typical hole's noise (see ProfileFit.ring_step)
-        _, ring_step = engine.sector_asymmetry(
-            p, first - data + res, ok / float(np.median(var_bg)), yy, xx, float(half)
-        )
+    # the background's one-sidedness on the median-filtered pixels, unclipped,
+    # against the typical hole's noise (see ProfileFit.ring_step)
+    _, ring_step = engine.sector_asymmetry(
+        p, med - data + res, ok / float(np.median(var_bg)), yy, xx, float(half)
+    )
+    return _profile_fit(
+        centre, p, cost, keep.sum(1), (ok & ~keep).sum(1), asym, ring_asym, ring_step, half
+    )
+
+
+def _warm_group(
+    image, centre, p, yy, xx, disc, outer, inner, half, no_shape, valid, passes, engine
+):
+    """Raw unweighted pass from the given start, then the weighted pass (compiled, fused)."""
+    n = centre.shape[0]
+    raw = extract_windows(image, centre, half).reshape(n, -1)
+    data = np.ascontiguousarray(raw[:, disc], dtype=np.float64)
+    if valid is None:
+        ok = np.ones(data.shape, dtype=bool)
+    else:
+        ok = np.ascontiguousarray(extract_windows(valid, centre, half).reshape(n, -1)[:, disc])
+    outer = np.ascontiguousarray(outer)
+    inner = np.ascontiguousarray(inner)
+    if no_shape:
+        # no shape per hole: start every hole from the shape of a fitted sample
+        p, _, _ = engine.warm_first_pass(p, data, ok, yy, xx, outer, inner, half, True, 0, 0.0)
+        _population_start(p, data, ok.astype(np.float64), yy, xx, half, 5, engine.gauss_newton)
+    p, var_bg, var_in = engine.warm_first_pass(
+        p, data, ok, yy, xx, outer, inner, float(half), not no_shape, *passes[0]
+    )
+    var_bg, slope = _noise_model(var_bg, var_in, p[:, 4])
+    p, cost, kept, outliers, asym, ring_asym = engine.warm_weighted_pass(
+        p, data, ok, yy, xx, float(half), var_bg, slope, _VARIANCE_EXPONENT, _CLIP_SIGMA,
+        *passes[1],
+    )  # fmt: skip
+    return _profile_fit(centre, p, cost, kept, outliers, asym, ring_asym, None, half)
+
+
+def _noise_model(var_bg, var_in, amplitude):
+    """Background variance per hole (N,) and the population's signal slope.
+
+    The variance of a pixel is ``var_bg + slope (a E)**q``: the background's
+    per hole plus a signal-proportional (Poisson-like) term shared by all
+    holes, from the residual variances of the background and of the disc's
+    top (:func:`edge_variances`).
+    """
+    amp = np.maximum(amplitude, 1e-12)
+    with np.errstate(invalid="ignore"):
+        slopes = (var_in - var_bg) / amp**_VARIANCE_EXPONENT
+    slopes = slopes[np.isfinite(slopes)]
+    slope = max(float(np.median(slopes)), 0.0) if slopes.size else 0.0
+    finite = np.isfinite(var_bg) & (var_bg > 0)
+    var_bg = np.where(finite, var_bg, np.median(var_bg[finite]) if finite.any() else 1.0)
+    # model mismatch floor, so that noise-free data do not lose good pixels
+    return np.ascontiguousarray(np.maximum(var_bg, (3e-3 * amp) ** 2)), slope
+
+
+def _profile_fit(centre, p, cost, kept, outliers, asym, ring_asym, ring_step, half):
+    dof = np.maximum(kept - _NPAR, 1)
     inside = (np.abs(p[:, :2]) < 0.6 * half - 1e-9).all(1)
     converged = inside & np.isfinite(p).all(1) & (p[:, 4] > 0)
     return ProfileFit(
@@ -403,7 +430,7 @@ def _fit_group(image, seeds, radius, half, shape, valid, passes, engine, median_
         ring_asymmetry=ring_asym,
         ring_step=ring_step,
         slope=p[:, 6:8].copy(),
-        outliers=(ok & ~keep).sum(1).astype(np.int64),
+        outliers=np.asarray(outliers, dtype=np.int64),
         converged=converged,
     )
 

@@ -26,6 +26,8 @@ __all__ = [
     "gaussian_tail",
     "model",
     "sector_asymmetry",
+    "warm_first_pass",
+    "warm_weighted_pass",
 ]
 
 _SQRT2 = np.sqrt(2.0)
@@ -240,6 +242,16 @@ def _edge(p, yy, xx):
     return gaussian_tail((r - p[:, 2:3]) / p[:, 3:4])
 
 
+def _masked_median(values, sel):
+    """Per-row median of ``values`` over ``sel`` (0 where nothing is selected)."""
+    masked = np.where(sel, values, np.nan)
+    out = np.zeros(values.shape[0])
+    some = sel.any(axis=1)
+    if some.any():
+        out[some] = np.nanmedian(masked[some], axis=1)
+    return out
+
+
 def _robust_var(res, sel):
     """Per-row ``(1.4826 median |res|)**2`` over selected pixels (NaN below 5)."""
     vals = np.where(sel, np.abs(res), np.inf)
@@ -309,3 +321,104 @@ def clip_weights(p, res, ok, yy, xx, var_bg, slope, exponent, nsigma):
     keep = ok & (res * res <= nsigma * nsigma * variance)
     with np.errstate(divide="ignore"):
         return variance, keep, np.where(keep, 1.0 / variance, 0.0)
+
+
+def warm_first_pass(p0, data, ok, yy, xx, outer, inner, half, start_levels, iterations, tol):
+    """First pass of a warm fit: unweighted iterations on the raw pixels, then noise statistics.
+
+    Parameters
+    ----------
+    p0 : ndarray of shape (N, 8), float64
+        Start ``(cy, cx, R, s, a, b0, by, bx)`` per hole.
+    data : ndarray of shape (N, P), float64
+        Raw pixel values.
+    ok : ndarray of shape (N, P), bool
+        Usable pixels.
+    yy, xx : ndarray of shape (P,), float64
+        Pixel offsets from the window centre, px.
+    outer, inner : ndarray of shape (P,), bool
+        Pixels of the background ring and of the disc's centre.
+    half : float
+        Window radius, px (bounds of the parameters, see :func:`gauss_newton`).
+    start_levels : bool
+        Start ``b0`` at the median of the usable ``outer`` pixels and ``a``
+        at the median of the usable ``inner`` ones minus ``b0`` (at least
+        1e-6); otherwise ``p0``'s.
+    iterations : int
+        Most Gauss-Newton iterations, every usable pixel of weight 1.
+    tol : float
+        Convergence tolerance (see :func:`gauss_newton`).
+
+    Returns
+    -------
+    p : ndarray of shape (N, 8), float64
+    var_bg, var_in : ndarray of shape (N,), float64
+        :func:`edge_variances` of the residuals at ``p``.
+    """
+    p = np.array(p0, dtype=np.float64, copy=True)
+    if start_levels and p.shape[0]:
+        p[:, 5] = _masked_median(data, ok & outer[None])
+        p[:, 4] = np.maximum(_masked_median(data, ok & inner[None]) - p[:, 5], 1e-6)
+    p, _, res, _ = gauss_newton(p, data, ok.astype(np.float64), yy, xx, half, iterations, tol)
+    var_bg, var_in = edge_variances(p, res, ok, yy, xx)
+    return p, var_bg, var_in
+
+
+def warm_weighted_pass(
+    p1, data, ok, yy, xx, half, var_bg, slope, exponent, nsigma, iterations, tol
+):
+    """Weighted pass of a warm fit: noise model, clip, fit, clip again, sector asymmetry.
+
+    The pixels are judged against the model ``p1`` with the variance
+    ``var_bg + slope max(a E, 0)**exponent`` (see :func:`clip_weights`),
+    fitted with weights 1 / variance, judged again against the new model, and
+    the holes whose kept pixels changed are fitted again from there.
+
+    Parameters
+    ----------
+    p1 : ndarray of shape (N, 8), float64
+        Parameters of the first pass.
+    data : ndarray of shape (N, P), float64
+    ok : ndarray of shape (N, P), bool
+    yy, xx : ndarray of shape (P,), float64
+    half : float
+        Window radius, px.
+    var_bg : ndarray of shape (N,), float64
+        Background variance per hole (> 0).
+    slope, exponent : float
+        Signal term of the variance.
+    nsigma : float
+        Clip at ``nsigma`` standard deviations.
+    iterations : int
+        Most Gauss-Newton iterations of each weighted fit.
+    tol : float
+        Convergence tolerance (see :func:`gauss_newton`).
+
+    Returns
+    -------
+    p : ndarray of shape (N, 8), float64
+    cost : ndarray of shape (N,), float64
+        Weighted sum of squared residuals at ``p``.
+    kept, outliers : ndarray of shape (N,), int64
+        Pixels used, and usable pixels dropped as outliers.
+    disc, ring : ndarray of shape (N,), float64
+        :func:`sector_asymmetry` of the final residuals and weights.
+    """
+    f, _ = model(p1, yy, xx, with_jacobian=False)
+    variance, keep, weight = clip_weights(
+        p1, data - f, ok, yy, xx, var_bg, slope, exponent, nsigma
+    )
+    p, cost, res, _ = gauss_newton(p1, data, weight, yy, xx, half, iterations, tol)
+    keep2 = ok & (res * res <= nsigma * nsigma * variance)
+    changed = (keep2 != keep).any(axis=1)
+    if changed.any():
+        keep[changed] = keep2[changed]
+        with np.errstate(divide="ignore"):
+            weight[changed] = np.where(keep2[changed], 1.0 / variance[changed], 0.0)
+        sub, cost_sub, res_sub, _ = gauss_newton(
+            p[changed], data[changed], weight[changed], yy, xx, half, iterations, tol
+        )
+        p[changed], cost[changed], res[changed] = sub, cost_sub, res_sub
+    disc, ring = sector_asymmetry(p, res, weight, yy, xx, half)
+    kept = keep.sum(axis=1).astype(np.int64)
+    return p, cost, kept, (ok & ~keep).sum(axis=1).astype(np.int64), disc, ring
