@@ -727,8 +727,8 @@ cdef double _median_of(
 
 
 def warm_first_pass(
-    p0, data, ok, yy, xx, outer, inner, double half, bint start_levels, int iterations,
-    double tol
+    p0, data, ok, yy, xx, outer, inner, double half, bint start_levels, double spike,
+    int iterations, double tol
 ):
     """First pass of a warm fit: unweighted iterations on the raw pixels, then noise statistics.
 
@@ -750,8 +750,11 @@ def warm_first_pass(
         Start ``b0`` at the median of the usable ``outer`` pixels and ``a``
         at the median of the usable ``inner`` ones minus ``b0`` (at least
         1e-6); otherwise ``p0``'s.
+    spike : float
+        Usable pixels further than ``spike`` times the start amplitude from
+        the start model (hot or dead pixels) are left out of the iterations.
     iterations : int
-        Most Gauss-Newton iterations, every usable pixel of weight 1.
+        Most Gauss-Newton iterations, every other usable pixel of weight 1.
     tol : float
         Convergence tolerance (see :func:`gauss_newton`).
 
@@ -759,7 +762,7 @@ def warm_first_pass(
     -------
     p : ndarray of shape (N, 8), float64
     var_bg, var_in : ndarray of shape (N,), float64
-        :func:`edge_variances` of the residuals at ``p``.
+        :func:`edge_variances` of the residuals at ``p`` (every usable pixel).
     """
     cdef const double[:, ::1] d = data
     cdef const unsigned char[:, ::1] okv = ok.view(np.uint8)
@@ -777,8 +780,9 @@ def warm_first_pass(
     cdef double[::1] bg = out_bg
     cdef double[::1] top = out_in
     cdef unsigned char[::1] fv = failed
-    cdef bint threads = n * npix * (max(iterations, 0) + 2) >= _PARALLEL_MIN_WORK
+    cdef bint threads = n * npix * (max(iterations, 0) + 3) >= _PARALLEL_MIN_WORK
     cdef Py_ssize_t i, k, nb, nt
+    cdef double limit
     cdef double* scratch
     cdef double* w
     cdef double* res
@@ -801,8 +805,13 @@ def warm_first_pass(
                     pv[i, 4] = max(
                         _median_of(&d[i, 0], &okv[i, 0], &iv[0], npix, buf) - pv[i, 5], 1e-6
                     )
+                # a hot pixel on the edge would pull the unweighted fit by up to
+                # a pixel: outliers far beyond any noise or start error stay out
+                _radii(&y[0], &x[0], npix, pv[i, 0], pv[i, 1], scratch)
+                _model_residuals(&y[0], &x[0], &d[i, 0], npix, &pv[i, 0], scratch, res)
+                limit = spike * fabs(pv[i, 4])
                 for k in range(npix):
-                    w[k] = 1.0 if okv[i, k] else 0.0
+                    w[k] = 1.0 if (okv[i, k] and fabs(res[k]) <= limit) else 0.0
                 _fit_one(
                     &pv[i, 0], &d[i, 0], w, &y[0], &x[0], npix, half, iterations, tol, scratch
                 )

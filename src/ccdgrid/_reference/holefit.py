@@ -323,7 +323,9 @@ def clip_weights(p, res, ok, yy, xx, var_bg, slope, exponent, nsigma):
         return variance, keep, np.where(keep, 1.0 / variance, 0.0)
 
 
-def warm_first_pass(p0, data, ok, yy, xx, outer, inner, half, start_levels, iterations, tol):
+def warm_first_pass(
+    p0, data, ok, yy, xx, outer, inner, half, start_levels, spike, iterations, tol
+):
     """First pass of a warm fit: unweighted iterations on the raw pixels, then noise statistics.
 
     Parameters
@@ -344,8 +346,11 @@ def warm_first_pass(p0, data, ok, yy, xx, outer, inner, half, start_levels, iter
         Start ``b0`` at the median of the usable ``outer`` pixels and ``a``
         at the median of the usable ``inner`` ones minus ``b0`` (at least
         1e-6); otherwise ``p0``'s.
+    spike : float
+        Usable pixels further than ``spike`` times the start amplitude from
+        the start model (hot or dead pixels) are left out of the iterations.
     iterations : int
-        Most Gauss-Newton iterations, every usable pixel of weight 1.
+        Most Gauss-Newton iterations, every other usable pixel of weight 1.
     tol : float
         Convergence tolerance (see :func:`gauss_newton`).
 
@@ -353,13 +358,15 @@ def warm_first_pass(p0, data, ok, yy, xx, outer, inner, half, start_levels, iter
     -------
     p : ndarray of shape (N, 8), float64
     var_bg, var_in : ndarray of shape (N,), float64
-        :func:`edge_variances` of the residuals at ``p``.
+        :func:`edge_variances` of the residuals at ``p`` (every usable pixel).
     """
     p = np.array(p0, dtype=np.float64, copy=True)
     if start_levels and p.shape[0]:
         p[:, 5] = _masked_median(data, ok & outer[None])
         p[:, 4] = np.maximum(_masked_median(data, ok & inner[None]) - p[:, 5], 1e-6)
-    p, _, res, _ = gauss_newton(p, data, ok.astype(np.float64), yy, xx, half, iterations, tol)
+    start = data - model(p, yy, xx, with_jacobian=False)[0]
+    weight = (ok & (np.abs(start) <= spike * np.abs(p[:, 4:5]))).astype(np.float64)
+    p, _, res, _ = gauss_newton(p, data, weight, yy, xx, half, iterations, tol)
     var_bg, var_in = edge_variances(p, res, ok, yy, xx)
     return p, var_bg, var_in
 
