@@ -89,6 +89,34 @@ def test_shifted_plate_reports_shift_and_keeps_accuracy(base, backend):
     assert rms_warm <= 1.1 * rms_cold
 
 
+def test_warm_fits_start_from_each_previous_hole_shape(base, monkeypatch):
+    from ccdgrid import centres
+    from ccdgrid.warmstart import _previous
+
+    _, cold_prev = base
+    g = _plate(offset=(BASE_OFFSET[0] + 1.0, BASE_OFFSET[1] + 0.5))
+    seen = {}
+    real = centres.fit_hole_profiles
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(centres, "fit_hole_profiles", spy)
+    first = recalibrate(g.image, cold_prev, cv_folds=0)
+    shapes = cold_prev.holes.width[cold_prev.lattice.valid]
+    assert seen["median_pass"] is False
+    np.testing.assert_array_equal(seen["start_shape"][0], shapes[:, 0])
+    np.testing.assert_array_equal(seen["start_shape"][1], shapes[:, 1])
+    # a warm calibration seeds the next one the same way (its holes' own fits)
+    again = _previous(first)
+    np.testing.assert_array_equal(again.shapes, first.holes.width)
+    second = recalibrate(g.image, first, cv_folds=0)
+    diff = np.hypot(*(second.holes.peaks - first.holes.peaks).T)
+    assert np.median(diff) < 1e-3  # the same image: the same centres...
+    assert diff.max() < 0.05  # ...but for holes cut by the taper edge
+
+
 def test_rotated_plate_reports_rotation(base):
     _, prev = base
     g = _plate(rotation_deg=PLATE["rotation_deg"] + 0.05)

@@ -26,6 +26,14 @@ Robustness, in two passes:
    This keeps the full precision of the raw data (the median filter alone
    loses some) while ignoring defects.
 
+A warm fit (``median_pass=False``, for a recalibration that knows every
+hole's position to a few hundredths of a pixel and its previous radius and
+blur) skips the median-filtered pass and the population start: one
+unweighted iteration on the raw pixels (pixels further than half the
+amplitude from the start model, hot or dead ones, left out), the same noise
+model from its residuals, then the weighted pass. Its two passes run fused
+in the compiled kernel, one hole at a time: no (N, P) array in between.
+
 The per-hole reduced chi-square, the residual asymmetry of the background
 around the hole (a hole near the taper edge sees light on one side only),
 the same on the median-filtered window in the noise units of all holes
