@@ -13,7 +13,7 @@ trusted here): ``p0`` is C-contiguous ``(N, 8)`` float64; ``data`` and
 ``half > 0``; ``iterations >= 0``.
 """
 
-from libc.math cimport NAN, fabs, isfinite, sqrt
+from libc.math cimport NAN, fabs, isfinite, pow, sqrt
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
@@ -692,7 +692,7 @@ def clip_weights(p, res, ok, yy, xx, var_bg, double slope, double exponent, doub
             for k in range(npix):
                 sig = max(amp * wv[i, k], 0.0)
                 # x**1.5 as x sqrt(x): the model's exponent, at a third of pow's cost
-                v = vb[i] + slope * (sig * sqrt(sig) if sqrt_power else sig ** exponent)
+                v = vb[i] + slope * (sig * sqrt(sig) if sqrt_power else pow(sig, exponent))
                 var[i, k] = v
                 r2 = rv[i, k] * rv[i, k]
                 if okv[i, k] and r2 <= limit * v:
@@ -943,7 +943,8 @@ def warm_weighted_pass(
                 usable = 0
                 for k in range(npix):
                     sig = max(amp * var[k], 0.0)
-                    var[k] = vb[i] + slope * (sig * sqrt(sig) if sqrt_power else sig ** exponent)
+                    sig = sig * sqrt(sig) if sqrt_power else pow(sig, exponent)
+                    var[k] = vb[i] + slope * sig
                     usable = usable + (1 if okv[i, k] else 0)
                 kept = _clip(res, var, &okv[i, 0], npix, limit, w)
                 _fit_one(
