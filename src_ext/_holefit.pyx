@@ -13,7 +13,7 @@ trusted here): ``p0`` is C-contiguous ``(N, 8)`` float64; ``data`` and
 ``half > 0``; ``iterations >= 0``.
 """
 
-from libc.math cimport NAN, fabs, isfinite, pow, sqrt
+from libc.math cimport INFINITY, NAN, fabs, isfinite, pow, sqrt
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
@@ -216,6 +216,22 @@ cdef extern from *:
             res[k] = data[k] - (amp * edge + b0 + by * yy[k] + bx * xx[k]);
         }
     }
+    /* Both: residuals into res and edge profile into edge, one tail each. */
+    CCDGRID_CLONES
+    static void ccdgrid_residuals_edge(const double *restrict yy, const double *restrict xx,
+                                       const double *restrict data, Py_ssize_t n,
+                                       const double *restrict p, const double *restrict rr,
+                                       double *restrict res, double *restrict edge)
+    {
+        const double rad = p[2], inv_s = 1.0 / p[3], amp = p[4];
+        const double b0 = p[5], by = p[6], bx = p[7];
+        for (Py_ssize_t k = 0; k < n; k++) {
+            double u = (rr[k] - rad) * inv_s;
+            double e = ccdgrid_tail(u, ccdgrid_exp_neg(-0.5 * u * u));
+            edge[k] = e;
+            res[k] = data[k] - (amp * e + b0 + by * yy[k] + bx * xx[k]);
+        }
+    }
     #if defined(__GNUC__) && !defined(__clang__)
     #pragma GCC pop_options
     #endif
@@ -264,6 +280,10 @@ cdef extern from *:
     void _model_residuals "ccdgrid_residuals" (
         const double* yy, const double* xx, const double* data, Py_ssize_t n,
         const double* p, const double* rr, double* res
+    ) noexcept nogil
+    void _residuals_edge "ccdgrid_residuals_edge" (
+        const double* yy, const double* xx, const double* data, Py_ssize_t n,
+        const double* p, const double* rr, double* res, double* edge
     ) noexcept nogil
 
 
@@ -345,9 +365,12 @@ cdef inline double _residuals(
 cdef int _fit_one(
     double* p, const double* data, const double* weight, const double* yy,
     const double* xx, Py_ssize_t npix, double half, int iterations, double tol,
-    double* scratch
+    double* scratch, double spike=INFINITY
 ) noexcept nogil:
     """Gauss-Newton iterations for one hole, ``p`` updated in place; returns the count.
+
+    Pixels whose residual at the start exceeds ``spike`` (absolute) get no
+    weight in any iteration (``weight`` itself is not changed).
 
     ``scratch`` holds NSCRATCH * npix doubles. The least-squares problem is
     written with root weights, ``sqrt(w) (data - f)``: each iteration stores
@@ -384,6 +407,25 @@ cdef int _fit_one(
     for it in range(iterations):
         _radii(yy, xx, npix, p[0], p[1], rr)
         _jacobian(yy, xx, data, sw, npix, p, rr, jac, wres)
+        if it == 0 and spike < INFINITY:
+            # the start's residuals are at hand: drop the spikes for good
+            ok = False
+            for k in range(npix):
+                if fabs(wres[k]) > spike * sw[k]:
+                    sw[k] = 0.0
+                    swy[k] = 0.0
+                    swx[k] = 0.0
+                    wres[k] = 0.0
+                    for i in range(5):
+                        jac[i * npix + k] = 0.0
+                    ok = True
+            if ok:
+                fixed[0] = _dot(sw, sw, npix)
+                fixed[1] = _dot(sw, swy, npix)
+                fixed[2] = _dot(sw, swx, npix)
+                fixed[3] = _dot(swy, swy, npix)
+                fixed[4] = _dot(swy, swx, npix)
+                fixed[5] = _dot(swx, swx, npix)
         for i in range(5):
             for j in range(i, 5):
                 a[i * NPAR + j] = _dot(jac + i * npix, jac + j * npix, npix)
@@ -782,7 +824,6 @@ def warm_first_pass(
     cdef unsigned char[::1] fv = failed
     cdef bint threads = n * npix * (max(iterations, 0) + 3) >= _PARALLEL_MIN_WORK
     cdef Py_ssize_t i, k, nb, nt
-    cdef double limit
     cdef double* scratch
     cdef double* w
     cdef double* res
@@ -805,20 +846,17 @@ def warm_first_pass(
                     pv[i, 4] = max(
                         _median_of(&d[i, 0], &okv[i, 0], &iv[0], npix, buf) - pv[i, 5], 1e-6
                     )
+                for k in range(npix):
+                    w[k] = 1.0 if okv[i, k] else 0.0
                 # a hot pixel on the edge would pull the unweighted fit by up to
                 # a pixel: outliers far beyond any noise or start error stay out
-                _radii(&y[0], &x[0], npix, pv[i, 0], pv[i, 1], scratch)
-                _model_residuals(&y[0], &x[0], &d[i, 0], npix, &pv[i, 0], scratch, res)
-                limit = spike * fabs(pv[i, 4])
-                for k in range(npix):
-                    w[k] = 1.0 if (okv[i, k] and fabs(res[k]) <= limit) else 0.0
                 _fit_one(
-                    &pv[i, 0], &d[i, 0], w, &y[0], &x[0], npix, half, iterations, tol, scratch
+                    &pv[i, 0], &d[i, 0], w, &y[0], &x[0], npix, half, iterations, tol, scratch,
+                    spike * fabs(pv[i, 4]),
                 )
                 # residuals and edges at the fitted parameters (scratch: the radii)
                 _radii(&y[0], &x[0], npix, pv[i, 0], pv[i, 1], scratch)
-                _model_residuals(&y[0], &x[0], &d[i, 0], npix, &pv[i, 0], scratch, res)
-                _edge(scratch, npix, pv[i, 2], 1.0 / pv[i, 3], edge)
+                _residuals_edge(&y[0], &x[0], &d[i, 0], npix, &pv[i, 0], scratch, res, edge)
                 nb = 0
                 nt = 0
                 for k in range(npix):
@@ -937,8 +975,7 @@ def warm_weighted_pass(
                 var = res + npix
                 # the noise model and the residuals of the first pass's model
                 _radii(&y[0], &x[0], npix, pv[i, 0], pv[i, 1], scratch)
-                _model_residuals(&y[0], &x[0], &d[i, 0], npix, &pv[i, 0], scratch, res)
-                _edge(scratch, npix, pv[i, 2], 1.0 / pv[i, 3], var)
+                _residuals_edge(&y[0], &x[0], &d[i, 0], npix, &pv[i, 0], scratch, res, var)
                 amp = pv[i, 4]
                 usable = 0
                 for k in range(npix):
