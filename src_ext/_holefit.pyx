@@ -3,14 +3,19 @@
 Every hole is fitted by its own damped Gauss-Newton loop, in one pass over its
 window pixels per iteration: model, residual, the normal equations and the
 gradient are accumulated together, the 8x8 system is solved by Cholesky, and
-the hole stops as soon as its step is below the tolerance. No array is
-allocated per hole or per iteration.
+the hole stops as soon as its step is below the tolerance. The per-pixel work
+is one branch-free loop the compiler vectorises (its own exp, see
+``ccdgrid_exp_neg``). The warm passes (:func:`warm_first_pass`,
+:func:`warm_weighted_pass`) run a whole recalibration fit per hole in one
+go: no (N, P) array in between. No array is allocated per iteration.
 
 Preconditions (guaranteed by :func:`ccdgrid.centres.fit_hole_profiles`,
 trusted here): ``p0`` is C-contiguous ``(N, 8)`` float64; ``data`` and
 ``weight`` C-contiguous ``(N, P)`` float64 with finite values and
-``weight >= 0``; ``yy`` and ``xx`` C-contiguous ``(P,)`` float64;
-``half > 0``; ``iterations >= 0``.
+``weight >= 0``; ``ok`` C-contiguous ``(N, P)`` bool, ``outer`` and
+``inner`` C-contiguous ``(P,)`` bool; ``yy`` and ``xx`` C-contiguous
+``(P,)`` float64; ``var_bg`` C-contiguous ``(N,)`` float64; ``half > 0``;
+``iterations >= 0``.
 """
 
 from libc.math cimport INFINITY, NAN, fabs, isfinite, pow, sqrt
