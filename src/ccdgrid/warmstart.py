@@ -65,7 +65,7 @@ _MAX_LINEAR = 0.01
 # fraction of the previous holes that may be lost before the maps' smoothing is chosen again
 _SAME_HOLES_LOST = 0.05
 # Gauss-Newton iterations of the warm fits: unweighted on the raw pixels, then weighted
-_WARM_ITERATIONS = (1, 2)
+_WARM_ITERATIONS = (2, 2)
 
 
 class WarmStartFallback(UserWarning):
@@ -531,9 +531,19 @@ def _prepare(img, original, mask):
     return np.where(valid, img, np.float32(np.median(sample))), valid
 
 
-def _window_half(radius, pitch_px):
-    """Fit window half width and the smallest one accepted (as find_holes)."""
+def _window_half(radius, pitch_px, shapes=None):
+    """Fit window half width and the smallest one accepted (as find_holes).
+
+    With the previous holes' fitted ``shapes`` ((N, 2) radius and blur, px),
+    the window also holds the typical profile and a ring of background,
+    ``R + 3 s + 2`` (as find_holes widens it for soft holes): in a window
+    sized from the diameter alone, the tails of Gaussian-like holes are cut,
+    the background plane absorbs them and the centres scatter more.
+    """
     half = int(np.ceil(max(1.7 * radius + 2.0, radius + 5.0)))
+    if shapes is not None and len(shapes):
+        rad, blur = np.median(shapes, axis=0)
+        half = max(half, int(np.ceil(rad + 3.0 * blur + 2.0)))
     half = int(max(min(half, np.floor(0.45 * pitch_px)), np.ceil(radius + 3.0)))
     return half, int(np.ceil(0.85 * radius + 2.5))
 
@@ -699,17 +709,18 @@ def _measure(img, valid, predicted, radius, prev, backend):
     """Fit every predicted hole; centres and a rejection reason per hole ("" = accepted).
 
     Every hole starts at its predicted position (good to a few hundredths of
-    a pixel) from its own previous radius and blur (from a detector file,
-    which does not hold them: from the shape of a sample of holes fitted
-    first): one unweighted iteration on the raw pixels, the noise model,
-    then two weighted ones (:func:`ccdgrid.centres.fit_hole_profiles` with
-    ``median_pass=False``), where a cold fit needs the median-filtered pass
+    a pixel) with the previous holes' median radius and blur (from a
+    detector file, which does not hold them: the shape of a sample of holes
+    fitted first), in a window that holds that profile: two unweighted
+    iterations on the raw pixels, the noise model, then two weighted ones
+    (:func:`ccdgrid.centres.fit_hole_profiles` with ``median_pass=False``),
+    where a cold fit needs the median-filtered pass, the population start
     and more iterations.
     """
     h, w = img.shape
     n = len(predicted)
     pitch_px = prev.pitch_px
-    half, half_min = _window_half(radius, pitch_px)
+    half, half_min = _window_half(radius, pitch_px, prev.shapes)
     reasons = np.full(n, "", dtype=object)
     cy, cx = np.rint(predicted).astype(np.int64).T
     room = np.minimum.reduce([cy - 1, h - 2 - cy, cx - 1, w - 2 - cx])
@@ -721,8 +732,12 @@ def _measure(img, valid, predicted, radius, prev, backend):
     if fit_idx.size:
         warm = {"median_pass": False, "iterations": _WARM_ITERATIONS}
         if prev.shapes is not None:
-            shape = prev.shapes[fit_idx]
-            warm["start_shape"] = (shape[:, 0], shape[:, 1])
+            # the previous population's typical shape, not each hole's own:
+            # a soft hole's fitted radius and blur trade off against each other
+            # at the noise level, and a start from one image's noise converges
+            # more slowly on the next image than the median does
+            rad, blur = np.median(prev.shapes, axis=0)
+            warm["start_shape"] = (rad, blur)
         fit = _centres.fit_hole_profiles(
             img,
             predicted[fit_idx],
