@@ -66,6 +66,7 @@ _MAX_LINEAR = 0.01
 _SAME_HOLES_LOST = 0.05
 # Gauss-Newton iterations of the warm fits: unweighted on the raw pixels, then weighted
 _WARM_ITERATIONS = (2, 2)
+_WARM_TOL = (5e-2, 1e-3)  # px: a hole stops iterating once its steps are this small
 
 
 class WarmStartFallback(UserWarning):
@@ -730,7 +731,7 @@ def _measure(img, valid, predicted, radius, prev, backend):
     fit_idx = np.flatnonzero(reasons == "")
     fit = None
     if fit_idx.size:
-        warm = {"median_pass": False, "iterations": _WARM_ITERATIONS}
+        warm = {"median_pass": False, "iterations": _WARM_ITERATIONS, "tol": _WARM_TOL}
         if prev.shapes is not None:
             # the previous population's typical shape, not each hole's own:
             # a soft hole's fitted radius and blur trade off against each other
