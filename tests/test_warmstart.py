@@ -180,6 +180,23 @@ def test_previous_from_detector_file(base, tmp_path):
     assert diff.max() < 0.05
 
 
+def test_warm_calibration_file_seeds_as_the_calibration_itself(base, tmp_path):
+    # a warm calibration's file records the typical hole blur with the
+    # diameter: recalibrating from the file starts the fits from the same shape
+    g, prev = base
+    moved = _plate(offset=(BASE_OFFSET[0] + 0.7, BASE_OFFSET[1] - 0.4))
+    first = recalibrate(moved.image, prev, cv_folds=0)
+    assert first.params["resolved"]["hole_blur"] == pytest.approx(
+        np.median(first.holes.width[:, 1])
+    )
+    path = tmp_path / "warm.h5"
+    first.save(path)
+    from_file = recalibrate(g.image, path, cv_folds=0)
+    direct = recalibrate(g.image, first, cv_folds=0)
+    np.testing.assert_array_equal(from_file.lattice.indices, direct.lattice.indices)
+    np.testing.assert_allclose(from_file.holes.peaks, direct.holes.peaks, atol=1e-9)
+
+
 def test_report_figure_of_a_warm_calibration(base, tmp_path):
     pytest.importorskip("matplotlib")
     from ccdgrid.report import write_report

@@ -347,6 +347,9 @@ def recalibrate(
         "warm_start": {"used": True, "reason": ""},
         "resolved": {
             "hole_diameter": float(holes.hole_diameter),
+            # with the diameter, the typical profile: what a warm start from
+            # this calibration's file starts its fits from
+            "hole_blur": float(np.median(holes.width[:, 1])),
             "pitch_px": float(holes.pitch_px),
             "threshold": float(holes.threshold),
             "smoothing": maps.smoothing,
@@ -442,6 +445,7 @@ def _previous(previous):
         mask=previous.mask,
         smoothing=_smoothing(resolved.get("smoothing")),
         degree=resolved.get("map_degree"),
+        shapes=_record_shapes(resolved, int(valid.sum())),
     )
 
 
@@ -455,6 +459,23 @@ def _shapes(holes, valid):
         return None
     width = width[valid]
     return width if (np.isfinite(width).all() and (width > 0).all()) else None
+
+
+def _record_shapes(resolved, n):
+    """(n, 2) radius and blur from a record's typical hole profile, or None.
+
+    A detector file holds no per-hole fits, but the hole diameter (twice the
+    median fitted radius) and, when it recorded it, the median blur: all the
+    warm fits start from (and size their windows with).
+    """
+    try:
+        rad = 0.5 * float(resolved["hole_diameter"])
+        blur = float(resolved["hole_blur"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (math.isfinite(rad) and math.isfinite(blur) and rad > 0 and blur > 0):
+        return None
+    return np.tile([rad, blur], (n, 1))
 
 
 def _same_hole_set(n_matched, n_previous):
