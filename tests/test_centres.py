@@ -117,3 +117,81 @@ def test_background_step_across_a_window_shows_in_ring_step(row_of_holes, backen
     assert fit.ring_step[4] > 8.0 * np.median(others)
     # the hole's own noise units hide the step (what ring_step is for)
     assert fit.ring_asymmetry[4] < 2.0 * np.median(fit.ring_asymmetry)
+
+
+def _warm(img, centres, backend="cython", **kw):
+    """A warm fit: previous shape per hole, seeds a few hundredths of a pixel off."""
+    rng = np.random.default_rng(21)
+    seeds = centres + rng.uniform(-0.05, 0.05, centres.shape)
+    shape = (np.full(len(centres), 5.0), np.full(len(centres), 0.9))
+    kw = {"half": 10, "start_shape": shape, "median_pass": False, "iterations": (1, 2), **kw}
+    return fit_hole_profiles(img, seeds, 4.0, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+def test_warm_fit_matches_the_cold_fit(row_of_holes, backend):
+    img, centres = row_of_holes
+    rng = np.random.default_rng(22)
+    noisy = rng.poisson(img).astype(np.float64)
+    cold = fit_hole_profiles(noisy, centres, 5.0, half=10, backend=backend)
+    warm = _warm(noisy, centres, backend)
+    np.testing.assert_allclose(warm.centres, cold.centres, atol=2e-3)
+    np.testing.assert_allclose(warm.radius, cold.radius, rtol=1e-3)
+    # its noise model comes from raw residuals, not the median-filtered
+    # model's: the same within the misfit of the variance law
+    assert 0.8 < np.median(warm.chi2) < 1.5
+    assert warm.converged.all()
+    assert warm.ring_step is None  # measured on the median-filtered windows only
+    assert warm.slope.shape == (12, 2)
+
+
+def test_warm_fit_backends_agree(row_of_holes):
+    img, centres = row_of_holes
+    noisy = np.random.default_rng(23).poisson(img).astype(np.float64)
+    got, ref = _warm(noisy, centres), _warm(noisy, centres, "numpy")
+    for name in ("centres", "radius", "blur", "amplitude", "chi2", "asymmetry"):
+        np.testing.assert_allclose(getattr(got, name), getattr(ref, name), rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(got.outliers, ref.outliers)
+
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+def test_warm_fit_ignores_hot_and_masked_pixels(row_of_holes, backend):
+    img, centres = row_of_holes
+    clean = _warm(img, centres, backend)
+    spoiled = img.copy()
+    iy, ix = np.rint(centres[3]).astype(int)
+    spoiled[iy + 4, ix - 5] = 65535.0  # on the edge, where it pulls hardest
+    iy, ix = np.rint(centres[5]).astype(int)
+    valid = np.ones(img.shape, bool)
+    valid[iy - 1 : iy + 2, ix + 3 : ix + 7] = False
+    spoiled[~valid] = 0.0
+    fit = _warm(spoiled, centres, backend, valid=valid)
+    assert abs(fit.centres[3] - clean.centres[3]).max() < 0.01
+    assert fit.outliers[3] >= 1
+    np.testing.assert_allclose(fit.centres[5], centres[5], atol=0.02)
+    np.testing.assert_allclose(fit.centres, centres, atol=0.02)
+
+
+def test_warm_fit_without_a_shape_starts_from_a_sample(row_of_holes):
+    # no start_shape: a sample's fitted shape starts all (here 12 holes:
+    # too few for a sample, the guess itself); still the same centres
+    img, centres = row_of_holes
+    fit = fit_hole_profiles(img, centres, 5.0, half=10, median_pass=False, iterations=(3, 3))
+    np.testing.assert_allclose(fit.centres, centres, atol=0.015)
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((np.ones(3), np.ones(12)), "one per seed"),
+        ((5.0, -1.0), "positive finite"),
+        ((np.nan, 1.0), "positive finite"),
+        (5.0, "radius, blur"),
+    ],
+)
+def test_bad_start_shape(row_of_holes, shape, match):
+    from ccdgrid.errors import CcdgridError
+
+    img, centres = row_of_holes
+    with pytest.raises(CcdgridError, match=match):
+        fit_hole_profiles(img, centres, 5.0, half=10, start_shape=shape)

@@ -188,3 +188,140 @@ def test_fit_hole_profiles_backends_agree(many_holes, backend):
     assert fit.converged.all()
     # Poisson noise on a 2000 ADU disc: ~0.01 px per hole
     assert np.sqrt(((fit.centres - centres) ** 2).sum(1).mean()) < 0.03
+
+
+def _noisy_batch(n=40, half=9, seed=11):
+    """Poisson-like windows, a few hot and masked pixels: (truth, data, ok, yy, xx)."""
+    truth, data, yy, xx = make_windows(n, half=half, noise=0.0, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    data = data + np.sqrt(data) * rng.standard_normal(data.shape)
+    hot = rng.uniform(size=data.shape) < 0.004
+    data[hot] += 5e4
+    ok = rng.uniform(size=data.shape) > 0.03
+    return truth, np.ascontiguousarray(data), np.ascontiguousarray(ok), yy, xx
+
+
+@pytest.mark.parametrize("nan_hole", [False, True])
+def test_edge_variances_compiled_matches_numpy(nan_hole):
+    truth, data, ok, yy, xx = _noisy_batch()
+    p = truth.copy()
+    res = np.ascontiguousarray(data - reference.model(p, yy, xx, False)[0])
+    ok[3, :] = False  # no usable pixel: NaN
+    ok[4, 4:] = False  # fewer than 5
+    if nan_hole:
+        p[7] = np.nan  # a failed fit: no edge, NaN out
+    got = compiled.edge_variances(p, res, ok, yy, xx)
+    ref = reference.edge_variances(p, res, ok, yy, xx)
+    for a, b in zip(got, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)  # NaN where NaN
+    assert np.isnan(got[0][[3, 4]]).all()
+    # against the definition: (1.4826 median |res|)^2 over the background
+    r = np.hypot(yy - p[0, 0], xx - p[0, 1])
+    sel = ok[0] & (0.5 * erfc((r - p[0, 2]) / (np.sqrt(2) * p[0, 3])) < 0.02)
+    np.testing.assert_allclose(got[0][0], (1.4826 * np.median(np.abs(res[0, sel]))) ** 2)
+
+
+def test_clip_weights_compiled_matches_numpy():
+    truth, data, ok, yy, xx = _noisy_batch()
+    res = np.ascontiguousarray(data - reference.model(truth, yy, xx, False)[0])
+    var_bg = np.full(len(truth), 100.0)
+    for exponent in (1.5, 1.0):
+        got = compiled.clip_weights(truth, res, ok, yy, xx, var_bg, 0.8, exponent, 5.0)
+        ref = reference.clip_weights(truth, res, ok, yy, xx, var_bg, 0.8, exponent, 5.0)
+        np.testing.assert_allclose(got[0], ref[0], rtol=1e-12)
+        np.testing.assert_array_equal(got[1], ref[1])
+        np.testing.assert_allclose(got[2], ref[2], rtol=1e-12)
+    assert not got[1][~ok].any()
+    assert (got[2][got[1]] > 0).all()
+    assert (got[2][~got[1]] == 0).all()
+    assert (~got[1] & ok).sum() >= 0.5 * (np.abs(res) > 1e4).sum()  # the hot pixels go
+
+
+def _warm_inputs(half=9, n=40, seed=11):
+    truth, data, ok, yy, xx = _noisy_batch(n=n, half=half, seed=seed)
+    rng = np.random.default_rng(seed + 2)
+    p0 = truth.copy()
+    p0[:, :2] += rng.uniform(-0.05, 0.05, (n, 2))  # a warm start: the previous shape, near
+    p0[:, 2:4] *= rng.uniform(0.97, 1.03, (n, 2))
+    p0[:, 4:] = 0.0
+    rr = np.hypot(yy, xx)
+    outer = np.ascontiguousarray(rr >= half - 1.5)
+    inner = np.ascontiguousarray(rr <= 0.5 * np.median(truth[:, 2]))
+    return truth, p0, data, ok, yy, xx, outer, inner
+
+
+@pytest.mark.parametrize("start_levels", [True, False])
+def test_warm_first_pass_compiled_matches_numpy(start_levels):
+    truth, p0, data, ok, yy, xx, outer, inner = _warm_inputs()
+    if not start_levels:
+        p0[:, 4:6] = truth[:, 4:6] * 0.9
+    ok[5, outer] = False  # no background pixel left: b0 starts at 0
+    got = compiled.warm_first_pass(
+        p0, data, ok, yy, xx, outer, inner, 9.0, start_levels, 0.5, 1, 1e-3
+    )
+    ref = reference.warm_first_pass(
+        p0, data, ok, yy, xx, outer, inner, 9.0, start_levels, 0.5, 1, 1e-3
+    )
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-7)
+    np.testing.assert_allclose(got[2], ref[2], rtol=1e-7)
+
+
+def test_warm_first_pass_start_levels_are_medians():
+    _, p0, data, ok, yy, xx, outer, inner = _warm_inputs(n=6)
+    p, _, _ = compiled.warm_first_pass(p0, data, ok, yy, xx, outer, inner, 9.0, True, 0.5, 0, 0.0)
+    for i in range(6):
+        b0 = np.median(data[i, ok[i] & outer])
+        assert p[i, 5] == pytest.approx(b0, rel=1e-15)
+        assert p[i, 4] == pytest.approx(np.median(data[i, ok[i] & inner]) - b0, rel=1e-12)
+    np.testing.assert_array_equal(p[:, :4], p0[:, :4])  # no iteration asked
+
+
+def test_warm_weighted_pass_compiled_matches_numpy():
+    truth, p0, data, ok, yy, xx, outer, inner = _warm_inputs()
+    p1, var_bg, _ = reference.warm_first_pass(
+        p0, data, ok, yy, xx, outer, inner, 9.0, True, 0.5, 1, 0.0
+    )
+    var_bg = np.ascontiguousarray(np.where(np.isfinite(var_bg), var_bg, 1.0))
+    args = (p1, data, ok, yy, xx, 9.0, var_bg, 0.9, 1.5, 5.0, 2, 1e-3)
+    got = compiled.warm_weighted_pass(*args)
+    ref = reference.warm_weighted_pass(*args)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-7)
+    np.testing.assert_array_equal(got[2], ref[2])
+    np.testing.assert_array_equal(got[3], ref[3])
+    np.testing.assert_allclose(got[4], ref[4], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(got[5], ref[5], rtol=1e-6, atol=1e-12)
+    np.testing.assert_array_equal(got[2] + got[3], ok.sum(1))
+    # the hot pixels (0.4 %, 20-50 amplitudes) are dropped from the first
+    # pass too: the centres land on the truth to the noise (~0.02 px)
+    assert np.abs(got[0][:, :2] - truth[:, :2]).max() < 0.1
+    clean, *_ = compiled.warm_first_pass(
+        p0, data, ok, yy, xx, outer, inner, 9.0, True, np.inf, 1, 0.0
+    )
+    assert np.abs(clean[:, :2] - truth[:, :2]).max() > 0.3  # without the spike test
+
+
+@pytest.mark.parametrize("engine_name", ["cython", "numpy"])
+def test_warm_passes_of_tiny_and_empty_batches(engine_name):
+    engine = ENGINES[engine_name]
+    yy, xx = window_offsets(1)  # 9 pixels... and nothing to fit
+    nothing = np.zeros((0, yy.size))
+    none = np.zeros((0, yy.size), dtype=bool)
+    mask = np.ones(yy.size, dtype=bool)
+    p, bg, top = engine.warm_first_pass(
+        np.zeros((0, 8)), nothing, none, yy, xx, mask, mask, 1.0, True, 0.5, 1, 0.0
+    )
+    assert p.shape == (0, 8)
+    assert bg.shape == top.shape == (0,)
+    out = engine.warm_weighted_pass(
+        np.zeros((0, 8)), nothing, none, yy, xx, 1.0, np.zeros(0), 0.0, 1.5, 5.0, 2, 0.0
+    )
+    assert [a.shape for a in out] == [(0, 8)] + [(0,)] * 5
+    # one hole in a 3x3 window: too few pixels for a noise estimate (NaN), no crash
+    truth, data, _, _ = make_windows(1, half=1, seed=2)
+    ok = np.ones(data.shape, dtype=bool)
+    p, bg, top = engine.warm_first_pass(
+        truth, data, ok, yy, xx, mask, mask, 1.0, True, 0.5, 1, 0.0
+    )
+    assert np.isnan(top).all()

@@ -410,6 +410,77 @@ def test_too_few_holes():
         find_holes(img, hole_diameter=10.5, pitch_px=110.0)
 
 
+def _lined_image(rng, shape, counts, rows=(), cols=(), value=0, spoil=0.0):
+    """Poisson counts with dead rows and columns (``spoil``: fraction of them left live)."""
+    img = rng.poisson(counts, shape).astype(np.uint16)
+    for r in rows:
+        live = rng.uniform(size=shape[1]) < spoil
+        img[r, ~live] = value
+    for c in cols:
+        live = rng.uniform(size=shape[0]) < spoil
+        img[~live, c] = value
+    return img
+
+
+def _dead_by_definition(img, fraction=0.9):
+    """Every pixel compared: rows equal to their first pixel, columns to their first row's."""
+    h, w = img.shape
+    rows = (img == img[:, :1]).sum(axis=1) >= fraction * w
+    cols = (img == img[:1]).sum(axis=0) >= fraction * h
+    if not (rows.any() or cols.any()) or rows.all() or cols.all():
+        return None
+    return rows[:, None] | cols[None, :]
+
+
+@pytest.mark.parametrize(
+    ("counts", "rows", "cols", "spoil"),
+    [
+        (60.0, (), (), 0.0),
+        (60.0, (5, 77), (0, 300), 0.0),
+        (60.0, (200,), (13,), 0.08),  # 92 % dead: still dead
+        (60.0, (200,), (13,), 0.12),  # 88 %: not dead
+        (0.3, (9,), (), 0.0),  # mostly zeros: many lines nearly dead
+        (1.0, (), (40,), 0.05),
+    ],
+)
+def test_dead_lines_match_the_pixel_by_pixel_definition(counts, rows, cols, spoil):
+    from ccdgrid.peaks import _dead_lines
+
+    rng = np.random.default_rng(int(counts * 10) + len(rows))
+    img = _lined_image(rng, (700, 1100), counts, rows, cols, value=17, spoil=spoil)
+    ours, expected = _dead_lines(img), _dead_by_definition(img)
+    if expected is None:
+        assert ours is None
+    else:
+        np.testing.assert_array_equal(ours, expected)
+    if rows and spoil <= 0.08 and counts > 10:
+        assert ours is not None
+        assert ours[rows[0]].all()
+
+
+def test_dead_lines_at_exactly_the_fraction():
+    from ccdgrid.peaks import _dead_lines
+
+    rng = np.random.default_rng(5)
+    img = rng.normal(100.0, 5.0, (40, 1030)).astype(np.float32)  # 1030: a partial chunk
+    img[7] = 3.0
+    img[7, -103:] = rng.normal(100.0, 5.0, 103)  # 927 of 1030 equal: 90.0 %
+    img[9] = 3.0
+    img[9, -104:] = rng.normal(100.0, 5.0, 104)  # 926: just short
+    dead = _dead_lines(img)
+    assert dead is not None
+    np.testing.assert_array_equal(np.flatnonzero(dead.all(axis=1)), [7])
+
+
+def test_dead_lines_of_an_image_of_lines_are_none():
+    from ccdgrid.peaks import _dead_lines
+
+    img = np.repeat(np.arange(300, dtype=np.float32)[:, None], 200, axis=1)  # every row constant
+    assert _dead_lines(img) is None
+    img[:, 50] = 7.0
+    assert _dead_lines(img) is None  # still every row dead
+
+
 def test_dead_lines_found_in_every_block_of_rows():
     from ccdgrid.peaks import _dead_lines
 

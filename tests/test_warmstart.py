@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy.spatial import cKDTree
 
 from ccdgrid.errors import CcdgridError
 from ccdgrid.pipeline import calibrate
@@ -47,20 +48,29 @@ def test_same_image_gives_same_maps_and_no_drift(base, backend):
     assert warm.drift.n_matched >= cold.lattice.n_valid - 2
     prev_ij = {tuple(ij): k for k, ij in enumerate(cold.grid.indices)}
     rows = np.array([prev_ij[tuple(ij)] for ij in warm.lattice.indices])
-    np.testing.assert_allclose(
-        warm.holes.peaks, cold.holes.peaks[cold.lattice.valid][rows], atol=0.01
-    )
-    # the centre fit depends slightly on its window (sized here from the
-    # fitted, not the guessed, diameter): ~1e-3 px per hole
+    before = cold.holes.peaks[cold.lattice.valid][rows]
+    # the warm fit starts from the previous shape and fits the raw pixels
+    # (no median-filtered pass): the same centres to 0.01 px, except at the
+    # taper edge, where it is nearer the truth than the cold fit
+    err_warm, _ = cKDTree(g.holes).query(warm.holes.peaks)
+    err_cold, _ = cKDTree(g.holes).query(before)
+    moved = np.hypot(*(warm.holes.peaks - before).T) > 0.01
+    assert moved.sum() <= 0.1 * len(rows)
+    assert (err_warm[moved] <= err_cold[moved] + 0.01).all()
+    assert np.sqrt(np.mean(err_warm**2)) <= np.sqrt(np.mean(err_cold**2))
+    # the maps follow: as close to the truth as the cold ones, or closer
+    res_warm = dense_residual(g.truth, warm.dy, warm.dx, warm.mask, region=g.taper_mask).rms
+    res_cold = dense_residual(g.truth, cold.dy, cold.dx, cold.mask, region=g.taper_mask).rms
+    assert res_warm <= 1.05 * res_cold
     diff = np.hypot(warm.dx - cold.dx, warm.dy - cold.dy)[_valid_corners(cold.mask, warm.mask)]
-    assert np.sqrt(np.mean(diff**2)) < 3e-3
-    assert diff.max() < 0.05
+    assert diff.max() < 0.15
     drift = warm.drift
     assert np.hypot(*drift.shift) < 0.005
     assert abs(drift.rotation_mdeg) < 0.5
     assert abs(drift.scale_ppm) < 30
-    assert drift.max_change_dx < 0.05
-    assert drift.max_change_dy < 0.05
+    # the most the maps change is at the holes cut by the taper edge
+    assert drift.max_change_dx < 0.15
+    assert drift.max_change_dy < 0.15
     assert "drift since the previous calibration" in warm.summary()
 
 
@@ -77,6 +87,46 @@ def test_shifted_plate_reports_shift_and_keeps_accuracy(base, backend):
     rms_warm = dense_residual(g.truth, warm.dy, warm.dx, warm.mask, region=g.taper_mask).rms
     rms_cold = dense_residual(g.truth, cold.dy, cold.dx, cold.mask, region=g.taper_mask).rms
     assert rms_warm <= 1.1 * rms_cold
+
+
+def test_warm_fits_start_from_the_previous_hole_shape(base, monkeypatch):
+    from ccdgrid import centres
+    from ccdgrid.warmstart import _previous
+
+    _, cold_prev = base
+    g = _plate(offset=(BASE_OFFSET[0] + 1.0, BASE_OFFSET[1] + 0.5))
+    seen = {}
+    real = centres.fit_hole_profiles
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(centres, "fit_hole_profiles", spy)
+    first = recalibrate(g.image, cold_prev, cv_folds=0)
+    shapes = cold_prev.holes.width[cold_prev.lattice.valid]
+    assert seen["median_pass"] is False
+    assert seen["start_shape"][0] == pytest.approx(np.median(shapes[:, 0]), rel=1e-12)
+    assert seen["start_shape"][1] == pytest.approx(np.median(shapes[:, 1]), rel=1e-12)
+    # a warm calibration seeds the next one the same way (its holes' own fits)
+    again = _previous(first)
+    np.testing.assert_array_equal(again.shapes, first.holes.width)
+    second = recalibrate(g.image, first, cv_folds=0)
+    diff = np.hypot(*(second.holes.peaks - first.holes.peaks).T)
+    assert np.median(diff) < 1e-3  # the same image: the same centres...
+    assert diff.max() < 0.05  # ...but for holes cut by the taper edge
+
+
+def test_window_holds_the_profile_of_soft_holes():
+    from ccdgrid.warmstart import _window_half
+
+    sharp = np.column_stack([np.full(9, 5.2), np.full(9, 0.9)])
+    soft = np.column_stack([np.full(9, 3.1), np.full(9, 2.45)])
+    assert _window_half(5.2, 98.0, sharp) == _window_half(5.2, 98.0)  # 1.7 R + 2 holds it
+    # a Gaussian-like hole: R + 3 s + 2 = 12.45 px, where 1.7 R + 2 gives 8
+    assert _window_half(3.1, 72.0, soft)[0] == 13
+    assert _window_half(3.1, 72.0)[0] == 9
+    assert _window_half(3.1, 20.0, soft)[0] == 9  # at most 0.45 pitch
 
 
 def test_rotated_plate_reports_rotation(base):
@@ -121,8 +171,30 @@ def test_previous_from_detector_file(base, tmp_path):
     direct = recalibrate(g.image, prev, cv_folds=0)
     assert warm.drift.n_matched == direct.drift.n_matched
     np.testing.assert_array_equal(warm.lattice.indices, direct.lattice.indices)
-    np.testing.assert_allclose(warm.holes.peaks, direct.holes.peaks, atol=1e-9)
-    np.testing.assert_allclose(warm.dx, direct.dx, atol=1e-5)
+    # the file holds no per-hole radius and blur: the fits start from a
+    # sample's shape instead of each hole's own, and converge to the same centres
+    # (holes cut by the taper edge, whose profile is not a disc, to 0.05 px)
+    diff = np.hypot(*(warm.holes.peaks - direct.holes.peaks).T)
+    assert np.median(diff) < 1e-3
+    assert (diff > 2e-3).sum() <= 2
+    assert diff.max() < 0.05
+
+
+def test_warm_calibration_file_seeds_as_the_calibration_itself(base, tmp_path):
+    # a warm calibration's file records the typical hole blur with the
+    # diameter: recalibrating from the file starts the fits from the same shape
+    g, prev = base
+    moved = _plate(offset=(BASE_OFFSET[0] + 0.7, BASE_OFFSET[1] - 0.4))
+    first = recalibrate(moved.image, prev, cv_folds=0)
+    assert first.params["resolved"]["hole_blur"] == pytest.approx(
+        np.median(first.holes.width[:, 1])
+    )
+    path = tmp_path / "warm.h5"
+    first.save(path)
+    from_file = recalibrate(g.image, path, cv_folds=0)
+    direct = recalibrate(g.image, first, cv_folds=0)
+    np.testing.assert_array_equal(from_file.lattice.indices, direct.lattice.indices)
+    np.testing.assert_allclose(from_file.holes.peaks, direct.holes.peaks, atol=1e-9)
 
 
 def test_report_figure_of_a_warm_calibration(base, tmp_path):
@@ -304,54 +376,6 @@ def test_calibrate_with_previous_keeps_the_previous_pitch_by_default():
     again = calibrate(img, previous=first, cv_folds=0)
     np.testing.assert_allclose(again.pixel_size, first.pixel_size, rtol=1e-3)
     assert again.pitch == pytest.approx(7e-3)
-
-
-def _lined_image(rng, shape, counts, rows=(), cols=(), value=0, spoil=0.0):
-    """Poisson counts with dead rows and columns (``spoil``: fraction of them left live)."""
-    img = rng.poisson(counts, shape).astype(np.uint16)
-    for r in rows:
-        live = rng.uniform(size=shape[1]) < spoil
-        img[r, ~live] = value
-    for c in cols:
-        live = rng.uniform(size=shape[0]) < spoil
-        img[~live, c] = value
-    return img
-
-
-@pytest.mark.parametrize(
-    ("counts", "rows", "cols", "spoil"),
-    [
-        (60.0, (), (), 0.0),
-        (60.0, (5, 77), (0, 300), 0.0),
-        (60.0, (200,), (13,), 0.08),  # 92 % dead: still dead
-        (60.0, (200,), (13,), 0.12),  # 88 %: not dead
-        (0.3, (9,), (), 0.0),  # mostly zeros: many lines nearly dead
-        (1.0, (), (40,), 0.05),
-    ],
-)
-def test_dead_lines_are_those_of_the_hole_finder(counts, rows, cols, spoil):
-    from ccdgrid.peaks import _dead_lines as finder_lines
-    from ccdgrid.warmstart import _dead_lines
-
-    rng = np.random.default_rng(int(counts * 10) + len(rows))
-    img = _lined_image(rng, (700, 1100), counts, rows, cols, value=17, spoil=spoil)
-    ours, theirs = _dead_lines(img), finder_lines(img)
-    if theirs is None:
-        assert ours is None
-    else:
-        np.testing.assert_array_equal(ours, theirs)
-    if rows and spoil <= 0.08 and counts > 10:
-        assert ours is not None
-        assert ours[rows[0]].all()
-
-
-def test_dead_lines_of_an_image_of_lines_are_none():
-    from ccdgrid.warmstart import _dead_lines
-
-    img = np.repeat(np.arange(300, dtype=np.float32)[:, None], 200, axis=1)  # every row constant
-    assert _dead_lines(img) is None
-    img[:, 50] = 7.0
-    assert _dead_lines(img) is None  # still every row dead
 
 
 def test_dead_row_across_holes_is_masked(base, backend):

@@ -26,6 +26,14 @@ Robustness, in two passes:
    This keeps the full precision of the raw data (the median filter alone
    loses some) while ignoring defects.
 
+A warm fit (``median_pass=False``, for a recalibration that knows every
+hole's position to a few hundredths of a pixel and its previous radius and
+blur) skips the median-filtered pass and the population start: one
+unweighted iteration on the raw pixels (pixels further than half the
+amplitude from the start model, hot or dead ones, left out), the same noise
+model from its residuals, then the weighted pass. Its two passes run fused
+in the compiled kernel, one hole at a time: no (N, P) array in between.
+
 The per-hole reduced chi-square, the residual asymmetry of the background
 around the hole (a hole near the taper edge sees light on one side only),
 the same on the median-filtered window in the noise units of all holes
@@ -44,6 +52,7 @@ import numpy as np
 from ._ext import _holefit as _cython
 from ._reference import holefit as _numpy
 from ._validation import check_backend
+from .errors import CcdgridError
 
 __all__ = ["ProfileFit", "extract_windows", "fit_hole_profiles", "windowed_centroids"]
 
@@ -53,6 +62,12 @@ __all__ = ["ProfileFit", "extract_windows", "fit_hole_profiles", "windowed_centr
 # 0.034 for q = 1 with a fibre pattern, equal without one).
 _VARIANCE_EXPONENT = 1.5
 _NPAR = 8  # cy, cx, R, s, a, b0, by, bx
+_CLIP_SIGMA = 5.0  # raw pixels further than this from the first model are outliers
+# Without the median-filtered pass, pixels further than this fraction of the
+# amplitude from the start model are left out of the first, unweighted,
+# iterations: hot and dead pixels, not the noise (a tenth of the amplitude at
+# a peak SNR of 10) nor a start 0.3 px off (~0.15 amplitude on the edge).
+_SPIKE = 0.5
 _ENGINES = {"cython": _cython, "numpy": _numpy}
 
 
@@ -164,6 +179,8 @@ def fit_hole_profiles(
     valid=None,
     iterations=(5, 3),
     tol=(1e-2, 1e-3),
+    start_shape=None,
+    median_pass=True,
     backend="cython",
 ):
     """Fit a blurred disc on a background plane to every hole, vectorised.
@@ -175,7 +192,7 @@ def fit_hole_profiles(
     seeds : ndarray of shape (N, 2), float64
         Starting centres (y, x), index coordinates, within ~1 px.
     radius : float
-        Starting hole radius, px.
+        Starting hole radius, px (unused with ``start_shape``).
     half : int or ndarray of shape (N,), int
         Radius of the circular fitting window around each seed's pixel, px;
         it should reach ``radius + 3 blur + 2`` to hold a ring of background.
@@ -184,11 +201,21 @@ def fit_hole_profiles(
     valid : ndarray of shape (h, w), bool, optional
         False for pixels that must not be used (masked, dead).
     iterations : (int, int)
-        Most Gauss-Newton iterations of the median-filtered and of the raw pass.
+        Most Gauss-Newton iterations of the first pass (median-filtered, or
+        raw and unweighted without ``median_pass``) and of the weighted pass.
     tol : (float, float)
         Per pass, a hole stops iterating once its steps in centre, radius and
         blur are at most ``tol`` px (and its amplitude step ``tol`` times the
         amplitude).
+    start_shape : (ndarray of shape (N,), ndarray of shape (N,)), optional
+        Starting radius and blur of every hole, px (e.g. a previous
+        calibration's fits); the population start is then skipped.
+    median_pass : bool
+        First fit a 3x3-median-filtered copy of each window (robust from a
+        rough start). False: the first pass fits the raw pixels, unweighted,
+        which needs a start within a fraction of a pixel (``start_shape`` and
+        seeds from a previous calibration, best with ``start_shape``);
+        ``ring_step`` is then not measured (None).
     backend : {"cython", "numpy"}
         Engine of the Gauss-Newton fits.
 
@@ -200,8 +227,11 @@ def fit_hole_profiles(
     engine = _ENGINES[check_backend(backend)]
     passes = tuple(zip((int(k) for k in iterations), (float(t) for t in tol), strict=True))
     seeds = np.asarray(seeds, dtype=np.float64)
+    n = seeds.shape[0]
     halves = np.broadcast_to(np.asarray(half, dtype=np.int64), seeds.shape[:1])
-    fit = _fit_batches(image, seeds, radius, halves, valid, passes, engine)
+    shape = None if start_shape is None else _check_shape(start_shape, n)
+    opts = (valid, passes, engine, bool(median_pass))
+    fit = _fit_batches(image, seeds, radius, halves, shape, opts)
     # a seed far from its hole (e.g. pulled by a hot pixel) leaves the hole
     # off-centre in its window: fit those again around the new centre
     moved = np.abs(fit.centres - np.rint(seeds)).max(axis=1) > 1.0
@@ -213,38 +243,93 @@ def fit_hole_profiles(
         again = room >= halves[moved]
         idx = np.flatnonzero(moved)[again]
         if idx.size:
-            refit = _fit_batches(image, new[again], radius, halves[idx], valid, passes, engine)
+            sub = None if shape is None else shape[idx]
+            refit = _fit_batches(image, new[again], radius, halves[idx], sub, opts)
             for name in ProfileFit.__slots__:
-                getattr(fit, name)[idx] = getattr(refit, name)
+                value = getattr(fit, name)
+                if value is not None:
+                    value[idx] = getattr(refit, name)
     return fit
 
 
-def _fit_batches(image, seeds, radius, halves, valid, passes, engine):
+def _check_shape(start_shape, n):
+    """``start_shape`` as an (n, 2) array of radius and blur, px."""
+    try:
+        rad, blur = (np.asarray(v, dtype=np.float64) for v in start_shape)
+        shape = np.column_stack([np.broadcast_to(rad, (n,)), np.broadcast_to(blur, (n,))])
+    except (TypeError, ValueError):
+        raise CcdgridError(
+            f"`start_shape` must be (radius, blur), each a number or one per seed ({n})"
+        ) from None
+    if not (np.isfinite(shape).all() and (shape > 0).all()):
+        raise CcdgridError("`start_shape` must hold positive finite radii and blurs (px)")
+    return shape
+
+
+def _fit_batches(image, seeds, radius, halves, shape, opts):
     """Fit groups of seeds that share a window size; results in seed order."""
     parts = []
     order = []
     for hv in np.unique(halves):
         idx = np.flatnonzero(halves == hv)
-        parts.append(_fit_group(image, seeds[idx], radius, int(hv), valid, passes, engine))
+        sub = None if shape is None else shape[idx]
+        parts.append(_fit_group(image, seeds[idx], radius, int(hv), sub, *opts))
         order.append(idx)
     if not parts:
-        return _fit_group(image, seeds, radius, 3, valid, passes, engine)
+        return _fit_group(image, seeds, radius, 3, shape, *opts)
     if len(parts) == 1:
         return parts[0]
     idx = np.concatenate(order)
     inv = np.empty_like(idx)
     inv[idx] = np.arange(idx.size)
     fields = {
-        name: np.concatenate([getattr(part, name) for part in parts])[inv]
+        name: None
+        if getattr(parts[0], name) is None
+        else np.concatenate([getattr(part, name) for part in parts])[inv]
         for name in ProfileFit.__slots__
     }
     return ProfileFit(**fields)
 
 
-def _fit_group(image, seeds, radius, half, valid, passes, engine):
-    solve, tail = engine.gauss_newton, engine.gaussian_tail
+def _disc_offsets(half):
+    """Pixel offsets (y, x) of the circular window of radius ``half + 0.5``, and their indices."""
+    w = 2 * half + 1
+    offs = np.arange(-half, half + 1, dtype=np.float64)
+    yy = np.repeat(offs, w)
+    xx = np.tile(offs, w)
+    disc = np.flatnonzero(yy * yy + xx * xx <= (half + 0.5) ** 2)
+    return yy[disc], xx[disc], disc
+
+
+def _fit_group(image, seeds, radius, half, shape, valid, passes, engine, median_pass):
     n = seeds.shape[0]
     centre = np.rint(seeds).astype(np.int64)
+    yy, xx, disc = _disc_offsets(half)
+    p = np.zeros((n, _NPAR))
+    p[:, :2] = seeds - centre
+    if shape is None:
+        p[:, 2] = radius
+        p[:, 3] = max(0.1 * radius, 0.6)
+        inner_radius = radius
+    else:
+        p[:, 2:4] = shape
+        inner_radius = float(np.median(shape[:, 0])) if n else 0.0
+    rr = np.hypot(yy, xx)
+    outer = rr >= half - 1.5
+    inner = rr <= 0.5 * inner_radius
+    if median_pass:
+        return _cold_group(
+            image, centre, p, yy, xx, disc, outer, inner, half, valid, passes, engine
+        )
+    return _warm_group(
+        image, centre, p, yy, xx, disc, outer, inner, half, shape is None, valid, passes, engine
+    )
+
+
+def _cold_group(image, centre, p, yy, xx, disc, outer, inner, half, valid, passes, engine):
+    """A median-filtered pass from the population start, then the weighted raw pass."""
+    solve = engine.gauss_newton
+    n = centre.shape[0]
     # the image's own dtype (float32 from the hole finder): the 3x3 median
     # selects values, so it is exact in it, and moves half the bytes
     raw = extract_windows(image, centre, half + 1)
@@ -257,38 +342,84 @@ def _fit_group(image, seeds, radius, half, valid, passes, engine):
         if bad.size:
             fill = np.median(raw[bad].reshape(bad.size, -1), axis=1).astype(raw.dtype)
             raw[bad] = np.where(ok_big[bad], raw[bad], fill[:, None, None])
-    w = 2 * half + 1
-    offs = np.arange(-half, half + 1, dtype=np.float64)
-    yy = np.repeat(offs, w)
-    xx = np.tile(offs, w)
-    disc = np.flatnonzero(yy * yy + xx * xx <= (half + 0.5) ** 2)
-    yy, xx = yy[disc], xx[disc]
     # the kernels take C-contiguous rows (fancy indexing may not give them)
     med = np.ascontiguousarray(_median3(raw).reshape(n, -1)[:, disc], dtype=np.float64)
     data = np.ascontiguousarray(raw[:, 1:-1, 1:-1].reshape(n, -1)[:, disc], dtype=np.float64)
     ok = np.ascontiguousarray(ok_big[:, 1:-1, 1:-1].reshape(n, -1)[:, disc])
-
-    p = np.zeros((n, _NPAR))
-    p[:, :2] = seeds - centre
-    p[:, 2] = radius
-    p[:, 3] = max(0.1 * radius, 0.6)
-    rr = np.hypot(yy, xx)
-    outer = rr >= half - 1.5
-    inner = rr <= 0.5 * radius
     p[:, 5] = np.median(med[:, outer], axis=1)
     p[:, 4] = np.maximum(np.median(med[:, inner], axis=1) - p[:, 5], 1e-6)
 
     weight = ok.astype(np.float64)
     _population_start(p, med, weight, yy, xx, half, passes[0][0], solve)
     p, _, res_med, _ = solve(p, med, weight, yy, xx, half, *passes[0])
-
-    # noise model from the population: background variance per hole plus a
-    # signal-proportional (Poisson-like) term shared by all holes
     res_raw = data - (med - res_med)
-    edge = tail((np.hypot(yy[None] - p[:, :1], xx[None] - p[:, 1:2]) - p[:, 2:3]) / p[:, 3:4])
-    var_bg = _robust_var(res_raw, (edge < 0.02) & ok)
-    var_in = _robust_var(res_raw, (edge > 0.9) & ok)
-    amp = np.maximum(p[:, 4], 1e-12)
+    var_bg, slope = _noise_model(*engine.edge_variances(p, res_raw, ok, yy, xx), p[:, 4])
+    variance, keep, weight = engine.clip_weights(
+        p, res_raw, ok, yy, xx, var_bg, slope, _VARIANCE_EXPONENT, _CLIP_SIGMA
+    )
+    p, cost, res, _ = solve(p, data, weight, yy, xx, half, *passes[1])
+    # clip again against the refined model: pass 1 may have been pulled by
+    # masked or dead pixels and dropped good pixels next to them
+    keep2 = ok & (res * res <= _CLIP_SIGMA**2 * variance)
+    changed = (keep2 != keep).any(axis=1)
+    if changed.any():
+        keep[changed] = keep2[changed]
+        weight[changed] = np.where(keep2[changed], 1.0 / variance[changed], 0.0)
+        sub, cost_sub, res_sub, _ = solve(
+            p[changed], data[changed], weight[changed], yy, xx, half, *passes[1]
+        )
+        p[changed], cost[changed], res[changed] = sub, cost_sub, res_sub
+
+    asym, ring_asym = engine.sector_asymmetry(p, res, weight, yy, xx, float(half))
+    # the background's one-sidedness on the median-filtered pixels, unclipped,
+    # against the typical hole's noise (see ProfileFit.ring_step)
+    _, ring_step = engine.sector_asymmetry(
+        p, med - data + res, ok / float(np.median(var_bg)), yy, xx, float(half)
+    )
+    return _profile_fit(
+        centre, p, cost, keep.sum(1), (ok & ~keep).sum(1), asym, ring_asym, ring_step, half
+    )
+
+
+def _warm_group(
+    image, centre, p, yy, xx, disc, outer, inner, half, no_shape, valid, passes, engine
+):
+    """Raw unweighted pass from the given start, then the weighted pass (compiled, fused)."""
+    n = centre.shape[0]
+    raw = extract_windows(image, centre, half).reshape(n, -1)
+    data = np.ascontiguousarray(raw[:, disc], dtype=np.float64)
+    if valid is None:
+        ok = np.ones(data.shape, dtype=bool)
+    else:
+        ok = np.ascontiguousarray(extract_windows(valid, centre, half).reshape(n, -1)[:, disc])
+    outer = np.ascontiguousarray(outer)
+    inner = np.ascontiguousarray(inner)
+    if no_shape:
+        # no shape per hole: start every hole from the shape of a fitted sample
+        p, _, _ = engine.warm_first_pass(
+            p, data, ok, yy, xx, outer, inner, half, True, np.inf, 0, 0.0
+        )
+        _population_start(p, data, ok.astype(np.float64), yy, xx, half, 5, engine.gauss_newton)
+    p, var_bg, var_in = engine.warm_first_pass(
+        p, data, ok, yy, xx, outer, inner, float(half), not no_shape, _SPIKE, *passes[0]
+    )
+    var_bg, slope = _noise_model(var_bg, var_in, p[:, 4])
+    p, cost, kept, outliers, asym, ring_asym = engine.warm_weighted_pass(
+        p, data, ok, yy, xx, float(half), var_bg, slope, _VARIANCE_EXPONENT, _CLIP_SIGMA,
+        *passes[1],
+    )  # fmt: skip
+    return _profile_fit(centre, p, cost, kept, outliers, asym, ring_asym, None, half)
+
+
+def _noise_model(var_bg, var_in, amplitude):
+    """Background variance per hole (N,) and the population's signal slope.
+
+    The variance of a pixel is ``var_bg + slope (a E)**q``: the background's
+    per hole plus a signal-proportional (Poisson-like) term shared by all
+    holes, from the residual variances of the background and of the disc's
+    top (:func:`edge_variances`).
+    """
+    amp = np.maximum(amplitude, 1e-12)
     with np.errstate(invalid="ignore"):
         slopes = (var_in - var_bg) / amp**_VARIANCE_EXPONENT
     slopes = slopes[np.isfinite(slopes)]
@@ -296,30 +427,11 @@ def _fit_group(image, seeds, radius, half, valid, passes, engine):
     finite = np.isfinite(var_bg) & (var_bg > 0)
     var_bg = np.where(finite, var_bg, np.median(var_bg[finite]) if finite.any() else 1.0)
     # model mismatch floor, so that noise-free data do not lose good pixels
-    var_bg = np.maximum(var_bg, (3e-3 * amp) ** 2)
-    variance = var_bg[:, None] + slope * np.maximum(p[:, 4:5] * edge, 0.0) ** _VARIANCE_EXPONENT
-    keep = ok & (res_raw * res_raw <= 25.0 * variance)
-    weight = keep / variance
-    p, cost, res, _ = solve(p, data, weight, yy, xx, half, *passes[1])
-    # clip again against the refined model: pass 1 may have been pulled by
-    # masked or dead pixels and dropped good pixels next to them
-    keep2 = ok & (res * res <= 25.0 * variance)
-    changed = (keep2 != keep).any(axis=1)
-    if changed.any():
-        keep[changed] = keep2[changed]
-        weight = keep / variance
-        sub, cost_sub, res_sub, _ = solve(
-            p[changed], data[changed], weight[changed], yy, xx, half, *passes[1]
-        )
-        p[changed], cost[changed], res[changed] = sub, cost_sub, res_sub
+    return np.ascontiguousarray(np.maximum(var_bg, (3e-3 * amp) ** 2)), slope
 
-    dof = np.maximum(keep.sum(1) - _NPAR, 1)
-    asym, ring_asym = engine.sector_asymmetry(p, res, weight, yy, xx, float(half))
-    # the background's one-sidedness on the median-filtered pixels, unclipped,
-    # against the typical hole's noise (see ProfileFit.ring_step)
-    _, ring_step = engine.sector_asymmetry(
-        p, med - data + res, ok / float(np.median(var_bg)), yy, xx, float(half)
-    )
+
+def _profile_fit(centre, p, cost, kept, outliers, asym, ring_asym, ring_step, half):
+    dof = np.maximum(kept - _NPAR, 1)
     inside = (np.abs(p[:, :2]) < 0.6 * half - 1e-9).all(1)
     converged = inside & np.isfinite(p).all(1) & (p[:, 4] > 0)
     return ProfileFit(
@@ -333,7 +445,7 @@ def _fit_group(image, seeds, radius, half, valid, passes, engine):
         ring_asymmetry=ring_asym,
         ring_step=ring_step,
         slope=p[:, 6:8].copy(),
-        outliers=(ok & ~keep).sum(1).astype(np.int64),
+        outliers=np.asarray(outliers, dtype=np.int64),
         converged=converged,
     )
 
@@ -359,19 +471,6 @@ def _population_start(p, data, weight, yy, xx, half, iterations, solve, size=24)
     if good.sum() >= size // 2:
         p[:, 2] = np.median(fitted[good, 2])
         p[:, 3] = np.median(fitted[good, 3])
-
-
-def _robust_var(res, sel):
-    """Per-row variance from the median |residual| over selected pixels (NaN if < 5)."""
-    vals = np.where(sel, np.abs(res), np.inf)
-    vals.sort(axis=1)
-    count = sel.sum(1)
-    rows = np.arange(res.shape[0])
-    lo = vals[rows, np.maximum((count - 1) // 2, 0)]
-    hi = vals[rows, np.maximum(count // 2, 0)]
-    with np.errstate(invalid="ignore"):
-        mad = np.where(count >= 5, 0.5 * (lo + hi), np.nan)
-    return (1.4826 * mad) ** 2
 
 
 def windowed_centroids(image, seeds, half):

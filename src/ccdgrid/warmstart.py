@@ -64,6 +64,9 @@ _MIN_SAMPLE = 6
 _MAX_LINEAR = 0.01
 # fraction of the previous holes that may be lost before the maps' smoothing is chosen again
 _SAME_HOLES_LOST = 0.05
+# Gauss-Newton iterations of the warm fits: unweighted on the raw pixels, then weighted
+_WARM_ITERATIONS = (2, 2)
+_WARM_TOL = (5e-2, 1e-3)  # px: a hole stops iterating once its steps are this small
 
 
 class WarmStartFallback(UserWarning):
@@ -160,6 +163,7 @@ class _Previous:
     mask: np.ndarray
     smoothing: object  # float, pitch² units, or None when unknown
     degree: object = None  # trend degree of the previous maps, or None when unknown
+    shapes: object = None  # (N, 2) fitted radius and blur of the holes, px, or None
 
 
 def recalibrate(
@@ -282,7 +286,7 @@ def recalibrate(
 
     t0 = time.perf_counter()
     predicted = _apply(move, prev.peaks)
-    found = _measure(filled, valid, predicted, radius, prev.pitch_px, backend)
+    found = _measure(filled, valid, predicted, radius, prev, backend)
     timings["measure_holes"] = time.perf_counter() - t0
     ok = found["reasons"] == ""
     n_ok = int(ok.sum())
@@ -343,6 +347,9 @@ def recalibrate(
         "warm_start": {"used": True, "reason": ""},
         "resolved": {
             "hole_diameter": float(holes.hole_diameter),
+            # with the diameter, the typical profile: what a warm start from
+            # this calibration's file starts its fits from
+            "hole_blur": float(np.median(holes.width[:, 1])),
             "pitch_px": float(holes.pitch_px),
             "threshold": float(holes.threshold),
             "smoothing": maps.smoothing,
@@ -403,6 +410,7 @@ def _previous(previous):
             mask=previous.mask,
             smoothing=_smoothing(getattr(previous.maps, "smoothing", None)),
             degree=getattr(previous.maps, "degree", None),
+            shapes=_shapes(holes, valid),
         )
     needed = ("peaks", "indices", "valid", "grid", "params", "shape", "dx", "dy", "mask")
     missing = [name for name in needed if getattr(previous, name, None) is None]
@@ -437,7 +445,37 @@ def _previous(previous):
         mask=previous.mask,
         smoothing=_smoothing(resolved.get("smoothing")),
         degree=resolved.get("map_degree"),
+        shapes=_record_shapes(resolved, int(valid.sum())),
     )
+
+
+def _shapes(holes, valid):
+    """Fitted (radius, blur) of the indexed holes, (N, 2) px, or None when not usable."""
+    width = getattr(holes, "width", None)
+    if width is None:
+        return None
+    width = np.asarray(width, dtype=np.float64)
+    if width.shape != (valid.size, 2):
+        return None
+    width = width[valid]
+    return width if (np.isfinite(width).all() and (width > 0).all()) else None
+
+
+def _record_shapes(resolved, n):
+    """(n, 2) radius and blur from a record's typical hole profile, or None.
+
+    A detector file holds no per-hole fits, but the hole diameter (twice the
+    median fitted radius) and, when it recorded it, the median blur: all the
+    warm fits start from (and size their windows with).
+    """
+    try:
+        rad = 0.5 * float(resolved["hole_diameter"])
+        blur = float(resolved["hole_blur"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (math.isfinite(rad) and math.isfinite(blur) and rad > 0 and blur > 0):
+        return None
+    return np.tile([rad, blur], (n, 1))
 
 
 def _same_hole_set(n_matched, n_previous):
@@ -490,14 +528,13 @@ def _native(image):
 def _prepare(img, original, mask):
     """The image with invalid pixels set to the valid median, and the valid map (or None).
 
-    Same treatment of the mask, dead lines and non-finite pixels as
-    :func:`ccdgrid.peaks.find_holes`; the dead lines by :func:`_dead_lines`
-    (the same lines, at half the cost) and the fill value from a 1/16
-    subsample of the valid pixels (it only has to look like background to
-    the global move's search: the fits ignore invalid pixels).
+    Same treatment of the mask, dead lines (the same scan) and non-finite
+    pixels as :func:`ccdgrid.peaks.find_holes`, and the fill value from a
+    1/16 subsample of the valid pixels (it only has to look like background
+    to the global move's search: the fits ignore invalid pixels).
     """
     invalid = _peaks._as_mask(mask, img.shape)
-    dead = _dead_lines(img)
+    dead = _peaks._dead_lines(img)
     if dead is not None:
         invalid = dead if invalid is None else invalid | dead
     if np.issubdtype(np.asarray(original).dtype, np.floating):
@@ -516,57 +553,19 @@ def _prepare(img, original, mask):
     return np.where(valid, img, np.float32(np.median(sample))), valid
 
 
-_DEAD_FRACTION = 0.9  # a dead line holds one value on at least this fraction of its pixels
-_DEAD_CHUNK = 512  # pixels of a line compared at a time
+def _window_half(radius, pitch_px, shapes=None):
+    """Fit window half width and the smallest one accepted (as find_holes).
 
-
-def _dead_lines(img):
-    """Mask of the dead rows and columns, or None: :func:`ccdgrid.peaks._dead_lines`'s.
-
-    A row is dead when at least 90 % of its pixels equal its first one, a
-    column when 90 % equal its pixel in the first row; when every row or
-    every column is dead (an image of lines) nothing is. The lines are
-    compared by chunks of ``_DEAD_CHUNK`` pixels, and a line is dropped as
-    soon as more of its pixels differ than a dead line allows: a noisy line
-    after its first chunk. Reading an eighth of the image for the rows and
-    an eighth for the columns, it costs ~9 ms of CPU at 4096² where the
-    one-pass scan of every pixel cost ~19 ms.
+    With the previous holes' fitted ``shapes`` ((N, 2) radius and blur, px),
+    the window also holds the typical profile and a ring of background,
+    ``R + 3 s + 2`` (as find_holes widens it for soft holes): in a window
+    sized from the diameter alone, the tails of Gaussian-like holes are cut,
+    the background plane absorbs them and the centres scatter more.
     """
-    h, w = img.shape
-    rows = np.zeros(h, dtype=bool)
-    cols = np.zeros(w, dtype=bool)
-    rows[_dead(img, 0)] = True
-    cols[_dead(img, 1)] = True
-    if not (rows.any() or cols.any()) or rows.all() or cols.all():
-        return None
-    return rows[:, None] | cols[None, :]
-
-
-def _dead(img, axis):
-    """Indices of the dead rows (``axis`` 0) or columns (1) of ``img``."""
-    n = img.shape[1 - axis]
-    allowed = n - _DEAD_FRACTION * n
-    lines = np.arange(img.shape[axis])
-    ref = img[:, 0] if axis == 0 else img[0]
-    unlike = np.zeros(lines.size, dtype=np.int64)
-    for start in range(0, n, _DEAD_CHUNK):
-        stop = min(start + _DEAD_CHUNK, n)
-        if axis == 0:
-            block = img[:, start:stop] if start == 0 else img[lines, start:stop]
-            unlike += np.count_nonzero(block != ref[:, None], axis=1)
-        else:
-            block = img[start:stop] if start == 0 else img[start:stop][:, lines]
-            unlike += np.count_nonzero(block != ref, axis=0)
-        keep = unlike <= allowed
-        lines, ref, unlike = lines[keep], ref[keep], unlike[keep]
-        if lines.size == 0:
-            break
-    return lines
-
-
-def _window_half(radius, pitch_px):
-    """Fit window half width and the smallest one accepted (as find_holes)."""
     half = int(np.ceil(max(1.7 * radius + 2.0, radius + 5.0)))
+    if shapes is not None and len(shapes):
+        rad, blur = np.median(shapes, axis=0)
+        half = max(half, int(np.ceil(rad + 3.0 * blur + 2.0)))
     half = int(max(min(half, np.floor(0.45 * pitch_px)), np.ceil(radius + 3.0)))
     return half, int(np.ceil(0.85 * radius + 2.5))
 
@@ -728,11 +727,22 @@ def _apply(move, points):
     return np.column_stack([np.ones(len(points)), points]) @ move
 
 
-def _measure(img, valid, predicted, radius, pitch_px, backend):
-    """Fit every predicted hole; centres and a rejection reason per hole ("" = accepted)."""
+def _measure(img, valid, predicted, radius, prev, backend):
+    """Fit every predicted hole; centres and a rejection reason per hole ("" = accepted).
+
+    Every hole starts at its predicted position (good to a few hundredths of
+    a pixel) with the previous holes' median radius and blur (from a
+    detector file, which does not hold them: the shape of a sample of holes
+    fitted first), in a window that holds that profile: two unweighted
+    iterations on the raw pixels, the noise model, then two weighted ones
+    (:func:`ccdgrid.centres.fit_hole_profiles` with ``median_pass=False``),
+    where a cold fit needs the median-filtered pass, the population start
+    and more iterations.
+    """
     h, w = img.shape
     n = len(predicted)
-    half, half_min = _window_half(radius, pitch_px)
+    pitch_px = prev.pitch_px
+    half, half_min = _window_half(radius, pitch_px, prev.shapes)
     reasons = np.full(n, "", dtype=object)
     cy, cx = np.rint(predicted).astype(np.int64).T
     room = np.minimum.reduce([cy - 1, h - 2 - cy, cx - 1, w - 2 - cx])
@@ -742,8 +752,22 @@ def _measure(img, valid, predicted, radius, pitch_px, backend):
     fit_idx = np.flatnonzero(reasons == "")
     fit = None
     if fit_idx.size:
+        warm = {"median_pass": False, "iterations": _WARM_ITERATIONS, "tol": _WARM_TOL}
+        if prev.shapes is not None:
+            # the previous population's typical shape, not each hole's own:
+            # a soft hole's fitted radius and blur trade off against each other
+            # at the noise level, and a start from one image's noise converges
+            # more slowly on the next image than the median does
+            rad, blur = np.median(prev.shapes, axis=0)
+            warm["start_shape"] = (rad, blur)
         fit = _centres.fit_hole_profiles(
-            img, predicted[fit_idx], radius, half=halves[fit_idx], valid=valid, backend=backend
+            img,
+            predicted[fit_idx],
+            radius,
+            half=halves[fit_idx],
+            valid=valid,
+            backend=backend,
+            **warm,
         )
         centres[fit_idx] = fit.centres
         # no smoothed image here: a hole's expected contrast is the population's

@@ -19,7 +19,16 @@ with finite values and ``weight >= 0``, ``yy`` and ``xx`` ``(P,)`` float64.
 import numpy as np
 from scipy.special import erfc
 
-__all__ = ["gauss_newton", "gaussian_tail", "model", "sector_asymmetry"]
+__all__ = [
+    "clip_weights",
+    "edge_variances",
+    "gauss_newton",
+    "gaussian_tail",
+    "model",
+    "sector_asymmetry",
+    "warm_first_pass",
+    "warm_weighted_pass",
+]
 
 _SQRT2 = np.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / np.sqrt(2.0 * np.pi)
@@ -225,3 +234,198 @@ def sector_asymmetry(p, res, weight, yy, xx, half):
     counts = np.bincount(flat[zone], minlength=8 * n).reshape(n, 8)
     ring = np.abs(sums / np.sqrt(np.maximum(counts, 1))).max(1)
     return disc, ring
+
+
+def _edge(p, yy, xx):
+    """The edge profile ``E = Q((r - R) / s)`` of every hole at every pixel, (N, P)."""
+    r = np.hypot(yy[None] - p[:, :1], xx[None] - p[:, 1:2])
+    return gaussian_tail((r - p[:, 2:3]) / p[:, 3:4])
+
+
+def _masked_median(values, sel):
+    """Per-row median of ``values`` over ``sel`` (0 where nothing is selected)."""
+    masked = np.where(sel, values, np.nan)
+    out = np.zeros(values.shape[0])
+    some = sel.any(axis=1)
+    if some.any():
+        out[some] = np.nanmedian(masked[some], axis=1)
+    return out
+
+
+def _robust_var(res, sel):
+    """Per-row ``(1.4826 median |res|)**2`` over selected pixels (NaN below 5)."""
+    vals = np.where(sel, np.abs(res), np.inf)
+    vals.sort(axis=1)
+    count = sel.sum(1)
+    rows = np.arange(res.shape[0])
+    lo = vals[rows, np.maximum((count - 1) // 2, 0)]
+    hi = vals[rows, np.maximum(count // 2, 0)]
+    with np.errstate(invalid="ignore"):
+        mad = np.where(count >= 5, 0.5 * (lo + hi), np.nan)
+    return (1.4826 * mad) ** 2
+
+
+def edge_variances(p, res, ok, yy, xx):
+    """Noise variance of the background and of the disc's top per hole, from residuals.
+
+    Parameters
+    ----------
+    p : ndarray of shape (N, 8), float64
+        Fitted parameters ``(cy, cx, R, s, a, b0, by, bx)``.
+    res : ndarray of shape (N, P), float64
+        Residuals ``data - model``.
+    ok : ndarray of shape (N, P), bool
+        Usable pixels.
+    yy, xx : ndarray of shape (P,), float64
+        Pixel offsets from the window centre, px.
+
+    Returns
+    -------
+    var_bg, var_in : ndarray of shape (N,), float64
+        ``(1.4826 median |res|)**2`` over the usable pixels where the model's
+        edge profile ``E = Q((r - R) / s)`` is below 0.02 (background) and
+        above 0.9 (the disc's top); NaN where fewer than 5 pixels qualify.
+    """
+    edge = _edge(p, yy, xx)
+    return _robust_var(res, (edge < 0.02) & ok), _robust_var(res, (edge > 0.9) & ok)
+
+
+def clip_weights(p, res, ok, yy, xx, var_bg, slope, exponent, nsigma):
+    """Noise model per pixel, outlier clip and least-squares weights.
+
+    Parameters
+    ----------
+    p : ndarray of shape (N, 8), float64
+    res : ndarray of shape (N, P), float64
+        Residuals ``data - model`` of the model the pixels are judged against.
+    ok : ndarray of shape (N, P), bool
+    yy, xx : ndarray of shape (P,), float64
+    var_bg : ndarray of shape (N,), float64
+        Background variance per hole.
+    slope, exponent : float
+        Signal term of the variance: ``slope (a E)**exponent``.
+    nsigma : float
+        Pixels with ``|res| > nsigma sqrt(variance)`` are dropped.
+
+    Returns
+    -------
+    variance : ndarray of shape (N, P), float64
+        ``var_bg + slope max(a E, 0)**exponent``, ``E`` the edge profile of ``p``.
+    keep : ndarray of shape (N, P), bool
+        ``ok & (res**2 <= nsigma**2 variance)``.
+    weight : ndarray of shape (N, P), float64
+        ``keep / variance``.
+    """
+    edge = _edge(p, yy, xx)
+    variance = var_bg[:, None] + slope * np.maximum(p[:, 4:5] * edge, 0.0) ** exponent
+    keep = ok & (res * res <= nsigma * nsigma * variance)
+    with np.errstate(divide="ignore"):
+        return variance, keep, np.where(keep, 1.0 / variance, 0.0)
+
+
+def warm_first_pass(
+    p0, data, ok, yy, xx, outer, inner, half, start_levels, spike, iterations, tol
+):
+    """First pass of a warm fit: unweighted iterations on the raw pixels, then noise statistics.
+
+    Parameters
+    ----------
+    p0 : ndarray of shape (N, 8), float64
+        Start ``(cy, cx, R, s, a, b0, by, bx)`` per hole.
+    data : ndarray of shape (N, P), float64
+        Raw pixel values.
+    ok : ndarray of shape (N, P), bool
+        Usable pixels.
+    yy, xx : ndarray of shape (P,), float64
+        Pixel offsets from the window centre, px.
+    outer, inner : ndarray of shape (P,), bool
+        Pixels of the background ring and of the disc's centre.
+    half : float
+        Window radius, px (bounds of the parameters, see :func:`gauss_newton`).
+    start_levels : bool
+        Start ``b0`` at the median of the usable ``outer`` pixels and ``a``
+        at the median of the usable ``inner`` ones minus ``b0`` (at least
+        1e-6); otherwise ``p0``'s.
+    spike : float
+        Usable pixels further than ``spike`` times the start amplitude from
+        the start model (hot or dead pixels) are left out of the iterations.
+    iterations : int
+        Most Gauss-Newton iterations, every other usable pixel of weight 1.
+    tol : float
+        Convergence tolerance (see :func:`gauss_newton`).
+
+    Returns
+    -------
+    p : ndarray of shape (N, 8), float64
+    var_bg, var_in : ndarray of shape (N,), float64
+        :func:`edge_variances` of the residuals at ``p`` (every usable pixel).
+    """
+    p = np.array(p0, dtype=np.float64, copy=True)
+    if start_levels and p.shape[0]:
+        p[:, 5] = _masked_median(data, ok & outer[None])
+        p[:, 4] = np.maximum(_masked_median(data, ok & inner[None]) - p[:, 5], 1e-6)
+    start = data - model(p, yy, xx, with_jacobian=False)[0]
+    weight = (ok & (np.abs(start) <= spike * np.abs(p[:, 4:5]))).astype(np.float64)
+    p, _, res, _ = gauss_newton(p, data, weight, yy, xx, half, iterations, tol)
+    var_bg, var_in = edge_variances(p, res, ok, yy, xx)
+    return p, var_bg, var_in
+
+
+def warm_weighted_pass(
+    p1, data, ok, yy, xx, half, var_bg, slope, exponent, nsigma, iterations, tol
+):
+    """Weighted pass of a warm fit: noise model, clip, fit, clip again, sector asymmetry.
+
+    The pixels are judged against the model ``p1`` with the variance
+    ``var_bg + slope max(a E, 0)**exponent`` (see :func:`clip_weights`),
+    fitted with weights 1 / variance, judged again against the new model, and
+    the holes whose kept pixels changed are fitted again from there.
+
+    Parameters
+    ----------
+    p1 : ndarray of shape (N, 8), float64
+        Parameters of the first pass.
+    data : ndarray of shape (N, P), float64
+    ok : ndarray of shape (N, P), bool
+    yy, xx : ndarray of shape (P,), float64
+    half : float
+        Window radius, px.
+    var_bg : ndarray of shape (N,), float64
+        Background variance per hole (> 0).
+    slope, exponent : float
+        Signal term of the variance.
+    nsigma : float
+        Clip at ``nsigma`` standard deviations.
+    iterations : int
+        Most Gauss-Newton iterations of each weighted fit.
+    tol : float
+        Convergence tolerance (see :func:`gauss_newton`).
+
+    Returns
+    -------
+    p : ndarray of shape (N, 8), float64
+    cost : ndarray of shape (N,), float64
+        Weighted sum of squared residuals at ``p``.
+    kept, outliers : ndarray of shape (N,), int64
+        Pixels used, and usable pixels dropped as outliers.
+    disc, ring : ndarray of shape (N,), float64
+        :func:`sector_asymmetry` of the final residuals and weights.
+    """
+    f, _ = model(p1, yy, xx, with_jacobian=False)
+    variance, keep, weight = clip_weights(
+        p1, data - f, ok, yy, xx, var_bg, slope, exponent, nsigma
+    )
+    p, cost, res, _ = gauss_newton(p1, data, weight, yy, xx, half, iterations, tol)
+    keep2 = ok & (res * res <= nsigma * nsigma * variance)
+    changed = (keep2 != keep).any(axis=1)
+    if changed.any():
+        keep[changed] = keep2[changed]
+        with np.errstate(divide="ignore"):
+            weight[changed] = np.where(keep2[changed], 1.0 / variance[changed], 0.0)
+        sub, cost_sub, res_sub, _ = gauss_newton(
+            p[changed], data[changed], weight[changed], yy, xx, half, iterations, tol
+        )
+        p[changed], cost[changed], res[changed] = sub, cost_sub, res_sub
+    disc, ring = sector_asymmetry(p, res, weight, yy, xx, half)
+    kept = keep.sum(axis=1).astype(np.int64)
+    return p, cost, kept, (ok & ~keep).sum(axis=1).astype(np.int64), disc, ring
