@@ -49,6 +49,7 @@ def fake_peaks(monkeypatch):
         )
         return types.SimpleNamespace(
             peaks=points.copy(),
+            width=np.tile([3.0, 1.25], (len(points), 1)),  # fitted radius and blur, px
             rejected=np.zeros((2, 2)),
             reasons=np.array(["hot pixel", "cut by edge"]),
             threshold=1.5 if threshold is None else threshold,
@@ -97,6 +98,7 @@ def test_chain_keeps_every_stage_and_records_options(fake_peaks):
     assert cal.params["threshold"] == 1.2
     assert cal.params["pitch"] == 2e-3
     assert cal.params["resolved"]["pitch_px"] == PITCH_PX
+    assert cal.params["resolved"]["hole_blur"] == 1.25  # the median fitted blur
     assert cal.source is None
 
 

@@ -280,6 +280,9 @@ def calibrate(
         "cv_folds": cv_folds,
         "resolved": {
             "hole_diameter": float(holes.hole_diameter),
+            # the typical profile's blur: a warm start from this calibration's
+            # file starts its hole fits from it (and sizes its windows with it)
+            "hole_blur": float(np.median(holes.width[valid, 1])),
             "pitch_px": float(holes.pitch_px),
             "threshold": float(holes.threshold),
             "lattice_tolerance": lattice.tolerance,
