@@ -114,7 +114,11 @@ def cases():
                 "gauss-2048-p80-beam-stop": _case(
                     n, 80, "gauss", 3.0, MILD, beam_stop=(1000, 1100, 120)
                 ),
+                # a dense plate: ~7 000 holes (the maps are fitted tile by tile)
+                "gauss-2048-p24-dense": _case(n, 24, "gauss", 1.5, MILD),
             }
+        if n == 4096:
+            out["super-4096-p32-dense"] = _case(n, 32, "super", 3.0, BARREL)  # ~16 000 holes
         out |= {
             f"gauss-{n}-p{72 * s}-all": _case(
                 n,
