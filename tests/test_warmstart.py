@@ -235,30 +235,49 @@ def test_bad_options(base, kwargs, match):
         recalibrate(g.image, prev, **kwargs)
 
 
-def test_warm_maps_reuse_the_previous_smoothing_and_degree(base, tmp_path):
+def test_warm_maps_choose_the_smoothing_by_gcv_as_a_cold_calibration(base):
+    _, prev = base
+    moved = _plate(offset=(BASE_OFFSET[0] + 0.7, BASE_OFFSET[1] - 0.4))
+    warm = recalibrate(moved.image, prev, cv_folds=0)
+    assert warm.maps.smoothing_scores is not None  # chosen by GCV on the new holes
+    cold = calibrate(moved.image, cv_folds=0)
+    # as accurate as a cold calibration between the holes (here more: the warm
+    # fits on raw pixels place the holes at the taper edge better)
+    err = [dense_residual(moved.truth, c.dy, c.dx, c.mask).rms for c in (warm, cold)]
+    assert err[0] <= 1.1 * err[1]
+
+
+def test_warm_maps_reuse_the_previous_smoothing_and_degree_on_request(base, tmp_path):
     g, prev = base
-    warm = recalibrate(g.image, prev, cv_folds=0)
+    warm = recalibrate(g.image, prev, cv_folds=0, smoothing="previous")
     assert warm.maps.smoothing == prev.maps.smoothing
     assert warm.maps.degree == prev.maps.degree
+    assert warm.maps.smoothing_scores is None
     path = tmp_path / "detector.h5"
     prev.save(path)
-    from_file = recalibrate(g.image, path, cv_folds=0)
+    from_file = recalibrate(g.image, path, cv_folds=0, smoothing="previous")
     assert from_file.maps.degree == prev.maps.degree
-    # "auto" chooses both again
-    again = recalibrate(g.image, prev, cv_folds=0, smoothing="auto")
-    assert again.maps.smoothing_scores is not None
+    # a cold fallback chooses by GCV
+    with pytest.warns(WarmStartFallback):
+        far = recalibrate(
+            _plate(offset=(BASE_OFFSET[0] + 20.0, BASE_OFFSET[1])).image,
+            prev,
+            cv_folds=0,
+            smoothing="previous",
+        )
+    assert far.maps.smoothing_scores is not None
 
 
 def test_warm_maps_choose_the_smoothing_again_when_holes_are_lost(base):
     g, prev = base
     mask = np.zeros(SHAPE, dtype=np.uint8)
     mask[:, :70] = 1  # the first column of holes or so: more than 5 % of them
-    warm = recalibrate(g.image, prev, mask=mask, cv_folds=0)
+    warm = recalibrate(g.image, prev, mask=mask, cv_folds=0, smoothing="previous")
     assert warm.params["warm_start"]["used"]
     lost = 1.0 - warm.drift.n_matched / warm.drift.n_previous
     assert 0.05 < lost < 0.2
     assert warm.maps.smoothing_scores is not None  # chosen by GCV
-    kept = recalibrate(g.image, prev, cv_folds=0)
+    kept = recalibrate(g.image, prev, cv_folds=0, smoothing="previous")
     assert kept.maps.smoothing_scores is None
 
 
