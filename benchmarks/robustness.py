@@ -61,8 +61,9 @@ def _load(name, path):
     return sys.modules[name]
 
 
+_load("_independent_grid", ROOT / "tests" / "_independent_grid.py")  # what conftest.py does
 rob = _load("test_robustness", ROOT / "tests" / "test_robustness.py")
-gen = rob.gen  # tests/_independent_grid.py, loaded by test_robustness itself
+gen = rob.gen  # tests/_independent_grid.py
 
 # realistic FReLoN-like plates: 5 mm pitch at 50-120 µm pixels, ~10 px holes
 _HEAVY_NOISE = dict(amplitude=120.0, background=(0.2, 0.45), dark=20.0, read_noise=3.0)

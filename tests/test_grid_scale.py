@@ -1,9 +1,9 @@
 """First guesses of pitch and hole diameter (ccdgrid.grid_scale)."""
 
 import importlib.util
-import sys
 from pathlib import Path
 
+import _independent_grid as gen  # registered by conftest.py
 import numpy as np
 import pytest
 
@@ -60,24 +60,12 @@ def test_small_holes_in_a_large_image_are_measured_at_full_resolution():
     assert (again.pitch, again.diameter) == (scale.pitch, scale.diameter)
 
 
-def _independent_generator():
-    """tests/_independent_grid.py (tests is not a package under importlib mode)."""
-    name = "_independent_grid"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while being built
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.mark.parametrize(("pitch", "sigma"), [(40.0, 2.0), (50.0, 2.5), (64.0, 3.0)])
 def test_lit_circle_on_a_bright_background(pitch, sigma):
     # The lit area's edge (background 15-60 % of the holes' height inside, dark
     # outside) puts a cone under the autocorrelation's central peak: the
     # guess used to measure the cone (diameters of 0.4-0.7 pitch, or no
     # lattice at all) and now retries on a top-hat filtered image.
-    gen = _independent_generator()
     grid = gen.make_grid(
         (512, 512), pitch_px=pitch, profile="gauss", width_px=sigma, lit_axes=(0.48, 0.48), seed=3
     )

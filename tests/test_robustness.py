@@ -30,11 +30,9 @@ lattice on the fitted one: up to 0.03 px RMS here under 20 px of pincushion
 distortion.
 """
 
-import importlib.util
-import sys
 from functools import cache
-from pathlib import Path
 
+import _independent_grid as gen  # registered by conftest.py
 import numpy as np
 import pytest
 from scipy.spatial import cKDTree
@@ -44,20 +42,6 @@ from ccdgrid.lattice import index_holes
 from ccdgrid.maps import displacement_maps
 from ccdgrid.pipeline import calibrate
 from ccdgrid.synthetic import dense_residual
-
-
-def _load_generator():
-    """The helper module beside this file (tests is not a package under importlib mode)."""
-    name = "_independent_grid"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while being built
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-gen = _load_generator()
 
 # bounds (px); "noisy" cases are noise-limited: at a peak SNR of ~9 the Cramér-Rao
 # bound of one hole's centre is ~0.10 px RMS (2-D) for these holes
