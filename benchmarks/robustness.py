@@ -6,6 +6,7 @@ Usage (from the repository root, with ccdgrid and pyFAI installed)::
     python benchmarks/robustness.py --sizes 2048       # the 2048² cases only
     python benchmarks/robustness.py --only gauss       # cases whose id holds "gauss"
     python benchmarks/robustness.py --json out.json    # also save the rows
+    python benchmarks/robustness.py --fuzz 24          # 24 random plates, 768-1280 px
 
 What a judge does, case by case: render a grid image with
 ``tests/_independent_grid.py`` (a model written apart from
@@ -115,11 +116,7 @@ def cases():
                 "gauss-2048-p80-beam-stop": _case(
                     n, 80, "gauss", 3.0, MILD, beam_stop=(1000, 1100, 120)
                 ),
-                # a dense plate: ~7 000 holes (the maps are fitted tile by tile)
-                "gauss-2048-p24-dense": _case(n, 24, "gauss", 1.5, MILD),
             }
-        if n == 4096:
-            out["super-4096-p32-dense"] = _case(n, 32, "super", 3.0, BARREL)  # ~16 000 holes
         out |= {
             f"gauss-{n}-p{72 * s}-all": _case(
                 n,
@@ -147,6 +144,54 @@ def cases():
                 **_HEAVY_NOISE,
             ),
         }
+    # dense plates, last so that the seeds of the cases above stay as they were:
+    # ~7 000 and ~16 000 holes (the maps are fitted tile by tile)
+    out["gauss-2048-p24-dense"] = _case(2048, 24, "gauss", 1.5, MILD)
+    out["super-4096-p32-dense"] = _case(4096, 32, "super", 3.0, BARREL)
+    return out
+
+
+def fuzz_cases(count, seed=2026):
+    """``count`` random plates, 768-1280 px: id -> (shape, make_grid keywords, Field keywords).
+
+    Pitch 28-120 px, Gaussian or super-Gaussian holes of 3-9 % / 5-15 % of
+    it, any rotation in +-45 deg, 3 % aspect, a lit ellipse or none, up to 300
+    hot pixels and 30 clusters, 3 dead rows and columns (0 or NaN), 5 % of
+    holes blocked, heavy noise one time in three, up to 20 px of radial
+    distortion with tangential terms.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k in range(count):
+        n = int(rng.choice([768, 1024, 1280]))
+        pitch = float(rng.uniform(28, 120))
+        profile = str(rng.choice(["gauss", "super"]))
+        lo, hi = (0.03, 0.09) if profile == "gauss" else (0.05, 0.15)
+        kw = dict(
+            pitch_px=pitch,
+            profile=profile,
+            width_px=float(pitch * rng.uniform(lo, hi)),
+            rotation_deg=float(rng.uniform(-45, 45)),
+            lit=None,
+            hot_pixels=int(rng.integers(0, 300)),
+            hot_clusters=int(rng.integers(0, 30)),
+            dead_rows=int(rng.integers(0, 4)),
+            dead_cols=int(rng.integers(0, 4)),
+            dead_value=float(rng.choice([0.0, np.nan])),
+            missing_fraction=float(rng.uniform(0, 0.05)),
+            aspect=float(rng.uniform(0.97, 1.03)),
+        )
+        if rng.random() < 0.5:
+            kw.update(lit="ellipse", lit_axes=tuple(float(a) for a in rng.uniform(0.4, 0.5, 2)))
+        if rng.random() < 0.3:
+            kw.update(_HEAVY_NOISE, amplitude=float(rng.uniform(100, 400)))
+        terms = dict(
+            k1=float(rng.uniform(-20, 20)),
+            k2=float(rng.uniform(-3, 3)),
+            t1=float(rng.uniform(-1, 1)),
+            t2=float(rng.uniform(-1, 1)),
+        )
+        out[f"fuzz{k}-{n}-p{pitch:.0f}-{profile}-w{kw['width_px']:.1f}"] = ((n, n), kw, terms)
     return out
 
 
@@ -275,10 +320,19 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--only", default=None, help="run the cases whose id holds this")
     parser.add_argument("--json", default=None, help="save the rows to this file")
+    parser.add_argument(
+        "--fuzz",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead, N random plates of 768-1280 px (every defect drawn at random)",
+    )
     args = parser.parse_args(argv)
     import ccdgrid
 
-    every = cases()
+    every = fuzz_cases(args.fuzz) if args.fuzz else cases()
+    if args.fuzz:
+        args.sizes = sorted({shape[0] for shape, _, _ in every.values()})
     # the seed follows the case, whatever the selection
     seeds = {name: 100 + k for k, name in enumerate(every)}
     selected = {
