@@ -45,7 +45,7 @@ from ._validation import as_image, check_backend
 from .errors import CcdgridError
 from .gridfit import fit_grid
 from .lattice import LatticeIndex
-from .maps import displacement_maps
+from .maps import DisplacementMaps, displacement_maps
 from .pipeline import (
     Calibration,
     _check_folds,
@@ -164,6 +164,9 @@ class _Previous:
     smoothing: object  # float, pitch² units, or None when unknown
     degree: object = None  # trend degree of the previous maps, or None when unknown
     shapes: object = None  # (N, 2) fitted radius and blur of the holes, px, or None
+    # DisplacementMaps fitted to ``peaks`` in their order (its factorisations
+    # are reused), or None (from a detector file)
+    maps: object = None
 
 
 def recalibrate(
@@ -336,6 +339,10 @@ def recalibrate(
         smoothing=map_smoothing,
         degree=map_degree,
         scale_px=holes.pitch_px,
+        # the holes keep their previous rows: the previous fit's GCV
+        # eigenbasis is reused when they moved by a similarity
+        previous=prev.maps,
+        previous_rows=np.flatnonzero(ok) if prev.maps is not None else None,
         backend=backend,
     )
     timings["displacement_maps"] = time.perf_counter() - t0
@@ -417,6 +424,7 @@ def _previous(previous):
             smoothing=_smoothing(getattr(previous.maps, "smoothing", None)),
             degree=getattr(previous.maps, "degree", None),
             shapes=_shapes(holes, valid),
+            maps=_fitted_maps(previous.maps, int(valid.sum())),
         )
     needed = ("peaks", "indices", "valid", "grid", "params", "shape", "dx", "dy", "mask")
     missing = [name for name in needed if getattr(previous, name, None) is None]
@@ -453,6 +461,20 @@ def _previous(previous):
         degree=resolved.get("map_degree"),
         shapes=_record_shapes(resolved, int(valid.sum())),
     )
+
+
+def _fitted_maps(maps, n_holes):
+    """The previous :class:`~ccdgrid.maps.DisplacementMaps` when it kept its factorisations.
+
+    A calibration's maps are fitted to its indexed holes in their order (the
+    rows of ``_Previous.peaks``); ``n_holes`` guards that.
+    """
+    if not isinstance(maps, DisplacementMaps) or maps.factors is None:
+        return None
+    gcv = maps.factors.gcv
+    if gcv is not None and gcv.rows is not None and gcv.rows.max(initial=-1) >= n_holes:
+        return None
+    return maps
 
 
 def _shapes(holes, valid):
