@@ -1287,7 +1287,7 @@ def _reused_gcv_scores(basis, nodes, disp, degrees, backend="cython", keep=None)
 
 
 def _previous_rows(previous, previous_rows, n_points):
-    """Validate ``previous``/``previous_rows`` of :func:`displacement_maps`: (factors, rows) or None."""
+    """``(previous.factors, rows)`` validated, or None when there is nothing to reuse."""
     if previous is None:
         if previous_rows is not None:
             raise CcdgridError("`previous_rows` needs `previous`")
@@ -1312,7 +1312,7 @@ def _previous_rows(previous, previous_rows, n_points):
 
 
 def _reused_subset(basis, rows):
-    """Rows of the new points that are ``basis.rows`` of the previous ones, or None if one is gone."""
+    """Rows of the new points that were ``basis.rows``, or None if one is gone."""
     if basis is None or basis.rows is None:
         return None
     known = rows >= 0
