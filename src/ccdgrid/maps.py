@@ -356,7 +356,17 @@ def displacement_maps(
         coarse_step = float(np.clip(scale_px / 2.0, 8.0, 48.0))
     coarse_step = _positive(coarse_step, "coarse_step")
 
-    rbf, degree = _fit_tps(pts / scale_px, disp, smoothing, degree, backend)
+    tps_prior = None
+    if (
+        reuse is not None
+        and reuse[0].tps is not None
+        and np.all(reuse[1] >= 0)
+        and reuse[1].max() < len(reuse[0].tps_rows)
+    ):
+        tps_prior = (reuse[0].tps, reuse[0].tps_rows[reuse[1]])
+    rbf, degree = _fit_tps(pts / scale_px, disp, smoothing, degree, backend, tps_prior)
+    if isinstance(rbf, _ThinPlate):
+        factors.tps, factors.tps_rows = rbf.factor, rbf.factor_rows
     yc = _coarse_axis(ny, coarse_step)
     xc = _coarse_axis(nx, coarse_step)
     nodes = np.stack(np.meshgrid(yc, xc, indexing="ij"), axis=-1).reshape(-1, 2)
@@ -655,23 +665,25 @@ def _interleaved_folds(cells, k):
     return np.mod(cells[:, 0] + m * cells[:, 1], k).astype(np.int64)
 
 
-def _fit_tps(pts, disp, smoothing, degree, backend="cython"):
+def _fit_tps(pts, disp, smoothing, degree, backend="cython", prior=None):
     """``(spline, degree used)``: a polynomial trend, else an affine one.
 
     Holes along a few lines (a narrow strip of plate) leave a quartic trend
     undetermined: the trend's monomials are then rank-deficient. Above
     ``_TILE_ABOVE`` holes the spline is a :class:`_TiledThinPlate`.
+    ``prior``: see :class:`_ThinPlate` (single spline only).
     """
     if len(pts) > _TILE_ABOVE:
         tiled = _TiledThinPlate(pts, disp, smoothing, degree, backend)
         return tiled, tiled.degree
-    return _single_tps(pts, disp, smoothing, degree, backend)
+    return _single_tps(pts, disp, smoothing, degree, backend, prior)
 
 
-def _single_tps(pts, disp, smoothing, degree, backend):
+def _single_tps(pts, disp, smoothing, degree, backend, prior=None):
     for deg in dict.fromkeys((degree, 1)):
         try:
-            return _ThinPlate(pts, disp, smoothing, deg, backend), deg
+            reused = prior if deg == degree else None
+            return _ThinPlate(pts, disp, smoothing, deg, backend, reused), deg
         except (np.linalg.LinAlgError, linalg.LinAlgError):
             continue
     raise CcdgridError("too few holes: the thin-plate spline system is singular")
@@ -813,6 +825,19 @@ class _ThinPlate:
         Degree of the polynomial trend.
     backend : {"cython", "numpy"}
         Engine of the kernel sums.
+    prior : (_TpsFactor, ndarray of shape (N,), int64) or None
+        The Cholesky factor of an earlier fit and, for each centre, its row
+        in that fit's centres: with the same smoothing and trend degree and
+        centres that depart from a similarity of those by at most
+        ``_REUSE_MAX_WARP``, the system is solved by conjugate gradients
+        preconditioned with that factor (see :meth:`_preconditioned`).
+
+    Attributes
+    ----------
+    factor : _TpsFactor
+        The Cholesky factor the system was solved with (the prior's when it
+        was used); ``factor_rows`` (N,) int64: each centre's row in
+        ``factor.nodes``.
 
     Raises
     ------
@@ -820,7 +845,7 @@ class _ThinPlate:
         If the trend is undetermined by the centres or the system is singular.
     """
 
-    def __init__(self, pts, disp, smoothing, degree, backend="cython"):
+    def __init__(self, pts, disp, smoothing, degree, backend="cython", prior=None):
         self.centres = np.ascontiguousarray(pts, dtype=np.float64)
         self.degree = degree
         self.smoothing = float(smoothing)
@@ -835,13 +860,18 @@ class _ThinPlate:
         r_diag = np.abs(np.diag(house[:p]))
         if r_diag.min() <= 1e-10 * r_diag.max():
             raise np.linalg.LinAlgError("the trend's monomials are rank-deficient")
+        if prior is not None and self._preconditioned(house, tau, disp, *prior):
+            return
         kern = np.empty((n, n))
         self._engine.kernel_matrix(self.centres, float(smoothing), kern)
         rotated = _rotate_symmetric(house, tau, kern)  # upper triangle only
         del kern
         rhs = _apply_q(house, tau, np.asarray(disp, dtype=np.float64), "L")
         # Cholesky of Q2' (K + s I) Q2: positive definite for distinct centres
-        y = linalg.cho_solve(linalg.cho_factor(rotated[p:, p:], lower=False), rhs[p:])
+        chol = linalg.cho_factor(rotated[p:, p:], lower=False)
+        y = linalg.cho_solve(chol, rhs[p:])
+        self.factor = _TpsFactor(self.centres, house, tau, chol, self.smoothing, degree)
+        self.factor_rows = np.arange(n)
         padded = np.zeros((n, y.shape[1]))
         padded[p:] = y
         self.coef = np.ascontiguousarray(
@@ -852,6 +882,61 @@ class _ThinPlate:
         self.trend = np.ascontiguousarray(
             linalg.solve_triangular(upper, rhs[:p] - rotated[:p, p:] @ y)
         )
+
+    def _preconditioned(self, house, tau, disp, factor, rows):
+        """Solve by conjugate gradients preconditioned with an earlier fit's factor; False if not.
+
+        ``house``, ``tau``: reflectors of this fit's monomials; ``factor``
+        (:class:`_TpsFactor`) the earlier fit's, ``rows`` (N,) each centre's
+        row in ``factor.nodes``. The projected kernel ``Q2' K Q2`` of
+        centres moved by a similarity of scale ``a`` is ``a²`` times the
+        earlier one (see :func:`_reused_gcv_scores`): with the same
+        smoothing the earlier ``Q2' (K + s I) Q2`` differs from this one by
+        the warp of the centres and ``(a² - 1) K``, so preconditioned CG
+        converges in a few iterations (4 for 1500 holes moved by a few px,
+        ~6 ms each: two products with the kernel matrix and the factor).
+        The CG runs on the complement of this fit's trend, both components
+        at once, to a residual of ``_PCG_TOL`` of the right-hand side (the
+        maps then equal the direct solve's to ~1e-9 px); the trend is then
+        the least-squares fit of ``d - (K + s I) c``. Returns False (the
+        caller solves directly) when the smoothing, the degree or the
+        centres do not match, or CG did not converge in ``_PCG_MAX_ITER``.
+        """
+        if (
+            factor.smoothing != self.smoothing
+            or factor.degree != self.degree
+            or _similarity(factor.nodes[rows], self.centres)[1] > _REUSE_MAX_WARP
+        ):
+            return False
+        n, p = len(self.centres), len(tau)
+        n_f, p_f = len(factor.nodes), len(factor.tau)
+        kern = np.empty((n, n))
+        self._engine.kernel_matrix(self.centres, self.smoothing, kern)
+
+        def project(v):  # on the complement of this fit's trend
+            w = _apply_q(house, tau, v, "L")
+            w[:p] = 0.0
+            return _apply_q(house, tau, w, "L", transpose=False)
+
+        def precondition(r):
+            full = np.zeros((n_f, r.shape[1]))
+            full[rows] = r  # centres of the earlier fit not measured again stay 0
+            w = _apply_q(factor.house, factor.tau, full, "L")
+            w[:p_f] = 0.0
+            w[p_f:] = linalg.cho_solve(factor.chol, w[p_f:], check_finite=False)
+            return project(_apply_q(factor.house, factor.tau, w, "L", transpose=False)[rows])
+
+        disp = np.asarray(disp, dtype=np.float64)
+        solved = _pcg(lambda v: kern @ v, project, precondition, project(disp.copy()))
+        if solved is None:
+            return False
+        coef, kern_coef = solved
+        self.coef = np.ascontiguousarray(coef)
+        rhs = _apply_q(house, tau, disp - kern_coef, "L")[:p]
+        self.trend = np.ascontiguousarray(linalg.solve_triangular(np.triu(house[:p]), rhs))
+        self.factor = factor
+        self.factor_rows = rows
+        return True
 
     def residual_at_centres(self):
         """Values at the centres minus the values fitted, (N, 2) float64.
@@ -1228,10 +1313,69 @@ class _GcvBasis:
 
 
 @dataclass
+class _TpsFactor:
+    """Cholesky factor of a thin-plate system, kept for the next fit of the plate.
+
+    ``nodes`` (n, 2) float64: the centres, fit units; ``house``, ``tau``:
+    reflectors of their trend monomials; ``chol``: ``scipy.linalg.cho_factor``
+    of ``Q2' (K + s I) Q2``; ``smoothing``, ``degree``: of that system.
+    """
+
+    nodes: np.ndarray
+    house: np.ndarray
+    tau: np.ndarray
+    chol: tuple
+    smoothing: float
+    degree: int
+
+
+@dataclass
 class _Factors:
     """Factorisations of one :func:`displacement_maps` fit that a later fit may reuse."""
 
     gcv: object = None  # _GcvBasis or None
+    tps: object = None  # _TpsFactor or None
+    tps_rows: object = None  # (N,) int64: each fitted point's row in tps.nodes
+
+
+_PCG_TOL = 1e-9  # relative residual at which the preconditioned CG stops
+_PCG_MAX_ITER = 12
+
+
+def _pcg(matvec, project, precondition, b, tol=_PCG_TOL, max_iter=_PCG_MAX_ITER):
+    """Preconditioned conjugate gradients for ``project(matvec(x)) = b``, columns at once.
+
+    ``matvec``, ``project`` (a projector, ``b`` in its range) and
+    ``precondition`` map (n, k) to (n, k); ``project(matvec(.))`` and
+    ``precondition`` are symmetric positive definite on that range. Each
+    column has its own step lengths; all stop once every residual is at
+    most ``tol`` times its column of ``b``. Returns ``(x, matvec(x))`` (the
+    second accumulated, not recomputed), or None after ``max_iter``
+    iterations without reaching ``tol``.
+    """
+    x = np.zeros_like(b)
+    ax = np.zeros_like(b)
+    r = b.copy()
+    z = precondition(r)
+    direction = z.copy()
+    rz = np.sum(r * z, axis=0)
+    goal = tol * np.linalg.norm(b, axis=0)
+    for _ in range(max_iter):
+        a_full = matvec(direction)
+        a_dir = project(a_full)
+        curv = np.sum(direction * a_dir, axis=0)
+        step = np.divide(rz, curv, out=np.zeros_like(rz), where=curv > 0)
+        x += step * direction
+        ax += step * a_full
+        r -= step * a_dir
+        if np.all(np.linalg.norm(r, axis=0) <= goal):
+            return x, ax
+        z = precondition(r)
+        rz_new = np.sum(r * z, axis=0)
+        beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 0)
+        direction = z + beta * direction
+        rz = rz_new
+    return None
 
 
 # Largest RMS departure of the holes from a similarity of the holes a GCV
