@@ -47,6 +47,19 @@ def _stages(runs):
     )
 
 
+def _reused(old, new):
+    """Which of the previous fit's factorisations the warm maps reused, as text."""
+    if old.factors is None or new.factors is None:
+        return "none"
+    parts = []
+    gcv_old, gcv_new = old.factors.gcv, new.factors.gcv
+    if gcv_old is not None and gcv_new is not None and gcv_new.vec is gcv_old.vec:
+        parts.append("GCV eigenbasis")
+    if old.factors.tps is not None and new.factors.tps is old.factors.tps:
+        parts.append("Cholesky factor (CG)")
+    return ", ".join(parts) or "none"
+
+
 def run(size, repeat, cv):
     base = _plate(size, (0.25, -0.4), 0.5)
     previous = calibrate(base.image, cv_folds=0)
@@ -80,6 +93,17 @@ def run(size, repeat, cv):
     print(f"  CPU time (all threads): cold {cc:.3f} s, warm {wc:.3f} s ({cc / wc:.1f}x)")
     ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(cold_t, warm_t, strict=True))
     print("  ratio per round (wall): " + ratios)
+    print(
+        "  per round, wall / CPU (s): cold "
+        + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(cold_t, cold_cpu, strict=True))
+        + "; warm "
+        + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(warm_t, warm_cpu, strict=True))
+    )
+    reused = _reused(previous.maps, warm.maps)
+    print(
+        f"  maps' smoothing: previous {previous.maps.smoothing:g}, cold {cold.maps.smoothing:g}, "
+        f"warm {warm.maps.smoothing:g}; reused from the previous fit: {reused}"
+    )
     print("  warm stages (median): " + _stages(warm_stages))
     print("  cold stages (median): " + _stages(cold_stages))
     if cv:

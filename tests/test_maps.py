@@ -381,3 +381,118 @@ def test_displacement_maps_of_many_holes_are_fitted_by_tiles(monkeypatch):
     for a, b in ((one.dx, tiles.dx), (one.dy, tiles.dy)):
         assert np.abs(a - b)[:-1, :-1][valid].max() < 2e-3
     assert tiles.fit_residual_rms == pytest.approx(one.fit_residual_rms, rel=0.02)
+
+
+# -- reuse of a previous fit's factorisations (a plate moved a little) ---------------
+
+
+def _similar(pts, angle, scale, shift):
+    """``pts`` (N, 2) turned by ``angle`` rad, scaled and shifted (a similarity)."""
+    c, s = np.cos(angle), np.sin(angle)
+    return pts @ (scale * np.array([[c, -s], [s, c]])).T + np.asarray(shift)
+
+
+@pytest.mark.parametrize(
+    ("shape", "pitch"),
+    [((384, 448), 32.0), ((1024, 1120), 40.0)],  # 168 holes (degree chosen) / 700 (subset)
+)
+def test_gcv_from_the_previous_eigenbasis_is_exact_for_a_similarity(shape, pitch):
+    from ccdgrid.maps import _GCV_MAX_POINTS, _candidate_degrees, _gcv_choice
+
+    rng = np.random.default_rng(21)
+    pts = holes(rng, shape=shape, pitch=pitch)
+    field = make_distortion(shape, distortion_px=3.0, seed=4)
+    prev = displacement_maps(
+        pts, field.displacement(pts) + rng.normal(0, 0.02, pts.shape), shape, scale_px=pitch
+    )
+    new = _similar(pts, 0.004, 1.0005, (2.5, -1.5))
+    disp = field.displacement(new) + rng.normal(0, 0.02, pts.shape)
+    warm = displacement_maps(new, disp, shape, scale_px=pitch, previous=prev)
+    assert warm.factors.gcv.vec is prev.factors.gcv.vec  # reused, not computed again
+    sub = warm.factors.gcv.rows
+    assert len(sub) == min(len(pts), _GCV_MAX_POINTS)
+    # the direct GCV of the new holes (tested against explicit smoother matrices above)
+    degrees = _candidate_degrees(len(pts)) if len(sub) == len(pts) else None
+    smoothing, scores, degree = _gcv_choice(new[sub] / pitch, disp[sub], 4, degrees)
+    np.testing.assert_allclose(warm.smoothing_scores["score"], scores["score"], rtol=1e-8)
+    assert (warm.smoothing, warm.degree) == (smoothing, degree)
+
+
+def test_gcv_is_computed_again_when_the_holes_are_warped():
+    rng = np.random.default_rng(22)
+    pts = holes(rng)
+    disp = rng.normal(0, 0.05, pts.shape)
+    prev = displacement_maps(pts, disp, SHAPE, scale_px=PITCH)
+    # 0.05 pitch RMS of non-rigid change: ten times what is reused
+    new = pts + rng.normal(0, 0.05 * PITCH / np.sqrt(2), pts.shape)
+    warm = displacement_maps(new, disp, SHAPE, scale_px=PITCH, previous=prev)
+    fresh = displacement_maps(new, disp, SHAPE, scale_px=PITCH)
+    assert warm.factors.gcv.vec is not prev.factors.gcv.vec
+    np.testing.assert_array_equal(warm.smoothing_scores["score"], fresh.smoothing_scores["score"])
+
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+def test_preconditioned_solve_is_the_thin_plate_fit(backend):
+    # CG preconditioned with the factor of the plate before it moved (and two
+    # holes lost) against scipy's thin-plate fit of the new holes
+    from scipy.interpolate import RBFInterpolator
+
+    from ccdgrid.maps import _ThinPlate
+
+    rng = np.random.default_rng(23)
+    unit = holes(rng) / PITCH
+    prev = _ThinPlate(unit, rng.normal(0, 1, unit.shape), 0.1, 4, backend)
+    new = _similar(unit, 0.01, 0.999, (0.1, -0.07)) + rng.normal(0, 1e-3, unit.shape)
+    keep = np.ones(len(unit), dtype=bool)
+    keep[[5, 40]] = False
+    values = rng.normal(0, 1, unit.shape)[keep]
+    rows = np.flatnonzero(keep)
+    fit = _ThinPlate(new[keep], values, 0.1, 4, backend, prior=(prev.factor, rows))
+    assert fit.factor is prev.factor  # solved by CG, not factorised again
+    probe = rng.uniform(-1.0, 15.0, (400, 2))
+    scipy_rbf = RBFInterpolator(
+        new[keep], values, kernel="thin_plate_spline", smoothing=0.1, degree=4
+    )
+    np.testing.assert_allclose(fit(probe), scipy_rbf(probe), rtol=0, atol=1e-7)
+
+
+def test_maps_reuse_the_previous_factor_only_with_the_same_smoothing():
+    rng = np.random.default_rng(24)
+    pts = holes(rng)
+    field = make_distortion(SHAPE, distortion_px=2.0, seed=5)
+    prev = displacement_maps(pts, field.displacement(pts), SHAPE, smoothing=0.1)
+    new = _similar(pts, -0.003, 1.0, (1.7, 0.4))[::-1]  # other order: rows map them
+    rows = np.arange(len(pts))[::-1]
+    disp = field.displacement(new) + rng.normal(0, 0.01, new.shape)
+    same = displacement_maps(new, disp, SHAPE, smoothing=0.1, previous=prev, previous_rows=rows)
+    direct = displacement_maps(new, disp, SHAPE, smoothing=0.1)
+    assert same.factors.tps is prev.factors.tps
+    assert direct.factors.tps is not prev.factors.tps
+    # the same maps to far below the holes' noise (float32 maps of ~2 px: ulp 2.4e-7)
+    np.testing.assert_allclose(same.dx, direct.dx, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(same.dy, direct.dy, rtol=0, atol=1e-6)
+    other = displacement_maps(new, disp, SHAPE, smoothing=0.2, previous=prev, previous_rows=rows)
+    assert other.factors.tps is not prev.factors.tps  # solved directly
+    np.testing.assert_array_equal(other.dx, displacement_maps(new, disp, SHAPE, smoothing=0.2).dx)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"previous": "maps.h5"}, "`previous` must be a DisplacementMaps"),
+        ({"previous_rows": np.arange(3)}, "`previous_rows` needs `previous`"),
+        ({"previous": "self", "previous_rows": np.arange(3)}, "`previous_rows` must be 168"),
+        ({"previous": "self", "previous_rows": np.zeros(168, int)}, "must be distinct rows"),
+        ({"previous": "self", "previous_rows": np.full(168, -2)}, "must be distinct rows"),
+        ({"previous": "self", "previous_rows": np.zeros(168)}, "`previous_rows` must be 168"),
+    ],
+)
+def test_bad_previous(kwargs, match):
+    rng = np.random.default_rng(25)
+    pts = holes(rng)
+    assert len(pts) == 168
+    disp = rng.normal(0, 0.05, pts.shape)
+    if kwargs.get("previous") == "self":
+        kwargs = {**kwargs, "previous": displacement_maps(pts, disp, SHAPE)}
+    with pytest.raises(CcdgridError, match=match):
+        displacement_maps(pts, disp, SHAPE, **kwargs)

@@ -427,3 +427,35 @@ def test_dead_row_across_holes_is_masked(base, backend):
             # hole finder does
             assert len(masked) >= near.sum() - 2
             assert np.all(np.abs(masked[:, 0] - row) < 3)
+
+
+def test_warm_maps_reuse_the_previous_fit_and_equal_a_fit_of_the_new_holes(base):
+    from ccdgrid.maps import displacement_maps
+
+    _, prev = base
+    moved = _plate(offset=(BASE_OFFSET[0] + 1.3, BASE_OFFSET[1] - 0.8))
+    warm = recalibrate(moved.image, prev, cv_folds=0)
+    # with all holes in the GCV (< 500), it is made again when one is lost:
+    # here two at the taper edge
+    assert warm.drift.n_matched < warm.drift.n_previous
+    assert warm.maps.factors.gcv.vec is not prev.maps.factors.gcv.vec
+    # a warm start from the warm calibration finds the same holes: the GCV
+    # runs from their eigenbasis, picks the same smoothing, and the
+    # thin-plate system is solved by CG with the warm fit's factor
+    again = recalibrate(moved.image, warm, cv_folds=0)
+    assert again.drift.n_matched == again.drift.n_previous
+    assert again.maps.factors.gcv.vec is warm.maps.factors.gcv.vec
+    assert again.maps.smoothing == warm.maps.smoothing
+    assert again.maps.factors.tps is warm.maps.factors.tps
+    # ... and the maps are those of a fit of the new holes from scratch
+    fresh = displacement_maps(
+        again.holes.peaks,
+        again.grid.displacement,
+        SHAPE,
+        scale_px=again.holes.pitch_px,
+        smoothing=again.maps.smoothing,
+        degree=again.maps.degree,
+    )
+    np.testing.assert_allclose(again.dx, fresh.dx, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(again.dy, fresh.dy, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(again.mask, fresh.mask)
