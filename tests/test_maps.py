@@ -466,14 +466,20 @@ def test_maps_reuse_the_previous_factor_only_with_the_same_smoothing():
     disp = field.displacement(new) + rng.normal(0, 0.01, new.shape)
     same = displacement_maps(new, disp, SHAPE, smoothing=0.1, previous=prev, previous_rows=rows)
     direct = displacement_maps(new, disp, SHAPE, smoothing=0.1)
-    assert same.factors.tps is prev.factors.tps
-    assert direct.factors.tps is not prev.factors.tps
+    assert same.factors.solved_with is prev.factors.solved_with
+    assert direct.factors.solved_with is not prev.factors.solved_with
     # the same maps to far below the holes' noise (float32 maps of ~2 px: ulp 2.4e-7)
     np.testing.assert_allclose(same.dx, direct.dx, rtol=0, atol=1e-6)
     np.testing.assert_allclose(same.dy, direct.dy, rtol=0, atol=1e-6)
     other = displacement_maps(new, disp, SHAPE, smoothing=0.2, previous=prev, previous_rows=rows)
-    assert other.factors.tps is not prev.factors.tps  # solved directly
+    assert other.factors.solved_with is not prev.factors.solved_with  # solved directly
     np.testing.assert_array_equal(other.dx, displacement_maps(new, disp, SHAPE, smoothing=0.2).dx)
+    # ... keeping the previous factor: the next fit at 0.1 is solved by CG again
+    assert [f.smoothing for f, _ in other.factors.tps] == [0.2, 0.1]
+    back = displacement_maps(
+        pts, disp[rows], SHAPE, smoothing=0.1, previous=other, previous_rows=rows
+    )
+    assert back.factors.solved_with is prev.factors.solved_with
 
 
 @pytest.mark.parametrize(

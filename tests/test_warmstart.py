@@ -446,7 +446,7 @@ def test_warm_maps_reuse_the_previous_fit_and_equal_a_fit_of_the_new_holes(base)
     assert again.drift.n_matched == again.drift.n_previous
     assert again.maps.factors.gcv.vec is warm.maps.factors.gcv.vec
     assert again.maps.smoothing == warm.maps.smoothing
-    assert again.maps.factors.tps is warm.maps.factors.tps
+    assert again.maps.factors.solved_with is warm.maps.factors.solved_with
     # ... and the maps are those of a fit of the new holes from scratch
     fresh = displacement_maps(
         again.holes.peaks,

@@ -356,17 +356,14 @@ def displacement_maps(
         coarse_step = float(np.clip(scale_px / 2.0, 8.0, 48.0))
     coarse_step = _positive(coarse_step, "coarse_step")
 
-    tps_prior = None
-    if (
-        reuse is not None
-        and reuse[0].tps is not None
-        and np.all(reuse[1] >= 0)
-        and reuse[1].max() < len(reuse[0].tps_rows)
-    ):
-        tps_prior = (reuse[0].tps, reuse[0].tps_rows[reuse[1]])
-    rbf, degree = _fit_tps(pts / scale_px, disp, smoothing, degree, backend, tps_prior)
+    carried = _carried_factors(reuse)
+    prior = next(
+        (c for c in carried if c[0].smoothing == smoothing and c[0].degree == degree), None
+    )
+    rbf, degree = _fit_tps(pts / scale_px, disp, smoothing, degree, backend, prior)
     if isinstance(rbf, _ThinPlate):
-        factors.tps, factors.tps_rows = rbf.factor, rbf.factor_rows
+        others = [c for c in carried if c[0] is not rbf.factor]
+        factors.tps = ((rbf.factor, rbf.factor_rows), *others)[:_KEEP_FACTORS]
     yc = _coarse_axis(ny, coarse_step)
     xc = _coarse_axis(nx, coarse_step)
     nodes = np.stack(np.meshgrid(yc, xc, indexing="ij"), axis=-1).reshape(-1, 2)
@@ -1334,8 +1331,35 @@ class _Factors:
     """Factorisations of one :func:`displacement_maps` fit that a later fit may reuse."""
 
     gcv: object = None  # _GcvBasis or None
-    tps: object = None  # _TpsFactor or None
-    tps_rows: object = None  # (N,) int64: each fitted point's row in tps.nodes
+    # (_TpsFactor, (N,) int64 each fitted point's row in its nodes) pairs, the
+    # one this fit was solved with first, then earlier ones of other smoothings
+    tps: tuple = ()
+
+    @property
+    def solved_with(self):
+        """The :class:`_TpsFactor` this fit was solved with, or None (tiled, cubic)."""
+        return self.tps[0][0] if self.tps else None
+
+
+# Cholesky factors a fit keeps: its own and the previous fit's of another
+# smoothing. GCV's choice may alternate between two neighbouring values of
+# its grid from one image of a plate to the next (10 and 17.8 pitch² at
+# 4096²), and CG needs a factor of the same smoothing.
+_KEEP_FACTORS = 2
+
+
+def _carried_factors(reuse):
+    """The previous fit's Cholesky factors with rows for the new points: [(factor, rows)].
+
+    Empty when there is no previous fit or a new point was not in it.
+    """
+    if reuse is None:
+        return []
+    previous, rows = reuse
+    if np.any(rows < 0):
+        return []
+    top = int(rows.max(initial=-1))
+    return [(f, frows[rows]) for f, frows in previous.tps if top < len(frows)]
 
 
 _PCG_TOL = 1e-9  # relative residual at which the preconditioned CG stops
