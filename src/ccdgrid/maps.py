@@ -130,7 +130,9 @@ class DisplacementMaps:
     factors : object or None
         Factorisations of the fit that a fit of the same plate moved a
         little may reuse (pass this object as ``previous`` to
-        :func:`displacement_maps`); opaque, not compared, not saved.
+        :func:`displacement_maps`): the GCV eigenbasis (2 MB for 500
+        holes) and up to two Cholesky factors (8 N² bytes each: 18 MB for
+        1500 holes); opaque, not compared, not saved.
     """
 
     dx: np.ndarray
@@ -280,6 +282,17 @@ def displacement_maps(
     departure, relative: a plate moved by (3.4, -2.7) px and 20 mdeg at
     4096² departs by 2e-4 pitch (the centres' noise and the distortion's
     change), its scores by 0.2 %, and the same smoothing is chosen.
+
+    With ``previous`` fitted (or carrying a factor, see ``_KEEP_FACTORS``)
+    with the same smoothing and trend degree on holes that include all of
+    these, the thin-plate system is solved by conjugate gradients
+    preconditioned with that Cholesky factor (``_ThinPlate._preconditioned``):
+    4 products with the kernel matrix and the factor at 4096² (25 ms instead
+    of the 48 ms factorisation on one core), the result within 1e-10 px of
+    the direct solve. With another smoothing the system is factorised
+    again: a factor of ``s`` preconditions ``s' = 0.56 s`` (one step of the
+    GCV grid) so poorly that CG needs ~11 iterations, more than a new
+    factorisation.
     """
     check_backend(backend)
     pts = as_points(points, "points")

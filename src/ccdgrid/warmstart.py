@@ -16,7 +16,12 @@ searching the whole image:
    same rejection tests as :func:`ccdgrid.peaks.find_holes` (missing, cut by
    the border or the taper edge, hot pixel, masked);
 3. the holes keep their previous lattice indices, and the grid, maps and
-   cross-validation are made as in :func:`ccdgrid.pipeline.calibrate`.
+   cross-validation are made as in :func:`ccdgrid.pipeline.calibrate`; from
+   a calibration in memory, the maps reuse what its thin-plate fit
+   factorised (``previous`` of :func:`ccdgrid.maps.displacement_maps`: the
+   GCV's eigenbasis when the plate moved by a similarity, the Cholesky
+   factor as a CG preconditioner when GCV picks the same smoothing), which
+   a detector file does not hold.
 
 No full-image smoothing or segmentation is done. When the plate moved too
 far (the move cannot be measured reliably, exceeds ``max_shift``, or fewer
