@@ -400,7 +400,7 @@ def _previous(previous):
     if isinstance(previous, Calibration):
         lat, holes, grid = previous.lattice, previous.holes, previous.grid
         peaks = np.asarray(holes.peaks, dtype=np.float64)
-        valid = np.asarray(lat.valid, dtype=bool)
+        valid = np.asarray(lat.valid, dtype=bool) & _first_position(len(peaks), previous.params)
         return _Previous(
             shape=tuple(int(n) for n in previous.shape),
             peaks=peaks[valid],
@@ -433,6 +433,7 @@ def _previous(previous):
             "it cannot seed a warm start"
         )
     valid = np.asarray(previous.valid, dtype=bool)
+    valid = valid & _first_position(len(valid), previous.params)
     pitch = previous.pitch or (previous.params or {}).get("pitch", 5e-3)
     vectors = np.asarray(grid["vectors"], dtype=np.float64)
     pitch_px = resolved.get("pitch_px") or float(np.mean(np.hypot(*vectors.T)))
@@ -453,6 +454,23 @@ def _previous(previous):
         degree=resolved.get("map_degree"),
         shapes=_record_shapes(resolved, int(valid.sum())),
     )
+
+
+def _first_position(n, params):
+    """(n,) bool: the holes of the first image of a combined calibration, else all.
+
+    A combined calibration lists the holes of its plate positions one image
+    after the other, the same lattice site once per image, each where the
+    plate was; its grid is the first image's. Predicting the holes of a new
+    image from all of them would put up to one hole per position at every
+    site.
+    """
+    keep = np.ones(n, dtype=bool)
+    combined = (params or {}).get("combined") or {}
+    found = combined.get("n_found")
+    if found and sum(found) == n:
+        keep[int(found[0]) :] = False
+    return keep
 
 
 def _shapes(holes, valid):
