@@ -150,6 +150,27 @@ def test_save_writes_a_detector_file_pyfai_loads(estimated, tmp_path):
     assert rec.params["combined"]["offsets_px"] == cal.combined.offsets.tolist()
 
 
+def test_a_warm_start_from_the_combined_file_starts_from_its_hole_profile(estimated, tmp_path):
+    from ccdgrid.warmstart import recalibrate
+
+    plates, cal = estimated
+    blur = cal.params["resolved"]["hole_blur"]
+    per_image = [
+        np.median(h.width[lat.valid, 1])
+        for h, lat in zip(cal.combined.holes, cal.combined.lattices, strict=True)
+    ]
+    assert min(per_image) <= blur <= max(per_image)
+    rec = load(cal.save(tmp_path / "combined.h5"))
+    assert rec.params["resolved"]["hole_blur"] == blur
+    # the combined lattice is the first image's: the first position has not
+    # moved, from the file as from the calibration in memory
+    for previous in (rec, cal):
+        warm = recalibrate(plates[0].image, previous, cv_folds=0)
+        assert warm.drift.n_previous == cal.combined.n_indexed[0]
+        assert warm.drift.n_matched >= 0.95 * warm.drift.n_previous
+        np.testing.assert_allclose(warm.drift.shift, 0.0, atol=0.05)
+
+
 def test_paths_are_read(tmp_path):
     plates = _plates(1, OFFSETS[:2])
     paths = []

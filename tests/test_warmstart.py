@@ -459,3 +459,17 @@ def test_warm_maps_reuse_the_previous_fit_and_equal_a_fit_of_the_new_holes(base)
     np.testing.assert_allclose(again.dx, fresh.dx, rtol=0, atol=1e-6)
     np.testing.assert_allclose(again.dy, fresh.dy, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(again.mask, fresh.mask)
+
+
+def test_maps_fitted_to_other_holes_are_not_reused(base):
+    from dataclasses import replace
+
+    from ccdgrid.warmstart import _previous
+
+    _, prev = base
+    assert _previous(prev).maps is prev.maps
+    # maps fitted to other points than the indexed holes (a combined
+    # calibration's: several plate positions) are not taken for theirs
+    other = replace(prev.maps)
+    other.factors = replace(prev.maps.factors, points=prev.maps.factors.points[::-1])
+    assert _previous(replace(prev, maps=other)).maps is None

@@ -423,6 +423,11 @@ def calibrate_combined(
         "offsets": None if given is None else given.tolist(),
         "resolved": {
             "hole_diameter": float(stages[0][0].hole_diameter),
+            # the typical blur of every image's indexed holes: a warm start
+            # from this file starts its hole fits from it, as from a single image's
+            "hole_blur": float(
+                np.median(np.concatenate([s[0].width[s[1].valid, 1] for s in stages]))
+            ),
             "pitch_px": scale_px,
             "threshold": float(stages[0][0].threshold),
             "lattice_tolerance": stages[0][1].tolerance,

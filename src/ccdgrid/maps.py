@@ -338,7 +338,7 @@ def displacement_maps(
     scores = None
     auto_degree = degree is None
     degree = _check_degree(degree, len(pts))
-    factors = _Factors()
+    factors = _Factors(points=pts.copy())
     if smoothing is None or (isinstance(smoothing, str) and smoothing == "auto"):
         keep = {}
         sub = _reused_subset(reuse[0].gcv, reuse[1]) if reuse is not None else None
@@ -1343,6 +1343,7 @@ class _TpsFactor:
 class _Factors:
     """Factorisations of one :func:`displacement_maps` fit that a later fit may reuse."""
 
+    points: object = None  # (N, 2) float64: the points fitted, px
     gcv: object = None  # _GcvBasis or None
     # (_TpsFactor, (N,) int64 each fitted point's row in its nodes) pairs, the
     # one this fit was solved with first, then earlier ones of other smoothings

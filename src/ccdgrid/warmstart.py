@@ -412,7 +412,7 @@ def _previous(previous):
     if isinstance(previous, Calibration):
         lat, holes, grid = previous.lattice, previous.holes, previous.grid
         peaks = np.asarray(holes.peaks, dtype=np.float64)
-        valid = np.asarray(lat.valid, dtype=bool)
+        valid = np.asarray(lat.valid, dtype=bool) & _first_position(len(peaks), previous.params)
         return _Previous(
             shape=tuple(int(n) for n in previous.shape),
             peaks=peaks[valid],
@@ -429,7 +429,7 @@ def _previous(previous):
             smoothing=_smoothing(getattr(previous.maps, "smoothing", None)),
             degree=getattr(previous.maps, "degree", None),
             shapes=_shapes(holes, valid),
-            maps=_fitted_maps(previous.maps, int(valid.sum())),
+            maps=_fitted_maps(previous.maps, peaks[valid]),
         )
     needed = ("peaks", "indices", "valid", "grid", "params", "shape", "dx", "dy", "mask")
     missing = [name for name in needed if getattr(previous, name, None) is None]
@@ -446,6 +446,7 @@ def _previous(previous):
             "it cannot seed a warm start"
         )
     valid = np.asarray(previous.valid, dtype=bool)
+    valid = valid & _first_position(len(valid), previous.params)
     pitch = previous.pitch or (previous.params or {}).get("pitch", 5e-3)
     vectors = np.asarray(grid["vectors"], dtype=np.float64)
     pitch_px = resolved.get("pitch_px") or float(np.mean(np.hypot(*vectors.T)))
@@ -468,18 +469,36 @@ def _previous(previous):
     )
 
 
-def _fitted_maps(maps, n_holes):
+def _fitted_maps(maps, peaks):
     """The previous :class:`~ccdgrid.maps.DisplacementMaps` when it kept its factorisations.
 
-    A calibration's maps are fitted to its indexed holes in their order (the
-    rows of ``_Previous.peaks``); ``n_holes`` guards that.
+    Only when it was fitted to ``peaks`` (N, 2), the rows of
+    ``_Previous.peaks``, in their order: a calibration's maps are fitted to
+    its indexed holes, a combined calibration's to the holes of all its
+    plate positions (of which ``peaks`` keeps the first position's).
     """
     if not isinstance(maps, DisplacementMaps) or maps.factors is None:
         return None
-    gcv = maps.factors.gcv
-    if gcv is not None and gcv.rows is not None and gcv.rows.max(initial=-1) >= n_holes:
+    if not np.array_equal(maps.factors.points, peaks):
         return None
     return maps
+
+
+def _first_position(n, params):
+    """(n,) bool: the holes of the first image of a combined calibration, else all.
+
+    A combined calibration lists the holes of its plate positions one image
+    after the other, the same lattice site once per image, each where the
+    plate was; its grid is the first image's. Predicting the holes of a new
+    image from all of them would put up to one hole per position at every
+    site.
+    """
+    keep = np.ones(n, dtype=bool)
+    combined = (params or {}).get("combined") or {}
+    found = combined.get("n_found")
+    if found and sum(found) == n:
+        keep[int(found[0]) :] = False
+    return keep
 
 
 def _shapes(holes, valid):
