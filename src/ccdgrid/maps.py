@@ -130,9 +130,9 @@ class DisplacementMaps:
     factors : object or None
         Factorisations of the fit that a fit of the same plate moved a
         little may reuse (pass this object as ``previous`` to
-        :func:`displacement_maps`): the GCV eigenbasis (2 MB for 500
-        holes) and up to two Cholesky factors (8 N² bytes each: 18 MB for
-        1500 holes); opaque, not compared, not saved.
+        :func:`displacement_maps`): the points fitted, the GCV eigenbasis
+        (2 MB for 500 holes) and up to two Cholesky factors (8 N² bytes
+        each: 18 MB for 1500 holes); opaque, not compared, not saved.
     """
 
     dx: np.ndarray
