@@ -491,6 +491,7 @@ def test_maps_reuse_the_previous_factor_only_with_the_same_smoothing():
         ({"previous": "self", "previous_rows": np.zeros(168, int)}, "must be distinct rows"),
         ({"previous": "self", "previous_rows": np.full(168, -2)}, "must be distinct rows"),
         ({"previous": "self", "previous_rows": np.zeros(168)}, "`previous_rows` must be 168"),
+        ({"previous": "self", "previous_rows": np.arange(1, 169)}, "rows of the 168 points"),
     ],
 )
 def test_bad_previous(kwargs, match):

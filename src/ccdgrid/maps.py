@@ -1490,6 +1490,11 @@ def _previous_rows(previous, previous_rows, n_points):
         raise CcdgridError("`previous_rows` must be distinct rows >= 0, or -1 for a new point")
     if previous.factors is None:
         return None
+    n_previous = len(previous.factors.points)
+    if known.size and known.max() >= n_previous:
+        raise CcdgridError(
+            f"`previous_rows` must be rows of the {n_previous} points `previous` was fitted to"
+        )
     return previous.factors, rows
 
 
