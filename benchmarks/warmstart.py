@@ -20,13 +20,14 @@ the drift the warm start measured. Cross-validation is off in both unless
 ``--cv K`` (then both run the same K-fold cross-validation, which costs the
 same in both: up to 2 thin-plate solves of ~1200 holes at 4096²).
 
-The warm maps reuse what the previous calibration's fit factorised (see
-``ccdgrid.maps.displacement_maps``, ``previous``): the GCV eigenbasis when
-the GCV's holes were all found again, the Cholesky factor when the smoothing
-GCV picks is the previous one. The lines say which was reused. With
-``--chain``, the next frame of a series (the plate moved a little more) is
-also calibrated cold and warm from the warm result, as a series recalibrating
-from its last calibration would.
+The warm maps' GCV reuses the previous calibration's eigenbasis (see
+``ccdgrid.maps.displacement_maps``, ``previous``) when the GCV's holes were
+all found again and moved by a similarity; the lines say whether it was
+reused and how much memory the kept basis takes. With ``--chain``, the next
+frame of a series (the plate moved a little more) is also calibrated cold
+and warm from the warm result, as a series recalibrating from its last
+calibration would (the basis is then the first calibration's when each
+step reused it).
 """
 
 import argparse
@@ -58,16 +59,12 @@ def _stages(runs):
 
 
 def _reused(old, new):
-    """Which of the previous fit's factorisations the warm maps reused, as text."""
-    if old.factors is None or new.factors is None:
+    """Whether the warm maps' GCV reused the previous fit's eigenbasis, and its memory, as text."""
+    if old.gcv_basis is None or new.gcv_basis is None:
         return "none"
-    parts = []
-    gcv_old, gcv_new = old.factors.gcv, new.factors.gcv
-    if gcv_old is not None and gcv_new is not None and gcv_new.vec is gcv_old.vec:
-        parts.append("GCV eigenbasis")
-    if any(new.factors.solved_with is f for f, _ in old.factors.tps):
-        parts.append("Cholesky factor (CG)")
-    return ", ".join(parts) or "none"
+    kept = sum(v.nbytes for v in vars(new.gcv_basis).values() if isinstance(v, np.ndarray))
+    reused = "GCV eigenbasis" if new.gcv_basis.vec is old.gcv_basis.vec else "none"
+    return f"{reused} (kept: {kept / 2**20:.1f} MiB)"
 
 
 def run(size, repeat, cv, chain=False):

@@ -383,7 +383,7 @@ def test_displacement_maps_of_many_holes_are_fitted_by_tiles(monkeypatch):
     assert tiles.fit_residual_rms == pytest.approx(one.fit_residual_rms, rel=0.02)
 
 
-# -- reuse of a previous fit's factorisations (a plate moved a little) ---------------
+# -- reuse of a previous fit's GCV eigenbasis (a plate moved a little) ---------------
 
 
 def _similar(pts, angle, scale, shift):
@@ -408,8 +408,8 @@ def test_gcv_from_the_previous_eigenbasis_is_exact_for_a_similarity(shape, pitch
     new = _similar(pts, 0.004, 1.0005, (2.5, -1.5))
     disp = field.displacement(new) + rng.normal(0, 0.02, pts.shape)
     warm = displacement_maps(new, disp, shape, scale_px=pitch, previous=prev)
-    assert warm.factors.gcv.vec is prev.factors.gcv.vec  # reused, not computed again
-    sub = warm.factors.gcv.rows
+    assert warm.gcv_basis.vec is prev.gcv_basis.vec  # reused, not computed again
+    sub = warm.gcv_basis.rows
     assert len(sub) == min(len(pts), _GCV_MAX_POINTS)
     # the direct GCV of the new holes (tested against explicit smoother matrices above)
     degrees = _candidate_degrees(len(pts)) if len(sub) == len(pts) else None
@@ -427,59 +427,30 @@ def test_gcv_is_computed_again_when_the_holes_are_warped():
     new = pts + rng.normal(0, 0.05 * PITCH / np.sqrt(2), pts.shape)
     warm = displacement_maps(new, disp, SHAPE, scale_px=PITCH, previous=prev)
     fresh = displacement_maps(new, disp, SHAPE, scale_px=PITCH)
-    assert warm.factors.gcv.vec is not prev.factors.gcv.vec
+    assert warm.gcv_basis.vec is not prev.gcv_basis.vec
     np.testing.assert_array_equal(warm.smoothing_scores["score"], fresh.smoothing_scores["score"])
 
 
-@pytest.mark.parametrize("backend", ["cython", "numpy"])
-def test_preconditioned_solve_is_the_thin_plate_fit(backend):
-    # CG preconditioned with the factor of the plate before it moved (and two
-    # holes lost) against scipy's thin-plate fit of the new holes
-    from scipy.interpolate import RBFInterpolator
-
-    from ccdgrid.maps import _ThinPlate
-
-    rng = np.random.default_rng(23)
-    unit = holes(rng) / PITCH
-    prev = _ThinPlate(unit, rng.normal(0, 1, unit.shape), 0.1, 4, backend)
-    new = _similar(unit, 0.01, 0.999, (0.1, -0.07)) + rng.normal(0, 1e-3, unit.shape)
-    keep = np.ones(len(unit), dtype=bool)
-    keep[[5, 40]] = False
-    values = rng.normal(0, 1, unit.shape)[keep]
-    rows = np.flatnonzero(keep)
-    fit = _ThinPlate(new[keep], values, 0.1, 4, backend, prior=(prev.factor, rows))
-    assert fit.factor is prev.factor  # solved by CG, not factorised again
-    probe = rng.uniform(-1.0, 15.0, (400, 2))
-    scipy_rbf = RBFInterpolator(
-        new[keep], values, kernel="thin_plate_spline", smoothing=0.1, degree=4
-    )
-    np.testing.assert_allclose(fit(probe), scipy_rbf(probe), rtol=0, atol=1e-7)
-
-
-def test_maps_reuse_the_previous_factor_only_with_the_same_smoothing():
-    rng = np.random.default_rng(24)
+def test_maps_keep_only_the_gcv_eigenbasis_and_the_points():
+    # what a fit keeps for the next one: the eigenvectors of the GCV's
+    # projected kernel ((m - p)² float64, m holes in the GCV, p trend terms)
+    # and O(m p + N) more, no N² factor of the thin-plate system
+    rng = np.random.default_rng(26)
     pts = holes(rng)
-    field = make_distortion(SHAPE, distortion_px=2.0, seed=5)
-    prev = displacement_maps(pts, field.displacement(pts), SHAPE, smoothing=0.1)
-    new = _similar(pts, -0.003, 1.0, (1.7, 0.4))[::-1]  # other order: rows map them
-    rows = np.arange(len(pts))[::-1]
-    disp = field.displacement(new) + rng.normal(0, 0.01, new.shape)
-    same = displacement_maps(new, disp, SHAPE, smoothing=0.1, previous=prev, previous_rows=rows)
-    direct = displacement_maps(new, disp, SHAPE, smoothing=0.1)
-    assert same.factors.solved_with is prev.factors.solved_with
-    assert direct.factors.solved_with is not prev.factors.solved_with
-    # the same maps to far below the holes' noise (float32 maps of ~2 px: ulp 2.4e-7)
-    np.testing.assert_allclose(same.dx, direct.dx, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(same.dy, direct.dy, rtol=0, atol=1e-6)
-    other = displacement_maps(new, disp, SHAPE, smoothing=0.2, previous=prev, previous_rows=rows)
-    assert other.factors.solved_with is not prev.factors.solved_with  # solved directly
-    np.testing.assert_array_equal(other.dx, displacement_maps(new, disp, SHAPE, smoothing=0.2).dx)
-    # ... keeping the previous factor: the next fit at 0.1 is solved by CG again
-    assert [f.smoothing for f, _ in other.factors.tps] == [0.2, 0.1]
-    back = displacement_maps(
-        pts, disp[rows], SHAPE, smoothing=0.1, previous=other, previous_rows=rows
-    )
-    assert back.factors.solved_with is prev.factors.solved_with
+    disp = rng.normal(0, 0.05, pts.shape)
+    maps = displacement_maps(pts, disp, SHAPE, scale_px=PITCH)
+    basis = maps.gcv_basis
+    np.testing.assert_array_equal(basis.points, pts)
+    np.testing.assert_array_equal(basis.rows, np.arange(len(pts)))  # < 500 holes: all
+    m_free = len(pts) - len(basis.tau)
+    assert basis.vec.shape == (m_free, m_free)
+    arrays = [v for v in vars(basis).values() if isinstance(v, np.ndarray)]
+    others = sum(a.nbytes for a in arrays) - basis.vec.nbytes
+    # per hole: the 15 monomials of degree <= 4 (base reflectors and the rest
+    # in the eigenbasis), points, nodes, row, eigenvalue: 21 float64
+    assert others <= 8 * len(pts) * 22
+    fixed = displacement_maps(pts, disp, SHAPE, scale_px=PITCH, smoothing=0.1)
+    assert fixed.gcv_basis is None  # no GCV: nothing kept
 
 
 @pytest.mark.parametrize(

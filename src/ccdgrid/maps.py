@@ -127,12 +127,15 @@ class DisplacementMaps:
         smoothing removed.
     degree : int or None
         Degree of the polynomial trend of the thin-plate fit (None for cubic).
-    factors : object or None
-        Factorisations of the fit that a fit of the same plate moved a
-        little may reuse (pass this object as ``previous`` to
-        :func:`displacement_maps`): the points fitted, the GCV eigenbasis
-        (2 MB for 500 holes) and up to two Cholesky factors (8 N² bytes
-        each: 18 MB for 1500 holes); opaque, not compared, not saved.
+    gcv_basis : object or None
+        What a GCV of the same plate moved a little may reuse (pass this
+        object as ``previous`` to :func:`displacement_maps`): the eigenbasis
+        of the GCV's projected kernel matrix and the points fitted. It holds
+        ``8 (m - p)²`` bytes of eigenvectors for the ``m <= 500`` holes the
+        GCV ran on (``p`` trend terms), plus ``O(m p + N)`` more: ~2 MB
+        whatever the number of holes (1.9 MB at 4096², 1557 holes). None
+        when the smoothing was not chosen by GCV. Opaque, not compared, not
+        saved.
     """
 
     dx: np.ndarray
@@ -146,7 +149,7 @@ class DisplacementMaps:
     coarse_step: object
     fit_residual_rms: float
     degree: object = None
-    factors: object = field(default=None, repr=False, compare=False)
+    gcv_basis: object = field(default=None, repr=False, compare=False)
 
     def evaluate(self, points):
         """Bilinear interpolation of the corner maps at arbitrary points.
@@ -217,8 +220,8 @@ def displacement_maps(
         at least 60 holes, 3 with at least 30, else 1.
     previous : DisplacementMaps or None
         Maps of the same plate, from holes that were (mostly) these ones
-        before a small move: the factorisations it kept (``factors``) are
-        reused where that is exact enough (see Notes). None: none.
+        before a small move: its GCV eigenbasis (``gcv_basis``) is reused
+        where that is exact enough (see Notes). None: none.
     previous_rows : array_like of shape (N,), int, or None
         For each point, its row in the points ``previous`` was fitted to,
         -1 for a point it did not have; None: the same points in the same
@@ -282,17 +285,6 @@ def displacement_maps(
     departure, relative: a plate moved by (3.4, -2.7) px and 20 mdeg at
     4096² departs by 2e-4 pitch (the centres' noise and the distortion's
     change), its scores by 0.2 %, and the same smoothing is chosen.
-
-    With ``previous`` fitted (or carrying a factor, see ``_KEEP_FACTORS``)
-    with the same smoothing and trend degree on holes that include all of
-    these, the thin-plate system is solved by conjugate gradients
-    preconditioned with that Cholesky factor (``_ThinPlate._preconditioned``):
-    4 products with the kernel matrix and the factor at 4096² (25 ms instead
-    of the 48 ms factorisation on one core), the result within 1e-10 px of
-    the direct solve. With another smoothing the system is factorised
-    again: a factor of ``s`` preconditions ``s' = 0.56 s`` (one step of the
-    GCV grid) so poorly that CG needs ~11 iterations, more than a new
-    factorisation.
     """
     check_backend(backend)
     pts = as_points(points, "points")
@@ -338,10 +330,10 @@ def displacement_maps(
     scores = None
     auto_degree = degree is None
     degree = _check_degree(degree, len(pts))
-    factors = _Factors(points=pts.copy())
+    gcv_basis = None
     if smoothing is None or (isinstance(smoothing, str) and smoothing == "auto"):
         keep = {}
-        sub = _reused_subset(reuse[0].gcv, reuse[1]) if reuse is not None else None
+        sub = _reused_subset(*reuse) if reuse is not None else None
         if sub is None:
             sub = _central_subset(pts, _GCV_MAX_POINTS)
             scorer = functools.partial(
@@ -350,7 +342,7 @@ def displacement_maps(
         else:
             scorer = functools.partial(
                 _reused_gcv_scores,
-                reuse[0].gcv,
+                reuse[0],
                 pts[sub] / scale_px,
                 disp[sub],
                 backend=backend,
@@ -363,20 +355,13 @@ def displacement_maps(
             pts[sub] / scale_px, disp[sub], degree, degrees, backend, scorer
         )
         if "basis" in keep:
-            factors.gcv = replace(keep["basis"], rows=sub)
+            gcv_basis = replace(keep["basis"], rows=sub, points=pts.copy())
     smoothing = _non_negative(smoothing, "smoothing")
     if coarse_step is None:
         coarse_step = float(np.clip(scale_px / 2.0, 8.0, 48.0))
     coarse_step = _positive(coarse_step, "coarse_step")
 
-    carried = _carried_factors(reuse)
-    prior = next(
-        (c for c in carried if c[0].smoothing == smoothing and c[0].degree == degree), None
-    )
-    rbf, degree = _fit_tps(pts / scale_px, disp, smoothing, degree, backend, prior)
-    if isinstance(rbf, _ThinPlate):
-        others = [c for c in carried if c[0] is not rbf.factor]
-        factors.tps = ((rbf.factor, rbf.factor_rows), *others)[:_KEEP_FACTORS]
+    rbf, degree = _fit_tps(pts / scale_px, disp, smoothing, degree, backend)
     yc = _coarse_axis(ny, coarse_step)
     xc = _coarse_axis(nx, coarse_step)
     nodes = np.stack(np.meshgrid(yc, xc, indexing="ij"), axis=-1).reshape(-1, 2)
@@ -394,7 +379,7 @@ def displacement_maps(
         coarse_step=(float(yc[1] - yc[0]), float(xc[1] - xc[0])),
         fit_residual_rms=_rms(rbf.residual_at_centres()),
         degree=degree,
-        factors=factors,
+        gcv_basis=gcv_basis,
     )
 
 
@@ -675,25 +660,23 @@ def _interleaved_folds(cells, k):
     return np.mod(cells[:, 0] + m * cells[:, 1], k).astype(np.int64)
 
 
-def _fit_tps(pts, disp, smoothing, degree, backend="cython", prior=None):
+def _fit_tps(pts, disp, smoothing, degree, backend="cython"):
     """``(spline, degree used)``: a polynomial trend, else an affine one.
 
     Holes along a few lines (a narrow strip of plate) leave a quartic trend
     undetermined: the trend's monomials are then rank-deficient. Above
     ``_TILE_ABOVE`` holes the spline is a :class:`_TiledThinPlate`.
-    ``prior``: see :class:`_ThinPlate` (single spline only).
     """
     if len(pts) > _TILE_ABOVE:
         tiled = _TiledThinPlate(pts, disp, smoothing, degree, backend)
         return tiled, tiled.degree
-    return _single_tps(pts, disp, smoothing, degree, backend, prior)
+    return _single_tps(pts, disp, smoothing, degree, backend)
 
 
-def _single_tps(pts, disp, smoothing, degree, backend, prior=None):
+def _single_tps(pts, disp, smoothing, degree, backend):
     for deg in dict.fromkeys((degree, 1)):
         try:
-            reused = prior if deg == degree else None
-            return _ThinPlate(pts, disp, smoothing, deg, backend, reused), deg
+            return _ThinPlate(pts, disp, smoothing, deg, backend), deg
         except (np.linalg.LinAlgError, linalg.LinAlgError):
             continue
     raise CcdgridError("too few holes: the thin-plate spline system is singular")
@@ -835,19 +818,6 @@ class _ThinPlate:
         Degree of the polynomial trend.
     backend : {"cython", "numpy"}
         Engine of the kernel sums.
-    prior : (_TpsFactor, ndarray of shape (N,), int64) or None
-        The Cholesky factor of an earlier fit and, for each centre, its row
-        in that fit's centres: with the same smoothing and trend degree and
-        centres that depart from a similarity of those by at most
-        ``_REUSE_MAX_WARP``, the system is solved by conjugate gradients
-        preconditioned with that factor (see :meth:`_preconditioned`).
-
-    Attributes
-    ----------
-    factor : _TpsFactor
-        The Cholesky factor the system was solved with (the prior's when it
-        was used); ``factor_rows`` (N,) int64: each centre's row in
-        ``factor.nodes``.
 
     Raises
     ------
@@ -855,7 +825,7 @@ class _ThinPlate:
         If the trend is undetermined by the centres or the system is singular.
     """
 
-    def __init__(self, pts, disp, smoothing, degree, backend="cython", prior=None):
+    def __init__(self, pts, disp, smoothing, degree, backend="cython"):
         self.centres = np.ascontiguousarray(pts, dtype=np.float64)
         self.degree = degree
         self.smoothing = float(smoothing)
@@ -870,18 +840,13 @@ class _ThinPlate:
         r_diag = np.abs(np.diag(house[:p]))
         if r_diag.min() <= 1e-10 * r_diag.max():
             raise np.linalg.LinAlgError("the trend's monomials are rank-deficient")
-        if prior is not None and self._preconditioned(house, tau, disp, *prior):
-            return
         kern = np.empty((n, n))
         self._engine.kernel_matrix(self.centres, float(smoothing), kern)
         rotated = _rotate_symmetric(house, tau, kern)  # upper triangle only
         del kern
         rhs = _apply_q(house, tau, np.asarray(disp, dtype=np.float64), "L")
         # Cholesky of Q2' (K + s I) Q2: positive definite for distinct centres
-        chol = linalg.cho_factor(rotated[p:, p:], lower=False)
-        y = linalg.cho_solve(chol, rhs[p:])
-        self.factor = _TpsFactor(self.centres, house, tau, chol, self.smoothing, degree)
-        self.factor_rows = np.arange(n)
+        y = linalg.cho_solve(linalg.cho_factor(rotated[p:, p:], lower=False), rhs[p:])
         padded = np.zeros((n, y.shape[1]))
         padded[p:] = y
         self.coef = np.ascontiguousarray(
@@ -892,61 +857,6 @@ class _ThinPlate:
         self.trend = np.ascontiguousarray(
             linalg.solve_triangular(upper, rhs[:p] - rotated[:p, p:] @ y)
         )
-
-    def _preconditioned(self, house, tau, disp, factor, rows):
-        """Solve by conjugate gradients preconditioned with an earlier fit's factor; False if not.
-
-        ``house``, ``tau``: reflectors of this fit's monomials; ``factor``
-        (:class:`_TpsFactor`) the earlier fit's, ``rows`` (N,) each centre's
-        row in ``factor.nodes``. The projected kernel ``Q2' K Q2`` of
-        centres moved by a similarity of scale ``a`` is ``a²`` times the
-        earlier one (see :func:`_reused_gcv_scores`): with the same
-        smoothing the earlier ``Q2' (K + s I) Q2`` differs from this one by
-        the warp of the centres and ``(a² - 1) K``, so preconditioned CG
-        converges in a few iterations (4 for 1500 holes moved by a few px,
-        ~6 ms each: two products with the kernel matrix and the factor).
-        The CG runs on the complement of this fit's trend, both components
-        at once, to a residual of ``_PCG_TOL`` of the right-hand side (the
-        maps then equal the direct solve's to ~1e-9 px); the trend is then
-        the least-squares fit of ``d - (K + s I) c``. Returns False (the
-        caller solves directly) when the smoothing, the degree or the
-        centres do not match, or CG did not converge in ``_PCG_MAX_ITER``.
-        """
-        if (
-            factor.smoothing != self.smoothing
-            or factor.degree != self.degree
-            or _similarity(factor.nodes[rows], self.centres)[1] > _REUSE_MAX_WARP
-        ):
-            return False
-        n, p = len(self.centres), len(tau)
-        n_f, p_f = len(factor.nodes), len(factor.tau)
-        kern = np.empty((n, n))
-        self._engine.kernel_matrix(self.centres, self.smoothing, kern)
-
-        def project(v):  # on the complement of this fit's trend
-            w = _apply_q(house, tau, v, "L")
-            w[:p] = 0.0
-            return _apply_q(house, tau, w, "L", transpose=False)
-
-        def precondition(r):
-            full = np.zeros((n_f, r.shape[1]))
-            full[rows] = r  # centres of the earlier fit not measured again stay 0
-            w = _apply_q(factor.house, factor.tau, full, "L")
-            w[:p_f] = 0.0
-            w[p_f:] = linalg.cho_solve(factor.chol, w[p_f:], check_finite=False)
-            return project(_apply_q(factor.house, factor.tau, w, "L", transpose=False)[rows])
-
-        disp = np.asarray(disp, dtype=np.float64)
-        solved = _pcg(lambda v: kern @ v, project, precondition, project(disp.copy()))
-        if solved is None:
-            return False
-        coef, kern_coef = solved
-        self.coef = np.ascontiguousarray(coef)
-        rhs = _apply_q(house, tau, disp - kern_coef, "L")[:p]
-        self.trend = np.ascontiguousarray(linalg.solve_triangular(np.triu(house[:p]), rhs))
-        self.factor = factor
-        self.factor_rows = rows
-        return True
 
     def residual_at_centres(self):
         """Values at the centres minus the values fitted, (N, 2) float64.
@@ -1258,6 +1168,7 @@ def _gcv_scores(pts, disp, degrees, backend="cython", keep=None):
     extra = both[:, 2:]  # (m, P - n_base) higher monomials in the eigenbasis
     if keep is not None:
         keep["basis"] = _GcvBasis(
+            points=None,
             rows=None,
             nodes=np.array(pts, dtype=np.float64),
             degrees=(base, max(degrees)),
@@ -1302,16 +1213,18 @@ def _gcv_from_eigenbasis(lam, g, extra, n, n_base, degrees):
 class _GcvBasis:
     """Eigenbasis of a GCV (see :func:`_gcv_scores`), kept for the next fit of the plate.
 
-    ``rows`` (m,) int64: rows of the fitted points the GCV ran on (set by
+    ``points`` (N, 2) float64: all the points fitted, px, and ``rows`` (m,)
+    int64: the rows of those the GCV ran on (both set by
     :func:`displacement_maps`); ``nodes`` (m, 2) float64: those points in
     the fit's length unit when the basis was computed; ``degrees``:
     ``(base, top)`` trend degrees it covers; ``house``, ``tau``: the
     reflectors of the base monomials; ``lam`` (m - n_base,), ``vec``:
     eigenvalues and eigenvectors of the projected kernel; ``extra``
     (m - n_base, P_top - n_base): the monomials above the base in the
-    eigenbasis.
+    eigenbasis. ``vec`` is the bulk of it: ``8 (m - n_base)²`` bytes.
     """
 
+    points: object
     rows: object
     nodes: np.ndarray
     degrees: tuple
@@ -1320,100 +1233,6 @@ class _GcvBasis:
     lam: np.ndarray
     vec: np.ndarray
     extra: np.ndarray
-
-
-@dataclass
-class _TpsFactor:
-    """Cholesky factor of a thin-plate system, kept for the next fit of the plate.
-
-    ``nodes`` (n, 2) float64: the centres, fit units; ``house``, ``tau``:
-    reflectors of their trend monomials; ``chol``: ``scipy.linalg.cho_factor``
-    of ``Q2' (K + s I) Q2``; ``smoothing``, ``degree``: of that system.
-    """
-
-    nodes: np.ndarray
-    house: np.ndarray
-    tau: np.ndarray
-    chol: tuple
-    smoothing: float
-    degree: int
-
-
-@dataclass
-class _Factors:
-    """Factorisations of one :func:`displacement_maps` fit that a later fit may reuse."""
-
-    points: object = None  # (N, 2) float64: the points fitted, px
-    gcv: object = None  # _GcvBasis or None
-    # (_TpsFactor, (N,) int64 each fitted point's row in its nodes) pairs, the
-    # one this fit was solved with first, then earlier ones of other smoothings
-    tps: tuple = ()
-
-    @property
-    def solved_with(self):
-        """The :class:`_TpsFactor` this fit was solved with, or None (tiled, cubic)."""
-        return self.tps[0][0] if self.tps else None
-
-
-# Cholesky factors a fit keeps: its own and the previous fit's of another
-# smoothing. GCV's choice may alternate between two neighbouring values of
-# its grid from one image of a plate to the next (10 and 17.8 pitch² at
-# 4096²), and CG needs a factor of the same smoothing.
-_KEEP_FACTORS = 2
-
-
-def _carried_factors(reuse):
-    """The previous fit's Cholesky factors with rows for the new points: [(factor, rows)].
-
-    Empty when there is no previous fit or a new point was not in it.
-    """
-    if reuse is None:
-        return []
-    previous, rows = reuse
-    if np.any(rows < 0):
-        return []
-    top = int(rows.max(initial=-1))
-    return [(f, frows[rows]) for f, frows in previous.tps if top < len(frows)]
-
-
-_PCG_TOL = 1e-9  # relative residual at which the preconditioned CG stops
-_PCG_MAX_ITER = 12
-
-
-def _pcg(matvec, project, precondition, b, tol=_PCG_TOL, max_iter=_PCG_MAX_ITER):
-    """Preconditioned conjugate gradients for ``project(matvec(x)) = b``, columns at once.
-
-    ``matvec``, ``project`` (a projector, ``b`` in its range) and
-    ``precondition`` map (n, k) to (n, k); ``project(matvec(.))`` and
-    ``precondition`` are symmetric positive definite on that range. Each
-    column has its own step lengths; all stop once every residual is at
-    most ``tol`` times its column of ``b``. Returns ``(x, matvec(x))`` (the
-    second accumulated, not recomputed), or None after ``max_iter``
-    iterations without reaching ``tol``.
-    """
-    x = np.zeros_like(b)
-    ax = np.zeros_like(b)
-    r = b.copy()
-    z = precondition(r)
-    direction = z.copy()
-    rz = np.sum(r * z, axis=0)
-    goal = tol * np.linalg.norm(b, axis=0)
-    for _ in range(max_iter):
-        a_full = matvec(direction)
-        a_dir = project(a_full)
-        curv = np.sum(direction * a_dir, axis=0)
-        step = np.divide(rz, curv, out=np.zeros_like(rz), where=curv > 0)
-        x += step * direction
-        ax += step * a_full
-        r -= step * a_dir
-        if np.all(np.linalg.norm(r, axis=0) <= goal):
-            return x, ax
-        z = precondition(r)
-        rz_new = np.sum(r * z, axis=0)
-        beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 0)
-        direction = z + beta * direction
-        rz = rz_new
-    return None
 
 
 # Largest RMS departure of the holes from a similarity of the holes a GCV
@@ -1469,7 +1288,7 @@ def _reused_gcv_scores(basis, nodes, disp, degrees, backend="cython", keep=None)
 
 
 def _previous_rows(previous, previous_rows, n_points):
-    """``(previous.factors, rows)`` validated, or None when there is nothing to reuse."""
+    """``(previous.gcv_basis, rows)`` validated, or None when there is nothing to reuse."""
     if previous is None:
         if previous_rows is not None:
             raise CcdgridError("`previous_rows` needs `previous`")
@@ -1488,14 +1307,14 @@ def _previous_rows(previous, previous_rows, n_points):
     known = rows[rows >= 0]
     if np.any(rows < -1) or len(np.unique(known)) != len(known):
         raise CcdgridError("`previous_rows` must be distinct rows >= 0, or -1 for a new point")
-    if previous.factors is None:
+    if previous.gcv_basis is None:
         return None
-    n_previous = len(previous.factors.points)
+    n_previous = len(previous.gcv_basis.points)
     if known.size and known.max() >= n_previous:
         raise CcdgridError(
             f"`previous_rows` must be rows of the {n_previous} points `previous` was fitted to"
         )
-    return previous.factors, rows
+    return previous.gcv_basis, rows
 
 
 def _reused_subset(basis, rows):

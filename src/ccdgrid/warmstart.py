@@ -17,11 +17,10 @@ searching the whole image:
    the border or the taper edge, hot pixel, masked);
 3. the holes keep their previous lattice indices, and the grid, maps and
    cross-validation are made as in :func:`ccdgrid.pipeline.calibrate`; from
-   a calibration in memory, the maps reuse what its thin-plate fit
-   factorised (``previous`` of :func:`ccdgrid.maps.displacement_maps`: the
-   GCV's eigenbasis when the plate moved by a similarity, the Cholesky
-   factor as a CG preconditioner when GCV picks the same smoothing), which
-   a detector file does not hold.
+   a calibration in memory, the maps' GCV reuses the previous fit's
+   eigenbasis when the plate moved by a similarity (``previous`` of
+   :func:`ccdgrid.maps.displacement_maps`), which a detector file does not
+   hold.
 
 No full-image smoothing or segmentation is done. When the plate moved too
 far (the move cannot be measured reliably, exceeds ``max_shift``, or fewer
@@ -169,8 +168,8 @@ class _Previous:
     smoothing: object  # float, pitch² units, or None when unknown
     degree: object = None  # trend degree of the previous maps, or None when unknown
     shapes: object = None  # (N, 2) fitted radius and blur of the holes, px, or None
-    # DisplacementMaps fitted to ``peaks`` in their order (its factorisations
-    # are reused), or None (from a detector file)
+    # DisplacementMaps fitted to ``peaks`` in their order (its GCV eigenbasis
+    # is reused), or None (from a detector file)
     maps: object = None
 
 
@@ -470,16 +469,16 @@ def _previous(previous):
 
 
 def _fitted_maps(maps, peaks):
-    """The previous :class:`~ccdgrid.maps.DisplacementMaps` when it kept its factorisations.
+    """The previous :class:`~ccdgrid.maps.DisplacementMaps` when it kept its GCV eigenbasis.
 
     Only when it was fitted to ``peaks`` (N, 2), the rows of
     ``_Previous.peaks``, in their order: a calibration's maps are fitted to
     its indexed holes, a combined calibration's to the holes of all its
     plate positions (of which ``peaks`` keeps the first position's).
     """
-    if not isinstance(maps, DisplacementMaps) or maps.factors is None:
+    if not isinstance(maps, DisplacementMaps) or maps.gcv_basis is None:
         return None
-    if not np.array_equal(maps.factors.points, peaks):
+    if not np.array_equal(maps.gcv_basis.points, peaks):
         return None
     return maps
 
