@@ -19,6 +19,15 @@ the lit area, affine part removed), the median time of every stage, and
 the drift the warm start measured. Cross-validation is off in both unless
 ``--cv K`` (then both run the same K-fold cross-validation, which costs the
 same in both: up to 2 thin-plate solves of ~1200 holes at 4096²).
+
+The warm maps' GCV reuses the previous calibration's eigenbasis (see
+``ccdgrid.maps.displacement_maps``, ``previous``) when the GCV's holes were
+all found again and moved by a similarity; the lines say whether it was
+reused and how much memory the kept basis takes. With ``--chain``, the next
+frame of a series (the plate moved a little more) is also calibrated cold
+and warm from the warm result, as a series recalibrating from its last
+calibration would (the basis is then the first calibration's when each
+step reused it).
 """
 
 import argparse
@@ -32,6 +41,8 @@ from ccdgrid.warmstart import recalibrate
 
 MOVE = (3.4, -2.7)  # px, (y, x)
 TURN_DEG = 0.02
+CHAIN_MOVE = (0.6, 0.9)  # px, the next frame's further move (--chain)
+CHAIN_TURN_DEG = 0.005
 
 
 def _plate(size, offset, rotation_deg):
@@ -47,7 +58,16 @@ def _stages(runs):
     )
 
 
-def run(size, repeat, cv):
+def _reused(old, new):
+    """Whether the warm maps' GCV reused the previous fit's eigenbasis, and its memory, as text."""
+    if old.gcv_basis is None or new.gcv_basis is None:
+        return "none"
+    kept = sum(v.nbytes for v in vars(new.gcv_basis).values() if isinstance(v, np.ndarray))
+    reused = "GCV eigenbasis" if new.gcv_basis.vec is old.gcv_basis.vec else "none"
+    return f"{reused} (kept: {kept / 2**20:.1f} MiB)"
+
+
+def run(size, repeat, cv, chain=False):
     base = _plate(size, (0.25, -0.4), 0.5)
     previous = calibrate(base.image, cv_folds=0)
     moved = _plate(size, (0.25 + MOVE[0], -0.4 + MOVE[1]), 0.5 + TURN_DEG)
@@ -80,6 +100,17 @@ def run(size, repeat, cv):
     print(f"  CPU time (all threads): cold {cc:.3f} s, warm {wc:.3f} s ({cc / wc:.1f}x)")
     ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(cold_t, warm_t, strict=True))
     print("  ratio per round (wall): " + ratios)
+    print(
+        "  per round, wall / CPU (s): cold "
+        + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(cold_t, cold_cpu, strict=True))
+        + "; warm "
+        + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(warm_t, warm_cpu, strict=True))
+    )
+    reused = _reused(previous.maps, warm.maps)
+    print(
+        f"  maps' smoothing: previous {previous.maps.smoothing:g}, cold {cold.maps.smoothing:g}, "
+        f"warm {warm.maps.smoothing:g}; reused from the previous fit: {reused}"
+    )
     print("  warm stages (median): " + _stages(warm_stages))
     print("  cold stages (median): " + _stages(cold_stages))
     if cv:
@@ -87,6 +118,40 @@ def run(size, repeat, cv):
         print(f"                    warm {warm.cross_validation.summary()}")
     print("  " + warm.drift.summary())
     print(f"  (true move: shift {MOVE} px at hole (0, 0), rotation {TURN_DEG * 1e3:.0f} mdeg)")
+    if chain:
+        _chain(size, repeat, cv, warm)
+
+
+def _chain(size, repeat, cv, previous):
+    """The next frame of a series: the plate moved a little more, warm from the warm result."""
+    offset = (0.25 + MOVE[0] + CHAIN_MOVE[0], -0.4 + MOVE[1] + CHAIN_MOVE[1])
+    nxt = _plate(size, offset, 0.5 + TURN_DEG + CHAIN_TURN_DEG)
+    cold_t, warm_t, cold_cpu, warm_cpu, maps_t = [], [], [], [], []
+    cold = warm = None
+    for _ in range(repeat):
+        t, c = time.perf_counter(), time.process_time()
+        cold = calibrate(nxt.image, cv_folds=cv)
+        cold_t.append(time.perf_counter() - t)
+        cold_cpu.append(time.process_time() - c)
+        t, c = time.perf_counter(), time.process_time()
+        warm = recalibrate(nxt.image, previous, cv_folds=cv)
+        warm_t.append(time.perf_counter() - t)
+        warm_cpu.append(time.process_time() - c)
+        maps_t.append(warm.timings["displacement_maps"])
+    rms = [
+        dense_residual(nxt.truth, c.dy, c.dx, c.mask, region=nxt.taper_mask).rms
+        for c in (cold, warm)
+    ]
+    tc, tw = float(np.median(cold_t)), float(np.median(warm_t))
+    cc, wc = float(np.median(cold_cpu)), float(np.median(warm_cpu))
+    print(
+        f"  next frame (moved {CHAIN_MOVE} px, {CHAIN_TURN_DEG * 1e3:.0f} mdeg more), warm from "
+        f"the warm result: cold {tc:.3f} s, warm {tw:.3f} s ({tc / tw:.1f}x; CPU "
+        f"{cc / wc:.1f}x); warm maps {np.median(maps_t):.3f} s; dense residual "
+        f"{rms[1] / rms[0] - 1:+.1%} of cold; smoothing previous "
+        f"{previous.maps.smoothing:g}, warm {warm.maps.smoothing:g}; reused: "
+        f"{_reused(previous.maps, warm.maps)}"
+    )
 
 
 def main(argv=None):
@@ -94,9 +159,14 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--cv", type=int, default=0, help="cross-validation folds (0: none)")
+    parser.add_argument(
+        "--chain",
+        action="store_true",
+        help="also the next frame of a series, warm from the warm result",
+    )
     args = parser.parse_args(argv)
     for size in args.sizes:
-        run(size, args.repeat, args.cv)
+        run(size, args.repeat, args.cv, args.chain)
 
 
 if __name__ == "__main__":

@@ -381,3 +381,96 @@ def test_displacement_maps_of_many_holes_are_fitted_by_tiles(monkeypatch):
     for a, b in ((one.dx, tiles.dx), (one.dy, tiles.dy)):
         assert np.abs(a - b)[:-1, :-1][valid].max() < 2e-3
     assert tiles.fit_residual_rms == pytest.approx(one.fit_residual_rms, rel=0.02)
+
+
+# -- reuse of a previous fit's GCV eigenbasis (a plate moved a little) ---------------
+
+
+def _similar(pts, angle, scale, shift):
+    """``pts`` (N, 2) turned by ``angle`` rad, scaled and shifted (a similarity)."""
+    c, s = np.cos(angle), np.sin(angle)
+    return pts @ (scale * np.array([[c, -s], [s, c]])).T + np.asarray(shift)
+
+
+@pytest.mark.parametrize(
+    ("shape", "pitch"),
+    [((384, 448), 32.0), ((1024, 1120), 40.0)],  # 168 holes (degree chosen) / 700 (subset)
+)
+def test_gcv_from_the_previous_eigenbasis_is_exact_for_a_similarity(shape, pitch):
+    from ccdgrid.maps import _GCV_MAX_POINTS, _candidate_degrees, _gcv_choice
+
+    rng = np.random.default_rng(21)
+    pts = holes(rng, shape=shape, pitch=pitch)
+    field = make_distortion(shape, distortion_px=3.0, seed=4)
+    prev = displacement_maps(
+        pts, field.displacement(pts) + rng.normal(0, 0.02, pts.shape), shape, scale_px=pitch
+    )
+    new = _similar(pts, 0.004, 1.0005, (2.5, -1.5))
+    disp = field.displacement(new) + rng.normal(0, 0.02, pts.shape)
+    warm = displacement_maps(new, disp, shape, scale_px=pitch, previous=prev)
+    assert warm.gcv_basis.vec is prev.gcv_basis.vec  # reused, not computed again
+    sub = warm.gcv_basis.rows
+    assert len(sub) == min(len(pts), _GCV_MAX_POINTS)
+    # the direct GCV of the new holes (tested against explicit smoother matrices above)
+    degrees = _candidate_degrees(len(pts)) if len(sub) == len(pts) else None
+    smoothing, scores, degree = _gcv_choice(new[sub] / pitch, disp[sub], 4, degrees)
+    np.testing.assert_allclose(warm.smoothing_scores["score"], scores["score"], rtol=1e-8)
+    assert (warm.smoothing, warm.degree) == (smoothing, degree)
+
+
+def test_gcv_is_computed_again_when_the_holes_are_warped():
+    rng = np.random.default_rng(22)
+    pts = holes(rng)
+    disp = rng.normal(0, 0.05, pts.shape)
+    prev = displacement_maps(pts, disp, SHAPE, scale_px=PITCH)
+    # 0.05 pitch RMS of non-rigid change: ten times what is reused
+    new = pts + rng.normal(0, 0.05 * PITCH / np.sqrt(2), pts.shape)
+    warm = displacement_maps(new, disp, SHAPE, scale_px=PITCH, previous=prev)
+    fresh = displacement_maps(new, disp, SHAPE, scale_px=PITCH)
+    assert warm.gcv_basis.vec is not prev.gcv_basis.vec
+    np.testing.assert_array_equal(warm.smoothing_scores["score"], fresh.smoothing_scores["score"])
+
+
+def test_maps_keep_only_the_gcv_eigenbasis_and_the_points():
+    # what a fit keeps for the next one: the eigenvectors of the GCV's
+    # projected kernel ((m - p)² float64, m holes in the GCV, p trend terms)
+    # and O(m p + N) more, no N² factor of the thin-plate system
+    rng = np.random.default_rng(26)
+    pts = holes(rng)
+    disp = rng.normal(0, 0.05, pts.shape)
+    maps = displacement_maps(pts, disp, SHAPE, scale_px=PITCH)
+    basis = maps.gcv_basis
+    np.testing.assert_array_equal(basis.points, pts)
+    np.testing.assert_array_equal(basis.rows, np.arange(len(pts)))  # < 500 holes: all
+    m_free = len(pts) - len(basis.tau)
+    assert basis.vec.shape == (m_free, m_free)
+    arrays = [v for v in vars(basis).values() if isinstance(v, np.ndarray)]
+    others = sum(a.nbytes for a in arrays) - basis.vec.nbytes
+    # per hole: the 15 monomials of degree <= 4 (base reflectors and the rest
+    # in the eigenbasis), points, nodes, row, eigenvalue: 21 float64
+    assert others <= 8 * len(pts) * 22
+    fixed = displacement_maps(pts, disp, SHAPE, scale_px=PITCH, smoothing=0.1)
+    assert fixed.gcv_basis is None  # no GCV: nothing kept
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"previous": "maps.h5"}, "`previous` must be a DisplacementMaps"),
+        ({"previous_rows": np.arange(3)}, "`previous_rows` needs `previous`"),
+        ({"previous": "self", "previous_rows": np.arange(3)}, "`previous_rows` must be 168"),
+        ({"previous": "self", "previous_rows": np.zeros(168, int)}, "must be distinct rows"),
+        ({"previous": "self", "previous_rows": np.full(168, -2)}, "must be distinct rows"),
+        ({"previous": "self", "previous_rows": np.zeros(168)}, "`previous_rows` must be 168"),
+        ({"previous": "self", "previous_rows": np.arange(1, 169)}, "rows of the 168 points"),
+    ],
+)
+def test_bad_previous(kwargs, match):
+    rng = np.random.default_rng(25)
+    pts = holes(rng)
+    assert len(pts) == 168
+    disp = rng.normal(0, 0.05, pts.shape)
+    if kwargs.get("previous") == "self":
+        kwargs = {**kwargs, "previous": displacement_maps(pts, disp, SHAPE)}
+    with pytest.raises(CcdgridError, match=match):
+        displacement_maps(pts, disp, SHAPE, **kwargs)

@@ -427,3 +427,48 @@ def test_dead_row_across_holes_is_masked(base, backend):
             # hole finder does
             assert len(masked) >= near.sum() - 2
             assert np.all(np.abs(masked[:, 0] - row) < 3)
+
+
+def test_warm_maps_reuse_the_previous_fit_and_equal_a_fit_of_the_new_holes(base):
+    from ccdgrid.maps import displacement_maps
+
+    _, prev = base
+    moved = _plate(offset=(BASE_OFFSET[0] + 1.3, BASE_OFFSET[1] - 0.8))
+    warm = recalibrate(moved.image, prev, cv_folds=0)
+    # with all holes in the GCV (< 500), it is made again when one is lost:
+    # here two at the taper edge
+    assert warm.drift.n_matched < warm.drift.n_previous
+    assert warm.maps.gcv_basis.vec is not prev.maps.gcv_basis.vec
+    # a warm start from the warm calibration finds the same holes: the GCV
+    # runs from their eigenbasis and picks the same smoothing
+    again = recalibrate(moved.image, warm, cv_folds=0)
+    assert again.drift.n_matched == again.drift.n_previous
+    assert again.maps.gcv_basis.vec is warm.maps.gcv_basis.vec
+    assert again.maps.smoothing == warm.maps.smoothing
+    # ... and, that smoothing once chosen, the maps are those of a fit of the
+    # new holes from scratch, bit for bit (the fit itself reuses nothing)
+    fresh = displacement_maps(
+        again.holes.peaks,
+        again.grid.displacement,
+        SHAPE,
+        scale_px=again.holes.pitch_px,
+        smoothing=again.maps.smoothing,
+        degree=again.maps.degree,
+    )
+    np.testing.assert_array_equal(again.dx, fresh.dx)
+    np.testing.assert_array_equal(again.dy, fresh.dy)
+    np.testing.assert_array_equal(again.mask, fresh.mask)
+
+
+def test_maps_fitted_to_other_holes_are_not_reused(base):
+    from dataclasses import replace
+
+    from ccdgrid.warmstart import _previous
+
+    _, prev = base
+    assert _previous(prev).maps is prev.maps
+    # maps fitted to other points than the indexed holes (a combined
+    # calibration's: several plate positions) are not taken for theirs
+    other = replace(prev.maps)
+    other.gcv_basis = replace(prev.maps.gcv_basis, points=prev.maps.gcv_basis.points[::-1])
+    assert _previous(replace(prev, maps=other)).maps is None

@@ -16,7 +16,11 @@ searching the whole image:
    same rejection tests as :func:`ccdgrid.peaks.find_holes` (missing, cut by
    the border or the taper edge, hot pixel, masked);
 3. the holes keep their previous lattice indices, and the grid, maps and
-   cross-validation are made as in :func:`ccdgrid.pipeline.calibrate`.
+   cross-validation are made as in :func:`ccdgrid.pipeline.calibrate`; from
+   a calibration in memory, the maps' GCV reuses the previous fit's
+   eigenbasis when the plate moved by a similarity (``previous`` of
+   :func:`ccdgrid.maps.displacement_maps`), which a detector file does not
+   hold.
 
 No full-image smoothing or segmentation is done. When the plate moved too
 far (the move cannot be measured reliably, exceeds ``max_shift``, or fewer
@@ -45,7 +49,7 @@ from ._validation import as_image, check_backend
 from .errors import CcdgridError
 from .gridfit import fit_grid
 from .lattice import LatticeIndex
-from .maps import displacement_maps
+from .maps import DisplacementMaps, displacement_maps
 from .pipeline import (
     Calibration,
     _check_folds,
@@ -164,6 +168,9 @@ class _Previous:
     smoothing: object  # float, pitch² units, or None when unknown
     degree: object = None  # trend degree of the previous maps, or None when unknown
     shapes: object = None  # (N, 2) fitted radius and blur of the holes, px, or None
+    # DisplacementMaps fitted to ``peaks`` in their order (its GCV eigenbasis
+    # is reused), or None (from a detector file)
+    maps: object = None
 
 
 def recalibrate(
@@ -336,6 +343,10 @@ def recalibrate(
         smoothing=map_smoothing,
         degree=map_degree,
         scale_px=holes.pitch_px,
+        # the holes keep their previous rows: the previous fit's GCV
+        # eigenbasis is reused when they moved by a similarity
+        previous=prev.maps,
+        previous_rows=np.flatnonzero(ok) if prev.maps is not None else None,
         backend=backend,
     )
     timings["displacement_maps"] = time.perf_counter() - t0
@@ -417,6 +428,7 @@ def _previous(previous):
             smoothing=_smoothing(getattr(previous.maps, "smoothing", None)),
             degree=getattr(previous.maps, "degree", None),
             shapes=_shapes(holes, valid),
+            maps=_fitted_maps(previous.maps, peaks[valid]),
         )
     needed = ("peaks", "indices", "valid", "grid", "params", "shape", "dx", "dy", "mask")
     missing = [name for name in needed if getattr(previous, name, None) is None]
@@ -454,6 +466,21 @@ def _previous(previous):
         degree=resolved.get("map_degree"),
         shapes=_record_shapes(resolved, int(valid.sum())),
     )
+
+
+def _fitted_maps(maps, peaks):
+    """The previous :class:`~ccdgrid.maps.DisplacementMaps` when it kept its GCV eigenbasis.
+
+    Only when it was fitted to ``peaks`` (N, 2), the rows of
+    ``_Previous.peaks``, in their order: a calibration's maps are fitted to
+    its indexed holes, a combined calibration's to the holes of all its
+    plate positions (of which ``peaks`` keeps the first position's).
+    """
+    if not isinstance(maps, DisplacementMaps) or maps.gcv_basis is None:
+        return None
+    if not np.array_equal(maps.gcv_basis.points, peaks):
+        return None
+    return maps
 
 
 def _first_position(n, params):
