@@ -165,6 +165,7 @@ def make_probe(
     gaps=(),
     gap_value=-1,
     dtype="float32",
+    shift=(0.0, 0.0),
     seed=0,
 ):
     """Render a probe grid image.
@@ -184,14 +185,16 @@ def make_probe(
         Point-spread function: Gaussian core sigma (px), tail weight, tail scale (px).
     vignetting : float
         Centre-to-corner falloff of the light (>= 1).
-    lit : {"all", "disc", "half"}
-        Lit area: the whole image, a disc of 0.47 of the smaller side, or the
-        left 60 % of the image.
+    lit : {"all", "disc", "small", "half"}
+        Lit area: the whole image, a disc of 0.47 (0.22 for "small") of the
+        smaller side, or the left 60 % of the image.
     peak, dark : float
         Counts of an open hole at the centre; dark level added (may be < 0).
     gaps : sequence of ("row" | "col", start, width)
         Module gaps set to ``gap_value``.
     dtype : {"float32", "int32", "uint16"}
+    shift : (dy, dx), px
+        Moves the lattice (in plate coordinates) from its default origin.
     seed : int
 
     Returns
@@ -206,6 +209,7 @@ def make_probe(
     th = np.deg2rad(rotation_deg)
     rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
     origin = np.array([0.5 * ny + 0.31 * pitch_px, 0.5 * nx * aspect + 0.17 * pitch_px])
+    origin += np.asarray(shift, dtype=np.float64)
     # sites covering the image (plate coordinates)
     extent = np.hypot(ny, nx * aspect) / pitch_px + 2
     n = int(np.ceil(extent))
@@ -258,8 +262,9 @@ def make_probe(
     yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float32)
     r2 = ((yy - 0.5 * ny) ** 2 + (xx - 0.5 * nx) ** 2) / (0.25 * (ny * ny + nx * nx))
     light *= 1.0 / (1.0 + (vignetting - 1.0) * r2)
-    if lit == "disc":
-        lit_area = (yy - 0.5 * ny) ** 2 + (xx - 0.5 * nx) ** 2 < (0.47 * min(ny, nx)) ** 2
+    if lit in ("disc", "small"):
+        frac = 0.47 if lit == "disc" else 0.22
+        lit_area = (yy - 0.5 * ny) ** 2 + (xx - 0.5 * nx) ** 2 < (frac * min(ny, nx)) ** 2
     elif lit == "half":
         lit_area = xx < 0.6 * nx
     else:

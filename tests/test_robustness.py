@@ -492,3 +492,31 @@ def test_clean_vignetted_plate_keeps_its_corner_holes():
     assert probe.clean.sum() == 301
     # one hole 12 px from the right edge, its background ring cut short, stays "cut by edge"
     assert np.count_nonzero(dist > MATCH_PX) <= 1
+
+
+def test_holes_in_windows_cut_short_by_the_border_keep_their_chi_square_scale():
+    # The last row and column of holes 10 px from the image border: their fit
+    # windows are cut to 8 px where the others have 12, and the reduced
+    # chi-square of a sharp, bright hole grows ~2x in the smaller window (the
+    # disc's misfit weighs more against less background). It was taken for a
+    # cut hole: 7 of 64 holes lost.
+    import _probe_grid as pg  # registered by conftest.py
+
+    margin = 10.0
+    shift = 383.0 - margin - 350.88  # the last row and column 10 px from the border
+    probe = pg.make_probe(
+        (384, 384),
+        pitch_px=48.0,
+        radius_px=5.0,
+        k1=0.0,
+        psf_tail=0.0,
+        vignetting=1.5,
+        shift=(shift, shift),
+        seed=2,
+    )
+    assert np.isclose(probe.holes[:, 0].max(), 383.0 - margin, atol=0.05)
+    cal = calibrate(probe.image, cv_folds=0)
+    used = np.asarray(cal.holes.peaks)[cal.lattice.valid]
+    dist = cKDTree(used).query(probe.holes[probe.clean])[0]
+    assert probe.clean.sum() == 64
+    assert np.count_nonzero(dist > MATCH_PX) == 0

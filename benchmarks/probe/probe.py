@@ -76,6 +76,11 @@ def cases():
     out["int32-neg"] = ((n, n), dict(dtype="int32", dark=-150.0, peak=3000.0))
     out["disc-lit"] = ((n, n), dict(lit="disc"))
     out["half-lit"] = ((n, n), dict(lit="half"))
+    out["small-disc-lit"] = ((n, n), dict(lit="small", vignetting=2.0))
+    out["small-disc-rot45-aspect0.97"] = (
+        (n, n),
+        dict(lit="small", rotation_deg=45.0, aspect=0.97, pitch_px=40.0, radius_px=4.0),
+    )
     out["gaps-1"] = ((n, n), dict(gaps=[("row", 500, 17), ("col", 330, 7)], gap_value=-1))
     out["gaps-0-dead"] = ((n, n), dict(gaps=[("col", 600, 10)], gap_value=0, dead_rows=3))
     out["barrel60"] = ((n, n), dict(k1=-60.0))
