@@ -1,8 +1,8 @@
 """Shared set-up of the test suite.
 
 ``tests`` is not a package (pytest runs with ``--import-mode=importlib``), so
-the helper module ``_independent_grid.py`` beside the tests is registered
-here, before any test module is collected, for them to ``import`` it.
+the helper modules ``_independent_grid.py`` and ``_probe_grid.py`` beside the tests are
+registered here, before any test module is collected, for them to ``import``.
 """
 
 import importlib.util
@@ -19,3 +19,4 @@ def _register(name):
 
 
 _register("_independent_grid")
+_register("_probe_grid")

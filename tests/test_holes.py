@@ -96,6 +96,18 @@ def test_threshold_finds_holes_when_the_noise_spread_is_spoiled(modes, n_holes):
     assert noise.max() < thr < holes.min()
 
 
+def test_threshold_keeps_the_faint_tail_of_a_clean_vignetted_plate():
+    # a clean plate: ten noise peaks (two far below the rest), holes 97 % of
+    # the peaks, the corner holes dimmed by vignetting trailing 0.8 decade
+    # below the others. The widest gap above the faintest tenth (all holes)
+    # had put the threshold inside the tail.
+    rng = np.random.default_rng(22)
+    noise = np.concatenate([[-1.9, -1.1], rng.uniform(0.4, 1.9, 8)])
+    holes = np.concatenate([rng.normal(3.8, 0.06, 270), rng.uniform(3.0, 3.6, 30)])
+    thr, _ = auto_threshold(np.concatenate([noise, holes]))
+    assert noise.max() < thr < holes.min()
+
+
 def test_threshold_keeps_a_few_holes_above_the_noise():
     # four holes over a single noise mode: the floor keeps them, no gap search
     rng = np.random.default_rng(21)

@@ -291,6 +291,49 @@ def _fit_batches(image, seeds, radius, halves, shape, opts):
     return ProfileFit(**fields)
 
 
+def _spot_shadow(res, ok, amplitude, disc, half):
+    """Pixels whose 3x3 median a bright or dark spot reaches, (N, P) bool.
+
+    A zinger or hot cluster of 5 or more pixels survives the 3x3 median, and
+    the median of the pixels around any spot is biased towards it: in a
+    hole's ring of background a 3x3 zinger alone made the background look
+    stepped by 3-1500 typical spreads ("cut by edge"). A spot pixel is one
+    off the fitted model by more than the hole's own height, which neither
+    noise at a usable signal-to-noise ratio nor a lit-area edge reaches
+    (the background behind the plate is darker than a hole); the 3x3
+    neighbourhood of every such pixel is its shadow in the median.
+
+    Parameters
+    ----------
+    res : ndarray of shape (N, P), float64
+        Raw residuals ``data - model`` on the window's disc pixels.
+    ok : ndarray of shape (N, P), bool
+        Valid pixels.
+    amplitude : ndarray of shape (N,), float64
+        Fitted hole heights.
+    disc : ndarray of shape (P,), int64
+        Flat indices of the disc pixels in the ``(2 half + 1)²`` square.
+    half : int
+        Window half width, px.
+    """
+    spot = ok & (np.abs(res) > np.abs(amplitude)[:, None])
+    rows = np.flatnonzero(spot.any(axis=1))
+    out = np.zeros(spot.shape, dtype=bool)
+    if rows.size == 0:
+        return out
+    w = 2 * half + 1
+    square = np.zeros((rows.size, w + 2, w + 2), dtype=bool)
+    inner = square[:, 1:-1, 1:-1].reshape(rows.size, -1)  # a copy: filled, then put back
+    inner[:, disc] = spot[rows]
+    square[:, 1:-1, 1:-1] = inner.reshape(rows.size, w, w)
+    grown = np.zeros((rows.size, w, w), dtype=bool)
+    for dy in range(3):
+        for dx in range(3):
+            grown |= square[:, dy : dy + w, dx : dx + w]
+    out[rows] = grown.reshape(rows.size, -1)[:, disc]
+    return out
+
+
 def _disc_offsets(half):
     """Pixel offsets (y, x) of the circular window of radius ``half + 0.5``, and their indices."""
     w = 2 * half + 1
@@ -373,8 +416,10 @@ def _cold_group(image, centre, p, yy, xx, disc, outer, inner, half, valid, passe
     asym, ring_asym = engine.sector_asymmetry(p, res, weight, yy, xx, float(half))
     # the background's one-sidedness on the median-filtered pixels, unclipped,
     # against the typical hole's noise (see ProfileFit.ring_step)
+    off_med = med - data + res  # median-filtered pixels minus the model
+    spots = _spot_shadow(res, ok, p[:, 4], disc, half)
     _, ring_step = engine.sector_asymmetry(
-        p, med - data + res, ok / float(np.median(var_bg)), yy, xx, float(half)
+        p, off_med, (ok & ~spots) / float(np.median(var_bg)), yy, xx, float(half)
     )
     return _profile_fit(
         centre, p, cost, keep.sum(1), (ok & ~keep).sum(1), asym, ring_asym, ring_step, half
