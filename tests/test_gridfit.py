@@ -158,3 +158,116 @@ def test_bad_backend():
     idx, pos, _, _ = affine_lattice(rng, n=4)
     with pytest.raises(CcdgridError, match="backend"):
         fit_grid(pos, idx, backend="fortran")
+
+
+# -- centred_grid ------------------------------------------------------------------
+
+
+def _barrel_plate(k=2e-7, shape=(1024, 1024), pitch_px=40.0, rotation_deg=0.3, centre=None):
+    """Measured centres of a plate seen through ``D(m) = k |m - c|² (m - c)`` (px).
+
+    The true position of what is seen at ``m`` is ``m + D(m)``; the plate's
+    holes, at true positions on a square lattice, are seen where
+    ``m + D(m)`` is their site. Returns indices, measured centres, ``D`` and
+    the true lattice step (px).
+    """
+    c = (np.asarray(shape, dtype=np.float64) - 1) / 2 if centre is None else np.asarray(centre)
+    t = np.radians(rotation_deg)
+    vectors = pitch_px * np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    n = int(shape[0] / pitch_px) + 2
+    ii, jj = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    idx = np.column_stack([ii.ravel(), jj.ravel()])
+    sites = c - (n - 1) / 2 * vectors.sum(axis=0) + idx @ vectors + 7.3
+
+    def distortion(m):
+        r = m - c
+        return k * (r**2).sum(axis=1, keepdims=True) * r
+
+    m = sites.copy()
+    for _ in range(60):  # m = site - D(m), a contraction for these k
+        m = sites - distortion(m)
+    inside = np.all((m > 2) & (m < np.asarray(shape) - 3), axis=1)
+    return idx[inside], m[inside], distortion, pitch_px
+
+
+def test_centred_grid_recovers_a_radial_distortion_about_the_centre():
+    from ccdgrid.gridfit import centred_grid
+
+    idx, m, distortion, step = _barrel_plate()
+    lsq = fit_grid(m, idx, pitch=5e-3)
+    true = distortion(m)
+    # the fitted lattice takes the barrel's average magnification: its
+    # displacement is another field (more than 0.5 px away at the corners)
+    assert np.abs(lsq.displacement - true).max() > 0.5
+    grid = centred_grid(lsq, m, (1024, 1024))
+    # a cubic field about the centre: recovered exactly, lattice and pixel size included
+    np.testing.assert_allclose(grid.displacement, true, atol=1e-8)
+    np.testing.assert_allclose(grid.ideal - grid.displacement, m, atol=1e-9)
+    np.testing.assert_allclose(grid.pixel_size, (5e-3 / step, 5e-3 / step), rtol=1e-9)
+    np.testing.assert_allclose(grid.predict(grid.indices), grid.ideal, atol=1e-8)
+    np.testing.assert_allclose(np.hypot(*grid.vectors.T), step, rtol=1e-9)
+    assert grid.frame["centre"] == [511.5, 511.5]
+    assert grid.frame["degree"] == 5
+    assert grid.frame["holes"] == -(-len(m) // 2)
+    # what the least-squares fit measured is kept
+    assert (grid.rms_lsq, grid.rms_seed, grid.method_used) == (
+        lsq.rms_lsq,
+        lsq.rms_seed,
+        lsq.method_used,
+    )
+    assert lsq.frame is None
+
+
+def test_centred_grid_moves_the_ideal_positions_by_one_affine_map():
+    from ccdgrid.gridfit import centred_grid
+
+    rng = np.random.default_rng(4)
+    idx, m, distortion, _ = _barrel_plate(k=1e-7, rotation_deg=-1.0)
+    true = distortion(m)
+    m = m + rng.normal(0, 0.02, m.shape)  # measured centres are noisy
+    lsq = fit_grid(m, idx)
+    grid = centred_grid(lsq, m, (1024, 1024))
+    design = np.column_stack([np.ones(len(m)), lsq.ideal])
+    coef, *_ = np.linalg.lstsq(design, grid.ideal, rcond=None)
+    np.testing.assert_allclose(design @ coef, grid.ideal, atol=1e-9)
+    # the field as defined, to the noise of the centres (and of the local
+    # fit's scale and rotation, which the 49 central holes carry)
+    err = np.hypot(*(grid.displacement - true).T)
+    err_lsq = np.hypot(*(lsq.displacement - true).T)
+    # (0.028 px RMS for the noise alone)
+    assert np.sqrt(np.mean(err**2)) < 0.04
+    assert err.max() < 0.12
+    assert np.sqrt(np.mean(err_lsq**2)) > 0.1
+
+
+def test_centred_grid_off_the_plate_uses_the_holes_median():
+    from ccdgrid.gridfit import centred_grid
+
+    idx, m, _, _ = _barrel_plate(shape=(1024, 1024), centre=(511.5, 511.5))
+    corner = np.all(m < 480, axis=1)  # a plate that covers one quadrant only
+    grid = centred_grid(fit_grid(m[corner], idx[corner]), m[corner], (1024, 1024))
+    np.testing.assert_allclose(grid.frame["centre"], np.median(m[corner], axis=0))
+
+
+def test_centred_grid_with_few_holes_keeps_the_fitted_lattice():
+    from ccdgrid.gridfit import centred_grid
+
+    rng = np.random.default_rng(1)
+    idx, pos, _, _ = affine_lattice(rng, n=3)
+    pos = pos + rng.normal(0, 0.05, pos.shape)
+    lsq = fit_grid(pos, idx)
+    grid = centred_grid(lsq, pos, (400, 400))
+    assert grid.frame["degree"] == 1
+    # an affine fit of all holes: the lattice moves only by the noise's
+    # regression (1e-5 px here), not by a frame of its own
+    np.testing.assert_allclose(grid.ideal, lsq.ideal, atol=1e-3)
+    np.testing.assert_allclose(grid.pixel_size, lsq.pixel_size, rtol=1e-4)
+
+
+def test_centred_grid_bad_input():
+    from ccdgrid.gridfit import centred_grid
+
+    rng = np.random.default_rng(0)
+    idx, pos, _, _ = affine_lattice(rng)
+    with pytest.raises(CcdgridError, match="one row per hole"):
+        centred_grid(fit_grid(pos, idx), pos[:-1], (2000, 2000))

@@ -416,14 +416,26 @@ def test_dense_residual_of_the_true_maps_is_interpolation_error(field_512):
     assert res.points.shape == res.residuals.shape == (5000, 2)
 
 
-def test_dense_residual_removes_an_affine_offset(field_512):
+def test_dense_residual_removes_an_affine_map_of_the_positions(field_512):
     dy, dx = field_512.corner_maps((512, 512))
     i, j = np.meshgrid(np.arange(513) - 0.5, np.arange(513) - 0.5, indexing="ij")
-    res = syn.dense_residual(field_512, dy + 0.3 + 2e-3 * i, dx - 0.1 + 1e-3 * j, n=5000)
+    # the same calibration in another lattice convention: corrected positions
+    # (i + dy, j + dx) moved by one affine map, a 0.2 % scale and a shear
+    y, x = i + dy, j + dx
+    ay = y + 0.3 + 2e-3 * y + 5e-4 * x - i
+    ax = x - 0.1 + 1e-3 * x - j
+    res = syn.dense_residual(field_512, ay, ax, n=5000)
     assert res.rms < 1e-3
-    assert_allclose(res.affine, [[0.3, 2e-3, 0.0], [-0.1, 0.0, 1e-3]], atol=1e-4)
-    raw = syn.dense_residual(field_512, dy + 0.3 + 2e-3 * i, dx, n=5000, remove_affine=False)
+    assert_allclose(res.affine, [[0.3, 2e-3, 5e-4], [-0.1, 0.0, 1e-3]], atol=1e-4)
+    raw = syn.dense_residual(field_512, ay, ax, n=5000, remove_affine=False)
     assert raw.rms > 0.3
+
+
+def test_dense_residual_does_not_remove_a_scale_of_the_displacement_alone(field_512):
+    # d -> 1.01 d is no affine map of the positions: 1 % of a ~5 px field stays
+    dy, dx = field_512.corner_maps((512, 512))
+    res = syn.dense_residual(field_512, 1.01 * dy, 1.01 * dx, n=5000)
+    assert res.rms > 0.01
 
 
 def test_dense_residual_sees_a_bump(field_512):

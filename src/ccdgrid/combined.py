@@ -30,7 +30,7 @@ from scipy.interpolate import RBFInterpolator
 
 from ._validation import as_image, check_backend
 from .errors import CcdgridError
-from .gridfit import _check_pitch, fit_grid
+from .gridfit import _check_pitch, centred_grid, fit_grid
 from .lattice import index_holes
 from .maps import cross_validate, displacement_maps
 from .pipeline import Calibration, _check_folds, calibrate
@@ -378,7 +378,9 @@ def calibrate_combined(
     scale_px = float(np.mean([s[1].pitch_px for s in stages]))
     estimated = _refine_offsets(points, ij, image_of, np.array(rough), scale_px, pitch, backend)
     used = estimated if given is None else given
-    grid = fit_grid(points - used[image_of], ij, pitch=pitch, backend=backend)
+    # in the first image's frame, centred as a single image's grid is
+    moved_back = points - used[image_of]
+    grid = centred_grid(fit_grid(moved_back, ij, pitch=pitch, backend=backend), moved_back, shape)
     grid = replace(grid, ideal=grid.ideal + used[image_of])
     timings["joint_fit"] = time.perf_counter() - t0
 

@@ -308,6 +308,9 @@ def _collect(cal):
             grid_scalars[key] = float(value)
         elif value is not None:
             grid_scalars[key] = str(value)
+    frame = getattr(grid_obj, "frame", None)
+    if isinstance(frame, dict):
+        grid_scalars["frame"] = _json(frame)
     holes = {}
     for owner, key, dtype in (("holes", "peaks", np.float64), ("lattice", "indices", np.int64)):
         value = getattr(getattr(cal, owner, None), key, None)
@@ -510,7 +513,9 @@ def _write(h5, c, name, level, workers, version):
             "origin, vectors, ideal, displacement, residuals in (y, x) px, index coordinates "
             "(centre of pixel (i, j) at (i, j)); displacement = ideal - measured, per fitted "
             "hole (indices); pixel_size (pixel1, pixel2) in m; P = (Ox, Oy, Xx, Yx, Xy, Yy) in "
-            "(x, y) order, pixel_xy = R . hole_xy + (Ox, Oy), R = [[Xx, Yx], [Xy, Yy]]"
+            "(x, y) order, pixel_xy = R . hole_xy + (Ox, Oy), R = [[Xx, Yx], [Xy, Yy]]; frame "
+            "(JSON): the lattice is the plate's as seen at frame.centre (no displacement and "
+            "no displacement gradient there, see ccdgrid.gridfit.centred_grid)"
         )
         for key, value in c["grid"].items():
             grid[key] = value

@@ -21,7 +21,7 @@ import numpy as np
 
 from ._validation import as_points, check_backend
 from .errors import CcdgridError
-from .gridfit import _check_pitch, fit_grid
+from .gridfit import _check_pitch, centred_grid, fit_grid
 from .lattice import index_holes
 from .maps import cross_validate, displacement_maps
 from .peaks import find_holes
@@ -116,7 +116,7 @@ class Calibration:
                 *grid.vectors.ravel()
             ),
             f"pixel size: {self.pixel_size[0] * 1e6:.3f} x {self.pixel_size[1] * 1e6:.3f} µm "
-            f"(y x) for a {self.pitch * 1e3:g} mm pitch",
+            f"(y x) for a {self.pitch * 1e3:g} mm pitch" + _frame_text(grid),
             f"distortion at the holes (ideal - measured): RMS {grid.residual_rms:.3f} px, "
             f"max {grid.residual_max:.3f} px "
             f"({grid.residual_rms / pitch_px:.4f} / {grid.residual_max / pitch_px:.4f} pitch)",
@@ -255,6 +255,7 @@ def calibrate(
         pitch=pitch,
         backend=backend,
     )
+    grid = centred_grid(grid, peaks[valid], shape)
     maps = _timed(
         timings,
         "displacement_maps",
@@ -309,6 +310,15 @@ def calibrate(
         source=source,
         cross_validation=cv,
     )
+
+
+def _frame_text(grid):
+    """Where the lattice is the plate's (see ``gridfit.centred_grid``), as text."""
+    frame = getattr(grid, "frame", None)
+    if not frame:
+        return ""
+    y, x = frame["centre"]
+    return f", the lattice's at ({y:.1f}, {x:.1f}) px (no distortion there)"
 
 
 def _check_folds(cv_folds):

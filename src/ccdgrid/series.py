@@ -876,8 +876,6 @@ def _aligned_drift(reference, calibration):
     hole to the nearest reference hole (within 0.3 pitch) and taking the
     most common index difference.
     """
-    from types import SimpleNamespace
-
     from scipy.spatial import cKDTree
 
     from .warmstart import _drift, _previous
@@ -902,13 +900,7 @@ def _aligned_drift(reference, calibration):
     keys, counts = np.unique(diff, axis=0, return_counts=True)
     offset = keys[np.argmax(counts)].astype(np.float64)
     n_matched = int(counts.max())
-    shifted = SimpleNamespace(
-        grid=SimpleNamespace(origin=new.origin - offset @ new.vectors, vectors=new.vectors),
-        dx=new.dx,
-        dy=new.dy,
-        mask=new.mask,
-    )
-    return _drift(ref, shifted, len(ref.peaks), n_matched)
+    return _drift(ref, new.peaks, new.indices + offset, new, len(ref.peaks), n_matched)
 
 
 # -- process workers -----------------------------------------------------------------

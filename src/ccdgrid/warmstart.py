@@ -47,7 +47,7 @@ from . import holes as _holes
 from . import peaks as _peaks
 from ._validation import as_image, check_backend
 from .errors import CcdgridError
-from .gridfit import fit_grid
+from .gridfit import centred_grid, fit_grid
 from .lattice import LatticeIndex
 from .maps import DisplacementMaps, displacement_maps
 from .pipeline import (
@@ -311,7 +311,7 @@ def recalibrate(
     holes = _hole_search(found, ok, prev, timings)
 
     t0 = time.perf_counter()
-    grid = fit_grid(peaks, indices, pitch=pitch, backend=backend)
+    grid = centred_grid(fit_grid(peaks, indices, pitch=pitch, backend=backend), peaks, prev.shape)
     timings["fit_grid"] = time.perf_counter() - t0
     lattice = LatticeIndex(
         indices=indices.copy(),
@@ -392,7 +392,7 @@ def recalibrate(
         cross_validation=cv,
     )
     t0 = time.perf_counter()
-    cal.drift = _drift(prev, cal, len(prev.peaks), n_ok)
+    cal.drift = _drift(prev, peaks, indices, cal, len(prev.peaks), n_ok)
     timings["drift"] = time.perf_counter() - t0
     del timings["total"]  # re-added last, for the summary's order
     timings["total"] = time.perf_counter() - t_start
@@ -877,18 +877,29 @@ def _hole_search(found, ok, prev, timings):
 # -- drift -------------------------------------------------------------------
 
 
-def _drift(prev, cal, n_previous, n_matched):
-    """Grid move (same lattice indices) and map change between ``prev`` and ``cal``."""
+def _drift(prev, peaks, indices, maps, n_previous, n_matched):
+    """Grid move and map change between ``prev`` and a new calibration.
+
+    ``peaks`` (N, 2) px and ``indices`` (N, 2): the new calibration's indexed
+    holes, numbered as ``prev``'s; ``maps``: its ``dx``, ``dy`` and ``mask``.
+    The move is that of the least-squares lattices of the measured holes of
+    both (every hole weighs alike): a lattice expressed in the frame of the
+    image centre (:func:`~ccdgrid.gridfit.centred_grid`) takes its scale and
+    rotation from the holes near the centre only, which the noise of their
+    centres would turn by up to a mdeg from one image to the next.
+    """
+    o_old, v_old = _lsq_lattice(prev.peaks, prev.indices)
+    o_new, v_new = _lsq_lattice(peaks, indices)
     # row-vector convention: p = origin + (i, j) @ vectors, so
     # p_new = o_new + (p_old - o_old) @ inv(V_old) @ V_new
-    lin = np.linalg.solve(prev.vectors, cal.grid.vectors)
+    lin = np.linalg.solve(v_old, v_new)
     centre = (np.asarray(prev.shape, dtype=np.float64) - 1.0) / 2.0
-    moved = cal.grid.origin + (centre - prev.origin) @ lin
+    moved = o_new + (centre - o_old) @ lin
     a = lin.T  # acts on (y, x) column vectors
     # rotation from +x towards +y: y_out gains sin(t) x_in
     theta = math.atan2(a[0, 1] - a[1, 0], a[0, 0] + a[1, 1])
     scale = math.sqrt(abs(np.linalg.det(a)))
-    change_dx, change_dy = _map_change(prev, cal)
+    change_dx, change_dy = _map_change(prev, maps)
     return Drift(
         shift=moved - centre,
         rotation_mdeg=math.degrees(theta) * 1e3,
@@ -898,6 +909,14 @@ def _drift(prev, cal, n_previous, n_matched):
         n_previous=n_previous,
         n_matched=n_matched,
     )
+
+
+def _lsq_lattice(peaks, indices):
+    """``(origin, vectors)`` of the affine lattice fitted to all holes by least squares."""
+    ij = np.asarray(indices, dtype=np.float64)
+    design = np.column_stack([np.ones(len(ij)), ij])
+    coef, *_ = np.linalg.lstsq(design, np.asarray(peaks, dtype=np.float64), rcond=None)
+    return coef[0], coef[1:3]
 
 
 # the map change is compared on every _CHANGE_STEP-th corner, then on every
