@@ -39,7 +39,7 @@ cdef inline void _row_bits(
     bint along_x,
     uint32_t* bits,
 ) noexcept nogil:
-    """float32 bits of ``pixel * (source[j] + term)`` for ``j < n``, term = ``j`` or ``row_term``."""
+    """float32 bits of ``pixel * (source[j] + term)``, ``j < n``; term = ``j`` or ``row_term``."""
     cdef Py_ssize_t j
     cdef float value
     for j in range(n):
