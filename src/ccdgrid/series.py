@@ -690,11 +690,15 @@ class _Worker:
 
     ``shared``: several threads of this process run frames at once with it
     (a frame's CPU time is then its thread's, not the process's).
+    ``spare``: the pool's count of cores lent by idle workers at the end of
+    the series (a shared ``multiprocessing.Value``), or None; see
+    :meth:`_Pool.lend_idle_cores`.
     """
 
-    def __init__(self, config, shared=False):
+    def __init__(self, config, shared=False, spare=None):
         self.config = config
         self.shared = shared
+        self.spare = spare
         self._references = {}
         self._mask = None
 
@@ -723,6 +727,7 @@ class _Worker:
         the calibration).
         """
         start, wall, cpu = time.perf_counter(), time.time(), self._cpu()
+        self._borrowed = 0
         row = _new_row(spec)
         try:
             if spec.error:
@@ -742,8 +747,21 @@ class _Worker:
             "start": wall,
             "end": wall + row.seconds,
             "cpu": self._cpu() - cpu,
+            "borrowed": self._borrowed,
         }
         return row
+
+    _borrowed = 0  # cores borrowed by the frame being run (for its timing)
+
+    def _borrow(self):
+        """Take one core lent by an idle worker, if any: 1, else 0."""
+        if self.spare is None:
+            return 0
+        with self.spare.get_lock():
+            if self.spare.value <= 0:
+                return 0
+            self.spare.value -= 1
+        return 1
 
     def _cpu(self):
         # a worker alone in its process runs one frame at a time: the process's
@@ -786,7 +804,11 @@ class _Worker:
         if spec.output:
             from .detector_file import save_detector
 
-            save_detector(spec.output, cal, workers=self.config.save_workers)
+            # the detector file is most of a frame's CPU and its chunks are
+            # compressed in parallel: at the end of the series, a core lent by
+            # a worker with nothing left to do halves it
+            self._borrowed = self._borrow()
+            save_detector(spec.output, cal, workers=self.config.save_workers + self._borrowed)
             row.output = spec.output
         if reference is None:
             reference, reference_index = _read_marker(marker)
@@ -947,7 +969,7 @@ def _init_thread():
     _thread_limits("openmp").__enter__()  # for the thread's life: never restored
 
 
-def _init_process(config):
+def _init_process(config, spare=None):
     """Initialiser of a worker process: its :class:`_Worker` and the pipeline's modules."""
     global _PROCESS_WORKER
     _STARTUP.update(pid=os.getpid(), entered=time.time())
@@ -958,7 +980,7 @@ def _init_process(config):
     # overlaps in all workers and every frame costs the same
     from . import detector_file, io, pipeline, warmstart  # noqa: F401
 
-    _PROCESS_WORKER = _Worker(config)
+    _PROCESS_WORKER = _Worker(config, spare=spare)
     _STARTUP.update(ready=time.time(), startup_cpu=time.process_time())
 
 
@@ -1011,7 +1033,13 @@ class _Pool:
         self.kind, self.workers, self.config = kind, workers, config
         self.processes = None  # ProcessPoolExecutor
         self.threads = None  # ThreadPoolExecutor running self.local
-        self.local = _Worker(config, shared=kind == "thread" and workers > 1)
+        # cores lent by idle workers to busy ones at the end of a series
+        # (process workers only: threads of one process would fight for the GIL)
+        self.spare = (
+            multiprocessing.get_context("spawn").Value("i", 0) if kind == "process" else None
+        )
+        self.lent = 0  # cores lent so far
+        self.local = _Worker(config, shared=kind == "thread" and workers > 1, spare=self.spare)
         self.use_local = kind != "process" or _can_limit_threads()
         self.ready = []
         self.spawned = []  # the ready futures of every process started, restarts included
@@ -1040,7 +1068,7 @@ class _Pool:
             n,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_process,
-            initargs=(self.config,),
+            initargs=(self.config, self.spare),
         )
         # processes are spawned on submit: start them all now, single-threaded
         with _single_threaded_environment():
@@ -1105,6 +1133,29 @@ class _Pool:
         starting = {f for f in self.ready if not f.done()}
         done = cf.wait(set(futures) | starting, return_when=cf.FIRST_COMPLETED).done
         return done - starting
+
+    def lend_idle_cores(self):
+        """No frame is left to start: lend the idle workers' cores to the busy ones.
+
+        Each worker (this process's thread, or a worker process that is up)
+        with nothing to do adds one core to :attr:`spare`; a busy worker takes
+        one when it reaches its detector file and compresses it with one more
+        thread (:meth:`_Worker._borrow`). Lent once per worker: once the last
+        frames are placed, a worker that goes idle stays idle (but for a
+        short drift measurement).
+        """
+        if self.spare is None:
+            return
+        up = sum(f.done() for f in self.ready)
+        idle = (self.use_local and self.local_busy == 0) + max(0, up - self.process_busy)
+        if idle > self.lent:
+            with self.spare.get_lock():
+                self.spare.value += idle - self.lent
+            self.lent = idle
+
+    def local_free(self):
+        """True if this process's worker thread (beside worker processes) is idle."""
+        return self.kind == "process" and self.use_local and self.local_busy == 0
 
     def release(self, local):
         """A frame submitted with ``local`` (True: to this process) is done."""
@@ -1431,7 +1482,12 @@ class _Run:
         failed = 0
         try:
             while queue or runs or drifts:
-                while queue and len(runs) < _depth(pool.kind, self.workers, len(queue)):
+                # a free worker thread here always takes a frame: the one
+                # queued behind a busy worker process counts in `runs`, yet
+                # keeps no worker busy
+                while queue and (
+                    len(runs) < _depth(pool.kind, self.workers, len(queue)) or pool.local_free()
+                ):
                     placed = self._place(pool, queue[0], runs)
                     if placed is None:
                         break  # wait for a suspect frame to finish alone
@@ -1482,6 +1538,8 @@ class _Run:
                     runs = {f: v for f, v in runs.items() if v[1]}
                     drifts = {f: v for f, v in drifts.items() if v[1]}
                     pool.restart()
+                if not queue:
+                    pool.lend_idle_cores()
                 self._decide_reference()
                 if self.decided:
                     for row in self.pending_drift:
