@@ -727,14 +727,14 @@ class _Worker:
         the calibration).
         """
         start, wall, cpu = time.perf_counter(), time.time(), self._cpu()
-        self._borrowed = 0
+        borrowed = 0  # cores lent by idle workers to this frame's detector file
         row = _new_row(spec)
         try:
             if spec.error:
                 raise CcdgridError(spec.error)
             if reference is None:
                 reference, reference_index = _read_marker(marker)
-            self._calibrate(spec, row, reference, reference_index, warm, marker)
+            borrowed = self._calibrate(spec, row, reference, reference_index, warm, marker)
             row.status = "ok"
         except (CcdgridError, OSError) as exc:
             row.error = _describe(exc)
@@ -747,11 +747,9 @@ class _Worker:
             "start": wall,
             "end": wall + row.seconds,
             "cpu": self._cpu() - cpu,
-            "borrowed": self._borrowed,
+            "borrowed": borrowed,
         }
         return row
-
-    _borrowed = 0  # cores borrowed by the frame being run (for its timing)
 
     def _borrow(self):
         """Take one core lent by an idle worker, if any: 1, else 0."""
@@ -775,8 +773,11 @@ class _Worker:
         return f"{os.getpid()}:{threading.current_thread().name}"
 
     def _calibrate(self, spec, row, reference, reference_index, warm, marker):
+        """Fill ``row`` with the frame's calibration; return the cores it borrowed (0 or 1)."""
         from .io import read_image
         from .pipeline import calibrate
+
+        borrowed = 0
 
         if spec.array is not None:
             image = spec.array
@@ -804,11 +805,11 @@ class _Worker:
         if spec.output:
             from .detector_file import save_detector
 
-            # the detector file is most of a frame's CPU and its chunks are
-            # compressed in parallel: at the end of the series, a core lent by
-            # a worker with nothing left to do halves it
-            self._borrowed = self._borrow()
-            save_detector(spec.output, cal, workers=self.config.save_workers + self._borrowed)
+            # the detector file is about half of a frame's CPU, and its chunks
+            # compress in parallel: at the end of the series, a core lent by a
+            # worker with nothing left to do shortens the frame
+            borrowed = self._borrow()
+            save_detector(spec.output, cal, workers=self.config.save_workers + borrowed)
             row.output = spec.output
         if reference is None:
             reference, reference_index = _read_marker(marker)
@@ -821,6 +822,7 @@ class _Worker:
                 row.note = _join(row.note, f"drift not measured: {exc}")
             else:
                 _fill_drift(row, drift, reference_index)
+        return borrowed
 
     def drift(self, frame_file, reference, reference_index):
         """Drift columns of a frame already written to ``frame_file``."""
