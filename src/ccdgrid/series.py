@@ -35,9 +35,13 @@ process still starting could not be taken back). While at least one frame
 per worker would still wait, one more frame is queued behind a busy worker
 process (it then never waits for this process between two frames); the
 last frames go only to a free worker, since one queued behind a busy one
-could leave another worker idle for up to two frames at the end. Whole
-frames cannot be split, so one worker may still wait up to one frame at the
-end.
+could leave another worker idle for up to two frames at the end; the worker
+thread of the calling process takes the next frame as soon as it is free,
+whatever waits queued in a worker process. Whole frames cannot be split, so
+one worker may still wait up to one frame at the end: once no frame is left
+to start, every idle worker lends its core to a busy one, which compresses
+its detector file (about half of a frame's CPU) with one more thread
+(:attr:`FrameResult.timing` ``borrowed``).
 :attr:`FrameResult.timing` and :attr:`SeriesResult.timeline` say where and
 when every frame ran and when each worker process was ready;
 ``benchmarks/series.py --timeline`` prints them with the CPU time of each
@@ -174,8 +178,9 @@ class FrameResult:
         :func:`time.time`, comparable across the processes of one machine)
         and ``cpu`` (s of CPU time of the worker's process while it ran the
         frame; with ``executor="thread"``, of its thread only, without the
-        detector file's compression thread). Empty for a frame that never
-        reached a worker.
+        detector file's compression thread) and ``borrowed`` (int: cores lent
+        by idle workers at the end of the series to compress its detector
+        file, 0 or 1). Empty for a frame that never reached a worker.
     """
 
     index: int
