@@ -372,7 +372,7 @@ def _simulated_series(n, pool, tmp_path):
     config = _Config(pitch=5e-3, options={}, mask=None, save_workers=1)
     # a reference file known from the start: no frame waits for a drift reference
     run = series._Run(specs, config, "process", 2, "reference.h5", False, tmp_path, False, None)
-    run.pool_factory = lambda *args: pool
+    run.pool_factory = lambda *args, **kwargs: pool
     return run.execute()
 
 
@@ -502,6 +502,52 @@ def test_cores_are_lent_only_once_no_frame_is_left_to_start(tmp_path):
     last_start = max(start for start, _ in pool.local_runs)
     assert pool.lending
     assert min(pool.lending) >= last_start
+
+
+def test_a_frame_started_before_its_file_is_hashed_records_the_digest(
+    stack, tmp_path, monkeypatch
+):
+    spec = series._Spec(0, f"{stack}::/entry/data", 0, output=str(tmp_path / "d.h5"))
+    digests = series._Digests([spec])  # not started: the file is still "being hashed"
+    seen = []
+    hashing = series._Digests.hashing
+
+    def record(self, s):
+        seen.append(hashing(self, s))
+        return seen[-1]
+
+    def finish_then_get(self, s, wait=True):
+        if wait:  # the frame needs the digest now: the hash thread finishes
+            self._run()
+        return get(self, s, wait)
+
+    get = series._Digests.get
+    monkeypatch.setattr(series._Digests, "hashing", record)
+    monkeypatch.setattr(series._Digests, "get", finish_then_get)
+    config = _Config(pitch=5e-3, options={"cv_folds": 0}, mask=None, save_workers=1)
+
+    row = series._Worker(config, digests=digests).run(spec, None, -1, False)
+
+    assert row.ok
+    assert seen == [True]  # read while the hash was not known
+    assert (
+        load(tmp_path / "d.h5").source["sha256"] == hashlib.sha256(stack.read_bytes()).hexdigest()
+    )
+
+
+def test_process_workers_record_the_digest_of_the_file(stack, tmp_path):
+    res = calibrate_series(
+        f"{stack}::/entry/data",
+        frames="0,2,3",
+        pitch=5e-3,
+        output=tmp_path,
+        workers=2,
+        progress=False,
+        cv_folds=0,
+    )
+    digest = hashlib.sha256(stack.read_bytes()).hexdigest()
+    assert res.ok
+    assert [load(f.output).source["sha256"] for f in res.frames] == [digest] * 3
 
 
 def test_rows_say_where_and_when_each_frame_ran(stack, tmp_path):
