@@ -17,9 +17,11 @@ two threads gave 1.0-1.5x, a measurement too noisy to choose them). Every
 worker runs its BLAS and OpenMP single-threaded (worker processes are started
 with :data:`THREAD_ENV` set to 1; the calling process, which works as one of
 the workers, is held to one thread with threadpoolctl): on the 2-core
-reference machine a 2048² frame then costs about 0.65 s of CPU, against
+reference machine a 2048² frame then cost about 0.65 s of CPU, against
 0.75-0.8 s with the libraries' own threads (which spin while they wait) for
-the same wall time, and two workers do not fight over the cores. Workers read
+the same wall time, and two workers do not fight over the cores (it is
+~0.43 s since the detector file's corner kernel; about half of it is the
+detector file, mostly its deflate). Workers read
 their frames themselves (a path and a frame number travel to them, never an
 image), write the detector files themselves and send back one small
 :class:`FrameResult`. A worker process costs about 0.65 s of CPU to start
