@@ -43,7 +43,9 @@ whatever waits queued in a worker process. Whole frames cannot be split, so
 one worker may still wait up to one frame at the end: once no frame is left
 to start, every idle worker lends its core to a busy one, which compresses
 its detector file (about half of a frame's CPU) with one more thread
-(:attr:`FrameResult.timing` ``borrowed``).
+(:attr:`FrameResult.timing` ``borrowed``). The input files are hashed
+(their SHA-256 is recorded in every detector file) in a thread while the
+first frame is calibrated, not before it.
 :attr:`FrameResult.timing` and :attr:`SeriesResult.timeline` say where and
 when every frame ran and when each worker process was ready;
 ``benchmarks/series.py --timeline`` prints them with the CPU time of each
