@@ -194,9 +194,16 @@ def phases(cal, compressors, repeat):
     """Single-threaded CPU seconds (median of ``repeat``) of one pass over the corner chunks."""
     ny, nx = cal.shape
     rows = detector_file._chunk_rows(nx * 4 * 4, ny)
-    tasks = [
-        make for _, _, make in detector_file._corner_tasks(cal.dy, cal.dx, cal.pixel_size, rows)
-    ]
+    engines = {name: detector_file._planes_engine(name) for name in ("numpy", "cython")}
+    tasks, numpy_tasks = (
+        [
+            make
+            for _, _, make in detector_file._corner_tasks(
+                cal.dy, cal.dx, cal.pixel_size, rows, engines[name]
+            )
+        ]
+        for name in ("cython", "numpy")
+    )
 
     def cpu(fn):
         times = []
@@ -209,7 +216,8 @@ def phases(cal, compressors, repeat):
     # each chunk is dropped once built, as in the save (retaining them all would time page faults)
     out = {}
     out["build+shuffle, before"] = (cpu(lambda: [_chunk_before(m).size for m in tasks])[0], None)
-    out["build+shuffle, now"] = (cpu(lambda: [m().size for m in tasks])[0], None)
+    out["build+shuffle, numpy twin"] = (cpu(lambda: [m().size for m in numpy_tasks])[0], None)
+    out["build+shuffle, kernel"] = (cpu(lambda: [m().size for m in tasks])[0], None)
     chunks = [m() for m in tasks]
     assert all(np.array_equal(c, _chunk_before(m)) for c, m in zip(chunks, tasks, strict=True))
     for label, compressor in compressors:

@@ -38,7 +38,10 @@ an estimate for an idle machine, never a replacement for the measured ratio.
 ``--timeline`` prints, for the best run of each configuration, every worker's
 start-up (when the worker process was asked for, when its initialiser ran,
 when its imports were done, the CPU time they took), its frames (start-end,
-s from the call), its busy and CPU time, gaps and idle time at the end.
+s from the call, and in brackets the CPU time of the frame's process while
+it ran; a ``+`` when the frame's detector file was compressed with a core
+lent by an idle worker at the end), its busy and CPU time, gaps and idle
+time at the end.
 ``--outdir /dev/shm`` writes the detector files to memory (the disk out of
 the measure).
 """
@@ -147,7 +150,11 @@ def timelines(res):
         )
         lines.append(
             "      "
-            + " ".join(f"{t['i']}:{t['start'] - t0:.2f}-{t['end'] - t0:.2f}" for t in frames)
+            + " ".join(
+                f"{t['i']}:{t['start'] - t0:.2f}-{t['end'] - t0:.2f}"
+                f"({t['cpu']:.2f}){'+' * t.get('borrowed', 0)}"
+                for t in frames
+            )
         )
     return lines
 

@@ -216,6 +216,42 @@ def _unshuffle(raw, dtype, shape):
     return planes.T.copy().view(dtype).reshape(shape)
 
 
+@pytest.fixture(params=["cython", "numpy"])
+def backend(request):
+    return request.param
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize(("i0", "i1"), [(0, 3), (3, 6), (6, 7)])  # (6, 7): partial last chunk
+def test_corner_planes_are_the_shuffled_float32_corner_chunk(backend, axis, i0, i1):
+    rng = np.random.default_rng(21)
+    ny, nx, rows = 7, 13, 3
+    corner_map = rng.normal(0, 4, (ny + 1, nx + 1)).astype(np.float32)
+    pixel = PIXEL_SIZE[axis]
+    out = np.full((4, rows * nx * 4), 0xAB, dtype=np.uint8)  # padding must be zeroed
+
+    detector_file._planes_engine(backend).corner_planes(corner_map, pixel, i0, i1, axis, out)
+
+    index = np.arange(ny + 1)[:, None] if axis == 0 else np.arange(nx + 1)[None, :]
+    v = (pixel * (corner_map.astype(np.float64) + index)).astype("<f4")[i0 : i1 + 1]
+    chunk = np.zeros((rows, nx, 4), dtype="<f4")
+    chunk[: i1 - i0] = np.stack([v[:-1, :-1], v[1:, :-1], v[1:, 1:], v[:-1, 1:]], axis=-1)
+    np.testing.assert_array_equal(out, _shuffled(chunk))
+
+
+def test_both_backends_write_the_same_bytes(tmp_path):
+    cal = _calibration((45, 38), seed=12)
+    chunks = {}
+    for name in ("cython", "numpy"):
+        path = save_detector(tmp_path / f"{name}.h5", cal, backend=name, workers=2)
+        with h5py.File(path, "r") as h5:
+            node = h5["entry/pyFAI/ccdgrid/pixel_corners"].id
+            offsets = [node.get_chunk_info(k).chunk_offset for k in range(node.get_num_chunks())]
+            chunks[name] = [node.read_direct_chunk(o) for o in offsets]
+
+    assert chunks["cython"] == chunks["numpy"]
+
+
 @pytest.mark.parametrize("engine_name", ["zlib", "isal"])
 @pytest.mark.parametrize("level", [0, 1, 2, 3, 6])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16, np.uint8])
@@ -493,6 +529,7 @@ def test_bad_target_paths(tmp_path):
         ({"name": ""}, "`name` must be a non-empty name"),
         ({"compression_level": 10}, r"`compression_level` must be an int in 0\.\.9"),
         ({"workers": 0}, "`workers` must be a positive int"),
+        ({"backend": "fortran"}, "`backend` must be one of"),
     ],
 )
 def test_bad_options(tmp_path, kwargs, message):

@@ -10,6 +10,7 @@ import concurrent.futures as cf
 import contextlib
 import csv
 import hashlib
+import itertools
 import json
 import os
 import pathlib
@@ -316,6 +317,8 @@ class _SimulatedPool:
         self.finish = {}  # future -> (time, row, where)
         self.placed = []  # (series index, where, frames before it still in that worker)
         self.ends = {}  # where -> end of its last frame
+        self.local_runs = []  # (start, end) of this process's frames
+        self.lending = []  # when the scheduler offered idle cores
 
     def submit(self, func_name, spec, *args, where="any"):
         assert func_name == "run"
@@ -325,6 +328,7 @@ class _SimulatedPool:
         if where != "process" and not self.local_busy:
             self.local_busy = True
             self.finish[future] = (self.now + self.local_s, row, "local")
+            self.local_runs.append((self.now, self.now + self.local_s))
             self.placed.append((spec.index, "local", 0))
             return future, True
         if where == "local" or self.now < self.startup_s:
@@ -350,6 +354,12 @@ class _SimulatedPool:
     def release(self, local):
         self.local_busy = self.local_busy and not local
 
+    def local_free(self):
+        return not self.local_busy
+
+    def lend_idle_cores(self):
+        self.lending.append(self.now)
+
     def startups(self):
         return []
 
@@ -362,7 +372,7 @@ def _simulated_series(n, pool, tmp_path):
     config = _Config(pitch=5e-3, options={}, mask=None, save_workers=1)
     # a reference file known from the start: no frame waits for a drift reference
     run = series._Run(specs, config, "process", 2, "reference.h5", False, tmp_path, False, None)
-    run.pool_factory = lambda *args: pool
+    run.pool_factory = lambda *args, **kwargs: pool
     return run.execute()
 
 
@@ -380,6 +390,21 @@ def test_the_last_frames_go_to_a_free_worker(tmp_path):
     assert [ahead for _, _, ahead in pool.placed[-2:]] == [0, 0]
     # so neither worker waits for the other longer than a frame at the end
     assert abs(pool.ends["local"] - pool.ends["process"]) < 1.5
+
+
+@pytest.mark.parametrize("n", [5, 6, 7, 8, 12])
+def test_this_process_never_waits_while_frames_remain(tmp_path, n):
+    # a frame queued behind the busy worker process must not keep this
+    # process's free worker from the frames still waiting (it once did, for
+    # as long as the process took to finish its frame)
+    pool = _SimulatedPool(startup_s=0.5, local_s=1.0, process_s=1.25)
+    rows = _simulated_series(n, pool, tmp_path)
+    assert all(r.ok for r in rows)
+    local = pool.local_runs
+    assert all(b[0] == a[1] for a, b in itertools.pairwise(local))
+    assert local[0][0] == 0.0
+    # it stops only when no frame is left to start
+    assert len(local) + sum(w == "process" for _, w, _ in pool.placed) == n
 
 
 def test_a_worker_process_gets_frames_only_once_up(tmp_path):
@@ -438,6 +463,91 @@ def test_a_worker_process_takes_frames_once_up():
         assert pool.process_busy == 0
     finally:
         pool.shutdown()
+
+
+def test_idle_workers_lend_their_cores_once_to_busy_ones(stack, tmp_path):
+    config = _Config(pitch=5e-3, options={"cv_folds": 0}, mask=None, save_workers=1)
+    pool = _Pool("process", 2, config)
+    try:
+        pool.ready[0].result(timeout=120)  # the worker process is up
+        pool.local_busy, pool.process_busy = 1, 1
+        pool.lend_idle_cores()
+        assert pool.spare.value == 0  # both busy: nothing to lend
+        pool.local_busy = 0
+        pool.lend_idle_cores()
+        pool.lend_idle_cores()
+        assert pool.spare.value == 1  # once per idle worker
+        pool.process_busy = 0
+        # the worker process borrows it for its frame's detector file
+        spec = series._Spec(0, f"{stack}::/entry/data", 0, output=str(tmp_path / "d.h5"))
+        future, local = pool.submit("run", spec, None, -1, False, where="process")
+        row = future.result(timeout=300)
+        assert not local
+        assert row.ok
+        assert row.timing["borrowed"] == 1
+        assert pool.spare.value == 0
+        pool.release(False)
+        # this process's worker finds none left
+        assert pool.local._borrow() == 0
+        pool.lend_idle_cores()  # now the process is idle too: one more core
+        assert pool.local._borrow() == 1
+        assert pool.local._borrow() == 0
+    finally:
+        pool.shutdown()
+
+
+def test_cores_are_lent_only_once_no_frame_is_left_to_start(tmp_path):
+    pool = _SimulatedPool(startup_s=0.5, local_s=1.0, process_s=1.25)
+    _simulated_series(7, pool, tmp_path)
+    last_start = max(start for start, _ in pool.local_runs)
+    assert pool.lending
+    assert min(pool.lending) >= last_start
+
+
+def test_a_frame_started_before_its_file_is_hashed_records_the_digest(
+    stack, tmp_path, monkeypatch
+):
+    spec = series._Spec(0, f"{stack}::/entry/data", 0, output=str(tmp_path / "d.h5"))
+    digests = series._Digests([spec])  # not started: the file is still "being hashed"
+    seen = []
+    hashing = series._Digests.hashing
+
+    def record(self, s):
+        seen.append(hashing(self, s))
+        return seen[-1]
+
+    def finish_then_get(self, s, wait=True):
+        if wait:  # the frame needs the digest now: the hash thread finishes
+            self._run()
+        return get(self, s, wait)
+
+    get = series._Digests.get
+    monkeypatch.setattr(series._Digests, "hashing", record)
+    monkeypatch.setattr(series._Digests, "get", finish_then_get)
+    config = _Config(pitch=5e-3, options={"cv_folds": 0}, mask=None, save_workers=1)
+
+    row = series._Worker(config, digests=digests).run(spec, None, -1, False)
+
+    assert row.ok
+    assert seen == [True]  # read while the hash was not known
+    assert (
+        load(tmp_path / "d.h5").source["sha256"] == hashlib.sha256(stack.read_bytes()).hexdigest()
+    )
+
+
+def test_process_workers_record_the_digest_of_the_file(stack, tmp_path):
+    res = calibrate_series(
+        f"{stack}::/entry/data",
+        frames="0,2,3",
+        pitch=5e-3,
+        output=tmp_path,
+        workers=2,
+        progress=False,
+        cv_folds=0,
+    )
+    digest = hashlib.sha256(stack.read_bytes()).hexdigest()
+    assert res.ok
+    assert [load(f.output).source["sha256"] for f in res.frames] == [digest] * 3
 
 
 def test_rows_say_where_and_when_each_frame_ran(stack, tmp_path):

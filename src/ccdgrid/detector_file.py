@@ -42,7 +42,6 @@ import numbers
 import os
 import pathlib
 import secrets
-import threading
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -157,7 +156,9 @@ class DetectorRecord:
 # -- saving ------------------------------------------------------------------
 
 
-def save_detector(path, calibration, *, name="ccdgrid", compression_level=2, workers=None):
+def save_detector(
+    path, calibration, *, name="ccdgrid", compression_level=2, workers=None, backend="cython"
+):
     """Write a calibration as a detector file that pyFAI loads.
 
     Parameters
@@ -207,6 +208,9 @@ def save_detector(path, calibration, *, name="ccdgrid", compression_level=2, wor
     workers : int or None
         Threads compressing chunks; None = up to 4, no more than the CPUs
         this process may use.
+    backend : {"cython", "numpy"}
+        Engine that lays out the corner chunks' byte planes (the compiled
+        kernel, or its numpy twin); the file is the same byte for byte.
 
     Returns
     -------
@@ -250,18 +254,30 @@ def save_detector(path, calibration, *, name="ccdgrid", compression_level=2, wor
             f"`compression_level` must be an int in 0..9, got {compression_level!r}"
         )
     workers = _resolve_workers(workers)
+    engine = _planes_engine(backend)
     content = _collect(calibration)
 
     tmp = _temporary_sibling(target)
     try:
         with h5py.File(tmp, "w") as h5:
-            _write(h5, content, name, int(compression_level), workers, __version__)
+            _write(h5, content, name, int(compression_level), workers, __version__, engine)
         os.replace(tmp, target)
     except BaseException:
         # also on KeyboardInterrupt: never leave the temporary file behind
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def _planes_engine(backend):
+    """The module whose ``corner_planes`` builds the corner chunks for ``backend``."""
+    from ._validation import check_backend
+
+    if check_backend(backend) == "numpy":
+        from ._reference import corner_planes
+    else:
+        from ._ext import _corner_planes as corner_planes
+    return corner_planes
 
 
 def _valid_group_name(name):
@@ -427,7 +443,7 @@ def _json_default(obj):
     return str(obj)
 
 
-def _write(h5, c, name, level, workers, version):
+def _write(h5, c, name, level, workers, version, engine):
     ny, nx = c["shape"]
     now = _now()
     h5.attrs["NX_class"] = "NXroot"
@@ -531,7 +547,7 @@ def _write(h5, c, name, level, workers, version):
         for key, value in c["holes"].items():
             holes[key] = value
 
-    tasks = _corner_tasks(c["dy"], c["dx"], c["pixel_size"], rows)
+    tasks = _corner_tasks(c["dy"], c["dx"], c["pixel_size"], rows, engine)
     for key in ("dx", "dy"):
         tasks += _map_tasks(c[key], maps[key].chunks, key)
     datasets = {"corners": corners, "dx": maps["dx"], "dy": maps["dy"]}
@@ -547,15 +563,16 @@ def _row_chunks(shape, itemsize):
     return (_chunk_rows(shape[1] * itemsize, shape[0]), shape[1])
 
 
-def _corner_tasks(dy, dx, pixel_size, rows):
+def _corner_tasks(dy, dx, pixel_size, rows, engine):
     """Chunk jobs for pixel_corners: (dataset key, chunk offset, function -> chunk array)."""
     ny = dy.shape[0] - 1
     pixel1, pixel2 = pixel_size
     tasks = []
     for i0 in range(0, ny, rows):
         i1 = min(i0 + rows, ny)
-        tasks.append(("corners", (i0, 0, 0, 1), _CornerPlane(dy, pixel1, i0, i1, rows, axis=0)))
-        tasks.append(("corners", (i0, 0, 0, 2), _CornerPlane(dx, pixel2, i0, i1, rows, axis=1)))
+        for axis, corner_map, pixel in ((0, dy, pixel1), (1, dx, pixel2)):
+            plane = _CornerPlane(corner_map, pixel, i0, i1, rows, axis, engine)
+            tasks.append(("corners", (i0, 0, 0, axis + 1), plane))
     return tasks
 
 
@@ -569,70 +586,25 @@ class _CornerPlane:
     Calling it returns what HDF5's shuffle filter makes of the chunk
     ``(rows, nx, 4, 1)`` of little-endian float32: a uint8 array of shape
     (4, rows * nx * 4), byte plane ``b`` holding byte ``b`` of the corners A,
-    B, C, D of each pixel in turn. It is built from the (rows + 1, nx + 1)
-    corner grid without ever materialising the float32 chunk: for each byte
-    plane, the four bytes of one pixel are packed into a single uint32 word
-    with whole-array shifts and ors, which numpy vectorises, instead of four
-    strided float32 copies and a byte-by-byte shuffle (4 times less CPU
-    when the memory is warm; once page faults are counted, the two cost
-    about the same, ~0.15 s per 2048² image, see ``benchmarks/save.py``).
+    B, C, D of each pixel in turn. ``engine`` builds it from the
+    (rows + 1, nx + 1) corner grid without materialising the float32 chunk:
+    the compiled kernel in one pass (~0.02 s of CPU per 2048² file), its
+    numpy twin with whole-array shifts and ors (~0.1-0.15 s, and ~30 passes
+    over block-sized arrays; see ``benchmarks/save.py``).
     """
 
-    def __init__(self, corner_map, pixel, i0, i1, rows, axis):
+    def __init__(self, corner_map, pixel, i0, i1, rows, axis, engine):
         self.corner_map, self.pixel = corner_map, pixel
         self.i0, self.i1, self.rows, self.axis = i0, i1, rows, axis
+        self.engine = engine
 
     def __call__(self):
-        i0, i1 = self.i0, self.i1
-        source = self.corner_map[i0 : i1 + 1]
-        n, nx = i1 - i0, source.shape[1] - 1
-        block, single, byte, term = _scratch(source.shape)
-        np.copyto(block, source)
-        if self.axis == 0:
-            block += np.arange(i0, i1 + 1, dtype=np.float64)[:, None]
-        else:
-            block += np.arange(nx + 1, dtype=np.float64)
-        block *= self.pixel
-        np.copyto(single, block, casting="same_kind")
-        # values, not memory, are shifted below: the bytes are little-endian on any host
-        bits = single.view("<u4")
-        planes = np.empty((4, self.rows, nx), dtype="<u4")
-        planes[:, n:] = 0  # padding rows of the partial last chunk, outside the dataset
-        term = term[:n]
-        for b in range(4):
-            np.right_shift(bits, 8 * b, out=byte)
-            byte &= 0xFF
-            word = planes[b, :n]
-            np.left_shift(byte[1:, :-1], 8, out=word)  # B = corner (i + 1, j)
-            word |= byte[:-1, :-1]  # A = corner (i, j): lowest byte, first in memory
-            np.left_shift(byte[1:, 1:], 16, out=term)  # C = corner (i + 1, j + 1)
-            word |= term
-            np.left_shift(byte[:-1, 1:], 24, out=term)  # D = corner (i, j + 1)
-            word |= term
-        return planes.view(np.uint8).reshape(4, -1)
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch(shape):
-    """This thread's work arrays for a corner block of ``shape`` (rows + 1, nx + 1).
-
-    Reused from chunk to chunk: freshly allocated MB-sized arrays come from
-    new zero pages, and the page faults on first touch cost more than all of
-    the arithmetic.
-    """
-    arrays = getattr(_SCRATCH, "arrays", None)
-    if arrays is None or arrays[0].shape[0] < shape[0] or arrays[0].shape[1] != shape[1]:
-        arrays = (
-            np.empty(shape, dtype=np.float64),  # metres, exact
-            np.empty(shape, dtype="<f4"),  # metres, rounded
-            np.empty(shape, dtype="<u4"),  # one byte of each corner
-            np.empty((shape[0] - 1, shape[1] - 1), dtype="<u4"),  # one shifted term
+        nx = self.corner_map.shape[1] - 1
+        planes = np.empty((4, self.rows * nx * 4), dtype=np.uint8)
+        self.engine.corner_planes(
+            self.corner_map, float(self.pixel), self.i0, self.i1, self.axis, planes
         )
-        _SCRATCH.arrays = arrays
-    rows = shape[0]
-    return arrays[0][:rows], arrays[1][:rows], arrays[2][:rows], arrays[3][: rows - 1]
+        return planes
 
 
 def _map_tasks(corner_map, chunks, key):
@@ -711,7 +683,8 @@ def _deflate_planes(make_planes, level, store_low, engine):
     store_low : bool
         Store plane 0 (the least significant byte) instead of deflating it.
     engine : module
-        ``zlib`` or ``isal.isal_zlib`` (the same ``compressobj`` interface).
+        ``zlib`` or ``isal.isal_zlib`` (the same ``compressobj`` and
+        ``adler32`` interface).
     """
     planes = make_planes()
     if level == 0:
@@ -726,7 +699,7 @@ def _deflate_planes(make_planes, level, store_low, engine):
             deflate = engine.compressobj(level, engine.DEFLATED, -zlib.MAX_WBITS)
         pieces.append(deflate.compress(plane))
         pieces.append(deflate.flush(zlib.Z_FINISH if k == last else zlib.Z_SYNC_FLUSH))
-        adler = zlib.adler32(plane, adler)
+        adler = engine.adler32(plane, adler)  # ISA-L's is ~4x faster than zlib's
     pieces.append(adler.to_bytes(4, "big"))
     return b"".join(pieces)
 

@@ -17,9 +17,11 @@ two threads gave 1.0-1.5x, a measurement too noisy to choose them). Every
 worker runs its BLAS and OpenMP single-threaded (worker processes are started
 with :data:`THREAD_ENV` set to 1; the calling process, which works as one of
 the workers, is held to one thread with threadpoolctl): on the 2-core
-reference machine a 2048² frame then costs about 0.65 s of CPU, against
+reference machine a 2048² frame then cost about 0.65 s of CPU, against
 0.75-0.8 s with the libraries' own threads (which spin while they wait) for
-the same wall time, and two workers do not fight over the cores. Workers read
+the same wall time, and two workers do not fight over the cores (it is
+~0.43 s since the detector file's corner kernel; about half of it is the
+detector file, mostly its deflate). Workers read
 their frames themselves (a path and a frame number travel to them, never an
 image), write the detector files themselves and send back one small
 :class:`FrameResult`. A worker process costs about 0.65 s of CPU to start
@@ -35,9 +37,15 @@ process still starting could not be taken back). While at least one frame
 per worker would still wait, one more frame is queued behind a busy worker
 process (it then never waits for this process between two frames); the
 last frames go only to a free worker, since one queued behind a busy one
-could leave another worker idle for up to two frames at the end. Whole
-frames cannot be split, so one worker may still wait up to one frame at the
-end.
+could leave another worker idle for up to two frames at the end; the worker
+thread of the calling process takes the next frame as soon as it is free,
+whatever waits queued in a worker process. Whole frames cannot be split, so
+one worker may still wait up to one frame at the end: once no frame is left
+to start, every idle worker lends its core to a busy one, which compresses
+its detector file (about half of a frame's CPU) with one more thread
+(:attr:`FrameResult.timing` ``borrowed``). The input files are hashed
+(their SHA-256 is recorded in every detector file) in a thread while the
+first frame is calibrated, not before it.
 :attr:`FrameResult.timing` and :attr:`SeriesResult.timeline` say where and
 when every frame ran and when each worker process was ready;
 ``benchmarks/series.py --timeline`` prints them with the CPU time of each
@@ -174,8 +182,9 @@ class FrameResult:
         :func:`time.time`, comparable across the processes of one machine)
         and ``cpu`` (s of CPU time of the worker's process while it ran the
         frame; with ``executor="thread"``, of its thread only, without the
-        detector file's compression thread). Empty for a frame that never
-        reached a worker.
+        detector file's compression thread) and ``borrowed`` (int: cores lent
+        by idle workers at the end of the series to compress its detector
+        file, 0 or 1). Empty for a frame that never reached a worker.
     """
 
     index: int
@@ -690,11 +699,18 @@ class _Worker:
 
     ``shared``: several threads of this process run frames at once with it
     (a frame's CPU time is then its thread's, not the process's).
+    ``spare``: the pool's count of cores lent by idle workers at the end of
+    the series (a shared ``multiprocessing.Value``), or None; see
+    :meth:`_Pool.lend_idle_cores`. ``digests``: the series' :class:`_Digests`,
+    for a worker in the calling process, which may start a frame before its
+    file is hashed.
     """
 
-    def __init__(self, config, shared=False):
+    def __init__(self, config, shared=False, spare=None, digests=None):
         self.config = config
         self.shared = shared
+        self.spare = spare
+        self.digests = digests  # _Digests of the series (this process's worker only)
         self._references = {}
         self._mask = None
 
@@ -723,13 +739,14 @@ class _Worker:
         the calibration).
         """
         start, wall, cpu = time.perf_counter(), time.time(), self._cpu()
+        borrowed = 0  # cores lent by idle workers to this frame's detector file
         row = _new_row(spec)
         try:
             if spec.error:
                 raise CcdgridError(spec.error)
             if reference is None:
                 reference, reference_index = _read_marker(marker)
-            self._calibrate(spec, row, reference, reference_index, warm, marker)
+            borrowed = self._calibrate(spec, row, reference, reference_index, warm, marker)
             row.status = "ok"
         except (CcdgridError, OSError) as exc:
             row.error = _describe(exc)
@@ -742,8 +759,19 @@ class _Worker:
             "start": wall,
             "end": wall + row.seconds,
             "cpu": self._cpu() - cpu,
+            "borrowed": borrowed,
         }
         return row
+
+    def _borrow(self):
+        """Take one core lent by an idle worker, if any: 1, else 0."""
+        if self.spare is None:
+            return 0
+        with self.spare.get_lock():
+            if self.spare.value <= 0:
+                return 0
+            self.spare.value -= 1
+        return 1
 
     def _cpu(self):
         # a worker alone in its process runs one frame at a time: the process's
@@ -757,14 +785,25 @@ class _Worker:
         return f"{os.getpid()}:{threading.current_thread().name}"
 
     def _calibrate(self, spec, row, reference, reference_index, warm, marker):
+        """Fill ``row`` with the frame's calibration; return the cores it borrowed (0 or 1)."""
         from .io import read_image
         from .pipeline import calibrate
 
+        borrowed = 0
+
+        pending = False  # the file is still being hashed
         if spec.array is not None:
             image = spec.array
             source = {"path": spec.file, "sha256": None, "frame": spec.frame}
         else:
-            image, source = read_image(spec.file, frame=spec.frame, sha256=spec.sha256)
+            digest = spec.sha256
+            if digest is None and self.digests is not None:
+                digest = self.digests.get(spec, wait=False)
+                pending = digest is None and self.digests.hashing(spec)
+            # the digest is recorded, never used to read: it is filled in below
+            image, source = read_image(
+                spec.file, frame=spec.frame, sha256="" if pending else digest
+            )
             row.file, row.dataset = source["path"], source["dataset"] or ""
         mask = self._mask_for(tuple(np.shape(image)))
         previous = None
@@ -783,10 +822,16 @@ class _Worker:
         row.note = "; ".join(dict.fromkeys(str(w.message) for w in caught))
         row.warm = bool(previous is not None and cal.params.get("warm_start", {}).get("used"))
         _fill_calibration(row, cal)
+        if pending:
+            cal.source["sha256"] = self.digests.get(spec) or _sha256(spec)
         if spec.output:
             from .detector_file import save_detector
 
-            save_detector(spec.output, cal, workers=self.config.save_workers)
+            # the detector file is about half of a frame's CPU, and its chunks
+            # compress in parallel: at the end of the series, a core lent by a
+            # worker with nothing left to do shortens the frame
+            borrowed = self._borrow()
+            save_detector(spec.output, cal, workers=self.config.save_workers + borrowed)
             row.output = spec.output
         if reference is None:
             reference, reference_index = _read_marker(marker)
@@ -799,6 +844,7 @@ class _Worker:
                 row.note = _join(row.note, f"drift not measured: {exc}")
             else:
                 _fill_drift(row, drift, reference_index)
+        return borrowed
 
     def drift(self, frame_file, reference, reference_index):
         """Drift columns of a frame already written to ``frame_file``."""
@@ -939,7 +985,7 @@ def _init_thread():
     _thread_limits("openmp").__enter__()  # for the thread's life: never restored
 
 
-def _init_process(config):
+def _init_process(config, spare=None):
     """Initialiser of a worker process: its :class:`_Worker` and the pipeline's modules."""
     global _PROCESS_WORKER
     _STARTUP.update(pid=os.getpid(), entered=time.time())
@@ -950,7 +996,7 @@ def _init_process(config):
     # overlaps in all workers and every frame costs the same
     from . import detector_file, io, pipeline, warmstart  # noqa: F401
 
-    _PROCESS_WORKER = _Worker(config)
+    _PROCESS_WORKER = _Worker(config, spare=spare)
     _STARTUP.update(ready=time.time(), startup_cpu=time.process_time())
 
 
@@ -999,11 +1045,19 @@ class _Pool:
     notes for what that saves).
     """
 
-    def __init__(self, kind, workers, config):
+    def __init__(self, kind, workers, config, digests=None):
         self.kind, self.workers, self.config = kind, workers, config
         self.processes = None  # ProcessPoolExecutor
         self.threads = None  # ThreadPoolExecutor running self.local
-        self.local = _Worker(config, shared=kind == "thread" and workers > 1)
+        # cores lent by idle workers to busy ones at the end of a series
+        # (process workers only: threads of one process would fight for the GIL)
+        self.spare = (
+            multiprocessing.get_context("spawn").Value("i", 0) if kind == "process" else None
+        )
+        self.lent = 0  # cores lent so far
+        self.local = _Worker(
+            config, shared=kind == "thread" and workers > 1, spare=self.spare, digests=digests
+        )
         self.use_local = kind != "process" or _can_limit_threads()
         self.ready = []
         self.spawned = []  # the ready futures of every process started, restarts included
@@ -1032,7 +1086,7 @@ class _Pool:
             n,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_process,
-            initargs=(self.config,),
+            initargs=(self.config, self.spare),
         )
         # processes are spawned on submit: start them all now, single-threaded
         with _single_threaded_environment():
@@ -1097,6 +1151,29 @@ class _Pool:
         starting = {f for f in self.ready if not f.done()}
         done = cf.wait(set(futures) | starting, return_when=cf.FIRST_COMPLETED).done
         return done - starting
+
+    def lend_idle_cores(self):
+        """No frame is left to start: lend the idle workers' cores to the busy ones.
+
+        Each worker (this process's thread, or a worker process that is up)
+        with nothing to do adds one core to :attr:`spare`; a busy worker takes
+        one when it reaches its detector file and compresses it with one more
+        thread (:meth:`_Worker._borrow`). Lent once per worker: once the last
+        frames are placed, a worker that goes idle stays idle (but for a
+        short drift measurement).
+        """
+        if self.spare is None:
+            return
+        up = sum(f.done() for f in self.ready)
+        idle = (self.use_local and self.local_busy == 0) + max(0, up - self.process_busy)
+        if idle > self.lent:
+            with self.spare.get_lock():
+                self.spare.value += idle - self.lent
+            self.lent = idle
+
+    def local_free(self):
+        """True if this process's worker thread (beside worker processes) is idle."""
+        return self.kind == "process" and self.use_local and self.local_busy == 0
 
     def release(self, local):
         """A frame submitted with ``local`` (True: to this process) is done."""
@@ -1398,6 +1475,7 @@ class _Run:
         self.marker = os.path.join(scratch, "reference.json")
         self.pool_factory = _Pool
         self.timeline = {}
+        self.digests = _Digests(specs)
 
     def reference_text(self):
         if self.reference_index >= 0:
@@ -1416,14 +1494,19 @@ class _Run:
             disable=not self.progress,
             dynamic_ncols=True,
         )
-        pool = self.pool_factory(*self.pool_args)
+        pool = self.pool_factory(*self.pool_args, digests=self.digests)
         self.timeline["pool_started"] = time.time()
-        _hash_files(self.specs)  # while the worker processes start
+        self.digests.start(background=pool.kind == "process")
         runs, drifts = {}, {}
         failed = 0
         try:
             while queue or runs or drifts:
-                while queue and len(runs) < _depth(pool.kind, self.workers, len(queue)):
+                # a free worker thread here always takes a frame: the one
+                # queued behind a busy worker process counts in `runs`, yet
+                # keeps no worker busy
+                while queue and (
+                    len(runs) < _depth(pool.kind, self.workers, len(queue)) or pool.local_free()
+                ):
                     placed = self._place(pool, queue[0], runs)
                     if placed is None:
                         break  # wait for a suspect frame to finish alone
@@ -1474,6 +1557,8 @@ class _Run:
                     runs = {f: v for f, v in runs.items() if v[1]}
                     drifts = {f: v for f, v in drifts.items() if v[1]}
                     pool.restart()
+                if not queue:
+                    pool.lend_idle_cores()
                 self._decide_reference()
                 if self.decided:
                     for row in self.pending_drift:
@@ -1488,6 +1573,7 @@ class _Run:
             pool.shutdown(cancel=True)
             raise
         finally:
+            self.digests.stop()
             bar.close()
         pool.shutdown()
         self.timeline["processes"] = pool.startups()
@@ -1514,6 +1600,11 @@ class _Run:
             where = "local"
         else:
             where = "any"
+        if spec.sha256 is None:
+            # a worker process needs the digest with the frame; this process's
+            # worker may start before it is known
+            local = where != "process" and pool.local_free()
+            spec.sha256 = self.digests.get(spec, wait=not local)
         args = (spec, self.reference, self.reference_index, self.warm)
         if not self.decided:
             if not spec.output:
@@ -1587,21 +1678,73 @@ def _depth(kind, workers, queued):
     return workers + (queued > workers)
 
 
-def _hash_files(specs):
-    """Set ``sha256`` of every file-backed spec, reading each file once."""
+def _file_of(spec):
+    """Absolute path of the file a file-backed spec reads."""
+    return str(pathlib.Path(spec.file.partition("::")[0]).expanduser().absolute())
+
+
+def _sha256(spec):
+    """SHA-256 of a spec's file, hashed now (raises the OSError a reader would)."""
     from .io import sha256_file
 
-    digests = {}
-    for spec in specs:
-        if spec.array is not None or spec.error:
-            continue
-        path = str(pathlib.Path(spec.file.partition("::")[0]).expanduser().absolute())
-        if path not in digests:
+    return sha256_file(_file_of(spec))
+
+
+class _Digests:
+    """SHA-256 of every image file of a series, each file hashed once.
+
+    The digest of the input file is recorded in every detector file; a
+    worker process gets it with its frame (:attr:`_Spec.sha256`), never
+    hashing the file itself. Hashing takes time (0.2 s of CPU for a stack of
+    16 frames of 2048², as much as half a frame): with worker processes it
+    runs in a thread while the first frames are calibrated by this process's
+    worker, which records the digest once known, and the worker processes
+    start. Serially (one worker, on one core) the files are hashed first.
+    """
+
+    def __init__(self, specs):
+        self._futures = {}
+        for spec in specs:
+            if spec.array is None and not spec.error:
+                self._futures.setdefault(_file_of(spec), cf.Future())
+        self._stopped = False
+
+    def start(self, background):
+        """Hash the files, in a thread if ``background`` (else before returning)."""
+        if background:
+            threading.Thread(target=self._run, name="ccdgrid-series-hash", daemon=True).start()
+        else:
+            self._run()
+
+    def stop(self):
+        """Hash no further file (the one being hashed is finished)."""
+        self._stopped = True
+
+    def _run(self):
+        from .io import sha256_file
+
+        for path, future in self._futures.items():
+            if self._stopped:
+                future.cancel()
+                continue
             try:
-                digests[path] = sha256_file(path)
+                digest = sha256_file(path)
             except OSError:
-                digests[path] = None  # the worker's reader reports it
-        spec.sha256 = digests[path]
+                digest = None  # the reader of a frame reports it
+            future.set_result(digest)
+
+    def hashing(self, spec):
+        """True if ``spec``'s file is file-backed and its digest not known yet."""
+        future = self._futures.get(_file_of(spec)) if spec.array is None else None
+        return future is not None and not future.done()
+
+    def get(self, spec, wait=True):
+        """The digest of ``spec``'s file (str); None if it has none (an array, an
+        unreadable file) or, with ``wait`` False, if it is not known yet."""
+        future = self._futures.get(_file_of(spec)) if spec.array is None else None
+        if future is None or (not wait and not future.done()):
+            return None
+        return future.result()
 
 
 def _merge_drift(row, drift):
