@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy.optimize import minimize
 
+from ._blas import one_blas_thread
 from ._validation import as_points, check_backend
 from .errors import CcdgridError
 from .hole_error import grid_error
@@ -193,6 +194,7 @@ def fit_grid(peaks, indices, *, pitch=5e-3, backend="cython"):
     )
 
 
+@one_blas_thread
 def centred_grid(grid, peaks, shape):
     """The grid re-expressed against the plate's lattice as seen at the image centre.
 

@@ -32,8 +32,8 @@ import numpy as np
 from scipy import linalg, ndimage
 from scipy.interpolate import BSpline, CloughTocher2DInterpolator, RectBivariateSpline
 from scipy.spatial import ConvexHull, QhullError, cKDTree
-from threadpoolctl import ThreadpoolController
 
+from ._blas import one_blas_thread
 from ._ext import _tps as _tps_cython
 from ._ext import _upsample as _upsample_cython
 from ._reference import tps as _tps_numpy
@@ -70,29 +70,6 @@ _TILE_BLEND = 2.0
 _TILE_MIN_POINTS = 300
 # cross-validation stops after the fold that brings the predicted holes to this many
 _CV_MAX_HOLES = 600
-
-
-def _one_blas_thread(func):
-    """Run ``func`` with the BLAS/LAPACK thread pools limited to one thread.
-
-    Its matrices are small (a few hundred to ~1600 holes): a second BLAS
-    thread gained nothing on a quiet 2-core machine and, on a busy one, made
-    ``displacement_maps`` 5-10x slower (1.8 s instead of 0.19 s at 2048², the
-    threads spinning for each other). Setting the limit costs ~0.1 ms a call.
-    """
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        with _BLAS.limit(limits=1):
-            return func(*args, **kwargs)
-
-    return wrapper
-
-
-# Built once, when this module is imported (after scipy.linalg has loaded its
-# BLAS): finding the loaded libraries costs ~10 ms, which the first
-# calibration of a process used to pay inside its timed stages.
-_BLAS = ThreadpoolController().select(user_api="blas")
 
 
 @dataclass
@@ -168,7 +145,7 @@ class DisplacementMaps:
         return _bilinear_corners(self.dy, self.dx, as_points(points, "points"))
 
 
-@_one_blas_thread
+@one_blas_thread
 def displacement_maps(
     points,
     displacement,
@@ -259,7 +236,7 @@ def displacement_maps(
     upsampling costs a few operations per corner, computed row by row from
     each corner's four B-spline weights per axis and written straight into
     the float32 maps (no full-size temporary). BLAS runs on one thread here
-    (see ``_one_blas_thread``).
+    (see ``ccdgrid._blas``).
 
     The polynomial trend matters under strong distortion: the thin-plate
     part then only models what the polynomial leaves, which it interpolates
@@ -472,7 +449,7 @@ class CrossValidation:
         )
 
 
-@_one_blas_thread
+@one_blas_thread
 def cross_validate(
     points,
     displacement,
