@@ -249,7 +249,7 @@ def centred_grid(grid, peaks, shape):
     quadratic with 15-29, else affine (the lattice then stays the
     least-squares one, up to the noise).
     """
-    from scipy.spatial import Delaunay, QhullError
+    from scipy.spatial import ConvexHull, QhullError
 
     pts = as_points(peaks, "peaks")
     if len(pts) != len(grid.ideal):
@@ -258,7 +258,8 @@ def centred_grid(grid, peaks, shape):
         )
     centre = (np.asarray(shape[:2], dtype=np.float64) - 1.0) / 2.0
     try:
-        inside = Delaunay(pts).find_simplex(centre[None])[0] >= 0
+        hull = ConvexHull(pts).equations  # outward normals: n . p + offset <= 0 inside
+        inside = bool(np.all(hull[:, :2] @ centre + hull[:, 2] <= 0))
     except (QhullError, ValueError):  # holes on one line, too few
         inside = False
     if not inside:
