@@ -315,9 +315,10 @@ def fallback_dense_residual(truth, dy, dx, mask=None, *, region=None, n=20000, s
     Points are drawn uniformly in pixels with ``mask == 0`` (and ``region``
     True), uniformly inside each pixel; the maps are interpolated bilinearly
     between the corners (corner ``(i, j)`` at ``(i - 0.5, j - 0.5)``, as in
-    pyFAI's detector); the least-squares affine fit ``a + b y + c x`` of each
-    component of (recovered - true) is removed, since a calibration measures
-    the field against a lattice it fits itself.
+    pyFAI's detector); the least-squares affine fit ``a + b Y + c X`` of each
+    component of (recovered - true), ``(Y, X)`` the true positions, is
+    removed, since a calibration measures the field against a lattice it
+    fits itself (the definition of ``ccdgrid.synthetic.dense_residual``).
 
     Parameters
     ----------
@@ -351,8 +352,10 @@ def fallback_dense_residual(truth, dy, dx, mask=None, *, region=None, n=20000, s
     recovered = np.stack(
         [ndimage.map_coordinates(m, coords, order=1, mode="nearest") for m in (dy, dx)], axis=1
     )
-    resid = recovered - truth.displacement(points)
-    design = np.column_stack([np.ones(n), points - points.mean(axis=0)])
+    true = truth.displacement(points)
+    resid = recovered - true
+    at = points + true  # an affine map of the true positions, as in ccdgrid.synthetic
+    design = np.column_stack([np.ones(n), at - at.mean(axis=0)])
     coef, *_ = np.linalg.lstsq(design, resid, rcond=None)
     resid -= design @ coef
     norm = np.sqrt((resid**2).sum(axis=1))

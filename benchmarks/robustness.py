@@ -22,8 +22,8 @@ with the generator's true field. The measurement helpers are those of
   ``p + d(p)`` up to an affine map of the true frame, at 20 000 random points
   of the fully lit pixels the file leaves unmasked (``frame_residual``);
 * ``det``: ``ccdgrid.synthetic.dense_residual`` on the same points, ``d_rec -
-  d`` up to an affine map of detector coordinates (it also charges the
-  calibration for not guessing the generator's lattice scale and rotation);
+  d`` up to an affine map of the true positions (the same measure as
+  ``frame``, by another implementation);
 * ``holes``: the frame residual at the true positions of the visible holes;
 * found / missed: clean visible holes (no defect in their footprint) matched
   by an indexed hole within 0.5 px, or not; false: reported holes farther than

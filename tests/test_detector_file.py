@@ -610,3 +610,16 @@ def test_ccdgrid_correct_reads_the_file(tmp_path):
 
     np.testing.assert_array_equal(from_file, from_maps)
     correction.clear_cache()
+
+
+def test_the_lattice_frame_is_recorded_and_read_back(tmp_path):
+    from ccdgrid.pipeline import calibrate
+    from ccdgrid.synthetic import grid_image
+
+    g = grid_image((384, 384), pitch_px=40.0, hole_diameter_px=7.0, seed=2)
+    cal = calibrate(g.image, cv_folds=0)
+    rec = load(cal.save(tmp_path / "det.h5"))
+    assert rec.grid["frame"] == cal.grid.frame
+    assert rec.grid["frame"]["centre"] == [191.5, 191.5]
+    # a file without one (older, or another writer's) reads without it
+    assert "frame" not in load(save_detector(tmp_path / "old.h5", _calibration((33, 47)))).grid

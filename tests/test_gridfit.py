@@ -246,7 +246,24 @@ def test_centred_grid_off_the_plate_uses_the_holes_median():
     idx, m, _, _ = _barrel_plate(shape=(1024, 1024), centre=(511.5, 511.5))
     corner = np.all(m < 480, axis=1)  # a plate that covers one quadrant only
     grid = centred_grid(fit_grid(m[corner], idx[corner]), m[corner], (1024, 1024))
-    np.testing.assert_allclose(grid.frame["centre"], np.median(m[corner], axis=0))
+    # the hole nearest the holes' median: a point with holes around it
+    median = np.median(m[corner], axis=0)
+    nearest = m[corner][np.argmin(np.hypot(*(m[corner] - median).T))]
+    np.testing.assert_allclose(grid.frame["centre"], nearest)
+    # a lit disc whose rim passes by the image centre: the centre is not surrounded
+    rim = np.hypot(*(m - [511.5, 311.5]).T) < 200
+    grid = centred_grid(fit_grid(m[rim], idx[rim]), m[rim], (1024, 1024))
+    assert grid.frame["centre"] != [511.5, 511.5]
+
+
+def test_centred_grid_on_two_rows_of_holes_stays_affine_across_them():
+    from ccdgrid.gridfit import centred_grid
+
+    idx, m, _, _ = _barrel_plate()
+    strip = np.isin(idx[:, 0], np.unique(idx[:, 0])[12:14])  # two rows of sites
+    grid = centred_grid(fit_grid(m[strip], idx[strip]), m[strip], (1024, 1024))
+    assert grid.frame["degree"] == 1
+    assert np.all(np.isfinite(grid.displacement))
 
 
 def test_centred_grid_with_few_holes_keeps_the_fitted_lattice():

@@ -23,11 +23,8 @@ cause, so that a fix shows up as an unexpected pass.
 ``p + d_rec(p)`` against true positions ``p + d(p)`` up to an affine map of
 the true frame -- the error a calibration is accountable for, whatever
 ideal lattice it chose. ``detector``: :func:`ccdgrid.synthetic.dense_residual`,
-``d_rec - d`` up to an affine map of detector coordinates; it also charges
-the calibration for not guessing the generator's lattice (its scale, shear
-and rotation), which leaves ``(S - I) d(p)`` where ``S`` maps the true
-lattice on the fitted one: up to 0.03 px RMS here under 20 px of pincushion
-distortion.
+which now removes the same kind of map (of the true positions) on its own
+random points; the two differ only by those points.
 """
 
 from functools import cache

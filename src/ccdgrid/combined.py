@@ -348,7 +348,16 @@ def calibrate_combined(
                 source=infos[0],
                 **options,
             )
-            stages.append((single.holes, single.lattice, single.grid))
+            # the images are aligned on least-squares lattices: calibrate's
+            # grid is the one seen at the image centre (gridfit.centred_grid)
+            valid = single.lattice.valid
+            lsq = fit_grid(
+                np.asarray(single.holes.peaks, dtype=np.float64)[valid],
+                single.lattice.indices[valid],
+                pitch=pitch,
+                backend=backend,
+            )
+            stages.append((single.holes, single.lattice, lsq))
         else:
             stages.append(_per_image(k, infos, _stages, image, masks[k], pitch, options))
     timings["per_image"] = time.perf_counter() - t0
@@ -378,10 +387,11 @@ def calibrate_combined(
     scale_px = float(np.mean([s[1].pitch_px for s in stages]))
     estimated = _refine_offsets(points, ij, image_of, np.array(rough), scale_px, pitch, backend)
     used = estimated if given is None else given
-    # in the first image's frame, centred as a single image's grid is
-    moved_back = points - used[image_of]
-    grid = centred_grid(fit_grid(moved_back, ij, pitch=pitch, backend=backend), moved_back, shape)
-    grid = replace(grid, ideal=grid.ideal + used[image_of])
+    lsq = fit_grid(points - used[image_of], ij, pitch=pitch, backend=backend)
+    # each hole's site where its image saw the plate, then one frame for all:
+    # the lattice seen at the image centre, fitted against detector positions
+    lsq = replace(lsq, ideal=lsq.ideal + used[image_of])
+    grid = centred_grid(lsq, points, shape)
     timings["joint_fit"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -107,7 +107,10 @@ class DetectorRecord:
         (tutorial order), and for the N fitted holes ``indices`` (N, 2)
         int64, ``ideal`` and ``displacement`` (``ideal - measured``) and
         ``residuals`` (N, 2) px; scalars such as ``residual_rms`` (px) and
-        ``method_used``. Empty for a plain pyFAI file.
+        ``method_used``; ``frame`` (dict: ``centre`` (y, x) px, ...) when the
+        lattice is the plate's seen there (:func:`ccdgrid.gridfit.centred_grid`;
+        files of ccdgrid 0.1.0 before it have none). Empty for a plain pyFAI
+        file.
     peaks : ndarray of shape (M, 2), float64, or None
         Every hole centre found, ``(y, x)`` px.
     indices : ndarray of shape (M, 2), int64, or None
@@ -835,6 +838,8 @@ def _read(target, det, rec):
         grid.update(
             (key, _attr(node, key)) for key in node.attrs if key not in ("NX_class", "convention")
         )
+        if isinstance(grid.get("frame"), str):
+            grid["frame"] = json.loads(grid["frame"])
     if "holes" in rec:
         holes = {key: rec["holes"][key][()] for key in rec["holes"]}
     return DetectorRecord(

@@ -3,8 +3,8 @@
 Two estimates of the same six parameters are made and compared:
 
 * ``"lsq"``: linear least squares on ``[1, i, j]`` with the lattice indices
-  fixed; it minimises the RMS of ``ideal - measured`` in pixels, the quantity
-  the displacement maps are built from, so it is the one normally used.
+  fixed; it minimises the RMS of ``ideal - measured`` in pixels, so it is
+  the one normally used.
 * ``"seed"``: the objective of pyFAI's CCD-calibration tutorial,
   ``sum |frac(inverse(R) (p - T))|²`` over all holes in (x, y) order, which
   needs no indices, minimised with BFGS and the analytic gradient of
@@ -17,6 +17,10 @@ Parameter order ``P = (Ox, Oy, Xx, Yx, Xy, Yy)`` mirrors the tutorial: (x, y)
 order, ``R = [[Xx, Yx], [Xy, Yy]]``, ``pixel_xy = R . hole_xy + (Ox, Oy)`` with
 ``hole_xy = (j, i)``: ``X`` is the step for ``j + 1`` (about +x), ``Y`` the
 step for ``i + 1`` (about +y). Everything else is in (y, x) order.
+
+:func:`centred_grid` then re-expresses the fitted lattice as the plate's
+seen at the image centre (no displacement, no displacement gradient
+there): the frame the displacement maps and the pixel size are given in.
 """
 
 from dataclasses import dataclass, replace
@@ -237,8 +241,9 @@ def centred_grid(grid, peaks, shape):
 
     Notes
     -----
-    The centre is the image centre when it lies inside the holes' convex
-    hull (a plate that covers the centre), else the median of the holes.
+    The centre is the image centre when holes surround it (one within 1.5
+    pitch, and each quadrant around it holding at least an eighth of its 49
+    nearest holes), else the hole nearest the holes' median.
     The fit uses the half of the holes nearest to it (at least 49, all of
     them when fewer): of degree 5 with at least 100 holes, which makes
     ``J`` exact for radial fields up to ``r⁴ (m - c)`` and keeps the noise
@@ -247,35 +252,37 @@ def centred_grid(grid, peaks, shape):
     true field, against 0.028 for the centres' noise alone and 0.07-0.08
     with a cubic fit of the 49 nearest holes); cubic with 30-99 holes,
     quadratic with 15-29, else affine (the lattice then stays the
-    least-squares one, up to the noise).
+    least-squares one, up to the noise). The degree is also capped by the
+    rows and columns of sites among those holes (n + 1 of each for degree
+    n), and lowered while the design is ill-conditioned. A degenerate fit
+    keeps the least-squares lattice (``frame["degree"]`` 0).
     """
-    from scipy.spatial import ConvexHull, QhullError
-
     pts = as_points(peaks, "peaks")
     if len(pts) != len(grid.ideal):
         raise CcdgridError(
             f"`peaks` must have one row per hole of the grid ({len(grid.ideal)}), got {len(pts)}"
         )
-    centre = (np.asarray(shape[:2], dtype=np.float64) - 1.0) / 2.0
-    try:
-        hull = ConvexHull(pts).equations  # outward normals: n . p + offset <= 0 inside
-        inside = bool(np.all(hull[:, :2] @ centre + hull[:, 2] <= 0))
-    except (QhullError, ValueError):  # holes on one line, too few
-        inside = False
-    if not inside:
-        centre = np.median(pts, axis=0)
+    centre = _frame_centre(pts, shape, grid.vectors)
     k = min(len(pts), max(_CENTRE_HOLES, -(-len(pts) // 2)))
     near = np.argpartition(((pts - centre) ** 2).sum(axis=1), k - 1)[:k]
-    degree = 5 if k >= 100 else 3 if k >= 30 else 2 if k >= 15 else 1
-    # powers of offsets scaled to [-1, 1]: a well-conditioned design
-    scale = max(1.0, float(np.abs(pts[near] - centre).max()))
-    design = _monomials((pts[near] - centre) / scale, degree)
-    coef, _, rank, _ = np.linalg.lstsq(design, grid.ideal[near], rcond=None)
-    if rank < design.shape[1]:  # holes along a few lines near the centre
-        degree = 1
-        coef, *_ = np.linalg.lstsq(design[:, :3], grid.ideal[near], rcond=None)
+    # a polynomial of degree n in the plane needs n + 1 distinct rows and
+    # columns of sites (holes on two lines leave y² undetermined): capped
+    # exactly from the indices, whatever the plate's rotation
+    rows, cols = (len(np.unique(grid.indices[near, a])) for a in (0, 1))
+    top = 5 if k >= 100 else 3 if k >= 30 else 2 if k >= 15 else 1
+    # powers of offsets scaled to [-1, 1] per axis: a well-conditioned design
+    scale = np.maximum(1.0, np.abs(pts[near] - centre).max(axis=0))
+    rel = (pts[near] - centre) / scale
+    for degree in range(max(1, min(top, rows - 1, cols - 1)), 0, -1):
+        design = _monomials(rel, degree)
+        coef, _, rank, sv = np.linalg.lstsq(design, grid.ideal[near], rcond=None)
+        if rank == design.shape[1] and sv[-1] > 1e-8 * sv[0]:
+            break
     q0 = coef[0]
     jac = coef[1:3].T / scale  # d ideal / d (y, x): rows y, x of the positions
+    if not (np.all(np.isfinite(jac)) and np.linalg.cond(jac) < 1e6):
+        # a degenerate local fit: keep the least-squares lattice
+        return replace(grid, frame={"centre": centre.tolist(), "holes": int(k), "degree": 0})
     inv = np.linalg.inv(jac)
 
     def move(q):
@@ -303,6 +310,26 @@ def centred_grid(grid, peaks, shape):
             "jacobian": jac.tolist(),
         },
     )
+
+
+def _frame_centre(pts, shape, vectors):
+    """The image centre when holes surround it, else the hole nearest the holes' median.
+
+    Surrounded: a hole within 1.5 pitch of it and, among its 49 nearest
+    holes, at least 1/8 in each quadrant around it (the centre of a plate,
+    not the rim of a lit disc passing near it or a gap between modules).
+    """
+    centre = (np.asarray(shape[:2], dtype=np.float64) - 1.0) / 2.0
+    pitch = float(np.mean(np.hypot(vectors[:, 0], vectors[:, 1])))
+    rel = pts - centre
+    dist2 = (rel**2).sum(axis=1)
+    k = min(len(pts), _CENTRE_HOLES)
+    near = rel[np.argpartition(dist2, k - 1)[:k]]
+    quadrants = np.bincount(2 * (near[:, 0] >= 0) + (near[:, 1] >= 0), minlength=4)
+    if dist2.min() <= (1.5 * pitch) ** 2 and quadrants.min() * 8 >= k:
+        return centre
+    median = np.median(pts, axis=0)
+    return pts[np.argmin(((pts - median) ** 2).sum(axis=1))].copy()
 
 
 _CENTRE_HOLES = 49

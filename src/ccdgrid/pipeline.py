@@ -5,7 +5,8 @@ returned, so a user can inspect or replace any stage:
 
 1. :func:`ccdgrid.peaks.find_holes` -- hole centres ``(y, x)``;
 2. :func:`ccdgrid.lattice.index_holes` -- integer lattice indices;
-3. :func:`ccdgrid.gridfit.fit_grid` -- affine grid, pixel size, displacement
+3. :func:`ccdgrid.gridfit.fit_grid` then :func:`ccdgrid.gridfit.centred_grid`
+   -- affine grid seen at the image centre, pixel size, displacement
    ``ideal - measured`` at every hole;
 4. :func:`ccdgrid.maps.displacement_maps` -- ``dx``, ``dy`` on the pixel
    corners and the validity mask;
@@ -249,13 +250,13 @@ def calibrate(
     grid = _timed(
         timings,
         "fit_grid",
-        fit_grid,
+        _centred_fit,
         peaks[valid],
         lattice.indices[valid],
+        shape,
         pitch=pitch,
         backend=backend,
     )
-    grid = centred_grid(grid, peaks[valid], shape)
     maps = _timed(
         timings,
         "displacement_maps",
@@ -310,6 +311,11 @@ def calibrate(
         source=source,
         cross_validation=cv,
     )
+
+
+def _centred_fit(peaks, indices, shape, *, pitch, backend):
+    """The grid fitted to the holes, seen at the image centre (``gridfit.centred_grid``)."""
+    return centred_grid(fit_grid(peaks, indices, pitch=pitch, backend=backend), peaks, shape)
 
 
 def _frame_text(grid):

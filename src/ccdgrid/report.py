@@ -795,7 +795,7 @@ def _panel_quiver(mpl, ax, d, disp_norm):
     which = f"; every {_ordinal(step)} row/col" if thinned else ""
     ax.set_title(
         f"(f) displacement at the holes (px): ideal − measured\n"
-        f"arrows × {factor:g}; affine grid removed{which}",
+        f"arrows × {factor:g}; against the lattice at the image centre{which}",
         loc="left",
     )
     q = ax.quiver(

@@ -944,9 +944,17 @@ def _aligned_drift(reference, calibration):
         )
     diff = ref.indices[nearest[close]] - new.indices[close]
     keys, counts = np.unique(diff, axis=0, return_counts=True)
-    offset = keys[np.argmax(counts)].astype(np.float64)
-    n_matched = int(counts.max())
-    return _drift(ref, new.peaks, new.indices + offset, new, len(ref.peaks), n_matched)
+    offset = keys[np.argmax(counts)]
+    pair = np.all(diff == offset, axis=1)  # the same hole in both
+    old_rows, new_rows = nearest[close][pair], np.flatnonzero(close)[pair]
+    return _drift(
+        ref,
+        (ref.peaks[old_rows], ref.indices[old_rows]),
+        (new.peaks[new_rows], new.indices[new_rows] + offset),
+        new,
+        len(ref.peaks),
+        int(pair.sum()),
+    )
 
 
 # -- process workers -----------------------------------------------------------------

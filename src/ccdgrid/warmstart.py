@@ -392,7 +392,9 @@ def recalibrate(
         cross_validation=cv,
     )
     t0 = time.perf_counter()
-    cal.drift = _drift(prev, peaks, indices, cal, len(prev.peaks), n_ok)
+    cal.drift = _drift(
+        prev, (prev.peaks[ok], indices), (peaks, indices), cal, len(prev.peaks), n_ok
+    )
     timings["drift"] = time.perf_counter() - t0
     del timings["total"]  # re-added last, for the summary's order
     timings["total"] = time.perf_counter() - t_start
@@ -877,19 +879,21 @@ def _hole_search(found, ok, prev, timings):
 # -- drift -------------------------------------------------------------------
 
 
-def _drift(prev, peaks, indices, maps, n_previous, n_matched):
+def _drift(prev, old, new, maps, n_previous, n_matched):
     """Grid move and map change between ``prev`` and a new calibration.
 
-    ``peaks`` (N, 2) px and ``indices`` (N, 2): the new calibration's indexed
-    holes, numbered as ``prev``'s; ``maps``: its ``dx``, ``dy`` and ``mask``.
-    The move is that of the least-squares lattices of the measured holes of
-    both (every hole weighs alike): a lattice expressed in the frame of the
-    image centre (:func:`~ccdgrid.gridfit.centred_grid`) takes its scale and
-    rotation from the holes near the centre only, which the noise of their
-    centres would turn by up to a mdeg from one image to the next.
+    ``old`` and ``new``: ``(peaks, indices)`` of the same holes, (N, 2) px
+    and (N, 2), measured in ``prev`` and in the new calibration and numbered
+    as in ``prev``; ``maps``: the new ``dx``, ``dy`` and ``mask``. The move
+    is that of the least-squares lattices of these holes in both (the same
+    holes: a row lost at the edge would otherwise move the fit under a
+    strong distortion), not of the grids' lattices: one seen at the image
+    centre (:func:`~ccdgrid.gridfit.centred_grid`) takes its scale and
+    rotation from the central holes, which their noise turns by up to a
+    mdeg from one image to the next.
     """
-    o_old, v_old = _lsq_lattice(prev.peaks, prev.indices)
-    o_new, v_new = _lsq_lattice(peaks, indices)
+    o_old, v_old = _lsq_lattice(*old)
+    o_new, v_new = _lsq_lattice(*new)
     # row-vector convention: p = origin + (i, j) @ vectors, so
     # p_new = o_new + (p_old - o_old) @ inv(V_old) @ V_new
     lin = np.linalg.solve(v_old, v_new)
