@@ -40,9 +40,19 @@ def _moves(seed, count, move):
 
 
 def _offset_error(cal, plate, moves):
-    """Largest error of the estimated offsets, px, in the calibration's lattice frame."""
+    """Largest error of the estimated offsets, px, in the frame they are estimated in.
+
+    The offsets are moves of the plate's least-squares lattice; the grid's
+    vectors are those of the lattice seen at the image centre, whose
+    positions ``G(q) = c + J^-1 (q - q0)`` map the least-squares ones: its
+    vectors times ``J^T`` are the least-squares lattice's.
+    """
     a = np.array([plate.lattice.a1, plate.lattice.a2])
-    expected = moves @ np.linalg.inv(a) @ cal.grid.vectors
+    vectors = cal.grid.vectors
+    frame = cal.grid.frame or {}
+    if "jacobian" in frame:
+        vectors = vectors @ np.asarray(frame["jacobian"]).T
+    expected = moves @ np.linalg.inv(a) @ vectors
     return float(np.abs(cal.combined.offsets_estimated - expected).max())
 
 
