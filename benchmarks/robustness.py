@@ -236,10 +236,39 @@ def pyfai_maps(path):
     return maps[0], maps[1], mask
 
 
-def run_case(name, shape, kwargs, terms, seed, workdir):
-    """One row: the case calibrated, saved, loaded in pyFAI and judged."""
+def calibrate_through_pyfai(image, name, workdir, row):
+    """``(calibration, (dy, dx, mask))`` as pyFAI reads the saved file, or None on an error.
+
+    Calibrates ``image`` with nothing set by hand, saves the detector file in
+    ``workdir``, loads it back through pyFAI (:func:`pyfai_maps`) and deletes
+    it; the timings (``cal_s``, ``cal_cpu_s``, ``find_holes_s``, ``save_s``,
+    ``load_s``), or ``error``, go into ``row``.
+    """
     from ccdgrid.errors import CcdgridError
     from ccdgrid.pipeline import calibrate
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        cal = calibrate(image)
+    except CcdgridError as exc:
+        row["error"] = str(exc)[:80]
+        return None
+    row["cal_s"] = time.perf_counter() - wall
+    row["cal_cpu_s"] = time.process_time() - cpu
+    row["find_holes_s"] = cal.timings["find_holes"]
+    path = Path(workdir) / f"{name}.h5"
+    t = time.perf_counter()
+    cal.save(path)
+    row["save_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    maps = pyfai_maps(path)
+    row["load_s"] = time.perf_counter() - t
+    path.unlink()
+    return cal, maps
+
+
+def run_case(name, shape, kwargs, terms, seed, workdir):
+    """One row: the case calibrated, saved, loaded in pyFAI and judged."""
     from ccdgrid.synthetic import dense_residual
 
     field = rob._field(shape, **terms)
@@ -251,23 +280,10 @@ def run_case(name, shape, kwargs, terms, seed, workdir):
         "max_d_px": grid.params["max_displacement"],
         "clean": int(grid.clean.sum()),
     }
-    wall, cpu = time.perf_counter(), time.process_time()
-    try:
-        cal = calibrate(grid.image)
-    except CcdgridError as exc:
-        row["error"] = str(exc)[:80]
+    done = calibrate_through_pyfai(grid.image, name, workdir, row)
+    if done is None:
         return row
-    row["cal_s"] = time.perf_counter() - wall
-    row["cal_cpu_s"] = time.process_time() - cpu
-    row["find_holes_s"] = cal.timings["find_holes"]
-    path = Path(workdir) / f"{name}.h5"
-    t = time.perf_counter()
-    cal.save(path)
-    row["save_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    dy, dx, mask = pyfai_maps(path)
-    row["load_s"] = time.perf_counter() - t
-    path.unlink()
+    cal, (dy, dx, mask) = done
 
     found = np.asarray(cal.holes.peaks)
     used = found[cal.lattice.valid]

@@ -67,24 +67,35 @@ def _reused(old, new):
     return f"{reused} (kept: {kept / 2**20:.1f} MiB)"
 
 
+def _rounds(image, previous, repeat, cv):
+    """Cold and warm calibrations of ``image``, alternately, ``repeat`` times.
+
+    Returns the last of each and, per round, their wall times, CPU times and
+    stage timings: ``(cold, warm, {"cold": ..., "warm": ...})`` with lists
+    under ``"t"``, ``"cpu"`` and ``"stages"``.
+    """
+    runs = {kind: {"t": [], "cpu": [], "stages": []} for kind in ("cold", "warm")}
+    made = {}
+    for _ in range(repeat):
+        for kind in ("cold", "warm"):
+            t, c = time.perf_counter(), time.process_time()
+            if kind == "cold":
+                made[kind] = calibrate(image, cv_folds=cv)
+            else:
+                made[kind] = recalibrate(image, previous, cv_folds=cv)
+            runs[kind]["t"].append(time.perf_counter() - t)
+            runs[kind]["cpu"].append(time.process_time() - c)
+            runs[kind]["stages"].append(made[kind].timings)
+    return made["cold"], made["warm"], runs
+
+
 def run(size, repeat, cv, chain=False):
     base = _plate(size, (0.25, -0.4), 0.5)
     previous = calibrate(base.image, cv_folds=0)
     moved = _plate(size, (0.25 + MOVE[0], -0.4 + MOVE[1]), 0.5 + TURN_DEG)
-    cold_t, warm_t, cold_cpu, warm_cpu = [], [], [], []
-    cold_stages, warm_stages = [], []
-    cold = warm = None
-    for _ in range(repeat):
-        t, c = time.perf_counter(), time.process_time()
-        cold = calibrate(moved.image, cv_folds=cv)
-        cold_t.append(time.perf_counter() - t)
-        cold_cpu.append(time.process_time() - c)
-        cold_stages.append(cold.timings)
-        t, c = time.perf_counter(), time.process_time()
-        warm = recalibrate(moved.image, previous, cv_folds=cv)
-        warm_t.append(time.perf_counter() - t)
-        warm_cpu.append(time.process_time() - c)
-        warm_stages.append(warm.timings)
+    cold, warm, runs = _rounds(moved.image, previous, repeat, cv)
+    cold_t, cold_cpu, cold_stages = (runs["cold"][k] for k in ("t", "cpu", "stages"))
+    warm_t, warm_cpu, warm_stages = (runs["warm"][k] for k in ("t", "cpu", "stages"))
     rms = [
         dense_residual(moved.truth, c.dy, c.dx, c.mask, region=moved.taper_mask).rms
         for c in (cold, warm)
@@ -126,18 +137,10 @@ def _chain(size, repeat, cv, previous):
     """The next frame of a series: the plate moved a little more, warm from the warm result."""
     offset = (0.25 + MOVE[0] + CHAIN_MOVE[0], -0.4 + MOVE[1] + CHAIN_MOVE[1])
     nxt = _plate(size, offset, 0.5 + TURN_DEG + CHAIN_TURN_DEG)
-    cold_t, warm_t, cold_cpu, warm_cpu, maps_t = [], [], [], [], []
-    cold = warm = None
-    for _ in range(repeat):
-        t, c = time.perf_counter(), time.process_time()
-        cold = calibrate(nxt.image, cv_folds=cv)
-        cold_t.append(time.perf_counter() - t)
-        cold_cpu.append(time.process_time() - c)
-        t, c = time.perf_counter(), time.process_time()
-        warm = recalibrate(nxt.image, previous, cv_folds=cv)
-        warm_t.append(time.perf_counter() - t)
-        warm_cpu.append(time.process_time() - c)
-        maps_t.append(warm.timings["displacement_maps"])
+    cold, warm, runs = _rounds(nxt.image, previous, repeat, cv)
+    cold_t, cold_cpu = runs["cold"]["t"], runs["cold"]["cpu"]
+    warm_t, warm_cpu = runs["warm"]["t"], runs["warm"]["cpu"]
+    maps_t = [s["displacement_maps"] for s in runs["warm"]["stages"]]
     rms = [
         dense_residual(nxt.truth, c.dy, c.dx, c.mask, region=nxt.taper_mask).rms
         for c in (cold, warm)

@@ -133,25 +133,15 @@ def cases():
 
 
 def run(name, shape, kw, workdir):
-    from ccdgrid.errors import CcdgridError
-    from ccdgrid.pipeline import calibrate
     from ccdgrid.synthetic import dense_residual
 
     t = time.perf_counter()
     g = pg.make_probe(shape, **kw)
     row = {"case": name, "gen_s": time.perf_counter() - t, "clean": int(g.clean.sum())}
-    t, c = time.perf_counter(), time.process_time()
-    try:
-        cal = calibrate(g.image)
-    except CcdgridError as exc:
-        row["error"] = str(exc)[:100]
+    done = rb.calibrate_through_pyfai(g.image, name, workdir, row)
+    if done is None:
         return row
-    row["cal_s"] = time.perf_counter() - t
-    row["cal_cpu"] = time.process_time() - c
-    path = Path(workdir) / f"{name}.h5"
-    cal.save(path)
-    dy, dx, mask = rb.pyfai_maps(path)
-    path.unlink()
+    cal, (dy, dx, mask) = done
     found = np.asarray(cal.holes.peaks)
     used = found[cal.lattice.valid]
     dist = cKDTree(used).query(g.holes[g.clean])[0]
