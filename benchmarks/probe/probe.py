@@ -23,7 +23,6 @@ calibrated pixel2/pixel1 over the true aspect, minus 1.
 """
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -36,17 +35,10 @@ from scipy.spatial import cKDTree
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load(name, path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import robustness as rb  # noqa: E402  (its harness and its file loader)
 
-
-pg = _load("_probe_grid", ROOT / "tests" / "_probe_grid.py")
-rb = _load("robustness_bench", ROOT / "benchmarks" / "robustness.py")
+pg = rb._load("_probe_grid", ROOT / "tests" / "_probe_grid.py")
 
 STEPS = [(400, 300, 20.0, "step", 0.35, 1.0), (700, 650, 95.0, "step", -0.25, 1.0)]
 KINKS = [(500, 200, 60.0, "kink", 0.4, 0.0), (300, 800, -30.0, "step", 0.2, 1.5)]
