@@ -13,7 +13,8 @@ backends against pyFAI doing the same job, in this process:
 
 * watershed: ``segment`` + ``merge_singletons`` vs ``InverseWatershed(img).init();
   .merge_singleton()`` on the 11x11-disc-convolved grid image;
-* refine: ``refine_peaks`` vs a Python loop over
+* refine: ``refine_peaks`` (its default, one thread, and two OpenMP threads)
+  vs a Python loop over
   ``pyFAI.ext.bilinear.Bilinear.local_maxi`` on 10,000 seeds taken the
   tutorial's way (the peak pixels of the big watershed regions of a
   convolved 19 px pitch grid image: the target), the same moved by up to
@@ -203,6 +204,8 @@ def bench_refine(n_seeds, repeat, seed):
         times = _refine_case(cnv, np.ascontiguousarray(seeds, dtype=np.int64), repeat, Bilinear)
         if "target" in title:
             _target(f"refine {n_seeds} seeds", times, "ccdgrid cython", "pyFAI loop", 50)
+            _target(f"refine {n_seeds} seeds, nthreads=2", times, "ccdgrid cython 2 threads",
+                    "pyFAI loop", 50)  # fmt: skip
 
 
 def _refine_case(cnv, seeds, repeat, Bilinear):
@@ -217,6 +220,11 @@ def _refine_case(cnv, seeds, repeat, Bilinear):
             outputs[backend] = refine_peaks(cnv, seeds, backend=backend)
 
         cands.append((f"ccdgrid {backend}", refine))
+
+    def refine_two_threads():
+        outputs["cython 2 threads"] = refine_peaks(cnv, seeds, nthreads=2)
+
+    cands.insert(1, ("ccdgrid cython 2 threads", refine_two_threads))
     if Bilinear is not None:
         bl = Bilinear(cnv)
         # As the tutorial holds them: a list of (y, x) tuples of Python ints.
@@ -229,7 +237,7 @@ def _refine_case(cnv, seeds, repeat, Bilinear):
     times = _time_rows("refine_peaks", cands, repeat, "pyFAI loop")
     if "pyFAI" in outputs:
         ref = np.asarray(outputs["pyFAI"], dtype=np.float64)
-        for backend in ("cython", "numpy"):
+        for backend in ("cython", "cython 2 threads", "numpy"):
             if backend in outputs:
                 got = np.asarray(outputs[backend], dtype=np.float64).reshape(ref.shape)
                 print(f"  max |ccdgrid {backend} - pyFAI| = {np.abs(got - ref).max():.2e} px")
