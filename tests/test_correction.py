@@ -501,9 +501,9 @@ def test_bad_maps_are_rejected():
         CorrectionMatrix.from_maps(z.astype(complex), z)
     with pytest.raises(CcdgridError, match=r"`mask` \(shape \(5, 4\)\) must have the pixel"):
         CorrectionMatrix.from_maps(z, z, mask=np.zeros((5, 4)))
-    with pytest.raises(CcdgridError, match="`shape_out` must be two positive integers"):
+    with pytest.raises(CcdgridError, match=r"`shape_out` must be None, .* positive integers"):
         CorrectionMatrix.from_maps(z, z, shape_out=(4, 0))
-    with pytest.raises(CcdgridError, match="`shape_out` must be two positive integers"):
+    with pytest.raises(CcdgridError, match=r"`shape_out` must be None, .* positive integers"):
         CorrectionMatrix.from_maps(z, z, shape_out=(4.5, 3))
     with pytest.raises(CcdgridError, match="`backend` must be one of"):
         CorrectionMatrix.from_maps(z, z, backend="opencl")
@@ -627,6 +627,8 @@ def test_cli_correct_builds_once_and_writes_every_image(tmp_path, backend, capsy
 
     printed = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("detector ") for line in printed) == 1
+    frame_lines = [line for line in printed if line.startswith("output frame (bounds): ")]
+    assert len(frame_lines) == 1
     assert [line.split()[1] for line in printed if line.startswith("wrote ")] == [
         str(out / "a_corrected.npy"),
         str(out / "b_corrected.edf"),
@@ -638,7 +640,7 @@ def test_cli_correct_builds_once_and_writes_every_image(tmp_path, backend, capsy
     rec = load(det)
     for name, image in zip(["a_corrected.npy", "b_corrected.edf", "c_corrected.tif"], images,
                            strict=True):  # fmt: skip
-        expected = correct(image, rec, backend="numpy", cache=False)
+        expected = correct(image, rec, shape_out="bounds", backend="numpy", cache=False)
         got = np.load(out / name) if name.endswith(".npy") else fabio_read(out / name)
         assert got.dtype == np.float32
         assert_allclose(got, expected, rtol=2e-6, atol=1e-3)
@@ -660,13 +662,48 @@ def test_cli_correct_normalize_dummy_and_format(tmp_path):
     image = np.random.default_rng(31).random((24, 20)) * 100
     np.save(tmp_path / "frame.npy", image)
     argv = ["correct", str(tmp_path / "frame.npy"), "-d", str(det), "-o", str(tmp_path)]
-    assert main([*argv, "--normalize", "--dummy", "nan", "--format", "edf"]) == 0
+    assert (
+        main([*argv, "--normalize", "--dummy", "nan", "--format", "edf", "--frame", "input"]) == 0
+    )
 
     got = fabio_read(tmp_path / "frame_corrected.edf")
     assert got.dtype == np.float64  # float64 input stays float64
     assert np.isnan(got[:, :2]).all()
     assert_allclose(got[:, 2], image[:, 0], rtol=1e-12)
     assert_allclose(got[:, 3:], 0.5 * (image[:, :-3] + image[:, 1:-2]), rtol=1e-12)
+
+
+def test_cli_correct_bounds_frame_keeps_every_column_and_writes_the_offset(tmp_path, capsys):
+    import fabio
+
+    from ccdgrid.cli import main
+
+    # the same +2.5 px shift along x: the input spans x = 2.5 .. 22.5, so the bounds
+    # frame starts at input x = 2 and is 21 columns wide; its column 0 = [2, 3] holds
+    # half of input column 0, column 20 = [22, 23] half of column 19
+    z = np.zeros((25, 21))
+    det = write_detector(tmp_path / "det.h5", z, z + 2.5)
+    image = np.random.default_rng(32).random((24, 20)) * 100
+    np.save(tmp_path / "frame.npy", image)
+    argv = ["correct", str(tmp_path / "frame.npy"), "-d", str(det), "-o", str(tmp_path)]
+    assert main([*argv, "--format", "edf"]) == 0
+    assert "output frame (bounds): 24 x 21, offset 0 2 " in capsys.readouterr().out
+
+    edf = fabio.open(str(tmp_path / "frame_corrected.edf"))
+    assert edf.header["ccdgrid_offset_y"] == "0"
+    assert edf.header["ccdgrid_offset_x"] == "2"
+    assert "frame=bounds" in edf.header["ccdgrid_correct"]
+    got = edf.data
+    assert got.shape == (24, 21)
+    assert_allclose(got[:, 0], 0.5 * image[:, 0], rtol=1e-12)
+    assert_allclose(got[:, 1:-1], 0.5 * (image[:, :-1] + image[:, 1:]), rtol=1e-12)
+    assert_allclose(got[:, -1], 0.5 * image[:, -1], rtol=1e-12)
+    assert_allclose(got.sum(), image.sum(), rtol=1e-12)
+
+    # npy has no header: the offset is printed (already checked) and --frame input is 0 0
+    assert main([*argv, "--format", "npy", "--frame", "input"]) == 0
+    assert "output frame (input): 24 x 20, offset 0 0 " in capsys.readouterr().out
+    assert np.load(tmp_path / "frame_corrected.npy").shape == (24, 20)
 
 
 def test_cli_correct_missing_detector_leaves_nothing(tmp_path, capsys):
