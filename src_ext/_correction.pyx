@@ -44,7 +44,7 @@ bounds for any displacement values, finite or not.
 """
 
 from cython.parallel cimport prange
-from libc.math cimport isfinite
+from libc.math cimport INFINITY, isfinite
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
@@ -216,6 +216,8 @@ PARALLEL_MIN_PIXELS = 1 << 16
 BAND_MIN = 32
 BAND_MAX = 256
 # Band hand-over markers (a band's start is otherwise >= 0).
+# The output size that stands for "no output frame" (see kept_bounds).
+cdef int64_t NO_FRAME = 1LL << 62
 cdef long long UNSET = -1
 cdef long long FAILED = -2
 
@@ -230,15 +232,6 @@ cdef struct Box:
 cdef inline double snap(double c) noexcept nogil:
     """``c`` snapped onto the nearest integer if within SNAP of it."""
     return c_snap(c, C_SNAP)
-
-
-cdef inline void snapped_row(const double* dy, const double* dx, int64_t i, int64_t nx,
-                             double* ry, double* rx) noexcept nogil:
-    """True positions of the corners of corner-grid row ``i``, snapped."""
-    cdef int64_t j, a = i * (nx + 1)
-    for j in range(nx + 1):
-        ry[j] = snap(<double>i + dy[a + j])
-        rx[j] = snap(<double>j + dx[a + j])
 
 
 cdef inline void gather_quad(const double* y0r, const double* x0r,
@@ -604,13 +597,20 @@ cdef int split_quad(const double* qy, const double* qx, const Box* box,
 
 
 cdef inline void survey_row(const double* dy, const double* dx, int64_t i, int64_t nx,
-                            double* ry, double* rx, double* fy, double* fx) noexcept nogil:
-    """:func:`snapped_row`, and the floors of the snapped coordinates (as doubles)."""
+                            int64_t oy, int64_t ox, double* ry, double* rx,
+                            double* fy, double* fx) noexcept nogil:
+    """True positions of the corners of corner-grid row ``i``, snapped, and their floors.
+
+    Positions are in the output frame, whose origin is at ``(oy, ox)`` of
+    the input frame: the whole-pixel shift is applied to the integer
+    nominal position, so that it adds no rounding.
+    """
     cdef int64_t j, a = i * (nx + 1)
     cdef double y, x
+    cdef double yi = <double>(i - oy)
     for j in range(nx + 1):
-        y = snap(<double>i + dy[a + j])
-        x = snap(<double>j + dx[a + j])
+        y = snap(yi + dy[a + j])
+        x = snap(<double>(j - ox) + dx[a + j])
         ry[j] = y
         rx[j] = x
         fy[j] = c_floor(y)
@@ -618,7 +618,7 @@ cdef inline void survey_row(const double* dy, const double* dx, int64_t i, int64
 
 
 cdef int survey_rows(const double* dy, const double* dx, const uint8_t* mask,
-                     int64_t nx, int64_t row_start, int64_t row_stop,
+                     int64_t nx, int64_t oy, int64_t ox, int64_t row_start, int64_t row_stop,
                      int64_t ny_out, int64_t nx_out, uint8_t* kinds,
                      int64_t* rowlo, int64_t* rowhi,
                      int64_t* n_degenerate, int64_t* bound) noexcept nogil:
@@ -674,9 +674,9 @@ cdef int survey_rows(const double* dy, const double* dx, const uint8_t* mask,
     x1r = rows + 5 * (nx + 1)
     fy1 = rows + 6 * (nx + 1)
     fx1 = rows + 7 * (nx + 1)
-    survey_row(dy, dx, row_start, nx, y0r, x0r, fy0, fx0)
+    survey_row(dy, dx, row_start, nx, oy, ox, y0r, x0r, fy0, fx0)
     for i in range(row_start, row_stop):
-        survey_row(dy, dx, i + 1, nx, y1r, x1r, fy1, fx1)
+        survey_row(dy, dx, i + 1, nx, oy, ox, y1r, x1r, fy1, fx1)
         for j in range(nx):
             plain[j] = (
                 (fy0[j + 1] == fy0[j]) & (fy1[j] == fy0[j] + 1.0) & (fy1[j + 1] == fy1[j])
@@ -747,6 +747,8 @@ cdef struct Plan:
     const int64_t* first    # per band: input rows [first, last) to visit
     const int64_t* last
     int64_t nx
+    int64_t oy              # input position of the output frame's origin (whole pixels)
+    int64_t ox
     int64_t ny_out
     int64_t nx_out
     int64_t height          # output rows per band (the last one may be lower)
@@ -853,8 +855,8 @@ cdef int build_bands(Plan* plan, idx_t* indptr, idx_t* indices,
                     fx0 = fx1
                     fx1 = swap
                 else:
-                    survey_row(plan.dy, plan.dx, i, nx, y0r, x0r, fy0, fx0)
-                survey_row(plan.dy, plan.dx, i + 1, nx, y1r, x1r, fy1, fx1)
+                    survey_row(plan.dy, plan.dx, i, nx, plan.oy, plan.ox, y0r, x0r, fy0, fx0)
+                survey_row(plan.dy, plan.dx, i + 1, nx, plan.oy, plan.ox, y1r, x1r, fy1, fx1)
                 prev = i
                 row_square_weights(y0r, x0r, fy0, fx0, y1r, x1r, nx, wrow)
                 for j in range(nx):
@@ -984,7 +986,8 @@ cdef int build_bands(Plan* plan, idx_t* indptr, idx_t* indices,
 
 
 def _survey(const double[:, ::1] dy, const double[:, ::1] dx, const uint8_t[:, ::1] mask,
-            int64_t ny_out, int64_t nx_out, uint8_t[::1] kinds, int64_t[::1] rowlo,
+            int64_t oy, int64_t ox, int64_t ny_out, int64_t nx_out, uint8_t[::1] kinds,
+            int64_t[::1] rowlo,
             int64_t[::1] rowhi, int nthreads):
     """Run :func:`survey_rows` on ``nthreads`` bands of input rows; (n_degenerate, bound)."""
     cdef int64_t ny = mask.shape[0], nx = mask.shape[1]
@@ -996,13 +999,143 @@ def _survey(const double[:, ::1] dy, const double[:, ::1] dx, const uint8_t[:, :
     cdef int64_t[::1] cells_v = cells
     cdef int32_t[::1] status_v = status
     for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
-        status_v[t] = survey_rows(&dy[0, 0], &dx[0, 0], &mask[0, 0], nx,
+        status_v[t] = survey_rows(&dy[0, 0], &dx[0, 0], &mask[0, 0], nx, oy, ox,
                                   t * ny // nt, (t + 1) * ny // nt, ny_out, nx_out,
                                   &kinds[0], &rowlo[0], &rowhi[0],
                                   &degs_v[t], &cells_v[t])
     if status.any():
         raise MemoryError("cannot allocate the pixel-splitting buffers")
     return int(degs.sum()), int(cells.sum())
+
+
+cdef int bounds_rows(const double* dy, const double* dx, const uint8_t* mask,
+                     int64_t nx, int64_t row_start, int64_t row_stop,
+                     double* lohi) noexcept nogil:
+    """Bounding box of the kept pixels of input rows [row_start, row_stop).
+
+    A pixel is kept when it is unmasked and not degenerate (the test of
+    :func:`pixel_status`, without an output frame); ``lohi`` receives
+    (ymin, ymax, xmin, xmax) of their snapped true corners, in the input
+    frame, or (inf, -inf, inf, -inf) if there is none. Returns -1 if
+    memory ran out, else 0.
+
+    A near-square pixel (one corner in each cell of a 2 x 2 block, the
+    PLAIN test of :func:`survey_rows`) is certainly kept, and its extremes
+    are known corners: A or D the highest, B or C the lowest, A or B the
+    leftmost, C or D the rightmost. Only the other pixels get the full
+    check, which would otherwise cost as much as the rest of the pass.
+    """
+    cdef int64_t i, j, m
+    cdef double qy[4]
+    cdef double qx[4]
+    cdef double ymin = INFINITY, ymax = -INFINITY, xmin = INFINITY, xmax = -INFINITY
+    cdef double* rows = <double*>malloc(8 * (nx + 1) * sizeof(double))
+    cdef double* y0r
+    cdef double* x0r
+    cdef double* fy0
+    cdef double* fx0
+    cdef double* y1r
+    cdef double* x1r
+    cdef double* fy1
+    cdef double* fx1
+    cdef double* swap
+    cdef bint plain
+    if rows == NULL:
+        return -1
+    y0r = rows
+    x0r = rows + (nx + 1)
+    fy0 = rows + 2 * (nx + 1)
+    fx0 = rows + 3 * (nx + 1)
+    y1r = rows + 4 * (nx + 1)
+    x1r = rows + 5 * (nx + 1)
+    fy1 = rows + 6 * (nx + 1)
+    fx1 = rows + 7 * (nx + 1)
+    survey_row(dy, dx, row_start, nx, 0, 0, y0r, x0r, fy0, fx0)
+    for i in range(row_start, row_stop):
+        survey_row(dy, dx, i + 1, nx, 0, 0, y1r, x1r, fy1, fx1)
+        for j in range(nx):
+            if mask[i * nx + j]:
+                continue
+            plain = (
+                (fy0[j + 1] == fy0[j]) & (fy1[j] == fy0[j] + 1.0) & (fy1[j + 1] == fy1[j])
+                & (y1r[j] != fy1[j]) & (y1r[j + 1] != fy1[j + 1])
+                & (fx1[j] == fx0[j]) & (fx0[j + 1] == fx0[j] + 1.0) & (fx1[j + 1] == fx0[j + 1])
+                & (x0r[j + 1] != fx0[j + 1]) & (x1r[j + 1] != fx1[j + 1])
+                & (0.5 * ((y1r[j + 1] - y0r[j]) * (x0r[j + 1] - x1r[j])
+                          - (x1r[j + 1] - x0r[j]) * (y0r[j + 1] - y1r[j])) > C_AREA_MIN))
+            if plain:
+                ymin = min(ymin, min(y0r[j], y0r[j + 1]))
+                ymax = max(ymax, max(y1r[j], y1r[j + 1]))
+                xmin = min(xmin, min(x0r[j], x1r[j]))
+                xmax = max(xmax, max(x0r[j + 1], x1r[j + 1]))
+                continue
+            gather_quad(y0r, x0r, y1r, x1r, j, qy, qx)
+            # no frame: a huge one, so that only degeneracy fails the test
+            if pixel_status(qy, qx, NO_FRAME, NO_FRAME) < 0:
+                continue
+            for m in range(4):
+                ymin = min(ymin, qy[m])
+                ymax = max(ymax, qy[m])
+                xmin = min(xmin, qx[m])
+                xmax = max(xmax, qx[m])
+        swap = y0r
+        y0r = y1r
+        y1r = swap
+        swap = x0r
+        x0r = x1r
+        x1r = swap
+        swap = fy0
+        fy0 = fy1
+        fy1 = swap
+        swap = fx0
+        fx0 = fx1
+        fx1 = swap
+    free(rows)
+    lohi[0] = ymin
+    lohi[1] = ymax
+    lohi[2] = xmin
+    lohi[3] = xmax
+    return 0
+
+
+def kept_bounds(const double[:, ::1] dy, const double[:, ::1] dx,
+                const uint8_t[:, ::1] mask, int nthreads=0):
+    """Bounding box of the true corners of the pixels the matrix can keep.
+
+    Parameters
+    ----------
+    dy, dx : ndarray of float64, shape (ny + 1, nx + 1), C-contiguous
+        Corner displacements in pixels (see :func:`split_pixels`).
+    mask : ndarray of uint8, shape (ny, nx), C-contiguous
+        Nonzero: the input pixel is left out.
+    nthreads : int, optional
+        Threads to use; 0 means OpenMP's default. Small jobs use one.
+
+    Returns
+    -------
+    tuple of 4 float
+        ``(ymin, ymax, xmin, xmax)`` of the snapped true corner positions
+        (pyFAI coordinates of the input frame) of every unmasked pixel that
+        is not degenerate (the pixels :func:`split_pixels` splits when the
+        output frame contains them); ``(inf, -inf, inf, -inf)`` if there is
+        none.
+    """
+    cdef int64_t ny = mask.shape[0], nx = mask.shape[1]
+    cdef int t, nt = <int>nthreads if nthreads > 0 else ccdgrid_max_threads()
+    if ny * nx < PARALLEL_MIN_PIXELS:
+        nt = 1
+    nt = <int>max(1, min(nt, ny))
+    lohi = np.empty((nt, 4), dtype=np.float64)
+    status = np.zeros(nt, dtype=np.int32)
+    cdef double[:, ::1] lohi_v = lohi
+    cdef int32_t[::1] status_v = status
+    for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+        status_v[t] = bounds_rows(&dy[0, 0], &dx[0, 0], &mask[0, 0], nx,
+                                  t * ny // nt, (t + 1) * ny // nt, &lohi_v[t, 0])
+    if status.any():
+        raise MemoryError("cannot allocate the bounds buffers")
+    return (float(lohi[:, 0].min()), float(lohi[:, 1].max()),
+            float(lohi[:, 2].min()), float(lohi[:, 3].max()))
 
 
 def _band_rows(const int64_t[::1] rowlo, const int64_t[::1] rowhi, int64_t height,
@@ -1028,7 +1161,7 @@ def _band_rows(const int64_t[::1] rowlo, const int64_t[::1] rowhi, int64_t heigh
 def _fill(const double[:, ::1] dy, const double[:, ::1] dx, const uint8_t[::1] kinds,
           const int64_t[::1] rowlo, const int64_t[::1] rowhi,
           const int64_t[::1] first, const int64_t[::1] last, int64_t[::1] starts,
-          int64_t ny_out, int64_t nx_out, int64_t height,
+          int64_t oy, int64_t ox, int64_t ny_out, int64_t nx_out, int64_t height,
           idx_t[::1] indptr, idx_t[::1] indices, weight_t[::1] data, int nthreads):
     """Run :func:`build_bands` on ``nthreads`` threads; False if memory ran out."""
     cdef Plan plan
@@ -1044,6 +1177,8 @@ def _fill(const double[:, ::1] dy, const double[:, ::1] dx, const uint8_t[::1] k
     plan.first = &first[0]
     plan.last = &last[0]
     plan.nx = dy.shape[1] - 1
+    plan.oy = oy
+    plan.ox = ox
     plan.ny_out = ny_out
     plan.nx_out = nx_out
     plan.height = height
@@ -1056,7 +1191,7 @@ def _fill(const double[:, ::1] dy, const double[:, ::1] dx, const uint8_t[::1] k
     return not status.any() and starts[plan.nbands] >= 0
 
 
-def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0):
+def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0, oy=0, ox=0):
     """Sparse matrix of exact pixel-splitting weights, in CSR arrays.
 
     Parameters
@@ -1068,11 +1203,14 @@ def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0):
         Nonzero: the input pixel is left out of the matrix.
     ny_out, nx_out : int
         Output grid shape (>= 1 each); output pixel (k, l) is the unit square
-        [k, k+1] x [l, l+1].
+        [oy + k, oy + k + 1] x [ox + l, ox + l + 1] of the input frame.
     weight_dtype : {numpy.float32, numpy.float64}
         Dtype of the stored weights (always computed in float64).
     nthreads : int, optional
         Threads to use; 0 means OpenMP's default. Small jobs use one.
+    oy, ox : int, optional
+        Position of the output frame's origin (the corner of output pixel
+        (0, 0)) in the input frame, in whole pixels; |oy|, |ox| < 2**52.
 
     Returns
     -------
@@ -1100,7 +1238,7 @@ def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0):
     kinds = np.empty(ny * nx, dtype=np.uint8)
     rowlo = np.empty(ny, dtype=np.int64)
     rowhi = np.empty(ny, dtype=np.int64)
-    n_degenerate, bound = _survey(dy, dx, mask, ny_out, nx_out, kinds, rowlo, rowhi, nt)
+    n_degenerate, bound = _survey(dy, dx, mask, oy, ox, ny_out, nx_out, kinds, rowlo, rowhi, nt)
 
     reach = (rowhi - rowlo)[rowhi > rowlo]
     typical = int(np.median(reach)) if reach.size else 1
@@ -1122,8 +1260,8 @@ def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0):
     indptr = np.empty(nbins + 1, dtype=idx_dtype)
     starts = np.full(nbands + 1, UNSET, dtype=np.int64)
     starts[0] = 0
-    ok = _fill(dy, dx, kinds, rowlo, rowhi, first, last, starts, ny_out, nx_out, height,
-               indptr, indices, data, nt)
+    ok = _fill(dy, dx, kinds, rowlo, rowhi, first, last, starts, oy, ox, ny_out, nx_out,
+               height, indptr, indices, data, nt)
     if not ok:
         raise MemoryError("cannot allocate the pixel-splitting buffers")
     del kinds

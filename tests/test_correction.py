@@ -346,6 +346,199 @@ def test_output_shape_larger_than_input(backend):
     assert out.sum() == pytest.approx(img.sum(), rel=1e-6)
 
 
+# -- the output frame: offset and bounds ----------------------------------------------------------
+
+
+def barrel_maps(ny, nx, edge):
+    """Radial maps, zero at the centre: true = c + (p - c)(1 + a r²), |d| = `edge` px at a corner.
+
+    With ``edge > 0`` the true corners lie outside the nominal frame near the
+    border (the corrected image of a barrel-distorted one is larger than it),
+    with ``edge < 0`` inside (a pincushion).
+    """
+    yy, xx = corner_grid(ny, nx)
+    cy, cx = ny / 2, nx / 2
+    r2 = (yy - cy) ** 2 + (xx - cx) ** 2
+    a = edge / (cy**2 + cx**2) ** 1.5
+    return a * r2 * (yy - cy), a * r2 * (xx - cx)
+
+
+def true_extent(dy, dx):
+    """floor/ceil of the true corner positions: the bounds frame, computed independently."""
+    yy, xx = corner_grid(dy.shape[0] - 1, dy.shape[1] - 1)
+    y, x = yy + dy, xx + dx
+    oy, ox = int(np.floor(y.min())), int(np.floor(x.min()))
+    return (oy, ox), (int(np.ceil(y.max())) - oy, int(np.ceil(x.max())) - ox)
+
+
+def test_kernel_matches_reference_with_an_offset():
+    dy, dx = barrel_maps(40, 52, 4.0)
+    mask = (np.random.default_rng(40).random((40, 52)) < 0.03).astype(np.uint8)
+    got = kernel.split_pixels(dy, dx, mask, 49, 61, np.float64, 0, -4, -5)
+    want = reference.split_pixels(dy, dx, mask, 49, 61, np.float64, 0, -4, -5)
+    assert_array_equal(got[2], want[2])
+    assert_array_equal(got[1], want[1])
+    assert_allclose(got[0], want[0], rtol=0, atol=1e-12)
+    assert got[3] == want[3]
+
+
+@pytest.mark.parametrize("case", sorted(MAP_CASES))
+def test_kept_bounds_kernel_matches_reference(case):
+    dy, dx = MAP_CASES[case]()
+    mask = (np.random.default_rng(41).random((24, 32)) < 0.05).astype(np.uint8)
+    assert kernel.kept_bounds(dy, dx, mask) == reference.kept_bounds(dy, dx, mask)
+
+
+def test_kept_bounds_threads_agree():
+    dy, dx = barrel_maps(300, 260, 6.0)
+    mask = np.zeros((300, 260), np.uint8)
+    assert kernel.kept_bounds(dy, dx, mask, 1) == kernel.kept_bounds(dy, dx, mask, 2)
+
+
+def test_bounds_keep_every_count_of_a_barrel(backend):
+    dy, dx = barrel_maps(96, 128, 6.0)
+    img = np.random.default_rng(42).random((96, 128)) * 1000
+    (oy, ox), shape = true_extent(dy, dx)
+    assert oy < 0
+    assert ox < 0
+    cm = CorrectionMatrix.from_maps(dy, dx, shape_out="bounds", backend=backend, dtype=np.float64)
+    assert cm.offset == (oy, ox)
+    assert cm.shape_out == shape
+    out = cm.apply(img)
+    assert out.shape == shape
+    assert_allclose(out.sum(), img.sum(), rtol=1e-12)  # every count kept
+    col = np.asarray(cm.matrix.sum(axis=0)).ravel()
+    assert_allclose(col, 1.0, rtol=0, atol=1e-12)  # every pixel wholly inside
+
+    cropped = CorrectionMatrix.from_maps(dy, dx, backend=backend, dtype=np.float64)
+    assert cropped.offset == (0, 0)
+    assert cropped.apply(img).sum() < 0.98 * img.sum()  # the input frame loses the border
+
+
+def test_bounds_of_a_pincushion_are_smaller_and_keep_every_count(backend):
+    dy, dx = barrel_maps(64, 80, -5.0)
+    img = np.random.default_rng(43).random((64, 80))
+    cm = CorrectionMatrix.from_maps(dy, dx, shape_out="bounds", backend=backend, dtype=np.float64)
+    assert (cm.offset, cm.shape_out) == true_extent(dy, dx)
+    assert cm.shape_out[0] < 64
+    assert cm.shape_out[1] < 80
+    assert cm.offset[0] >= 1
+    assert cm.offset[1] >= 1
+    assert_allclose(cm.apply(img).sum(), img.sum(), rtol=1e-12)
+    # no empty margin left: every border row and column of the frame receives counts
+    cov = cm.coverage
+    assert (cov[[0, -1], :].max(axis=1) > 0).all()
+    assert (cov[:, [0, -1]].max(axis=0) > 0).all()
+
+
+def test_bounds_of_an_undistorted_detector_are_the_identity(backend):
+    z = np.zeros((33, 41))
+    cm = CorrectionMatrix.from_maps(z, z, shape_out="bounds", backend=backend, dtype=np.float64)
+    assert cm.offset == (0, 0)
+    assert cm.shape_out == (32, 40)
+    assert_array_equal(cm.matrix.data, 1.0)
+    assert_array_equal(cm.matrix.indices, np.arange(32 * 40))
+    noise = np.random.default_rng(44).uniform(-1e-10, 1e-10, (2, 33, 41))  # below SNAP
+    cm = CorrectionMatrix.from_maps(noise[0], noise[1], shape_out="bounds", backend=backend)
+    assert (cm.offset, cm.shape_out, cm.nnz) == ((0, 0), (32, 40), 32 * 40)
+
+
+def test_offset_places_a_moved_pixel(backend):
+    # The right half (x >= 24) moves by a whole (-4, +6) px, the left half stays: the
+    # frame spans y = -4 .. 30 and x = 0 .. 46, so offset (-4, 0) and shape (34, 46).
+    ny, nx = 30, 40
+    dy, dx = np.zeros((ny + 1, nx + 1)), np.zeros((ny + 1, nx + 1))
+    dy[:, 24:] = -4.0
+    dx[:, 24:] = 6.0
+    img = np.zeros((ny, nx))
+    img[1, 37] = 1000.0  # truly at (1 - 4, 37 + 6): above the input frame
+    img[20, 5] = 500.0  # does not move
+    cm = CorrectionMatrix.from_maps(dy, dx, shape_out="bounds", backend=backend, dtype=np.float64)
+    assert (cm.offset, cm.shape_out) == ((-4, 0), (34, 46))
+    out = cm.apply(img)
+    want = np.zeros((34, 46))
+    want[1 - 4 + 4, 37 + 6] = 1000.0
+    want[20 + 4, 5] = 500.0
+    assert_array_equal(out, want)
+    # the input frame loses the first one
+    lost = CorrectionMatrix.from_maps(dy, dx, backend=backend).apply(img)
+    assert lost.sum() == 500.0
+    assert lost[20, 5] == 500.0
+
+
+def test_explicit_offset_gives_the_bounds_matrix(backend):
+    dy, dx = barrel_maps(40, 44, 3.0)
+    auto = CorrectionMatrix.from_maps(dy, dx, shape_out="bounds", backend=backend)
+    manual = CorrectionMatrix.from_maps(
+        dy, dx, shape_out=auto.shape_out, offset=auto.offset, backend=backend
+    )
+    assert manual.offset == auto.offset
+    assert (manual.matrix != auto.matrix).nnz == 0
+    # an offset alone keeps the input shape
+    moved = CorrectionMatrix.from_maps(dy, dx, offset=(2, -3), backend=backend)
+    assert (moved.shape_out, moved.offset) == ((40, 44), (2, -3))
+
+
+def test_masked_and_invalid_corners_do_not_widen_the_bounds(backend):
+    dy, dx = barrel_maps(48, 56, 3.0)
+    want = true_extent(dy, dx)
+    dy, dx = dy.copy(), dx.copy()
+    dy[10, 12] = np.nan  # a non-finite corner: its four pixels are invalid
+    dx[30, 40] = 400.0  # a wild corner inside a corner-shaped mask
+    dy[40, 3] = -1e6  # a wild corner, unmasked: its pixels are degenerate (> MAX_SPAN)
+    mask = np.zeros((49, 57), bool)
+    mask[30, 40] = True
+    cm = CorrectionMatrix.from_maps(dy, dx, mask=mask, shape_out="bounds", backend=backend)
+    assert (cm.offset, cm.shape_out) == want
+    assert correction.output_bounds(dy, dx, mask=mask, backend=backend) == want
+    assert (cm.n_masked, cm.n_invalid, cm.n_degenerate) == (4, 4, 4)
+
+
+def test_absurd_maps_give_a_clear_error_not_a_huge_frame(backend):
+    z = np.zeros((33, 33))
+    with pytest.raises(CcdgridError, match=r"edges by more than 0.5 of its size \(at most 2x"):
+        CorrectionMatrix.from_maps(z + 1e5, z, shape_out="bounds", backend=backend)
+    # half the detector's size beyond its edges is still allowed
+    cm = CorrectionMatrix.from_maps(z - 16, z, shape_out="bounds", backend=backend)
+    assert (cm.offset, cm.shape_out) == ((-16, 0), (32, 32))
+    with pytest.raises(CcdgridError, match=r"more than 0\.5 of its size"):
+        CorrectionMatrix.from_maps(z - 17, z, shape_out="bounds", backend=backend)
+
+
+def test_bounds_with_no_valid_pixel_fall_back_to_the_input_frame(backend):
+    z = np.zeros((9, 11))
+    cm = CorrectionMatrix.from_maps(z, z, mask=np.ones((8, 10)), shape_out="bounds",
+                                    backend=backend)  # fmt: skip
+    assert (cm.offset, cm.shape_out, cm.nnz) == ((0, 0), (8, 10), 0)
+
+
+def test_bad_offsets_are_rejected():
+    z = np.zeros((5, 5))
+    for bad in [(1.5, 0), (True, 0), (1,), 3, (0, 2**41)]:
+        with pytest.raises(CcdgridError, match="`offset` must be two integers"):
+            CorrectionMatrix.from_maps(z, z, offset=bad)
+    with pytest.raises(CcdgridError, match='`offset` must be None with shape_out="bounds"'):
+        CorrectionMatrix.from_maps(z, z, shape_out="bounds", offset=(0, 0))
+    with pytest.raises(CcdgridError, match="`shape_out` must be None, "):
+        CorrectionMatrix.from_maps(z, z, shape_out="bound")
+    with pytest.raises(CcdgridError, match="`offset` must be two integers"):
+        correct(np.zeros((4, 4)), SimpleNamespace(dy=z, dx=z, mask=None), offset=(0.5, 0))
+
+
+def test_correct_caches_each_frame_apart():
+    correction.clear_cache()
+    dy, dx = barrel_maps(24, 24, 2.0)
+    det = SimpleNamespace(dy=dy, dx=dx, mask=None)
+    img = np.random.default_rng(45).random((24, 24))
+    bounds = correct(img, det, shape_out="bounds")
+    assert bounds.shape == true_extent(dy, dx)[1]
+    assert correct(img, det).shape == (24, 24)
+    assert correct(img, det, shape_out="input").shape == (24, 24)
+    assert_array_equal(correct(img, det, shape_out="bounds"), bounds)
+    assert len(correction._CACHE) == 2  # None and "input" are one frame
+    correction.clear_cache()
+
+
 # -- masks, invalid corners, degenerate pixels ----------------------------------------------------
 
 
@@ -501,9 +694,9 @@ def test_bad_maps_are_rejected():
         CorrectionMatrix.from_maps(z.astype(complex), z)
     with pytest.raises(CcdgridError, match=r"`mask` \(shape \(5, 4\)\) must have the pixel"):
         CorrectionMatrix.from_maps(z, z, mask=np.zeros((5, 4)))
-    with pytest.raises(CcdgridError, match="`shape_out` must be two positive integers"):
+    with pytest.raises(CcdgridError, match=r"`shape_out` must be None, .* positive integers"):
         CorrectionMatrix.from_maps(z, z, shape_out=(4, 0))
-    with pytest.raises(CcdgridError, match="`shape_out` must be two positive integers"):
+    with pytest.raises(CcdgridError, match=r"`shape_out` must be None, .* positive integers"):
         CorrectionMatrix.from_maps(z, z, shape_out=(4.5, 3))
     with pytest.raises(CcdgridError, match="`backend` must be one of"):
         CorrectionMatrix.from_maps(z, z, backend="opencl")
@@ -627,6 +820,8 @@ def test_cli_correct_builds_once_and_writes_every_image(tmp_path, backend, capsy
 
     printed = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("detector ") for line in printed) == 1
+    frame_lines = [line for line in printed if line.startswith("output frame (bounds): ")]
+    assert len(frame_lines) == 1
     assert [line.split()[1] for line in printed if line.startswith("wrote ")] == [
         str(out / "a_corrected.npy"),
         str(out / "b_corrected.edf"),
@@ -638,7 +833,7 @@ def test_cli_correct_builds_once_and_writes_every_image(tmp_path, backend, capsy
     rec = load(det)
     for name, image in zip(["a_corrected.npy", "b_corrected.edf", "c_corrected.tif"], images,
                            strict=True):  # fmt: skip
-        expected = correct(image, rec, backend="numpy", cache=False)
+        expected = correct(image, rec, shape_out="bounds", backend="numpy", cache=False)
         got = np.load(out / name) if name.endswith(".npy") else fabio_read(out / name)
         assert got.dtype == np.float32
         assert_allclose(got, expected, rtol=2e-6, atol=1e-3)
@@ -660,13 +855,48 @@ def test_cli_correct_normalize_dummy_and_format(tmp_path):
     image = np.random.default_rng(31).random((24, 20)) * 100
     np.save(tmp_path / "frame.npy", image)
     argv = ["correct", str(tmp_path / "frame.npy"), "-d", str(det), "-o", str(tmp_path)]
-    assert main([*argv, "--normalize", "--dummy", "nan", "--format", "edf"]) == 0
+    assert (
+        main([*argv, "--normalize", "--dummy", "nan", "--format", "edf", "--frame", "input"]) == 0
+    )
 
     got = fabio_read(tmp_path / "frame_corrected.edf")
     assert got.dtype == np.float64  # float64 input stays float64
     assert np.isnan(got[:, :2]).all()
     assert_allclose(got[:, 2], image[:, 0], rtol=1e-12)
     assert_allclose(got[:, 3:], 0.5 * (image[:, :-3] + image[:, 1:-2]), rtol=1e-12)
+
+
+def test_cli_correct_bounds_frame_keeps_every_column_and_writes_the_offset(tmp_path, capsys):
+    import fabio
+
+    from ccdgrid.cli import main
+
+    # the same +2.5 px shift along x: the input spans x = 2.5 .. 22.5, so the bounds
+    # frame starts at input x = 2 and is 21 columns wide; its column 0 = [2, 3] holds
+    # half of input column 0, column 20 = [22, 23] half of column 19
+    z = np.zeros((25, 21))
+    det = write_detector(tmp_path / "det.h5", z, z + 2.5)
+    image = np.random.default_rng(32).random((24, 20)) * 100
+    np.save(tmp_path / "frame.npy", image)
+    argv = ["correct", str(tmp_path / "frame.npy"), "-d", str(det), "-o", str(tmp_path)]
+    assert main([*argv, "--format", "edf"]) == 0
+    assert "output frame (bounds): 24 x 21, offset 0 2 " in capsys.readouterr().out
+
+    edf = fabio.open(str(tmp_path / "frame_corrected.edf"))
+    assert edf.header["ccdgrid_offset_y"] == "0"
+    assert edf.header["ccdgrid_offset_x"] == "2"
+    assert "frame=bounds" in edf.header["ccdgrid_correct"]
+    got = edf.data
+    assert got.shape == (24, 21)
+    assert_allclose(got[:, 0], 0.5 * image[:, 0], rtol=1e-12)
+    assert_allclose(got[:, 1:-1], 0.5 * (image[:, :-1] + image[:, 1:]), rtol=1e-12)
+    assert_allclose(got[:, -1], 0.5 * image[:, -1], rtol=1e-12)
+    assert_allclose(got.sum(), image.sum(), rtol=1e-12)
+
+    # npy has no header: the offset is printed (already checked) and --frame input is 0 0
+    assert main([*argv, "--format", "npy", "--frame", "input"]) == 0
+    assert "output frame (input): 24 x 20, offset 0 0 " in capsys.readouterr().out
+    assert np.load(tmp_path / "frame_corrected.npy").shape == (24, 20)
 
 
 def test_cli_correct_missing_detector_leaves_nothing(tmp_path, capsys):

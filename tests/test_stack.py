@@ -44,8 +44,28 @@ def frames():
     return rng.integers(0, 60000, (N_FRAMES, NY, NX), dtype=np.uint16)
 
 
-def _matrix(det):
-    return CorrectionMatrix.from_maps(det.dy, det.dx, mask=det.mask)
+def _matrix(det, shape_out=None):
+    return CorrectionMatrix.from_maps(det.dy, det.dx, mask=det.mask, shape_out=shape_out)
+
+
+@pytest.fixture
+def barrel():
+    """A radial distortion that pushes the border 5 px out of the frame, with a masked row."""
+    yy, xx = np.mgrid[0 : NY + 1, 0 : NX + 1].astype(np.float64)
+    cy, cx = NY / 2, NX / 2
+    a = 5.0 / (cy**2 + cx**2) ** 1.5
+    r2 = (yy - cy) ** 2 + (xx - cx) ** 2
+    mask = np.zeros((NY, NX), dtype=bool)
+    mask[40, 10:30] = True
+    return types.SimpleNamespace(dy=a * r2 * (yy - cy), dx=a * r2 * (xx - cx), mask=mask)
+
+
+def test_barrel_bounds_frame_is_larger_than_the_input(barrel):
+    matrix = _matrix(barrel, "bounds")
+    assert matrix.offset[0] < 0
+    assert matrix.offset[1] < 0
+    assert matrix.shape_out[0] > NY
+    assert matrix.shape_out[1] > NX
 
 
 # -- dask ----------------------------------------------------------------------
@@ -134,6 +154,34 @@ def test_dask_graph_holds_the_matrix_once(detector, frames):
     assert added < 1.5 * len(pickle.dumps(matrix))
 
 
+def test_dask_accepts_a_bounds_matrix_or_builds_one(client, barrel, frames):
+    import dask.array as da
+
+    matrix = _matrix(barrel, "bounds")
+    want = matrix.apply(frames)
+    lazy = stack.correct_dask(da.from_array(frames, chunks=(4, NY, NX)), matrix)
+    assert lazy.shape == (N_FRAMES, *matrix.shape_out)
+    assert lazy.chunks[1:] == ((matrix.shape_out[0],), (matrix.shape_out[1],))
+    np.testing.assert_array_equal(client.compute(lazy).result(), want)
+    built = stack.correct_dask(
+        da.from_array(frames, chunks=(4, NY, NX)), barrel, shape_out="bounds"
+    )
+    np.testing.assert_array_equal(client.compute(built).result(), want)
+    # the counts of each frame are all kept (flux conservation over the bounds frame)
+    valid = ~barrel.mask
+    np.testing.assert_allclose(
+        want.sum(axis=(1, 2), dtype=np.float64),
+        (frames * valid).sum(axis=(1, 2), dtype=np.float64),
+        rtol=1e-5,
+    )
+
+
+def test_dask_rejects_a_frame_for_a_matrix(barrel):
+    da = pytest.importorskip("dask.array")
+    with pytest.raises(CcdgridError, match="`shape_out` must be None when"):
+        stack.correct_dask(da.zeros((2, NY, NX), chunks=1), _matrix(barrel), shape_out="bounds")
+
+
 def test_dask_rejects_bad_input(detector, frames):
     da = pytest.importorskip("dask.array")
     with pytest.raises(CcdgridError, match="`array` must be a dask array"):
@@ -193,6 +241,39 @@ def test_hdf5_matches_in_memory(tmp_path, detector, frames, compression, chunk_f
         assert out.dtype == np.float32
         np.testing.assert_array_equal(out[()], _matrix(detector).apply(frames))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5", "out.h5"]
+
+
+@pytest.mark.parametrize("given", ["matrix", "detector"])
+def test_hdf5_bounds_frame_matches_in_memory(tmp_path, barrel, frames, given):
+    src = _write_source(tmp_path / "in.h5", frames[:6])
+    matrix = _matrix(barrel, "bounds")
+    if given == "matrix":
+        source, options = matrix, {}
+    else:
+        source, options = barrel, {"shape_out": "bounds"}
+    result = stack.correct_hdf5(
+        src, tmp_path / "out.h5", source, progress=False, workers=2, **options
+    )
+    assert result.shape == (6, *matrix.shape_out)
+    assert result.offset == matrix.offset
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        out = h5["/entry/data"]
+        assert out.chunks == (1, *matrix.shape_out)
+        np.testing.assert_array_equal(out.attrs["offset"], matrix.offset)
+        np.testing.assert_array_equal(out[()], matrix.apply(frames[:6]))
+
+
+def test_hdf5_records_a_zero_offset_for_the_input_frame(tmp_path, barrel, frames):
+    src = _write_source(tmp_path / "in.h5", frames[:2])
+    result = stack.correct_hdf5(src, tmp_path / "out.h5", barrel, progress=False)
+    assert result.shape == (2, NY, NX)
+    assert result.offset == (0, 0)
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        np.testing.assert_array_equal(h5["/entry/data"].attrs["offset"], [0, 0])
+    with pytest.raises(CcdgridError, match="`shape_out` must be None when"):
+        stack.correct_hdf5(
+            src, tmp_path / "o2.h5", _matrix(barrel), shape_out="input", progress=False
+        )
 
 
 def test_hdf5_normalize_and_default_dataset(tmp_path, detector, frames):
@@ -554,7 +635,13 @@ def _parser():
 
 def test_command_line_parser_runs_correct_hdf5(tmp_path, detector, frames, monkeypatch, capsys):
     src = _write_source(tmp_path / "in.h5", frames[:3])
-    monkeypatch.setattr(stack, "_as_matrix", lambda d, name="": _matrix(detector))
+    frames_asked = []
+
+    def as_matrix(d, name="", shape_out=None):
+        frames_asked.append(shape_out)
+        return _matrix(detector)
+
+    monkeypatch.setattr(stack, "_as_matrix", as_matrix)
     args = _parser().parse_args(
         ["correct-stack", src, "-d", "det.h5", "-o", str(tmp_path / "out.h5"), "--chunk", "2",
          "--level", "6", "--workers", "3", "--quiet"]
@@ -562,6 +649,7 @@ def test_command_line_parser_runs_correct_hdf5(tmp_path, detector, frames, monke
     assert args.debug is False
     args.run(args)
     assert "wrote" in capsys.readouterr().out
+    assert frames_asked == ["bounds"]  # the command's default frame
     with h5py.File(tmp_path / "out.h5", "r") as h5:
         assert h5["/entry/data"].compression_opts == 6
         np.testing.assert_array_equal(h5["/entry/data"][()], _matrix(detector).apply(frames[:3]))
@@ -577,10 +665,12 @@ def test_command_line_defaults_and_progress(monkeypatch, capsys):
     monkeypatch.setattr(stack, "correct_hdf5", record)
     args = _parser().parse_args(["correct-stack", "in.h5::/x", "-d", "d.h5", "-o", "o.h5"])
     args.run(args)
-    assert "2 frames of 3 x 4 float32 in 1.00 s (2.0 frames/s, 50 % of the raw size)" in (
-        capsys.readouterr().out
+    assert (
+        "2 frames of 3 x 4 float32 (frame bounds, offset 0 0) in 1.00 s (2.0 frames/s, "
+        "50 % of the raw size)" in capsys.readouterr().out
     )
     assert seen == {
+        "shape_out": "bounds",
         "chunk_frames": None,
         "compression": "gzip",
         "compression_level": 1,
@@ -597,3 +687,34 @@ def test_command_line_rejects_bad_numbers(option, capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(["correct-stack", "i.h5::/x", "-d", "d.h5", "-o", "o.h5", *option])
     assert "expected" in capsys.readouterr().err
+
+
+def test_command_line_writes_the_frame_and_its_offset(tmp_path, barrel, frames, capsys):
+    from ccdgrid.detector_file import load, save_detector
+
+    det = save_detector(
+        tmp_path / "det.h5",
+        types.SimpleNamespace(
+            dy=barrel.dy, dx=barrel.dx, pixel_size=(5e-5, 5e-5), mask=barrel.mask
+        ),
+    )
+    rec = load(det)  # the file holds float32 maps: build the expectation from them
+    src = _write_source(tmp_path / "in.h5", frames[:3])
+    base = ["correct-stack", src, "-d", str(det), "--quiet"]
+    for frame, argv in [("bounds", []), ("input", ["--frame", "input"])]:
+        out = tmp_path / f"{frame}.h5"
+        args = _parser().parse_args([*base, "-o", str(out), *argv])
+        args.run(args)
+        matrix = CorrectionMatrix.from_maps(
+            rec.dy, rec.dx, mask=rec.mask, shape_out=None if frame == "input" else "bounds"
+        )
+        oy, ox = matrix.offset
+        ny, nx = matrix.shape_out
+        assert f"3 frames of {ny} x {nx} float32 (frame {frame}, offset {oy} {ox})" in (
+            capsys.readouterr().out
+        )
+        with h5py.File(out, "r") as h5:
+            np.testing.assert_array_equal(h5["/entry/data"].attrs["offset"], [oy, ox])
+            np.testing.assert_array_equal(h5["/entry/data"][()], matrix.apply(frames[:3]))
+    assert (oy, ox) == (0, 0)
+    assert (ny, nx) == (NY, NX)

@@ -49,9 +49,19 @@ __all__ = [
 _DEFAULT_DATASET = "/entry/data"
 
 
-def _as_matrix(detector_or_matrix, name="detector_or_matrix"):
-    """A CorrectionMatrix from itself, a detector file path, or a record with dy, dx, mask."""
+def _as_matrix(detector_or_matrix, name="detector_or_matrix", shape_out=None):
+    """A CorrectionMatrix from itself, a detector file path, or a record with dy, dx, mask.
+
+    ``shape_out`` (see ``CorrectionMatrix.from_maps``) frames a matrix built
+    here; a matrix given has its frame already, so it must then be None.
+    """
     if isinstance(detector_or_matrix, CorrectionMatrix):
+        if shape_out is not None:
+            raise CcdgridError(
+                f"`shape_out` must be None when `{name}` is a CorrectionMatrix: the matrix "
+                f"has its frame already ({detector_or_matrix.shape_out} at offset "
+                f"{detector_or_matrix.offset})"
+            )
         return detector_or_matrix
     detector = detector_or_matrix
     if isinstance(detector, (str, os.PathLike)):
@@ -64,7 +74,9 @@ def _as_matrix(detector_or_matrix, name="detector_or_matrix"):
             f"`{name}` must be a CorrectionMatrix, a detector file path or have dy, dx and "
             f"mask attributes (missing: {', '.join(missing)}); got {type(detector).__name__}"
         )
-    return CorrectionMatrix.from_maps(detector.dy, detector.dx, mask=detector.mask)
+    return CorrectionMatrix.from_maps(
+        detector.dy, detector.dx, mask=detector.mask, shape_out=shape_out
+    )
 
 
 def _work_dtype(dtype):
@@ -112,7 +124,8 @@ def _share(matrix, dask):
     return dask.delayed(matrix, name=f"correction-matrix-{uuid.uuid4().hex}")
 
 
-def correct_dask(array, detector_or_matrix, *, normalize=False, dummy=0.0, nthreads=1):
+def correct_dask(array, detector_or_matrix, *, normalize=False, dummy=0.0, nthreads=1,
+                 shape_out=None):  # fmt: skip
     """Correct a dask array of frames for the distortion, lazily.
 
     Parameters
@@ -131,6 +144,11 @@ def correct_dask(array, detector_or_matrix, *, normalize=False, dummy=0.0, nthre
         OpenMP threads per block task. Dask already runs one task per
         worker thread, so the default 1 avoids oversubscribing the cores;
         0 means OpenMP's default.
+    shape_out : None or "input" or "bounds" or tuple of 2 int
+        The output frame of a matrix built here (see
+        :meth:`CorrectionMatrix.from_maps`; None, the default, is the input
+        frame). Must be None when ``detector_or_matrix`` is a matrix: its
+        own ``shape_out`` and ``offset`` apply.
 
     Returns
     -------
@@ -142,7 +160,8 @@ def correct_dask(array, detector_or_matrix, *, normalize=False, dummy=0.0, nthre
     ------
     CcdgridError
         If dask is not installed, ``array`` is not a 2-D or 3-D dask array of
-        real numbers, or its frames do not have the detector's shape.
+        real numbers, its frames do not have the detector's shape, or
+        ``shape_out`` is bad or given with a matrix.
 
     Notes
     -----
@@ -171,7 +190,7 @@ def correct_dask(array, detector_or_matrix, *, normalize=False, dummy=0.0, nthre
     if not isinstance(array, da.Array):
         raise CcdgridError(f"`array` must be a dask array, got {type(array).__name__}")
     _check_real_dtype(array.dtype, "`array`")
-    matrix = _as_matrix(detector_or_matrix)
+    matrix = _as_matrix(detector_or_matrix, shape_out=shape_out)
     if array.ndim == 2:
         return correct_dask(
             array[None], matrix, normalize=normalize, dummy=dummy, nthreads=nthreads
@@ -221,6 +240,10 @@ class StackResult:
         Wall time of the correction, reading and writing included.
     stored_bytes : int
         Bytes of frame data stored in the output dataset (after compression).
+    offset : tuple of int
+        ``(oy, ox)``: the matrix's offset, the input position of the corner
+        of output pixel (0, 0) (see ``CorrectionMatrix.offset``); also the
+        dataset's ``offset`` attribute.
     """
 
     path: pathlib.Path
@@ -229,6 +252,7 @@ class StackResult:
     dtype: object  # numpy.dtype of the output frames
     seconds: float
     stored_bytes: int = 0
+    offset: tuple = (0, 0)
 
     @property
     def frames_per_second(self):
@@ -313,7 +337,7 @@ def _available_cpus():
 
 def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
                  compression_level=1, normalize=False, dummy=0.0, progress=None,
-                 workers=None):  # fmt: skip
+                 workers=None, shape_out=None):  # fmt: skip
     """Correct a 3-D HDF5 stack frame by frame into a new, chunked HDF5 file.
 
     The defaults suit a beamline stack: float32 frames (what
@@ -351,12 +375,18 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
         Frames corrected at once, each by one thread (reading its frame's
         chunk, applying the matrix, compressing); None means the number of
         available CPUs, at most 4.
+    shape_out : None or "input" or "bounds" or tuple of 2 int
+        See :func:`correct_dask`. The output dataset has the matrix's frame
+        shape, and its ``offset`` attribute holds the matrix's offset
+        ``(oy, ox)`` (int64): frame pixel ``(k, l)`` covers input position
+        ``(k + oy, l + ox)``.
 
     Returns
     -------
     StackResult
         The output path, dataset, shape ``(n, ny_out, nx_out)``, dtype
-        (float32, or float64 for float64 input), wall time and stored size.
+        (float32, or float64 for float64 input), wall time, stored size and
+        offset.
 
     Raises
     ------
@@ -413,9 +443,10 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
         raise CcdgridError(f"`dst` ({dst_path}) must not be the source file")
     if not dst_path.parent.is_dir():
         raise CcdgridError(f"cannot write {dst_path}: directory {dst_path.parent} does not exist")
-    matrix = _as_matrix(detector, "detector")
+    matrix = _as_matrix(detector, "detector", shape_out=shape_out)
 
     import h5py
+    import numpy as np
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -447,6 +478,7 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
                 target.attrs["source"] = f"{src_path}::{src_dataset}"
                 target.attrs["creator"] = "ccdgrid.stack.correct_hdf5"
                 target.attrs["normalize"] = bool(normalize)
+                target.attrs["offset"] = np.asarray(matrix.offset, dtype=np.int64)
                 with tqdm(
                     total=n, unit="frame", desc="correcting", file=sys.stderr,
                     disable=None if progress is None else not progress,
@@ -457,7 +489,7 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
             tmp.unlink(missing_ok=True)
             raise
     seconds = time.perf_counter() - start
-    return StackResult(dst_path, dst_dataset, shape, work, seconds, stored)
+    return StackResult(dst_path, dst_dataset, shape, work, seconds, stored, matrix.offset)
 
 
 def _stream(reader, target, correct, workers, bar):
@@ -905,6 +937,12 @@ one frame costs ~14 ms of CPU to correct, ~14 ms to encode at level 1 with
 ISA-L (pip install "ccdgrid[fast]"), and ~7 ms to write; frames are corrected --workers at a time.
 The file is written under a temporary name and moved into place only when
 complete.
+
+By default (--frame bounds) the frames are large enough to hold every valid
+pixel where it truly belongs, so no counts are lost; the dataset's "offset"
+attribute (also printed) is the input position of the corner of frame pixel
+(0, 0). --frame input keeps the input's shape and pixel grid (offset 0, 0)
+and loses the counts the distortion pushes outside it.
 """
 
 
@@ -998,6 +1036,13 @@ def add_correct_stack_parser(subparsers, parents=()):
         "--normalize", action="store_true", help="divide by each output pixel's coverage"
     )
     parser.add_argument(
+        "--frame",
+        choices=("bounds", "input"),
+        default="bounds",
+        help="output frame: 'bounds' (default) holds every valid pixel, no counts lost; "
+        "'input' keeps the input's shape and pixel grid",
+    )
+    parser.add_argument(
         "--quiet", action="store_true", help="no progress bar (shown on a terminal only anyway)"
     )
     if not parents:
@@ -1023,10 +1068,13 @@ def run_correct_stack(args):
         normalize=args.normalize,
         progress=False if args.quiet else None,
         workers=args.workers,
+        shape_out=args.frame,
     )
     n, ny, nx = result.shape
+    oy, ox = result.offset
     print(
         f"wrote {result.path}::{result.dataset}: {n} frames of {ny} x {nx} {result.dtype} "
+        f"(frame {args.frame}, offset {oy} {ox}) "
         f"in {result.seconds:.2f} s ({result.frames_per_second:.1f} frames/s, "
         f"{100 * result.compression_ratio:.0f} % of the raw size)"
     )

@@ -17,7 +17,7 @@ array operations, one output cell offset at a time.
 
 import numpy as np
 
-__all__ = ["apply_csr", "row_sums", "shuffle_planes", "split_pixels"]
+__all__ = ["apply_csr", "kept_bounds", "row_sums", "shuffle_planes", "split_pixels"]
 
 # The same constants as the kernel (see its module docstring).
 SNAP = 1e-9
@@ -31,10 +31,11 @@ def _snap(c):
     return np.where(np.abs(c - r) <= SNAP, r, c)
 
 
-def _corners(dy, dx):
-    """Snapped true corners, arrays of shape (npix, 4) for A, B, C, D."""
+def _corners(dy, dx, oy=0, ox=0):
+    """Snapped true corners, arrays (npix, 4) of A, B, C, D, in the frame of origin (oy, ox)."""
     ny, nx = dy.shape[0] - 1, dy.shape[1] - 1
-    ii, jj = np.meshgrid(np.arange(ny + 1.0), np.arange(nx + 1.0), indexing="ij")
+    # the whole-pixel shift on the integer nominal positions: no rounding
+    ii, jj = np.meshgrid(np.arange(ny + 1.0) - oy, np.arange(nx + 1.0) - ox, indexing="ij")
     y = _snap(ii + dy)
     x = _snap(jj + dx)
 
@@ -88,18 +89,8 @@ def _cell_area(qy, qx, y0, x0):
     return -total
 
 
-def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0):
-    """Sparse matrix of exact pixel-splitting weights, in CSR arrays.
-
-    See :func:`ccdgrid._ext._correction.split_pixels` for the parameters and
-    the returned ``(data, indices, indptr, n_degenerate)``; ``nthreads`` is
-    ignored.
-    """
-    del nthreads
-    qy, qx = _corners(np.asarray(dy, np.float64), np.asarray(dx, np.float64))
-    npix = qy.shape[0]
-    mask = np.asarray(mask).ravel() != 0
-
+def _survey(qy, qx):
+    """Per quad: (signed area, not degenerate, ymin, ymax, xmin, xmax)."""
     finite = np.isfinite(qy).all(axis=1) & np.isfinite(qx).all(axis=1)
     with np.errstate(invalid="ignore"):
         area = 0.5 * (
@@ -113,8 +104,6 @@ def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0):
         n_opposite = ((ey0 * ex1 - ex0 * ey1) < 0).sum(axis=1)
         ymin, ymax = qy.min(axis=1), qy.max(axis=1)
         xmin, xmax = qx.min(axis=1), qx.max(axis=1)
-        fy, cy = np.floor(ymin), np.ceil(ymax)
-        fx, cx = np.floor(xmin), np.ceil(xmax)
         good = (
             finite
             & (area > AREA_MIN)
@@ -122,6 +111,43 @@ def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0):
             & (ymax - ymin <= MAX_SPAN)
             & (xmax - xmin <= MAX_SPAN)
         )
+    return area, good, ymin, ymax, xmin, xmax
+
+
+def kept_bounds(dy, dx, mask, nthreads=0):
+    """Bounding box of the true corners of the pixels the matrix can keep.
+
+    See :func:`ccdgrid._ext._correction.kept_bounds`: ``(ymin, ymax, xmin,
+    xmax)`` over the unmasked, non-degenerate pixels; ``nthreads`` is ignored.
+    """
+    del nthreads
+    qy, qx = _corners(np.asarray(dy, np.float64), np.asarray(dx, np.float64))
+    _, good, ymin, ymax, xmin, xmax = _survey(qy, qx)
+    keep = good & (np.asarray(mask).ravel() == 0)
+    if not keep.any():
+        return (np.inf, -np.inf, np.inf, -np.inf)
+    return (
+        float(ymin[keep].min()),
+        float(ymax[keep].max()),
+        float(xmin[keep].min()),
+        float(xmax[keep].max()),
+    )
+
+
+def split_pixels(dy, dx, mask, ny_out, nx_out, weight_dtype, nthreads=0, oy=0, ox=0):
+    """Sparse matrix of exact pixel-splitting weights, in CSR arrays.
+
+    See :func:`ccdgrid._ext._correction.split_pixels` for the parameters and
+    the returned ``(data, indices, indptr, n_degenerate)``; ``nthreads`` is
+    ignored.
+    """
+    del nthreads
+    qy, qx = _corners(np.asarray(dy, np.float64), np.asarray(dx, np.float64), oy, ox)
+    npix = qy.shape[0]
+    mask = np.asarray(mask).ravel() != 0
+    area, good, ymin, ymax, xmin, xmax = _survey(qy, qx)
+    fy, cy = np.floor(ymin), np.ceil(ymax)
+    fx, cx = np.floor(xmin), np.ceil(xmax)
     n_degenerate = int(np.count_nonzero(~mask & ~good))
     keep = ~mask & good & (ymax > 0) & (xmax > 0) & (ymin < ny_out) & (xmin < nx_out)
 
