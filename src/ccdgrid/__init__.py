@@ -36,6 +36,7 @@ _LAZY = {
     "HoleSearch": "peaks",
     "CorrectionMatrix": "correction",
     "correct": "correction",
+    "output_bounds": "correction",
     "index_holes": "lattice",
     "LatticeIndex": "lattice",
     "fit_grid": "gridfit",
