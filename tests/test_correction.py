@@ -466,6 +466,37 @@ def test_offset_places_a_moved_pixel(backend):
     assert lost[20, 5] == 500.0
 
 
+def test_cover_frame_holds_the_input_frame_and_every_valid_pixel(backend):
+    # A barrel: the bounds frame already holds the input frame, so cover is bounds.
+    dy, dx = barrel_maps(48, 56, 4.0)
+    bounds = CorrectionMatrix.from_maps(dy, dx, shape_out="bounds", backend=backend)
+    cover = CorrectionMatrix.from_maps(dy, dx, shape_out="cover", backend=backend)
+    assert (cover.offset, cover.shape_out) == (bounds.offset, bounds.shape_out)
+    # A masked border (as a calibration masks the border beyond its holes) shrinks the
+    # bounds frame to the valid pixels, not the cover frame: it stays the input frame.
+    mask = np.ones((48, 56), np.uint8)
+    mask[10:40, 12:50] = 0
+    img = np.random.default_rng(45).random((48, 56))
+    bounds = CorrectionMatrix.from_maps(dy, dx, mask=mask, shape_out="bounds", backend=backend)
+    cover = CorrectionMatrix.from_maps(
+        dy, dx, mask=mask, shape_out="cover", backend=backend, dtype=np.float64
+    )
+    assert bounds.shape_out[0] < 48
+    assert bounds.shape_out[1] < 56
+    assert (cover.offset, cover.shape_out) == ((0, 0), (48, 56))
+    assert_allclose(cover.apply(img).sum(), img[mask == 0].sum(), rtol=1e-12)
+    # A pincushion: the input frame holds every pixel, so cover is the input frame.
+    dy, dx = barrel_maps(40, 44, -3.0)
+    cover = CorrectionMatrix.from_maps(dy, dx, shape_out="cover", backend=backend)
+    assert (cover.offset, cover.shape_out) == ((0, 0), (40, 44))
+    # One side pushed out: the input frame grown on that side only.
+    z = np.zeros((21, 31))
+    cover = CorrectionMatrix.from_maps(z, z - 3.5, shape_out="cover", backend=backend)
+    assert (cover.offset, cover.shape_out) == ((0, -4), (20, 34))
+    with pytest.raises(CcdgridError, match='`offset` must be None with shape_out="cover"'):
+        CorrectionMatrix.from_maps(z, z, shape_out="cover", offset=(0, 0), backend=backend)
+
+
 def test_explicit_offset_gives_the_bounds_matrix(backend):
     dy, dx = barrel_maps(40, 44, 3.0)
     auto = CorrectionMatrix.from_maps(dy, dx, shape_out="bounds", backend=backend)
@@ -820,7 +851,7 @@ def test_cli_correct_builds_once_and_writes_every_image(tmp_path, backend, capsy
 
     printed = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("detector ") for line in printed) == 1
-    frame_lines = [line for line in printed if line.startswith("output frame (bounds): ")]
+    frame_lines = [line for line in printed if line.startswith("output frame (cover): ")]
     assert len(frame_lines) == 1
     assert [line.split()[1] for line in printed if line.startswith("wrote ")] == [
         str(out / "a_corrected.npy"),
@@ -833,7 +864,7 @@ def test_cli_correct_builds_once_and_writes_every_image(tmp_path, backend, capsy
     rec = load(det)
     for name, image in zip(["a_corrected.npy", "b_corrected.edf", "c_corrected.tif"], images,
                            strict=True):  # fmt: skip
-        expected = correct(image, rec, shape_out="bounds", backend="numpy", cache=False)
+        expected = correct(image, rec, shape_out="cover", backend="numpy", cache=False)
         got = np.load(out / name) if name.endswith(".npy") else fabio_read(out / name)
         assert got.dtype == np.float32
         assert_allclose(got, expected, rtol=2e-6, atol=1e-3)
@@ -879,7 +910,7 @@ def test_cli_correct_bounds_frame_keeps_every_column_and_writes_the_offset(tmp_p
     image = np.random.default_rng(32).random((24, 20)) * 100
     np.save(tmp_path / "frame.npy", image)
     argv = ["correct", str(tmp_path / "frame.npy"), "-d", str(det), "-o", str(tmp_path)]
-    assert main([*argv, "--format", "edf"]) == 0
+    assert main([*argv, "--format", "edf", "--frame", "bounds"]) == 0
     assert "output frame (bounds): 24 x 21, offset 0 2 " in capsys.readouterr().out
 
     edf = fabio.open(str(tmp_path / "frame_corrected.edf"))
@@ -892,6 +923,13 @@ def test_cli_correct_bounds_frame_keeps_every_column_and_writes_the_offset(tmp_p
     assert_allclose(got[:, 1:-1], 0.5 * (image[:, :-1] + image[:, 1:]), rtol=1e-12)
     assert_allclose(got[:, -1], 0.5 * image[:, -1], rtol=1e-12)
     assert_allclose(got.sum(), image.sum(), rtol=1e-12)
+
+    # the default frame also holds the input frame: columns 0 and 1, which nothing reaches
+    assert main([*argv, "--format", "npy"]) == 0
+    assert "output frame (cover): 24 x 23, offset 0 0 " in capsys.readouterr().out
+    cover = np.load(tmp_path / "frame_corrected.npy")
+    assert_array_equal(cover[:, :2], 0.0)
+    assert_array_equal(cover[:, 2:], got)
 
     # npy has no header: the offset is printed (already checked) and --frame input is 0 0
     assert main([*argv, "--format", "npy", "--frame", "input"]) == 0

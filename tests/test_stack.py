@@ -649,7 +649,7 @@ def test_command_line_parser_runs_correct_hdf5(tmp_path, detector, frames, monke
     assert args.debug is False
     args.run(args)
     assert "wrote" in capsys.readouterr().out
-    assert frames_asked == ["bounds"]  # the command's default frame
+    assert frames_asked == ["cover"]  # the command's default frame
     with h5py.File(tmp_path / "out.h5", "r") as h5:
         assert h5["/entry/data"].compression_opts == 6
         np.testing.assert_array_equal(h5["/entry/data"][()], _matrix(detector).apply(frames[:3]))
@@ -666,11 +666,11 @@ def test_command_line_defaults_and_progress(monkeypatch, capsys):
     args = _parser().parse_args(["correct-stack", "in.h5::/x", "-d", "d.h5", "-o", "o.h5"])
     args.run(args)
     assert (
-        "2 frames of 3 x 4 float32 (frame bounds, offset 0 0) in 1.00 s (2.0 frames/s, "
+        "2 frames of 3 x 4 float32 (frame cover, offset 0 0) in 1.00 s (2.0 frames/s, "
         "50 % of the raw size)" in capsys.readouterr().out
     )
     assert seen == {
-        "shape_out": "bounds",
+        "shape_out": "cover",
         "chunk_frames": None,
         "compression": "gzip",
         "compression_level": 1,
@@ -701,13 +701,15 @@ def test_command_line_writes_the_frame_and_its_offset(tmp_path, barrel, frames, 
     rec = load(det)  # the file holds float32 maps: build the expectation from them
     src = _write_source(tmp_path / "in.h5", frames[:3])
     base = ["correct-stack", src, "-d", str(det), "--quiet"]
-    for frame, argv in [("bounds", []), ("input", ["--frame", "input"])]:
+    for frame, argv in [
+        ("cover", []),
+        ("bounds", ["--frame", "bounds"]),
+        ("input", ["--frame", "input"]),
+    ]:
         out = tmp_path / f"{frame}.h5"
         args = _parser().parse_args([*base, "-o", str(out), *argv])
         args.run(args)
-        matrix = CorrectionMatrix.from_maps(
-            rec.dy, rec.dx, mask=rec.mask, shape_out=None if frame == "input" else "bounds"
-        )
+        matrix = CorrectionMatrix.from_maps(rec.dy, rec.dx, mask=rec.mask, shape_out=frame)
         oy, ox = matrix.offset
         ny, nx = matrix.shape_out
         assert f"3 frames of {ny} x {nx} float32 (frame {frame}, offset {oy} {ox})" in (

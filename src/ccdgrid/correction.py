@@ -13,8 +13,9 @@ A = (i, j), B = (i+1, j), C = (i+1, j+1), D = (i, j+1). Each output pixel
 ``(k, l)`` is the unit square ``[oy + k, oy + k + 1] x [ox + l, ox + l + 1]``
 of the undistorted grid, where the whole-pixel *offset* ``(oy, ox)`` places
 the output frame: ``(0, 0)`` (the input frame, the default of the library)
-or, with ``shape_out="bounds"``, the smallest frame that holds every valid
-pixel, so that no counts are lost (see :meth:`CorrectionMatrix.from_maps`).
+or, with ``shape_out="bounds"`` (``"cover"``), the smallest frame that holds
+every valid pixel (and the input frame), so that no counts are lost (see
+:meth:`CorrectionMatrix.from_maps`).
 The correction is the sparse matrix ``M`` (rows: output pixels, columns:
 input pixels) with
 
@@ -122,8 +123,8 @@ def _check_mask(mask, shape):
 def _check_shape_out(shape_out, default):
     if shape_out is None or (isinstance(shape_out, str) and shape_out == "input"):
         return default
-    if isinstance(shape_out, str) and shape_out == "bounds":
-        return "bounds"
+    if isinstance(shape_out, str) and shape_out in _COMPUTED_FRAMES:
+        return shape_out
     try:
         ny, nx = (int(s) for s in shape_out)
         ok = (ny, nx) == tuple(shape_out) and ny >= 1 and nx >= 1
@@ -131,11 +132,14 @@ def _check_shape_out(shape_out, default):
         ok = False
     if not ok:
         raise CcdgridError(
-            f'`shape_out` must be None, "input", "bounds" or two positive integers, '
+            f'`shape_out` must be None, "input", "bounds", "cover" or two positive integers, '
             f"got {shape_out!r}"
         )
     return ny, nx
 
+
+# Output frames computed from the maps (see CorrectionMatrix.from_maps).
+_COMPUTED_FRAMES = ("bounds", "cover")
 
 # Offsets far beyond any detector, yet exact in float64 with the pixel index added.
 _OFFSET_LIMIT = 2**40
@@ -146,8 +150,8 @@ def _check_offset(offset, shape_out):
 
     if offset is None:
         return (0, 0)
-    if shape_out == "bounds":
-        raise CcdgridError('`offset` must be None with shape_out="bounds" (it is computed)')
+    if shape_out in _COMPUTED_FRAMES:
+        raise CcdgridError(f'`offset` must be None with shape_out="{shape_out}" (it is computed)')
     try:
         ok = len(offset) == 2 and all(
             isinstance(o, (int, np.integer)) and not isinstance(o, (bool, np.bool_))
@@ -185,6 +189,16 @@ def _bounds_frame(dy, dx, full_mask, backend, nthreads):
             "The maps must be wrong there: mask those pixels, or give shape_out and offset"
         )
     return (oy, ox), (ny_out, nx_out)
+
+
+def _computed_frame(kind, dy, dx, full_mask, backend, nthreads):
+    """``(offset, shape_out)`` of the ``"bounds"`` or ``"cover"`` frame."""
+    (oy, ox), (ny_out, nx_out) = _bounds_frame(dy, dx, full_mask, backend, nthreads)
+    if kind == "bounds":
+        return (oy, ox), (ny_out, nx_out)
+    ny, nx = full_mask.shape
+    lo_y, lo_x = min(oy, 0), min(ox, 0)
+    return (lo_y, lo_x), (max(oy + ny_out, ny) - lo_y, max(ox + nx_out, nx) - lo_x)
 
 
 def output_bounds(dy, dx, *, mask=None, backend="cython", nthreads=0):
@@ -319,18 +333,23 @@ class CorrectionMatrix:
             Nonzero marks an invalid input pixel, left out of the matrix. A
             corner-shaped mask flags corners: a pixel with a flagged corner
             is invalid.
-        shape_out : None or "input" or "bounds" or tuple of 2 int, optional
+        shape_out : None or "input" or "bounds" or "cover" or tuple of 2 int, optional
             The output frame. None or ``"input"`` (the default): the input
             frame, ``(ny, nx)`` at offset (0, 0). ``"bounds"``: the smallest
             frame of whole input pixels that holds the true corners of every
             valid pixel (see :func:`output_bounds`), so that each valid
             pixel gives all its counts to the output: the sum of the
-            corrected image is that of the valid input pixels. A tuple: that
-            shape, at ``offset``. Counts that fall outside the frame are lost.
+            corrected image is that of the valid input pixels. It shrinks to
+            the valid pixels when a mask covers the detector's border.
+            ``"cover"``: the smallest frame holding both the input frame and
+            the ``"bounds"`` one: the input frame, grown only where valid
+            pixels land beyond it (the ``ccdgrid correct`` default). A tuple:
+            that shape, at ``offset``. Counts that fall outside the frame are
+            lost.
         offset : tuple of 2 int, optional
             The corner of output pixel (0, 0) in the input's pyFAI
             coordinates, whole pixels; default (0, 0). Computed, and so not
-            allowed, with ``shape_out="bounds"``.
+            allowed, with ``shape_out="bounds"`` or ``"cover"``.
         backend : {"cython", "numpy"}
             The compiled kernel, or its pure-numpy twin (slow; for checks).
         dtype : {numpy.float32, numpy.float64}
@@ -351,8 +370,8 @@ class CorrectionMatrix:
         CcdgridError
             Maps that are not real 2-D arrays of one shape with at least 2x2
             corners, a mask of the wrong shape, a bad ``shape_out``,
-            ``offset``, ``backend`` or ``dtype``; with ``shape_out="bounds"``,
-            valid pixels more than half the detector's size beyond its edges
+            ``offset``, ``backend`` or ``dtype``; with ``shape_out="bounds"``
+            or ``"cover"``, valid pixels more than half the detector's size beyond its edges
             (see :func:`output_bounds`).
 
         Notes
@@ -368,8 +387,10 @@ class CorrectionMatrix:
         the corners of a 2048² image, zero at the centre, moves pixels up to
         15 px beyond each edge: the input frame loses 1.8 % of a flat image's
         counts (0.9 % under the test generator's 20 px "strong" field).
-        The ``ccdgrid correct`` command defaults to ``"bounds"`` instead
-        (keeping every count), and records the offset.
+        The ``ccdgrid correct`` command defaults to ``"cover"`` instead
+        (keeping every count, and every pixel of the input frame: a
+        calibration masks the border beyond its holes, which would shrink
+        a ``"bounds"`` frame), and records the offset.
 
         The offset is a whole number of pixels, so the output pixels stay
         aligned on the input's: no resampling blur from a fractional shift
@@ -397,8 +418,8 @@ class CorrectionMatrix:
 
         n_masked = int(np.count_nonzero(user_mask))
         n_invalid, full_mask = _full_mask(dy, dx, user_mask)
-        if shape_out == "bounds":
-            offset, shape_out = _bounds_frame(dy, dx, full_mask, backend, nthreads)
+        if shape_out in _COMPUTED_FRAMES:
+            offset, shape_out = _computed_frame(shape_out, dy, dx, full_mask, backend, nthreads)
 
         data, indices, indptr, n_degenerate = _kernels(backend).split_pixels(
             dy, dx, full_mask, shape_out[0], shape_out[1], dtype, nthreads, *offset
@@ -600,9 +621,9 @@ def correct(image, detector, *, normalize=False, dummy=0.0, shape_out=None, offs
     shape_out, offset, backend, dtype
         See :meth:`CorrectionMatrix.from_maps`. The default is the input
         frame (counts pushed out of it by the distortion are lost);
-        ``shape_out="bounds"`` keeps them all, in a frame whose offset
-        :func:`output_bounds` gives (or build the matrix and read its
-        ``offset``).
+        ``shape_out="bounds"`` or ``"cover"`` keeps them all, in a frame
+        whose offset :func:`output_bounds` gives (or build the matrix and
+        read its ``offset``).
     cache : bool
         Reuse the matrix of a recent call with the same maps, mask and
         options (recognised by content, not identity, so maps modified in
@@ -669,16 +690,18 @@ what it does:
   written whole or not at all.
 
 output frame:
-  By default (--frame bounds) the corrected images are large enough to hold
+  By default (--frame cover) the corrected images hold the input frame and
   every valid pixel where it truly belongs, so no counts are lost: a barrel
   distortion makes them larger than the input (by 2 x 15 px for a barrel of
-  20 px at the corners of a 2048² image), a pincushion smaller; the pixels
-  the detector file masks are left out, so a masked border shrinks it. Its
-  pixel (0, 0) starts at OFFSET_Y, OFFSET_X of the input (whole pixels,
-  printed, and in the EDF header as ccdgrid_offset_y and ccdgrid_offset_x):
-  a point at (y, x) of a corrected image is at (y + OFFSET_Y, x + OFFSET_X)
-  of the input frame. --frame input keeps the input's shape and pixel grid
-  (offset 0, 0) and loses the counts pushed outside it.
+  20 px at the corners of a 2048² image). --frame bounds is the smallest
+  frame holding the valid pixels only: a pincushion makes it smaller than the
+  input, and so does a masked border (a calibration masks the border beyond
+  its holes). Pixel (0, 0) starts at OFFSET_Y, OFFSET_X of the input (whole
+  pixels, printed, and in the EDF header as ccdgrid_offset_y and
+  ccdgrid_offset_x): a point at (y, x) of a corrected image is at
+  (y + OFFSET_Y, x + OFFSET_X) of the input frame. --frame input keeps the
+  input's shape and pixel grid (offset 0, 0) and loses the counts pushed
+  outside it.
 
 examples:
   ccdgrid correct scan_*.edf -d frelon_detector.h5 -o corrected/
@@ -749,11 +772,11 @@ def add_correct_parser(subparsers, parents=()):
     )
     parser.add_argument(
         "--frame",
-        choices=("bounds", "input"),
-        default="bounds",
-        help="output frame: 'bounds' (default) holds every valid pixel, no counts lost; "
-        "'input' keeps the input's shape and pixel grid, losing what the distortion pushes "
-        "outside it",
+        choices=("cover", "bounds", "input"),
+        default="cover",
+        help="output frame: 'cover' (default) holds the input frame and every valid pixel, "
+        "no counts lost; 'bounds' the valid pixels only; 'input' keeps the input's shape and "
+        "pixel grid, losing what the distortion pushes outside it",
     )
     parser.add_argument("--backend", choices=("cython", "numpy"), default="cython")
     if not parents:

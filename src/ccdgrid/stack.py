@@ -144,7 +144,7 @@ def correct_dask(array, detector_or_matrix, *, normalize=False, dummy=0.0, nthre
         OpenMP threads per block task. Dask already runs one task per
         worker thread, so the default 1 avoids oversubscribing the cores;
         0 means OpenMP's default.
-    shape_out : None or "input" or "bounds" or tuple of 2 int
+    shape_out : None or "input" or "bounds" or "cover" or tuple of 2 int
         The output frame of a matrix built here (see
         :meth:`CorrectionMatrix.from_maps`; None, the default, is the input
         frame). Must be None when ``detector_or_matrix`` is a matrix: its
@@ -375,7 +375,7 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
         Frames corrected at once, each by one thread (reading its frame's
         chunk, applying the matrix, compressing); None means the number of
         available CPUs, at most 4.
-    shape_out : None or "input" or "bounds" or tuple of 2 int
+    shape_out : None or "input" or "bounds" or "cover" or tuple of 2 int
         See :func:`correct_dask`. The output dataset has the matrix's frame
         shape, and its ``offset`` attribute holds the matrix's offset
         ``(oy, ox)`` (int64): frame pixel ``(k, l)`` covers input position
@@ -938,8 +938,9 @@ ISA-L (pip install "ccdgrid[fast]"), and ~7 ms to write; frames are corrected --
 The file is written under a temporary name and moved into place only when
 complete.
 
-By default (--frame bounds) the frames are large enough to hold every valid
-pixel where it truly belongs, so no counts are lost; the dataset's "offset"
+By default (--frame cover) the frames hold the input frame and every valid
+pixel where it truly belongs, so no counts are lost; --frame bounds holds the
+valid pixels only (smaller under a masked border). The dataset's "offset"
 attribute (also printed) is the input position of the corner of frame pixel
 (0, 0). --frame input keeps the input's shape and pixel grid (offset 0, 0)
 and loses the counts the distortion pushes outside it.
@@ -1037,10 +1038,11 @@ def add_correct_stack_parser(subparsers, parents=()):
     )
     parser.add_argument(
         "--frame",
-        choices=("bounds", "input"),
-        default="bounds",
-        help="output frame: 'bounds' (default) holds every valid pixel, no counts lost; "
-        "'input' keeps the input's shape and pixel grid",
+        choices=("cover", "bounds", "input"),
+        default="cover",
+        help="output frame: 'cover' (default) holds the input frame and every valid pixel, "
+        "no counts lost; 'bounds' the valid pixels only; 'input' keeps the input's shape and "
+        "pixel grid",
     )
     parser.add_argument(
         "--quiet", action="store_true", help="no progress bar (shown on a terminal only anyway)"
