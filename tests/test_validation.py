@@ -101,14 +101,18 @@ def test_uniform_shift_is_normalised_by_coverage(small, backend):
     zeros = np.zeros((ny + 1, nx + 1))
     shifted = types.SimpleNamespace(dy=zeros, dx=zeros + 0.7, mask=None)
     res = validate(g.image, shifted, uncorrected=False, backend=backend)
+    # the frame grows by the column the last input pixel is pushed into
+    assert res.corrected_image.shape == (ny, nx + 1)
     assert np.isnan(res.corrected_image[:, 0]).all()
     assert np.isfinite(res.corrected_image[:, 1:]).all()
     # input pixel j truly spans [j + 0.7, j + 1.7] (pyFAI coordinates): output pixel k
     # gets 0.7 of input k - 1 and 0.3 of input k, no darkening anywhere
     img = g.image.astype(np.float64)
     np.testing.assert_allclose(
-        res.corrected_image[:, 1:], 0.7 * img[:, :-1] + 0.3 * img[:, 1:], rtol=1e-5, atol=1e-3
+        res.corrected_image[:, 1:-1], 0.7 * img[:, :-1] + 0.3 * img[:, 1:], rtol=1e-5, atol=1e-3
     )
+    # the added column holds 0.7 of the last input pixel, normalised by that coverage
+    np.testing.assert_allclose(res.corrected_image[:, -1], img[:, -1], rtol=1e-5, atol=1e-3)
 
 
 def test_detector_mask_hides_the_outer_holes(small):

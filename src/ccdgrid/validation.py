@@ -141,9 +141,11 @@ class ValidationResult:
         ``corrected.pixel_size``.
     pitch : float, m
         Plate pitch used for the pixel sizes.
-    corrected_image : ndarray of shape (ny, nx), float32
+    corrected_image : ndarray, float32
         The corrected, coverage-normalised image; NaN where no valid input
-        pixel reaches (or covers less than half a pixel).
+        pixel reaches (or covers less than half a pixel). Its frame is the
+        input's, grown where the distortion takes valid pixels beyond it
+        (``shape_out="cover"`` of :meth:`ccdgrid.correction.CorrectionMatrix.from_maps`).
     timings : dict of str to float, s
         ``"correction"`` (build and apply), ``"corrected"`` and
         ``"uncorrected"`` (hole search and fit), ``"cross_validation"``,
@@ -356,7 +358,11 @@ def validate(
 
     timings = {}
     t0 = time.perf_counter()
-    matrix = CorrectionMatrix.from_maps(dy, dx, mask=correction_mask, backend=backend)
+    # the input frame, grown where the distortion takes valid pixels beyond it, so that
+    # no hole near the edge is cut off by the frame
+    matrix = CorrectionMatrix.from_maps(
+        dy, dx, mask=correction_mask, shape_out="cover", backend=backend
+    )
     corrected_img = matrix.apply(img, normalize=True, dummy=np.nan)
     # a sliver of a pixel scaled up by the normalisation is mostly noise
     corrected_img[matrix.coverage < _MIN_COVERAGE] = np.nan
