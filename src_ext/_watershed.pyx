@@ -46,7 +46,7 @@ def _block(*specs):
 
 
 cdef inline int64_t _recorded_neighbour(
-    const int64_t *lab, int64_t p, uint8_t bits, int64_t w
+    const index_t *lab, int64_t p, uint8_t bits, int64_t w
 ) noexcept nogil:
     """Label of the one neighbour pyFAI records for a border pixel.
 
@@ -351,18 +351,17 @@ cdef inline void _set_slot_float(index_t *slot, float v) noexcept nogil:
 
 cdef bint _region_table(
     const real_t *flat,
-    const index_t *a,
-    int64_t *lab,
+    index_t *lab,
     int64_t h,
     int64_t w,
     const int64_t *peak,
     const uint8_t *bor,
     index_t *rec,
     index_t *cols,
-    int64_t *border_index,
-    int64_t *border_neighbor,
+    index_t *border_index,
+    index_t *border_neighbor,
 ) noexcept nogil:
-    """Fill the border CSR and the running mini/pass; write the int64 labels.
+    """Fill the border CSR and the running mini/pass; turn the codes in ``lab`` into labels.
 
     Region r's record is ``rec[4r : 4r + 4]``: fill cursor (its CSR start on
     entry), code of the pass neighbour (0: none yet; codes are negative),
@@ -372,10 +371,10 @@ cdef bint _region_table(
     region whose first border value is NaN, or whose pass never rose above
     -inf, is fixed afterwards by the caller (pyFAI starts both at the first
     value). ``cols`` (length w) lists a row's border pixels, so the sweep
-    does not branch on every pixel. ``lab`` gets ``peak[~a[p]]`` one row
-    behind: when ``a`` lies in the upper half of ``lab``'s buffer (int32
-    codes), a label never overwrites a code still to be read. Returns True
-    if some border value is NaN.
+    does not branch on every pixel. ``lab`` holds the resolved codes on
+    entry; pixel p gets its label ``peak[~lab[p]]`` one row behind the sweep,
+    once no border pixel will read its code again. Returns True if some
+    border value is NaN.
     """
     cdef int64_t i, j, p, k, m, t, nc
     cdef bint nan_seen = False
@@ -395,12 +394,12 @@ cdef bint _region_table(
         for t in range(m):
             p = i * w + cols[t]
             bits = bor[p]
-            rr = rec + 4 * <int64_t>(~a[p])
+            rr = rec + 4 * <int64_t>(~lab[p])
             k = rr[0]
             rr[0] = <index_t>(k + 1)
-            nc = a[p + off[first[bits]]]
-            border_index[k] = p
-            border_neighbor[k] = peak[~nc]
+            nc = lab[p + off[first[bits]]]
+            border_index[k] = <index_t>p
+            border_neighbor[k] = <index_t>peak[~nc]
             v = <float>flat[p]
             nan_seen |= v != v
             lo = _slot_float(rr + 2)
@@ -412,9 +411,9 @@ cdef bint _region_table(
         # row i - 1 is read for the last time by row i
         if i > 0:
             for p in range((i - 1) * w, i * w):
-                lab[p] = peak[~a[p]]
+                lab[p] = <index_t>peak[~lab[p]]
     for p in range((h - 1) * w, h * w):
-        lab[p] = peak[~a[p]]
+        lab[p] = <index_t>peak[~lab[p]]
     return nan_seen
 
 
@@ -439,8 +438,8 @@ cdef void _finish_table(
     const real_t *flat,
     const int64_t *peak,
     const int64_t *ptr,
-    const int64_t *border_index,
-    const int64_t *border_neighbor,
+    const index_t *border_index,
+    const index_t *border_neighbor,
     bint nan_seen,
     float *maxi,
     float *mini,
@@ -473,39 +472,35 @@ cdef void _finish_table(
         pass_to[r] = peak[~code] if code != 0 else border_neighbor[ptr[r]]
 
 
-cdef int64_t _climb_any(
-    const real_t *d, int64_t *lab, int64_t h, int64_t w, bint wide, float *best_v,
-    int32_t *best_k, float *ring, int64_t **peak, int64_t *cap
-) noexcept nogil:
-    if wide:
-        return _climb_rows(d, lab, h, w, best_v, best_k, ring, peak, cap)
-    return _climb_rows(d, <int32_t *>lab + h * w, h, w, best_v, best_k, ring, peak, cap)
-
-
 def _segment(const real_t[:, ::1] data, bint wide):
-    """:func:`segment_kernel` with int64 (``wide``) or int32 working codes.
+    """:func:`segment_kernel` with int64 (``wide``) or int32 index arrays."""
+    labels = np.empty((data.shape[0], data.shape[1]), dtype=np.int64 if wide else np.int32)
+    return (labels,) + _segment_into(np.asarray(data).reshape(-1), labels.reshape(-1),
+                                     data.shape[0], data.shape[1])
 
-    int32 codes live in the upper half of the int64 label buffer and are
-    widened into labels by the last sweep; they need h*w < 2**31.
+
+def _segment_into(const real_t[::1] flat, index_t[::1] lab, int64_t h, int64_t w):
+    """Segment ``flat`` (h*w) with ``lab`` as the label output; the other outputs, in order.
+
+    ``lab`` holds the working codes until the last sweep turns them into
+    labels, so the per-pixel and per-border-pixel arrays all have its index
+    type (int32 needs h*w < 2**31).
     """
-    cdef int64_t h = data.shape[0], w = data.shape[1]
     cdef int64_t n = h * w
     cdef int64_t nreg, nb, cap = max(64, n // 64)
     cdef bint nan_seen
     cdef int64_t *pk = <int64_t *>malloc(cap * sizeof(int64_t))
     if pk == NULL:
         raise MemoryError()
-    labels = np.empty((h, w), dtype=np.int64)
-    cdef int64_t[::1] lab = labels.reshape(-1)
-    cdef const real_t[::1] flat = np.asarray(data).reshape(-1)
+    itype = np.int32 if index_t is int32_t else np.int64
     cdef float[::1] best_v = np.empty(w, dtype=np.float32)
     cdef float[::1] ring = np.empty(3 * w if real_t is double else 1, dtype=np.float32)
     cdef int32_t[::1] best_k = np.empty(w, dtype=np.int32)
     cdef int64_t[::1] peak_v
     try:
         with nogil:
-            nreg = _climb_any(&flat[0], &lab[0], h, w, wide, &best_v[0], &best_k[0], &ring[0],
-                              &pk, &cap)
+            nreg = _climb_rows(&flat[0], &lab[0], h, w, &best_v[0], &best_k[0], &ring[0],
+                               &pk, &cap)
         if nreg < 0:
             raise MemoryError()
         peak, size, border_ptr, pass_to, maxi, mini, hp = _block(
@@ -516,60 +511,28 @@ def _segment(const real_t[:, ::1] data, bint wide):
         memcpy(&peak_v[0], pk, nreg * sizeof(int64_t))
     finally:
         free(pk)
-    itype = np.int64 if wide else np.int32
     borders = np.empty((h, w), dtype=np.uint8)
     counts, rec, work = _block((2 * nreg, itype), (4 * nreg, itype), (w, itype))
     counts[:] = 0
     cdef uint8_t[::1] bor = borders.reshape(-1)
-    cdef int32_t[::1] cnt32, work32
-    cdef int64_t[::1] cnt64, work64
-    if wide:
-        cnt64 = counts
-        work64 = work
-        with nogil:
-            _resolve_and_count(&lab[0], h, w, &bor[0], &cnt64[0], &work64[0])
-    else:
-        cnt32 = counts
-        work32 = work
-        with nogil:
-            _resolve_and_count(<int32_t *>&lab[0] + n, h, w, &bor[0], &cnt32[0], &work32[0])
+    cdef index_t[::1] cnt = counts, work_v = work, rec_v = rec
     cdef int64_t[::1] size_v = size, ptr_v = border_ptr
-    cdef int32_t[::1] rec32
-    cdef int64_t[::1] rec64
-    if wide:
-        rec64 = rec
-        with nogil:
-            _start_table(&cnt64[0], nreg, &size_v[0], &ptr_v[0], &rec64[0])
-    else:
-        rec32 = rec
-        with nogil:
-            _start_table(&cnt32[0], nreg, &size_v[0], &ptr_v[0], &rec32[0])
+    with nogil:
+        _resolve_and_count(&lab[0], h, w, &bor[0], &cnt[0], &work_v[0])
+        _start_table(&cnt[0], nreg, &size_v[0], &ptr_v[0], &rec_v[0])
     nb = border_ptr[nreg]
     # +1: a valid address for &v[0] when there is no border pixel at all
-    border_index = np.empty(nb + 1, dtype=np.int64)
-    border_neighbor = np.empty(nb + 1, dtype=np.int64)
-    cdef int64_t[::1] bidx_v = border_index, bnbr_v = border_neighbor, pto_v = pass_to
+    border_index = np.empty(nb + 1, dtype=itype)
+    border_neighbor = np.empty(nb + 1, dtype=itype)
+    cdef index_t[::1] bidx_v = border_index, bnbr_v = border_neighbor
+    cdef int64_t[::1] pto_v = pass_to
     cdef float[::1] mini_v = mini, hp_v = hp, maxi_v = maxi
-    if wide:
-        with nogil:
-            nan_seen = _region_table(&flat[0], &lab[0], &lab[0], h, w, &peak_v[0], &bor[0],
-                                     &rec64[0], &work64[0], &bidx_v[0], &bnbr_v[0])
-    else:
-        with nogil:
-            nan_seen = _region_table(&flat[0], <int32_t *>&lab[0] + n, &lab[0], h, w,
-                                     &peak_v[0], &bor[0], &rec32[0], &work32[0], &bidx_v[0],
-                                     &bnbr_v[0])
-    if wide:
-        with nogil:
-            _finish_table(&rec64[0], nreg, &flat[0], &peak_v[0], &ptr_v[0], &bidx_v[0],
-                          &bnbr_v[0], nan_seen, &maxi_v[0], &mini_v[0], &hp_v[0],
-                          &pto_v[0])
-    else:
-        with nogil:
-            _finish_table(&rec32[0], nreg, &flat[0], &peak_v[0], &ptr_v[0], &bidx_v[0],
-                          &bnbr_v[0], nan_seen, &maxi_v[0], &mini_v[0], &hp_v[0],
-                          &pto_v[0])
-    return (labels, borders, peak, size, maxi, mini, hp, pass_to,
+    with nogil:
+        nan_seen = _region_table(&flat[0], &lab[0], h, w, &peak_v[0], &bor[0], &rec_v[0],
+                                 &work_v[0], &bidx_v[0], &bnbr_v[0])
+        _finish_table(&rec_v[0], nreg, &flat[0], &peak_v[0], &ptr_v[0], &bidx_v[0],
+                      &bnbr_v[0], nan_seen, &maxi_v[0], &mini_v[0], &hp_v[0], &pto_v[0])
+    return (borders, peak, size, maxi, mini, hp, pass_to,
             border_ptr, border_index[:nb], border_neighbor[:nb])
 
 
@@ -586,16 +549,27 @@ def segment_kernel(data):
     tuple
         ``(labels, borders, peak, size, maxi, mini, highest_pass, pass_to,
         border_ptr, border_index, border_neighbor)``, as documented in
-        :class:`ccdgrid.watershed.Segmentation`.
+        :class:`ccdgrid.watershed.Segmentation`. ``labels``,
+        ``border_index`` and ``border_neighbor`` are int32 below 2**31
+        pixels, int64 from there on (:func:`index_dtype`).
 
     Notes
     -----
     Three sweeps over the image: down (successors, resolved where rows
     above allow), up (the rest of the resolution, the bitmask, sizes and
-    border counts), down (border CSR, passes, int64 labels). Working codes
-    are int32 below 2**31 pixels.
+    border counts), down (border CSR, passes, codes turned into labels in
+    place).
     """
-    return _segment(data, data.shape[0] * data.shape[1] >= 2**31)
+    return _segment(data, index_dtype(data.shape[0] * data.shape[1]) == np.int64)
+
+
+def index_dtype(n_pixels):
+    """dtype of the per-pixel and per-border-pixel index arrays of an image of ``n_pixels``.
+
+    int32 below 2**31 pixels (half the memory, and the page faults, of
+    int64 on fresh outputs), int64 from there on.
+    """
+    return np.dtype(np.int32) if n_pixels < 2**31 else np.dtype(np.int64)
 
 
 cdef void _bucket_starts(
@@ -640,16 +614,22 @@ cdef int _cmp_int64(const void *a, const void *b) noexcept nogil:
     return (x > y) - (x < y)
 
 
+cdef int _cmp_int32(const void *a, const void *b) noexcept nogil:
+    cdef int32_t x = (<const int32_t *>a)[0]
+    cdef int32_t y = (<const int32_t *>b)[0]
+    return (x > y) - (x < y)
+
+
 cdef void _union_singletons(
     const real_t[::1] flat,
-    const int64_t[::1] lab,
+    const index_t[::1] lab,
     const uint8_t[::1] bor,
     int64_t w,
     const int64_t[::1] peak,
     const float[::1] maxi,
     const float[::1] mini,
     const int64_t[::1] ptr,
-    const int64_t[::1] border_neighbor,
+    const index_t[::1] border_neighbor,
     const int64_t[::1] row_start,
     int shift,
     int64_t[::1] parent,
@@ -721,7 +701,7 @@ cdef void _union_singletons(
 
 cdef void _merged_borders(
     const real_t[::1] flat,
-    const int64_t[::1] lab,
+    const index_t[::1] lab,
     const uint8_t[::1] bor,
     int64_t w,
     const int64_t[::1] peak,
@@ -730,14 +710,14 @@ cdef void _merged_borders(
     const int64_t[::1] region,
     const int64_t[::1] slot,
     const int64_t[::1] ptr,
-    const int64_t[::1] border_index,
-    const int64_t[::1] border_neighbor,
+    const index_t[::1] border_index,
+    const index_t[::1] border_neighbor,
     const float[::1] old_hp,
     const int64_t[::1] old_pass_to,
     const int64_t[::1] rep,
     const int64_t[::1] patch_ptr,
-    int64_t[::1] patch_index,
-    int64_t[::1] patch_nbr,
+    index_t[::1] patch_index,
+    index_t[::1] patch_nbr,
     float[::1] hp,
     int64_t[::1] pass_to,
 ) noexcept nogil:
@@ -776,10 +756,13 @@ cdef void _merged_borders(
         if stop == start:
             continue
         # several basins: their raster-ordered runs interleave
-        qsort(&patch_index[start], stop - start, sizeof(int64_t), _cmp_int64)
+        if index_t is int32_t:
+            qsort(&patch_index[start], stop - start, sizeof(int32_t), _cmp_int32)
+        else:
+            qsort(&patch_index[start], stop - start, sizeof(int64_t), _cmp_int64)
         for k in range(start, stop):
             p = patch_index[k]
-            patch_nbr[k] = _recorded_neighbour(&lab[0], p, bor[p], w)
+            patch_nbr[k] = <index_t>_recorded_neighbour(&lab[0], p, bor[p], w)
             v = <float>flat[p]
             if k == start or v > hp[f]:
                 hp[f] = v
@@ -788,7 +771,7 @@ cdef void _merged_borders(
 
 def _merge_impl(
     const real_t[::1] flat,
-    const int64_t[::1] lab,
+    const index_t[::1] lab,
     const uint8_t[::1] bor,
     int64_t w,
     const int64_t[::1] peak,
@@ -798,8 +781,8 @@ def _merge_impl(
     const float[::1] highest_pass,
     const int64_t[::1] pass_to,
     const int64_t[::1] border_ptr,
-    const int64_t[::1] border_index,
-    const int64_t[::1] border_neighbor,
+    const index_t[::1] border_index,
+    const index_t[::1] border_neighbor,
 ):
     cdef int64_t nbas = peak.shape[0]
     # labels are found from buckets of 2**shift >= w flat indices (no division)
@@ -885,9 +868,11 @@ def _merge_impl(
         for r in range(nmulti):
             qptr[r + 1] += qptr[r]
     k = patch_ptr[nmulti]
-    patch_index = np.empty(k, dtype=np.int64)
-    patch_nbr = np.empty(k, dtype=np.int64)
-    cdef int64_t[::1] qidx = patch_index, qnbr = patch_nbr, pto = new_pass_to
+    itype = np.int32 if index_t is int32_t else np.int64
+    patch_index = np.empty(k, dtype=itype)
+    patch_nbr = np.empty(k, dtype=itype)
+    cdef index_t[::1] qidx = patch_index, qnbr = patch_nbr
+    cdef int64_t[::1] pto = new_pass_to
     cdef float[::1] hp_v = new_hp
     with nogil:
         _merged_borders(flat, lab, bor, w, peak, rs, shift, reg, slot_v, border_ptr, border_index,
@@ -899,7 +884,7 @@ def _merge_impl(
 
 def merge_kernel(
     data,
-    const int64_t[:, ::1] labels,
+    labels,
     const uint8_t[:, ::1] borders,
     const int64_t[::1] peak,
     const int64_t[::1] size,
@@ -908,8 +893,8 @@ def merge_kernel(
     const float[::1] highest_pass,
     const int64_t[::1] pass_to,
     const int64_t[::1] border_ptr,
-    const int64_t[::1] border_index,
-    const int64_t[::1] border_neighbor,
+    border_index,
+    border_neighbor,
 ):
     """Merge singleton regions (maxi == mini) of a segmentation.
 
@@ -920,7 +905,10 @@ def merge_kernel(
     peak index). The larger maximum keeps the peak (a tie keeps the visited
     region), sizes add up, mini is the minimum of the parts' minis, and the
     border, pass and pass_to are recomputed over the merged border.
-    ``data`` is the segmented image, float32 or float64 C-contiguous (h, w).
+    ``data`` is the segmented image, float32 or float64 C-contiguous (h, w);
+    ``labels`` (C-contiguous (h, w)), ``border_index`` and ``border_neighbor``
+    share one index dtype, int32 or int64, which ``patch_index`` and
+    ``patch_neighbor`` take.
 
     Returns
     -------

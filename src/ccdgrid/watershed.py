@@ -301,8 +301,8 @@ class _MergedBorders:
         lengths[self._multi_rows] = np.diff(pptr)
         ptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=ptr[1:])
-        index = np.empty(ptr[-1], dtype=np.int64)
-        neighbor = np.empty(ptr[-1], dtype=np.int64)
+        index = np.empty(ptr[-1], dtype=bidx.dtype)
+        neighbor = np.empty(ptr[-1], dtype=bnbr.dtype)
         # consecutive one-basin rows holding consecutive basins are one slice of each table
         cut = np.flatnonzero((np.diff(rows) != 1) | (np.diff(basin) != 1)) + 1
         for a, b in zip(np.r_[0, cut], np.r_[cut, rows.size], strict=True):
