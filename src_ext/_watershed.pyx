@@ -27,6 +27,59 @@ ctypedef fused real_t:
     double
 
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #if defined(__linux__)
+    #include <sys/mman.h>
+    #ifndef MADV_POPULATE_WRITE
+    #define MADV_POPULATE_WRITE 23
+    #endif
+    #endif
+    /* Map the whole pages of a fresh buffer for writing in one madvise call
+       (Linux >= 5.14 keeps the contents); elsewhere, or if it fails, leave
+       them to fault in where they are first written. */
+    static void ccdgrid_populate(char *buf, size_t nbytes)
+    {
+    #if defined(__linux__)
+        const uintptr_t page = 4096;
+        uintptr_t a = ((uintptr_t)buf + page - 1) / page * page;
+        uintptr_t e = ((uintptr_t)buf + nbytes) / page * page;
+        if (e > a)
+            (void)madvise((void *)a, e - a, MADV_POPULATE_WRITE);
+    #else
+        (void)buf;
+        (void)nbytes;
+    #endif
+    }
+    """
+    void _populate "ccdgrid_populate" (char *buf, size_t nbytes) noexcept nogil
+
+
+#: Fresh outputs of at least this many bytes are mapped up front (see :func:`_fresh`).
+_POPULATE_MIN_BYTES = 1 << 20
+
+
+def _fresh(shape, dtype):
+    """``np.empty(shape, dtype)`` with its pages mapped in one system call when it is large.
+
+    A fresh output costs a page fault per page where the kernel first writes
+    it; on 4 KiB pages (when numpy gets no huge pages) that was a third of
+    the time of segment + merge at 2048². Mapping the pages in one
+    ``madvise(MADV_POPULATE_WRITE)`` skips the fault entry and exit of each
+    (26 % less time per MB measured; on huge pages it changes nothing).
+    Mapping them from a second thread was much slower here, so it is not.
+    """
+    out = np.empty(shape, dtype)
+    cdef Py_ssize_t nbytes = out.nbytes
+    cdef char[::1] raw
+    if nbytes >= _POPULATE_MIN_BYTES:
+        raw = out.reshape(-1).view(np.int8)
+        with nogil:
+            _populate(&raw[0], nbytes)
+    return out
+
+
 def _block(*specs):
     """Arrays of the given ``(length, dtype)``, as views into one allocation.
 
@@ -36,7 +89,7 @@ def _block(*specs):
     them). Views start on 64-byte boundaries.
     """
     sizes = [(n * np.dtype(dt).itemsize + 63) // 64 * 64 for n, dt in specs]
-    buf = np.empty(max(sum(sizes), 1), dtype=np.uint8)
+    buf = _fresh(max(sum(sizes), 1), np.uint8)
     out = []
     off = 0
     for (n, dt), nbytes in zip(specs, sizes):
@@ -474,7 +527,7 @@ cdef void _finish_table(
 
 def _segment(const real_t[:, ::1] data, bint wide):
     """:func:`segment_kernel` with int64 (``wide``) or int32 index arrays."""
-    labels = np.empty((data.shape[0], data.shape[1]), dtype=np.int64 if wide else np.int32)
+    labels = _fresh((data.shape[0], data.shape[1]), np.int64 if wide else np.int32)
     return (labels,) + _segment_into(np.asarray(data).reshape(-1), labels.reshape(-1),
                                      data.shape[0], data.shape[1])
 
@@ -511,7 +564,7 @@ def _segment_into(const real_t[::1] flat, index_t[::1] lab, int64_t h, int64_t w
         memcpy(&peak_v[0], pk, nreg * sizeof(int64_t))
     finally:
         free(pk)
-    borders = np.empty((h, w), dtype=np.uint8)
+    borders = _fresh((h, w), np.uint8)
     counts, rec, work = _block((2 * nreg, itype), (4 * nreg, itype), (w, itype))
     counts[:] = 0
     cdef uint8_t[::1] bor = borders.reshape(-1)
@@ -522,8 +575,8 @@ def _segment_into(const real_t[::1] flat, index_t[::1] lab, int64_t h, int64_t w
         _start_table(&cnt[0], nreg, &size_v[0], &ptr_v[0], &rec_v[0])
     nb = border_ptr[nreg]
     # +1: a valid address for &v[0] when there is no border pixel at all
-    border_index = np.empty(nb + 1, dtype=itype)
-    border_neighbor = np.empty(nb + 1, dtype=itype)
+    border_index = _fresh(nb + 1, itype)
+    border_neighbor = _fresh(nb + 1, itype)
     cdef index_t[::1] bidx_v = border_index, bnbr_v = border_neighbor
     cdef int64_t[::1] pto_v = pass_to
     cdef float[::1] mini_v = mini, hp_v = hp, maxi_v = maxi
