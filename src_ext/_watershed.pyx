@@ -653,7 +653,7 @@ cdef inline int64_t _basin_of(
     return base
 
 
-cdef inline int64_t _find(int64_t *parent, int64_t x) noexcept nogil:
+cdef inline int64_t _find(index_t *parent, int64_t x) noexcept nogil:
     """Union-find root with path halving."""
     while parent[x] != x:
         parent[x] = parent[parent[x]]
@@ -685,9 +685,9 @@ cdef void _union_singletons(
     const index_t[::1] border_neighbor,
     const int64_t[::1] row_start,
     int shift,
-    int64_t[::1] parent,
-    int64_t[::1] ring,
-    int64_t[::1] cur_size,
+    index_t[::1] parent,
+    index_t[::1] ring,
+    index_t[::1] cur_size,
     float[::1] cur_mini,
 ) noexcept nogil:
     """Merge singleton basins in peak order (see ``merge_kernel``).
@@ -743,7 +743,7 @@ cdef void _union_singletons(
         else:
             keep = r
             gone = t
-        parent[gone] = keep
+        parent[gone] = <index_t>keep
         cur_size[keep] += cur_size[gone]
         if isnan(cur_mini[keep]) or cur_mini[gone] < cur_mini[keep]:
             cur_mini[keep] = cur_mini[gone]
@@ -761,13 +761,13 @@ cdef void _merged_borders(
     const int64_t[::1] row_start,
     int shift,
     const int64_t[::1] region,
-    const int64_t[::1] slot,
+    const index_t[::1] slot,
     const int64_t[::1] ptr,
     const index_t[::1] border_index,
     const index_t[::1] border_neighbor,
     const float[::1] old_hp,
     const int64_t[::1] old_pass_to,
-    const int64_t[::1] rep,
+    const index_t[::1] rep,
     const int64_t[::1] patch_ptr,
     index_t[::1] patch_index,
     index_t[::1] patch_nbr,
@@ -844,19 +844,21 @@ def _merge_impl(
     cdef int64_t b, e, r, g, nreg, k, nmulti
     row_start = np.empty(nbuckets + 1, dtype=np.int64)
     cdef int64_t[::1] rs = row_start
+    # scratch per basin: basins, sizes and cursors fit the index dtype (int32 below 2**31 pixels)
+    itype = np.int32 if index_t is int32_t else np.int64
     parent, ring, cur_size, cur_mini, slot, rep = _block(
-        *[(nbas, np.int64)] * 3, (nbas, np.float32), *[(nbas, np.int64)] * 2
+        *[(nbas, itype)] * 3, (nbas, np.float32), *[(nbas, itype)] * 2
     )
     # outputs: region tables sized for the worst case (no merge), cut to R below
     (basin_region, peaks, new_peak, new_size, new_pass_to, peaks_ptr, new_maxi, new_mini,
      new_hp) = _block(*[(nbas, np.int64)] * 5, (nbas + 1, np.int64), *[(nbas, np.float32)] * 3)
-    cdef int64_t[::1] par = parent, size_v = cur_size, ring_v = ring
+    cdef index_t[::1] par = parent, size_v = cur_size, ring_v = ring
     cdef float[::1] mini_v = cur_mini
     with nogil:
         for b in range(nbas):
-            par[b] = b
-            ring_v[b] = b
-            size_v[b] = size[b]
+            par[b] = <index_t>b
+            ring_v[b] = <index_t>b
+            size_v[b] = <index_t>size[b]
             mini_v[b] = mini[b]
         _bucket_starts(&peak[0], nbas, nbuckets, shift, &rs[0])
         _union_singletons(flat, lab, bor, w, peak, maxi, mini, border_ptr, border_neighbor,
@@ -877,8 +879,9 @@ def _merge_impl(
     new_pass_to = new_pass_to[:nreg]
     slot = slot[:nreg]
     rep = rep[:nreg]
-    cdef int64_t[::1] reg = basin_region, npk = new_peak, nsz = new_size, rep_v = rep
-    cdef int64_t[::1] pptr = peaks_ptr, pks = peaks, slot_v = slot
+    cdef int64_t[::1] reg = basin_region, npk = new_peak, nsz = new_size
+    cdef int64_t[::1] pptr = peaks_ptr, pks = peaks
+    cdef index_t[::1] rep_v = rep, slot_v = slot
     cdef float[::1] nmaxi = new_maxi, nmini = new_mini
     with nogil:
         # representatives are numbered in basin order, i.e. by peak flat index
@@ -888,8 +891,8 @@ def _merge_impl(
                 npk[g] = peak[b]
                 nmaxi[g] = maxi[b]
                 nmini[g] = mini_v[b]
-                rep_v[g] = b
-                ring_v[b] = g  # the ring is no longer needed: reuse it as root -> row
+                rep_v[g] = <index_t>b
+                ring_v[b] = <index_t>g  # the ring is no longer needed: reuse it as root -> row
                 g += 1
         for b in range(nbas):
             r = ring_v[_find(&par[0], b)]
@@ -898,12 +901,12 @@ def _merge_impl(
             pptr[r + 1] += 1
         nmulti = 0
         for r in range(nreg):
-            slot_v[r] = nmulti if pptr[r + 1] > 1 else -1
+            slot_v[r] = <index_t>(nmulti if pptr[r + 1] > 1 else -1)
             nmulti += pptr[r + 1] > 1
             pptr[r + 1] += pptr[r]
         # peaks CSR: counting sort of basins by region, basin order kept (ring as cursor)
         for r in range(nreg):
-            ring_v[r] = pptr[r]
+            ring_v[r] = <index_t>pptr[r]
         for b in range(nbas):
             r = reg[b]
             pks[ring_v[r]] = peak[b]
@@ -921,7 +924,6 @@ def _merge_impl(
         for r in range(nmulti):
             qptr[r + 1] += qptr[r]
     k = patch_ptr[nmulti]
-    itype = np.int32 if index_t is int32_t else np.int64
     patch_index = np.empty(k, dtype=itype)
     patch_nbr = np.empty(k, dtype=itype)
     cdef index_t[::1] qidx = patch_index, qnbr = patch_nbr
