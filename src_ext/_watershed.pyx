@@ -27,6 +27,59 @@ ctypedef fused real_t:
     double
 
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #if defined(__linux__)
+    #include <sys/mman.h>
+    #ifndef MADV_POPULATE_WRITE
+    #define MADV_POPULATE_WRITE 23
+    #endif
+    #endif
+    /* Map the whole pages of a fresh buffer for writing in one madvise call
+       (Linux >= 5.14 keeps the contents); elsewhere, or if it fails, leave
+       them to fault in where they are first written. */
+    static void ccdgrid_populate(char *buf, size_t nbytes)
+    {
+    #if defined(__linux__)
+        const uintptr_t page = 4096;
+        uintptr_t a = ((uintptr_t)buf + page - 1) / page * page;
+        uintptr_t e = ((uintptr_t)buf + nbytes) / page * page;
+        if (e > a)
+            (void)madvise((void *)a, e - a, MADV_POPULATE_WRITE);
+    #else
+        (void)buf;
+        (void)nbytes;
+    #endif
+    }
+    """
+    void _populate "ccdgrid_populate" (char *buf, size_t nbytes) noexcept nogil
+
+
+#: Fresh outputs of at least this many bytes are mapped up front (see :func:`_fresh`).
+_POPULATE_MIN_BYTES = 1 << 20
+
+
+def _fresh(shape, dtype):
+    """``np.empty(shape, dtype)`` with its pages mapped in one system call when it is large.
+
+    A fresh output costs a page fault per page where the kernel first writes
+    it; on 4 KiB pages (when numpy gets no huge pages) that was a third of
+    the time of segment + merge at 2048². Mapping the pages in one
+    ``madvise(MADV_POPULATE_WRITE)`` skips the fault entry and exit of each
+    (26 % less time per MB measured; on huge pages it changes nothing).
+    Mapping them from a second thread was much slower here, so it is not.
+    """
+    out = np.empty(shape, dtype)
+    cdef Py_ssize_t nbytes = out.nbytes
+    cdef char[::1] raw
+    if nbytes >= _POPULATE_MIN_BYTES:
+        raw = out.reshape(-1).view(np.int8)
+        with nogil:
+            _populate(&raw[0], nbytes)
+    return out
+
+
 def _block(*specs):
     """Arrays of the given ``(length, dtype)``, as views into one allocation.
 
@@ -36,7 +89,7 @@ def _block(*specs):
     them). Views start on 64-byte boundaries.
     """
     sizes = [(n * np.dtype(dt).itemsize + 63) // 64 * 64 for n, dt in specs]
-    buf = np.empty(max(sum(sizes), 1), dtype=np.uint8)
+    buf = _fresh(max(sum(sizes), 1), np.uint8)
     out = []
     off = 0
     for (n, dt), nbytes in zip(specs, sizes):
@@ -46,7 +99,7 @@ def _block(*specs):
 
 
 cdef inline int64_t _recorded_neighbour(
-    const int64_t *lab, int64_t p, uint8_t bits, int64_t w
+    const index_t *lab, int64_t p, uint8_t bits, int64_t w
 ) noexcept nogil:
     """Label of the one neighbour pyFAI records for a border pixel.
 
@@ -351,18 +404,17 @@ cdef inline void _set_slot_float(index_t *slot, float v) noexcept nogil:
 
 cdef bint _region_table(
     const real_t *flat,
-    const index_t *a,
-    int64_t *lab,
+    index_t *lab,
     int64_t h,
     int64_t w,
     const int64_t *peak,
     const uint8_t *bor,
     index_t *rec,
     index_t *cols,
-    int64_t *border_index,
-    int64_t *border_neighbor,
+    index_t *border_index,
+    index_t *border_neighbor,
 ) noexcept nogil:
-    """Fill the border CSR and the running mini/pass; write the int64 labels.
+    """Fill the border CSR and the running mini/pass; turn the codes in ``lab`` into labels.
 
     Region r's record is ``rec[4r : 4r + 4]``: fill cursor (its CSR start on
     entry), code of the pass neighbour (0: none yet; codes are negative),
@@ -372,10 +424,10 @@ cdef bint _region_table(
     region whose first border value is NaN, or whose pass never rose above
     -inf, is fixed afterwards by the caller (pyFAI starts both at the first
     value). ``cols`` (length w) lists a row's border pixels, so the sweep
-    does not branch on every pixel. ``lab`` gets ``peak[~a[p]]`` one row
-    behind: when ``a`` lies in the upper half of ``lab``'s buffer (int32
-    codes), a label never overwrites a code still to be read. Returns True
-    if some border value is NaN.
+    does not branch on every pixel. ``lab`` holds the resolved codes on
+    entry; pixel p gets its label ``peak[~lab[p]]`` one row behind the sweep,
+    once no border pixel will read its code again. Returns True if some
+    border value is NaN.
     """
     cdef int64_t i, j, p, k, m, t, nc
     cdef bint nan_seen = False
@@ -395,12 +447,12 @@ cdef bint _region_table(
         for t in range(m):
             p = i * w + cols[t]
             bits = bor[p]
-            rr = rec + 4 * <int64_t>(~a[p])
+            rr = rec + 4 * <int64_t>(~lab[p])
             k = rr[0]
             rr[0] = <index_t>(k + 1)
-            nc = a[p + off[first[bits]]]
-            border_index[k] = p
-            border_neighbor[k] = peak[~nc]
+            nc = lab[p + off[first[bits]]]
+            border_index[k] = <index_t>p
+            border_neighbor[k] = <index_t>peak[~nc]
             v = <float>flat[p]
             nan_seen |= v != v
             lo = _slot_float(rr + 2)
@@ -412,9 +464,9 @@ cdef bint _region_table(
         # row i - 1 is read for the last time by row i
         if i > 0:
             for p in range((i - 1) * w, i * w):
-                lab[p] = peak[~a[p]]
+                lab[p] = <index_t>peak[~lab[p]]
     for p in range((h - 1) * w, h * w):
-        lab[p] = peak[~a[p]]
+        lab[p] = <index_t>peak[~lab[p]]
     return nan_seen
 
 
@@ -439,8 +491,8 @@ cdef void _finish_table(
     const real_t *flat,
     const int64_t *peak,
     const int64_t *ptr,
-    const int64_t *border_index,
-    const int64_t *border_neighbor,
+    const index_t *border_index,
+    const index_t *border_neighbor,
     bint nan_seen,
     float *maxi,
     float *mini,
@@ -473,39 +525,35 @@ cdef void _finish_table(
         pass_to[r] = peak[~code] if code != 0 else border_neighbor[ptr[r]]
 
 
-cdef int64_t _climb_any(
-    const real_t *d, int64_t *lab, int64_t h, int64_t w, bint wide, float *best_v,
-    int32_t *best_k, float *ring, int64_t **peak, int64_t *cap
-) noexcept nogil:
-    if wide:
-        return _climb_rows(d, lab, h, w, best_v, best_k, ring, peak, cap)
-    return _climb_rows(d, <int32_t *>lab + h * w, h, w, best_v, best_k, ring, peak, cap)
-
-
 def _segment(const real_t[:, ::1] data, bint wide):
-    """:func:`segment_kernel` with int64 (``wide``) or int32 working codes.
+    """:func:`segment_kernel` with int64 (``wide``) or int32 index arrays."""
+    labels = _fresh((data.shape[0], data.shape[1]), np.int64 if wide else np.int32)
+    return (labels,) + _segment_into(np.asarray(data).reshape(-1), labels.reshape(-1),
+                                     data.shape[0], data.shape[1])
 
-    int32 codes live in the upper half of the int64 label buffer and are
-    widened into labels by the last sweep; they need h*w < 2**31.
+
+def _segment_into(const real_t[::1] flat, index_t[::1] lab, int64_t h, int64_t w):
+    """Segment ``flat`` (h*w) with ``lab`` as the label output; the other outputs, in order.
+
+    ``lab`` holds the working codes until the last sweep turns them into
+    labels, so the per-pixel and per-border-pixel arrays all have its index
+    type (int32 needs h*w < 2**31).
     """
-    cdef int64_t h = data.shape[0], w = data.shape[1]
     cdef int64_t n = h * w
     cdef int64_t nreg, nb, cap = max(64, n // 64)
     cdef bint nan_seen
     cdef int64_t *pk = <int64_t *>malloc(cap * sizeof(int64_t))
     if pk == NULL:
         raise MemoryError()
-    labels = np.empty((h, w), dtype=np.int64)
-    cdef int64_t[::1] lab = labels.reshape(-1)
-    cdef const real_t[::1] flat = np.asarray(data).reshape(-1)
+    itype = np.int32 if index_t is int32_t else np.int64
     cdef float[::1] best_v = np.empty(w, dtype=np.float32)
     cdef float[::1] ring = np.empty(3 * w if real_t is double else 1, dtype=np.float32)
     cdef int32_t[::1] best_k = np.empty(w, dtype=np.int32)
     cdef int64_t[::1] peak_v
     try:
         with nogil:
-            nreg = _climb_any(&flat[0], &lab[0], h, w, wide, &best_v[0], &best_k[0], &ring[0],
-                              &pk, &cap)
+            nreg = _climb_rows(&flat[0], &lab[0], h, w, &best_v[0], &best_k[0], &ring[0],
+                               &pk, &cap)
         if nreg < 0:
             raise MemoryError()
         peak, size, border_ptr, pass_to, maxi, mini, hp = _block(
@@ -516,60 +564,28 @@ def _segment(const real_t[:, ::1] data, bint wide):
         memcpy(&peak_v[0], pk, nreg * sizeof(int64_t))
     finally:
         free(pk)
-    itype = np.int64 if wide else np.int32
-    borders = np.empty((h, w), dtype=np.uint8)
+    borders = _fresh((h, w), np.uint8)
     counts, rec, work = _block((2 * nreg, itype), (4 * nreg, itype), (w, itype))
     counts[:] = 0
     cdef uint8_t[::1] bor = borders.reshape(-1)
-    cdef int32_t[::1] cnt32, work32
-    cdef int64_t[::1] cnt64, work64
-    if wide:
-        cnt64 = counts
-        work64 = work
-        with nogil:
-            _resolve_and_count(&lab[0], h, w, &bor[0], &cnt64[0], &work64[0])
-    else:
-        cnt32 = counts
-        work32 = work
-        with nogil:
-            _resolve_and_count(<int32_t *>&lab[0] + n, h, w, &bor[0], &cnt32[0], &work32[0])
+    cdef index_t[::1] cnt = counts, work_v = work, rec_v = rec
     cdef int64_t[::1] size_v = size, ptr_v = border_ptr
-    cdef int32_t[::1] rec32
-    cdef int64_t[::1] rec64
-    if wide:
-        rec64 = rec
-        with nogil:
-            _start_table(&cnt64[0], nreg, &size_v[0], &ptr_v[0], &rec64[0])
-    else:
-        rec32 = rec
-        with nogil:
-            _start_table(&cnt32[0], nreg, &size_v[0], &ptr_v[0], &rec32[0])
+    with nogil:
+        _resolve_and_count(&lab[0], h, w, &bor[0], &cnt[0], &work_v[0])
+        _start_table(&cnt[0], nreg, &size_v[0], &ptr_v[0], &rec_v[0])
     nb = border_ptr[nreg]
     # +1: a valid address for &v[0] when there is no border pixel at all
-    border_index = np.empty(nb + 1, dtype=np.int64)
-    border_neighbor = np.empty(nb + 1, dtype=np.int64)
-    cdef int64_t[::1] bidx_v = border_index, bnbr_v = border_neighbor, pto_v = pass_to
+    border_index = _fresh(nb + 1, itype)
+    border_neighbor = _fresh(nb + 1, itype)
+    cdef index_t[::1] bidx_v = border_index, bnbr_v = border_neighbor
+    cdef int64_t[::1] pto_v = pass_to
     cdef float[::1] mini_v = mini, hp_v = hp, maxi_v = maxi
-    if wide:
-        with nogil:
-            nan_seen = _region_table(&flat[0], &lab[0], &lab[0], h, w, &peak_v[0], &bor[0],
-                                     &rec64[0], &work64[0], &bidx_v[0], &bnbr_v[0])
-    else:
-        with nogil:
-            nan_seen = _region_table(&flat[0], <int32_t *>&lab[0] + n, &lab[0], h, w,
-                                     &peak_v[0], &bor[0], &rec32[0], &work32[0], &bidx_v[0],
-                                     &bnbr_v[0])
-    if wide:
-        with nogil:
-            _finish_table(&rec64[0], nreg, &flat[0], &peak_v[0], &ptr_v[0], &bidx_v[0],
-                          &bnbr_v[0], nan_seen, &maxi_v[0], &mini_v[0], &hp_v[0],
-                          &pto_v[0])
-    else:
-        with nogil:
-            _finish_table(&rec32[0], nreg, &flat[0], &peak_v[0], &ptr_v[0], &bidx_v[0],
-                          &bnbr_v[0], nan_seen, &maxi_v[0], &mini_v[0], &hp_v[0],
-                          &pto_v[0])
-    return (labels, borders, peak, size, maxi, mini, hp, pass_to,
+    with nogil:
+        nan_seen = _region_table(&flat[0], &lab[0], h, w, &peak_v[0], &bor[0], &rec_v[0],
+                                 &work_v[0], &bidx_v[0], &bnbr_v[0])
+        _finish_table(&rec_v[0], nreg, &flat[0], &peak_v[0], &ptr_v[0], &bidx_v[0],
+                      &bnbr_v[0], nan_seen, &maxi_v[0], &mini_v[0], &hp_v[0], &pto_v[0])
+    return (borders, peak, size, maxi, mini, hp, pass_to,
             border_ptr, border_index[:nb], border_neighbor[:nb])
 
 
@@ -586,16 +602,27 @@ def segment_kernel(data):
     tuple
         ``(labels, borders, peak, size, maxi, mini, highest_pass, pass_to,
         border_ptr, border_index, border_neighbor)``, as documented in
-        :class:`ccdgrid.watershed.Segmentation`.
+        :class:`ccdgrid.watershed.Segmentation`. ``labels``,
+        ``border_index`` and ``border_neighbor`` are int32 below 2**31
+        pixels, int64 from there on (:func:`index_dtype`).
 
     Notes
     -----
     Three sweeps over the image: down (successors, resolved where rows
     above allow), up (the rest of the resolution, the bitmask, sizes and
-    border counts), down (border CSR, passes, int64 labels). Working codes
-    are int32 below 2**31 pixels.
+    border counts), down (border CSR, passes, codes turned into labels in
+    place).
     """
-    return _segment(data, data.shape[0] * data.shape[1] >= 2**31)
+    return _segment(data, index_dtype(data.shape[0] * data.shape[1]) == np.int64)
+
+
+def index_dtype(n_pixels):
+    """dtype of the per-pixel and per-border-pixel index arrays of an image of ``n_pixels``.
+
+    int32 below 2**31 pixels (half the memory, and the page faults, of
+    int64 on fresh outputs), int64 from there on.
+    """
+    return np.dtype(np.int32) if n_pixels < 2**31 else np.dtype(np.int64)
 
 
 cdef void _bucket_starts(
@@ -626,7 +653,7 @@ cdef inline int64_t _basin_of(
     return base
 
 
-cdef inline int64_t _find(int64_t *parent, int64_t x) noexcept nogil:
+cdef inline int64_t _find(index_t *parent, int64_t x) noexcept nogil:
     """Union-find root with path halving."""
     while parent[x] != x:
         parent[x] = parent[parent[x]]
@@ -640,21 +667,27 @@ cdef int _cmp_int64(const void *a, const void *b) noexcept nogil:
     return (x > y) - (x < y)
 
 
+cdef int _cmp_int32(const void *a, const void *b) noexcept nogil:
+    cdef int32_t x = (<const int32_t *>a)[0]
+    cdef int32_t y = (<const int32_t *>b)[0]
+    return (x > y) - (x < y)
+
+
 cdef void _union_singletons(
     const real_t[::1] flat,
-    const int64_t[::1] lab,
+    const index_t[::1] lab,
     const uint8_t[::1] bor,
     int64_t w,
     const int64_t[::1] peak,
     const float[::1] maxi,
     const float[::1] mini,
     const int64_t[::1] ptr,
-    const int64_t[::1] border_neighbor,
+    const index_t[::1] border_neighbor,
     const int64_t[::1] row_start,
     int shift,
-    int64_t[::1] parent,
-    int64_t[::1] ring,
-    int64_t[::1] cur_size,
+    index_t[::1] parent,
+    index_t[::1] ring,
+    index_t[::1] cur_size,
     float[::1] cur_mini,
 ) noexcept nogil:
     """Merge singleton basins in peak order (see ``merge_kernel``).
@@ -710,7 +743,7 @@ cdef void _union_singletons(
         else:
             keep = r
             gone = t
-        parent[gone] = keep
+        parent[gone] = <index_t>keep
         cur_size[keep] += cur_size[gone]
         if isnan(cur_mini[keep]) or cur_mini[gone] < cur_mini[keep]:
             cur_mini[keep] = cur_mini[gone]
@@ -721,23 +754,23 @@ cdef void _union_singletons(
 
 cdef void _merged_borders(
     const real_t[::1] flat,
-    const int64_t[::1] lab,
+    const index_t[::1] lab,
     const uint8_t[::1] bor,
     int64_t w,
     const int64_t[::1] peak,
     const int64_t[::1] row_start,
     int shift,
     const int64_t[::1] region,
-    const int64_t[::1] slot,
+    const index_t[::1] slot,
     const int64_t[::1] ptr,
-    const int64_t[::1] border_index,
-    const int64_t[::1] border_neighbor,
+    const index_t[::1] border_index,
+    const index_t[::1] border_neighbor,
     const float[::1] old_hp,
     const int64_t[::1] old_pass_to,
-    const int64_t[::1] rep,
+    const index_t[::1] rep,
     const int64_t[::1] patch_ptr,
-    int64_t[::1] patch_index,
-    int64_t[::1] patch_nbr,
+    index_t[::1] patch_index,
+    index_t[::1] patch_nbr,
     float[::1] hp,
     int64_t[::1] pass_to,
 ) noexcept nogil:
@@ -776,10 +809,13 @@ cdef void _merged_borders(
         if stop == start:
             continue
         # several basins: their raster-ordered runs interleave
-        qsort(&patch_index[start], stop - start, sizeof(int64_t), _cmp_int64)
+        if index_t is int32_t:
+            qsort(&patch_index[start], stop - start, sizeof(int32_t), _cmp_int32)
+        else:
+            qsort(&patch_index[start], stop - start, sizeof(int64_t), _cmp_int64)
         for k in range(start, stop):
             p = patch_index[k]
-            patch_nbr[k] = _recorded_neighbour(&lab[0], p, bor[p], w)
+            patch_nbr[k] = <index_t>_recorded_neighbour(&lab[0], p, bor[p], w)
             v = <float>flat[p]
             if k == start or v > hp[f]:
                 hp[f] = v
@@ -788,7 +824,7 @@ cdef void _merged_borders(
 
 def _merge_impl(
     const real_t[::1] flat,
-    const int64_t[::1] lab,
+    const index_t[::1] lab,
     const uint8_t[::1] bor,
     int64_t w,
     const int64_t[::1] peak,
@@ -798,8 +834,8 @@ def _merge_impl(
     const float[::1] highest_pass,
     const int64_t[::1] pass_to,
     const int64_t[::1] border_ptr,
-    const int64_t[::1] border_index,
-    const int64_t[::1] border_neighbor,
+    const index_t[::1] border_index,
+    const index_t[::1] border_neighbor,
 ):
     cdef int64_t nbas = peak.shape[0]
     # labels are found from buckets of 2**shift >= w flat indices (no division)
@@ -808,19 +844,21 @@ def _merge_impl(
     cdef int64_t b, e, r, g, nreg, k, nmulti
     row_start = np.empty(nbuckets + 1, dtype=np.int64)
     cdef int64_t[::1] rs = row_start
+    # scratch per basin: basins, sizes and cursors fit the index dtype (int32 below 2**31 pixels)
+    itype = np.int32 if index_t is int32_t else np.int64
     parent, ring, cur_size, cur_mini, slot, rep = _block(
-        *[(nbas, np.int64)] * 3, (nbas, np.float32), *[(nbas, np.int64)] * 2
+        *[(nbas, itype)] * 3, (nbas, np.float32), *[(nbas, itype)] * 2
     )
     # outputs: region tables sized for the worst case (no merge), cut to R below
     (basin_region, peaks, new_peak, new_size, new_pass_to, peaks_ptr, new_maxi, new_mini,
      new_hp) = _block(*[(nbas, np.int64)] * 5, (nbas + 1, np.int64), *[(nbas, np.float32)] * 3)
-    cdef int64_t[::1] par = parent, size_v = cur_size, ring_v = ring
+    cdef index_t[::1] par = parent, size_v = cur_size, ring_v = ring
     cdef float[::1] mini_v = cur_mini
     with nogil:
         for b in range(nbas):
-            par[b] = b
-            ring_v[b] = b
-            size_v[b] = size[b]
+            par[b] = <index_t>b
+            ring_v[b] = <index_t>b
+            size_v[b] = <index_t>size[b]
             mini_v[b] = mini[b]
         _bucket_starts(&peak[0], nbas, nbuckets, shift, &rs[0])
         _union_singletons(flat, lab, bor, w, peak, maxi, mini, border_ptr, border_neighbor,
@@ -841,8 +879,9 @@ def _merge_impl(
     new_pass_to = new_pass_to[:nreg]
     slot = slot[:nreg]
     rep = rep[:nreg]
-    cdef int64_t[::1] reg = basin_region, npk = new_peak, nsz = new_size, rep_v = rep
-    cdef int64_t[::1] pptr = peaks_ptr, pks = peaks, slot_v = slot
+    cdef int64_t[::1] reg = basin_region, npk = new_peak, nsz = new_size
+    cdef int64_t[::1] pptr = peaks_ptr, pks = peaks
+    cdef index_t[::1] rep_v = rep, slot_v = slot
     cdef float[::1] nmaxi = new_maxi, nmini = new_mini
     with nogil:
         # representatives are numbered in basin order, i.e. by peak flat index
@@ -852,8 +891,8 @@ def _merge_impl(
                 npk[g] = peak[b]
                 nmaxi[g] = maxi[b]
                 nmini[g] = mini_v[b]
-                rep_v[g] = b
-                ring_v[b] = g  # the ring is no longer needed: reuse it as root -> row
+                rep_v[g] = <index_t>b
+                ring_v[b] = <index_t>g  # the ring is no longer needed: reuse it as root -> row
                 g += 1
         for b in range(nbas):
             r = ring_v[_find(&par[0], b)]
@@ -862,12 +901,12 @@ def _merge_impl(
             pptr[r + 1] += 1
         nmulti = 0
         for r in range(nreg):
-            slot_v[r] = nmulti if pptr[r + 1] > 1 else -1
+            slot_v[r] = <index_t>(nmulti if pptr[r + 1] > 1 else -1)
             nmulti += pptr[r + 1] > 1
             pptr[r + 1] += pptr[r]
         # peaks CSR: counting sort of basins by region, basin order kept (ring as cursor)
         for r in range(nreg):
-            ring_v[r] = pptr[r]
+            ring_v[r] = <index_t>pptr[r]
         for b in range(nbas):
             r = reg[b]
             pks[ring_v[r]] = peak[b]
@@ -885,9 +924,10 @@ def _merge_impl(
         for r in range(nmulti):
             qptr[r + 1] += qptr[r]
     k = patch_ptr[nmulti]
-    patch_index = np.empty(k, dtype=np.int64)
-    patch_nbr = np.empty(k, dtype=np.int64)
-    cdef int64_t[::1] qidx = patch_index, qnbr = patch_nbr, pto = new_pass_to
+    patch_index = np.empty(k, dtype=itype)
+    patch_nbr = np.empty(k, dtype=itype)
+    cdef index_t[::1] qidx = patch_index, qnbr = patch_nbr
+    cdef int64_t[::1] pto = new_pass_to
     cdef float[::1] hp_v = new_hp
     with nogil:
         _merged_borders(flat, lab, bor, w, peak, rs, shift, reg, slot_v, border_ptr, border_index,
@@ -899,7 +939,7 @@ def _merge_impl(
 
 def merge_kernel(
     data,
-    const int64_t[:, ::1] labels,
+    labels,
     const uint8_t[:, ::1] borders,
     const int64_t[::1] peak,
     const int64_t[::1] size,
@@ -908,8 +948,8 @@ def merge_kernel(
     const float[::1] highest_pass,
     const int64_t[::1] pass_to,
     const int64_t[::1] border_ptr,
-    const int64_t[::1] border_index,
-    const int64_t[::1] border_neighbor,
+    border_index,
+    border_neighbor,
 ):
     """Merge singleton regions (maxi == mini) of a segmentation.
 
@@ -920,7 +960,10 @@ def merge_kernel(
     peak index). The larger maximum keeps the peak (a tie keeps the visited
     region), sizes add up, mini is the minimum of the parts' minis, and the
     border, pass and pass_to are recomputed over the merged border.
-    ``data`` is the segmented image, float32 or float64 C-contiguous (h, w).
+    ``data`` is the segmented image, float32 or float64 C-contiguous (h, w);
+    ``labels`` (C-contiguous (h, w)), ``border_index`` and ``border_neighbor``
+    share one index dtype, int32 or int64, which ``patch_index`` and
+    ``patch_neighbor`` take.
 
     Returns
     -------

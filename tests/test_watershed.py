@@ -8,6 +8,7 @@ from hypothesis.extra import numpy as hnp
 
 from ccdgrid import CcdgridError
 from ccdgrid._ext import _watershed
+from ccdgrid._reference import watershed as _twin
 from ccdgrid._reference.watershed import NEIGHBOUR_OFFSETS
 from ccdgrid.watershed import InverseWatershed, Segmentation, merge_singletons, segment
 
@@ -84,15 +85,52 @@ def test_cython_matches_numpy_twin(name, image):
     assert_same(mc, mn)
 
 
+#: Fields of segment_kernel's tuple, and of merge_kernel's, whose dtype is the index dtype.
+SEGMENT_INDEX_FIELDS = (0, 9, 10)  # labels, border_index, border_neighbor
+MERGE_INDEX_FIELDS = (8, 9)  # patch_index, patch_neighbor
+
+
 @pytest.mark.parametrize(("name", "image"), list(images().items()))
-def test_int64_working_codes_match_int32(name, image):
-    # images of 2**31 pixels or more use int64 codes: same results, forced here
+def test_int64_index_arrays_match_int32(name, image):
+    # images of 2**31 pixels or more get int64 index arrays: same values, forced here
     data = np.ascontiguousarray(image, dtype=np.float64)
     narrow = _watershed.segment_kernel(data)
     wide = _watershed._segment(data, True)
-    for x, y in zip(narrow, wide, strict=True):
-        assert x.dtype == y.dtype
-        np.testing.assert_array_equal(x, y)
+    for k, (x, y) in enumerate(zip(narrow, wide, strict=True)):
+        if k in SEGMENT_INDEX_FIELDS:
+            assert (x.dtype, y.dtype) == (np.int32, np.int64), k
+        else:
+            assert x.dtype == y.dtype, k
+        np.testing.assert_array_equal(x, y, err_msg=str(k))
+    merged_narrow = _watershed.merge_kernel(data, *narrow)
+    merged_wide = _watershed.merge_kernel(data, *wide)
+    for k, (x, y) in enumerate(zip(merged_narrow, merged_wide, strict=True)):
+        if k in MERGE_INDEX_FIELDS:
+            assert (x.dtype, y.dtype) == (np.int32, np.int64), k
+        else:
+            assert x.dtype == y.dtype, k
+        np.testing.assert_array_equal(x, y, err_msg=str(k))
+
+
+@pytest.mark.parametrize(
+    ("n_pixels", "dtype"),
+    [(1, np.int32), (2**31 - 1, np.int32), (2**31, np.int64), (46341**2, np.int64)],
+)
+def test_index_dtype_switches_at_2_31_pixels(n_pixels, dtype):
+    assert _watershed.index_dtype(n_pixels) == dtype
+    assert _twin.index_dtype(n_pixels) == dtype
+
+
+def test_index_arrays_are_int32(backend):
+    rng = np.random.default_rng(12)
+    image = rng.normal(size=(30, 35))
+    seg = segment(image, backend=backend)
+    merged = merge_singletons(seg, image, backend=backend)
+    for s in (seg, merged):
+        for name in ("labels", "border_index", "border_neighbor"):
+            assert getattr(s, name).dtype == np.int32, name
+        for name in ("peak", "size", "pass_to", "border_ptr", "basin_peak", "peaks"):
+            assert getattr(s, name).dtype == np.int64, name
 
 
 def test_float64_compared_as_float32(backend):
@@ -125,7 +163,7 @@ def check_invariants(seg, image):
     h, w = img.shape
     n = h * w
     labels = seg.labels.ravel()
-    assert seg.labels.dtype == np.int64
+    assert seg.labels.dtype == np.int32
     assert seg.borders.dtype == np.uint8
     assert seg.size.sum() == n
     assert np.all(np.diff(seg.peak) > 0)

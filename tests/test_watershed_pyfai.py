@@ -53,6 +53,7 @@ def oracle(convolved):
 
 def test_labels_and_borders_match_pyfai(convolved, oracle, backend):
     seg = segment(convolved, backend=backend)
+    assert seg.labels.dtype == oracle.labels.dtype  # int32, as pyFAI keeps them
     np.testing.assert_array_equal(seg.labels, oracle.labels)
     np.testing.assert_array_equal(seg.borders, oracle.borders)
 

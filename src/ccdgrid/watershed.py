@@ -44,11 +44,17 @@ class Segmentation:
     first access (a copy of size B), while :meth:`border_of` reads a
     region's border without assembling anything.
 
+    Index arrays with one entry per pixel or per border pixel (``labels``,
+    ``border_index``, ``border_neighbor``) are int32 for images of fewer than
+    2**31 pixels (as pyFAI's labels), int64 from there on: half the memory,
+    and half the page faults of the fresh outputs. Per-region arrays are
+    int64 whatever the size.
+
     Attributes
     ----------
     shape : tuple of int
         ``(h, w)`` of the image.
-    labels : ndarray of int64, shape (h, w)
+    labels : ndarray of int32 (int64 from 2**31 pixels), shape (h, w)
         Flat index of the local maximum each pixel climbs to (its *basin*).
         Never rewritten by merges, as in pyFAI.
     borders : ndarray of uint8, shape (h, w)
@@ -73,9 +79,9 @@ class Segmentation:
         Label recorded at the first border pixel holding ``highest_pass``;
         -1 without border.
     border_ptr : ndarray of int64, shape (R + 1,)
-    border_index : ndarray of int64, shape (B,)
+    border_index : ndarray of int32 (int64 from 2**31 pixels), shape (B,)
         Flat indices of border pixels, raster order within each region.
-    border_neighbor : ndarray of int64, shape (B,)
+    border_neighbor : ndarray of int32 (int64 from 2**31 pixels), shape (B,)
         For each border pixel the label of ONE neighbour of another basin,
         first set bit in the priority N, E, S, W, NW, NE, SE, SW (pyFAI's).
     basin_peak : ndarray of int64, shape (n_basins,)
@@ -109,12 +115,12 @@ class Segmentation:
 
     @property
     def border_index(self):
-        """int64 (B,): flat indices of border pixels, raster order within each region."""
+        """int32 (B,): border pixels, raster order per region (int64 from 2**31 pixels)."""
         return self._border.csr()[1]
 
     @property
     def border_neighbor(self):
-        """int64 (B,): one neighbouring basin's label per border pixel (pyFAI's priority)."""
+        """int32 (B,): one neighbouring basin's label per border pixel (int64 from 2**31 px)."""
         return self._border.csr()[2]
 
     @property
@@ -301,8 +307,8 @@ class _MergedBorders:
         lengths[self._multi_rows] = np.diff(pptr)
         ptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=ptr[1:])
-        index = np.empty(ptr[-1], dtype=np.int64)
-        neighbor = np.empty(ptr[-1], dtype=np.int64)
+        index = np.empty(ptr[-1], dtype=bidx.dtype)
+        neighbor = np.empty(ptr[-1], dtype=bnbr.dtype)
         # consecutive one-basin rows holding consecutive basins are one slice of each table
         cut = np.flatnonzero((np.diff(rows) != 1) | (np.diff(basin) != 1)) + 1
         for a, b in zip(np.r_[0, cut], np.r_[cut, rows.size], strict=True):
@@ -496,8 +502,9 @@ class InverseWatershed:
 
     Attributes
     ----------
-    labels : ndarray of int64, shape (h, w)
-        Flat index of each pixel's basin peak (pyFAI uses int32).
+    labels : ndarray of int32, shape (h, w)
+        Flat index of each pixel's basin peak (int32 as pyFAI's; int64 from
+        2**31 pixels).
     borders : ndarray of uint8, shape (h, w)
     regions : dict of int to Region
         Every basin label -> its (possibly merged) region; merged regions are

@@ -17,12 +17,20 @@ array, compared as float32, and the segmentation arrays are the ones
 
 import numpy as np
 
-__all__ = ["NEIGHBOUR_OFFSETS", "PRIORITY_BITS", "merge_kernel", "segment_kernel"]
+__all__ = ["NEIGHBOUR_OFFSETS", "PRIORITY_BITS", "index_dtype", "merge_kernel", "segment_kernel"]
 
 #: (dy, dx) of the neighbour tested by bit k of the border bitmask (pyFAI's layout).
 NEIGHBOUR_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1))
 #: Order in which a border pixel's one recorded neighbour is chosen: N, E, S, W, NW, NE, SE, SW.
 PRIORITY_BITS = (1, 3, 5, 7, 0, 2, 4, 6)
+
+
+def index_dtype(n_pixels):
+    """dtype of the per-pixel and per-border-pixel index arrays of an image of ``n_pixels``.
+
+    int32 below 2**31 pixels, int64 from there on (as the kernel).
+    """
+    return np.dtype(np.int32) if n_pixels < 2**31 else np.dtype(np.int64)
 
 
 def _best_neighbour(data):
@@ -128,7 +136,9 @@ def segment_kernel(data):
     tuple
         ``(labels, borders, peak, size, maxi, mini, highest_pass, pass_to,
         border_ptr, border_index, border_neighbor)`` as documented in
-        :class:`ccdgrid.watershed.Segmentation`.
+        :class:`ccdgrid.watershed.Segmentation`; ``labels``,
+        ``border_index`` and ``border_neighbor`` have the dtype
+        :func:`index_dtype` gives for ``h * w`` (computed in int64).
     """
     data = data.astype(np.float32, copy=False)
     h, w = data.shape
@@ -148,8 +158,9 @@ def segment_kernel(data):
     border_neighbor = _recorded_neighbour(labels, borders.ravel(), border_index, w)
     maxi = flat[peak].astype(np.float32)
     mini, hp, pass_to = _region_passes(flat[border_index], border_neighbor, border_ptr)
+    itype = index_dtype(labels.size)
     return (
-        labels.reshape(h, w),
+        labels.reshape(h, w).astype(itype),
         borders,
         peak,
         size,
@@ -158,8 +169,8 @@ def segment_kernel(data):
         hp,
         pass_to,
         border_ptr,
-        border_index,
-        border_neighbor,
+        border_index.astype(itype),
+        border_neighbor.astype(itype),
     )
 
 
@@ -234,12 +245,14 @@ def merge_kernel(
     ----------
     data : ndarray of float32 or float64, shape (h, w), C-contiguous
         The image that was segmented (compared as float32).
-    labels : ndarray of int64, shape (h, w)
+    labels : ndarray of int32 or int64, shape (h, w)
     borders : ndarray of uint8, shape (h, w)
     peak, size, maxi, mini, highest_pass, pass_to : ndarray
     border_ptr, border_index, border_neighbor : ndarray
-        The basin table of :func:`segment_kernel` (one row per basin). This
-        twin recomputes every pass; the kernel copies ``highest_pass`` and
+        The basin table of :func:`segment_kernel` (one row per basin);
+        ``border_index`` and ``border_neighbor`` have the dtype of ``labels``,
+        which ``patch_index`` and ``patch_neighbor`` keep. This twin
+        recomputes every pass; the kernel copies ``highest_pass`` and
         ``pass_to`` of regions made of one basin.
 
     Returns
