@@ -162,9 +162,10 @@ def bench_kernels(size, n_seeds, n_points, repeat, seed):
 
     cands.append(("pyFAI", ws_pyfai))
     print()
-    _time_rows("watershed init + merge singletons", cands, repeat, "pyFAI")
+    times = _time_rows("watershed init + merge singletons", cands, repeat, "pyFAI")
     for name, (n_all, n_big) in regions.items():
         print(f"  {name}: {n_all} regions after merging, {n_big} with size > 97")
+    _target("watershed init + merge singletons", times, "ccdgrid cython", "pyFAI", 15)
 
     bench_refine(n_seeds, repeat, seed)
     bench_grid_error(n_points, repeat, seed)
