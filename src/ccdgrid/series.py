@@ -1120,12 +1120,14 @@ class _Pool:
 
     With ``kind="process"`` and ``workers=N``, N - 1 worker processes run
     beside one worker thread of the calling process, which has already paid
-    for importing numpy, scipy and the pipeline (0.7 s of CPU per process on
-    the 2-core reference machine, as much as a 2048² frame). That needs
-    threadpoolctl, to hold this process's BLAS and OpenMP to one thread
-    during the series; without it, N worker processes run the frames.
-    Every worker runs single-threaded (:data:`THREAD_ENV`; see the module
-    notes for what that saves).
+    for importing numpy, scipy and the pipeline (0.6 s of CPU per spawned
+    process on the 2-core reference machine, more than a 2048² frame; the
+    processes are forked when :func:`_start_method` finds that safe). That
+    needs threadpoolctl, to hold this process's BLAS and OpenMP to one thread
+    during the series; without it, N (spawned) worker processes run the
+    frames. Every worker runs single-threaded (:data:`THREAD_ENV`, or
+    threadpoolctl in a forked process; see the module notes for what that
+    saves).
     """
 
     def __init__(self, kind, workers, config, digests=None):
@@ -1391,8 +1393,14 @@ def calibrate_series(
 
     Notes
     -----
-    Process workers are started with the ``spawn`` method: a script that
-    calls this function must do so under ``if __name__ == "__main__":``.
+    Process workers are forked when this process runs a single thread and
+    holds no HDF5 file open (Linux; ``SeriesResult.timeline["start_method"]``
+    says why not), else spawned: a script that calls this function must do so
+    under ``if __name__ == "__main__":``. A fresh Python process runs a
+    single thread if ``OPENBLAS_NUM_THREADS=1`` (numpy's BLAS starts its
+    threads on import otherwise) and ``OMP_NUM_THREADS=1`` (if OpenMP code
+    ran before the series) are set before numpy is imported; a forked worker
+    starts in ~0.01 s of CPU instead of ~0.6 s.
     With ``workers=N`` and process workers, N - 1 worker processes run and
     the calling process calibrates frames too, if threadpoolctl is installed
     (to hold its BLAS and OpenMP to one thread during the series); without
