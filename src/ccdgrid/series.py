@@ -1085,6 +1085,8 @@ def _start_method():
     if not _can_limit_threads():
         return "spawn", "no threadpoolctl to hold a forked worker to one thread"
     threads = _os_threads()
+    if threads is None:
+        return "spawn", "the threads of this process cannot be counted"
     if threads != 1:
         return "spawn", f"{threads} threads run in this process"
     h5py = sys.modules.get("h5py")
