@@ -44,6 +44,16 @@ lent by an idle worker at the end), its busy and CPU time, gaps and idle
 time at the end.
 ``--outdir /dev/shm`` writes the detector files to memory (the disk out of
 the measure).
+
+The worker process is forked when this process runs a single thread (see
+``ccdgrid.series._start_method``), which needs numpy's BLAS and the OpenMP
+runtime held to one thread before they load; else it is spawned and imports
+numpy, scipy and the pipeline again (~0.6 s of CPU). Each run says which::
+
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python benchmarks/series.py --repeat 2 --timeline
+
+Both configurations do the same work either way: 1 worker runs single-threaded
+in this process (threadpoolctl), with or without these variables.
 """
 
 import argparse
@@ -139,7 +149,8 @@ def timelines(res):
         if name in startups:
             st = startups[name]
             head += (
-                f" (pool asked at {res.timeline['pool_started'] - t0:.2f}, initialiser runs at "
+                f" ({st.get('method', 'spawn')}ed; pool asked at "
+                f"{res.timeline['pool_started'] - t0:.2f}, initialiser runs at "
                 f"{st['entered'] - t0:.2f}, imports done at {st['ready'] - t0:.2f}, "
                 f"start-up CPU {st['startup_cpu']:.2f} s)"
             )
@@ -300,6 +311,8 @@ def main():
                 f"x{res.throughput / base:4.2f}  CPU {res.cpu_seconds:6.1f} s  "
                 f"dense residual {dense:.4f} px  CV RMS {cv:.4f} px  warm {warm}/{len(res.frames)}"
             )
+            if res.timeline.get("start_method"):
+                print(f"    worker processes started by {res.timeline['start_method']}")
             if args.timeline:
                 print(
                     f"    CPU of the worker processes {res.cpu_children:.2f} s; of other "

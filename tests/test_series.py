@@ -14,6 +14,8 @@ import itertools
 import json
 import os
 import pathlib
+import subprocess
+import sys
 import threading
 
 import h5py
@@ -252,6 +254,106 @@ def test_two_processes_give_the_serial_results(stack, serial, tmp_path):
         for name in ("cv_rms_px", "pitch_px", "drift_shift_y_px", "drift_shift_x_px"):
             np.testing.assert_allclose(getattr(b, name), getattr(a, name), atol=1e-6)
         assert pathlib.Path(b.output).parent == tmp_path if b.ok else b.output == ""
+
+
+# a fresh interpreter, single-threaded from the start: its worker process is
+# forked; prints the serial and the parallel tables, the start method and the
+# threads the forked worker may use
+_FORKED_SERIES = """
+import json, sys
+from threadpoolctl import threadpool_info
+from ccdgrid.series import _Config, _Pool, calibrate_series
+source, out = sys.argv[1:3]
+runs = [
+    calibrate_series(source, pitch=5e-3, output=f"{out}/{n}", workers=n, progress=False)
+    for n in (1, 2)
+]
+pool = _Pool("process", 2, _Config(pitch=5e-3, options={}, mask=None, save_workers=1))
+try:
+    pool.ready[0].result(timeout=120)
+    info = pool.processes.submit(threadpool_info).result()
+    threads = {i["user_api"]: i["num_threads"] for i in info}
+finally:
+    pool.shutdown()
+print(json.dumps({
+    "rows": [[f.row() for f in r.frames] for r in runs],
+    "start_method": runs[1].timeline["start_method"],
+    "methods": [p["method"] for p in runs[1].timeline["processes"]],
+    "threads": threads,
+}))
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="workers are forked on Linux only"
+)
+def test_a_forked_worker_process_gives_the_serial_results(stack, serial, tmp_path):
+    env = os.environ | dict.fromkeys(THREAD_ENV, "1")
+    run = subprocess.run(
+        [sys.executable, "-c", _FORKED_SERIES, f"{stack}::/entry/data", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,  # a worker stuck in a copied thread pool must fail the test, not hang it
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    found = json.loads(run.stdout)
+    assert found["start_method"] == "fork"
+    assert found["methods"] == ["fork"]
+    assert set(found["threads"].values()) == {1}  # BLAS and OpenMP held to one thread
+    res, _ = serial
+    for rows in found["rows"]:  # 1 worker in that interpreter, then 2
+        for a, b in zip(res.frames, rows, strict=True):
+            assert (a.index, a.status, a.error) == (b["index"], b["status"], b["error"])
+            assert (a.holes_found, a.holes_indexed, a.drift_matched) == (
+                b["holes_found"],
+                b["holes_indexed"],
+                b["drift_matched"],
+            )
+            for name in ("cv_rms_px", "pitch_px", "drift_shift_y_px", "drift_shift_x_px"):
+                np.testing.assert_allclose(b[name], getattr(a, name), atol=1e-6)
+
+
+def _start_method_with(monkeypatch, threads):
+    monkeypatch.setattr(series, "_os_threads", lambda: threads)
+    return series._start_method()
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="workers are forked on Linux only"
+)
+def test_workers_are_forked_only_from_a_single_thread(monkeypatch, tmp_path):
+    assert _start_method_with(monkeypatch, 1) == ("fork", "")
+    assert _start_method_with(monkeypatch, 3) == ("spawn", "3 threads run in this process")
+    assert _start_method_with(monkeypatch, None) == (
+        "spawn",
+        "the threads of this process cannot be counted",
+    )
+    # the forked worker would hold a copy of the HDF5 library's state for it
+    h5 = h5py.File(tmp_path / "open.h5", "w")
+    h5["x"] = np.zeros(3)
+    method, reason = _start_method_with(monkeypatch, 1)
+    assert (method, reason) == ("spawn", "an HDF5 file is open in this process")
+    dataset = h5["x"]
+    del h5  # the file stays open while one of its objects is
+    assert _start_method_with(monkeypatch, 1)[0] == "spawn"
+    del dataset
+    assert _start_method_with(monkeypatch, 1) == ("fork", "")
+    # a forked worker must be held to one thread, with threadpoolctl
+    monkeypatch.setattr(series, "_can_limit_threads", lambda: False)
+    assert _start_method_with(monkeypatch, 1)[0] == "spawn"
+
+
+def test_a_series_leaves_no_thread_behind(stack):
+    # a thread left running (tqdm's monitor once was) would keep the next
+    # series from forking its workers
+    before = {t.ident for t in threading.enumerate()}
+    for progress in (False, True):
+        calibrate_series(
+            f"{stack}::/entry/data", frames="2:4", pitch=5e-3, workers=2, progress=progress
+        )
+        assert {t.ident for t in threading.enumerate() if t.is_alive()} <= before
 
 
 def test_without_threadpoolctl_every_worker_is_a_process(stack, monkeypatch):

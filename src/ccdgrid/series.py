@@ -15,8 +15,9 @@ independent, so worker processes are the safe way to use several cores
 (``executor="thread"`` is kept for comparison: on the shared 2-core machine
 two threads gave 1.0-1.5x, a measurement too noisy to choose them). Every
 worker runs its BLAS and OpenMP single-threaded (worker processes are started
-with :data:`THREAD_ENV` set to 1; the calling process, which works as one of
-the workers, is held to one thread with threadpoolctl): on the 2-core
+with :data:`THREAD_ENV` set to 1, and a forked one is held to one thread with
+threadpoolctl, as the calling process is, which works as one of the
+workers): on the 2-core
 reference machine a 2048² frame then cost about 0.65 s of CPU, against
 0.75-0.8 s with the libraries' own threads (which spin while they wait) for
 the same wall time, and two workers do not fight over the cores (it is
@@ -24,10 +25,17 @@ the same wall time, and two workers do not fight over the cores (it is
 detector file, mostly its deflate). Workers read
 their frames themselves (a path and a frame number travel to them, never an
 image), write the detector files themselves and send back one small
-:class:`FrameResult`. A worker process costs about 0.65 s of CPU to start
-(importing numpy, scipy -- ``scipy.optimize`` alone is half of it -- and the
-pipeline) and ~0.15 s more on its first frame (it loads the drift reference
-once): a series needs several frames per worker to gain.
+:class:`FrameResult`. A spawned worker process costs about 0.6 s of CPU to
+start (importing numpy, scipy and the pipeline: the imports scipy makes for
+itself are most of it, ``scipy.interpolate`` brings in ``scipy.optimize``
+whatever the pipeline imports) and ~0.1 s more on its first frame (it loads
+the drift reference once): a series needs several frames per worker to
+gain. A forked one starts in ~0.01 s, with the modules of the calling
+process; workers are forked only from a process that runs a single thread
+(no OpenMP or BLAS thread pool, no other Python thread) and holds no HDF5
+file open, else spawned (:func:`_start_method` says why; the ``ccdgrid``
+command, or a script, runs single-threaded when ``OMP_NUM_THREADS=1`` and
+``OPENBLAS_NUM_THREADS=1`` are set before numpy is imported).
 
 Scheduling: frames are handed out one at a time to whichever worker is free
 (the calling process's worker thread first), so a slow or late worker simply
@@ -274,11 +282,14 @@ class SeriesResult:
     timeline : dict
         When the run's parts started, for profiling (times in s, wall clock,
         :func:`time.time`): ``start`` (the call), ``pool_started`` (the
-        workers were asked to start) and ``processes``, one dict per worker
-        process that started: ``pid``, ``entered`` (its initialiser began:
+        workers were asked to start), ``start_method`` (str: ``"fork"``, or
+        ``"spawn (why not fork)"``; "" without worker processes) and
+        ``processes``, one dict per worker process that started: ``pid``,
+        ``method`` ("fork" or "spawn"), ``entered`` (its initialiser began:
         the interpreter is up), ``ready`` (it has imported the pipeline),
-        ``startup_cpu`` (s of CPU time it had used by then). With the frames'
-        :attr:`FrameResult.timing`, it tells where a parallel run lost time.
+        ``startup_cpu`` (s of CPU time it had used by then; a forked process
+        counts from the fork). With the frames' :attr:`FrameResult.timing`,
+        it tells where a parallel run lost time.
     """
 
     frames: list
@@ -993,17 +1004,28 @@ def _init_thread():
     _thread_limits("openmp").__enter__()  # for the thread's life: never restored
 
 
-def _init_process(config, spare=None):
-    """Initialiser of a worker process: its :class:`_Worker` and the pipeline's modules."""
+def _init_process(config, spare=None, method="spawn"):
+    """Initialiser of a worker process: its :class:`_Worker` and the pipeline's modules.
+
+    ``method``: how the process was started (see :func:`_start_method`).
+    """
     global _PROCESS_WORKER
-    _STARTUP.update(pid=os.getpid(), entered=time.time())
+    _STARTUP.update(pid=os.getpid(), entered=time.time(), method=method)
     # Ctrl-C reaches the whole process group: the parent stops the series and
     # each worker finishes its frame (its detector file is written whole)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # loaded once here rather than by the first frame, so that start-up
-    # overlaps in all workers and every frame costs the same
+    # overlaps in all workers and every frame costs the same (a forked
+    # process has them already)
     from . import detector_file, io, pipeline, warmstart  # noqa: F401
 
+    if method == "fork":
+        # the libraries were loaded by the parent, before THREAD_ENV was set:
+        # held to one thread here, for the process's life. The OpenMP limit
+        # also keeps this (main) thread off the parent's OpenMP thread pool,
+        # which a fork does not copy (_start_method forks only a process
+        # without one, but a region on two threads would wait for ever there)
+        _thread_limits(None).__enter__()
     _PROCESS_WORKER = _Worker(config, spare=spare)
     _STARTUP.update(ready=time.time(), startup_cpu=time.process_time())
 
@@ -1019,6 +1041,61 @@ def _process_drift(frame_file, reference, reference_index):
 def _process_ready():
     """Run once per worker at start: its pid, thread limits and start-up times."""
     return os.getpid(), {name: os.environ.get(name) for name in THREAD_ENV}, dict(_STARTUP)
+
+
+def _os_threads():
+    """Threads of this process, of any kind (Linux's ``/proc/self/task``); None if unknown."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return None
+
+
+def _start_method():
+    """``(method, reason)``: how to start worker processes now, and why not by fork.
+
+    A forked worker inherits the pipeline already imported here: it is up in
+    ~0.01 s of CPU, where a spawned one imports numpy, scipy and the pipeline
+    again (~0.6 s of CPU on the 2-core reference machine, more than a 2048²
+    frame). A fork copies this process's memory but only the thread that
+    forks, so it is used only when nothing could be caught half-way:
+
+    - on Linux (where this process's threads can be counted), with
+      threadpoolctl (the libraries are loaded already: the forked worker
+      holds BLAS and OpenMP to one thread with it, not with
+      :data:`THREAD_ENV`);
+    - when this process runs one thread, of any kind: no other Python
+      thread (which could hold a lock the worker then needs), no OpenMP
+      thread pool (libgomp's is not fork-safe: a forked child that enters a
+      parallel region on more than one thread waits for ever for threads
+      that were not copied), no BLAS threads. numpy's OpenBLAS starts its
+      threads when it loads, unless ``OPENBLAS_NUM_THREADS=1`` (and
+      ``OMP_NUM_THREADS=1`` for the OpenMP pool) are set before numpy is
+      imported; Python 3.12+ warns about forking a process with threads;
+    - when no HDF5 file is open here (the worker would hold a copy of the
+      library's state for it).
+
+    Otherwise the workers are spawned. ``reason`` is "" for fork.
+    """
+    if (
+        not sys.platform.startswith("linux")
+        or "fork" not in multiprocessing.get_all_start_methods()
+    ):
+        return "spawn", "fork is not available"
+    if not _can_limit_threads():
+        return "spawn", "no threadpoolctl to hold a forked worker to one thread"
+    threads = _os_threads()
+    if threads is None:
+        return "spawn", "the threads of this process cannot be counted"
+    if threads != 1:
+        return "spawn", f"{threads} threads run in this process"
+    h5py = sys.modules.get("h5py")
+    if h5py is not None:
+        h5f = h5py.h5f
+        kinds = h5f.OBJ_FILE | h5f.OBJ_DATASET | h5f.OBJ_GROUP | h5f.OBJ_ATTR
+        if h5f.get_obj_count(h5f.OBJ_ALL, kinds) > 0:
+            return "spawn", "an HDF5 file is open in this process"
+    return "fork", ""
 
 
 @contextlib.contextmanager
@@ -1045,20 +1122,24 @@ class _Pool:
 
     With ``kind="process"`` and ``workers=N``, N - 1 worker processes run
     beside one worker thread of the calling process, which has already paid
-    for importing numpy, scipy and the pipeline (0.7 s of CPU per process on
-    the 2-core reference machine, as much as a 2048² frame). That needs
-    threadpoolctl, to hold this process's BLAS and OpenMP to one thread
-    during the series; without it, N worker processes run the frames.
-    Every worker runs single-threaded (:data:`THREAD_ENV`; see the module
-    notes for what that saves).
+    for importing numpy, scipy and the pipeline (0.6 s of CPU per spawned
+    process on the 2-core reference machine, more than a 2048² frame; the
+    processes are forked when :func:`_start_method` finds that safe). That
+    needs threadpoolctl, to hold this process's BLAS and OpenMP to one thread
+    during the series; without it, N (spawned) worker processes run the
+    frames. Every worker runs single-threaded (:data:`THREAD_ENV`, or
+    threadpoolctl in a forked process; see the module notes for what that
+    saves).
     """
 
     def __init__(self, kind, workers, config, digests=None):
         self.kind, self.workers, self.config = kind, workers, config
         self.processes = None  # ProcessPoolExecutor
+        self.start_method = ""  # how its processes were started, and why not by fork
         self.threads = None  # ThreadPoolExecutor running self.local
         # cores lent by idle workers to busy ones at the end of a series
         # (process workers only: threads of one process would fight for the GIL)
+        # (a spawn context's Value also serves forked processes, which inherit it)
         self.spare = (
             multiprocessing.get_context("spawn").Value("i", 0) if kind == "process" else None
         )
@@ -1090,13 +1171,18 @@ class _Pool:
 
     def _start_processes(self):
         n = self.workers - 1 if self.use_local else self.workers
+        # decided now, and again on a restart (threads of this process run by then)
+        method, reason = _start_method()
+        self.start_method = method + (f" ({reason})" if reason else "")
         self.processes = cf.ProcessPoolExecutor(
             n,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=multiprocessing.get_context(method),
             initializer=_init_process,
-            initargs=(self.config, self.spare),
+            initargs=(self.config, self.spare, method),
         )
-        # processes are spawned on submit: start them all now, single-threaded
+        # processes start on the first submit (all of them at once when forked,
+        # before the executor starts its own thread): start them all now,
+        # single-threaded
         with _single_threaded_environment():
             self.ready = [self.processes.submit(_process_ready) for _ in range(n)]
         self.spawned += self.ready
@@ -1309,8 +1395,14 @@ def calibrate_series(
 
     Notes
     -----
-    Process workers are started with the ``spawn`` method: a script that
-    calls this function must do so under ``if __name__ == "__main__":``.
+    Process workers are forked when this process runs a single thread and
+    holds no HDF5 file open (Linux; ``SeriesResult.timeline["start_method"]``
+    says why not), else spawned: a script that calls this function must do so
+    under ``if __name__ == "__main__":``. A fresh Python process runs a
+    single thread if ``OPENBLAS_NUM_THREADS=1`` (numpy's BLAS starts its
+    threads on import otherwise) and ``OMP_NUM_THREADS=1`` (if OpenMP code
+    ran before the series) are set before numpy is imported; a forked worker
+    starts in ~0.01 s of CPU instead of ~0.6 s.
     With ``workers=N`` and process workers, N - 1 worker processes run and
     the calling process calibrates frames too, if threadpoolctl is installed
     (to hold its BLAS and OpenMP to one thread during the series); without
@@ -1493,17 +1585,28 @@ class _Run:
     def execute(self):
         from tqdm import tqdm
 
+        class _Bar(tqdm):
+            # no monitor thread (it refreshes stalled bars): it would outlive a
+            # disabled bar, and worker processes are forked only from a
+            # process that runs one thread
+            monitor_interval = 0
+
         queue = deque(self.specs)
-        bar = tqdm(
-            total=len(self.specs),
-            unit="frame",
-            desc="calibrate",
-            file=sys.stderr,
-            disable=not self.progress,
-            dynamic_ncols=True,
-        )
-        pool = self.pool_factory(*self.pool_args, digests=self.digests)
         self.timeline["pool_started"] = time.time()
+        pool = self.pool_factory(*self.pool_args, digests=self.digests)
+        self.timeline["start_method"] = getattr(pool, "start_method", "")
+        try:
+            bar = _Bar(
+                total=len(self.specs),
+                unit="frame",
+                desc="calibrate",
+                file=sys.stderr,
+                disable=not self.progress,
+                dynamic_ncols=True,
+            )
+        except BaseException:
+            pool.shutdown(cancel=True)
+            raise
         self.digests.start(background=pool.kind == "process")
         runs, drifts = {}, {}
         failed = 0
