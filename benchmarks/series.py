@@ -48,7 +48,11 @@ the measure).
 The worker process is forked when this process runs a single thread (see
 ``ccdgrid.series._start_method``), which needs numpy's BLAS and the OpenMP
 runtime held to one thread before they load; else it is spawned and imports
-numpy, scipy and the pipeline again (~0.6 s of CPU). Each run says which::
+numpy, scipy and the pipeline again (~0.6 s of CPU). Each run says which.
+The ``ccdgrid calibrate`` command sets these variables itself for a series
+(unless the user set them) before numpy loads; this script leaves them to
+the caller, so that ``--all``'s plain loop keeps the libraries' threads. To
+measure what the command does::
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python benchmarks/series.py --repeat 2 --timeline
 

@@ -528,6 +528,14 @@ def _calibrate_options(args):
 
 
 def _run_series(args):
+    if "numpy" not in sys.modules:
+        # numpy's OpenBLAS starts its threads when it loads, and a process with
+        # threads spawns its series workers (each imports numpy, scipy and the
+        # pipeline again, ~0.6 s of CPU) where one with a single thread forks
+        # them (ccdgrid.series._start_method); every worker of a series, this
+        # process's included, runs BLAS and OpenMP on one thread anyway
+        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, "1")
     from .series import calibrate_series
 
     frames = args.frames if args.frames is not None else args.frame
