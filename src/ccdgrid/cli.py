@@ -96,7 +96,24 @@ examples:
 # -- argument types (argparse turns their errors into usage errors, exit 2) --
 
 
+def _one_thread_per_worker():
+    """Hold BLAS and OpenMP to one thread before numpy loads, for a series.
+
+    numpy's OpenBLAS starts its threads when it loads, and a process with
+    threads spawns its series workers (each imports numpy, scipy and the
+    pipeline again, ~0.6 s of CPU) where one with a single thread forks them
+    (``ccdgrid.series._start_method``). Every worker of a series, this
+    process's included, runs BLAS and OpenMP on one thread anyway. Values the
+    user set are kept; once numpy is loaded this changes nothing.
+    """
+    if "numpy" not in sys.modules:
+        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, "1")
+
+
 def _frames(text):
+    # --frames makes a series, and checking it imports numpy
+    _one_thread_per_worker()
     from .series import parse_frames
 
     try:
@@ -528,14 +545,7 @@ def _calibrate_options(args):
 
 
 def _run_series(args):
-    if "numpy" not in sys.modules:
-        # numpy's OpenBLAS starts its threads when it loads, and a process with
-        # threads spawns its series workers (each imports numpy, scipy and the
-        # pipeline again, ~0.6 s of CPU) where one with a single thread forks
-        # them (ccdgrid.series._start_method); every worker of a series, this
-        # process's included, runs BLAS and OpenMP on one thread anyway
-        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(name, "1")
+    _one_thread_per_worker()
     from .series import calibrate_series
 
     frames = args.frames if args.frames is not None else args.frame
