@@ -617,3 +617,22 @@ def test_a_constant_image_has_no_grid(capsys, tmp_path):
 
     assert "no grid of holes" in _error_line(capsys)
     assert _files(tmp_path) == ["flat.npy"]
+
+
+def test_a_series_holds_blas_and_openmp_to_one_thread_before_numpy_loads():
+    # so that the process has one thread and forks its workers (ccdgrid.series)
+    code = (
+        "import os, sys\n"
+        "from ccdgrid import cli\n"
+        "assert 'numpy' not in sys.modules\n"
+        "cli._frames('0:3')\n"
+        "print(os.environ['OPENBLAS_NUM_THREADS'], os.environ['OMP_NUM_THREADS'], "
+        "os.environ['MKL_NUM_THREADS'], len(os.listdir('/proc/self/task')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    env["MKL_NUM_THREADS"] = "3"  # a value the user set is kept
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "1", "3", "1"]
