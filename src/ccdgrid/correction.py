@@ -710,6 +710,18 @@ examples:
 """
 
 
+def add_frame_argument(parser):
+    """Add ``--frame cover|bounds|input`` (the output frame) to a correcting command."""
+    parser.add_argument(
+        "--frame",
+        choices=("cover", "bounds", "input"),
+        default="cover",
+        help="output frame: 'cover' (default) holds the input frame and every valid pixel, "
+        "no counts lost; 'bounds' the valid pixels only; 'input' keeps the input's shape and "
+        "pixel grid, losing what the distortion pushes outside it",
+    )
+
+
 def add_correct_parser(subparsers, parents=()):
     """Add the ``correct`` subcommand to the ``ccdgrid`` command line.
 
@@ -770,14 +782,7 @@ def add_correct_parser(subparsers, parents=()):
         choices=tuple(_FORMATS),
         help="output format (default: the input's when it is EDF, TIFF or .npy, else edf)",
     )
-    parser.add_argument(
-        "--frame",
-        choices=("cover", "bounds", "input"),
-        default="cover",
-        help="output frame: 'cover' (default) holds the input frame and every valid pixel, "
-        "no counts lost; 'bounds' the valid pixels only; 'input' keeps the input's shape and "
-        "pixel grid, losing what the distortion pushes outside it",
-    )
+    add_frame_argument(parser)
     parser.add_argument("--backend", choices=("cython", "numpy"), default="cython")
     if not parents:
         parser.add_argument(

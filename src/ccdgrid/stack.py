@@ -35,7 +35,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .correction import CorrectionMatrix
+from .correction import CorrectionMatrix, add_frame_argument
 from .errors import CcdgridError
 
 __all__ = [
@@ -1036,14 +1036,7 @@ def add_correct_stack_parser(subparsers, parents=()):
     parser.add_argument(
         "--normalize", action="store_true", help="divide by each output pixel's coverage"
     )
-    parser.add_argument(
-        "--frame",
-        choices=("cover", "bounds", "input"),
-        default="cover",
-        help="output frame: 'cover' (default) holds the input frame and every valid pixel, "
-        "no counts lost; 'bounds' the valid pixels only; 'input' keeps the input's shape and "
-        "pixel grid",
-    )
+    add_frame_argument(parser)
     parser.add_argument(
         "--quiet", action="store_true", help="no progress bar (shown on a terminal only anyway)"
     )
