@@ -47,6 +47,7 @@ __all__ = [
     "MAX_GROWTH",
     "CorrectionMatrix",
     "add_correct_parser",
+    "add_frame_argument",
     "clear_cache",
     "correct",
     "output_bounds",
