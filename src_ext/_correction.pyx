@@ -353,6 +353,21 @@ cdef inline void square_weights(double ya, double xa, double yb, double xb,
     w[3 * stride] = c11 * inv
 
 
+cdef inline void swap_rows(
+    double** y0, double** x0, double** fy0, double** fx0,
+    double** y1, double** x1, double** fy1, double** fx1,
+) noexcept nogil:
+    """Exchange the current corner rows (``*0``) with the next ones (``*1``).
+
+    A pass over consecutive pixel rows surveys each corner row once: the
+    bottom corners of row ``i`` are the top corners of row ``i + 1``.
+    """
+    y0[0], y1[0] = y1[0], y0[0]
+    x0[0], x1[0] = x1[0], x0[0]
+    fy0[0], fy1[0] = fy1[0], fy0[0]
+    fx0[0], fx1[0] = fx1[0], fx0[0]
+
+
 cdef void row_square_weights(const double* y0r, const double* x0r, const double* fy0,
                              const double* fx0, const double* y1r, const double* x1r,
                              int64_t nx, double* w) noexcept nogil:
@@ -661,7 +676,6 @@ cdef int survey_rows(const double* dy, const double* dx, const uint8_t* mask,
     cdef double* x1r
     cdef double* fy1
     cdef double* fx1
-    cdef double* swap
     if rows == NULL or plain == NULL:
         free(rows)
         free(plain)
@@ -718,18 +732,7 @@ cdef int survey_rows(const double* dy, const double* dx, const uint8_t* mask,
             cells += (k_hi - k_lo) * (l_hi - l_lo)
         rowlo[i] = lo
         rowhi[i] = hi
-        swap = y0r
-        y0r = y1r
-        y1r = swap
-        swap = x0r
-        x0r = x1r
-        x1r = swap
-        swap = fy0
-        fy0 = fy1
-        fy1 = swap
-        swap = fx0
-        fx0 = fx1
-        fx1 = swap
+        swap_rows(&y0r, &x0r, &fy0, &fx0, &y1r, &x1r, &fy1, &fx1)
     free(rows)
     free(plain)
     n_degenerate[0] = ndeg
@@ -824,7 +827,6 @@ cdef int build_bands(Plan* plan, idx_t* indptr, idx_t* indices,
     cdef double* fy1 = rows + 6 * (nx + 1)
     cdef double* fx1 = rows + 7 * (nx + 1)
     cdef double* wrow = rows + 8 * (nx + 1)
-    cdef double* swap
     if rows == NULL or counts == NULL:
         failed = 1
     while True:
@@ -842,18 +844,7 @@ cdef int build_bands(Plan* plan, idx_t* indptr, idx_t* indices,
                 if plan.rowlo[i] >= k_end or plan.rowhi[i] <= k_top:
                     continue
                 if i == prev + 1:
-                    swap = y0r
-                    y0r = y1r
-                    y1r = swap
-                    swap = x0r
-                    x0r = x1r
-                    x1r = swap
-                    swap = fy0
-                    fy0 = fy1
-                    fy1 = swap
-                    swap = fx0
-                    fx0 = fx1
-                    fx1 = swap
+                    swap_rows(&y0r, &x0r, &fy0, &fx0, &y1r, &x1r, &fy1, &fx1)
                 else:
                     survey_row(plan.dy, plan.dx, i, nx, plan.oy, plan.ox, y0r, x0r, fy0, fx0)
                 survey_row(plan.dy, plan.dx, i + 1, nx, plan.oy, plan.ox, y1r, x1r, fy1, fx1)
@@ -1038,7 +1029,6 @@ cdef int bounds_rows(const double* dy, const double* dx, const uint8_t* mask,
     cdef double* x1r
     cdef double* fy1
     cdef double* fx1
-    cdef double* swap
     cdef bint plain
     if rows == NULL:
         return -1
@@ -1078,18 +1068,7 @@ cdef int bounds_rows(const double* dy, const double* dx, const uint8_t* mask,
                 ymax = max(ymax, qy[m])
                 xmin = min(xmin, qx[m])
                 xmax = max(xmax, qx[m])
-        swap = y0r
-        y0r = y1r
-        y1r = swap
-        swap = x0r
-        x0r = x1r
-        x1r = swap
-        swap = fy0
-        fy0 = fy1
-        fy1 = swap
-        swap = fx0
-        fx0 = fx1
-        fx1 = swap
+        swap_rows(&y0r, &x0r, &fy0, &fx0, &y1r, &x1r, &fy1, &fx1)
     free(rows)
     lohi[0] = ymin
     lohi[1] = ymax
