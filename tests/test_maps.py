@@ -197,18 +197,18 @@ def test_gcv_scores_equal_the_explicit_smoother_matrix(degrees):
     # built here column by column by scipy's thin-plate fit of unit vectors.
     from scipy.interpolate import RBFInterpolator
 
-    from ccdgrid.maps import _GCV_GRID, _gcv_scores
+    from ccdgrid.gcv import GCV_GRID, gcv_scores
 
     rng = np.random.default_rng(11)
     pts = rng.uniform(0.0, 6.0, (45, 2))
     disp = np.column_stack([np.sin(pts[:, 0]), pts[:, 0] * pts[:, 1] / 10]) + rng.normal(
         0.0, 0.05, pts.shape
     )
-    scores = _gcv_scores(pts, disp, degrees)
+    scores = gcv_scores(pts, disp, degrees)
     n = len(pts)
     for deg in degrees:
         for k in (3, 15, 24, 33):
-            s = _GCV_GRID[k]
+            s = GCV_GRID[k]
             rbf = RBFInterpolator(
                 pts, np.eye(n), kernel="thin_plate_spline", smoothing=s, degree=deg
             )
@@ -218,14 +218,14 @@ def test_gcv_scores_equal_the_explicit_smoother_matrix(degrees):
 
 
 def test_gcv_choice_picks_the_degree_with_the_lowest_score():
-    from ccdgrid.maps import _gcv_choice
+    from ccdgrid.gcv import gcv_choice
 
     rng = np.random.default_rng(12)
     pts = rng.uniform(0.0, 8.0, (90, 2))
     # a cubic trend plus noise: degree 1 and 2 leave structure, 3 and 4 fit it
     disp = np.column_stack([(pts[:, 0] - 4) ** 3 / 20, (pts[:, 1] - 4) ** 3 / 30])
     disp += rng.normal(0.0, 0.01, pts.shape)
-    smoothing, scores, degree = _gcv_choice(pts, disp, 4, [1, 2, 3, 4])
+    smoothing, scores, degree = gcv_choice(pts, disp, 4, [1, 2, 3, 4])
     best = min(scores["degree_scores"], key=scores["degree_scores"].get)
     assert degree == best
     assert degree >= 3
@@ -238,13 +238,13 @@ def test_gcv_choice_picks_the_degree_with_the_lowest_score():
 def test_thin_plate_equals_scipy_rbf_interpolator(degree, smoothing):
     from scipy.interpolate import RBFInterpolator
 
-    from ccdgrid.maps import _ThinPlate
+    from ccdgrid.thinplate import ThinPlate
 
     rng = np.random.default_rng(13)
     pts = rng.uniform(0.0, 8.0, (80, 2))
     values = rng.normal(0.0, 1.0, (80, 2))
     probe = np.vstack([rng.uniform(-1.0, 9.0, (500, 2)), pts[:5]])  # centres too (r = 0)
-    ours = _ThinPlate(pts, values, smoothing, degree)(probe)
+    ours = ThinPlate(pts, values, smoothing, degree)(probe)
     scipy_rbf = RBFInterpolator(
         pts, values, kernel="thin_plate_spline", smoothing=smoothing, degree=degree
     )
@@ -256,12 +256,12 @@ def test_thin_plate_equals_scipy_rbf_interpolator(degree, smoothing):
 def test_residual_at_centres_is_the_fit_minus_the_values(backend, smoothing):
     from scipy.interpolate import RBFInterpolator
 
-    from ccdgrid.maps import _ThinPlate
+    from ccdgrid.thinplate import ThinPlate
 
     rng = np.random.default_rng(21)
     pts = rng.uniform(0.0, 8.0, (120, 2))
     values = rng.normal(0.0, 1.0, (120, 2))
-    tps = _ThinPlate(pts, values, smoothing, 3, backend)
+    tps = ThinPlate(pts, values, smoothing, 3, backend)
     scipy_rbf = RBFInterpolator(
         pts, values, kernel="thin_plate_spline", smoothing=smoothing, degree=3
     )
@@ -287,13 +287,13 @@ def test_fit_residual_rms_is_the_rms_at_the_holes():
 
 
 def test_thin_plate_falls_back_to_an_affine_trend_on_a_few_lines():
-    from ccdgrid.maps import _fit_tps
+    from ccdgrid.thinplate import fit_tps
 
     # holes on 3 rows: a quartic trend in y is undetermined
     ys, xs = np.meshgrid([0.0, 1.0, 2.0], np.arange(12.0), indexing="ij")
     pts = np.column_stack([ys.ravel(), xs.ravel()])
     values = np.column_stack([0.1 * pts[:, 1], -0.2 * pts[:, 0]])
-    tps, degree = _fit_tps(pts, values, 0.0, 4)
+    tps, degree = fit_tps(pts, values, 0.0, 4)
     assert degree == 1
     np.testing.assert_allclose(tps(pts), values, atol=1e-9)
 
@@ -322,12 +322,12 @@ def _dense_lattice(n_side, seed):
 
 
 def test_tiled_spline_is_the_single_spline_to_far_below_the_noise(monkeypatch):
-    from ccdgrid import maps
+    from ccdgrid import thinplate
 
-    monkeypatch.setattr(maps, "_TILE_CORE", 80)  # 4 x 4 tiles of a 1 250-hole plate
+    monkeypatch.setattr(thinplate, "_TILE_CORE", 80)  # 4 x 4 tiles of a 1 250-hole plate
     pts, field, values, rng = _dense_lattice(36, seed=61)
-    single = maps._ThinPlate(pts, values, 0.1, 4)
-    tiled = maps._TiledThinPlate(pts, values, 0.1, 4)
+    single = thinplate.ThinPlate(pts, values, 0.1, 4)
+    tiled = thinplate.TiledThinPlate(pts, values, 0.1, 4)
     assert tiled.shape == (4, 4)
     probe = rng.uniform(0, 35, (5000, 2))  # the plate, tile boundaries included
     diff = tiled(probe) - single(probe)
@@ -347,34 +347,34 @@ def test_tiled_spline_is_the_single_spline_to_far_below_the_noise(monkeypatch):
 
 
 def test_blend_weights_are_a_partition_of_unity():
-    from ccdgrid import maps
+    from ccdgrid import thinplate
 
     rng = np.random.default_rng(62)
     cuts = np.array([10.0, 25.0, 31.0])
-    coord = np.concatenate([rng.uniform(-20, 60, 4000), cuts, cuts + maps._TILE_BLEND])
-    w = maps._blend_weights(coord, cuts)
+    coord = np.concatenate([rng.uniform(-20, 60, 4000), cuts, cuts + thinplate._TILE_BLEND])
+    w = thinplate._blend_weights(coord, cuts)
     assert w.shape == (4, coord.size)
     assert (w >= 0).all()
     np.testing.assert_allclose(w.sum(axis=0), 1.0, atol=1e-12)
-    h = maps._TILE_BLEND
+    h = thinplate._TILE_BLEND
     bounds = np.concatenate([[-np.inf], cuts, [np.inf]])
     for t in range(4):
         inside = (coord > bounds[t] + h) & (coord < bounds[t + 1] - h)
         outside = (coord < bounds[t] - h) | (coord > bounds[t + 1] + h)
         assert (w[t, inside] == 1).all()
         assert (w[t, outside] == 0).all()
-    assert maps._blend_weights(coord, np.zeros(0)).tolist() == [[1.0] * coord.size]
+    assert thinplate._blend_weights(coord, np.zeros(0)).tolist() == [[1.0] * coord.size]
 
 
 def test_displacement_maps_of_many_holes_are_fitted_by_tiles(monkeypatch):
-    from ccdgrid import maps
+    from ccdgrid import thinplate
 
     pts, _, values, _ = _dense_lattice(40, seed=63)
     pitch = 12.0
     shape = (int(41 * pitch), int(41 * pitch))
     one = displacement_maps(pts * pitch + 6, values, shape, smoothing=0.1, scale_px=pitch)
-    monkeypatch.setattr(maps, "_TILE_ABOVE", 500)
-    monkeypatch.setattr(maps, "_TILE_CORE", 300)
+    monkeypatch.setattr(thinplate, "_TILE_ABOVE", 500)
+    monkeypatch.setattr(thinplate, "_TILE_CORE", 300)
     tiles = displacement_maps(pts * pitch + 6, values, shape, smoothing=0.1, scale_px=pitch)
     valid = one.mask == 0
     assert valid.mean() > 0.8
@@ -397,7 +397,7 @@ def _similar(pts, angle, scale, shift):
     [((384, 448), 32.0), ((1024, 1120), 40.0)],  # 168 holes (degree chosen) / 700 (subset)
 )
 def test_gcv_from_the_previous_eigenbasis_is_exact_for_a_similarity(shape, pitch):
-    from ccdgrid.maps import _GCV_MAX_POINTS, _candidate_degrees, _gcv_choice
+    from ccdgrid.gcv import GCV_MAX_POINTS, candidate_degrees, gcv_choice
 
     rng = np.random.default_rng(21)
     pts = holes(rng, shape=shape, pitch=pitch)
@@ -410,10 +410,10 @@ def test_gcv_from_the_previous_eigenbasis_is_exact_for_a_similarity(shape, pitch
     warm = displacement_maps(new, disp, shape, scale_px=pitch, previous=prev)
     assert warm.gcv_basis.vec is prev.gcv_basis.vec  # reused, not computed again
     sub = warm.gcv_basis.rows
-    assert len(sub) == min(len(pts), _GCV_MAX_POINTS)
+    assert len(sub) == min(len(pts), GCV_MAX_POINTS)
     # the direct GCV of the new holes (tested against explicit smoother matrices above)
-    degrees = _candidate_degrees(len(pts)) if len(sub) == len(pts) else None
-    smoothing, scores, degree = _gcv_choice(new[sub] / pitch, disp[sub], 4, degrees)
+    degrees = candidate_degrees(len(pts)) if len(sub) == len(pts) else None
+    smoothing, scores, degree = gcv_choice(new[sub] / pitch, disp[sub], 4, degrees)
     np.testing.assert_allclose(warm.smoothing_scores["score"], scores["score"], rtol=1e-8)
     assert (warm.smoothing, warm.degree) == (smoothing, degree)
 

@@ -7,6 +7,7 @@ from scipy.interpolate import RBFInterpolator
 from ccdgrid import maps
 from ccdgrid._ext import _tps as tps_cython
 from ccdgrid._reference import tps as tps_numpy
+from ccdgrid.thinplate import ThinPlate
 
 ENGINES = {"cython": tps_cython, "numpy": tps_numpy}
 
@@ -114,7 +115,7 @@ def test_thin_plate_backends_equal_scipy(backend, smoothing):
     pts = rng.uniform(0.0, 8.0, (120, 2))
     values = rng.normal(0.0, 1.0, (120, 2))
     probe = np.vstack([rng.uniform(-1.0, 9.0, (400, 2)), pts[:5]])
-    ours = maps._ThinPlate(pts, values, smoothing, 3, backend)(probe)
+    ours = ThinPlate(pts, values, smoothing, 3, backend)(probe)
     ref = RBFInterpolator(pts, values, kernel="thin_plate_spline", smoothing=smoothing, degree=3)
     np.testing.assert_allclose(ours, ref(probe), rtol=0, atol=1e-8)
 
