@@ -29,10 +29,11 @@ import numpy as np
 from scipy.interpolate import RBFInterpolator
 
 from ._validation import as_image, check_backend
+from .cross_validation import cross_validate
 from .errors import CcdgridError
 from .gridfit import _check_pitch, centred_grid, fit_grid
 from .lattice import index_holes
-from .maps import cross_validate, displacement_maps
+from .maps import displacement_maps
 from .pipeline import Calibration, _check_folds, calibrate
 
 __all__ = ["CombinedCalibration", "CombinedPositions", "calibrate_combined"]

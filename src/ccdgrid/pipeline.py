@@ -10,8 +10,9 @@ returned, so a user can inspect or replace any stage:
    ``ideal - measured`` at every hole;
 4. :func:`ccdgrid.maps.displacement_maps` -- ``dx``, ``dy`` on the pixel
    corners and the validity mask;
-5. :func:`ccdgrid.maps.cross_validate` -- the maps' error at holes they were
-   not fitted to (k-fold), the accuracy figure of the calibration.
+5. :func:`ccdgrid.cross_validation.cross_validate` -- the maps' error at
+   holes they were not fitted to (k-fold), the accuracy figure of the
+   calibration.
 """
 
 import os
@@ -21,10 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._validation import as_points, check_backend
+from .cross_validation import cross_validate
 from .errors import CcdgridError
 from .gridfit import _check_pitch, centred_grid, fit_grid
 from .lattice import index_holes
-from .maps import cross_validate, displacement_maps
+from .maps import displacement_maps
 from .peaks import find_holes
 
 __all__ = ["Calibration", "calibrate"]
@@ -65,7 +67,7 @@ class Calibration:
     params : dict
         Every option used, with the values the stages resolved (threshold,
         hole diameter, pitch in px, smoothing).
-    cross_validation : ccdgrid.maps.CrossValidation or None
+    cross_validation : ccdgrid.cross_validation.CrossValidation or None
         k-fold cross-validated error of the maps at the holes (None when
         disabled or when there are too few holes). Its RMS includes the
         centre error of the left-out holes: an upper bound on the maps'
@@ -181,8 +183,9 @@ def calibrate(
     backend : {"cython", "numpy"}
         Engine of the compiled kernels.
     cv_folds : int or None
-        Folds of the cross-validation of the maps (:func:`ccdgrid.maps.cross_validate`,
-        about 0.05 s for 400 holes); 0 or None skips it.
+        Folds of the cross-validation of the maps
+        (:func:`ccdgrid.cross_validation.cross_validate`, about 0.05 s for
+        400 holes); 0 or None skips it.
     source : str, dict or None
         What to record as the image's origin for an in-memory image: a name,
         or the ``info`` dict of :func:`ccdgrid.io.read_image` (path, sha256,

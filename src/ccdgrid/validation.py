@@ -21,8 +21,9 @@ images cancels, while re-measuring adds errors of its own (the holes at the
 edges of the plate). Even the exact maps of a generated image leave a
 residual of the same size as the recovered ones. The accuracy figure of a
 calibration is the cross-validated error of its maps
-(:func:`ccdgrid.maps.cross_validate`, ``Calibration.cross_validation``),
-which the result also carries and its summary quotes.
+(:func:`ccdgrid.cross_validation.cross_validate`,
+``Calibration.cross_validation``), which the result also carries and its
+summary quotes.
 
 The command ``ccdgrid validate IMAGE -d DETECTOR`` is built by
 :func:`add_validate_parser` and run by :func:`run_validate`.
@@ -133,7 +134,7 @@ class ValidationResult:
     uncorrected : GridResidual or None
         The same for the image as it is (None if not asked for, or if its
         holes could not be indexed).
-    cross_validation : ccdgrid.maps.CrossValidation or None
+    cross_validation : ccdgrid.cross_validation.CrossValidation or None
         k-fold cross-validated error of the maps at the calibration's holes:
         the accuracy figure (None when the detector holds no hole record).
     detector_pixel_size : tuple of 2 float or None, m
@@ -526,7 +527,7 @@ def _cross_validation_of(detector):
     """
     import numpy as np
 
-    from .maps import cross_validate
+    from .cross_validation import cross_validate
 
     cv = getattr(detector, "cross_validation", None)
     if cv is not None:
