@@ -16,11 +16,12 @@ for positive normal ``x``; the callers add ``1e-300`` to ``r²`` so that
 ``r = 0`` gives ``phi = 0`` instead of ``0 * -inf``. Measured against libm
 on ``x`` from 1e-304 to 1e304: relative error below 2.3e-16.
 
-Preconditions (guaranteed by :mod:`ccdgrid.maps`, trusted here): every
-array C-contiguous float64 with finite values; ``points`` and ``out``
-``(M, 2)``; ``centres`` and ``coef`` ``(N, 2)``; ``trend`` ``(P, 2)`` with
-``P = (d + 1)(d + 2) / 2`` for a degree ``0 <= d <= 5``; ``shift`` ``(2,)``;
-``scale > 0``; ``kernel``'s ``out`` ``(N, N)``.
+Preconditions (guaranteed by :mod:`ccdgrid.thinplate` and :mod:`ccdgrid.gcv`,
+trusted here): every array C-contiguous float64 with finite values;
+``points`` and ``out`` ``(M, 2)``; ``centres`` and ``coef`` ``(N, 2)``;
+``trend`` ``(P, 2)`` with ``P = (d + 1)(d + 2) / 2`` for a degree
+``0 <= d <= 5``; ``shift`` ``(2,)``; ``scale > 0``; ``kernel``'s ``out``
+``(N, N)``.
 """
 
 import numpy as np

@@ -1,10 +1,10 @@
 """Pure-numpy twin of ``ccdgrid._ext._tps``: thin-plate spline kernel sums.
 
 Same signatures and preconditions as the compiled kernel (checked by
-:mod:`ccdgrid.maps`). The kernel values of a block of points are one
-``cdist`` and a few in-place operations, summed by a matrix product: memory
-traffic of ``8 M N`` bytes per pass where the compiled kernel keeps every
-term in registers.
+:mod:`ccdgrid.thinplate` and :mod:`ccdgrid.gcv`). The kernel values of a
+block of points are one ``cdist`` and a few in-place operations, summed by
+a matrix product: memory traffic of ``8 M N`` bytes per pass where the
+compiled kernel keeps every term in registers.
 """
 
 import numpy as np
