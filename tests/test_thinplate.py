@@ -1,0 +1,126 @@
+"""Thin-plate splines: against scipy's RBFInterpolator, the affine fallback, the tiled fit."""
+
+import numpy as np
+import pytest
+from scipy.interpolate import RBFInterpolator
+
+from ccdgrid import thinplate
+from ccdgrid.maps import displacement_maps
+from ccdgrid.thinplate import ThinPlate, TiledThinPlate, fit_tps
+
+
+@pytest.mark.parametrize("degree", [1, 2, 4])
+@pytest.mark.parametrize("smoothing", [0.0, 0.05, 10.0])
+def test_thin_plate_equals_scipy_rbf_interpolator(degree, smoothing):
+    rng = np.random.default_rng(13)
+    pts = rng.uniform(0.0, 8.0, (80, 2))
+    values = rng.normal(0.0, 1.0, (80, 2))
+    probe = np.vstack([rng.uniform(-1.0, 9.0, (500, 2)), pts[:5]])  # centres too (r = 0)
+    ours = ThinPlate(pts, values, smoothing, degree)(probe)
+    scipy_rbf = RBFInterpolator(
+        pts, values, kernel="thin_plate_spline", smoothing=smoothing, degree=degree
+    )
+    np.testing.assert_allclose(ours, scipy_rbf(probe), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.05, 10.0])
+def test_residual_at_centres_is_the_fit_minus_the_values(backend, smoothing):
+    rng = np.random.default_rng(21)
+    pts = rng.uniform(0.0, 8.0, (120, 2))
+    values = rng.normal(0.0, 1.0, (120, 2))
+    tps = ThinPlate(pts, values, smoothing, 3, backend)
+    scipy_rbf = RBFInterpolator(
+        pts, values, kernel="thin_plate_spline", smoothing=smoothing, degree=3
+    )
+    np.testing.assert_allclose(tps.residual_at_centres(), scipy_rbf(pts) - values, atol=1e-8)
+    np.testing.assert_allclose(tps.residual_at_centres(), tps(pts) - values, atol=1e-9)
+
+
+def test_thin_plate_falls_back_to_an_affine_trend_on_a_few_lines():
+    # holes on 3 rows: a quartic trend in y is undetermined
+    ys, xs = np.meshgrid([0.0, 1.0, 2.0], np.arange(12.0), indexing="ij")
+    pts = np.column_stack([ys.ravel(), xs.ravel()])
+    values = np.column_stack([0.1 * pts[:, 1], -0.2 * pts[:, 0]])
+    tps, degree = fit_tps(pts, values, 0.0, 4)
+    assert degree == 1
+    np.testing.assert_allclose(tps(pts), values, atol=1e-9)
+
+
+# -- many holes: the spline fitted tile by tile --------------------------------------
+
+
+def _dense_lattice(n_side, seed):
+    """Holes on an ``n_side``² unit lattice (3 % missing) and a smooth field with noise."""
+    rng = np.random.default_rng(seed)
+    i, j = np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij")
+    pts = np.column_stack([i.ravel(), j.ravel()]) + rng.normal(0, 0.02, (n_side**2, 2))
+    pts = pts[rng.random(len(pts)) > 0.03]
+
+    def field(p):
+        u = (p - n_side / 2) / n_side
+        r2 = (u**2).sum(axis=1)
+        return np.column_stack(
+            [
+                3 * u[:, 0] * r2 + 0.3 * np.sin(p[:, 1] / 4),
+                3 * u[:, 1] * r2 + 0.2 * np.cos(p[:, 0] / 5),
+            ]
+        )
+
+    return pts, field, field(pts) + rng.normal(0, 0.02, pts.shape), rng
+
+
+def test_tiled_spline_is_the_single_spline_to_far_below_the_noise(monkeypatch):
+    monkeypatch.setattr(thinplate, "_TILE_CORE", 80)  # 4 x 4 tiles of a 1 250-hole plate
+    pts, field, values, rng = _dense_lattice(36, seed=61)
+    single = ThinPlate(pts, values, 0.1, 4)
+    tiled = TiledThinPlate(pts, values, 0.1, 4)
+    assert tiled.shape == (4, 4)
+    probe = rng.uniform(0, 35, (5000, 2))  # the plate, tile boundaries included
+    diff = tiled(probe) - single(probe)
+    # the holes' noise is 0.02: inside the plate the blend of local fits differs
+    # from the one fit by a tenth of it at most (at the outermost holes, where
+    # both extrapolate a little), a hundredth in RMS, and is as near the truth
+    assert np.abs(diff).max() < 4e-3
+    assert np.sqrt(np.mean(diff**2)) < 4e-4
+    # beyond the outermost holes (masked in the maps) only kept finite and close
+    outside = np.column_stack([rng.uniform(-1, 36, 500), rng.uniform(-1, 0, 500)])
+    assert np.abs(tiled(outside) - single(outside)).max() < 0.1
+    err_single = np.sqrt(np.mean((single(probe) - field(probe)) ** 2))
+    err_tiled = np.sqrt(np.mean((tiled(probe) - field(probe)) ** 2))
+    assert err_tiled == pytest.approx(err_single, rel=0.01)
+    np.testing.assert_allclose(tiled.residual_at_centres(), tiled(pts) - values)
+    assert np.abs(tiled.residual_at_centres() - single.residual_at_centres()).max() < 2e-3
+
+
+def test_blend_weights_are_a_partition_of_unity():
+    rng = np.random.default_rng(62)
+    cuts = np.array([10.0, 25.0, 31.0])
+    coord = np.concatenate([rng.uniform(-20, 60, 4000), cuts, cuts + thinplate._TILE_BLEND])
+    w = thinplate._blend_weights(coord, cuts)
+    assert w.shape == (4, coord.size)
+    assert (w >= 0).all()
+    np.testing.assert_allclose(w.sum(axis=0), 1.0, atol=1e-12)
+    h = thinplate._TILE_BLEND
+    bounds = np.concatenate([[-np.inf], cuts, [np.inf]])
+    for t in range(4):
+        inside = (coord > bounds[t] + h) & (coord < bounds[t + 1] - h)
+        outside = (coord < bounds[t] - h) | (coord > bounds[t + 1] + h)
+        assert (w[t, inside] == 1).all()
+        assert (w[t, outside] == 0).all()
+    assert thinplate._blend_weights(coord, np.zeros(0)).tolist() == [[1.0] * coord.size]
+
+
+def test_displacement_maps_of_many_holes_are_fitted_by_tiles(monkeypatch):
+    pts, _, values, _ = _dense_lattice(40, seed=63)
+    pitch = 12.0
+    shape = (int(41 * pitch), int(41 * pitch))
+    one = displacement_maps(pts * pitch + 6, values, shape, smoothing=0.1, scale_px=pitch)
+    monkeypatch.setattr(thinplate, "_TILE_ABOVE", 500)
+    monkeypatch.setattr(thinplate, "_TILE_CORE", 300)
+    tiles = displacement_maps(pts * pitch + 6, values, shape, smoothing=0.1, scale_px=pitch)
+    valid = one.mask == 0
+    assert valid.mean() > 0.8
+    for a, b in ((one.dx, tiles.dx), (one.dy, tiles.dy)):
+        assert np.abs(a - b)[:-1, :-1][valid].max() < 2e-3
+    assert tiles.fit_residual_rms == pytest.approx(one.fit_residual_rms, rel=0.02)
