@@ -33,9 +33,8 @@ from ccdgrid.series import (
     _Config,
     _Pool,
     calibrate_series,
-    expand_frames,
-    parse_frames,
 )
+from ccdgrid.series_frames import _Spec
 from ccdgrid.synthetic import grid_image
 
 SIZE = 512
@@ -73,42 +72,19 @@ def serial(stack, tmp_path_factory):
     return res, out
 
 
-# -- frame selections ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "frames"),
-    [
-        ("0:4", [0, 1, 2, 3]),
-        ("0,3,7", [0, 3, 7]),
-        ("0:8:3", [0, 3, 6]),
-        ("7:", [7, 8, 9]),
-        ("-2:", [8, 9]),
-        ("-1", [9]),
-        ("all", list(range(10))),
-        (":", list(range(10))),
-        ("0:2, 5", [0, 1, 5]),
-        ("8:20", [8, 9]),  # a slice is clipped to the stack, as Python's are
-        ("12", [12]),  # an explicit number is kept: reading it names the stack size
-    ],
-)
-def test_frame_selection(text, frames):
-    assert expand_frames(text, 10) == frames
-
-
-@pytest.mark.parametrize("text", ["", "a", "1:2:3:4", "0:8:0", "1.5", "0;3"])
-def test_a_bad_frame_selection_is_refused(text):
-    with pytest.raises(CcdgridError, match=r"frame selection|`frames` must be"):
-        parse_frames(text)
-
-
-def test_frame_selection_from_python_objects():
-    assert expand_frames(None, 3) == [0, 1, 2]
-    assert expand_frames(slice(1, None), 3) == [1, 2]
-    assert expand_frames([2, slice(0, 1)], 3) == [2, 0]
-
-
 # -- a series, frame by frame ----------------------------------------------------------
+
+
+def test_public_names_stay_importable_from_series():
+    # defined in series_table and series_frames, re-exported by series
+    import ccdgrid
+
+    public = ["COLUMNS", "FrameResult", "SeriesResult", "calibrate_series"]
+    assert sorted(series.__all__) == [*public, "expand_frames", "parse_frames"]
+    for name in series.__all__:
+        assert hasattr(series, name), name
+    for name in ("FrameResult", "SeriesResult", "calibrate_series"):
+        assert getattr(ccdgrid, name) is getattr(series, name), name
 
 
 def test_every_frame_is_a_row_and_the_bad_one_is_recorded(serial):
@@ -470,7 +446,7 @@ class _SimulatedPool:
 
 
 def _simulated_series(n, pool, tmp_path):
-    specs = [series._Spec(i, f"<array {i}>", None, array=np.zeros((1, 1))) for i in range(n)]
+    specs = [_Spec(i, f"<array {i}>", None, array=np.zeros((1, 1))) for i in range(n)]
     config = _Config(pitch=5e-3, options={}, mask=None, save_workers=1)
     # a reference file known from the start: no frame waits for a drift reference
     run = series._Run(specs, config, "process", 2, "reference.h5", False, tmp_path, False, None)
@@ -547,7 +523,7 @@ def test_a_worker_process_takes_frames_once_up():
         pool.local_busy = 1  # this process's worker is busy
         up, starting = pool.ready, cf.Future()
         pool.ready = [starting]  # the process, as if still importing
-        spec = series._Spec(0, "<array 0>", None, error="no image")
+        spec = _Spec(0, "<array 0>", None, error="no image")
         assert pool.submit("run", spec, None, -1, False) is None
         # waiting wakes when the process comes up, with no frame done
         threading.Timer(0.05, starting.set_result, (None,)).start()
@@ -581,7 +557,7 @@ def test_idle_workers_lend_their_cores_once_to_busy_ones(stack, tmp_path):
         assert pool.spare.value == 1  # once per idle worker
         pool.process_busy = 0
         # the worker process borrows it for its frame's detector file
-        spec = series._Spec(0, f"{stack}::/entry/data", 0, output=str(tmp_path / "d.h5"))
+        spec = _Spec(0, f"{stack}::/entry/data", 0, output=str(tmp_path / "d.h5"))
         future, local = pool.submit("run", spec, None, -1, False, where="process")
         row = future.result(timeout=300)
         assert not local
@@ -609,7 +585,7 @@ def test_cores_are_lent_only_once_no_frame_is_left_to_start(tmp_path):
 def test_a_frame_started_before_its_file_is_hashed_records_the_digest(
     stack, tmp_path, monkeypatch
 ):
-    spec = series._Spec(0, f"{stack}::/entry/data", 0, output=str(tmp_path / "d.h5"))
+    spec = _Spec(0, f"{stack}::/entry/data", 0, output=str(tmp_path / "d.h5"))
     digests = series._Digests([spec])  # not started: the file is still "being hashed"
     seen = []
     hashing = series._Digests.hashing
