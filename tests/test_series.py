@@ -23,17 +23,13 @@ import numpy as np
 import pytest
 from pyFAI import detector_factory
 
-from ccdgrid import series
+from ccdgrid import _series_pool, _series_worker, series
+from ccdgrid._series_pool import _Pool
+from ccdgrid._series_worker import THREAD_ENV, _Config
 from ccdgrid.cli import main
 from ccdgrid.detector_file import load
 from ccdgrid.errors import CcdgridError
-from ccdgrid.series import (
-    COLUMNS,
-    THREAD_ENV,
-    _Config,
-    _Pool,
-    calibrate_series,
-)
+from ccdgrid.series import COLUMNS, calibrate_series
 from ccdgrid.series_frames import _Spec
 from ccdgrid.synthetic import grid_image
 
@@ -192,22 +188,6 @@ def test_no_temporary_file_is_left(serial):
 # -- workers -----------------------------------------------------------------------------
 
 
-def test_worker_processes_start_single_threaded():
-    before = {name: os.environ.get(name) for name in THREAD_ENV}
-    pool = _Pool("process", 2, _Config(pitch=5e-3, options={}, mask=None, save_workers=1))
-    try:
-        for future in pool.ready:
-            pid, env, startup = future.result(timeout=120)
-            assert pid != os.getpid()
-            assert env == dict.fromkeys(THREAD_ENV, "1")
-            assert startup["pid"] == pid
-            assert startup["entered"] <= startup["ready"]
-            assert startup["startup_cpu"] > 0
-    finally:
-        pool.shutdown()
-    assert {name: os.environ.get(name) for name in THREAD_ENV} == before
-
-
 def test_two_processes_give_the_serial_results(stack, serial, tmp_path):
     res, _ = serial
     par = calibrate_series(
@@ -238,7 +218,9 @@ def test_two_processes_give_the_serial_results(stack, serial, tmp_path):
 _FORKED_SERIES = """
 import json, sys
 from threadpoolctl import threadpool_info
-from ccdgrid.series import _Config, _Pool, calibrate_series
+from ccdgrid._series_pool import _Pool
+from ccdgrid._series_worker import _Config
+from ccdgrid.series import calibrate_series
 source, out = sys.argv[1:3]
 runs = [
     calibrate_series(source, pitch=5e-3, output=f"{out}/{n}", workers=n, progress=False)
@@ -291,36 +273,6 @@ def test_a_forked_worker_process_gives_the_serial_results(stack, serial, tmp_pat
                 np.testing.assert_allclose(b[name], getattr(a, name), atol=1e-6)
 
 
-def _start_method_with(monkeypatch, threads):
-    monkeypatch.setattr(series, "_os_threads", lambda: threads)
-    return series._start_method()
-
-
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="workers are forked on Linux only"
-)
-def test_workers_are_forked_only_from_a_single_thread(monkeypatch, tmp_path):
-    assert _start_method_with(monkeypatch, 1) == ("fork", "")
-    assert _start_method_with(monkeypatch, 3) == ("spawn", "3 threads run in this process")
-    assert _start_method_with(monkeypatch, None) == (
-        "spawn",
-        "the threads of this process cannot be counted",
-    )
-    # the forked worker would hold a copy of the HDF5 library's state for it
-    h5 = h5py.File(tmp_path / "open.h5", "w")
-    h5["x"] = np.zeros(3)
-    method, reason = _start_method_with(monkeypatch, 1)
-    assert (method, reason) == ("spawn", "an HDF5 file is open in this process")
-    dataset = h5["x"]
-    del h5  # the file stays open while one of its objects is
-    assert _start_method_with(monkeypatch, 1)[0] == "spawn"
-    del dataset
-    assert _start_method_with(monkeypatch, 1) == ("fork", "")
-    # a forked worker must be held to one thread, with threadpoolctl
-    monkeypatch.setattr(series, "_can_limit_threads", lambda: False)
-    assert _start_method_with(monkeypatch, 1)[0] == "spawn"
-
-
 def test_a_series_leaves_no_thread_behind(stack):
     # a thread left running (tqdm's monitor once was) would keep the next
     # series from forking its workers
@@ -334,8 +286,8 @@ def test_a_series_leaves_no_thread_behind(stack):
 
 def test_without_threadpoolctl_every_worker_is_a_process(stack, monkeypatch):
     # this process's BLAS cannot be held to one thread: it only schedules
-    monkeypatch.setattr(series, "_can_limit_threads", lambda: False)
-    monkeypatch.setattr(series, "_thread_limits", lambda api=None: contextlib.nullcontext())
+    monkeypatch.setattr(_series_pool, "_can_limit_threads", lambda: False)
+    monkeypatch.setattr(_series_pool, "_thread_limits", lambda api=None: contextlib.nullcontext())
     pool = _Pool("process", 2, _Config(pitch=5e-3, options={}, mask=None, save_workers=1))
     try:
         assert not pool.use_local
@@ -379,7 +331,7 @@ class _SimulatedPool:
 
     Nothing is calibrated: a frame takes ``local_s`` in this process and
     ``process_s`` in the worker process, which is up at ``startup_s`` (it
-    takes no frame before, as :class:`~ccdgrid.series._Pool`) and runs the
+    takes no frame before, as :class:`~ccdgrid._series_pool._Pool`) and runs the
     frames queued in it one after the other (as a real worker process does: a
     frame queued there cannot be taken back).
     """
@@ -401,7 +353,7 @@ class _SimulatedPool:
     def submit(self, func_name, spec, *args, where="any"):
         assert func_name == "run"
         future = cf.Future()
-        row = series._new_row(spec)
+        row = _series_worker._new_row(spec)
         row.status = "ok"
         if where != "process" and not self.local_busy:
             self.local_busy = True
@@ -517,32 +469,6 @@ def test_frames_in_flight(kind, workers, queued, depth):
     assert series._depth(kind, workers, queued) == depth
 
 
-def test_a_worker_process_takes_frames_once_up():
-    pool = _Pool("process", 2, _Config(pitch=5e-3, options={}, mask=None, save_workers=1))
-    try:
-        pool.local_busy = 1  # this process's worker is busy
-        up, starting = pool.ready, cf.Future()
-        pool.ready = [starting]  # the process, as if still importing
-        spec = _Spec(0, "<array 0>", None, error="no image")
-        assert pool.submit("run", spec, None, -1, False) is None
-        # waiting wakes when the process comes up, with no frame done
-        threading.Timer(0.05, starting.set_result, (None,)).start()
-        assert pool.wait(set()) == set()
-        pool.ready = up
-        up[0].result(timeout=120)
-        first = pool.submit("run", spec, None, -1, False)
-        second = pool.submit("run", spec, None, -1, False)  # queued behind it
-        assert pool.submit("run", spec, None, -1, False) is None  # no more
-        assert [local for _, local in (first, second)] == [False, False]
-        for future, _ in (first, second):
-            row = future.result(timeout=120)
-            assert (row.index, row.status, row.error) == (0, "failed", "no image")
-            pool.release(False)
-        assert pool.process_busy == 0
-    finally:
-        pool.shutdown()
-
-
 def test_idle_workers_lend_their_cores_once_to_busy_ones(stack, tmp_path):
     config = _Config(pitch=5e-3, options={"cv_folds": 0}, mask=None, save_workers=1)
     pool = _Pool("process", 2, config)
@@ -604,7 +530,7 @@ def test_a_frame_started_before_its_file_is_hashed_records_the_digest(
     monkeypatch.setattr(series._Digests, "get", finish_then_get)
     config = _Config(pitch=5e-3, options={"cv_folds": 0}, mask=None, save_workers=1)
 
-    row = series._Worker(config, digests=digests).run(spec, None, -1, False)
+    row = _series_worker._Worker(config, digests=digests).run(spec, None, -1, False)
 
     assert row.ok
     assert seen == [True]  # read while the hash was not known
@@ -669,8 +595,8 @@ class _KillsItsWorker(np.ndarray):
 def test_a_crashed_worker_fails_its_frame_only(monkeypatch):
     # worker processes only: this process's worker would take the frames
     # while they start, and never unpickles the killer
-    monkeypatch.setattr(series, "_can_limit_threads", lambda: False)
-    monkeypatch.setattr(series, "_thread_limits", lambda api=None: contextlib.nullcontext())
+    monkeypatch.setattr(_series_pool, "_can_limit_threads", lambda: False)
+    monkeypatch.setattr(_series_pool, "_thread_limits", lambda api=None: contextlib.nullcontext())
     rng = np.random.default_rng(0)
     good = grid_image((SIZE, SIZE), seed=5, offset=BASE).image
     killer = rng.integers(0, 100, (SIZE, SIZE)).astype(np.uint16).view(_KillsItsWorker)

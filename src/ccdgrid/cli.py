@@ -102,7 +102,7 @@ def _one_thread_per_worker():
     numpy's OpenBLAS starts its threads when it loads, and a process with
     threads spawns its series workers (each imports numpy, scipy and the
     pipeline again, ~0.6 s of CPU) where one with a single thread forks them
-    (``ccdgrid.series._start_method``). Every worker of a series, this
+    (``ccdgrid._series_pool._start_method``). Every worker of a series, this
     process's included, runs BLAS and OpenMP on one thread anyway. Values the
     user set are kept; once numpy is loaded this changes nothing.
     """
