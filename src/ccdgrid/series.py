@@ -66,6 +66,14 @@ valid in both), after matching the frame's lattice indices to the reference's
 (two calibrations index their holes from their own corner): the shift must be
 less than half a pitch to be told apart from a whole-pitch move.
 
+The modules of a series: this one checks the arguments and schedules the
+frames (``_Run``); :mod:`ccdgrid.series_frames` selects the frames and names
+their detector files, :mod:`ccdgrid.series_table` holds the results
+(:class:`FrameResult`, :class:`SeriesResult`, the CSV and JSON files),
+:mod:`ccdgrid._series_worker` does one frame's work in a worker and
+:mod:`ccdgrid._series_pool` runs the workers (processes, threads, fork or
+spawn).
+
 Coordinates are ``(y, x)`` index coordinates in pixels (the centre of pixel
 ``(i, j)`` is at ``(i, j)``).
 """
