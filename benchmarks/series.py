@@ -46,7 +46,7 @@ time at the end.
 the measure).
 
 The worker process is forked when this process runs a single thread (see
-``ccdgrid.series._start_method``), which needs numpy's BLAS and the OpenMP
+``ccdgrid._series_pool._start_method``), which needs numpy's BLAS and the OpenMP
 runtime held to one thread before they load; else it is spawned and imports
 numpy, scipy and the pipeline again (~0.6 s of CPU). Each run says which.
 The ``ccdgrid calibrate`` command sets these variables itself for a series

@@ -636,3 +636,23 @@ def test_a_series_holds_blas_and_openmp_to_one_thread_before_numpy_loads():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "1", "3", "1"]
+
+
+def test_checking_frames_loads_no_numpy():
+    # the check runs while the command line is parsed, for every command
+    code = (
+        "import argparse, sys\n"
+        "from ccdgrid import cli\n"
+        "cli._frames('0:8:2,12')\n"
+        "try:\n"
+        "    cli._frames('0:8:0')\n"
+        "except argparse.ArgumentTypeError as exc:\n"
+        "    print(exc)\n"
+        "print('numpy' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0].startswith("bad frame selection '0:8:0'")
+    assert out.stdout.splitlines()[1] == "False"

@@ -23,19 +23,14 @@ import numpy as np
 import pytest
 from pyFAI import detector_factory
 
-from ccdgrid import series
+from ccdgrid import _series_pool, _series_worker, series
+from ccdgrid._series_pool import _Pool
+from ccdgrid._series_worker import THREAD_ENV, _Config
 from ccdgrid.cli import main
 from ccdgrid.detector_file import load
 from ccdgrid.errors import CcdgridError
-from ccdgrid.series import (
-    COLUMNS,
-    THREAD_ENV,
-    _Config,
-    _Pool,
-    calibrate_series,
-    expand_frames,
-    parse_frames,
-)
+from ccdgrid.series import COLUMNS, calibrate_series
+from ccdgrid.series_frames import _Spec
 from ccdgrid.synthetic import grid_image
 
 SIZE = 512
@@ -73,42 +68,19 @@ def serial(stack, tmp_path_factory):
     return res, out
 
 
-# -- frame selections ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "frames"),
-    [
-        ("0:4", [0, 1, 2, 3]),
-        ("0,3,7", [0, 3, 7]),
-        ("0:8:3", [0, 3, 6]),
-        ("7:", [7, 8, 9]),
-        ("-2:", [8, 9]),
-        ("-1", [9]),
-        ("all", list(range(10))),
-        (":", list(range(10))),
-        ("0:2, 5", [0, 1, 5]),
-        ("8:20", [8, 9]),  # a slice is clipped to the stack, as Python's are
-        ("12", [12]),  # an explicit number is kept: reading it names the stack size
-    ],
-)
-def test_frame_selection(text, frames):
-    assert expand_frames(text, 10) == frames
-
-
-@pytest.mark.parametrize("text", ["", "a", "1:2:3:4", "0:8:0", "1.5", "0;3"])
-def test_a_bad_frame_selection_is_refused(text):
-    with pytest.raises(CcdgridError, match=r"frame selection|`frames` must be"):
-        parse_frames(text)
-
-
-def test_frame_selection_from_python_objects():
-    assert expand_frames(None, 3) == [0, 1, 2]
-    assert expand_frames(slice(1, None), 3) == [1, 2]
-    assert expand_frames([2, slice(0, 1)], 3) == [2, 0]
-
-
 # -- a series, frame by frame ----------------------------------------------------------
+
+
+def test_public_names_stay_importable_from_series():
+    # defined in series_table and series_frames, re-exported by series
+    import ccdgrid
+
+    public = ["COLUMNS", "FrameResult", "SeriesResult", "calibrate_series"]
+    assert sorted(series.__all__) == [*public, "expand_frames", "parse_frames"]
+    for name in series.__all__:
+        assert hasattr(series, name), name
+    for name in ("FrameResult", "SeriesResult", "calibrate_series"):
+        assert getattr(ccdgrid, name) is getattr(series, name), name
 
 
 def test_every_frame_is_a_row_and_the_bad_one_is_recorded(serial):
@@ -216,22 +188,6 @@ def test_no_temporary_file_is_left(serial):
 # -- workers -----------------------------------------------------------------------------
 
 
-def test_worker_processes_start_single_threaded():
-    before = {name: os.environ.get(name) for name in THREAD_ENV}
-    pool = _Pool("process", 2, _Config(pitch=5e-3, options={}, mask=None, save_workers=1))
-    try:
-        for future in pool.ready:
-            pid, env, startup = future.result(timeout=120)
-            assert pid != os.getpid()
-            assert env == dict.fromkeys(THREAD_ENV, "1")
-            assert startup["pid"] == pid
-            assert startup["entered"] <= startup["ready"]
-            assert startup["startup_cpu"] > 0
-    finally:
-        pool.shutdown()
-    assert {name: os.environ.get(name) for name in THREAD_ENV} == before
-
-
 def test_two_processes_give_the_serial_results(stack, serial, tmp_path):
     res, _ = serial
     par = calibrate_series(
@@ -262,7 +218,9 @@ def test_two_processes_give_the_serial_results(stack, serial, tmp_path):
 _FORKED_SERIES = """
 import json, sys
 from threadpoolctl import threadpool_info
-from ccdgrid.series import _Config, _Pool, calibrate_series
+from ccdgrid._series_pool import _Pool
+from ccdgrid._series_worker import _Config
+from ccdgrid.series import calibrate_series
 source, out = sys.argv[1:3]
 runs = [
     calibrate_series(source, pitch=5e-3, output=f"{out}/{n}", workers=n, progress=False)
@@ -315,36 +273,6 @@ def test_a_forked_worker_process_gives_the_serial_results(stack, serial, tmp_pat
                 np.testing.assert_allclose(b[name], getattr(a, name), atol=1e-6)
 
 
-def _start_method_with(monkeypatch, threads):
-    monkeypatch.setattr(series, "_os_threads", lambda: threads)
-    return series._start_method()
-
-
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="workers are forked on Linux only"
-)
-def test_workers_are_forked_only_from_a_single_thread(monkeypatch, tmp_path):
-    assert _start_method_with(monkeypatch, 1) == ("fork", "")
-    assert _start_method_with(monkeypatch, 3) == ("spawn", "3 threads run in this process")
-    assert _start_method_with(monkeypatch, None) == (
-        "spawn",
-        "the threads of this process cannot be counted",
-    )
-    # the forked worker would hold a copy of the HDF5 library's state for it
-    h5 = h5py.File(tmp_path / "open.h5", "w")
-    h5["x"] = np.zeros(3)
-    method, reason = _start_method_with(monkeypatch, 1)
-    assert (method, reason) == ("spawn", "an HDF5 file is open in this process")
-    dataset = h5["x"]
-    del h5  # the file stays open while one of its objects is
-    assert _start_method_with(monkeypatch, 1)[0] == "spawn"
-    del dataset
-    assert _start_method_with(monkeypatch, 1) == ("fork", "")
-    # a forked worker must be held to one thread, with threadpoolctl
-    monkeypatch.setattr(series, "_can_limit_threads", lambda: False)
-    assert _start_method_with(monkeypatch, 1)[0] == "spawn"
-
-
 def test_a_series_leaves_no_thread_behind(stack):
     # a thread left running (tqdm's monitor once was) would keep the next
     # series from forking its workers
@@ -358,8 +286,8 @@ def test_a_series_leaves_no_thread_behind(stack):
 
 def test_without_threadpoolctl_every_worker_is_a_process(stack, monkeypatch):
     # this process's BLAS cannot be held to one thread: it only schedules
-    monkeypatch.setattr(series, "_can_limit_threads", lambda: False)
-    monkeypatch.setattr(series, "_thread_limits", lambda api=None: contextlib.nullcontext())
+    monkeypatch.setattr(_series_pool, "_can_limit_threads", lambda: False)
+    monkeypatch.setattr(_series_pool, "_thread_limits", lambda api=None: contextlib.nullcontext())
     pool = _Pool("process", 2, _Config(pitch=5e-3, options={}, mask=None, save_workers=1))
     try:
         assert not pool.use_local
@@ -403,7 +331,7 @@ class _SimulatedPool:
 
     Nothing is calibrated: a frame takes ``local_s`` in this process and
     ``process_s`` in the worker process, which is up at ``startup_s`` (it
-    takes no frame before, as :class:`~ccdgrid.series._Pool`) and runs the
+    takes no frame before, as :class:`~ccdgrid._series_pool._Pool`) and runs the
     frames queued in it one after the other (as a real worker process does: a
     frame queued there cannot be taken back).
     """
@@ -425,7 +353,7 @@ class _SimulatedPool:
     def submit(self, func_name, spec, *args, where="any"):
         assert func_name == "run"
         future = cf.Future()
-        row = series._new_row(spec)
+        row = _series_worker._new_row(spec)
         row.status = "ok"
         if where != "process" and not self.local_busy:
             self.local_busy = True
@@ -470,7 +398,7 @@ class _SimulatedPool:
 
 
 def _simulated_series(n, pool, tmp_path):
-    specs = [series._Spec(i, f"<array {i}>", None, array=np.zeros((1, 1))) for i in range(n)]
+    specs = [_Spec(i, f"<array {i}>", None, array=np.zeros((1, 1))) for i in range(n)]
     config = _Config(pitch=5e-3, options={}, mask=None, save_workers=1)
     # a reference file known from the start: no frame waits for a drift reference
     run = series._Run(specs, config, "process", 2, "reference.h5", False, tmp_path, False, None)
@@ -541,32 +469,6 @@ def test_frames_in_flight(kind, workers, queued, depth):
     assert series._depth(kind, workers, queued) == depth
 
 
-def test_a_worker_process_takes_frames_once_up():
-    pool = _Pool("process", 2, _Config(pitch=5e-3, options={}, mask=None, save_workers=1))
-    try:
-        pool.local_busy = 1  # this process's worker is busy
-        up, starting = pool.ready, cf.Future()
-        pool.ready = [starting]  # the process, as if still importing
-        spec = series._Spec(0, "<array 0>", None, error="no image")
-        assert pool.submit("run", spec, None, -1, False) is None
-        # waiting wakes when the process comes up, with no frame done
-        threading.Timer(0.05, starting.set_result, (None,)).start()
-        assert pool.wait(set()) == set()
-        pool.ready = up
-        up[0].result(timeout=120)
-        first = pool.submit("run", spec, None, -1, False)
-        second = pool.submit("run", spec, None, -1, False)  # queued behind it
-        assert pool.submit("run", spec, None, -1, False) is None  # no more
-        assert [local for _, local in (first, second)] == [False, False]
-        for future, _ in (first, second):
-            row = future.result(timeout=120)
-            assert (row.index, row.status, row.error) == (0, "failed", "no image")
-            pool.release(False)
-        assert pool.process_busy == 0
-    finally:
-        pool.shutdown()
-
-
 def test_idle_workers_lend_their_cores_once_to_busy_ones(stack, tmp_path):
     config = _Config(pitch=5e-3, options={"cv_folds": 0}, mask=None, save_workers=1)
     pool = _Pool("process", 2, config)
@@ -581,7 +483,7 @@ def test_idle_workers_lend_their_cores_once_to_busy_ones(stack, tmp_path):
         assert pool.spare.value == 1  # once per idle worker
         pool.process_busy = 0
         # the worker process borrows it for its frame's detector file
-        spec = series._Spec(0, f"{stack}::/entry/data", 0, output=str(tmp_path / "d.h5"))
+        spec = _Spec(0, f"{stack}::/entry/data", 0, output=str(tmp_path / "d.h5"))
         future, local = pool.submit("run", spec, None, -1, False, where="process")
         row = future.result(timeout=300)
         assert not local
@@ -609,7 +511,7 @@ def test_cores_are_lent_only_once_no_frame_is_left_to_start(tmp_path):
 def test_a_frame_started_before_its_file_is_hashed_records_the_digest(
     stack, tmp_path, monkeypatch
 ):
-    spec = series._Spec(0, f"{stack}::/entry/data", 0, output=str(tmp_path / "d.h5"))
+    spec = _Spec(0, f"{stack}::/entry/data", 0, output=str(tmp_path / "d.h5"))
     digests = series._Digests([spec])  # not started: the file is still "being hashed"
     seen = []
     hashing = series._Digests.hashing
@@ -628,7 +530,7 @@ def test_a_frame_started_before_its_file_is_hashed_records_the_digest(
     monkeypatch.setattr(series._Digests, "get", finish_then_get)
     config = _Config(pitch=5e-3, options={"cv_folds": 0}, mask=None, save_workers=1)
 
-    row = series._Worker(config, digests=digests).run(spec, None, -1, False)
+    row = _series_worker._Worker(config, digests=digests).run(spec, None, -1, False)
 
     assert row.ok
     assert seen == [True]  # read while the hash was not known
@@ -693,8 +595,8 @@ class _KillsItsWorker(np.ndarray):
 def test_a_crashed_worker_fails_its_frame_only(monkeypatch):
     # worker processes only: this process's worker would take the frames
     # while they start, and never unpickles the killer
-    monkeypatch.setattr(series, "_can_limit_threads", lambda: False)
-    monkeypatch.setattr(series, "_thread_limits", lambda api=None: contextlib.nullcontext())
+    monkeypatch.setattr(_series_pool, "_can_limit_threads", lambda: False)
+    monkeypatch.setattr(_series_pool, "_thread_limits", lambda api=None: contextlib.nullcontext())
     rng = np.random.default_rng(0)
     good = grid_image((SIZE, SIZE), seed=5, offset=BASE).image
     killer = rng.integers(0, 100, (SIZE, SIZE)).astype(np.uint16).view(_KillsItsWorker)

@@ -102,7 +102,7 @@ def _one_thread_per_worker():
     numpy's OpenBLAS starts its threads when it loads, and a process with
     threads spawns its series workers (each imports numpy, scipy and the
     pipeline again, ~0.6 s of CPU) where one with a single thread forks them
-    (``ccdgrid.series._start_method``). Every worker of a series, this
+    (``ccdgrid._series_pool._start_method``). Every worker of a series, this
     process's included, runs BLAS and OpenMP on one thread anyway. Values the
     user set are kept; once numpy is loaded this changes nothing.
     """
@@ -112,9 +112,9 @@ def _one_thread_per_worker():
 
 
 def _frames(text):
-    # --frames makes a series, and checking it imports numpy
+    # --frames makes a series (checking it loads no numpy)
     _one_thread_per_worker()
-    from .series import parse_frames
+    from .series_frames import parse_frames
 
     try:
         parse_frames(text)
@@ -621,7 +621,7 @@ def _frame_printer(progress, debug):
 
 def _run_combine(args):
     from .io import read_image, read_mask
-    from .series import _specs
+    from .series_frames import _specs
 
     # the images are read here: the joint fit needs them all at once
     images, sources = [], []
