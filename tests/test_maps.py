@@ -93,7 +93,8 @@ def test_accuracy_at_dense_points_against_a_known_field(noise, bound):
 def test_mask_marks_pixels_outside_the_hull():
     rng = np.random.default_rng(3)
     pts = rng.uniform([40, 60], [300, 400], (80, 2))
-    maps = displacement_maps(pts, np.zeros_like(pts), SHAPE, method="cubic")
+    # scattered points have no pitch: the hull alone (no border-gap rule)
+    maps = displacement_maps(pts, np.zeros_like(pts), SHAPE, method="cubic", gap_ratio=None)
     centres = np.stack(np.meshgrid(*map(np.arange, SHAPE), indexing="ij"), -1).reshape(-1, 2)
     outside = Delaunay(pts).find_simplex(centres.astype(float)) < 0
     np.testing.assert_array_equal(maps.mask.ravel(), outside.astype(np.int8))

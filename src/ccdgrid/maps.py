@@ -37,6 +37,7 @@ from ._ext import _upsample as _upsample_cython
 from ._map_checks import METHODS, MIN_POINTS, check_degree, non_negative, positive, rms
 from ._reference import upsample as _upsample_numpy
 from ._validation import as_points, check_backend
+from .coverage import EDGE_RATIO, mask_border_gaps
 from .cross_validation import CrossValidation, cross_validate
 from .errors import CcdgridError
 from .gcv import (
@@ -74,7 +75,9 @@ class DisplacementMaps:
         its nominal position plus ``(dy, dx)`` (pyFAI's ``set_dx``/``set_dy``).
     mask : ndarray of shape (ny, nx), int8
         1 where the pixel centre lies outside the convex hull of the holes
-        (grown by ``hull_margin`` px); the maps are only extrapolated there.
+        (grown by ``hull_margin`` px), or in a gap of the outer rows of
+        holes that the hull bridges (:mod:`ccdgrid.coverage`): the maps are
+        only extrapolated there.
     shape : tuple of 2 int
         ``(ny, nx)`` of the image.
     method : str
@@ -146,6 +149,7 @@ def displacement_maps(
     scale_px=None,
     coarse_step=None,
     hull_margin=0.0,
+    gap_ratio=EDGE_RATIO,
     degree=None,
     previous=None,
     previous_rows=None,
@@ -179,6 +183,12 @@ def displacement_maps(
     hull_margin : float, px
         Grow (> 0) or shrink (< 0) the convex hull of the holes by this
         distance before deciding which pixels are valid.
+    gap_ratio : float or None
+        Also mask the gaps in the outer rows of holes, which the hull
+        bridges and the maps would only extrapolate into: the pixels in
+        Delaunay triangles of the holes whose longest edge exceeds this
+        many local pitches, reached from the hull's boundary (see
+        :mod:`ccdgrid.coverage`). None: the hull alone.
     degree : int or None
         Degree (1-5) of the polynomial trend fitted with the spline (not
         smoothed). None: with automatic smoothing and at most 500 holes,
@@ -278,6 +288,8 @@ def displacement_maps(
     scale_px = positive(scale_px, "scale_px")
     hull_margin = float(hull_margin)
     mask = hull_mask(hull.equations, (ny, nx), margin=hull_margin)
+    if gap_ratio is not None:
+        mask_border_gaps(pts, mask, edge_ratio=positive(gap_ratio, "gap_ratio"))
 
     if method == "cubic":
         dy, dx = _cubic_maps(pts, disp, ny, nx)

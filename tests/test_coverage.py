@@ -1,0 +1,143 @@
+"""Border gaps of the holes: pixels a convex hull bridges and the maps only extrapolate into."""
+
+import numpy as np
+import pytest
+from scipy.spatial import ConvexHull, cKDTree
+
+from ccdgrid.coverage import border_gaps, mask_border_gaps
+from ccdgrid.maps import displacement_maps, hull_mask
+
+SHAPE = (400, 460)
+PITCH = 40.0
+
+
+def _lattice(rotation_deg=0.0, aspect=1.0, barrel=0.0, drop=(), rows=4, cols=5, clip=False):
+    """Hole centres (y, x), rows ``-rows..rows`` by ``cols``, minus ``drop`` (i, j).
+
+    With ``clip``, a larger lattice cut by SHAPE less a 20 px border instead.
+    """
+    t = np.deg2rad(rotation_deg)
+    if clip:
+        rows = cols = 12
+    ii, jj = np.meshgrid(np.arange(-rows, rows + 1), np.arange(-cols, cols + 1), indexing="ij")
+    keep = np.ones(ii.shape, bool)
+    for i, j in drop:
+        keep &= ~((ii == i) & (jj == j))
+    u = np.stack([ii[keep], jj[keep] * aspect], axis=1) * PITCH
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    centre = np.array(SHAPE) / 2.0
+    p = u @ rot.T
+    r2 = np.sum(p**2, axis=1, keepdims=True) / np.sum(centre**2)
+    p = centre + p * (1.0 - barrel * r2)
+    inside = np.all((p >= 20) & (p <= np.array(SHAPE) - 21), axis=1)
+    assert clip or inside.all()
+    return p[inside]
+
+
+def _hull(pts):
+    return hull_mask(ConvexHull(pts).equations, SHAPE)
+
+
+def _masked(pts):
+    mask = _hull(pts)
+    added = mask_border_gaps(pts, mask)
+    return mask, added
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"clip": True},  # the image's edges cut an unrotated lattice along its rows
+        {"rotation_deg": 30.0, "rows": 3, "cols": 3},
+        {"rotation_deg": 45.0, "aspect": 1.05, "rows": 3, "cols": 3},
+        {"barrel": 0.06},  # 6 % less magnification in the corners
+        {"aspect": 0.95, "barrel": 0.04, "rotation_deg": 10.0, "rows": 3, "cols": 4},
+    ],
+)
+def test_a_complete_lattice_has_no_border_gap(kw):
+    pts = _lattice(**kw)
+    corners, _ = border_gaps(pts)
+    mask, added = _masked(pts)
+    assert len(corners) == 0
+    assert added == 0
+    np.testing.assert_array_equal(mask, _hull(pts))
+
+
+def _site(i, j):
+    return np.array(SHAPE) / 2.0 + PITCH * np.array([i, j])
+
+
+def test_a_missing_border_hole_masks_the_gap_up_to_the_next_row():
+    full = _lattice()
+    # the top row is i = -4 (y = 40); drop one hole in its middle
+    pts = _lattice(drop=[(-4, 1)])
+    assert len(pts) == len(full) - 1
+    mask, added = _masked(pts)
+    hull = _hull(pts)
+    assert added > 0
+    y, x = _site(-4, 1).astype(int)
+    # the hull still runs along the top row over the missing hole
+    assert hull[y + 1, x] == 0
+    # the gap: the missing site, and halfway to the next row below it
+    assert mask[y + 1, x] == 1
+    assert mask[y + int(PITCH / 2), x] == 1
+    # every newly masked pixel is farther from the holes than a lattice cell's
+    # centre would be from its four holes, or between the two rows by the gap
+    newly = np.argwhere((mask == 1) & (hull == 0))
+    dist = cKDTree(pts).query(newly.astype(float))[0]
+    assert dist.max() > 0.9 * PITCH
+    assert np.all(np.abs(newly[:, 1] - x) <= PITCH)
+    assert np.all((newly[:, 0] >= y) & (newly[:, 0] <= y + PITCH))
+    # the next row's holes and the rest of the plate stay valid
+    ny, nx = _site(-3, 1).astype(int)
+    assert mask[ny + 1, nx] == 0
+    assert np.array_equal(mask[y + int(1.5 * PITCH) :], hull[y + int(1.5 * PITCH) :])
+
+
+def test_an_enclosed_gap_stays_valid():
+    # a missing hole in the middle and a 2 x 2 block: interpolated, not extrapolated
+    pts = _lattice(drop=[(0, 0), (2, 3), (2, 4), (3, 3), (3, 4)])
+    mask, added = _masked(pts)
+    assert added == 0
+    np.testing.assert_array_equal(mask, _hull(pts))
+
+
+def test_a_row_cut_by_a_rotated_edge_masks_the_wedge_beyond_the_holes():
+    # holes cut by the image's edge on a rotated plate: the hull bridges the
+    # staircase of the outer rows; what lies beyond a row of holes is masked
+    pts = _lattice(rotation_deg=8.0, clip=True)
+    mask, added = _masked(pts)
+    assert added > 0
+    tree = cKDTree(pts)
+    valid = np.argwhere(mask == 0).astype(float)
+    # every valid pixel is within a lattice cell: at most its half diagonal
+    # (plus the rotation's slack) from a hole
+    assert tree.query(valid)[0].max() < 0.75 * PITCH
+    hull_valid = np.argwhere(_hull(pts) == 0).astype(float)
+    assert tree.query(hull_valid)[0].max() > 0.9 * PITCH  # what the hull alone kept
+
+
+def test_displacement_maps_masks_border_gaps_unless_asked_not_to():
+    pts = _lattice(drop=[(-4, 1), (-4, 2)])
+    disp = np.zeros_like(pts)
+    maps = displacement_maps(pts, disp, SHAPE, smoothing=1.0)
+    hull_only = displacement_maps(pts, disp, SHAPE, smoothing=1.0, gap_ratio=None)
+    expected, _ = _masked(pts)
+    np.testing.assert_array_equal(maps.mask, expected)
+    np.testing.assert_array_equal(hull_only.mask, _hull(pts))
+    assert maps.mask.sum() > hull_only.mask.sum()
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_too_few_points_mask_nothing(n):
+    pts = _lattice()[:n]
+    mask = np.zeros(SHAPE, np.int8)
+    assert mask_border_gaps(pts, mask) == 0
+    assert not mask.any()
+
+
+def test_collinear_points_mask_nothing():
+    pts = np.stack([np.full(10, 100.0), np.arange(10) * PITCH + 20], axis=1)
+    mask = np.zeros(SHAPE, np.int8)
+    assert mask_border_gaps(pts, mask) == 0
