@@ -141,3 +141,65 @@ def test_collinear_points_mask_nothing():
     pts = np.stack([np.full(10, 100.0), np.arange(10) * PITCH + 20], axis=1)
     mask = np.zeros(SHAPE, np.int8)
     assert mask_border_gaps(pts, mask) == 0
+
+
+def _in_triangle(tri, y, x):
+    """Whether points ``(y, x)`` lie in the closed triangle ``tri`` (3, 2), by cross products."""
+    (ay, ax), (by, bx), (cy, cx) = tri
+    d = [
+        (by - ay) * (x - ax) - (bx - ax) * (y - ay),
+        (cy - by) * (x - bx) - (cx - bx) * (y - by),
+        (ay - cy) * (x - cx) - (ax - cx) * (y - cy),
+    ]
+    tol = 1e-9
+    neg = np.any([v < -tol for v in d], axis=0)
+    pos = np.any([v > tol for v in d], axis=0)
+    return ~(neg & pos)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"rotation_deg": 8.0, "clip": True},
+        {"rotation_deg": -21.0, "clip": True, "barrel": 0.05},
+        {"drop": [(-4, 1), (-4, 2), (4, -5), (0, 5)]},
+    ],
+)
+def test_masked_pixels_are_the_centres_inside_the_gap_triangles(kw):
+    pts = _lattice(**kw)
+    corners, _ = border_gaps(pts)
+    assert len(corners) > 0
+    yy, xx = np.mgrid[0 : SHAPE[0], 0 : SHAPE[1]].astype(float)
+    expected = np.zeros(SHAPE, bool)
+    for tri in corners:
+        expected |= _in_triangle(tri, yy, xx)
+    mask = np.zeros(SHAPE, np.int8)
+    added = mask_border_gaps(pts, mask)
+    np.testing.assert_array_equal(mask.astype(bool), expected)
+    assert added == expected.sum()
+    # pixels masked already are left as they are and not counted
+    again = mask.copy()
+    assert mask_border_gaps(pts, again) == 0
+    np.testing.assert_array_equal(again, mask)
+
+
+def test_row_spans_match_a_point_in_triangle_test_on_random_and_flat_triangles():
+    from ccdgrid.coverage import _row_spans
+
+    rng = np.random.default_rng(7)
+    shape = (60, 70)
+    tris = rng.uniform(-15, 80, (40, 3, 2))  # many reach beyond the image
+    tris[:10, 1, 0] = tris[:10, 0, 0]  # a flat edge (same y), on a row or between rows
+    tris[:5, :2, 0] = np.round(tris[:5, :2, 0])
+    tris[10:15] = np.round(tris[10:15])  # corners on pixel centres
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(float)
+    for k, tri in enumerate(tris):
+        spans = np.zeros(shape, bool)
+        for r, a, b in zip(*_row_spans(tri[None], *shape), strict=True):
+            if b >= a:  # an empty span: the row's interval holds no pixel centre
+                assert a >= 0
+                assert b < shape[1]
+                spans[r, a : b + 1] = True
+        np.testing.assert_array_equal(
+            spans, _in_triangle(tri, yy, xx), err_msg=f"triangle {k}: {tri.tolist()}"
+        )

@@ -99,30 +99,48 @@ def mask_border_gaps(points, mask, *, edge_ratio=EDGE_RATIO):
         Number of pixels newly masked.
     """
     ny, nx = mask.shape
-    added = 0
-    # a few triangles, each a pitch or two across: a loop over them and a
-    # vectorised test of the pixels of each one's bounding box
-    for tri in border_gaps(points, edge_ratio=edge_ratio)[0]:
-        lo = np.maximum(np.ceil(tri.min(axis=0)).astype(np.int64), 0)
-        hi = np.minimum(np.floor(tri.max(axis=0)).astype(np.int64), (ny - 1, nx - 1))
-        if np.any(hi < lo):
-            continue
-        yy, xx = np.mgrid[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1]
-        inside = _in_triangle(tri, yy.astype(np.float64), xx.astype(np.float64))
-        block = mask[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1]
-        fresh = inside & (block == 0)
-        added += int(np.count_nonzero(fresh))
-        block[fresh] = 1
-    return added
+    rows, first, last = _row_spans(border_gaps(points, edge_ratio=edge_ratio)[0], ny, nx)
+    keep = last >= first
+    rows, first, last = rows[keep], first[keep], last[keep]
+    if rows.size == 0:
+        return 0
+    # the flat indices of every pixel of every span, without a loop over them
+    lengths = last - first + 1
+    starts = rows * nx + first
+    offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    flat = mask.reshape(-1)
+    idx = offsets + np.arange(int(lengths.sum()), dtype=np.int64)
+    fresh = idx[flat[idx] == 0]
+    flat[fresh] = 1
+    return int(np.unique(fresh).size)
 
 
-def _in_triangle(tri, y, x):
-    """Whether points ``(y, x)`` lie in the closed triangle ``tri`` (3, 2), either orientation."""
-    (ay, ax), (by, bx), (cy, cx) = tri
-    tol = 1e-9 * max(1.0, float(np.abs(tri).max()))
-    d1 = (by - ay) * (x - ax) - (bx - ax) * (y - ay)
-    d2 = (cy - by) * (x - bx) - (cx - bx) * (y - by)
-    d3 = (ay - cy) * (x - cx) - (ax - cx) * (y - cy)
-    neg = (d1 < -tol) | (d2 < -tol) | (d3 < -tol)
-    pos = (d1 > tol) | (d2 > tol) | (d3 > tol)
-    return ~(neg & pos)
+def _row_spans(triangles, ny, nx):
+    """``(rows, first, last)`` int64: the pixel centres of each image row in each triangle.
+
+    ``triangles`` (G, 3, 2) hold ``(y, x)`` corners; a centre on an edge is
+    inside. A triangle meets a row's line in one interval, between its
+    longest edge in y and one of the two others; one span per row and
+    triangle (spans of neighbouring triangles may share their end pixels).
+    """
+    tri = np.take_along_axis(triangles, np.argsort(triangles[..., 0], axis=1)[..., None], axis=1)
+    (y0, x0), (y1, x1), (y2, x2) = (tri[:, k].T for k in range(3))
+    eps = 1e-9 * max(1.0, float(np.abs(tri).max(initial=0.0)))
+    r0 = np.maximum(np.ceil(y0 - eps), 0).astype(np.int64)
+    r1 = np.minimum(np.floor(y2 + eps), ny - 1).astype(np.int64)
+    counts = np.where(y2 - y0 > eps, np.maximum(r1 - r0 + 1, 0), 0)
+    t = np.repeat(np.arange(len(tri)), counts)
+    rows = np.repeat(r0 - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+    y = np.clip(rows.astype(np.float64), y0[t], y2[t])
+    y0, x0, y1, x1, y2, x2 = y0[t], x0[t], y1[t], x1[t], y2[t], x2[t]
+    xa = x0 + (y - y0) * (x2 - x0) / (y2 - y0)
+    # the lower edge where the row is below the middle corner (and that edge
+    # is not flat), else the upper one (flat edges give a corner's x)
+    lower = (y <= y1) & (y1 - y0 > eps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xl = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+        xu = np.where(y2 - y1 > eps, x1 + (y - y1) * (x2 - x1) / (y2 - y1), x1)
+    xb = np.where(lower, xl, xu)
+    first = np.maximum(np.ceil(np.minimum(xa, xb) - eps), 0).astype(np.int64)
+    last = np.minimum(np.floor(np.maximum(xa, xb) + eps), nx - 1).astype(np.int64)
+    return rows, first, last
