@@ -608,6 +608,56 @@ def test_calibrate_a_synthetic_image_end_to_end(capsys, tmp_path):
     np.testing.assert_array_equal(detector_factory(str(out)).mask, rec.mask)
 
 
+def test_a_threshold_in_counts_gets_its_unit_and_the_automatic_value(capsys, tmp_path):
+    image = tmp_path / "grid.edf"
+    out = tmp_path / "det.h5"
+    assert main(["synth", "-o", str(image), "--size", "512", "--seed", "4"]) == 0
+    capsys.readouterr()
+
+    code = main(["calibrate", str(image), "--pitch", "5mm", "-o", str(out), "--threshold", "30"])
+
+    assert code == 1
+    line = _error_line(capsys)
+    assert line.startswith("ccdgrid: error: too few holes found")
+    assert "--threshold 30 is log10 of the holes' contrast: 1e+30 counts" in line
+    automatic = float(re.search(r"the automatic threshold is (-?\d+\.\d+) \(", line).group(1))
+    holes = int(re.search(r"\((\d+) holes\): leave it out", line).group(1))
+    assert 0 < automatic < 5  # 10 to 1e5 counts: any real grid image
+    assert holes >= 6
+    assert "--hole-diameter PX and --spacing PX" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("message", "hint"),
+    [
+        ("too few holes found in `image`: 2 (at least 6 are needed)", "or --threshold T below"),
+        ("no grid of holes found in `image`: no peak stands out", "or --threshold T below"),
+        ("`image` shows no periodic grid of holes: ...", "If the image does show a grid"),
+    ],
+)
+def test_a_failed_hole_search_names_the_options_that_help(
+    capsys, tmp_path, grid_file, fake_calibrate, message, hint
+):
+    fake_calibrate.behaviour["raise"] = CcdgridError(message)
+    out = tmp_path / "o.h5"
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(out)]) == 1
+
+    line = _error_line(capsys)
+    assert line.startswith(f"ccdgrid: error: {message}. ")
+    assert hint in line
+    assert "--hole-diameter PX and --spacing PX" in line
+
+
+def test_the_threshold_help_gives_its_unit(capsys):
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--threshold T hole-detection threshold, log10 of the smallest contrast" in out
+    assert "2 means 100 counts" in out
+
+
 def test_a_constant_image_has_no_grid(capsys, tmp_path):
     path = tmp_path / "flat.npy"
     np.save(path, np.full((128, 128), 100, np.uint16))

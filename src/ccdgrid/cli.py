@@ -305,7 +305,9 @@ def build_parser():
         "--threshold",
         type=float,
         metavar="T",
-        help="detection threshold (default: automatic)",
+        help="hole-detection threshold, log10 of the smallest contrast of a hole over its "
+        "surroundings in the smoothed image, in counts: 2 means 100 counts (default: "
+        "automatic; `ccdgrid info` shows the value used as resolved.threshold)",
     )
     cal.add_argument(
         "--backend",
@@ -510,17 +512,18 @@ def _run_single(args, source):
     from .pipeline import calibrate
 
     start = time.perf_counter()
-    calibration = calibrate(
-        image,
-        pitch=args.pitch,
-        mask=mask,
-        hole_diameter=args.hole_diameter,
-        pitch_px=args.spacing,
-        threshold=args.threshold,
-        backend=args.backend,
-        previous=args.previous,
-        source=info,  # provenance (file, frame, dataset, sha256) for the detector file
-    )
+    with _detection_hint(args, image, mask):
+        calibration = calibrate(
+            image,
+            pitch=args.pitch,
+            mask=mask,
+            hole_diameter=args.hole_diameter,
+            pitch_px=args.spacing,
+            threshold=args.threshold,
+            backend=args.backend,
+            previous=args.previous,
+            source=info,  # provenance (file, frame, dataset, sha256) for the detector file
+        )
     elapsed = time.perf_counter() - start
     print(calibration.summary())
     _save(calibration, output, elapsed)
@@ -529,6 +532,79 @@ def _run_single(args, source):
         from .report import write_report
 
         print(f"wrote {write_report(calibration, args.report, image)}")
+
+
+# what the hole search and the lattice say when they find too few holes
+_DETECTION_FAILURES = ("too few holes", "no grid of holes", "no periodic grid")
+
+
+class _detection_hint:
+    """Context manager: add the ways out to a failed hole search's error.
+
+    The message of the library names no option; on the command line the
+    cure is one of --threshold (whose unit, log10 counts, is easy to get
+    wrong), --hole-diameter or --spacing. When the user's --threshold was
+    the cause, the hole search is run again with the automatic one (on the
+    error path only) to say what it would have been.
+    """
+
+    def __init__(self, args, image=None, mask=None):
+        self.args, self.image, self.mask = args, image, mask
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None or not issubclass(exc_type, CcdgridError):
+            return False
+        if not any(text in str(exc) for text in _DETECTION_FAILURES):
+            return False
+        raise CcdgridError(f"{exc}. {self._hint(str(exc))}") from exc
+
+    def _hint(self, message):
+        args = self.args
+        given = args.threshold
+        ways = "--hole-diameter PX and --spacing PX (the holes' size and distance, pixels)"
+        if "no periodic grid" in message:  # the image's autocorrelation, before any threshold
+            return f"If the image does show a grid of holes, give {ways}"
+        if given is None:
+            return (
+                f"Try {ways}, or --threshold T below the automatic one (log10 of the holes' "
+                "contrast in counts: 2 means 100 counts)"
+            )
+        text = (
+            f"--threshold {given:g} is log10 of the holes' contrast: {_power_of_ten(given)} counts"
+        )
+        automatic = self._automatic_threshold()
+        if automatic is not None:
+            value, holes = automatic
+            text += f"; the automatic threshold is {value:.2f} ({holes} holes): leave it out"
+        return f"{text}. Or try {ways}"
+
+    def _automatic_threshold(self):
+        """``(threshold, holes)`` of the search without the user's threshold, or None."""
+        if self.image is None:
+            return None
+        from .peaks import find_holes
+
+        try:
+            search = find_holes(
+                self.image,
+                mask=self.mask,
+                hole_diameter=self.args.hole_diameter,
+                pitch_px=self.args.spacing,
+                backend=self.args.backend,
+            )
+        except CcdgridError:
+            return None
+        return float(search.threshold), len(search.peaks)
+
+
+def _power_of_ten(exponent):
+    """``10**exponent`` as a short text ("100", "1e+30"), also past float's range."""
+    if abs(exponent) > 300:
+        return f"10^{exponent:g}"
+    return f"{10.0**exponent:.3g}"
 
 
 def _calibrate_options(args):
@@ -646,9 +722,10 @@ def _run_combine(args):
     from .combined import calibrate_combined
 
     start = time.perf_counter()
-    calibration = calibrate_combined(
-        images, pitch=args.pitch, mask=mask, sources=sources, **_calibrate_options(args)
-    )
+    with _detection_hint(args):
+        calibration = calibrate_combined(
+            images, pitch=args.pitch, mask=mask, sources=sources, **_calibrate_options(args)
+        )
     elapsed = time.perf_counter() - start
     print(calibration.summary())
     _save(calibration, output, elapsed)
