@@ -20,7 +20,7 @@ import pytest
 from pyFAI import detector_factory
 
 import ccdgrid
-from ccdgrid.cli import main
+from ccdgrid.cli import _glue_negative_values, build_parser, main
 from ccdgrid.detector_file import load, save_detector
 from ccdgrid.errors import CcdgridError
 from ccdgrid.units import parse_length
@@ -220,6 +220,52 @@ def test_bad_pitch_is_a_usage_error_naming_the_value(capsys, grid_file, pitch):
     assert "argument --pitch: " in err
     assert repr(pitch) in err
     assert "pitch: pitch" not in err
+
+
+@pytest.mark.parametrize("pitch", ["-5mm", "-5", "-.5cm", "-5e-3"])
+def test_a_negative_pitch_after_a_space_gets_the_pitch_error(capsys, grid_file, pitch):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", str(grid_file), "--pitch", pitch])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --pitch: expected a positive, finite length, got '{pitch}'" in err
+    assert "expected one argument" not in err
+
+
+def test_a_negative_value_reaches_every_option_that_takes_one(
+    capsys, tmp_path, grid_file, fake_calibrate
+):
+    out = tmp_path / "o.h5"
+    argv = ["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(out)]
+
+    assert main([*argv, "--threshold", "-1e-2"]) == 0
+    assert fake_calibrate.calls[-1][1]["threshold"] == -0.01
+    with pytest.raises(SystemExit):
+        main([*argv, "--spacing", "-9.5"])
+    assert "argument --spacing: expected a positive number, got '-9.5'" in capsys.readouterr().err
+
+
+def test_a_negative_word_after_a_flag_or_past_double_dash_is_left_alone(
+    capsys, grid_file, fake_calibrate
+):
+    # --debug takes no value, and the words after "--" are no options: neither is glued
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(grid_file), "--debug", "-5mm", "--pitch", "5mm"])
+    assert "unrecognized arguments: -5mm" in capsys.readouterr().err
+    assert fake_calibrate.calls == []
+    argv = ["calibrate", "--pitch", "-5mm", "--", "--threshold", "-1"]
+    assert _glue_negative_values(argv, build_parser().value_options) == [
+        *("calibrate", "--pitch=-5mm", "--", "--threshold", "-1")
+    ]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "two"])
+def test_the_threshold_must_be_a_finite_number(capsys, grid_file, fake_calibrate, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", str(grid_file), "--pitch", "5mm", f"--threshold={value}"])
+    assert exit_info.value.code == 2
+    assert "argument --threshold: expected a " in capsys.readouterr().err
+    assert fake_calibrate.calls == []
 
 
 def test_a_pitch_without_unit_is_metres_and_must_be_plausible(capsys, grid_file):

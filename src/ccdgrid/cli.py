@@ -4,7 +4,9 @@ Each subcommand imports its heavy modules (numpy, fabio, h5py, the pipeline)
 only when it runs, so ``ccdgrid --help`` answers at once. Errors in the input
 (:class:`~ccdgrid.errors.CcdgridError`, and ``OSError`` for files) print one
 line ``ccdgrid: error: ...`` on stderr and exit with status 1; ``--debug``
-adds the traceback. Anything else is a bug and keeps its traceback.
+adds the traceback. Anything else is a bug and keeps its traceback. A
+command line that argparse rejects, a value its option's check rejects
+included (``--pitch 5``), is a usage error: status 2, as argparse does.
 """
 
 import argparse
@@ -12,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 import time
 import traceback
@@ -30,7 +33,9 @@ _EXIT_CODES = """\
 exit status:
   0    success
   1    error in the input or the data (one line on stderr; --debug adds the traceback)
-  2    invalid command line
+  2    invalid command line: an unknown or missing option, options that do not go
+       together, or a value its option rejects (--pitch 5, --pitch abc); the
+       command's usage and one line "ccdgrid COMMAND: error: ..."
   130  interrupted (Ctrl-C)
 """
 
@@ -161,6 +166,16 @@ def _positive_float(text):
     return value
 
 
+def _finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _count(text):
     try:
         value = int(text)
@@ -191,7 +206,11 @@ def _size(text):
 
 
 def build_parser():
-    """Return the ``ccdgrid`` argument parser (subcommands set ``args.run``)."""
+    """Return the ``ccdgrid`` argument parser (subcommands set ``args.run``).
+
+    Its ``value_options`` attribute is the set of the subcommands' option
+    strings that take one value.
+    """
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -303,7 +322,7 @@ def build_parser():
     )
     cal.add_argument(
         "--threshold",
-        type=float,
+        type=_finite_float,
         metavar="T",
         help="hole-detection threshold, log10 of the smallest contrast of a hole over its "
         "surroundings in the smoothed image, in counts: 2 means 100 counts (default: "
@@ -410,7 +429,38 @@ def build_parser():
     add_correct_stack_parser(sub, parents=[common])
     add_report_parser(sub, parents=[common])
     add_convert_parser(sub, parents=[common])
+    # the options that take one value, for _glue_negative_values
+    parser.value_options = frozenset(
+        option
+        for command in sub.choices.values()
+        for action in command._actions
+        if action.nargs is None and action.option_strings
+        for option in action.option_strings
+    )
     return parser
+
+
+_NEGATIVE = re.compile(r"-\.?\d")
+
+
+def _glue_negative_values(argv, value_options):
+    """``--pitch -5mm`` -> ``--pitch=-5mm``, for every option that takes one value.
+
+    argparse reads a word that starts with "-" as an option unless it is a
+    plain number, so ``--pitch -5mm`` or ``--threshold -1e-2`` stopped at
+    "expected one argument"; glued, the value reaches its own check.
+    """
+    argv = list(argv)
+    glued = []
+    while argv:
+        word = argv.pop(0)
+        if word in value_options and argv and _NEGATIVE.match(argv[0]):
+            word = f"{word}={argv.pop(0)}"
+        glued.append(word)
+        if word == "--":
+            glued.extend(argv)
+            break
+    return glued
 
 
 # -- entry point ---------------------------------------------------------------
@@ -431,7 +481,8 @@ def main(argv=None):
         errors raise ``SystemExit(2)`` from argparse.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(_glue_negative_values(argv, parser.value_options))
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
