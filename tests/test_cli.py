@@ -260,7 +260,10 @@ def test_a_negative_word_after_a_flag_or_past_double_dash_is_left_alone(
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "two"])
-def test_the_threshold_must_be_a_finite_number(capsys, grid_file, fake_calibrate, value):
+def test_the_threshold_must_be_a_finite_number(
+    capsys, tmp_path, grid_file, fake_calibrate, monkeypatch, value
+):
+    monkeypatch.chdir(tmp_path)  # where the default output would go if it were accepted
     with pytest.raises(SystemExit) as exit_info:
         main(["calibrate", str(grid_file), "--pitch", "5mm", f"--threshold={value}"])
     assert exit_info.value.code == 2
@@ -383,6 +386,62 @@ def test_unwritable_output_directory(capsys, tmp_path, grid_file, fake_calibrate
 
     assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(out)]) == 1
     assert "does not exist" in _error_line(capsys)
+
+
+def test_a_missing_output_directory_is_reported_before_calibrating(
+    capsys, tmp_path, grid_file, fake_calibrate
+):
+    out = tmp_path / "nodir" / "det.h5"
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(out)]) == 1
+    assert f"directory {out.parent} does not exist" in _error_line(capsys)
+    assert fake_calibrate.calls == []
+
+
+@pytest.mark.parametrize("name", ["outdir/", "a/b/"])
+def test_an_output_ending_in_a_slash_is_a_directory_made_for_the_file(
+    capsys, tmp_path, grid_file, fake_calibrate, monkeypatch, name
+):
+    monkeypatch.chdir(tmp_path)
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", name]) == 0
+
+    written = tmp_path / name / "grid_detector.h5"
+    assert load(written).shape == (40, 60)
+    assert f'pyFAI.detector_factory("{written}")' in capsys.readouterr().out
+
+
+def test_a_directory_asked_for_is_not_made_when_the_calibration_fails(
+    capsys, tmp_path, grid_file, fake_calibrate, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    fake_calibrate.behaviour["raise"] = CcdgridError("no grid found")
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", "outdir/"]) == 1
+    _error_line(capsys)
+    assert _files(tmp_path) == ["grid.edf"]
+
+
+@pytest.mark.parametrize("name", ["out.edf", "out.txt", "outdir", "out.h5.tif"])
+def test_a_detector_file_name_must_say_hdf5(capsys, tmp_path, grid_file, fake_calibrate, name):
+    out = tmp_path / name
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(out)]) == 1
+    assert "a detector file is HDF5, name it .h5 (or .hdf5, .nxs)" in _error_line(capsys)
+    assert fake_calibrate.calls == []
+    assert _files(tmp_path) == ["grid.edf"]
+
+
+@pytest.mark.parametrize("name", ["det.h5", "det.HDF5", "det.nxs"])
+def test_hdf5_suffixes_are_accepted(tmp_path, grid_file, fake_calibrate, name):
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(tmp_path / name)]) == 0
+    assert load(tmp_path / name).shape == (40, 60)
+
+
+def test_demo_output_is_checked_before_it_runs(capsys, tmp_path, fake_calibrate, fake_synthetic):
+    assert main(["demo", "--size", "32", "-o", str(tmp_path / "demo.edf")]) == 1
+    assert "a detector file is HDF5" in _error_line(capsys)
+    assert fake_synthetic == []
 
 
 def test_output_may_not_overwrite_the_input(capsys, tmp_path, fake_calibrate):

@@ -72,8 +72,11 @@ units:
 
 output:
   Without -o the file is IMAGE_STEM_detector.h5 in the current directory (raw-data
-  directories are often read-only). An existing file is replaced; nothing is
-  written if the calibration fails.
+  directories are often read-only). -o takes a file name ending in .h5, .hdf5 or
+  .nxs (the file is HDF5, as pyFAI reads it), or a directory: an existing one, or
+  a name ending in / (created). The output is checked before the calibration
+  starts. An existing file is replaced; nothing is written if the
+  calibration fails.
 
 series (several images, or --frames):
   Every frame is calibrated on its own, several at once (--workers), and gets its
@@ -253,8 +256,9 @@ def build_parser():
         "-o",
         "--output",
         metavar="FILE",
-        help="detector file to write (.h5); for a series, a directory or a name pattern "
-        "such as out/detector_{index:03d}.h5",
+        help="detector file to write (.h5, .hdf5 or .nxs) or a directory (existing, or "
+        "ending in /); for a series, a directory or a name pattern such as "
+        "out/detector_{index:03d}.h5",
     )
     cal.add_argument(
         "--from",
@@ -546,15 +550,63 @@ def _check_calibrate_options(args, series):
         args.parser.error("--report draws the figure of one calibration: give one image")
 
 
+_DETECTOR_SUFFIXES = (".h5", ".hdf5", ".nxs")  # pyFAI's detector_factory reads HDF5/NeXus
+
+
+def _detector_output(text, default, images=()):
+    """The detector file that ``-o text`` names, checked before any calibration.
+
+    ``text`` None: ``default``. An existing directory, or a name ending in
+    "/" (a directory, created when the file is written): ``default``'s name
+    in it. Otherwise a file name with a suffix of :data:`_DETECTOR_SUFFIXES`:
+    what is written is HDF5 whatever the name, and ``out.edf`` would pass
+    for an image. Its directory must exist, unless "/" asked for it. It may
+    not be one of the input ``images`` (``path`` or ``path::dataset``).
+    """
+    folder = text is not None and text.endswith(("/", os.sep))
+    if text is None:
+        path = default
+    else:
+        path = pathlib.Path(text).expanduser().absolute()
+        if folder or path.is_dir():
+            path = path / default.name
+    inputs = {pathlib.Path(image.split("::", 1)[0]).expanduser().absolute() for image in images}
+    if path in inputs:
+        which = "the input image" if len(inputs) == 1 else "an input image"
+        raise CcdgridError(f"the output file {path} would overwrite {which}")
+    if path.suffix.lower() not in _DETECTOR_SUFFIXES:
+        raise CcdgridError(
+            f"-o {text}: a detector file is HDF5, name it .h5 (or .hdf5, .nxs); "
+            "for a directory, end the name with /"
+        )
+    if path.is_dir():
+        raise CcdgridError(f"cannot write {path}: it is a directory")
+    _check_directory(path, create=folder)
+    return path
+
+
+def _check_directory(path, create=False):
+    """Raise if ``path`` cannot be written: no such directory (unless ``create``), or read-only."""
+    parent = path.parent
+    if create:
+        while not parent.exists():
+            parent = parent.parent
+    if not parent.is_dir():
+        what = (
+            f"{parent} is not a directory"
+            if parent.exists()
+            else f"directory {parent} does not exist"
+        )
+        raise CcdgridError(f"cannot write {path}: {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CcdgridError(f"cannot write {path}: directory {parent} is not writable")
+
+
 def _run_single(args, source):
     from .io import read_image, read_mask
 
-    output = pathlib.Path(args.output) if args.output else _default_output(source)
-    if output.is_dir():
-        output = output / _default_output(source).name
+    output = _detector_output(args.output, _default_output(source), [source])
     image, info = read_image(source, frame=args.frame)
-    if output.expanduser().absolute() == pathlib.Path(info["path"]):
-        raise CcdgridError(f"the output file {output} would overwrite the input image")
     frame = "" if info["frame"] is None else f" frame {info['frame']}"
     ny, nx = info["shape"]
     print(f"read {info['path']}{frame}: {ny} x {nx} {info['dtype']}")
@@ -750,6 +802,9 @@ def _run_combine(args):
     from .io import read_image, read_mask
     from .series_frames import _specs
 
+    single = _default_output(args.images[0])
+    default = single.with_name(single.name.replace("_detector.h5", "_combined_detector.h5"))
+    output = _detector_output(args.output, default, args.images)
     # the images are read here: the joint fit needs them all at once
     images, sources = [], []
     for spec in _specs(args.images, args.frames if args.frames is not None else args.frame):
@@ -760,13 +815,6 @@ def _run_combine(args):
         sources.append(info)
     if len(images) < 2:
         raise CcdgridError("--combine needs at least two images (or frames) of the plate")
-    single = _default_output(args.images[0])
-    default = single.with_name(single.name.replace("_detector.h5", "_combined_detector.h5"))
-    output = pathlib.Path(args.output).expanduser().absolute() if args.output else default
-    if output.is_dir():
-        output = output / default.name
-    if any(output == pathlib.Path(info["path"]) for info in sources):
-        raise CcdgridError(f"the output file {output} would overwrite an input image")
     mask = None if args.mask is None else read_mask(args.mask, images[0].shape)
     print(f"read {len(images)} images of {images[0].shape[0]} x {images[0].shape[1]} px")
 
@@ -785,11 +833,14 @@ def _run_combine(args):
 
 def _save(calibration, output, elapsed):
     start = time.perf_counter()
+    # a directory asked for with "-o dir/": made only now, when there is a file for it
+    pathlib.Path(output).parent.mkdir(parents=True, exist_ok=True)
     calibration.save(output)
     print(f"calibrated in {elapsed:.2f} s; wrote {output} in {time.perf_counter() - start:.2f} s")
 
 
 def _run_demo(args):
+    output = _detector_output(args.output, pathlib.Path.cwd() / "demo_detector.h5")
     from . import synthetic
     from .pipeline import calibrate
 
@@ -809,7 +860,7 @@ def _run_demo(args):
     )
     elapsed = time.perf_counter() - start
     print(calibration.summary())
-    _save(calibration, args.output, elapsed)
+    _save(calibration, output, elapsed)
     # judged where the taper lets light through: outside it there is nothing to calibrate
     res = synthetic.dense_residual(
         grid.truth, calibration.dy, calibration.dx, calibration.mask, region=grid.taper_mask
