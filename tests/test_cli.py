@@ -444,6 +444,45 @@ def test_demo_output_is_checked_before_it_runs(capsys, tmp_path, fake_calibrate,
     assert fake_synthetic == []
 
 
+@pytest.mark.parametrize(
+    ("report", "message"),
+    [
+        ("r.txt", "--report r.txt: matplotlib draws no .txt figure; choose .png, .pdf or .svg"),
+        ("nodir/r.png", "does not exist"),
+    ],
+)
+def test_a_bad_report_is_refused_before_calibrating(
+    capsys, tmp_path, grid_file, fake_calibrate, monkeypatch, report, message
+):
+    monkeypatch.chdir(tmp_path)
+
+    code = main(
+        ["calibrate", str(grid_file), "--pitch", "5mm", "-o", "rep.h5", "--report", report]
+    )
+
+    assert code == 1
+    assert message in _error_line(capsys)
+    assert fake_calibrate.calls == []
+    assert _files(tmp_path) == ["grid.edf"]
+
+
+def test_a_report_without_matplotlib_is_refused_before_calibrating(
+    capsys, tmp_path, grid_file, fake_calibrate, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    for name in ("matplotlib", "matplotlib.backend_bases"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails
+
+    code = main(
+        ["calibrate", str(grid_file), "--pitch", "5mm", "-o", "rep.h5", "--report", "r.png"]
+    )
+
+    assert code == 1
+    assert "--report needs matplotlib: pip install 'ccdgrid[plot]'" in _error_line(capsys)
+    assert fake_calibrate.calls == []
+    assert _files(tmp_path) == ["grid.edf"]
+
+
 def test_output_may_not_overwrite_the_input(capsys, tmp_path, fake_calibrate):
     path = tmp_path / "grid.npy"
     np.save(path, np.zeros((20, 20), np.uint16))

@@ -74,8 +74,8 @@ output:
   Without -o the file is IMAGE_STEM_detector.h5 in the current directory (raw-data
   directories are often read-only). -o takes a file name ending in .h5, .hdf5 or
   .nxs (the file is HDF5, as pyFAI reads it), or a directory: an existing one, or
-  a name ending in / (created). The output is checked before the calibration
-  starts. An existing file is replaced; nothing is written if the
+  a name ending in / (created). The output and --report are checked before the
+  calibration starts. An existing file is replaced; nothing is written if the
   calibration fails.
 
 series (several images, or --frames):
@@ -602,10 +602,27 @@ def _check_directory(path, create=False):
         raise CcdgridError(f"cannot write {path}: directory {parent} is not writable")
 
 
+def _check_report(text):
+    """Raise, before the calibration, if ``--report text`` could not be drawn."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise CcdgridError("--report needs matplotlib: pip install 'ccdgrid[plot]'") from None
+    path = pathlib.Path(text).expanduser().absolute()
+    fmt = path.suffix.lstrip(".").lower() or "png"  # as ccdgrid.report writes it
+    if fmt not in FigureCanvasBase.get_supported_filetypes():
+        raise CcdgridError(
+            f"--report {text}: matplotlib draws no .{fmt} figure; choose .png, .pdf or .svg"
+        )
+    _check_directory(path)
+
+
 def _run_single(args, source):
     from .io import read_image, read_mask
 
     output = _detector_output(args.output, _default_output(source), [source])
+    if args.report:
+        _check_report(args.report)
     image, info = read_image(source, frame=args.frame)
     frame = "" if info["frame"] is None else f" frame {info['frame']}"
     ny, nx = info["shape"]
