@@ -813,6 +813,47 @@ def test_a_constant_image_has_no_grid(capsys, tmp_path):
     assert _files(tmp_path) == ["flat.npy"]
 
 
+def test_a_series_summary_names_the_failed_frames_by_index(capsys, tmp_path):
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", np.full((64, 64), 100, np.uint16))
+    images = [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]
+    argv = ["calibrate", *images, "--pitch", "5mm", "-o", f"{tmp_path}/out/", "--workers", "1"]
+
+    assert main([*argv, "--no-progress"]) == 1
+
+    out = capsys.readouterr().out
+    assert "calibrated 0 of 2 frames in " in out
+    assert "; 2 failed (indices 0, 1)\n" in out
+
+
+def test_a_series_summary_of_one_and_of_many_failed_frames():
+    from ccdgrid.series_table import FrameResult, SeriesResult
+
+    def summary(n_failed):
+        frames = [FrameResult(index=i, file="f", status="failed") for i in range(n_failed)]
+        frames.append(FrameResult(index=n_failed, file="f", status="ok"))
+        return SeriesResult(frames=frames, seconds=1.0).summary()
+
+    assert summary(1).endswith("; 1 failed (index 0)")
+    assert summary(12).endswith("; 12 failed (indices 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, ...)")
+
+
+def test_a_drift_note_measured_twice_is_kept_once():
+    # a frame whose worker failed to measure its drift is measured again by the scheduler
+    from ccdgrid.series import _merge_drift
+    from ccdgrid.series_table import FrameResult
+
+    note = "drift not measured: no hole of this frame lies within 0.3 pitch of a reference hole"
+    row = FrameResult(index=1, file="f", status="ok", note=f"warm start not possible; {note}")
+    again = FrameResult(index=-1, file="", note=note)
+
+    _merge_drift(row, again)
+
+    assert row.note == f"warm start not possible; {note}"
+    _merge_drift(row, FrameResult(index=-1, file="", note="another note"))
+    assert row.note == f"warm start not possible; {note}; another note"
+
+
 def test_a_series_holds_blas_and_openmp_to_one_thread_before_numpy_loads():
     # so that the process has one thread and forks its workers (ccdgrid.series)
     code = (
