@@ -604,6 +604,33 @@ def test_info_on_a_file_that_is_not_a_detector(capsys, tmp_path):
     assert "is not an HDF5 detector file" in _error_line(capsys)
 
 
+# -- correct ---------------------------------------------------------------------------------
+
+
+def test_correct_checks_the_image_shape_before_building_the_matrix(
+    capsys, tmp_path, grid_file, fake_calibrate, monkeypatch
+):
+    from ccdgrid.correction import CorrectionMatrix
+
+    detector = tmp_path / "det.h5"
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(detector)]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other.npy"
+    np.save(other, np.zeros((30, 60), np.uint16))
+    built = []
+    monkeypatch.setattr(
+        CorrectionMatrix, "from_maps", classmethod(lambda cls, *a, **k: built.append(a))
+    )
+
+    code = main(["correct", str(other), "-d", str(detector), "-o", str(tmp_path / "out")])
+
+    assert code == 1
+    line = _error_line(capsys)
+    assert f"{other} has shape (30, 60), but the detector {detector} is (40, 60)" in line
+    assert built == []
+    assert not (tmp_path / "out").exists()
+
+
 # -- synth and demo -----------------------------------------------------------------------
 
 
