@@ -821,6 +821,14 @@ def test_a_failed_hole_search_names_the_options_that_help(
     assert "--hole-diameter PX and --spacing PX" in line
 
 
+def test_a_constant_image_gets_no_hint(capsys, tmp_path, grid_file, fake_calibrate):
+    message = "`image` is constant: there is no grid of holes in it"
+    fake_calibrate.behaviour["raise"] = CcdgridError(message)
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(tmp_path / "o.h5")]) == 1
+    assert _error_line(capsys) == f"ccdgrid: error: {message}\n"
+
+
 def test_the_threshold_help_gives_its_unit(capsys):
     with pytest.raises(SystemExit):
         main(["calibrate", "--help"])

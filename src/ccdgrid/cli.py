@@ -655,7 +655,8 @@ def _run_single(args, source):
 
 
 # what the hole search and the lattice say when they find too few holes
-_DETECTION_FAILURES = ("too few holes", "no grid of holes", "no periodic grid")
+# (not "is constant": no option helps there)
+_DETECTION_FAILURES = ("too few holes", "no grid of holes found", "shows no periodic grid")
 
 
 class _detection_hint:
@@ -685,7 +686,9 @@ class _detection_hint:
         args = self.args
         given = args.threshold
         ways = "--hole-diameter PX and --spacing PX (the holes' size and distance, pixels)"
-        if "no periodic grid" in message:  # the image's autocorrelation, before any threshold
+        if (
+            "shows no periodic grid" in message
+        ):  # the image's autocorrelation, before any threshold
             return f"If the image does show a grid of holes, give {ways}"
         if given is None:
             return (
