@@ -20,7 +20,7 @@ import pytest
 from pyFAI import detector_factory
 
 import ccdgrid
-from ccdgrid.cli import main
+from ccdgrid.cli import _glue_negative_values, build_parser, main
 from ccdgrid.detector_file import load, save_detector
 from ccdgrid.errors import CcdgridError
 from ccdgrid.units import parse_length
@@ -222,6 +222,55 @@ def test_bad_pitch_is_a_usage_error_naming_the_value(capsys, grid_file, pitch):
     assert "pitch: pitch" not in err
 
 
+@pytest.mark.parametrize("pitch", ["-5mm", "-5", "-.5cm", "-5e-3"])
+def test_a_negative_pitch_after_a_space_gets_the_pitch_error(capsys, grid_file, pitch):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", str(grid_file), "--pitch", pitch])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --pitch: expected a positive, finite length, got '{pitch}'" in err
+    assert "expected one argument" not in err
+
+
+def test_a_negative_value_reaches_every_option_that_takes_one(
+    capsys, tmp_path, grid_file, fake_calibrate
+):
+    out = tmp_path / "o.h5"
+    argv = ["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(out)]
+
+    assert main([*argv, "--threshold", "-1e-2"]) == 0
+    assert fake_calibrate.calls[-1][1]["threshold"] == -0.01
+    with pytest.raises(SystemExit):
+        main([*argv, "--spacing", "-9.5"])
+    assert "argument --spacing: expected a positive number, got '-9.5'" in capsys.readouterr().err
+
+
+def test_a_negative_word_after_a_flag_or_past_double_dash_is_left_alone(
+    capsys, grid_file, fake_calibrate
+):
+    # --debug takes no value, and the words after "--" are no options: neither is glued
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(grid_file), "--debug", "-5mm", "--pitch", "5mm"])
+    assert "unrecognized arguments: -5mm" in capsys.readouterr().err
+    assert fake_calibrate.calls == []
+    argv = ["calibrate", "--pitch", "-5mm", "--", "--threshold", "-1"]
+    assert _glue_negative_values(argv, build_parser().value_options) == [
+        *("calibrate", "--pitch=-5mm", "--", "--threshold", "-1")
+    ]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "two"])
+def test_the_threshold_must_be_a_finite_number(
+    capsys, tmp_path, grid_file, fake_calibrate, monkeypatch, value
+):
+    monkeypatch.chdir(tmp_path)  # where the default output would go if it were accepted
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", str(grid_file), "--pitch", "5mm", f"--threshold={value}"])
+    assert exit_info.value.code == 2
+    assert "argument --threshold: expected a " in capsys.readouterr().err
+    assert fake_calibrate.calls == []
+
+
 def test_a_pitch_without_unit_is_metres_and_must_be_plausible(capsys, grid_file):
     with pytest.raises(SystemExit):
         main(["calibrate", str(grid_file), "--pitch", "5"])
@@ -337,6 +386,101 @@ def test_unwritable_output_directory(capsys, tmp_path, grid_file, fake_calibrate
 
     assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(out)]) == 1
     assert "does not exist" in _error_line(capsys)
+
+
+def test_a_missing_output_directory_is_reported_before_calibrating(
+    capsys, tmp_path, grid_file, fake_calibrate
+):
+    out = tmp_path / "nodir" / "det.h5"
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(out)]) == 1
+    assert f"directory {out.parent} does not exist" in _error_line(capsys)
+    assert fake_calibrate.calls == []
+
+
+@pytest.mark.parametrize("name", ["outdir/", "a/b/"])
+def test_an_output_ending_in_a_slash_is_a_directory_made_for_the_file(
+    capsys, tmp_path, grid_file, fake_calibrate, monkeypatch, name
+):
+    monkeypatch.chdir(tmp_path)
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", name]) == 0
+
+    written = tmp_path / name / "grid_detector.h5"
+    assert load(written).shape == (40, 60)
+    assert f'pyFAI.detector_factory("{written}")' in capsys.readouterr().out
+
+
+def test_a_directory_asked_for_is_not_made_when_the_calibration_fails(
+    capsys, tmp_path, grid_file, fake_calibrate, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    fake_calibrate.behaviour["raise"] = CcdgridError("no grid found")
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", "outdir/"]) == 1
+    _error_line(capsys)
+    assert _files(tmp_path) == ["grid.edf"]
+
+
+@pytest.mark.parametrize("name", ["out.edf", "out.txt", "outdir", "out.h5.tif"])
+def test_a_detector_file_name_must_say_hdf5(capsys, tmp_path, grid_file, fake_calibrate, name):
+    out = tmp_path / name
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(out)]) == 1
+    assert "a detector file is HDF5, name it .h5 (or .hdf5, .nxs)" in _error_line(capsys)
+    assert fake_calibrate.calls == []
+    assert _files(tmp_path) == ["grid.edf"]
+
+
+@pytest.mark.parametrize("name", ["det.h5", "det.HDF5", "det.nxs"])
+def test_hdf5_suffixes_are_accepted(tmp_path, grid_file, fake_calibrate, name):
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(tmp_path / name)]) == 0
+    assert load(tmp_path / name).shape == (40, 60)
+
+
+def test_demo_output_is_checked_before_it_runs(capsys, tmp_path, fake_calibrate, fake_synthetic):
+    assert main(["demo", "--size", "32", "-o", str(tmp_path / "demo.edf")]) == 1
+    assert "a detector file is HDF5" in _error_line(capsys)
+    assert fake_synthetic == []
+
+
+@pytest.mark.parametrize(
+    ("report", "message"),
+    [
+        ("r.txt", "--report r.txt: matplotlib draws no .txt figure; choose .png, .pdf or .svg"),
+        ("nodir/r.png", "does not exist"),
+    ],
+)
+def test_a_bad_report_is_refused_before_calibrating(
+    capsys, tmp_path, grid_file, fake_calibrate, monkeypatch, report, message
+):
+    monkeypatch.chdir(tmp_path)
+
+    code = main(
+        ["calibrate", str(grid_file), "--pitch", "5mm", "-o", "rep.h5", "--report", report]
+    )
+
+    assert code == 1
+    assert message in _error_line(capsys)
+    assert fake_calibrate.calls == []
+    assert _files(tmp_path) == ["grid.edf"]
+
+
+def test_a_report_without_matplotlib_is_refused_before_calibrating(
+    capsys, tmp_path, grid_file, fake_calibrate, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    for name in ("matplotlib", "matplotlib.backend_bases"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails
+
+    code = main(
+        ["calibrate", str(grid_file), "--pitch", "5mm", "-o", "rep.h5", "--report", "r.png"]
+    )
+
+    assert code == 1
+    assert "--report needs matplotlib: pip install 'ccdgrid[plot]'" in _error_line(capsys)
+    assert fake_calibrate.calls == []
+    assert _files(tmp_path) == ["grid.edf"]
 
 
 def test_output_may_not_overwrite_the_input(capsys, tmp_path, fake_calibrate):
@@ -458,6 +602,33 @@ def test_info_on_a_file_that_is_not_a_detector(capsys, tmp_path):
 
     assert main(["info", str(path)]) == 1
     assert "is not an HDF5 detector file" in _error_line(capsys)
+
+
+# -- correct ---------------------------------------------------------------------------------
+
+
+def test_correct_checks_the_image_shape_before_building_the_matrix(
+    capsys, tmp_path, grid_file, fake_calibrate, monkeypatch
+):
+    from ccdgrid.correction import CorrectionMatrix
+
+    detector = tmp_path / "det.h5"
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(detector)]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other.npy"
+    np.save(other, np.zeros((30, 60), np.uint16))
+    built = []
+    monkeypatch.setattr(
+        CorrectionMatrix, "from_maps", classmethod(lambda cls, *a, **k: built.append(a))
+    )
+
+    code = main(["correct", str(other), "-d", str(detector), "-o", str(tmp_path / "out")])
+
+    assert code == 1
+    line = _error_line(capsys)
+    assert f"{other} has shape (30, 60), but the detector {detector} is (40, 60)" in line
+    assert built == []
+    assert not (tmp_path / "out").exists()
 
 
 # -- synth and demo -----------------------------------------------------------------------
@@ -608,6 +779,64 @@ def test_calibrate_a_synthetic_image_end_to_end(capsys, tmp_path):
     np.testing.assert_array_equal(detector_factory(str(out)).mask, rec.mask)
 
 
+def test_a_threshold_in_counts_gets_its_unit_and_the_automatic_value(capsys, tmp_path):
+    image = tmp_path / "grid.edf"
+    out = tmp_path / "det.h5"
+    assert main(["synth", "-o", str(image), "--size", "512", "--seed", "4"]) == 0
+    capsys.readouterr()
+
+    code = main(["calibrate", str(image), "--pitch", "5mm", "-o", str(out), "--threshold", "30"])
+
+    assert code == 1
+    line = _error_line(capsys)
+    assert line.startswith("ccdgrid: error: too few holes found")
+    assert "--threshold 30 is log10 of the holes' contrast: 1e+30 counts" in line
+    automatic = float(re.search(r"the automatic threshold is (-?\d+\.\d+) \(", line).group(1))
+    holes = int(re.search(r"\((\d+) holes\): leave it out", line).group(1))
+    assert 0 < automatic < 5  # 10 to 1e5 counts: any real grid image
+    assert holes >= 6
+    assert "--hole-diameter PX and --spacing PX" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("message", "hint"),
+    [
+        ("too few holes found in `image`: 2 (at least 6 are needed)", "or --threshold T below"),
+        ("no grid of holes found in `image`: no peak stands out", "or --threshold T below"),
+        ("`image` shows no periodic grid of holes: ...", "If the image does show a grid"),
+    ],
+)
+def test_a_failed_hole_search_names_the_options_that_help(
+    capsys, tmp_path, grid_file, fake_calibrate, message, hint
+):
+    fake_calibrate.behaviour["raise"] = CcdgridError(message)
+    out = tmp_path / "o.h5"
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(out)]) == 1
+
+    line = _error_line(capsys)
+    assert line.startswith(f"ccdgrid: error: {message}. ")
+    assert hint in line
+    assert "--hole-diameter PX and --spacing PX" in line
+
+
+def test_a_constant_image_gets_no_hint(capsys, tmp_path, grid_file, fake_calibrate):
+    message = "`image` is constant: there is no grid of holes in it"
+    fake_calibrate.behaviour["raise"] = CcdgridError(message)
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(tmp_path / "o.h5")]) == 1
+    assert _error_line(capsys) == f"ccdgrid: error: {message}\n"
+
+
+def test_the_threshold_help_gives_its_unit(capsys):
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--threshold T hole-detection threshold, log10 of the smallest contrast" in out
+    assert "2 means 100 counts" in out
+
+
 def test_a_constant_image_has_no_grid(capsys, tmp_path):
     path = tmp_path / "flat.npy"
     np.save(path, np.full((128, 128), 100, np.uint16))
@@ -617,6 +846,47 @@ def test_a_constant_image_has_no_grid(capsys, tmp_path):
 
     assert "no grid of holes" in _error_line(capsys)
     assert _files(tmp_path) == ["flat.npy"]
+
+
+def test_a_series_summary_names_the_failed_frames_by_index(capsys, tmp_path):
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", np.full((64, 64), 100, np.uint16))
+    images = [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]
+    argv = ["calibrate", *images, "--pitch", "5mm", "-o", f"{tmp_path}/out/", "--workers", "1"]
+
+    assert main([*argv, "--no-progress"]) == 1
+
+    out = capsys.readouterr().out
+    assert "calibrated 0 of 2 frames in " in out
+    assert "; 2 failed (indices 0, 1)\n" in out
+
+
+def test_a_series_summary_of_one_and_of_many_failed_frames():
+    from ccdgrid.series_table import FrameResult, SeriesResult
+
+    def summary(n_failed):
+        frames = [FrameResult(index=i, file="f", status="failed") for i in range(n_failed)]
+        frames.append(FrameResult(index=n_failed, file="f", status="ok"))
+        return SeriesResult(frames=frames, seconds=1.0).summary()
+
+    assert summary(1).endswith("; 1 failed (index 0)")
+    assert summary(12).endswith("; 12 failed (indices 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, ...)")
+
+
+def test_a_drift_note_measured_twice_is_kept_once():
+    # a frame whose worker failed to measure its drift is measured again by the scheduler
+    from ccdgrid.series import _merge_drift
+    from ccdgrid.series_table import FrameResult
+
+    note = "drift not measured: no hole of this frame lies within 0.3 pitch of a reference hole"
+    row = FrameResult(index=1, file="f", status="ok", note=f"warm start not possible; {note}")
+    again = FrameResult(index=-1, file="", note=note)
+
+    _merge_drift(row, again)
+
+    assert row.note == f"warm start not possible; {note}"
+    _merge_drift(row, FrameResult(index=-1, file="", note="another note"))
+    assert row.note == f"warm start not possible; {note}; another note"
 
 
 def test_a_series_holds_blas_and_openmp_to_one_thread_before_numpy_loads():

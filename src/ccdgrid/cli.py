@@ -4,7 +4,9 @@ Each subcommand imports its heavy modules (numpy, fabio, h5py, the pipeline)
 only when it runs, so ``ccdgrid --help`` answers at once. Errors in the input
 (:class:`~ccdgrid.errors.CcdgridError`, and ``OSError`` for files) print one
 line ``ccdgrid: error: ...`` on stderr and exit with status 1; ``--debug``
-adds the traceback. Anything else is a bug and keeps its traceback.
+adds the traceback. Anything else is a bug and keeps its traceback. A
+command line that argparse rejects, a value its option's check rejects
+included (``--pitch 5``), is a usage error: status 2, as argparse does.
 """
 
 import argparse
@@ -12,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 import time
 import traceback
@@ -30,7 +33,9 @@ _EXIT_CODES = """\
 exit status:
   0    success
   1    error in the input or the data (one line on stderr; --debug adds the traceback)
-  2    invalid command line
+  2    invalid command line: an unknown or missing option, options that do not go
+       together, or a value its option rejects (--pitch 5, --pitch abc); the
+       command's usage and one line "ccdgrid COMMAND: error: ..."
   130  interrupted (Ctrl-C)
 """
 
@@ -67,8 +72,11 @@ units:
 
 output:
   Without -o the file is IMAGE_STEM_detector.h5 in the current directory (raw-data
-  directories are often read-only). An existing file is replaced; nothing is
-  written if the calibration fails.
+  directories are often read-only). -o takes a file name ending in .h5, .hdf5 or
+  .nxs (the file is HDF5, as pyFAI reads it), or a directory: an existing one, or
+  a name ending in / (created). The output and --report are checked before the
+  calibration starts. An existing file is replaced; nothing is written if the
+  calibration fails.
 
 series (several images, or --frames):
   Every frame is calibrated on its own, several at once (--workers), and gets its
@@ -161,6 +169,16 @@ def _positive_float(text):
     return value
 
 
+def _finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _count(text):
     try:
         value = int(text)
@@ -191,7 +209,11 @@ def _size(text):
 
 
 def build_parser():
-    """Return the ``ccdgrid`` argument parser (subcommands set ``args.run``)."""
+    """Return the ``ccdgrid`` argument parser (subcommands set ``args.run``).
+
+    Its ``value_options`` attribute is the set of the subcommands' option
+    strings that take one value.
+    """
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -234,8 +256,9 @@ def build_parser():
         "-o",
         "--output",
         metavar="FILE",
-        help="detector file to write (.h5); for a series, a directory or a name pattern "
-        "such as out/detector_{index:03d}.h5",
+        help="detector file to write (.h5, .hdf5 or .nxs) or a directory (existing, or "
+        "ending in /); for a series, a directory or a name pattern such as "
+        "out/detector_{index:03d}.h5",
     )
     cal.add_argument(
         "--from",
@@ -303,9 +326,11 @@ def build_parser():
     )
     cal.add_argument(
         "--threshold",
-        type=float,
+        type=_finite_float,
         metavar="T",
-        help="detection threshold (default: automatic)",
+        help="hole-detection threshold, log10 of the smallest contrast of a hole over its "
+        "surroundings in the smoothed image, in counts: 2 means 100 counts (default: "
+        "automatic; `ccdgrid info` shows the value used as resolved.threshold)",
     )
     cal.add_argument(
         "--backend",
@@ -408,7 +433,38 @@ def build_parser():
     add_correct_stack_parser(sub, parents=[common])
     add_report_parser(sub, parents=[common])
     add_convert_parser(sub, parents=[common])
+    # the options that take one value, for _glue_negative_values
+    parser.value_options = frozenset(
+        option
+        for command in sub.choices.values()
+        for action in command._actions
+        if action.nargs is None and action.option_strings
+        for option in action.option_strings
+    )
     return parser
+
+
+_NEGATIVE = re.compile(r"-\.?\d")
+
+
+def _glue_negative_values(argv, value_options):
+    """``--pitch -5mm`` -> ``--pitch=-5mm``, for every option that takes one value.
+
+    argparse reads a word that starts with "-" as an option unless it is a
+    plain number, so ``--pitch -5mm`` or ``--threshold -1e-2`` stopped at
+    "expected one argument"; glued, the value reaches its own check.
+    """
+    argv = list(argv)
+    glued = []
+    while argv:
+        word = argv.pop(0)
+        if word in value_options and argv and _NEGATIVE.match(argv[0]):
+            word = f"{word}={argv.pop(0)}"
+        glued.append(word)
+        if word == "--":
+            glued.extend(argv)
+            break
+    return glued
 
 
 # -- entry point ---------------------------------------------------------------
@@ -429,7 +485,8 @@ def main(argv=None):
         errors raise ``SystemExit(2)`` from argparse.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(_glue_negative_values(argv, parser.value_options))
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -493,15 +550,80 @@ def _check_calibrate_options(args, series):
         args.parser.error("--report draws the figure of one calibration: give one image")
 
 
+_DETECTOR_SUFFIXES = (".h5", ".hdf5", ".nxs")  # pyFAI's detector_factory reads HDF5/NeXus
+
+
+def _detector_output(text, default, images=()):
+    """The detector file that ``-o text`` names, checked before any calibration.
+
+    ``text`` None: ``default``. An existing directory, or a name ending in
+    "/" (a directory, created when the file is written): ``default``'s name
+    in it. Otherwise a file name with a suffix of :data:`_DETECTOR_SUFFIXES`:
+    what is written is HDF5 whatever the name, and ``out.edf`` would pass
+    for an image. Its directory must exist, unless "/" asked for it. It may
+    not be one of the input ``images`` (``path`` or ``path::dataset``).
+    """
+    folder = text is not None and text.endswith(("/", os.sep))
+    if text is None:
+        path = default
+    else:
+        path = pathlib.Path(text).expanduser().absolute()
+        if folder or path.is_dir():
+            path = path / default.name
+    inputs = {pathlib.Path(image.split("::", 1)[0]).expanduser().absolute() for image in images}
+    if path in inputs:
+        which = "the input image" if len(inputs) == 1 else "an input image"
+        raise CcdgridError(f"the output file {path} would overwrite {which}")
+    if path.suffix.lower() not in _DETECTOR_SUFFIXES:
+        raise CcdgridError(
+            f"-o {text}: a detector file is HDF5, name it .h5 (or .hdf5, .nxs); "
+            "for a directory, end the name with /"
+        )
+    if path.is_dir():
+        raise CcdgridError(f"cannot write {path}: it is a directory")
+    _check_directory(path, create=folder)
+    return path
+
+
+def _check_directory(path, create=False):
+    """Raise if ``path`` cannot be written: no such directory (unless ``create``), or read-only."""
+    parent = path.parent
+    if create:
+        while not parent.exists():
+            parent = parent.parent
+    if not parent.is_dir():
+        what = (
+            f"{parent} is not a directory"
+            if parent.exists()
+            else f"directory {parent} does not exist"
+        )
+        raise CcdgridError(f"cannot write {path}: {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CcdgridError(f"cannot write {path}: directory {parent} is not writable")
+
+
+def _check_report(text):
+    """Raise, before the calibration, if ``--report text`` could not be drawn."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise CcdgridError("--report needs matplotlib: pip install 'ccdgrid[plot]'") from None
+    path = pathlib.Path(text).expanduser().absolute()
+    fmt = path.suffix.lstrip(".").lower() or "png"  # as ccdgrid.report writes it
+    if fmt not in FigureCanvasBase.get_supported_filetypes():
+        raise CcdgridError(
+            f"--report {text}: matplotlib draws no .{fmt} figure; choose .png, .pdf or .svg"
+        )
+    _check_directory(path)
+
+
 def _run_single(args, source):
     from .io import read_image, read_mask
 
-    output = pathlib.Path(args.output) if args.output else _default_output(source)
-    if output.is_dir():
-        output = output / _default_output(source).name
+    output = _detector_output(args.output, _default_output(source), [source])
+    if args.report:
+        _check_report(args.report)
     image, info = read_image(source, frame=args.frame)
-    if output.expanduser().absolute() == pathlib.Path(info["path"]):
-        raise CcdgridError(f"the output file {output} would overwrite the input image")
     frame = "" if info["frame"] is None else f" frame {info['frame']}"
     ny, nx = info["shape"]
     print(f"read {info['path']}{frame}: {ny} x {nx} {info['dtype']}")
@@ -510,17 +632,18 @@ def _run_single(args, source):
     from .pipeline import calibrate
 
     start = time.perf_counter()
-    calibration = calibrate(
-        image,
-        pitch=args.pitch,
-        mask=mask,
-        hole_diameter=args.hole_diameter,
-        pitch_px=args.spacing,
-        threshold=args.threshold,
-        backend=args.backend,
-        previous=args.previous,
-        source=info,  # provenance (file, frame, dataset, sha256) for the detector file
-    )
+    with _detection_hint(args, image, mask):
+        calibration = calibrate(
+            image,
+            pitch=args.pitch,
+            mask=mask,
+            hole_diameter=args.hole_diameter,
+            pitch_px=args.spacing,
+            threshold=args.threshold,
+            backend=args.backend,
+            previous=args.previous,
+            source=info,  # provenance (file, frame, dataset, sha256) for the detector file
+        )
     elapsed = time.perf_counter() - start
     print(calibration.summary())
     _save(calibration, output, elapsed)
@@ -529,6 +652,82 @@ def _run_single(args, source):
         from .report import write_report
 
         print(f"wrote {write_report(calibration, args.report, image)}")
+
+
+# what the hole search and the lattice say when they find too few holes
+# (not "is constant": no option helps there)
+_DETECTION_FAILURES = ("too few holes", "no grid of holes found", "shows no periodic grid")
+
+
+class _detection_hint:
+    """Context manager: add the ways out to a failed hole search's error.
+
+    The message of the library names no option; on the command line the
+    cure is one of --threshold (whose unit, log10 counts, is easy to get
+    wrong), --hole-diameter or --spacing. When the user's --threshold was
+    the cause, the hole search is run again with the automatic one (on the
+    error path only) to say what it would have been.
+    """
+
+    def __init__(self, args, image=None, mask=None):
+        self.args, self.image, self.mask = args, image, mask
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None or not issubclass(exc_type, CcdgridError):
+            return False
+        if not any(text in str(exc) for text in _DETECTION_FAILURES):
+            return False
+        raise CcdgridError(f"{exc}. {self._hint(str(exc))}") from exc
+
+    def _hint(self, message):
+        args = self.args
+        given = args.threshold
+        ways = "--hole-diameter PX and --spacing PX (the holes' size and distance, pixels)"
+        if (
+            "shows no periodic grid" in message
+        ):  # the image's autocorrelation, before any threshold
+            return f"If the image does show a grid of holes, give {ways}"
+        if given is None:
+            return (
+                f"Try {ways}, or --threshold T below the automatic one (log10 of the holes' "
+                "contrast in counts: 2 means 100 counts)"
+            )
+        text = (
+            f"--threshold {given:g} is log10 of the holes' contrast: {_power_of_ten(given)} counts"
+        )
+        automatic = self._automatic_threshold()
+        if automatic is not None:
+            value, holes = automatic
+            text += f"; the automatic threshold is {value:.2f} ({holes} holes): leave it out"
+        return f"{text}. Or try {ways}"
+
+    def _automatic_threshold(self):
+        """``(threshold, holes)`` of the search without the user's threshold, or None."""
+        if self.image is None:
+            return None
+        from .peaks import find_holes
+
+        try:
+            search = find_holes(
+                self.image,
+                mask=self.mask,
+                hole_diameter=self.args.hole_diameter,
+                pitch_px=self.args.spacing,
+                backend=self.args.backend,
+            )
+        except CcdgridError:
+            return None
+        return float(search.threshold), len(search.peaks)
+
+
+def _power_of_ten(exponent):
+    """``10**exponent`` as a short text ("100", "1e+30"), also past float's range."""
+    if abs(exponent) > 300:
+        return f"10^{exponent:g}"
+    return f"{10.0**exponent:.3g}"
 
 
 def _calibrate_options(args):
@@ -623,6 +822,9 @@ def _run_combine(args):
     from .io import read_image, read_mask
     from .series_frames import _specs
 
+    single = _default_output(args.images[0])
+    default = single.with_name(single.name.replace("_detector.h5", "_combined_detector.h5"))
+    output = _detector_output(args.output, default, args.images)
     # the images are read here: the joint fit needs them all at once
     images, sources = [], []
     for spec in _specs(args.images, args.frames if args.frames is not None else args.frame):
@@ -633,22 +835,16 @@ def _run_combine(args):
         sources.append(info)
     if len(images) < 2:
         raise CcdgridError("--combine needs at least two images (or frames) of the plate")
-    single = _default_output(args.images[0])
-    default = single.with_name(single.name.replace("_detector.h5", "_combined_detector.h5"))
-    output = pathlib.Path(args.output).expanduser().absolute() if args.output else default
-    if output.is_dir():
-        output = output / default.name
-    if any(output == pathlib.Path(info["path"]) for info in sources):
-        raise CcdgridError(f"the output file {output} would overwrite an input image")
     mask = None if args.mask is None else read_mask(args.mask, images[0].shape)
     print(f"read {len(images)} images of {images[0].shape[0]} x {images[0].shape[1]} px")
 
     from .combined import calibrate_combined
 
     start = time.perf_counter()
-    calibration = calibrate_combined(
-        images, pitch=args.pitch, mask=mask, sources=sources, **_calibrate_options(args)
-    )
+    with _detection_hint(args):
+        calibration = calibrate_combined(
+            images, pitch=args.pitch, mask=mask, sources=sources, **_calibrate_options(args)
+        )
     elapsed = time.perf_counter() - start
     print(calibration.summary())
     _save(calibration, output, elapsed)
@@ -657,11 +853,14 @@ def _run_combine(args):
 
 def _save(calibration, output, elapsed):
     start = time.perf_counter()
+    # a directory asked for with "-o dir/": made only now, when there is a file for it
+    pathlib.Path(output).parent.mkdir(parents=True, exist_ok=True)
     calibration.save(output)
     print(f"calibrated in {elapsed:.2f} s; wrote {output} in {time.perf_counter() - start:.2f} s")
 
 
 def _run_demo(args):
+    output = _detector_output(args.output, pathlib.Path.cwd() / "demo_detector.h5")
     from . import synthetic
     from .pipeline import calibrate
 
@@ -681,7 +880,7 @@ def _run_demo(args):
     )
     elapsed = time.perf_counter() - start
     print(calibration.summary())
-    _save(calibration, args.output, elapsed)
+    _save(calibration, output, elapsed)
     # judged where the taper lets light through: outside it there is nothing to calibrate
     res = synthetic.dense_residual(
         grid.truth, calibration.dy, calibration.dx, calibration.mask, region=grid.taper_mask

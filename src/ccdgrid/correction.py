@@ -829,6 +829,19 @@ def _write_atomically(target, fmt, data, header):
         raise
 
 
+def _read_checked(source, detector):
+    """``(image, info)`` of ``source``; raise if its shape is not ``detector``'s."""
+    from .io import read_image
+
+    image, info = read_image(source)
+    if image.shape != tuple(detector.shape):
+        raise CcdgridError(
+            f"{info['path']} has shape {image.shape}, but the detector "
+            f"{detector.path} is {tuple(detector.shape)}"
+        )
+    return image, info
+
+
 def run_correct(args):
     """Run ``ccdgrid correct`` from parsed arguments; print one line per image.
 
@@ -852,7 +865,6 @@ def run_correct(args):
     import time
 
     from .detector_file import load
-    from .io import read_image
 
     directory = pathlib.Path(args.output).expanduser().absolute()
     if directory.exists() and not directory.is_dir():
@@ -868,6 +880,9 @@ def run_correct(args):
         targets[target] = (source, fmt)
 
     detector = load(args.detector)
+    # the first image is read before the matrix (seconds to build on a large
+    # detector) so that an image of another detector fails at once
+    first = _read_checked(args.images[0], detector)
     start = time.perf_counter()
     frame = args.frame
     cm = CorrectionMatrix.from_maps(
@@ -891,12 +906,8 @@ def run_correct(args):
         "ccdgrid_offset_x": str(ox),
     }
     for target, (source, fmt) in targets.items():
-        image, info = read_image(source)
-        if image.shape != cm.shape_in:
-            raise CcdgridError(
-                f"{info['path']} has shape {image.shape}, but the detector "
-                f"{detector.path} is {cm.shape_in}"
-            )
+        image, info = first if first is not None else _read_checked(source, detector)
+        first = None
         start = time.perf_counter()
         corrected = cm.apply(image, normalize=args.normalize, dummy=args.dummy)
         elapsed = time.perf_counter() - start

@@ -664,7 +664,10 @@ class _Digests:
 def _merge_drift(row, drift):
     for name in (*_DRIFT_COLUMNS, "reference_index"):
         setattr(row, name, getattr(drift, name))
-    row.note = _join(row.note, drift.note)
+    # a frame whose worker already failed to measure the drift is measured
+    # again here (its reference_index is still -1): say why only once
+    if drift.note not in row.note.split("; "):
+        row.note = _join(row.note, drift.note)
 
 
 def _zero_drift(n_holes):

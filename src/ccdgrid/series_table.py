@@ -277,8 +277,10 @@ class SeriesResult:
             f"{'s' if self.workers > 1 else ''})"
         )
         if bad:
-            text += f"; {bad} failed: " + ", ".join(str(f.index) for f in self.failed[:10])
-            text += ", ..." if bad > 10 else ""
+            shown = ", ".join(str(f.index) for f in self.failed[:10]) + (
+                ", ..." if bad > 10 else ""
+            )
+            text += f"; {bad} failed ({'indices' if bad > 1 else 'index'} {shown})"
         return text
 
 
