@@ -188,6 +188,27 @@ def test_too_few_holes(monkeypatch):
         calibrate(np.zeros(SHAPE))
 
 
+def test_noise_with_a_forced_hole_size_and_spacing_is_not_a_grid():
+    # with the size and spacing given, the search finds "holes" in pure noise
+    # and the indexing chains some of them into a lattice; what they make is
+    # no distorted grid, and nothing may be written from it
+    rng = np.random.default_rng(1)
+    noise = rng.poisson(100, (512, 512)).astype(np.uint16)
+    with pytest.raises(CcdgridError, match="do not form a distorted grid"):
+        calibrate(noise, hole_diameter=10, pitch_px=49, cv_folds=0)
+
+
+def test_the_plausibility_check_bounds():
+    # 0.5 pitch of distortion RMS at the holes, met by smooth maps
+    grid = types.SimpleNamespace(residual_rms=16.0)
+    maps = types.SimpleNamespace(fit_residual_rms=0.1)
+    pipeline._check_plausible(grid, maps, 32.0)
+    with pytest.raises(CcdgridError, match=r"miss them by 0\.16 pitch"):
+        pipeline._check_plausible(grid, types.SimpleNamespace(fit_residual_rms=5.0), 32.0)
+    with pytest.raises(CcdgridError, match=r"distortion at them is 2\.50 pitch"):
+        pipeline._check_plausible(types.SimpleNamespace(residual_rms=80.0), maps, 32.0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("distortion", ["frelon", "strong"])
 def test_end_to_end_on_a_generated_image(distortion):

@@ -271,6 +271,7 @@ def calibrate(
         scale_px=lattice.pitch_px,
         backend=backend,
     )
+    _check_plausible(grid, maps, lattice.pitch_px)
     cv = _cross_validation(peaks[valid], grid, maps, cv_folds)
     out_mask = _output_mask(maps.mask, mask)
     timings["total"] = time.perf_counter() - t_start
@@ -358,6 +359,33 @@ def _cross_validation(points, grid, maps, cv_folds):
     except CcdgridError:
         # a diagnostic only: too few holes to leave some out must not fail the calibration
         return None
+
+
+# Beyond these, what was indexed is not a plate's grid seen through a
+# detector (noise, or another pattern, with the hole size and spacing forced):
+# a 60 px barrel at a 60 px pitch moves holes by 0.26 pitch RMS from the
+# lattice of the centre, a 90 px one at a 40 px pitch by 0.56, and smooth
+# maps meet real holes to their centring noise (< 0.005 pitch).
+_MAX_DISTORTION_PITCH = 2.0
+_MAX_MAP_MISFIT_PITCH = 0.1
+
+
+def _check_plausible(grid, maps, pitch_px):
+    """Raise CcdgridError when the holes indexed do not look like a distorted grid.
+
+    ``grid.residual_rms`` is the RMS distortion at the holes and
+    ``maps.fit_residual_rms`` what the smooth maps leave of it, both px;
+    ``pitch_px`` the hole spacing on the image.
+    """
+    distortion = grid.residual_rms / pitch_px
+    misfit = maps.fit_residual_rms / pitch_px
+    if distortion > _MAX_DISTORTION_PITCH or misfit > _MAX_MAP_MISFIT_PITCH:
+        raise CcdgridError(
+            f"the holes found do not form a distorted grid: the distortion at them is "
+            f"{distortion:.2f} pitch RMS and smooth maps miss them by {misfit:.2f} pitch RMS "
+            f"(a grid image gives < {_MAX_DISTORTION_PITCH:g} and < {_MAX_MAP_MISFIT_PITCH:g}); "
+            f"is there a grid of holes of this size and spacing in the image?"
+        )
 
 
 def _output_mask(maps_mask, user_mask):
