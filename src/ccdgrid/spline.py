@@ -194,8 +194,9 @@ class SplineFit:
     spline : SplineMaps
         The splines, exactly as a reader finds them in the file.
     smoothing : tuple of 2 float
-        FITPACK smoothing ``s`` used for ``(dx, dy)``: the sum of squared
-        residuals over the fitted corners, px².
+        For ``(dx, dy)``: the FITPACK ``s`` given, or, for the automatic
+        fit, its sum of squared residuals over the valid fitted corners, px²
+        (the ``s`` that FITPACK would be held to for the same fit).
     stride : tuple of 2 int
         The fit used every ``stride``-th corner along each axis, for
         ``(dx, dy)`` (1 = every corner).
@@ -253,15 +254,15 @@ def write_spline(
     smoothing : float or None
         FITPACK's ``s`` for both maps: the allowed sum of squared residuals
         over all corners, px² (pyFAI's ``array2spline(smoothing=...)``).
-        None chooses it: the smoothest spline whose largest error on a
-        valid corner is within ``tolerance``.
+        None: the automatic fit (see Notes), the coarsest spline whose
+        largest error on a valid corner is within ``tolerance``.
     valid_region : array_like of bool or None
         Where the maps are measured (True = valid): either per corner,
         shape (ny + 1, nx + 1), or per pixel, shape (ny, nx), in which case
         the corners of valid pixels are valid. Note the sense: a pyFAI mask
-        (1 = invalid) is ``valid_region=(mask == 0)``. The other corners are
-        replaced by a smooth continuation of the valid ones before the fit,
-        so they neither pull the spline nor cost knots. None: all valid.
+        (1 = invalid) is ``valid_region=(mask == 0)``. The other corners
+        neither pull the spline nor cost knots: the spline there is a
+        smooth continuation of the valid region. None: all valid.
     tolerance : float
         Largest acceptable ``|spline - map|`` on a valid corner, px, when
         ``smoothing`` is None.
@@ -278,27 +279,34 @@ def write_spline(
     OSError
         If the file cannot be written.
 
+    Warns
+    -----
+    SplineToleranceWarning
+        If a map is not within ``tolerance`` of any spline with up to 64
+        knot intervals per axis (noise or steps in the map); the most
+        accurate one tried is written and ``max_error`` says how far off.
+
     Notes
     -----
-    The fit is ``scipy.interpolate.RectBivariateSpline`` (FITPACK ``regrid``),
-    with the knots FITPACK places for the given ``s``. The header's VALID
-    REGION is the whole frame ``(0, 0, nx, ny)``, from which pyFAI takes the
-    detector shape ``(ny, nx)``.
+    The header's VALID REGION is the whole frame ``(0, 0, nx, ny)``, from
+    which pyFAI takes the detector shape ``(ny, nx)``; a Fit2D spline is
+    evaluated everywhere, but only the valid region is fitted.
 
-    Invalid corners are filled in three steps: a thin-plate (minimum
-    curvature) fill on a coarse grid of about 192 nodes along the longer
-    axis, a bicubic upsampling of it, and the residual left on the valid
-    corners carried two coarse cells into the invalid region with a smooth
-    taper, so the filled field meets the valid one without a step. With
-    fewer than 16 valid coarse nodes the nearest valid corner is copied.
+    Automatic fit (``smoothing=None``): a least-squares bicubic with
+    uniformly spaced knots, weighted 1 on the valid corners and 0 on the
+    others, plus a weak bending penalty (second differences of the
+    coefficients) that decides only what the valid corners leave free and
+    continues the spline smoothly across the invalid region. It runs on
+    every ``k``-th corner (about 256 along the shorter axis, at least 8 per
+    knot interval), with 1, 2, 3, 4, 6, ... 64 knot intervals along the
+    longer axis until the largest error on a valid corner, with float32
+    knots and coefficients, is within 0.9 ``tolerance``; the margin covers
+    pyFAI's float32 corners in metres.
 
-    Automatic smoothing tries ``s = n * rms²`` with rms = 1/4, 1/8, 1/16 and
-    1/32 of the tolerance on every ``k``-th corner (``k`` chosen to fit about
-    256 corners along the shorter axis), halving ``k`` down to 1 when none
-    is accurate enough, and ends with an interpolating spline (``s = 0``).
-    A candidate is accepted when its largest error on a valid corner, with
-    float32 knots and coefficients, is within 0.9 ``tolerance``; the margin
-    covers pyFAI's float32 corners in metres.
+    Given ``smoothing``: ``scipy.interpolate.RectBivariateSpline`` (FITPACK
+    ``regrid``) on every corner, with the knots FITPACK places for that
+    ``s``; the invalid corners first take the values of the automatic fit,
+    so they hold no step or kink for FITPACK to chase.
 
     Examples
     --------
@@ -377,7 +385,7 @@ def _fit_map(z, valid, smoothing, tolerance, label):
         rows = np.arange(z.shape[0], dtype=np.float64)
         cols = np.arange(z.shape[1], dtype=np.float64)
         filled = np.where(valid, z, _evaluate_grid(tck, cols, rows))
-    return _fit(filled, 1, smoothing), smoothing, 1
+    return _fit(filled, smoothing), smoothing, 1
 
 
 def _least_squares_fit(z, valid, tolerance, label):
@@ -526,16 +534,15 @@ def _bending(my, mx):
     )
 
 
-def _fit(z, stride, s):
+def _fit(z, s):
+    """FITPACK's smoothing bicubic of a full corner map for ``s``: its (tx, ty, c)."""
     from scipy.interpolate import RectBivariateSpline
 
-    rows = _samples(z.shape[0], stride)
-    cols = _samples(z.shape[1], stride)
     # x = column, y = row, as the file stores it
     spline = RectBivariateSpline(
-        cols.astype(np.float64),
-        rows.astype(np.float64),
-        z[np.ix_(rows, cols)].T,
+        np.arange(z.shape[1], dtype=np.float64),
+        np.arange(z.shape[0], dtype=np.float64),
+        z.T,
         kx=_ORDER,
         ky=_ORDER,
         s=s,
