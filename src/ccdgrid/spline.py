@@ -448,6 +448,7 @@ def _masked_least_squares(known, valid, spacing, stride):
     (linearly, far from the data) into the invalid region.
     """
     from scipy import sparse
+    from scipy.sparse.linalg import spsolve
 
     ny1, nx1 = known.shape
     rows, cols = _samples(ny1, stride), _samples(nx1, stride)
@@ -475,30 +476,11 @@ def _masked_least_squares(known, valid, spacing, stride):
     rhs = np.asarray(by.T @ np.asarray(bx.T @ values.T).T).ravel()  # (my, mx) flattened
     scale = float(normal.diagonal().max())
     system = normal + (_BEND * scale) * _bending(my, mx) + (_RIDGE * scale) * sparse.identity(size)
-    coef = _solve_banded_spd(system, rhs, _ORDER * (mx + 1)).reshape(my, mx)
+    # sparse LU: a banded Cholesky (LAPACK) is faster alone but stalls on
+    # threaded BLAS when the machine is busy
+    coef = spsolve(sparse.csc_array(system), rhs).reshape(my, mx)
     # the file's layout: the coefficient of basis (x = a, y = b) at a * my + b
     return (tx, ty, np.ascontiguousarray(coef.T).ravel())
-
-
-def _solve_banded_spd(matrix, rhs, bandwidth):
-    """Solve ``matrix @ x = rhs`` for a sparse symmetric positive definite banded matrix.
-
-    A banded Cholesky factorisation: the coefficients of neighbouring basis
-    functions couple only within ``bandwidth`` of the diagonal, and this is
-    several times faster than a general sparse LU at 67² coefficients.
-    """
-    from scipy.linalg import LinAlgError, solveh_banded
-    from scipy.sparse.linalg import spsolve
-
-    upper = matrix.tocoo()
-    upper.sum_duplicates()
-    keep = upper.row <= upper.col
-    bands = np.zeros((bandwidth + 1, matrix.shape[0]))
-    bands[bandwidth + upper.row[keep] - upper.col[keep], upper.col[keep]] = upper.data[keep]
-    try:
-        return solveh_banded(bands, rhs, check_finite=False)
-    except LinAlgError:  # not numerically definite (nearly collinear valid corners)
-        return spsolve(matrix.tocsc(), rhs)
 
 
 def _neighbour_products(basis, n_coef):
