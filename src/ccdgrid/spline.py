@@ -68,7 +68,6 @@ _ACCEPT = 0.9
 # (Fit2D's and pyFAI's splines have tens of knots per axis) and the solve
 # small (at most 67² coefficients); a map that needs more is reported.
 _INTERVALS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-_MAX_INTERVALS = _INTERVALS[-1]
 _MIN_SPACING = 4  # corner steps per knot interval, at least
 # The fit runs on every `stride`-th corner, about this many along the shorter
 # axis, but at least _MIN_SAMPLES per knot interval: the maps are smooth on
@@ -393,35 +392,35 @@ def _least_squares_fit(z, valid, tolerance, label):
 
     Returns ``(tck, squares, stride)``: the spline, its sum of squared
     residuals over the fitted corners (px²) and the stride of those corners.
-    Warns (:class:`SplineToleranceWarning`) and returns the most accurate
-    spline tried when even the finest allowed knots miss the tolerance.
+    When even the finest allowed knots miss the tolerance, returns the
+    finest spline and warns (:class:`SplineToleranceWarning`).
     """
     ny1, nx1 = z.shape
     longer = max(ny1, nx1) - 1
     limit = _ACCEPT * tolerance
     # invalid corners may hold NaN; they get weight 0, and 0 * NaN is NaN
     known = np.where(valid, z, 0.0)
-    best = None
     for intervals in _interval_counts(longer):
         spacing = longer / intervals
         stride = max(1, min(min(ny1, nx1) // _FIT_POINTS, int(spacing // _MIN_SAMPLES)))
         tck = _masked_least_squares(known, valid, spacing, stride)
-        error = _max_error(tck, z, valid, limit)
-        if best is None or error < best[0]:
-            best = (error, tck, stride)
-        if error <= limit:
+        if _max_error(tck, z, valid, limit) <= limit:
             break
-    error, tck, stride = best
-    if error > limit:
-        warnings.warn(
-            f"the {label} map is not within the tolerance ({tolerance:g} px) of a bicubic "
-            f"spline with at most {_MAX_INTERVALS} knot intervals along an axis: the best "
-            f"({len(tck[0])} x {len(tck[1])} knots) is {error:.4f} px off on a valid corner. "
-            "The map has detail (noise, steps) finer than a Fit2D spline holds; the file "
-            "carries this best spline. Raise the tolerance or check the map.",
-            SplineToleranceWarning,
-            stacklevel=4,
-        )
+    else:
+        # the finest spline tried is the most accurate; _max_error may have
+        # stopped at a subset of the corners, so measure it on all of them
+        error = _error_stats(_as_float32(tck), z, valid)[0]
+        if error > tolerance:
+            warnings.warn(
+                f"the {label} map is not within the tolerance ({tolerance:g} px) of a "
+                f"bicubic spline with knots {spacing:.3g} px apart or more: the finest tried "
+                f"({len(tck[0])} x {len(tck[1])} knots) is {error:.3g} px off on a valid "
+                "corner. The map has detail on scales below that spacing (ripple, noise "
+                "or steps); the file carries this spline. Raise the tolerance or check the "
+                "map.",
+                SplineToleranceWarning,
+                stacklevel=4,
+            )
     return tck, _error_stats(tck, z, valid, stride=stride)[1], stride
 
 
