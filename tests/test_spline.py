@@ -6,7 +6,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from scipy.interpolate import bisplev
 
 from ccdgrid.errors import CcdgridError
-from ccdgrid.spline import SplineMaps, read_spline, write_spline
+from ccdgrid.spline import SplineMaps, SplineToleranceWarning, read_spline, write_spline
 
 pyFAI_detectors = pytest.importorskip("pyFAI.detectors")
 pyFAI_spline = pytest.importorskip("pyFAI.spline")
@@ -342,6 +342,105 @@ def test_tighter_tolerance_is_met(tmp_path):
     dy, dx = field(NY, NX, 20.0)
     fit = write_spline(tmp_path / "t.spline", dy, dx, pixel_size=PIXEL, tolerance=0.002)
     assert fit.max_error <= 0.002
+
+
+def hole_hull_pixels(ny, nx, *, pitch, angle_deg, margin, seed):
+    """Valid pixels: the convex hull of a rotated lattice of holes, ``margin`` px from the frame.
+
+    Its edge is ragged like a calibration's (straight runs with one-pixel
+    stairs) and, with a small margin, runs a few pixels from the frame.
+    """
+    from scipy.spatial import Delaunay
+
+    rng = np.random.default_rng(seed)
+    c, s = np.cos(np.deg2rad(angle_deg)), np.sin(np.deg2rad(angle_deg))
+    k = np.arange(-(max(ny, nx) // pitch) - 2, max(ny, nx) // pitch + 3)
+    a, b = (g.ravel() for g in np.meshgrid(k, k, indexing="ij"))
+    y = 0.5 * ny + pitch * (a * c - b * s) + rng.normal(0.0, 0.3, a.size)
+    x = 0.5 * nx + pitch * (a * s + b * c) + rng.normal(0.0, 0.3, a.size)
+    keep = (y > margin) & (y < ny - margin) & (x > margin) & (x < nx - margin)
+    hull = Delaunay(np.column_stack([y[keep], x[keep]]))
+    i, j = np.mgrid[0:ny, 0:nx]
+    return (hull.find_simplex(np.column_stack([i.ravel(), j.ravel()])) >= 0).reshape(ny, nx)
+
+
+def barrel_field(ny, nx, amplitude):
+    """Corner maps (dy, dx): off-centre barrel (cubic) plus a slow ripple, px."""
+    i, j = np.mgrid[0 : ny + 1, 0 : nx + 1].astype(np.float64)
+    u, w = (j - 0.52 * nx) / (0.5 * nx), (i - 0.47 * ny) / (0.5 * nx)
+    r2 = u * u + w * w
+    dx = amplitude * (0.5 * u * r2 + 0.1 * w) + 0.2 * np.sin(i / 60.0)
+    dy = amplitude * (0.45 * w * r2 - 0.08 * u) + 0.15 * np.cos(j / 70.0)
+    return dy, dx
+
+
+@pytest.mark.parametrize(
+    ("ny", "nx", "angle_deg", "margin"),
+    [(256, 511, 4.0, 3.0), (511, 511, 3.0, 3.5)],
+    ids=["256x511", "511x511"],
+)
+def test_hull_edge_near_the_frame_gives_a_compact_spline(tmp_path, ny, nx, angle_deg, margin):
+    # a detector file's maps: a smooth field, valid inside the hull of the holes
+    # only, the hull's edge a few pixels from the frame. Filling the rest used to
+    # leave kinks there that the smoothing fit chased with one knot per corner.
+    dy, dx = barrel_field(ny, nx, 8.0)
+    valid = hole_hull_pixels(ny, nx, pitch=16, angle_deg=angle_deg, margin=margin, seed=0)
+    inside = corners_of(valid)
+    fit = write_spline(
+        tmp_path / "hull.spline",
+        np.where(inside, dy, np.nan),
+        np.where(inside, dx, np.nan),
+        pixel_size=PIXEL,
+        valid_region=valid,
+    )
+    for kx, ky in fit.spline.knots:
+        assert kx <= 40
+        assert ky <= 40
+    got_dy, got_dx = fit.spline.corner_maps()
+    assert np.abs(got_dx - dx)[inside].max() <= TOLERANCE
+    assert np.abs(got_dy - dy)[inside].max() <= TOLERANCE
+    # the continuation outside stays near the field's scale (no wild extrapolation)
+    assert np.abs(got_dx).max() <= 2.0 * np.abs(dx).max()
+    assert np.abs(got_dy).max() <= 2.0 * np.abs(dy).max()
+
+
+def test_unreachable_tolerance_warns_and_stays_compact(tmp_path):
+    # white noise of 0.05 px: no smooth spline is within 0.01 px of it
+    rng = np.random.default_rng(11)
+    dy, dx = field(NY, NX, 5.0)
+    noisy = dx + rng.normal(0.0, 0.05, dx.shape)
+    with pytest.warns(SplineToleranceWarning, match=r"dx map is not within the tolerance"):
+        fit = write_spline(tmp_path / "noisy.spline", dy, noisy, pixel_size=PIXEL)
+    assert fit.max_error > TOLERANCE
+    # the best spline tried is written, not one knot per corner
+    (kx, ky), _ = fit.spline.knots
+    assert kx < (NX + 1) // 2
+    assert ky < (NY + 1) // 2
+    # and what it reports is what is in the file
+    got_dy, got_dx = read_spline(fit.path).corner_maps()
+    err = max(np.abs(got_dx - noisy).max(), np.abs(got_dy - dy).max())
+    assert err == pytest.approx(fit.max_error, abs=1e-5)
+
+
+def test_given_smoothing_with_a_valid_region(tmp_path):
+    # FITPACK sees every corner: the invalid ones must hold a smooth continuation
+    dy, dx = barrel_field(200, 300, 6.0)
+    valid = hole_hull_pixels(200, 300, pitch=16, angle_deg=2.0, margin=3.5, seed=1)
+    inside = corners_of(valid)
+    s = 1e-6 * inside.size
+    fit = write_spline(
+        tmp_path / "s.spline",
+        np.where(inside, dy, 1e3),
+        np.where(inside, dx, np.nan),
+        pixel_size=PIXEL,
+        valid_region=valid,
+        smoothing=s,
+    )
+    assert fit.smoothing == (s, s)
+    assert fit.max_error <= TOLERANCE
+    for kx, ky in fit.spline.knots:
+        assert kx <= 60
+        assert ky <= 60
 
 
 # -- errors ---------------------------------------------------------------------------------

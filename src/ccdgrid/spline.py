@@ -46,7 +46,7 @@ import numpy as np
 
 from .errors import CcdgridError
 
-__all__ = ["SplineFit", "SplineMaps", "read_spline", "write_spline"]
+__all__ = ["SplineFit", "SplineMaps", "SplineToleranceWarning", "read_spline", "write_spline"]
 
 TITLE = "SPATIAL DISTORTION SPLINE INTERPOLATION COEFFICIENTS"
 _KEY_REGION = "VALID REGION"
@@ -59,20 +59,37 @@ _PER_LINE = 5
 _ORDER = 3  # Fit2D splines are bicubic
 _MIN_CORNERS = _ORDER + 1  # FITPACK needs k + 1 points per axis
 
-# Automatic smoothing: FITPACK's s is a total of squared residuals; it is tried
-# as (points x rms²) for these rms, in units of the tolerance, from the
-# smoothest (fewest knots) down, until the largest error on a valid corner is
+# Automatic fit: least squares on the valid corners alone, with uniform knots,
+# from the coarsest spacing down until the largest error on a valid corner is
 # within _ACCEPT x tolerance. The margin covers what the file and pyFAI add:
 # float32 knots and coefficients, float32 corners in metres (~1e-4 px).
-_RMS_STEPS = (0.25, 0.125, 0.0625, 0.03125)
 _ACCEPT = 0.9
-# The fit runs on every `stride`-th corner: the maps are smooth on scales of
-# tens of pixels, and FITPACK's knot search costs seconds on a 2049² grid.
-_FIT_POINTS = 256  # aim for about this many fitted corners along the shorter axis
-_FILL_NODES = 192  # coarse grid of the thin-plate fill, nodes along the longer axis
-_FILL_MIN_VALID = 16  # fewer valid coarse nodes: fall back to a nearest-corner fill
+# Knot intervals tried along the longer axis. The bound keeps the file compact
+# (Fit2D's and pyFAI's splines have tens of knots per axis) and the solve
+# small (at most 67² coefficients); a map that needs more is reported.
+_INTERVALS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+_MIN_SPACING = 4  # corner steps per knot interval, at least
+# The fit runs on every `stride`-th corner, about this many along the shorter
+# axis, but at least _MIN_SAMPLES per knot interval: the maps are smooth on
+# scales of tens of pixels and the error is then measured on every corner.
+_FIT_POINTS = 256
+_MIN_SAMPLES = 8
+# Weight of the bending penalty, relative to the largest diagonal term of the
+# normal matrix: small enough to leave the fit to the data where there are
+# any, it decides the coefficients the valid corners leave free. The ridge
+# only makes the system regular when the valid corners are collinear.
+_BEND = 1e-6
+_RIDGE = 1e-12
 _EVAL_BLOCK = 1 << 16  # points per block in scattered evaluation
 _ERROR_ROWS = 256  # corner rows per block when measuring the fit error
+
+
+class SplineToleranceWarning(UserWarning):
+    """:func:`write_spline` could not meet its tolerance with a compact spline.
+
+    The file is written with the most accurate spline tried; the message
+    and :attr:`SplineFit.max_error` give the error reached.
+    """
 
 
 @dataclass(frozen=True)
@@ -176,8 +193,9 @@ class SplineFit:
     spline : SplineMaps
         The splines, exactly as a reader finds them in the file.
     smoothing : tuple of 2 float
-        FITPACK smoothing ``s`` used for ``(dx, dy)``: the sum of squared
-        residuals over the fitted corners, px².
+        For ``(dx, dy)``: the FITPACK ``s`` given, or, for the automatic
+        fit, its sum of squared residuals over the valid fitted corners, px²
+        (the ``s`` that FITPACK would be held to for the same fit).
     stride : tuple of 2 int
         The fit used every ``stride``-th corner along each axis, for
         ``(dx, dy)`` (1 = every corner).
@@ -235,15 +253,15 @@ def write_spline(
     smoothing : float or None
         FITPACK's ``s`` for both maps: the allowed sum of squared residuals
         over all corners, px² (pyFAI's ``array2spline(smoothing=...)``).
-        None chooses it: the smoothest spline whose largest error on a
-        valid corner is within ``tolerance``.
+        None: the automatic fit (see Notes), the coarsest spline whose
+        largest error on a valid corner is within ``tolerance``.
     valid_region : array_like of bool or None
         Where the maps are measured (True = valid): either per corner,
         shape (ny + 1, nx + 1), or per pixel, shape (ny, nx), in which case
         the corners of valid pixels are valid. Note the sense: a pyFAI mask
-        (1 = invalid) is ``valid_region=(mask == 0)``. The other corners are
-        replaced by a smooth continuation of the valid ones before the fit,
-        so they neither pull the spline nor cost knots. None: all valid.
+        (1 = invalid) is ``valid_region=(mask == 0)``. The other corners
+        neither pull the spline nor cost knots: the spline there is a
+        smooth continuation of the valid region. None: all valid.
     tolerance : float
         Largest acceptable ``|spline - map|`` on a valid corner, px, when
         ``smoothing`` is None.
@@ -260,27 +278,34 @@ def write_spline(
     OSError
         If the file cannot be written.
 
+    Warns
+    -----
+    SplineToleranceWarning
+        If a map is not within ``tolerance`` of any spline with up to 64
+        knot intervals per axis (noise or steps in the map); the most
+        accurate one tried is written and ``max_error`` says how far off.
+
     Notes
     -----
-    The fit is ``scipy.interpolate.RectBivariateSpline`` (FITPACK ``regrid``),
-    with the knots FITPACK places for the given ``s``. The header's VALID
-    REGION is the whole frame ``(0, 0, nx, ny)``, from which pyFAI takes the
-    detector shape ``(ny, nx)``.
+    The header's VALID REGION is the whole frame ``(0, 0, nx, ny)``, from
+    which pyFAI takes the detector shape ``(ny, nx)``; a Fit2D spline is
+    evaluated everywhere, but only the valid region is fitted.
 
-    Invalid corners are filled in three steps: a thin-plate (minimum
-    curvature) fill on a coarse grid of about 192 nodes along the longer
-    axis, a bicubic upsampling of it, and the residual left on the valid
-    corners carried two coarse cells into the invalid region with a smooth
-    taper, so the filled field meets the valid one without a step. With
-    fewer than 16 valid coarse nodes the nearest valid corner is copied.
+    Automatic fit (``smoothing=None``): a least-squares bicubic with
+    uniformly spaced knots, weighted 1 on the valid corners and 0 on the
+    others, plus a weak bending penalty (second differences of the
+    coefficients) that decides only what the valid corners leave free and
+    continues the spline smoothly across the invalid region. It runs on
+    every ``k``-th corner (about 256 along the shorter axis, at least 8 per
+    knot interval), with 1, 2, 3, 4, 6, ... 64 knot intervals along the
+    longer axis until the largest error on a valid corner, with float32
+    knots and coefficients, is within 0.9 ``tolerance``; the margin covers
+    pyFAI's float32 corners in metres.
 
-    Automatic smoothing tries ``s = n * rms²`` with rms = 1/4, 1/8, 1/16 and
-    1/32 of the tolerance on every ``k``-th corner (``k`` chosen to fit about
-    256 corners along the shorter axis), halving ``k`` down to 1 when none
-    is accurate enough, and ends with an interpolating spline (``s = 0``).
-    A candidate is accepted when its largest error on a valid corner, with
-    float32 knots and coefficients, is within 0.9 ``tolerance``; the margin
-    covers pyFAI's float32 corners in metres.
+    Given ``smoothing``: ``scipy.interpolate.RectBivariateSpline`` (FITPACK
+    ``regrid``) on every corner, with the knots FITPACK places for that
+    ``s``; the invalid corners first take the values of the automatic fit,
+    so they hold no step or kink for FITPACK to chase.
 
     Examples
     --------
@@ -313,10 +338,8 @@ def write_spline(
     _check_target(target)
 
     ny1, nx1 = dx.shape
-    # one distance transform serves both maps
-    geometry = None if valid.all() else _nearest_valid(valid)
-    x_fit = _fit_map(dx, valid, geometry, smoothing, tolerance)
-    y_fit = _fit_map(dy, valid, geometry, smoothing, tolerance)
+    x_fit = _fit_map(dx, valid, smoothing, tolerance, "dx")
+    y_fit = _fit_map(dy, valid, smoothing, tolerance, "dy")
     spline = SplineMaps(
         x_tck=x_fit[0],
         y_tck=y_fit[0],
@@ -346,40 +369,161 @@ def write_spline(
     )
 
 
-def _fit_map(z, valid, geometry, smoothing, tolerance):
-    """Fit one corner map; return (tck, s, stride) of the accepted spline."""
-    filled = z if geometry is None else _smooth_fill(z, valid, geometry)
-    if smoothing is not None:
-        return _fit(filled, 1, smoothing), smoothing, 1
+def _fit_map(z, valid, smoothing, tolerance, label):
+    """Fit one corner map; return (tck, s, stride) of the spline to write."""
+    if smoothing is None:
+        return _least_squares_fit(z, valid, tolerance, label)
+    filled = z
+    if not valid.all():
+        # FITPACK weighs every corner alike: give the invalid ones the values of
+        # the automatic fit, a bicubic that meets the valid corners within the
+        # tolerance, so they hold no step or kink for the given s to chase
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SplineToleranceWarning)
+            tck = _least_squares_fit(z, valid, tolerance, label)[0]
+        rows = np.arange(z.shape[0], dtype=np.float64)
+        cols = np.arange(z.shape[1], dtype=np.float64)
+        filled = np.where(valid, z, _evaluate_grid(tck, cols, rows))
+    return _fit(filled, smoothing), smoothing, 1
+
+
+def _least_squares_fit(z, valid, tolerance, label):
+    """The coarsest uniform-knot bicubic fitting ``z`` within the tolerance on the valid corners.
+
+    Returns ``(tck, squares, stride)``: the spline, its sum of squared
+    residuals over the fitted corners (px²) and the stride of those corners.
+    When even the finest allowed knots miss the tolerance, returns the
+    finest spline and warns (:class:`SplineToleranceWarning`).
+    """
     ny1, nx1 = z.shape
-    stride = max(1, min(ny1, nx1) // _FIT_POINTS)
-    while True:
-        npoints = len(_samples(ny1, stride)) * len(_samples(nx1, stride))
-        for step in _RMS_STEPS:
-            s = npoints * (step * tolerance) ** 2
-            try:
-                tck = _fit(filled, stride, s)
-            except ValueError:  # FITPACK gave up (too many knots for this s)
-                continue
-            if _max_error(tck, z, valid, _ACCEPT * tolerance) <= _ACCEPT * tolerance:
-                return tck, s, stride
-        if stride == 1:
+    longer = max(ny1, nx1) - 1
+    limit = _ACCEPT * tolerance
+    # invalid corners may hold NaN; they get weight 0, and 0 * NaN is NaN
+    known = np.where(valid, z, 0.0)
+    for intervals in _interval_counts(longer):
+        spacing = longer / intervals
+        stride = max(1, min(min(ny1, nx1) // _FIT_POINTS, int(spacing // _MIN_SAMPLES)))
+        tck = _masked_least_squares(known, valid, spacing, stride)
+        if _max_error(tck, z, valid, limit) <= limit:
             break
-        stride //= 2
-    # interpolation: exact at every corner, at the price of one knot per corner
-    return _fit(filled, 1, 0.0), 0.0, 1
+    else:
+        # the finest spline tried is the most accurate; _max_error may have
+        # stopped at a subset of the corners, so measure it on all of them
+        error = _error_stats(_as_float32(tck), z, valid)[0]
+        if error > tolerance:
+            warnings.warn(
+                f"the {label} map is not within the tolerance ({tolerance:g} px) of a "
+                f"bicubic spline with knots {spacing:.3g} px apart or more: the finest tried "
+                f"({len(tck[0])} x {len(tck[1])} knots) is {error:.3g} px off on a valid "
+                "corner. The map has detail on scales below that spacing (ripple, noise "
+                "or steps); the file carries this spline. Raise the tolerance or check the "
+                "map.",
+                SplineToleranceWarning,
+                stacklevel=4,
+            )
+    return tck, _error_stats(tck, z, valid, stride=stride)[1], stride
 
 
-def _fit(z, stride, s):
+def _interval_counts(length):
+    """Knot interval counts to try along an axis of ``length`` corner steps, coarsest first."""
+    counts = [n for n in _INTERVALS if length / n >= _MIN_SPACING]
+    return counts or [1]
+
+
+def _uniform_knots(length, spacing):
+    """Clamped cubic knots on [0, length], interior knots ``spacing`` apart (or about)."""
+    intervals = max(1, round(length / spacing))
+    inner = np.linspace(0.0, float(length), intervals + 1)[1:-1]
+    return np.concatenate([np.zeros(_ORDER + 1), inner, np.full(_ORDER + 1, float(length))])
+
+
+def _masked_least_squares(known, valid, spacing, stride):
+    """Penalised least-squares bicubic on the valid corners of every ``stride``-th row/column.
+
+    Minimises sum over valid sampled corners of (spline - known)² plus a
+    weak bending penalty on the coefficients (second differences along y
+    and x and the mixed difference): the penalty only decides the
+    coefficients the valid corners leave free, which it continues smoothly
+    (linearly, far from the data) into the invalid region.
+    """
+    from scipy import sparse
+    from scipy.sparse.linalg import spsolve
+
+    ny1, nx1 = known.shape
+    rows, cols = _samples(ny1, stride), _samples(nx1, stride)
+    tx = _uniform_knots(nx1 - 1, spacing)
+    ty = _uniform_knots(ny1 - 1, spacing)
+    mx, my = len(tx) - _ORDER - 1, len(ty) - _ORDER - 1
+    bx = _design(cols.astype(np.float64), tx, mx).tocsr()
+    by = _design(rows.astype(np.float64), ty, my).tocsr()
+    weight = valid[np.ix_(rows, cols)].astype(np.float64)
+    values = known[np.ix_(rows, cols)]
+    # normal matrix of the tensor basis, weighted: sum_ij w_ij By_ia By_ia' Bx_jb Bx_jb'
+    # built from products of neighbouring basis functions along each axis
+    wide = 2 * _ORDER + 1
+    along_x = _neighbour_products(bx, mx).T @ weight.T  # (wide * mx, rows)
+    blocks = np.asarray(_neighbour_products(by, my).T @ along_x.T).reshape(my, wide, mx, wide)
+    a = np.arange(my)[:, None, None, None]
+    e = np.arange(-_ORDER, _ORDER + 1)[None, :, None, None]
+    b = np.arange(mx)[None, None, :, None]
+    d = np.arange(-_ORDER, _ORDER + 1)[None, None, None, :]
+    inside = (a + e >= 0) & (a + e < my) & (b + d >= 0) & (b + d < mx)
+    row_index = np.broadcast_to(a * mx + b, inside.shape)[inside]
+    col_index = np.broadcast_to((a + e) * mx + b + d, inside.shape)[inside]
+    size = my * mx
+    normal = sparse.csr_array((blocks[inside], (row_index, col_index)), shape=(size, size))
+    rhs = np.asarray(by.T @ np.asarray(bx.T @ values.T).T).ravel()  # (my, mx) flattened
+    scale = float(normal.diagonal().max())
+    system = normal + (_BEND * scale) * _bending(my, mx) + (_RIDGE * scale) * sparse.identity(size)
+    # sparse LU: a banded Cholesky (LAPACK) is faster alone but stalls on
+    # threaded BLAS when the machine is busy
+    coef = spsolve(sparse.csc_array(system), rhs).reshape(my, mx)
+    # the file's layout: the coefficient of basis (x = a, y = b) at a * my + b
+    return (tx, ty, np.ascontiguousarray(coef.T).ravel())
+
+
+def _neighbour_products(basis, n_coef):
+    """Sparse (points, 7 n_coef): column 7 a + 3 + e holds B[:, a] * B[:, a + e], |e| <= 3.
+
+    ``basis`` is a CSR design matrix with its 4 non-zero values of each row
+    in consecutive, sorted columns (as ``BSpline.design_matrix`` makes it).
+    """
+    from scipy import sparse
+
+    npts = basis.shape[0]
+    width = _ORDER + 1
+    first = basis.indices[basis.indptr[:-1]]
+    values = basis.data.reshape(npts, width)
+    p, q = (g.ravel() for g in np.meshgrid(np.arange(width), np.arange(width), indexing="ij"))
+    wide = 2 * _ORDER + 1
+    cols = (first[:, None] + p) * wide + _ORDER + (q - p)
+    data = values[:, p] * values[:, q]
+    point = np.repeat(np.arange(npts), width * width)
+    return sparse.csr_array((data.ravel(), (point, cols.ravel())), shape=(npts, wide * n_coef))
+
+
+def _bending(my, mx):
+    """Bending energy of a (my, mx) coefficient grid: yy² + 2 xy² + xx² differences."""
+    from scipy import sparse
+
+    dyy, dxx = _second_difference(my), _second_difference(mx)
+    dxy = sparse.kron(_first_difference(my), _first_difference(mx))
+    return (
+        sparse.kron(dyy.T @ dyy, sparse.identity(mx))
+        + sparse.kron(sparse.identity(my), dxx.T @ dxx)
+        + 2.0 * (dxy.T @ dxy)
+    )
+
+
+def _fit(z, s):
+    """FITPACK's smoothing bicubic of a full corner map for ``s``: its (tx, ty, c)."""
     from scipy.interpolate import RectBivariateSpline
 
-    rows = _samples(z.shape[0], stride)
-    cols = _samples(z.shape[1], stride)
     # x = column, y = row, as the file stores it
     spline = RectBivariateSpline(
-        cols.astype(np.float64),
-        rows.astype(np.float64),
-        z[np.ix_(rows, cols)].T,
+        np.arange(z.shape[1], dtype=np.float64),
+        np.arange(z.shape[0], dtype=np.float64),
+        z.T,
         kx=_ORDER,
         ky=_ORDER,
         s=s,
@@ -417,106 +561,21 @@ def _error_stats(tck, z, valid, *, stride=1):
     Evaluated by blocks of rows, so no full-size temporary is made.
     """
     coef = _coefficients(tck)
-    rows = np.arange(0, z.shape[0], stride)
-    cols = np.arange(0, z.shape[1], stride)
-    along_x = (_design(cols.astype(np.float64), tck[0], coef.shape[0]) @ coef).T
-    by = _design(rows.astype(np.float64), tck[1], coef.shape[1]).tocsr()
+    z, valid = z[::stride, ::stride], valid[::stride, ::stride]
+    rows = np.arange(0, z.shape[0] * stride, stride, dtype=np.float64)
+    cols = np.arange(0, z.shape[1] * stride, stride, dtype=np.float64)
+    along_x = (_design(cols, tck[0], coef.shape[0]) @ coef).T  # (n_coef_y, len(cols))
+    by = _design(rows, tck[1], coef.shape[1]).tocsr()
     worst, squares = 0.0, 0.0
     for start in range(0, len(rows), _ERROR_ROWS):
         block = slice(start, start + _ERROR_ROWS)
-        fit = np.asarray(by[block] @ along_x)
-        keep = valid[rows[block]][:, cols]
-        err = np.abs(fit - z[rows[block]][:, cols])[keep]
-        if err.size:
-            worst = max(worst, float(err.max()))
-            squares += float(np.dot(err, err))
+        err = np.asarray(by[block] @ along_x)
+        err -= z[block]
+        # invalid corners may hold NaN: where() drops them
+        err = np.where(valid[block], np.abs(err, out=err), 0.0).ravel()
+        worst = max(worst, float(err.max()))
+        squares += float(np.dot(err, err))
     return worst, squares
-
-
-def _nearest_valid(valid):
-    """For the invalid corners: flat indices, flat index of a nearest valid corner, distance.
-
-    Kept only for the invalid corners: at 4096² the full distance transform
-    would be 400 MB held through both fits.
-    """
-    from scipy import ndimage
-
-    # chessboard distance: 2.5x faster than the Euclidean transform, and the
-    # taper only needs a distance of the right order
-    dist, (rows, cols) = ndimage.distance_transform_cdt(
-        ~valid, metric="chessboard", return_indices=True
-    )
-    invalid = np.flatnonzero(~valid)
-    nearest = rows.ravel()[invalid].astype(np.intp) * valid.shape[1] + cols.ravel()[invalid]
-    return invalid, nearest, dist.ravel()[invalid]
-
-
-def _smooth_fill(z, valid, geometry):
-    """Replace the invalid corners of ``z`` with a smooth continuation of the valid ones."""
-    from scipy.interpolate import RectBivariateSpline
-
-    invalid, nearest, dist = geometry
-    ny1, nx1 = z.shape
-    out = z.copy()
-    flat, source = out.reshape(-1), z.reshape(-1)
-    step = max(1, math.ceil(max(ny1, nx1) / _FILL_NODES))
-    rows, cols = _samples(ny1, step), _samples(nx1, step)
-    coarse_valid = valid[np.ix_(rows, cols)]
-    coarse = None
-    if np.count_nonzero(coarse_valid) >= _FILL_MIN_VALID:
-        known = np.where(coarse_valid, z[np.ix_(rows, cols)], 0.0)
-        coarse = _thin_plate_fill(known, coarse_valid)
-    if coarse is None:
-        # too few valid nodes, or all on one line: nearest valid corner
-        flat[invalid] = source[nearest]
-    elif step == 1:
-        flat[invalid] = coarse.reshape(-1)[invalid]
-    else:
-        # on the whole grid: FITPACK's grid evaluation is 20x faster than point by point
-        upsampled = RectBivariateSpline(
-            rows.astype(np.float64), cols.astype(np.float64), coarse, kx=3, ky=3, s=0
-        )(np.arange(ny1, dtype=np.float64), np.arange(nx1, dtype=np.float64)).reshape(-1)
-        fill = upsampled[invalid]
-        # carry the residual on the valid corners a short way out, tapering to
-        # 0 over two coarse cells, so the fill meets the data without a step
-        residual = source[nearest] - upsampled[nearest]
-        del upsampled
-        t = np.clip(1.0 - dist / (2.0 * step), 0.0, 1.0)
-        flat[invalid] = fill + t * t * (3.0 - 2.0 * t) * residual
-    return out
-
-
-def _thin_plate_fill(z, known):
-    """Fill the unknown nodes of a small grid by minimising the discrete bending energy.
-
-    Minimises sum(u_yy² + 2 u_xy² + u_xx²) over the unknown nodes, the known
-    ones held fixed: a discrete thin-plate spline, smooth (C1) across the edge
-    of the known region and linear far from it. Returns None when the known
-    nodes do not determine it (all on one line).
-    """
-    from scipy import sparse
-    from scipy.sparse.linalg import MatrixRankWarning, spsolve
-
-    n0, n1 = z.shape
-    ops = []
-    if n0 >= 3:
-        ops.append(sparse.kron(_second_difference(n0), sparse.identity(n1)))
-    if n1 >= 3:
-        ops.append(sparse.kron(sparse.identity(n0), _second_difference(n1)))
-    ops.append(math.sqrt(2.0) * sparse.kron(_first_difference(n0), _first_difference(n1)))
-    energy = sparse.vstack(ops).tocsc()
-    unknown = ~known.ravel()
-    a_u, a_k = energy[:, unknown], energy[:, ~unknown]
-    rhs = -(a_u.T @ (a_k @ z.ravel()[~unknown]))
-    with warnings.catch_warnings():
-        # singular when the known nodes are collinear: reported as None below
-        warnings.simplefilter("ignore", MatrixRankWarning)
-        solution = spsolve((a_u.T @ a_u).tocsc(), rhs)
-    if not np.isfinite(solution).all():
-        return None
-    out = z.astype(np.float64).ravel()
-    out[unknown] = solution
-    return out.reshape(z.shape)
 
 
 def _second_difference(n):
