@@ -43,6 +43,8 @@ from .watershed import merge_singletons, segment
 __all__ = ["MIN_HOLES", "HoleSearch", "detection_binning", "find_holes"]
 
 MIN_HOLES = 6  # fewer accepted holes than this cannot define a lattice
+# searches redone after leaving out the hot pixels the previous one found
+_HOT_ROUNDS = 2
 # smallest hole diameter, in binned pixels, that the peak search bins down to
 _MIN_BINNED_DIAMETER = 5.0
 
@@ -332,7 +334,23 @@ def find_holes(
         diameter0, pitch0 = hole_diameter, pitch_px
     timings["scale"] = time.perf_counter() - t0
 
-    result = _search(img, binned, valid, diameter0, pitch0, threshold, backend, timings)
+    # Hot pixels far brighter than the holes make plateaus in the smoothed
+    # image that outshine them: their contrasts set the threshold (above every
+    # hole at 60 counts a hole and 500 saturated hot pixels) and a hole beside
+    # one takes its plateau's contrast and is thrown out with it. A search
+    # that finds such pixels stops before the fits; they are left out of the
+    # image and the search is redone.
+    hot = np.zeros(0, dtype=np.int64)
+    for rounds_left in range(_HOT_ROUNDS, -1, -1):
+        result = _search(
+            img, binned, valid, diameter0, pitch0, threshold, backend, timings,
+            stop_on_hot=rounds_left > 0,
+        )  # fmt: skip
+        if result is None or result[0] is not None:
+            break
+        img, valid = _without_pixels(img, valid, result[2])
+        hot = np.concatenate([hot, result[2]])
+        binned = _BinnedCopies(img)
     if hole_diameter is None and result is not None:
         fitted_d = result[1]
         # the first guess sized the smoothing disc; redo with the measured size
@@ -343,7 +361,9 @@ def find_holes(
         raise CcdgridError(
             "no grid of holes found in `image`: no peak stands out of the background"
         )
-    search, _ = result
+    search = result[0]
+    if hot.size:
+        _report_hot_pixels(search, hot, img.shape)
     if pitch_px is not None:
         search.pitch_px = pitch_px
     if hole_diameter is not None:
@@ -365,8 +385,14 @@ def _summary(reasons):
     return ", ".join(f"{c} {n}" for n, c in zip(names, counts, strict=True))
 
 
-def _search(img, binned, valid, diameter, pitch, threshold, backend, timings):
-    """One pass of the search for a given hole diameter; None if no peak at all."""
+def _search(img, binned, valid, diameter, pitch, threshold, backend, timings, stop_on_hot=False):
+    """One pass of the search for a given hole diameter.
+
+    Returns (HoleSearch, fitted diameter, flat indices of the isolated hot
+    pixels seen), or None if no peak stands out at all. With ``stop_on_hot``,
+    a pass that sees hot pixels returns (None, None, hot pixels) before the
+    fits.
+    """
     h, w = img.shape
     t = time.perf_counter()
     # peaks are searched in a binned image (4x fewer pixels at the usual
@@ -409,8 +435,14 @@ def _search(img, binned, valid, diameter, pitch, threshold, backend, timings):
     # hot pixel leaves in the smoothed image is not (3x3 median kills it)
     raw_level = _median3_at(img, peaks_int) - bg
     flat = raw_level < 0.3 * contrast
-    spike = _box_max_at(img, peaks_int[flat], int(np.ceil(radius)) + factor) - bg[flat]
-    reasons[flat] = np.where(spike > 3.0 * contrast[flat], "hot pixel", "not a hole")
+    reach = int(np.ceil(radius)) + factor
+    # a pixel that outshines the smoothed contrast threefold made (or swelled)
+    # the peak: a hot pixel, or a hole beside one
+    spiky = _box_max_at(img, peaks_int, reach) - bg > 3.0 * contrast
+    reasons[flat] = np.where(spiky[flat], "hot pixel", "not a hole")
+    hot = _isolated_spikes(img, peaks_int[spiky], reach, bg[spiky], contrast[spiky])
+    if stop_on_hot and hot.size:
+        return None, None, hot
     if valid is not None:
         reasons[flat & (_median3_at(valid.view(np.uint8), peaks_int) < 1)] = "masked"
     # one report per defect: a hot pixel's plateau holds many peaks
@@ -523,7 +555,7 @@ def _search(img, binned, valid, diameter, pitch, threshold, backend, timings):
         log_histogram=hist,
         binning=factor,
     )
-    return search, fitted_d
+    return search, fitted_d, hot
 
 
 def _full_resolution(points, factor):
@@ -549,6 +581,76 @@ def _box_max_at(image, points, half):
     if len(points) == 0:
         return np.zeros(0)
     return image[rows, cols].reshape(len(points), -1).max(axis=1).astype(np.float64)
+
+
+def _isolated_spikes(image, points, half, level, contrast):
+    """Flat indices of the hot pixels behind the plateaus of hot-pixel peaks.
+
+    Parameters
+    ----------
+    image : ndarray of shape (h, w), float32
+    points : ndarray of shape (K, 2), int64
+        Full-resolution pixels (row, col) of peaks whose smoothed contrast
+        a spike made or swelled.
+    half : int
+        Half width of the square searched around each point, px (the
+        smoothing disc's reach).
+    level, contrast : ndarray of shape (K,), float64
+        Local background and smoothed contrast of each peak (image units).
+
+    Returns
+    -------
+    ndarray of shape (M,), int64
+        Sorted flat indices of pixels that stand above their surroundings by
+        more than three times the peak's contrast and whose 3x3 median stays
+        within a quarter of their height of the background: single hot
+        pixels and clusters of up to four, never a hole's pixels (a hole's
+        3x3 median follows its profile; a hole's pixels are no brighter than
+        its smoothed contrast allows).
+    """
+    if len(points) == 0:
+        return np.zeros(0, dtype=np.int64)
+    h, w = image.shape
+    offs = np.arange(-half, half + 1)
+    rows = np.clip(points[:, 0, None, None] + offs[None, :, None], 0, h - 1)
+    cols = np.clip(points[:, 1, None, None] + offs[None, None, :], 0, w - 1)
+    excess = image[rows, cols] - level[:, None, None]
+    k, i, j = np.nonzero(excess > 3.0 * contrast[:, None, None])
+    if k.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    flat, first = np.unique(rows[k, i, 0] * w + cols[k, 0, j], return_index=True)
+    k = k[first]
+    at = np.stack(np.divmod(flat, w), axis=1)
+    height = image.ravel()[flat].astype(np.float64) - level[k]
+    above = _median3_at(image, at) - level[k]
+    return flat[above < 0.25 * height]
+
+
+def _without_pixels(image, valid, flat):
+    """Copies of ``image`` and ``valid`` with the pixels ``flat`` made invalid.
+
+    Their values become the 3x3 median around them, so that the smoothing
+    no longer sees them (the fits skip them as invalid). The caller's image
+    is never modified.
+    """
+    h, w = image.shape
+    at = np.stack(np.divmod(flat, w), axis=1)
+    fill = _median3_at(image, at)
+    image = image.copy()
+    image.ravel()[flat] = fill
+    valid = np.ones((h, w), dtype=bool) if valid is None else valid.copy()
+    valid.ravel()[flat] = False
+    return image, valid
+
+
+def _report_hot_pixels(search, flat, shape):
+    """Add the hot pixels left out of the image to the rejected candidates, one per cluster."""
+    at = np.stack(np.divmod(np.unique(flat), shape[1]), axis=1).astype(np.float64)
+    reasons = np.full(len(at), "", dtype=object)
+    _mark_duplicates(at, np.arange(len(at)), np.zeros(len(at)), 1.5, reasons)
+    at = at[reasons == ""]
+    search.rejected = np.concatenate([search.rejected, at])
+    search.reasons = np.concatenate([search.reasons, np.full(len(at), "hot pixel")])
 
 
 def _masked_fraction_high(valid, fit, half, limit=0.1):
