@@ -48,13 +48,16 @@ def test_hole_with_a_dropped_side_is_cut_and_a_border_hole_too():
     fields["asymmetry"][50] = 0.009
     # outliers alone (a missing neighbour beside a whole hole) are not enough
     fields["outliers"][90] = 80
-    # a hole whose blurred disc reaches past the image border
-    fields["centres"][5, 0] = 7.0
+    # a hole whose disc and one blur width (6 + 1.5 px) reach past the image
+    # border (which lies half a pixel beyond row 0), and one that fits
+    fields["centres"][5, 0] = 6.5
+    fields["centres"][6, 0] = 7.5
     fit = ProfileFit(**fields)
     reasons = classify_fits(fit, fields["amplitude"], image_shape=(700, 700))
     assert reasons[50] == "cut by edge"
     assert reasons[90] == ""
-    assert reasons[5] == "cut by edge"
+    assert reasons[5] == "cut by border"
+    assert reasons[6] == ""
     assert classify_fits(fit, fields["amplitude"])[5] == ""
 
 

@@ -467,8 +467,13 @@ def _search(img, binned, valid, diameter, pitch, threshold, backend, timings, st
     cy = np.rint(seeds[:, 0]).astype(np.int64)
     cx = np.rint(seeds[:, 1]).astype(np.int64)
     room = np.minimum.reduce([cy - 1, h - 2 - cy, cx - 1, w - 2 - cx])
-    halves = np.minimum(half, room)
-    reasons[(reasons == "") & (halves < half_min)] = "cut by border"
+    # Near the border the window shrinks down to half_min, then is clipped by
+    # the image: a hole whose disc is inside is fitted on the pixels there
+    # are (classify_fits judges its fitted disc against the border). A seed
+    # closer to the border than the hole's radius (the guessed one runs ~15 %
+    # large) belongs to a hole cut through its disc.
+    halves = np.full(room.shape, half)
+    reasons[(reasons == "") & (room + 1 < 0.85 * radius)] = "cut by border"
     fit_idx = np.flatnonzero(reasons == "")
     positions = seeds.copy()
     n_fit = fit_idx.size
@@ -487,7 +492,7 @@ def _search(img, binned, valid, diameter, pitch, threshold, backend, timings, st
         fit_radius = radius
         if wider > half:
             half = wider
-            halves = np.minimum(half, room)
+            halves = np.full(room.shape, half)
             fit_radius = float(np.median(fit.radius[fit.converged]))
             fit = _centres.fit_hole_profiles(
                 img,
@@ -501,7 +506,9 @@ def _search(img, binned, valid, diameter, pitch, threshold, backend, timings, st
             img, seeds[fit_idx], fit, halves[fit_idx], half, fit_radius, valid, backend
         )
         positions[fit_idx] = fit.centres
-        fit_reasons = _holes.classify_fits(fit, contrast[fit_idx], image_shape=img.shape)
+        fit_reasons = _holes.classify_fits(
+            fit, contrast[fit_idx], image_shape=img.shape, window=halves[fit_idx]
+        )
         if valid is not None:
             heavy = _masked_fraction_high(valid, fit, half_min)
             fit_reasons[(fit_reasons == "") & heavy] = "masked"
