@@ -451,8 +451,8 @@ def _search(img, binned, valid, diameter, pitch, threshold, backend, timings, st
     silent = reasons == "duplicate"
     half = int(np.ceil(max(1.7 * radius + 2.0, radius + 5.0)))
     half = int(max(min(half, np.floor(0.45 * pitch)), np.ceil(radius + 3.0)))
-    # the guessed diameter runs ~15 % large; keep holes whose ring of
-    # background is thin but present
+    # the guessed diameter runs ~15 % large: the disc a hole's masked share is
+    # counted in
     half_min = int(np.ceil(0.85 * radius + 2.5))
     # no de-duplication before the fit: a peak on a hot pixel's plateau or cut
     # by the border must not suppress the measurable peak of the hole beside
@@ -466,21 +466,19 @@ def _search(img, binned, valid, diameter, pitch, threshold, backend, timings, st
     t = time.perf_counter()
     cy = np.rint(seeds[:, 0]).astype(np.int64)
     cx = np.rint(seeds[:, 1]).astype(np.int64)
-    room = np.minimum.reduce([cy - 1, h - 2 - cy, cx - 1, w - 2 - cx])
-    # Near the border the window shrinks down to half_min, then is clipped by
-    # the image: a hole whose disc is inside is fitted on the pixels there
-    # are (classify_fits judges its fitted disc against the border). A seed
-    # closer to the border than the hole's radius (the guessed one runs ~15 %
-    # large) belongs to a hole cut through its disc.
-    halves = np.full(room.shape, half)
-    reasons[(reasons == "") & (room + 1 < 0.85 * radius)] = "cut by border"
+    room = np.minimum.reduce([cy, h - 1 - cy, cx, w - 1 - cx])
+    # Every window has the same size; near the border the image clips it (see
+    # centres.fit_hole_profiles), and classify_fits judges the fitted disc
+    # against the border. A seed closer to the border than the hole's radius
+    # (the guessed one runs ~15 % large) belongs to a hole cut through its disc.
+    reasons[(reasons == "") & (room < 0.85 * radius)] = "cut by border"
     fit_idx = np.flatnonzero(reasons == "")
     positions = seeds.copy()
     n_fit = fit_idx.size
     fit = None
     if n_fit:
         fit = _centres.fit_hole_profiles(
-            img, seeds[fit_idx], radius, half=halves[fit_idx], valid=valid, backend=backend
+            img, seeds[fit_idx], radius, half=half, valid=valid, backend=backend
         )
         # The window was sized from the diameter alone. Soft holes (Gaussian
         # profiles: a small fitted radius, a wide blur) reach further: with
@@ -489,25 +487,15 @@ def _search(img, binned, valid, diameter, pitch, threshold, backend, timings, st
         # that hold the profile and a ring of background.
         reach = _profile_reach(fit)
         wider = min(reach, int(np.floor(0.45 * pitch)))
-        fit_radius = radius
         if wider > half:
             half = wider
-            halves = np.full(room.shape, half)
             fit_radius = float(np.median(fit.radius[fit.converged]))
             fit = _centres.fit_hole_profiles(
-                img,
-                seeds[fit_idx],
-                fit_radius,
-                half=halves[fit_idx],
-                valid=valid,
-                backend=backend,
+                img, seeds[fit_idx], fit_radius, half=half, valid=valid, backend=backend
             )
-        _match_window_chi2(
-            img, seeds[fit_idx], fit, halves[fit_idx], half, fit_radius, valid, backend
-        )
         positions[fit_idx] = fit.centres
         fit_reasons = _holes.classify_fits(
-            fit, contrast[fit_idx], image_shape=img.shape, window=halves[fit_idx]
+            fit, contrast[fit_idx], image_shape=img.shape, window=half
         )
         if valid is not None:
             heavy = _masked_fraction_high(valid, fit, half_min)
@@ -694,42 +682,6 @@ def _mark_duplicates(positions, accepted, score, radius, reasons):
         if not dropped[winner[k]]:
             dropped[loser[k]] = True
     reasons[dropped] = "duplicate"
-
-
-_CHI2_SAMPLE = 24  # whole holes refitted per truncated window size
-
-
-def _match_window_chi2(img, seeds, fit, halves, half, radius, valid, backend):
-    """Put the chi-square of holes fitted in windows cut short by the border on the common scale.
-
-    A window holds the disc, whose pixels carry the model's misfit (pixel
-    integration, a point-spread function with long tails), and a ring of
-    background that fits to the noise: the reduced chi-square falls as the
-    window grows (2.8x from a half width of 7 to 12 px for 5 px holes at
-    a high signal). A hole near the image border gets a smaller window and
-    a chi-square the population test took for a cut hole. For each smaller
-    window size, a sample of holes fitted in full windows is fitted again
-    in it; the border holes' chi-square is scaled (in place) by the
-    sample's median ratio, full over small, when it is below 1.
-    """
-    full = np.flatnonzero((halves == half) & fit.converged)
-    if full.size < 5:
-        return
-    # the brightest whole holes, spread over the plate: ratios of matched fits
-    sample = full[np.argsort(-fit.amplitude[full], kind="stable")[: 4 * _CHI2_SAMPLE]]
-    sample = sample[:: max(1, sample.size // _CHI2_SAMPLE)][:_CHI2_SAMPLE]
-    for h in np.unique(halves[halves < half]):
-        refit = _centres.fit_hole_profiles(
-            img, seeds[sample], radius, half=int(h), valid=valid, backend=backend
-        )
-        ok = refit.converged & (refit.chi2 > 0)
-        if ok.sum() < 5:
-            continue
-        ratio = float(np.median(fit.chi2[sample[ok]] / refit.chi2[ok]))
-        # only ever relaxed: in a window barely wider than the blurred disc
-        # the plane absorbs the misfit and the chi-square falls instead; the
-        # border holes' own chi-square then already compares low
-        fit.chi2[halves == h] *= min(ratio, 1.0)
 
 
 def _profile_reach(fit):
