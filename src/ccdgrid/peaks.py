@@ -10,7 +10,10 @@ The pipeline, all of it automatic (every guess can be overridden):
 3. the smoothed image is cut into inverse-watershed regions, one per local
    maximum, and singleton regions are merged (:mod:`ccdgrid.watershed`);
 4. the contrast of each region's peak over its surroundings is thresholded
-   in log10 at an automatically chosen level (:mod:`ccdgrid.holes`);
+   in log10 at an automatically chosen level (:mod:`ccdgrid.holes`); hot
+   pixels far brighter than the holes (their smoothed plateaus outshine
+   faint holes and set the threshold) are found behind the peaks they make,
+   left out of the image as invalid pixels, and steps 2-4 are redone;
 5. the peaks are refined to sub-pixel seeds on the smoothed image
    (:func:`ccdgrid.bilinear.refine_peaks`) and mapped back to full
    resolution;
@@ -18,8 +21,10 @@ The pipeline, all of it automatic (every guess can be overridden):
    full-resolution image (:mod:`ccdgrid.centres`), robust to hot and dead
    pixels; soft (Gaussian-like) holes are fitted again in windows wide
    enough for their tails;
-7. duplicates, holes cut by the image border, the taper edge or masked
-   pixels, hot pixels and other non-holes are rejected with a reason.
+7. duplicates, holes cut by the image border (a hole whose disc and one
+   blur width lie inside is kept: its window is clipped by the border),
+   the taper edge or masked pixels, hot pixels and other non-holes are
+   rejected with a reason.
 
 Coordinates are ``(y, x)`` index coordinates: the centre of pixel ``(i, j)``
 is at ``(i, j)``.
@@ -286,7 +291,10 @@ def find_holes(
     The centre of each hole is the centre of a blurred disc on a local
     background plane fitted by weighted least squares to the raw pixels of a
     window around it (after a first pass on a 3x3 median-filtered copy that
-    removes hot pixels). On noise-limited images its error is about half
+    removes hot pixels). Hot pixels that outshine the holes' smoothed
+    contrast threefold are left out of the image before the search is
+    redone, and reported as rejected ``"hot pixel"`` candidates at their
+    own positions, one per cluster. On noise-limited images its error is about half
     that of the seed tutorial's bilinear refinement of the smoothed image;
     a fibre-bundle gain pattern biases every intensity-based estimator alike.
     """
