@@ -499,15 +499,8 @@ def test_dead_lines_found_in_every_block_of_rows():
 
 def _low_count_grid(seed, rotation_deg=7.0):
     """A 60-count grid on a background of 10 counts, no gain pattern (Poisson-limited)."""
-    return make_grid(
-        background=10.0,
-        amplitude=50.0,
-        dark=0.0,
-        gain_depth=0.0,
-        jitter=0.0,
-        rotation_deg=rotation_deg,
-        seed=seed,
-    )
+    flat = dict(dark=0.0, gain_depth=0.0, jitter=0.0)
+    return make_grid(background=10.0, amplitude=50.0, rotation_deg=rotation_deg, seed=seed, **flat)
 
 
 def _saturate(img, pixels):

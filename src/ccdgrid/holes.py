@@ -219,9 +219,10 @@ def classify_fits(fit, contrast, nmin=5, image_shape=None, window=None):
         ``(h, w)`` of the image: a hole whose disc and one blur width
         (``R + s``) reach past the image border is cut by it.
     window : int or ndarray of shape (N,), int, optional
-        Half width of each fit's window, px (with ``image_shape``): where a
-        window crosses the image border, the background plane's gradient
-        across that border is left out of the tilt test.
+        Half width of each fit's window, px (with ``image_shape``): holes
+        whose window the image border clips are judged against each other
+        in the chi-square, ring, background-step and plane-tilt tests (when
+        each group holds at least ``max(nmin, 8)`` good holes).
 
     Returns
     -------
