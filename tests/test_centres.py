@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ccdgrid.centres import _median3, fit_hole_profiles, windowed_centroids
+from ccdgrid.centres import _clipped_windows, _median3, fit_hole_profiles, windowed_centroids
 
 
 def holes_image(centres, shape=(64, 400), radius=5.0, sigma=0.9, amp=3000.0, bg=200.0):
@@ -195,3 +195,38 @@ def test_bad_start_shape(row_of_holes, shape, match):
     img, centres = row_of_holes
     with pytest.raises(CcdgridError, match=match):
         fit_hole_profiles(img, centres, 5.0, half=10, start_shape=shape)
+
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+@pytest.mark.parametrize("tail", [0.0, 0.3])
+def test_window_clipped_by_the_image_border(backend, tail):
+    # holes 6.6-9 px from the top border and one in the corner, fitted in
+    # windows of half width 10 that the border cuts; with a wide PSF tail the
+    # disc model misfits alike on every side, and the symmetric cut keeps the
+    # background plane from taking it up on one side only
+    centres = np.array(
+        [[6.6, 40.3], [7.4, 80.6], [9.1, 120.2], [7.2, 7.3], [32.4, 160.7], [31.8, 200.2]]
+    )
+    img = holes_image(centres) + holes_image(centres, sigma=3.0, amp=3000.0 * tail, bg=0.0)
+    fit = fit_hole_profiles(img, np.rint(centres) + 0.3, 5.0, half=10, backend=backend)
+    assert fit.converged.all()
+    # a window cut on one side only moved the corner hole by 0.012 px
+    np.testing.assert_allclose(fit.centres, centres, atol=0.008)
+    np.testing.assert_allclose(fit.radius[:4], fit.radius[4], atol=0.05)
+
+
+def test_clipped_windows_leave_out_the_mirror_of_the_missing_pixels():
+    img = np.arange(400.0).reshape(20, 20)
+    valid = np.ones(img.shape, bool)
+    valid[3, 6] = False
+    win, ok = _clipped_windows(img, np.array([[2, 4], [10, 10]]), 4, valid)
+    assert win.shape == (2, 9, 9)
+    assert ok.shape == (2, 9, 9)
+    # rows 2-4 above the centre are off the image, and their mirrors below
+    expect = np.zeros((9, 9), bool)
+    expect[2:7] = True
+    expect[5, 6] = False  # the invalid pixel (3, 6)
+    np.testing.assert_array_equal(ok[0], expect)
+    np.testing.assert_array_equal(win[0][2:7], img[0:5, 0:9])
+    assert ok[1].all()
+    np.testing.assert_array_equal(win[1], img[6:15, 6:15])

@@ -48,13 +48,16 @@ def test_hole_with_a_dropped_side_is_cut_and_a_border_hole_too():
     fields["asymmetry"][50] = 0.009
     # outliers alone (a missing neighbour beside a whole hole) are not enough
     fields["outliers"][90] = 80
-    # a hole whose blurred disc reaches past the image border
-    fields["centres"][5, 0] = 7.0
+    # a hole whose disc and one blur width (6 + 1.5 px) reach past the image
+    # border (which lies half a pixel beyond row 0), and one that fits
+    fields["centres"][5, 0] = 6.5
+    fields["centres"][6, 0] = 7.5
     fit = ProfileFit(**fields)
     reasons = classify_fits(fit, fields["amplitude"], image_shape=(700, 700))
     assert reasons[50] == "cut by edge"
     assert reasons[90] == ""
-    assert reasons[5] == "cut by edge"
+    assert reasons[5] == "cut by border"
+    assert reasons[6] == ""
     assert classify_fits(fit, fields["amplitude"])[5] == ""
 
 
@@ -222,3 +225,23 @@ def test_background_plane_tilted_against_its_neighbours_marks_a_cut_hole():
     reasons = classify_fits(ProfileFit(**fields), fields["amplitude"])
     np.testing.assert_array_equal(np.flatnonzero(reasons != ""), row)
     assert set(reasons[row]) == {"cut by edge"}
+
+
+def test_holes_in_windows_the_border_clips_are_judged_against_each_other():
+    # whole holes whose windows the border clips show a background step 3-4
+    # times the others' (the model's misfit weighs more in fewer background
+    # pixels); one of them has a real step, ten times theirs
+    rng = np.random.default_rng(24)
+    fields = _population(rng, 0.01)
+    centres = fields["centres"]
+    clipped = (centres < 70.0).any(axis=1)  # the first row and column
+    fields["ring_step"] = np.where(clipped, 8.0, 2.0) * (1 + 0.1 * rng.standard_normal(144))
+    fields["ring_step"][12] = 80.0  # a clipped hole (row 1, column 0)
+    fit = ProfileFit(**fields)
+    reasons = classify_fits(fit, fields["amplitude"], image_shape=(700, 700), window=70)
+    assert clipped[12]
+    assert reasons[12] == "cut by edge"
+    assert np.count_nonzero(reasons != "") == 1
+    # judged against all holes, the clipped ones would be rejected
+    alone = classify_fits(fit, fields["amplitude"], image_shape=(700, 700))
+    assert (alone[clipped] == "cut by edge").all()

@@ -495,3 +495,84 @@ def test_dead_lines_found_in_every_block_of_rows():
     expected[[3, 64, 149]] = True
     expected[:, 69] = True
     np.testing.assert_array_equal(dead, expected)
+
+
+def _low_count_grid(seed, rotation_deg=7.0):
+    """A 60-count grid on a background of 10 counts, no gain pattern (Poisson-limited)."""
+    flat = dict(dark=0.0, gain_depth=0.0, jitter=0.0)
+    return make_grid(background=10.0, amplitude=50.0, rotation_deg=rotation_deg, seed=seed, **flat)
+
+
+def _saturate(img, pixels):
+    img = img.copy()
+    img[pixels[:, 0], pixels[:, 1]] = 65535.0
+    return img
+
+
+def test_saturated_hot_pixels_do_not_hide_faint_holes(backend):
+    # more saturated hot pixels than holes on a low-count, rotated plate:
+    # their contrast used to set the threshold above every hole (0 found)
+    img, truth, visible, _ = _low_count_grid(seed=31)
+    rng = np.random.default_rng(32)
+    hot = np.stack([rng.integers(0, 512, 150), rng.integers(0, 512, 150)], axis=1)
+    search = find_holes(_saturate(img, hot), backend=backend)
+    idx = check_found(search, truth, visible)
+    assert rms(search.peaks - truth[idx]) < 0.1
+    # the hot pixels are reported where they are
+    lone = hot[cKDTree(truth).query(hot)[0] > 12]
+    near = cKDTree(search.rejected[search.reasons == "hot pixel"]).query(lone)[0]
+    assert (near < 1).mean() > 0.9
+
+
+def test_hole_beside_a_hot_pixel_is_kept_and_centred(backend):
+    # a saturated hot pixel in the disc or in the background ring of a faint
+    # hole used to reject the hole as "hot pixel"; it is an outlier pixel
+    img, truth, visible, _ = _low_count_grid(seed=33, rotation_deg=2.0)
+    rng = np.random.default_rng(34)
+    chosen = rng.choice(np.flatnonzero(visible), 24, replace=False)
+    ang = rng.uniform(0, 2 * np.pi, chosen.size)
+    dist = np.where(np.arange(chosen.size) % 3 == 0, 2.5, 8.0)  # in the disc, in the ring
+    hot = np.rint(truth[chosen] + dist[:, None] * np.stack([np.sin(ang), np.cos(ang)], 1))
+    search = find_holes(_saturate(img, hot.astype(np.int64)), backend=backend)
+    idx = check_found(search, truth, visible)
+    err = np.hypot(*(search.peaks - truth[idx]).T)
+    beside = np.isin(idx, chosen)
+    assert beside.sum() == chosen.size
+    assert err[beside].max() < 0.25
+    assert rms(search.peaks[beside] - truth[idx[beside]]) < 1.5 * rms(
+        search.peaks[~beside] - truth[idx[~beside]]
+    )
+
+
+def _border_distance(points, shape):
+    h, w = shape
+    return np.minimum.reduce(
+        [points[:, 0], h - 1 - points[:, 0], points[:, 1], w - 1 - points[:, 1]]
+    )
+
+
+def test_edge_holes_with_their_disc_inside_are_kept(backend):
+    # holes whose disc and blurred edge lie inside the image, 6.5-9 px from
+    # the border (radius 5.25 px, PSF 0.8 px), are fitted in windows the
+    # border clips; holes cut through their disc are still rejected
+    img, truth, _, _ = make_grid(rotation_deg=0.0, seed=37)
+    edge = _border_distance(truth, img.shape)
+    kept = (edge > 6.5) & (edge < 9.0)
+    cut = (edge > 0.0) & (edge < 4.0)
+    # the image has both kinds
+    assert kept.sum() >= 8
+    assert cut.sum() >= 3
+    search = find_holes(img, backend=backend)
+    visible = edge > 6.5
+    idx = check_found(search, truth, visible)
+    err = np.hypot(*(search.peaks - truth[idx]).T)
+    at_edge = np.isin(idx, np.flatnonzero(kept))
+    interior = np.isin(idx, np.flatnonzero(edge > 15.0))
+    assert err[at_edge].max() < 0.1
+    assert rms(search.peaks[at_edge] - truth[idx[at_edge]]) < 2.0 * rms(
+        search.peaks[interior] - truth[idx[interior]]
+    )
+    # no accepted centre on a cut hole; they are reported as cut by the border
+    assert cKDTree(search.peaks).query(truth[cut])[0].min() > 3.0
+    near = cKDTree(search.rejected).query(truth[cut])
+    assert (search.reasons[near[1][near[0] < 3.0]] == "cut by border").all()

@@ -150,6 +150,73 @@ def extract_windows(image, centres, half):
     return view[centres[:, 0] - half, centres[:, 1] - half]
 
 
+def _clipped_windows(image, centres, half, valid=None):
+    """Square windows that may cross the image border, and which of their pixels count.
+
+    Parameters
+    ----------
+    image : ndarray of shape (h, w)
+    centres : ndarray of shape (N, 2), int64
+        Window centres (row, col), inside the image.
+    half : int
+        Half width: windows are ``(2 half + 1)`` pixels square.
+    valid : ndarray of shape (h, w), bool, optional
+        False for pixels that must not be used.
+
+    Returns
+    -------
+    windows : ndarray of shape (N, 2 half + 1, 2 half + 1), dtype of ``image``
+        Pixels outside the image repeat the nearest border pixel.
+    ok : ndarray of shape (N, 2 half + 1, 2 half + 1), bool, or None
+        False where ``valid`` is False, outside the image, and on the rows
+        and columns whose mirror through the window's centre is outside the
+        image; None when every window lies inside the image and ``valid``
+        is None.
+
+    Notes
+    -----
+    A hole whose disc lies inside the image but whose window does not is
+    measured from the pixels that exist, as if the rest were masked. A
+    window cut on one side only would leave the radially symmetric misfit of
+    the model (a point-spread function's tails, saturation) on the other:
+    the background plane tilts to absorb it (by 20-45 typical spreads on
+    PSF-tailed images) and the centre follows. The window is therefore cut
+    symmetrically: a band as wide as the room to the border, full length
+    along it.
+    """
+    h, w = image.shape
+    inside = (
+        (centres[:, 0] >= half)
+        & (centres[:, 0] < h - half)
+        & (centres[:, 1] >= half)
+        & (centres[:, 1] < w - half)
+    )
+    if inside.all():
+        ok = None if valid is None else extract_windows(valid, centres, half)
+        return extract_windows(image, centres, half), ok
+    size = 2 * half + 1
+    n = centres.shape[0]
+    win = np.empty((n, size, size), dtype=image.dtype)
+    ok = np.empty((n, size, size), dtype=bool)
+    win[inside] = extract_windows(image, centres[inside], half)
+    ok[inside] = True if valid is None else extract_windows(valid, centres[inside], half)
+    offs = np.arange(-half, half + 1)
+    rows = centres[~inside, 0, None] + offs
+    cols = centres[~inside, 1, None] + offs
+    r = np.clip(rows, 0, h - 1)[:, :, None]
+    c = np.clip(cols, 0, w - 1)[:, None, :]
+    win[~inside] = image[r, c]
+    # rows and columns whose mirror through the centre is inside too: the
+    # pixels kept are point-symmetric about the hole, so that the radially
+    # symmetric part of the misfit (a PSF's tails) neither tilts the
+    # background plane nor moves the centre
+    there_r = (rows >= 0) & (rows < h) & (rows[:, ::-1] >= 0) & (rows[:, ::-1] < h)
+    there_c = (cols >= 0) & (cols < w) & (cols[:, ::-1] >= 0) & (cols[:, ::-1] < w)
+    there = there_r[:, :, None] & there_c[:, None, :]
+    ok[~inside] = there if valid is None else there & valid[r, c]
+    return win, ok
+
+
 # Paeth's median-of-9 exchange network: after these 19 min/max exchanges the
 # median of the nine values sits in slot 4 (no sort, all elementwise).
 _MEDIAN9 = (
@@ -196,8 +263,9 @@ def fit_hole_profiles(
     half : int or ndarray of shape (N,), int
         Radius of the circular fitting window around each seed's pixel, px;
         it should reach ``radius + 3 blur + 2`` to hold a ring of background.
-        The square of side ``2 half + 3`` around each seed's pixel must lie
-        inside the image.
+        Windows may cross the image border: the pixels outside it are left
+        out of the fit like invalid ones (each seed's pixel must lie inside
+        the image).
     valid : ndarray of shape (h, w), bool, optional
         False for pixels that must not be used (masked, dead).
     iterations : (int, int)
@@ -239,8 +307,7 @@ def fit_hole_profiles(
         h, w = image.shape
         new = fit.centres[moved]
         c = np.rint(new).astype(np.int64)
-        room = np.minimum.reduce([c[:, 0] - 1, h - 2 - c[:, 0], c[:, 1] - 1, w - 2 - c[:, 1]])
-        again = room >= halves[moved]
+        again = (c[:, 0] >= 0) & (c[:, 0] < h) & (c[:, 1] >= 0) & (c[:, 1] < w)
         idx = np.flatnonzero(moved)[again]
         if idx.size:
             sub = None if shape is None else shape[idx]
@@ -375,12 +442,12 @@ def _cold_group(image, centre, p, yy, xx, disc, outer, inner, half, valid, passe
     n = centre.shape[0]
     # the image's own dtype (float32 from the hole finder): the 3x3 median
     # selects values, so it is exact in it, and moves half the bytes
-    raw = extract_windows(image, centre, half + 1)
-    if valid is None:
+    raw, ok_big = _clipped_windows(image, centre, half + 1, valid)
+    if ok_big is None:
         ok_big = np.ones(raw.shape, dtype=bool)
     else:
-        ok_big = extract_windows(valid, centre, half + 1)
-        # invalid pixels take the window median so that the 3x3 median ignores them
+        # invalid pixels (and those outside the image) take the window median
+        # so that the 3x3 median ignores them
         bad = np.flatnonzero(~ok_big.all(axis=(1, 2)))
         if bad.size:
             fill = np.median(raw[bad].reshape(bad.size, -1), axis=1).astype(raw.dtype)
@@ -431,12 +498,12 @@ def _warm_group(
 ):
     """Raw unweighted pass from the given start, then the weighted pass (compiled, fused)."""
     n = centre.shape[0]
-    raw = extract_windows(image, centre, half).reshape(n, -1)
-    data = np.ascontiguousarray(raw[:, disc], dtype=np.float64)
-    if valid is None:
+    raw, ok_win = _clipped_windows(image, centre, half, valid)
+    data = np.ascontiguousarray(raw.reshape(n, -1)[:, disc], dtype=np.float64)
+    if ok_win is None:
         ok = np.ones(data.shape, dtype=bool)
     else:
-        ok = np.ascontiguousarray(extract_windows(valid, centre, half).reshape(n, -1)[:, disc])
+        ok = np.ascontiguousarray(ok_win.reshape(n, -1)[:, disc])
     outer = np.ascontiguousarray(outer)
     inner = np.ascontiguousarray(inner)
     if no_shape:

@@ -204,7 +204,7 @@ def _robust_z(values, ref):
     return (values - med) / max(mad, 1e-12 * max(abs(med), 1.0))
 
 
-def classify_fits(fit, contrast, nmin=5, image_shape=None):
+def classify_fits(fit, contrast, nmin=5, image_shape=None, window=None):
     """Reasons to reject fitted candidates, judged against the population.
 
     Parameters
@@ -216,8 +216,13 @@ def classify_fits(fit, contrast, nmin=5, image_shape=None):
     nmin : int
         Below this many plausible holes, only the absolute tests apply.
     image_shape : tuple of int, optional
-        ``(h, w)`` of the image: a hole whose blurred disc (``R + 2 s``)
-        reaches past the image border is cut by it.
+        ``(h, w)`` of the image: a hole whose disc and one blur width
+        (``R + s``) reach past the image border is cut by it.
+    window : int or ndarray of shape (N,), int, optional
+        Half width of each fit's window, px (with ``image_shape``): holes
+        whose window the image border clips are judged against each other
+        in the chi-square, ring, background-step and plane-tilt tests (when
+        each group holds at least ``max(nmin, 8)`` good holes).
 
     Returns
     -------
@@ -225,7 +230,8 @@ def classify_fits(fit, contrast, nmin=5, image_shape=None):
         ``""`` for an accepted hole, else a short reason: ``"fit failed"``,
         ``"hot pixel"``, ``"not a hole"`` (no disc in the raw image),
         ``"shape"`` (RMS radius or blur unlike the other holes), ``"too
-        faint"``, ``"cut by edge"`` (background darker on one side or
+        faint"``, ``"cut by border"`` (the disc reaches past the image
+        border), ``"cut by edge"`` (background darker on one side or
         stepped, its plane tilted against the neighbours', dimmer or smaller
         than the neighbours, or a poor fit).
 
@@ -272,10 +278,16 @@ def classify_fits(fit, contrast, nmin=5, image_shape=None):
     reasons[good & shape] = "shape"
     reasons[good & ~shape & faint] = "too faint"
     good = reasons == ""
+    # Windows cut by the image border hold less background, and on two sides
+    # only: the model's misfit weighs more in their chi-square, ring
+    # asymmetry, background step and plane (ring_step 6-11 typical spreads
+    # of all holes for whole holes at the border of a saturated, PSF-tailed
+    # image). They are judged against each other when there are enough.
+    clipped = _clipped(fit.centres, image_shape, window, good, nmin)
     logchi = np.log(np.maximum(fit.chi2, 1e-300))
-    chi_z = _robust_z(logchi, logchi[good])
+    chi_z, chi_med = _grouped_z(fit.chi2, good, clipped, logchi)
     asym_z = _robust_z(fit.asymmetry, fit.asymmetry[good])
-    ring_z = _robust_z(fit.ring_asymmetry, fit.ring_asymmetry[good])
+    ring_z, _ = _grouped_z(fit.ring_asymmetry, good, clipped)
     # a hole partly cut by the taper edge keeps its shape but loses light:
     # it is dimmer than its neighbours (vignetting is smooth on that scale)
     ratio = _neighbour_ratio(fit.centres, amp, good)
@@ -289,7 +301,7 @@ def classify_fits(fit, contrast, nmin=5, image_shape=None):
     out_mad = 1.4826 * float(np.median(np.abs(out[good] - out_med)))
     asym_med = float(np.median(fit.asymmetry[good]))
     cut = good & (
-        ((chi_z > 6.0) & (fit.chi2 > 1.5 * np.median(fit.chi2[good])))
+        ((chi_z > 6.0) & (fit.chi2 > 1.5 * chi_med))
         | ((asym_z > 6.0) & (fit.asymmetry > 0.04))
         # one-sided and dimmer than the neighbours: cut (a whole hole in a
         # resampled image may be as one-sided, but keeps its light)
@@ -305,8 +317,8 @@ def classify_fits(fit, contrast, nmin=5, image_shape=None):
         # median-filtered window and in the noise units of all the holes, the
         # step of a cut hole stands 10-50 typical spreads out; a whole hole's
         # background, gradient included, stays within ~5.
-        step_z = _robust_z(fit.ring_step, fit.ring_step[good])
-        cut |= good & (step_z > 6.0) & (fit.ring_step > 2.0 * np.median(fit.ring_step[good]))
+        step_z, step_med = _grouped_z(fit.ring_step, good, clipped)
+        cut |= good & (step_z > 6.0) & (fit.ring_step > 2.0 * step_med)
     if fit.slope is not None:
         # The same step tilts the fitted background plane: against the
         # plane of its neighbours (a smooth background tilts them alike), the
@@ -321,15 +333,20 @@ def classify_fits(fit, contrast, nmin=5, image_shape=None):
         ref = good
         for _ in range(2):
             tilt = np.hypot(*(fit.slope - _neighbour_median(fit.centres, fit.slope, ref)).T)
-            tilted = good & (_robust_z(tilt, tilt[ref]) > 20.0)
+            tilted = good & (_grouped_z(tilt, ref, clipped)[0] > 20.0)
             ref = good & ~tilted
         cut |= tilted
+    border = np.zeros(n, dtype=bool)
     if image_shape is not None:
-        reach = fit.radius + 2.0 * fit.blur
+        # The image ends half a pixel past its outermost pixel centres. A
+        # hole whose disc and one blur width lie inside is fitted without
+        # bias on the pixels there are; a hole cut closer than that has lost
+        # part of its edge, and its centre moves away from the border.
+        reach = fit.radius + fit.blur
         cy, cx = fit.centres[:, 0], fit.centres[:, 1]
         h, w = image_shape
-        edge = np.minimum(np.minimum(cy, h - 1 - cy), np.minimum(cx, w - 1 - cx))
-        cut |= good & (edge < reach)
+        edge = np.minimum(np.minimum(cy, h - 1 - cy), np.minimum(cx, w - 1 - cx)) + 0.5
+        border = good & (edge < reach)
     # ... and, losing its rim, it looks smaller than its neighbours (the
     # local magnification changes by far less than 2 % from hole to hole).
     # A dark fibre-bundle boundary across a hole also dims it and makes it
@@ -352,7 +369,51 @@ def classify_fits(fit, contrast, nmin=5, image_shape=None):
         | ((ratio < darkish) & ((r_ratio < smallish) | ((asym_z > 3.0) & (r_ratio < 0.995))))
     )
     reasons[cut | dim] = "cut by edge"
+    reasons[border] = "cut by border"
     return reasons
+
+
+def _clipped(centres, image_shape, window, good, nmin):
+    """Holes whose fit window crosses the image border, (N,) bool.
+
+    All False without ``image_shape`` and ``window``, or when fewer than
+    ``max(nmin, 8)`` good holes fall in either group (too few for a robust
+    spread: every hole is then judged against all).
+    """
+    n = centres.shape[0]
+    if image_shape is None or window is None:
+        return np.zeros(n, dtype=bool)
+    half = np.broadcast_to(np.asarray(window, dtype=np.float64), (n,))
+    h, w = image_shape
+    cy, cx = centres[:, 0], centres[:, 1]
+    room = np.minimum(np.minimum(cy, h - 1 - cy), np.minimum(cx, w - 1 - cx))
+    clipped = room < half
+    least = max(nmin, 8)
+    if np.count_nonzero(good & clipped) < least or np.count_nonzero(good & ~clipped) < least:
+        return np.zeros(n, dtype=bool)
+    return clipped
+
+
+def _grouped_z(values, good, groups, scaled=None):
+    """Robust z-scores of ``values`` within the groups (True, False) of ``groups``.
+
+    Returns ``(z, median)``: the z-score of ``scaled`` (``values`` if None)
+    against the ``good`` members of each hole's group, and the median of
+    ``values`` over them, both (N,).
+    """
+    scaled = values if scaled is None else scaled
+    z = np.empty(values.shape)
+    med = np.empty(values.shape)
+    for g in (False, True):
+        sel = groups == g
+        ref = good & sel
+        if not sel.any():
+            continue
+        if not ref.any():
+            ref = good
+        z[sel] = _robust_z(scaled[sel], scaled[ref])
+        med[sel] = np.median(values[ref])
+    return z, med
 
 
 def _rms_radius(radius, blur):

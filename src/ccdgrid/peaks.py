@@ -10,7 +10,10 @@ The pipeline, all of it automatic (every guess can be overridden):
 3. the smoothed image is cut into inverse-watershed regions, one per local
    maximum, and singleton regions are merged (:mod:`ccdgrid.watershed`);
 4. the contrast of each region's peak over its surroundings is thresholded
-   in log10 at an automatically chosen level (:mod:`ccdgrid.holes`);
+   in log10 at an automatically chosen level (:mod:`ccdgrid.holes`); hot
+   pixels far brighter than the holes (their smoothed plateaus outshine
+   faint holes and set the threshold) are found behind the peaks they make,
+   left out of the image as invalid pixels, and steps 2-4 are redone;
 5. the peaks are refined to sub-pixel seeds on the smoothed image
    (:func:`ccdgrid.bilinear.refine_peaks`) and mapped back to full
    resolution;
@@ -18,8 +21,10 @@ The pipeline, all of it automatic (every guess can be overridden):
    full-resolution image (:mod:`ccdgrid.centres`), robust to hot and dead
    pixels; soft (Gaussian-like) holes are fitted again in windows wide
    enough for their tails;
-7. duplicates, holes cut by the image border, the taper edge or masked
-   pixels, hot pixels and other non-holes are rejected with a reason.
+7. duplicates, holes cut by the image border (a hole whose disc and one
+   blur width lie inside is kept: its window is clipped by the border),
+   the taper edge or masked pixels, hot pixels and other non-holes are
+   rejected with a reason.
 
 Coordinates are ``(y, x)`` index coordinates: the centre of pixel ``(i, j)``
 is at ``(i, j)``.
@@ -43,6 +48,8 @@ from .watershed import merge_singletons, segment
 __all__ = ["MIN_HOLES", "HoleSearch", "detection_binning", "find_holes"]
 
 MIN_HOLES = 6  # fewer accepted holes than this cannot define a lattice
+# searches redone after leaving out the hot pixels the previous one found
+_HOT_ROUNDS = 2
 # smallest hole diameter, in binned pixels, that the peak search bins down to
 _MIN_BINNED_DIAMETER = 5.0
 
@@ -284,7 +291,10 @@ def find_holes(
     The centre of each hole is the centre of a blurred disc on a local
     background plane fitted by weighted least squares to the raw pixels of a
     window around it (after a first pass on a 3x3 median-filtered copy that
-    removes hot pixels). On noise-limited images its error is about half
+    removes hot pixels). Hot pixels that outshine the holes' smoothed
+    contrast threefold are left out of the image before the search is
+    redone, and reported as rejected ``"hot pixel"`` candidates at their
+    own positions, one per cluster. On noise-limited images its error is about half
     that of the seed tutorial's bilinear refinement of the smoothed image;
     a fibre-bundle gain pattern biases every intensity-based estimator alike.
     """
@@ -332,7 +342,23 @@ def find_holes(
         diameter0, pitch0 = hole_diameter, pitch_px
     timings["scale"] = time.perf_counter() - t0
 
-    result = _search(img, binned, valid, diameter0, pitch0, threshold, backend, timings)
+    # Hot pixels far brighter than the holes make plateaus in the smoothed
+    # image that outshine them: their contrasts set the threshold (above every
+    # hole at 60 counts a hole and 500 saturated hot pixels) and a hole beside
+    # one takes its plateau's contrast and is thrown out with it. A search
+    # that finds such pixels stops before the fits; they are left out of the
+    # image and the search is redone.
+    hot = np.zeros(0, dtype=np.int64)
+    for rounds_left in range(_HOT_ROUNDS, -1, -1):
+        result = _search(
+            img, binned, valid, diameter0, pitch0, threshold, backend, timings,
+            stop_on_hot=rounds_left > 0,
+        )  # fmt: skip
+        if result is None or result[0] is not None:
+            break
+        img, valid = _without_pixels(img, valid, result[2])
+        hot = np.concatenate([hot, result[2]])
+        binned = _BinnedCopies(img)
     if hole_diameter is None and result is not None:
         fitted_d = result[1]
         # the first guess sized the smoothing disc; redo with the measured size
@@ -343,7 +369,9 @@ def find_holes(
         raise CcdgridError(
             "no grid of holes found in `image`: no peak stands out of the background"
         )
-    search, _ = result
+    search = result[0]
+    if hot.size:
+        _report_hot_pixels(search, hot, img.shape)
     if pitch_px is not None:
         search.pitch_px = pitch_px
     if hole_diameter is not None:
@@ -365,8 +393,14 @@ def _summary(reasons):
     return ", ".join(f"{c} {n}" for n, c in zip(names, counts, strict=True))
 
 
-def _search(img, binned, valid, diameter, pitch, threshold, backend, timings):
-    """One pass of the search for a given hole diameter; None if no peak at all."""
+def _search(img, binned, valid, diameter, pitch, threshold, backend, timings, stop_on_hot=False):
+    """One pass of the search for a given hole diameter.
+
+    Returns (HoleSearch, fitted diameter, flat indices of the isolated hot
+    pixels seen), or None if no peak stands out at all. With ``stop_on_hot``,
+    a pass that sees hot pixels returns (None, None, hot pixels) before the
+    fits.
+    """
     h, w = img.shape
     t = time.perf_counter()
     # peaks are searched in a binned image (4x fewer pixels at the usual
@@ -409,8 +443,14 @@ def _search(img, binned, valid, diameter, pitch, threshold, backend, timings):
     # hot pixel leaves in the smoothed image is not (3x3 median kills it)
     raw_level = _median3_at(img, peaks_int) - bg
     flat = raw_level < 0.3 * contrast
-    spike = _box_max_at(img, peaks_int[flat], int(np.ceil(radius)) + factor) - bg[flat]
-    reasons[flat] = np.where(spike > 3.0 * contrast[flat], "hot pixel", "not a hole")
+    reach = int(np.ceil(radius)) + factor
+    # a pixel that outshines the smoothed contrast threefold made (or swelled)
+    # the peak: a hot pixel, or a hole beside one
+    spiky = _box_max_at(img, peaks_int, reach) - bg > 3.0 * contrast
+    reasons[flat] = np.where(spiky[flat], "hot pixel", "not a hole")
+    hot = _isolated_spikes(img, peaks_int[spiky], reach, bg[spiky], contrast[spiky])
+    if stop_on_hot and hot.size:
+        return None, None, hot
     if valid is not None:
         reasons[flat & (_median3_at(valid.view(np.uint8), peaks_int) < 1)] = "masked"
     # one report per defect: a hot pixel's plateau holds many peaks
@@ -419,8 +459,8 @@ def _search(img, binned, valid, diameter, pitch, threshold, backend, timings):
     silent = reasons == "duplicate"
     half = int(np.ceil(max(1.7 * radius + 2.0, radius + 5.0)))
     half = int(max(min(half, np.floor(0.45 * pitch)), np.ceil(radius + 3.0)))
-    # the guessed diameter runs ~15 % large; keep holes whose ring of
-    # background is thin but present
+    # the guessed diameter runs ~15 % large: the disc a hole's masked share is
+    # counted in
     half_min = int(np.ceil(0.85 * radius + 2.5))
     # no de-duplication before the fit: a peak on a hot pixel's plateau or cut
     # by the border must not suppress the measurable peak of the hole beside
@@ -434,16 +474,21 @@ def _search(img, binned, valid, diameter, pitch, threshold, backend, timings):
     t = time.perf_counter()
     cy = np.rint(seeds[:, 0]).astype(np.int64)
     cx = np.rint(seeds[:, 1]).astype(np.int64)
-    room = np.minimum.reduce([cy - 1, h - 2 - cy, cx - 1, w - 2 - cx])
-    halves = np.minimum(half, room)
-    reasons[(reasons == "") & (halves < half_min)] = "cut by border"
+    room = np.minimum.reduce([cy, h - 1 - cy, cx, w - 1 - cx])
+    # Every window has the same size; near the border the image clips it (see
+    # centres.fit_hole_profiles), and classify_fits judges the fitted disc
+    # against the border. A seed closer to the border than most of the hole's
+    # radius belongs to a hole cut through its disc (the guessed radius runs
+    # ~15 % large, and ~30 % for saturated holes: at 0.85 R, whole holes of a
+    # saturated image 12.5 px from the border, R + s = 11.9 px, were lost).
+    reasons[(reasons == "") & (room < 0.7 * radius)] = "cut by border"
     fit_idx = np.flatnonzero(reasons == "")
     positions = seeds.copy()
     n_fit = fit_idx.size
     fit = None
     if n_fit:
         fit = _centres.fit_hole_profiles(
-            img, seeds[fit_idx], radius, half=halves[fit_idx], valid=valid, backend=backend
+            img, seeds[fit_idx], radius, half=half, valid=valid, backend=backend
         )
         # The window was sized from the diameter alone. Soft holes (Gaussian
         # profiles: a small fitted radius, a wide blur) reach further: with
@@ -452,24 +497,16 @@ def _search(img, binned, valid, diameter, pitch, threshold, backend, timings):
         # that hold the profile and a ring of background.
         reach = _profile_reach(fit)
         wider = min(reach, int(np.floor(0.45 * pitch)))
-        fit_radius = radius
         if wider > half:
             half = wider
-            halves = np.minimum(half, room)
             fit_radius = float(np.median(fit.radius[fit.converged]))
             fit = _centres.fit_hole_profiles(
-                img,
-                seeds[fit_idx],
-                fit_radius,
-                half=halves[fit_idx],
-                valid=valid,
-                backend=backend,
+                img, seeds[fit_idx], fit_radius, half=half, valid=valid, backend=backend
             )
-        _match_window_chi2(
-            img, seeds[fit_idx], fit, halves[fit_idx], half, fit_radius, valid, backend
-        )
         positions[fit_idx] = fit.centres
-        fit_reasons = _holes.classify_fits(fit, contrast[fit_idx], image_shape=img.shape)
+        fit_reasons = _holes.classify_fits(
+            fit, contrast[fit_idx], image_shape=img.shape, window=half
+        )
         if valid is not None:
             heavy = _masked_fraction_high(valid, fit, half_min)
             fit_reasons[(fit_reasons == "") & heavy] = "masked"
@@ -523,7 +560,7 @@ def _search(img, binned, valid, diameter, pitch, threshold, backend, timings):
         log_histogram=hist,
         binning=factor,
     )
-    return search, fitted_d
+    return search, fitted_d, hot
 
 
 def _full_resolution(points, factor):
@@ -549,6 +586,76 @@ def _box_max_at(image, points, half):
     if len(points) == 0:
         return np.zeros(0)
     return image[rows, cols].reshape(len(points), -1).max(axis=1).astype(np.float64)
+
+
+def _isolated_spikes(image, points, half, level, contrast):
+    """Flat indices of the hot pixels behind the plateaus of hot-pixel peaks.
+
+    Parameters
+    ----------
+    image : ndarray of shape (h, w), float32
+    points : ndarray of shape (K, 2), int64
+        Full-resolution pixels (row, col) of peaks whose smoothed contrast
+        a spike made or swelled.
+    half : int
+        Half width of the square searched around each point, px (the
+        smoothing disc's reach).
+    level, contrast : ndarray of shape (K,), float64
+        Local background and smoothed contrast of each peak (image units).
+
+    Returns
+    -------
+    ndarray of shape (M,), int64
+        Sorted flat indices of pixels that stand above their surroundings by
+        more than three times the peak's contrast and whose 3x3 median stays
+        within a quarter of their height of the background: single hot
+        pixels and clusters of up to four, never a hole's pixels (a hole's
+        3x3 median follows its profile; a hole's pixels are no brighter than
+        its smoothed contrast allows).
+    """
+    if len(points) == 0:
+        return np.zeros(0, dtype=np.int64)
+    h, w = image.shape
+    offs = np.arange(-half, half + 1)
+    rows = np.clip(points[:, 0, None, None] + offs[None, :, None], 0, h - 1)
+    cols = np.clip(points[:, 1, None, None] + offs[None, None, :], 0, w - 1)
+    excess = image[rows, cols] - level[:, None, None]
+    k, i, j = np.nonzero(excess > 3.0 * contrast[:, None, None])
+    if k.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    flat, first = np.unique(rows[k, i, 0] * w + cols[k, 0, j], return_index=True)
+    k = k[first]
+    at = np.stack(np.divmod(flat, w), axis=1)
+    height = image.ravel()[flat].astype(np.float64) - level[k]
+    above = _median3_at(image, at) - level[k]
+    return flat[above < 0.25 * height]
+
+
+def _without_pixels(image, valid, flat):
+    """Copies of ``image`` and ``valid`` with the pixels ``flat`` made invalid.
+
+    Their values become the 3x3 median around them, so that the smoothing
+    no longer sees them (the fits skip them as invalid). The caller's image
+    is never modified.
+    """
+    h, w = image.shape
+    at = np.stack(np.divmod(flat, w), axis=1)
+    fill = _median3_at(image, at)
+    image = image.copy()
+    image.ravel()[flat] = fill
+    valid = np.ones((h, w), dtype=bool) if valid is None else valid.copy()
+    valid.ravel()[flat] = False
+    return image, valid
+
+
+def _report_hot_pixels(search, flat, shape):
+    """Add the hot pixels left out of the image to the rejected candidates, one per cluster."""
+    at = np.stack(np.divmod(np.unique(flat), shape[1]), axis=1).astype(np.float64)
+    reasons = np.full(len(at), "", dtype=object)
+    _mark_duplicates(at, np.arange(len(at)), np.zeros(len(at)), 1.5, reasons)
+    at = at[reasons == ""]
+    search.rejected = np.concatenate([search.rejected, at])
+    search.reasons = np.concatenate([search.reasons, np.full(len(at), "hot pixel")])
 
 
 def _masked_fraction_high(valid, fit, half, limit=0.1):
@@ -585,42 +692,6 @@ def _mark_duplicates(positions, accepted, score, radius, reasons):
         if not dropped[winner[k]]:
             dropped[loser[k]] = True
     reasons[dropped] = "duplicate"
-
-
-_CHI2_SAMPLE = 24  # whole holes refitted per truncated window size
-
-
-def _match_window_chi2(img, seeds, fit, halves, half, radius, valid, backend):
-    """Put the chi-square of holes fitted in windows cut short by the border on the common scale.
-
-    A window holds the disc, whose pixels carry the model's misfit (pixel
-    integration, a point-spread function with long tails), and a ring of
-    background that fits to the noise: the reduced chi-square falls as the
-    window grows (2.8x from a half width of 7 to 12 px for 5 px holes at
-    a high signal). A hole near the image border gets a smaller window and
-    a chi-square the population test took for a cut hole. For each smaller
-    window size, a sample of holes fitted in full windows is fitted again
-    in it; the border holes' chi-square is scaled (in place) by the
-    sample's median ratio, full over small, when it is below 1.
-    """
-    full = np.flatnonzero((halves == half) & fit.converged)
-    if full.size < 5:
-        return
-    # the brightest whole holes, spread over the plate: ratios of matched fits
-    sample = full[np.argsort(-fit.amplitude[full], kind="stable")[: 4 * _CHI2_SAMPLE]]
-    sample = sample[:: max(1, sample.size // _CHI2_SAMPLE)][:_CHI2_SAMPLE]
-    for h in np.unique(halves[halves < half]):
-        refit = _centres.fit_hole_profiles(
-            img, seeds[sample], radius, half=int(h), valid=valid, backend=backend
-        )
-        ok = refit.converged & (refit.chi2 > 0)
-        if ok.sum() < 5:
-            continue
-        ratio = float(np.median(fit.chi2[sample[ok]] / refit.chi2[ok]))
-        # only ever relaxed: in a window barely wider than the blurred disc
-        # the plane absorbs the misfit and the chi-square falls instead; the
-        # border holes' own chi-square then already compares low
-        fit.chi2[halves == h] *= min(ratio, 1.0)
 
 
 def _profile_reach(fit):
