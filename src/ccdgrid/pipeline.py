@@ -271,7 +271,7 @@ def calibrate(
         scale_px=lattice.pitch_px,
         backend=backend,
     )
-    _check_plausible(grid, maps, lattice.pitch_px)
+    _check_plausible(grid, maps, lattice.pitch_px, lattice.n_valid, len(peaks))
     cv = _cross_validation(peaks[valid], grid, maps, cv_folds)
     out_mask = _output_mask(maps.mask, mask)
     timings["total"] = time.perf_counter() - t_start
@@ -370,13 +370,19 @@ _MAX_DISTORTION_PITCH = 2.0
 _MAX_MAP_MISFIT_PITCH = 0.1
 
 
-def _check_plausible(grid, maps, pitch_px):
+def _check_plausible(grid, maps, pitch_px, n_indexed=None, n_found=None):
     """Raise CcdgridError when the holes indexed do not look like a distorted grid.
 
     ``grid.residual_rms`` is the RMS distortion at the holes and
     ``maps.fit_residual_rms`` what the smooth maps leave of it, both px;
-    ``pitch_px`` the hole spacing on the image.
+    ``pitch_px`` the hole spacing on the image; ``n_indexed`` of the
+    ``n_found`` holes fit the lattice (on a grid image nearly all do).
     """
+    if n_indexed is not None and n_found and n_indexed < 0.5 * n_found:
+        raise CcdgridError(
+            f"the holes found do not form a grid: only {n_indexed} of {n_found} fit one "
+            f"lattice; is there a grid of holes of this size and spacing in the image?"
+        )
     distortion = grid.residual_rms / pitch_px
     misfit = maps.fit_residual_rms / pitch_px
     if distortion > _MAX_DISTORTION_PITCH or misfit > _MAX_MAP_MISFIT_PITCH:
