@@ -57,6 +57,7 @@ _LAZY = {
     "CrossValidation": "cross_validation",
     "read_spline": "spline",
     "write_spline": "spline",
+    "SplineToleranceWarning": "spline",
     "convert": "exchange",
     "read_edf_maps": "exchange",
     "write_edf_maps": "exchange",
