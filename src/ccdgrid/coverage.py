@@ -45,12 +45,9 @@ def border_gaps(points, *, edge_ratio=EDGE_RATIO):
     -------
     corners : ndarray of shape (G, 3, 2), float64, px
         The ``(y, x)`` corners of every border-gap triangle (G may be 0).
-    pitch : ndarray of shape (G,), float64, px
-        The local pitch of each (median nearest-neighbour distance of its
-        corners).
     """
     pts = np.asarray(points, dtype=np.float64)
-    empty = (np.zeros((0, 3, 2)), np.zeros(0))
+    empty = np.zeros((0, 3, 2))
     if len(pts) < 4:
         return empty
     try:
@@ -77,8 +74,7 @@ def border_gaps(points, *, edge_ratio=EDGE_RATIO):
         across = np.unique(across[across >= 0])
         front = across[~reached[across]]
         reached[front] = True
-    local = np.median(nearest[simplices], axis=1)
-    return corners[reached], local[reached]
+    return corners[reached]
 
 
 def mask_border_gaps(points, mask, *, edge_ratio=EDGE_RATIO):
@@ -99,7 +95,7 @@ def mask_border_gaps(points, mask, *, edge_ratio=EDGE_RATIO):
         Number of pixels newly masked.
     """
     ny, nx = mask.shape
-    rows, first, last = _row_spans(border_gaps(points, edge_ratio=edge_ratio)[0], ny, nx)
+    rows, first, last = _row_spans(border_gaps(points, edge_ratio=edge_ratio), ny, nx)
     keep = last >= first
     rows, first, last = rows[keep], first[keep], last[keep]
     if rows.size == 0:
