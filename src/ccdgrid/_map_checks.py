@@ -2,12 +2,14 @@
 
 The map methods, the fewest holes a map needs, the trend degree of the
 thin-plate spline (chosen from the number of holes when not given),
-positive and non-negative numbers (raising a :class:`~ccdgrid.errors.CcdgridError`
-that names the argument), and the RMS length of ``(N, 2)`` residuals.
+positive (:func:`ccdgrid._validation.check_positive`) and non-negative
+numbers (raising a :class:`~ccdgrid.errors.CcdgridError` that names the
+argument), and the RMS length of ``(N, 2)`` residuals.
 """
 
 import numpy as np
 
+from ._validation import check_positive as positive
 from .errors import CcdgridError
 
 __all__ = ["METHODS", "MIN_POINTS", "check_degree", "non_negative", "positive", "rms"]
@@ -33,16 +35,6 @@ def check_degree(degree, n_points):
             f"too few holes ({n_points}) for a degree-{degree} trend ({n_terms} terms)"
         )
     return int(degree)
-
-
-def positive(value, name):
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise CcdgridError(f"`{name}` must be a positive number, got {value!r}") from None
-    if not (np.isfinite(value) and value > 0):
-        raise CcdgridError(f"`{name}` must be a positive number, got {value!r}")
-    return value
 
 
 def non_negative(value, name):

@@ -4,7 +4,7 @@ import numpy as np
 
 from .errors import CcdgridError
 
-__all__ = ["as_image", "as_points", "check_backend"]
+__all__ = ["as_image", "as_points", "check_backend", "check_positive"]
 
 BACKENDS = ("cython", "numpy")
 
@@ -44,3 +44,14 @@ def as_points(points, name="points", ncols=2):
     if arr.ndim != 2 or arr.shape[1] != ncols:
         raise CcdgridError(f"`{name}` must have shape (N, {ncols}), got {arr.shape}")
     return np.ascontiguousarray(arr, dtype=np.float64)
+
+
+def check_positive(value, name):
+    """``float(value)``, or a CcdgridError naming ``name`` unless it is finite and > 0."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise CcdgridError(f"`{name}` must be a positive number, got {value!r}") from None
+    if not (np.isfinite(value) and value > 0):
+        raise CcdgridError(f"`{name}` must be a positive number, got {value!r}")
+    return value

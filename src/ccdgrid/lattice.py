@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.spatial import cKDTree
 
-from ._validation import as_points
+from ._validation import as_points, check_positive
 from .errors import CcdgridError
 
 __all__ = ["REASONS", "LatticeIndex", "index_holes"]
@@ -277,15 +277,7 @@ def index_holes(peaks, *, pitch_px=None, tolerance=0.25, outlier_sigma=6.0):
 
 
 def _check_optional_positive(value, name):
-    if value is None:
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise CcdgridError(f"`{name}` must be a positive number, got {value!r}") from None
-    if not (np.isfinite(value) and value > 0):
-        raise CcdgridError(f"`{name}` must be a positive number, got {value!r}")
-    return value
+    return None if value is None else check_positive(value, name)
 
 
 def _lattice_vectors(vec):
