@@ -227,6 +227,43 @@ def test_background_plane_tilted_against_its_neighbours_marks_a_cut_hole():
     assert set(reasons[row]) == {"cut by edge"}
 
 
+def test_moderate_tilt_with_a_one_sided_or_small_disc_marks_a_cut_hole():
+    # at a low signal-to-noise ratio a row cut by a lit edge tilts its planes
+    # by only ~8 spreads; with a one-sided residual or a small disc it is
+    # cut, with neither it is a whole hole the noise tilted
+    rng = np.random.default_rng(28)
+    fields = _population(rng, 0.01)
+    n = fields["amplitude"].size
+    fields["slope"] = np.array([0.8, -0.3]) + 0.05 * rng.standard_normal((n, 2))
+    spread = 1.4826 * 0.05 * 0.8  # about the robust spread of the tilt norm
+    tilted = [30, 31, 32]
+    for i in tilted:
+        fields["slope"][i, 0] += 9.0 * spread
+    fields["asymmetry"][30] = 0.004 + 0.01  # ten spreads one-sided
+    fields["radius"][31] = 6.0 * 0.93  # a disc small for the population
+    reasons = classify_fits(ProfileFit(**fields), fields["amplitude"])
+    assert reasons[30] == "cut by edge"
+    assert reasons[31] == "cut by edge"
+    assert reasons[32] == ""
+    assert np.count_nonzero(reasons != "") == 2
+
+
+def test_low_snr_holes_cut_by_the_taper_edge_are_not_used():
+    # a peak SNR of ~7: the holes of the rows the taper edge cuts through
+    # were fitted 0.8-2.1 px off and bent the maps by up to 1.9 px
+    from scipy.spatial import cKDTree
+
+    import ccdgrid
+    from ccdgrid.synthetic import dense_residual, grid_image
+
+    g = grid_image((512, 512), pitch_px=40, hole_diameter_px=8, seed=7, signal=100, background=100)
+    cal = ccdgrid.calibrate(g.image, pitch=5e-3, cv_folds=0)
+    used = np.asarray(cal.holes.peaks)[cal.lattice.valid]
+    off = cKDTree(g.holes).query(used)[0]
+    assert off.max() < 0.5
+    assert dense_residual(g.truth, cal.dy, cal.dx, cal.mask).max < 0.3
+
+
 def test_holes_in_windows_the_border_clips_are_judged_against_each_other():
     # whole holes whose windows the border clips show a background step 3-4
     # times the others' (the model's misfit weighs more in fewer background
