@@ -423,11 +423,19 @@ def _lined_image(rng, shape, counts, rows=(), cols=(), value=0, spoil=0.0):
 
 
 def _dead_by_definition(img, fraction=0.9):
-    """Every pixel compared: rows equal to their first pixel, columns to their first row's."""
+    """Every pixel compared: rows equal to their first pixel, columns to their first row's.
+
+    Lines whose value is the image's median (of every pixel) are background.
+    """
     h, w = img.shape
     rows = (img == img[:, :1]).sum(axis=1) >= fraction * w
     cols = (img == img[:1]).sum(axis=0) >= fraction * h
     if not (rows.any() or cols.any()) or rows.all() or cols.all():
+        return None
+    background = np.median(img)
+    rows &= img[:, 0] != background
+    cols &= img[0] != background
+    if not (rows.any() or cols.any()):
         return None
     return rows[:, None] | cols[None, :]
 
@@ -456,6 +464,23 @@ def test_dead_lines_match_the_pixel_by_pixel_definition(counts, rows, cols, spoi
     if rows and spoil <= 0.08 and counts > 10:
         assert ours is not None
         assert ours[rows[0]].all()
+
+
+def test_lines_of_a_zero_background_are_not_dead():
+    # a photon-counting plate: the lines between the holes hold zeros (the
+    # background) almost everywhere; only the row stuck at 17 is dead
+    from ccdgrid.peaks import _dead_lines
+
+    rng = np.random.default_rng(12)
+    img = rng.poisson(0.02, (600, 800)).astype(np.uint32)
+    img[20::40, :] += rng.poisson(30.0, (15, 800)).astype(np.uint32)  # lit rows of holes
+    img[:, 20::40] += rng.poisson(30.0, (600, 20)).astype(np.uint32)
+    img[101] = 17
+    dead = _dead_lines(img)
+    assert dead is not None
+    np.testing.assert_array_equal(np.flatnonzero(dead.all(axis=1)), [101])
+    assert not dead.all(axis=0).any()
+    np.testing.assert_array_equal(dead, _dead_by_definition(img))
 
 
 def test_dead_lines_at_exactly_the_fraction():
