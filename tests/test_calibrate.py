@@ -209,6 +209,24 @@ def test_the_plausibility_check_bounds():
         pipeline._check_plausible(types.SimpleNamespace(residual_rms=80.0), maps, 32.0)
 
 
+def test_the_plausibility_check_counts_the_holes_indexed():
+    # streaks taken for holes: 10 found, 5 in one lattice; and 5 is too few anyway
+    grid = types.SimpleNamespace(residual_rms=1.0)
+    maps = types.SimpleNamespace(fit_residual_rms=0.1)
+    pipeline._check_plausible(grid, maps, 32.0, 11, 20)
+    with pytest.raises(CcdgridError, match="only 10 of 20 fit one lattice"):
+        pipeline._check_plausible(grid, maps, 32.0, 10, 20)
+    with pytest.raises(CcdgridError, match="too few holes to map a distortion: 5 fit"):
+        pipeline._check_plausible(grid, maps, 32.0, 5, 6)
+
+
+def test_maps_that_cannot_predict_a_hole_left_out_are_refused():
+    pipeline._check_predictive(None, 40.0)  # not measured: nothing to judge
+    pipeline._check_predictive(types.SimpleNamespace(rms_px=0.25), 40.0)  # SNR 7: 0.006 pitch
+    with pytest.raises(CcdgridError, match=r"miss it by 22\.4 px RMS, 0\.06 pitch"):
+        pipeline._check_predictive(types.SimpleNamespace(rms_px=22.4), 354.0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("distortion", ["frelon", "strong"])
 def test_end_to_end_on_a_generated_image(distortion):
