@@ -103,6 +103,25 @@ def test_an_enclosed_gap_stays_valid():
     np.testing.assert_array_equal(mask, _hull(pts))
 
 
+def test_a_row_missing_across_the_plate_is_masked_only_near_the_border():
+    # a whole row of holes missing: the gap reaches the hull at both ends,
+    # but inside the plate it has holes above and below and is interpolated
+    pts = _lattice(drop=[(0, j) for j in range(-5, 6)])
+    mask, added = _masked(pts)
+    assert added > 0
+    y = int(SHAPE[0] / 2)
+    xs = np.flatnonzero(mask[y] == 1)
+    x_first, x_last = _site(0, -5)[1], _site(0, 5)[1]
+    # masked: the ends of the band, up to ~1.5 pitch in from the outer columns
+    assert mask[y, int(x_first) + 2] == 1
+    assert mask[y, int(x_last) - 2] == 1
+    assert xs[(xs > x_first) & (xs < x_last)].size > 0
+    inner = xs[(xs > x_first + 2.5 * PITCH) & (xs < x_last - 2.5 * PITCH)]
+    assert inner.size == 0
+    # the middle of the band stays valid
+    assert mask[y, int(SHAPE[1] / 2)] == 0
+
+
 def test_a_row_cut_by_a_rotated_edge_masks_the_wedge_beyond_the_holes():
     # holes cut by the image's edge on a rotated plate: the hull bridges the
     # staircase of the outer rows; what lies beyond a row of holes is masked

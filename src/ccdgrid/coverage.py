@@ -17,8 +17,12 @@ edge is long when it exceeds ``edge_ratio`` local pitches (the mean
 nearest-neighbour distance of its two holes). A border gap starts at a long
 edge of the hull (the hull bridging missing holes, or the staircase of
 rows cut by the image's edge on a rotated plate) and reaches inwards
-through long edges only: the pixels whose centre lies in such a triangle
-are masked. Behind a complete outer row, a gap is enclosed and stays valid. Coordinates
+through long edges only; the pixels whose centre lies in such a triangle
+are masked if the triangle is near the hull's boundary (its centroid within
+``GAP_DEPTH`` local pitches). Behind a complete outer row, a gap is
+enclosed and stays valid, and so does the inner part of a gap that reaches
+the border (a row of holes missing across the whole plate): there it has
+holes on both sides and is interpolated. Coordinates
 are ``(y, x)`` index coordinates: the centre of pixel ``(i, j)`` is at
 ``(i, j)``.
 """
@@ -26,12 +30,13 @@ are ``(y, x)`` index coordinates: the centre of pixel ``(i, j)`` is at
 import numpy as np
 from scipy.spatial import Delaunay, QhullError, cKDTree
 
-__all__ = ["EDGE_RATIO", "border_gaps", "mask_border_gaps"]
+__all__ = ["EDGE_RATIO", "GAP_DEPTH", "border_gaps", "mask_border_gaps"]
 
 EDGE_RATIO = 1.7  # between a lattice diagonal (1.41-1.5) and a gap's edge (>= 2)
+GAP_DEPTH = 1.5  # pitches from the hull's boundary: beyond, a gap is interpolated
 
 
-def border_gaps(points, *, edge_ratio=EDGE_RATIO):
+def border_gaps(points, *, edge_ratio=EDGE_RATIO, depth=GAP_DEPTH):
     """Triangles of the holes' Delaunay triangulation that are border gaps.
 
     Parameters
@@ -40,6 +45,9 @@ def border_gaps(points, *, edge_ratio=EDGE_RATIO):
         Hole centres ``(y, x)``, index coordinates.
     edge_ratio : float
         An edge is long when it spans more than this many local pitches.
+    depth : float
+        Only gap triangles whose centroid lies within this many local
+        pitches of the hull's boundary are returned.
 
     Returns
     -------
@@ -74,7 +82,26 @@ def border_gaps(points, *, edge_ratio=EDGE_RATIO):
         across = np.unique(across[across >= 0])
         front = across[~reached[across]]
         reached[front] = True
-    return corners[reached]
+    # ... but only the part near the hull is extrapolated: farther in, a
+    # gap has holes on both sides (a whole row missing across the plate is
+    # interpolated between its neighbours, to their accuracy)
+    gap = np.flatnonzero(reached)
+    near = _depth(corners[gap].mean(axis=1), pts, tri.convex_hull)
+    near = near < depth * nearest[simplices[gap]].mean(axis=1)
+    return corners[gap[near]]
+
+
+def _depth(points, pts, hull_edges):
+    """Distance of each point (M, 2) inside the hull to its boundary, px."""
+    a, b = pts[hull_edges[:, 0]], pts[hull_edges[:, 1]]
+    edge = b - a
+    length = np.hypot(edge[:, 0], edge[:, 1])
+    # distance to each edge's line; for a point inside a convex polygon the
+    # nearest boundary point lies on the line of the nearest edge
+    cross = edge[None, :, 0] * (points[:, None, 1] - a[None, :, 1]) - edge[None, :, 1] * (
+        points[:, None, 0] - a[None, :, 0]
+    )
+    return np.min(np.abs(cross) / length[None, :], axis=1)
 
 
 def mask_border_gaps(points, mask, *, edge_ratio=EDGE_RATIO):
