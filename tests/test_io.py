@@ -46,6 +46,19 @@ def test_read_edf_returns_data_and_provenance(tmp_path, rng):
     assert info["format"] == "EdfImage"
 
 
+@pytest.mark.parametrize("suffix", [".edf", ".tif"])
+def test_a_truncated_file_is_refused(tmp_path, rng, suffix):
+    # fabio zero-fills the missing tail of a truncated EDF and only logs it
+    writer = {".edf": fabio.edfimage.EdfImage, ".tif": fabio.tifimage.TifImage}[suffix]
+    full = tmp_path / f"full{suffix}"
+    writer(data=_image(rng, (200, 300))).write(str(full))
+    raw = full.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(raw[: int(0.9 * len(raw))])
+    with pytest.raises(CcdgridError, match=r"cut\.(edf|tif)"):
+        read_image(cut)
+
+
 @pytest.mark.parametrize(
     ("suffix", "writer", "dtype"),
     [

@@ -267,10 +267,19 @@ def _read_fabio(path, frame):
             image = image.getframe(_frame_index(nframes, frame, path))
             frame = None
         data = image.data
+        # fabio fills the missing tail of a truncated EDF with zeros and only logs it
+        truncated = bool(getattr(image, "incomplete_file", False)) or bool(
+            getattr(image, "incomplete_data", False)
+        )
     except CcdgridError:
         raise
     except Exception as exc:  # fabio raises many types (OSError, ValueError, KeyError, ...)
         raise CcdgridError(f"cannot read {path} as an image: {exc}") from exc
     if data is None:
         raise CcdgridError(f"cannot read {path} as an image: no data in the file")
+    if truncated:
+        raise CcdgridError(
+            f"{path} is truncated: its data end before the image its header describes "
+            f"(an interrupted copy or write?)"
+        )
     return _select_frame(np.asarray(data), frame, path), fmt
