@@ -135,6 +135,8 @@ def test_summary_names_the_figures(fake_peaks):
     text = cal.summary()
     assert f"holes indexed: {len(fake_peaks.points)}" in text
     assert "1 cut by edge, 1 hot pixel" in text
+    n_masked = int(np.count_nonzero(cal.mask))
+    assert f"{n_masked} pixels masked ({n_masked / cal.mask.size:.1%} of the image)" in text
     assert "µm" in text
     assert "pitch" in text
     assert "find_holes" in text

@@ -49,12 +49,31 @@ def test_figure_has_every_panel(figure):
     assert "holes" in figure.get_suptitle()
 
 
+@pytest.mark.parametrize("with_image", [True, False])
+def test_the_image_panel_spans_the_detector(small, with_image):
+    # the search's binned image and the full-resolution one both cover the
+    # detector, whatever block size each is shown at
+    image, cal = small
+    assert cal.holes.binning > 1
+    fig = report.plot_calibration(cal, image if with_image else None)
+    (shown,) = _panel(fig, "(a)").get_images()
+    left, right, bottom, top = shown.get_extent()
+    ny, nx = image.shape
+    assert (left, top) == (-0.5, -0.5)
+    assert nx - 0.5 <= right < nx + 16
+    assert ny - 0.5 <= bottom < ny + 16
+
+
 def test_title_states_holes_pixel_size_and_residual(small, figure):
     _, cal = small
     title = figure.get_suptitle()
     assert f"{cal.lattice.n_valid} holes" in title
     assert f"{cal.pixel_size[0] * 1e6:.2f} × {cal.pixel_size[1] * 1e6:.2f} µm" in title
     assert "pitch)" in title  # the residual is also given in pitch units
+    # the accuracy figure leads: what the maps predict at holes left out
+    cv = cal.cross_validation
+    assert f"{cv.k}-fold cross-validated" in title
+    assert f"RMS {cv.rms_px:.3f} px" in title.split("|")[0]
 
 
 def test_threshold_line_is_the_calibrations_threshold(small, figure):

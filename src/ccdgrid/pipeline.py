@@ -128,7 +128,8 @@ class Calibration:
             f"maps: {self.maps.method} (trend degree {self.maps.degree}), "
             f"smoothing {self.maps.smoothing:.3g} pitch², "
             f"residual at the holes {self.maps.fit_residual_rms:.4f} px; "
-            f"{int(self.mask.sum())} pixels masked",
+            f"{int(np.count_nonzero(self.mask))} pixels masked "
+            f"({np.count_nonzero(self.mask) / max(self.mask.size, 1):.1%} of the image)",
             self._cross_validation_line(pitch_px),
             "time: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.timings.items()),
         ]

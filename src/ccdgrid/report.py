@@ -85,6 +85,7 @@ class _ReportData:
     detector_file: str = ""
     method: str = ""
     notes: list = field(default_factory=list)
+    cv: object = None  # (rms px, max px, folds) of the k-fold cross-validation, or None
 
     @property
     def residual(self):
@@ -284,7 +285,8 @@ def _gather(cal, image):
             raise CcdgridError(
                 f"`image` has shape {img.shape} but the calibration is for {data.shape}"
             )
-        data.image, data.image_label = img, "image"
+        # the full-resolution image, not the search's binned one
+        data.image, data.image_label, data.image_binning = img, "image", 1
     return data
 
 
@@ -321,7 +323,14 @@ def _from_calibration(cal):
         window=tuple(lattice.window),
         source=str(source or ""),
         method=_method_text(cal.params.get("resolved", {}) if cal.params else {}),
+        cv=_cv(getattr(cal, "cross_validation", None)),
     )
+
+
+def _cv(cv):
+    if cv is None or not math.isfinite(cv.rms_px):
+        return None
+    return float(cv.rms_px), float(cv.max_px), int(cv.k)
 
 
 def _from_record(rec, image):
@@ -528,6 +537,16 @@ def _title(d, disp_norm, res_norm):
         f"   |   distortion at the holes (ideal − measured): RMS {_rms(disp_norm):.2f} px, "
         f"max {_max(disp_norm):.2f} px"
     )
+    if d.cv is not None:
+        # what the maps predict at a hole they were not fitted to: the accuracy
+        # figure (the in-sample misfit only says how much the smoothing removed)
+        cv_rms, cv_max, k = d.cv
+        cv_pitch = f" ({cv_rms / d.pitch_px:.2g} pitch)" if d.pitch_px else ""
+        line2 = (
+            f"accuracy ({k}-fold cross-validated at the holes): RMS {cv_rms:.3f} px{cv_pitch}, "
+            f"max {cv_max:.3f} px   |   in-sample: RMS {rms:.3f} px   |   distortion at "
+            f"the holes: RMS {_rms(disp_norm):.2f} px, max {_max(disp_norm):.2f} px"
+        )
     return line1 + "\n" + line2
 
 
