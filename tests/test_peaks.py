@@ -404,6 +404,22 @@ def test_noise_image_has_no_grid():
         find_holes(rng.poisson(100.0, (256, 256)).astype(np.float32))
 
 
+@pytest.mark.parametrize("shape", [(1, 256), (256, 1), (3, 256), (7, 7)])
+def test_an_image_too_small_for_a_grid_is_refused(shape):
+    with pytest.raises(CcdgridError, match="too small to hold a grid"):
+        find_holes(np.ones(shape) + np.arange(shape[1]))
+
+
+@pytest.mark.parametrize("rows", [9, 12, 15, 18])
+def test_a_strip_narrower_than_the_fit_windows_finds_too_few_holes(rows):
+    # no fit window fits inside: every hole is fitted in a clipped window
+    from ccdgrid.synthetic import grid_image
+
+    img = grid_image((256, 256), pitch_px=40, hole_diameter_px=8, seed=1).image
+    with pytest.raises(CcdgridError, match="too few holes"):
+        find_holes(img[:rows], hole_diameter=8.0, pitch_px=40.0)
+
+
 def test_too_few_holes():
     img, _, _, _ = make_grid((160, 160), pitch=110.0, seed=9)
     with pytest.raises(CcdgridError, match=f"at least {MIN_HOLES}"):

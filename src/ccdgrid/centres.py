@@ -198,8 +198,9 @@ def _clipped_windows(image, centres, half, valid=None):
     n = centres.shape[0]
     win = np.empty((n, size, size), dtype=image.dtype)
     ok = np.empty((n, size, size), dtype=bool)
-    win[inside] = extract_windows(image, centres[inside], half)
-    ok[inside] = True if valid is None else extract_windows(valid, centres[inside], half)
+    if inside.any():  # an image narrower than a window has no window inside
+        win[inside] = extract_windows(image, centres[inside], half)
+        ok[inside] = True if valid is None else extract_windows(valid, centres[inside], half)
     offs = np.arange(-half, half + 1)
     rows = centres[~inside, 0, None] + offs
     cols = centres[~inside, 1, None] + offs

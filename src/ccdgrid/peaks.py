@@ -48,6 +48,7 @@ from .watershed import merge_singletons, segment
 __all__ = ["MIN_HOLES", "HoleSearch", "detection_binning", "find_holes"]
 
 MIN_HOLES = 6  # fewer accepted holes than this cannot define a lattice
+_MIN_SIDE = 8  # px: two 3 px holes and their background need as much along each axis
 # searches redone after leaving out the hot pixels the previous one found
 _HOT_ROUNDS = 2
 # smallest hole diameter, in binned pixels, that the peak search bins down to
@@ -311,6 +312,11 @@ def find_holes(
     """
     backend = check_backend(backend)
     img = as_image(image)
+    if min(img.shape) < _MIN_SIDE:
+        raise CcdgridError(
+            f"`image` of shape {img.shape} is too small to hold a grid of holes "
+            f"(at least {_MIN_SIDE} px in each direction)"
+        )
     hole_diameter = _positive_or_none("hole_diameter", hole_diameter)
     pitch_px = _positive_or_none("pitch_px", pitch_px)
     if threshold is not None:
