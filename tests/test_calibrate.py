@@ -130,6 +130,15 @@ def test_input_mask_is_passed_on_and_merged(fake_peaks):
     assert cal.mask.dtype == np.int8
 
 
+def test_the_mask_of_a_masked_array_reaches_the_output(fake_peaks):
+    hidden = np.zeros(SHAPE, bool)
+    hidden[100, 50] = True
+    cal = calibrate(np.ma.array(np.zeros(SHAPE), mask=hidden))
+    assert cal.mask[100, 50] == 1
+    assert cal.maps.mask[100, 50] == 0
+    assert fake_peaks.calls[0]["mask"][100, 50]
+
+
 def test_summary_names_the_figures(fake_peaks):
     cal = calibrate(np.zeros(SHAPE), source="grid.edf")
     text = cal.summary()

@@ -371,6 +371,33 @@ def test_bad_arguments(name, value, message, default_image):
         find_holes(img, **{name: value})
 
 
+@pytest.mark.parametrize("form", ["float", "masked array", "masked array + mask"])
+def test_float_masks_and_masked_arrays_mask_like_a_boolean_mask(default_image, form):
+    # a float mask (as an EDF mask file holds) and the mask of a numpy
+    # masked array do what the same boolean mask does
+    img, _, _, _ = default_image
+    mask = np.zeros(img.shape, bool)
+    mask[150:230, 150:230] = True
+    spoiled = img.copy()
+    spoiled[mask] = 1e6
+    expected = find_holes(spoiled, mask=mask)
+    if form == "float":
+        found = find_holes(spoiled, mask=np.where(mask, np.nan, 0.0).astype(np.float32))
+    elif form == "masked array":
+        found = find_holes(np.ma.array(spoiled, mask=mask))
+    else:
+        half = mask.copy()
+        half[:190] = False
+        found = find_holes(np.ma.array(spoiled, mask=mask & ~half), mask=half)
+    np.testing.assert_array_equal(found.peaks, expected.peaks)
+    np.testing.assert_array_equal(found.reasons, expected.reasons)
+
+
+def test_bad_mask_dtype(default_image):
+    with pytest.raises(CcdgridError, match="`mask` must hold numbers or booleans"):
+        find_holes(default_image[0], mask=np.full(default_image[0].shape, "x"))
+
+
 def test_bad_mask_shape(default_image):
     with pytest.raises(CcdgridError, match="mask"):
         find_holes(default_image[0], mask=np.zeros((3, 3), bool))

@@ -4,7 +4,7 @@ import numpy as np
 
 from .errors import CcdgridError
 
-__all__ = ["as_image", "as_points", "check_backend", "check_positive"]
+__all__ = ["as_image", "as_points", "check_backend", "check_positive", "split_masked"]
 
 BACKENDS = ("cython", "numpy")
 
@@ -55,3 +55,24 @@ def check_positive(value, name):
     if not (np.isfinite(value) and value > 0):
         raise CcdgridError(f"`{name}` must be a positive number, got {value!r}")
     return value
+
+
+def split_masked(image, mask):
+    """``(data, mask)``: the mask of a numpy masked array ``image`` merged into ``mask``.
+
+    ``mask`` is nonzero for pixels to ignore (pyFAI's convention), or None;
+    a plain array and its mask are returned as they are. A mask of another
+    shape is returned unmerged, for the caller's shape check to name.
+    """
+    if not isinstance(image, np.ma.MaskedArray):
+        return image, mask
+    data = np.ma.getdata(image)
+    hidden = np.ma.getmaskarray(image)
+    if not hidden.any():
+        return data, mask
+    if mask is None:
+        return data, hidden
+    given = np.asarray(mask)
+    if given.shape != hidden.shape:
+        return data, mask
+    return data, (given != 0) | hidden

@@ -38,7 +38,7 @@ from scipy.spatial import cKDTree
 
 from . import centres as _centres
 from . import holes as _holes
-from ._validation import as_image, check_backend
+from ._validation import as_image, check_backend, split_masked
 from .bilinear import refine_peaks
 from .errors import CcdgridError
 from .grid_scale import estimate_grid_scale
@@ -141,9 +141,9 @@ def _as_mask(mask, shape):
     arr = np.asarray(mask)
     if arr.shape != shape:
         raise CcdgridError(f"`mask` (shape {arr.shape}) must have the shape of `image` {shape}")
-    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
-        raise CcdgridError(f"`mask` must be boolean or integer, got dtype {arr.dtype}")
-    return arr != 0
+    if arr.dtype.kind not in "biuf":
+        raise CcdgridError(f"`mask` must hold numbers or booleans, got dtype {arr.dtype}")
+    return arr != 0  # NaN != 0: a NaN in a float mask masks its pixel
 
 
 _DEAD_CHUNK = 512  # pixels of a line compared at a time
@@ -272,8 +272,9 @@ def find_holes(
     ----------
     image : array_like of shape (h, w), real
         The grid image (holes bright on a darker background).
-    mask : array_like of shape (h, w), bool or int, optional
-        Nonzero for invalid pixels (dead, saturated, gaps). They never enter
+    mask : array_like of shape (h, w), bool, int or float, optional
+        Nonzero (or NaN) for invalid pixels (dead, saturated, gaps); the mask
+        of a numpy masked array ``image`` is added to it. They never enter
         a centre; a hole with more than 10 % of its disc masked is rejected.
     hole_diameter : float, optional
         Hole diameter, px (> 0). Estimated from the image when None.
@@ -311,6 +312,7 @@ def find_holes(
     a fibre-bundle gain pattern biases every intensity-based estimator alike.
     """
     backend = check_backend(backend)
+    image, mask = split_masked(image, mask)
     img = as_image(image)
     if min(img.shape) < _MIN_SIDE:
         raise CcdgridError(

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validation import as_points, check_backend
+from ._validation import as_points, check_backend, split_masked
 from .cross_validation import cross_validate
 from .errors import CcdgridError
 from .gridfit import _check_pitch, centred_grid, fit_grid
@@ -172,7 +172,8 @@ def calibrate(
         Hole spacing of the plate. None: the previous calibration's pitch
         when ``previous`` is given, else 5 mm (the usual FReLoN plate).
     mask : array_like of shape (ny, nx) or None
-        Nonzero for pixels to ignore (pyFAI's convention).
+        Nonzero (or NaN) for pixels to ignore (pyFAI's convention); the mask
+        of a numpy masked array ``image`` is added to it.
     hole_diameter : float or None, px
         Hole diameter on the image; None: estimated.
     pitch_px : float or None, px
@@ -209,6 +210,7 @@ def calibrate(
     CcdgridError
         Bad input, an unreadable file, or too few holes at any stage.
     """
+    image, mask = split_masked(image, mask)
     if previous is not None:
         from .warmstart import recalibrate
 
