@@ -926,3 +926,23 @@ def test_checking_frames_loads_no_numpy():
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0].startswith("bad frame selection '0:8:0'")
     assert out.stdout.splitlines()[1] == "False"
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_numpy_runtime_warnings_are_hidden_unless_debugging(monkeypatch, capsys, debug):
+    import warnings
+
+    from ccdgrid import cli
+
+    def noisy(args):
+        warnings.warn("Mean of empty slice", RuntimeWarning, stacklevel=1)
+        warnings.warn("made a cold calibration instead", UserWarning, stacklevel=1)
+
+    monkeypatch.setattr(cli, "_run_info", noisy)
+    argv = ["info", "x.h5"] + (["--debug"] if debug else [])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    kinds = [w.category for w in seen]
+    assert UserWarning in kinds
+    assert (RuntimeWarning in kinds) is debug

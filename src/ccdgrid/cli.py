@@ -18,6 +18,7 @@ import re
 import sys
 import time
 import traceback
+import warnings
 
 from .errors import CcdgridError
 from .units import parse_length
@@ -491,7 +492,12 @@ def main(argv=None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        args.run(args)
+        with warnings.catch_warnings():
+            if not args.debug:
+                # numpy's numerical notes (a mean of no pixels, a NaN compared)
+                # say nothing to a user; ccdgrid's own warnings still show
+                warnings.simplefilter("ignore", RuntimeWarning)
+            args.run(args)
     except KeyboardInterrupt:
         print("ccdgrid: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
