@@ -188,7 +188,7 @@ def test_bad_pitch_px(pitch_px):
         index_holes(pos, pitch_px=pitch_px)
 
 
-@pytest.mark.parametrize("tolerance", [0.0, 0.5, -1.0])
+@pytest.mark.parametrize("tolerance", [0.0, 0.5, -1.0, "x", None, float("nan")])
 def test_bad_tolerance(tolerance):
     rng = np.random.default_rng(1)
     pos, _, _ = point_set(rng, distortion_px=0.0)

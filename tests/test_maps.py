@@ -167,6 +167,9 @@ def test_collinear_holes():
         ({"smoothing": -1.0}, "smoothing"),
         ({"smoothing": "lots"}, "smoothing"),
         ({"coarse_step": 0.0}, "coarse_step"),
+        ({"coarse_step": 1e-9}, "at least 1 px"),  # 954 GiB of coarse grid
+        ({"hull_margin": float("nan")}, "hull_margin"),  # masked every pixel
+        ({"hull_margin": "a"}, "hull_margin"),
         ({"degree": 7}, "degree"),
         ({"scale_px": -2.0}, "scale_px"),
     ],

@@ -184,9 +184,13 @@ def index_holes(peaks, *, pitch_px=None, tolerance=0.25, outlier_sigma=6.0):
     """
     pts = as_points(peaks, "peaks")
     pitch_px = _check_optional_positive(pitch_px, "pitch_px")
-    tolerance = float(tolerance)
-    if not 0.0 < tolerance < 0.5:
+    try:
+        ok = 0.0 < float(tolerance) < 0.5
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise CcdgridError(f"`tolerance` must be in (0, 0.5) pitch, got {tolerance!r}")
+    tolerance = float(tolerance)
     if outlier_sigma is not None:
         outlier_sigma = _check_optional_positive(outlier_sigma, "outlier_sigma")
     n_all = len(pts)

@@ -286,7 +286,13 @@ def displacement_maps(
     if scale_px is None:
         scale_px = float(np.median(cKDTree(pts).query(pts, k=2)[0][:, 1]))
     scale_px = positive(scale_px, "scale_px")
-    hull_margin = float(hull_margin)
+    try:
+        margin = float(hull_margin)
+    except (TypeError, ValueError):
+        margin = float("nan")
+    if not np.isfinite(margin):
+        raise CcdgridError(f"`hull_margin` must be a finite number of px, got {hull_margin!r}")
+    hull_margin = margin
     mask = hull_mask(hull.equations, (ny, nx), margin=hull_margin)
     if gap_ratio is not None:
         mask_border_gaps(pts, mask, edge_ratio=positive(gap_ratio, "gap_ratio"))
@@ -340,6 +346,9 @@ def displacement_maps(
     if coarse_step is None:
         coarse_step = float(np.clip(scale_px / 2.0, 8.0, 48.0))
     coarse_step = positive(coarse_step, "coarse_step")
+    if coarse_step < 1.0:
+        # finer than the corners themselves: only memory to lose
+        raise CcdgridError(f"`coarse_step` must be at least 1 px, got {coarse_step!r}")
 
     rbf, degree = fit_tps(pts / scale_px, disp, smoothing, degree, backend)
     yc = _coarse_axis(ny, coarse_step)
