@@ -196,6 +196,10 @@ def test_masked_pixels_are_the_centres_inside_the_gap_triangles(kw):
     added = mask_border_gaps(pts, mask)
     np.testing.assert_array_equal(mask.astype(bool), expected)
     assert added == expected.sum()
+    # a mask laid out column by column is written in place all the same
+    fortran = np.zeros(SHAPE, np.int8, order="F")
+    assert mask_border_gaps(pts, fortran) == added
+    np.testing.assert_array_equal(fortran, mask)
     # pixels masked already are left as they are and not counted
     again = mask.copy()
     assert mask_border_gaps(pts, again) == 0

@@ -127,16 +127,16 @@ def mask_border_gaps(points, mask, *, edge_ratio=EDGE_RATIO):
     rows, first, last = rows[keep], first[keep], last[keep]
     if rows.size == 0:
         return 0
-    # the flat indices of every pixel of every span, without a loop over them
+    # the (row, column) of every pixel of every span, without a loop over them
+    # (pairs, not flat indices: the mask may be laid out in any order)
     lengths = last - first + 1
-    starts = rows * nx + first
-    offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-    idx = offsets + np.arange(int(lengths.sum()), dtype=np.int64)
+    cols = np.repeat(first - (np.cumsum(lengths) - lengths), lengths)
+    cols += np.arange(int(lengths.sum()), dtype=np.int64)
     # spans of neighbouring triangles share end pixels: count the rows they
     # touch before and after, which costs less than sorting the indices
     band = mask[rows.min() : rows.max() + 1]
     before = np.count_nonzero(band)
-    mask.reshape(-1)[idx] = 1
+    mask[np.repeat(rows, lengths), cols] = 1
     return int(np.count_nonzero(band) - before)
 
 
