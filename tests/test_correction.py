@@ -1089,3 +1089,10 @@ def test_shuffle_planes_writes_each_byte_plane_in_place(chunk_kernels, itemsize,
             assert int(dst[head + 1]) | int(dst[head + 2]) << 8 == count
             assert int(dst[head + 3]) | int(dst[head + 4]) << 8 == count ^ 0xFFFF
             assert_array_equal(dst[head + 5 : head + 5 + count], plane[65535 * b :][:count])
+
+
+@pytest.mark.parametrize(("offset", "text"), [(0, "k"), (3, "k + 3"), (-56, "k - 56")])
+def test_offsets_are_printed_with_their_sign(offset, text):
+    from ccdgrid.correction import _plus
+
+    assert _plus("k", offset) == text

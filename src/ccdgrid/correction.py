@@ -897,7 +897,7 @@ def run_correct(args):
     )
     print(
         f"output frame ({frame}): {ny_out} x {nx_out}, offset {oy} {ox} "
-        f"(corrected pixel (k, l) covers input position (k + {oy}, l + {ox}))"
+        f"(corrected pixel (k, l) covers input position ({_plus('k', oy)}, {_plus('l', ox)}))"
     )
     header = {
         "ccdgrid_correct": f"detector={detector.path} normalize={bool(args.normalize)} "
@@ -915,3 +915,10 @@ def run_correct(args):
         directory.mkdir(parents=True, exist_ok=True)
         _write_atomically(target, fmt, corrected, header)
         print(f"wrote {target} (from {info['path']}, corrected in {elapsed:.3f} s)")
+
+
+def _plus(name, offset):
+    """``"k + 3"``, ``"k - 56"`` or ``"k"``: an index and its offset, as text."""
+    if offset == 0:
+        return name
+    return f"{name} {'-' if offset < 0 else '+'} {abs(offset)}"
