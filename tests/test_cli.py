@@ -800,23 +800,36 @@ def test_a_threshold_in_counts_gets_its_unit_and_the_automatic_value(capsys, tmp
 
 
 @pytest.mark.parametrize(
-    ("message", "hint"),
+    ("message", "shown", "hint"),
     [
-        ("too few holes found in `image`: 2 (at least 6 are needed)", "or --threshold T below"),
-        ("no grid of holes found in `image`: no peak stands out", "or --threshold T below"),
-        ("`image` shows no periodic grid of holes: ...", "If the image does show a grid"),
+        (
+            "too few holes found in `image`: 2 (at least 6 are needed)",
+            "too few holes found in the image: 2 (at least 6 are needed)",
+            "or --threshold T below",
+        ),
+        (
+            "no grid of holes found in `image`: no peak stands out",
+            "no grid of holes found in the image: no peak stands out",
+            "or --threshold T below",
+        ),
+        (
+            "`image` shows no periodic grid of holes: ...",
+            "The image shows no periodic grid of holes: ...",
+            "If the image does show a grid",
+        ),
     ],
 )
 def test_a_failed_hole_search_names_the_options_that_help(
-    capsys, tmp_path, grid_file, fake_calibrate, message, hint
+    capsys, tmp_path, grid_file, fake_calibrate, message, shown, hint
 ):
+    # the library's messages name its arguments; the command line, its options
     fake_calibrate.behaviour["raise"] = CcdgridError(message)
     out = tmp_path / "o.h5"
 
     assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(out)]) == 1
 
     line = _error_line(capsys)
-    assert line.startswith(f"ccdgrid: error: {message}. ")
+    assert line.startswith(f"ccdgrid: error: {shown}. ")
     assert hint in line
     assert "--hole-diameter PX and --spacing PX" in line
 
@@ -826,7 +839,20 @@ def test_a_constant_image_gets_no_hint(capsys, tmp_path, grid_file, fake_calibra
     fake_calibrate.behaviour["raise"] = CcdgridError(message)
 
     assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(tmp_path / "o.h5")]) == 1
-    assert _error_line(capsys) == f"ccdgrid: error: {message}\n"
+    expected = "The image is constant: there is no grid of holes in it"
+    assert _error_line(capsys) == f"ccdgrid: error: {expected}\n"
+
+
+def test_messages_name_options_not_python_arguments(capsys, tmp_path, grid_file, fake_calibrate):
+    fake_calibrate.behaviour["raise"] = CcdgridError(
+        "`pitch_px` must be a positive number of pixels; check `hole_diameter` and `mask`"
+    )
+
+    assert main(["calibrate", str(grid_file), "--pitch", "5mm", "-o", str(tmp_path / "o.h5")]) == 1
+    line = _error_line(capsys)
+    assert "--spacing must be a positive number of pixels" in line
+    assert "check --hole-diameter and the mask" in line
+    assert "`" not in line
 
 
 def test_the_threshold_help_gives_its_unit(capsys):

@@ -509,10 +509,26 @@ def main(argv=None):
     return EXIT_OK
 
 
+# The library's messages name its Python arguments; on the command line they
+# are the image, the mask and the options that set them.
+_ARGUMENT_WORDS = {
+    "`image`": "the image",
+    "`mask`": "the mask",
+    "`pitch_px`": "--spacing",
+    "`hole_diameter`": "--hole-diameter",
+    "`threshold`": "--threshold",
+    "`pitch`": "--pitch",
+    "`previous`": "the --from detector file",
+}
+
+
 def _describe(exc):
     if isinstance(exc, OSError) and exc.strerror and exc.filename:
         return f"{exc.filename}: {exc.strerror}"
-    return str(exc) or type(exc).__name__
+    text = str(exc) or type(exc).__name__
+    for word, option in _ARGUMENT_WORDS.items():
+        text = text.replace(word, option)
+    return text[:1].upper() + text[1:] if text.startswith("the ") else text
 
 
 # -- subcommands -----------------------------------------------------------------
