@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy.spatial import cKDTree
 
 from ccdgrid.errors import CcdgridError
 from ccdgrid.lattice import REASONS, index_holes
@@ -199,3 +200,32 @@ def test_bad_tolerance(tolerance):
 def test_bad_shape():
     with pytest.raises(CcdgridError, match="peaks"):
         index_holes(np.zeros((10, 3)))
+
+
+def test_lattice_neighbours_match_a_loop_over_pairs():
+    # the peaks that can start a group of their own: counted for all at once,
+    # checked here pair by pair against the global lattice
+    from ccdgrid.lattice import _MAX_STEP, _lattice_neighbours, _Propagation
+
+    rng = np.random.default_rng(31)
+    ii, jj = np.meshgrid(np.arange(8), np.arange(9), indexing="ij")
+    basis = np.array([[40.0, 3.0], [-2.0, 41.0]])  # columns: the i and j steps (y, x)
+    p = np.stack([ii.ravel(), jj.ravel()], 1) @ basis.T + rng.normal(0, 0.5, (72, 2))
+    p = np.concatenate([p, rng.uniform(-40, 360, (30, 2))])  # peaks off the lattice
+    tree = cKDTree(p)
+    nb_idx = tree.query(p, k=13, distance_upper_bound=130.0)[1][:, 1:]
+    prop = _Propagation(p, nb_idx, basis, 10.0)
+    prop.duplicate[5] = True
+    expected = np.zeros(len(p), np.int64)
+    inv = np.linalg.inv(basis)
+    for h in range(len(p)):
+        for m in nb_idx[h]:
+            if m == len(p) or prop.duplicate[m]:
+                continue
+            step = np.rint(inv @ (p[m] - p[h]))
+            span = np.abs(step).max()
+            miss = np.hypot(*(p[m] - p[h] - basis @ step))
+            expected[h] += 1 <= span <= _MAX_STEP and miss < 10.0
+    np.testing.assert_array_equal(_lattice_neighbours(prop), expected)
+    assert (expected[:72] > 0).all()
+    assert (expected[72:] == 0).any()
