@@ -618,11 +618,15 @@ def _isolated_spikes(image, points, half, level, contrast):
     -------
     ndarray of shape (M,), int64
         Sorted flat indices of pixels that stand above their surroundings by
-        more than three times the peak's contrast and whose 3x3 median stays
-        within a quarter of their height of the background: single hot
-        pixels and clusters of up to four, never a hole's pixels (a hole's
-        3x3 median follows its profile; a hole's pixels are no brighter than
-        its smoothed contrast allows).
+        more than three times the peak's contrast and that either have a 3x3
+        median within a quarter of their height of the background (single
+        hot pixels and clusters of up to four) or stand as high above their
+        thin ceiling (:func:`_thin_ceiling_at`: lines one pixel wide, such
+        as cosmic-ray streaks, whose steps put five of their pixels in a
+        3x3 square). Never a hole's pixels: a hole's 3x3 median follows its
+        profile, every pixel of it has a neighbour as bright on some side of
+        every axis, and its pixels are no brighter than its smoothed
+        contrast allows.
     """
     if len(points) == 0:
         return np.zeros(0, dtype=np.int64)
@@ -638,20 +642,56 @@ def _isolated_spikes(image, points, half, level, contrast):
     k = k[first]
     at = np.stack(np.divmod(flat, w), axis=1)
     height = image.ravel()[flat].astype(np.float64) - level[k]
-    above = _median3_at(image, at) - level[k]
+    above = np.minimum(_median3_at(image, at), _thin_ceiling_at(image, at)) - level[k]
     return flat[above < 0.25 * height]
+
+
+def _thin_ceiling_at(image, points):
+    """:func:`ccdgrid.grid_scale._thin_ceiling` of ``image`` at integer points only.
+
+    Parameters
+    ----------
+    image : ndarray of shape (h, w), float32
+    points : ndarray of shape (K, 2), int64
+        Pixels (row, col) inside the image.
+
+    Returns
+    -------
+    ndarray of shape (K,), float64
+        Per point, the least over the column, the row and the two diagonals
+        of the brighter of its two neighbours on that axis (the image
+        mirrored at its border, without repeating the edge pixel).
+    """
+    h, w = image.shape
+
+    def mirrored(idx, n):
+        if n == 1:
+            return np.zeros_like(idx)
+        idx = np.abs(idx)
+        return np.where(idx > n - 1, 2 * (n - 1) - idx, idx)
+
+    y, x = points[:, 0], points[:, 1]
+    ceiling = None
+    for dy, dx in ((1, 0), (0, 1), (1, 1), (1, -1)):
+        a = image[mirrored(y - dy, h), mirrored(x - dx, w)]
+        b = image[mirrored(y + dy, h), mirrored(x + dx, w)]
+        pair = np.maximum(a, b)
+        ceiling = pair if ceiling is None else np.minimum(ceiling, pair)
+    return ceiling.astype(np.float64)
 
 
 def _without_pixels(image, valid, flat):
     """Copies of ``image`` and ``valid`` with the pixels ``flat`` made invalid.
 
-    Their values become the 3x3 median around them, so that the smoothing
-    no longer sees them (the fits skip them as invalid). The caller's image
-    is never modified.
+    Their values become the 3x3 median around them, or their thin ceiling
+    (:func:`_thin_ceiling_at`) where that is lower (along a streak with
+    steps, five pixels of a 3x3 square are the streak's), so that the
+    smoothing no longer sees them (the fits skip them as invalid). The
+    caller's image is never modified.
     """
     h, w = image.shape
     at = np.stack(np.divmod(flat, w), axis=1)
-    fill = _median3_at(image, at)
+    fill = np.minimum(_median3_at(image, at), _thin_ceiling_at(image, at))
     image = image.copy()
     image.ravel()[flat] = fill
     valid = np.ones((h, w), dtype=bool) if valid is None else valid.copy()
