@@ -95,7 +95,7 @@ def _thin_ceiling(image):
     ndarray of shape (h, w), the dtype of ``image``
     """
     h, w = image.shape
-    pad = np.pad(image, 1, mode="reflect" if min(h, w) > 1 else "edge")
+    pad = np.pad(image, 1, mode="reflect")  # a 1-px-wide axis: the pixel itself
 
     def shifted(dy, dx):
         return pad[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]

@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from . import centres as _centres
@@ -360,10 +362,14 @@ def find_holes(
     # that finds such pixels stops before the fits; they are left out of the
     # image and the search is redone.
     hot = np.zeros(0, dtype=np.int64)
+    # a hole is judged "masked" by the pixels the caller (or the image) made
+    # invalid, not by the hot pixels left out here: those are thin (a streak
+    # through a hole's disc takes 10-15 % of it) and the fits skip them
+    given = valid
     for rounds_left in range(_HOT_ROUNDS, -1, -1):
         result = _search(
             img, binned, valid, diameter0, pitch0, threshold, backend, timings,
-            stop_on_hot=rounds_left > 0,
+            stop_on_hot=rounds_left > 0, given_valid=given,
         )  # fmt: skip
         if result is None or result[0] is not None:
             break
@@ -375,7 +381,10 @@ def find_holes(
         # the first guess sized the smoothing disc; redo with the measured size
         # when it was far off, so the smoothed peaks are single and centred
         if abs(fitted_d / diameter0 - 1.0) > 0.3:
-            result = _search(img, binned, valid, fitted_d, pitch0, threshold, backend, timings)
+            result = _search(
+                img, binned, valid, fitted_d, pitch0, threshold, backend, timings,
+                given_valid=given,
+            )  # fmt: skip
     if result is None:
         raise CcdgridError(
             "no grid of holes found in `image`: no peak stands out of the background"
@@ -404,8 +413,15 @@ def _summary(reasons):
     return ", ".join(f"{c} {n}" for n, c in zip(names, counts, strict=True))
 
 
-def _search(img, binned, valid, diameter, pitch, threshold, backend, timings, stop_on_hot=False):
+def _search(
+    img, binned, valid, diameter, pitch, threshold, backend, timings, stop_on_hot=False,
+    given_valid=None,
+):  # fmt: skip
     """One pass of the search for a given hole diameter.
+
+    ``valid`` (None: all) holds the pixels the fits may use; ``given_valid``
+    those the caller and the image left valid, before hot pixels were left
+    out: a hole with more than 10 % of its disc invalid in it is "masked".
 
     Returns (HoleSearch, fitted diameter, flat indices of the isolated hot
     pixels seen), or None if no peak stands out at all. With ``stop_on_hot``,
@@ -518,8 +534,8 @@ def _search(img, binned, valid, diameter, pitch, threshold, backend, timings, st
         fit_reasons = _holes.classify_fits(
             fit, contrast[fit_idx], image_shape=img.shape, window=half
         )
-        if valid is not None:
-            heavy = _masked_fraction_high(valid, fit, half_min)
+        if given_valid is not None:
+            heavy = _masked_fraction_high(given_valid, fit, half_min)
             fit_reasons[(fit_reasons == "") & heavy] = "masked"
         reasons[fit_idx] = fit_reasons
     timings["fit"] = time.perf_counter() - t
@@ -683,15 +699,26 @@ def _thin_ceiling_at(image, points):
 def _without_pixels(image, valid, flat):
     """Copies of ``image`` and ``valid`` with the pixels ``flat`` made invalid.
 
-    Their values become the 3x3 median around them, or their thin ceiling
-    (:func:`_thin_ceiling_at`) where that is lower (along a streak with
-    steps, five pixels of a 3x3 square are the streak's), so that the
-    smoothing no longer sees them (the fits skip them as invalid). The
-    caller's image is never modified.
+    Their values become the 3x3 median around them, so that the smoothing
+    no longer sees them (the fits skip them as invalid). Where five or more
+    pixels of that 3x3 square are left out (along a cosmic-ray streak with
+    steps), the median is the streak's own level: their thin ceiling
+    (:func:`_thin_ceiling_at`), the brighter neighbour across the streak,
+    is used instead. The caller's image is never modified.
     """
     h, w = image.shape
+    flat = np.unique(flat)
     at = np.stack(np.divmod(flat, w), axis=1)
-    fill = np.minimum(_median3_at(image, at), _thin_ceiling_at(image, at))
+    fill = _median3_at(image, at)
+    offs = np.array([-1, 0, 1])
+    rows = at[:, 0, None, None] + offs[None, :, None]
+    cols = at[:, 1, None, None] + offs[None, None, :]
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    near = np.where(inside, rows * w + cols, -1).reshape(len(flat), 9)
+    pos = np.minimum(np.searchsorted(flat, near), flat.size - 1)
+    crowded = np.count_nonzero(flat[pos] == near, axis=1) >= 5
+    if crowded.any():
+        fill[crowded] = _thin_ceiling_at(image, at[crowded])
     image = image.copy()
     image.ravel()[flat] = fill
     valid = np.ones((h, w), dtype=bool) if valid is None else valid.copy()
@@ -700,11 +727,20 @@ def _without_pixels(image, valid, flat):
 
 
 def _report_hot_pixels(search, flat, shape):
-    """Add the hot pixels left out of the image to the rejected candidates, one per cluster."""
+    """Add the hot pixels left out of the image to the rejected candidates, one per cluster.
+
+    A cluster is a set of 8-connected pixels (a cosmic-ray streak is one),
+    reported at the mean position of its pixels.
+    """
     at = np.stack(np.divmod(np.unique(flat), shape[1]), axis=1).astype(np.float64)
-    reasons = np.full(len(at), "", dtype=object)
-    _mark_duplicates(at, np.arange(len(at)), np.zeros(len(at)), 1.5, reasons)
-    at = at[reasons == ""]
+    pairs = cKDTree(at).query_pairs(r=1.5, output_type="ndarray")
+    graph = coo_matrix(
+        (np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(len(at),) * 2
+    )
+    n, label = connected_components(graph, directed=False)
+    count = np.bincount(label, minlength=n)
+    centre = np.stack([np.bincount(label, weights=c, minlength=n) for c in at.T], axis=1)
+    at = centre / count[:, None]
     search.rejected = np.concatenate([search.rejected, at])
     search.reasons = np.concatenate([search.reasons, np.full(len(at), "hot pixel")])
 
