@@ -5,8 +5,12 @@ with itself: the overlap area of two discs, blurred by the PSF) surrounded by
 copies of it at every lattice vector. Its half width at half maximum gives
 the hole radius (two discs of radius R overlap by half at a distance of
 0.808 R), and its strongest off-centre peak the nearest lattice vector.
-White noise and isolated hot pixels only add to the zero lag, which is never
-used; slow illumination changes are removed by a high-pass filter. A step
+White noise only adds to the zero lag, which is never used. Small bright
+outliers do not: squared, one cosmic-ray streak at 10^4 counts outweighs
+thousands of hole pixels at 40 and its own autocorrelation (a narrow peak,
+copies at its pixel steps) becomes the guess; they are clipped away first
+(:func:`_clip_small_bright`). Slow illumination changes are removed by a
+high-pass filter. A step
 (a lit-area edge, a beam stop) is not slow: its autocorrelation is a cone
 under the central peak, seen as a pedestal at the peak's foot. The guess is
 then made again on a white top-hat of the image, which removes anything

@@ -11,9 +11,10 @@ The pipeline, all of it automatic (every guess can be overridden):
    maximum, and singleton regions are merged (:mod:`ccdgrid.watershed`);
 4. the contrast of each region's peak over its surroundings is thresholded
    in log10 at an automatically chosen level (:mod:`ccdgrid.holes`); hot
-   pixels far brighter than the holes (their smoothed plateaus outshine
-   faint holes and set the threshold) are found behind the peaks they make,
-   left out of the image as invalid pixels, and steps 2-4 are redone;
+   pixels and cosmic-ray streaks far brighter than the holes (their
+   smoothed plateaus outshine faint holes and set the threshold) are found
+   behind the peaks they make, left out of the image as invalid pixels, and
+   steps 2-4 are redone;
 5. the peaks are refined to sub-pixel seeds on the smoothed image
    (:func:`ccdgrid.bilinear.refine_peaks`) and mapped back to full
    resolution;
@@ -304,12 +305,14 @@ def find_holes(
     The centre of each hole is the centre of a blurred disc on a local
     background plane fitted by weighted least squares to the raw pixels of a
     window around it (after a first pass on a 3x3 median-filtered copy that
-    removes hot pixels). Hot pixels that outshine the holes' smoothed
-    contrast threefold are left out of the image before the search is
-    redone, and reported as rejected ``"hot pixel"`` candidates at their
-    own positions, one per cluster. On noise-limited images its error is about half
-    that of the seed tutorial's bilinear refinement of the smoothed image;
-    a fibre-bundle gain pattern biases every intensity-based estimator alike.
+    removes hot pixels). Hot pixels and streaks one pixel wide that outshine
+    the holes' smoothed contrast threefold are left out of the image before
+    the search is redone (they do not count towards a hole's masked share),
+    and reported as rejected ``"hot pixel"`` candidates, one per 8-connected
+    cluster at the mean position of its pixels. On noise-limited images the
+    centre error is about half that of the seed tutorial's bilinear
+    refinement of the smoothed image; a fibre-bundle gain pattern biases
+    every intensity-based estimator alike.
     """
     backend = check_backend(backend)
     img = as_image(image)
