@@ -133,13 +133,35 @@ def _defects():
     return img, hole
 
 
+def _second_largest_of_4_brute(img):
+    h, w = img.shape
+    out = np.empty_like(img)
+    for i in range(h):
+        for j in range(w):
+            near = [
+                img[max(i - 1, 0), j],
+                img[min(i + 1, h - 1), j],
+                img[i, max(j - 1, 0)],
+                img[i, min(j + 1, w - 1)],
+            ]
+            out[i, j] = min(img[i, j], sorted(near)[-2])
+    return out
+
+
 def test_clip_small_bright_matches_its_definition():
     img, _ = _defects()
     img += np.random.default_rng(73).normal(0.0, 2.0, img.shape).astype(np.float32)
-    thin = np.minimum(img, _thin_ceiling_brute(img))
-    floor = ndimage.minimum_filter(thin, size=3, mode="nearest").astype(np.float64)
-    ceiling = np.float32(floor.mean() + 3.0 * (floor.max() - floor.mean()))
-    np.testing.assert_allclose(gs._clip_small_bright(img), np.minimum(thin, ceiling), rtol=1e-6)
+    step1 = _second_largest_of_4_brute(img)
+    np.testing.assert_array_equal(gs._clip_isolated(img), step1)
+    floor = ndimage.minimum_filter(step1, size=3, mode="nearest").astype(np.float64)
+    contrast = np.float32(3.0 * (floor.max() - floor.mean()))
+    thin = _thin_ceiling_brute(img)
+    step2 = np.where(img - thin > contrast, thin, step1)
+    step3 = np.minimum(step2, np.float32(floor.mean()) + contrast)
+    np.testing.assert_allclose(gs._clip_small_bright(img), step3, rtol=1e-6)
+    # the defects are where the three steps differ
+    assert (step2 != step1).any()
+    assert (step3 != step2).any()
 
 
 def test_clip_small_bright_cuts_defects_and_keeps_the_hole():
