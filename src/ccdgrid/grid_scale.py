@@ -156,22 +156,27 @@ def _clip_small_bright(image):
     2. a pixel more than ``3 (M - B)`` above its thin ceiling
        (:func:`_thin_ceiling`) becomes that ceiling: lines one pixel wide in
        any direction (cosmic-ray streaks) and 2x2 clusters fall to their
-       surroundings. ``M`` is the brightest 3x3 minimum of the image after
-       step 1, the level of the brightest hole (nothing narrower than 3x3
-       survives a 3x3 minimum filter), and ``B`` the mean 3x3 minimum, the
-       background: no hole pixel stands three hole contrasts above its
-       neighbours, while noise, which the thin ceiling would otherwise clip
-       everywhere (flattening the holes of a 20-count image), is left alone;
+       surroundings. ``M`` is the brightest 3x3 minimum of the image clipped
+       to its thin ceiling, the level of the brightest hole (nothing
+       narrower than 3x3 survives a 3x3 minimum filter, and the thin
+       ceiling trims the rim of a 3x3 blob), and ``B`` the mean 3x3
+       minimum, the background: no hole pixel stands three hole contrasts
+       above its neighbours, while noise, which the thin ceiling would
+       otherwise clip everywhere (flattening the holes of a 20-count
+       image), is left alone;
     3. everything is clipped to ``B + 3 (M - B)``: what is left above the
-       holes (streaks two pixels wide, streaks that cross) then weighs no
-       more than a few hole pixels.
+       holes (streaks two pixels wide, streaks that cross, small blobs)
+       then weighs no more than a few hole pixels.
 
     Squared in the autocorrelation, a few pixels at 10^4 counts outweigh
     thousands of hole pixels at 40: without steps 2 and 3, five streaks
     made the guess (2 px holes, 6 px apart).
     """
     clipped = _clip_isolated(image)
-    floor = _min3(clipped)
+    thin = _thin_ceiling(image)
+    # a blob that binning left 3 px wide holds a 3x3 block; capped by its
+    # thin ceiling, its rim falls and the 3x3 minimum no longer sees it
+    floor = _min3(np.minimum(image, thin))
     top = float(floor.max())
     base = float(floor.mean(dtype=np.float64))
     contrast = np.float32(3.0 * (top - base))
@@ -180,7 +185,6 @@ def _clip_small_bright(image):
         # nothing stands that far above a thin ceiling (>= the minimum) nor
         # above the last ceiling: steps 2 and 3 would change no pixel
         return clipped
-    thin = _thin_ceiling(image)
     spike = np.subtract(image, thin, out=floor) > contrast
     np.copyto(clipped, thin, where=spike)
     return np.minimum(clipped, np.float32(base) + contrast, out=clipped)
