@@ -6,7 +6,9 @@ from pathlib import Path
 import _independent_grid as gen  # registered by conftest.py
 import numpy as np
 import pytest
+from scipy import ndimage
 
+from ccdgrid import grid_scale as gs
 from ccdgrid.errors import CcdgridError
 from ccdgrid.grid_scale import estimate_grid_scale
 from ccdgrid.smoothing import block_mean
@@ -74,3 +76,115 @@ def test_lit_circle_on_a_bright_background(pitch, sigma):
     # a Gaussian's "diameter" (its autocorrelation's half width) is ~4 sigma
     assert 3.0 * sigma < scale.diameter < 5.5 * sigma
     assert scale.contrast > 50
+
+
+def _mirror(i, n):
+    """Index ``i`` mirrored into 0..n-1 without repeating the edge (a 1-long axis: 0)."""
+    if n == 1:
+        return 0
+    if i < 0:
+        return -i
+    if i > n - 1:
+        return 2 * (n - 1) - i
+    return i
+
+
+def _thin_ceiling_brute(img):
+    h, w = img.shape
+    out = np.empty_like(img)
+    for i in range(h):
+        for j in range(w):
+            best = np.inf
+            for dy, dx in ((1, 0), (0, 1), (1, 1), (1, -1)):
+                a = img[_mirror(i - dy, h), _mirror(j - dx, w)]
+                b = img[_mirror(i + dy, h), _mirror(j + dx, w)]
+                best = min(best, max(a, b))
+            out[i, j] = best
+    return out
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (2, 2), (6, 1), (9, 13)])
+def test_thin_ceiling_matches_its_definition(shape):
+    rng = np.random.default_rng(71)
+    img = rng.normal(50.0, 20.0, shape).astype(np.float32)
+    got = gs._thin_ceiling(img)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, _thin_ceiling_brute(img))
+
+
+def test_min3_is_scipys_minimum_filter():
+    img = np.random.default_rng(72).normal(0.0, 1.0, (17, 23)).astype(np.float32)
+    expected = ndimage.minimum_filter(img, size=3, mode="nearest")
+    np.testing.assert_array_equal(gs._min3(img), expected)
+
+
+def _defects():
+    """A flat 10-count image, a hole (disc of radius 3.5, 100 counts) and small bright defects."""
+    img = np.full((40, 40), 10.0, dtype=np.float32)
+    yy, xx = np.mgrid[:40, :40]
+    hole = np.hypot(yy - 30, xx - 30) <= 3.5
+    img[hole] = 100.0
+    img[5, 3:15] = 2e4  # a row streak
+    img[np.arange(8, 20), np.arange(20, 32)] = 3e4  # a diagonal streak
+    img[25:27, 5:7] = 4e4  # a 2x2 cluster
+    img[30, 15] = 5e4  # a hot pixel
+    img[12:14, 3:12] = 2e4  # a streak two pixels wide
+    img[[2, 3, 4, 3, 3], [30, 30, 30, 29, 31]] = 4e4  # two crossing streaks
+    return img, hole
+
+
+def _second_largest_of_4_brute(img):
+    h, w = img.shape
+    out = np.empty_like(img)
+    for i in range(h):
+        for j in range(w):
+            near = [
+                img[max(i - 1, 0), j],
+                img[min(i + 1, h - 1), j],
+                img[i, max(j - 1, 0)],
+                img[i, min(j + 1, w - 1)],
+            ]
+            out[i, j] = min(img[i, j], sorted(near)[-2])
+    return out
+
+
+def test_clip_small_bright_matches_its_definition():
+    img, _ = _defects()
+    img += np.random.default_rng(73).normal(0.0, 2.0, img.shape).astype(np.float32)
+    step1 = _second_largest_of_4_brute(img)
+    np.testing.assert_array_equal(gs._clip_isolated(img), step1)
+    thin = _thin_ceiling_brute(img)
+    floor = ndimage.minimum_filter(np.minimum(img, thin), size=3, mode="nearest")
+    floor = floor.astype(np.float64)
+    contrast = np.float32(3.0 * (floor.max() - floor.mean()))
+    step2 = np.where(img - thin > contrast, thin, step1)
+    step3 = np.minimum(step2, np.float32(floor.mean()) + contrast)
+    np.testing.assert_allclose(gs._clip_small_bright(img), step3, rtol=1e-6)
+    # the defects are where the three steps differ
+    assert (step2 != step1).any()
+    assert (step3 != step2).any()
+
+
+def test_clip_small_bright_cuts_defects_and_keeps_the_hole():
+    img, hole = _defects()
+    got = gs._clip_small_bright(img)
+    np.testing.assert_array_equal(got[hole], img[hole])  # the hole is untouched
+    # lines 1 px wide, the 2x2 cluster and the hot pixel fall to the background
+    for rows, cols in [(5, slice(3, 15)), (slice(25, 27), slice(5, 7)), (30, 15)]:
+        assert (got[rows, cols] == 10.0).all()
+    assert (got[np.arange(8, 20), np.arange(20, 32)] == 10.0).all()
+    # what is thicker stays below three times the hole's contrast
+    assert got.max() <= 10.0 + 3.0 * 90.0
+
+
+def test_cosmic_ray_streaks_on_a_faint_grid():
+    # a 40-count grid with eight streaks at 10^3.5-10^4.8 counts: the guess
+    # was 2.6 px holes 12 px apart (the streaks' own autocorrelation)
+    img, _, _, _ = _tp._faint_grid(seed=42)
+    clean = estimate_grid_scale(img.astype(np.float32))
+    rng = np.random.default_rng(142)
+    img, _ = _tp.add_streaks(img, *_tp._random_streaks(rng, 8, img.shape))
+    scale = estimate_grid_scale(img.astype(np.float32))
+    assert scale.pitch == pytest.approx(48.0, rel=0.02)
+    assert scale.diameter == pytest.approx(clean.diameter, rel=0.05)
+    assert scale.contrast > 0.8 * clean.contrast

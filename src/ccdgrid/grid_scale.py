@@ -5,8 +5,12 @@ with itself: the overlap area of two discs, blurred by the PSF) surrounded by
 copies of it at every lattice vector. Its half width at half maximum gives
 the hole radius (two discs of radius R overlap by half at a distance of
 0.808 R), and its strongest off-centre peak the nearest lattice vector.
-White noise and isolated hot pixels only add to the zero lag, which is never
-used; slow illumination changes are removed by a high-pass filter. A step
+White noise only adds to the zero lag, which is never used. Small bright
+outliers do not: squared, one cosmic-ray streak at 10^4 counts outweighs
+thousands of hole pixels at 40 and its own autocorrelation (a narrow peak,
+copies at its pixel steps) becomes the guess; they are clipped away first
+(:func:`_clip_small_bright`). Slow illumination changes are removed by a
+high-pass filter. A step
 (a lit-area edge, a beam stop) is not slow: its autocorrelation is a cone
 under the central peak, seen as a pedestal at the peak's foot. The guess is
 then made again on a white top-hat of the image, which removes anything
@@ -75,13 +79,56 @@ class GridScale:
         )
 
 
+def _thin_ceiling(image):
+    """Per pixel, the least over the four axes of the brighter of its two neighbours on it.
+
+    The axes are the column, the row and the two diagonals through the
+    pixel; the image is mirrored at its border (without repeating the edge
+    pixel). A pixel brighter than this ceiling stands above its surroundings
+    along some axis on both sides at once: a single pixel, a pair, a line
+    one pixel wide in any direction (a cosmic-ray streak), a 2x2 cluster. A
+    pixel of a hole at least three pixels wide has a neighbour inside the
+    hole on every axis and stays under it, up to its noise.
+
+    Parameters
+    ----------
+    image : ndarray of shape (h, w), float32 or float64
+
+    Returns
+    -------
+    ndarray of shape (h, w), the dtype of ``image``
+    """
+    h, w = image.shape
+    pad = np.pad(image, 1, mode="reflect")  # a 1-px-wide axis: the pixel itself
+
+    def shifted(dy, dx):
+        return pad[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+
+    ceiling = np.maximum(shifted(-1, 0), shifted(1, 0))
+    pair = np.empty_like(ceiling)
+    for a, b in (((0, -1), (0, 1)), ((-1, -1), (1, 1)), ((-1, 1), (1, -1))):
+        np.maximum(shifted(*a), shifted(*b), out=pair)
+        np.minimum(ceiling, pair, out=ceiling)
+    return ceiling
+
+
+def _min3(image):
+    """Minimum over the 3x3 square around each pixel (edge pixels repeated beyond the border)."""
+    n, m = image.shape
+    pad = np.pad(image, 1, mode="edge")
+    rows = np.minimum(pad[:n], pad[1 : n + 1])
+    np.minimum(rows, pad[2:], out=rows)
+    out = np.minimum(rows[:, :m], rows[:, 1 : m + 1])
+    return np.minimum(out, rows[:, 2:], out=out)
+
+
 def _clip_isolated(image):
-    """Clip every pixel to the second largest of its 4 neighbours.
+    """Clip every pixel to the second largest of its 4 neighbours (edge pixels repeated).
 
     Hot pixels (single, or pairs) would otherwise dominate the
     autocorrelation: a few hundred of them at 50x the hole height put as
     much power at random lags as all the holes at theirs. A hole's top pixel
-    loses only noise.
+    loses only noise, and the noise stays nearly white.
     """
     pad = np.pad(image, 1, mode="edge")
     up, down = pad[:-2, 1:-1], pad[2:, 1:-1]
@@ -89,11 +136,58 @@ def _clip_isolated(image):
     # second largest of four: the larger of the two pair minima, unless the
     # two pair maxima are both above it
     lo = np.minimum(up, down)
-    np.maximum(lo, np.minimum(left, right), out=lo)
+    tmp = np.minimum(left, right)
+    np.maximum(lo, tmp, out=lo)
     hi = np.maximum(up, down)
-    np.minimum(hi, np.maximum(left, right), out=hi)
+    np.maximum(left, right, out=tmp)
+    np.minimum(hi, tmp, out=hi)
     np.maximum(lo, hi, out=lo)
     return np.minimum(image, lo, out=lo)
+
+
+def _clip_small_bright(image):
+    """``image`` with its small bright outliers cut down (a new array).
+
+    Three ceilings, each for what the one before misses:
+
+    1. every pixel is clipped to the second largest of its 4 neighbours
+       (:func:`_clip_isolated`): single hot pixels and pairs fall, a hole's
+       top loses only noise, and the noise stays nearly white;
+    2. a pixel more than ``3 (M - B)`` above its thin ceiling
+       (:func:`_thin_ceiling`) becomes that ceiling: lines one pixel wide in
+       any direction (cosmic-ray streaks) and 2x2 clusters fall to their
+       surroundings. ``M`` is the brightest 3x3 minimum of the image clipped
+       to its thin ceiling, the level of the brightest hole (nothing
+       narrower than 3x3 survives a 3x3 minimum filter, and the thin
+       ceiling trims the rim of a 3x3 blob), and ``B`` the mean 3x3
+       minimum, the background: no hole pixel stands three hole contrasts
+       above its neighbours, while noise, which the thin ceiling would
+       otherwise clip everywhere (flattening the holes of a 20-count
+       image), is left alone;
+    3. everything is clipped to ``B + 3 (M - B)``: what is left above the
+       holes (streaks two pixels wide, streaks that cross, small blobs)
+       then weighs no more than a few hole pixels.
+
+    Squared in the autocorrelation, a few pixels at 10^4 counts outweigh
+    thousands of hole pixels at 40: without steps 2 and 3, five streaks
+    made the guess (2 px holes, 6 px apart).
+    """
+    clipped = _clip_isolated(image)
+    thin = _thin_ceiling(image)
+    # a blob that binning left 3 px wide holds a 3x3 block; capped by its
+    # thin ceiling, its rim falls and the 3x3 minimum no longer sees it
+    floor = _min3(np.minimum(image, thin))
+    top = float(floor.max())
+    base = float(floor.mean(dtype=np.float64))
+    contrast = np.float32(3.0 * (top - base))
+    hi, lo = float(image.max()), float(image.min())
+    if hi - lo <= contrast and hi <= base + contrast:
+        # nothing stands that far above a thin ceiling (>= the minimum) nor
+        # above the last ceiling: steps 2 and 3 would change no pixel
+        return clipped
+    spike = np.subtract(image, thin, out=floor) > contrast
+    np.copyto(clipped, thin, where=spike)
+    return np.minimum(clipped, np.float32(base) + contrast, out=clipped)
 
 
 def _autocorrelation(image, max_period):
@@ -210,7 +304,7 @@ def _estimate(image, pitch, diameter, binned, tophat):
     crop = (slice(None), slice(None))
     while True:
         work = binned(factor) if binned is not None else block_mean(image, factor)
-        small = _clip_isolated(work[crop])
+        small = _clip_small_bright(work[crop])
         sh, sw = small.shape
         if tophat:
             # wider than any hole of a plate with a few tens of holes across

@@ -11,9 +11,10 @@ The pipeline, all of it automatic (every guess can be overridden):
    maximum, and singleton regions are merged (:mod:`ccdgrid.watershed`);
 4. the contrast of each region's peak over its surroundings is thresholded
    in log10 at an automatically chosen level (:mod:`ccdgrid.holes`); hot
-   pixels far brighter than the holes (their smoothed plateaus outshine
-   faint holes and set the threshold) are found behind the peaks they make,
-   left out of the image as invalid pixels, and steps 2-4 are redone;
+   pixels and cosmic-ray streaks far brighter than the holes (their
+   smoothed plateaus outshine faint holes and set the threshold) are found
+   behind the peaks they make, left out of the image as invalid pixels, and
+   steps 2-4 are redone;
 5. the peaks are refined to sub-pixel seeds on the smoothed image
    (:func:`ccdgrid.bilinear.refine_peaks`) and mapped back to full
    resolution;
@@ -34,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from . import centres as _centres
@@ -304,12 +307,14 @@ def find_holes(
     The centre of each hole is the centre of a blurred disc on a local
     background plane fitted by weighted least squares to the raw pixels of a
     window around it (after a first pass on a 3x3 median-filtered copy that
-    removes hot pixels). Hot pixels that outshine the holes' smoothed
-    contrast threefold are left out of the image before the search is
-    redone, and reported as rejected ``"hot pixel"`` candidates at their
-    own positions, one per cluster. On noise-limited images its error is about half
-    that of the seed tutorial's bilinear refinement of the smoothed image;
-    a fibre-bundle gain pattern biases every intensity-based estimator alike.
+    removes hot pixels). Hot pixels and streaks one pixel wide that outshine
+    the holes' smoothed contrast threefold are left out of the image before
+    the search is redone (they do not count towards a hole's masked share),
+    and reported as rejected ``"hot pixel"`` candidates, one per 8-connected
+    cluster at the mean position of its pixels. On noise-limited images the
+    centre error is about half that of the seed tutorial's bilinear
+    refinement of the smoothed image; a fibre-bundle gain pattern biases
+    every intensity-based estimator alike.
     """
     backend = check_backend(backend)
     image, mask = split_masked(image, mask)
@@ -368,10 +373,14 @@ def find_holes(
     # that finds such pixels stops before the fits; they are left out of the
     # image and the search is redone.
     hot = np.zeros(0, dtype=np.int64)
+    # a hole is judged "masked" by the pixels the caller (or the image) made
+    # invalid, not by the hot pixels left out here: those are thin (a streak
+    # through a hole's disc takes 10-15 % of it) and the fits skip them
+    given = valid
     for rounds_left in range(_HOT_ROUNDS, -1, -1):
         result = _search(
             img, binned, valid, diameter0, pitch0, threshold, backend, timings,
-            stop_on_hot=rounds_left > 0,
+            stop_on_hot=rounds_left > 0, given_valid=given,
         )  # fmt: skip
         if result is None or result[0] is not None:
             break
@@ -383,7 +392,10 @@ def find_holes(
         # the first guess sized the smoothing disc; redo with the measured size
         # when it was far off, so the smoothed peaks are single and centred
         if abs(fitted_d / diameter0 - 1.0) > 0.3:
-            result = _search(img, binned, valid, fitted_d, pitch0, threshold, backend, timings)
+            result = _search(
+                img, binned, valid, fitted_d, pitch0, threshold, backend, timings,
+                given_valid=given,
+            )  # fmt: skip
     if result is None:
         raise CcdgridError(
             "no grid of holes found in `image`: no peak stands out of the background"
@@ -412,8 +424,15 @@ def _summary(reasons):
     return ", ".join(f"{c} {n}" for n, c in zip(names, counts, strict=True))
 
 
-def _search(img, binned, valid, diameter, pitch, threshold, backend, timings, stop_on_hot=False):
+def _search(
+    img, binned, valid, diameter, pitch, threshold, backend, timings, stop_on_hot=False,
+    given_valid=None,
+):  # fmt: skip
     """One pass of the search for a given hole diameter.
+
+    ``valid`` (None: all) holds the pixels the fits may use; ``given_valid``
+    those the caller and the image left valid, before hot pixels were left
+    out: a hole with more than 10 % of its disc invalid in it is "masked".
 
     Returns (HoleSearch, fitted diameter, flat indices of the isolated hot
     pixels seen), or None if no peak stands out at all. With ``stop_on_hot``,
@@ -526,8 +545,8 @@ def _search(img, binned, valid, diameter, pitch, threshold, backend, timings, st
         fit_reasons = _holes.classify_fits(
             fit, contrast[fit_idx], image_shape=img.shape, window=half
         )
-        if valid is not None:
-            heavy = _masked_fraction_high(valid, fit, half_min)
+        if given_valid is not None:
+            heavy = _masked_fraction_high(given_valid, fit, half_min)
             fit_reasons[(fit_reasons == "") & heavy] = "masked"
         reasons[fit_idx] = fit_reasons
     timings["fit"] = time.perf_counter() - t
@@ -626,11 +645,15 @@ def _isolated_spikes(image, points, half, level, contrast):
     -------
     ndarray of shape (M,), int64
         Sorted flat indices of pixels that stand above their surroundings by
-        more than three times the peak's contrast and whose 3x3 median stays
-        within a quarter of their height of the background: single hot
-        pixels and clusters of up to four, never a hole's pixels (a hole's
-        3x3 median follows its profile; a hole's pixels are no brighter than
-        its smoothed contrast allows).
+        more than three times the peak's contrast and that either have a 3x3
+        median within a quarter of their height of the background (single
+        hot pixels and clusters of up to four) or stand as high above their
+        thin ceiling (:func:`_thin_ceiling_at`: lines one pixel wide, such
+        as cosmic-ray streaks, whose steps put five of their pixels in a
+        3x3 square). Never a hole's pixels: a hole's 3x3 median follows its
+        profile, every pixel of it has a neighbour as bright on some side of
+        every axis, and its pixels are no brighter than its smoothed
+        contrast allows.
     """
     if len(points) == 0:
         return np.zeros(0, dtype=np.int64)
@@ -646,20 +669,67 @@ def _isolated_spikes(image, points, half, level, contrast):
     k = k[first]
     at = np.stack(np.divmod(flat, w), axis=1)
     height = image.ravel()[flat].astype(np.float64) - level[k]
-    above = _median3_at(image, at) - level[k]
+    above = np.minimum(_median3_at(image, at), _thin_ceiling_at(image, at)) - level[k]
     return flat[above < 0.25 * height]
+
+
+def _thin_ceiling_at(image, points):
+    """:func:`ccdgrid.grid_scale._thin_ceiling` of ``image`` at integer points only.
+
+    Parameters
+    ----------
+    image : ndarray of shape (h, w), float32
+    points : ndarray of shape (K, 2), int64
+        Pixels (row, col) inside the image.
+
+    Returns
+    -------
+    ndarray of shape (K,), float64
+        Per point, the least over the column, the row and the two diagonals
+        of the brighter of its two neighbours on that axis (the image
+        mirrored at its border, without repeating the edge pixel).
+    """
+    h, w = image.shape
+
+    def mirrored(idx, n):
+        if n == 1:
+            return np.zeros_like(idx)
+        idx = np.abs(idx)
+        return np.where(idx > n - 1, 2 * (n - 1) - idx, idx)
+
+    y, x = points[:, 0], points[:, 1]
+    ceiling = None
+    for dy, dx in ((1, 0), (0, 1), (1, 1), (1, -1)):
+        a = image[mirrored(y - dy, h), mirrored(x - dx, w)]
+        b = image[mirrored(y + dy, h), mirrored(x + dx, w)]
+        pair = np.maximum(a, b)
+        ceiling = pair if ceiling is None else np.minimum(ceiling, pair)
+    return ceiling.astype(np.float64)
 
 
 def _without_pixels(image, valid, flat):
     """Copies of ``image`` and ``valid`` with the pixels ``flat`` made invalid.
 
     Their values become the 3x3 median around them, so that the smoothing
-    no longer sees them (the fits skip them as invalid). The caller's image
-    is never modified.
+    no longer sees them (the fits skip them as invalid). Where five or more
+    pixels of that 3x3 square are left out (along a cosmic-ray streak with
+    steps), the median is the streak's own level: their thin ceiling
+    (:func:`_thin_ceiling_at`), the brighter neighbour across the streak,
+    is used instead. The caller's image is never modified.
     """
     h, w = image.shape
+    flat = np.unique(flat)
     at = np.stack(np.divmod(flat, w), axis=1)
     fill = _median3_at(image, at)
+    offs = np.array([-1, 0, 1])
+    rows = at[:, 0, None, None] + offs[None, :, None]
+    cols = at[:, 1, None, None] + offs[None, None, :]
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    near = np.where(inside, rows * w + cols, -1).reshape(len(flat), 9)
+    pos = np.minimum(np.searchsorted(flat, near), flat.size - 1)
+    crowded = np.count_nonzero(flat[pos] == near, axis=1) >= 5
+    if crowded.any():
+        fill[crowded] = _thin_ceiling_at(image, at[crowded])
     image = image.copy()
     image.ravel()[flat] = fill
     valid = np.ones((h, w), dtype=bool) if valid is None else valid.copy()
@@ -668,11 +738,20 @@ def _without_pixels(image, valid, flat):
 
 
 def _report_hot_pixels(search, flat, shape):
-    """Add the hot pixels left out of the image to the rejected candidates, one per cluster."""
+    """Add the hot pixels left out of the image to the rejected candidates, one per cluster.
+
+    A cluster is a set of 8-connected pixels (a cosmic-ray streak is one),
+    reported at the mean position of its pixels.
+    """
     at = np.stack(np.divmod(np.unique(flat), shape[1]), axis=1).astype(np.float64)
-    reasons = np.full(len(at), "", dtype=object)
-    _mark_duplicates(at, np.arange(len(at)), np.zeros(len(at)), 1.5, reasons)
-    at = at[reasons == ""]
+    pairs = cKDTree(at).query_pairs(r=1.5, output_type="ndarray")
+    graph = coo_matrix(
+        (np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(len(at),) * 2
+    )
+    n, label = connected_components(graph, directed=False)
+    count = np.bincount(label, minlength=n)
+    centre = np.stack([np.bincount(label, weights=c, minlength=n) for c in at.T], axis=1)
+    at = centre / count[:, None]
     search.rejected = np.concatenate([search.rejected, at])
     search.reasons = np.concatenate([search.reasons, np.full(len(at), "hot pixel")])
 
