@@ -139,6 +139,42 @@ def test_the_mask_of_a_masked_array_reaches_the_output(fake_peaks):
     assert fake_peaks.calls[0]["mask"][100, 50]
 
 
+def test_a_gross_error_the_lattice_let_through_is_dropped_and_refitted(fake_peaks):
+    # the corner hole has too few neighbours for the lattice's quadratic
+    # outlier test, and 3.6 px is within its indexing tolerance (8 px) (its
+    # error made that test reject 7 good neighbours instead); the maps fitted
+    # without it miss it by ~3.6 px, the other holes by ~0: it is dropped,
+    # the holes indexed again and the maps fitted again
+    clean = calibrate(np.zeros(SHAPE))
+    assert "unpredicted" not in clean.lattice.reasons
+    fake_peaks.points[0] += (3.0, -2.0)
+    cal = calibrate(np.zeros(SHAPE))
+    assert not cal.lattice.valid[0]
+    assert cal.lattice.reasons[list(cal.lattice.rejected).index(0)] == "unpredicted"
+    assert cal.lattice.n_valid == clean.lattice.n_valid - 1
+    assert "refit" in cal.timings
+    # refitted without it: the maps match those of the clean plate
+    valid = cal.mask == 0
+    assert np.abs(cal.dx - clean.dx)[:-1, :-1][valid].max() < 0.05
+    assert np.abs(cal.dy - clean.dy)[:-1, :-1][valid].max() < 0.05
+    assert cal.cross_validation.max_px < 0.5
+
+
+def test_gross_misses_are_rare_and_far_beyond_the_others():
+    miss = np.full((200, 2), 0.03)
+    miss[7] = (2.0, 1.0)
+    cv = types.SimpleNamespace(residuals=miss)
+    np.testing.assert_array_equal(pipeline._gross_misses(cv, 40.0), [7])
+    # under 0.02 pitch, or within 20 times the median: kept
+    assert pipeline._gross_misses(cv, 200.0).size == 0
+    miss[7] = (0.3, 0.0)
+    assert pipeline._gross_misses(cv, 10.0).size == 0
+    # more than 2 % of the holes: a feature of the field, not bad holes
+    miss[:5] = (2.0, 1.0)
+    assert pipeline._gross_misses(cv, 40.0).size == 0
+    assert pipeline._gross_misses(None, 40.0).size == 0
+
+
 def test_summary_names_the_figures(fake_peaks):
     cal = calibrate(np.zeros(SHAPE), source="grid.edf")
     text = cal.summary()

@@ -35,6 +35,7 @@ REASONS = {
     "off-lattice": "farther than `tolerance` pitch from the site its neighbours predict",
     "disconnected": "in a group of peaks that could not be tied to the main lattice",
     "outlier": "off the smooth trend of its neighbours by more than `outlier_sigma` sigmas",
+    "unpredicted": "maps fitted without it miss it far more than any other hole (calibrate)",
 }
 
 _MIN_HOLES = 4
