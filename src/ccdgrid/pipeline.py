@@ -252,54 +252,21 @@ def calibrate(
     shape = tuple(int(v) for v in np.shape(image))
     peaks = as_points(holes.peaks, "peaks")
     lattice = _timed(timings, "index_holes", index_holes, peaks, pitch_px=holes.pitch_px)
-    valid = lattice.valid
-    grid = _timed(
-        timings,
-        "fit_grid",
-        _centred_fit,
-        peaks[valid],
-        lattice.indices[valid],
-        shape,
-        pitch=pitch,
-        backend=backend,
-    )
-    maps = _timed(
-        timings,
-        "displacement_maps",
-        displacement_maps,
-        peaks[valid],
-        grid.displacement,
-        shape,
-        smoothing=smoothing,
-        scale_px=lattice.pitch_px,
-        backend=backend,
-    )
-    _check_plausible(grid, maps, lattice.pitch_px, lattice.n_valid, len(peaks))
-    cv = _cross_validation(peaks[valid], grid, maps, cv_folds)
+    options = {"pitch": pitch, "smoothing": smoothing, "cv_folds": cv_folds, "backend": backend}
+    grid, maps, cv = _fit(peaks, lattice, shape, timings=timings, **options)
     gross = _gross_misses(cv, lattice.pitch_px)
     if gross.size:
         # a gross centring error the hole and lattice tests let through (a
-        # hole with few neighbours, straddling a filter's edge): fitted
-        # again without it
-        # again without it (its error may have made good neighbours look
-        # like outliers to the lattice's local test), then fitted again
+        # hole with few neighbours, straddling a filter's edge; its error may
+        # have made good neighbours look like outliers to the lattice's local
+        # test): the holes are indexed again without it, and fitted again
         t0 = time.perf_counter()
-        lattice = _index_without(peaks, np.flatnonzero(valid)[gross], lattice, "unpredicted")
-        valid = lattice.valid
-        grid = _centred_fit(
-            peaks[valid], lattice.indices[valid], shape, pitch=pitch, backend=backend
+        lattice = _index_without(
+            peaks, np.flatnonzero(lattice.valid)[gross], lattice, "unpredicted"
         )
-        maps = displacement_maps(
-            peaks[valid],
-            grid.displacement,
-            shape,
-            smoothing=smoothing,
-            scale_px=lattice.pitch_px,
-            backend=backend,
-        )
-        _check_plausible(grid, maps, lattice.pitch_px, lattice.n_valid, len(peaks))
-        cv = _cross_validation(peaks[valid], grid, maps, cv_folds)
+        grid, maps, cv = _fit(peaks, lattice, shape, timings={}, **options)
         timings["refit"] = time.perf_counter() - t0
+    valid = lattice.valid
     _check_predictive(cv, lattice.pitch_px)
     out_mask = _output_mask(maps.mask, mask)
     timings["total"] = time.perf_counter() - t_start
@@ -343,6 +310,34 @@ def calibrate(
         source=source,
         cross_validation=cv,
     )
+
+
+def _fit(peaks, lattice, shape, *, pitch, smoothing, cv_folds, backend, timings):
+    """``(grid, maps, cross-validation)`` of the holes ``lattice`` accepts, checked plausible."""
+    valid = lattice.valid
+    grid = _timed(
+        timings,
+        "fit_grid",
+        _centred_fit,
+        peaks[valid],
+        lattice.indices[valid],
+        shape,
+        pitch=pitch,
+        backend=backend,
+    )
+    maps = _timed(
+        timings,
+        "displacement_maps",
+        displacement_maps,
+        peaks[valid],
+        grid.displacement,
+        shape,
+        smoothing=smoothing,
+        scale_px=lattice.pitch_px,
+        backend=backend,
+    )
+    _check_plausible(grid, maps, lattice.pitch_px, lattice.n_valid, len(peaks))
+    return grid, maps, _cross_validation(peaks[valid], grid, maps, cv_folds)
 
 
 def _centred_fit(peaks, indices, shape, *, pitch, backend):
