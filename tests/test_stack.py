@@ -75,10 +75,11 @@ def test_barrel_bounds_frame_is_larger_than_the_input(barrel):
 def client():
     pytest.importorskip("dask")
     distributed = pytest.importorskip("distributed")
-    # dashboard_address=None: no HTTP server, hence no "port 8787 in use" warning,
-    # which filterwarnings=error would turn into a failure when two runs overlap
+    # the scheduler's HTTP server on a free port: the default, 8787, taken by
+    # another run gives a "port in use" warning, which filterwarnings=error
+    # turns into a failure (dashboard_address=None still tried 8787)
     cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     )
     client = distributed.Client(cluster)
     try:
