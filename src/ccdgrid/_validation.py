@@ -46,15 +46,19 @@ def as_points(points, name="points", ncols=2):
     return np.ascontiguousarray(arr, dtype=np.float64)
 
 
-def check_positive(value, name):
-    """``float(value)``, or a CcdgridError naming ``name`` unless it is finite and > 0."""
+def check_positive(value, name, what="a positive number"):
+    """``float(value)``, or a CcdgridError naming ``name`` unless it is finite and > 0.
+
+    ``what`` says what ``name`` must be in the message (e.g. "a positive
+    length in metres").
+    """
     try:
-        value = float(value)
+        number = float(value)
     except (TypeError, ValueError):
-        raise CcdgridError(f"`{name}` must be a positive number, got {value!r}") from None
-    if not (np.isfinite(value) and value > 0):
-        raise CcdgridError(f"`{name}` must be a positive number, got {value!r}")
-    return value
+        number = float("nan")
+    if not (np.isfinite(number) and number > 0):
+        raise CcdgridError(f"`{name}` must be {what}, got {value!r}")
+    return number
 
 
 def split_masked(image, mask):

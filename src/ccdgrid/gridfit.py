@@ -29,7 +29,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from ._blas import one_blas_thread
-from ._validation import as_points, check_backend
+from ._validation import as_points, check_backend, check_positive
 from .errors import CcdgridError
 from .hole_error import grid_error
 
@@ -391,13 +391,7 @@ def pixel_size_from_vectors(vectors, pitch):
 
 
 def _check_pitch(pitch):
-    try:
-        value = float(pitch)
-    except (TypeError, ValueError):
-        raise CcdgridError(f"`pitch` must be a positive length in metres, got {pitch!r}") from None
-    if not (np.isfinite(value) and value > 0):
-        raise CcdgridError(f"`pitch` must be a positive length in metres, got {pitch!r}")
-    return value
+    return check_positive(pitch, "pitch", "a positive length in metres")
 
 
 def _rms(d):
