@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from scipy.interpolate import RectBivariateSpline
+from scipy.spatial import ConvexHull
 
 from ccdgrid import maps
 from ccdgrid.errors import CcdgridError
@@ -76,3 +77,51 @@ def test_bad_backend():
     pts = np.array([[0.0, 0.0], [0.0, 50.0], [50.0, 0.0], [50.0, 50.0], [25.0, 20.0]])
     with pytest.raises(CcdgridError, match="backend"):
         maps.displacement_maps(pts, np.zeros_like(pts), (60, 60), backend="fortran")
+
+
+def test_upsample_fills_the_given_outputs_whatever_they_held(backend):
+    # the pipeline passes arrays touched (zeroed) by a background thread:
+    # every corner must be overwritten, none left from before
+    rng = np.random.default_rng(3)
+    ny, nx = 70, 53
+    yc = maps._coarse_axis(ny, 12.0)
+    xc = maps._coarse_axis(nx, 12.0)
+    coarse = rng.normal(0.0, 1.0, (len(yc), len(xc), 2))
+    fresh = maps._upsample(yc, xc, coarse, ny, nx, backend)
+    given = tuple(np.full((ny + 1, nx + 1), np.nan, dtype=np.float32) for _ in range(2))
+    out = maps._upsample(yc, xc, coarse, ny, nx, backend, out=given)
+    assert out[0] is given[0]
+    assert out[1] is given[1]
+    for a, b in zip(out, fresh, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_background_outputs_are_the_mask_and_zeroed_float32_maps():
+    rng = np.random.default_rng(4)
+    pts = rng.uniform(3, 60, (40, 2))
+    hull = ConvexHull(pts)
+    mask, arrays = maps._Background(
+        maps._mask_and_outputs, hull.equations, (64, 70), 0.0, pts, None, True
+    ).result()
+    np.testing.assert_array_equal(mask, maps.hull_mask(hull.equations, (64, 70)))
+    assert len(arrays) == 2
+    assert arrays[0] is not arrays[1]
+    for a in arrays:
+        assert a.shape == (65, 71)
+        assert a.dtype == np.float32
+        assert a.flags.c_contiguous
+        assert not a.any()
+
+
+@pytest.mark.parametrize(
+    ("shape", "error"), [((2**20, 2**20), MemoryError), ((2**31, 2**31), ValueError)]
+)
+def test_background_raises_the_threads_error_on_result(shape, error):
+    # 4 TiB cannot be allocated here, 16 EiB by no numpy: the error is raised
+    # in the background thread and must reach the caller, not vanish with it
+    def allocate():
+        return np.empty(shape, dtype=np.float32)
+
+    pending = maps._Background(allocate)
+    with pytest.raises(error):
+        pending.result()
