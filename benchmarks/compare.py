@@ -13,8 +13,9 @@ backends against pyFAI doing the same job, in this process:
 
 * watershed: ``segment`` + ``merge_singletons`` vs ``InverseWatershed(img).init();
   .merge_singleton()`` on the 11x11-disc-convolved grid image;
-* refine: ``refine_peaks`` (its default, one thread, and two OpenMP threads)
-  vs a Python loop over
+* refine: ``refine_peaks`` (its default, one thread, and two OpenMP threads;
+  for the target, also the default on a copy of the image in 2 MiB pages,
+  which shows what the 4 KiB pages' TLB misses cost) vs a Python loop over
   ``pyFAI.ext.bilinear.Bilinear.local_maxi`` on 10,000 seeds taken the
   tutorial's way (the peak pixels of the big watershed regions of a
   convolved 19 px pitch grid image: the target), the same moved by up to
@@ -202,15 +203,30 @@ def bench_refine(n_seeds, repeat, seed):
     ]
     for title, seeds, note in cases:
         print(f"\n  refine {n_seeds} seeds, {title}\n  ({note})")
-        times = _refine_case(cnv, np.ascontiguousarray(seeds, dtype=np.int64), repeat, Bilinear)
-        if "target" in title:
+        target = "target" in title
+        times = _refine_case(
+            cnv, np.ascontiguousarray(seeds, dtype=np.int64), repeat, Bilinear, huge=target
+        )
+        if target:
             _target(f"refine {n_seeds} seeds", times, "ccdgrid cython", "pyFAI loop", 50)
             _target(f"refine {n_seeds} seeds, nthreads=2", times, "ccdgrid cython 2 threads",
                     "pyFAI loop", 50)  # fmt: skip
+            huge = times.get("ccdgrid cython, image in 2 MiB pages")
+            if huge and "pyFAI loop" in times:
+                print(
+                    f"  (not a target: the default call on the image in 2 MiB pages is "
+                    f"{times['pyFAI loop'] / huge:.1f}x the pyFAI loop)"
+                )
 
 
-def _refine_case(cnv, seeds, repeat, Bilinear):
-    """One row set of :func:`bench_refine`; returns ``name -> median seconds``."""
+def _refine_case(cnv, seeds, repeat, Bilinear, huge=False):
+    """One row set of :func:`bench_refine`; returns ``name -> median seconds``.
+
+    With ``huge``, also the default call on a copy of the image in 2 MiB
+    pages: the peaks are spread over the whole 16 MB image, so in 4 KiB
+    pages most of the windows also miss the TLB (~4,000 pages for ~1,500
+    TLB entries), and the kernel waits on page walks as much as on the data.
+    """
     from ccdgrid import refine_peaks
 
     outputs = {}
@@ -226,6 +242,20 @@ def _refine_case(cnv, seeds, repeat, Bilinear):
         outputs["cython 2 threads"] = refine_peaks(cnv, seeds, nthreads=2)
 
     cands.insert(1, ("ccdgrid cython 2 threads", refine_two_threads))
+    if huge:
+        big, n_huge = _measure.huge_page_copy(cnv)
+        if big is None:
+            print(f"  (no row in 2 MiB pages: {n_huge})")
+        else:
+            print(
+                f"  (the image's copy for the 2 MiB-page row: {n_huge / 2**20:.0f} of "
+                f"{big.nbytes / 2**20:.0f} MiB in huge pages)"
+            )
+
+            def refine_huge():
+                outputs["cython, 2 MiB pages"] = refine_peaks(big, seeds)
+
+            cands.insert(2, ("ccdgrid cython, image in 2 MiB pages", refine_huge))
     if Bilinear is not None:
         bl = Bilinear(cnv)
         # As the tutorial holds them: a list of (y, x) tuples of Python ints.
@@ -238,7 +268,7 @@ def _refine_case(cnv, seeds, repeat, Bilinear):
     times = _time_rows("refine_peaks", cands, repeat, "pyFAI loop")
     if "pyFAI" in outputs:
         ref = np.asarray(outputs["pyFAI"], dtype=np.float64)
-        for backend in ("cython", "cython 2 threads", "numpy"):
+        for backend in ("cython", "cython 2 threads", "cython, 2 MiB pages", "numpy"):
             if backend in outputs:
                 got = np.asarray(outputs[backend], dtype=np.float64).reshape(ref.shape)
                 print(f"  max |ccdgrid {backend} - pyFAI| = {np.abs(got - ref).max():.2e} px")
