@@ -286,33 +286,31 @@ def tutorial_seeds(n_seeds, seed=0):
     return cnv, np.ascontiguousarray(peaks[:n_seeds], dtype=np.int64)
 
 
-def huge_page_copy(array):
-    """A copy of ``array`` in memory backed by 2 MiB pages, or ``(None, reason)``.
+def on_pages(image, advice):
+    """A copy of ``image`` in a private anonymous mapping advised before it is touched.
 
-    Returns ``(copy, n_huge)``: the copy lives in an anonymous mapping
-    aligned to 2 MiB and advised ``MADV_HUGEPAGE``, and ``n_huge`` is how
-    many bytes of it the kernel backed with huge pages (from
-    ``/proc/self/smaps``). numpy advises its own large allocations the same
-    way, but an array allocated where freed small pages are reused (as
-    the convolved image of :func:`tutorial_seeds` is) stays in 4 KiB pages.
-    Linux with transparent huge pages only.
+    ``advice``: ``mmap.MADV_HUGEPAGE`` or ``mmap.MADV_NOHUGEPAGE`` (Linux).
+    Private: a shared mapping is shared memory, which the kernel does not
+    back with 2 MiB pages. The copy starts on a 2 MiB boundary.
     """
     import mmap
 
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
-        return None, "no MADV_HUGEPAGE on this platform"
-    huge = 2 << 20
-    buf = mmap.mmap(-1, array.nbytes + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    huge = 1 << 21
+    buf = mmap.mmap(-1, image.nbytes + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(advice)
     raw = np.frombuffer(buf, dtype=np.uint8)
-    start = (-raw.ctypes.data) % huge
-    buf.madvise(mmap.MADV_HUGEPAGE)
-    copy = raw[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
-    copy[...] = array
-    return copy, _anon_huge_bytes(raw.ctypes.data)
+    start = -raw.ctypes.data % huge
+    copy = raw[start : start + image.nbytes].view(image.dtype).reshape(image.shape)
+    copy[...] = image
+    return copy
 
 
-def _anon_huge_bytes(address):
-    """``AnonHugePages`` of the mapping of this process that starts at ``address``."""
+def huge_page_bytes(array):
+    """Bytes of the mapping that holds ``array`` backed by 2 MiB pages (``/proc/self/smaps``).
+
+    0 where there is no such file or no such mapping.
+    """
+    address = array.ctypes.data
     try:
         lines = Path("/proc/self/smaps").read_text().splitlines()
     except OSError:
@@ -321,7 +319,8 @@ def _anon_huge_bytes(address):
     for line in lines:
         head = line.split()[0]
         if "-" in head and not head.endswith(":"):
-            inside = int(head.split("-")[0], 16) == address
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
         elif inside and head == "AnonHugePages:":
             return int(line.split()[1]) * 1024
     return 0

@@ -54,6 +54,7 @@ Timings on a shared machine are noisy: compare ratios from one run.
 
 import argparse
 import json
+import mmap
 import shlex
 import subprocess
 import sys
@@ -242,20 +243,18 @@ def _refine_case(cnv, seeds, repeat, Bilinear, huge=False):
         outputs["cython 2 threads"] = refine_peaks(cnv, seeds, nthreads=2)
 
     cands.insert(1, ("ccdgrid cython 2 threads", refine_two_threads))
-    if huge:
-        big, n_huge = _measure.huge_page_copy(cnv)
-        if big is None:
-            print(f"  (no row in 2 MiB pages: {n_huge})")
-        else:
-            print(
-                f"  (the image's copy for the 2 MiB-page row: {n_huge / 2**20:.0f} of "
-                f"{big.nbytes / 2**20:.0f} MiB in huge pages)"
-            )
+    if huge and hasattr(mmap, "MADV_HUGEPAGE"):
+        big = _measure.on_pages(cnv, mmap.MADV_HUGEPAGE)
+        mib = _measure.huge_page_bytes(big) / 2**20
+        print(
+            f"  (the image's copy for the 2 MiB-page row: {mib:.0f} of "
+            f"{big.nbytes / 2**20:.0f} MiB in huge pages)"
+        )
 
-            def refine_huge():
-                outputs["cython, 2 MiB pages"] = refine_peaks(big, seeds)
+        def refine_huge():
+            outputs["cython, 2 MiB pages"] = refine_peaks(big, seeds)
 
-            cands.insert(2, ("ccdgrid cython, image in 2 MiB pages", refine_huge))
+        cands.insert(2, ("ccdgrid cython, image in 2 MiB pages", refine_huge))
     if Bilinear is not None:
         bl = Bilinear(cnv)
         # As the tutorial holds them: a list of (y, x) tuples of Python ints.

@@ -54,23 +54,6 @@ def seed_kinds(n_seeds=10_000, seed=0):
     return image, {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in kinds.items()}
 
 
-def _on_pages(image, advice):
-    """A copy of ``image`` in a private anonymous mapping advised before it is touched.
-
-    Private: a shared one is shared memory, which the kernel does not back
-    with 2 MiB pages. The copy starts on a 2 MiB boundary.
-    """
-    huge = 1 << 21
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    buf = mmap.mmap(-1, image.nbytes + huge, flags=flags)
-    buf.madvise(advice)
-    raw = np.frombuffer(buf, dtype=np.uint8)
-    start = -raw.ctypes.data % huge
-    copy = raw[start : start + image.nbytes].view(image.dtype).reshape(image.shape)
-    copy[...] = image
-    return copy
-
-
 def image_copies(image):
     """``{"huge", "small"}`` -> copies of ``image`` on 2 MiB and 4 KiB pages (Linux).
 
@@ -80,8 +63,8 @@ def image_copies(image):
     if not all(hasattr(mmap, a) for a in ("MADV_HUGEPAGE", "MADV_NOHUGEPAGE", "MAP_ANONYMOUS")):
         return {"default": image}
     return {
-        "huge": _on_pages(image, mmap.MADV_HUGEPAGE),
-        "small": _on_pages(image, mmap.MADV_NOHUGEPAGE),
+        "huge": _measure().on_pages(image, mmap.MADV_HUGEPAGE),
+        "small": _measure().on_pages(image, mmap.MADV_NOHUGEPAGE),
     }
 
 
