@@ -188,3 +188,45 @@ def test_cosmic_ray_streaks_on_a_faint_grid():
     assert scale.pitch == pytest.approx(48.0, rel=0.02)
     assert scale.diameter == pytest.approx(clean.diameter, rel=0.05)
     assert scale.contrast > 0.8 * clean.contrast
+
+
+@pytest.mark.parametrize(("pitch", "fraction"), [(80.0, 0.40), (80.0, 0.45), (50.0, 0.45)])
+def test_holes_of_nearly_half_the_pitch(pitch, fraction):
+    # Discs this large spread the autocorrelation's lattice peaks over most
+    # lags: the peak stands only 6-9 spreads out, which used to be refused
+    # as "no periodic grid" on clean plates. The lattice's other vectors
+    # echo it and let it pass.
+    img = _tp.make_grid(
+        shape=(768, 768), pitch=pitch, diameter=fraction * pitch, rotation_deg=3.0, seed=21
+    )[0]
+    scale = estimate_grid_scale(img.astype(np.float32))
+    assert scale.pitch == pytest.approx(pitch, rel=0.02)
+    assert scale.diameter == pytest.approx(fraction * pitch * 1.12, rel=0.15)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_white_noise_does_not_echo(seed):
+    rng = np.random.default_rng(100 + seed)
+    img = rng.poisson(100.0, (512, 512)).astype(np.float32)
+    with pytest.raises(CcdgridError, match=r"no (hole-like structure|periodic grid)"):
+        estimate_grid_scale(img)
+
+
+def test_lattice_echo_of_a_lattice_and_of_a_lone_peak():
+    half = 60
+    rng = np.random.default_rng(5)
+    noise = rng.normal(0.0, 1.0, (half + 1, 2 * half + 1))  # lags dy 0..half, dx -half..half
+    # peaks 8 high at every lattice vector i (20, 3) + j (-3, 20)
+    lattice = noise.copy()
+    for i in range(-4, 5):
+        for j in range(-4, 5):
+            y, x = 20 * i - 3 * j, 3 * i + 20 * j
+            if 0 <= y <= half and abs(x) <= half and (i, j) != (0, 0):
+                lattice[y, x + half] = 8.0
+    assert gs._lattice_echo(lattice, 20, 3) == pytest.approx(8.0)
+    # the same highest peak alone: the other lags hold noise
+    lone = noise.copy()
+    lone[20, 3 + half] = 8.0
+    assert gs._lattice_echo(lone, 20, 3) < 4.0
+    # a peak whose multiples leave the box cannot be confirmed
+    assert gs._lattice_echo(lattice, 40, 57) == -np.inf

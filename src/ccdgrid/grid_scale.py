@@ -15,7 +15,10 @@ high-pass filter. A step
 under the central peak, seen as a pedestal at the peak's foot. The guess is
 then made again on a white top-hat of the image, which removes anything
 wider than a hole, steps included, and the one with the stronger lattice
-peak is kept.
+peak is kept. An image is taken for a grid when its lattice peak stands
+out from the other lags, or, for holes wider than a third of the pitch
+(whose overlapping peaks leave few lags at the baseline), when the
+lattice's other vectors echo it.
 
 These are starting values: the hole finder refines the diameter from fitted
 hole profiles and the pitch from nearest-neighbour distances of the holes.
@@ -37,6 +40,14 @@ HALF_OVERLAP = 0.8079
 # Lattice-peak contrast below which an image is said to hold no grid: white
 # noise gives 3.5-5, grid images 30 (300 hot pixels at 512²) to 1000.
 MIN_CONTRAST = 10.0
+
+# ... unless the lattice echoes: the peaks at the other lattice vectors (u, 2v,
+# u + v, u - v) all stand this many spreads out. Holes wider than a third
+# of the pitch spread the autocorrelation's peaks over most lags, and the
+# spread then measures the lattice itself: clean plates with holes of 40-45 %
+# of the pitch gave 6-9 at every lattice vector; white noise gives 1-2 at
+# the lags its highest peak implies.
+MIN_ECHO = 5.0
 
 # Above this pedestal under the autocorrelation's central peak (its foot over
 # its height), the guess is made again on a top-hat filtered image: clean
@@ -247,19 +258,26 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
     ------
     CcdgridError
         If the image is constant, has no hole-like structure, or no lattice
-        peak stronger than :data:`MIN_CONTRAST`.
+        peak that stands out by :data:`MIN_CONTRAST` spreads or is echoed
+        at the lattice's other vectors by :data:`MIN_ECHO`.
     """
     if not np.ptp(image) > 0:
         raise CcdgridError("`image` is constant: there is no grid of holes in it")
     found = _estimate(image, pitch, diameter, binned, tophat=False)
-    if found is None or found[4] > _MAX_PEDESTAL or _implausible(found, pitch, diameter):
+    if (
+        found is None
+        or found[4] > _MAX_PEDESTAL
+        or found[3] < MIN_CONTRAST
+        or _implausible(found, pitch, diameter)
+    ):
         # A lit-area edge, a beam stop or a background step puts a cone under
         # the central peak of the autocorrelation (the autocorrelation of a
         # step falls linearly with the lag): the peak's half width then
         # measures the step, not the holes, and the lattice peak drowns. A
         # white top-hat removes every structure wider than its window, steps
         # included, and keeps the holes; the guess whose lattice peak stands
-        # out more wins.
+        # out more wins (a faint lattice peak that echoes is worth that
+        # second look too).
         retry = _estimate(image, pitch, diameter, binned, tophat=True)
         ranked = [f for f in (found, retry) if f is not None]
         ranked.sort(key=lambda f: (not _implausible(f, pitch, diameter), f[3]))
@@ -268,8 +286,8 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
         raise CcdgridError(
             "`image` shows no hole-like structure (flat autocorrelation): is there a grid in it?"
         )
-    found_p, found_d, vec, contrast, _ = found
-    if contrast < MIN_CONTRAST:
+    found_p, found_d, vec, contrast, _, echo = found
+    if contrast < MIN_CONTRAST and echo < MIN_ECHO:
         raise CcdgridError(
             "`image` shows no periodic grid of holes: the autocorrelation's lattice peak is "
             f"{contrast:.1f} times its spread (noise gives ~4, grids > 30)"
@@ -279,8 +297,8 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
 
 def _implausible(found, pitch, diameter):
     """A first guess no plate gives: holes wider than half the pitch, or no lattice peak."""
-    found_p, found_d, _, contrast, _ = found
-    return contrast < MIN_CONTRAST or (
+    found_p, found_d, _, contrast, _, echo = found
+    return (contrast < MIN_CONTRAST and echo < MIN_ECHO) or (
         pitch is None and diameter is None and found_d > 0.5 * found_p
     )
 
@@ -291,10 +309,11 @@ def _tophat(image, size):
 
 
 def _estimate(image, pitch, diameter, binned, tophat):
-    """(pitch, diameter, lattice vector, contrast, pedestal); None: no central peak.
+    """(pitch, diameter, lattice vector, contrast, pedestal, echo); None: no central peak.
 
     Lengths in full-resolution px; the pedestal is the autocorrelation at the
-    foot of its central peak over the peak's height (~0 for a clean grid).
+    foot of its central peak over the peak's height (~0 for a clean grid);
+    contrast and echo as :func:`_lattice_vector` returns them.
     """
     h, w = image.shape
     # a ~1024 px working image keeps the cost low; the holes stay >= 3 px wide
@@ -322,7 +341,7 @@ def _estimate(image, pitch, diameter, binned, tophat):
         # The whole image is not needed for that, only enough lattice periods
         # (those of this coarse look) for the same search: a central crop of
         # ~1024 px, four times less work than the whole image at 4096².
-        vec, contrast = _lattice_vector(box, half, d_est)
+        vec, contrast, _ = _lattice_vector(box, half, d_est)
         factor = max(1, factor // 2)
         fine_pitch = np.hypot(*vec) * 2.0  # px at the new binning
         size = max(_WORKING_SIZE, int(np.ceil(5.0 * fine_pitch)))
@@ -335,9 +354,9 @@ def _estimate(image, pitch, diameter, binned, tophat):
     if d_est is None and diameter is None:
         return None
     found_d = diameter if diameter is not None else d_est * factor
-    vec, contrast = _lattice_vector(box, half, found_d / factor)
+    vec, contrast, echo = _lattice_vector(box, half, found_d / factor)
     found_p = pitch if pitch is not None else float(np.hypot(*vec)) * factor
-    return found_p, found_d, vec * factor, contrast, pedestal
+    return found_p, found_d, vec * factor, contrast, pedestal, echo
 
 
 def _diameter_from_profile(prof):
@@ -371,7 +390,13 @@ def _diameter_from_profile(prof):
 
 
 def _lattice_vector(box, half, diameter):
-    """Strongest off-centre autocorrelation peak beyond the central one, sub-pixel."""
+    """Strongest off-centre autocorrelation peak beyond the central one, sub-pixel.
+
+    Returns ``(vector (dy, dx), contrast, echo)``: the peak's lag in working
+    px, its height above the median of the lags searched in units of their
+    spread, and, when that contrast is below :data:`MIN_CONTRAST`, the
+    :func:`_lattice_echo` of the peak (-inf when not needed).
+    """
     # A lit-area edge, a background step or dead lines with hot clusters add
     # an autocorrelation that varies smoothly with the lag and spreads over
     # all lags; a lattice peak is a bump about one hole wide. Removing a copy
@@ -395,6 +420,9 @@ def _lattice_vector(box, half, diameter):
     med = np.median(ring)
     spread = 1.4826 * np.median(np.abs(ring - med)) + 1e-30
     contrast = (searched[iy, ix] - med) / spread
+    echo = -np.inf
+    if contrast < MIN_CONTRAST:
+        echo = _lattice_echo(np.where(far, (searched - med) / spread, -np.inf), iy, ix - half)
     dy = dx = 0.0
     r = row0 + iy
     if 0 < r < hp.shape[0] - 1 and 0 < ix < hp.shape[1] - 1:
@@ -406,4 +434,34 @@ def _lattice_vector(box, half, diameter):
             dy = float(np.clip(0.5 * (up - dn) / den_y, -0.5, 0.5))
         if den_x < 0:
             dx = float(np.clip(0.5 * (lf - rt) / den_x, -0.5, 0.5))
-    return np.array([iy + dy, ix - half + dx]), contrast
+    return np.array([iy + dy, ix - half + dx]), contrast, echo
+
+
+def _lattice_echo(z, vy, vx):
+    """Lowest contrast at the lags a lattice with the peak ``v = (vy, vx)`` must also show.
+
+    ``z`` ((half + 1, 2 half + 1): lags ``dy = 0..half``, ``dx = -half..half``)
+    holds each lag's contrast, -inf near the centre. The second vector ``u``
+    is the highest lag more than 30 degrees off the line of ``v``; the echo
+    is the lowest of the contrasts at ``u``, ``2v``, ``u + v`` and ``u - v``
+    (the highest of the 3x3 lags around each: the peaks are a hole wide),
+    over those inside the box, -inf if fewer than three are. A lattice
+    gives about the contrast of ``v`` at each; noise gives its highest lag
+    and unrelated values at the others.
+    """
+    half = z.shape[0] - 1
+    ly, lx = np.mgrid[0 : half + 1, -half : half + 1]
+    norm_v = np.hypot(vy, vx)
+    off_line = np.abs(vy * lx - vx * ly) > 0.5 * norm_v * np.hypot(ly, lx)
+    k = int(np.argmax(np.where(off_line, z, -np.inf)))
+    uy, ux = k // z.shape[1], k % z.shape[1] - half
+    seen = []
+    for dy, dx in ((uy, ux), (2 * vy, 2 * vx), (uy + vy, ux + vx), (uy - vy, ux - vx)):
+        if dy < 0:  # the autocorrelation is symmetric: lag -l is lag l
+            dy, dx = -dy, -dx
+        if dy > half or abs(dx) > half:
+            continue
+        rows = slice(max(dy - 1, 0), dy + 2)
+        cols = slice(max(dx + half - 1, 0), dx + half + 2)
+        seen.append(float(z[rows, cols].max()))
+    return min(seen) if len(seen) >= 3 else -np.inf
