@@ -122,6 +122,27 @@ def test_a_row_missing_across_the_plate_is_masked_only_near_the_border():
     assert mask[y, int(SHAPE[1] / 2)] == 0
 
 
+def test_an_empty_corner_is_masked_all_the_way_in():
+    # a 5 x 5 block of holes missing at a corner (an empty corner of the
+    # image, a notch in the lit area): the hull bridges it with a diagonal,
+    # and near the notch's inner corner the gap lies 2-3 pitches from that
+    # diagonal (deeper than GAP_DEPTH) and as far from every hole
+    notch = [(i, j) for i in range(-4, 1) for j in range(1, 6)]
+    pts = _lattice(drop=notch)
+    mask, added = _masked(pts)
+    assert added > 0
+    tree = cKDTree(pts)
+    valid = np.argwhere(mask == 0).astype(float)
+    # nothing valid lies beyond the holes around the notch: every valid
+    # pixel is within a lattice cell's half diagonal of a hole
+    assert tree.query(valid)[0].max() < 0.75 * PITCH
+    y, x = _site(0, 1).astype(int)  # the notch's innermost site
+    assert mask[y, x] == 1
+    # ... and not beyond: the cell beside the inner corner's hole stays valid
+    y1, x1 = _site(1, 1).astype(int)
+    assert mask[y1 + 2, x1 - 2] == 0
+
+
 def test_a_row_cut_by_a_rotated_edge_masks_the_wedge_beyond_the_holes():
     # holes cut by the image's edge on a rotated plate: the hull bridges the
     # staircase of the outer rows; what lies beyond a row of holes is masked

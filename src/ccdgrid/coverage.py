@@ -19,10 +19,12 @@ edge of the hull (the hull bridging missing holes, or the staircase of
 rows cut by the image's edge on a rotated plate) and reaches inwards
 through long edges only; the pixels whose centre lies in such a triangle
 are masked if the triangle is near the hull's boundary (its centroid within
-``GAP_DEPTH`` local pitches). Behind a complete outer row, a gap is
-enclosed and stays valid, and so does the inner part of a gap that reaches
-the border (a row of holes missing across the whole plate): there it has
-holes on both sides and is interpolated. Coordinates
+``GAP_DEPTH`` local pitches) or wide (its circumradius, the distance from
+every hole of its circumcentre, beyond ``GAP_RADIUS`` local pitches: an
+empty corner, a notch in the lit area). Behind a complete outer row, a gap
+is enclosed and stays valid, and so does the inner part of a narrow gap
+that reaches the border (a row of holes missing across the whole plate):
+there it has holes on both sides and is interpolated. Coordinates
 are ``(y, x)`` index coordinates: the centre of pixel ``(i, j)`` is at
 ``(i, j)``.
 """
@@ -30,13 +32,17 @@ are ``(y, x)`` index coordinates: the centre of pixel ``(i, j)`` is at
 import numpy as np
 from scipy.spatial import Delaunay, QhullError, cKDTree
 
-__all__ = ["EDGE_RATIO", "GAP_DEPTH", "border_gaps", "mask_border_gaps"]
+__all__ = ["EDGE_RATIO", "GAP_DEPTH", "GAP_RADIUS", "border_gaps", "mask_border_gaps"]
 
 EDGE_RATIO = 1.7  # between a lattice diagonal (1.41-1.5) and a gap's edge (>= 2)
-GAP_DEPTH = 1.5  # pitches from the hull's boundary: beyond, a gap is interpolated
+GAP_DEPTH = 1.5  # pitches from the hull's boundary: beyond, a gap is interpolated ...
+# ... unless its triangle's circumradius exceeds this many local pitches: then
+# the gap is wider than one missing row (whose triangles have 1.12), and its
+# middle lies that far from every hole (a Delaunay circumcircle holds none)
+GAP_RADIUS = 1.3
 
 
-def border_gaps(points, *, edge_ratio=EDGE_RATIO, depth=GAP_DEPTH):
+def border_gaps(points, *, edge_ratio=EDGE_RATIO, depth=GAP_DEPTH, radius=GAP_RADIUS):
     """Triangles of the holes' Delaunay triangulation that are border gaps.
 
     Parameters
@@ -45,9 +51,10 @@ def border_gaps(points, *, edge_ratio=EDGE_RATIO, depth=GAP_DEPTH):
         Hole centres ``(y, x)``, index coordinates.
     edge_ratio : float
         An edge is long when it spans more than this many local pitches.
-    depth : float
-        Only gap triangles whose centroid lies within this many local
-        pitches of the hull's boundary are returned.
+    depth, radius : float
+        Only gap triangles whose centroid lies within ``depth`` local
+        pitches of the hull's boundary, or whose circumradius exceeds
+        ``radius`` local pitches, are returned.
 
     Returns
     -------
@@ -83,12 +90,19 @@ def border_gaps(points, *, edge_ratio=EDGE_RATIO, depth=GAP_DEPTH):
         front = across[~reached[across]]
         reached[front] = True
     # ... but only the part near the hull is extrapolated: farther in, a
-    # gap has holes on both sides (a whole row missing across the plate is
-    # interpolated between its neighbours, to their accuracy)
+    # narrow gap has holes on both sides (a whole row missing across the
+    # plate is interpolated between its neighbours, to their accuracy). A
+    # wide one (an empty corner of the image, a notch in the lit area) is
+    # extrapolated all the way in: the mask follows its holes.
     gap = np.flatnonzero(reached)
-    near = _depth(corners[gap].mean(axis=1), pts, tri.convex_hull)
-    near = near < depth * nearest[simplices[gap]].mean(axis=1)
-    return corners[gap[near]]
+    pitch = nearest[simplices[gap]].mean(axis=1)
+    near = _depth(corners[gap].mean(axis=1), pts, tri.convex_hull) < depth * pitch
+    sides = length[gap]
+    e1 = corners[gap, 1] - corners[gap, 0]
+    e2 = corners[gap, 2] - corners[gap, 0]
+    area2 = np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])  # twice the area
+    wide = sides.prod(axis=1) > 2.0 * radius * pitch * area2  # abc / (4 area) > radius
+    return corners[gap[near | wide]]
 
 
 def _depth(points, pts, hull_edges):
