@@ -103,6 +103,27 @@ def test_an_enclosed_gap_stays_valid():
     np.testing.assert_array_equal(mask, _hull(pts))
 
 
+def test_a_wide_enclosed_gap_is_masked_up_to_its_holes():
+    # a 3 x 4 block missing inside the plate (a beam stop's shadow): enclosed,
+    # but its middle is 2-2.5 pitches from every hole, too far to trust
+    block = [(i, j) for i in range(-1, 2) for j in range(-2, 2)]
+    pts = _lattice(drop=block)
+    mask, added = _masked(pts)
+    assert added > 0
+    y, x = _site(0, -1).astype(int)
+    assert mask[y, x] == 1
+    # what stays valid of it lies within a missing row's reach of the holes
+    # around (the triangles at its corners are narrow); its middle is ~2 away
+    tree = cKDTree(pts)
+    valid = np.argwhere(mask == 0).astype(float)
+    assert tree.query(valid)[0].max() < 1.12 * PITCH
+    assert tree.query([_site(0, -0.5)])[0][0] > 2.0 * PITCH
+    # nothing is masked outside the ring of holes around the block
+    newly = np.argwhere(mask != _hull(pts))
+    lo, hi = _site(-2, -3), _site(2, 2)
+    assert np.all((newly >= lo) & (newly <= hi))
+
+
 def test_a_row_missing_across_the_plate_is_masked_only_near_the_border():
     # a whole row of holes missing: the gap reaches the hull at both ends,
     # but inside the plate it has holes above and below and is interpolated

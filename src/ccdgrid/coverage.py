@@ -24,7 +24,10 @@ every hole of its circumcentre, beyond ``GAP_RADIUS`` local pitches: an
 empty corner, a notch in the lit area). Behind a complete outer row, a gap
 is enclosed and stays valid, and so does the inner part of a narrow gap
 that reaches the border (a row of holes missing across the whole plate):
-there it has holes on both sides and is interpolated. Coordinates
+there it has holes on both sides and is interpolated. An enclosed gap is
+masked too when it is wide (circumradius beyond ``GAP_ENCLOSED`` local
+pitches: a beam stop's shadow, a dark spot), where the maps would only
+guess across a hole-free disc several pitches wide. Coordinates
 are ``(y, x)`` index coordinates: the centre of pixel ``(i, j)`` is at
 ``(i, j)``.
 """
@@ -32,7 +35,14 @@ are ``(y, x)`` index coordinates: the centre of pixel ``(i, j)`` is at
 import numpy as np
 from scipy.spatial import Delaunay, QhullError, cKDTree
 
-__all__ = ["EDGE_RATIO", "GAP_DEPTH", "GAP_RADIUS", "border_gaps", "mask_border_gaps"]
+__all__ = [
+    "EDGE_RATIO",
+    "GAP_DEPTH",
+    "GAP_ENCLOSED",
+    "GAP_RADIUS",
+    "border_gaps",
+    "mask_border_gaps",
+]
 
 EDGE_RATIO = 1.7  # between a lattice diagonal (1.41-1.5) and a gap's edge (>= 2)
 GAP_DEPTH = 1.5  # pitches from the hull's boundary: beyond, a gap is interpolated ...
@@ -40,10 +50,15 @@ GAP_DEPTH = 1.5  # pitches from the hull's boundary: beyond, a gap is interpolat
 # the gap is wider than one missing row (whose triangles have 1.12), and its
 # middle lies that far from every hole (a Delaunay circumcircle holds none)
 GAP_RADIUS = 1.3
+# ... and any gap, enclosed or not, whose triangle's circumradius exceeds this:
+# a hole-free disc over 4 pitches across (a 2 x 2 block of missing holes has 1.58)
+GAP_ENCLOSED = 2.0
 
 
-def border_gaps(points, *, edge_ratio=EDGE_RATIO, depth=GAP_DEPTH, radius=GAP_RADIUS):
-    """Triangles of the holes' Delaunay triangulation that are border gaps.
+def border_gaps(
+    points, *, edge_ratio=EDGE_RATIO, depth=GAP_DEPTH, radius=GAP_RADIUS, enclosed=GAP_ENCLOSED
+):
+    """Triangles of the holes' Delaunay triangulation that are border gaps or wide gaps.
 
     Parameters
     ----------
@@ -52,14 +67,17 @@ def border_gaps(points, *, edge_ratio=EDGE_RATIO, depth=GAP_DEPTH, radius=GAP_RA
     edge_ratio : float
         An edge is long when it spans more than this many local pitches.
     depth, radius : float
-        Only gap triangles whose centroid lies within ``depth`` local
-        pitches of the hull's boundary, or whose circumradius exceeds
+        Only border-gap triangles whose centroid lies within ``depth``
+        local pitches of the hull's boundary, or whose circumradius exceeds
         ``radius`` local pitches, are returned.
+    enclosed : float
+        Any triangle whose circumradius exceeds this many local pitches is
+        returned too, border gap or not.
 
     Returns
     -------
     corners : ndarray of shape (G, 3, 2), float64, px
-        The ``(y, x)`` corners of every border-gap triangle (G may be 0).
+        The ``(y, x)`` corners of every such triangle (G may be 0).
     """
     pts = np.asarray(points, dtype=np.float64)
     empty = np.zeros((0, 3, 2))
@@ -94,15 +112,23 @@ def border_gaps(points, *, edge_ratio=EDGE_RATIO, depth=GAP_DEPTH, radius=GAP_RA
     # plate is interpolated between its neighbours, to their accuracy). A
     # wide one (an empty corner of the image, a notch in the lit area) is
     # extrapolated all the way in: the mask follows its holes.
-    gap = np.flatnonzero(reached)
-    pitch = nearest[simplices[gap]].mean(axis=1)
-    near = _depth(corners[gap].mean(axis=1), pts, tri.convex_hull) < depth * pitch
-    sides = length[gap]
-    e1 = corners[gap, 1] - corners[gap, 0]
-    e2 = corners[gap, 2] - corners[gap, 0]
+    pitch = nearest[simplices].mean(axis=1)  # (T,) local pitch of each triangle
+    e1 = corners[:, 1] - corners[:, 0]
+    e2 = corners[:, 2] - corners[:, 0]
     area2 = np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])  # twice the area
-    wide = sides.prod(axis=1) > 2.0 * radius * pitch * area2  # abc / (4 area) > radius
-    return corners[gap[near | wide]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # circumradius abc / (4 area), in local pitches; a flat triangle's is inf
+        circum = length.prod(axis=1) / (2.0 * area2 * pitch)
+    gap = np.flatnonzero(reached)
+    near = _depth(corners[gap].mean(axis=1), pts, tri.convex_hull) < depth * pitch[gap]
+    keep = np.zeros(len(simplices), dtype=bool)
+    keep[gap[near | (circum[gap] > radius)]] = True
+    # An enclosed gap is interpolated, but across a hole-free disc more than
+    # 2 ``enclosed`` pitches wide (a beam stop's shadow, a dark spot on the
+    # phosphor) the maps guess: a 3 px bump of the field under a 9-pitch dark
+    # disc came out 3 px wrong, with nothing to show it.
+    keep |= circum > enclosed
+    return corners[keep]
 
 
 def _depth(points, pts, hull_edges):
