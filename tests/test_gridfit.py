@@ -266,19 +266,67 @@ def test_centred_grid_on_two_rows_of_holes_stays_affine_across_them():
     assert np.all(np.isfinite(grid.displacement))
 
 
+def _square_plate_vectors(pitch_px=98.0, rotation_deg=1.0, aspect=1.012):
+    """Lattice steps (rows i, j; (dy, dx) px) of a square plate seen through rectangular pixels."""
+    t = np.deg2rad(rotation_deg)
+    q = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])  # rows: i, j steps, m
+    return pitch_px * q / np.array([1.0, aspect])  # pixel2 = aspect * pixel1
+
+
 def test_centred_grid_with_few_holes_keeps_the_fitted_lattice():
     from ccdgrid.gridfit import centred_grid
 
     rng = np.random.default_rng(1)
-    idx, pos, _, _ = affine_lattice(rng, n=3)
+    ii, jj = np.meshgrid(np.arange(3), np.arange(3), indexing="ij")
+    idx = np.column_stack([ii.ravel(), jj.ravel()])
+    pos = np.array([40.3, 61.7]) + idx @ _square_plate_vectors()
     pos = pos + rng.normal(0, 0.05, pos.shape)
     lsq = fit_grid(pos, idx)
     grid = centred_grid(lsq, pos, (400, 400))
     assert grid.frame["degree"] == 1
-    # an affine fit of all holes: the lattice moves only by the noise's
-    # regression (1e-5 px here), not by a frame of its own
-    np.testing.assert_allclose(grid.ideal, lsq.ideal, atol=1e-3)
-    np.testing.assert_allclose(grid.pixel_size, lsq.pixel_size, rtol=1e-4)
+    # an affine fit of all holes of a square plate: the lattice moves only
+    # by the noise's regression, not by a frame of its own
+    np.testing.assert_allclose(grid.ideal, lsq.ideal, atol=0.02)
+    np.testing.assert_allclose(grid.pixel_size, lsq.pixel_size, rtol=2e-4)
+
+
+@pytest.mark.parametrize(("rotation_deg", "aspect"), [(0.0, 1.0), (1.0, 1.012), (33.0, 0.97)])
+@pytest.mark.parametrize("shear", [0.01, -0.004])
+def test_centred_grid_leaves_a_shear_in_the_displacement(rotation_deg, aspect, shear):
+    # A square plate seen through a detector that shears it by 1 % (a
+    # taper): the lattice the holes show is not square, and no pixel size
+    # makes it so. The calibration must square it and put the shear in the
+    # displacement, or the corrected image of a square plate is not square.
+    from ccdgrid.gridfit import centred_grid
+
+    pitch = 5e-3
+    square = _square_plate_vectors(rotation_deg=rotation_deg, aspect=aspect)
+    ii, jj = np.meshgrid(np.arange(-7, 8), np.arange(-7, 8), indexing="ij")
+    idx = np.column_stack([ii.ravel(), jj.ravel()])
+    centre = np.array([511.5, 511.5])
+    true = centre + idx @ square  # where a distortion-free detector sees the holes
+    warp = np.array([[1.0, shear], [0.0, 1.0]])  # measured = centre + warp (true - centre)
+    measured = centre + (true - centre) @ warp.T
+    grid = centred_grid(fit_grid(measured, idx, pitch=pitch), measured, (1024, 1024))
+    p1, p2 = grid.pixel_size
+    phys = grid.vectors * np.array([p1, p2])
+    # the lattice is a square plate's: orthogonal steps of one pitch, in metres
+    assert abs(phys[0] @ phys[1]) < 1e-9 * pitch**2
+    np.testing.assert_allclose(np.linalg.norm(phys, axis=1), pitch, rtol=1e-9)
+    # ... the undistorted one, up to a rotation and the pixel sizes' common
+    # scale (a shear s is a stretch of 1 +- s / 2 along the diagonals: its
+    # split between the pixel aspect and the map is ambiguous at order s²)
+    np.testing.assert_allclose(p2 / p1, aspect, rtol=1e-4)
+    assert abs(grid.frame["shear_deg"]) > 0.3 * np.degrees(abs(shear))
+    # the displacement holds the shear: zero at the centre, linear in the
+    # measured position, and the corrected holes form the square lattice
+    corrected = measured + grid.displacement
+    np.testing.assert_allclose(corrected, grid.origin + idx @ grid.vectors, atol=1e-6)
+    d = np.linalg.lstsq(
+        np.column_stack([np.ones(len(idx)), measured - centre]), grid.displacement, rcond=None
+    )[0]
+    np.testing.assert_allclose(d[0], 0.0, atol=1e-6)
+    assert np.abs(d[1:]).max() > 0.3 * abs(shear)
 
 
 def test_centred_grid_bad_input():

@@ -256,6 +256,36 @@ def test_low_snr_holes_cut_by_the_taper_edge_are_not_used():
     import ccdgrid
     from ccdgrid.synthetic import dense_residual, grid_image
 
+    # the reviewer's image (made when the generator's plate was 0.2 degrees
+    # from square by default)
+    g = grid_image(
+        (512, 512),
+        pitch_px=40,
+        hole_diameter_px=8,
+        shear_deg=0.2,
+        seed=7,
+        signal=100,
+        background=100,
+    )
+    cal = ccdgrid.calibrate(g.image, pitch=5e-3, cv_folds=0)
+    used = np.asarray(cal.holes.peaks)[cal.lattice.valid]
+    off = cKDTree(g.holes).query(used)[0]
+    assert off.max() < 0.5
+    assert dense_residual(g.truth, cal.dy, cal.dx, cal.mask).max < 0.3
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="holes.classify_fits: on the same plate made square, two holes the taper edge "
+    "cuts at a peak SNR of ~7 are used 2.3 and 1.5 px off (the maps 1.9 px off there): "
+    "the tilt-and-asymmetry rule catches about half of such holes",
+)
+def test_low_snr_holes_cut_by_the_taper_edge_of_a_square_plate_are_not_used():
+    from scipy.spatial import cKDTree
+
+    import ccdgrid
+    from ccdgrid.synthetic import dense_residual, grid_image
+
     g = grid_image((512, 512), pitch_px=40, hole_diameter_px=8, seed=7, signal=100, background=100)
     cal = ccdgrid.calibrate(g.image, pitch=5e-3, cv_folds=0)
     used = np.asarray(cal.holes.peaks)[cal.lattice.valid]

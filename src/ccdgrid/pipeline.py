@@ -351,7 +351,14 @@ def _frame_text(grid):
     if not frame:
         return ""
     y, x = frame["centre"]
-    return f", the lattice's at ({y:.1f}, {x:.1f}) px (no distortion there)"
+    shear = frame.get("shear_deg", 0.0)
+    if abs(shear) < 0.0005:
+        return f", the lattice's at ({y:.1f}, {x:.1f}) px (no distortion there)"
+    # the plate is square: a shear seen there is the detector's (see gridfit._squared)
+    return (
+        f", the lattice's at ({y:.1f}, {x:.1f}) px, squared (no distortion there "
+        f"but its {shear:+.3f} deg of shear)"
+    )
 
 
 def _check_folds(cv_folds):

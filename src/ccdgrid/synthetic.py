@@ -236,7 +236,7 @@ def grid_image(
     pitch_px=98.0,
     hole_diameter_px=10.5,
     rotation_deg=0.5,
-    shear_deg=0.2,
+    shear_deg=0.0,
     aspect=1.005,
     offset=None,
     distortion="frelon",
@@ -272,7 +272,10 @@ def grid_image(
         Angle of ``a2`` from the +x axis, towards +y; ``|rotation_deg| <= 45``.
     shear_deg : float, degrees
         Departure of the angle between ``a1`` and ``a2`` from 90 degrees;
-        ``|shear_deg| < 10``.
+        ``|shear_deg| < 10``. Nonzero models a plate that is not square (or
+        pixel axes that are not orthogonal): :func:`ccdgrid.calibrate`
+        assumes a square plate, as real ones are, and corrects such a shear
+        as the detector's distortion, which this truth does not hold.
     aspect : float
         ``|a1| / |a2|`` (pixel aspect ratio), in ``[0.8, 1.25]``.
     offset : pair of float or None, px
