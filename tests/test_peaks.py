@@ -423,6 +423,17 @@ def test_all_masked_image_blames_the_mask(default_image):
         find_holes(image, mask=np.ones(image.shape, dtype=bool))
 
 
+@pytest.mark.parametrize("n_valid", [1, 40])
+def test_a_mask_that_leaves_almost_nothing_is_said_to_be_inverted(default_image, n_valid):
+    # a mask written with 1 for the pixels to use: the grid then seemed to
+    # vanish ("flat autocorrelation") instead of the mask being named
+    image = default_image[0]
+    mask = np.ones(image.shape, dtype=np.uint8)
+    mask.reshape(-1)[:: image.size // n_valid][:n_valid] = 0
+    with pytest.raises(CcdgridError, match=rf"`mask` leaves {n_valid} of .* is it inverted"):
+        find_holes(image, mask=mask)
+
+
 def test_bad_backend(default_image):
     with pytest.raises(CcdgridError, match="backend"):
         find_holes(default_image[0], backend="fortran")

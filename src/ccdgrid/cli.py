@@ -495,8 +495,10 @@ def main(argv=None):
         with warnings.catch_warnings():
             if not args.debug:
                 # numpy's numerical notes (a mean of no pixels, a NaN compared)
-                # say nothing to a user; ccdgrid's own warnings still show
+                # say nothing to a user; ccdgrid's own warnings still show,
+                # as one line each, without the source line that raised them
                 warnings.simplefilter("ignore", RuntimeWarning)
+                warnings.showwarning = _show_warning
             args.run(args)
     except KeyboardInterrupt:
         print("ccdgrid: interrupted", file=sys.stderr)
@@ -520,6 +522,11 @@ _ARGUMENT_WORDS = {
     "`pitch`": "--pitch",
     "`previous`": "the --from detector file",
 }
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """``warnings.showwarning`` for the command line: ``ccdgrid: warning: <message>``."""
+    print(f"ccdgrid: warning: {_describe(message)}", file=sys.stderr if file is None else file)
 
 
 def _describe(exc):

@@ -146,7 +146,20 @@ def _as_mask(mask, shape):
         raise CcdgridError(f"`mask` (shape {arr.shape}) must have the shape of `image` {shape}")
     if arr.dtype.kind not in "biuf":
         raise CcdgridError(f"`mask` must hold numbers or booleans, got dtype {arr.dtype}")
-    return arr != 0  # NaN != 0: a NaN in a float mask masks its pixel
+    invalid = arr != 0  # NaN != 0: a NaN in a float mask masks its pixel
+    n_valid = invalid.size - np.count_nonzero(invalid)
+    if 0 < n_valid < _MIN_VALID_FRACTION * invalid.size:
+        # no grid can be found in what is left; most likely the mask says
+        # 1 for the pixels to use
+        raise CcdgridError(
+            f"`mask` leaves {n_valid} of {invalid.size} pixels valid "
+            f"({100.0 * n_valid / invalid.size:.2f} %): nonzero marks a pixel to ignore "
+            "(pyFAI's convention); is it inverted?"
+        )
+    return invalid
+
+
+_MIN_VALID_FRACTION = 0.01  # of the pixels a mask must leave valid
 
 
 _DEAD_CHUNK = 512  # pixels of a line compared at a time
@@ -349,7 +362,10 @@ def find_holes(
         if not valid.any():
             user = _as_mask(mask, img.shape)
             if user is not None and user.all():
-                raise CcdgridError("`mask` marks every pixel of `image` as invalid")
+                raise CcdgridError(
+                    "`mask` marks every pixel of `image` as invalid (nonzero marks a pixel "
+                    "to ignore, pyFAI's convention): is it inverted?"
+                )
             raise CcdgridError(
                 "`image` has no usable pixel: every pixel is NaN, infinite, on a dead line"
                 " or masked"
