@@ -28,15 +28,15 @@ Physical model (lengths in px of the detector unless stated, (y, x) order):
 Choosing the pixel size. ccdgrid's detector file gives each pixel the size
 that makes the *fitted* hole lattice a square of side ``pitch``
 (:func:`ccdgrid.gridfit.pixel_size_from_vectors`); its maps are the
-departure from that affine lattice. The generator's ideal lattice has a
-rotation, an aspect ratio and a shear, and its field has no affine part.
-The same rule applied to the generator's exact lattice vectors gives the
-truth pixel size, so the truth detector ``(field's corner maps, that pixel
-size)`` and ccdgrid's file describe the same physical frame. A rotation of
-that frame moves nothing on a centred ring; the shear (which a rectangular
-pixel cannot remove) is part of the frame for both, so the comparison is
-between what ccdgrid measured and what it would have produced from perfect
-hole positions.
+departure from that lattice. The generator's ideal lattice has a
+rotation and an aspect ratio (its plate is square, ``shear_deg`` 0: ccdgrid
+takes the plate for square and would correct a shear of the plate as the
+detector's), and its field has no affine part. The same rule applied to
+the generator's exact lattice vectors gives the truth pixel size, so the
+truth detector ``(field's corner maps, that pixel size)`` and ccdgrid's
+file describe the same physical frame. A rotation of that frame moves
+nothing on a centred ring, so the comparison is between what ccdgrid
+measured and what it would have produced from perfect hole positions.
 """
 
 from dataclasses import dataclass

@@ -533,8 +533,9 @@ def _write(h5, c, name, level, workers, version, engine):
             "(centre of pixel (i, j) at (i, j)); displacement = ideal - measured, per fitted "
             "hole (indices); pixel_size (pixel1, pixel2) in m; P = (Ox, Oy, Xx, Yx, Xy, Yy) in "
             "(x, y) order, pixel_xy = R . hole_xy + (Ox, Oy), R = [[Xx, Yx], [Xy, Yy]]; frame "
-            "(JSON): the lattice is the plate's as seen at frame.centre (no displacement and "
-            "no displacement gradient there, see ccdgrid.gridfit.centred_grid)"
+            "(JSON): the lattice is the square plate's as seen at frame.centre (no displacement "
+            "there, and no displacement gradient but the frame.shear_deg the holes show, which "
+            "is distortion; see ccdgrid.gridfit.centred_grid)"
         )
         for key, value in c["grid"].items():
             grid[key] = value
