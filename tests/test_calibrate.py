@@ -57,6 +57,7 @@ def fake_peaks(monkeypatch):
             pitch_px=PITCH_PX if pitch_px is None else pitch_px,
             smoothed=None,
             timings={"smooth": 0.0},
+            defects=None,
         )
 
     monkeypatch.setattr(pipeline, "find_holes", find_holes)
@@ -293,3 +294,49 @@ def test_end_to_end_on_a_generated_image(distortion):
     assert rms < 0.1
     visible = grid.visible.sum()
     assert cal.lattice.n_valid >= 0.9 * visible
+
+
+def _with_module_gaps(dtype):
+    """A generated plate with a module gap row and column of -1 (or NaN), a NaN pixel if float."""
+    g = grid_image((384, 384), pitch_px=40.0, hole_diameter_px=8.0, seed=3)
+    image = g.image.astype(dtype)
+    gap = -1 if np.issubdtype(dtype, np.integer) else np.nan
+    image[150:152] = gap
+    image[:, 250] = gap
+    if not np.issubdtype(dtype, np.integer):
+        image[40, 300] = np.inf
+    return g, image
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float32])
+def test_module_gaps_and_non_finite_pixels_are_masked_in_the_output(dtype):
+    # a frame integrated with the detector file holds the same -1 (or NaN)
+    # there: with no mask given, the file must mask them all the same
+    _, image = _with_module_gaps(dtype)
+    cal = calibrate(image, cv_folds=0)
+    assert np.all(cal.mask[150:152] == 1)
+    assert np.all(cal.mask[:, 250] == 1)
+    if not np.issubdtype(dtype, np.integer):
+        assert cal.mask[40, 300] == 1
+    # and nothing else than the maps' own mask
+    others = np.ones(cal.mask.shape, dtype=bool)
+    others[150:152] = others[:, 250] = False
+    others[40, 300] = False
+    np.testing.assert_array_equal(cal.mask[others], cal.maps.mask[others])
+
+
+def test_background_lines_are_not_taken_for_module_gaps():
+    # on a photon-counting image most lines between the holes hold the
+    # image's median (zero): they are background, not defects
+    g = grid_image((384, 384), pitch_px=40.0, hole_diameter_px=8.0, seed=3)
+    image = np.clip(g.image.astype(np.float64) - np.median(g.image), 0, None).astype(np.int32)
+    image[:, ::7] = 0  # many all-zero columns: the median's value
+    from ccdgrid.peaks import image_defects
+
+    assert image_defects(image) is None
+    image[100] = 7  # a real dead row, at a value no background line holds
+    defects = image_defects(image)
+    assert defects is not None
+    np.testing.assert_array_equal(np.flatnonzero(defects.any(axis=1)), [100])
+    assert defects[100].all()
+    assert np.count_nonzero(defects) == image.shape[1]

@@ -475,3 +475,14 @@ def test_maps_fitted_to_other_holes_are_not_reused(base):
     other = replace(prev.maps)
     other.gcv_basis = replace(prev.maps.gcv_basis, points=prev.maps.gcv_basis.points[::-1])
     assert _previous(replace(prev, maps=other)).maps is None
+
+
+def test_module_gaps_are_masked_in_a_warm_start_too():
+    g = grid_image(SHAPE, **{**PLATE, "offset": BASE_OFFSET})
+    image = g.image.astype(np.int32)
+    image[200:202] = -1
+    cold = calibrate(image, cv_folds=0)
+    warm = recalibrate(image, cold, cv_folds=0)
+    assert warm.params["warm_start"]["used"]
+    assert np.all(warm.mask[200:202] == 1)
+    np.testing.assert_array_equal(warm.mask[200:202], cold.mask[200:202])

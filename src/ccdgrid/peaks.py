@@ -101,6 +101,10 @@ class HoleSearch:
     binning : int
         Block size of ``smoothed`` (:func:`detection_binning` of the hole
         diameter): 1 means full resolution.
+    defects : ndarray of shape (h, w), bool, or None
+        The pixels the image itself shows unusable: dead lines (rows or
+        columns of one value, a module gap's -1 or 0) and non-finite values;
+        None when there are none. Not the given mask.
     """
 
     peaks: np.ndarray
@@ -117,6 +121,7 @@ class HoleSearch:
     timings: dict
     log_histogram: _holes.LogHistogram = field(repr=False)
     binning: int = 1
+    defects: object = field(default=None, repr=False)
 
     def __repr__(self):
         return (
@@ -346,21 +351,15 @@ def find_holes(
             raise CcdgridError(f"`threshold` must be a number, got {threshold!r}") from None
         if not np.isfinite(threshold):
             raise CcdgridError(f"`threshold` must be finite, got {threshold!r}")
-    invalid = _as_mask(mask, img.shape)
-    dead = _dead_lines(img)
-    if dead is not None:
-        invalid = dead if invalid is None else invalid | dead
-    # integer images (the usual detector output) hold no NaN: skip the scan
-    if np.issubdtype(np.asarray(image).dtype, np.floating):
-        finite = np.isfinite(img)
-        if invalid is None:
-            invalid = ~finite if not finite.all() else None
-        elif not finite.all():
-            invalid = invalid | ~finite
+    user = _as_mask(mask, img.shape)
+    defects = image_defects(img, np.asarray(image).dtype)
+    if user is None or defects is None:
+        invalid = defects if user is None else user
+    else:
+        invalid = user | defects
     valid = None if invalid is None else ~invalid
     if valid is not None:
         if not valid.any():
-            user = _as_mask(mask, img.shape)
             if user is not None and user.all():
                 raise CcdgridError(
                     "`mask` marks every pixel of `image` as invalid (nonzero marks a pixel "
@@ -430,7 +429,26 @@ def find_holes(
             f"rejected candidates: {_summary(search.reasons)}"
         )
     search.timings = timings
+    search.defects = defects
     return search
+
+
+def image_defects(img, dtype=None):
+    """Pixels an image itself shows unusable, (h, w) bool, or None when there are none.
+
+    Dead lines (:func:`_dead_lines`: rows or columns of one value, as a
+    detector's module gaps hold -1 or 0) and, for a floating-point ``dtype``
+    (the image's own, before any cast; None: ``img``'s), non-finite values.
+    Both are left out of the hole search and masked in the detector file: a
+    frame integrated with it would hold the same values there.
+    """
+    defects = _dead_lines(img)
+    # integer images (the usual detector output) hold no NaN: skip the scan
+    if np.issubdtype(img.dtype if dtype is None else dtype, np.floating):
+        finite = np.isfinite(img)
+        if not finite.all():
+            defects = ~finite if defects is None else defects | ~finite
+    return defects
 
 
 def _summary(reasons):

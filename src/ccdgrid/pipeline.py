@@ -268,7 +268,7 @@ def calibrate(
         timings["refit"] = time.perf_counter() - t0
     valid = lattice.valid
     _check_predictive(cv, lattice.pitch_px)
-    out_mask = _output_mask(maps.mask, mask)
+    out_mask = _output_mask(maps.mask, mask, holes.defects)
     timings["total"] = time.perf_counter() - t_start
     params = {
         "pitch": float(pitch),
@@ -498,13 +498,20 @@ def _check_predictive(cv, pitch_px):
         )
 
 
-def _output_mask(maps_mask, user_mask):
-    """int8 (ny, nx), 1 = invalid: outside the holes' hull or masked by the user."""
-    if user_mask is None:
+def _output_mask(maps_mask, user_mask, defects=None):
+    """int8 (ny, nx), 1 = invalid: outside the holes' hull, masked by the user or a defect.
+
+    ``defects``: the pixels the image shows unusable (``HoleSearch.defects``:
+    dead lines, non-finite values), or None.
+    """
+    if user_mask is None and defects is None:
         return maps_mask.astype(np.int8, copy=False)
     # the comparison's own (fresh) array becomes the output: no second full-size one
-    out = np.not_equal(user_mask, 0).view(np.int8)
+    first = user_mask if user_mask is not None else defects
+    out = np.not_equal(first, 0).view(np.int8)
     np.bitwise_or(out, maps_mask, out=out)
+    if user_mask is not None and defects is not None:
+        np.bitwise_or(out, defects.view(np.int8), out=out)
     return out
 
 

@@ -288,7 +288,7 @@ def recalibrate(
         return WarmCalibration(**{f.name: getattr(cal, f.name) for f in fields(cal)}, drift=drift)
 
     t0 = time.perf_counter()
-    filled, valid = _prepare(img, image, mask)
+    filled, valid, defects = _prepare(img, image, mask)
     radius = 0.5 * prev.hole_diameter
     move, why = _global_move(filled, prev, radius, max_shift)
     timings["global_move"] = time.perf_counter() - t0
@@ -309,6 +309,7 @@ def recalibrate(
     peaks = found["centres"][ok]
     indices = prev.indices[ok]
     holes = _hole_search(found, ok, prev, timings)
+    holes.defects = defects
 
     t0 = time.perf_counter()
     grid = centred_grid(fit_grid(peaks, indices, pitch=pitch, backend=backend), peaks, prev.shape)
@@ -351,7 +352,7 @@ def recalibrate(
     )
     timings["displacement_maps"] = time.perf_counter() - t0
     cv = _cross_validation(peaks, grid, maps, cv_folds)
-    out_mask = _output_mask(maps.mask, mask)
+    out_mask = _output_mask(maps.mask, mask, holes.defects)
     timings["total"] = time.perf_counter() - t_start
     params = {
         "pitch": float(pitch),
@@ -583,7 +584,10 @@ def _native(image):
 
 
 def _prepare(img, original, mask):
-    """The image with invalid pixels set to the valid median, and the valid map (or None).
+    """The image with invalid pixels set to the valid median, the valid map and the defects.
+
+    ``(image, valid, defects)``: ``valid`` None when every pixel is, and
+    ``defects`` as :func:`ccdgrid.peaks.image_defects` returns them.
 
     Same treatment of the mask, dead lines (the same scan) and non-finite
     pixels as :func:`ccdgrid.peaks.find_holes`, and the fill value from a
@@ -591,15 +595,11 @@ def _prepare(img, original, mask):
     to the global move's search: the fits ignore invalid pixels).
     """
     invalid = _peaks._as_mask(mask, img.shape)
-    dead = _peaks._dead_lines(img)
-    if dead is not None:
-        invalid = dead if invalid is None else invalid | dead
-    if np.issubdtype(np.asarray(original).dtype, np.floating):
-        finite = np.isfinite(img)
-        if not finite.all():
-            invalid = ~finite if invalid is None else invalid | ~finite
+    defects = _peaks.image_defects(img, np.asarray(original).dtype)
+    if defects is not None:
+        invalid = defects if invalid is None else invalid | defects
     if invalid is None:
-        return img, None
+        return img, None, None
     valid = ~invalid
     if not valid.any():
         raise CcdgridError("`mask` marks every pixel of `image` as invalid")
@@ -607,7 +607,7 @@ def _prepare(img, original, mask):
     sample = img[::step, ::step][valid[::step, ::step]]
     if sample.size == 0:
         sample = img[valid]
-    return np.where(valid, img, np.float32(np.median(sample))), valid
+    return np.where(valid, img, np.float32(np.median(sample))), valid, defects
 
 
 def _window_half(radius, pitch_px, shapes=None):
