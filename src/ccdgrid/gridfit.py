@@ -221,9 +221,9 @@ def centred_grid(grid, peaks, shape):
     is the shear alone (zero when the holes there show a square plate), and
     the pixel size is that of the lattice at the centre. A radial distortion
     about the centre (the field most generators and tapers have) is then
-    recovered as it is defined, instead of with its average magnification removed: on barrel
-    fields of 30-60 px, 0.05-0.22 px RMS of apparent error become
-    0.004-0.010 px (``benchmarks/probe/lattice_convention.py``).
+    recovered as it is defined, instead of with its average magnification
+    removed: on barrel fields of 30-60 px, 0.05-0.22 px RMS of apparent
+    error become 0.004-0.010 px (``benchmarks/probe/lattice_convention.py``).
 
     Parameters
     ----------
@@ -288,9 +288,10 @@ def centred_grid(grid, peaks, shape):
         return replace(grid, frame={"centre": centre.tolist(), "holes": int(k), "degree": 0})
     # the lattice seen at the centre, then squared: only its rotation and
     # the pixel sizes are not distortion (see _squared)
-    local = grid.vectors @ np.linalg.inv(jac).T
+    inv = np.linalg.inv(jac)
+    local = grid.vectors @ inv.T
     vectors, shear_deg = _squared(local, grid.pitch)
-    to_plate = np.linalg.solve(local, vectors).T @ np.linalg.inv(jac)
+    to_plate = np.linalg.solve(local, vectors).T @ inv
 
     def move(q):
         return centre + (q - q0) @ to_plate.T

@@ -504,14 +504,14 @@ def _output_mask(maps_mask, user_mask, defects=None):
     ``defects``: the pixels the image shows unusable (``HoleSearch.defects``:
     dead lines, non-finite values), or None.
     """
-    if user_mask is None and defects is None:
+    extra = [m for m in (user_mask, defects) if m is not None]
+    if not extra:
         return maps_mask.astype(np.int8, copy=False)
     # the comparison's own (fresh) array becomes the output: no second full-size one
-    first = user_mask if user_mask is not None else defects
-    out = np.not_equal(first, 0).view(np.int8)
+    out = np.not_equal(extra[0], 0).view(np.int8)
     np.bitwise_or(out, maps_mask, out=out)
-    if user_mask is not None and defects is not None:
-        np.bitwise_or(out, defects.view(np.int8), out=out)
+    for more in extra[1:]:
+        np.bitwise_or(out, more, out=out)
     return out
 
 
