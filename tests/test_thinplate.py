@@ -124,3 +124,100 @@ def test_displacement_maps_of_many_holes_are_fitted_by_tiles(monkeypatch):
     for a, b in ((one.dx, tiles.dx), (one.dy, tiles.dy)):
         assert np.abs(a - b)[:-1, :-1][valid].max() < 2e-3
     assert tiles.fit_residual_rms == pytest.approx(one.fit_residual_rms, rel=0.02)
+
+
+# -- a refit from a previous factor (the same holes after a small move) ---------------
+
+
+def _plate_holes(rng, n_side=18):
+    """A square lattice of unit pitch with 0.02 of jitter, in the fit's unit."""
+    ij = np.stack(np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij"), -1)
+    return ij.reshape(-1, 2).astype(float) + rng.normal(0.0, 0.02, (n_side * n_side, 2))
+
+
+def _warped(field_of, pts):
+    """Values of a smooth field with a bump at ``pts``: what the maps interpolate."""
+    y, x = pts.T
+    return (
+        np.stack(
+            [
+                0.3 * np.sin(0.4 * x) + 0.05 * y + np.exp(-((x - 9) ** 2 + (y - 7) ** 2) / 8),
+                0.2 * np.cos(0.3 * y) - 0.02 * x * y / 18,
+            ],
+            axis=1,
+        )
+        * field_of
+    )
+
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+@pytest.mark.parametrize("smoothing", [0.0, 1e-3, 17.8])
+def test_refit_from_a_previous_factor_equals_the_factorised_solve(backend, smoothing):
+    rng = np.random.default_rng(31)
+    old = _plate_holes(rng)
+    first = ThinPlate(old, _warped(20.0, old), smoothing, 4, backend)
+    assert first.iterations == 0
+    # the plate moved: turned by 20 mdeg, shifted, the distortion seen at
+    # other places, each centre measured again with its noise
+    angle = np.deg2rad(0.02)
+    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    new = old @ turn.T + (0.034, -0.027) + rng.normal(0.0, 3e-4, old.shape)
+    values = _warped(20.0, new + 0.03)
+    warm = ThinPlate(new, values, smoothing, 4, backend, factor=first.factor)
+    cold = ThinPlate(new, values, smoothing, 4, backend)
+    assert 1 <= warm.iterations <= 3
+    assert warm.factor is first.factor  # kept for the next refit
+    probe = np.vstack([rng.uniform(-1.0, 18.0, (400, 2)), new[:5]])
+    # the values fitted differ by at most twice the residual, 1e-9 of |d|
+    bound = 2 * thinplate._PCG_RTOL * np.linalg.norm(values)
+    assert np.abs(warm(probe) - cold(probe)).max() < bound
+    np.testing.assert_allclose(warm.residual_at_centres(), cold.residual_at_centres(), atol=bound)
+
+
+def test_a_factor_of_other_holes_is_not_used():
+    rng = np.random.default_rng(32)
+    pts = _plate_holes(rng)
+    values = _warped(10.0, pts)
+    fewer = ThinPlate(pts[:-1], values[:-1], 1.0, 4)
+    other_degree = ThinPlate(pts, values, 1.0, 3)
+    cold = ThinPlate(pts, values, 1.0, 4)
+    for factor in (fewer.factor, other_degree.factor):
+        tps = ThinPlate(pts, values, 1.0, 4, factor=factor)
+        assert tps.iterations == 0
+        assert tps.factor is not factor
+        np.testing.assert_array_equal(tps.coef, cold.coef)
+        np.testing.assert_array_equal(tps.factor.upper, cold.factor.upper)
+
+
+def test_a_factor_that_does_not_converge_soon_gives_way_to_a_factorisation(monkeypatch):
+    rng = np.random.default_rng(33)
+    pts = _plate_holes(rng)
+    values = _warped(10.0, pts)
+    # the same holes under a hundred times the smoothing: a poor preconditioner
+    stiff = ThinPlate(pts, values, 1.0, 4)
+    cold = ThinPlate(pts, values, 0.01, 4)
+    monkeypatch.setattr(thinplate, "_PCG_MAX_ITER", 2)
+    tps = ThinPlate(pts, values, 0.01, 4, factor=stiff.factor)
+    assert tps.iterations == 0
+    assert tps.factor is not stiff.factor
+    np.testing.assert_array_equal(tps.coef, cold.coef)
+    # with room to converge, the poor preconditioner still gives the solution
+    monkeypatch.setattr(thinplate, "_PCG_MAX_ITER", 400)
+    slow = ThinPlate(pts, values, 0.01, 4, factor=stiff.factor)
+    assert slow.iterations > 3
+    bound = 2 * thinplate._PCG_RTOL * np.linalg.norm(values)
+    assert np.abs(slow(pts) - cold(pts)).max() < bound
+
+
+def test_a_refit_of_a_constant_component_takes_no_step():
+    rng = np.random.default_rng(34)
+    pts = _plate_holes(rng)
+    values = _warped(10.0, pts)
+    first = ThinPlate(pts, values, 1.0, 4)
+    zero = values.copy()
+    zero[:, 1] = 0.0  # rhs 0: converged from the start, 0/0 must not give NaN
+    tps = ThinPlate(pts + 0.001, zero, 1.0, 4, factor=first.factor)
+    assert np.all(np.isfinite(tps.coef))
+    assert np.all(tps.coef[:, 1] == 0.0)
+    cold = ThinPlate(pts + 0.001, zero, 1.0, 4)
+    np.testing.assert_allclose(tps(pts), cold(pts), rtol=0, atol=1e-8)

@@ -18,9 +18,11 @@ searching the whole image:
 3. the holes keep their previous lattice indices, and the grid, maps and
    cross-validation are made as in :func:`ccdgrid.pipeline.calibrate`; from
    a calibration in memory, the maps' GCV reuses the previous fit's
-   eigenbasis when the plate moved by a similarity (``previous`` of
-   :func:`ccdgrid.maps.displacement_maps`), which a detector file does not
-   hold.
+   eigenbasis when the plate moved by a similarity, and when every
+   previous hole was measured again the thin-plate system is solved
+   from the previous fit's factor (``previous`` of
+   :func:`ccdgrid.maps.displacement_maps`); a detector file holds
+   neither.
 
 No full-image smoothing or segmentation is done. When the plate moved too
 far (the move cannot be measured reliably, exceeds ``max_shift``, or fewer
@@ -472,16 +474,19 @@ def _previous(previous):
 
 
 def _fitted_maps(maps, peaks):
-    """The previous :class:`~ccdgrid.maps.DisplacementMaps` when it kept its GCV eigenbasis.
+    """The previous :class:`~ccdgrid.maps.DisplacementMaps` when it kept what a refit reuses.
+
+    That is its GCV eigenbasis or its thin-plate factor.
 
     Only when it was fitted to ``peaks`` (N, 2), the rows of
     ``_Previous.peaks``, in their order: a calibration's maps are fitted to
     its indexed holes, a combined calibration's to the holes of all its
     plate positions (of which ``peaks`` keeps the first position's).
     """
-    if not isinstance(maps, DisplacementMaps) or maps.gcv_basis is None:
+    if not isinstance(maps, DisplacementMaps):
         return None
-    if not np.array_equal(maps.gcv_basis.points, peaks):
+    kept = maps.gcv_basis if maps.gcv_basis is not None else maps.tps_factor
+    if kept is None or not np.array_equal(kept.points, peaks):
         return None
     return maps
 
