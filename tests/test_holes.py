@@ -310,3 +310,21 @@ def test_holes_in_windows_the_border_clips_are_judged_against_each_other():
     # judged against all holes, the clipped ones would be rejected
     alone = classify_fits(fit, fields["amplitude"], image_shape=(700, 700))
     assert (alone[clipped] == "cut by edge").all()
+
+
+def test_neighbour_medians_kept_for_one_mask_are_found_again_for_another():
+    from ccdgrid.holes import _neighbour_median, _Neighbours
+
+    rng = np.random.default_rng(41)
+    centres = rng.uniform(0, 500, (300, 2))
+    values = rng.normal(0, 1, (300, 2))
+    near = _Neighbours(centres)
+    masks = [rng.random(300) > 0.2 for _ in range(2)]
+    for good in (masks[0], masks[0], masks[1], masks[0]):
+        got = _neighbour_median(centres, values, good, near=near)
+        # brute force: the 6 nearest good points other than the point itself
+        dist = np.hypot(*(centres[:, None] - centres[None]).transpose(2, 0, 1))
+        dist[:, ~good] = np.inf
+        np.fill_diagonal(dist, np.inf)
+        nearest = np.argsort(dist, axis=1)[:, :6]
+        np.testing.assert_array_equal(got, np.median(values[nearest], axis=1))

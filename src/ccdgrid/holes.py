@@ -290,7 +290,8 @@ def classify_fits(fit, contrast, nmin=5, image_shape=None, window=None):
     ring_z, _ = _grouped_z(fit.ring_asymmetry, good, clipped)
     # a hole partly cut by the taper edge keeps its shape but loses light:
     # it is dimmer than its neighbours (vignetting is smooth on that scale)
-    ratio = _neighbour_ratio(fit.centres, amp, good)
+    near = _Neighbours(fit.centres)
+    ratio = _neighbour_ratio(fit.centres, amp, good, near=near)
     # A hole cut by a lit-area edge need not look smaller: the fit may
     # drop its dimmed side as outliers and leave a one-sided residual. Both
     # are judged against this image's holes, with margins that a hot pixel
@@ -332,7 +333,8 @@ def classify_fits(fit, contrast, nmin=5, image_shape=None, window=None):
         # tilted ones out of the neighbours' medians.
         ref = good
         for _ in range(2):
-            tilt = np.hypot(*(fit.slope - _neighbour_median(fit.centres, fit.slope, ref)).T)
+            slope_med = _neighbour_median(fit.centres, fit.slope, ref, near=near)
+            tilt = np.hypot(*(fit.slope - slope_med).T)
             tilt_z = _grouped_z(tilt, ref, clipped)[0]
             tilted = good & (tilt_z > 20.0)
             ref = good & ~tilted
@@ -361,7 +363,7 @@ def classify_fits(fit, contrast, nmin=5, image_shape=None, window=None):
     # local magnification changes by far less than 2 % from hole to hole).
     # A dark fibre-bundle boundary across a hole also dims it and makes it
     # one-sided, but leaves its radius: dimness alone is not enough.
-    r_ratio = _neighbour_ratio(fit.centres, size, good)
+    r_ratio = _neighbour_ratio(fit.centres, size, good, near=near)
     # How far a whole hole's fitted radius strays from its neighbours' depends
     # on the noise and on how much the holes differ: the limits scale with
     # the robust spread of the ratio over this image's holes.
@@ -436,24 +438,46 @@ def _rms_radius(radius, blur):
     return np.sqrt(0.5 * np.square(radius) + 2.0 * np.square(blur))
 
 
-def _neighbour_ratio(centres, values, good, k=6):
+def _neighbour_ratio(centres, values, good, k=6, near=None):
     """``values`` over the median of the k nearest ``good`` neighbours' values."""
     if np.count_nonzero(good) <= k:
         return np.ones(values.size)
-    return values / _neighbour_median(centres, values, good, k)
+    return values / _neighbour_median(centres, values, good, k, near)
 
 
-def _neighbour_median(centres, values, good, k=6):
+def _neighbour_median(centres, values, good, k=6, near=None):
     """Median of ``values`` (N,) or (N, d) over each point's k nearest ``good`` neighbours.
 
     A point is not its own neighbour. With k or fewer good points, the
-    median over all of them.
+    median over all of them. ``near``, a :class:`_Neighbours` of
+    ``centres``, keeps the neighbours found for one ``good`` for the next
+    call with the same (classify_fits asks four times, mostly with one).
     """
     idx = np.flatnonzero(good)
     if idx.size <= k:
         return np.broadcast_to(np.median(values[idx], axis=0), values.shape)
+    nb = near.rows(good, k) if near is not None else _neighbour_rows(centres, idx, k)
+    return np.median(values[nb], axis=1)
+
+
+def _neighbour_rows(centres, idx, k):
+    """(N, k) rows, among ``idx``, of each point's k nearest neighbours but itself."""
     _, nb = cKDTree(centres[idx]).query(centres, k=k + 1)
     # the nearest is the point itself for good ones; drop it, else the farthest
-    own = idx[nb[:, 0]] == np.arange(values.shape[0])
-    nb = np.where(own[:, None], nb[:, 1:], nb[:, :-1])
-    return np.median(values[idx[nb]], axis=1)
+    own = idx[nb[:, 0]] == np.arange(centres.shape[0])
+    return idx[np.where(own[:, None], nb[:, 1:], nb[:, :-1])]
+
+
+class _Neighbours:
+    """The k nearest ``good`` neighbours of every centre, for the last ``good`` asked."""
+
+    def __init__(self, centres):
+        self.centres = centres
+        self._key = None
+        self._rows = None
+
+    def rows(self, good, k):
+        if self._key is None or self._key[1] != k or not np.array_equal(self._key[0], good):
+            self._rows = _neighbour_rows(self.centres, np.flatnonzero(good), k)
+            self._key = (good.copy(), k)
+        return self._rows
