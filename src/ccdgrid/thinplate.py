@@ -320,7 +320,7 @@ class ThinPlate:
             solved = _preconditioned(house, tau, kern, rhs[p:], factor.upper)
         if solved is not None:
             y, (kc, coef), self.iterations = solved
-            self.factor = factor
+            self._factor = factor
             self.coef = np.ascontiguousarray(coef)
             # Q1' (K + s I) Q2 y, from (K + s I) c: the Q' of its first p rows
             cross = apply_q(house, tau, kc, "L")[:p]
@@ -330,7 +330,8 @@ class ThinPlate:
             # Cholesky of Q2' (K + s I) Q2: positive definite for distinct centres
             upper, _ = linalg.cho_factor(rotated[p:, p:], lower=False)
             y = linalg.cho_solve((upper, False), rhs[p:])
-            self.factor = SystemFactor(np.asfortranarray(upper, dtype=np.float32), n, degree)
+            # kept as computed (float64); converted only if a caller keeps it
+            self._factor = (upper, n, degree)
             padded = np.zeros((n, y.shape[1]))
             padded[p:] = y
             self.coef = np.ascontiguousarray(
@@ -340,6 +341,14 @@ class ThinPlate:
         # P a = d - (K + s I) c, projected on Q1: R a = Q1' d - (Q1' (K + s I) Q2) y
         upper = np.triu(house[:p])
         self.trend = np.ascontiguousarray(linalg.solve_triangular(upper, rhs[:p] - cross))
+
+    @property
+    def factor(self):
+        """The :class:`SystemFactor` a refit may reuse (see the class's Attributes)."""
+        if not isinstance(self._factor, SystemFactor):
+            upper, n, degree = self._factor
+            self._factor = SystemFactor(np.asfortranarray(upper, dtype=np.float32), n, degree)
+        return self._factor
 
     def residual_at_centres(self):
         """Values at the centres minus the values fitted, (N, 2) float64.
