@@ -137,3 +137,28 @@ def test_public_names_are_those_of_this_module():
     assert {"cross_validate", "CrossValidation"} <= set(maps.__all__)
     assert ccdgrid.cross_validate is cross_validate
     assert ccdgrid.CrossValidation is CrossValidation
+
+
+def test_cv_of_the_same_holes_moved_solves_each_fold_from_its_previous_factor():
+    rng = np.random.default_rng(44)
+    pts, ij = lattice()
+    field = make_distortion((512, 512), distortion_px=3.0, seed=5)
+    before = cross_validate(pts, field.displacement(pts), k=5, indices=ij, smoothing=0.5)
+    assert sorted(before.factors) == list(range(5))
+    moved = pts + np.array([2.4, -1.7]) + rng.normal(0, 0.01, pts.shape)
+    disp = field.displacement(moved) + rng.normal(0, 0.02, pts.shape)
+    warm = cross_validate(moved, disp, k=5, indices=ij, smoothing=0.5, previous=before)
+    fresh = cross_validate(moved, disp, k=5, indices=ij, smoothing=0.5)
+    for f in range(5):
+        assert warm.factors[f].upper is before.factors[f].upper
+        assert fresh.factors[f].upper is not before.factors[f].upper
+    # the predictions are those of factorised fits to far below the holes' noise
+    np.testing.assert_allclose(warm.predicted, fresh.predicted, rtol=0, atol=1e-7)
+    assert warm.rms_px == pytest.approx(fresh.rms_px, rel=1e-6)
+    # other folds (another k): not reused, the same result
+    other = cross_validate(moved, disp, k=4, indices=ij, smoothing=0.5, previous=before)
+    assert all(other.factors[f].upper is not before.factors[f].upper for f in range(4))
+    cubic = cross_validate(moved, disp, k=5, indices=ij, method="cubic", previous=before)
+    assert cubic.factors is None
+    with pytest.raises(CcdgridError, match="`previous` must be a CrossValidation"):
+        cross_validate(moved, disp, k=5, indices=ij, smoothing=0.5, previous=before.factors)

@@ -497,3 +497,24 @@ def test_module_gaps_are_masked_in_a_warm_start_too():
     assert warm.params["warm_start"]["used"]
     assert np.all(warm.mask[200:202] == 1)
     np.testing.assert_array_equal(warm.mask[200:202], cold.mask[200:202])
+
+
+def test_warm_cross_validation_reuses_the_folds_of_the_previous_one():
+    g = _plate()
+    cold = calibrate(g.image, cv_folds=5)
+    # the same image: every hole found again, in the previous order; the
+    # smoothing and trend kept (GCV's scores of the degrees 1-4 differ by 1 %
+    # here, and the warm centres may tip the choice: other systems)
+    warm = recalibrate(g.image, cold, cv_folds=5, smoothing="previous")
+    assert warm.drift.n_matched == warm.drift.n_previous
+    assert warm.maps.degree == cold.maps.degree
+    np.testing.assert_array_equal(warm.cross_validation.folds, cold.cross_validation.folds)
+    for f, factor in warm.cross_validation.factors.items():
+        assert factor.upper is cold.cross_validation.factors[f].upper
+    # the figure is the one a cross-validation from scratch gives
+    fresh = recalibrate(g.image, cold, cv_folds=0, smoothing="previous")
+    from ccdgrid.pipeline import _cross_validation
+
+    again = _cross_validation(fresh.holes.peaks, fresh.grid, fresh.maps, 5)
+    assert warm.cross_validation.rms_px == pytest.approx(again.rms_px, rel=1e-6)
+    assert warm.cross_validation.max_px == pytest.approx(again.max_px, rel=1e-6)

@@ -8,7 +8,7 @@ displacements ``(dy, dx) = ideal - measured`` in px, index coordinates.
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.interpolate import CloughTocher2DInterpolator
@@ -66,6 +66,13 @@ class CrossValidation:
         Polynomial trend degree used (``None`` for cubic).
     seconds : float, s
         Wall time of the k fits.
+    factors : dict or None
+        ``{fold: factor}``: the thin-plate factor of each evaluated fold's fit, for a
+        cross-validation of the same holes after a small move of the plate
+        (``previous`` of :func:`cross_validate`): ``4 (n_f - p)²`` bytes per
+        fold of ``n_f`` training holes (12 MB for the 2 folds evaluated at
+        4096², ~1500 holes). None for the cubic method or tiled fits.
+        Opaque, not compared.
     """
 
     k: int
@@ -83,6 +90,7 @@ class CrossValidation:
     smoothing: object
     degree: object
     seconds: float
+    factors: object = field(default=None, repr=False, compare=False)
 
     @property
     def rms_pitch(self):
@@ -130,6 +138,7 @@ def cross_validate(
     max_holes=_CV_MAX_HOLES,
     backend="cython",
     in_sample_rms=None,
+    previous=None,
 ):
     """k-fold cross-validated error of the displacement maps at the holes.
 
@@ -178,6 +187,13 @@ def cross_validate(
         ``smoothing`` and ``degree`` (``DisplacementMaps.fit_residual_rms``),
         reported beside the cross-validated figure; None: fit it here (one
         more thin-plate solve, ~40 ms at 4096²).
+    previous : CrossValidation or None
+        The cross-validation of the same holes, in the same order, before a
+        small move of the plate (a warm start that found every previous
+        hole again): with the same ``k`` and folds, each fold's thin-plate
+        system is solved from that fold's previous factor (see
+        :class:`ccdgrid.thinplate.ThinPlate`; ~12 ms instead of ~35 ms per
+        fold of 1200 holes). Unusable factors are ignored.
 
     Returns
     -------
@@ -258,13 +274,19 @@ def cross_validate(
             in_sample = rms(full.residual_at_centres())
         else:
             in_sample = non_negative(in_sample_rms, "in_sample_rms")
+        before = _previous_factors(previous, k, folds)
+        kept = []
         for f in order:
             test = folds == f
             if test.any():
-                rbf, _ = fit_tps(unit[~test], disp[~test], smoothing, degree, backend)
+                rbf, _ = fit_tps(
+                    unit[~test], disp[~test], smoothing, degree, backend, before.get(f)
+                )
                 predicted[test] = rbf(unit[test])
+                kept.append((f, getattr(rbf, "factor", None)))
+        factors = dict(kept) if all(fac is not None for _, fac in kept) else None
     else:
-        smoothing = degree = None
+        smoothing = degree = factors = None
         in_sample = 0.0  # the cubic interpolant passes through every hole
         for f in order:
             test = folds == f
@@ -291,7 +313,21 @@ def cross_validate(
         smoothing=None if smoothing is None else float(smoothing),
         degree=degree,
         seconds=time.perf_counter() - t0,
+        factors=factors,
     )
+
+
+def _previous_factors(previous, k, folds):
+    """``{fold: SystemFactor}`` of a previous cross-validation with these folds, else empty."""
+    if previous is None:
+        return {}
+    if not isinstance(previous, CrossValidation):
+        raise CcdgridError(
+            f"`previous` must be a CrossValidation or None, got {type(previous).__name__}"
+        )
+    if previous.factors is None or previous.k != k or not np.array_equal(previous.folds, folds):
+        return {}
+    return previous.factors
 
 
 def _interleaved_folds(cells, k):

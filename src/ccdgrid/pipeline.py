@@ -369,8 +369,12 @@ def _check_folds(cv_folds):
     return int(cv_folds)
 
 
-def _cross_validation(points, grid, maps, cv_folds):
-    """k-fold cross-validated map error at the holes, or None (``cv_folds`` 0, too few holes)."""
+def _cross_validation(points, grid, maps, cv_folds, previous=None):
+    """k-fold cross-validated map error at the holes, or None (``cv_folds`` 0, too few holes).
+
+    ``previous``: a CrossValidation whose folds' factors a refit may reuse
+    (see :func:`ccdgrid.cross_validation.cross_validate`).
+    """
     if not cv_folds:
         return None
     try:
@@ -385,6 +389,7 @@ def _cross_validation(points, grid, maps, cv_folds):
             scale_px=maps.scale_px,
             # the maps were fitted to these holes with these settings: no second full fit
             in_sample_rms=maps.fit_residual_rms if maps.method == "tps" else None,
+            previous=previous,
         )
     except CcdgridError:
         # a diagnostic only: too few holes to leave some out must not fail the calibration

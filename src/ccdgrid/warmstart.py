@@ -173,6 +173,8 @@ class _Previous:
     # DisplacementMaps fitted to ``peaks`` in their order (its GCV eigenbasis
     # is reused), or None (from a detector file)
     maps: object = None
+    # the CrossValidation of those maps (its folds' factors are reused), or None
+    cross_validation: object = None
 
 
 def recalibrate(
@@ -353,7 +355,8 @@ def recalibrate(
         backend=backend,
     )
     timings["displacement_maps"] = time.perf_counter() - t0
-    cv = _cross_validation(peaks, grid, maps, cv_folds)
+    # the same holes in the same order: each fold's spline from the previous fold's factor
+    cv = _cross_validation(peaks, grid, maps, cv_folds, previous=prev.cross_validation)
     out_mask = _output_mask(maps.mask, mask, holes.defects)
     timings["total"] = time.perf_counter() - t_start
     params = {
@@ -417,6 +420,7 @@ def _previous(previous):
         lat, holes, grid = previous.lattice, previous.holes, previous.grid
         peaks = np.asarray(holes.peaks, dtype=np.float64)
         valid = np.asarray(lat.valid, dtype=bool) & _first_position(len(peaks), previous.params)
+        maps = _fitted_maps(previous.maps, peaks[valid])
         return _Previous(
             shape=tuple(int(n) for n in previous.shape),
             peaks=peaks[valid],
@@ -433,7 +437,9 @@ def _previous(previous):
             smoothing=_smoothing(getattr(previous.maps, "smoothing", None)),
             degree=getattr(previous.maps, "degree", None),
             shapes=_shapes(holes, valid),
-            maps=_fitted_maps(previous.maps, peaks[valid]),
+            maps=maps,
+            # fitted to the same holes as the maps (a combined calibration's are not)
+            cross_validation=previous.cross_validation if maps is not None else None,
         )
     needed = ("peaks", "indices", "valid", "grid", "params", "shape", "dx", "dy", "mask")
     missing = [name for name in needed if getattr(previous, name, None) is None]
