@@ -96,7 +96,7 @@ def test_upsample_fills_the_given_outputs_whatever_they_held(backend):
         np.testing.assert_array_equal(a, b)
 
 
-def test_background_outputs_are_the_mask_and_zeroed_float32_maps():
+def test_background_outputs_are_the_mask_and_float32_maps_the_upsampling_fills():
     rng = np.random.default_rng(4)
     pts = rng.uniform(3, 60, (40, 2))
     hull = ConvexHull(pts)
@@ -110,7 +110,19 @@ def test_background_outputs_are_the_mask_and_zeroed_float32_maps():
         assert a.shape == (65, 71)
         assert a.dtype == np.float32
         assert a.flags.c_contiguous
-        assert not a.any()
+    # their values are not set (pages mapped only): the upsampling writes every one
+    for a in arrays:
+        a.fill(np.nan)
+    yc, xc = maps._coarse_axis(64, 16.0), maps._coarse_axis(70, 16.0)
+    coarse = rng.normal(0, 1, (len(yc), len(xc), 2))
+    dy, dx = maps._upsample(yc, xc, coarse, 64, 70, "cython", out=arrays)
+    assert dy is arrays[0]
+    assert dx is arrays[1]
+    assert np.isfinite(dy).all()
+    assert np.isfinite(dx).all()
+    np.testing.assert_array_equal(
+        np.stack([dy, dx]), np.stack(maps._upsample(yc, xc, coarse, 64, 70, "cython"))
+    )
 
 
 @pytest.mark.parametrize(
