@@ -41,7 +41,6 @@ import math
 import numbers
 import os
 import pathlib
-import secrets
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._h5write import atomic_h5
 from .errors import CcdgridError
 
 __all__ = ["CORNER_CONVENTION", "DetectorRecord", "load", "save_detector"]
@@ -226,7 +226,8 @@ def save_detector(
         If an attribute is missing or inconsistent (the message names it),
         or the target directory does not exist.
     OSError
-        If the file cannot be written.
+        If the file cannot be written (a full disk in one line naming the
+        target); no file, temporary or partial, is left behind.
 
     Examples
     --------
@@ -235,7 +236,6 @@ def save_detector(
     >>> pyFAI.detector_factory("frelon.h5").get_pixel_corners().shape  # doctest: +SKIP
     (2048, 2048, 4, 3)
     """
-    import h5py
 
     from . import __version__
 
@@ -260,15 +260,8 @@ def save_detector(
     engine = _planes_engine(backend)
     content = _collect(calibration)
 
-    tmp = _temporary_sibling(target)
-    try:
-        with h5py.File(tmp, "w") as h5:
-            _write(h5, content, name, int(compression_level), workers, __version__, engine)
-        os.replace(tmp, target)
-    except BaseException:
-        # also on KeyboardInterrupt: never leave the temporary file behind
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_h5(target, "the detector file") as h5:
+        _write(h5, content, name, int(compression_level), workers, __version__, engine)
     return target
 
 
@@ -411,19 +404,6 @@ def _resolve_workers(workers):
     if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
         raise CcdgridError(f"`workers` must be a positive int or None, got {workers!r}")
     return int(workers)
-
-
-def _temporary_sibling(target):
-    """Create an empty, unique file beside ``target`` (same filesystem, so rename is atomic)."""
-    for _ in range(100):
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            # 0o666 & ~umask: the final file gets the permissions of any new file
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            continue
-        return tmp
-    raise OSError(f"cannot create a temporary file beside {target}")
 
 
 def _now():

@@ -35,6 +35,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from ._h5write import atomic_h5
 from .correction import CorrectionMatrix, add_frame_argument
 from .errors import CcdgridError
 
@@ -305,12 +306,6 @@ def _open_source(path, dataset):
     return handle, node
 
 
-def _temporary_sibling(target):
-    from .detector_file import _temporary_sibling as make
-
-    return make(target)
-
-
 def _check_compression(compression, level):
     import numpy as np
 
@@ -445,8 +440,6 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
         raise CcdgridError(f"cannot write {dst_path}: directory {dst_path.parent} does not exist")
     matrix = _as_matrix(detector, "detector", shape_out=shape_out)
 
-    import h5py
-    import numpy as np
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -466,30 +459,38 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
             reader.decode, matrix, normalize, dummy, encode,
             nthreads=max(1, _available_cpus() // workers), work=work,
         )  # fmt: skip
-        tmp = _temporary_sibling(dst_path)
-        try:
-            with h5py.File(tmp, "w") as out:
-                options = {"compression": "gzip", "shuffle": True} if compression else {}
-                if compression:
-                    options["compression_opts"] = int(compression_level)
-                target = out.create_dataset(
-                    dst_dataset, shape=shape, dtype=work, chunks=(1, *matrix.shape_out), **options
-                )
-                target.attrs["source"] = f"{src_path}::{src_dataset}"
-                target.attrs["creator"] = "ccdgrid.stack.correct_hdf5"
-                target.attrs["normalize"] = bool(normalize)
-                target.attrs["offset"] = np.asarray(matrix.offset, dtype=np.int64)
-                with tqdm(
-                    total=n, unit="frame", desc="correcting", file=sys.stderr,
-                    disable=None if progress is None else not progress,
-                ) as bar:  # fmt: skip
-                    stored = _stream(reader, target, correct, workers, bar)
-            os.replace(tmp, dst_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_h5(dst_path, "the corrected stack") as out, tqdm(
+            total=n, unit="frame", desc="correcting", file=sys.stderr,
+            disable=None if progress is None else not progress,
+        ) as bar:  # fmt: skip
+            stored = _write_stack(
+                out, dst_dataset, shape, work, matrix, compression, compression_level,
+                f"{src_path}::{src_dataset}", normalize, (reader, correct, workers, bar),
+            )  # fmt: skip
     seconds = time.perf_counter() - start
     return StackResult(dst_path, dst_dataset, shape, work, seconds, stored, matrix.offset)
+
+
+def _write_stack(out, name, shape, work, matrix, compression, level, source, normalize, feed):
+    """Create the output dataset in ``out`` and stream the corrected frames into it.
+
+    The dataset lives in this function's frame only (see
+    :func:`ccdgrid._h5write.atomic_h5`). Returns the bytes stored.
+    """
+    import numpy as np
+
+    options = {"compression": "gzip", "shuffle": True} if compression else {}
+    if compression:
+        options["compression_opts"] = int(level)
+    target = out.create_dataset(
+        name, shape=shape, dtype=work, chunks=(1, *matrix.shape_out), **options
+    )
+    target.attrs["source"] = source
+    target.attrs["creator"] = "ccdgrid.stack.correct_hdf5"
+    target.attrs["normalize"] = bool(normalize)
+    target.attrs["offset"] = np.asarray(matrix.offset, dtype=np.int64)
+    reader, correct, workers, bar = feed
+    return _stream(reader, target, correct, workers, bar)
 
 
 def _stream(reader, target, correct, workers, bar):
