@@ -32,14 +32,17 @@ __all__ = [
     "gcv_choice",
     "gcv_scores",
     "gcv_smoothing",
+    "gcv_target",
     "reused_gcv_scores",
     "reused_subset",
 ]
 
 GCV_GRID = np.logspace(-6, 3, 37)  # smoothing values tried, in units of pitch²
 # GCV needs an O(N³) eigendecomposition; above this many holes it runs on the holes
-# nearest the centroid: the same density, hence about the same optimal smoothing
+# nearest the centroid (see gcv_target for what it is run on there)
 GCV_MAX_POINTS = 500
+# trend degree of a GCV on part of the holes, after the whole plate's trend is removed
+SUBSET_DEGREE = 1
 
 
 def candidate_degrees(n_points):
@@ -99,6 +102,53 @@ def central_subset(pts, limit):
         return np.arange(len(pts))
     dist = np.hypot(*(pts - pts.mean(axis=0)).T)
     return np.sort(np.argpartition(dist, limit - 1)[:limit])
+
+
+def gcv_target(pts, disp, rows, degree):
+    """``(values, degree)`` a GCV on the holes ``rows`` must score to choose the smoothing.
+
+    Parameters
+    ----------
+    pts : ndarray of shape (N, 2), float64
+        All the holes fitted, in the fit's length unit.
+    disp : ndarray of shape (N, 2), float64, px
+        Displacement at every hole.
+    rows : ndarray of shape (m,), int
+        The holes the GCV runs on (:func:`central_subset`, or a previous
+        fit's rows), distinct.
+    degree : int
+        Trend degree of the fit to all ``N`` holes.
+
+    Returns
+    -------
+    values : ndarray of shape (m, 2), float64, px
+        ``disp[rows]`` when ``rows`` are all the holes; otherwise the
+        displacement there minus the least-squares polynomial of ``degree``
+        fitted to all ``N`` holes (monomials on centred, unit-scaled
+        coordinates, as the fit's).
+    degree : int
+        ``degree`` for all the holes, else ``SUBSET_DEGREE`` (affine).
+
+    Notes
+    -----
+    The fit to all the holes has one trend for the whole plate; the spline
+    carries what that trend leaves. A GCV on a central patch with the same
+    trend degree lets the trend fit the patch alone, which a quartic does
+    well for a field that varies over the plate (a Fourier field: 500 of
+    7216 holes at a 24 px pitch on 2048²), leaving the spline nothing to
+    follow there, so GCV chose the largest smoothing of the grid (1e3
+    pitch²) and the maps were 0.013 px RMS, 0.24 px at most from the truth.
+    Removing the whole plate's trend first and scoring the patch with an
+    affine one (which the thin-plate spline needs) leaves the spline the
+    same task in the patch as in the full fit: 31.6 pitch², 0.0086 px
+    RMS, 0.074 px at most there. Costs O(N) more than the GCV of the patch.
+    """
+    rows = np.asarray(rows)
+    if len(rows) == len(pts):
+        return np.asarray(disp, dtype=np.float64)[rows], degree
+    poly = monomials(pts, degree)
+    coef, *_ = np.linalg.lstsq(poly, disp, rcond=None)
+    return (disp - poly @ coef)[rows], SUBSET_DEGREE
 
 
 def gcv_smoothing(pts, disp, degree, backend="cython", scorer=None):

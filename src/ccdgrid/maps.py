@@ -47,6 +47,7 @@ from .gcv import (
     central_subset,
     gcv_choice,
     gcv_scores,
+    gcv_target,
     reused_gcv_scores,
     reused_subset,
 )
@@ -349,24 +350,20 @@ def displacement_maps(
         sub = reused_subset(*reuse) if reuse is not None else None
         if sub is None:
             sub = central_subset(pts, GCV_MAX_POINTS)
-            scorer = functools.partial(
-                gcv_scores, pts[sub] / scale_px, disp[sub], backend=backend, keep=keep
-            )
+            scorer = gcv_scores
         else:
-            scorer = functools.partial(
-                reused_gcv_scores,
-                reuse[0],
-                pts[sub] / scale_px,
-                disp[sub],
-                backend=backend,
-                keep=keep,
-            )
+            scorer = functools.partial(reused_gcv_scores, reuse[0])
+        # on part of the holes: what the whole plate's trend leaves there (see gcv_target)
+        target, gcv_degree = gcv_target(pts / scale_px, disp, sub, degree)
+        scorer = functools.partial(scorer, pts[sub] / scale_px, target, backend=backend, keep=keep)
         # with all holes in the GCV, it also picks the trend's degree; on a
         # central subset it would judge the trend on part of the field only
         degrees = candidate_degrees(len(pts)) if auto_degree and len(sub) == len(pts) else None
-        smoothing, scores, degree = gcv_choice(
-            pts[sub] / scale_px, disp[sub], degree, degrees, backend, scorer
+        smoothing, scores, chosen = gcv_choice(
+            pts[sub] / scale_px, target, gcv_degree, degrees, backend, scorer
         )
+        if degrees is not None:
+            degree = chosen
         if "basis" in keep:
             gcv_basis = replace(keep["basis"], rows=sub, points=fitted_points)
     smoothing = non_negative(smoothing, "smoothing")
