@@ -44,12 +44,11 @@ from .errors import CcdgridError
 from .gcv import (
     GCV_MAX_POINTS,
     candidate_degrees,
-    central_subset,
     gcv_choice,
     gcv_scores,
-    gcv_target,
     reused_gcv_scores,
     reused_subset,
+    spread_subset,
 )
 from .thinplate import fit_tps
 
@@ -349,21 +348,25 @@ def displacement_maps(
         keep = {}
         sub = reused_subset(*reuse) if reuse is not None else None
         if sub is None:
-            sub = central_subset(pts, GCV_MAX_POINTS)
-            scorer = gcv_scores
+            sub = spread_subset(pts, GCV_MAX_POINTS)
+            scorer = functools.partial(
+                gcv_scores, pts[sub] / scale_px, disp[sub], backend=backend, keep=keep
+            )
         else:
-            scorer = functools.partial(reused_gcv_scores, reuse[0])
-        # on part of the holes: what the whole plate's trend leaves there (see gcv_target)
-        target, gcv_degree = gcv_target(pts / scale_px, disp, sub, degree)
-        scorer = functools.partial(scorer, pts[sub] / scale_px, target, backend=backend, keep=keep)
+            scorer = functools.partial(
+                reused_gcv_scores,
+                reuse[0],
+                pts[sub] / scale_px,
+                disp[sub],
+                backend=backend,
+                keep=keep,
+            )
         # with all holes in the GCV, it also picks the trend's degree; on a
-        # central subset it would judge the trend on part of the field only
+        # subset it would judge the trend on part of the field only
         degrees = candidate_degrees(len(pts)) if auto_degree and len(sub) == len(pts) else None
-        smoothing, scores, chosen = gcv_choice(
-            pts[sub] / scale_px, target, gcv_degree, degrees, backend, scorer
+        smoothing, scores, degree = gcv_choice(
+            pts[sub] / scale_px, disp[sub], degree, degrees, backend, scorer
         )
-        if degrees is not None:
-            degree = chosen
         if "basis" in keep:
             gcv_basis = replace(keep["basis"], rows=sub, points=fitted_points)
     smoothing = non_negative(smoothing, "smoothing")
