@@ -5,7 +5,16 @@ import pytest
 from scipy.interpolate import RBFInterpolator
 
 from ccdgrid.cross_validation import cross_validate
-from ccdgrid.gcv import GCV_GRID, GCV_MAX_POINTS, gcv_choice, gcv_scores, spread_subset
+from ccdgrid.gcv import (
+    GCV_GRID,
+    GCV_MAX_POINTS,
+    GCV_TILE_POINTS,
+    gcv_choice,
+    gcv_scores,
+    gcv_subset,
+    spread_subset,
+)
+from ccdgrid.thinplate import _TILE_ABOVE
 from ccdgrid.maps import displacement_maps
 
 
@@ -110,3 +119,25 @@ def test_gcv_above_the_limit_chooses_about_what_a_gcv_of_all_holes_chooses():
     # cross-validation chooses its smoothing on the same holes
     cv = cross_validate(pts, disp, k=5, scale_px=pitch, max_holes=1)
     assert cv.smoothing == maps.smoothing
+
+
+def test_gcv_subset_spreads_over_one_tile_of_a_tiled_fit():
+    # a single fit: patches over the whole plate; a tiled one (each tile with
+    # its own trend): patches over about one tile's holes around the centre
+    rng = np.random.default_rng(33)
+    small = _plate(40, 1.0, rng)
+    assert len(small) <= _TILE_ABOVE
+    np.testing.assert_array_equal(gcv_subset(small), spread_subset(small, GCV_MAX_POINTS))
+    big = _plate(60, 1.0, rng)
+    assert len(big) > _TILE_ABOVE
+    rows = gcv_subset(big)
+    assert len(rows) == GCV_MAX_POINTS
+    dist = np.hypot(*(big - big.mean(axis=0)).T)
+    assert dist[rows].max() <= np.sort(dist)[GCV_TILE_POINTS - 1]
+    # ...spread over that region, not its centre: a hole in each of its corners
+    reach = np.sqrt(GCV_TILE_POINTS / np.pi)  # the region's radius, pitches
+    centred = big[rows] - big.mean(axis=0)
+    for sy in (-1, 1):
+        for sx in (-1, 1):
+            quarter = (np.sign(centred[:, 0]) == sy) & (np.sign(centred[:, 1]) == sx)
+            assert np.hypot(*centred[quarter].T).max() >= 0.6 * reach

@@ -46,9 +46,9 @@ from .gcv import (
     candidate_degrees,
     gcv_choice,
     gcv_scores,
+    gcv_subset,
     reused_gcv_scores,
     reused_subset,
-    spread_subset,
 )
 from .thinplate import fit_tps
 
@@ -259,16 +259,17 @@ def displacement_maps(
     of the kernel matrix projected on the complement of the polynomial
     part, shared by every trend degree tried (see
     :func:`ccdgrid.gcv.gcv_scores`). Above 500 holes it runs on 500 holes
-    in four patches, one per quarter of the plate
-    (:func:`ccdgrid.gcv.spread_subset`; an O(N³) eigendecomposition
-    otherwise), with the full fit's trend degree: patches spanning the
-    plate hold the trend near the full fit's and keep its density, so the
-    ``s`` chosen is that of a GCV of all holes (4096², 1504 holes: 5.62;
-    1024 holes under 20 px of pincushion: 10) or one grid step from it. The
-    500 holes nearest the centroid, used before, let a quartic fit that
-    patch alone: on dense plates under a field varying over the plate GCV
-    chose the top of the grid (1e3), 0.27 px at most from the truth on a
-    6 663-hole 2048² plate, 0.063 px with the patches (``s`` = 10).
+    in four patches, one per quarter of the region one trend of the fit
+    covers: the plate, or about one tile's 1500 holes nearest the centroid
+    above 2500 holes (:func:`ccdgrid.gcv.gcv_subset`; an O(N³)
+    eigendecomposition otherwise), with the full fit's trend degree:
+    patches spanning that region hold the trend near the fit's and keep the
+    plate's density, so the ``s`` chosen is that of a GCV of all holes
+    (4096², 1504 holes: 5.62; 1024 holes under 20 px of pincushion: 10) or
+    one grid step from it. The 500 holes nearest the centroid, used before,
+    let a quartic fit that patch alone: on dense plates under a field
+    varying over the plate GCV chose the top of the grid (1e3), 0.27 px at
+    most from the truth on a 6 663-hole 2048² plate.
 
     With ``previous`` whose GCV ran on holes that are all among these ones,
     the GCV runs on those holes again, from their previous eigenbasis (see
@@ -355,7 +356,7 @@ def displacement_maps(
         keep = {}
         sub = reused_subset(*reuse) if reuse is not None else None
         if sub is None:
-            sub = spread_subset(pts, GCV_MAX_POINTS)
+            sub = gcv_subset(pts, GCV_MAX_POINTS)
             scorer = functools.partial(
                 gcv_scores, pts[sub] / scale_px, disp[sub], backend=backend, keep=keep
             )
