@@ -14,8 +14,8 @@ from ccdgrid.gcv import (
     gcv_subset,
     spread_subset,
 )
-from ccdgrid.thinplate import _TILE_ABOVE
 from ccdgrid.maps import displacement_maps
+from ccdgrid.thinplate import _TILE_ABOVE
 
 
 @pytest.mark.parametrize("degrees", [[1, 2, 3, 4], [3], [2, 4]])
