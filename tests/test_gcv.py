@@ -4,7 +4,18 @@ import numpy as np
 import pytest
 from scipy.interpolate import RBFInterpolator
 
-from ccdgrid.gcv import GCV_GRID, gcv_choice, gcv_scores
+from ccdgrid.cross_validation import cross_validate
+from ccdgrid.gcv import (
+    GCV_GRID,
+    GCV_MAX_POINTS,
+    GCV_TILE_POINTS,
+    gcv_choice,
+    gcv_scores,
+    gcv_subset,
+    spread_subset,
+)
+from ccdgrid.maps import displacement_maps
+from ccdgrid.thinplate import _TILE_ABOVE
 
 
 @pytest.mark.parametrize("degrees", [[1, 2, 3, 4], [3], [2, 4]])
@@ -42,3 +53,91 @@ def test_gcv_choice_picks_the_degree_with_the_lowest_score():
     assert degree >= 3
     assert scores["score"].min() == pytest.approx(scores["degree_scores"][degree])
     assert smoothing == scores["smoothing"][np.argmin(scores["score"])]
+
+
+def _plate(n, pitch, rng):
+    """``n`` x ``n`` holes, ``pitch`` px apart, jittered by 0.05 pitch: (n², 2) float64, px."""
+    idx = np.stack(np.meshgrid(np.arange(n), np.arange(n), indexing="ij"), -1).reshape(-1, 2)
+    return (idx + 1.0 + rng.normal(0.0, 0.05, idx.shape)) * pitch
+
+
+@pytest.mark.parametrize("cells", [2, 3])
+def test_spread_subset_takes_one_compact_patch_per_cell(cells):
+    rng = np.random.default_rng(31)
+    pts = _plate(40, 1.0, rng)[rng.permutation(1600)]
+    rows = spread_subset(pts, GCV_MAX_POINTS, cells)
+    assert len(rows) == GCV_MAX_POINTS
+    assert np.array_equal(rows, np.unique(rows))  # sorted, distinct
+    # the holes of each cell (equal-count bands in y, then in x) by the same cuts
+    per = GCV_MAX_POINTS / cells**2
+    band = np.argsort(np.argsort(pts[:, 0], kind="stable"), kind="stable") * cells // 1600
+    counts = np.zeros((cells, cells), dtype=np.int64)
+    for b in range(cells):
+        members = np.flatnonzero(band == b)
+        col = np.argsort(np.argsort(pts[members, 1], kind="stable"), kind="stable")
+        cell = col * cells // len(members)
+        for c in range(cells):
+            mine = members[cell == c]
+            chosen = np.intersect1d(mine, rows)
+            counts[b, c] = len(chosen)
+            # a disc around the cell's centroid: radius sqrt(per / pi) pitches, plus the jitter
+            dist = np.hypot(*(pts[chosen] - pts[mine].mean(axis=0)).T)
+            assert dist.max() <= np.sqrt(per / np.pi) + 1.5
+    assert counts.min() >= np.floor(per)
+    assert counts.max() <= np.ceil(per)
+
+
+def test_spread_subset_keeps_every_point_up_to_the_limit():
+    pts = _plate(20, 1.0, np.random.default_rng(32))
+    np.testing.assert_array_equal(spread_subset(pts, 400), np.arange(400))
+    np.testing.assert_array_equal(spread_subset(pts, 500), np.arange(400))
+
+
+def test_gcv_above_the_limit_chooses_about_what_a_gcv_of_all_holes_chooses():
+    # A field varying over the plate (wavelengths 40-52 pitches on a
+    # 30-pitch plate): a quartic fitted to the 500 central holes leaves the
+    # spline little to follow there, and a GCV on them chose 31.6 pitch²
+    # where one on all 900 holes chooses 10 (2 grid steps); patches over the
+    # plate hold the trend near the full fit's.
+    rng = np.random.default_rng(7)
+    pitch = 30.0
+    pts = _plate(30, pitch, rng)
+    u = pts / pitch
+    wl = 40.0
+    disp = 2.0 * np.column_stack(
+        [
+            np.sin(2 * np.pi * u[:, 0] / wl + 1) * np.cos(2 * np.pi * u[:, 1] / (1.3 * wl)),
+            np.cos(2 * np.pi * (u[:, 0] + 0.7 * u[:, 1]) / (1.1 * wl) + 0.5),
+        ]
+    )
+    disp += rng.normal(0.0, 0.03, disp.shape)
+    maps = displacement_maps(pts, disp, (960, 960), scale_px=pitch)
+    assert maps.degree == 4
+    every = int(np.argmin(gcv_scores(u, disp, [4])[4]))  # the O(N³) GCV of all holes
+    chosen = int(np.argmin(np.abs(np.log(GCV_GRID / maps.smoothing))))
+    assert abs(chosen - every) <= 1
+    # cross-validation chooses its smoothing on the same holes
+    cv = cross_validate(pts, disp, k=5, scale_px=pitch, max_holes=1)
+    assert cv.smoothing == maps.smoothing
+
+
+def test_gcv_subset_spreads_over_one_tile_of_a_tiled_fit():
+    # a single fit: patches over the whole plate; a tiled one (each tile with
+    # its own trend): patches over about one tile's holes around the centre
+    rng = np.random.default_rng(33)
+    small = _plate(40, 1.0, rng)
+    assert len(small) <= _TILE_ABOVE
+    np.testing.assert_array_equal(gcv_subset(small), spread_subset(small, GCV_MAX_POINTS))
+    big = _plate(60, 1.0, rng)
+    assert len(big) > _TILE_ABOVE
+    rows = gcv_subset(big)
+    assert len(rows) == GCV_MAX_POINTS
+    dist = np.hypot(*(big - big.mean(axis=0)).T)
+    assert dist[rows].max() <= np.sort(dist)[GCV_TILE_POINTS - 1]
+    # ...spread over that region, not its centre: a hole in each of its corners
+    reach = np.sqrt(GCV_TILE_POINTS / np.pi)  # the region's radius, pitches
+    centred = big[rows] - big.mean(axis=0)
+    for sy in (-1, 1):
+        for sx in (-1, 1):
+            quarter = (np.sign(centred[:, 0]) == sy) & (np.sign(centred[:, 1]) == sx)
+            assert np.hypot(*centred[quarter].T).max() >= 0.6 * reach

@@ -18,7 +18,7 @@ from ._blas import one_blas_thread
 from ._map_checks import METHODS, MIN_POINTS, check_degree, non_negative, positive, rms
 from ._validation import as_points, check_backend
 from .errors import CcdgridError
-from .gcv import GCV_MAX_POINTS, central_subset, gcv_smoothing
+from .gcv import GCV_MAX_POINTS, gcv_smoothing, gcv_subset
 from .thinplate import fit_tps
 
 __all__ = ["CrossValidation", "cross_validate"]
@@ -265,7 +265,7 @@ def cross_validate(
     if method == "tps":
         degree = check_degree(degree, n_train)
         if smoothing is None or (isinstance(smoothing, str) and smoothing == "auto"):
-            sub = central_subset(pts, GCV_MAX_POINTS)
+            sub = gcv_subset(pts, GCV_MAX_POINTS)
             smoothing, _ = gcv_smoothing(pts[sub] / scale_px, disp[sub], degree, backend)
         smoothing = non_negative(smoothing, "smoothing")
         unit = pts / scale_px
