@@ -344,21 +344,13 @@ def test_bad_previous(kwargs, match):
         displacement_maps(pts, disp, SHAPE, **kwargs)
 
 
-def test_a_refit_keeps_the_previous_smoothing_while_gcv_scores_it_nearly_best():
-    from types import SimpleNamespace
-
-    from ccdgrid.gcv import GCV_GRID
-
-    score = 1.0 + (np.log10(GCV_GRID) + 2.0) ** 2 * 1e-3  # flat, best at 0.01
-    scores = {"smoothing": GCV_GRID.copy(), "score": score}
-    best = float(GCV_GRID[np.argmin(score)])
-    near = float(GCV_GRID[np.argmin(score) + 4])  # a decade more: 0.1 % worse
-    far = float(GCV_GRID[np.argmin(score) + 16])  # four decades: 1.6 % worse
-    assert score[np.argmin(score) + 4] < 1.01 * score.min() < score[np.argmin(score) + 16]
-    from ccdgrid.maps import _steady_smoothing as keep
-
-    assert keep(SimpleNamespace(smoothing=near, degree=4), best, 4, scores) == near
-    assert keep(SimpleNamespace(smoothing=far, degree=4), best, 4, scores) == best
-    assert keep(SimpleNamespace(smoothing=near, degree=3), best, 4, scores) == best
-    assert keep(SimpleNamespace(smoothing=0.123, degree=4), best, 4, scores) == best  # off grid
-    assert keep(None, best, 4, scores) == best
+def test_a_factor_made_at_another_smoothing_is_not_used():
+    rng = np.random.default_rng(28)
+    pts = holes(rng)
+    field = make_distortion(SHAPE, distortion_px=3.0, seed=4)
+    prev = displacement_maps(pts, field.displacement(pts), SHAPE, smoothing=0.5)
+    new = pts + np.array([1.5, -0.5])
+    same = displacement_maps(new, field.displacement(new), SHAPE, smoothing=0.5, previous=prev)
+    other = displacement_maps(new, field.displacement(new), SHAPE, smoothing=0.9, previous=prev)
+    assert same.tps_factor.upper is prev.tps_factor.upper
+    assert other.tps_factor.upper is not prev.tps_factor.upper

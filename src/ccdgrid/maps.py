@@ -62,11 +62,6 @@ __all__ = [
 
 _UPSAMPLE = {"cython": _upsample_cython, "numpy": _upsample_numpy}
 _BLOCK_ROWS = 256  # corner rows evaluated at a time (bounds the float64 temporaries)
-# A refit keeps the previous smoothing while GCV scores it within this of the
-# best: on a flat score curve (scores 0.03 % apart at 4096²) the best value
-# flips from one image to the next, which would change the maps everywhere
-# and the previous factor would no longer solve the system.
-_STEADY_SCORE = 0.01
 
 
 @dataclass
@@ -212,10 +207,10 @@ def displacement_maps(
     previous : DisplacementMaps or None
         Maps of the same plate, from holes that were (mostly) these ones
         before a small move: its GCV eigenbasis (``gcv_basis``) is reused
-        where that is exact enough, its smoothing is kept while GCV scores
-        it within 1 % of the best, and when the holes are exactly the
-        previous ones in the same order, its thin-plate factor
-        (``tps_factor``) preconditions the solve (see Notes). None: none.
+        where that is exact enough, and when the holes are exactly the
+        previous ones in the same order and the smoothing is the same, its
+        thin-plate factor (``tps_factor``) preconditions the solve (see
+        Notes). None: none.
     previous_rows : array_like of shape (N,), int, or None
         For each point, its row in the points ``previous`` was fitted to,
         -1 for a point it did not have; None: the same points in the same
@@ -290,8 +285,8 @@ def displacement_maps(
     change), its scores by 0.2 %, and the same smoothing is chosen.
 
     With ``previous`` fitted to the same holes in the same order (each
-    point's row in ``previous_rows`` is its own, and the trend degree is the
-    same), the thin-plate system is solved by conjugate gradients
+    point's row in ``previous_rows`` is its own, and the trend degree and
+    the smoothing are the same), the thin-plate system is solved by conjugate gradients
     preconditioned with the previous Cholesky factor (see
     :class:`ccdgrid.thinplate.ThinPlate`): the same coefficients to
     rounding, at 4096² (1504 holes) in ~15 ms instead of the ~40 ms of
@@ -383,7 +378,6 @@ def displacement_maps(
         )
         if "basis" in keep:
             gcv_basis = replace(keep["basis"], rows=sub, points=fitted_points)
-        smoothing = _steady_smoothing(previous, smoothing, degree, scores)
     smoothing = non_negative(smoothing, "smoothing")
     if coarse_step is None:
         coarse_step = float(np.clip(scale_px / 2.0, 8.0, 48.0))
@@ -627,23 +621,6 @@ def _previous_rows(previous, previous_rows, n_points):
             f"`previous_rows` must be rows of the {n_previous} points `previous` was fitted to"
         )
     return previous.gcv_basis, rows
-
-
-def _steady_smoothing(previous, smoothing, degree, scores):
-    """The previous fit's smoothing if GCV scores it within ``_STEADY_SCORE`` of the best.
-
-    ``scores`` are this GCV's (``{"smoothing", "score"}`` of ``degree``);
-    ``smoothing`` its best value, returned when ``previous`` is None, was
-    fitted with another trend degree, or scores worse.
-    """
-    if previous is None or scores is None or previous.degree != degree:
-        return smoothing
-    old = previous.smoothing
-    grid, score = np.asarray(scores["smoothing"]), np.asarray(scores["score"])
-    at = np.flatnonzero(np.isclose(grid, old, rtol=1e-9, atol=0.0)) if old else []
-    if len(at) and score[at[0]] <= (1.0 + _STEADY_SCORE) * np.nanmin(score):
-        return float(grid[at[0]])
-    return smoothing
 
 
 def _previous_factor(previous, reuse, n_points):
