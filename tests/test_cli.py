@@ -977,3 +977,41 @@ def test_numpy_runtime_warnings_are_hidden_unless_debugging(monkeypatch, capsys,
         # ccdgrid's own warning as one line, numpy's not at all
         assert err.splitlines() == ["ccdgrid: warning: made a cold calibration instead"]
         assert seen == []
+
+
+def test_dark_spots_on_a_bright_plate_are_named(capsys, tmp_path):
+    # a real grid image, inverted: dark dots on a bright field fail in the
+    # lattice, whose own advice (size, spacing) cannot help
+    from ccdgrid.cli import _dark_spots
+    from ccdgrid.synthetic import grid_image
+
+    g = grid_image((512, 512), pitch_px=40.0, hole_diameter_px=8.0, seed=3)
+    image = g.image.astype(np.float32)
+    assert not _dark_spots(image)
+    assert _dark_spots(image.max() - image)
+    tapered = grid_image((512, 512), seed=5).image  # an unlit region around the taper
+    assert not _dark_spots(tapered)
+    path = tmp_path / "inverted.edf"
+    fabio.edfimage.EdfImage(data=image.max() - image).write(str(path))
+
+    out = tmp_path / "o.h5"
+    assert main(["calibrate", str(path), "--pitch", "5mm", "-o", str(out)]) == 1
+    line = _error_line(capsys)
+    assert "dark spots on a bright background" in line
+    assert "invert such an image first" in line
+    assert not out.exists()
+
+
+def test_the_dark_spots_hint_joins_a_detection_failures_advice(capsys, tmp_path, fake_calibrate):
+    path = tmp_path / "dots.edf"
+    data = np.random.default_rng(2).integers(990, 1010, (40, 60)).astype(np.uint16)
+    for dy in range(3):
+        for dx in range(3):
+            data[4 + dy :: 10, 4 + dx :: 10] = 10  # dark 3x3 dots
+    fabio.edfimage.EdfImage(data=data).write(str(path))
+    fake_calibrate.behaviour["raise"] = CcdgridError("too few holes found in `image`: 2")
+
+    assert main(["calibrate", str(path), "--pitch", "5mm", "-o", str(tmp_path / "o.h5")]) == 1
+    line = _error_line(capsys)
+    assert "too few holes found in the image: 2. The image looks like dark spots" in line
+    assert "--hole-diameter PX and --spacing PX" in line

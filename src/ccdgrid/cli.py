@@ -688,6 +688,12 @@ def _run_single(args, source):
 _DETECTION_FAILURES = ("too few holes", "no grid of holes found", "shows no periodic grid")
 
 
+_DARK_SPOTS = (
+    "The image looks like dark spots on a bright background: ccdgrid looks for bright "
+    "holes (light through a plate), so invert such an image first."
+)
+
+
 class _detection_hint:
     """Context manager: add the ways out to a failed hole search's error.
 
@@ -707,11 +713,18 @@ class _detection_hint:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None or not issubclass(exc_type, CcdgridError):
             return False
+        # dark dots on a bright plate fail anywhere in the search or the lattice
+        dark = _DARK_SPOTS if _dark_spots(self.image, self.mask) else ""
         if not any(text in str(exc) for text in _DETECTION_FAILURES):
-            return False
-        raise CcdgridError(f"{exc}. {self._hint(str(exc))}") from exc
+            if not dark:
+                return False
+            text = str(exc)
+            sep = " " if text.endswith((".", "?")) else ". "
+            raise CcdgridError(f"{text}{sep}{dark}") from exc
+        hint = self._ways(str(exc))
+        raise CcdgridError(f"{exc}. {dark + ' ' if dark else ''}{hint}") from exc
 
-    def _hint(self, message):
+    def _ways(self, message):
         args = self.args
         given = args.threshold
         ways = "--hole-diameter PX and --spacing PX (the holes' size and distance, pixels)"
@@ -750,6 +763,29 @@ class _detection_hint:
         except CcdgridError:
             return None
         return float(search.threshold), len(search.peaks)
+
+
+def _dark_spots(image, mask=None):
+    """Whether ``image`` looks like dark spots on a bright field (an inverted grid image).
+
+    The light through a plate's holes makes a few bright pixels over a
+    darker, larger background: its brightest percent stands farther above
+    the median than its darkest percent below it (an unlit taper region
+    included). Dark dots on a bright plate are the other way round, by far.
+    """
+    if image is None:
+        return False
+    import numpy as np
+
+    values = np.asarray(image, dtype=np.float64)
+    keep = np.isfinite(values)
+    if mask is not None and np.shape(mask) == values.shape:
+        keep &= np.asarray(mask) == 0
+    values = values[keep]
+    if values.size < 100:
+        return False
+    low, mid, high = np.percentile(values[:: max(1, values.size // 1_000_000)], [1, 50, 99])
+    return bool(mid > low and mid - low > 3.0 * (high - mid))
 
 
 def _power_of_ten(exponent):
