@@ -158,6 +158,9 @@ def test_cv_of_the_same_holes_moved_solves_each_fold_from_its_previous_factor():
     # other folds (another k): not reused, the same result
     other = cross_validate(moved, disp, k=4, indices=ij, smoothing=0.5, previous=before)
     assert all(other.factors[f].upper is not before.factors[f].upper for f in range(4))
+    # another smoothing: factorised
+    stiffer = cross_validate(moved, disp, k=5, indices=ij, smoothing=5.0, previous=before)
+    assert all(stiffer.factors[f].upper is not before.factors[f].upper for f in range(5))
     cubic = cross_validate(moved, disp, k=5, indices=ij, method="cubic", previous=before)
     assert cubic.factors is None
     with pytest.raises(CcdgridError, match="`previous` must be a CrossValidation"):

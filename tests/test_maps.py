@@ -344,13 +344,20 @@ def test_bad_previous(kwargs, match):
         displacement_maps(pts, disp, SHAPE, **kwargs)
 
 
-def test_a_factor_made_at_another_smoothing_is_not_used():
+def test_a_factor_made_at_another_smoothing_is_not_used(monkeypatch):
+    from ccdgrid import thinplate
+
+    tried = []
+    solve = thinplate._preconditioned
+    monkeypatch.setattr(thinplate, "_preconditioned", lambda *a: tried.append(1) or solve(*a))
     rng = np.random.default_rng(28)
     pts = holes(rng)
     field = make_distortion(SHAPE, distortion_px=3.0, seed=4)
     prev = displacement_maps(pts, field.displacement(pts), SHAPE, smoothing=0.5)
     new = pts + np.array([1.5, -0.5])
     same = displacement_maps(new, field.displacement(new), SHAPE, smoothing=0.5, previous=prev)
+    assert len(tried) == 1
     other = displacement_maps(new, field.displacement(new), SHAPE, smoothing=0.9, previous=prev)
     assert same.tps_factor.upper is prev.tps_factor.upper
     assert other.tps_factor.upper is not prev.tps_factor.upper
+    assert len(tried) == 1  # not even tried: its iterations would be wasted

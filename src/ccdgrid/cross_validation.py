@@ -274,7 +274,7 @@ def cross_validate(
             in_sample = rms(full.residual_at_centres())
         else:
             in_sample = non_negative(in_sample_rms, "in_sample_rms")
-        before = _previous_factors(previous, k, folds)
+        before = _previous_factors(previous, k, folds, smoothing)
         kept = []
         for f in order:
             test = folds == f
@@ -317,8 +317,12 @@ def cross_validate(
     )
 
 
-def _previous_factors(previous, k, folds):
-    """``{fold: SystemFactor}`` of a previous cross-validation with these folds, else empty."""
+def _previous_factors(previous, k, folds, smoothing):
+    """``{fold: SystemFactor}`` of a previous cross-validation with these folds, else empty.
+
+    Only at the same smoothing: a factor made at another one would not
+    precondition the fold's system well (see ``maps._previous_factor``).
+    """
     if previous is None:
         return {}
     if not isinstance(previous, CrossValidation):
@@ -326,6 +330,8 @@ def _previous_factors(previous, k, folds):
             f"`previous` must be a CrossValidation or None, got {type(previous).__name__}"
         )
     if previous.factors is None or previous.k != k or not np.array_equal(previous.folds, folds):
+        return {}
+    if previous.smoothing is None or not np.isclose(previous.smoothing, smoothing, rtol=1e-9):
         return {}
     return previous.factors
 

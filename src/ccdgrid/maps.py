@@ -386,7 +386,7 @@ def displacement_maps(
         # finer than the corners themselves: only memory to lose
         raise CcdgridError(f"`coarse_step` must be at least 1 px, got {coarse_step!r}")
 
-    factor = _previous_factor(previous, reuse, len(pts))
+    factor = _previous_factor(previous, reuse, len(pts), smoothing)
     rbf, degree = fit_tps(pts / scale_px, disp, smoothing, degree, backend, factor)
     yc = _coarse_axis(ny, coarse_step)
     xc = _coarse_axis(nx, coarse_step)
@@ -623,9 +623,16 @@ def _previous_rows(previous, previous_rows, n_points):
     return previous.gcv_basis, rows
 
 
-def _previous_factor(previous, reuse, n_points):
-    """The previous fit's thin-plate factor when its points are these ones, in order; else None."""
-    if reuse is None or previous.tps_factor is None:
+def _previous_factor(previous, reuse, n_points, smoothing):
+    """The previous fit's factor for these points, in order, and this smoothing; else None.
+
+    A factor made at another smoothing preconditions the system poorly (one
+    step of GCV's grid, 1.78x, spreads the eigenvalues over [1, 1.78]: more
+    iterations than a factorisation costs).
+    """
+    if reuse is None or previous.tps_factor is None or previous.smoothing is None:
+        return None
+    if not np.isclose(previous.smoothing, smoothing, rtol=1e-9, atol=0.0):
         return None
     rows = reuse[1]
     if previous.tps_factor.n_points != n_points or not np.array_equal(rows, np.arange(n_points)):
