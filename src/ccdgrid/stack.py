@@ -440,6 +440,7 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
         raise CcdgridError(f"cannot write {dst_path}: directory {dst_path.parent} does not exist")
     matrix = _as_matrix(detector, "detector", shape_out=shape_out)
 
+    import numpy as np
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -459,38 +460,24 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
             reader.decode, matrix, normalize, dummy, encode,
             nthreads=max(1, _available_cpus() // workers), work=work,
         )  # fmt: skip
-        with atomic_h5(dst_path, "the corrected stack") as out, tqdm(
-            total=n, unit="frame", desc="correcting", file=sys.stderr,
-            disable=None if progress is None else not progress,
-        ) as bar:  # fmt: skip
-            stored = _write_stack(
-                out, dst_dataset, shape, work, matrix, compression, compression_level,
-                f"{src_path}::{src_dataset}", normalize, (reader, correct, workers, bar),
-            )  # fmt: skip
+        with atomic_h5(dst_path, "the corrected stack") as out:
+            options = {"compression": "gzip", "shuffle": True} if compression else {}
+            if compression:
+                options["compression_opts"] = int(compression_level)
+            target = out.create_dataset(
+                dst_dataset, shape=shape, dtype=work, chunks=(1, *matrix.shape_out), **options
+            )
+            target.attrs["source"] = f"{src_path}::{src_dataset}"
+            target.attrs["creator"] = "ccdgrid.stack.correct_hdf5"
+            target.attrs["normalize"] = bool(normalize)
+            target.attrs["offset"] = np.asarray(matrix.offset, dtype=np.int64)
+            with tqdm(
+                total=n, unit="frame", desc="correcting", file=sys.stderr,
+                disable=None if progress is None else not progress,
+            ) as bar:  # fmt: skip
+                stored = _stream(reader, target, correct, workers, bar)
     seconds = time.perf_counter() - start
     return StackResult(dst_path, dst_dataset, shape, work, seconds, stored, matrix.offset)
-
-
-def _write_stack(out, name, shape, work, matrix, compression, level, source, normalize, feed):
-    """Create the output dataset in ``out`` and stream the corrected frames into it.
-
-    The dataset lives in this function's frame only (see
-    :func:`ccdgrid._h5write.atomic_h5`). Returns the bytes stored.
-    """
-    import numpy as np
-
-    options = {"compression": "gzip", "shuffle": True} if compression else {}
-    if compression:
-        options["compression_opts"] = int(level)
-    target = out.create_dataset(
-        name, shape=shape, dtype=work, chunks=(1, *matrix.shape_out), **options
-    )
-    target.attrs["source"] = source
-    target.attrs["creator"] = "ccdgrid.stack.correct_hdf5"
-    target.attrs["normalize"] = bool(normalize)
-    target.attrs["offset"] = np.asarray(matrix.offset, dtype=np.int64)
-    reader, correct, workers, bar = feed
-    return _stream(reader, target, correct, workers, bar)
 
 
 def _stream(reader, target, correct, workers, bar):
