@@ -409,14 +409,18 @@ def _preconditioned(house, tau, kern, rhs, upper):
         y = precondition(rhs)
         ay, (kc, c) = product(y)
         r = rhs - ay
-        z = precondition(r)
-        d = z.copy()
-        rz = np.einsum("ij,ij->j", r, z)
+        d = rz = None
         for it in range(_PCG_MAX_ITER + 1):
+            # tested before preconditioning: a converged residual needs no
+            # triangular solves (two passes over the factor)
             if np.all(np.linalg.norm(r, axis=0) <= limit):
                 return y, (kc, c), it
             if it == _PCG_MAX_ITER:
                 return None
+            z = precondition(r)
+            rz_new = np.einsum("ij,ij->j", r, z)
+            d = z if d is None else z + np.where(rz > 0, rz_new / rz, 0.0) * d
+            rz = rz_new
             q, (kd, cd) = product(d)
             # a column that has converged takes no step (0/0 would be NaN)
             alpha = np.where(rz > 0, rz / np.einsum("ij,ij->j", d, q), 0.0)
@@ -427,10 +431,6 @@ def _preconditioned(house, tau, kern, rhs, upper):
             kc += alpha * kd
             c += alpha * cd
             r -= alpha * q
-            z = precondition(r)
-            rz_new = np.einsum("ij,ij->j", r, z)
-            d = z + np.where(rz > 0, rz_new / rz, 0.0) * d
-            rz = rz_new
     return None
 
 
