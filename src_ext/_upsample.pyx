@@ -31,11 +31,13 @@ import numpy as np
 from cython.parallel cimport prange
 
 # Rows are handed to threads in blocks, each with its own scratch row. The
-# loop is nearly bound by memory bandwidth (writing two fresh 4097² float32
-# maps alone costs ~16 ms of CPU), and on a busy 2-core machine two threads were slower than one at
-# both sizes (14 vs 28 ms, 45 vs 56 ms): threads only for grids beyond 4096².
+# loop is nearly bound by memory bandwidth, and one core does not reach it:
+# two 4097² float32 maps (pages already mapped, as displacement_maps hands
+# them) took 13.5 ms on one thread and 7.1 ms on two, on an idle 2-core
+# machine. On a busy one two threads were slower (14 vs 28 ms, an earlier
+# session): only a dynamic schedule of small blocks keeps that loss bounded.
 cdef Py_ssize_t _BLOCK = 32
-cdef Py_ssize_t _PARALLEL_MIN_VALUES = 1 << 25
+cdef Py_ssize_t _PARALLEL_MIN_VALUES = 1 << 22
 
 __all__ = ["upsample"]
 
