@@ -11,6 +11,7 @@ from ccdgrid.gcv import (
     GCV_TILE_POINTS,
     gcv_choice,
     gcv_scores,
+    gcv_smoothing,
     gcv_subset,
     spread_subset,
 )
@@ -29,16 +30,39 @@ def test_gcv_scores_equal_the_explicit_smoother_matrix(degrees):
         0.0, 0.05, pts.shape
     )
     scores = gcv_scores(pts, disp, degrees)
-    n = len(pts)
     for deg in degrees:
         for k in (3, 15, 24, 33):
-            s = GCV_GRID[k]
-            rbf = RBFInterpolator(
-                pts, np.eye(n), kernel="thin_plate_spline", smoothing=s, degree=deg
-            )
-            resid = np.eye(n) - rbf(pts).T  # I - H(s)
-            expected = n * np.sum((resid @ disp) ** 2) / np.trace(resid) ** 2
+            expected = _explicit_score(pts, disp, GCV_GRID[k], deg)
             assert scores[deg][k] == pytest.approx(expected, rel=1e-6)
+            # between grid values too
+            s = GCV_GRID[k] * 1.3
+            assert scores.at(deg, s) == pytest.approx(_explicit_score(pts, disp, s, deg), rel=1e-6)
+
+
+def _explicit_score(pts, disp, s, deg):
+    """GCV score from the smoother matrix H(s), built column by column by scipy."""
+    n = len(pts)
+    rbf = RBFInterpolator(pts, np.eye(n), kernel="thin_plate_spline", smoothing=s, degree=deg)
+    resid = np.eye(n) - rbf(pts).T  # I - H(s)
+    return n * np.sum((resid @ disp) ** 2) / np.trace(resid) ** 2
+
+
+def test_gcv_smoothing_is_the_minimum_between_grid_values():
+    # a smooth field plus noise: the minimum lies inside the grid, between two values
+    rng = np.random.default_rng(13)
+    pts = rng.uniform(0.0, 8.0, (120, 2))
+    disp = np.column_stack([np.sin(pts[:, 0]), np.cos(0.7 * pts[:, 1])])
+    disp += rng.normal(0.0, 0.05, pts.shape)
+    smoothing, scores = gcv_smoothing(pts, disp, 2)
+    k = int(np.argmin(scores["score"]))
+    assert 0 < k < len(GCV_GRID) - 1
+    assert GCV_GRID[k - 1] < smoothing < GCV_GRID[k + 1]
+    assert not np.any(np.isclose(smoothing, GCV_GRID, rtol=1e-3))  # not a grid value
+    # a minimum of the score computed independently, lower than the grid's
+    best = _explicit_score(pts, disp, smoothing, 2)
+    assert best < scores["score"][k]
+    for step in (0.98, 1.02):
+        assert _explicit_score(pts, disp, smoothing * step, 2) > best
 
 
 def test_gcv_choice_picks_the_degree_with_the_lowest_score():

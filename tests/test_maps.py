@@ -226,6 +226,7 @@ def _similar(pts, angle, scale, shift):
 )
 def test_gcv_from_the_previous_eigenbasis_is_exact_for_a_similarity(shape, pitch):
     from ccdgrid.gcv import GCV_MAX_POINTS, candidate_degrees, gcv_choice
+    from ccdgrid.maps import _KEEP_SMOOTHING
 
     rng = np.random.default_rng(21)
     pts = holes(rng, shape=shape, pitch=pitch)
@@ -243,7 +244,11 @@ def test_gcv_from_the_previous_eigenbasis_is_exact_for_a_similarity(shape, pitch
     degrees = candidate_degrees(len(pts)) if len(sub) == len(pts) else None
     smoothing, scores, degree = gcv_choice(new[sub] / pitch, disp[sub], 4, degrees)
     np.testing.assert_allclose(warm.smoothing_scores["score"], scores["score"], rtol=1e-8)
-    assert (warm.smoothing, warm.degree) == (smoothing, degree)
+    # the same minimum, refined from scores that agree to rounding; the same
+    # holes in the same order keep the previous smoothing when GCV's is near it
+    assert warm.degree == degree
+    kept = abs(np.log(smoothing / prev.smoothing)) <= np.log(_KEEP_SMOOTHING)
+    assert warm.smoothing == pytest.approx(prev.smoothing if kept else smoothing, rel=1e-6)
 
 
 def test_gcv_is_computed_again_when_the_holes_are_warped():
@@ -361,3 +366,39 @@ def test_a_factor_made_at_another_smoothing_is_not_used(monkeypatch):
     assert same.tps_factor.upper is prev.tps_factor.upper
     assert other.tps_factor.upper is not prev.tps_factor.upper
     assert len(tried) == 1  # not even tried: its iterations would be wasted
+
+
+def test_a_smoothing_chosen_near_the_previous_one_is_replaced_by_it():
+    from ccdgrid.maps import _KEEP_SMOOTHING
+
+    rng = np.random.default_rng(29)
+    pts = holes(rng)
+    field = make_distortion(SHAPE, distortion_px=3.0, seed=4)
+    noise = rng.normal(0, 0.02, pts.shape)
+    prev = displacement_maps(pts, field.displacement(pts) + noise, SHAPE, degree=3)
+    # the plate moved a little, the centres measured again: GCV's choice
+    # moves with the noise (by 1.6x here for a new draw of it), so the same
+    # draw plus a little
+    new = pts + np.array([0.4, -0.3])
+    near = field.displacement(new) + noise + rng.normal(0, 0.003, pts.shape)
+    cold = displacement_maps(new, near, SHAPE, degree=3)
+    assert cold.smoothing != prev.smoothing  # GCV's own choice moved a little ...
+    assert abs(np.log(cold.smoothing / prev.smoothing)) <= np.log(_KEEP_SMOOTHING)
+    warm = displacement_maps(new, near, SHAPE, degree=3, previous=prev)
+    assert warm.smoothing == prev.smoothing  # ... and the previous one serves
+    assert warm.tps_factor.upper is prev.tps_factor.upper
+    fixed = displacement_maps(new, near, SHAPE, degree=3, smoothing=prev.smoothing)
+    np.testing.assert_allclose(warm.dx, fixed.dx, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(warm.dy, fixed.dy, rtol=0, atol=1e-6)
+    # ten times the noise: GCV's choice is far from the previous one and stays
+    far = field.displacement(new) + rng.normal(0, 0.2, pts.shape)
+    cold = displacement_maps(new, far, SHAPE, degree=3)
+    assert abs(np.log(cold.smoothing / prev.smoothing)) > np.log(_KEEP_SMOOTHING)
+    warm = displacement_maps(new, far, SHAPE, degree=3, previous=prev)
+    # (the eigenbasis reused: the same scores to rounding)
+    assert warm.smoothing == pytest.approx(cold.smoothing, rel=1e-9)
+    assert warm.tps_factor.upper is not prev.tps_factor.upper
+    # a smoothing given by the caller is never replaced
+    given = prev.smoothing * 1.1
+    warm = displacement_maps(new, near, SHAPE, degree=3, smoothing=given, previous=prev)
+    assert warm.smoothing == given

@@ -62,6 +62,9 @@ __all__ = [
 
 _UPSAMPLE = {"cython": _upsample_cython, "numpy": _upsample_numpy}
 _BLOCK_ROWS = 256  # corner rows evaluated at a time (bounds the float64 temporaries)
+# Largest ratio between the smoothing GCV chooses for a refit and the
+# previous fit's for the previous one to be kept (see _previous_factor)
+_KEEP_SMOOTHING = 1.25
 
 
 @dataclass
@@ -182,7 +185,8 @@ def displacement_maps(
         Thin-plate smoothing in units of ``scale_px²`` (the value added to
         the diagonal of the kernel matrix when lengths are measured in hole
         spacings). None or "auto": chosen by generalised cross-validation
-        (GCV) among 37 values from 1e-6 to 1e3. 0 interpolates exactly.
+        (GCV): the best of 37 values from 1e-6 to 1e3, refined between its
+        neighbours (kept at the ends). 0 interpolates exactly.
     scale_px : float or None, px
         Length unit of the fit; None: the median nearest-neighbour distance
         of the holes (the pitch).
@@ -208,9 +212,10 @@ def displacement_maps(
         Maps of the same plate, from holes that were (mostly) these ones
         before a small move: its GCV eigenbasis (``gcv_basis``) is reused
         where that is exact enough, and when the holes are exactly the
-        previous ones in the same order and the smoothing is the same, its
-        thin-plate factor (``tps_factor``) preconditions the solve (see
-        Notes). None: none.
+        previous ones in the same order and the smoothing is the same (a
+        smoothing GCV chooses within 1.25x of the previous one is replaced
+        by it), its thin-plate factor (``tps_factor``) preconditions the
+        solve (see Notes). None: none.
     previous_rows : array_like of shape (N,), int, or None
         For each point, its row in the points ``previous`` was fitted to,
         -1 for a point it did not have; None: the same points in the same
@@ -291,7 +296,15 @@ def displacement_maps(
     :class:`ccdgrid.thinplate.ThinPlate`): the same coefficients to
     rounding, at 4096² (1504 holes) in ~15 ms instead of the ~40 ms of
     rotating and factorising the system. Otherwise, or if the iteration
-    does not converge quickly, the system is factorised.
+    does not converge quickly, the system is factorised. GCV's refined
+    minimum moves between two images of one plate by more than the
+    iteration tolerates (4.04 and 4.37 at 4096² for a move of 3 px; 1.6x
+    for a new draw of the noise on 168 holes), and the fit's error changes
+    slowly with the smoothing (at 4096², 2048² and a 40 px pitch, a factor
+    1.25 either way changed the dense residual by 3-5 %): a smoothing GCV
+    chooses within ``_KEEP_SMOOTHING`` (1.25x) of the previous one is
+    replaced by it, so the factor serves. A smoothing given by the caller
+    is used as given.
     """
     check_backend(backend)
     pts = as_points(points, "points")
@@ -386,7 +399,9 @@ def displacement_maps(
         # finer than the corners themselves: only memory to lose
         raise CcdgridError(f"`coarse_step` must be at least 1 px, got {coarse_step!r}")
 
-    factor = _previous_factor(previous, reuse, len(pts), smoothing)
+    factor, smoothing = _previous_factor(
+        previous, reuse, len(pts), smoothing, degree, chosen=scores is not None
+    )
     rbf, degree = fit_tps(pts / scale_px, disp, smoothing, degree, backend, factor)
     yc = _coarse_axis(ny, coarse_step)
     xc = _coarse_axis(nx, coarse_step)
@@ -623,21 +638,39 @@ def _previous_rows(previous, previous_rows, n_points):
     return previous.gcv_basis, rows
 
 
-def _previous_factor(previous, reuse, n_points, smoothing):
-    """The previous fit's factor for these points, in order, and this smoothing; else None.
+def _previous_factor(previous, reuse, n_points, smoothing, degree, chosen):
+    """``(factor, smoothing)``: the previous fit's factor for these points, else None.
 
-    A factor made at another smoothing preconditions the system poorly (one
-    step of GCV's grid, 1.78x, spreads the eigenvalues over [1, 1.78]: more
-    iterations than a factorisation costs).
+    The factor serves the same points in the same order with the same trend
+    degree, at the same smoothing: one made at another smoothing
+    preconditions the system poorly (a ratio ``q`` spreads the eigenvalues
+    over ``[1, q]``: ~5 iterations at 1.09, more than a factorisation costs
+    at 1.78, one step of GCV's grid). A smoothing GCV ``chosen`` within
+    ``_KEEP_SMOOTHING`` of the previous one is replaced by it, so that the
+    factor serves: GCV's own choice moves that much between two images of
+    one plate (see Notes of :func:`displacement_maps`).
     """
     if reuse is None or previous.tps_factor is None or previous.smoothing is None:
-        return None
-    if not np.isclose(previous.smoothing, smoothing, rtol=1e-9, atol=0.0):
-        return None
+        return None, smoothing
+    factor = previous.tps_factor
     rows = reuse[1]
-    if previous.tps_factor.n_points != n_points or not np.array_equal(rows, np.arange(n_points)):
-        return None
-    return previous.tps_factor
+    if (
+        factor.n_points != n_points
+        or factor.degree != degree
+        or not np.array_equal(rows, np.arange(n_points))
+    ):
+        return None, smoothing
+    near = (
+        chosen
+        and smoothing > 0
+        and previous.smoothing > 0
+        and abs(np.log(smoothing / previous.smoothing)) <= np.log(_KEEP_SMOOTHING)
+    )
+    if near:
+        smoothing = previous.smoothing
+    if not np.isclose(previous.smoothing, smoothing, rtol=1e-9, atol=0.0):
+        return None, smoothing
+    return factor, smoothing
 
 
 def _kept_factor(rbf, pts):
