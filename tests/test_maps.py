@@ -402,3 +402,27 @@ def test_a_smoothing_chosen_near_the_previous_one_is_replaced_by_it():
     given = prev.smoothing * 1.1
     warm = displacement_maps(new, near, SHAPE, degree=3, smoothing=given, previous=prev)
     assert warm.smoothing == given
+
+
+def test_maps_written_into_memory_mapped_beforehand():
+    from ccdgrid.maps import map_outputs
+
+    rng = np.random.default_rng(30)
+    pts = holes(rng)
+    disp = rng.normal(0, 0.05, pts.shape)
+    here = displacement_maps(pts, disp, SHAPE, smoothing=0.5)
+    outputs = map_outputs(SHAPE)
+    given = displacement_maps(pts, disp, SHAPE, smoothing=0.5, outputs=outputs)
+    np.testing.assert_array_equal(given.dx, here.dx)
+    np.testing.assert_array_equal(given.dy, here.dy)
+    np.testing.assert_array_equal(given.mask, here.mask)
+    assert given.dx.shape == (SHAPE[0] + 1, SHAPE[1] + 1)
+    assert given.dx.dtype == np.float32
+    with pytest.raises(CcdgridError, match="already used"):
+        displacement_maps(pts, disp, SHAPE, smoothing=0.5, outputs=outputs)
+    with pytest.raises(CcdgridError, match=r"made for shape \(100, 120\)"):
+        displacement_maps(pts, disp, SHAPE, smoothing=0.5, outputs=map_outputs((100, 120)))
+    with pytest.raises(CcdgridError, match="must come from map_outputs"):
+        displacement_maps(pts, disp, SHAPE, outputs=np.zeros((2, *SHAPE), np.float32))
+    with pytest.raises(CcdgridError, match="`shape` must be two positive integers"):
+        map_outputs((0, 5))

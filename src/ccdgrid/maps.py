@@ -55,9 +55,11 @@ from .thinplate import fit_tps
 __all__ = [
     "CrossValidation",
     "DisplacementMaps",
+    "MapOutputs",
     "cross_validate",
     "displacement_maps",
     "hull_mask",
+    "map_outputs",
 ]
 
 _UPSAMPLE = {"cython": _upsample_cython, "numpy": _upsample_numpy}
@@ -165,6 +167,7 @@ def displacement_maps(
     degree=None,
     previous=None,
     previous_rows=None,
+    outputs=None,
     backend="cython",
 ):
     """Interpolate hole displacements to the pixel-corner grid.
@@ -220,6 +223,10 @@ def displacement_maps(
         For each point, its row in the points ``previous`` was fitted to,
         -1 for a point it did not have; None: the same points in the same
         order.
+    outputs : MapOutputs or None
+        Memory for the two maps, made beforehand by :func:`map_outputs`
+        for this ``shape`` (used by ``"tps"`` only); None: made here, in a
+        second thread while the spline is fitted.
     backend : {"cython", "numpy"}
         Engine of the thin-plate kernel sums and of the bicubic upsampling
         to the corner grid.
@@ -340,8 +347,15 @@ def displacement_maps(
     # The mask and the two maps' first touch (the largest arrays of a
     # calibration: page faults, and on a VM the host's) in a second thread,
     # while this one fits the spline.
+    if outputs is not None and not isinstance(outputs, MapOutputs):
+        raise CcdgridError(
+            f"`outputs` must come from map_outputs() or be None, got {type(outputs).__name__}"
+        )
+    if outputs is not None and outputs.shape != (ny, nx):
+        raise CcdgridError(f"`outputs` were made for shape {outputs.shape}, not {(ny, nx)}")
+    with_maps = method == "tps" and outputs is None
     pending = _Background(
-        _mask_and_outputs, hull.equations, (ny, nx), hull_margin, pts, gap_ratio, method == "tps"
+        _mask_and_outputs, hull.equations, (ny, nx), hull_margin, pts, gap_ratio, with_maps
     )
 
     if method == "cubic":
@@ -407,8 +421,8 @@ def displacement_maps(
     xc = _coarse_axis(nx, coarse_step)
     nodes = np.stack(np.meshgrid(yc, xc, indexing="ij"), axis=-1).reshape(-1, 2)
     coarse = rbf(nodes / scale_px).reshape(len(yc), len(xc), 2)
-    mask, outputs = pending.result()
-    dy, dx = _upsample(yc, xc, coarse, ny, nx, backend, out=outputs)
+    mask, made = pending.result()
+    dy, dx = _upsample(yc, xc, coarse, ny, nx, backend, out=made or outputs.take())
     return DisplacementMaps(
         dx=dx,
         dy=dy,
@@ -530,6 +544,51 @@ class _Background:
         return self._value
 
 
+class MapOutputs:
+    """Memory for the two maps of :func:`displacement_maps`, mapped in a second thread.
+
+    Made by :func:`map_outputs`; given once to :func:`displacement_maps`
+    (``outputs=``), which waits for it only when it writes the maps.
+    ``shape`` is the image's ``(ny, nx)``.
+    """
+
+    def __init__(self, shape):
+        self.shape = shape
+        self._pending = _Background(_mapped_maps, shape)
+        self._taken = False
+
+    def take(self):
+        """The two (ny + 1, nx + 1) float32 arrays, once mapped; only once."""
+        if self._taken:
+            raise CcdgridError("these map outputs were already used")
+        self._taken = True
+        return self._pending.result()
+
+
+def map_outputs(shape):
+    """Start mapping the memory of two maps for an image of ``shape`` (ny, nx).
+
+    The pages of the two (ny + 1, nx + 1) float32 maps (134 MB at 4096²)
+    are written once in a second thread, which on these VMs costs 25-90 ms
+    of CPU (the host backs guest memory on first use too). A caller that
+    knows the shape early (:func:`ccdgrid.warmstart.recalibrate`) starts it
+    before its single-threaded stages, so that this work uses the idle core
+    instead of competing with the spline's threads.
+    """
+    return MapOutputs(_check_shape(shape))
+
+
+def _mapped_maps(shape):
+    """Two (ny + 1, nx + 1) float32 arrays whose every page was written (values unset)."""
+    ny, nx = shape
+    maps = tuple(np.empty((ny + 1, nx + 1), dtype=np.float32) for _ in range(2))
+    for a in maps:
+        # one write per 4 KiB page maps it; the upsampling writes every value
+        # (a full fill cost 3.5 ms more at 4096²)
+        a.reshape(-1)[:: 4096 // a.itemsize] = 0.0
+    return maps
+
+
 def _mask_and_outputs(equations, shape, margin, pts, gap_ratio, with_maps):
     """``(mask, maps)``: the hull and border-gap mask, and two mapped maps or None.
 
@@ -548,15 +607,7 @@ def _mask_and_outputs(equations, shape, margin, pts, gap_ratio, with_maps):
     mask = hull_mask(equations, shape, margin=margin)
     if gap_ratio is not None:
         mask_border_gaps(pts, mask, edge_ratio=gap_ratio)
-    if not with_maps:
-        return mask, None
-    ny, nx = shape
-    maps = tuple(np.empty((ny + 1, nx + 1), dtype=np.float32) for _ in range(2))
-    for a in maps:
-        # one write per 4 KiB page maps it; the upsampling writes every value
-        # (a full fill cost 3.5 ms more at 4096²)
-        a.reshape(-1)[:: 4096 // a.itemsize] = 0.0
-    return mask, maps
+    return mask, (_mapped_maps(shape) if with_maps else None)
 
 
 def _upsample(yc, xc, coarse, ny, nx, backend, out=None):

@@ -26,7 +26,7 @@ from .cross_validation import cross_validate
 from .errors import CcdgridError
 from .gridfit import _check_pitch, centred_grid, fit_grid
 from .lattice import index_holes
-from .maps import displacement_maps
+from .maps import displacement_maps, map_outputs
 from .peaks import MIN_HOLES, find_holes
 
 __all__ = ["Calibration", "calibrate"]
@@ -250,10 +250,12 @@ def calibrate(
         backend=backend,
     )
     shape = tuple(int(v) for v in np.shape(image))
+    # the maps' memory is mapped on the idle core while the holes are indexed
+    outputs = map_outputs(shape)
     peaks = as_points(holes.peaks, "peaks")
     lattice = _timed(timings, "index_holes", index_holes, peaks, pitch_px=holes.pitch_px)
     options = {"pitch": pitch, "smoothing": smoothing, "cv_folds": cv_folds, "backend": backend}
-    grid, maps, cv = _fit(peaks, lattice, shape, timings=timings, **options)
+    grid, maps, cv = _fit(peaks, lattice, shape, timings=timings, outputs=outputs, **options)
     gross = _gross_misses(cv, lattice.pitch_px)
     if gross.size:
         # a gross centring error the hole and lattice tests let through (a
@@ -312,8 +314,11 @@ def calibrate(
     )
 
 
-def _fit(peaks, lattice, shape, *, pitch, smoothing, cv_folds, backend, timings):
-    """``(grid, maps, cross-validation)`` of the holes ``lattice`` accepts, checked plausible."""
+def _fit(peaks, lattice, shape, *, pitch, smoothing, cv_folds, backend, timings, outputs=None):
+    """``(grid, maps, cross-validation)`` of the holes ``lattice`` accepts, checked plausible.
+
+    ``outputs``: the maps' memory (:func:`ccdgrid.maps.map_outputs`) or None.
+    """
     valid = lattice.valid
     grid = _timed(
         timings,
@@ -334,6 +339,7 @@ def _fit(peaks, lattice, shape, *, pitch, smoothing, cv_folds, backend, timings)
         shape,
         smoothing=smoothing,
         scale_px=lattice.pitch_px,
+        outputs=outputs,
         backend=backend,
     )
     _check_plausible(grid, maps, lattice.pitch_px, lattice.n_valid, len(peaks))

@@ -51,7 +51,7 @@ from ._validation import as_image, check_backend
 from .errors import CcdgridError
 from .gridfit import centred_grid, fit_grid
 from .lattice import LatticeIndex
-from .maps import DisplacementMaps, displacement_maps
+from .maps import DisplacementMaps, displacement_maps, map_outputs
 from .pipeline import (
     Calibration,
     _check_folds,
@@ -269,6 +269,9 @@ def recalibrate(
     if not (math.isfinite(max_shift) and max_shift > 0):
         raise CcdgridError(f"`max_shift` must be a positive number of px, got {max_shift!r}")
     timings["read"] = time.perf_counter() - t_start
+    # the maps' memory is mapped on the idle core while this thread measures
+    # the move (see map_outputs)
+    outputs = map_outputs(prev.shape)
 
     def cold(reason):
         warnings.warn(
@@ -352,6 +355,7 @@ def recalibrate(
         # eigenbasis is reused when they moved by a similarity
         previous=prev.maps,
         previous_rows=np.flatnonzero(ok) if prev.maps is not None else None,
+        outputs=outputs,
         backend=backend,
     )
     timings["displacement_maps"] = time.perf_counter() - t0
