@@ -210,7 +210,7 @@ def refined_minimum(by_degree, degree):
     The grid's steps are 1.78x apart and the score is flat near its minimum
     (0.03 % between 3.16 and 5.62 at 4096²): the best grid value of two
     images of one plate can then jump by a step where the refined minima
-    differ by a few per cent (3.98 and 4.34 for a plate moved by 3 px),
+    differ by a few per cent (4.04 and 4.37 for a plate moved by 3 px),
     which lets a refit of the moved plate reuse the previous factor
     (:func:`ccdgrid.maps.displacement_maps`).
     """
