@@ -13,7 +13,9 @@ is moved by (3.4, -2.7) px and turned by 20 mdeg and the new image is
 calibrated both cold (``calibrate``) and warm (``recalibrate`` from the
 previous calibration), alternately, ``--repeat`` times each. Reported:
 median wall times, the speed-up, the same for the process's CPU time
-(steadier than wall time on a shared machine), the dense residual of both
+(steadier than wall time on a shared machine), after ``--warmup`` rounds of
+each that are not timed (default 2: a process's first rounds are slower for
+both, as they map fresh memory), the dense residual of both
 (RMS of the recovered maps against the true field at 20 000 points inside
 the lit area, affine part removed), the median time of every stage, and
 the drift the warm start measured. Cross-validation is off in both unless
@@ -67,13 +69,17 @@ def _reused(old, new):
     return f"{reused} (kept: {kept / 2**20:.1f} MiB)"
 
 
-def _rounds(image, previous, repeat, cv):
+def _rounds(image, previous, repeat, cv, warmup=0):
     """Cold and warm calibrations of ``image``, alternately, ``repeat`` times.
 
     Returns the last of each and, per round, their wall times, CPU times and
     stage timings: ``(cold, warm, {"cold": ..., "warm": ...})`` with lists
-    under ``"t"``, ``"cpu"`` and ``"stages"``.
+    under ``"t"``, ``"cpu"`` and ``"stages"``. ``warmup`` rounds are run
+    first and not recorded.
     """
+    for _ in range(warmup):
+        calibrate(image, cv_folds=cv)
+        recalibrate(image, previous, cv_folds=cv)
     runs = {kind: {"t": [], "cpu": [], "stages": []} for kind in ("cold", "warm")}
     made = {}
     for _ in range(repeat):
@@ -89,11 +95,11 @@ def _rounds(image, previous, repeat, cv):
     return made["cold"], made["warm"], runs
 
 
-def run(size, repeat, cv, chain=False):
+def run(size, repeat, cv, chain=False, warmup=0):
     base = _plate(size, (0.25, -0.4), 0.5)
     previous = calibrate(base.image, cv_folds=0)
     moved = _plate(size, (0.25 + MOVE[0], -0.4 + MOVE[1]), 0.5 + TURN_DEG)
-    cold, warm, runs = _rounds(moved.image, previous, repeat, cv)
+    cold, warm, runs = _rounds(moved.image, previous, repeat, cv, warmup)
     cold_t, cold_cpu, cold_stages = (runs["cold"][k] for k in ("t", "cpu", "stages"))
     warm_t, warm_cpu, warm_stages = (runs["warm"][k] for k in ("t", "cpu", "stages"))
     rms = [
@@ -161,6 +167,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="rounds of each run first and not timed (a process's first rounds map fresh memory)",
+    )
     parser.add_argument("--cv", type=int, default=0, help="cross-validation folds (0: none)")
     parser.add_argument(
         "--chain",
@@ -169,7 +181,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     for size in args.sizes:
-        run(size, args.repeat, args.cv, args.chain)
+        run(size, args.repeat, args.cv, args.chain, args.warmup)
 
 
 if __name__ == "__main__":
