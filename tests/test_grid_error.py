@@ -25,7 +25,7 @@ P_TRUE = np.array([734.2, 1181.7, 98.3, 1.2, -0.8, 97.6])
 
 def _available_paths():
     paths = []
-    for name in ("avx2", "baseline", "scalar"):
+    for name in ("avx512", "avx2", "baseline", "scalar"):
         try:
             previous = _kernel._select_isa(name)
         except ValueError:
