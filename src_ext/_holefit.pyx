@@ -51,14 +51,16 @@ cdef extern from *:
     #include <stdint.h>
     #include <string.h>
     #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-    #define CCDGRID_CLONES __attribute__((target_clones("avx2", "default")))
+    #define CCDGRID_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
     #else
     #define CCDGRID_CLONES
     #endif
     /* No floating-point exceptions are looked at here: let the compiler turn
        the selections of the loops below into blends (vector code). No fused
-       multiply-adds either: the AVX2 copies then give the same results as
-       the baseline ones, bit for bit. */
+       multiply-adds either: the AVX-512 and AVX2 copies then give the same
+       results as the baseline ones, bit for bit. The AVX-512 copies took the
+       warm start's fits of 1504 holes at 4096² from 28 to 21 ms on a Zen 5
+       core. */
     #if defined(__GNUC__) && !defined(__clang__)
     #pragma GCC push_options
     #pragma GCC optimize("no-trapping-math", "fp-contract=off")
@@ -246,7 +248,7 @@ cdef extern from *:
        let the compiler use vector registers and keep several additions in
        flight, and fix the order of the additions whatever the instruction
        set (the same result with SSE2 or AVX2). On x86-64 gcc also builds an
-       AVX2 copy and picks it at load time on CPUs that have it. */
+       AVX-512 and an AVX2 copy and picks one at load time. */
     #define CCDGRID_DOT_LANES 16
     CCDGRID_CLONES
     static double ccdgrid_dot(const double *restrict a, const double *restrict b,
