@@ -161,6 +161,32 @@ def test_a_gross_error_the_lattice_let_through_is_dropped_and_refitted(fake_peak
     assert cal.cross_validation.max_px < 0.5
 
 
+def test_a_refit_keeps_the_first_lattice_when_indexing_again_rejects_holes_it_accepted(
+    fake_peaks,
+):
+    # two holes of the top-right corner, ~4.6 px off: the lattice rejects
+    # one as an outlier, the cross-validation drops the other and a good
+    # hole beside it; indexed again without these two, the outlier test
+    # takes the first bad hole back and rejects good holes instead (the maps
+    # then missed the clean plate's by 4.1 px). The first lattice is kept.
+    clean = calibrate(np.zeros(SHAPE))
+    bad = [11, 12]
+    fake_peaks.points[11] += (-4.07, -2.21)
+    fake_peaks.points[12] += (-0.82, 4.56)
+    cal = calibrate(np.zeros(SHAPE))
+    assert "refit" in cal.timings
+    assert not cal.lattice.valid[bad].any()
+    assert "unpredicted" in cal.lattice.reasons
+    # the good holes the first lattice's outlier test rejected beside the
+    # bad one stay out (5 of 156 here): the price of keeping its indices
+    assert cal.lattice.n_valid >= 0.95 * clean.lattice.n_valid
+    # the indices still name the same lattice sites: the grid is the clean one's
+    np.testing.assert_allclose(cal.grid.origin, clean.grid.origin, atol=0.05)
+    valid = cal.mask == 0
+    assert np.abs(cal.dx - clean.dx)[:-1, :-1][valid].max() < 0.05
+    assert np.abs(cal.dy - clean.dy)[:-1, :-1][valid].max() < 0.05
+
+
 def test_gross_misses_are_rare_and_far_beyond_the_others():
     miss = np.full((200, 2), 0.03)
     miss[7] = (2.0, 1.0)
