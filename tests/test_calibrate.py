@@ -31,8 +31,12 @@ def lattice_points(shape=SHAPE, seed=0):
 @pytest.fixture
 def fake_peaks(monkeypatch):
     """Replace the pipeline's find_holes by a stub that returns known positions."""
+    return _stub_find_holes(monkeypatch, *lattice_points())
+
+
+def _stub_find_holes(monkeypatch, points, field):
+    """The pipeline's find_holes replaced by a stub that returns ``points`` (changes seen)."""
     calls = []
-    points, field = lattice_points()
 
     def find_holes(
         image, *, mask=None, hole_diameter=None, pitch_px=None, threshold=None, backend="cython"
@@ -182,6 +186,27 @@ def test_a_refit_keeps_the_first_lattice_when_indexing_again_rejects_holes_it_ac
     assert cal.lattice.n_valid >= 0.95 * clean.lattice.n_valid
     # the indices still name the same lattice sites: the grid is the clean one's
     np.testing.assert_allclose(cal.grid.origin, clean.grid.origin, atol=0.05)
+    valid = cal.mask == 0
+    assert np.abs(cal.dx - clean.dx)[:-1, :-1][valid].max() < 0.05
+    assert np.abs(cal.dy - clean.dy)[:-1, :-1][valid].max() < 0.05
+
+
+def test_a_gross_miss_is_judged_on_every_fold_when_some_were_not_evaluated(monkeypatch):
+    # 992 holes: the cross-validation stops after 4 of its 5 folds. Of three
+    # holes near the corners ~5.7 px off, the lattice rejects two; the third
+    # sits in the fold not evaluated, so only its neighbours missed when left
+    # out: they were dropped and it stayed in (the maps 5.6 px off the clean
+    # plate's). Every fold is evaluated before holes are dropped.
+    shape = (1000, 1040)
+    points, field = lattice_points(shape)
+    stub = _stub_find_holes(monkeypatch, points.copy(), field)
+    clean = calibrate(np.zeros(shape))
+    assert clean.cross_validation.folds_evaluated < clean.cross_validation.k
+    bad = [928, 959, 895]
+    stub.points[bad] += [(-2.51, 5.11), (-1.14, 5.58), (0.53, 5.67)]
+    cal = calibrate(np.zeros(shape))
+    assert "refit" in cal.timings
+    assert not cal.lattice.valid[bad].any()
     valid = cal.mask == 0
     assert np.abs(cal.dx - clean.dx)[:-1, :-1][valid].max() < 0.05
     assert np.abs(cal.dy - clean.dy)[:-1, :-1][valid].max() < 0.05
