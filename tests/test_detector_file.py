@@ -3,6 +3,7 @@
 import datetime
 import os
 import sys
+import types
 import zlib
 from types import SimpleNamespace
 
@@ -268,6 +269,29 @@ def test_plane_wise_stream_is_a_plain_zlib_stream(level, dtype, engine_name):
     # zlib.decompress checks the header, every block and the Adler-32 trailer
     raw = zlib.decompress(stream)
     np.testing.assert_array_equal(_unshuffle(raw, dtype, chunk.shape), chunk)
+
+
+def test_plane_wise_stream_clears_the_vector_state_after_deflating(monkeypatch):
+    # ISA-L's AVX-512 deflate leaves the upper vector registers dirty, which
+    # slows the next chunk's plane building (an SSE kernel) on the same thread
+    events = []
+    real = zlib.compressobj
+
+    def compressobj(*args):
+        events.append("deflate")
+        return real(*args)
+
+    engine = types.SimpleNamespace(
+        compressobj=compressobj, DEFLATED=zlib.DEFLATED, adler32=zlib.adler32
+    )
+    monkeypatch.setattr(detector_file, "clear_upper_vector_state", lambda: events.append("clear"))
+    chunk = np.arange(4 * 301, dtype=np.float32).reshape(4, 301)
+    stream = detector_file._deflate_planes(
+        lambda: _shuffled(chunk), level=2, store_low=True, engine=engine
+    )
+    assert zlib.decompress(stream) == _shuffled(chunk).tobytes()
+    assert events.count("deflate") == 3  # the low byte plane is stored by zlib
+    assert events[-1] == "clear"
 
 
 def test_fast_levels_store_the_low_byte_plane_and_higher_levels_deflate_it():

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._ext._config import clear_upper_vector_state
 from ._h5write import atomic_h5
 from .errors import CcdgridError
 
@@ -684,6 +685,9 @@ def _deflate_planes(make_planes, level, store_low, engine):
         pieces.append(deflate.compress(plane))
         pieces.append(deflate.flush(zlib.Z_FINISH if k == last else zlib.Z_SYNC_FLUSH))
         adler = engine.adler32(plane, adler)  # ISA-L's is ~4x faster than zlib's
+    # ISA-L's AVX-512 code leaves the vector state dirty: the next chunk's
+    # planes (an SSE kernel, on this thread) would be built several times slower
+    clear_upper_vector_state()
     pieces.append(adler.to_bytes(4, "big"))
     return b"".join(pieces)
 

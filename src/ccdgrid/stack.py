@@ -35,6 +35,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from ._ext._config import clear_upper_vector_state
 from ._h5write import atomic_h5
 from .correction import CorrectionMatrix, add_frame_argument
 from .errors import CcdgridError
@@ -854,12 +855,18 @@ class _Deflater:
         else:
             starts = np.linspace(0, n - _SAMPLE_BYTES, _SAMPLES).astype(np.int64)
             sample = np.concatenate([plane[s : s + _SAMPLE_BYTES] for s in starts])
-        return len(self.engine.compress(sample, self.level)) < _WORTH * sample.size
+        size = len(self.engine.compress(sample, self.level))
+        clear_upper_vector_state()
+        return size < _WORTH * sample.size
 
     def _deflate(self, plane, final):
         deflate = self.engine.compressobj(self.level, self.engine.DEFLATED, -zlib.MAX_WBITS)
         head = deflate.compress(plane)
-        return head + deflate.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
+        tail = deflate.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
+        # ISA-L's AVX-512 code leaves the vector state dirty, which made the
+        # next frame's correction (an SSE kernel, on this thread) 4x slower
+        clear_upper_vector_state()
+        return head + tail
 
 
 def _blocks(n):
