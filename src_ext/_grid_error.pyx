@@ -181,17 +181,22 @@ cdef extern from *:
         return (any & CCDGRID_GE_SIGN_EXP_MASK) == 0;                               \
     }
 
+    /* The block function of a path: its body, with or without residuals
+       (two instances, so that each loop is compiled without the test). */
+    #define CCDGRID_GE_DEFINE_BLOCK(NAME, ATTR, BODY)                                   \
+    ATTR static int NAME(const double *pts, Py_ssize_t n, const double *c,              \
+                         double *res, double *sums)                                     \
+    {                                                                                   \
+        return res != NULL ? BODY(pts, n, c, res, sums, 1)                              \
+                           : BODY(pts, n, c, NULL, sums, 0);                            \
+    }
+
     #define CCDGRID_GE_NO_ATTR
     CCDGRID_GE_DEFINE_BODY(ccdgrid_ge_body2, CCDGRID_GE_NO_ATTR, 2, ccdgrid_v2d, ccdgrid_v2i,
                            CCDGRID_GE_EVEN2, CCDGRID_GE_ODD2, CCDGRID_GE_FRAC_MAGIC,
                            CCDGRID_GE_MADD)
 
-    static int ccdgrid_ge_block_generic(const double *pts, Py_ssize_t n, const double *c,
-                                        double *res, double *sums)
-    {
-        return res != NULL ? ccdgrid_ge_body2(pts, n, c, res, sums, 1)
-                           : ccdgrid_ge_body2(pts, n, c, NULL, sums, 0);
-    }
+    CCDGRID_GE_DEFINE_BLOCK(ccdgrid_ge_block_generic, CCDGRID_GE_NO_ATTR, ccdgrid_ge_body2)
     #else
     #define ccdgrid_ge_block_generic ccdgrid_ge_block_none
     #endif
@@ -212,13 +217,7 @@ cdef extern from *:
                            CCDGRID_GE_EVEN4, CCDGRID_GE_ODD4, CCDGRID_GE_FRAC_ROUND,
                            CCDGRID_GE_FMADD)
 
-    CCDGRID_GE_AVX2_ATTR
-    static int ccdgrid_ge_block_avx2(const double *pts, Py_ssize_t n, const double *c,
-                                     double *res, double *sums)
-    {
-        return res != NULL ? ccdgrid_ge_body4(pts, n, c, res, sums, 1)
-                           : ccdgrid_ge_body4(pts, n, c, NULL, sums, 0);
-    }
+    CCDGRID_GE_DEFINE_BLOCK(ccdgrid_ge_block_avx2, CCDGRID_GE_AVX2_ATTR, ccdgrid_ge_body4)
     static int ccdgrid_ge_cpu_has_avx2(void)
     {
         __builtin_cpu_init();
@@ -246,13 +245,8 @@ cdef extern from *:
                            ccdgrid_v8i, CCDGRID_GE_EVEN8, CCDGRID_GE_ODD8,
                            CCDGRID_GE_FRAC_ROUND8, CCDGRID_GE_FMADD8)
 
-    CCDGRID_GE_AVX512_ATTR
-    static int ccdgrid_ge_block_avx512(const double *pts, Py_ssize_t n, const double *c,
-                                       double *res, double *sums)
-    {
-        return res != NULL ? ccdgrid_ge_body8(pts, n, c, res, sums, 1)
-                           : ccdgrid_ge_body8(pts, n, c, NULL, sums, 0);
-    }
+    CCDGRID_GE_DEFINE_BLOCK(ccdgrid_ge_block_avx512, CCDGRID_GE_AVX512_ATTR,
+                            ccdgrid_ge_body8)
     static int ccdgrid_ge_cpu_has_avx512(void)
     {
         /* libgcc's answer includes the OS's support of the zmm state */

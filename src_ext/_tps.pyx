@@ -12,9 +12,8 @@ forbids elsewhere: 1.8 instead of 2.4 ns a term on one core (the coarse
 grid of a 4096² calibration: 20 instead of 26.5 ms of CPU). The x86-64-v4
 copy (AVX-512: Zen 4/5, recent Xeons) does eight terms per instruction:
 0.57 instead of 1.11 ns a term on one Zen 5 core (1504 centres, 7396
-points). Their values differ from the
-baseline copy's by rounding only (4e-10 at most on sums of order one,
-measured).
+points). Their values differ from the baseline copy's by rounding only
+(4e-10 at most on sums of order one, measured).
 
 The logarithm: ``x = 2^k m`` with ``m`` in ``[sqrt(1/2), sqrt(2))`` read
 from the bits, ``log(m) = 2 atanh(s)``, ``s = (m - 1) / (m + 1)``, by the
