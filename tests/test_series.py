@@ -281,7 +281,14 @@ def test_a_series_leaves_no_thread_behind(stack):
         calibrate_series(
             f"{stack}::/entry/data", frames="2:4", pitch=5e-3, workers=2, progress=progress
         )
-        assert {t.ident for t in threading.enumerate() if t.is_alive()} <= before
+        # but for the map memory's timer, which the next series stops before forking
+        # (test_a_forked_worker_process_gives_the_serial_results)
+        alive = {
+            t.ident
+            for t in threading.enumerate()
+            if t.is_alive() and t.name != "ccdgrid-map-memory"
+        }
+        assert alive <= before
 
 
 def test_without_threadpoolctl_every_worker_is_a_process(stack, monkeypatch):

@@ -27,6 +27,7 @@ from ._series_worker import (
     _Worker,
 )
 from .errors import CcdgridError
+from .maps import MAP_MEMORY
 
 __all__ = ["_Pool", "_start_method"]
 
@@ -159,20 +160,22 @@ class _Pool:
 
     def _start_processes(self):
         n = self.workers - 1 if self.use_local else self.workers
-        # decided now, and again on a restart (threads of this process run by then)
-        method, reason = _start_method()
-        self.start_method = method + (f" ({reason})" if reason else "")
-        self.processes = cf.ProcessPoolExecutor(
-            n,
-            mp_context=multiprocessing.get_context(method),
-            initializer=_init_process,
-            initargs=(self.config, self.spare, method),
-        )
-        # processes start on the first submit (all of them at once when forked,
-        # before the executor starts its own thread): start them all now,
-        # single-threaded
-        with _single_threaded_environment():
-            self.ready = [self.processes.submit(_process_ready) for _ in range(n)]
+        # the map memory's timer thread would make this process one to spawn from
+        with MAP_MEMORY.timer_stopped():
+            # decided now, and again on a restart (threads of this process run by then)
+            method, reason = _start_method()
+            self.start_method = method + (f" ({reason})" if reason else "")
+            self.processes = cf.ProcessPoolExecutor(
+                n,
+                mp_context=multiprocessing.get_context(method),
+                initializer=_init_process,
+                initargs=(self.config, self.spare, method),
+            )
+            # processes start on the first submit (all of them at once when
+            # forked, before the executor starts its own thread): start them
+            # all now, single-threaded
+            with _single_threaded_environment():
+                self.ready = [self.processes.submit(_process_ready) for _ in range(n)]
         self.spawned += self.ready
         self.process_busy = 0
 

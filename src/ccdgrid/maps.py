@@ -34,6 +34,7 @@ from scipy.interpolate import BSpline, CloughTocher2DInterpolator, RectBivariate
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 
 from ._blas import one_blas_thread
+from ._buffer_pool import BufferPool
 from ._ext import _upsample as _upsample_cython
 from ._map_checks import METHODS, MIN_POINTS, check_degree, non_negative, positive, rms
 from ._reference import upsample as _upsample_numpy
@@ -53,6 +54,7 @@ from .gcv import (
 from .thinplate import fit_tps
 
 __all__ = [
+    "MAP_MEMORY",
     "CrossValidation",
     "DisplacementMaps",
     "MapOutputs",
@@ -67,6 +69,14 @@ _BLOCK_ROWS = 256  # corner rows evaluated at a time (bounds the float64 tempora
 # Largest ratio between the smoothing GCV chooses for a refit and the
 # previous fit's for the previous one to be kept (see _previous_factor)
 _KEEP_SMOOTHING = 1.25
+
+#: Memory of the maps and masks that calibrations dropped, handed to the next
+#: ones (a :class:`ccdgrid._buffer_pool.BufferPool`). An array is reused only
+#: once nothing references it; one nothing uses is kept 10 s, at most 12
+#: arrays in all (four calibrations' two maps and mask: a recalibration loop
+#: needs two). ``MAP_MEMORY.clear()`` releases them at once;
+#: ``MAP_MEMORY.capacity = 0`` turns the reuse off.
+MAP_MEMORY = BufferPool(capacity=12, keep_seconds=10.0)
 
 
 @dataclass
@@ -488,7 +498,7 @@ def hull_mask(equations, shape, *, margin=0.0):
     first = np.clip(np.ceil(lo), 0, nx).astype(np.int32)[:, None]
     stop = np.clip(np.floor(hi) + 1.0, 0, nx).astype(np.int32)[:, None]
     x = np.arange(nx, dtype=np.int32)
-    outside = x < first
+    outside = np.less(x, first, out=MAP_MEMORY.empty((ny, nx), bool))
     # the second comparison by blocks of rows: a full-size temporary would
     # cost as many fresh pages (and their faults) as the mask itself
     block = np.empty((min(ny, _BLOCK_ROWS), nx), dtype=bool)
@@ -579,9 +589,13 @@ def map_outputs(shape):
 
 
 def _mapped_maps(shape):
-    """Two (ny + 1, nx + 1) float32 arrays whose every page was written (values unset)."""
+    """Two (ny + 1, nx + 1) float32 arrays whose every page was written (values unset).
+
+    From :data:`MAP_MEMORY`: the maps of a calibration nothing uses any more
+    serve again, their pages already mapped.
+    """
     ny, nx = shape
-    maps = tuple(np.empty((ny + 1, nx + 1), dtype=np.float32) for _ in range(2))
+    maps = tuple(MAP_MEMORY.empty((ny + 1, nx + 1), np.float32) for _ in range(2))
     for a in maps:
         # one write per 4 KiB page maps it; the upsampling writes every value
         # (a full fill cost 3.5 ms more at 4096²)
