@@ -30,6 +30,13 @@ frame of a series (the plate moved a little more) is also calibrated cold
 and warm from the warm result, as a series recalibrating from its last
 calibration would (the basis is then the first calibration's when each
 step reused it).
+
+Both calibrations take their maps' and mask's memory from
+``ccdgrid.maps.MAP_MEMORY``, which hands a dropped calibration's arrays to
+the next one (each round here drops the previous round's result of its
+kind). ``--fresh-memory`` turns that off: every calibration then maps new
+memory, whose first write costs page faults (and, on a virtual machine, the
+host's), as a single calibration in a fresh process does.
 """
 
 import argparse
@@ -37,6 +44,7 @@ import time
 
 import numpy as np
 
+from ccdgrid.maps import MAP_MEMORY
 from ccdgrid.pipeline import calibrate
 from ccdgrid.synthetic import dense_residual, grid_image
 from ccdgrid.warmstart import recalibrate
@@ -175,11 +183,18 @@ def main(argv=None):
     )
     parser.add_argument("--cv", type=int, default=0, help="cross-validation folds (0: none)")
     parser.add_argument(
+        "--fresh-memory",
+        action="store_true",
+        help="new memory for every calibration's maps (ccdgrid.maps.MAP_MEMORY off)",
+    )
+    parser.add_argument(
         "--chain",
         action="store_true",
         help="also the next frame of a series, warm from the warm result",
     )
     args = parser.parse_args(argv)
+    if args.fresh_memory:
+        MAP_MEMORY.capacity = 0
     for size in args.sizes:
         run(size, args.repeat, args.cv, args.chain, args.warmup)
 
