@@ -37,8 +37,10 @@ apart). CPU s is the process's user + system time while the clock runs
 (threads included), sys s its system part (page faults, page cache): less
 sensitive than wall time to other load on the machine. Targets: peak memory
 below 1 GB, streaming throughput within 1.5x of the in-memory one. The input
-was just written, so it is read from the page cache; write the outputs to
-``--outdir /dev/shm/...`` to keep the disk out of the measurement too.
+was just written, so it is read from the page cache. The stream writes its
+chunks past the page cache (``O_DIRECT``) where the filesystem allows it;
+``--outdir /dev/shm/...`` (tmpfs, which does not) measures the page-cache
+way instead.
 
 Run: ``python benchmarks/stack.py`` (about 4 min on 2 cores);
 ``python benchmarks/stack.py --frames 16 --size 1024`` for a smoke run.

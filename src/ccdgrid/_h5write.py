@@ -20,10 +20,14 @@ and metadata blocks for a detector file).
 
 import contextlib
 import errno
+import math
 import os
 import secrets
 
-__all__ = ["atomic_h5", "temporary_sibling"]
+__all__ = ["aligned_empty", "atomic_h5", "temporary_sibling"]
+
+ALIGN = 4096  # bytes: file offsets and memory of direct writes
+DIRECT_MIN = 1 << 20  # bytes: smaller writes go through the page cache
 
 # errors that say the disk cannot take the file, reported in one line
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -56,7 +60,7 @@ def temporary_sibling(target):
 
 
 @contextlib.contextmanager
-def atomic_h5(target, what):
+def atomic_h5(target, what, *, direct=False):
     """Write an HDF5 file at ``target`` through a temporary sibling.
 
     Parameters
@@ -65,6 +69,12 @@ def atomic_h5(target, what):
         The file to write; replaced only once the new one is complete.
     what : str
         What the file is, for the error message (``"the detector file"``).
+    direct : bool
+        Write large blocks (1 MiB and more, such as a stack's chunks) past
+        the page cache (``O_DIRECT``) when the filesystem allows it, HDF5
+        placing them on 4 KiB boundaries; see :class:`_Sink`. A block is
+        written so only when its memory starts on a 4 KiB boundary too
+        (:func:`aligned_empty`); anything else is written as usual.
 
     Yields
     ------
@@ -82,10 +92,12 @@ def atomic_h5(target, what):
 
     tmp = temporary_sibling(target)
     try:
-        with open(tmp, "r+b", buffering=0) as raw:
-            sink = _Sink(raw)
+        with open(tmp, "r+b", buffering=0) as raw, _direct_fd(tmp, direct) as fd:
+            sink = _Sink(raw, fd)
+            # direct writes need file offsets on 4 KiB boundaries
+            layout = {"alignment_threshold": DIRECT_MIN, "alignment_interval": ALIGN} if fd else {}
             try:
-                with h5py.File(sink, "w") as h5:
+                with h5py.File(sink, "w", **layout) as h5:
                     yield h5
             except Exception:
                 if sink.error is None:
@@ -103,6 +115,39 @@ def atomic_h5(target, what):
         raise
 
 
+@contextlib.contextmanager
+def _direct_fd(path, wanted):
+    """A second descriptor of ``path`` opened with ``O_DIRECT``, or None.
+
+    None when not ``wanted``, on systems without ``O_DIRECT`` and on
+    filesystems that refuse it (tmpfs).
+    """
+    fd = None
+    if wanted and hasattr(os, "O_DIRECT"):
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def aligned_empty(shape, dtype):
+    """A C-contiguous array whose memory starts on a 4 KiB boundary (values unset).
+
+    Such an array's bytes can be written with ``O_DIRECT`` (see
+    :func:`atomic_h5`).
+    """
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    skip = -raw.__array_interface__["data"][0] % ALIGN
+    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
+
+
 class _Sink:
     """A raw binary file for h5py whose writes never fail towards HDF5.
 
@@ -111,10 +156,21 @@ class _Sink:
     kept here, so that they stay those of the writes it made (dropped ones
     included) and HDF5 closes the file as if nothing had failed; what it
     reads back of a dropped write is zeros, and the file is discarded.
+
+    With ``direct`` (a descriptor of the same file opened with
+    ``O_DIRECT``), a write of at least :data:`DIRECT_MIN` bytes whose file
+    offset and memory both start on a 4 KiB boundary goes past the page
+    cache: its whole 4 KiB blocks through ``direct``, the rest (under 4 KiB,
+    in a block of its own) as usual. On these virtual machines a file
+    written through the page cache costs the kernel fresh pages, which the
+    host backs on first use: 0.4 GB/s, against 2.2 GB/s written directly.
+    The kernel keeps the two ways coherent (it writes back and drops cached
+    pages of a range written directly).
     """
 
-    def __init__(self, raw):
+    def __init__(self, raw, direct=None):
         self._raw = raw
+        self._direct = direct
         self._pos = 0
         self._size = 0
         self.error = None
@@ -123,8 +179,8 @@ class _Sink:
         view = memoryview(data).cast("B")
         if self.error is None:
             try:
-                self._raw.seek(self._pos)
-                done = 0
+                done = self._write_direct(view)
+                self._raw.seek(self._pos + done)
                 while done < view.nbytes:  # a raw write may be partial
                     done += self._raw.write(view[done:])
             except OSError as exc:
@@ -132,6 +188,25 @@ class _Sink:
         self._pos += view.nbytes
         self._size = max(self._size, self._pos)
         return view.nbytes
+
+    def _write_direct(self, view):
+        """Bytes of ``view`` written past the page cache (0 if it does not qualify)."""
+        import numpy as np
+
+        blocks = view.nbytes - view.nbytes % ALIGN
+        if self._direct is None or view.nbytes < DIRECT_MIN or self._pos % ALIGN:
+            return 0
+        if np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0] % ALIGN:
+            return 0
+        done = 0
+        try:
+            while done < blocks:
+                done += os.pwrite(self._direct, view[done:blocks], self._pos + done)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or done:
+                raise
+            self._direct = None  # the device wants another alignment: write as usual
+        return done
 
     def readinto(self, buffer):
         view = memoryview(buffer).cast("B")

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ._ext._config import clear_upper_vector_state
-from ._h5write import atomic_h5
+from ._h5write import aligned_empty, atomic_h5
 from .correction import CorrectionMatrix, add_frame_argument
 from .errors import CcdgridError
 
@@ -423,7 +423,12 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
     (~25 MB at 2048² uint16) and a float32 frame per worker, whatever the
     number of frames (~340 MB peak in all at 2048² with 2 workers). The
     output is written under a temporary name beside ``dst`` and moved into
-    place with :func:`os.replace`.
+    place with :func:`os.replace`. Each chunk is written past the page
+    cache (``O_DIRECT``, chunks placed on 4 KiB boundaries, see
+    :func:`ccdgrid._h5write.atomic_h5`) where the filesystem allows it: a
+    new file's page-cache pages cost the kernel (and a virtual machine's
+    host) fresh memory, 8.8 s of system time for 200 2048² frames against
+    1.1 s written directly on the reference machine.
     """
     if chunk_frames is not None:
         chunk_frames = _positive_int(chunk_frames, "chunk_frames")
@@ -461,7 +466,7 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
             reader.decode, matrix, normalize, dummy, encode,
             nthreads=max(1, _available_cpus() // workers), work=work,
         )  # fmt: skip
-        with atomic_h5(dst_path, "the corrected stack") as out:
+        with atomic_h5(dst_path, "the corrected stack", direct=True) as out:
             options = {"compression": "gzip", "shuffle": True} if compression else {}
             if compression:
                 options["compression_opts"] = int(compression_level)
@@ -556,9 +561,10 @@ class _FrameCorrector:
         """An output buffer for one frame's chunk (the stream keeps and reuses it)."""
         import numpy as np
 
+        # on a 4 KiB boundary, so that the chunk can be written past the page cache
         if self.encode is None:
-            return np.empty(self.matrix.shape_out, dtype=self.work)
-        return np.empty(self.encode.bound(self.matrix.shape_out, self.work), dtype=np.uint8)
+            return aligned_empty(self.matrix.shape_out, self.work)
+        return aligned_empty((self.encode.bound(self.matrix.shape_out, self.work),), np.uint8)
 
     def _frame(self):
         import numpy as np
