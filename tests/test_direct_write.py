@@ -156,3 +156,41 @@ def test_a_stack_s_chunks_are_written_direct_and_read_back_equal(
 def _direct_fd_refused(path):
     with _direct_fd(path, True) as fd:
         return fd is None
+
+
+def test_a_detector_file_written_direct_holds_what_the_page_cache_way_writes(
+    tmp_path, monkeypatch
+):
+    import contextlib
+
+    from ccdgrid.detector_file import save_detector
+    from ccdgrid.pipeline import calibrate
+    from ccdgrid.synthetic import grid_image
+
+    (tmp_path / "probe").touch()
+    if _direct_fd_refused(tmp_path / "probe"):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    cal = calibrate(grid_image((512, 640), pitch_px=40.0, seed=7).image, cv_folds=0)
+    done = _spy(monkeypatch)
+    save_detector(tmp_path / "direct.h5", cal)
+    assert sum(d > 0 for d in done) >= 5  # the corner array's chunks, at least
+    monkeypatch.setattr(_h5write, "_direct_fd", lambda path, wanted: contextlib.nullcontext())
+    save_detector(tmp_path / "cached.h5", cal)
+
+    def contents(path):
+        found = {}
+        with h5py.File(path, "r") as h5:
+            h5.visititems(
+                lambda name, obj: (
+                    found.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
+                )
+            )
+        return found
+
+    direct, cached = contents(tmp_path / "direct.h5"), contents(tmp_path / "cached.h5")
+    assert direct.keys() == cached.keys()
+    for name, value in cached.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(direct[name], value, err_msg=name)
+        elif "date" not in name.lower() and "time" not in name.lower():
+            assert direct[name] == value, name

@@ -27,7 +27,7 @@ import secrets
 __all__ = ["aligned_empty", "atomic_h5", "temporary_sibling"]
 
 ALIGN = 4096  # bytes: file offsets and memory of direct writes
-DIRECT_MIN = 1 << 20  # bytes: smaller writes go through the page cache
+DIRECT_MIN = 1 << 18  # bytes: smaller writes go through the page cache
 
 # errors that say the disk cannot take the file, reported in one line
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -70,7 +70,8 @@ def atomic_h5(target, what, *, direct=False):
     what : str
         What the file is, for the error message (``"the detector file"``).
     direct : bool
-        Write large blocks (1 MiB and more, such as a stack's chunks) past
+        Write large blocks (256 KiB and more: a stack's or a detector
+        file's chunks) past
         the page cache (``O_DIRECT``) when the filesystem allows it, HDF5
         placing them on 4 KiB boundaries; see :class:`_Sink`. A block is
         written so only when its memory starts on a 4 KiB boundary too

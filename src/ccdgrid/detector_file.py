@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._ext._config import clear_upper_vector_state
-from ._h5write import atomic_h5
+from ._h5write import aligned_empty, atomic_h5
 from .errors import CcdgridError
 
 __all__ = ["CORNER_CONVENTION", "DetectorRecord", "load", "save_detector"]
@@ -261,7 +261,7 @@ def save_detector(
     engine = _planes_engine(backend)
     content = _collect(calibration)
 
-    with atomic_h5(target, "the detector file") as h5:
+    with atomic_h5(target, "the detector file", direct=True) as h5:
         _write(h5, content, name, int(compression_level), workers, __version__, engine)
     return target
 
@@ -689,7 +689,22 @@ def _deflate_planes(make_planes, level, store_low, engine):
     # planes (an SSE kernel, on this thread) would be built several times slower
     clear_upper_vector_state()
     pieces.append(adler.to_bytes(4, "big"))
-    return b"".join(pieces)
+    return _joined(pieces)
+
+
+def _joined(pieces):
+    """The concatenation of ``pieces`` (bytes) in a uint8 array on a 4 KiB boundary.
+
+    Such a chunk is written past the page cache (see
+    :func:`ccdgrid._h5write.atomic_h5`); the copy costs what ``b"".join``
+    did.
+    """
+    out = aligned_empty((sum(len(p) for p in pieces),), np.uint8)
+    pos = 0
+    for piece in pieces:
+        out[pos : pos + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+        pos += len(piece)
+    return out
 
 
 def _write_chunks(datasets, tasks, compress, workers):
