@@ -26,15 +26,20 @@ import time
 import numpy as np
 
 
-def _refcount(arrays, i):
-    """References to ``arrays[i]``, this function's own ones not counted."""
-    array = arrays[i]
+def _refcount(entry):
+    """References to the array of a pool entry, this function's own ones not counted."""
+    array = entry[0]
     return sys.getrefcount(array) - 2  # the local name and getrefcount's argument
 
 
-# what _refcount gives for an array only a list holds: measured, not assumed,
-# as the interpreter's count of temporary references varies between versions
-_SPARE = _refcount([np.empty(1)], 0)
+# what _refcount gives for an array only its entry holds: measured, not
+# assumed, as the interpreter's count of temporary references varies between
+# versions
+_SPARE = _refcount([np.empty(1), 0.0])
+
+
+def _spare(entry):
+    return _refcount(entry) == _SPARE
 
 
 def _wait_for_exit(native_id, timeout=1.0):
@@ -66,8 +71,9 @@ class BufferPool:
     def __init__(self, capacity, keep_seconds):
         self.capacity = int(capacity)
         self.keep_seconds = float(keep_seconds)
-        self._arrays = []  # least recently handed out first
-        self._seen = []  # when each was last handed out or seen in use (monotonic s)
+        # [array, when last handed out or seen in use (monotonic s)], least
+        # recently handed out first
+        self._entries = []
         self._lock = threading.Lock()
         self._timer = None
         self._paused = 0
@@ -85,34 +91,28 @@ class BufferPool:
         shape = tuple(int(n) for n in shape)
         dtype = np.dtype(dtype)
         with self._lock:
-            arrays = self._arrays
-            for i in reversed(range(len(arrays))):
-                if (
-                    arrays[i].shape == shape
-                    and arrays[i].dtype == dtype
-                    and _refcount(arrays, i) == _SPARE
-                ):
-                    return self._hand_out(arrays.pop(i), i)
+            entries = self._entries
+            for i in reversed(range(len(entries))):
+                entry = entries[i]
+                if entry[0].shape == shape and entry[0].dtype == dtype and _spare(entry):
+                    del entries[i]
+                    return self._hand_out(entry)
             array = np.empty(shape, dtype=dtype)
             if self.capacity <= 0:
                 return array
-            if len(arrays) >= self.capacity:
-                spare = next(
-                    (i for i in range(len(arrays)) if _refcount(arrays, i) == _SPARE), None
-                )
+            if len(entries) >= self.capacity:
+                spare = next((i for i, e in enumerate(entries) if _spare(e)), None)
                 if spare is None:
                     return array  # every pooled array is in use: this one is not kept
-                del arrays[spare], self._seen[spare]
-            return self._hand_out(array)
+                del entries[spare]
+            return self._hand_out([array, 0.0])
 
-    def _hand_out(self, array, taken=None):
-        if taken is not None:
-            del self._seen[taken]
-        self._arrays.append(array)
-        self._seen.append(time.monotonic())
+    def _hand_out(self, entry):
+        entry[1] = time.monotonic()
+        self._entries.append(entry)
         if self._timer is None and not self._paused:
             self._schedule()
-        return array
+        return entry[0]
 
     def _schedule(self):
         self._timer = threading.Timer(self.keep_seconds, self._trim)
@@ -124,15 +124,12 @@ class BufferPool:
         """Drop the arrays unused for ``keep_seconds``; check again later while any remain."""
         with self._lock:
             now = time.monotonic()
-            kept, seen = [], []
-            for i in range(len(self._arrays)):
-                in_use = _refcount(self._arrays, i) != _SPARE
-                if in_use or now - self._seen[i] < self.keep_seconds:
-                    kept.append(self._arrays[i])
-                    seen.append(now if in_use else self._seen[i])
-            self._arrays, self._seen = kept, seen
+            for entry in self._entries:
+                if not _spare(entry):
+                    entry[1] = now
+            self._entries = [e for e in self._entries if now - e[1] < self.keep_seconds]
             self._timer = None
-            if kept and not self._paused:
+            if self._entries and not self._paused:
                 self._schedule()
 
     @contextlib.contextmanager
@@ -154,7 +151,7 @@ class BufferPool:
         finally:
             with self._lock:
                 self._paused -= 1
-                if self._arrays and self._timer is None and not self._paused:
+                if self._entries and self._timer is None and not self._paused:
                     self._schedule()
 
     def _after_fork(self):
@@ -164,26 +161,21 @@ class BufferPool:
         self._lock = threading.Lock()
         self._timer = None
         self._paused = 0
-        self._arrays.clear()
-        self._seen.clear()
+        self._entries.clear()
 
     def clear(self):
         """Forget every pooled array (those still in use live on with their users)."""
         with self._lock:
-            self._arrays.clear()
-            self._seen.clear()
+            self._entries.clear()
 
     @property
     def nbytes(self):
         """Bytes of the pooled arrays, in use or not."""
         with self._lock:
-            return sum(a.nbytes for a in self._arrays)
+            return sum(e[0].nbytes for e in self._entries)
 
     @property
     def spare_nbytes(self):
         """Bytes of the pooled arrays that nothing else references."""
         with self._lock:
-            arrays = self._arrays
-            return sum(
-                arrays[i].nbytes for i in range(len(arrays)) if _refcount(arrays, i) == _SPARE
-            )
+            return sum(e[0].nbytes for e in self._entries if _spare(e))
