@@ -212,21 +212,89 @@ def test_white_noise_does_not_echo(seed):
         estimate_grid_scale(img)
 
 
-def test_lattice_echo_of_a_lattice_and_of_a_lone_peak():
+def _lags(half, points, value, z=None):
+    """``z`` (lags dy 0..half, dx -half..half; zeros if None) with ``value`` at ``points``
+    and at their mirror lags (the autocorrelation is symmetric)."""
+    z = np.zeros((half + 1, 2 * half + 1)) if z is None else z.copy()
+    for y, x in points:
+        y, x = (int(y), int(x)) if y >= 0 else (-int(y), -int(x))
+        if y <= half and abs(x) <= half:
+            z[y, x + half] = value
+    return z
+
+
+def _lattice_lags(v, u, n=4):
+    return [
+        (i * v[0] + j * u[0], i * v[1] + j * u[1])
+        for i in range(-n, n + 1)
+        for j in range(-n, n + 1)
+        if (i, j) != (0, 0)
+    ]
+
+
+def test_lattice_echo_is_the_lowest_peak_over_the_highest_trough():
+    half = 60
+    v, u = (20, 4), (-4, 20)
+    peaks = _lags(half, _lattice_lags(v, u), 8.0)
+    # nothing between the peaks: the echo is their height over the baseline
+    assert gs._lattice_echo(peaks, *v) == pytest.approx(8.0)
+    # 3x3 troughs of -3 at the cells' centres (v + u) / 2 + lattice: 8 + 3
+    centres = [(y + 8, x + 12) for y, x in _lattice_lags(v, u)] + [(8, 12)]
+    troughs = peaks
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            troughs = _lags(half, [(y + dy, x + dx) for y, x in centres], -3.0, troughs)
+    assert gs._lattice_echo(troughs, *v) == pytest.approx(11.0)
+    # one lag as high as the peaks at a cell centre: the echo falls to 0
+    raised = _lags(half, [(1.5 * v[0] + 0.5 * u[0], 1.5 * v[1] + 0.5 * u[1])], 8.0, troughs)
+    assert gs._lattice_echo(raised, *v) == pytest.approx(0.0)
+
+
+def test_lattice_echo_of_a_lone_peak_and_of_a_peak_too_far_out():
     half = 60
     rng = np.random.default_rng(5)
-    noise = rng.normal(0.0, 1.0, (half + 1, 2 * half + 1))  # lags dy 0..half, dx -half..half
-    # peaks 8 high at every lattice vector i (20, 3) + j (-3, 20)
-    lattice = noise.copy()
-    for i in range(-4, 5):
-        for j in range(-4, 5):
-            y, x = 20 * i - 3 * j, 3 * i + 20 * j
-            if 0 <= y <= half and abs(x) <= half and (i, j) != (0, 0):
-                lattice[y, x + half] = 8.0
-    assert gs._lattice_echo(lattice, 20, 3) == pytest.approx(8.0)
-    # the same highest peak alone: the other lags hold noise
-    lone = noise.copy()
-    lone[20, 3 + half] = 8.0
-    assert gs._lattice_echo(lone, 20, 3) < 4.0
+    lone = rng.normal(0.0, 1.0, (half + 1, 2 * half + 1))  # lags dy 0..half, dx -half..half
+    lone[20, 3 + half] = 8.0  # the highest lag; the others hold noise
+    assert gs._lattice_echo(lone, 20, 3) < gs.MIN_ECHO
     # a peak whose multiples leave the box cannot be confirmed
+    lattice = _lags(half, _lattice_lags((20, 3), (-3, 20)), 8.0)
     assert gs._lattice_echo(lattice, 40, 57) == -np.inf
+
+
+@pytest.mark.parametrize(
+    ("fraction", "rotation"), [(0.5, 7.0), (0.55, 0.0), (0.6, 30.0), (0.65, 2.0), (0.75, 0.0)]
+)
+def test_holes_wider_than_half_the_pitch(fraction, rotation):
+    # The autocorrelation of such a plate is a ripple: its lattice peak
+    # stands only 4-6 spreads out, as white noise's highest lag does. Its
+    # troughs between the peaks tell it from noise.
+    img = _tp.make_grid(
+        shape=(768, 768), pitch=80.0, diameter=fraction * 80.0, rotation_deg=rotation, seed=21
+    )[0]
+    scale = estimate_grid_scale(img.astype(np.float32))
+    assert scale.pitch == pytest.approx(80.0, rel=0.02)
+
+
+def _powder_rings(rng, n):
+    r = np.hypot(*(np.mgrid[:n, :n] - n / 2))
+    rings = sum(np.exp(-((r - r0) ** 2) / 8.0) for r0 in rng.uniform(20, n / 2, 8))
+    return 100.0 * rings + rng.poisson(10.0, (n, n))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda rng: ndimage.gaussian_filter(rng.normal(0.0, 1.0, (512, 512)), 3.0),
+        lambda rng: (
+            ndimage.gaussian_filter((rng.random((512, 512)) < 5e-4) * 1000.0, 6.0)
+            + rng.normal(0.0, 0.1, (512, 512))
+        ),
+        lambda rng: _powder_rings(rng, 512),
+    ],
+    ids=["correlated-noise", "blobs", "powder-rings"],
+)
+def test_images_without_a_lattice_do_not_echo(make, seed):
+    img = make(np.random.default_rng(200 + seed)).astype(np.float32)
+    with pytest.raises(CcdgridError, match=r"no (hole-like structure|periodic grid)"):
+        estimate_grid_scale(img)
