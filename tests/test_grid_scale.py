@@ -148,6 +148,42 @@ def _second_largest_of_4_brute(img):
     return out
 
 
+def _bright_level_brute(floor, block=16):
+    h, w = floor.shape
+    tops = [
+        floor[i : i + block, j : j + block].max()
+        for i in range(0, h - block + 1, block)
+        for j in range(0, w - block + 1, block)
+    ]
+    return np.percentile(tops, 99.0)
+
+
+def test_bright_level_is_a_high_percentile_of_tile_maxima():
+    rng = np.random.default_rng(74)
+    floor = rng.normal(10.0, 1.0, (330, 340)).astype(np.float32)  # 20 x 21 whole tiles
+    np.testing.assert_allclose(gs._bright_level(floor), _bright_level_brute(floor), rtol=1e-6)
+    # blobs in 4 of 420 tiles are above the 99th percentile of their maxima
+    for y, x in [(35, 19), (99, 291), (195, 147), (307, 35)]:  # each inside one tile
+        floor[y : y + 10, x : x + 10] = 1e4
+    assert gs._bright_level(floor) < 1e3
+    # an image smaller than a tile: its maximum
+    assert gs._bright_level(floor[:10, :10]) == floor[:10, :10].max()
+
+
+def test_saturated_blobs_do_not_make_the_guess():
+    # three 30 px discs at 65535 on a 400-count plate made the autocorrelation
+    # (a 298 px pitch for 60 px): the brightest 3x3 minimum, which set the
+    # clipping level, was theirs
+    img = _tp.make_grid(shape=(1024, 1024), pitch=60.0, diameter=20.0, amplitude=400.0, seed=31)[0]
+    clean = estimate_grid_scale(img.astype(np.float32))
+    yy, xx = np.mgrid[:1024, :1024]
+    for y, x in [(200, 700), (610, 180), (830, 900)]:
+        img[np.hypot(yy - y, xx - x) < 15] = 65535.0
+    scale = estimate_grid_scale(img.astype(np.float32))
+    assert scale.pitch == pytest.approx(60.0, rel=0.02)
+    assert scale.diameter == pytest.approx(clean.diameter, rel=0.1)
+
+
 def test_clip_small_bright_matches_its_definition():
     img, _ = _defects()
     img += np.random.default_rng(73).normal(0.0, 2.0, img.shape).astype(np.float32)
@@ -156,7 +192,8 @@ def test_clip_small_bright_matches_its_definition():
     thin = _thin_ceiling_brute(img)
     floor = ndimage.minimum_filter(np.minimum(img, thin), size=3, mode="nearest")
     floor = floor.astype(np.float64)
-    contrast = np.float32(3.0 * (floor.max() - floor.mean()))
+    top = _bright_level_brute(floor)
+    contrast = np.float32(3.0 * (top - floor.mean()))
     step2 = np.where(img - thin > contrast, thin, step1)
     step3 = np.minimum(step2, np.float32(floor.mean()) + contrast)
     np.testing.assert_allclose(gs._clip_small_bright(img), step3, rtol=1e-6)

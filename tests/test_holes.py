@@ -111,6 +111,23 @@ def test_threshold_keeps_the_faint_tail_of_a_clean_vignetted_plate():
     assert noise.max() < thr < holes.min()
 
 
+def test_threshold_is_not_put_below_a_few_outliers_when_many_holes_are_expected():
+    # holes two thirds of the peaks (the noise spread then holds holes and the
+    # floor lies above them all), faint holes cut by the lit area's edge
+    # bridging the noise and the holes, and six peaks of saturated blobs 2.5
+    # decades above them: the widest weighed gap is below the blobs
+    rng = np.random.default_rng(23)
+    noise = rng.normal(0.0, 0.5, 1300).clip(-2.0, 0.8)
+    cut = rng.uniform(0.5, 1.9, 300)
+    holes = rng.normal(2.2, 0.1, 2500).clip(1.9, 2.8)
+    blobs = rng.uniform(4.6, 4.8, 6)
+    vals = np.concatenate([noise, cut, holes, blobs])
+    thr, _ = auto_threshold(vals)
+    assert thr > holes.max()  # what the caller's count rules out
+    thr, _ = auto_threshold(vals, min_bright=50)
+    assert noise.max() < thr < holes.min()
+
+
 def test_threshold_keeps_a_few_holes_above_the_noise():
     # four holes over a single noise mode: the floor keeps them, no gap search
     rng = np.random.default_rng(21)

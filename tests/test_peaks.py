@@ -18,6 +18,7 @@ from ccdgrid.grid_scale import _thin_ceiling
 from ccdgrid.peaks import (
     MIN_HOLES,
     HoleSearch,
+    _saturated_plateaus,
     _thin_ceiling_at,
     _without_pixels,
     detection_binning,
@@ -257,6 +258,57 @@ def test_hot_pixels_rejected_with_reason(backend):
     near = cKDTree(search.rejected[search.reasons == "hot pixel"]).query(lone)[0]
     assert (near < 8).mean() > 0.9
     assert (search.reasons == "hot pixel").sum() <= len(hot)
+
+
+@pytest.mark.parametrize(
+    ("amplitude", "radius", "blobs"),
+    [
+        # three 30 px discs at 65535 on a 400-count plate: their
+        # autocorrelation made the scale guess (a 298 px pitch) and, the scale
+        # right, the threshold went below their peaks alone (0, then 3 holes)
+        (400.0, 15, [(200, 700), (610, 180), (830, 900)]),
+        # one 120 px disc on a 4000-count plate: its plateau's many peaks made
+        # the bright mode, above every hole
+        (4000.0, 60, [(700, 350)]),
+    ],
+)
+def test_saturated_blobs(backend, amplitude, radius, blobs):
+    img, truth, visible, _ = make_grid(
+        (1024, 1024), pitch=60.0, diameter=20.0, amplitude=amplitude, vignetting=0.5, seed=32
+    )
+    yy, xx = np.mgrid[:1024, :1024]
+    for y, x in blobs:
+        img[np.hypot(yy - y, xx - x) < radius] = 65535.0
+    # holes whose fit window (~25 px) a blob and its rim (10 px) do not reach
+    clear = cKDTree(blobs).query(truth)[0] > radius + 10 + 25 + 10
+    search = find_holes(img, backend=backend)
+    idx = check_found(search, truth, visible & clear)
+    assert rms(search.peaks - truth[idx]) < 0.1
+    saturated = search.rejected[search.reasons == "saturated"]
+    if radius > 20:  # wider than two holes: left out, reported once
+        assert cKDTree(blobs).query(saturated)[0] == pytest.approx(0.0, abs=0.5)
+    else:
+        assert saturated.size == 0
+
+
+def test_saturated_plateaus_wider_than_two_holes_and_their_rim():
+    img = np.zeros((200, 300), dtype=np.float32)
+    img[100, 100] = 1.0  # noise's maximum: one pixel, no plateau
+    assert _saturated_plateaus(img, None, 10.0) is None
+    img[20:30, 20:30] = 9.0  # 100 px, under two holes of diameter 10 (157 px)
+    img[100:120, 150:170] = 9.0  # 400 px
+    got = _saturated_plateaus(img, None, 10.0)
+    yy, xx = np.mgrid[:200, :300]
+    # within 5 px (half a diameter) of the wide plateau
+    dy = np.maximum(np.maximum(100 - yy, yy - 119), 0)
+    dx = np.maximum(np.maximum(150 - xx, xx - 169), 0)
+    np.testing.assert_array_equal(got, np.hypot(dy, dx) <= 5)
+    # a blank image is one plateau: nothing to leave out
+    assert _saturated_plateaus(np.zeros((50, 50), np.float32), None, 10.0) is None
+    # invalid pixels never make the maximum
+    valid = np.ones(img.shape, bool)
+    valid[100:120, 150:170] = False
+    assert _saturated_plateaus(img, valid, 10.0) is None
 
 
 def test_dead_rows_and_columns_make_no_holes(backend):

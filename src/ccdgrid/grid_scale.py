@@ -159,6 +159,28 @@ def _clip_isolated(image):
     return np.minimum(image, lo, out=lo)
 
 
+def _bright_level(floor, block=16, quantile=99.0):
+    """The level of the brightest holes in ``floor`` (an image's 3x3 minima).
+
+    The ``quantile`` percentile of the brightest value of each ``block`` x
+    ``block`` tile: the working image holds ~1024 px across, so most tiles
+    hold a hole and the brightest tiles the brightest holes, while a few
+    saturated blobs (a bright spot, a leak past the beam stop: three discs
+    30 px across at 160 times the holes' level) fill a few tiles. The
+    brightest 3x3 minimum itself was such a blob's level, and the clipping
+    that follows then spared every blob: the blobs made the autocorrelation
+    and the guess (a 298 px pitch for 60 px). Blobs that fill more tiles
+    than 1 % can still make the guess; the hole search then leaves out
+    their plateaus and guesses again.
+    """
+    h, w = floor.shape
+    if h < block or w < block:
+        return float(floor.max())
+    tiles = floor[: h - h % block, : w - w % block]
+    tiles = tiles.reshape(h // block, block, w // block, block).max(axis=(1, 3))
+    return float(np.percentile(tiles, quantile))
+
+
 def _clip_small_bright(image):
     """``image`` with its small bright outliers cut down (a new array).
 
@@ -170,10 +192,12 @@ def _clip_small_bright(image):
     2. a pixel more than ``3 (M - B)`` above its thin ceiling
        (:func:`_thin_ceiling`) becomes that ceiling: lines one pixel wide in
        any direction (cosmic-ray streaks) and 2x2 clusters fall to their
-       surroundings. ``M`` is the brightest 3x3 minimum of the image clipped
-       to its thin ceiling, the level of the brightest hole (nothing
-       narrower than 3x3 survives a 3x3 minimum filter, and the thin
-       ceiling trims the rim of a 3x3 blob), and ``B`` the mean 3x3
+       surroundings. ``M`` is the level of the brightest holes: the 3x3
+       minima of the image clipped to its thin ceiling (nothing narrower
+       than 3x3 survives a 3x3 minimum filter, and the thin ceiling trims
+       the rim of a 3x3 blob), at the brightest of most places
+       (:func:`_bright_level`: a few saturated blobs a hole wide are not
+       the holes), and ``B`` the mean 3x3
        minimum, the background: no hole pixel stands three hole contrasts
        above its neighbours, while noise, which the thin ceiling would
        otherwise clip everywhere (flattening the holes of a 20-count
@@ -191,7 +215,7 @@ def _clip_small_bright(image):
     # a blob that binning left 3 px wide holds a 3x3 block; capped by its
     # thin ceiling, its rim falls and the 3x3 minimum no longer sees it
     floor = _min3(np.minimum(image, thin))
-    top = float(floor.max())
+    top = _bright_level(floor)
     base = float(floor.mean(dtype=np.float64))
     contrast = np.float32(3.0 * (top - base))
     hi, lo = float(image.max()), float(image.min())

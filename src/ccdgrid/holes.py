@@ -106,7 +106,7 @@ def ring_background(smoothed, peaks, radius, n=8):
 _MIN_BRIGHT = 6
 
 
-def auto_threshold(log_contrast, bin_width=0.05):
+def auto_threshold(log_contrast, bin_width=0.05, min_bright=None):
     """Choose the log10-contrast threshold separating holes from noise peaks.
 
     Parameters
@@ -115,6 +115,11 @@ def auto_threshold(log_contrast, bin_width=0.05):
         ``log10(contrast)`` of the candidate peaks with a positive contrast.
     bin_width : float
         Histogram bin width in decades.
+    min_bright : int, optional
+        The fewest holes the image should show (default and at least
+        ``_MIN_BRIGHT``, 6): a gap below fewer values than that is not
+        the holes' (the caller knows how many the image holds about: its
+        area over the pitch squared).
 
     Returns
     -------
@@ -132,13 +137,14 @@ def auto_threshold(log_contrast, bin_width=0.05):
        multimodal noise peaks, or holes near half of all peaks): the floor
        and the lower end of the search in 3. move to the widest gap between
        sorted values, each weighed by the square root of the smaller count on
-       either side of it, if six values lie above it.
+       either side of it, among those with ``min_bright`` values above.
     3. The threshold is the centre of the emptiest stretch of the histogram
        (smoothed over 3 bins) between ``m + 4 s`` and the hole mode minus
        0.3 decade (but not below the hole mode minus one decade); the
        longest run of the emptiest bins wins, so that faint holes are kept
        and sent to the profile checks rather than dropped here.
     """
+    min_bright = _MIN_BRIGHT if min_bright is None else max(int(min_bright), _MIN_BRIGHT)
     vals = np.sort(np.asarray(log_contrast, dtype=np.float64))
     lo, hi = vals[0], vals[-1]
     nb = max(int(np.ceil((hi - lo) / bin_width)), 1)
@@ -151,7 +157,7 @@ def auto_threshold(log_contrast, bin_width=0.05):
     floor = med + 6.0 * spread
     start = med + 4.0 * spread
     bright = vals[vals > floor]
-    if bright.size < _MIN_BRIGHT and vals.size > 2 * _MIN_BRIGHT:
+    if bright.size < min_bright and vals.size > 2 * min_bright:
         # With few noise peaks (large holes leave few watershed regions) or
         # holes making up nearly half of the peaks, the "noise" spread holds
         # several modes or the holes themselves and the floor lands above
@@ -165,10 +171,17 @@ def auto_threshold(log_contrast, bin_width=0.05):
         # cut into them (9 of 301 holes lost).
         gaps = np.diff(vals)
         below = np.arange(1, vals.size)
-        k = int(np.argmax(gaps * np.sqrt(np.minimum(below, vals.size - below))))
+        weight = gaps * np.sqrt(np.minimum(below, vals.size - below))
+        if min_bright > _MIN_BRIGHT:
+            # the caller expects more holes than a gap below fewer than
+            # `min_bright` values leaves: three saturated blobs 160 times
+            # brighter than the holes (a 2048² plate of ~900 holes) left the
+            # widest gap below their 6 peaks
+            weight[vals.size - below < min_bright] = -np.inf
+        k = int(np.argmax(weight))
         # fewer values above the gap than are needed: these few are the holes
         # and the floor already keeps them
-        if vals.size - k - 1 >= _MIN_BRIGHT and vals[k] < floor:
+        if vals.size - k - 1 >= min_bright and vals[k] < floor:
             start = float(vals[k])
             floor = 0.5 * (vals[k] + vals[k + 1])
             bright = vals[vals > floor]

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
@@ -78,7 +79,9 @@ class HoleSearch:
     reasons : ndarray of shape (M,), str
         Why: ``"duplicate"``, ``"cut by border"``, ``"masked"``,
         ``"hot pixel"``, ``"not a hole"``, ``"shape"``, ``"too faint"``,
-        ``"cut by edge"`` or ``"fit failed"``.
+        ``"cut by edge"``, ``"fit failed"`` or ``"saturated"`` (a plateau
+        at the image's maximum wider than two holes, at its centroid,
+        left out of the search).
     threshold : float
         log10 contrast threshold on the smoothed image (given or automatic).
     hole_diameter : float
@@ -381,6 +384,22 @@ def find_holes(
         diameter0, pitch0 = hole_diameter, pitch_px
     timings["scale"] = time.perf_counter() - t0
 
+    # A plateau at the image's maximum wider than a hole is a saturated spot,
+    # not a hole: its many flat-topped peaks outnumber the holes' high tail,
+    # and the threshold went between them (one 120 px disc at 65535 left 12
+    # of 1142 holes). Such plateaus are left out of the search (holes under
+    # them are "masked"), but not out of the detector file: the pixels work.
+    saturated = _saturated_plateaus(img, valid, diameter0)
+    if saturated is not None:
+        valid = ~saturated if valid is None else valid & ~saturated
+        img = np.where(saturated, np.float32(np.median(img[valid])), img)
+        binned = _BinnedCopies(img)
+        if hole_diameter is None or pitch_px is None:
+            # the first guess saw the plateaus: guess again without them
+            scale = estimate_grid_scale(img, pitch=pitch_px, diameter=hole_diameter, binned=binned)
+            diameter0, pitch0 = scale.diameter, scale.pitch
+        timings["scale"] = time.perf_counter() - t0
+
     # Hot pixels far brighter than the holes make plateaus in the smoothed
     # image that outshine them: their contrasts set the threshold (above every
     # hole at 60 counts a hole and 500 saturated hot pixels) and a hole beside
@@ -418,6 +437,8 @@ def find_holes(
     search = result[0]
     if hot.size:
         _report_hot_pixels(search, hot, img.shape)
+    if saturated is not None:
+        _report_saturated(search, saturated)
     if pitch_px is not None:
         search.pitch_px = pitch_px
     if hole_diameter is not None:
@@ -499,7 +520,8 @@ def _search(
     if positive.sum() == 0:
         return None
     logc = np.log10(contrast[positive])
-    thr_auto, hist = _holes.auto_threshold(logc)
+    # 2 % of the holes the image would hold if the plate lit all of it
+    thr_auto, hist = _holes.auto_threshold(logc, min_bright=0.02 * h * w / pitch**2)
     thr = thr_auto if threshold is None else threshold
     hist.threshold = thr
     keep = np.flatnonzero(positive)[logc >= thr]
@@ -769,6 +791,52 @@ def _without_pixels(image, valid, flat):
     valid = np.ones((h, w), dtype=bool) if valid is None else valid.copy()
     valid.ravel()[flat] = False
     return image, valid
+
+
+def _saturated_plateaus(img, valid, diameter):
+    """Pixels of plateaus at the image's maximum wider than a hole, and a rim; or None.
+
+    A plateau is a 4-connected set of pixels at the maximum of the valid
+    pixels; it counts when it covers more than twice the area of a hole of
+    ``diameter`` (px), unless such plateaus cover half of the valid pixels
+    (a blank image). Holes that saturate make plateaus smaller than that
+    and are kept. Each plateau is widened by half a diameter, which takes
+    the blurred rim a saturated spot has on a real detector.
+    """
+    top = img.max() if valid is None else img[valid].max()
+    at_top = img == top
+    if valid is not None:
+        at_top &= valid
+    if np.count_nonzero(at_top) < 9:  # noise leaves the maximum to a pixel or two
+        return None
+    labels, n = ndimage.label(at_top)
+    area = np.bincount(labels.ravel(), minlength=n + 1)
+    wide = area > 2.0 * np.pi * (0.5 * diameter) ** 2
+    wide[0] = False
+    n_valid = img.size if valid is None else np.count_nonzero(valid)
+    if not wide.any() or area[wide].sum() > 0.5 * n_valid:
+        # none, or the image is mostly one level (blank): no spot to leave out
+        return None
+    reach = int(np.ceil(0.5 * diameter))
+    out = np.zeros(img.shape, dtype=bool)
+    h, w = img.shape
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None or not wide[k]:
+            continue
+        rows = slice(max(box[0].start - reach, 0), min(box[0].stop + reach, h))
+        cols = slice(max(box[1].start - reach, 0), min(box[1].stop + reach, w))
+        # distance to the plateau within its box, widened by the rim
+        near = ndimage.distance_transform_edt(labels[rows, cols] != k) <= reach
+        out[rows, cols] |= near
+    return out
+
+
+def _report_saturated(search, saturated):
+    """Add each saturated plateau left out of the search to the rejected candidates."""
+    labels, n = ndimage.label(saturated)
+    at = np.array(ndimage.center_of_mass(saturated, labels, np.arange(1, n + 1)))
+    search.rejected = np.concatenate([search.rejected, at.reshape(-1, 2)])
+    search.reasons = np.concatenate([search.reasons, np.full(n, "saturated")])
 
 
 def _report_hot_pixels(search, flat, shape):

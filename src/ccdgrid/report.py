@@ -55,6 +55,7 @@ _REASON_STYLES = {
     "shape": ("^", "#ff5ec4"),
     "too faint": ("v", "#8ecae6"),
     "fit failed": ("X", "#ff2d2d"),
+    "saturated": ("o", "#00e5ff"),
 }
 _SPARE_STYLES = [("o", "#ff006e"), ("P", "#fb5607"), ("*", "#3a86ff"), ("h", "#ffbe0b")]
 _LATTICE_PREFIX = "not in the grid: "
