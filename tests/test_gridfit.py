@@ -136,6 +136,22 @@ def test_bad_pitch(pitch):
         fit_grid(pos, idx, pitch=pitch)
 
 
+@pytest.mark.parametrize("pitch", [5.0, 0.2, 5e-7])
+def test_a_pitch_in_the_wrong_unit_is_refused(pitch):
+    # calibrate(pitch=5) meant 5 mm and gave an 8 cm pixel without a word
+    rng = np.random.default_rng(5)
+    idx, pos, _, _ = affine_lattice(rng, n=4)
+    with pytest.raises(CcdgridError, match=r"not a plausible hole pitch .* in metres"):
+        fit_grid(pos, idx, pitch=pitch)
+
+
+@pytest.mark.parametrize("pitch", [1e-6, 0.1])
+def test_the_plausible_pitch_range_is_inclusive(pitch):
+    rng = np.random.default_rng(5)
+    idx, pos, _, _ = affine_lattice(rng, n=4)
+    assert fit_grid(pos, idx, pitch=pitch).pitch == pitch
+
+
 def test_bad_indices():
     rng = np.random.default_rng(6)
     idx, pos, _, _ = affine_lattice(rng, n=4)

@@ -21,7 +21,7 @@ import traceback
 import warnings
 
 from .errors import CcdgridError
-from .units import parse_length
+from .units import PITCH_RANGE, parse_length
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -142,15 +142,12 @@ def _positive_int(text):
     return value
 
 
-_PITCH_RANGE = (1e-6, 0.1)  # m: grid plates have holes 0.1-20 mm apart
-
-
 def _pitch(text):
     try:
         value = parse_length(text)
     except CcdgridError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    low, high = _PITCH_RANGE
+    low, high = PITCH_RANGE
     if not low <= value <= high:
         # "--pitch 5" is 5 m: almost certainly a forgotten unit
         raise argparse.ArgumentTypeError(

@@ -33,6 +33,7 @@ from ._blas import one_blas_thread
 from ._validation import as_points, check_backend, check_positive
 from .errors import CcdgridError
 from .hole_error import grid_error
+from .units import PITCH_RANGE
 
 __all__ = ["GridFit", "centred_grid", "fit_grid", "pixel_size_from_vectors"]
 
@@ -426,7 +427,14 @@ def pixel_size_from_vectors(vectors, pitch):
 
 
 def _check_pitch(pitch):
-    return check_positive(pitch, "pitch", "a positive length in metres")
+    pitch = check_positive(pitch, "pitch", "a positive length in metres")
+    low, high = PITCH_RANGE
+    if not low <= pitch <= high:
+        raise CcdgridError(
+            f"`pitch` = {pitch:g} m is not a plausible hole pitch ({low * 1e6:g} µm to "
+            f"{high * 1e2:g} cm): it is in metres, 5 mm is 5e-3"
+        )
+    return pitch
 
 
 def _rms(d):

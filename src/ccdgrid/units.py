@@ -9,7 +9,7 @@ import re
 
 from .errors import CcdgridError
 
-__all__ = ["LENGTH_UNITS", "parse_length"]
+__all__ = ["LENGTH_UNITS", "PITCH_RANGE", "parse_length"]
 
 #: Accepted unit suffixes and their value in metres. Both the micro sign
 #: (U+00B5, what keyboards type) and the Greek mu (U+03BC) are accepted.
@@ -24,6 +24,10 @@ LENGTH_UNITS = {
     "microns": 1e-6,
     "nm": 1e-9,
 }
+
+#: Hole pitches a grid plate can have, m: plates have holes 0.1-20 mm apart.
+#: A pitch outside is almost certainly a length in the wrong unit (5 for 5 mm).
+PITCH_RANGE = (1e-6, 0.1)
 
 _LENGTH = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([^\d\s.+-][^\s]*)?\s*$")
 
