@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from ccdgrid import stack
+from ccdgrid import _h5read, stack
 from ccdgrid.correction import CorrectionMatrix
 from ccdgrid.errors import CcdgridError
 
@@ -380,7 +380,7 @@ def test_hdf5_reads_every_source_layout(tmp_path, detector, frames, layout, dtyp
     src = _write_source(tmp_path / "in.h5", data, **options)
     with h5py.File(tmp_path / "in.h5", "r") as h5:
         assert h5["/entry/data"].dtype == np.dtype(dtype)
-        assert (stack._direct_filters(h5["/entry/data"]) is not None) == (path == "direct")
+        assert (_h5read.direct_filters(h5["/entry/data"]) is not None) == (path == "direct")
     stack.correct_hdf5(src, tmp_path / "out.h5", detector, chunk_frames=4, progress=False)
     with h5py.File(tmp_path / "out.h5", "r") as h5:
         out = h5["/entry/data"][()]
@@ -420,28 +420,6 @@ def test_hdf5_honours_a_chunk_whose_deflate_was_skipped(tmp_path, detector, fram
     )
     with h5py.File(tmp_path / "out.h5", "r") as h5:
         np.testing.assert_array_equal(h5["/entry/data"][()], _matrix(detector).apply(frames))
-
-
-@pytest.mark.parametrize("kind", ["zeros", "noise", "counts"])
-def test_inflate_into_a_reused_buffer(kind):
-    rng = np.random.default_rng(13)
-    n = 300_000
-    if kind == "zeros":  # 16 KB of input inflate to far more than one 64 KB piece
-        raw = bytes(n)
-    elif kind == "noise":
-        raw = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-    else:
-        raw = rng.integers(100, 200, n // 2, dtype=np.uint16).tobytes()
-    stream = zlib.compress(raw, 6)
-    scratch = types.SimpleNamespace()
-    first = stack._inflate(stream, n, "f.h5::/d", scratch)
-    assert first.tobytes() == raw
-    again = stack._inflate(stream, n, "f.h5::/d", scratch)
-    assert np.shares_memory(first, again)  # the same buffer, not a new one
-    with pytest.raises(CcdgridError, match="holds more than the 1000 bytes"):
-        stack._inflate(stream, 1000, "f.h5::/d", types.SimpleNamespace())
-    with pytest.raises(CcdgridError, match="truncated"):
-        stack._inflate(stream[: len(stream) // 2], n, "f.h5::/d", scratch)
 
 
 # -- the output chunks: HDF5's shuffle + deflate, built plane by plane ----------

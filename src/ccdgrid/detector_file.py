@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._ext._config import clear_upper_vector_state
+from ._h5read import read_chunked
 from ._h5write import aligned_empty, atomic_h5
 from .errors import CcdgridError
 
@@ -825,7 +826,10 @@ def _read(target, det, rec):
         shape = tuple(int(v) for v in det["max_shape"][()])
     else:
         shape = tuple(det["mask"].shape)
-    mask = det["mask"][()].astype(np.int8) if "mask" in det else np.zeros(shape, np.int8)
+    if "mask" in det:
+        mask = read_chunked(det["mask"], f"{target}::mask").astype(np.int8, copy=False)
+    else:
+        mask = np.zeros(shape, np.int8)
     if rec is None:
         dy, dx = _maps_from_corners(det, shape, pixel_size, target)
         return DetectorRecord(
@@ -847,8 +851,8 @@ def _read(target, det, rec):
         name=name,
         shape=shape,
         pixel_size=pixel_size,
-        dx=rec["dx"][()],
-        dy=rec["dy"][()],
+        dx=read_chunked(rec["dx"], f"{target}::dx"),
+        dy=read_chunked(rec["dy"], f"{target}::dy"),
         mask=mask,
         grid=grid,
         peaks=holes.get("peaks"),

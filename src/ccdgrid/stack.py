@@ -604,7 +604,9 @@ class _Reader:
         self.name = f"{source.file.filename}::{source.name}"  # workers must not call HDF5
         self.n = source.shape[0]
         self.dtype = source.dtype
-        self.filters = _direct_filters(source)
+        from ._h5read import direct_filters
+
+        self.filters = direct_filters(source)
         if self.filters is not None:
             self.depth = source.chunks[0]
         elif chunk_frames is not None:
@@ -648,15 +650,17 @@ class _Reader:
         """
         if not isinstance(payload, tuple):  # read through HDF5: already frames
             return payload
+        from ._h5read import inflate, unshuffle
+
         mask, data = payload
         for index in reversed(range(len(self.filters))):
             if mask >> index & 1:  # HDF5 skipped this (optional) filter for this chunk
                 continue
             code, element_size = self.filters[index]
             if code == "deflate":
-                data = _inflate(data, self.chunk_nbytes, self.name, scratch)
+                data = inflate(data, self.chunk_nbytes, self.name, scratch)
             else:
-                data = _unshuffle(data, element_size, scratch)
+                data = unshuffle(data, element_size, scratch)
         if data.size != self.chunk_nbytes:
             raise CcdgridError(
                 f"a chunk of {self.name} holds {data.size} bytes after its filters, expected "
@@ -666,106 +670,6 @@ class _Reader:
         return frames[:count]
 
 
-def _direct_filters(source):
-    """The filter pipeline as ``[("shuffle" | "deflate", element size)]`` if chunks can be
-    read directly (whole frames per chunk, no other filter), else None."""
-    import h5py
-
-    if source.chunks is None or source.chunks[1:] != source.shape[1:]:
-        return None
-    if source.dtype.kind not in "uif" or source.dtype.itemsize not in (1, 2, 4, 8):
-        return None
-    plist = source.id.get_create_plist()
-    if plist.get_layout() != h5py.h5d.CHUNKED or plist.get_external_count():
-        return None
-    filters = []
-    for index in range(plist.get_nfilters()):
-        code, _, values, _ = plist.get_filter(index)
-        if code == h5py.h5z.FILTER_DEFLATE:
-            filters.append(("deflate", 0))
-        elif code == h5py.h5z.FILTER_SHUFFLE:
-            filters.append(("shuffle", int(values[0]) if values else source.dtype.itemsize))
-        else:
-            return None
-    return filters
-
-
-_INFLATE_PIECE = 262144  # compressed bytes fed to the inflater at a time
-_INFLATE_OUT = 1048576  # inflated bytes it returns at most at a time
-
-
-def _inflate(data, size, name, scratch=None):
-    """Inflate one zlib stream (HDF5's deflate filter) into a uint8 array (``size`` expected).
-
-    With ``scratch`` (any object taking attributes, e.g. a thread-local), the
-    result goes to ``scratch.inflated``, reused while large enough: the
-    inflater is fed and drained in pieces of 1 MB at most, which the allocator
-    recycles, where one ``size``-byte result would be fresh memory (and
-    ~2000 page faults at 2048² uint16) every chunk.
-    """
-    import numpy as np
-
-    engine = _deflate_engine()
-    if scratch is None:
-        try:
-            return np.frombuffer(engine.decompress(data, 15, size), dtype=np.uint8)
-        except engine.error as exc:
-            raise CcdgridError(f"cannot inflate a chunk of {name}: {exc}") from exc
-    out = getattr(scratch, "inflated", None)
-    if out is None or out.size < size:
-        out = scratch.inflated = np.empty(size, dtype=np.uint8)
-    inflater = engine.decompressobj(15)
-    source = memoryview(data).cast("B")
-    pos, overflow = 0, False
-    try:
-        for first in range(0, len(source), _INFLATE_PIECE):
-            pending = source[first : first + _INFLATE_PIECE]
-            # drained when the input is used up and a call returns less than asked
-            while not (inflater.eof or overflow):
-                piece = inflater.decompress(pending, _INFLATE_OUT)
-                overflow = pos + len(piece) > size
-                if not overflow:
-                    out[pos : pos + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
-                    pos += len(piece)
-                pending = inflater.unconsumed_tail
-                if not pending and len(piece) < _INFLATE_OUT:
-                    break
-            if inflater.eof or overflow:
-                break
-        complete = inflater.eof and not overflow
-    except engine.error as exc:
-        raise CcdgridError(f"cannot inflate a chunk of {name}: {exc}") from exc
-    if not complete:
-        raise CcdgridError(
-            f"cannot inflate a chunk of {name}: the stream is truncated or holds more than "
-            f"the {size} bytes of a chunk"
-        )
-    return out[:pos]
-
-
-def _unshuffle(data, element_size, scratch=None):
-    """Undo HDF5's shuffle filter: byte plane k back into byte k of every element.
-
-    The result goes to ``scratch.unshuffled`` (reused while large enough)
-    when ``scratch`` is given.
-    """
-    import numpy as np
-
-    n = data.size // element_size
-    out = getattr(scratch, "unshuffled", None)
-    if out is None or out.size < data.size:
-        out = np.empty(data.size, dtype=np.uint8)
-        if scratch is not None:
-            scratch.unshuffled = out
-    out = out[: data.size]
-    elements = out[: n * element_size].reshape(n, element_size)
-    for k in range(element_size):
-        # one strided copy per plane: a single (n, size) <- (size, n).T copy is 5x slower
-        elements[:, k] = data[k * n : (k + 1) * n]
-    out[n * element_size :] = data[n * element_size :]  # HDF5 leaves the tail as is
-    return out
-
-
 # -- writing: what HDF5's shuffle + deflate filters would store -----------------
 
 _ZLIB_HEADER = (0x78, 0x01)  # deflate, 32 KiB window; 0x7801 % 31 == 0 as RFC 1950 asks
@@ -773,14 +677,6 @@ _STORED_MAX = 65535  # bytes in one stored deflate block
 _SAMPLES = 4  # windows of a byte plane deflated to judge it
 _SAMPLE_BYTES = 8192
 _WORTH = 0.9  # deflate a plane whose sample shrinks below this fraction
-
-
-def _deflate_engine():
-    try:
-        from isal import isal_zlib
-    except ImportError:
-        return zlib
-    return isal_zlib
 
 
 class _Deflater:
@@ -799,8 +695,9 @@ class _Deflater:
 
     def __init__(self, level, engine=None):
         from ._ext import _correction
+        from ._h5read import deflate_engine
 
-        self.engine = _deflate_engine() if engine is None else engine
+        self.engine = deflate_engine() if engine is None else engine
         self.level = min(level, 3) if self.engine is not zlib else level
         self.kernels = _correction
 
