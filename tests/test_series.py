@@ -663,6 +663,30 @@ def test_the_first_good_frame_is_the_reference(stack):
     )
 
 
+def test_the_reference_a_worker_just_wrote_is_not_read_back(stack, tmp_path, monkeypatch):
+    # the local worker usually calibrates the reference frame itself: its next
+    # frame used to read the file back (~0.08 s at 2048²) to measure its drift
+    reads = []
+    import ccdgrid.detector_file as detector_file
+
+    original = detector_file.load
+    monkeypatch.setattr(detector_file, "load", lambda path: reads.append(path) or original(path))
+    serial = calibrate_series(
+        f"{stack}::/entry/data", frames="0,2,3", pitch=5e-3, output=tmp_path, workers=1,
+        progress=False,
+    )  # fmt: skip
+    assert serial.ok
+    assert serial.frames[2].reference_index == 0
+    assert reads == []
+    # and the drift is the one measured against the file
+    for f in serial.frames[1:]:
+        record = _series_worker._aligned_drift(load(serial.frames[0].output), load(f.output))
+        np.testing.assert_allclose(
+            (f.drift_shift_y_px, f.drift_shift_x_px), record.shift, rtol=0, atol=1e-9
+        )
+        assert f.drift_max_change_dx_px == pytest.approx(record.max_change_dx, abs=1e-6)
+
+
 def test_arrays_and_no_output_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     frames = np.stack([_frame(MOVES[0]), _frame(MOVES[2])])

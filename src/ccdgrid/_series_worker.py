@@ -91,13 +91,22 @@ class _Worker:
         self.spare = spare
         self.digests = digests  # _Digests of the series (this process's worker only)
         self._references = {}
+        # the detector file this worker wrote last and its calibration: the
+        # series' reference is usually a frame this worker has just calibrated,
+        # and reading it back (~0.08 s at 2048²) made that worker's next frame
+        # the slowest of the series
+        self._last_saved = (None, None)
         self._mask = None
 
     def _reference(self, path):
         if path not in self._references:
-            from .detector_file import load
+            saved, cal = self._last_saved
+            if saved == path:
+                self._references[path] = cal
+            else:
+                from .detector_file import load
 
-            self._references[path] = load(path)
+                self._references[path] = load(path)
         return self._references[path]
 
     def _mask_for(self, shape):
@@ -223,6 +232,8 @@ class _Worker:
                 row.note = _join(row.note, f"drift not measured: {exc}")
             else:
                 _fill_drift(row, drift, reference_index)
+        if spec.output:
+            self._last_saved = (spec.output, cal)
         return borrowed
 
     def drift(self, frame_file, reference, reference_index):
