@@ -11,6 +11,7 @@ from scipy import ndimage
 from ccdgrid import grid_scale as gs
 from ccdgrid.errors import CcdgridError
 from ccdgrid.grid_scale import estimate_grid_scale
+from ccdgrid.peaks import find_holes
 from ccdgrid.smoothing import block_mean
 
 _spec = importlib.util.spec_from_file_location("_tp", Path(__file__).with_name("test_peaks.py"))
@@ -310,6 +311,25 @@ def test_holes_wider_than_half_the_pitch(fraction, rotation):
     )[0]
     scale = estimate_grid_scale(img.astype(np.float32))
     assert scale.pitch == pytest.approx(80.0, rel=0.02)
+
+
+@pytest.mark.parametrize("fraction", [0.45, 0.55, 0.7])
+def test_few_wide_holes_are_measured_whole(fraction):
+    # five holes across a 1024² plate, 90-140 px wide: the autocorrelation's
+    # central peak outlasted the 48 lags of its radial profile (the diameter
+    # came out 58 px for 110), and the top-hat retry, narrower than the
+    # holes, measured their rims (12 px)
+    img = _tp.make_grid(
+        shape=(1024, 1024), pitch=200.0, diameter=fraction * 200.0, rotation_deg=2.0, seed=21
+    )[0]
+    scale = estimate_grid_scale(img.astype(np.float32))
+    assert scale.pitch == pytest.approx(200.0, rel=0.02)
+    # a first guess (the overlap of two discs only approximates these
+    # blurred, vignetted holes' autocorrelation); the hole fits refine it
+    assert scale.diameter == pytest.approx(fraction * 200.0, rel=0.35)
+    search = find_holes(img)
+    assert search.hole_diameter == pytest.approx(fraction * 200.0, rel=0.03)
+    assert len(search.peaks) >= 20
 
 
 def _powder_rings(rng, n):

@@ -291,12 +291,10 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
     if not np.ptp(image) > 0:
         raise CcdgridError("`image` is constant: there is no grid of holes in it")
     found = _estimate(image, pitch, diameter, binned, tophat=False)
-    if (
-        found is None
-        or found[4] > _MAX_PEDESTAL
-        or found[3] < MIN_CONTRAST
-        or _implausible(found, pitch, diameter)
-    ):
+    # (a lattice confirmed by its echo alone, the holes wider than a third
+    # of the pitch, is not looked at again: the top-hat, narrower than such
+    # holes, leaves their rims, and the rims' lattice peak stands out more)
+    if found is None or found[4] > _MAX_PEDESTAL or _implausible(found, pitch, diameter):
         # A lit-area edge, a beam stop or a background step puts a cone under
         # the central peak of the autocorrelation (the autocorrelation of a
         # step falls linearly with the lag): the peak's half width then
@@ -323,10 +321,11 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
 
 
 def _implausible(found, pitch, diameter):
-    """A first guess no plate gives: holes wider than half the pitch, or no lattice peak."""
+    """A first guess no plate gives: no lattice peak, or holes wider than half the pitch
+    that the lattice's troughs do not confirm."""
     found_p, found_d, _, contrast, _, echo = found
     return (contrast < MIN_CONTRAST and echo < MIN_ECHO) or (
-        pitch is None and diameter is None and found_d > 0.5 * found_p
+        pitch is None and diameter is None and found_d > 0.5 * found_p and echo < MIN_ECHO
     )
 
 
@@ -362,6 +361,13 @@ def _estimate(image, pitch, diameter, binned, tophat):
         rmax = min(half, 48)
         prof = _radial_median(_lag_box(ac, rmax), rmax, rmax)
         d_est, pedestal = _diameter_from_profile(prof)
+        while _no_minimum(prof) and rmax < half:
+            # holes so wide (and few) that the central peak outlasts the
+            # profile: look further out (110 px holes on a 1024² plate
+            # were measured 12 px wide)
+            rmax = min(half, 4 * rmax)
+            prof = _radial_median(_lag_box(ac, rmax), rmax, rmax)
+            d_est, pedestal = _diameter_from_profile(prof)
         if d_est is None or factor == 1 or d_est >= 4.0:
             break
         # The holes are too small at this binning: look again at half of it.
@@ -384,6 +390,11 @@ def _estimate(image, pitch, diameter, binned, tophat):
     vec, contrast, echo = _lattice_vector(box, half, found_d / factor)
     found_p = pitch if pitch is not None else float(np.hypot(*vec)) * factor
     return found_p, found_d, vec * factor, contrast, pedestal, echo
+
+
+def _no_minimum(prof):
+    """True when the radial profile falls all along: its first minimum lies beyond it."""
+    return prof.size >= 6 and not (np.diff(prof[1:]) > 0).any()
 
 
 def _diameter_from_profile(prof):
