@@ -803,7 +803,8 @@ def _saturated_plateaus(img, valid, diameter):
     and are kept. Each plateau is widened by half a diameter, which takes
     the blurred rim a saturated spot has on a real detector.
     """
-    top = img.max() if valid is None else img[valid].max()
+    # invalid pixels hold the valid ones' median here: below their maximum
+    top = img.max()
     at_top = img == top
     if valid is not None:
         at_top &= valid
