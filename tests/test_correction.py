@@ -964,6 +964,28 @@ def test_cli_correct_shape_mismatch_leaves_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_cli_correct_points_a_stack_to_correct_stack(tmp_path, capsys):
+    # `correct`'s --frame is the output frame: read_image's advice to pass
+    # --frame to choose an input frame was wrong for it
+    import h5py
+
+    from ccdgrid.cli import main
+
+    z = np.zeros((17, 17))
+    det = write_detector(tmp_path / "det.h5", z, z)
+    with h5py.File(tmp_path / "scan.h5", "w") as h5:
+        h5["/entry/data"] = np.ones((3, 16, 16), np.uint16)
+    out = tmp_path / "out"
+    source = f"{tmp_path / 'scan.h5'}::/entry/data"
+    assert main(["correct", source, "-d", str(det), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert "holds 3 frames; `ccdgrid correct` corrects single images" in err
+    assert f"`ccdgrid correct-stack {source} -d {det} -o OUT.h5`" in err
+    assert "--frame" not in err
+    assert not out.exists()
+
+
 def test_cli_correct_refuses_two_inputs_with_one_output_name(tmp_path, capsys):
     from ccdgrid.cli import main
 

@@ -831,9 +831,17 @@ def _write_atomically(target, fmt, data, header):
 
 def _read_checked(source, detector):
     """``(image, info)`` of ``source``; raise if its shape is not ``detector``'s."""
-    from .io import read_image
+    from .io import SeveralFramesError, read_image
 
-    image, info = read_image(source)
+    try:
+        image, info = read_image(source)
+    except SeveralFramesError as exc:
+        # correct's own --frame is the output frame, not an input frame
+        raise CcdgridError(
+            f"{exc.label} holds {exc.nframes} frames; `ccdgrid correct` corrects single images: "
+            f"correct the stack with `ccdgrid correct-stack {source} -d {detector.path} "
+            "-o OUT.h5`"
+        ) from None
     if image.shape != tuple(detector.shape):
         raise CcdgridError(
             f"{info['path']} has shape {image.shape}, but the detector "

@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import CcdgridError
 
-__all__ = ["read_image", "read_mask", "sha256_file"]
+__all__ = ["SeveralFramesError", "read_image", "read_mask", "sha256_file"]
 
 _HDF5_SUFFIXES = {".h5", ".hdf5", ".hdf", ".nxs", ".nx", ".nx5", ".cxi"}
 _HASH_BLOCK = 1 << 20
@@ -162,6 +162,16 @@ def _split_source(source):
     return pathlib.Path(text).expanduser().absolute(), dataset
 
 
+class SeveralFramesError(CcdgridError):
+    """A file of several frames read without choosing one (``label``, ``nframes``)."""
+
+    def __init__(self, label, nframes):
+        super().__init__(
+            f"{label} holds {nframes} frames: choose one with frame= (--frame on the command line)"
+        )
+        self.label, self.nframes = str(label), int(nframes)
+
+
 def _frame_index(nframes, frame, label):
     """Index of the frame to read among ``nframes``, or a CcdgridError."""
     if nframes == 0:
@@ -169,9 +179,7 @@ def _frame_index(nframes, frame, label):
     if frame is None:
         if nframes == 1:
             return 0
-        raise CcdgridError(
-            f"{label} holds {nframes} frames: choose one with frame= (--frame on the command line)"
-        )
+        raise SeveralFramesError(label, nframes)
     if frame >= nframes:
         raise CcdgridError(f"frame {frame} requested but {label} holds {nframes} frame(s)")
     return int(frame)
