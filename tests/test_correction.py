@@ -986,6 +986,42 @@ def test_cli_correct_points_a_stack_to_correct_stack(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("case", ["read-only directory", "read-only parent", "a file"])
+def test_cli_correct_refuses_an_unwritable_output_before_the_matrix(
+    tmp_path, capsys, monkeypatch, case
+):
+    import os
+
+    import ccdgrid._h5write as h5write
+    from ccdgrid import correction
+    from ccdgrid.cli import main
+
+    z = np.zeros((17, 17))
+    det = write_detector(tmp_path / "det.h5", z, z)
+    np.save(tmp_path / "a.npy", np.ones((16, 16)))
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real = os.access
+    no = lambda p, mode: False if str(p) == str(read_only) else real(p, mode)  # noqa: E731
+    monkeypatch.setattr(h5write.os, "access", no)
+    monkeypatch.setattr(os, "access", no)
+    monkeypatch.setattr(correction.CorrectionMatrix, "from_maps", None)  # never built
+    out = {
+        "read-only directory": read_only,
+        "read-only parent": read_only / "new",
+        "a file": tmp_path / "a.npy",
+    }[case]
+    assert main(["correct", str(tmp_path / "a.npy"), "-d", str(det), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert {
+        "read-only directory": f"directory {read_only} is not writable",
+        "read-only parent": f"cannot create the output directory {out}: {read_only} is not writ",
+        "a file": f"{out} exists and is not a directory",
+    }[case] in err
+    assert sorted(os.listdir(read_only)) == []
+
+
 def test_cli_correct_refuses_two_inputs_with_one_output_name(tmp_path, capsys):
     from ccdgrid.cli import main
 

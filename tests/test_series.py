@@ -738,6 +738,29 @@ def test_bad_outputs_are_refused_before_any_work(stack, tmp_path, output, messag
     assert sorted(os.listdir(tmp_path)) == ["same.h5"]
 
 
+@pytest.mark.parametrize("where", ["output", "table"])
+def test_a_read_only_directory_is_refused_before_any_work(stack, tmp_path, monkeypatch, where):
+    # every frame was calibrated, then failed on its temporary file
+    import ccdgrid._h5write as h5write
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real = os.access
+    monkeypatch.setattr(
+        h5write.os, "access", lambda p, mode: False if str(p) == str(read_only) else real(p, mode)
+    )
+    monkeypatch.setattr(series, "_Run", None)  # no frame may start
+    output, table = tmp_path / "out", tmp_path / "table"
+    if where == "output":
+        output = read_only
+    else:
+        table = read_only / "table"
+    with pytest.raises(CcdgridError, match=f"directory {read_only} is not writable"):
+        calibrate_series(
+            f"{stack}::/entry/data", frames="0:2", output=output, table=table, progress=False
+        )
+
+
 def test_the_output_may_not_overwrite_an_input(tmp_path):
     image = tmp_path / "grid.h5"
     with h5py.File(image, "w") as h5:

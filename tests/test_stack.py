@@ -2,6 +2,7 @@
 
 import argparse
 import io
+import os
 import pickle
 import sys
 import types
@@ -731,3 +732,28 @@ def test_deflater_clears_the_vector_state_after_each_compression(engine, monkeyp
     for k, event in enumerate(events[:-1]):
         if event == "compress":
             assert events[k + 1] == "clear"
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_frame(
+    tmp_path, detector, frames, monkeypatch
+):
+    # a directory as the output: every frame was corrected, then os.replace
+    # failed on the temporary file
+    import ccdgrid._h5write as h5write
+
+    src = _write_source(tmp_path / "in.h5", frames)
+    monkeypatch.setattr(stack, "_Reader", None)  # no frame may be read
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(
+        CcdgridError, match=r"cannot write the corrected stack .*adir: it is a dir"
+    ):
+        stack.correct_hdf5(src, tmp_path / "adir", detector, progress=False)
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real = os.access
+    monkeypatch.setattr(
+        h5write.os, "access", lambda p, mode: False if str(p) == str(read_only) else real(p, mode)
+    )
+    with pytest.raises(CcdgridError, match=f"directory {read_only} is not writable"):
+        stack.correct_hdf5(src, read_only / "out.h5", detector, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["adir", "in.h5", "ro"]

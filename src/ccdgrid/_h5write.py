@@ -22,9 +22,12 @@ import contextlib
 import errno
 import math
 import os
+import pathlib
 import secrets
 
-__all__ = ["aligned_empty", "atomic_h5", "temporary_sibling"]
+from .errors import CcdgridError
+
+__all__ = ["aligned_empty", "atomic_h5", "check_writable", "temporary_sibling"]
 
 ALIGN = 4096  # bytes: file offsets and memory of direct writes
 DIRECT_MIN = 1 << 18  # bytes: smaller writes go through the page cache
@@ -57,6 +60,24 @@ def temporary_sibling(target):
             raise _one_line(exc, target, "") from None
         return tmp
     raise OSError(f"cannot create a temporary file beside {target}")
+
+
+def check_writable(target, what="the file"):
+    """Raise :class:`CcdgridError` before any work if ``what`` cannot be written at ``target``.
+
+    ``target`` is a directory, or its directory does not exist or may not be
+    written (a run would otherwise do all its work, then fail on the
+    temporary file beside ``target``). Not the disk's free space: that is
+    known only when writing.
+    """
+    target = pathlib.Path(target)
+    parent = target.parent
+    if target.is_dir():
+        raise CcdgridError(f"cannot write {what} {target}: it is a directory")
+    if not parent.is_dir():
+        raise CcdgridError(f"cannot write {what} {target}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CcdgridError(f"cannot write {what} {target}: directory {parent} is not writable")
 
 
 @contextlib.contextmanager

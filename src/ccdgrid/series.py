@@ -93,6 +93,7 @@ from collections import deque
 
 import numpy as np
 
+from ._h5write import check_writable
 from ._series_pool import _Pool
 from ._series_worker import THREAD_ENV as THREAD_ENV  # re-exported
 from ._series_worker import _Config, _fill_drift, _join, _new_row
@@ -352,11 +353,10 @@ def _table_paths(table):
     path = pathlib.Path(table).expanduser().absolute()
     if path.suffix.lower() in (".csv", ".json"):
         path = path.with_suffix("")
-    if not path.parent.is_dir():
-        raise CcdgridError(
-            f"cannot write the table {path}: directory {path.parent} does not exist"
-        )
-    return path.with_name(path.name + ".csv"), path.with_name(path.name + ".json")
+    paths = path.with_name(path.name + ".csv"), path.with_name(path.name + ".json")
+    for target in paths:
+        check_writable(target, "the table")
+    return paths
 
 
 class _Run:

@@ -18,6 +18,7 @@ import pathlib
 import string
 from dataclasses import dataclass
 
+from ._h5write import check_writable
 from .errors import CcdgridError
 
 __all__ = ["expand_frames", "parse_frames"]
@@ -282,11 +283,10 @@ def _assign_outputs(specs, output):
         s.output = str(path)
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
-    else:
-        for path in used:
-            parent = pathlib.Path(path).parent
-            if not parent.is_dir():
-                raise CcdgridError(f"cannot write {path}: directory {parent} does not exist")
+    # before any frame is calibrated: a read-only directory made every frame
+    # fail once calibrated
+    for path in used:
+        check_writable(path, "the detector file")
     return directory
 
 

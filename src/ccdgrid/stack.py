@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ._ext._config import clear_upper_vector_state
-from ._h5write import aligned_empty, atomic_h5
+from ._h5write import aligned_empty, atomic_h5, check_writable
 from .correction import CorrectionMatrix, add_frame_argument
 from .errors import CcdgridError
 
@@ -442,8 +442,7 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
     dst_path, dst_dataset = _split(dst, "dst", default=_DEFAULT_DATASET)
     if dst_path == src_path or (dst_path.exists() and os.path.samefile(dst_path, src_path)):
         raise CcdgridError(f"`dst` ({dst_path}) must not be the source file")
-    if not dst_path.parent.is_dir():
-        raise CcdgridError(f"cannot write {dst_path}: directory {dst_path.parent} does not exist")
+    check_writable(dst_path, "the corrected stack")
     matrix = _as_matrix(detector, "detector", shape_out=shape_out)
 
     import numpy as np
