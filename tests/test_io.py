@@ -1,6 +1,8 @@
 """Reading images and masks: formats, frames, provenance, and clear errors."""
 
 import hashlib
+import subprocess
+import sys
 
 import fabio.cbfimage
 import fabio.edfimage
@@ -57,6 +59,21 @@ def test_a_truncated_file_is_refused(tmp_path, rng, suffix):
     cut.write_bytes(raw[: int(0.9 * len(raw))])
     with pytest.raises(CcdgridError, match=r"cut\.(edf|tif)"):
         read_image(cut)
+
+
+def test_a_truncated_edf_is_one_line_on_the_command_line(tmp_path, rng):
+    # fabio's own log line came before ccdgrid's error (a fresh interpreter:
+    # pytest's log capture would hide it)
+    full = tmp_path / "full.edf"
+    fabio.edfimage.EdfImage(data=_image(rng, (200, 300))).write(str(full))
+    cut = tmp_path / "cut.edf"
+    cut.write_bytes(full.read_bytes()[:60000])
+    code = "import sys; from ccdgrid.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["calibrate", str(cut), "--pitch", "5mm", "-o", str(tmp_path / "d.h5")]
+    run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert len(run.stderr.splitlines()) == 1, run.stderr
+    assert run.stderr.startswith(f"ccdgrid: error: {cut} is truncated: ")
 
 
 @pytest.mark.parametrize(

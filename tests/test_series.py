@@ -829,7 +829,23 @@ def test_cli_series_writes_files_and_table(capsys, stack, tmp_path):
     ]
     assert "calibrated 2 of 2 frames" in out
     assert "[1] scan.h5::/entry/data frame 3: " in out
+    # the reference is the series' first frame, frame 2 of the stack
+    assert "drift measured against frame 0 of the series (scan.h5::/entry/data frame 2)" in out
     assert err == ""
+
+
+def test_a_selection_that_picks_no_frame_is_refused(stack, tmp_path):
+    # it ran, calibrated nothing, wrote an empty table and exited 0
+    with pytest.raises(
+        CcdgridError, match=r"'7:9' picks no frame of .*scan\.h5::/entry/data \(4 f"
+    ):
+        calibrate_series(f"{stack}::/entry/data", frames="7:9", output=tmp_path, progress=False)
+    assert os.listdir(tmp_path) == []
+    # a slice that runs past the end is cut there, as Python's are
+    res = calibrate_series(
+        f"{stack}::/entry/data", frames="2:9", output=tmp_path, workers=1, progress=False
+    )
+    assert [f.frame for f in res.frames] == [2, 3]
 
 
 def test_cli_series_with_a_bad_frame_exits_1_in_one_line(capsys, stack, tmp_path):

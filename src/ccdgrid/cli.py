@@ -835,7 +835,7 @@ def _run_series(args):
     )
     print(result.summary())
     if result.reference:
-        print(f"drift measured against {result.reference}")
+        print(f"drift measured against {_reference_line(result)}")
     print("table: " + ", ".join(str(p) for p in result.tables))
     failed = result.failed
     if failed:
@@ -1100,3 +1100,21 @@ def _run_info(args):
         lines.append("summary:")
         lines.extend("  " + line for line in rec.summary.splitlines())
     print("\n".join(lines))
+
+
+def _reference_line(result):
+    """The series' reference as the user sees it: ``frame 0 (scan.h5::/entry/data frame 4)``.
+
+    ``result.reference`` names a frame by its position in the series, which
+    is the frame of the stack only for a selection starting at 0.
+    """
+    text = result.reference
+    if text.startswith("frame "):
+        index = int(text.split()[1])
+        row = next((f for f in result.frames if f.index == index), None)
+        if row is not None:
+            where = os.path.basename(row.file) + (f"::{row.dataset}" if row.dataset else "")
+            if row.frame is not None and row.frame >= 0:
+                where += f" frame {row.frame}"
+            return f"frame {index} of the series ({where})"
+    return text

@@ -5,7 +5,9 @@ knows), from HDF5 with h5py (``file.h5::/entry/data``) and from ``.npy``.
 Every failure is a :class:`~ccdgrid.errors.CcdgridError` that names the file.
 """
 
+import contextlib
 import hashlib
+import logging
 import os
 import pathlib
 
@@ -264,21 +266,37 @@ def _only_image_dataset(handle, path):
     )
 
 
+@contextlib.contextmanager
+def _logs_held_back(name):
+    """Hold back the records below CRITICAL of logger ``name`` (and its children)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _read_fabio(path, frame):
     import fabio
 
+    # fabio logs what it finds wrong (a truncated EDF, as it reads the data)
+    # before the error ccdgrid gives: a second line, in another voice
+    quiet = _logs_held_back("fabio")
     try:
-        image = fabio.open(str(path))
-        fmt = type(image).__name__
-        nframes = int(getattr(image, "nframes", 1) or 1)
-        if nframes > 1:
-            image = image.getframe(_frame_index(nframes, frame, path))
-            frame = None
-        data = image.data
-        # fabio fills the missing tail of a truncated EDF with zeros and only logs it
-        truncated = bool(getattr(image, "incomplete_file", False)) or bool(
-            getattr(image, "incomplete_data", False)
-        )
+        with quiet:
+            image = fabio.open(str(path))
+            fmt = type(image).__name__
+            nframes = int(getattr(image, "nframes", 1) or 1)
+            if nframes > 1:
+                image = image.getframe(_frame_index(nframes, frame, path))
+                frame = None
+            data = image.data
+            # fabio fills the missing tail of a truncated EDF with zeros and only logs it
+            truncated = bool(getattr(image, "incomplete_file", False)) or bool(
+                getattr(image, "incomplete_data", False)
+            )
     except CcdgridError:
         raise
     except Exception as exc:  # fabio raises many types (OSError, ValueError, KeyError, ...)

@@ -214,7 +214,23 @@ def _specs(sources, frames):
         else:
             for f in expand_frames(frames, count):
                 specs.append(_Spec(len(specs), text, f))
+    if not specs:
+        # every source is a stack that the selection's slices miss
+        raise CcdgridError(f"the frame selection {frames!r} picks no frame of {_counts(sources)}")
     return specs
+
+
+def _counts(sources):
+    """``"scan.h5::/entry/data (6 frames)"``, for the sources of an empty selection."""
+    import numpy as np
+
+    names = []
+    for n, src in enumerate(sources[:3]):
+        if isinstance(src, np.ndarray):
+            names.append(f"<array {n}> ({src.shape[0]} frames)")
+        else:
+            names.append(f"{os.fspath(src)} ({_count_frames(os.fspath(src))} frames)")
+    return ", ".join(names) + (", ..." if len(sources) > 3 else "")
 
 
 # -- output names ------------------------------------------------------------------
