@@ -64,6 +64,36 @@ def test_the_image_panel_spans_the_detector(small, with_image):
     assert ny - 0.5 <= bottom < ny + 16
 
 
+def test_block_any_keeps_lines_one_pixel_wide():
+    # the mask's outline was drawn on mask[::f, ::f]: a dead row at 611 with
+    # f = 4 vanished from it
+    mask = np.zeros((2048, 2045), bool)
+    mask[611] = True
+    mask[:, 1501] = True
+    mask[2047, 3] = True
+    blocks = report._block_any(mask, 4)
+    assert blocks.shape == (512, 512)
+    assert blocks[152].all()  # rows 608..611
+    assert blocks[:, 375].all()  # columns 1500..1503
+    assert blocks[511, 0]
+    assert blocks.sum() == 512 + 512 - 1 + 1  # the row, the column, their crossing, the pixel
+    np.testing.assert_array_equal(report._block_any(mask, 1), mask)
+
+
+def test_panel_titles_are_short_enough_not_to_meet():
+    # (f)'s second line ran into (g)'s title at 19 x 14 inches on a 2048²
+    # plate (its arrows thinned to every 2nd row and column)
+    grid = synthetic.grid_image((2048, 2048), pitch_px=60.0, hole_diameter_px=12.0, seed=2)
+    figure = report.plot_calibration(calibrate(grid.image, pitch=5e-3))
+    assert "every 2nd row/col" in _panel(figure, "(f)").get_title(loc="left")
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    f_title = _panel(figure, "(f)")._left_title
+    g_title = _panel(figure, "(g)")._left_title
+    f_box, g_box = f_title.get_window_extent(renderer), g_title.get_window_extent(renderer)
+    assert f_box.x1 < g_box.x0
+
+
 def test_title_states_holes_pixel_size_and_residual(small, figure):
     _, cal = small
     title = figure.get_suptitle()
