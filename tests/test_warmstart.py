@@ -1,5 +1,7 @@
 """Tests of ccdgrid.warmstart: recalibration seeded by a previous calibration."""
 
+import re
+
 import numpy as np
 import pytest
 from scipy.spatial import cKDTree
@@ -153,14 +155,35 @@ def test_rotated_plate_reports_rotation(base):
 def test_large_move_falls_back_to_cold(base, changes, why):
     _, prev = base
     g = _plate(**changes)
-    with pytest.warns(WarmStartFallback, match=f"warm start not possible .*({why})"):
+    with pytest.warns(WarmStartFallback) as caught:
         cal = recalibrate(g.image, prev, cv_folds=0)
+    said = " / ".join(str(w.message) for w in caught)
+    assert re.search(f"warm start not possible .*({why})", said), said
     assert cal.params["warm_start"]["used"] is False
     assert not cal.drift.warm
     assert np.isnan(cal.drift.rotation_mdeg)
     assert "fell back to a cold calibration" in cal.summary()
     # the cold result is a full calibration of the new image
     assert cal.lattice.n_valid > 50
+    # the lattices' scales compare without matched holes
+    scale = 31.0 / PLATE["pitch_px"] if "pitch_px" in changes else 1.0
+    assert cal.drift.scale_ppm == pytest.approx((scale - 1.0) * 1e6, abs=2e3)
+
+
+def test_a_fallback_to_another_plate_says_so(base):
+    # a plate 20 % finer fell back in silence, its pixel size 25 % off the
+    # previous one's: a wrong --pitch looks the same
+    _, prev = base
+    g = _plate(pitch_px=31.0, hole_diameter_px=6.0)
+    with pytest.warns(WarmStartFallback) as caught:
+        recalibrate(g.image, prev, cv_folds=0)
+    said = [str(w.message) for w in caught]
+    assert any("spacing on the image changed by -" in m and "wrong pitch" in m for m in said)
+    # a move alone does not say it
+    g = _plate(offset=(BASE_OFFSET[0] + 20.0, BASE_OFFSET[1]))
+    with pytest.warns(WarmStartFallback) as caught:
+        recalibrate(g.image, prev, cv_folds=0)
+    assert not any("spacing" in str(w.message) for w in caught)
 
 
 def test_previous_from_detector_file(base, tmp_path):

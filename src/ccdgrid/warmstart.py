@@ -75,6 +75,11 @@ _WARM_ITERATIONS = (2, 2)
 _WARM_TOL = (5e-2, 1e-3)  # px: a hole stops iterating once its steps are this small
 
 
+# Above this change of the lattice's scale, a cold fallback is warned of
+# another plate or a wrong pitch (a detector's magnification drifts by ppm)
+_OTHER_PLATE = 0.01
+
+
 class WarmStartFallback(UserWarning):
     """A warm start was not possible; a cold calibration was made instead."""
 
@@ -291,7 +296,21 @@ def recalibrate(
         cal.params["warm_start"] = {"used": False, "reason": reason}
         change = _map_change(prev, cal)
         nan = float("nan")
-        drift = Drift(np.full(2, nan), nan, nan, *change, len(prev.peaks), 0, False, reason)
+        # the lattice's scale is comparable without matching holes: a few per
+        # cent is another plate or a wrong pitch, which the user should hear
+        scale = math.sqrt(abs(np.linalg.det(cal.grid.vectors) / np.linalg.det(prev.vectors)))
+        if abs(scale - 1.0) > _OTHER_PLATE:
+            warnings.warn(
+                f"the holes' spacing on the image changed by {(scale - 1.0) * 100:+.1f} % since "
+                f"the previous calibration ({math.sqrt(abs(np.linalg.det(cal.grid.vectors))):.2f}"
+                f" px against {math.sqrt(abs(np.linalg.det(prev.vectors))):.2f} px): another "
+                "plate, or a wrong pitch? The pixel size follows from the pitch",
+                WarmStartFallback,
+                stacklevel=3,
+            )
+        drift = Drift(
+            np.full(2, nan), nan, (scale - 1.0) * 1e6, *change, len(prev.peaks), 0, False, reason
+        )
         return WarmCalibration(**{f.name: getattr(cal, f.name) for f in fields(cal)}, drift=drift)
 
     t0 = time.perf_counter()
