@@ -311,6 +311,18 @@ def test_saturated_plateaus_wider_than_two_holes_and_their_rim():
     assert _saturated_plateaus(img, valid, 10.0) is None
 
 
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_holes_cut_by_the_border_are_said_to_be(seed):
+    # their smoothed peaks sit a pixel from the border, off their lit part,
+    # and were rejected as "not a hole" (the report's legend said so)
+    img, _, _, _ = make_grid((512, 512), pitch=48.0, diameter=16.0, seed=seed)
+    search = find_holes(img)
+    assert "not a hole" not in set(search.reasons)
+    cut = search.rejected[search.reasons == "cut by border"]
+    assert len(cut) >= 9
+    assert (np.minimum.reduce([cut[:, 0], 511 - cut[:, 0], cut[:, 1], 511 - cut[:, 1]]) < 9).all()
+
+
 def test_dead_rows_and_columns_make_no_holes(backend):
     img, truth, visible, _ = make_grid(dead_rows=(100, 101, 300), dead_cols=(50, 400), seed=3)
     search = find_holes(img, backend=backend)

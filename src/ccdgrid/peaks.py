@@ -542,6 +542,12 @@ def _search(
     # the peak: a hot pixel, or a hole beside one
     spiky = _box_max_at(img, peaks_int, reach) - bg > 3.0 * contrast
     reasons[flat] = np.where(spiky[flat], "hot pixel", "not a hole")
+    # a hole the image's border cuts leaves its smoothed peak off its lit
+    # part: flat at the peak, it is a hole cut by the border, not "no hole"
+    room = np.minimum.reduce(
+        [peaks_int[:, 0], h - 1 - peaks_int[:, 0], peaks_int[:, 1], w - 1 - peaks_int[:, 1]]
+    )
+    reasons[flat & ~spiky & (room < radius)] = "cut by border"
     hot = _isolated_spikes(img, peaks_int[spiky], reach, bg[spiky], contrast[spiky])
     if stop_on_hot and hot.size:
         return None, None, hot
