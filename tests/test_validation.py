@@ -142,12 +142,14 @@ def test_detector_file_round_trip(small, tmp_path):
 
 def test_wrong_shape_detector(small):
     g, cal = small
-    with pytest.raises(CcdgridError, match=r"needs corner maps of shape \(512, 513\)"):
+    with pytest.raises(
+        CcdgridError, match=r"the detector.s dy map .* needs corner maps of shape \(512, 513\)"
+    ):
         validate(g.image[:-1], cal)
     with pytest.raises(CcdgridError, match="must have corner maps dy and dx"):
         validate(g.image, types.SimpleNamespace(dy=cal.dy))
     bad_mask = types.SimpleNamespace(dy=cal.dy, dx=cal.dx, mask=np.zeros((10, 10)))
-    with pytest.raises(CcdgridError, match=r"`detector.mask` has shape \(10, 10\)"):
+    with pytest.raises(CcdgridError, match=r"the detector's mask has shape \(10, 10\)"):
         validate(g.image, bad_mask)
 
 

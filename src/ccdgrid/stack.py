@@ -441,7 +441,7 @@ def correct_hdf5(src, dst, detector, *, chunk_frames=None, compression="gzip",
     src_path, src_dataset = _split(src, "src")
     dst_path, dst_dataset = _split(dst, "dst", default=_DEFAULT_DATASET)
     if dst_path == src_path or (dst_path.exists() and os.path.samefile(dst_path, src_path)):
-        raise CcdgridError(f"`dst` ({dst_path}) must not be the source file")
+        raise CcdgridError(f"the output {dst_path} must not be the source file")
     check_writable(dst_path, "the corrected stack")
     matrix = _as_matrix(detector, "detector", shape_out=shape_out)
 

@@ -420,7 +420,7 @@ def _detector_maps(detector, shape):
     for name, arr in (("dy", dy), ("dx", dx)):
         if arr.shape != corners:
             raise CcdgridError(
-                f"`detector.{name}` has shape {arr.shape}, but an image of shape {shape} "
+                f"the detector's {name} map has shape {arr.shape}, but an image of shape {shape} "
                 f"needs corner maps of shape {corners}: the detector was calibrated for "
                 f"another image size"
             )
@@ -432,7 +432,7 @@ def _detector_maps(detector, shape):
             det_mask = flag[:-1, :-1] | flag[1:, :-1] | flag[:-1, 1:] | flag[1:, 1:]
         elif det_mask.shape != shape:
             raise CcdgridError(
-                f"`detector.mask` has shape {det_mask.shape}, expected {shape} or {corners}"
+                f"the detector's mask has shape {det_mask.shape}, expected {shape} or {corners}"
             )
         else:
             det_mask = det_mask != 0
