@@ -252,11 +252,11 @@ def _worker(mode, stack_path, maps_path, out_path, chunk):
             seconds = time.perf_counter() - t0
         n = repeats * chunk
     elif mode.startswith("hdf5"):
-        from ccdgrid import stack
+        from ccdgrid import _h5read, stack
 
         compression = None if mode == "hdf5-raw" else "gzip"
         if compression:
-            engine = "zlib" if stack._deflate_engine().__name__ == "zlib" else "isal"
+            engine = "zlib" if _h5read.deflate_engine().__name__ == "zlib" else "isal"
         cpu0, sys0, t0 = _cpu(), _sys(), time.perf_counter()
         stack.correct_hdf5(src, out_path, matrix, compression=compression, progress=False)
         seconds = time.perf_counter() - t0
