@@ -69,12 +69,22 @@ def _stages(runs):
 
 
 def _reused(old, new):
-    """Whether the warm maps' GCV reused the previous fit's eigenbasis, and its memory, as text."""
-    if old.gcv_basis is None or new.gcv_basis is None:
+    """What the warm maps reused of the previous fit (GCV eigenbasis, thin-plate factor), as text.
+
+    Both are kept, not copied, when reused: the same arrays.
+    """
+    reused, kept = [], 0
+    basis = new.gcv_basis
+    if basis is not None and old.gcv_basis is not None and basis.vec is old.gcv_basis.vec:
+        reused.append("GCV eigenbasis")
+        kept += sum(v.nbytes for v in vars(basis).values() if isinstance(v, np.ndarray))
+    factor = new.tps_factor
+    if factor is not None and old.tps_factor is not None and factor.upper is old.tps_factor.upper:
+        reused.append("thin-plate Cholesky factor")
+        kept += factor.upper.nbytes
+    if not reused:
         return "none"
-    kept = sum(v.nbytes for v in vars(new.gcv_basis).values() if isinstance(v, np.ndarray))
-    reused = "GCV eigenbasis" if new.gcv_basis.vec is old.gcv_basis.vec else "none"
-    return f"{reused} (kept: {kept / 2**20:.1f} MiB)"
+    return f"{', '.join(reused)} (kept: {kept / 2**20:.1f} MiB)"
 
 
 def _rounds(image, previous, repeat, cv, warmup=0):
