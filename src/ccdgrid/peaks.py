@@ -376,29 +376,35 @@ def find_holes(
 
     timings = {}
     t0 = time.perf_counter()
+    # A plateau at the image's maximum wider than a hole is a saturated spot,
+    # not a hole: its autocorrelation can make the scale guess (four 82 px
+    # discs on a 65 px pitch: a 665 px guess), and its many flat-topped
+    # peaks outnumber the holes' high tail, so the threshold went between
+    # them (one 120 px disc at 65535 left 12 of 1142 holes). Such plateaus
+    # are left out of the search (holes under them are "masked"), but not
+    # out of the detector file: the pixels work. Those that stand out from
+    # the other plateaus go before the scale is guessed, those wider than
+    # two of the holes it guesses after.
+    saturated = _saturated_plateaus(img, valid, hole_diameter)
+    if saturated is not None:
+        img, valid = _left_out(img, valid, saturated)
     binned = _BinnedCopies(img)
     if hole_diameter is None or pitch_px is None:
         scale = estimate_grid_scale(img, pitch=pitch_px, diameter=hole_diameter, binned=binned)
         diameter0, pitch0 = scale.diameter, scale.pitch
     else:
         diameter0, pitch0 = hole_diameter, pitch_px
+    if hole_diameter is None:
+        wide = _saturated_plateaus(img, valid, diameter0)
+        if wide is not None:
+            img, valid = _left_out(img, valid, wide)
+            saturated = wide if saturated is None else saturated | wide
+            binned = _BinnedCopies(img)
+            if pitch_px is None:
+                # the first guess saw the plateaus: guess again without them
+                scale = estimate_grid_scale(img, pitch=None, diameter=None, binned=binned)
+                diameter0, pitch0 = scale.diameter, scale.pitch
     timings["scale"] = time.perf_counter() - t0
-
-    # A plateau at the image's maximum wider than a hole is a saturated spot,
-    # not a hole: its many flat-topped peaks outnumber the holes' high tail,
-    # and the threshold went between them (one 120 px disc at 65535 left 12
-    # of 1142 holes). Such plateaus are left out of the search (holes under
-    # them are "masked"), but not out of the detector file: the pixels work.
-    saturated = _saturated_plateaus(img, valid, diameter0)
-    if saturated is not None:
-        valid = ~saturated if valid is None else valid & ~saturated
-        img = np.where(saturated, np.float32(np.median(img[valid])), img)
-        binned = _BinnedCopies(img)
-        if hole_diameter is None or pitch_px is None:
-            # the first guess saw the plateaus: guess again without them
-            scale = estimate_grid_scale(img, pitch=pitch_px, diameter=hole_diameter, binned=binned)
-            diameter0, pitch0 = scale.diameter, scale.pitch
-        timings["scale"] = time.perf_counter() - t0
 
     # Hot pixels far brighter than the holes make plateaus in the smoothed
     # image that outshine them: their contrasts set the threshold (above every
@@ -799,15 +805,24 @@ def _without_pixels(image, valid, flat):
     return image, valid
 
 
+# The least area of a saturated spot found before the holes' size is known,
+# px: a disc 16 px across
+_MIN_SPOT = 200
+
+
 def _saturated_plateaus(img, valid, diameter):
-    """Pixels of plateaus at the image's maximum wider than a hole, and a rim; or None.
+    """Pixels of saturated spots (plateaus at the image's maximum) and their rim; or None.
 
     A plateau is a 4-connected set of pixels at the maximum of the valid
-    pixels; it counts when it covers more than twice the area of a hole of
-    ``diameter`` (px), unless such plateaus cover half of the valid pixels
-    (a blank image). Holes that saturate make plateaus smaller than that
-    and are kept. Each plateau is widened by half a diameter, which takes
-    the blurred rim a saturated spot has on a real detector.
+    pixels. With the hole ``diameter`` (px) known, a plateau is a spot when
+    it covers more than twice the area of a hole. Without it, when it
+    covers more than 200 px and, among six plateaus or more, four times
+    the median plateau: the holes that saturate make many alike (kept),
+    spots a few (a plate with fewer than six saturated holes may lose those
+    that are wide). Nothing counts when the spots would cover half of the
+    valid pixels (a blank image). Each spot is widened by half a diameter
+    (8 px without one), which takes the blurred rim a saturated spot has
+    on a real detector.
     """
     # invalid pixels hold the valid ones' median here: below their maximum
     top = img.max()
@@ -818,13 +833,18 @@ def _saturated_plateaus(img, valid, diameter):
         return None
     labels, n = ndimage.label(at_top)
     area = np.bincount(labels.ravel(), minlength=n + 1)
-    wide = area > 2.0 * np.pi * (0.5 * diameter) ** 2
+    if diameter is not None:
+        wide = area > 2.0 * np.pi * (0.5 * diameter) ** 2
+    else:
+        plateaus = area[1:][area[1:] >= 9]
+        least = _MIN_SPOT if len(plateaus) < 6 else max(_MIN_SPOT, 4.0 * np.median(plateaus))
+        wide = area > least
     wide[0] = False
     n_valid = img.size if valid is None else np.count_nonzero(valid)
     if not wide.any() or area[wide].sum() > 0.5 * n_valid:
         # none, or the image is mostly one level (blank): no spot to leave out
         return None
-    reach = int(np.ceil(0.5 * diameter))
+    reach = int(np.ceil(0.5 * diameter)) if diameter is not None else 8
     out = np.zeros(img.shape, dtype=bool)
     h, w = img.shape
     for k, box in enumerate(ndimage.find_objects(labels), start=1):
@@ -836,6 +856,12 @@ def _saturated_plateaus(img, valid, diameter):
         near = ndimage.distance_transform_edt(labels[rows, cols] != k) <= reach
         out[rows, cols] |= near
     return out
+
+
+def _left_out(img, valid, pixels):
+    """``(img, valid)`` with ``pixels`` invalid and holding the valid pixels' median."""
+    valid = ~pixels if valid is None else valid & ~pixels
+    return np.where(pixels, np.float32(np.median(img[valid])), img), valid
 
 
 def _report_saturated(search, saturated):
