@@ -343,6 +343,33 @@ def test_holes_cut_by_the_border_are_said_to_be(seed):
     assert (np.minimum.reduce([cut[:, 0], 511 - cut[:, 0], cut[:, 1], 511 - cut[:, 1]]) < 9).all()
 
 
+def test_the_search_at_the_fitted_diameter_leaves_hot_pixels_out_too(monkeypatch):
+    # A smaller smoothing disc shows hot pixels the guessed one smoothed
+    # away: on broad Lorentzian holes (guessed 59 px, fitted 21 px) 100 hot
+    # pixels then made the bright mode and the threshold went above every
+    # hole (0 found; a helper's fuzz plate, 196 holes now). The search at
+    # the fitted diameter now runs the same hot-pixel rounds.
+    from ccdgrid import peaks
+
+    img, _, _, _ = make_grid(seed=3)
+    real = peaks._search
+    calls = []
+
+    def spy(img, binned, valid, diameter, *args, stop_on_hot=False, **kwargs):
+        calls.append((round(diameter, 1), stop_on_hot))
+        result = real(img, binned, valid, diameter, *args, stop_on_hot=stop_on_hot, **kwargs)
+        if result is not None and result[0] is not None and len(calls) == 1:
+            return result[0], 0.5 * diameter, result[2]  # "fitted" far from the guess
+        return result
+
+    monkeypatch.setattr(peaks, "_search", spy)
+    find_holes(img)
+    first = calls[0][0]
+    refit = [c for c in calls if c[0] != first]
+    assert refit, calls
+    assert refit[0][1] is True  # hot pixels would be found and left out first
+
+
 def test_dead_rows_and_columns_make_no_holes(backend):
     img, truth, visible, _ = make_grid(dead_rows=(100, 101, 300), dead_cols=(50, 400), seed=3)
     search = find_holes(img, backend=backend)
