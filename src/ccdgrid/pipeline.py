@@ -281,6 +281,7 @@ def calibrate(
         timings["refit"] = time.perf_counter() - t0
     valid = lattice.valid
     _check_predictive(cv, lattice.pitch_px)
+    _check_bright_holes(image, holes, grid, valid)
     out_mask = _output_mask(maps.mask, mask, holes.defects)
     timings["total"] = time.perf_counter() - t_start
     params = {
@@ -549,6 +550,42 @@ def _check_predictive(cv, pitch_px):
             f"({cv.rms_px / pitch_px:.3f} pitch; well measured plates give < 0.006): too "
             "few holes, holes biased (by a lit-area edge, say) or a field that varies faster "
             "than the holes sample it; see the report's panels (g) and (h)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _check_bright_holes(image, holes, grid, valid):
+    """Warn when the image between the holes found lies far below their background.
+
+    On a plate whose holes are bright, the middle of a lattice cell is
+    background. On an image of dark holes on a bright plate, the "holes"
+    found are the bright plate between them and the cells' middles are the
+    dark holes: half a hole's contrast or more below the background
+    (measured: -4 to -26 contrasts on such images, -0.06 to +0.02 on 25
+    bright-hole plates). Such a calibration was returned 1.2 px off in
+    silence.
+    """
+    if getattr(holes, "amplitude", None) is None or getattr(holes, "background", None) is None:
+        return  # holes given without their fitted profiles
+    amplitude = np.asarray(holes.amplitude, dtype=np.float64)[valid]
+    if amplitude.size < MIN_HOLES or not np.median(amplitude) > 0:
+        return
+    centres = np.asarray(holes.peaks, dtype=np.float64)[valid]
+    middles = np.rint(centres + 0.5 * (grid.vectors[0] + grid.vectors[1])).astype(np.int64)
+    ny, nx = np.shape(image)
+    inside = np.all((middles >= 0) & (middles < (ny, nx)), axis=1)
+    levels = np.asarray(image)[middles[inside, 0], middles[inside, 1]].astype(np.float64)
+    levels = levels[np.isfinite(levels)]
+    if levels.size < MIN_HOLES:
+        return
+    below = np.median(np.asarray(holes.background, dtype=np.float64)[valid]) - np.median(levels)
+    if below > 0.5 * np.median(amplitude):
+        warnings.warn(
+            f"the image between the holes found is {below / np.median(amplitude):.1f} times "
+            "their contrast below their background: is it dark holes on a bright plate? "
+            "ccdgrid measures bright holes; invert such an image (its maximum minus it) and "
+            "calibrate again",
             UserWarning,
             stacklevel=3,
         )
