@@ -61,6 +61,8 @@ def _stub_find_holes(monkeypatch, points, field):
         return types.SimpleNamespace(
             peaks=points.copy(),
             width=np.tile([3.0, 1.25], (len(points), 1)),  # fitted radius and blur, px
+            amplitude=np.full(len(points), 100.0),  # fitted profiles, as a search gives them
+            background=np.zeros(len(points)),
             rejected=np.zeros((2, 2)),
             reasons=np.array(["hot pixel", "cut by edge"]),
             threshold=1.5 if threshold is None else threshold,

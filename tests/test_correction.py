@@ -1016,7 +1016,7 @@ def test_cli_correct_refuses_an_unwritable_output_before_the_matrix(
     assert len(err.splitlines()) == 1
     assert {
         "read-only directory": f"directory {read_only} is not writable",
-        "read-only parent": f"cannot create the output directory {out}: {read_only} is not writ",
+        "read-only parent": f"the corrected image {out}/a_corrected.npy: directory {read_only} is",
         "a file": f"{out} exists and is not a directory",
     }[case] in err
     assert sorted(os.listdir(read_only)) == []

@@ -62,22 +62,33 @@ def temporary_sibling(target):
     raise OSError(f"cannot create a temporary file beside {target}")
 
 
-def check_writable(target, what="the file"):
-    """Raise :class:`CcdgridError` before any work if ``what`` cannot be written at ``target``.
+def check_writable(target, what=None, *, create=False):
+    """Raise :class:`CcdgridError` before any work if a file cannot be written at ``target``.
 
-    ``target`` is a directory, or its directory does not exist or may not be
-    written (a run would otherwise do all its work, then fail on the
-    temporary file beside ``target``). Not the disk's free space: that is
-    known only when writing.
+    ``target`` is a directory, or its directory does not exist (with
+    ``create``: the nearest existing folder above it, where the missing ones
+    will be made) or may not be written: a run would otherwise do all its
+    work, then fail on the temporary file beside ``target``. ``what`` names
+    the file in the message. Not the disk's free space: that is known only
+    when writing.
     """
     target = pathlib.Path(target)
-    parent = target.parent
+    name = f"{what} {target}" if what else str(target)
     if target.is_dir():
-        raise CcdgridError(f"cannot write {what} {target}: it is a directory")
+        raise CcdgridError(f"cannot write {name}: it is a directory")
+    parent = target.parent
+    if create:
+        while not parent.exists():
+            parent = parent.parent
     if not parent.is_dir():
-        raise CcdgridError(f"cannot write {what} {target}: directory {parent} does not exist")
+        reason = (
+            f"{parent} is not a directory"
+            if parent.exists()
+            else f"directory {parent} does not exist"
+        )
+        raise CcdgridError(f"cannot write {name}: {reason}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise CcdgridError(f"cannot write {what} {target}: directory {parent} is not writable")
+        raise CcdgridError(f"cannot write {name}: directory {parent} is not writable")
 
 
 @contextlib.contextmanager

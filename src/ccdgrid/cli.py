@@ -20,6 +20,7 @@ import time
 import traceback
 import warnings
 
+from ._h5write import check_writable
 from .errors import CcdgridError
 from .units import PITCH_RANGE, parse_length
 
@@ -607,25 +608,8 @@ def _detector_output(text, default, images=()):
         )
     if path.is_dir():
         raise CcdgridError(f"cannot write {path}: it is a directory")
-    _check_directory(path, create=folder)
+    check_writable(path, create=folder)
     return path
-
-
-def _check_directory(path, create=False):
-    """Raise if ``path`` cannot be written: no such directory (unless ``create``), or read-only."""
-    parent = path.parent
-    if create:
-        while not parent.exists():
-            parent = parent.parent
-    if not parent.is_dir():
-        what = (
-            f"{parent} is not a directory"
-            if parent.exists()
-            else f"directory {parent} does not exist"
-        )
-        raise CcdgridError(f"cannot write {path}: {what}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CcdgridError(f"cannot write {path}: directory {parent} is not writable")
 
 
 def _check_report(text):
@@ -640,7 +624,7 @@ def _check_report(text):
         raise CcdgridError(
             f"--report {text}: matplotlib draws no .{fmt} figure; choose .png, .pdf or .svg"
         )
-    _check_directory(path)
+    check_writable(path)
 
 
 def _run_single(args, source):

@@ -41,6 +41,7 @@ import os
 import zlib
 from collections import OrderedDict
 
+from ._h5write import check_writable
 from .errors import CcdgridError
 
 __all__ = [
@@ -886,7 +887,10 @@ def run_correct(args):
                 "correct them in separate runs or rename one"
             )
         targets[target] = (source, fmt)
-    _check_output_directory(directory, targets)
+    # before any work; the directory is made after the first image is
+    # corrected (a run failing on it leaves nothing behind)
+    for target in targets:
+        check_writable(target, "the corrected image", create=True)
 
     detector = load(args.detector)
     # the first image is read before the matrix (seconds to build on a large
@@ -924,33 +928,6 @@ def run_correct(args):
         directory.mkdir(parents=True, exist_ok=True)
         _write_atomically(target, fmt, corrected, header)
         print(f"wrote {target} (from {info['path']}, corrected in {elapsed:.3f} s)")
-
-
-def _check_output_directory(directory, targets):
-    """Raise before any work if the corrected images could not be written.
-
-    ``directory`` is created after the first image is corrected (so that a
-    run failing on it leaves nothing behind): the nearest existing folder
-    above it must then let it be made.
-    """
-    import os
-
-    from ._h5write import check_writable
-
-    if directory.is_dir():
-        for target in targets:
-            check_writable(target, "the corrected image")
-        return
-    existing = directory.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or directory.exists():
-        bad = directory if directory.exists() else existing
-        raise CcdgridError(f"cannot create the output directory {directory}: {bad} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CcdgridError(
-            f"cannot create the output directory {directory}: {existing} is not writable"
-        )
 
 
 def _plus(name, offset):

@@ -281,11 +281,10 @@ def _logs_held_back(name):
 def _read_fabio(path, frame):
     import fabio
 
-    # fabio logs what it finds wrong (a truncated EDF, as it reads the data)
-    # before the error ccdgrid gives: a second line, in another voice
-    quiet = _logs_held_back("fabio")
     try:
-        with quiet:
+        # fabio logs what it finds wrong (a truncated EDF, as it reads the
+        # data) before the error ccdgrid gives: a second line, in another voice
+        with _logs_held_back("fabio"):
             image = fabio.open(str(path))
             fmt = type(image).__name__
             nframes = int(getattr(image, "nframes", 1) or 1)

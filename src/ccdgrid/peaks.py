@@ -385,17 +385,21 @@ def find_holes(
     # out of the detector file: the pixels work. Those that stand out from
     # the other plateaus go before the scale is guessed, those wider than
     # two of the holes it guesses after.
-    saturated = _saturated_plateaus(img, valid, hole_diameter)
+    plateaus = _max_plateaus(img, valid)
+    saturated = None
+    if plateaus is not None:
+        saturated = _saturated_plateaus(img, valid, hole_diameter, plateaus)
     if saturated is not None:
         img, valid = _left_out(img, valid, saturated)
+        plateaus = _max_plateaus(img, valid)  # those left, of the image as it is now
     binned = _BinnedCopies(img)
     if hole_diameter is None or pitch_px is None:
         scale = estimate_grid_scale(img, pitch=pitch_px, diameter=hole_diameter, binned=binned)
         diameter0, pitch0 = scale.diameter, scale.pitch
     else:
         diameter0, pitch0 = hole_diameter, pitch_px
-    if hole_diameter is None:
-        wide = _saturated_plateaus(img, valid, diameter0)
+    if hole_diameter is None and plateaus is not None:
+        wide = _saturated_plateaus(img, valid, diameter0, plateaus)
         if wide is not None:
             img, valid = _left_out(img, valid, wide)
             saturated = wide if saturated is None else saturated | wide
@@ -812,7 +816,25 @@ def _without_pixels(image, valid, flat):
 _MIN_SPOT = 200
 
 
-def _saturated_plateaus(img, valid, diameter):
+def _max_plateaus(img, valid):
+    """``(labels, areas)`` of the plateaus at the maximum of the valid pixels, or None.
+
+    A plateau is a 4-connected set of pixels at that maximum; labels as
+    :func:`scipy.ndimage.label` gives them, ``areas[k]`` the pixels of
+    plateau ``k`` (``areas[0]`` the rest). None when fewer than 9 pixels
+    are at the maximum (noise leaves it to a pixel or two).
+    """
+    # invalid pixels hold the valid ones' median here: below their maximum
+    at_top = img == img.max()
+    if valid is not None:
+        at_top &= valid
+    if np.count_nonzero(at_top) < 9:
+        return None
+    labels, n = ndimage.label(at_top)
+    return labels, np.bincount(labels.ravel(), minlength=n + 1)
+
+
+def _saturated_plateaus(img, valid, diameter, plateaus=None):
     """Pixels of saturated spots (plateaus at the image's maximum) and their rim; or None.
 
     A plateau is a 4-connected set of pixels at the maximum of the valid
@@ -824,17 +846,14 @@ def _saturated_plateaus(img, valid, diameter):
     that are wide). Nothing counts when the spots would cover half of the
     valid pixels (a blank image). Each spot is widened by half a diameter
     (8 px without one), which takes the blurred rim a saturated spot has
-    on a real detector.
+    on a real detector. ``plateaus``: :func:`_max_plateaus` of ``img`` and
+    ``valid`` when the caller has them (None: found here).
     """
-    # invalid pixels hold the valid ones' median here: below their maximum
-    top = img.max()
-    at_top = img == top
-    if valid is not None:
-        at_top &= valid
-    if np.count_nonzero(at_top) < 9:  # noise leaves the maximum to a pixel or two
-        return None
-    labels, n = ndimage.label(at_top)
-    area = np.bincount(labels.ravel(), minlength=n + 1)
+    if plateaus is None:
+        plateaus = _max_plateaus(img, valid)
+        if plateaus is None:
+            return None
+    labels, area = plateaus
     if diameter is not None:
         wide = area > 2.0 * np.pi * (0.5 * diameter) ** 2
     else:

@@ -566,8 +566,6 @@ def _check_bright_holes(image, holes, grid, valid):
     bright-hole plates). Such a calibration was returned 1.2 px off in
     silence.
     """
-    if getattr(holes, "amplitude", None) is None or getattr(holes, "background", None) is None:
-        return  # holes given without their fitted profiles
     amplitude = np.asarray(holes.amplitude, dtype=np.float64)[valid]
     if amplitude.size < MIN_HOLES or not np.median(amplitude) > 0:
         return

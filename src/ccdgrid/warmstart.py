@@ -298,12 +298,14 @@ def recalibrate(
         nan = float("nan")
         # the lattice's scale is comparable without matching holes: a few per
         # cent is another plate or a wrong pitch, which the user should hear
-        scale = math.sqrt(abs(np.linalg.det(cal.grid.vectors) / np.linalg.det(prev.vectors)))
+        step, old_step = (
+            math.sqrt(abs(np.linalg.det(v))) for v in (cal.grid.vectors, prev.vectors)
+        )
+        scale = step / old_step
         if abs(scale - 1.0) > _OTHER_PLATE:
             warnings.warn(
                 f"the holes' spacing on the image changed by {(scale - 1.0) * 100:+.1f} % since "
-                f"the previous calibration ({math.sqrt(abs(np.linalg.det(cal.grid.vectors))):.2f}"
-                f" px against {math.sqrt(abs(np.linalg.det(prev.vectors))):.2f} px): another "
+                f"the previous calibration ({step:.2f} px against {old_step:.2f} px): another "
                 "plate, or a wrong pitch? The pixel size follows from the pitch",
                 WarmStartFallback,
                 stacklevel=3,
