@@ -492,20 +492,35 @@ def test_deflater_moves_stored_planes_after_a_deflated_one(engine):
     assert zlib.decompress(chunk.tobytes()) == _shuffled(frame)
 
 
-def test_deflater_deflates_only_the_exponent_of_fractional_counts(engine):
+def test_deflater_codes_only_the_exponent_of_fractional_counts_huffman_only(engine):
     rng = np.random.default_rng(9)
     frame = rng.uniform(100, 5000, (256, 300)).astype(np.float32)
     deflate = stack._Deflater(1, engine=engine)
     planes = frame.reshape(-1).view(np.uint8).reshape(-1, 4).T
-    assert [deflate._worth_deflating(p) for p in planes] == [False, False, False, True]
+    modes = [deflate._plan(p)[0] for p in planes]
+    assert modes == ["store", "store", "store", "huffman"]
     buffer = np.empty(stack._Deflater.bound(frame.shape, frame.dtype), dtype=np.uint8)
     for _ in range(2):  # the same buffer twice: nothing left over from the first frame
         chunk = deflate(frame, buffer)
         assert np.shares_memory(chunk, buffer)
         assert zlib.decompress(chunk.tobytes()) == _shuffled(frame)
         frame = frame[::-1].copy()
-    # three stored planes and a deflated exponent byte (~2 bits a byte here)
-    assert chunk.nbytes < 3.1 * frame.size + 0.3 * frame.size
+    # three stored planes and a Huffman-coded exponent byte (2.2 bits a byte
+    # here, where the engine's level 1 deflate needs more)
+    exponent = planes[3].copy()
+    assert chunk.nbytes < 3.01 * frame.size + 2.4 / 8 * frame.size
+    assert chunk.nbytes - 3.01 * frame.size < len(engine.compress(exponent, 1))
+
+
+def test_deflater_deflates_planes_with_repeats(engine):
+    # long runs of one value: LZ77 matches beat a 1-bit-a-byte Huffman code
+    frame = np.repeat(np.arange(64, dtype=np.float32) * 3.5 + 1000, 64 * 64).reshape(256, 1024)
+    deflate = stack._Deflater(1, engine=engine)
+    planes = frame.reshape(-1).view(np.uint8).reshape(-1, 4).T
+    assert [deflate._plan(p)[0] for p in planes] == ["deflate"] * 4
+    chunk = deflate(frame)
+    assert chunk.nbytes < 0.01 * frame.nbytes
+    assert zlib.decompress(chunk.tobytes()) == _shuffled(frame)
 
 
 def test_hdf5_stream_reuses_its_buffers(tmp_path, detector, monkeypatch):
@@ -703,35 +718,52 @@ def test_command_line_writes_the_frame_and_its_offset(tmp_path, barrel, frames, 
 
 
 def test_deflater_clears_the_vector_state_after_each_compression(engine, monkeypatch):
-    # ISA-L's AVX-512 deflate leaves the upper vector registers dirty, which
+    # ISA-L's AVX-512 code leaves the upper vector registers dirty, which
     # slows every later SSE instruction of the thread (the next frame's
-    # correction 4x): each call into the engine is followed by a clear
+    # correction 4x, the Huffman kernel 3x): a clear follows the engine's
+    # calls before any kernel of ours runs, and ends every frame
     events = []
-    real = (engine.compress, engine.compressobj)
+    real = (engine.compress, engine.compressobj, engine.adler32)
 
     class Spy:
         DEFLATED = engine.DEFLATED
-        adler32 = staticmethod(engine.adler32)
 
         @staticmethod
         def compress(*args):
-            events.append("compress")
+            events.append("engine")
             return real[0](*args)
 
         @staticmethod
         def compressobj(*args):
-            events.append("compress")
+            events.append("engine")
             return real[1](*args)
 
+        @staticmethod
+        def adler32(*args):
+            events.append("engine")
+            return real[2](*args)
+
     monkeypatch.setattr(stack, "clear_upper_vector_state", lambda: events.append("clear"))
-    frame = np.random.default_rng(12).uniform(100, 5000, (64, 80)).astype(np.float32)
-    chunk = stack._Deflater(1, engine=Spy)(frame)
-    assert zlib.decompress(chunk.tobytes()) == _shuffled(frame)
-    assert events.count("compress") >= 5  # four planes sampled, the exponent deflated
-    assert events[-1] == "clear"
-    for k, event in enumerate(events[:-1]):
-        if event == "compress":
-            assert events[k + 1] == "clear"
+    huffman = stack._Deflater._huffman
+
+    def spy_huffman(self, *args):
+        events.append("kernel")
+        return huffman(self, *args)
+
+    monkeypatch.setattr(stack._Deflater, "_huffman", spy_huffman)
+    rng = np.random.default_rng(12)
+    frame = rng.uniform(100, 5000, (64, 80)).astype(np.float32)
+    frame[:32] = 7.0  # a deflated half and a Huffman-coded half, in two frames
+    for image in (frame, frame[32:]):
+        events.clear()
+        chunk = stack._Deflater(1, engine=Spy)(image)
+        assert zlib.decompress(chunk.tobytes()) == _shuffled(image)
+        assert events[-1] == "clear"
+        dirty = False
+        for event in events:
+            assert not (dirty and event == "kernel")
+            dirty = event == "engine" or (dirty and event != "clear")
+    assert "kernel" in events
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_any_frame(
