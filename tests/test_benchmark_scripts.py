@@ -33,6 +33,7 @@ RUNS = {
     "integration": (["integration.py", "--size", "512"], "max |r_b - r_c|"),
     "validation": (["validation.py", "--size", "512"], "mean mis-placement"),
     "compare-e2e": (["compare.py", "--quick", "--only", "e2e"], "stages ccdgrid"),
+    "huffman": (["suite/bench_huffman.py", "64"], "zlib Huffman-only"),
 }  # fmt: skip
 
 
