@@ -17,13 +17,14 @@ import pathlib
 import subprocess
 import sys
 import threading
+import time
 
 import h5py
 import numpy as np
 import pytest
 from pyFAI import detector_factory
 
-from ccdgrid import _series_pool, _series_worker, series
+from ccdgrid import _series_pool, _series_worker, series, series_frames
 from ccdgrid._series_pool import _Pool
 from ccdgrid._series_worker import THREAD_ENV, _Config
 from ccdgrid.cli import main
@@ -546,7 +547,21 @@ def test_a_frame_started_before_its_file_is_hashed_records_the_digest(
     )
 
 
-def test_process_workers_record_the_digest_of_the_file(stack, tmp_path):
+def test_process_workers_record_the_digest_without_waiting_for_it(stack, tmp_path, monkeypatch):
+    # a large stack takes seconds to hash: the worker processes calibrate
+    # meanwhile and read the digest from the shared table when they save
+    from ccdgrid import io
+
+    real = io.sha256_file
+    hashed = []
+
+    def slow_sha256(path):
+        time.sleep(2.5)
+        digest = real(path)
+        hashed.append(time.time())
+        return digest
+
+    monkeypatch.setattr(io, "sha256_file", slow_sha256)
     res = calibrate_series(
         f"{stack}::/entry/data",
         frames="0,2,3",
@@ -559,6 +574,36 @@ def test_process_workers_record_the_digest_of_the_file(stack, tmp_path):
     digest = hashlib.sha256(stack.read_bytes()).hexdigest()
     assert res.ok
     assert [load(f.output).source["sha256"] for f in res.frames] == [digest] * 3
+    assert len(hashed) == 1  # hashed once, here: no worker hashed it again
+    in_processes = [f for f in res.frames if ":" not in f.timing["worker"]]
+    assert in_processes
+    assert min(f.timing["start"] for f in in_processes) < hashed[0]
+
+
+def test_the_digest_table_says_known_none_or_not_yet(tmp_path):
+    files = [tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "c.h5"]
+    for k, path in enumerate(files):
+        path.write_bytes(bytes([k]) * 100)
+    specs = [series_frames._Spec(k, str(path), None) for k, path in enumerate(files)]
+    digests = series._Digests(specs, shared=True)
+    table = digests.table
+    assert [table.hashing(s) for s in specs] == [True] * 3
+    assert [table.get(s, wait=False) for s in specs] == [None] * 3
+    table.put(str(files[0]), "ab" * 32)
+    table.put(str(files[1]), None)  # unreadable: the worker hashes it itself
+    assert [table.hashing(s) for s in specs] == [False, False, True]
+    assert table.get(specs[0]) == "ab" * 32
+    assert table.get(specs[1]) is None
+    # a series stopped before a file was hashed: it is published as none
+    digests.stop()
+    digests._run()
+    assert not table.hashing(specs[2])
+    assert table.get(specs[2]) is None
+    assert digests.get(specs[2]) is None
+    # an in-memory image has no file, and no slot
+    array = series_frames._Spec(3, "<array 3>", None, array=np.zeros((2, 2)))
+    assert not table.hashing(array)
+    assert table.get(array) is None
 
 
 def test_rows_say_where_and_when_each_frame_ran(stack, tmp_path):

@@ -136,6 +136,8 @@ class _Pool:
         self.local = _Worker(
             config, shared=kind == "thread" and workers > 1, spare=self.spare, digests=digests
         )
+        # what the worker processes read the digests from (shared memory)
+        self.digest_table = getattr(digests, "table", None)
         self.use_local = kind != "process" or _can_limit_threads()
         self.ready = []
         self.spawned = []  # the ready futures of every process started, restarts included
@@ -169,7 +171,7 @@ class _Pool:
                 n,
                 mp_context=multiprocessing.get_context(method),
                 initializer=_init_process,
-                initargs=(self.config, self.spare, method),
+                initargs=(self.config, self.spare, method, self.digest_table),
             )
             # processes start on the first submit (all of them at once when
             # forked, before the executor starts its own thread): start them

@@ -81,15 +81,17 @@ class _Worker:
     ``spare``: the pool's count of cores lent by idle workers at the end of
     the series (a shared ``multiprocessing.Value``), or None; see
     :meth:`ccdgrid._series_pool._Pool.lend_idle_cores`. ``digests``: the
-    series' :class:`ccdgrid.series._Digests`, for a worker in the calling
-    process, which may start a frame before its file is hashed.
+    series' :class:`ccdgrid.series._Digests` (in the calling process) or
+    its :class:`ccdgrid.series._DigestTable` (in a worker process), from
+    which a worker that started a frame before its file was hashed reads
+    the digest when it writes the detector file.
     """
 
     def __init__(self, config, shared=False, spare=None, digests=None):
         self.config = config
         self.shared = shared
         self.spare = spare
-        self.digests = digests  # _Digests of the series (this process's worker only)
+        self.digests = digests  # _Digests or _DigestTable of the series, or None
         self._references = {}
         # the detector file this worker wrote last and its calibration: the
         # series' reference is usually a frame this worker has just calibrated,
@@ -394,11 +396,12 @@ def _init_thread():
     _thread_limits("openmp").__enter__()  # for the thread's life: never restored
 
 
-def _init_process(config, spare=None, method="spawn"):
+def _init_process(config, spare=None, method="spawn", digests=None):
     """Initialiser of a worker process: its :class:`_Worker` and the pipeline's modules.
 
     ``method``: how the process was started (see
-    :func:`ccdgrid._series_pool._start_method`).
+    :func:`ccdgrid._series_pool._start_method`); ``digests``: the series'
+    :class:`ccdgrid.series._DigestTable`, or None.
     """
     global _PROCESS_WORKER
     _STARTUP.update(pid=os.getpid(), entered=time.time(), method=method)
@@ -417,7 +420,7 @@ def _init_process(config, spare=None, method="spawn"):
         # which a fork does not copy (_start_method forks only a process
         # without one, but a region on two threads would wait for ever there)
         _thread_limits(None).__enter__()
-    _PROCESS_WORKER = _Worker(config, spare=spare)
+    _PROCESS_WORKER = _Worker(config, spare=spare, digests=digests)
     _STARTUP.update(ready=time.time(), startup_cpu=time.process_time())
 
 

@@ -389,7 +389,7 @@ class _Run:
         self.marker = os.path.join(scratch, "reference.json")
         self.pool_factory = _Pool
         self.timeline = {}
-        self.digests = _Digests(specs)
+        self.digests = _Digests(specs, shared=kind == "process")
 
     def reference_text(self):
         if self.reference_index >= 0:
@@ -526,10 +526,9 @@ class _Run:
         else:
             where = "any"
         if spec.sha256 is None:
-            # a worker process needs the digest with the frame; this process's
-            # worker may start before it is known
-            local = where != "process" and pool.local_free()
-            spec.sha256 = self.digests.get(spec, wait=not local)
+            # every worker may start before the digest is known (a worker
+            # process reads it from the shared table once it has calibrated)
+            spec.sha256 = self.digests.get(spec, wait=False)
         args = (spec, self.reference, self.reference_index, self.warm)
         if not self.decided:
             if not spec.output:
@@ -606,21 +605,23 @@ def _depth(kind, workers, queued):
 class _Digests:
     """SHA-256 of every image file of a series, each file hashed once.
 
-    The digest of the input file is recorded in every detector file; a
-    worker process gets it with its frame
-    (:attr:`ccdgrid.series_frames._Spec.sha256`), never hashing the file
-    itself. Hashing takes time (0.2 s of CPU for a stack of 16 frames of
-    2048², as much as half a frame): with worker processes it
-    runs in a thread while the first frames are calibrated by this process's
-    worker, which records the digest once known, and the worker processes
-    start. Serially (one worker, on one core) the files are hashed first.
+    The digest of the input file is recorded in every detector file.
+    Hashing takes time (0.1 s for a stack of 16 frames of 2048², 2 s for a
+    3 GB stack): with worker processes it runs in a thread while the
+    workers calibrate their first frames, and a worker waits for the
+    digest only when it writes a detector file. This process's worker reads
+    it here; worker processes read it from a table in shared memory
+    (``shared``: :class:`_DigestTable`, handed to them when they start), so
+    they never hash the file themselves and start at once. Serially (one
+    worker, on one core) the files are hashed first.
     """
 
-    def __init__(self, specs):
+    def __init__(self, specs, shared=False):
         self._futures = {}
         for spec in specs:
             if spec.array is None and not spec.error:
                 self._futures.setdefault(_file_of(spec), cf.Future())
+        self.table = _DigestTable(list(self._futures)) if shared and self._futures else None
         self._stopped = False
 
     def start(self, background):
@@ -637,15 +638,25 @@ class _Digests:
     def _run(self):
         from .io import sha256_file
 
-        for path, future in self._futures.items():
-            if self._stopped:
-                future.cancel()
-                continue
-            try:
-                digest = sha256_file(path)
-            except OSError:
-                digest = None  # the reader of a frame reports it
-            future.set_result(digest)
+        try:
+            for path, future in self._futures.items():
+                if self._stopped:
+                    break
+                try:
+                    digest = sha256_file(path)
+                except OSError:
+                    digest = None  # the reader of a frame reports it
+                future.set_result(digest)
+                self._publish(path, digest)
+        finally:
+            # stopped, or failed: a worker waiting for a digest hashes the file itself
+            for path, future in self._futures.items():
+                if future.cancel():
+                    self._publish(path, None)
+
+    def _publish(self, path, digest):
+        if self.table is not None:
+            self.table.put(path, digest)
 
     def hashing(self, spec):
         """True if ``spec``'s file is file-backed and its digest not known yet."""
@@ -656,9 +667,58 @@ class _Digests:
         """The digest of ``spec``'s file (str); None if it has none (an array, an
         unreadable file) or, with ``wait`` False, if it is not known yet."""
         future = self._futures.get(_file_of(spec)) if spec.array is None else None
-        if future is None or (not wait and not future.done()):
+        if future is None or (not wait and not future.done()) or future.cancelled():
             return None
         return future.result()
+
+
+class _DigestTable:
+    """The digests of a series' files in shared memory, as worker processes read them.
+
+    65 bytes a file: a state byte (0 not known yet, 1 known, 2 none: the
+    file could not be read, or was not hashed) and the hexadecimal digest.
+    The same interface as :class:`_Digests` (``hashing``, ``get``), so a
+    worker reads either. Passed to a worker process when it starts (as
+    ``multiprocessing`` allows shared memory to travel), forked or spawned.
+    """
+
+    _WIDTH = 65
+    _POLL = 0.002  # s between two looks while waiting: the hash thread is never far
+
+    def __init__(self, files):
+        import multiprocessing
+
+        self.slots = {path: k for k, path in enumerate(files)}
+        # a spawn context's Array also serves forked processes
+        self.array = multiprocessing.get_context("spawn").Array("B", self._WIDTH * len(files))
+
+    def put(self, path, digest):
+        """Publish ``path``'s digest (None: the workers hash the file themselves)."""
+        at = self._WIDTH * self.slots[path]
+        with self.array.get_lock():
+            if digest is not None:
+                self.array[at + 1 : at + self._WIDTH] = list(digest.encode("ascii"))
+            self.array[at] = 1 if digest is not None else 2
+
+    def _state(self, spec):
+        slot = self.slots.get(_file_of(spec)) if spec.array is None else None
+        if slot is None:
+            return None, None
+        at = self._WIDTH * slot
+        with self.array.get_lock():
+            state = self.array[at]
+            digest = bytes(self.array[at + 1 : at + self._WIDTH]).decode("ascii")
+        return state, digest
+
+    def hashing(self, spec):
+        return self._state(spec)[0] == 0
+
+    def get(self, spec, wait=True):
+        state, digest = self._state(spec)
+        while state == 0 and wait:
+            time.sleep(self._POLL)
+            state, digest = self._state(spec)
+        return digest if state == 1 else None
 
 
 def _merge_drift(row, drift):
