@@ -355,3 +355,47 @@ def test_images_without_a_lattice_do_not_echo(make, seed):
     img = make(np.random.default_rng(200 + seed)).astype(np.float32)
     with pytest.raises(CcdgridError, match=r"no (hole-like structure|periodic grid)"):
         estimate_grid_scale(img)
+
+
+def _lorentzian_plate(shape, pitch, radius, rotation_deg, seed=0):
+    """Holes of profile 1 / (1 + (r / radius)²)² (long tails, no rim), Poisson counts."""
+    rng = np.random.default_rng(seed)
+    t = np.deg2rad(rotation_deg)
+    a = pitch * np.array([np.cos(t), np.sin(t)])  # (y, x) of the lattice's two steps
+    b = pitch * np.array([-np.sin(t), np.cos(t)])
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
+    inv = np.linalg.inv(np.column_stack([a, b]))
+    i0 = np.rint(inv[0, 0] * yy + inv[0, 1] * xx)
+    j0 = np.rint(inv[1, 0] * yy + inv[1, 1] * xx)
+    holes = np.zeros(shape, np.float32)
+    for di in range(-2, 3):  # the tails of the 5 x 5 nearest holes
+        for dj in range(-2, 3):
+            cy = (i0 + di) * a[0] + (j0 + dj) * b[0]
+            cx = (i0 + di) * a[1] + (j0 + dj) * b[1]
+            holes += 1.0 / np.square(1.0 + ((yy - cy) ** 2 + (xx - cx) ** 2) / radius**2)
+    return rng.poisson(90.0 + 20000.0 * holes).astype(np.float32)
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.3])
+def test_broad_long_tailed_holes_give_the_lattice_step(fraction):
+    # Holes of 20-30 % of a 55 px pitch with long tails make the
+    # autocorrelation nearly sinusoidal: every lattice lag stands 3-6
+    # spreads out, and the highest was a long one, a lattice vector close to
+    # whole pixels (444 px): the plate was refused, or guessed 8x its pitch
+    img = _lorentzian_plate((1536, 2048), 55.0, fraction * 55.0, 6.2)
+    scale = estimate_grid_scale(img)
+    assert scale.pitch == pytest.approx(55.0, rel=0.02)
+
+
+def test_shortest_high_peak_is_the_lattice_step():
+    half = 60
+    v, u = (3, 20), (-20, 3)
+    z = _lags(half, _lattice_lags(v, u), 5.0)
+    z = _lags(half, [(9, 60)], 5.6, z)  # a long lattice lag a little higher
+    z[:3, half - 3 : half + 4] = -np.inf  # the central peak, left out
+    assert gs._shortest_high_peak(z, half, 5.6) == (3, 20 + half)
+    # row dy = 0 holds lags l and -l: a lag there is a maximum only if it is
+    # one of the whole plane (here its mirror's neighbour (1, -19) is higher)
+    z = _lags(half, [(0, 19)], 4.8, z)
+    z = _lags(half, [(1, -19)], 5.0, z)
+    assert gs._shortest_high_peak(z, half, 5.6) == (1, -19 + half)

@@ -460,7 +460,10 @@ def _lattice_vector(box, half, diameter):
     contrast = (searched[iy, ix] - med) / spread
     echo = -np.inf
     if contrast < MIN_CONTRAST:
-        echo = _lattice_echo(np.where(far, (searched - med) / spread, -np.inf), iy, ix - half)
+        z = np.where(far, (searched - med) / spread, -np.inf)
+        iy, ix = _shortest_high_peak(z, half, contrast)
+        contrast = z[iy, ix]
+        echo = _lattice_echo(z, iy, ix - half)
     dy = dx = 0.0
     r = row0 + iy
     if 0 < r < hp.shape[0] - 1 and 0 < ix < hp.shape[1] - 1:
@@ -473,6 +476,31 @@ def _lattice_vector(box, half, diameter):
         if den_x < 0:
             dx = float(np.clip(0.5 * (lf - rt) / den_x, -0.5, 0.5))
     return np.array([iy + dy, ix - half + dx]), contrast, echo
+
+
+_HIGH_PEAK = 0.8  # a lag within this fraction of the highest one's contrast is as high
+
+
+def _shortest_high_peak(z, half, highest):
+    """The shortest lag among the local maxima of ``z`` about as high as the highest.
+
+    Holes a third of the pitch wide or more, with soft or long-tailed rims,
+    make the autocorrelation almost a sum of sinusoids: every lattice lag
+    stands as high as the others, a few spreads out, and the highest of
+    them is as often a long one (a moiré of the lattice with the binning,
+    lit-area edges) as the lattice's own step (a 55 px lattice was read as
+    a 444 px one). The lattice's step is the shortest of them. Returns
+    ``(row, column)`` in ``z`` (lags ``dy = 0..half``, ``dx = -half..half``).
+    """
+    finite = np.where(np.isfinite(z), z, -np.inf)
+    # lag -l is lag l: row dy = -1 (lags not in z) is row 1 reversed, so
+    # that a lag of row 0 is a maximum only if it is one in the whole plane
+    plane = np.vstack([finite[1:2, ::-1], finite])
+    local = (plane >= ndimage.maximum_filter(plane, size=3, mode="nearest"))[1:]
+    candidates = np.flatnonzero(local & (finite >= _HIGH_PEAK * highest))
+    ly, lx = np.divmod(candidates, z.shape[1])
+    k = candidates[int(np.argmin(ly**2 + (lx - half) ** 2))]
+    return divmod(int(k), z.shape[1])
 
 
 _CELL_CENTRES = ((1.5, 0.5), (0.5, 1.5), (1.5, -0.5), (-0.5, 1.5))
