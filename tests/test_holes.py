@@ -137,6 +137,20 @@ def test_threshold_keeps_a_few_holes_above_the_noise():
     assert noise.max() < thr < holes.min()
 
 
+def test_threshold_is_below_holes_that_are_most_peaks_under_a_few_saturated_ones():
+    # a plate of 140 broad holes, two of them saturated, and 15 noise peaks:
+    # the widest gap lies below the two, and the threshold went there (2 of
+    # 140 holes kept); a gap below many values, nearly as wide, is the holes'
+    rng = np.random.default_rng(4)
+    noise = np.array([0.9, 1.81, 1.9, 1.93, 1.98, 2.01, 2.1, 2.19, 2.39, 2.66, 2.73, 2.77, 2.86])
+    faint = np.array([3.07, 3.1, 3.19, 3.19, 3.21, 3.22])  # holes in the corners
+    holes = np.concatenate([faint, rng.normal(3.35, 0.02, 134)])
+    saturated = np.array([4.31, 4.31])
+    thr, _ = auto_threshold(np.concatenate([noise, holes, saturated]))
+    # every hole kept (the faintest noise peaks too: the profile checks judge them)
+    assert np.median(noise) < thr < holes.min()
+
+
 def test_ring_background():
     yy, xx = np.mgrid[0:64, 0:64]
     img = (5.0 + 0.0 * yy).astype(np.float32)

@@ -370,6 +370,35 @@ def test_the_search_at_the_fitted_diameter_leaves_hot_pixels_out_too(monkeypatch
     assert refit[0][1] is True  # hot pixels would be found and left out first
 
 
+@pytest.mark.parametrize("lost", [True, False])
+def test_the_first_search_stands_when_the_fitted_diameter_loses_most_holes(monkeypatch, lost):
+    # 37 cosmic-ray streaks thicker than a hot pixel, which the guessed
+    # 68 px disc smoothed away, outshone 140 broad holes at the fitted
+    # 30 px: the search there kept 5 and the plate was refused (a helper's
+    # fuzz plate, 120 holes and 0.029 px RMS now)
+    from ccdgrid import peaks
+
+    img, _, _, _ = make_grid(seed=3)
+    real = peaks._search
+    found = []  # holes each search kept
+
+    def spy(img, binned, valid, diameter, *args, **kwargs):
+        result = real(img, binned, valid, diameter, *args, **kwargs)
+        if result is None or result[0] is None:
+            return result
+        if found and lost:  # the second search keeps a third of the holes
+            result[0].peaks = result[0].peaks[: len(result[0].peaks) // 3]
+        found.append(len(result[0].peaks))
+        if len(found) == 1:
+            return result[0], 0.5 * diameter, result[2]  # "fitted" far from the guess
+        return result
+
+    monkeypatch.setattr(peaks, "_search", spy)
+    search = find_holes(img)
+    assert len(found) == 2
+    assert len(search.peaks) == found[0 if lost else 1]
+
+
 def test_dead_rows_and_columns_make_no_holes(backend):
     img, truth, visible, _ = make_grid(dead_rows=(100, 101, 300), dead_cols=(50, 400), seed=3)
     search = find_holes(img, backend=backend)

@@ -106,6 +106,9 @@ def ring_background(smoothed, peaks, radius, n=8):
 _MIN_BRIGHT = 6
 
 
+_MANY_ABOVE = 0.5  # a gap below many values is the holes' at half the widest's weight
+
+
 def auto_threshold(log_contrast, bin_width=0.05, min_bright=None):
     """Choose the log10-contrast threshold separating holes from noise peaks.
 
@@ -172,13 +175,25 @@ def auto_threshold(log_contrast, bin_width=0.05, min_bright=None):
         gaps = np.diff(vals)
         below = np.arange(1, vals.size)
         weight = gaps * np.sqrt(np.minimum(below, vals.size - below))
+        few_above = vals.size - below < min_bright
+        k = int(np.argmax(weight))
         if min_bright > _MIN_BRIGHT:
             # the caller expects more holes than a gap below fewer than
             # `min_bright` values leaves: three saturated blobs 160 times
             # brighter than the holes (a 2048² plate of ~900 holes) left the
             # widest gap below their 6 peaks
-            weight[vals.size - below < min_bright] = -np.inf
-        k = int(np.argmax(weight))
+            weight[few_above] = -np.inf
+            k = int(np.argmax(weight))
+        elif few_above[k]:
+            # a few values far above the rest are a few holes over the noise,
+            # or a few saturated holes over a plate of holes, the holes most
+            # of the peaks (two at 4.3 over 140 at 3.3-3.4, the noise peaks
+            # 15 values below): then a gap below enough values is nearly as
+            # wide, and it is the holes'
+            weight[few_above] = -np.inf
+            k_many = int(np.argmax(weight))
+            if weight[k_many] >= _MANY_ABOVE * gaps[k] * np.sqrt(vals.size - below[k]):
+                k = k_many
         # fewer values above the gap than are needed: these few are the holes
         # and the floor already keeps them
         if vals.size - k - 1 >= min_bright and vals[k] < floor:
