@@ -12,8 +12,10 @@ write the bits. Bit order is deflate's: bits fill each byte from its least
 significant bit, and Huffman codes are sent most significant bit first, so
 the façade hands over every code already bit-reversed.
 
-The functions trust their inputs (the façade checks them): C-contiguous
-arrays, and the preconditions stated in each docstring.
+The kernels check what could make them write out of bounds or write a
+block an inflater refuses (buffer sizes, header bits, the code's lengths),
+and trust the rest to the façade: C-contiguous arrays, and that every byte
+to encode has a code (``deflate_block`` checks a caller's code).
 """
 
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
@@ -68,8 +70,9 @@ def histogram(const uint8_t[::1] src):
 
 cdef bint _canonical(const uint8_t[::1] lengths, uint32_t* code, uint32_t* width):
     """Deflate's canonical codes for ``lengths`` (RFC 1951, 3.2.2), bit-reversed, into
-    ``code``; the lengths into ``width``. False if a length exceeds 15 or the code
-    is over-full (Kraft sum above 1): no prefix code has these lengths."""
+    ``code``; the lengths into ``width``. False unless the lengths make a code an
+    inflater accepts: none above 15 bits, and complete (Kraft sum 1), or one
+    code of one bit (zlib refuses other incomplete literal codes)."""
     cdef uint32_t count[16]
     cdef uint32_t next_code[16]
     cdef uint32_t value, reversed_value
@@ -83,7 +86,7 @@ cdef bint _canonical(const uint8_t[::1] lengths, uint32_t* code, uint32_t* width
         count[lengths[k]] += 1
         if lengths[k]:
             kraft += <uint64_t>1 << (15 - lengths[k])
-    if kraft > (<uint64_t>1 << 15):
+    if kraft != (<uint64_t>1 << 15) and not (kraft == (<uint64_t>1 << 14) and count[1] == 1):
         return False
     count[0] = 0
     value = 0
@@ -230,9 +233,11 @@ def encode_block(const uint8_t[::1] src, const uint8_t[::1] head, Py_ssize_t hea
         Bits of ``head`` to send, ``0 <= head_bits <= 8 * head.size``.
     lengths : ndarray of uint8, shape (257,)
         Code lengths of the byte values then of the end of block, in bits:
-        1 to 15 for every value present in ``src`` and for the end of block,
-        0 for a value absent, and together a prefix code (Kraft sum <= 1).
-        The codes are deflate's canonical ones for these lengths.
+        1 to 15 for the end of block and every value present in ``src``
+        (unchecked: a value of length 0 would be sent as nothing), 0 for a
+        value absent; together a complete prefix code (Kraft sum 1) or a
+        single 1-bit code. The codes are deflate's canonical ones for these
+        lengths.
     final : bool
         End the stream after this block (pad to a byte); else follow it with
         an empty stored block, as a sync flush does, so that the next piece
@@ -254,12 +259,16 @@ def encode_block(const uint8_t[::1] src, const uint8_t[::1] head, Py_ssize_t hea
     cdef uint32_t width[257]
     cdef int nb = head_bits % 8
     cdef uint8_t c
-    if out.shape[0] < encoded_bound(n, head_bits) or head_bits > 8 * head.shape[0]:
-        raise ValueError("output buffer too small, or header shorter than its bits")
+    if head_bits < 0 or head_bits > 8 * head.shape[0]:
+        raise ValueError("head_bits must be 0 to 8 * head.size")
+    if out.shape[0] < encoded_bound(n, head_bits):
+        raise ValueError("output buffer too small")
     if lengths.shape[0] != 257:
         raise ValueError("lengths must have 257 entries")
-    if not _canonical(lengths, code, width):
-        raise ValueError("lengths above 15 bits, or more codes than lengths allow")
+    if not _canonical(lengths, code, width) or width[EOB] == 0:
+        raise ValueError(
+            "lengths are no deflate code: above 15 bits, not complete, or no end of block"
+        )
     with nogil:
         if whole:
             memcpy(d, &head[0], whole)

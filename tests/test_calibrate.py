@@ -355,7 +355,7 @@ def test_maps_that_predict_a_hole_left_out_poorly_are_kept_with_a_warning():
         warnings.simplefilter("error")
         pipeline._check_predictive(types.SimpleNamespace(rms_px=0.29), 40.0)  # 0.0073 pitch
         pipeline._check_predictive(types.SimpleNamespace(rms_px=0.19), 20.0)  # 0.0095 pitch
-    # 0.78 px is 0.0055 pitch at a 146 px pitch, and the maps were 0.44 px RMS
+    # 0.78 px is 0.0054 pitch at a 146 px pitch, and the maps were 0.44 px RMS
     # off the truth (26 holes, a beam stop, saturated discs, streaks)
     with pytest.warns(UserWarning, match=r"by 0\.784 px RMS \(0\.0054 pitch"):
         pipeline._check_predictive(types.SimpleNamespace(rms_px=0.7841), 145.83)

@@ -392,10 +392,16 @@ def test_shortest_high_peak_is_the_lattice_step():
     v, u = (3, 20), (-20, 3)
     z = _lags(half, _lattice_lags(v, u), 5.0)
     z = _lags(half, [(9, 60)], 5.6, z)  # a long lattice lag a little higher
-    z[:3, half - 3 : half + 4] = -np.inf  # the central peak, left out
-    assert gs._shortest_high_peak(z, half, 5.6) == (3, 20 + half)
+    ly, lx = np.mgrid[0 : half + 1, -half : half + 1]
+    far = ly**2 + lx**2 >= 10**2
+    # the central peak, left out of the search, whose slope reaches past the
+    # edge of `far` as high as the lattice's peaks (5.0 at r = 10)
+    r = np.hypot(ly, lx)
+    z = np.where(r < 11, np.maximum(z, 55.0 - 5.0 * r), z)
+    assert (z[far & (r < 11)] > 0.8 * 5.6).any()
+    assert gs._shortest_high_peak(z, far, half, 5.6) == (3, 20 + half)
     # row dy = 0 holds lags l and -l: a lag there is a maximum only if it is
     # one of the whole plane (here its mirror's neighbour (1, -19) is higher)
     z = _lags(half, [(0, 19)], 4.8, z)
     z = _lags(half, [(1, -19)], 5.0, z)
-    assert gs._shortest_high_peak(z, half, 5.6) == (1, -19 + half)
+    assert gs._shortest_high_peak(z, far, half, 5.6) == (1, -19 + half)

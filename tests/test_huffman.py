@@ -128,10 +128,19 @@ def test_code_lengths_refuse_impossible_requests(engine, counts, limit, match):
 
 
 @settings(max_examples=60, deadline=None)
-@given(hnp.arrays(np.int64, st.integers(0, 300), elements=st.integers(0, 10**9)))
-def test_code_lengths_agree_with_the_twin_on_any_counts(counts):
-    lengths = kernel.code_lengths(counts, 15)
-    np.testing.assert_array_equal(lengths, twin.code_lengths(counts, 15))
+@given(
+    hnp.arrays(np.int64, st.integers(0, 300), elements=st.integers(0, 10**9)),
+    st.integers(0, 6),
+    st.booleans(),
+)
+def test_code_lengths_agree_with_the_twin_on_any_counts(counts, slack, skewed):
+    # a limit from the tightest possible up: the halving path runs too
+    if skewed:  # a long tail: Huffman's tree is deep
+        counts = counts % 7 * 2 ** (np.arange(counts.size) % 40)
+    limit = min(15, max(1, int(np.ceil(np.log2(max(counts.size, 2))))) + slack)
+    lengths = kernel.code_lengths(counts, limit)
+    np.testing.assert_array_equal(lengths, twin.code_lengths(counts, limit))
+    assert lengths.max(initial=0) <= limit
     if (counts > 0).sum() >= 2:
         assert _kraft(lengths) == 1.0
 
@@ -217,10 +226,12 @@ def test_deflate_block_reuses_a_large_enough_buffer_and_reads_strided_planes():
     ("change", "match"),
     [
         (lambda lens: np.where(lens == lens.max(), 16, lens), "15|lengths"),  # 16 bits
-        (lambda lens: np.ones_like(lens), "lengths|more codes"),  # 257 one-bit codes
+        (lambda lens: np.ones_like(lens), "no deflate code"),  # 257 one-bit codes
         (lambda lens: lens[:-1], "257"),
+        (lambda lens: np.full_like(lens, 9), "no deflate code"),  # incomplete: zlib refuses
+        (lambda lens: np.append(lens[:-1], 0), "no deflate code"),  # no end of block
     ],
-    ids=["too-long", "over-full", "short"],
+    ids=["too-long", "over-full", "short", "incomplete", "no-end-of-block"],
 )
 def test_encode_block_refuses_lengths_that_are_no_code(engine, change, match):
     plane = PLANES["exponent"][:100]
@@ -230,8 +241,24 @@ def test_encode_block_refuses_lengths_that_are_no_code(engine, change, match):
         engine.encode_block(plane, head, head_bits, bad, True, out)
 
 
-def test_encode_block_refuses_a_small_buffer(engine):
+def test_encode_block_refuses_a_small_buffer_and_bad_header_bits(engine):
     plane = PLANES["uniform"]
     head, head_bits, lengths, out = _block_inputs(plane, True)
     with pytest.raises(ValueError, match="too small"):
         engine.encode_block(plane, head, head_bits, lengths, True, out[:-1])
+    for bits in (-8, 8 * head.size + 1):  # -8 made the kernel memcpy (size_t)-1 bytes
+        with pytest.raises(ValueError, match="head_bits"):
+            engine.encode_block(plane, head, bits, lengths, True, out)
+
+
+def test_deflate_block_refuses_a_code_without_a_byte_of_the_plane():
+    # a byte of length 0 would be sent as nothing: a valid block, one byte short
+    plane = np.array([1, 2, 3, 3, 3, 200], dtype=np.uint8)
+    lengths = _huffman.literal_lengths(np.bincount(plane[:5], minlength=256))
+    with pytest.raises(ValueError, match="no code for a byte value"):
+        _huffman.deflate_block(plane, True, lengths=lengths)
+    with pytest.raises(ValueError, match="0 to 15 bits"):
+        _huffman.deflate_block(plane, True, lengths=np.full(257, 256))
+    # the same code serves a plane of the bytes it has
+    block = _huffman.deflate_block(plane[:5], True, lengths=lengths)
+    assert _inflate(block) == (plane[:5].tobytes(), True)

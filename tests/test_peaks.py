@@ -399,6 +399,26 @@ def test_the_first_search_stands_when_the_fitted_diameter_loses_most_holes(monke
     assert len(search.peaks) == found[0 if lost else 1]
 
 
+def test_a_search_at_a_fitted_diameter_larger_than_the_guess_always_stands(monkeypatch):
+    # a guess 0.3x the holes' size splits each hole into several peaks (323
+    # "holes" for 100): the search at the fitted size keeps fewer, the right
+    # ones, and must not give way to the first
+    from ccdgrid import peaks
+
+    img, truth, _, _ = make_grid(diameter=30.0, seed=3)
+    real = peaks.estimate_grid_scale
+
+    def small_guess(*args, **kwargs):
+        scale = real(*args, **kwargs)
+        scale.diameter *= 0.3
+        return scale
+
+    monkeypatch.setattr(peaks, "estimate_grid_scale", small_guess)
+    search = find_holes(img)
+    assert search.hole_diameter == pytest.approx(30.0, rel=0.15)
+    assert len(search.peaks) <= len(truth)
+
+
 def test_dead_rows_and_columns_make_no_holes(backend):
     img, truth, visible, _ = make_grid(dead_rows=(100, 101, 300), dead_cols=(50, 400), seed=3)
     search = find_holes(img, backend=backend)

@@ -553,12 +553,13 @@ def test_process_workers_record_the_digest_without_waiting_for_it(stack, tmp_pat
     from ccdgrid import io
 
     real = io.sha256_file
-    hashed = []
+    log = tmp_path / "hashed.txt"  # a file: a forked worker that hashed would show
 
     def slow_sha256(path):
         time.sleep(2.5)
         digest = real(path)
-        hashed.append(time.time())
+        with open(log, "a") as stream:
+            stream.write(f"{time.time()}\n")
         return digest
 
     monkeypatch.setattr(io, "sha256_file", slow_sha256)
@@ -574,6 +575,7 @@ def test_process_workers_record_the_digest_without_waiting_for_it(stack, tmp_pat
     digest = hashlib.sha256(stack.read_bytes()).hexdigest()
     assert res.ok
     assert [load(f.output).source["sha256"] for f in res.frames] == [digest] * 3
+    hashed = [float(line) for line in log.read_text().split()]
     assert len(hashed) == 1  # hashed once, here: no worker hashed it again
     in_processes = [f for f in res.frames if ":" not in f.timing["worker"]]
     assert in_processes
@@ -604,6 +606,34 @@ def test_the_digest_table_says_known_none_or_not_yet(tmp_path):
     array = series_frames._Spec(3, "<array 3>", None, array=np.zeros((2, 2)))
     assert not table.hashing(array)
     assert table.get(array) is None
+
+
+def test_a_worker_here_waiting_for_a_digest_hashes_the_file_itself_if_hashing_fails(
+    tmp_path, monkeypatch
+):
+    from ccdgrid import io
+
+    path = tmp_path / "a.h5"
+    path.write_bytes(b"x" * 100)
+    spec = series_frames._Spec(0, str(path), None)
+    digests = series._Digests([spec])
+    started = threading.Event()
+
+    def failing(path):
+        started.set()
+        time.sleep(0.2)
+        raise ValueError("not an OSError")
+
+    def hash_thread():
+        with pytest.raises(ValueError, match="not an OSError"):
+            digests._run()
+
+    monkeypatch.setattr(io, "sha256_file", failing)
+    thread = threading.Thread(target=hash_thread)
+    thread.start()
+    started.wait()
+    assert digests.get(spec, wait=True) is None  # was: CancelledError in the worker
+    thread.join()
 
 
 def test_rows_say_where_and_when_each_frame_ran(stack, tmp_path):

@@ -460,10 +460,10 @@ def _lattice_vector(box, half, diameter):
     contrast = (searched[iy, ix] - med) / spread
     echo = -np.inf
     if contrast < MIN_CONTRAST:
-        z = np.where(far, (searched - med) / spread, -np.inf)
-        iy, ix = _shortest_high_peak(z, half, contrast)
+        z = (searched - med) / spread
+        iy, ix = _shortest_high_peak(z, far, half, contrast)
         contrast = z[iy, ix]
-        echo = _lattice_echo(z, iy, ix - half)
+        echo = _lattice_echo(np.where(far, z, -np.inf), iy, ix - half)
     dy = dx = 0.0
     r = row0 + iy
     if 0 < r < hp.shape[0] - 1 and 0 < ix < hp.shape[1] - 1:
@@ -481,7 +481,7 @@ def _lattice_vector(box, half, diameter):
 _HIGH_PEAK = 0.8  # a lag within this fraction of the highest one's contrast is as high
 
 
-def _shortest_high_peak(z, half, highest):
+def _shortest_high_peak(z, far, half, highest):
     """The shortest lag among the local maxima of ``z`` about as high as the highest.
 
     Holes a third of the pitch wide or more, with soft or long-tailed rims,
@@ -489,15 +489,19 @@ def _shortest_high_peak(z, half, highest):
     stands as high as the others, a few spreads out, and the highest of
     them is as often a long one (a moiré of the lattice with the binning,
     lit-area edges) as the lattice's own step (a 55 px lattice was read as
-    a 444 px one). The lattice's step is the shortest of them. Returns
-    ``(row, column)`` in ``z`` (lags ``dy = 0..half``, ``dx = -half..half``).
+    a 444 px one). The lattice's step is the shortest of them. ``z`` holds
+    every lag's contrast (lags ``dy = 0..half``, ``dx = -half..half``), and
+    the lags searched are those of ``far``: a maximum is one of the whole
+    plane (not a lag on the slope of the central peak at the edge of
+    ``far``), and row ``dy = 0`` is completed with its mirror (lag -l is
+    lag l). Returns ``(row, column)`` in ``z``.
     """
-    finite = np.where(np.isfinite(z), z, -np.inf)
-    # lag -l is lag l: row dy = -1 (lags not in z) is row 1 reversed, so
-    # that a lag of row 0 is a maximum only if it is one in the whole plane
-    plane = np.vstack([finite[1:2, ::-1], finite])
+    plane = np.vstack([z[1:2, ::-1], z])
     local = (plane >= ndimage.maximum_filter(plane, size=3, mode="nearest"))[1:]
-    candidates = np.flatnonzero(local & (finite >= _HIGH_PEAK * highest))
+    candidates = np.flatnonzero(local & far & (z >= _HIGH_PEAK * highest))
+    if candidates.size == 0:  # the highest lag searched sits on a slope: it stands
+        k = int(np.argmax(np.where(far, z, -np.inf)))
+        return divmod(k, z.shape[1])
     ly, lx = np.divmod(candidates, z.shape[1])
     k = candidates[int(np.argmin(ly**2 + (lx - half) ** 2))]
     return divmod(int(k), z.shape[1])

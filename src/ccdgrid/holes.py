@@ -140,7 +140,11 @@ def auto_threshold(log_contrast, bin_width=0.05, min_bright=None):
        multimodal noise peaks, or holes near half of all peaks): the floor
        and the lower end of the search in 3. move to the widest gap between
        sorted values, each weighed by the square root of the smaller count on
-       either side of it, among those with ``min_bright`` values above.
+       either side of it: among those with ``min_bright`` values above when
+       the caller expects more than six holes; otherwise the widest gap
+       stands even below fewer values (a few holes over the noise, kept by
+       the floor), unless a gap below six values or more weighs at least
+       half as much (holes most of the peaks, a few saturated ones above).
     3. The threshold is the centre of the emptiest stretch of the histogram
        (smoothed over 3 bins) between ``m + 4 s`` and the hole mode minus
        0.3 decade (but not below the hole mode minus one decade); the
@@ -177,6 +181,7 @@ def auto_threshold(log_contrast, bin_width=0.05, min_bright=None):
         weight = gaps * np.sqrt(np.minimum(below, vals.size - below))
         few_above = vals.size - below < min_bright
         k = int(np.argmax(weight))
+        widest = weight[k]
         if min_bright > _MIN_BRIGHT:
             # the caller expects more holes than a gap below fewer than
             # `min_bright` values leaves: three saturated blobs 160 times
@@ -192,7 +197,7 @@ def auto_threshold(log_contrast, bin_width=0.05, min_bright=None):
             # wide, and it is the holes'
             weight[few_above] = -np.inf
             k_many = int(np.argmax(weight))
-            if weight[k_many] >= _MANY_ABOVE * gaps[k] * np.sqrt(vals.size - below[k]):
+            if weight[k_many] >= _MANY_ABOVE * widest:
                 k = k_many
         # fewer values above the gap than are needed: these few are the holes
         # and the floor already keeps them

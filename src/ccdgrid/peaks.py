@@ -443,15 +443,19 @@ def find_holes(
         first = diameter == diameter0 and hole_diameter is None and result is not None
         if first and abs(result[1] / diameter0 - 1.0) > 0.3:
             passes.append(result[1])
-            first_result = result
+            # kept when the fitted disc is the smaller one (a disc smaller
+            # than the first guess can lose holes to what the guess smoothed
+            # away; a larger one only merges a hole's split peaks)
+            if result[1] < diameter0:
+                first_result, first_hot = result, hot.copy()
         elif first_result is not None and (
             result is None or len(result[0].peaks) < 0.5 * len(first_result[0].peaks)
         ):
             # the smaller disc lost most of the holes (cosmic-ray streaks
             # thicker than a hot pixel outshone 140 broad holes at the
             # fitted 30 px, where the first guess, 68 px, smoothed them away):
-            # the first search stands
-            result = first_result
+            # the first search stands, with the hot pixels it left out
+            result, hot = first_result, first_hot
     if result is None:
         raise CcdgridError(
             "no grid of holes found in `image`: no peak stands out of the background"

@@ -433,7 +433,7 @@ _MAX_CV_PITCH = 0.03
 # 0.05 px RMS of the truth were cross-validated at 0.033 px (median), 0.21 px
 # (99th percentile) and never above 0.36 px; 11 of the 37 off by more (bright
 # holes) were above 0.3 px, 6 of them without a word (146 px pitch: 0.78 px
-# is 0.0055 pitch)
+# is 0.0054 pitch)
 _WARN_CV_PITCH = 0.01
 _WARN_CV_PX = 0.3
 
@@ -553,8 +553,8 @@ def _check_predictive(cv, pitch_px):
         # truth, which this figure (2.5 px) showed and nothing said
         warnings.warn(
             f"the maps miss a hole left out of their fit by {cv.rms_px:.3g} px RMS "
-            f"({cv.rms_px / pitch_px:.4f} pitch; well measured plates give < "
-            f"{_WARN_CV_PX:g} px and < 0.006 pitch): too few holes, noisy or biased holes "
+            f"({cv.rms_px / pitch_px:.4f} pitch; well measured plates give ~0.03 px, and "
+            "< 0.006 pitch): too few holes, noisy or biased holes "
             "(by a lit-area edge, say) or a field that varies faster than the holes sample "
             "it; see the report's panels (g) and (h)",
             UserWarning,

@@ -667,9 +667,12 @@ class _Digests:
         """The digest of ``spec``'s file (str); None if it has none (an array, an
         unreadable file) or, with ``wait`` False, if it is not known yet."""
         future = self._futures.get(_file_of(spec)) if spec.array is None else None
-        if future is None or (not wait and not future.done()) or future.cancelled():
+        if future is None or (not wait and not future.done()):
             return None
-        return future.result()
+        try:
+            return future.result()
+        except cf.CancelledError:  # not hashed (stopped, or the hash thread failed)
+            return None
 
 
 class _DigestTable:
@@ -714,10 +717,19 @@ class _DigestTable:
         return self._state(spec)[0] == 0
 
     def get(self, spec, wait=True):
+        import multiprocessing
+
         state, digest = self._state(spec)
+        parent = multiprocessing.parent_process()
+        polls = 0
         while state == 0 and wait:
             time.sleep(self._POLL)
             state, digest = self._state(spec)
+            polls += 1
+            # a worker whose series died with its parent stops waiting (and
+            # hashes the file itself, if it is still asked to)
+            if polls % 250 == 0 and parent is not None and not parent.is_alive():
+                return None
         return digest if state == 1 else None
 
 

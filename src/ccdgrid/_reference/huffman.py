@@ -11,7 +11,7 @@ import heapq
 
 import numpy as np
 
-__all__ = ["code_lengths", "encode_block", "encoded_bound", "histogram"]
+__all__ = ["canonical_codes", "code_lengths", "encode_block", "encoded_bound", "histogram"]
 
 MAX_BITS = 15
 EOB = 256
@@ -98,8 +98,11 @@ def encode_block(src, head, head_bits, lengths, final, out):
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size != 257 or lengths.max(initial=0) > MAX_BITS:
         raise ValueError("lengths must have 257 entries of at most 15 bits")
-    if np.sum(2.0 ** -lengths[lengths > 0]) > 1.0:
-        raise ValueError("more codes than lengths allow")
+    kraft = np.sum(2.0 ** -lengths[lengths > 0])
+    if not (kraft == 1.0 or (kraft == 0.5 and (lengths == 1).sum() == 1)) or not lengths[EOB]:
+        raise ValueError("lengths are no deflate code: not complete, or no end of block")
+    if not 0 <= head_bits <= 8 * np.asarray(head).size:
+        raise ValueError("head_bits must be 0 to 8 * head.size")
     if out.size < encoded_bound(src.size, head_bits):
         raise ValueError("output buffer too small")
     # a Huffman code is sent from its most significant bit: reverse it
