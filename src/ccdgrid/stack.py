@@ -698,11 +698,10 @@ class _Deflater:
     faster (2048² benchmark frames: ~2 ms with a code from the sample's
     counts, as here, 3.1 ms with the plane's, against 6.8 ms). One pass of
     the ``shuffle_planes`` kernel writes every byte plane where it goes:
-    stored ones as stored deflate
-    blocks, in place (no call to the compressor, no copy after); the others
-    in a row, then coded, each piece but the last ending on a byte (a sync
-    flush) so the pieces concatenate into one valid stream. Any inflate
-    (HDF5's filter) reads it.
+    stored ones as stored deflate blocks, in place (no call to the
+    compressor, no copy after); the others in a row, then coded, each piece
+    but the last ending on a byte (a sync flush) so the pieces concatenate
+    into one valid stream. Any inflate (HDF5's filter) reads it.
     """
 
     def __init__(self, level, engine=None):
@@ -800,7 +799,7 @@ class _Deflater:
         from ._huffman import deflate_block
 
         block = deflate_block(plane, final, lengths=lengths, out=getattr(self.local, "out", None))
-        self.local.out = block.base if block.base is not None else block
+        self.local.out = block.base  # the buffer it was written into, kept for the next frame
         return block
 
     def _deflate(self, plane, final):
