@@ -4,18 +4,25 @@ import numpy as np
 import pytest
 from scipy.interpolate import RBFInterpolator
 
+import ccdgrid.maps
 from ccdgrid.cross_validation import cross_validate
 from ccdgrid.gcv import (
     GCV_GRID,
     GCV_MAX_POINTS,
     GCV_TILE_POINTS,
+    LOCAL_GCV_POINTS,
+    MISFIT_NEIGHBOURS,
+    MISFIT_Z,
+    coherent_misfit,
     gcv_choice,
     gcv_scores,
     gcv_smoothing,
     gcv_subset,
+    local_subset,
     spread_subset,
 )
 from ccdgrid.maps import displacement_maps
+from ccdgrid.pipeline import _local_text
 from ccdgrid.thinplate import _TILE_ABOVE
 
 
@@ -165,3 +172,105 @@ def test_gcv_subset_spreads_over_one_tile_of_a_tiled_fit():
         for sx in (-1, 1):
             quarter = (np.sign(centred[:, 0]) == sy) & (np.sign(centred[:, 1]) == sx)
             assert np.hypot(*centred[quarter].T).max() >= 0.6 * reach
+
+
+def _bump(pts, centre, sigma, amp):
+    """A Gaussian displacement ``amp`` (dy, dx) px at ``centre``, width ``sigma``: (N, 2)."""
+    g = np.exp(-np.sum((pts - centre) ** 2, axis=1) / (2 * sigma**2))
+    return g[:, None] * np.asarray(amp, dtype=float)
+
+
+def test_coherent_misfit_finds_a_misfit_neighbours_share_and_not_noise():
+    rng = np.random.default_rng(41)
+    pts = _plate(40, 1.0, rng)
+    noise = rng.normal(0.0, 0.05, pts.shape)
+    z, _ = coherent_misfit(pts, noise)
+    assert 1.0 < z < MISFIT_Z
+    # a bump of 0.3 px over 1.5 pitches, six times the holes' noise
+    z, index = coherent_misfit(pts, noise + _bump(pts, (12.3, 27.8), 1.5, (0.3, -0.2)))
+    assert z > MISFIT_Z
+    assert np.hypot(*(pts[index] - (12.3, 27.8))) < 2.0
+    # its noise comes from neighbour differences: a smooth misfit over the
+    # whole plate (a trend the fit lacks) is as coherent as a bump
+    tilt = 0.01 * (pts - pts.mean(axis=0))
+    assert coherent_misfit(pts, noise + tilt)[0] > MISFIT_Z
+
+
+def test_coherent_misfit_needs_more_holes_than_a_neighbourhood_and_some_noise():
+    pts = _plate(3, 1.0, np.random.default_rng(42))
+    assert len(pts) < MISFIT_NEIGHBOURS + 1
+    assert coherent_misfit(pts, np.ones_like(pts)) == (0.0, 0)
+    pts = _plate(10, 1.0, np.random.default_rng(43))
+    assert coherent_misfit(pts, np.zeros_like(pts)) == (0.0, 0)
+
+
+def test_local_subset_is_the_holes_nearest_one_hole():
+    pts = _plate(30, 1.0, np.random.default_rng(44))
+    rows = local_subset(pts, 37)
+    assert len(rows) == LOCAL_GCV_POINTS
+    assert np.array_equal(rows, np.unique(rows))
+    dist = np.hypot(*(pts - pts[37]).T)
+    assert 37 in rows
+    assert dist[rows].max() <= np.sort(dist)[LOCAL_GCV_POINTS - 1]
+    np.testing.assert_array_equal(local_subset(pts[:100], 5), np.arange(100))
+
+
+def _bumpy_plate(with_bump, seed=45):
+    """1600 holes, 50 px apart, a quadratic field, 0.05 px of noise, and a bump at the centre.
+
+    The bump (2.5 px over 1.5 pitches) lies between the four patches a GCV on
+    500 of the holes runs on (one about each quarter's centroid).
+    """
+    rng = np.random.default_rng(seed)
+    pitch = 50.0
+    pts = _plate(40, pitch, rng)
+
+    def field(p):
+        u = p / 1000.0 - 1.0
+        smooth = np.column_stack([3.0 * u[:, 0] * u[:, 1], 2.0 * u[:, 1] ** 2 - u[:, 0]])
+        return smooth + (_bump(p, (1025.0, 1025.0), 1.5 * pitch, (2.5, -1.5)) if with_bump else 0)
+
+    disp = field(pts) + rng.normal(0.0, 0.05, pts.shape)
+    return pts, disp, field, pitch
+
+
+def _miss_at_bump(maps, field, radius):
+    """Largest |maps - field| px at the pixel corners within ``radius`` px of the bump."""
+    ii, jj = np.mgrid[900:1151:5, 900:1151:5]
+    near = np.hypot(ii - 0.5 - 1025.0, jj - 0.5 - 1025.0) < radius
+    corners = np.column_stack([ii[near] - 0.5, jj[near] - 0.5]).astype(float)
+    truth = field(corners)
+    got = np.column_stack([maps.dy[ii[near], jj[near]], maps.dx[ii[near], jj[near]]])
+    return float(np.abs(got - truth).max())
+
+
+def test_maps_follow_a_local_feature_that_a_gcv_on_a_subset_misses(monkeypatch):
+    pts, disp, field, pitch = _bumpy_plate(with_bump=True)
+    assert len(pts) > GCV_MAX_POINTS
+    maps = displacement_maps(pts, disp, (2050, 2050), scale_px=pitch)
+    local = maps.smoothing_scores["local"]
+    assert np.hypot(*(np.array(local[0]["at"]) - 1025.0)) < 2 * pitch
+    assert local[0]["z"] > MISFIT_Z
+    assert maps.smoothing == local[-1]["smoothing"]
+    assert _miss_at_bump(maps, field, 3 * pitch) < 0.3  # 2 px without the check
+    # calibrate's summary says so, and where
+    y, x = local[0]["at"]
+    assert f"lowered for a local misfit, {local[0]['z']:.0f} times" in _local_text(maps)
+    assert f"at ({y:.0f}, {x:.0f}) px" in _local_text(maps)
+    # without the check, the GCV's smoothing flattens the bump
+    monkeypatch.setattr(ccdgrid.maps, "MISFIT_Z", np.inf)
+    blind = displacement_maps(pts, disp, (2050, 2050), scale_px=pitch)
+    assert "local" not in blind.smoothing_scores
+    assert _local_text(blind) == ""
+    assert blind.smoothing > 10 * maps.smoothing
+    assert _miss_at_bump(blind, field, 3 * pitch) > 1.0
+
+
+def test_maps_without_a_local_feature_keep_the_gcv_choice(monkeypatch):
+    pts, disp, _, pitch = _bumpy_plate(with_bump=False)
+    maps = displacement_maps(pts, disp, (2050, 2050), scale_px=pitch)
+    assert "local" not in maps.smoothing_scores
+    monkeypatch.setattr(ccdgrid.maps, "MISFIT_Z", np.inf)
+    blind = displacement_maps(pts, disp, (2050, 2050), scale_px=pitch)
+    assert blind.smoothing == maps.smoothing
+    np.testing.assert_array_equal(blind.dy, maps.dy)

@@ -44,10 +44,13 @@ from .cross_validation import CrossValidation, cross_validate
 from .errors import CcdgridError
 from .gcv import (
     GCV_MAX_POINTS,
+    MISFIT_Z,
     candidate_degrees,
+    coherent_misfit,
     gcv_choice,
     gcv_scores,
     gcv_subset,
+    local_subset,
     reused_gcv_scores,
     reused_subset,
 )
@@ -103,7 +106,11 @@ class DisplacementMaps:
     smoothing_scores : dict or None
         GCV scores ``{"smoothing": (K,), "score": (K,)}`` (of the degree
         used) when the smoothing was chosen automatically; with the degree
-        chosen too, ``"degree_scores"``: best score per degree tried.
+        chosen too, ``"degree_scores"``: best score per degree tried; when
+        a misfit shared by neighbouring holes lowered it (a GCV on a subset
+        of the holes, see :func:`displacement_maps`), ``"local"``: one dict
+        per lowering, ``{"z": misfit in noise units, "at": (y, x) px of the
+        hole it centres on, "smoothing": the smoothing GCV chose there}``.
     scale_px : float, px
         Length unit of the thin-plate fit (the hole spacing).
     coarse_step : tuple of 2 float or None, px
@@ -390,6 +397,7 @@ def displacement_maps(
     auto_degree = degree is None
     degree = check_degree(degree, len(pts))
     gcv_basis = None
+    on_subset = False  # GCV ran on part of the holes
     if smoothing is None or (isinstance(smoothing, str) and smoothing == "auto"):
         keep = {}
         sub = reused_subset(*reuse) if reuse is not None else None
@@ -413,6 +421,7 @@ def displacement_maps(
         smoothing, scores, degree = gcv_choice(
             pts[sub] / scale_px, disp[sub], degree, degrees, backend, scorer
         )
+        on_subset = len(sub) < len(pts)
         if "basis" in keep:
             gcv_basis = replace(keep["basis"], rows=sub, points=fitted_points)
     smoothing = non_negative(smoothing, "smoothing")
@@ -427,6 +436,10 @@ def displacement_maps(
         previous, reuse, len(pts), smoothing, degree, chosen=scores is not None
     )
     rbf, degree = fit_tps(pts / scale_px, disp, smoothing, degree, backend, factor)
+    if on_subset:
+        rbf, smoothing, degree, scores = _lower_for_local_misfit(
+            pts, disp, scale_px, rbf, smoothing, degree, scores, backend
+        )
     yc = _coarse_axis(ny, coarse_step)
     xc = _coarse_axis(nx, coarse_step)
     nodes = np.stack(np.meshgrid(yc, xc, indexing="ij"), axis=-1).reshape(-1, 2)
@@ -448,6 +461,50 @@ def displacement_maps(
         gcv_basis=gcv_basis,
         tps_factor=_kept_factor(rbf, fitted_points),
     )
+
+
+_MAX_LOCAL_REFITS = 3
+
+
+def _lower_for_local_misfit(pts, disp, scale_px, rbf, smoothing, degree, scores, backend):
+    """Refit with less smoothing where the fit misses a feature shared by neighbouring holes.
+
+    A smoothing chosen by GCV on a subset of the holes (above
+    ``GCV_MAX_POINTS``) is blind to a feature of the field outside the
+    subset's patches, and one feature weighs little in a GCV over the
+    plate. When the residuals of the fit to all holes hold a misfit shared
+    by neighbours (:func:`ccdgrid.gcv.coherent_misfit` above
+    ``MISFIT_Z``), GCV runs on the holes around it
+    (:func:`ccdgrid.gcv.local_subset`), and a smoothing lower than the
+    plate's replaces it everywhere: the maps follow the feature, at the
+    cost of some noise elsewhere. Repeated (at most ``_MAX_LOCAL_REFITS``
+    times) while a misfit is left and GCV lowers the smoothing. On a
+    4096² plate of 1839 holes (SNR 13) with a bump of 2.8 px over 150 px,
+    the smoothing went from 499 to ~4 pitch² and the maps from 0.12 px RMS,
+    2.1 px at most, off the truth to ~0.03 px (see the tests).
+
+    Returns ``(spline, smoothing, degree, scores)``.
+    """
+    unit = pts / scale_px
+    for _ in range(_MAX_LOCAL_REFITS):
+        z, index = coherent_misfit(unit, rbf.residual_at_centres())
+        if z <= MISFIT_Z:
+            break
+        local = local_subset(unit, index)
+        try:
+            lowered, _, _ = gcv_choice(unit[local], disp[local], degree, None, backend)
+        except np.linalg.LinAlgError:
+            break
+        if not lowered < smoothing:
+            break
+        smoothing = float(lowered)
+        scores = dict(scores)
+        scores["local"] = [
+            *scores.get("local", []),
+            {"z": z, "at": tuple(float(v) for v in pts[index]), "smoothing": smoothing},
+        ]
+        rbf, degree = fit_tps(unit, disp, smoothing, degree, backend)
+    return rbf, smoothing, degree, scores
 
 
 def hull_mask(equations, shape, *, margin=0.0):

@@ -127,7 +127,7 @@ class Calibration:
             f"grid fit: {grid.method_used} (RMS lsq {grid.rms_lsq:.4f} px, "
             f"seed {grid.rms_seed:.4f} px)",
             f"maps: {self.maps.method} (trend degree {self.maps.degree}), "
-            f"smoothing {self.maps.smoothing:.3g} pitch², "
+            f"smoothing {self.maps.smoothing:.3g} pitch²{_local_text(self.maps)}, "
             f"residual at the holes {self.maps.fit_residual_rms:.4f} px; "
             f"{int(np.count_nonzero(self.mask))} pixels masked "
             f"({np.count_nonzero(self.mask) / max(self.mask.size, 1):.1%} of the image)",
@@ -436,6 +436,18 @@ _MAX_CV_PITCH = 0.03
 # is 0.0054 pitch)
 _WARN_CV_PITCH = 0.01
 _WARN_CV_PX = 0.3
+
+
+def _local_text(maps):
+    """What the summary says of a smoothing lowered for a local feature (see maps)."""
+    local = (maps.smoothing_scores or {}).get("local")
+    if not local:
+        return ""
+    first = local[0]
+    return (
+        f" (GCV's on part of the holes lowered for a local misfit, {first['z']:.0f} times "
+        f"its noise, at ({first['at'][0]:.0f}, {first['at'][1]:.0f}) px)"
+    )
 
 
 def _check_plausible(grid, maps, pitch_px, n_indexed=None, n_found=None):
