@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["Field", "IndependentGrid", "make_grid"]
+__all__ = ["Field", "IndependentGrid", "frame_residual", "make_grid"]
 
 _SUB = 3  # sub-samples per pixel side when integrating a hole profile
 _CLIP = 65535.0
@@ -498,3 +498,18 @@ def _hot_pixels(rng, shape, singles, clusters):
     )
     quad = (corner[:, None, :] + np.array([[0, 0], [0, 1], [1, 0], [1, 1]])[None]).reshape(-1, 2)
     return np.concatenate([one, quad]).astype(np.int64)
+
+
+def frame_residual(grid, cal, points):
+    """RMS and max (px) of ``p + d_rec(p)`` against ``A(p + d(p))``, ``A`` the best affine map.
+
+    ``grid`` an :class:`IndependentGrid`, ``cal`` a calibration of its image,
+    ``points`` (M, 2) detector positions: the calibration's frame is the
+    plate's up to an affine map, which is fitted out.
+    """
+    corrected = points + cal.displacement_at(points)
+    true = points + grid.field.displacement(points)
+    design = np.column_stack([np.ones(len(points)), true - true.mean(axis=0)])
+    coef, *_ = np.linalg.lstsq(design, corrected, rcond=None)
+    norm = np.hypot(*(corrected - design @ coef).T)
+    return float(np.sqrt(np.mean(norm**2))), float(norm.max())

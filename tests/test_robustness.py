@@ -288,14 +288,7 @@ def noise_class(case):
     return CASES[case][2]
 
 
-def frame_residual(grid, cal, points):
-    """RMS and max of ``p + d_rec(p)`` against ``A(p + d(p))``, ``A`` the best affine map."""
-    corrected = points + cal.displacement_at(points)
-    true = points + grid.field.displacement(points)
-    design = np.column_stack([np.ones(len(points)), true - true.mean(axis=0)])
-    coef, *_ = np.linalg.lstsq(design, corrected, rcond=None)
-    norm = np.hypot(*(corrected - design @ coef).T)
-    return float(np.sqrt(np.mean(norm**2))), float(norm.max())
+frame_residual = gen.frame_residual
 
 
 @pytest.mark.parametrize("case", params("found"))

@@ -36,6 +36,10 @@ REASONS = {
     "disconnected": "in a group of peaks that could not be tied to the main lattice",
     "outlier": "off the smooth trend of its neighbours by more than `outlier_sigma` sigmas",
     "unpredicted": "maps fitted without it miss it far more than any other hole (calibrate)",
+    "soft hole at a lit edge": (
+        "a soft hole on the slope of a soft lit-area rim, whose centre it biases "
+        "(calibrate; see ccdgrid.lit_edge)"
+    ),
 }
 
 _MIN_HOLES = 4

@@ -27,6 +27,7 @@ from .cross_validation import cross_validate
 from .errors import CcdgridError
 from .gridfit import _check_pitch, centred_grid, fit_grid
 from .lattice import index_holes
+from .lit_edge import soft_edge_rows
 from .maps import displacement_maps, map_outputs
 from .peaks import MIN_HOLES, find_holes
 
@@ -255,6 +256,7 @@ def calibrate(
     outputs = map_outputs(shape)
     peaks = as_points(holes.peaks, "peaks")
     lattice = _timed(timings, "index_holes", index_holes, peaks, pitch_px=holes.pitch_px)
+    lattice = _without_soft_edge_holes(peaks, lattice, holes, shape)
     options = {"pitch": pitch, "smoothing": smoothing, "cv_folds": cv_folds, "backend": backend}
     grid, maps, cv = _fit(peaks, lattice, shape, timings=timings, outputs=outputs, **options)
     gross = _gross_misses(cv, lattice.pitch_px)
@@ -354,7 +356,9 @@ def _fit(peaks, lattice, shape, *, pitch, smoothing, cv_folds, backend, timings,
         outputs=outputs,
         backend=backend,
     )
-    _check_plausible(grid, maps, lattice.pitch_px, lattice.n_valid, len(peaks))
+    # holes left out on purpose are no sign that the others do not form a grid
+    left_out = sum(reason == _SOFT_EDGE for reason in lattice.reasons)
+    _check_plausible(grid, maps, lattice.pitch_px, lattice.n_valid, len(peaks) - left_out)
     return grid, maps, _cross_validation(peaks[valid], grid, maps, cv_folds)
 
 
@@ -487,6 +491,36 @@ def _check_plausible(grid, maps, pitch_px, n_indexed=None, n_found=None):
 _GROSS_MISS_RATIO = 20.0
 _GROSS_MISS_PITCH = 0.02
 _GROSS_MAX_FRACTION = 0.02
+
+
+_SOFT_EDGE_KEEP = 0.25
+_SOFT_EDGE = "soft hole at a lit edge"  # a lattice.REASONS key
+
+
+def _without_soft_edge_holes(peaks, lattice, holes, shape):
+    """``lattice`` without the soft holes a lit-area edge biases (see :mod:`ccdgrid.lit_edge`).
+
+    Never fewer than a quarter of the holes (``_SOFT_EDGE_KEEP``), nor fewer
+    than ``MIN_HOLES``, are kept. In a small lit disc most holes are near
+    its rim: of 43 Lorentzian holes 96 px apart in a 450 px disc, 13 are
+    kept and cover 8 % of the lit area, 0.06 px RMS off the truth, against
+    0.13 px (1 px at most) with all of them.
+    """
+    n_valid = int(np.count_nonzero(lattice.valid))
+    rows = soft_edge_rows(
+        peaks,
+        lattice.indices,
+        lattice.valid,
+        lattice.vectors,
+        holes.amplitude,
+        holes.width,
+        shape,
+        margin=0.5 * holes.pitch_px,
+        min_left=max(MIN_HOLES, int(np.ceil(_SOFT_EDGE_KEEP * n_valid))),
+    )
+    if rows.size == 0:
+        return lattice
+    return _index_without(peaks, rows, lattice, _SOFT_EDGE)
 
 
 def _gross_misses(cv, pitch_px):
