@@ -18,35 +18,43 @@ Without the holes within 0.8-1 pitch of the rim: 0.016-0.009 px.
 The rim is found from the lattice: the outer row of holes are those with
 one of their four nearest lattice neighbours missing where it would lie
 well inside the image (no hole accepted there: outside the lit area, under
-a beam stop, or cut by the rim). When the holes are soft and that row is
-dimmer than the holes inside it (median amplitude below :data:`DIM_ROW` of
-theirs), the rim is soft and its slope reaches them: the row is left out.
-Then, row after row inwards, so are the holes of the new outer row that are
-that much dimmer than those inner holes, one by one (a lattice row crosses
-a round rim at different depths), until none is. Behind a sharp rim (a
-taper's face imaged in focus) the outer row keeps its light and its
-centres (Gaussian holes of 3-6 px beside a 4 px rim: within the
-robustness tests' bounds), and every hole stays. On an independent
-generator's 768² plate of Gaussian holes (sigma 8 px, a 60 px pitch)
-behind a rim 40 px wide, the maps were 0.17-0.23 px RMS (1.6-1.9 px at
-most) off the truth with every hole, 0.02-0.04 px (0.17-0.35 px) without
-the 37-41 holes so left out.
+a beam stop, or cut by the rim). Each is compared with the holes inside
+the row within :data:`LOCAL_PITCHES` lattice steps (the median of their
+amplitudes). When the holes are soft and the row is dimmer than those
+(median ratio below :data:`DIM_ROW`), the rim is soft and its slope reaches
+them: the row is left out. Then, row after row inwards, so are the holes of
+the new outer row that are that much dimmer than their inner holes, one by
+one (a lattice row crosses a round rim at different depths), until none
+is. Vignetting dims a row against the holes a few pitches in by ~1 % a
+pitch, far less than a rim's slope. Behind a sharp rim (a taper's face
+imaged in focus) the outer row keeps its light and its centres (Gaussian
+holes of 3-6 px beside a 4 px rim: within the robustness tests' bounds),
+and every hole stays. On an independent generator's 768² plate of
+Gaussian holes (sigma 8 px, a 60 px pitch) behind a rim 40 px wide, the
+maps were 0.17-0.23 px RMS (1.6-1.9 px at most) off the truth with every
+hole, 0.017-0.030 px (0.16-0.28 px) without the 39-54 holes so left out
+(six draws).
 Positions ``(y, x)`` are index coordinates, px.
 """
 
 import numpy as np
+from scipy.spatial import cKDTree
 
-__all__ = ["DIM_ROW", "SOFT_RATIO", "soft_edge_rows"]
+__all__ = ["DIM_ROW", "LOCAL_PITCHES", "SOFT_RATIO", "soft_edge_rows"]
 
 #: The holes are soft when their median fitted blur exceeds this fraction of
 #: their median fitted disc radius (Lorentzian-squared holes of the fuzz
 #: plates fit as a disc of 0.5-16 px blurred by 8-17 px).
 SOFT_RATIO = 0.5
-#: The outer row is on a soft rim's slope when its median amplitude is below
-#: this fraction of the inner holes' (0.68-0.94 on eight Lorentzian fuzz
-#: plates with rims of sigma 17-56 px, 0.90 on the plate above; 0.985-1.02
-#: on the robustness tests' Gaussian plates behind sharp rims and beam stops).
+#: The outer row is on a soft rim's slope when its amplitude is below this
+#: fraction of the inner holes' (against the median of all inner holes:
+#: 0.68-0.94 on eight Lorentzian fuzz plates with rims of sigma 17-56 px,
+#: 0.90 on the plate above; 0.985-1.02 on the robustness tests' Gaussian
+#: plates behind sharp rims and beam stops).
 DIM_ROW = 0.95
+#: The light an outer hole is compared with: the median amplitude of the
+#: holes inside the outer row within this many lattice steps of it.
+LOCAL_PITCHES = 3
 _NEIGHBOURS = np.array([(-1, 0), (0, -1), (0, 1), (1, 0)])
 
 
@@ -105,7 +113,7 @@ def soft_edge_rows(peaks, indices, valid, vectors, amplitude, width, shape, marg
             & (expected[:, 1] <= w - 1 - margin)
         )
     left = np.ones(rows.size, dtype=bool)
-    reference = None
+    first = True
     while True:
         # position of each hole still in, by lattice index (-1: none), one cell of margin
         where = np.full(tuple(span), -1, dtype=np.int64)
@@ -114,20 +122,44 @@ def soft_edge_rows(peaks, indices, valid, vectors, amplitude, width, shape, marg
         outer = left & np.any(np.stack(inside) & (near < 0), axis=0)
         if not outer.any() or np.count_nonzero(left) - np.count_nonzero(outer) < max(3, min_left):
             break
-        if reference is None:
-            # the light of the holes inside the first row: a row on the rim's
-            # slope is dimmer than they are (vignetting changes the light
-            # by a few % from the centre to the rim: 0.985-1.02 for the first
-            # row behind a sharp rim)
-            reference = np.median(amplitude[rows[left & ~outer]])
-            if not np.median(amplitude[rows[outer]]) < DIM_ROW * reference:
+        # each outer hole's light against that of the holes inside the row
+        # within LOCAL_PITCHES: a soft rim dims the outer holes by more than
+        # DIM_ROW's 5 %, vignetting by ~1 % a pitch (a global reference took
+        # a vignetted 4096² plate's rim, 0.78 of its centre's light, for a
+        # soft one)
+        ratio = amplitude[rows] / _inner_light(ij, amplitude[rows], left & ~outer, outer)
+        if first:
+            first = False
+            if not np.nanmedian(ratio[outer]) < DIM_ROW:
                 break
             left &= ~outer
             continue
         # further in, the rim's slope shows hole by hole (a row of the
         # lattice crosses a round rim at different depths)
-        dim = outer & (amplitude[rows] < DIM_ROW * reference)
+        dim = outer & (ratio < DIM_ROW)
         if not dim.any():
             break
         left &= ~dim
     return np.sort(rows[~left])
+
+
+def _inner_light(ij, amplitude, inner, outer):
+    """Median amplitude of the ``inner`` holes within ``LOCAL_PITCHES`` of each ``outer`` one.
+
+    ``ij`` (M, 2) lattice indices, ``amplitude`` (M,), ``inner`` and
+    ``outer`` (M,) bool. Returns (M,) float64, NaN where there is none (and
+    for holes not ``outer``).
+    """
+    light = np.full(len(ij), np.nan)
+    if not inner.any():
+        return light
+    tree = cKDTree(ij[inner].astype(np.float64))
+    inner_amp = amplitude[inner]
+    for k, near in zip(
+        np.flatnonzero(outer),
+        tree.query_ball_point(ij[outer].astype(np.float64), LOCAL_PITCHES + 0.01),
+        strict=True,
+    ):
+        if near:
+            light[k] = np.median(inner_amp[near])
+    return light
