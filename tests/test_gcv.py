@@ -196,6 +196,31 @@ def test_coherent_misfit_finds_a_misfit_neighbours_share_and_not_noise():
     assert coherent_misfit(pts, noise + tilt)[0] > MISFIT_Z
 
 
+def test_coherent_misfit_is_not_one_bad_hole():
+    # one hole 8 px off is the gross-miss test's business, not a feature
+    rng = np.random.default_rng(46)
+    pts = _plate(40, 1.0, rng)
+    residual = rng.normal(0.0, 0.05, pts.shape)
+    residual[777] = (8.0, -5.0)
+    assert coherent_misfit(pts, residual)[0] < MISFIT_Z
+    # ...but a third of a neighbourhood off is shared
+    near = np.argsort(np.hypot(*(pts - pts[777]).T))[:7]
+    residual[near] += (0.5, 0.0)
+    z, index = coherent_misfit(pts, residual)
+    assert z > MISFIT_Z
+    assert np.hypot(*(pts[index] - pts[777])) < 2.0
+
+
+def test_coherent_misfit_judges_the_component_that_has_noise():
+    rng = np.random.default_rng(47)
+    pts = _plate(30, 1.0, rng)
+    residual = np.zeros_like(pts)
+    residual[:, 1] = rng.normal(0.0, 0.05, len(pts))
+    assert coherent_misfit(pts, residual)[0] < MISFIT_Z
+    residual += _bump(pts, (15.0, 15.0), 1.5, (0.0, 0.3))
+    assert coherent_misfit(pts, residual)[0] > MISFIT_Z
+
+
 def test_coherent_misfit_needs_more_holes_than_a_neighbourhood_and_some_noise():
     pts = _plate(3, 1.0, np.random.default_rng(42))
     assert len(pts) < MISFIT_NEIGHBOURS + 1

@@ -7,6 +7,7 @@ import pytest
 import ccdgrid.lit_edge
 from ccdgrid import calibrate
 from ccdgrid.lit_edge import DIM_ROW, soft_edge_rows
+from ccdgrid.pipeline import _index_without
 
 PITCH = 50.0
 SHAPE = (800, 800)
@@ -102,11 +103,45 @@ def test_a_bright_outer_row_sharp_holes_or_a_lit_image_leave_every_hole():
     assert rows.size == 0
 
 
+def test_gaps_inside_the_lattice_are_no_rim():
+    # holes missing inside the lit area (rejected for a hot pixel, blocked):
+    # their neighbours keep their light and stay
+    peaks, ij, valid, vectors = _lattice(lit_radius=300.0)
+    outer = _outer_row(peaks, valid, 300.0)
+    amplitude = np.full(len(peaks), 1000.0)
+    amplitude[outer] = 800.0
+    centre = (np.array(SHAPE) - 1) / 2
+    deep = np.flatnonzero(valid & (np.hypot(*(peaks - centre).T) < 180.0))
+    gaps = deep[::4]
+    assert len(gaps) >= 8
+    valid[gaps] = False
+    widths = _widths(valid, SOFT)
+    rows = soft_edge_rows(peaks, ij, valid, vectors, amplitude, widths, SHAPE, 25.0)
+    np.testing.assert_array_equal(rows, np.sort(outer))
+
+
+def test_a_light_falling_over_the_whole_plate_loses_max_rows_at_most():
+    # the light falls by 10 % a pitch from the centre: every row is dimmer
+    # than the one inside it, which the rule cannot cure; it stops
+    peaks, ij, valid, vectors = _lattice(lit_radius=340.0)
+    centre = (np.array(SHAPE) - 1) / 2
+    r = np.hypot(*(peaks - centre).T)
+    amplitude = 1000.0 * 0.9 ** (r / PITCH)
+    widths = _widths(valid, SOFT)
+    rows = soft_edge_rows(peaks, ij, valid, vectors, amplitude, widths, SHAPE, 25.0)
+    assert rows.size > 0
+    kept = valid.copy()
+    kept[rows] = False
+    # the holes more than MAX_ROWS pitches (and a diagonal's slack) inside the rim stay
+    assert kept[valid & (r < 340.0 - (ccdgrid.lit_edge.MAX_ROWS + 0.5) * PITCH)].all()
+
+
 def test_too_few_or_no_valid_holes_leave_none_out():
     peaks, ij, valid, vectors = _lattice(lit_radius=60.0)
     amplitude = np.full(len(peaks), 1000.0)
+    amplitude[_outer_row(peaks, valid, 60.0)] = 500.0
     widths = _widths(valid, SOFT)
-    # every lit hole is on the rim: no inner holes to compare with
+    # nearly every lit hole is on the rim: leaving it out would leave under 3
     assert soft_edge_rows(peaks, ij, valid, vectors, amplitude, widths, SHAPE, 25.0).size == 0
     none = np.zeros(len(peaks), dtype=bool)
     assert soft_edge_rows(peaks, ij, none, vectors, amplitude, widths, SHAPE, 25.0).size == 0
@@ -138,6 +173,11 @@ def test_calibrate_leaves_out_soft_holes_a_soft_rim_biases(monkeypatch):
     rms, worst = residual(cal)
     assert rms < 0.08
     assert worst < 0.4
+    # dropping a gross miss later indexes the holes again: the ones left out stay out
+    gross = int(np.flatnonzero(cal.lattice.valid)[0])
+    again = _index_without(np.asarray(cal.holes.peaks), [gross], cal.lattice, "unpredicted")
+    assert sum(reason == "soft hole at a lit edge" for reason in again.reasons) == left_out
+    assert again.n_valid == cal.lattice.n_valid - 1
     monkeypatch.setattr(ccdgrid.lit_edge, "SOFT_RATIO", np.inf)
     every = calibrate(grid.image)
     assert not any(reason == "soft hole at a lit edge" for reason in every.lattice.reasons)

@@ -252,3 +252,9 @@ def test_command_line_adds_debug_without_parents():
     report.add_report_parser(sub)
     args = parser.parse_args(["report", "det.h5", "-o", "r.png", "--debug"])
     assert (args.detector, args.image, args.output, args.debug) == ("det.h5", None, "r.png", True)
+
+
+def test_holes_left_out_on_purpose_are_not_called_off_the_grid():
+    # the lit-edge rule leaves out holes that are in the grid
+    assert report._lattice_label("soft hole at a lit edge") == "left out: soft hole at a lit edge"
+    assert report._lattice_label("outlier") == "not in the grid: outlier"

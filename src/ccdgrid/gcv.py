@@ -56,10 +56,11 @@ GCV_TILE_POINTS = 1500
 # patches (a bump of 3 px over 1.6 pitches, at 4096²): the fit to all holes
 # is checked for a misfit shared by neighbouring holes (coherent_misfit),
 # and where one shows, a GCV of the LOCAL_GCV_POINTS holes around it may
-# lower the smoothing. Holes averaged per neighbourhood, and the misfit,
-# in units of its noise, that counts as one (on 26 plates of 705-3941
-# holes with no local feature the largest was 6.4; on four 4096² plates
-# with a bump GCV had smoothed away, 29-148).
+# lower the smoothing. Holes per neighbourhood, and the misfit, in units of
+# its noise, that counts as one (with the neighbourhood's mean: on 26 fuzz
+# plates of 705-3941 holes with no local feature the largest was 6.4; on
+# four 4096² plates with a bump GCV had smoothed away, 29-148; with its
+# median, as now: 3.1-7.6 on 12 plates without, 21-113 on those four).
 MISFIT_NEIGHBOURS = 13
 MISFIT_Z = 10.0
 LOCAL_GCV_POINTS = 300
@@ -159,12 +160,15 @@ def coherent_misfit(pts, residual, k=MISFIT_NEIGHBOURS):
     Returns
     -------
     z : float
-        The largest ``|mean residual|`` of a neighbourhood, per component,
-        in units of the noise of such a mean (``sigma / sqrt(k)``), where
-        ``sigma`` comes from the differences of each hole's residual with its
-        nearest neighbour's (1.4826 MAD / sqrt 2: a smooth misfit cancels in
-        them, the holes' noise does not). About 3-6 for a fit that leaves
-        noise only; 0 with fewer than ``k + 1`` holes or no noise at all.
+        The largest ``|median residual|`` of a neighbourhood, per component,
+        in units of the noise of such a median (``1.2533 sigma / sqrt(k)``),
+        where ``sigma`` comes from the differences of each hole's residual
+        with its nearest neighbour's (1.4826 MAD / sqrt 2: a smooth misfit
+        cancels in them, the holes' noise does not). The median, not the
+        mean: one hole 8 px off on a 1600-hole plate gave z = 37 as a mean
+        (the gross-miss test deals with such holes). About 3-6 for a fit
+        that leaves noise only; 0 with fewer than ``k + 1`` holes. A
+        component without noise (sigma 0) is not judged.
     index : int
         The hole at the centre of that neighbourhood.
     """
@@ -174,16 +178,32 @@ def coherent_misfit(pts, residual, k=MISFIT_NEIGHBOURS):
     _, near = cKDTree(pts).query(pts, k=k)
     diff = residual - residual[near[:, 1]]
     sigma = 1.4826 * np.median(np.abs(diff), axis=0) / np.sqrt(2.0)
-    if not np.all(sigma > 0):
+    noisy = sigma > 0
+    if not noisy.any():
         return 0.0, 0
-    mean = residual[near].mean(axis=1)
-    z = np.max(np.abs(mean) / (sigma / np.sqrt(k)), axis=1)
+    centre = np.median(residual[near][:, :, noisy], axis=1)
+    z = np.max(np.abs(centre) / (1.2533 * sigma[noisy] / np.sqrt(k)), axis=1)
     index = int(np.argmax(z))
     return float(z[index]), index
 
 
 def local_subset(pts, index, limit=LOCAL_GCV_POINTS):
-    """Indices (sorted, int64) of the ``limit`` holes nearest hole ``index`` (all if fewer)."""
+    """The holes a local GCV runs on: the ``limit`` nearest hole ``index``.
+
+    Parameters
+    ----------
+    pts : ndarray of shape (N, 2), float64
+        Hole positions ``(y, x)``, any length unit.
+    index : int
+        The hole at the centre.
+    limit : int
+        Number of holes (all of them if there are fewer).
+
+    Returns
+    -------
+    ndarray of shape (min(N, limit),), int64
+        Sorted indices, ``index`` among them.
+    """
     if len(pts) <= limit:
         return np.arange(len(pts))
     _, near = cKDTree(pts).query(pts[index], k=limit)

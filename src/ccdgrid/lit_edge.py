@@ -38,23 +38,30 @@ Positions ``(y, x)`` are index coordinates, px.
 """
 
 import numpy as np
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
-__all__ = ["DIM_ROW", "LOCAL_PITCHES", "SOFT_RATIO", "soft_edge_rows"]
+__all__ = ["DIM_ROW", "LOCAL_PITCHES", "MAX_ROWS", "SOFT_RATIO", "soft_edge_rows"]
 
 #: The holes are soft when their median fitted blur exceeds this fraction of
 #: their median fitted disc radius (Lorentzian-squared holes of the fuzz
 #: plates fit as a disc of 0.5-16 px blurred by 8-17 px).
 SOFT_RATIO = 0.5
-#: The outer row is on a soft rim's slope when its amplitude is below this
-#: fraction of the inner holes' (against the median of all inner holes:
+#: The outer row is on a soft rim's slope when its holes' median amplitude
+#: ratio to the holes inside it is below this; further in, a hole is when its
+#: own ratio is. (Measured first against the median of all the inner holes:
 #: 0.68-0.94 on eight Lorentzian fuzz plates with rims of sigma 17-56 px,
 #: 0.90 on the plate above; 0.985-1.02 on the robustness tests' Gaussian
-#: plates behind sharp rims and beam stops).
+#: plates behind sharp rims and beam stops.)
 DIM_ROW = 0.95
 #: The light an outer hole is compared with: the median amplitude of the
 #: holes inside the outer row within this many lattice steps of it.
 LOCAL_PITCHES = 3
+#: Rows left out at most: the first, and the dim holes of this many less one
+#: rows inside it (a rim 40 px wide took three rows of a 60 px pitch; a
+#: smooth fall of the light over the whole plate, which this rule cannot
+#: cure, would otherwise strip it down to ``min_left``).
+MAX_ROWS = 4
 _NEIGHBOURS = np.array([(-1, 0), (0, -1), (0, 1), (1, 0)])
 
 
@@ -95,7 +102,7 @@ def soft_edge_rows(peaks, indices, valid, vectors, amplitude, width, shape, marg
     rows = np.flatnonzero(valid)
     if rows.size == 0:
         return none
-    radius, blur = np.median(width[rows], axis=0)
+    radius, blur = np.nanmedian(width[rows], axis=0)
     if not blur > SOFT_RATIO * radius:
         return none
     ij = indices[rows]
@@ -112,14 +119,18 @@ def soft_edge_rows(peaks, indices, valid, vectors, amplitude, width, shape, marg
             & (expected[:, 1] >= margin)
             & (expected[:, 1] <= w - 1 - margin)
         )
+    inside = np.stack(inside)
     left = np.ones(rows.size, dtype=bool)
-    first = True
-    while True:
-        # position of each hole still in, by lattice index (-1: none), one cell of margin
+    for depth in range(MAX_ROWS):
+        # each hole still in, by lattice index (-1: none; one cell of margin),
+        # and the empty sites joined to the outside of the lattice: a gap
+        # inside it (a hole rejected for a hot pixel, blocked, masked) is
+        # no rim
         where = np.full(tuple(span), -1, dtype=np.int64)
         where[tuple((ij[left] - lo).T)] = np.flatnonzero(left)
-        near = np.stack([where[tuple((ij + step - lo).T)] for step in _NEIGHBOURS])
-        outer = left & np.any(np.stack(inside) & (near < 0), axis=0)
+        outside = _outside(where)
+        gone = np.stack([outside[tuple((ij + step - lo).T)] for step in _NEIGHBOURS])
+        outer = left & np.any(inside & gone, axis=0)
         if not outer.any() or np.count_nonzero(left) - np.count_nonzero(outer) < max(3, min_left):
             break
         # each outer hole's light against that of the holes inside the row
@@ -128,19 +139,28 @@ def soft_edge_rows(peaks, indices, valid, vectors, amplitude, width, shape, marg
         # a vignetted 4096² plate's rim, 0.78 of its centre's light, for a
         # soft one)
         ratio = amplitude[rows] / _inner_light(ij, amplitude[rows], left & ~outer, outer)
-        if first:
-            first = False
-            if not np.nanmedian(ratio[outer]) < DIM_ROW:
+        judged = outer & np.isfinite(ratio)
+        if not judged.any():
+            break
+        if depth == 0:
+            if not np.median(ratio[judged]) < DIM_ROW:
                 break
             left &= ~outer
             continue
         # further in, the rim's slope shows hole by hole (a row of the
         # lattice crosses a round rim at different depths)
-        dim = outer & (ratio < DIM_ROW)
+        dim = judged & (ratio < DIM_ROW)
         if not dim.any():
             break
         left &= ~dim
     return np.sort(rows[~left])
+
+
+def _outside(where):
+    """Empty cells of ``where`` (-1) 4-connected to its border: outside the lattice."""
+    labels, _ = ndimage.label(where < 0)
+    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    return np.isin(labels, edge[edge > 0])
 
 
 def _inner_light(ij, amplitude, inner, outer):

@@ -493,8 +493,14 @@ _GROSS_MISS_PITCH = 0.02
 _GROSS_MAX_FRACTION = 0.02
 
 
+# Never fewer holes than this fraction are kept by the lit-edge rule: a lit
+# disc of a few pitches has most of its holes near the rim, and a quarter
+# of them still gave maps 0.015-0.06 px off on the fuzz plates (and covered
+# 8-25 % of the lit area); the rule stops before crossing it.
 _SOFT_EDGE_KEEP = 0.25
 _SOFT_EDGE = "soft hole at a lit edge"  # a lattice.REASONS key
+# rejections a refit of the lattice must keep (see _index_without)
+_DELIBERATE = (_SOFT_EDGE, "unpredicted")
 
 
 def _without_soft_edge_holes(peaks, lattice, holes, shape):
@@ -545,9 +551,20 @@ def _index_without(peaks, rows, lattice, reason):
     A LatticeIndex over all of ``peaks`` (the rows keep their numbers). The
     new indexing may give back holes the first rejected, not reject holes
     the first accepted: then ``lattice`` is kept without ``rows`` instead.
+    The holes ``lattice`` left out on purpose (``_DELIBERATE`` reasons) stay
+    out with their reasons: indexing all the other peaks again gave back
+    the soft holes of a lit rim when a gross miss was dropped after them.
     """
+    rows = np.asarray(rows, dtype=np.int64)
+    before = [
+        (int(r), why)
+        for r, why in zip(lattice.rejected, lattice.reasons, strict=True)
+        if why in _DELIBERATE
+    ]
+    out = np.concatenate([rows, np.array([r for r, _ in before], dtype=np.int64)])
+    why_out = [reason] * len(rows) + [why for _, why in before]
     keep = np.ones(len(peaks), dtype=bool)
-    keep[rows] = False
+    keep[out] = False
     kept = np.flatnonzero(keep)
     again = index_holes(peaks[kept], pitch_px=lattice.pitch_px)
     indices = np.full((len(peaks), 2), -1, dtype=np.int64)
@@ -555,8 +572,8 @@ def _index_without(peaks, rows, lattice, reason):
     valid = np.zeros(len(peaks), dtype=bool)
     valid[kept] = again.valid
     if np.all(valid[lattice.valid & keep]):
-        rejected = np.concatenate([kept[again.rejected], rows]).astype(np.int64)
-        reasons = list(again.reasons) + [reason] * len(rows)
+        rejected = np.concatenate([kept[again.rejected], out]).astype(np.int64)
+        reasons = list(again.reasons) + why_out
         base, extra = again, {"start": int(kept[again.start])}
     else:
         # the new indexing judged holes the first one accepted to be outliers

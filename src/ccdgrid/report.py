@@ -59,6 +59,13 @@ _REASON_STYLES = {
 }
 _SPARE_STYLES = [("o", "#ff006e"), ("P", "#fb5607"), ("*", "#3a86ff"), ("h", "#ffbe0b")]
 _LATTICE_PREFIX = "not in the grid: "
+# holes in the grid that calibrate left out of the fit on purpose
+_LEFT_OUT = {"soft hole at a lit edge": "left out: soft hole at a lit edge"}
+
+
+def _lattice_label(reason):
+    """The legend's label of a hole the lattice or calibrate rejected for ``reason``."""
+    return _LEFT_OUT.get(reason, _LATTICE_PREFIX + reason)
 
 
 @dataclass
@@ -300,7 +307,7 @@ def _from_calibration(cal):
     rejected = _group(np.asarray(holes.rejected).reshape(-1, 2), np.asarray(holes.reasons))
     lat_rows = np.asarray(lattice.rejected, dtype=np.int64)
     rejected += _group(
-        peaks[lat_rows], np.array([_LATTICE_PREFIX + r for r in lattice.reasons], dtype=object)
+        peaks[lat_rows], np.array([_lattice_label(r) for r in lattice.reasons], dtype=object)
     )
     hist = holes.log_histogram
     source = cal.source.get("path", "") if isinstance(cal.source, dict) else ""
