@@ -6,6 +6,7 @@ import pytest
 
 import ccdgrid.lit_edge
 from ccdgrid import calibrate
+from ccdgrid.combined import calibrate_combined
 from ccdgrid.lit_edge import DIM_ROW, soft_edge_rows
 from ccdgrid.pipeline import _index_without
 
@@ -182,3 +183,28 @@ def test_calibrate_leaves_out_soft_holes_a_soft_rim_biases(monkeypatch):
     every = calibrate(grid.image)
     assert not any(reason == "soft hole at a lit edge" for reason in every.lattice.reasons)
     assert residual(every)[0] > 3 * rms
+
+
+def test_a_combined_calibration_leaves_them_out_of_every_image():
+    field = gen.Field(centre=(360.0, 407.0), radius=543.0, k1=-25.0, k2=-6.0)
+    images = [
+        gen.make_grid(
+            (768, 768),
+            pitch_px=60.0,
+            offset=offset,
+            profile="gauss",
+            width_px=8.0,
+            edge_px=40.0,
+            background=(0.01, 0.02),
+            lit_axes=(0.42, 0.42),
+            field=field,
+            seed=8 + k,
+        ).image
+        for k, offset in enumerate([(0.3, 0.6), (0.55, 0.15)])
+    ]
+    cal = calibrate_combined(images, cv_folds=0)
+    first = calibrate(images[0], cv_folds=0)
+    mine = sum(reason == "soft hole at a lit edge" for reason in first.lattice.reasons)
+    both = sum(reason == "soft hole at a lit edge" for reason in cal.lattice.reasons)
+    assert mine > 10
+    assert both > mine + 10  # the second image's too

@@ -34,7 +34,7 @@ from .errors import CcdgridError
 from .gridfit import _check_pitch, centred_grid, fit_grid
 from .lattice import index_holes
 from .maps import displacement_maps
-from .pipeline import Calibration, _check_folds, calibrate
+from .pipeline import Calibration, _check_folds, _without_soft_edge_holes, calibrate
 
 __all__ = ["CombinedCalibration", "CombinedPositions", "calibrate_combined"]
 
@@ -597,6 +597,8 @@ def _stages(image, mask, pitch, options):
     holes = find_holes(image, mask=mask, **options)
     peaks = np.asarray(holes.peaks, dtype=np.float64)
     lattice = index_holes(peaks, pitch_px=holes.pitch_px)
+    # as calibrate does: soft holes a soft lit rim biases are left out
+    lattice = _without_soft_edge_holes(peaks, lattice, holes, np.shape(image))
     valid = lattice.valid
     grid = fit_grid(peaks[valid], lattice.indices[valid], pitch=pitch, backend=options["backend"])
     return holes, lattice, grid
