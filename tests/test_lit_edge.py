@@ -148,28 +148,37 @@ def test_too_few_or_no_valid_holes_leave_none_out():
     assert soft_edge_rows(peaks, ij, none, vectors, amplitude, widths, SHAPE, 25.0).size == 0
 
 
-def test_calibrate_leaves_out_soft_holes_a_soft_rim_biases(monkeypatch):
-    # Gaussian holes (sigma 8 px, 60 px apart) on a dark plate, lit through a
-    # disc whose rim is 40 px wide: the outer row's centres move inwards
+def _rim_plate(seed, offset=(0.3, 0.6)):
+    """Gaussian holes (sigma 8 px, 60 px apart) on a dark plate, lit through a
+    disc whose rim is 40 px wide: the outer rows' centres move inwards."""
     field = gen.Field(centre=(360.0, 407.0), radius=543.0, k1=-25.0, k2=-6.0, t1=1.5, t2=1.0)
-    grid = gen.make_grid(
+    return gen.make_grid(
         (768, 768),
         pitch_px=60.0,
+        offset=offset,
         profile="gauss",
         width_px=8.0,
         edge_px=40.0,
         background=(0.01, 0.02),
         lit_axes=(0.42, 0.42),
         field=field,
-        seed=5,
+        seed=seed,
     )
+
+
+def _left_out(lattice):
+    return sum(reason == "soft hole at a lit edge" for reason in lattice.reasons)
+
+
+def test_calibrate_leaves_out_soft_holes_a_soft_rim_biases(monkeypatch):
+    grid = _rim_plate(seed=5)
 
     def residual(cal):
         yy, xx = np.nonzero(cal.mask[::4, ::4] == 0)
         return gen.frame_residual(grid, cal, np.column_stack([yy * 4.0, xx * 4.0]))
 
     cal = calibrate(grid.image)
-    left_out = sum(reason == "soft hole at a lit edge" for reason in cal.lattice.reasons)
+    left_out = _left_out(cal.lattice)
     assert left_out > 10
     rms, worst = residual(cal)
     assert rms < 0.08
@@ -177,34 +186,20 @@ def test_calibrate_leaves_out_soft_holes_a_soft_rim_biases(monkeypatch):
     # dropping a gross miss later indexes the holes again: the ones left out stay out
     gross = int(np.flatnonzero(cal.lattice.valid)[0])
     again = _index_without(np.asarray(cal.holes.peaks), [gross], cal.lattice, "unpredicted")
-    assert sum(reason == "soft hole at a lit edge" for reason in again.reasons) == left_out
+    assert _left_out(again) == left_out
     assert again.n_valid == cal.lattice.n_valid - 1
     monkeypatch.setattr(ccdgrid.lit_edge, "SOFT_RATIO", np.inf)
     every = calibrate(grid.image)
-    assert not any(reason == "soft hole at a lit edge" for reason in every.lattice.reasons)
+    assert _left_out(every.lattice) == 0
     assert residual(every)[0] > 3 * rms
 
 
 def test_a_combined_calibration_leaves_them_out_of_every_image():
-    field = gen.Field(centre=(360.0, 407.0), radius=543.0, k1=-25.0, k2=-6.0)
     images = [
-        gen.make_grid(
-            (768, 768),
-            pitch_px=60.0,
-            offset=offset,
-            profile="gauss",
-            width_px=8.0,
-            edge_px=40.0,
-            background=(0.01, 0.02),
-            lit_axes=(0.42, 0.42),
-            field=field,
-            seed=8 + k,
-        ).image
+        _rim_plate(seed=8 + k, offset=offset).image
         for k, offset in enumerate([(0.3, 0.6), (0.55, 0.15)])
     ]
     cal = calibrate_combined(images, cv_folds=0)
-    first = calibrate(images[0], cv_folds=0)
-    mine = sum(reason == "soft hole at a lit edge" for reason in first.lattice.reasons)
-    both = sum(reason == "soft hole at a lit edge" for reason in cal.lattice.reasons)
+    mine = _left_out(calibrate(images[0], cv_folds=0).lattice)
     assert mine > 10
-    assert both > mine + 10  # the second image's too
+    assert _left_out(cal.lattice) > mine + 10  # the second image's too

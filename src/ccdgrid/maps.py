@@ -49,6 +49,7 @@ from .gcv import (
     coherent_misfit,
     gcv_choice,
     gcv_scores,
+    gcv_smoothing,
     gcv_subset,
     local_subset,
     reused_gcv_scores,
@@ -495,7 +496,7 @@ def _lower_for_local_misfit(pts, disp, scale_px, rbf, smoothing, degree, scores,
             break
         local = local_subset(unit, index)
         try:
-            lowered, _, _ = gcv_choice(unit[local], disp[local], degree, None, backend)
+            lowered, _ = gcv_smoothing(unit[local], disp[local], degree, backend)
         except np.linalg.LinAlgError:
             break
         if not lowered < smoothing:
