@@ -229,3 +229,28 @@ def test_lattice_neighbours_match_a_loop_over_pairs():
     np.testing.assert_array_equal(_lattice_neighbours(prop), expected)
     assert (expected[:72] > 0).all()
     assert (expected[72:] == 0).any()
+
+
+def test_grid_among_stray_peaks():
+    # stray peaks (noise maxima between holes) make many small groups that
+    # are indexed one after another in their own frames: each try must cost
+    # about its own size (a copy of the whole state per try took 35 s on a
+    # noisy 2048² plate), and a duplicate in such a group lost a site of the
+    # group's frame, which is no site of the main lattice (before the fix
+    # 362 stray peaks were indexed there, hundreds of px from their sites)
+    rng = np.random.default_rng(21)
+    pos, idx, _ = point_set(rng, distortion_px=3.0)
+    stray = rng.uniform(0, SHAPE[0], (2000, 2))
+    stray = stray[cKDTree(pos).query(stray)[0] >= 0.3 * PITCH]
+    peaks = np.vstack([pos, stray])
+    lat = index_holes(peaks, pitch_px=PITCH)
+    n = len(pos)
+    assert lat.valid[:n].all()
+    m, offset = relabelling(lat.indices[:n], idx)
+    np.testing.assert_array_equal(lat.indices[:n], idx @ m.T + offset)
+    # a stray peak indexed at all lies near its site (within the tolerance of
+    # a free site, or kept by a loose outlier test), and few are
+    strays = np.flatnonzero(lat.valid[n:]) + n
+    assert len(strays) < 0.01 * len(stray)
+    site = lat.origin + lat.indices[strays] @ lat.vectors
+    assert np.all(np.hypot(*(peaks[strays] - site).T) < 0.5 * PITCH)

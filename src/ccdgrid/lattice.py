@@ -373,6 +373,8 @@ class _Propagation:
         self.group = np.full(n, -1, np.int64)
         self.misfit_px = np.full(n, np.inf)
         self.local = [tuple(basis.ravel())] * n  # (a00, a01, a10, a11) per hole
+        self.py = np.ascontiguousarray(p[:, 0], dtype=np.float64)
+        self.px = np.ascontiguousarray(p[:, 1], dtype=np.float64)
         self.nbrs = [[m for m in row if m < n] for row in nb_idx.tolist()]
         self.duplicate = np.zeros(n, bool)
         self.misfit = np.zeros(n, bool)
@@ -381,28 +383,35 @@ class _Propagation:
         self.claim = {}  # duplicate hole -> the site it lost
         self.n_groups = 0
 
-    def run(self, start, start_index, *, sites=None):
+    def run(self, start, start_index, *, sites=None, claim=None):
         """Propagate from ``start``; returns the holes indexed in this run.
 
-        The loop runs on Python lists: per hole it touches ~20 neighbours,
-        where numpy's per-call overhead would dominate.
+        ``sites`` and ``claim`` (site -> hole, duplicate -> the site it lost)
+        default to the main lattice's; a group indexed in its own frame
+        passes its own, whose sites mean nothing in the main frame until the
+        group is tied to it.
+
+        The loop reads and writes the state arrays through memoryviews: per
+        hole it touches ~20 neighbours, where numpy's per-item overhead would
+        dominate, and a copy of the state as lists would cost O(N) per run
+        (a run per group of leftover peaks: thousands on a noisy plate).
         """
         sites = self.sites if sites is None else sites
+        claim = self.claim if claim is None else claim
         gid = self.n_groups
         self.n_groups += 1
-        claim = self.claim
-        py, px = self.p[:, 0].tolist(), self.p[:, 1].tolist()
-        index = self.index.tolist()
-        assigned = self.assigned.tolist()
-        group = self.group.tolist()
-        duplicate = self.duplicate.tolist()
-        misfit = self.misfit_px.tolist()
+        py, px = memoryview(self.py), memoryview(self.px)
+        index = memoryview(self.index)
+        assigned = memoryview(self.assigned)
+        group = memoryview(self.group)
+        duplicate = memoryview(self.duplicate)
+        misfit = memoryview(self.misfit_px)
         local = self.local
         nbrs = self.nbrs
         tol2 = self.tol_px**2
 
         def take(m, site, miss):
-            index[m] = list(site)
+            index[m, 0], index[m, 1] = site
             assigned[m] = True
             group[m] = gid
             misfit[m] = miss
@@ -418,7 +427,7 @@ class _Propagation:
             a00, a01, a10, a11 = local[h]  # columns: i step, j step, as (y, x)
             det = a00 * a11 - a01 * a10
             hy, hx = py[h], px[h]
-            bi, bj = index[h]
+            bi, bj = index[h, 0], index[h, 1]
             for m in nbrs[h]:
                 if assigned[m] or duplicate[m]:
                     continue
@@ -447,11 +456,6 @@ class _Propagation:
                     local[m] = local[h]
                 queue.append(m)
                 members.append(m)
-        self.index[:] = index
-        self.assigned[:] = assigned
-        self.group[:] = group
-        self.duplicate[:] = duplicate
-        self.misfit_px[:] = misfit
         return np.array([m for m in members if assigned[m] and group[m] == gid], dtype=np.int64)
 
     @staticmethod
@@ -462,13 +466,13 @@ class _Propagation:
         (y, x), or None when fewer than two independent steps are indexed.
         """
         g = group[m]
-        mi, mj = index[m]
+        mi, mj = index[m, 0], index[m, 1]
         s_ii = s_ij = s_jj = 0.0
         r_iy = r_ix = r_jy = r_jx = 0.0
         for k in nbrs:
             if not assigned[k] or group[k] != g:
                 continue
-            di, dj = index[k][0] - mi, index[k][1] - mj
+            di, dj = index[k, 0] - mi, index[k, 1] - mj
             if max(abs(di), abs(dj)) > _MAX_STEP:
                 continue
             dy, dx = py[k] - py[m], px[k] - px[m]
@@ -507,8 +511,8 @@ def _attach_other_groups(prop, isolated):
         todo = np.flatnonzero(~prop.assigned & ~prop.duplicate & ~isolated & (prop.group == -1))
         if len(todo) == 0:
             return
-        sites = {}
-        members = prop.run(todo[0], (0, 0), sites=sites)
+        sites, claim = {}, {}
+        members = prop.run(todo[0], (0, 0), sites=sites, claim=claim)
         if len(members) < 2:
             prop.group[members] = -2  # tried, stays unindexed
             prop.assigned[members] = False
@@ -525,6 +529,10 @@ def _attach_other_groups(prop, isolated):
             prop.group[members] = 0
             for m, s in zip(members, shifted.tolist(), strict=True):
                 prop.sites[tuple(s)] = m
+            # a duplicate lost a site of the group's frame: the same shift
+            # makes it a site of the main lattice
+            for m, (si, sj) in claim.items():
+                prop.claim[m] = (si + int(best[0]), sj + int(best[1]))
         else:
             prop.assigned[members] = False
             prop.group[members] = -2
