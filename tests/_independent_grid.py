@@ -16,10 +16,10 @@ Model
   ``d`` = radial (barrel/pincushion) ``u (k1 |u|² + k2 |u|⁴)`` with
   ``u = (p - c) / R`` + Brown tangential (decentering) terms + Gaussian bumps
   + fibre-taper shears (a smooth ``tanh`` step of displacement along a line).
-* Holes: Gaussian (``exp(-r²/2σ²)``) or super-Gaussian (``exp(-(r/w)^2m)``)
-  transmission profiles in *plate* coordinates, i.e. seen through the
-  distortion, with per-hole width and brightness jitter, integrated over each
-  pixel on a 3x3 sub-grid.
+* Holes: Gaussian (``exp(-r²/2σ²)``), super-Gaussian (``exp(-(r/w)^2m)``)
+  or squared-Lorentzian (``(1 + r²/w²)^-2``) transmission profiles in
+  *plate* coordinates, i.e. seen through the distortion, with per-hole width
+  and brightness jitter, integrated over each pixel on a 3x3 sub-grid.
 * Light: an elliptical lit area with a soft edge (a taper face) or the whole
   image; a strong smooth background inside it, a dark level outside; an
   optional beam-stop disc that blocks everything behind it; a fraction of the
@@ -226,10 +226,12 @@ def make_grid(
         Stretch of the lattice along y (non-square pixels).
     offset : tuple of 2 float
         Position of site (0, 0) in pitches from the image centre.
-    profile : {"gauss", "super"}
+    profile : {"gauss", "super", "lorentz"}
         Hole transmission profile.
     width_px : float, px
-        Gaussian sigma, or super-Gaussian half width ``w``.
+        Gaussian sigma, super-Gaussian half width ``w``, or the ``w`` of the
+        squared Lorentzian ``1 / (1 + (r/w)²)²`` (long tails: a blurred-disc
+        fit gives it a small disc under a wide blur).
     super_order : int
         ``m`` of ``exp(-(r/w)^2m)``.
     width_jitter, amplitude_jitter : float
@@ -298,6 +300,8 @@ def make_grid(
         reach = 4.3 * width  # exp(-r²/2σ²) < 1e-4
     elif profile == "super":
         reach = width * np.log(1e4) ** (1.0 / (2 * super_order))
+    elif profile == "lorentz":
+        reach = 6.0 * width  # (1 + r²/w²)^-2 < 7e-4: the tail is long
     else:
         raise ValueError(f"unknown profile {profile!r}")
     near = (
@@ -461,7 +465,10 @@ def _render_holes(shape, field, q, holes, width, brightness, foot, profile, orde
         vy = true[:, 0].reshape(py.shape) - q[sl, 0, None, None]
         vx = true[:, 1].reshape(px.shape) - q[sl, 1, None, None]
         r2 = (vy * vy + vx * vx) / width[sl, None, None] ** 2
-        val = np.exp(-0.5 * r2 if profile == "gauss" else -(r2**order))
+        if profile == "lorentz":
+            val = 1.0 / np.square(1.0 + r2)
+        else:
+            val = np.exp(-0.5 * r2 if profile == "gauss" else -(r2**order))
         val = val.mean(axis=2) * brightness[sl, None]
         row = c[:, 0, None] + oy.reshape(1, -1).astype(np.int64)
         col = c[:, 1, None] + ox.reshape(1, -1).astype(np.int64)

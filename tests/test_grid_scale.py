@@ -194,9 +194,10 @@ def test_clip_small_bright_matches_its_definition():
     floor = ndimage.minimum_filter(np.minimum(img, thin), size=3, mode="nearest")
     floor = floor.astype(np.float64)
     top = _bright_level_brute(floor)
-    contrast = np.float32(3.0 * (top - floor.mean()))
+    base = np.minimum(floor, np.float32(top)).mean()
+    contrast = np.float32(3.0 * (top - base))
     step2 = np.where(img - thin > contrast, thin, step1)
-    step3 = np.minimum(step2, np.float32(floor.mean()) + contrast)
+    step3 = np.minimum(step2, np.float32(base) + contrast)
     np.testing.assert_allclose(gs._clip_small_bright(img), step3, rtol=1e-6)
     # the defects are where the three steps differ
     assert (step2 != step1).any()
@@ -213,6 +214,24 @@ def test_clip_small_bright_cuts_defects_and_keeps_the_hole():
     assert (got[np.arange(8, 20), np.arange(20, 32)] == 10.0).all()
     # what is thicker stays below three times the hole's contrast
     assert got.max() <= 10.0 + 3.0 * 90.0
+
+
+def test_saturated_blobs_do_not_flatten_a_faint_grid():
+    # three discs a hole wide at 65535 over a 40-count grid: they raised the
+    # background level (a mean) above the holes' (53 against 40 counts), the
+    # clipping ceiling fell below it and cut the holes to a third of their
+    # height (diameter guess 13 % off); larger blobs clipped every pixel to
+    # one value: "no hole-like structure". find_holes takes flat saturated
+    # plateaus out before this guess; blobs that are not flat, or not at the
+    # image's maximum, stay.
+    img, _, _, _ = _tp._faint_grid(seed=42)
+    clean = estimate_grid_scale(img.astype(np.float32))
+    yy, xx = np.indices(img.shape)
+    for cy, cx in [(100, 120), (300, 400), (420, 150)]:
+        img[np.hypot(yy - cy, xx - cx) < 6] = 65535.0
+    scale = estimate_grid_scale(img.astype(np.float32))
+    assert scale.pitch == pytest.approx(48.0, rel=0.02)
+    assert scale.diameter == pytest.approx(clean.diameter, rel=0.1)
 
 
 def test_cosmic_ray_streaks_on_a_faint_grid():

@@ -198,7 +198,7 @@ def _clip_small_bright(image):
        the rim of a 3x3 blob), at the brightest of most places
        (:func:`_bright_level`: a few saturated blobs a hole wide are not
        the holes), and ``B`` the mean 3x3
-       minimum, the background: no hole pixel stands three hole contrasts
+       minimum (each capped at ``M``), the background: no hole pixel stands three hole contrasts
        above its neighbours, while noise, which the thin ceiling would
        otherwise clip everywhere (flattening the holes of a 20-count
        image), is left alone;
@@ -216,7 +216,10 @@ def _clip_small_bright(image):
     # thin ceiling, its rim falls and the 3x3 minimum no longer sees it
     floor = _min3(np.minimum(image, thin))
     top = _bright_level(floor)
-    base = float(floor.mean(dtype=np.float64))
+    # capped at the holes' level: saturated blobs (three discs 90 px across
+    # at 600 times the holes' height) raised the plain mean above it, and
+    # every pixel was then clipped to one value
+    base = float(np.minimum(floor, np.float32(top)).mean(dtype=np.float64))
     contrast = np.float32(3.0 * (top - base))
     hi, lo = float(image.max()), float(image.min())
     if hi - lo <= contrast and hi <= base + contrast:
