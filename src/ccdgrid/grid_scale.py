@@ -57,6 +57,11 @@ MIN_ECHO = 3.0
 # grids give ~0, background gradients 0.1-0.4, a lit-area edge 0.3-0.6.
 _MAX_PEDESTAL = 0.1
 
+# A lattice peak found closer to the centre replaces the first one found when
+# it is at most this fraction of its length (a square lattice's step is 0.71
+# of its diagonal, a hexagonal one's 0.58 of its second vector).
+_SHORTER = 0.85
+
 # Side of the working image, px: the image is binned down to about this size.
 _WORKING_SIZE = 1024
 
@@ -391,6 +396,17 @@ def _estimate(image, pitch, diameter, binned, tophat):
         return None
     found_d = diameter if diameter is not None else d_est * factor
     vec, contrast, echo = _lattice_vector(box, half, found_d / factor)
+    if pitch is None:
+        # Broad, soft holes (a third of the pitch or more) widen the central
+        # peak, and the radius left to it (1.5 guessed diameters) can hold
+        # the lattice's own step: the search then finds a longer vector (the
+        # diagonal: a 39 px pitch read as 55 px). A lattice peak found down
+        # to one diameter from the centre, shorter and confirmed on its own
+        # (it stands out, or its lattice echoes), is the step.
+        near = _lattice_vector(box, half, found_d / factor, central=1.0)
+        shorter = np.hypot(*near[0]) < _SHORTER * np.hypot(*vec)
+        if shorter and (near[1] >= MIN_CONTRAST or near[2] >= MIN_ECHO):
+            vec, contrast, echo = near
     found_p = pitch if pitch is not None else float(np.hypot(*vec)) * factor
     return found_p, found_d, vec * factor, contrast, pedestal, echo
 
@@ -430,11 +446,12 @@ def _diameter_from_profile(prof):
     return 2.0 * r_half / HALF_OVERLAP, pedestal
 
 
-def _lattice_vector(box, half, diameter):
+def _lattice_vector(box, half, diameter, central=1.5):
     """Strongest off-centre autocorrelation peak beyond the central one, sub-pixel.
 
     Returns ``(vector (dy, dx), contrast, echo)``: the peak's lag in working
-    px, its height above the median of the lags searched in units of their
+    px, its height above the median of the lags searched (those at least
+    ``central`` diameters and one pixel from the centre) in units of their
     spread, and, when that contrast is below :data:`MIN_CONTRAST`, the
     :func:`_lattice_echo` of the peak (-inf when not needed).
     """
@@ -453,7 +470,7 @@ def _lattice_vector(box, half, diameter):
     row0 = half - top  # row of lag dy = 0 in hp
     lag_y = np.arange(half + 1)
     lag_x = np.arange(-half, half + 1)
-    far = (lag_y[:, None] ** 2 + lag_x[None, :] ** 2) >= (1.5 * diameter + 1) ** 2
+    far = (lag_y[:, None] ** 2 + lag_x[None, :] ** 2) >= (central * diameter + 1) ** 2
     searched = hp[row0:]
     flat = int(np.argmax(np.where(far, searched, -np.inf)))
     iy, ix = divmod(flat, searched.shape[1])
