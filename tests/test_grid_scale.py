@@ -307,6 +307,20 @@ def test_lattice_echo_is_the_lowest_peak_over_the_highest_trough():
     assert gs._lattice_echo(raised, *v) == pytest.approx(0.0)
 
 
+def test_lattice_echo_takes_the_shortest_second_vector_of_those_as_high():
+    # every lag of a sharp lattice stands about as high: when a longer one
+    # (here 2u - v) is the highest, the cells it spans with v are not the
+    # lattice's, their "centres" fall on lattice lags, and the echo of a
+    # clean 4096² lattice was -0.2
+    half = 60
+    v, u = (20, 4), (-4, 20)
+    lattice = _lags(half, _lattice_lags(v, u), 8.0)
+    longer = (2 * u[0] - v[0], 2 * u[1] - v[1])
+    lattice = _lags(half, [longer], 8.5, lattice)
+    # the peaks' height over the baseline between them (0 with 2u - v)
+    assert gs._lattice_echo(lattice, *v) == pytest.approx(8.0)
+
+
 def test_lattice_echo_of_a_lone_peak_and_of_a_peak_too_far_out():
     half = 60
     rng = np.random.default_rng(5)

@@ -535,7 +535,8 @@ def _lattice_echo(z, vy, vx):
 
     ``z`` ((half + 1, 2 half + 1): lags ``dy = 0..half``, ``dx = -half..half``)
     holds each lag's contrast, -inf near the centre. The second vector ``u``
-    is the highest lag more than 30 degrees off the line of ``v``. A lattice
+    is the shortest of the local maxima more than 30 degrees off the line of
+    ``v`` within :data:`_HIGH_PEAK` of the highest of them. A lattice
     puts peaks at ``u``, ``2v``, ``u + v`` and ``u - v`` and troughs halfway
     between its peaks, at ``1.5 v``, ``1.5 u``, ``v +- u/2`` and ``u +- v/2``
     (halfway between two holes the image's holes meet the gaps between the
@@ -553,8 +554,17 @@ def _lattice_echo(z, vy, vx):
     ly, lx = np.mgrid[0 : half + 1, -half : half + 1]
     norm_v = np.hypot(vy, vx)
     off_line = np.abs(vy * lx - vx * ly) > 0.5 * norm_v * np.hypot(ly, lx)
-    k = int(np.argmax(np.where(off_line, z, -np.inf)))
-    uy, ux = k // z.shape[1], k % z.shape[1] - half
+    # the shortest of the lags about as high as the highest: on a clean
+    # lattice all its lags stand as high, and the highest was a longer,
+    # non-primitive one (31 px for a 13 px step), whose "cell centres"
+    # fell on lattice lags (the echo of a sharp 4096² lattice was -0.2)
+    off = np.where(off_line, z, -np.inf)
+    highest = float(off.max())
+    if highest > 0:
+        uy, ux = _shortest_high_peak(z, off_line & np.isfinite(z), half, highest)
+    else:
+        uy, ux = divmod(int(np.argmax(off)), z.shape[1])
+    ux -= half
 
     def highest_near(dy, dx):
         dy, dx = round(dy), round(dx)
