@@ -440,16 +440,26 @@ def test_shortest_high_peak_is_the_lattice_step():
     assert gs._shortest_high_peak(z, far, half, 5.6) == (1, -19 + half)
 
 
-@pytest.mark.parametrize(("pitch", "width", "rotation"), [(39.0, 14.0, 0.7), (40.0, 14.0, 20.0)])
-def test_broad_long_tailed_holes_give_the_lattice_step_not_its_diagonal(pitch, width, rotation):
-    # squared-Lorentzian holes of half width w = 0.36 pitch (independent
-    # generator): their autocorrelation's central peak, 1.5 guessed
-    # diameters, reached past the lattice's step, and the guess was the
-    # diagonal (55 px for 39; a fuzz plate of the kind was refused, its
-    # diagonal lattice not echoing)
+def test_a_lattice_step_inside_the_central_peak_is_looked_for_before_refusing(monkeypatch):
+    # squared-Lorentzian holes of half width 0.36 pitch (independent
+    # generator): their autocorrelation's central peak is so wide that the
+    # lags beyond 1.5 guessed diameters miss the lattice's step (39 px) and
+    # hold its diagonal (55 px); down to one diameter they hold the step
     img = gen.make_grid(
-        (768, 768), pitch_px=pitch, profile="lorentz", width_px=width, rotation_deg=rotation,
+        (768, 768), pitch_px=39.0, profile="lorentz", width_px=14.0, rotation_deg=0.7,
         amplitude=20000.0, seed=4,
-    ).image  # fmt: skip
-    scale = estimate_grid_scale(img.astype(np.float32))
-    assert scale.pitch == pytest.approx(pitch, rel=0.04)
+    ).image.astype(np.float32)  # fmt: skip
+    first = gs._estimate(img, None, None, None, tophat=False)
+    closer = gs._estimate(img, None, None, None, tophat=False, central=1.0)
+    assert first[0] == pytest.approx(55.2, rel=0.04)
+    assert closer[0] == pytest.approx(39.0, rel=0.04)
+    # where the diagonal's lattice does not echo (fuzz plates 139, 195, 249:
+    # refused as "no periodic grid"), the step is taken
+    real = gs._lattice_vector
+
+    def diagonal_does_not_echo(box, half, diameter, central=1.5):
+        vec, contrast, echo = real(box, half, diameter, central)
+        return (vec, 3.4, -0.1) if central == 1.5 else (vec, contrast, echo)
+
+    monkeypatch.setattr(gs, "_lattice_vector", diagonal_does_not_echo)
+    assert estimate_grid_scale(img).pitch == pytest.approx(39.0, rel=0.04)

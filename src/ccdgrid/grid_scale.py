@@ -57,11 +57,6 @@ MIN_ECHO = 3.0
 # grids give ~0, background gradients 0.1-0.4, a lit-area edge 0.3-0.6.
 _MAX_PEDESTAL = 0.1
 
-# A lattice peak found closer to the centre replaces the first one found when
-# it is at most this fraction of its length (a square lattice's step is 0.71
-# of its diagonal, a hexagonal one's 0.58 of its second vector).
-_SHORTER = 0.85
-
 # Side of the working image, px: the image is binned down to about this size.
 _WORKING_SIZE = 1024
 
@@ -315,6 +310,20 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
         ranked = [f for f in (found, retry) if f is not None]
         ranked.sort(key=lambda f: (not _implausible(f, pitch, diameter), f[3]))
         found = ranked[-1] if ranked else None
+    if found is not None and pitch is None and _implausible(found, pitch, diameter):
+        # Broad, soft holes (a third of the pitch or more) widen the central
+        # peak, and the lags left to it (1.5 guessed diameters) can hold the
+        # lattice's own step: the search finds a longer vector (the diagonal),
+        # whose lattice may not echo (fuzz plates of 35-40 px pitch refused).
+        # Before refusing, the lattice peak is looked for again down to one
+        # diameter from the centre. Only then: a plate calibrated from a
+        # longer first guess (2x the pitch) is not guessed again.
+        closer = [
+            _estimate(image, pitch, diameter, binned, tophat=t, central=1.0) for t in (False, True)
+        ]
+        ranked = [f for f in (found, *closer) if f is not None]
+        ranked.sort(key=lambda f: (not _implausible(f, pitch, diameter), f[3]))
+        found = ranked[-1]
     if found is None:
         raise CcdgridError(
             "`image` shows no hole-like structure (flat autocorrelation): is there a grid in it?"
@@ -342,12 +351,13 @@ def _tophat(image, size):
     return image - ndimage.grey_opening(image, size=(size, size))
 
 
-def _estimate(image, pitch, diameter, binned, tophat):
+def _estimate(image, pitch, diameter, binned, tophat, central=1.5):
     """(pitch, diameter, lattice vector, contrast, pedestal, echo); None: no central peak.
 
     Lengths in full-resolution px; the pedestal is the autocorrelation at the
     foot of its central peak over the peak's height (~0 for a clean grid);
-    contrast and echo as :func:`_lattice_vector` returns them.
+    contrast and echo as :func:`_lattice_vector` returns them, the lattice
+    peak searched beyond ``central`` diameters from the centre.
     """
     h, w = image.shape
     # a ~1024 px working image keeps the cost low; the holes stay >= 3 px wide
@@ -395,18 +405,7 @@ def _estimate(image, pitch, diameter, binned, tophat):
     if d_est is None and diameter is None:
         return None
     found_d = diameter if diameter is not None else d_est * factor
-    vec, contrast, echo = _lattice_vector(box, half, found_d / factor)
-    if pitch is None:
-        # Broad, soft holes (a third of the pitch or more) widen the central
-        # peak, and the radius left to it (1.5 guessed diameters) can hold
-        # the lattice's own step: the search then finds a longer vector (the
-        # diagonal: a 39 px pitch read as 55 px). A lattice peak found down
-        # to one diameter from the centre, shorter and confirmed on its own
-        # (it stands out, or its lattice echoes), is the step.
-        near = _lattice_vector(box, half, found_d / factor, central=1.0)
-        shorter = np.hypot(*near[0]) < _SHORTER * np.hypot(*vec)
-        if shorter and (near[1] >= MIN_CONTRAST or near[2] >= MIN_ECHO):
-            vec, contrast, echo = near
+    vec, contrast, echo = _lattice_vector(box, half, found_d / factor, central)
     found_p = pitch if pitch is not None else float(np.hypot(*vec)) * factor
     return found_p, found_d, vec * factor, contrast, pedestal, echo
 
