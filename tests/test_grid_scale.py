@@ -453,8 +453,11 @@ def test_a_lattice_step_inside_the_central_peak_is_looked_for_before_refusing(mo
     closer = gs._estimate(img, None, None, None, tophat=False, central=1.0)
     assert first[0] == pytest.approx(55.2, rel=0.04)
     assert closer[0] == pytest.approx(39.0, rel=0.04)
-    # where the diagonal's lattice does not echo (fuzz plates 139, 195, 249:
-    # refused as "no periodic grid"), the step is taken
+    # this plate's diagonal lattice echoes (its top-hat guess: 3.4 > 3), so
+    # the guess stands at 55 px and the closer search never runs
+    assert estimate_grid_scale(img).pitch == pytest.approx(55.2, rel=0.04)
+    # on fuzz plates 139, 195 and 249 it did not (refused as "no periodic
+    # grid"); simulated here: the step is then taken
     real = gs._lattice_vector
 
     def diagonal_does_not_echo(box, half, diameter, central=1.5):

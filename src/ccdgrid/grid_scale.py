@@ -535,7 +535,9 @@ def _lattice_echo(z, vy, vx):
     ``z`` ((half + 1, 2 half + 1): lags ``dy = 0..half``, ``dx = -half..half``)
     holds each lag's contrast, -inf near the centre. The second vector ``u``
     is the shortest of the local maxima more than 30 degrees off the line of
-    ``v`` within :data:`_HIGH_PEAK` of the highest of them. A lattice
+    ``v`` within :data:`_HIGH_PEAK` of the highest of them (the highest lag
+    itself when none is positive, or when it sits on a slope: see
+    :func:`_shortest_high_peak`). A lattice
     puts peaks at ``u``, ``2v``, ``u + v`` and ``u - v`` and troughs halfway
     between its peaks, at ``1.5 v``, ``1.5 u``, ``v +- u/2`` and ``u +- v/2``
     (halfway between two holes the image's holes meet the gaps between the

@@ -516,6 +516,7 @@ def _attach_other_groups(prop, isolated):
         if len(members) < 2:
             prop.group[members] = -2  # tried, stays unindexed
             prop.assigned[members] = False
+            _release(prop, claim)
             continue
         guess = (prop.p[members] - origin) @ inv.T - prop.index[members]
         offsets = np.rint(guess).astype(np.int64)
@@ -536,6 +537,21 @@ def _attach_other_groups(prop, isolated):
         else:
             prop.assigned[members] = False
             prop.group[members] = -2
+            _release(prop, claim)
+
+
+def _release(prop, claim):
+    """Free the peaks that lost a site of a group left unindexed.
+
+    They lost to a peak that is no hole of the lattice, at a site of the
+    group's own frame: no duplicates of anything (on a plate with stray
+    peaks 792 such peaks were reported "duplicate"), and each may still
+    start or join another group.
+    """
+    if claim:
+        lost = np.fromiter(claim, np.int64, len(claim))
+        prop.duplicate[lost] = False
+        prop.group[lost] = -1
 
 
 def _lattice_neighbours(prop):

@@ -435,15 +435,17 @@ def find_holes(
             img, valid = _without_pixels(img, valid, result[2])
             hot = np.concatenate([hot, result[2]])
             binned = _BinnedCopies(img)
-        # the first guess sized the smoothing disc; redo with the measured size
-        # when it was far off, so the smoothed peaks are single and centred. A
+        # the first guess sized the smoothing disc; redo with the size the
+        # fits measured (``_search``'s second value: the fitted disc, or half
+        # the profile's width for soft holes) when it was far off, so the
+        # smoothed peaks are single and centred. A
         # smaller disc shows hot pixels the first one smoothed away: that
         # search leaves them out too (100 hot pixels among broad holes 59 ->
         # 21 px made the bright mode, and the threshold went above every hole)
         first = diameter == diameter0 and hole_diameter is None and result is not None
         if first and abs(result[1] / diameter0 - 1.0) > 0.3:
             passes.append(result[1])
-            # kept when the fitted disc is the smaller one (a disc smaller
+            # kept when the measured size is the smaller one (a disc smaller
             # than the first guess can lose holes to what the guess smoothed
             # away; a larger one only merges a hole's split peaks)
             if result[1] < diameter0:
