@@ -550,8 +550,14 @@ def _search(
     if positive.sum() == 0:
         return None
     logc = np.log10(contrast[positive])
-    # 2 % of the holes the image would hold if the plate lit all of it
-    thr_auto, hist = _holes.auto_threshold(logc, min_bright=0.02 * h * w / pitch**2)
+    # 2 % of the holes the image would hold if the plate lit all of it; with
+    # no more candidates than it can hold (a hexagonal lattice, the holes
+    # the border cuts, a guessed pitch a few % long: 1.5 times its area over
+    # the pitch squared), none is noise
+    capacity = h * w / pitch**2
+    thr_auto, hist = _holes.auto_threshold(
+        logc, min_bright=0.02 * capacity, max_holes=1.5 * capacity
+    )
     thr = thr_auto if threshold is None else threshold
     hist.threshold = thr
     keep = np.flatnonzero(positive)[logc >= thr]
