@@ -197,9 +197,9 @@ def _clip_small_bright(image):
        than 3x3 survives a 3x3 minimum filter, and the thin ceiling trims
        the rim of a 3x3 blob), at the brightest of most places
        (:func:`_bright_level`: a few saturated blobs a hole wide are not
-       the holes), and ``B`` the mean 3x3
-       minimum (each capped at ``M``), the background: no hole pixel stands three hole contrasts
-       above its neighbours, while noise, which the thin ceiling would
+       the holes), and ``B`` the mean 3x3 minimum (each capped at ``M``),
+       the background: no hole pixel stands three hole contrasts above its
+       neighbours, while noise, which the thin ceiling would
        otherwise clip everywhere (flattening the holes of a 20-count
        image), is left alone;
     3. everything is clipped to ``B + 3 (M - B)``: what is left above the
@@ -216,9 +216,9 @@ def _clip_small_bright(image):
     # thin ceiling, its rim falls and the 3x3 minimum no longer sees it
     floor = _min3(np.minimum(image, thin))
     top = _bright_level(floor)
-    # capped at the holes' level: saturated blobs (three discs 90 px across
-    # at 600 times the holes' height) raised the plain mean above it, and
-    # every pixel was then clipped to one value
+    # capped at the holes' level: three hole-sized discs at 65535 over
+    # 40-count holes raised the plain mean above it, and the ceiling below
+    # then cut the holes down (larger blobs: every pixel to one value)
     base = float(np.minimum(floor, np.float32(top)).mean(dtype=np.float64))
     contrast = np.float32(3.0 * (top - base))
     hi, lo = float(image.max()), float(image.min())
@@ -306,10 +306,9 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
         # included, and keeps the holes; the guess whose lattice peak stands
         # out more wins (a faint lattice peak that echoes is worth that
         # second look too).
-        retry = _estimate(image, pitch, diameter, binned, tophat=True)
-        ranked = [f for f in (found, retry) if f is not None]
-        ranked.sort(key=lambda f: (not _implausible(f, pitch, diameter), f[3]))
-        found = ranked[-1] if ranked else None
+        found = _best(
+            [found, _estimate(image, pitch, diameter, binned, tophat=True)], pitch, diameter
+        )
     if found is not None and pitch is None and _implausible(found, pitch, diameter):
         # Broad, soft holes (a third of the pitch or more) widen the central
         # peak, and the lags left to it (1.5 guessed diameters) can hold the
@@ -321,9 +320,7 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
         closer = [
             _estimate(image, pitch, diameter, binned, tophat=t, central=1.0) for t in (False, True)
         ]
-        ranked = [f for f in (found, *closer) if f is not None]
-        ranked.sort(key=lambda f: (not _implausible(f, pitch, diameter), f[3]))
-        found = ranked[-1]
+        found = _best([found, *closer], pitch, diameter)
     if found is None:
         raise CcdgridError(
             "`image` shows no hole-like structure (flat autocorrelation): is there a grid in it?"
@@ -335,6 +332,13 @@ def estimate_grid_scale(image, *, pitch=None, diameter=None, binned=None):
             f"{contrast:.1f} times its spread (noise gives ~4, grids > 30)"
         )
     return GridScale(found_p, found_d, vec, contrast)
+
+
+def _best(guesses, pitch, diameter):
+    """The plausible guess whose lattice peak stands out most (None if there is none)."""
+    ranked = [f for f in guesses if f is not None]
+    ranked.sort(key=lambda f: (not _implausible(f, pitch, diameter), f[3]))
+    return ranked[-1] if ranked else None
 
 
 def _implausible(found, pitch, diameter):

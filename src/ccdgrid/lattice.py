@@ -503,8 +503,8 @@ def _attach_other_groups(prop, isolated):
     origin, vectors = _affine(prop.index[main], prop.p[main], prop.basis)
     inv = np.linalg.inv(vectors.T)
     # a peak with no neighbour at a lattice step can only make a group of
-    # one: settled here at once (each run costs O(n), and a pattern that is
-    # no grid leaves thousands of such peaks: 8 s of 15 on powder rings)
+    # one: settled here at once (each try scans the state for the next
+    # start, and a pattern that is no grid leaves thousands of such peaks)
     lonely = ~prop.assigned & (_lattice_neighbours(prop) == 0)
     prop.group[lonely] = -2
     for _ in range(n):

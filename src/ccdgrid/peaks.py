@@ -438,10 +438,10 @@ def find_holes(
         # the first guess sized the smoothing disc; redo with the size the
         # fits measured (``_search``'s second value: the fitted disc, or half
         # the profile's width for soft holes) when it was far off, so the
-        # smoothed peaks are single and centred. A
-        # smaller disc shows hot pixels the first one smoothed away: that
-        # search leaves them out too (100 hot pixels among broad holes 59 ->
-        # 21 px made the bright mode, and the threshold went above every hole)
+        # smoothed peaks are single and centred. A smaller disc shows hot
+        # pixels the first one smoothed away: that search leaves them out
+        # too (100 hot pixels among broad holes 59 -> 21 px made the bright
+        # mode, and the threshold went above every hole)
         first = diameter == diameter0 and hole_diameter is None and result is not None
         if first and abs(result[1] / diameter0 - 1.0) > 0.3:
             passes.append(result[1])

@@ -581,13 +581,13 @@ def _index_without(peaks, rows, lattice, reason):
     indices[kept] = again.indices
     rejected = np.concatenate([kept[again.rejected], out])
     reasons = list(again.reasons) + [reason] * len(rows) + [why for _, why in before]
-    order = np.argsort(rejected, kind="stable")
+    rejected, reasons = _in_order(rejected, reasons)
     return replace(
         again,
         indices=indices,
         valid=valid,
-        rejected=rejected[order],
-        reasons=[reasons[k] for k in order],
+        rejected=rejected,
+        reasons=reasons,
         start=int(kept[again.start]),
     )
 
@@ -606,15 +606,21 @@ def _lattice_without(lattice, rows, reason):
     indices[valid] -= shift
     rejected = np.concatenate([lattice.rejected, rows]).astype(np.int64)
     reasons = list(lattice.reasons) + [reason] * len(rows)
-    order = np.argsort(rejected, kind="stable")
+    rejected, reasons = _in_order(rejected, reasons)
     return replace(
         lattice,
         indices=indices,
         valid=valid,
-        rejected=rejected[order],
-        reasons=[reasons[k] for k in order],
+        rejected=rejected,
+        reasons=reasons,
         origin=lattice.origin + shift @ lattice.vectors,
     )
+
+
+def _in_order(rejected, reasons):
+    """Rejected rows sorted (as an indexing lists them), with their reasons."""
+    order = np.argsort(rejected, kind="stable")
+    return rejected[order], [reasons[k] for k in order]
 
 
 def _check_predictive(cv, pitch_px):
