@@ -340,10 +340,12 @@ def test_dark_holes_on_a_bright_plate_are_said_to_be(fraction):
     # an inverted image is calibrated on the bright plate between its holes,
     # whose cells' middles are the dark holes: that was returned in silence
     # (1.2 px off on a helper's fuzz plate); bright holes never warn (the
-    # whole suite runs with warnings as errors)
+    # whole suite runs with warnings as errors). polarity="auto", the default,
+    # calibrates such an image as dark holes (tests/test_polarity.py)
     img = _tp.make_grid((768, 768), pitch=60.0, diameter=fraction * 60.0, seed=7)[0]
     with pytest.warns(UserWarning, match="below their background: is it dark holes on a bright"):
-        calibrate(img.max() - img, pitch=5e-3)
+        calibrate(img.max() - img, pitch=5e-3, polarity="bright")
+    assert calibrate(img.max() - img, pitch=5e-3).params["polarity"] == "dark"
 
 
 def test_maps_that_predict_a_hole_left_out_poorly_are_kept_with_a_warning():

@@ -995,11 +995,15 @@ def test_dark_spots_on_a_bright_plate_are_named(capsys, tmp_path):
     fabio.edfimage.EdfImage(data=image.max() - image).write(str(path))
 
     out = tmp_path / "o.h5"
-    assert main(["calibrate", str(path), "--pitch", "5mm", "-o", str(out)]) == 1
+    args = ["calibrate", str(path), "--pitch", "5mm", "-o", str(out)]
+    assert main([*args, "--polarity", "bright"]) == 1
     line = _error_line(capsys)
     assert "dark spots on a bright background" in line
-    assert "invert such an image first" in line
+    assert "with --polarity dark (or auto, the default)" in line
     assert not out.exists()
+    # the default calibrates it as dark holes
+    assert main(args) == 0
+    assert load(out).params["polarity"] == "dark"
 
 
 def test_the_dark_spots_hint_joins_a_detection_failures_advice(capsys, tmp_path, fake_calibrate):
@@ -1011,7 +1015,11 @@ def test_the_dark_spots_hint_joins_a_detection_failures_advice(capsys, tmp_path,
     fabio.edfimage.EdfImage(data=data).write(str(path))
     fake_calibrate.behaviour["raise"] = CcdgridError("too few holes found in `image`: 2")
 
-    assert main(["calibrate", str(path), "--pitch", "5mm", "-o", str(tmp_path / "o.h5")]) == 1
+    argv = ["calibrate", str(path), "--pitch", "5mm", "-o", str(tmp_path / "o.h5")]
+    assert main([*argv, "--polarity", "bright"]) == 1
     line = _error_line(capsys)
     assert "too few holes found in the image: 2. The image looks like dark spots" in line
+    # with "auto" (the default) the dark holes were tried already: no such hint
+    assert main(argv) == 1
+    assert "dark spots" not in _error_line(capsys)
     assert "--hole-diameter PX and --spacing PX" in line

@@ -332,6 +332,14 @@ def build_parser():
         "automatic; `ccdgrid info` shows the value used as resolved.threshold)",
     )
     cal.add_argument(
+        "--polarity",
+        choices=("auto", "bright", "dark"),
+        default="auto",
+        help="holes brighter than the plate (a metal plate's holes), darker (absorbing dots "
+        "on a transparent sheet), or auto (default): bright, unless the image reads as dark "
+        "holes; the detector file records which",
+    )
+    cal.add_argument(
         "--backend",
         choices=("cython", "numpy"),
         default="cython",
@@ -652,6 +660,7 @@ def _run_single(args, source):
             threshold=args.threshold,
             backend=args.backend,
             previous=args.previous,
+            polarity=args.polarity,
             source=info,  # provenance (file, frame, dataset, sha256) for the detector file
         )
     elapsed = time.perf_counter() - start
@@ -670,8 +679,8 @@ _DETECTION_FAILURES = ("too few holes", "no grid of holes found", "shows no peri
 
 
 _DARK_SPOTS = (
-    "The image looks like dark spots on a bright background: ccdgrid looks for bright "
-    "holes (light through a plate), so invert such an image first."
+    "The image looks like dark spots on a bright background: calibrate it as dark holes, "
+    "with --polarity dark (or auto, the default)."
 )
 
 
@@ -694,8 +703,10 @@ class _detection_hint:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None or not issubclass(exc_type, CcdgridError):
             return False
-        # dark dots on a bright plate fail anywhere in the search or the lattice
-        dark = _DARK_SPOTS if _dark_spots(self.image, self.mask) else ""
+        # dark dots on a bright plate searched as bright holes fail anywhere in
+        # the search or the lattice ("auto" tried them as dark holes already)
+        bright = getattr(self.args, "polarity", "auto") == "bright"
+        dark = _DARK_SPOTS if bright and _dark_spots(self.image, self.mask) else ""
         if not any(text in str(exc) for text in _DETECTION_FAILURES):
             if not dark:
                 return False
@@ -786,6 +797,8 @@ def _calibrate_options(args):
     options = {key: value for key, value in options.items() if value is not None}
     if args.backend != "cython":
         options["backend"] = args.backend
+    if args.polarity != "auto":
+        options["polarity"] = args.polarity
     return options
 
 

@@ -34,7 +34,13 @@ from .errors import CcdgridError
 from .gridfit import _check_pitch, centred_grid, fit_grid
 from .lattice import index_holes
 from .maps import displacement_maps
-from .pipeline import Calibration, _check_folds, _without_soft_edge_holes, calibrate
+from .pipeline import (
+    Calibration,
+    _check_folds,
+    _without_soft_edge_holes,
+    calibrate,
+)
+from .polarity import check_polarity, invert
 
 __all__ = ["CombinedCalibration", "CombinedPositions", "calibrate_combined"]
 
@@ -223,6 +229,7 @@ def calibrate_combined(
     cv_folds=5,
     compare_single=True,
     sources=None,
+    polarity="auto",
 ):
     """Calibrate a detector from several images of one grid plate at shifted positions.
 
@@ -259,6 +266,10 @@ def calibrate_combined(
     sources : sequence of (str, dict or None) or None
         Origin of in-memory images, as ``source`` in :func:`ccdgrid.calibrate`
         (ignored for paths, whose file information is used).
+    polarity : {"auto", "bright", "dark"}
+        Bright or dark holes, as in :func:`ccdgrid.calibrate`; "auto" decides
+        on the first image calibrated alone (as ``compare_single`` does), and
+        all images are read that way.
 
     Returns
     -------
@@ -317,6 +328,7 @@ def calibrate_combined(
     check_backend(backend)
     cv_folds = _check_folds(cv_folds)
     pitch = _check_pitch(pitch)
+    polarity = check_polarity(polarity)
     if not isinstance(compare_single, (bool, np.bool_)):
         raise CcdgridError(f"`compare_single` must be True or False, got {compare_single!r}")
     arrays, infos = _read_images(images, sources)
@@ -333,32 +345,40 @@ def calibrate_combined(
     }
 
     t0 = time.perf_counter()
-    single = None
+    first = None
+    if compare_single or polarity == "auto":
+        # the first image alone: compared with the joint calibration, and how
+        # calibrate reads it settles an automatic polarity
+        first = _per_image(
+            0,
+            infos,
+            calibrate,
+            arrays[0],
+            pitch=pitch,
+            mask=masks[0],
+            smoothing=smoothing,
+            cv_folds=cv_folds if compare_single else 0,
+            source=infos[0],
+            polarity=polarity,
+            **options,
+        )
+        polarity = first.params["polarity"]
+    single = first if compare_single else None
+    if polarity == "dark":
+        arrays = [a if k == 0 and first is not None else invert(a) for k, a in enumerate(arrays)]
     stages = []
     for k, image in enumerate(arrays):
-        if k == 0 and compare_single:
-            single = _per_image(
-                k,
-                infos,
-                calibrate,
-                image,
-                pitch=pitch,
-                mask=masks[0],
-                smoothing=smoothing,
-                cv_folds=cv_folds,
-                source=infos[0],
-                **options,
-            )
+        if k == 0 and first is not None:
             # the images are aligned on least-squares lattices: calibrate's
             # grid is the one seen at the image centre (gridfit.centred_grid)
-            valid = single.lattice.valid
+            valid = first.lattice.valid
             lsq = fit_grid(
-                np.asarray(single.holes.peaks, dtype=np.float64)[valid],
-                single.lattice.indices[valid],
+                np.asarray(first.holes.peaks, dtype=np.float64)[valid],
+                first.lattice.indices[valid],
                 pitch=pitch,
                 backend=backend,
             )
-            stages.append((single.holes, single.lattice, lsq))
+            stages.append((first.holes, first.lattice, lsq))
         else:
             stages.append(_per_image(k, infos, _stages, image, masks[k], pitch, options))
     timings["per_image"] = time.perf_counter() - t0
@@ -447,6 +467,7 @@ def calibrate_combined(
         "smoothing": smoothing,
         "backend": backend,
         "cv_folds": cv_folds,
+        "polarity": polarity,
         "offsets": None if given is None else given.tolist(),
         "resolved": {
             "hole_diameter": float(stages[0][0].hole_diameter),

@@ -30,6 +30,7 @@ from .lattice import index_holes
 from .lit_edge import soft_edge_rows
 from .maps import displacement_maps, map_outputs
 from .peaks import MIN_HOLES, find_holes
+from .polarity import check_polarity, invert
 
 __all__ = ["Calibration", "calibrate"]
 
@@ -114,8 +115,8 @@ class Calibration:
         lines = [
             f"image {self.shape[0]} x {self.shape[1]} px"
             + (f", {os.path.basename(self.source['path'])}" if self.source else ""),
-            f"holes found: {len(holes.peaks)}; candidates rejected: "
-            + _count_text(getattr(holes, "reasons", ())),
+            f"holes found: {len(holes.peaks)}{_polarity_text(self.params)}; candidates "
+            "rejected: " + _count_text(getattr(holes, "reasons", ())),
             f"holes indexed: {lattice.n_valid}; peaks rejected: " + _count_text(lattice.reasons),
             "grid vectors (y, x) px: i -> ({:.3f}, {:.3f}), j -> ({:.3f}, {:.3f})".format(
                 *grid.vectors.ravel()
@@ -162,6 +163,7 @@ def calibrate(
     source=None,
     cv_folds=5,
     previous=None,
+    polarity="auto",
 ):
     """Measure a detector's spatial distortion from one grid-of-holes image.
 
@@ -199,7 +201,17 @@ def calibrate(
         recalibrate warm from it with :func:`ccdgrid.warmstart.recalibrate`
         (``hole_diameter``, ``pitch_px`` and ``threshold`` are then taken
         from it; a cold calibration is made, with a warning, if the plate
-        moved too far).
+        moved too far). Its polarity is used, whatever ``polarity`` says.
+    polarity : {"auto", "bright", "dark"}
+        Whether the holes are brighter than the plate (a metal plate's holes
+        let the beam through) or darker (absorbing dots on a transparent
+        sheet; see :mod:`ccdgrid.polarity`). "auto" calibrates the image as
+        bright holes and, when that is refused or the lattice cells' middles
+        lie far below the holes' background (the "holes" found were then the
+        plate between dark ones), calibrates its negative too and keeps it
+        if it stands and its maps predict holes left out no worse; only the
+        kept calibration's warnings are shown. ``params["polarity"]`` records
+        the polarity used.
 
     Returns
     -------
@@ -228,9 +240,9 @@ def calibrate(
         )
     check_backend(backend)
     cv_folds = _check_folds(cv_folds)
+    polarity = check_polarity(polarity)
     # checked before the (long) hole search, not when the grid fit needs it
     pitch = _check_pitch(5e-3 if pitch is None else pitch)
-    timings = {}
     t_start = time.perf_counter()
     if isinstance(image, (str, os.PathLike)):
         image, source = _read(os.fspath(image))
@@ -238,7 +250,118 @@ def calibrate(
         source = dict(source)
     elif source is not None:
         source = {"path": str(source), "sha256": None}
-    timings["read"] = time.perf_counter() - t_start
+    read = time.perf_counter() - t_start
+    options = {
+        "mask": mask,
+        "hole_diameter": hole_diameter,
+        "pitch_px": pitch_px,
+        "threshold": threshold,
+        "pitch": pitch,
+        "smoothing": smoothing,
+        "backend": backend,
+        "cv_folds": cv_folds,
+        "source": source,
+    }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cal = _calibrate_polarity(image, polarity, read, options)
+    # issued again from here, so that they name the caller's line
+    for w in caught:
+        warnings.warn(w.message, w.category, stacklevel=2)
+    return cal
+
+
+def _calibrate_polarity(image, polarity, read, options):
+    """A cold calibration with ``polarity`` (see :func:`calibrate`), warnings recorded.
+
+    With "auto", the warnings of a calibration not kept are dropped: a user
+    of a dark plate should not read about the misfits of its negative.
+    """
+    if polarity != "auto":
+        cal, below = _calibrate_as(image, polarity, read, **options)
+        if polarity == "bright":
+            _warn_dark_holes(below)
+        return cal
+    t0 = time.perf_counter()
+    error = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            cal, below = _calibrate_as(image, "bright", read, **options)
+        except CcdgridError as exc:
+            cal, below, error = None, None, exc
+    if cal is not None and not _looks_inverted(below):
+        _warn_again(caught)
+        return cal
+    spent = time.perf_counter() - t0
+    with warnings.catch_warnings(record=True) as caught_dark:
+        warnings.simplefilter("always")
+        try:
+            dark, below_dark = _calibrate_as(image, "dark", read, **options)
+        except CcdgridError:
+            dark, below_dark = None, None
+    if dark is not None and not _looks_inverted(below_dark) and _no_worse(dark, cal):
+        _warn_again(caught_dark)
+        # the calibration as bright holes, tried first, is part of the cost
+        dark.timings = {"as bright holes": spent, **dark.timings}
+        dark.timings["total"] += spent
+        return dark
+    if error is not None:
+        raise error
+    _warn_again(caught)
+    _warn_dark_holes(below, negative_tried=True)
+    return cal
+
+
+def _no_worse(dark, bright):
+    """Whether the calibration as dark holes predicts holes left out as well as the bright one.
+
+    The bright web between large dark holes is a lattice too, and may
+    calibrate: on a fuzz plate of 0.64-pitch dark holes, the web's maps
+    predicted a hole left out to 0.10 px, the dark holes' (fewer, cut by a
+    lit edge) to 1.4 px.
+    """
+    if bright is None:
+        return True
+    cv_dark, cv_bright = dark.cross_validation, bright.cross_validation
+    if cv_dark is None or cv_bright is None:
+        return True
+    return not cv_dark.rms_px > cv_bright.rms_px
+
+
+def _warn_again(caught):
+    # into calibrate's record, which issues them again for its caller
+    for w in caught:
+        warnings.warn(w.message, w.category, stacklevel=2)
+
+
+def _calibrate_as(
+    image,
+    polarity,
+    read,
+    *,
+    mask,
+    hole_diameter,
+    pitch_px,
+    threshold,
+    pitch,
+    smoothing,
+    backend,
+    cv_folds,
+    source,
+):
+    """One cold calibration, of ``image`` as is ("bright") or of its negative ("dark").
+
+    Returns ``(Calibration, below)``: ``below`` is how far the lattice cells'
+    middles lie below the holes' background, in hole contrasts (None when
+    too few cells were measured); see :func:`_dark_between`.
+    """
+    timings = {"read": read}
+    t_start = time.perf_counter() - read
+    if polarity == "dark":
+        t0 = time.perf_counter()
+        image = invert(image)
+        timings["invert"] = time.perf_counter() - t0
 
     holes = _timed(
         timings,
@@ -283,7 +406,7 @@ def calibrate(
         timings["refit"] = time.perf_counter() - t0
     valid = lattice.valid
     _check_predictive(cv, lattice.pitch_px)
-    _check_bright_holes(image, holes, grid, valid)
+    below = _dark_between(image, holes, grid, valid)
     out_mask = _output_mask(maps.mask, mask, holes.defects)
     timings["total"] = time.perf_counter() - t_start
     params = {
@@ -295,6 +418,7 @@ def calibrate(
         "smoothing": smoothing,
         "backend": backend,
         "cv_folds": cv_folds,
+        "polarity": polarity,
         "resolved": {
             "hole_diameter": float(holes.hole_diameter),
             # the typical profile's blur: a warm start from this calibration's
@@ -325,7 +449,7 @@ def calibrate(
         params=params,
         source=source,
         cross_validation=cv,
-    )
+    ), below
 
 
 def _fit(peaks, lattice, shape, *, pitch, smoothing, cv_folds, backend, timings, outputs=None):
@@ -365,6 +489,12 @@ def _fit(peaks, lattice, shape, *, pitch, smoothing, cv_folds, backend, timings,
 def _centred_fit(peaks, indices, shape, *, pitch, backend):
     """The grid fitted to the holes, seen at the image centre (``gridfit.centred_grid``)."""
     return centred_grid(fit_grid(peaks, indices, pitch=pitch, backend=backend), peaks, shape)
+
+
+def _polarity_text(params):
+    if isinstance(params, dict) and params.get("polarity") == "dark":
+        return " (dark holes on a bright plate, measured on the image's negative)"
+    return ""
 
 
 def _frame_text(grid):
@@ -649,8 +779,8 @@ def _check_predictive(cv, pitch_px):
         )
 
 
-def _check_bright_holes(image, holes, grid, valid):
-    """Warn when the image between the holes found lies far below their background.
+def _dark_between(image, holes, grid, valid):
+    """How far the image between the holes found lies below their background, in contrasts.
 
     On a plate whose holes are bright, the middle of a lattice cell is
     background. On an image of dark holes on a bright plate, the "holes"
@@ -658,11 +788,12 @@ def _check_bright_holes(image, holes, grid, valid):
     dark holes: half a hole's contrast or more below the background
     (measured: -4 to -26 contrasts on such images, -0.06 to +0.02 on 25
     bright-hole plates). Such a calibration was returned 1.2 px off in
-    silence.
+    silence. Returns None when fewer than ``MIN_HOLES`` holes or middles
+    can be measured.
     """
     amplitude = np.asarray(holes.amplitude, dtype=np.float64)[valid]
     if amplitude.size < MIN_HOLES or not np.median(amplitude) > 0:
-        return
+        return None
     centres = np.asarray(holes.peaks, dtype=np.float64)[valid]
     middles = np.rint(centres + 0.5 * (grid.vectors[0] + grid.vectors[1])).astype(np.int64)
     ny, nx = np.shape(image)
@@ -670,16 +801,28 @@ def _check_bright_holes(image, holes, grid, valid):
     levels = np.asarray(image)[middles[inside, 0], middles[inside, 1]].astype(np.float64)
     levels = levels[np.isfinite(levels)]
     if levels.size < MIN_HOLES:
-        return
+        return None
     below = np.median(np.asarray(holes.background, dtype=np.float64)[valid]) - np.median(levels)
-    if below > 0.5 * np.median(amplitude):
+    return float(below / np.median(amplitude))
+
+
+def _looks_inverted(below):
+    return below is not None and below > 0.5
+
+
+def _warn_dark_holes(below, negative_tried=False):
+    if _looks_inverted(below):
+        advice = (
+            "calibrated as dark holes (polarity='dark'), it did no better"
+            if negative_tried
+            else "calibrate with polarity='dark' (--polarity dark) or 'auto'"
+        )
         warnings.warn(
-            f"the image between the holes found is {below / np.median(amplitude):.1f} times "
-            "their contrast below their background: is it dark holes on a bright plate? "
-            "ccdgrid measures bright holes; invert such an image (its maximum minus it) and "
-            "calibrate again",
+            f"the image between the holes found is {below:.1f} times their contrast below "
+            "their background: is it dark holes on a bright plate? This calibration measured "
+            f"bright holes; {advice}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=2,
         )
 
 

@@ -111,7 +111,15 @@ __all__ = [
 ]
 
 #: Options passed on to :func:`ccdgrid.pipeline.calibrate` for every frame.
-CALIBRATE_OPTIONS = ("hole_diameter", "pitch_px", "threshold", "smoothing", "backend", "cv_folds")
+CALIBRATE_OPTIONS = (
+    "hole_diameter",
+    "pitch_px",
+    "threshold",
+    "smoothing",
+    "backend",
+    "cv_folds",
+    "polarity",
+)
 
 _MAX_ATTEMPTS = 2  # a frame in flight when a worker process dies is tried once more
 
@@ -190,7 +198,8 @@ def calibrate_series(
     **options
         Passed to :func:`ccdgrid.pipeline.calibrate` for every frame:
         ``hole_diameter``, ``pitch_px``, ``threshold``, ``smoothing``,
-        ``backend``, ``cv_folds``.
+        ``backend``, ``cv_folds``, ``polarity`` (a warm start reads its
+        frames as its reference did).
 
     Returns
     -------
@@ -303,6 +312,10 @@ def _check_options(options):
         check_backend(options["backend"])
     if "cv_folds" in options:
         options["cv_folds"] = _check_folds(options["cv_folds"])
+    if "polarity" in options:
+        from .polarity import check_polarity
+
+        check_polarity(options["polarity"])
     for name in ("hole_diameter", "pitch_px"):
         value = options.get(name)
         if value is not None and not (_is_real(value) and math.isfinite(value) and value > 0):

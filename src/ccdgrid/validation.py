@@ -266,7 +266,8 @@ def validate(
         in px (true position of corner ``(i, j)``, nominally at index
         coordinates ``(i - 0.5, j - 0.5)``, is that plus ``(dy, dx)``) and
         optionally ``mask`` (``(ny, nx)``, nonzero = invalid), ``pitch`` (m)
-        and ``pixel_size`` (m).
+        and ``pixel_size`` (m). A calibration of dark holes
+        (``params["polarity"] == "dark"``) has the image's negative measured.
     pitch : float or None, m
         Plate pitch for the pixel size of the re-fitted grid; None: the
         detector's, else 5 mm. It does not change the mis-placement figures.
@@ -333,6 +334,7 @@ def validate(
 
     from ._validation import as_image, check_backend
     from .correction import CorrectionMatrix
+    from .polarity import invert, polarity_of
 
     t_start = time.perf_counter()
     check_backend(backend)
@@ -355,6 +357,10 @@ def validate(
         "backend": backend,
     }
     invalid = _input_mask(img, mask)
+    if polarity_of(detector) == "dark":
+        # measured as the calibration measured it: dark holes through the
+        # image's negative (see ccdgrid.polarity)
+        img = invert(img)
     correction_mask = invalid if not detector_mask or det_mask is None else invalid | det_mask
 
     timings = {}

@@ -60,6 +60,7 @@ from .pipeline import (
     _read,
     calibrate,
 )
+from .polarity import invert, polarity_of
 
 __all__ = ["Drift", "WarmCalibration", "WarmStartFallback", "recalibrate"]
 
@@ -180,6 +181,8 @@ class _Previous:
     maps: object = None
     # the CrossValidation of those maps (its folds' factors are reused), or None
     cross_validation: object = None
+    # "dark": the previous calibration measured the negative of its image
+    polarity: str = "bright"
 
 
 def recalibrate(
@@ -261,6 +264,10 @@ def recalibrate(
     elif source is not None:
         source = {"path": str(source), "sha256": None}
     prev = _previous(previous)
+    if prev.polarity == "dark":
+        # the holes are measured where the previous calibration measured them:
+        # on the image's negative
+        image = invert(image)
     img = _native(image)
     if img.shape != prev.shape:
         raise CcdgridError(
@@ -292,7 +299,10 @@ def recalibrate(
             backend=backend,
             source=source,
             cv_folds=cv_folds,
+            # a dark plate's image is its negative by now
+            polarity="bright",
         )
+        cal.params["polarity"] = prev.polarity
         cal.params["warm_start"] = {"used": False, "reason": reason}
         change = _map_change(prev, cal)
         nan = float("nan")
@@ -393,6 +403,7 @@ def recalibrate(
         "max_shift": max_shift,
         "min_matched": float(min_matched),
         "warm_start": {"used": True, "reason": ""},
+        "polarity": prev.polarity,
         "resolved": {
             "hole_diameter": float(holes.hole_diameter),
             # with the diameter, the typical profile: what a warm start from
@@ -465,6 +476,7 @@ def _previous(previous):
             maps=maps,
             # fitted to the same holes as the maps (a combined calibration's are not)
             cross_validation=previous.cross_validation if maps is not None else None,
+            polarity=polarity_of(previous),
         )
     needed = ("peaks", "indices", "valid", "grid", "params", "shape", "dx", "dy", "mask")
     missing = [name for name in needed if getattr(previous, name, None) is None]
@@ -501,6 +513,7 @@ def _previous(previous):
         smoothing=_smoothing(resolved.get("smoothing")),
         degree=resolved.get("map_degree"),
         shapes=_record_shapes(resolved, int(valid.sum())),
+        polarity=polarity_of(previous),
     )
 
 

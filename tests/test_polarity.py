@@ -1,0 +1,224 @@
+"""Dark holes on a bright plate: calibrated through the image's negative."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import ccdgrid
+from ccdgrid import polarity
+from ccdgrid.combined import calibrate_combined
+from ccdgrid.detector_file import load
+from ccdgrid.errors import CcdgridError
+from ccdgrid.pipeline import calibrate
+from ccdgrid.synthetic import dense_residual, grid_image
+from ccdgrid.validation import validate
+from ccdgrid.warmstart import recalibrate
+
+SHAPE = (512, 512)
+PLATE = {"pitch_px": 40.0, "hole_diameter_px": 14.0, "rotation_deg": 0.4, "seed": 5}
+
+
+def _plate(offset=(0.3, -0.2), **changes):
+    return grid_image(SHAPE, **{**PLATE, "offset": offset, **changes})
+
+
+def _dark(image):
+    # the negative a detector's software would make of a uint16 frame: not
+    # ccdgrid's own `invert` (max - image), a constant apart from it
+    return (65535 - image.astype(np.int64)).astype(np.uint16)
+
+
+def _residual(g, cal):
+    return dense_residual(g.truth, cal.dy, cal.dx, cal.mask, region=g.taper_mask).rms
+
+
+@pytest.fixture(scope="module")
+def plate():
+    g = _plate()
+    return g, calibrate(g.image)
+
+
+@pytest.fixture(scope="module")
+def dark(plate):
+    g, _ = plate
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a dark plate calibrated in silence
+        return calibrate(_dark(g.image))
+
+
+def test_check_polarity_names_the_choices():
+    for value in polarity.POLARITIES:
+        assert polarity.check_polarity(value) == value
+    for bad in ("Dark", "inverted", None, 1):
+        with pytest.raises(CcdgridError, match="`polarity` must be one of 'auto', 'bright'"):
+            polarity.check_polarity(bad)
+    with pytest.raises(CcdgridError, match="`polarity` must be one of"):
+        calibrate(np.zeros((64, 64)), polarity="negative")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "out"),
+    [
+        (np.uint8, np.float32),
+        (np.uint16, np.float32),
+        (np.int32, np.float64),
+        (np.uint32, np.float64),
+        (np.float32, np.float32),
+        (np.float64, np.float64),
+    ],
+)
+def test_invert_is_the_largest_value_minus_the_image(dtype, out):
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 200, size=(7, 9)).astype(dtype)
+    neg = polarity.invert(a[:, ::2])  # non-contiguous too
+    assert neg.dtype == out
+    np.testing.assert_array_equal(neg, a[:, ::2].max() - a[:, ::2].astype(np.float64))
+    # wide integers keep every count (float32 would round 2**24 + 1)
+    if out == np.float64 and np.issubdtype(dtype, np.integer):
+        big = np.array([[2**24 + 1, 0]], dtype=dtype)
+        np.testing.assert_array_equal(polarity.invert(big), [[0.0, 2.0**24 + 1]])
+
+
+def test_invert_keeps_non_finite_pixels_and_ignores_them_for_the_top():
+    a = np.array([[1.0, np.nan, 5.0], [np.inf, 2.0, -np.inf]], dtype=np.float32)
+    neg = polarity.invert(a)
+    np.testing.assert_array_equal(neg[np.isfinite(a)], [4.0, 0.0, 3.0])
+    assert not np.isfinite(neg[~np.isfinite(a)]).any()
+    empty = np.full((2, 2), np.nan)
+    assert np.isnan(polarity.invert(empty)).all()
+
+
+def test_a_bright_plate_is_calibrated_once_as_bright_holes(plate):
+    _, cal = plate
+    assert cal.params["polarity"] == "bright"
+    assert "as bright holes" not in cal.timings
+    assert polarity.polarity_of(cal) == "bright"
+
+
+def test_dark_holes_are_calibrated_as_well_as_bright_ones(plate, dark):
+    g, bright = plate
+    assert dark.params["polarity"] == "dark"
+    assert polarity.polarity_of(dark) == "dark"
+    # the bright attempt is accounted for in the time it took
+    assert dark.timings["as bright holes"] > 0
+    assert dark.lattice.n_valid == bright.lattice.n_valid
+    rms_bright, rms_dark = _residual(g, bright), _residual(g, dark)
+    assert rms_bright < 0.03
+    assert rms_dark < 1.05 * rms_bright + 0.002
+
+
+def test_dark_holes_calibrated_as_bright_ones_say_so(plate):
+    # the plate between dark holes is a lattice too: calibrated in silence,
+    # it was 1.2 px off on a fuzz plate; here it is refused (too few of its
+    # peaks fit one lattice), with no word of a polarity
+    g, _ = plate
+    with pytest.raises(CcdgridError, match="do not form a grid"):
+        calibrate(_dark(g.image), polarity="bright")
+    forced = calibrate(_dark(g.image), polarity="dark")
+    assert forced.params["polarity"] == "dark"
+    assert "as bright holes" not in forced.timings
+
+
+def test_a_plate_between_dark_holes_calibrated_as_holes_is_warned_of():
+    # large dark holes (0.6 pitch) leave a bright web whose cells' middles
+    # form a lattice that calibrates: the middles of its cells are the dark
+    # holes, far below the "holes'" background
+    g = _plate(hole_diameter_px=24.0)
+    with pytest.warns(UserWarning, match="is it dark holes on a bright plate.*polarity='dark'"):
+        cal = calibrate(_dark(g.image), polarity="bright")
+    assert cal.params["polarity"] == "bright"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto = calibrate(_dark(g.image))
+    assert auto.params["polarity"] == "dark"
+    assert _residual(g, auto) < 0.03
+
+
+def test_a_dark_calibration_keeps_its_polarity_in_the_detector_file(dark, tmp_path):
+    path = dark.save(tmp_path / "dark.h5")
+    record = load(path)
+    assert record.params["polarity"] == "dark"
+    assert polarity.polarity_of(record) == "dark"
+
+
+@pytest.mark.parametrize("from_file", [False, True])
+def test_a_warm_start_from_a_dark_calibration_reads_the_new_image_as_dark(
+    plate, dark, from_file, tmp_path
+):
+    moved = _plate(offset=(1.8, -0.9))
+    previous = dark.save(tmp_path / "dark.h5") if from_file else dark
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to a cold calibration
+        warm = recalibrate(_dark(moved.image), previous)
+    assert warm.params["warm_start"]["used"]
+    assert warm.params["polarity"] == "dark"
+    np.testing.assert_allclose(warm.drift.shift, (1.5, -0.7), atol=0.05)
+    assert _residual(moved, warm) < 1.1 * _residual(moved, dark) + 0.003
+
+
+def test_validation_measures_a_dark_plate_through_its_negative(plate, dark):
+    g, _ = plate
+    result = validate(_dark(g.image), dark)
+    # the corrected grid's holes sit on a lattice again
+    assert result.corrected.n_holes > 0.9 * dark.lattice.n_valid
+    assert result.corrected.rms_px < 0.1
+
+
+def test_combined_positions_of_a_dark_plate(plate):
+    images = [_dark(_plate(offset=o).image) for o in ((0.3, -0.2), (6.3, 4.1))]
+    for single in (True, False):
+        cal = calibrate_combined(images, compare_single=single, cv_folds=0)
+        assert cal.params["polarity"] == "dark"
+        assert cal.lattice.n_valid > 0
+
+
+def test_an_image_without_a_grid_is_refused_with_the_bright_search_s_reason():
+    rng = np.random.default_rng(3)
+    noise = rng.normal(100.0, 5.0, size=(256, 256)).astype(np.float32)
+    with pytest.raises(CcdgridError) as auto:
+        calibrate(noise)
+    with pytest.raises(CcdgridError) as bright:
+        calibrate(noise, polarity="bright")
+    assert str(auto.value) == str(bright.value)
+
+
+def test_the_command_line_takes_the_polarity(plate, tmp_path, capsys):
+    import fabio
+
+    from ccdgrid.cli import main
+
+    g, _ = plate
+    path = tmp_path / "dark.edf"
+    fabio.edfimage.EdfImage(data=_dark(g.image)).write(str(path))
+    out = tmp_path / "det.h5"
+    assert main(["calibrate", str(path), "--pitch", "5mm", "-o", str(out)]) == 0
+    assert load(out).params["polarity"] == "dark"
+    forced = ["calibrate", str(path), "--pitch", "5mm", "--polarity", "dark", "-o", str(out)]
+    assert main(forced) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(path), "--pitch", "5mm", "--polarity", "negative"])
+    assert "--polarity: invalid choice" in capsys.readouterr().err
+    assert ccdgrid.calibrate is calibrate
+
+
+def test_the_negative_is_kept_only_if_its_maps_predict_no_worse():
+    from types import SimpleNamespace as NS
+
+    from ccdgrid.pipeline import _no_worse
+
+    def cal(rms):
+        return NS(cross_validation=None if rms is None else NS(rms_px=rms))
+
+    # a fuzz plate's bright web (0.10 px) against its dark holes (1.4 px)
+    assert not _no_worse(cal(1.435), cal(0.101))
+    assert _no_worse(cal(0.003), cal(0.111))
+    assert _no_worse(cal(0.05), cal(0.05))
+    assert _no_worse(cal(1.0), None)  # the bright calibration was refused
+    assert _no_worse(cal(None), cal(0.1))  # not measured: the negative stands
+
+
+def test_the_summary_says_the_holes_were_dark(plate, dark):
+    assert "dark holes on a bright plate, measured on the image's negative" in dark.summary()
+    assert "dark holes" not in plate[1].summary()
