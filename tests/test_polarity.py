@@ -222,3 +222,86 @@ def test_the_negative_is_kept_only_if_its_maps_predict_no_worse():
 def test_the_summary_says_the_holes_were_dark(plate, dark):
     assert "dark holes on a bright plate, measured on the image's negative" in dark.summary()
     assert "dark holes" not in plate[1].summary()
+
+
+def test_calibrate_leaves_the_process_warning_state_alone(plate):
+    # catch_warnings is process-wide and not thread-safe: calibrations in two
+    # threads once left the filters at "always" and every later warning of the
+    # process in a list nobody read
+    import threading
+
+    g, _ = plate
+    filters, show = list(warnings.filters), warnings.showwarning
+    threads = [threading.Thread(target=calibrate, args=(_dark(g.image),)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert warnings.filters == filters
+    assert warnings.showwarning is show
+
+
+def test_a_warning_from_a_stage_reaches_the_caller_even_when_calibrate_fails(monkeypatch):
+    from ccdgrid import pipeline
+
+    def find_holes(*args, **kwargs):
+        warnings.warn("a warning of the hole search", RuntimeWarning, stacklevel=2)
+        raise CcdgridError("too few holes found in `image`: 0")
+
+    monkeypatch.setattr(pipeline, "find_holes", find_holes)
+    with (
+        pytest.warns(RuntimeWarning, match="a warning of the hole search"),
+        pytest.raises(CcdgridError, match="too few holes"),
+    ):
+        calibrate(np.ones((64, 64), dtype=np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, "<U5", object])
+def test_a_bad_array_is_refused_before_any_polarity_is_tried(dtype):
+    image = np.ones((64, 64)).astype(dtype)
+    for polarity_ in ("auto", "bright", "dark"):
+        with pytest.raises(CcdgridError, match="`image` must hold real numbers"):
+            calibrate(image, polarity=polarity_)
+    with pytest.raises(CcdgridError, match="`image` must hold real numbers"):
+        polarity.invert(image)
+
+
+def test_invert_takes_its_top_from_the_pixels_used():
+    # a masked module gap holding a sentinel sets no top; an unmasked one far
+    # beyond float32's integer range turns the negative float64
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    a[0, 0] = 1e12
+    mask = np.zeros(a.shape, dtype=np.uint8)
+    mask[0, 0] = 1
+    neg = polarity.invert(a, mask)
+    assert neg.dtype == np.float32
+    np.testing.assert_array_equal(neg.ravel()[1:], 11.0 - np.arange(1, 12))
+    nan_mask = np.where(mask == 1, np.nan, 0.0)  # NaN marks a pixel too
+    np.testing.assert_array_equal(polarity.invert(a, nan_mask), neg)
+    wide = polarity.invert(a)
+    assert wide.dtype == np.float64
+    top = float(np.float32(1e12))  # the pixel's own value
+    np.testing.assert_array_equal(wide.ravel()[1:], top - np.arange(1, 12))
+    # a mask of another shape is left to the hole search to report
+    np.testing.assert_array_equal(polarity.invert(a, np.zeros((2, 2))), wide)
+
+
+def test_bright_holes_calibrated_as_dark_ones_say_so():
+    g = _plate(hole_diameter_px=24.0)
+    with pytest.warns(UserWarning, match="is it bright holes on a dark plate.*polarity='bright'"):
+        cal = calibrate(g.image, polarity="dark")
+    assert cal.params["polarity"] == "dark"
+
+
+def test_the_cold_fallback_of_a_dark_warm_start_is_dark_too(dark):
+    from ccdgrid.warmstart import WarmStartFallback
+
+    far = _plate(offset=(15.3, -9.2))  # beyond 0.3 pitch: no warm start
+    with pytest.warns(WarmStartFallback, match="made a cold calibration instead"):
+        cal = recalibrate(_dark(far.image), dark)
+    assert not cal.params["warm_start"]["used"]
+    assert cal.params["polarity"] == "dark"
+    assert "as bright holes" not in cal.timings  # calibrated as dark at once
+    assert _residual(far, cal) < 0.03
+    with pytest.raises(CcdgridError, match="`polarity` must be one of"):
+        calibrate(_dark(far.image), previous=dark, polarity="negative")

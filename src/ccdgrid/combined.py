@@ -34,9 +34,13 @@ from .errors import CcdgridError
 from .gridfit import _check_pitch, centred_grid, fit_grid
 from .lattice import index_holes
 from .maps import displacement_maps
+from .peaks import MIN_HOLES
 from .pipeline import (
+    _SOFT_EDGE,
     Calibration,
     _check_folds,
+    _dark_between,
+    _looks_inverted,
     _without_soft_edge_holes,
     calibrate,
 )
@@ -268,8 +272,8 @@ def calibrate_combined(
         (ignored for paths, whose file information is used).
     polarity : {"auto", "bright", "dark"}
         Bright or dark holes, as in :func:`ccdgrid.calibrate`; "auto" decides
-        on the first image calibrated alone (as ``compare_single`` does), and
-        all images are read that way.
+        on the first image (as ``calibrate`` would, unless its hole search
+        finds a plain grid of bright holes), and all images are read that way.
 
     Returns
     -------
@@ -346,6 +350,13 @@ def calibrate_combined(
 
     t0 = time.perf_counter()
     first = None
+    stages = []
+    if polarity == "auto" and not compare_single:
+        # a plain grid of bright holes is settled by its hole search alone
+        plain = _plain_bright(arrays[0], masks[0], pitch, options)
+        if plain is not None:
+            polarity = "bright"
+            stages.append(plain)
     if compare_single or polarity == "auto":
         # the first image alone: compared with the joint calibration, and how
         # calibrate reads it settles an automatic polarity
@@ -366,8 +377,9 @@ def calibrate_combined(
     single = first if compare_single else None
     if polarity == "dark":
         arrays = [a if k == 0 and first is not None else invert(a) for k, a in enumerate(arrays)]
-    stages = []
     for k, image in enumerate(arrays):
+        if k < len(stages):
+            continue  # measured by _plain_bright
         if k == 0 and first is not None:
             # the images are aligned on least-squares lattices: calibrate's
             # grid is the one seen at the image centre (gridfit.centred_grid)
@@ -609,6 +621,28 @@ def _per_image(k, infos, func, *args, **kwargs):
         name = (infos[k] or {}).get("path")
         label = f"image {k}" + (f" ({name})" if name else "")
         raise CcdgridError(f"{label}: {exc}") from exc
+
+
+def _plain_bright(image, mask, pitch, options):
+    """:func:`_stages` of an image that plainly holds bright holes, else None.
+
+    Plainly: most holes found fit one lattice (as :func:`ccdgrid.calibrate`
+    requires) and the middles of its cells are background, not dark holes
+    (:func:`ccdgrid.pipeline._dark_between`). Otherwise the caller lets
+    ``calibrate(polarity="auto")`` decide.
+    """
+    try:
+        stages = _stages(image, mask, pitch, options)
+    except CcdgridError:
+        return None
+    holes, lattice, grid = stages
+    # holes left out on purpose (a soft lit edge) count as calibrate counts them
+    n_found = len(holes.peaks) - sum(reason == _SOFT_EDGE for reason in lattice.reasons)
+    if 2 * lattice.n_valid <= n_found or lattice.n_valid < MIN_HOLES:
+        return None
+    if _looks_inverted(_dark_between(image, holes, grid, lattice.valid)):
+        return None
+    return stages
 
 
 def _stages(image, mask, pitch, options):

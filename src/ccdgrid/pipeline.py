@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ._validation import as_points, check_backend, split_masked
+from ._validation import as_points, check_backend, check_image, split_masked
 from .cross_validation import cross_validate
 from .errors import CcdgridError
 from .gridfit import _check_pitch, centred_grid, fit_grid
@@ -225,6 +225,7 @@ def calibrate(
         Bad input, an unreadable file, or too few holes at any stage.
     """
     image, mask = split_masked(image, mask)
+    polarity = check_polarity(polarity)
     if previous is not None:
         from .warmstart import recalibrate
 
@@ -240,7 +241,6 @@ def calibrate(
         )
     check_backend(backend)
     cv_folds = _check_folds(cv_folds)
-    polarity = check_polarity(polarity)
     # checked before the (long) hole search, not when the grid fit needs it
     pitch = _check_pitch(5e-3 if pitch is None else pitch)
     t_start = time.perf_counter()
@@ -250,6 +250,9 @@ def calibrate(
         source = dict(source)
     elif source is not None:
         source = {"path": str(source), "sha256": None}
+    # checked here, not by each polarity's hole search: a bad array is not
+    # retried as its negative
+    image = check_image(image)
     read = time.perf_counter() - t_start
     options = {
         "mask": mask,
@@ -262,55 +265,49 @@ def calibrate(
         "cv_folds": cv_folds,
         "source": source,
     }
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cal = _calibrate_polarity(image, polarity, read, options)
-    # issued again from here, so that they name the caller's line
-    for w in caught:
-        warnings.warn(w.message, w.category, stacklevel=2)
+    cal, notes = _calibrate_polarity(image, polarity, read, options)
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
     return cal
 
 
 def _calibrate_polarity(image, polarity, read, options):
-    """A cold calibration with ``polarity`` (see :func:`calibrate`), warnings recorded.
+    """A cold calibration with ``polarity`` (see :func:`calibrate`): ``(Calibration, notes)``.
 
-    With "auto", the warnings of a calibration not kept are dropped: a user
-    of a dark plate should not read about the misfits of its negative.
+    ``notes``: what :func:`calibrate` warns its caller of, kept apart rather
+    than issued: with "auto", those of a calibration not kept are dropped (a
+    user of a dark plate should not read about the misfits of its
+    negative). Collected by hand, not with ``warnings.catch_warnings``,
+    which changes the whole process's warning state and is not thread-safe.
     """
     if polarity != "auto":
-        cal, below = _calibrate_as(image, polarity, read, **options)
-        if polarity == "bright":
-            _warn_dark_holes(below)
-        return cal
+        cal, below, notes = _calibrate_as(image, polarity, read, **options)
+        return cal, notes + _inverted_note(below, polarity)
     t0 = time.perf_counter()
     error = None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            cal, below = _calibrate_as(image, "bright", read, **options)
-        except CcdgridError as exc:
-            cal, below, error = None, None, exc
+    try:
+        cal, below, notes = _calibrate_as(image, "bright", read, **options)
+    except CcdgridError as exc:
+        cal, below, notes, error = None, None, [], exc
     if cal is not None and not _looks_inverted(below):
-        _warn_again(caught)
-        return cal
+        return cal, notes
     spent = time.perf_counter() - t0
-    with warnings.catch_warnings(record=True) as caught_dark:
-        warnings.simplefilter("always")
-        try:
-            dark, below_dark = _calibrate_as(image, "dark", read, **options)
-        except CcdgridError:
-            dark, below_dark = None, None
+    t0 = time.perf_counter()
+    try:
+        dark, below_dark, notes_dark = _calibrate_as(image, "dark", read, **options)
+    except CcdgridError:
+        dark = None
     if dark is not None and not _looks_inverted(below_dark) and _no_worse(dark, cal):
-        _warn_again(caught_dark)
         # the calibration as bright holes, tried first, is part of the cost
         dark.timings = {"as bright holes": spent, **dark.timings}
         dark.timings["total"] += spent
-        return dark
+        return dark, notes_dark
     if error is not None:
         raise error
-    _warn_again(caught)
-    _warn_dark_holes(below, negative_tried=True)
-    return cal
+    spent = time.perf_counter() - t0
+    cal.timings["as dark holes"] = spent
+    cal.timings["total"] += spent
+    return cal, notes + _inverted_note(below, "bright", other_tried=True)
 
 
 def _no_worse(dark, bright):
@@ -327,12 +324,6 @@ def _no_worse(dark, bright):
     if cv_dark is None or cv_bright is None:
         return True
     return not cv_dark.rms_px > cv_bright.rms_px
-
-
-def _warn_again(caught):
-    # into calibrate's record, which issues them again for its caller
-    for w in caught:
-        warnings.warn(w.message, w.category, stacklevel=2)
 
 
 def _calibrate_as(
@@ -352,15 +343,16 @@ def _calibrate_as(
 ):
     """One cold calibration, of ``image`` as is ("bright") or of its negative ("dark").
 
-    Returns ``(Calibration, below)``: ``below`` is how far the lattice cells'
-    middles lie below the holes' background, in hole contrasts (None when
-    too few cells were measured); see :func:`_dark_between`.
+    Returns ``(Calibration, below, notes)``: ``below`` is how far the
+    lattice cells' middles lie below the holes' background, in hole
+    contrasts (None when too few cells were measured; see
+    :func:`_dark_between`), ``notes`` the warnings for the caller (str).
     """
     timings = {"read": read}
     t_start = time.perf_counter() - read
     if polarity == "dark":
         t0 = time.perf_counter()
-        image = invert(image)
+        image = invert(image, mask)
         timings["invert"] = time.perf_counter() - t0
 
     holes = _timed(
@@ -405,7 +397,7 @@ def _calibrate_as(
         grid, maps, cv = _fit(peaks, lattice, shape, timings={}, **options)
         timings["refit"] = time.perf_counter() - t0
     valid = lattice.valid
-    _check_predictive(cv, lattice.pitch_px)
+    notes = _predictive_notes(cv, lattice.pitch_px)
     below = _dark_between(image, holes, grid, valid)
     out_mask = _output_mask(maps.mask, mask, holes.defects)
     timings["total"] = time.perf_counter() - t_start
@@ -434,22 +426,26 @@ def _calibrate_as(
             "grid_method": grid.method_used,
         },
     }
-    return Calibration(
-        shape=shape,
-        pitch=grid.pitch,
-        pixel_size=grid.pixel_size,
-        holes=holes,
-        lattice=lattice,
-        grid=grid,
-        maps=maps,
-        dx=maps.dx,
-        dy=maps.dy,
-        mask=out_mask,
-        timings=timings,
-        params=params,
-        source=source,
-        cross_validation=cv,
-    ), below
+    return (
+        Calibration(
+            shape=shape,
+            pitch=grid.pitch,
+            pixel_size=grid.pixel_size,
+            holes=holes,
+            lattice=lattice,
+            grid=grid,
+            maps=maps,
+            dx=maps.dx,
+            dy=maps.dy,
+            mask=out_mask,
+            timings=timings,
+            params=params,
+            source=source,
+            cross_validation=cv,
+        ),
+        below,
+        notes,
+    )
 
 
 def _fit(peaks, lattice, shape, *, pitch, smoothing, cv_folds, backend, timings, outputs=None):
@@ -756,8 +752,14 @@ def _in_order(rejected, reasons):
 def _check_predictive(cv, pitch_px):
     """Raise CcdgridError when the maps cannot predict a hole left out (``cv`` may be None);
     warn when they predict it poorly."""
+    for note in _predictive_notes(cv, pitch_px):
+        warnings.warn(note, UserWarning, stacklevel=2)
+
+
+def _predictive_notes(cv, pitch_px):
+    """:func:`_check_predictive`, the warning returned (a list of 0 or 1 str), not issued."""
     if cv is None or not np.isfinite(cv.rms_px):
-        return
+        return []
     if cv.rms_px > _MAX_CV_PITCH * pitch_px:
         raise CcdgridError(
             f"the holes found do not form a smoothly distorted grid: maps fitted without a "
@@ -768,15 +770,14 @@ def _check_predictive(cv, pitch_px):
     if cv.rms_px > min(_WARN_CV_PITCH * pitch_px, _WARN_CV_PX):
         # a lit disc holding 29 holes gave maps 1.1 px RMS (7.9 px max) off the
         # truth, which this figure (2.5 px) showed and nothing said
-        warnings.warn(
+        return [
             f"the maps miss a hole left out of their fit by {cv.rms_px:.3g} px RMS "
             f"({cv.rms_px / pitch_px:.4f} pitch; well measured plates give ~0.03 px, and "
             "< 0.006 pitch): too few holes, noisy or biased holes "
             "(by a lit-area edge, say) or a field that varies faster than the holes sample "
-            "it; see the report's panels (g) and (h)",
-            UserWarning,
-            stacklevel=3,
-        )
+            "it; see the report's panels (g) and (h)"
+        ]
+    return []
 
 
 def _dark_between(image, holes, grid, valid):
@@ -786,10 +787,10 @@ def _dark_between(image, holes, grid, valid):
     background. On an image of dark holes on a bright plate, the "holes"
     found are the bright plate between them and the cells' middles are the
     dark holes: half a hole's contrast or more below the background
-    (measured: -4 to -26 contrasts on such images, -0.06 to +0.02 on 25
+    (measured: 4 to 26 contrasts below on such images, within 0.06 on 25
     bright-hole plates). Such a calibration was returned 1.2 px off in
     silence. Returns None when fewer than ``MIN_HOLES`` holes or middles
-    can be measured.
+    can be measured, or when the holes' median contrast is not positive.
     """
     amplitude = np.asarray(holes.amplitude, dtype=np.float64)[valid]
     if amplitude.size < MIN_HOLES or not np.median(amplitude) > 0:
@@ -810,20 +811,25 @@ def _looks_inverted(below):
     return below is not None and below > 0.5
 
 
-def _warn_dark_holes(below, negative_tried=False):
-    if _looks_inverted(below):
-        advice = (
-            "calibrated as dark holes (polarity='dark'), it did no better"
-            if negative_tried
-            else "calibrate with polarity='dark' (--polarity dark) or 'auto'"
-        )
-        warnings.warn(
-            f"the image between the holes found is {below:.1f} times their contrast below "
-            "their background: is it dark holes on a bright plate? This calibration measured "
-            f"bright holes; {advice}",
-            UserWarning,
-            stacklevel=2,
-        )
+def _inverted_note(below, measured, other_tried=False):
+    """The warning (a list of 0 or 1 str) for a calibration whose "holes" look like the plate.
+
+    ``measured``: "bright" or "dark", the holes the calibration looked for;
+    ``other_tried``: the other polarity was calibrated too and did no better.
+    """
+    if not _looks_inverted(below):
+        return []
+    other = "dark" if measured == "bright" else "bright"
+    advice = (
+        f"calibrated as {other} holes (polarity='{other}'), it did no better"
+        if other_tried
+        else f"calibrate with polarity='{other}' (--polarity {other}) or 'auto'"
+    )
+    return [
+        f"the image between the holes found is {below:.1f} times their contrast below "
+        f"their background: is it {other} holes on a {measured} plate? This calibration "
+        f"measured {measured} holes; {advice}"
+    ]
 
 
 def _output_mask(maps_mask, user_mask, defects=None):

@@ -12,6 +12,7 @@ validation from that file reads its images the same way.
 
 import numpy as np
 
+from ._validation import check_image
 from .errors import CcdgridError
 
 __all__ = ["POLARITIES", "check_polarity", "invert", "polarity_of"]
@@ -29,34 +30,49 @@ def check_polarity(polarity):
     return polarity
 
 
-def invert(image):
-    """The negative of an image: its largest finite value minus it.
+def invert(image, mask=None):
+    """The negative of an image: its largest usable value minus it.
 
     Parameters
     ----------
     image : array_like of shape (ny, nx)
-        Any real dtype.
+        Any real dtype (others raise CcdgridError, as the hole search does).
+    mask : array_like of shape (ny, nx) or None
+        Nonzero (or NaN) for pixels to ignore: their values (a module gap's
+        sentinel, say) do not set the top. Ignored if its shape differs
+        (the hole search reports that).
 
     Returns
     -------
     ndarray of shape (ny, nx), float32 or float64
-        float64 for float64 input and for integers wider than 16 bits (whose
-        values float32 would round), else float32. Non-finite pixels stay
-        non-finite; an image without a finite pixel is returned as float,
-        unchanged.
+        float64 for float64 input, for integers wider than 16 bits and
+        whenever float32 would round the counts (a top beyond 2**24), else
+        float32. Non-finite pixels stay non-finite; an image without a
+        usable pixel is returned as float, unchanged.
     """
-    img = np.asarray(image)
-    wide = img.dtype == np.float64 or (
-        np.issubdtype(img.dtype, np.integer) and img.dtype.itemsize > 2
+    img = check_image(image)
+    usable = np.isfinite(img) if img.dtype.kind == "f" else np.ones(img.shape, dtype=bool)
+    if mask is not None and np.shape(mask) == img.shape:
+        usable &= _unmasked(mask)
+    if not usable.any():
+        return img.astype(np.float64 if img.dtype == np.float64 else np.float32)
+    top = float(img.max() if usable.all() else img[usable].max())
+    wide = (
+        img.dtype == np.float64
+        or (img.dtype.kind in "iu" and img.dtype.itemsize > 2)
+        or abs(top) > 2.0**24
     )
     out = img.astype(np.float64 if wide else np.float32)
-    finite = np.isfinite(out)
-    if not finite.any():
-        return out
-    top = out.max() if finite.all() else out[finite].max()
     # in place: one image-sized array, not two
     np.subtract(top, out, out=out)
     return out
+
+
+def _unmasked(mask):
+    m = np.asarray(mask)
+    if m.dtype.kind == "f":
+        return (m == 0) & ~np.isnan(m)
+    return m == 0
 
 
 def polarity_of(calibration):

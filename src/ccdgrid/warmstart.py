@@ -264,11 +264,11 @@ def recalibrate(
     elif source is not None:
         source = {"path": str(source), "sha256": None}
     prev = _previous(previous)
+    img = _native(image)
     if prev.polarity == "dark":
         # the holes are measured where the previous calibration measured them:
         # on the image's negative
-        image = invert(image)
-    img = _native(image)
+        img = invert(img, mask)
     if img.shape != prev.shape:
         raise CcdgridError(
             f"`image` has shape {img.shape} but `previous` was calibrated on {prev.shape}"
@@ -299,10 +299,8 @@ def recalibrate(
             backend=backend,
             source=source,
             cv_folds=cv_folds,
-            # a dark plate's image is its negative by now
-            polarity="bright",
+            polarity=prev.polarity,
         )
-        cal.params["polarity"] = prev.polarity
         cal.params["warm_start"] = {"used": False, "reason": reason}
         change = _map_change(prev, cal)
         nan = float("nan")
