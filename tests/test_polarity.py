@@ -305,3 +305,16 @@ def test_the_cold_fallback_of_a_dark_warm_start_is_dark_too(dark):
     assert _residual(far, cal) < 0.03
     with pytest.raises(CcdgridError, match="`polarity` must be one of"):
         calibrate(_dark(far.image), previous=dark, polarity="negative")
+
+
+def test_the_report_shows_a_dark_plate_as_it_was_measured(plate, dark):
+    from ccdgrid.report import _gather
+
+    g, bright = plate
+    shown = _gather(dark, _dark(g.image))
+    assert shown.image_label == "image's negative (dark holes)"
+    # the negative: bright where the holes are
+    ij = np.rint(dark.holes.peaks[:20]).astype(int).T
+    between = np.rint(dark.holes.peaks[:20] + 0.5 * dark.grid.vectors.sum(axis=0)).astype(int).T
+    assert (shown.image[tuple(ij)] > shown.image[tuple(between)]).all()
+    assert _gather(bright, g.image).image_label == "image"

@@ -295,6 +295,12 @@ def _gather(cal, image):
             )
         # the full-resolution image, not the search's binned one
         data.image, data.image_label, data.image_binning = img, "image", 1
+        from .polarity import invert, polarity_of
+
+        if polarity_of(cal) == "dark":
+            # shown as measured: dark holes on a log scale of a bright plate
+            # are a few grey levels in a white field
+            data.image, data.image_label = invert(img), "image's negative (dark holes)"
     return data
 
 
