@@ -318,3 +318,24 @@ def test_the_report_shows_a_dark_plate_as_it_was_measured(plate, dark):
     between = np.rint(dark.holes.peaks[:20] + 0.5 * dark.grid.vectors.sum(axis=0)).astype(int).T
     assert (shown.image[tuple(ij)] > shown.image[tuple(between)]).all()
     assert _gather(bright, g.image).image_label == "image"
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_series_of_dark_frames(tmp_path, warm):
+    import h5py
+
+    from ccdgrid.series import calibrate_series
+
+    path = tmp_path / "stack.h5"
+    with h5py.File(path, "w") as h5:
+        h5["/entry/data"] = np.stack(
+            [_dark(_plate(offset=(0.3 + 0.5 * k, -0.2)).image) for k in range(3)]
+        )
+    res = calibrate_series(
+        f"{path}::/entry/data", output=tmp_path / "out", workers=1, warm=warm, progress=False
+    )
+    assert res.ok
+    assert [load(f.output).params["polarity"] for f in res.frames] == ["dark"] * 3
+    # the plate moved by 0.5 px a frame, which the drift against frame 0 shows
+    np.testing.assert_allclose(res.table()["drift_shift_y_px"], [0.0, 0.5, 1.0], atol=0.05)
+    assert [f.warm for f in res.frames] == [False, warm, warm]
