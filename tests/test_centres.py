@@ -230,3 +230,24 @@ def test_clipped_windows_leave_out_the_mirror_of_the_missing_pixels():
     np.testing.assert_array_equal(win[0][2:7], img[0:5, 0:9])
     assert ok[1].all()
     np.testing.assert_array_equal(win[1], img[6:15, 6:15])
+
+
+def test_many_seeds_are_fitted_in_bounded_chunks(row_of_holes, monkeypatch):
+    # a noisy plate searched in the wrong polarity sent 17 000 seeds in 31 px
+    # windows to one fit (1.1 GB): above _FIT_PIXELS they go by chunks, each
+    # with its own population start, and whole holes come out the same
+    from ccdgrid import centres as C
+
+    img, centres = row_of_holes
+    rng = np.random.default_rng(3)
+    noisy = rng.poisson(img).astype(np.float64)
+    whole = fit_hole_profiles(noisy, np.rint(centres), 5.0, half=10)
+    calls = []
+    group = C._fit_group
+    monkeypatch.setattr(C, "_fit_group", lambda *a: calls.append(len(a[1])) or group(*a))
+    monkeypatch.setattr(C, "_FIT_PIXELS", 6 * C._disc_offsets(10)[2].size)
+    chunked = fit_hole_profiles(noisy, np.rint(centres), 5.0, half=10)
+    assert calls[:2] == [6, 6]
+    assert chunked.converged.all()
+    np.testing.assert_allclose(chunked.centres, whole.centres, atol=5e-3)  # noise: 0.011
+    np.testing.assert_allclose(chunked.radius, whole.radius, atol=2e-2)

@@ -733,6 +733,10 @@ def _box_max_at(image, points, half):
     return image[rows, cols].reshape(len(points), -1).max(axis=1).astype(np.float64)
 
 
+# pixels of the search boxes of _isolated_spikes held at once (~16 MB of each array)
+_SPIKE_BOX_BUDGET = 2_000_000
+
+
 def _isolated_spikes(image, points, half, level, contrast):
     """Flat indices of the hot pixels behind the plateaus of hot-pixel peaks.
 
@@ -766,14 +770,29 @@ def _isolated_spikes(image, points, half, level, contrast):
         return np.zeros(0, dtype=np.int64)
     h, w = image.shape
     offs = np.arange(-half, half + 1)
-    rows = np.clip(points[:, 0, None, None] + offs[None, :, None], 0, h - 1)
-    cols = np.clip(points[:, 1, None, None] + offs[None, None, :], 0, w - 1)
-    excess = image[rows, cols] - level[:, None, None]
-    k, i, j = np.nonzero(excess > 3.0 * contrast[:, None, None])
-    if k.size == 0:
+    # by chunks of points, each pixel kept once with the first peak that
+    # reached it (in the order of ``points``): the boxes of 72 000 peaks of a
+    # noisy image searched in the wrong polarity took over 1 GB at once
+    chunk = max(1, _SPIKE_BOX_BUDGET // offs.size**2)
+    seen = np.zeros(h * w, dtype=bool)
+    found, owner = [], []
+    for start in range(0, len(points), chunk):
+        pts = points[start : start + chunk]
+        rows = np.clip(pts[:, 0, None] + offs[None, :], 0, h - 1)
+        cols = np.clip(pts[:, 1, None] + offs[None, :], 0, w - 1)
+        box = image[rows[:, :, None], cols[:, None, :]]
+        excess = box - level[start : start + chunk, None, None]
+        k, i, j = np.nonzero(excess > 3.0 * contrast[start : start + chunk, None, None])
+        flat, first = np.unique(rows[k, i] * w + cols[k, j], return_index=True)
+        new = ~seen[flat]
+        seen[flat[new]] = True
+        found.append(flat[new])
+        owner.append(k[first[new]] + start)
+    flat = np.concatenate(found)
+    if flat.size == 0:
         return np.zeros(0, dtype=np.int64)
-    flat, first = np.unique(rows[k, i, 0] * w + cols[k, 0, j], return_index=True)
-    k = k[first]
+    order = np.argsort(flat)
+    flat, k = flat[order], np.concatenate(owner)[order]
     at = np.stack(np.divmod(flat, w), axis=1)
     height = image.ravel()[flat].astype(np.float64) - level[k]
     above = np.minimum(_median3_at(image, at), _thin_ceiling_at(image, at)) - level[k]
