@@ -339,3 +339,57 @@ def test_a_series_of_dark_frames(tmp_path, warm):
     # the plate moved by 0.5 px a frame, which the drift against frame 0 shows
     np.testing.assert_allclose(res.table()["drift_shift_y_px"], [0.0, 0.5, 1.0], atol=0.05)
     assert [f.warm for f in res.frames] == [False, warm, warm]
+
+
+def _noisy_dark_plate():
+    # an independent generator's heavy-noise plate (peak SNR ~9), negated: the
+    # bright plate's noise makes thousands of candidate peaks as bright holes
+    import _independent_grid as gen
+
+    shape = (512, 512)
+    field = gen.Field(centre=(240, 271), radius=362.0, k1=-6.0, t1=0.5)
+    g = gen.make_grid(
+        shape, pitch_px=48.0, profile="gauss", width_px=2.5, field=field, lit=None,
+        amplitude=120.0, background=(0.2, 0.45), dark=20.0, read_noise=3.0, seed=7,
+    )  # fmt: skip
+    return g, np.nanmax(g.image) * 1.02 + 50 - g.image
+
+
+def test_the_search_as_bright_holes_gives_up_on_the_noise_of_a_bright_plate():
+    from ccdgrid import peaks as P
+
+    g, img = _noisy_dark_plate()
+    token = P.GIVE_UP_ABOVE.set(10.0)
+    try:
+        with pytest.raises(P.TooManyCandidates, match="candidate peaks for at most"):
+            P.find_holes(img)
+        # a plate of bright holes searched so never gives up
+        P.find_holes(g.image)
+    finally:
+        P.GIVE_UP_ABOVE.reset(token)
+    assert P.GIVE_UP_ABOVE.get() is None  # never set outside calibrate's first attempt
+
+
+def test_a_noisy_dark_plate_is_calibrated_after_an_early_give_up(monkeypatch):
+    # the attempt as bright holes (13 s and 1.3 GB at 2048² before it gave up
+    # early) ends before its fits; the negative decides, as it would have
+    import _independent_grid as gen
+
+    from ccdgrid import pipeline
+
+    g, img = _noisy_dark_plate()
+    tried = []
+    attempt = pipeline._calibrate_as
+
+    def counted(image, polarity_, *args, **kwargs):
+        tried.append(polarity_)
+        return attempt(image, polarity_, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_calibrate_as", counted)
+    cal = calibrate(img)
+    assert cal.params["polarity"] == "dark"
+    assert tried == ["bright", "dark"]
+    assert cal.timings["as bright holes"] < cal.timings["total"]
+    points = g.holes[g.visible]
+    points = points[cal.mask[tuple(np.rint(points).astype(int).T)] == 0]
+    assert gen.frame_residual(g, cal, points)[0] < 0.05

@@ -34,8 +34,9 @@ from .errors import CcdgridError
 from .gridfit import _check_pitch, centred_grid, fit_grid
 from .lattice import index_holes
 from .maps import displacement_maps
-from .peaks import MIN_HOLES
+from .peaks import GIVE_UP_ABOVE, MIN_HOLES
 from .pipeline import (
+    _GIVE_UP_ABOVE,
     _SOFT_EDGE,
     Calibration,
     _check_folds,
@@ -631,10 +632,14 @@ def _plain_bright(image, mask, pitch, options):
     (:func:`ccdgrid.pipeline._dark_between`). Otherwise the caller lets
     ``calibrate(polarity="auto")`` decide.
     """
+    # the noise of a plate of dark holes searched as bright ones gives up early
+    token = GIVE_UP_ABOVE.set(_GIVE_UP_ABOVE)
     try:
         stages = _stages(image, mask, pitch, options)
     except CcdgridError:
         return None
+    finally:
+        GIVE_UP_ABOVE.reset(token)
     holes, lattice, grid = stages
     # holes left out on purpose (a soft lit edge) count as calibrate counts them
     n_found = len(holes.peaks) - sum(reason == _SOFT_EDGE for reason in lattice.reasons)

@@ -31,6 +31,7 @@ Coordinates are ``(y, x)`` index coordinates: the centre of pixel ``(i, j)``
 is at ``(i, j)``.
 """
 
+import contextvars
 import time
 from dataclasses import dataclass, field
 
@@ -279,6 +280,18 @@ def _segment(smoothed, backend):
     """Watershed regions of ``smoothed``: (segmentation, peak flat indices, sizes)."""
     seg = merge_singletons(segment(smoothed, backend=backend), smoothed, backend=backend)
     return seg, np.asarray(seg.peak, dtype=np.int64), np.asarray(seg.size, dtype=np.int64)
+
+
+class TooManyCandidates(CcdgridError):
+    """A search told to give up (:data:`GIVE_UP_ABOVE`) found far more peaks than holes fit."""
+
+
+# When set (a number), a search whose candidates above the threshold exceed
+# that many times the holes the image can hold (1.5 area / pitch²) raises
+# TooManyCandidates before its fits. Set by ccdgrid.calibrate's
+# polarity="auto" around its attempt as bright holes only; a context
+# variable, so that threads calibrating at once do not see each other's.
+GIVE_UP_ABOVE = contextvars.ContextVar("GIVE_UP_ABOVE", default=None)
 
 
 def find_holes(
@@ -561,6 +574,12 @@ def _search(
     thr = thr_auto if threshold is None else threshold
     hist.threshold = thr
     keep = np.flatnonzero(positive)[logc >= thr]
+    limit = GIVE_UP_ABOVE.get()
+    if limit is not None and keep.size > limit * 1.5 * capacity:
+        raise TooManyCandidates(
+            f"{keep.size} candidate peaks for at most {1.5 * capacity:.0f} holes of a "
+            f"{pitch:.1f} px pitch"
+        )
     peaks_small, contrast, bg = peaks_small[keep], contrast[keep], bg[keep]
     # the full-resolution pixel nearest to the centre of each peak's block
     peaks_int = peaks_small * factor + factor // 2
