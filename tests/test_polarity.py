@@ -393,3 +393,16 @@ def test_a_noisy_dark_plate_is_calibrated_after_an_early_give_up(monkeypatch):
     points = g.holes[g.visible]
     points = points[cal.mask[tuple(np.rint(points).astype(int).T)] == 0]
     assert gen.frame_residual(g, cal, points)[0] < 0.05
+
+
+def test_validation_of_an_image_of_the_other_polarity_warns():
+    # 24 px holes on a 40 px pitch: the web between them is a lattice too,
+    # and its re-measurement gave 0.1 px where the plate's gives 0.016
+    g = _plate(hole_diameter_px=24.0)
+    dark, bright = calibrate(_dark(g.image)), calibrate(g.image)
+    for image, detector in ((g.image, dark), (_dark(g.image), bright)):
+        with pytest.warns(UserWarning, match="look like the plate between holes of the other"):
+            validate(image, detector)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert validate(_dark(g.image), dark).corrected.rms_px < 0.03

@@ -357,10 +357,11 @@ def validate(
         "backend": backend,
     }
     invalid = _input_mask(img, mask)
-    if polarity_of(detector) == "dark":
+    polarity = polarity_of(detector)
+    if polarity == "dark":
         # measured as the calibration measured it: dark holes through the
         # image's negative (see ccdgrid.polarity)
-        img = invert(img)
+        img = invert(img, invalid)
     correction_mask = invalid if not detector_mask or det_mask is None else invalid | det_mask
 
     timings = {}
@@ -377,7 +378,7 @@ def validate(
     timings["correction"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    corrected = _measure(corrected_img, None, pitch, search, "corrected")
+    corrected = _measure(corrected_img, None, pitch, search, "corrected", polarity)
     timings["corrected"] = time.perf_counter() - t0
     before = None
     if uncorrected:
@@ -488,8 +489,15 @@ def _resolved(detector, key, value):
     return float(found) if isinstance(found, (int, float)) and found > 0 else None
 
 
-def _measure(img, mask, pitch, search, label):
-    """Find, index and fit the holes of one image -> GridResidual."""
+def _measure(img, mask, pitch, search, label, polarity=None):
+    """Find, index and fit the holes of one image -> GridResidual.
+
+    ``polarity``: the detector's ("bright" or "dark"), to warn when the holes
+    found look like the plate between holes of the other polarity (an image
+    of another plate than the calibration's, or inverted since).
+    """
+    import warnings
+
     import numpy as np
 
     from .gridfit import fit_grid
@@ -507,6 +515,19 @@ def _measure(img, mask, pitch, search, label):
         )
     except CcdgridError as exc:
         raise CcdgridError(f"the {label} image's holes could not be measured: {exc}") from exc
+    if polarity is not None:
+        from .pipeline import _dark_between, _looks_inverted
+
+        below = _dark_between(img, holes, grid, valid)
+        if _looks_inverted(below):
+            warnings.warn(
+                f"the {label} image's holes, measured as the detector file's {polarity} "
+                f"holes, look like the plate between holes of the other polarity (the "
+                f"middles of the lattice's cells lie {below:.1f} times their contrast below "
+                "their background): is it an image of the calibrated plate, with its polarity?",
+                UserWarning,
+                stacklevel=3,
+            )
     norm = np.hypot(grid.displacement[:, 0], grid.displacement[:, 1])
     return GridResidual(
         n_found=len(holes.peaks),
