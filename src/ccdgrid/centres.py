@@ -348,9 +348,11 @@ def _fit_batches(image, seeds, radius, halves, shape, opts):
     order = []
     for hv in np.unique(halves):
         same = np.flatnonzero(halves == hv)
-        step = max(1, _FIT_PIXELS // _disc_offsets(int(hv))[2].size)
-        for start in range(0, same.size, step):
-            idx = same[start : start + step]
+        # chunks of even size: a remainder of a few seeds would get no
+        # population start and a noise scale of its own
+        most = max(1, _FIT_PIXELS // _disc_offsets(int(hv))[2].size)
+        chunks = -(-same.size // most)
+        for idx in np.array_split(same, chunks):
             sub = None if shape is None else shape[idx]
             parts.append(_fit_group(image, seeds[idx], radius, int(hv), sub, *opts))
             order.append(idx)

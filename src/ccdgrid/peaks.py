@@ -288,9 +288,10 @@ class TooManyCandidates(CcdgridError):
 
 # When set (a number), a search whose candidates above the threshold exceed
 # that many times the holes the image can hold (1.5 area / pitch²) raises
-# TooManyCandidates before its fits. Set by ccdgrid.calibrate's
-# polarity="auto" around its attempt as bright holes only; a context
-# variable, so that threads calibrating at once do not see each other's.
+# TooManyCandidates before its fits (and before hot pixels are left out).
+# Set by ccdgrid.calibrate's polarity="auto" around its first attempts, and
+# by calibrate_combined's quick look at its first image; a context variable,
+# so that threads calibrating at once do not see each other's.
 GIVE_UP_ABOVE = contextvars.ContextVar("GIVE_UP_ABOVE", default=None)
 
 

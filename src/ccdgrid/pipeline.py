@@ -209,9 +209,10 @@ def calibrate(
         bright holes and, when that is refused or the lattice cells' middles
         lie far below the holes' background (the "holes" found were then the
         plate between dark ones), calibrates its negative too and keeps it
-        if it stands and its maps predict holes left out no worse; only the
-        kept calibration's warnings are shown. ``params["polarity"]`` records
-        the polarity used.
+        if it stands and its maps predict holes left out no worse (when the
+        search as bright holes drowns in candidates, the negative is tried
+        first); only the kept calibration's warnings are shown.
+        ``params["polarity"]`` records the polarity used.
 
     Returns
     -------
@@ -293,6 +294,10 @@ class _Attempt:
         self.seconds = time.perf_counter() - t0
 
     @property
+    def gave_up(self):
+        return isinstance(self.error, TooManyCandidates)
+
+    @property
     def stands(self):
         """Calibrated, and not on the plate between holes of the other polarity."""
         return self.cal is not None and not _looks_inverted(self.below)
@@ -300,10 +305,13 @@ class _Attempt:
     def kept(self, *others):
         """The calibration, its timings counting the ``others`` tried (None: not tried)."""
         cal = self.cal
+        spent = {}
         for other in others:
-            if other is not None:
-                cal.timings = {f"as {other.polarity} holes": other.seconds, **cal.timings}
-                cal.timings["total"] += other.seconds
+            if other is not None and other is not self:
+                name = f"as {other.polarity} holes" + (" (gave up)" if other.gave_up else "")
+                spent[name] = spent.get(name, 0.0) + other.seconds
+        cal.timings = {**spent, **cal.timings}
+        cal.timings["total"] += sum(spent.values())
         return cal
 
 
@@ -317,36 +325,41 @@ def _calibrate_polarity(image, polarity, read, options):
     which changes the whole process's warning state and is not thread-safe.
 
     With "auto", the search as bright holes gives up early when it holds
-    many more candidate peaks than the image can hold holes (the noise of a
-    bright plate between dark holes: 30 000 candidates for 1 000 holes, 13 s
-    to a useless result at 2048²); the negative is then calibrated first,
-    and the image as bright holes in full only if the negative does not
-    stand. The choice is the one made without giving up: the negative of a
-    plate of bright holes does not stand (the middles of its lattice's
-    cells are the holes).
+    many more candidate peaks than the image can hold holes: the noise of a
+    bright plate between dark holes (30 000 candidates for 1 000 holes, 13 s
+    to a useless result at 2048²), or the hot pixels of a plate of bright
+    holes, before they are left out (3 000 at 2048²). The negative is then
+    calibrated first, giving up likewise; it is kept at once if it stands
+    without a warning (the negative of a plate of bright holes does not
+    stand: the middles of its lattice's cells are the holes). Otherwise the
+    image is calibrated as bright holes in full, and the choice is made as
+    without giving up.
     """
     if polarity != "auto":
         cal, below, notes = _calibrate_as(image, polarity, read, **options)
         return cal, notes + _inverted_note(below, polarity)
     bright = _Attempt(image, "bright", read, options, give_up=True)
-    dark = None
-    if isinstance(bright.error, TooManyCandidates):
-        dark = _Attempt(image, "dark", read, options)
-        if dark.stands:
-            return dark.kept(bright), dark.notes
-        gave_up = bright
+    dark, tried = None, []
+    if bright.gave_up:
+        early = _Attempt(image, "dark", read, options, give_up=True)
+        if early.stands and not early.notes:
+            return early.kept(bright), early.notes
+        tried.append(bright)
+        if early.gave_up:
+            tried.append(early)
+        else:
+            dark = early  # complete: it never reached the limit
         bright = _Attempt(image, "bright", read, options)
-        bright.seconds += gave_up.seconds
     if bright.stands:
-        return bright.kept(dark), bright.notes
+        return bright.kept(*tried, dark), bright.notes
     if dark is None:
         dark = _Attempt(image, "dark", read, options)
     if dark.stands and _no_worse(dark.cal, bright.cal):
-        return dark.kept(bright), dark.notes
+        return dark.kept(*tried, bright), dark.notes
     if bright.error is not None:
         raise bright.error
     notes = bright.notes + _inverted_note(bright.below, "bright", other_tried=True)
-    return bright.kept(dark), notes
+    return bright.kept(*tried, dark), notes
 
 
 def _no_worse(dark, bright):
