@@ -288,7 +288,9 @@ class TooManyCandidates(CcdgridError):
 
 # When set (a number), a search whose candidates above the threshold exceed
 # that many times the holes the image can hold (1.5 area / pitch²) raises
-# TooManyCandidates before its fits (and before hot pixels are left out).
+# TooManyCandidates before its fits; a search that finds hot pixels is
+# judged once they are left out (3 000 of them on a 2048² plate of bright
+# holes outnumbered ten times its holes).
 # Set by ccdgrid.calibrate's polarity="auto" around its first attempts, and
 # by calibrate_combined's quick look at its first image; a context variable,
 # so that threads calibrating at once do not see each other's.
@@ -442,7 +444,7 @@ def find_holes(
         for rounds_left in range(_HOT_ROUNDS, -1, -1):
             result = _search(
                 img, binned, valid, diameter, pitch0, threshold, backend, timings,
-                stop_on_hot=rounds_left > 0, given_valid=given,
+                stop_on_hot=rounds_left > 0, given_valid=given, hot_left_out=hot.size > 0,
             )  # fmt: skip
             if result is None or result[0] is not None:
                 break
@@ -521,9 +523,21 @@ def _summary(reasons):
     return ", ".join(f"{c} {n}" for n, c in zip(names, counts, strict=True))
 
 
+def _give_up_above(limit, candidates, capacity, pitch):
+    """Raise TooManyCandidates past ``limit`` times the holes the image can hold.
+
+    See :data:`GIVE_UP_ABOVE` (``limit`` None: never).
+    """
+    if limit is not None and candidates > limit * 1.5 * capacity:
+        raise TooManyCandidates(
+            f"{candidates} candidate peaks for at most {1.5 * capacity:.0f} holes of a "
+            f"{pitch:.1f} px pitch"
+        )
+
+
 def _search(
     img, binned, valid, diameter, pitch, threshold, backend, timings, stop_on_hot=False,
-    given_valid=None,
+    given_valid=None, hot_left_out=False,
 ):  # fmt: skip
     """One pass of the search for a given hole diameter.
 
@@ -575,12 +589,10 @@ def _search(
     thr = thr_auto if threshold is None else threshold
     hist.threshold = thr
     keep = np.flatnonzero(positive)[logc >= thr]
-    limit = GIVE_UP_ABOVE.get()
-    if limit is not None and keep.size > limit * 1.5 * capacity:
-        raise TooManyCandidates(
-            f"{keep.size} candidate peaks for at most {1.5 * capacity:.0f} holes of a "
-            f"{pitch:.1f} px pitch"
-        )
+    if hot_left_out:
+        # the noise of a plate of the other polarity stays when hot pixels go
+        # (a plate's own hot pixels do not): judged before the costly fits
+        _give_up_above(GIVE_UP_ABOVE.get(), keep.size, capacity, pitch)
     peaks_small, contrast, bg = peaks_small[keep], contrast[keep], bg[keep]
     # the full-resolution pixel nearest to the centre of each peak's block
     peaks_int = peaks_small * factor + factor // 2
@@ -607,6 +619,10 @@ def _search(
     hot = _isolated_spikes(img, peaks_int[spiky], reach, bg[spiky], contrast[spiky])
     if stop_on_hot and hot.size:
         return None, None, hot
+    if not hot_left_out:
+        # hot pixels are candidates too: a search that finds some is judged
+        # once they are left out (above), else here
+        _give_up_above(GIVE_UP_ABOVE.get(), keep.size, capacity, pitch)
     if valid is not None:
         reasons[flat & (_median3_at(valid.view(np.uint8), peaks_int) < 1)] = "masked"
     # one report per defect: a hot pixel's plateau holds many peaks
