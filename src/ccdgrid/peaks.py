@@ -550,7 +550,9 @@ def _search(
     indices of the isolated hot pixels seen), or None if no peak stands out
     at all. With ``stop_on_hot``,
     a pass that sees hot pixels returns (None, None, hot pixels) before the
-    fits.
+    fits. ``hot_left_out``: an earlier pass left hot pixels out of ``img``;
+    with :data:`GIVE_UP_ABOVE` set, its candidates are then judged before
+    hot pixels are looked for again (else once none is found).
     """
     h, w = img.shape
     t = time.perf_counter()
