@@ -34,13 +34,14 @@ from .errors import CcdgridError
 from .gridfit import _check_pitch, centred_grid, fit_grid
 from .lattice import index_holes
 from .maps import displacement_maps
-from .peaks import GIVE_UP_ABOVE, MIN_HOLES
+from .peaks import GIVE_UP_ABOVE
 from .pipeline import (
     _GIVE_UP_ABOVE,
-    _SOFT_EDGE,
     Calibration,
     _check_folds,
+    _check_indexed,
     _dark_between,
+    _found,
     _looks_inverted,
     _without_soft_edge_holes,
     calibrate,
@@ -627,24 +628,21 @@ def _per_image(k, infos, func, *args, **kwargs):
 def _plain_bright(image, mask, pitch, options):
     """:func:`_stages` of an image that plainly holds bright holes, else None.
 
-    Plainly: most holes found fit one lattice (as :func:`ccdgrid.calibrate`
-    requires) and the middles of its cells are background, not dark holes
-    (:func:`ccdgrid.pipeline._dark_between`). Otherwise the caller lets
-    ``calibrate(polarity="auto")`` decide.
+    Plainly: most holes found fit one lattice (``calibrate``'s rule,
+    :func:`ccdgrid.pipeline._check_indexed`) and the middles of its cells
+    are background, not dark holes (:func:`ccdgrid.pipeline._dark_between`).
+    Otherwise the caller lets ``calibrate(polarity="auto")`` decide.
     """
     # the noise of a plate of dark holes searched as bright ones gives up early
     token = GIVE_UP_ABOVE.set(_GIVE_UP_ABOVE)
     try:
         stages = _stages(image, mask, pitch, options)
+        holes, lattice, grid = stages
+        _check_indexed(lattice.n_valid, _found(lattice, len(holes.peaks)))
     except CcdgridError:
         return None
     finally:
         GIVE_UP_ABOVE.reset(token)
-    holes, lattice, grid = stages
-    # holes left out on purpose (a soft lit edge) count as calibrate counts them
-    n_found = len(holes.peaks) - sum(reason == _SOFT_EDGE for reason in lattice.reasons)
-    if 2 * lattice.n_valid <= n_found or lattice.n_valid < MIN_HOLES:
-        return None
     if _looks_inverted(_dark_between(image, holes, grid, lattice.valid)):
         return None
     return stages

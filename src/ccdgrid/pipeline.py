@@ -528,9 +528,7 @@ def _fit(peaks, lattice, shape, *, pitch, smoothing, cv_folds, backend, timings,
         outputs=outputs,
         backend=backend,
     )
-    # holes left out on purpose are no sign that the others do not form a grid
-    left_out = sum(reason == _SOFT_EDGE for reason in lattice.reasons)
-    _check_plausible(grid, maps, lattice.pitch_px, lattice.n_valid, len(peaks) - left_out)
+    _check_plausible(grid, maps, lattice.pitch_px, lattice.n_valid, _found(lattice, len(peaks)))
     return grid, maps, _cross_validation(peaks[valid], grid, maps, cv_folds)
 
 
@@ -632,6 +630,26 @@ def _local_text(maps):
     )
 
 
+def _found(lattice, n_peaks):
+    """The holes found that count for :func:`_check_indexed`: those left out on
+    purpose (a soft lit edge) are no sign that the others do not form a grid."""
+    return n_peaks - sum(reason == _SOFT_EDGE for reason in lattice.reasons)
+
+
+def _check_indexed(n_indexed, n_found):
+    """Raise CcdgridError unless most of the ``n_found`` holes, and enough, fit one lattice."""
+    if n_found and 2 * n_indexed <= n_found:
+        raise CcdgridError(
+            f"the holes found do not form a grid: only {n_indexed} of {n_found} fit one "
+            f"lattice; is there a grid of holes of this size and spacing in the image?"
+        )
+    if n_indexed < MIN_HOLES:
+        raise CcdgridError(
+            f"too few holes to map a distortion: {n_indexed} fit one lattice, at least "
+            f"{MIN_HOLES} are needed"
+        )
+
+
 def _check_plausible(grid, maps, pitch_px, n_indexed=None, n_found=None):
     """Raise CcdgridError when the holes indexed do not look like a distorted grid.
 
@@ -640,16 +658,8 @@ def _check_plausible(grid, maps, pitch_px, n_indexed=None, n_found=None):
     ``pitch_px`` the hole spacing on the image; ``n_indexed`` of the
     ``n_found`` holes fit the lattice (on a grid image nearly all do).
     """
-    if n_indexed is not None and n_found and 2 * n_indexed <= n_found:
-        raise CcdgridError(
-            f"the holes found do not form a grid: only {n_indexed} of {n_found} fit one "
-            f"lattice; is there a grid of holes of this size and spacing in the image?"
-        )
-    if n_indexed is not None and n_indexed < MIN_HOLES:
-        raise CcdgridError(
-            f"too few holes to map a distortion: {n_indexed} fit one lattice, at least "
-            f"{MIN_HOLES} are needed"
-        )
+    if n_indexed is not None:
+        _check_indexed(n_indexed, n_found)
     distortion = grid.residual_rms / pitch_px
     misfit = maps.fit_residual_rms / pitch_px
     if distortion > _MAX_DISTORTION_PITCH or misfit > _MAX_MAP_MISFIT_PITCH:
@@ -801,15 +811,12 @@ def _in_order(rejected, reasons):
     return rejected[order], [reasons[k] for k in order]
 
 
-def _check_predictive(cv, pitch_px):
-    """Raise CcdgridError when the maps cannot predict a hole left out (``cv`` may be None);
-    warn when they predict it poorly."""
-    for note in _predictive_notes(cv, pitch_px):
-        warnings.warn(note, UserWarning, stacklevel=2)
-
-
 def _predictive_notes(cv, pitch_px):
-    """:func:`_check_predictive`, the warning returned (a list of 0 or 1 str), not issued."""
+    """Raise CcdgridError when the maps cannot predict a hole left out (``cv`` may be None).
+
+    Returns the warning (a list of 0 or 1 str) when they predict it poorly,
+    for :func:`calibrate` to issue.
+    """
     if cv is None or not np.isfinite(cv.rms_px):
         return []
     if cv.rms_px > _MAX_CV_PITCH * pitch_px:

@@ -53,7 +53,7 @@ def invert(image, mask=None):
     img = check_image(image)
     usable = np.isfinite(img) if img.dtype.kind == "f" else np.ones(img.shape, dtype=bool)
     if mask is not None and np.shape(mask) == img.shape:
-        usable &= _unmasked(mask)
+        usable &= np.asarray(mask) == 0  # NaN == 0 is False: a NaN masks too
     if not usable.any():
         return img.astype(np.float64 if img.dtype == np.float64 else np.float32)
     top = float(img.max() if usable.all() else img[usable].max())
@@ -66,13 +66,6 @@ def invert(image, mask=None):
     # in place: one image-sized array, not two
     np.subtract(top, out, out=out)
     return out
-
-
-def _unmasked(mask):
-    m = np.asarray(mask)
-    if m.dtype.kind == "f":
-        return (m == 0) & ~np.isnan(m)
-    return m == 0
 
 
 def polarity_of(calibration):
