@@ -386,7 +386,7 @@ class _SimulatedPool:
             return set()
         self.now, row, where = self.finish[future]
         self.ends[where] = self.now
-        future.set_result(row)
+        future.set_result((row, []))
         return {future}
 
     def release(self, local):
@@ -493,9 +493,10 @@ def test_idle_workers_lend_their_cores_once_to_busy_ones(stack, tmp_path):
         # the worker process borrows it for its frame's detector file
         spec = _Spec(0, f"{stack}::/entry/data", 0, output=str(tmp_path / "d.h5"))
         future, local = pool.submit("run", spec, None, -1, False, where="process")
-        row = future.result(timeout=300)
+        row, late = future.result(timeout=300)
         assert not local
         assert row.ok
+        assert late == []
         assert row.timing["borrowed"] == 1
         assert pool.spare.value == 0
         pool.release(False)
@@ -538,9 +539,10 @@ def test_a_frame_started_before_its_file_is_hashed_records_the_digest(
     monkeypatch.setattr(series._Digests, "get", finish_then_get)
     config = _Config(pitch=5e-3, options={"cv_folds": 0}, mask=None, save_workers=1)
 
-    row = _series_worker._Worker(config, digests=digests).run(spec, None, -1, False)
+    row, late = _series_worker._Worker(config, digests=digests).run(spec, None, -1, False)
 
     assert row.ok
+    assert late == []
     assert seen == [True]  # read while the hash was not known
     assert (
         load(tmp_path / "d.h5").source["sha256"] == hashlib.sha256(stack.read_bytes()).hexdigest()
@@ -760,6 +762,118 @@ def test_the_reference_a_worker_just_wrote_is_not_read_back(stack, tmp_path, mon
             (f.drift_shift_y_px, f.drift_shift_x_px), record.shift, rtol=0, atol=1e-9
         )
         assert f.drift_max_change_dx_px == pytest.approx(record.max_change_dx, abs=1e-6)
+
+
+def test_a_frame_done_before_the_reference_gets_its_drift_with_the_next(
+    stack, serial, tmp_path, monkeypatch
+):
+    # frames calibrated while the reference was still being calibrated: their
+    # worker keeps them and measures their drifts with its next frame, from
+    # memory (reading them back cost ~0.05 s at 2048²)
+    reference = serial[0].frames[0].output
+    marker = tmp_path / "reference.json"
+    config = _Config(pitch=5e-3, options={"cv_folds": 0}, mask=None, save_workers=1)
+    worker = _series_worker._Worker(config)
+    specs = [
+        _Spec(k, f"{stack}::/entry/data", k, output=str(tmp_path / f"d{k}.h5")) for k in (2, 3)
+    ]
+    row, late = worker.run(specs[0], None, -1, False, str(marker))
+    assert row.ok
+    assert (row.reference_index, late) == (-1, [])
+    marker.write_text(json.dumps({"path": reference, "index": 0}))
+    reads = []
+    import ccdgrid.detector_file as detector_file
+
+    original = detector_file.load
+    monkeypatch.setattr(detector_file, "load", lambda path: reads.append(path) or original(path))
+    row, late = worker.run(specs[1], None, -1, False, str(marker))
+    assert row.ok
+    assert row.reference_index == 0
+    assert [index for index, _ in late] == [2]
+    assert reads == [reference]  # the reference, once; never the frame's own file
+    record = _series_worker._aligned_drift(load(reference), load(specs[0].output))
+    measured = late[0][1]
+    assert measured.reference_index == 0
+    np.testing.assert_allclose(
+        (measured.drift_shift_y_px, measured.drift_shift_x_px), record.shift, rtol=0, atol=1e-9
+    )
+    assert measured.drift_max_change_dy_px == pytest.approx(record.max_change_dy, abs=1e-6)
+    np.testing.assert_allclose(record.shift, MOVES[2], atol=DRIFT_TOL)
+    # measured once: the next frame returns none
+    assert worker.run(specs[1], None, -1, False, str(marker))[1] == []
+
+
+def _frame_1_before_the_reference(monkeypatch, before_frame_2=None):
+    """Make series frame 0 wait until frame 1 is done; record what the pool is asked.
+
+    ``before_frame_2``: called with the marker path before frame 2 runs.
+    Returns the list of the pool's submissions (function names).
+    """
+    done = {}
+    run = _series_worker._Worker.run
+
+    def ordered_run(self, spec, reference, reference_index, warm, marker=None):
+        if spec.index == 0:
+            assert done.setdefault(1, threading.Event()).wait(60)
+        if spec.index == 2 and before_frame_2 is not None:
+            before_frame_2(marker)
+        result = run(self, spec, reference, reference_index, warm, marker)
+        done.setdefault(spec.index, threading.Event()).set()
+        return result
+
+    submitted = []
+    submit = _Pool.submit
+
+    def recording_submit(self, func_name, *args, **kwargs):
+        submitted.append(func_name)
+        return submit(self, func_name, *args, **kwargs)
+
+    monkeypatch.setattr(_series_worker._Worker, "run", ordered_run)
+    monkeypatch.setattr(_Pool, "submit", recording_submit)
+    return submitted
+
+
+def test_the_scheduler_takes_late_drifts_and_reads_back_no_frame(stack, tmp_path, monkeypatch):
+    # two worker threads: series frame 1 is done while frame 0, the reference,
+    # is still calibrating; its worker returns its drift with frame 2
+    seen = []
+
+    def wait_for_the_reference(marker):
+        # frame 2 ends once the scheduler has written the reference down
+        deadline = time.monotonic() + 60
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        seen.append(os.path.exists(marker))
+
+    submitted = _frame_1_before_the_reference(monkeypatch, wait_for_the_reference)
+    res = calibrate_series(
+        f"{stack}::/entry/data", frames="0,2,3", pitch=5e-3, output=tmp_path, workers=2,
+        executor="thread", progress=False,
+    )  # fmt: skip
+    assert res.ok
+    assert seen == [True]
+    assert submitted == ["run"] * 3  # no drift measured from a file
+    assert [f.reference_index for f in res.frames] == [0, 0, 0]
+    for f, move in zip(res.frames[1:], (MOVES[2], MOVES[3]), strict=True):
+        np.testing.assert_allclose((f.drift_shift_y_px, f.drift_shift_x_px), move, atol=DRIFT_TOL)
+
+
+def test_a_frame_whose_worker_gets_no_more_frames_is_measured_from_its_file(
+    stack, tmp_path, monkeypatch
+):
+    # the worker that did frame 1 gets no frame after the reference is known:
+    # its drift is read back once every frame is done
+    submitted = _frame_1_before_the_reference(monkeypatch)
+    res = calibrate_series(
+        f"{stack}::/entry/data", frames="0,2", pitch=5e-3, workers=2, executor="thread",
+        progress=False,
+    )  # fmt: skip
+    assert res.ok
+    assert submitted == ["run", "run", "drift"]
+    assert res.frames[1].reference_index == 0
+    np.testing.assert_allclose(
+        (res.frames[1].drift_shift_y_px, res.frames[1].drift_shift_x_px), MOVES[2], atol=DRIFT_TOL
+    )
 
 
 def test_arrays_and_no_output_files(tmp_path, monkeypatch):

@@ -79,8 +79,8 @@ def test_a_worker_process_takes_frames_once_up():
         assert pool.submit("run", spec, None, -1, False) is None  # no more
         assert [local for _, local in (first, second)] == [False, False]
         for future, _ in (first, second):
-            row = future.result(timeout=120)
-            assert (row.index, row.status, row.error) == (0, "failed", "no image")
+            row, late = future.result(timeout=120)
+            assert (row.index, row.status, row.error, late) == (0, "failed", "no image", [])
             pool.release(False)
         assert pool.process_busy == 0
     finally:

@@ -4,7 +4,8 @@ A worker (:class:`_Worker`) reads its frame itself (a path and a frame number
 travel to it, never an image), calibrates it with
 :func:`ccdgrid.pipeline.calibrate`, writes its detector file, measures its
 drift against the series' reference and returns one small
-:class:`~ccdgrid.series_table.FrameResult`; it never raises for a bad frame.
+:class:`~ccdgrid.series_table.FrameResult` (with the drifts of its earlier
+frames that had to wait for the reference); it never raises for a bad frame.
 It runs in a worker process of the pool (:func:`_init_process` makes one per
 process, :func:`_process_run` calls it) or in a worker thread of the calling
 process (:func:`_init_thread`). Every worker runs BLAS and OpenMP on one
@@ -64,6 +65,11 @@ THREAD_ENV = (
 
 # -- the work of one frame (runs in a worker) --------------------------------------
 
+# calibrations a worker keeps for a drift measured later (see _Worker._unmeasured;
+# 58 MB each at 2048²): usually one, a frame done while the reference was still
+# being calibrated; the drifts of any more are read back from their files
+_KEEP_UNMEASURED = 2
+
 
 @dataclass(frozen=True)
 class _Config:
@@ -99,6 +105,11 @@ class _Worker:
         # the slowest of the series
         self._last_saved = (None, None)
         self._mask = None
+        # frames done before the series' reference was known: their drift is
+        # measured from these calibrations once it is (reading each back from
+        # its file cost ~0.05 s at 2048², a twentieth of a 2-worker series)
+        self._unmeasured = {}  # series index -> Calibration
+        self._unmeasured_lock = threading.Lock()  # threads may share this worker
 
     def _reference(self, path):
         if path not in self._references:
@@ -127,6 +138,14 @@ class _Worker:
         ``marker``: when the drift reference was not known at submission, the
         file where the scheduler writes it once it is (read before and after
         the calibration).
+
+        Returns
+        -------
+        row : FrameResult
+        late : list of (int, FrameResult)
+            The drift rows (see :meth:`drift`) of earlier frames of this
+            worker that were done before the reference was known, by series
+            index; measured now if it is known now, else empty.
         """
         start, wall, cpu = time.perf_counter(), time.time(), self._cpu()
         borrowed = 0  # cores lent by idle workers to this frame's detector file
@@ -151,7 +170,22 @@ class _Worker:
             "cpu": self._cpu() - cpu,
             "borrowed": borrowed,
         }
-        return row
+        return row, self._late_drifts(reference, reference_index, marker)
+
+    def _late_drifts(self, reference, reference_index, marker):
+        """Drift rows of the frames kept in ``_unmeasured``, once the reference is known."""
+        if not self._unmeasured:
+            return []
+        if reference is None:
+            reference, reference_index = _read_marker(marker)
+            if reference is None:
+                return []
+        with self._unmeasured_lock:
+            waiting, self._unmeasured = self._unmeasured, {}
+        return [
+            (index, self._drift_row(reference, reference_index, cal))
+            for index, cal in sorted(waiting.items())
+        ]
 
     def _borrow(self):
         """Take one core lent by an idle worker, if any: 1, else 0."""
@@ -225,7 +259,12 @@ class _Worker:
             row.output = spec.output
         if reference is None:
             reference, reference_index = _read_marker(marker)
-        if reference is not None:
+        if reference is None:
+            with self._unmeasured_lock:
+                if len(self._unmeasured) < _KEEP_UNMEASURED:
+                    # else its drift is measured from its file at the end
+                    self._unmeasured[spec.index] = cal
+        else:
             drift = getattr(cal, "drift", None)
             try:
                 if drift is None or not drift.warm:
@@ -240,11 +279,17 @@ class _Worker:
 
     def drift(self, frame_file, reference, reference_index):
         """Drift columns of a frame already written to ``frame_file``."""
+        return self._drift_row(reference, reference_index, frame_file)
+
+    def _drift_row(self, reference, reference_index, frame):
+        """A row holding only the drift of ``frame`` (a calibration or its file)."""
         from .detector_file import load
 
         row = FrameResult(index=-1, file="")
         try:
-            drift = _aligned_drift(self._reference(reference), load(frame_file))
+            if isinstance(frame, (str, os.PathLike)):
+                frame = load(frame)
+            drift = _aligned_drift(self._reference(reference), frame)
             _fill_drift(row, drift, reference_index)
         except (CcdgridError, OSError) as exc:
             row.note = f"drift not measured: {_describe(exc)}"

@@ -378,9 +378,11 @@ class _Run:
     The drift reference, when not given, is the first frame in series order
     that calibrates; it is known once that frame and every frame before it
     are done. Frames started before that (at most ``workers + 1``) are
-    calibrated cold and get their drift measured afterwards, from their
-    detector files (written to a scratch directory when the series writes
-    none).
+    calibrated cold and get their drift measured afterwards: by their worker,
+    which keeps their calibrations and returns their drifts with its next
+    frame; else (a worker that got no further frame, or died), once every
+    frame is done, from their detector files (written to a scratch
+    directory when the series writes none).
     """
 
     def __init__(self, specs, config, kind, workers, reference, warm, scratch, progress, on_frame):
@@ -438,7 +440,7 @@ class _Run:
         runs, drifts = {}, {}
         failed = 0
         try:
-            while queue or runs or drifts:
+            while queue or runs or drifts or (self.decided and self.pending_drift):
                 # a free worker thread here always takes a frame: the one
                 # queued behind a busy worker process counts in `runs`, yet
                 # keeps no worker busy
@@ -453,6 +455,7 @@ class _Run:
                     runs[placed[0]] = (spec, placed[1])
                 done = pool.wait({**runs, **drifts})
                 broken = False
+                late = []  # drift rows of earlier frames, returned with a frame
                 for future in done:
                     if future in drifts:
                         row, local = drifts.pop(future)
@@ -467,7 +470,8 @@ class _Run:
                     spec, local = runs.pop(future)
                     pool.release(local)
                     try:
-                        row = future.result()
+                        row, measured = future.result()
+                        late.extend(measured)
                     except cf.process.BrokenProcessPool:
                         broken = True
                         row = self._crashed(spec, queue)
@@ -498,13 +502,21 @@ class _Run:
                 if not queue:
                     pool.lend_idle_cores()
                 self._decide_reference()
-                if self.decided:
+                self._merge_late(late)
+                if self.decided and self.pending_drift and not runs:
+                    # no worker holds these frames' calibrations any more (each
+                    # measures the ones it holds with its next frame): their
+                    # drifts are measured from their files
+                    waiting = []
                     for row in self.pending_drift:
-                        future, local = pool.submit(
+                        placed = pool.submit(
                             "drift", self.files[row.index], self.reference, self.reference_index
                         )
-                        drifts[future] = (row, local)
-                    self.pending_drift = []
+                        if placed is None:
+                            waiting.append(row)  # every worker is busy: next time round
+                        else:
+                            drifts[placed[0]] = (row, placed[1])
+                    self.pending_drift = waiting
             for row in self.rows:
                 self._announce(row)  # frames whose drift could not be measured
         except BaseException:
@@ -516,6 +528,16 @@ class _Run:
         pool.shutdown()
         self.timeline["processes"] = pool.startups()
         return self.rows
+
+    def _merge_late(self, late):
+        """Merge the drift rows ``(series index, row)`` a worker measured late."""
+        for index, drift_row in late:
+            for row in self.pending_drift:
+                if row.index == index:
+                    _merge_drift(row, drift_row)
+                    self.pending_drift.remove(row)
+                    self._announce(row)
+                    break
 
     def _announce(self, row):
         if self.on_frame is not None and row.index not in self.announced:
