@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import h5py
 import numpy as np
@@ -1106,3 +1107,59 @@ def test_cli_combine_needs_two_images(capsys, stack, tmp_path):
         "ccdgrid: error: --combine needs at least two images (or frames) of the plate\n"
     )
     assert os.listdir(tmp_path) == []
+
+
+# -- warnings of frames calibrated in threads --------------------------------------------
+
+
+def test_each_thread_collects_its_own_notes():
+    from ccdgrid._notes import collected, warn
+
+    inside, issued, notes = threading.Event(), threading.Event(), []
+
+    def worker():
+        with collected() as mine:
+            inside.set()
+            assert issued.wait(60)
+            warn("a note of the worker thread")
+        notes.extend(mine)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert inside.wait(60)
+    # the main thread's warning is issued as usual while the worker collects
+    with pytest.warns(UserWarning, match="the main thread's") as record:
+        warn("the main thread's warning")
+    issued.set()
+    thread.join()
+    assert [str(w.message) for w in record] == ["the main thread's warning"]
+    assert notes == ["a note of the worker thread"]
+
+
+def test_worker_threads_keep_their_frames_notes_and_the_warning_state(stack, monkeypatch):
+    # two worker threads: each frame's note lands in its own row, and the
+    # process's warning filters are as they were (catch_warnings around each
+    # frame swapped them for the whole process)
+    from ccdgrid import pipeline
+
+    original = pipeline._calibrate_polarity
+
+    def noting(image, polarity, read, options):
+        cal, notes = original(image, polarity, read, options)
+        return cal, [*notes, f"a note on the frame with mean {np.mean(image):.6f}"]
+
+    monkeypatch.setattr(pipeline, "_calibrate_polarity", noting)
+    filters, show = list(warnings.filters), warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a note issued as a warning would fail the frame
+        res = calibrate_series(
+            f"{stack}::/entry/data", frames="0,2,3,0,2", pitch=5e-3, workers=2,
+            executor="thread", progress=False,
+        )  # fmt: skip
+    assert warnings.filters == filters
+    assert warnings.showwarning is show
+    assert res.ok
+    with h5py.File(stack) as h5:
+        means = [np.mean(h5["/entry/data"][k]) for k in (0, 2, 3, 0, 2)]
+    for f, mean in zip(res.frames, means, strict=True):
+        assert f.note == f"a note on the frame with mean {mean:.6f}"

@@ -26,11 +26,11 @@ import signal
 import threading
 import time
 import traceback
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
+from ._notes import collected
 from .errors import CcdgridError
 from .series_frames import _file_of
 from .series_table import FrameResult
@@ -233,8 +233,9 @@ class _Worker:
         previous = None
         if warm and reference is not None:
             previous = self._reference(reference)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
+        # ccdgrid's own warnings, collected in this thread only: several
+        # worker threads may calibrate at once (see ccdgrid._notes)
+        with collected() as notes:
             cal = calibrate(
                 image,
                 pitch=self.config.pitch,
@@ -243,7 +244,7 @@ class _Worker:
                 previous=previous,
                 **self.config.options,
             )
-        row.note = "; ".join(dict.fromkeys(str(w.message) for w in caught))
+        row.note = "; ".join(dict.fromkeys(notes))
         row.warm = bool(previous is not None and cal.params.get("warm_start", {}).get("used"))
         _fill_calibration(row, cal)
         if pending:

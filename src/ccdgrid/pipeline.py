@@ -17,11 +17,11 @@ returned, so a user can inspect or replace any stage:
 
 import os
 import time
-import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ._notes import warn
 from ._validation import as_points, check_backend, check_image, split_masked
 from .cross_validation import cross_validate
 from .errors import CcdgridError
@@ -268,7 +268,7 @@ def calibrate(
     }
     cal, notes = _calibrate_polarity(image, polarity, read, options)
     for note in notes:
-        warnings.warn(note, UserWarning, stacklevel=2)
+        warn(note, UserWarning, stacklevel=2)
     return cal
 
 

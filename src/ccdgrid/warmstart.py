@@ -37,7 +37,6 @@ is at ``(i, j)``; displacement is ``ideal - measured`` in px.
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -47,6 +46,7 @@ from scipy.spatial import cKDTree
 from . import centres as _centres
 from . import holes as _holes
 from . import peaks as _peaks
+from ._notes import warn
 from ._validation import as_image, check_backend
 from .errors import CcdgridError
 from .gridfit import centred_grid, fit_grid
@@ -286,7 +286,7 @@ def recalibrate(
     outputs = map_outputs(prev.shape)
 
     def cold(reason):
-        warnings.warn(
+        warn(
             f"warm start not possible ({reason}); made a cold calibration instead",
             WarmStartFallback,
             stacklevel=3,
@@ -311,7 +311,7 @@ def recalibrate(
         )
         scale = step / old_step
         if abs(scale - 1.0) > _OTHER_PLATE:
-            warnings.warn(
+            warn(
                 f"the holes' spacing on the image changed by {(scale - 1.0) * 100:+.1f} % since "
                 f"the previous calibration ({step:.2f} px against {old_step:.2f} px): another "
                 "plate, or a wrong pitch? The pixel size follows from the pitch",
