@@ -1133,7 +1133,8 @@ def test_each_thread_collects_its_own_notes():
     issued.set()
     thread.join()
     assert [str(w.message) for w in record] == ["the main thread's warning"]
-    assert notes == ["a note of the worker thread"]
+    assert [note.message for note in notes] == ["a note of the worker thread"]
+    assert [note.category for note in notes] == [UserWarning]
 
 
 def test_worker_threads_keep_their_frames_notes_and_the_warning_state(stack, monkeypatch):

@@ -186,6 +186,29 @@ def test_a_fallback_to_another_plate_says_so(base):
     assert not any("spacing" in str(w.message) for w in caught)
 
 
+def test_a_fallback_names_the_callers_line_through_calibrate_too(base, monkeypatch):
+    # calibrate(previous=...) hands over to recalibrate: its warnings named a
+    # line of ccdgrid's pipeline, not the caller's
+    _, prev = base
+    g = _plate(offset=(BASE_OFFSET[0] + 20.0, BASE_OFFSET[1]))
+    with pytest.warns(WarmStartFallback, match="warm start not possible") as caught:
+        calibrate(g.image, previous=prev, cv_folds=0)
+    assert {w.filename for w in caught} == {__file__}
+    with pytest.warns(WarmStartFallback, match="warm start not possible") as caught:
+        recalibrate(g.image, prev, cv_folds=0)
+    assert {w.filename for w in caught} == {__file__}
+    # and a fallback whose cold calibration fails still says it fell back
+    import ccdgrid.warmstart as warmstart
+
+    def refuse(*args, **kwargs):
+        raise CcdgridError("too few holes found in `image`: 0")
+
+    monkeypatch.setattr(warmstart, "calibrate", refuse)
+    with pytest.warns(WarmStartFallback) as caught, pytest.raises(CcdgridError):
+        calibrate(g.image, previous=prev, cv_folds=0)
+    assert [w.filename for w in caught] == [__file__]
+
+
 def test_previous_from_detector_file(base, tmp_path):
     g, prev = base
     path = tmp_path / "detector.h5"

@@ -15,21 +15,29 @@ libraries are never touched.
 import contextlib
 import contextvars
 import warnings
+from typing import NamedTuple
 
-__all__ = ["collected", "warn"]
+__all__ = ["Note", "collected", "warn"]
 
 _COLLECTOR = contextvars.ContextVar("ccdgrid_notes", default=None)
 
 
+class Note(NamedTuple):
+    """A warning collected instead of issued."""
+
+    message: str
+    category: type
+
+
 def warn(message, category=UserWarning, stacklevel=1):
-    """Issue a warning, or hand its text to the collector of this context.
+    """Issue a warning, or hand it to the collector of this context.
 
     ``stacklevel`` counts as for :func:`warnings.warn` called where this
     function is.
     """
     notes = _COLLECTOR.get()
     if notes is not None:
-        notes.append(str(message))
+        notes.append(Note(str(message), category))
         return
     warnings.warn(message, category, stacklevel=stacklevel + 1)
 
@@ -38,7 +46,7 @@ def warn(message, category=UserWarning, stacklevel=1):
 def collected():
     """Collect the warnings :func:`warn` is given in this context (this thread).
 
-    Yields the list their texts are appended to, in order.
+    Yields the list of :class:`Note` they are appended to, in order.
     """
     notes = []
     token = _COLLECTOR.set(notes)

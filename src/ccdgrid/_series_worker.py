@@ -244,7 +244,7 @@ class _Worker:
                 previous=previous,
                 **self.config.options,
             )
-        row.note = "; ".join(dict.fromkeys(notes))
+        row.note = "; ".join(dict.fromkeys(note.message for note in notes))
         row.warm = bool(previous is not None and cal.params.get("warm_start", {}).get("used"))
         _fill_calibration(row, cal)
         if pending:

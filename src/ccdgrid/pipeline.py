@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ._notes import warn
+from ._notes import collected, warn
 from ._validation import as_points, check_backend, check_image, split_masked
 from .cross_validation import cross_validate
 from .errors import CcdgridError
@@ -230,16 +230,24 @@ def calibrate(
     if previous is not None:
         from .warmstart import recalibrate
 
-        return recalibrate(
-            image,
-            previous,
-            pitch=pitch,
-            mask=mask,
-            smoothing=smoothing,
-            backend=backend,
-            source=source,
-            cv_folds=cv_folds,
-        )
+        # its warnings are issued again from here, so that they name the
+        # caller's line rather than this one (also when it raises)
+        notes = []
+        try:
+            with collected() as notes:
+                return recalibrate(
+                    image,
+                    previous,
+                    pitch=pitch,
+                    mask=mask,
+                    smoothing=smoothing,
+                    backend=backend,
+                    source=source,
+                    cv_folds=cv_folds,
+                )
+        finally:
+            for note in notes:
+                warn(note.message, note.category, stacklevel=2)
     check_backend(backend)
     cv_folds = _check_folds(cv_folds)
     # checked before the (long) hole search, not when the grid fit needs it
