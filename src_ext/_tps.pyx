@@ -1,6 +1,10 @@
 """Compiled twin of :mod:`ccdgrid._reference.tps`: thin-plate spline kernel sums.
 
-The thin-plate kernel ``phi(r) = r² log r = r² log(r²) / 2`` is evaluated
+The thin-plate kernel of order 2, ``phi(r) = r² log r = r² log(r²) / 2``,
+or of order 3, ``phi(r) = -r⁴ log r = -r⁴ log(r²) / 2`` (the 2-D polyharmonic
+spline of least squared third derivatives; the minus sign makes it
+conditionally positive definite, as ``r² log r`` is, so that the same
+solvers serve both), is evaluated
 from ``r²`` (no square root) with a logarithm written for this loop: libm's
 ``log`` is a function call the compiler cannot vectorise, and without
 ``-ffast-math`` it would not reorder the sums either. Here the sums over the
@@ -28,7 +32,7 @@ trusted here): every array C-contiguous float64 with finite values;
 ``points`` and ``out`` ``(M, 2)``; ``centres`` and ``coef`` ``(N, 2)``;
 ``trend`` ``(P, 2)`` with ``P = (d + 1)(d + 2) / 2`` for a degree
 ``0 <= d <= 5``; ``shift`` ``(2,)``; ``scale > 0``; ``kernel``'s ``out``
-``(N, N)``.
+``(N, N)``; ``order`` 2 or 3 (any other value is taken as 2).
 """
 
 import numpy as np
@@ -88,63 +92,80 @@ cdef extern from *:
         return k * ln2_hi - ((hfsq - (s * (hfsq + r) + k * ln2_lo)) - f);
     }
 
-    /* sum_k coef[k] phi(|p - c_k|) for points p0..p1-1, two components. */
-    CCDGRID_TPS_CLONES
-    static void ccdgrid_tps_sums(const double *restrict points, Py_ssize_t p0,
-                                 Py_ssize_t p1, const double *restrict cy,
-                                 const double *restrict cx, const double *restrict c0,
-                                 const double *restrict c1, Py_ssize_t n,
-                                 double *restrict out)
-    {
-        for (Py_ssize_t i = p0; i < p1; i++) {
-            const double y = points[2 * i], x = points[2 * i + 1];
-            double a0[CCDGRID_TPS_LANES] = {0.0}, a1[CCDGRID_TPS_LANES] = {0.0};
-            Py_ssize_t k = 0;
-            for (; k + CCDGRID_TPS_LANES <= n; k += CCDGRID_TPS_LANES) {
-                for (int l = 0; l < CCDGRID_TPS_LANES; l++) {
-                    double dy = y - cy[k + l], dx = x - cx[k + l];
-                    double r2 = dy * dy + dx * dx + 1e-300;
-                    double phi = r2 * ccdgrid_log(r2);
-                    a0[l] += c0[k + l] * phi;
-                    a1[l] += c1[k + l] * phi;
-                }
-            }
-            for (; k < n; k++) {
-                double dy = y - cy[k], dx = x - cx[k];
-                double r2 = dy * dy + dx * dx + 1e-300;
-                double phi = r2 * ccdgrid_log(r2);
-                a0[0] += c0[k] * phi;
-                a1[0] += c1[k] * phi;
-            }
-            for (int w = CCDGRID_TPS_LANES / 2; w > 0; w /= 2) {
-                for (int l = 0; l < w; l++) {
-                    a0[l] += a0[l + w];
-                    a1[l] += a1[l + w];
-                }
-            }
-            out[2 * i] = 0.5 * a0[0];
-            out[2 * i + 1] = 0.5 * a1[0];
-        }
+    /* The sums and the kernel rows for one kernel order, from a macro: the
+       order is fixed in each copy's loops (a test inside them would keep gcc
+       from vectorising, or double the work of order 2). TIMES is the factor
+       of r² log r² that makes phi: 1 for r² log r (order 2), -r2 for -r⁴ log r
+       (order 3); the 0.5 is applied once per sum. */
+    #define CCDGRID_TPS_KERNELS(ORDER, TIMES) \
+    /* sum_k coef[k] phi(|p - c_k|) for points p0..p1-1, two components. */ \
+    CCDGRID_TPS_CLONES \
+    static void ccdgrid_tps_sums##ORDER(const double *restrict points, Py_ssize_t p0, \
+                                        Py_ssize_t p1, const double *restrict cy, \
+                                        const double *restrict cx, \
+                                        const double *restrict c0, \
+                                        const double *restrict c1, Py_ssize_t n, \
+                                        double *restrict out) \
+    { \
+        for (Py_ssize_t i = p0; i < p1; i++) { \
+            const double y = points[2 * i], x = points[2 * i + 1]; \
+            double a0[CCDGRID_TPS_LANES] = {0.0}, a1[CCDGRID_TPS_LANES] = {0.0}; \
+            Py_ssize_t k = 0; \
+            for (; k + CCDGRID_TPS_LANES <= n; k += CCDGRID_TPS_LANES) { \
+                for (int l = 0; l < CCDGRID_TPS_LANES; l++) { \
+                    double dy = y - cy[k + l], dx = x - cx[k + l]; \
+                    double r2 = dy * dy + dx * dx + 1e-300; \
+                    double phi = (TIMES) * r2 * ccdgrid_log(r2); \
+                    a0[l] += c0[k + l] * phi; \
+                    a1[l] += c1[k + l] * phi; \
+                } \
+            } \
+            for (; k < n; k++) { \
+                double dy = y - cy[k], dx = x - cx[k]; \
+                double r2 = dy * dy + dx * dx + 1e-300; \
+                double phi = (TIMES) * r2 * ccdgrid_log(r2); \
+                a0[0] += c0[k] * phi; \
+                a1[0] += c1[k] * phi; \
+            } \
+            for (int w = CCDGRID_TPS_LANES / 2; w > 0; w /= 2) { \
+                for (int l = 0; l < w; l++) { \
+                    a0[l] += a0[l + w]; \
+                    a1[l] += a1[l + w]; \
+                } \
+            } \
+            out[2 * i] = 0.5 * a0[0]; \
+            out[2 * i + 1] = 0.5 * a1[0]; \
+        } \
+    } \
+    /* Row i of the kernel matrix from column i on: phi(|c_i - c_j|), j >= i. */ \
+    CCDGRID_TPS_CLONES \
+    static void ccdgrid_tps_row##ORDER(const double *restrict cy, \
+                                       const double *restrict cx, Py_ssize_t i, \
+                                       Py_ssize_t n, double *restrict row) \
+    { \
+        const double y = cy[i], x = cx[i]; \
+        for (Py_ssize_t j = i; j < n; j++) { \
+            double dy = y - cy[j], dx = x - cx[j]; \
+            double r2 = dy * dy + dx * dx + 1e-300; \
+            row[j] = 0.5 * (TIMES) * r2 * ccdgrid_log(r2); \
+        } \
     }
 
-    /* Row i of the kernel matrix from column i on: phi(|c_i - c_j|), j >= i. */
-    CCDGRID_TPS_CLONES
-    static void ccdgrid_tps_row(const double *restrict cy, const double *restrict cx,
-                                Py_ssize_t i, Py_ssize_t n, double *restrict row)
-    {
-        const double y = cy[i], x = cx[i];
-        for (Py_ssize_t j = i; j < n; j++) {
-            double dy = y - cy[j], dx = x - cx[j];
-            double r2 = dy * dy + dx * dx + 1e-300;
-            row[j] = 0.5 * r2 * ccdgrid_log(r2);
-        }
-    }
+    CCDGRID_TPS_KERNELS(2, 1.0)
+    CCDGRID_TPS_KERNELS(3, -r2)
     """
-    void _sums "ccdgrid_tps_sums" (
+    void _sums2 "ccdgrid_tps_sums2" (
         const double* points, Py_ssize_t p0, Py_ssize_t p1, const double* cy,
         const double* cx, const double* c0, const double* c1, Py_ssize_t n, double* out
     ) noexcept nogil
-    void _row "ccdgrid_tps_row" (
+    void _sums3 "ccdgrid_tps_sums3" (
+        const double* points, Py_ssize_t p0, Py_ssize_t p1, const double* cy,
+        const double* cx, const double* c0, const double* c1, Py_ssize_t n, double* out
+    ) noexcept nogil
+    void _row2 "ccdgrid_tps_row2" (
+        const double* cy, const double* cx, Py_ssize_t i, Py_ssize_t n, double* row
+    ) noexcept nogil
+    void _row3 "ccdgrid_tps_row3" (
         const double* cy, const double* cx, Py_ssize_t i, Py_ssize_t n, double* row
     ) noexcept nogil
 
@@ -188,6 +209,7 @@ def evaluate(
     const double[::1] shift,
     double scale,
     double[:, ::1] out,
+    int order=2,
 ):
     """Thin-plate spline values at points, into ``out``.
 
@@ -208,8 +230,11 @@ def evaluate(
         See ``shift``, > 0.
     out : ndarray of shape (M, 2), float64
         ``out[i] = sum_k coef[k] phi(|p_i - c_k|) + trend part``, with
-        ``phi(r) = r² log r``.
+        ``phi(r) = r² log r`` (order 2) or ``-r⁴ log r`` (order 3).
+    order : int
+        Order of the thin-plate kernel, 2 or 3.
     """
+    cdef bint third = order == 3
     cdef Py_ssize_t m = points.shape[0]
     cdef Py_ssize_t n = centres.shape[0]
     cdef Py_ssize_t nchunks = (m + _CHUNK_POINTS - 1) // _CHUNK_POINTS
@@ -229,9 +254,12 @@ def evaluate(
         for b in prange(nchunks, schedule="dynamic", use_threads_if=threads):
             i0 = b * _CHUNK_POINTS
             i1 = i0 + _CHUNK_POINTS if i0 + _CHUNK_POINTS < m else m
-            if n > 0:
-                _sums(&points[0, 0], i0, i1, &cc[0, 0], &cc[1, 0], &cc[2, 0], &cc[3, 0], n,
-                      &out[0, 0])
+            if n > 0 and third:
+                _sums3(&points[0, 0], i0, i1, &cc[0, 0], &cc[1, 0], &cc[2, 0], &cc[3, 0], n,
+                       &out[0, 0])
+            elif n > 0:
+                _sums2(&points[0, 0], i0, i1, &cc[0, 0], &cc[1, 0], &cc[2, 0], &cc[3, 0], n,
+                       &out[0, 0])
             else:
                 for i in range(i0, i1):
                     out[i, 0] = 0.0
@@ -240,7 +268,9 @@ def evaluate(
                 _trend(&points[i, 0], &trend[0, 0], degree, sy, sx, inv_scale, &out[i, 0])
 
 
-def kernel_matrix(const double[:, ::1] centres, double smoothing, double[:, ::1] out):
+def kernel_matrix(
+    const double[:, ::1] centres, double smoothing, double[:, ::1] out, int order=2
+):
     """Thin-plate kernel matrix plus smoothing on its diagonal, into ``out``.
 
     Parameters
@@ -251,8 +281,11 @@ def kernel_matrix(const double[:, ::1] centres, double smoothing, double[:, ::1]
         Added to the diagonal.
     out : ndarray of shape (N, N), float64
         ``out[i, j] = phi(|c_i - c_j|) + smoothing [i == j]``, symmetric,
-        ``phi(r) = r² log r`` (0 at r = 0).
+        ``phi(r) = r² log r`` (order 2) or ``-r⁴ log r`` (order 3), 0 at r = 0.
+    order : int
+        Order of the thin-plate kernel, 2 or 3.
     """
+    cdef bint third = order == 3
     cdef Py_ssize_t n = centres.shape[0]
     cdef Py_ssize_t i, j
     cdef bint threads = n * n // 2 >= _PARALLEL_MIN_TERMS
@@ -264,7 +297,10 @@ def kernel_matrix(const double[:, ::1] centres, double smoothing, double[:, ::1]
         # each row from the diagonal on; the rows shorten, so hand them out
         # dynamically
         for i in prange(n, schedule="dynamic", chunksize=16, use_threads_if=threads):
-            _row(&cc[0, 0], &cc[1, 0], i, n, &out[i, 0])
+            if third:
+                _row3(&cc[0, 0], &cc[1, 0], i, n, &out[i, 0])
+            else:
+                _row2(&cc[0, 0], &cc[1, 0], i, n, &out[i, 0])
         # mirror the upper triangle (a second pass: rows written by other threads)
         for i in prange(n, schedule="static", use_threads_if=threads):
             for j in range(i):

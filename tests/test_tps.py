@@ -1,4 +1,7 @@
-"""Thin-plate kernel sums: compiled kernel and numpy twin against direct formulas."""
+"""Thin-plate kernel sums: compiled kernel and numpy twin against direct formulas.
+
+Both kernel orders: 2, ``r² log r``, and 3, ``-r⁴ log r``.
+"""
 
 import numpy as np
 import pytest
@@ -17,16 +20,21 @@ def backend(request):
     return request.param
 
 
-def _phi(r):
-    """r² log r from r (the textbook form, not the kernels' r² log r² / 2)."""
+@pytest.fixture(params=[2, 3])
+def order(request):
+    return request.param
+
+
+def _phi(r, order=2):
+    """r² log r, or -r⁴ log r, from r (the textbook form, not the kernels' from r²)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = r * r * np.log(r)
+        out = r * r * np.log(r) if order == 2 else -(r**4) * np.log(r)
     return np.where(r == 0.0, 0.0, out)
 
 
-def _direct(points, centres, coef, trend, shift, scale):
+def _direct(points, centres, coef, trend, shift, scale, order=2):
     r = np.hypot(*(points[:, None, :] - centres[None, :, :]).transpose(2, 0, 1))
-    value = _phi(r) @ coef
+    value = _phi(r, order) @ coef
     u = (points - shift) / scale
     col = 0
     degree = round((np.sqrt(8 * len(trend) + 1) - 3) / 2)
@@ -39,7 +47,7 @@ def _direct(points, centres, coef, trend, shift, scale):
 
 @pytest.mark.parametrize("degree", [0, 1, 2, 4, 5])
 @pytest.mark.parametrize(("m", "n"), [(1, 1), (37, 9), (300, 61), (5, 0)])
-def test_evaluate_equals_the_direct_sum(backend, degree, m, n):
+def test_evaluate_equals_the_direct_sum(backend, order, degree, m, n):
     rng = np.random.default_rng(100 + degree + m)
     centres = rng.uniform(-3.0, 9.0, (n, 2))
     points = rng.uniform(-5.0, 11.0, (m, 2))
@@ -49,13 +57,15 @@ def test_evaluate_equals_the_direct_sum(backend, degree, m, n):
     trend = rng.normal(0.0, 1.0, ((degree + 1) * (degree + 2) // 2, 2))
     shift = np.array([2.5, 3.0])
     out = np.full((m, 2), np.nan)
-    ENGINES[backend].evaluate(points, centres, coef, trend, shift, 6.0, out)
-    expected = _direct(points, centres, coef, trend, shift, 6.0)
-    # terms of a few hundred, summed in another order: ~1e-13
-    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-11)
+    ENGINES[backend].evaluate(points, centres, coef, trend, shift, 6.0, out, order)
+    expected = _direct(points, centres, coef, trend, shift, 6.0, order)
+    # terms of a few hundred (order 2) or 1e5 (order 3), summed in another
+    # order: ~1e-13 of the largest term
+    atol = 1e-11 if order == 2 else 1e-8
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=atol)
 
 
-def test_evaluate_threaded_equals_numpy():
+def test_evaluate_threaded_equals_numpy(order):
     # 4000 x 700 terms: above the compiled kernel's threading threshold
     rng = np.random.default_rng(3)
     centres = rng.uniform(0.0, 40.0, (700, 2))
@@ -65,9 +75,10 @@ def test_evaluate_threaded_equals_numpy():
     shift = np.array([20.0, 20.0])
     out_c = np.empty((4000, 2))
     out_n = np.empty((4000, 2))
-    tps_cython.evaluate(points, centres, coef, trend, shift, 20.0, out_c)
-    tps_numpy.evaluate(points, centres, coef, trend, shift, 20.0, out_n)
-    np.testing.assert_allclose(out_c, out_n, rtol=1e-12, atol=1e-12)
+    tps_cython.evaluate(points, centres, coef, trend, shift, 20.0, out_c, order)
+    tps_numpy.evaluate(points, centres, coef, trend, shift, 20.0, out_n, order)
+    # order 3: terms up to 3e7 x 1e-3
+    np.testing.assert_allclose(out_c, out_n, rtol=1e-12, atol=1e-12 if order == 2 else 1e-8)
 
 
 def test_compiled_logarithm_over_the_whole_range():
@@ -86,25 +97,47 @@ def test_compiled_logarithm_over_the_whole_range():
     np.testing.assert_allclose(out[:, 1], 2 * expected, rtol=5e-16 * 8, atol=0)
 
 
+def test_compiled_order_3_kernel_over_a_wide_range():
+    # -r⁴ log r from r² over 1e-150 to 1e150 (r⁴ within float64's range)
+    r2 = np.logspace(-150, 150, 3001)
+    points = np.column_stack([np.sqrt(r2), np.zeros_like(r2)])
+    out = np.empty_like(points)
+    coef = np.array([[1.0, -3.0]])
+    tps_cython.evaluate(points, np.zeros((1, 2)), coef, np.zeros((1, 2)), np.zeros(2), 1.0, out, 3)
+    r2_used = points[:, 0] ** 2 + 1e-300
+    expected = -0.5 * r2_used * r2_used * np.log(r2_used)
+    np.testing.assert_allclose(out[:, 0], expected, rtol=5e-16 * 8, atol=0)
+    np.testing.assert_allclose(out[:, 1], -3 * expected, rtol=5e-16 * 8, atol=0)
+
+
 @pytest.mark.parametrize("n", [1, 2, 9, 130])
-def test_kernel_matrix(backend, n):
+def test_kernel_matrix(backend, order, n):
     rng = np.random.default_rng(n)
     centres = rng.uniform(0.0, 12.0, (n, 2))
     out = np.full((n, n), np.nan)
-    ENGINES[backend].kernel_matrix(centres, 0.25, out)
+    ENGINES[backend].kernel_matrix(centres, 0.25, out, order)
     r = np.hypot(*(centres[:, None, :] - centres[None, :, :]).transpose(2, 0, 1))
-    expected = _phi(r) + 0.25 * np.eye(n)
+    expected = _phi(r, order) + 0.25 * np.eye(n)
     np.testing.assert_allclose(out, expected, rtol=1e-13, atol=1e-13)
     np.testing.assert_array_equal(out, out.T)
 
 
-def test_kernel_matrix_threaded_equals_numpy():
+def test_the_default_kernel_is_order_2(backend):
+    rng = np.random.default_rng(4)
+    centres = rng.uniform(0.0, 12.0, (7, 2))
+    default, second = np.empty((7, 7)), np.empty((7, 7))
+    ENGINES[backend].kernel_matrix(centres, 0.0, default)
+    ENGINES[backend].kernel_matrix(centres, 0.0, second, 2)
+    np.testing.assert_array_equal(default, second)
+
+
+def test_kernel_matrix_threaded_equals_numpy(order):
     rng = np.random.default_rng(5)
     centres = rng.uniform(0.0, 40.0, (2100, 2))  # above the threading threshold
     out_c = np.empty((2100, 2100))
     out_n = np.empty((2100, 2100))
-    tps_cython.kernel_matrix(centres, 1.5, out_c)
-    tps_numpy.kernel_matrix(centres, 1.5, out_n)
+    tps_cython.kernel_matrix(centres, 1.5, out_c, order)
+    tps_numpy.kernel_matrix(centres, 1.5, out_n, order)
     np.testing.assert_allclose(out_c, out_n, rtol=1e-13, atol=1e-12)
     np.testing.assert_array_equal(out_c, out_c.T)
 
