@@ -1,8 +1,9 @@
 """Shared set-up of the test suite.
 
 ``tests`` is not a package (pytest runs with ``--import-mode=importlib``), so
-the helper modules ``_independent_grid.py`` and ``_probe_grid.py`` beside the tests are
-registered here, before any test module is collected, for them to ``import``.
+the helper modules ``_independent_grid.py``, ``_probe_grid.py`` and
+``_fine_field.py`` beside the tests are registered here, before any test
+module is collected, for them to ``import``.
 """
 
 import importlib.util
@@ -20,3 +21,4 @@ def _register(name):
 
 _register("_independent_grid")
 _register("_probe_grid")
+_register("_fine_field")

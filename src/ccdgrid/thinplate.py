@@ -2,21 +2,25 @@
 
 The spline of :func:`ccdgrid.maps.displacement_maps` (method ``"tps"``) and of
 :func:`ccdgrid.cross_validation.cross_validate`: ``f(x) = sum_i c_i phi(|x - p_i|)
-+ P(x) a`` with ``phi(r) = r² log r`` and ``P`` the monomials up to the trend's
-degree, two components fitted at once (``(dy, dx)``, px). :class:`ThinPlate`
++ P(x) a`` with ``phi(r) = r² log r`` (order 2, the thin-plate spline) or
+``phi(r) = -r⁴ log r`` (order 3: the spline of least squared third
+derivatives, whose trend must hold the quadratics) and ``P`` the monomials
+up to the trend's degree, two components fitted at once (``(dy, dx)``, px). :class:`ThinPlate`
 solves the system on the complement of the trend by Cholesky, or, given
 the factor of a fit to nearly the same centres (:class:`SystemFactor`, a
 plate moved a little), by conjugate gradients preconditioned with it;
-:func:`fit_tps` falls back to an affine trend when the holes leave a
-higher one undetermined, and above ``_TILE_ABOVE`` holes returns a
+:func:`fit_tps` falls back to an affine trend (and order 2) when the holes
+leave a higher one undetermined, and above ``_TILE_ABOVE`` holes returns a
 :class:`TiledThinPlate`, fitted tile by tile and blended.
 :func:`rotate_symmetric`, :func:`apply_q` and :func:`monomials` are the
 linear algebra it shares with the GCV of :mod:`ccdgrid.gcv`.
 
 Conventions: positions are ``(y, x)`` float64 in the fit's length unit
 (index coordinates divided by the hole spacing, as the callers pass them);
-the smoothing is added to the diagonal of the kernel matrix in those units
-(pitch²). The kernel sums come from ``ccdgrid._ext._tps`` or its numpy twin
+the smoothing is added to the diagonal of the kernel matrix in those units:
+pitch² for order 2, pitch⁴ for order 3 (``phi`` scales as length² or
+length⁴, so a smoothing in these units keeps the fit the same whatever the
+pitch in px). The kernel sums come from ``ccdgrid._ext._tps`` or its numpy twin
 ``ccdgrid._reference.tps`` (``ENGINES[backend]``). Private to ccdgrid: these
 names are the API of the other modules, not of the package.
 """
@@ -86,33 +90,39 @@ class SystemFactor:
     points : ndarray of shape (n, 2) or None
         The centres, in the caller's unit, when the caller keeps them to
         match a refit's centres with these (:mod:`ccdgrid.maps` does).
+    order : int
+        Kernel order of the fit (2 or 3): a factor preconditions only a
+        system of its own kernel.
     """
 
     upper: np.ndarray
     n_points: int
     degree: int
     points: object = None
+    order: int = 2
 
 
-def fit_tps(pts, disp, smoothing, degree, backend="cython", factor=None):
+def fit_tps(pts, disp, smoothing, degree, backend="cython", factor=None, order=2):
     """``(spline, degree used)``: a polynomial trend, else an affine one.
 
     Holes along a few lines (a narrow strip of plate) leave a quartic trend
-    undetermined: the trend's monomials are then rank-deficient. Above
+    undetermined: the trend's monomials are then rank-deficient. The
+    fallback to an affine trend is also one to order 2 (order 3 needs the
+    quadratics in its trend); ``spline.order`` is the order used. Above
     ``_TILE_ABOVE`` holes the spline is a :class:`TiledThinPlate` (which
     ignores ``factor``); otherwise ``factor`` is passed to
     :class:`ThinPlate`.
     """
     if len(pts) > _TILE_ABOVE:
-        tiled = TiledThinPlate(pts, disp, smoothing, degree, backend)
+        tiled = TiledThinPlate(pts, disp, smoothing, degree, backend, order)
         return tiled, tiled.degree
-    return _single_tps(pts, disp, smoothing, degree, backend, factor)
+    return _single_tps(pts, disp, smoothing, degree, backend, factor, order)
 
 
-def _single_tps(pts, disp, smoothing, degree, backend, factor=None):
-    for deg in dict.fromkeys((degree, 1)):
+def _single_tps(pts, disp, smoothing, degree, backend, factor=None, order=2):
+    for deg, ord_ in dict.fromkeys(((degree, order), (1, 2))):
         try:
-            return ThinPlate(pts, disp, smoothing, deg, backend, factor), deg
+            return ThinPlate(pts, disp, smoothing, deg, backend, factor, ord_), deg
         except (np.linalg.LinAlgError, linalg.LinAlgError):
             continue
     raise CcdgridError("too few holes: the thin-plate spline system is singular")
@@ -136,11 +146,11 @@ class TiledThinPlate:
     noise of the holes (tested against the single spline).
 
     Parameters and the call are those of :class:`ThinPlate`; ``degree``
-    is the trend degree every tile used (the lowest, if a tile had to fall
-    back to an affine trend).
+    and ``order`` are the trend degree and kernel order every tile used (the
+    lowest, if a tile had to fall back to an affine trend and order 2).
     """
 
-    def __init__(self, pts, disp, smoothing, degree, backend="cython"):
+    def __init__(self, pts, disp, smoothing, degree, backend="cython", order=2):
         self.centres = np.ascontiguousarray(pts, dtype=np.float64)
         self.values = np.asarray(disp, dtype=np.float64)
         self.smoothing = float(smoothing)
@@ -160,6 +170,7 @@ class TiledThinPlate:
         tree = cKDTree(self.centres)
         self.tiles = []
         degrees = []
+        orders = []
         for (y0, y1), (x0, x1) in itertools.product(
             zip(*_bounds(self.cuts[0]), strict=True), zip(*_bounds(self.cuts[1]), strict=True)
         ):
@@ -175,11 +186,13 @@ class TiledThinPlate:
                 middle = 0.5 * (np.maximum((y0, x0), lo) + np.minimum((y1, x1), hi))
                 idx = np.sort(tree.query(middle, k=min(_TILE_MIN_POINTS, n))[1])
             spline, deg = _single_tps(
-                self.centres[idx], self.values[idx], smoothing, degree, backend
+                self.centres[idx], self.values[idx], smoothing, degree, backend, order=order
             )
             self.tiles.append(spline)
             degrees.append(deg)
+            orders.append(spline.order)
         self.degree = min(degrees)
+        self.order = min(orders)
         self.shape = (len(self.cuts[0]) + 1, len(self.cuts[1]) + 1)
 
     def __call__(self, x):
@@ -232,14 +245,17 @@ def _blend_weights(coord, cuts):
 class ThinPlate:
     """Smoothing thin-plate spline ``f(x) = sum_i c_i phi(|x - p_i|) + P(x) a``, 2 components.
 
-    ``phi(r) = r² log r``; ``P`` the monomials up to ``degree``. The same
-    function as ``scipy.interpolate.RBFInterpolator(kernel="thin_plate_spline",
-    smoothing=s, degree=degree)``, solved and evaluated at about half the
-    cost: the system ``[[K + s I, P], [P', 0]]`` is reduced to the
+    ``phi(r) = r² log r`` (order 2) or ``-r⁴ log r`` (order 3); ``P`` the
+    monomials up to ``degree``. For order 2 the same function as
+    ``scipy.interpolate.RBFInterpolator(kernel="thin_plate_spline",
+    smoothing=s, degree=degree)`` (scipy has no ``-r⁴ log r`` kernel), solved
+    and evaluated at about half the cost: the system ``[[K + s I, P], [P', 0]]`` is reduced to the
     complement of ``P`` (``Q2' (K + s I) Q2``, positive definite) and
-    solved by Cholesky, O(N³ / 3) instead of an O(2 N³ / 3) LU. The kernel
+    solved by Cholesky, O(N³ / 3) instead of an O(2 N³ / 3) LU (for order
+    3 the projected matrix is positive definite because the trend holds the
+    quadratics, the null space of its semi-norm). The kernel
     matrix and the values at new points come from the kernel sums of
-    ``ccdgrid._ext._tps`` (or their numpy twin), ``phi = r² log(r²) / 2``
+    ``ccdgrid._ext._tps`` (or their numpy twin), ``phi = r^(2m - 2) log(r²) / 2``
     from ``r²`` (no square root), the trend added in the same pass.
 
     Parameters
@@ -249,19 +265,26 @@ class ThinPlate:
     disp : ndarray of shape (N, 2), float64
         Values at the centres.
     smoothing : float
-        Added to the diagonal of the kernel matrix, >= 0.
+        Added to the diagonal of the kernel matrix, >= 0 (length² units for
+        order 2, length⁴ for order 3).
     degree : int
-        Degree of the polynomial trend.
+        Degree of the polynomial trend, >= ``order - 1``.
     backend : {"cython", "numpy"}
         Engine of the kernel sums.
     factor : SystemFactor or None
         The factor of a fit to nearly the same centres, in the same order
-        and with the same trend degree (the same holes after a small move of
-        the plate): the system is then solved by conjugate gradients
-        preconditioned with it, to a residual of ``_PCG_RTOL`` relative to
-        the right-hand side (see Notes). A factor of another size or degree,
-        or one that has not converged after ``_PCG_MAX_ITER`` iterations,
-        gives way to a factorisation. None: Cholesky.
+        and with the same trend degree and kernel order (the same holes
+        after a small move of the plate): the system is then solved by
+        conjugate gradients preconditioned with it, to a residual of
+        ``_PCG_RTOL`` relative to the right-hand side (see Notes). A factor
+        of another size, degree or kernel order, or one that has not
+        converged after ``_PCG_MAX_ITER`` iterations, gives way to a
+        factorisation. None: Cholesky.
+    order : {2, 3}
+        Order of the kernel: 2, ``r² log r`` (the thin-plate spline); 3,
+        ``-r⁴ log r``, smoother (it minimises the squared third derivatives),
+        which follows a field varying over a few hole spacings more closely
+        from the same holes.
 
     Attributes
     ----------
@@ -277,13 +300,16 @@ class ThinPlate:
     ------
     numpy.linalg.LinAlgError
         If the trend is undetermined by the centres or the system is singular.
+    ValueError
+        If ``order`` is not 2 or 3, or is 3 with a trend degree below 2.
 
     Notes
     -----
     A plate moved by a similarity leaves ``Q2' (K + s I) Q2`` unchanged up
-    to a scale (the kernel's log term only adds a quadratic, which ``Q2``
-    annihilates); what the distortion changes moves its eigenvalues
-    against the previous factor's by a fraction of a per cent (a plate
+    to a scale (the kernel's log term only adds a polynomial in the pair
+    whose every monomial has degree <= ``order - 1`` in one of the two
+    points, which ``Q2`` annihilates); what the distortion changes moves
+    its eigenvalues against the previous factor's by a fraction of a per cent (a plate
     moved by (3.4, -2.7) px and 20 mdeg at 4096², 1504 holes: the
     preconditioned matrix's eigenvalues lie in [0.9962, 1.0039]), so two or
     three iterations, each one product with ``K`` and two triangular
@@ -296,9 +322,12 @@ class ThinPlate:
     at most over the 4096² plate above, whose maps reach 31 px.
     """
 
-    def __init__(self, pts, disp, smoothing, degree, backend="cython", factor=None):
+    def __init__(self, pts, disp, smoothing, degree, backend="cython", factor=None, order=2):
+        if order not in (2, 3) or degree < order - 1:
+            raise ValueError(f"kernel order {order!r} with a degree-{degree} trend")
         self.centres = np.ascontiguousarray(pts, dtype=np.float64)
         self.degree = degree
+        self.order = order
         self.smoothing = float(smoothing)
         self._engine = ENGINES[backend]
         self.shift = self.centres.mean(axis=0)
@@ -312,11 +341,16 @@ class ThinPlate:
         if r_diag.min() <= 1e-10 * r_diag.max():
             raise np.linalg.LinAlgError("the trend's monomials are rank-deficient")
         kern = np.empty((n, n))
-        self._engine.kernel_matrix(self.centres, float(smoothing), kern)
+        self._engine.kernel_matrix(self.centres, float(smoothing), kern, order)
         rhs = apply_q(house, tau, np.asarray(disp, dtype=np.float64), "L")
         self.iterations = 0
         solved = None
-        if factor is not None and factor.n_points == n and factor.degree == degree:
+        if (
+            factor is not None
+            and factor.n_points == n
+            and factor.degree == degree
+            and factor.order == order
+        ):
             solved = _preconditioned(house, tau, kern, rhs[p:], factor.upper)
         if solved is not None:
             y, (kc, coef), self.iterations = solved
@@ -331,7 +365,7 @@ class ThinPlate:
             upper, _ = linalg.cho_factor(rotated[p:, p:], lower=False)
             y = linalg.cho_solve((upper, False), rhs[p:])
             # kept as computed (float64); converted only if a caller keeps it
-            self._factor = (upper, n, degree)
+            self._factor = (upper, n, degree, order)
             padded = np.zeros((n, y.shape[1]))
             padded[p:] = y
             self.coef = np.ascontiguousarray(
@@ -346,8 +380,10 @@ class ThinPlate:
     def factor(self):
         """The :class:`SystemFactor` a refit may reuse (see the class's Attributes)."""
         if not isinstance(self._factor, SystemFactor):
-            upper, n, degree = self._factor
-            self._factor = SystemFactor(np.asfortranarray(upper, dtype=np.float32), n, degree)
+            upper, n, degree, order = self._factor
+            self._factor = SystemFactor(
+                np.asfortranarray(upper, dtype=np.float32), n, degree, order=order
+            )
         return self._factor
 
     def residual_at_centres(self):
@@ -371,7 +407,9 @@ class ThinPlate:
         """Values at points ``x`` (M, 2) -> (M, 2) float64."""
         x = np.ascontiguousarray(x, dtype=np.float64)
         out = np.empty((len(x), 2))
-        self._engine.evaluate(x, self.centres, self.coef, self.trend, self.shift, self.scale, out)
+        self._engine.evaluate(
+            x, self.centres, self.coef, self.trend, self.shift, self.scale, out, self.order
+        )
         return out
 
 
