@@ -431,3 +431,17 @@ def test_background_lines_are_not_taken_for_module_gaps():
     np.testing.assert_array_equal(np.flatnonzero(defects.any(axis=1)), [100])
     assert defects[100].all()
     assert np.count_nonzero(defects) == image.shape[1]
+
+
+@pytest.mark.parametrize(("order", "name", "unit"), [(2, "tps", "pitch²"), (3, "tps3", "pitch⁴")])
+def test_summary_and_report_name_the_kernel(fake_peaks, order, name, unit):
+    from ccdgrid.report import _method_text
+
+    cal = calibrate(np.zeros(SHAPE))
+    cal.maps.order = order  # the text only: which kernel, which unit
+    assert f"maps: {name} (trend degree {cal.maps.degree}), smoothing " in cal.summary()
+    assert f" {unit}" in cal.summary()
+    resolved = {"map_method": "tps", "map_order": order, "map_degree": 4, "smoothing": 2.0}
+    assert _method_text(resolved) == f"maps: {name} (trend degree 4), smoothing 2 {unit}"
+    del resolved["map_order"]  # a file written before the order was recorded
+    assert _method_text(resolved) == "maps: tps (trend degree 4), smoothing 2 pitch²"

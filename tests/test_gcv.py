@@ -1,29 +1,37 @@
 """GCV of the thin-plate smoothing: scores against the explicit smoother matrix, degree choice."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+from _fine_field import fine_field  # registered by conftest.py
 from scipy.interpolate import RBFInterpolator
 
 import ccdgrid.maps
 from ccdgrid.cross_validation import cross_validate
+from ccdgrid.errors import CcdgridError
 from ccdgrid.gcv import (
     GCV_GRID,
+    GCV_GRIDS,
     GCV_MAX_POINTS,
     GCV_TILE_POINTS,
     LOCAL_GCV_POINTS,
     MISFIT_NEIGHBOURS,
     MISFIT_Z,
+    ORDER3_MARGIN,
+    candidate_degrees,
     coherent_misfit,
     gcv_choice,
     gcv_scores,
     gcv_smoothing,
     gcv_subset,
     local_subset,
+    reused_gcv_scores,
     spread_subset,
 )
 from ccdgrid.maps import displacement_maps
 from ccdgrid.pipeline import _local_text
-from ccdgrid.thinplate import _TILE_ABOVE
+from ccdgrid.thinplate import _TILE_ABOVE, ThinPlate
 
 
 @pytest.mark.parametrize("degrees", [[1, 2, 3, 4], [3], [2, 4]])
@@ -78,7 +86,7 @@ def test_gcv_choice_picks_the_degree_with_the_lowest_score():
     # a cubic trend plus noise: degree 1 and 2 leave structure, 3 and 4 fit it
     disp = np.column_stack([(pts[:, 0] - 4) ** 3 / 20, (pts[:, 1] - 4) ** 3 / 30])
     disp += rng.normal(0.0, 0.01, pts.shape)
-    smoothing, scores, degree = gcv_choice(pts, disp, 4, [1, 2, 3, 4])
+    smoothing, scores, degree, _ = gcv_choice(pts, disp, 4, [1, 2, 3, 4])
     best = min(scores["degree_scores"], key=scores["degree_scores"].get)
     assert degree == best
     assert degree >= 3
@@ -144,8 +152,9 @@ def test_gcv_above_the_limit_chooses_about_what_a_gcv_of_all_holes_chooses():
     disp += rng.normal(0.0, 0.03, disp.shape)
     maps = displacement_maps(pts, disp, (960, 960), scale_px=pitch)
     assert maps.degree == 4
-    every = int(np.argmin(gcv_scores(u, disp, [4])[4]))  # the O(N³) GCV of all holes
-    chosen = int(np.argmin(np.abs(np.log(GCV_GRID / maps.smoothing))))
+    # the O(N³) GCV of all holes, with the kernel order the maps chose
+    every = int(np.argmin(gcv_scores(u, disp, [4], order=maps.order)[4]))
+    chosen = int(np.argmin(np.abs(np.log(GCV_GRIDS[maps.order] / maps.smoothing))))
     assert abs(chosen - every) <= 1
     # cross-validation chooses its smoothing on the same holes
     cv = cross_validate(pts, disp, k=5, scale_px=pitch, max_holes=1)
@@ -299,3 +308,127 @@ def test_maps_without_a_local_feature_keep_the_gcv_choice(monkeypatch):
     blind = displacement_maps(pts, disp, (2050, 2050), scale_px=pitch)
     assert blind.smoothing == maps.smoothing
     np.testing.assert_array_equal(blind.dy, maps.dy)
+
+
+# -- kernel order ----------------------------------------------------------------------
+
+
+def _explicit_score_order3(pts, disp, s, deg):
+    """GCV score of the order-3 spline from its smoother matrix, column by column."""
+    n = len(pts)
+    # H(s) e_i: the fit of a unit vector (the spline is tested against its
+    # bordered system in test_thinplate.py)
+    hat = np.column_stack(
+        [ThinPlate(pts, np.column_stack([e, e]), s, deg, order=3)(pts)[:, 0] for e in np.eye(n)]
+    )
+    resid = np.eye(n) - hat  # I - H(s)
+    return n * np.sum((resid @ disp) ** 2) / np.trace(resid) ** 2
+
+
+@pytest.mark.parametrize("degrees", [[2, 3, 4], [3]])
+def test_order_3_gcv_scores_equal_the_explicit_smoother_matrix(degrees):
+    rng = np.random.default_rng(11)
+    pts = rng.uniform(0.0, 6.0, (45, 2))
+    disp = np.column_stack([np.sin(pts[:, 0]), pts[:, 0] * pts[:, 1] / 10]) + rng.normal(
+        0.0, 0.05, pts.shape
+    )
+    scores = gcv_scores(pts, disp, degrees, order=3)
+    assert scores.order == 3
+    assert scores.grid is GCV_GRIDS[3]
+    for deg in degrees:
+        for k in (6, 20, 30, 42):
+            s = GCV_GRIDS[3][k]
+            assert scores[deg][k] == pytest.approx(
+                _explicit_score_order3(pts, disp, s, deg), rel=1e-6
+            )
+        s = GCV_GRIDS[3][25] * 1.3
+        assert scores.at(deg, s) == pytest.approx(
+            _explicit_score_order3(pts, disp, s, deg), rel=1e-6
+        )
+
+
+def test_order_3_gcv_needs_a_quadratic_trend():
+    pts = np.random.default_rng(1).uniform(0.0, 6.0, (40, 2))
+    with pytest.raises(ValueError, match="order 3"):
+        gcv_scores(pts, np.zeros((40, 2)), [1, 2], order=3)
+
+
+def test_reused_order_3_scores_scale_as_the_fourth_power():
+    # a plate moved by a similarity of scale 1.3: the order-3 projected
+    # kernel is the previous one times 1.3⁴ (the order-2 one times 1.3²)
+    rng = np.random.default_rng(14)
+    pts = rng.uniform(0.0, 8.0, (80, 2))
+    angle = 0.3
+    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    moved = 1.3 * pts @ turn.T + (2.0, -1.0)
+    disp = np.column_stack([np.sin(moved[:, 0] / 2), np.cos(moved[:, 1] / 3)])
+    keep = {}
+    gcv_scores(pts, disp, [2, 3, 4], keep=keep)
+    gcv_scores(pts, disp, [2, 3, 4], keep=keep, order=3)
+    basis = replace(keep["bases"][2], others=(keep["bases"][3],))
+    for order in (2, 3):
+        again = {}
+        reused = reused_gcv_scores(basis, moved, disp, [2, 3, 4], keep=again, order=order)
+        assert again["bases"][order].vec is keep["bases"][order].vec  # no new eigenbasis
+        fresh = gcv_scores(moved, disp, [2, 3, 4], order=order)
+        for deg in (2, 3, 4):
+            np.testing.assert_allclose(reused[deg], fresh[deg], rtol=1e-9)
+
+
+def _lattice(n_side, seed):
+    """An ``n_side``² unit lattice jittered by 0.05 pitch, (n², 2) float64, pitches."""
+    rng = np.random.default_rng(seed)
+    i, j = np.meshgrid(np.arange(float(n_side)), np.arange(float(n_side)), indexing="ij")
+    return np.column_stack([i.ravel(), j.ravel()]) + rng.normal(0.0, 0.05, (n_side**2, 2)), rng
+
+
+def test_gcv_picks_order_3_for_a_smooth_field_of_a_few_pitches():
+    pitch = 40.0
+    unit, rng = _lattice(18, seed=5)
+    pts = (unit + 1.0) * pitch
+    disp = fine_field(unit) + rng.normal(0.0, 0.003, unit.shape)
+    _, scores, degree, order = gcv_choice(unit, disp, 4, candidate_degrees(len(unit)))
+    assert order == 3
+    assert degree >= 2
+    assert scores["order_scores"][3] < 0.5 * scores["order_scores"][2]
+    # the maps it makes are closer to the field than the thin-plate spline's
+    shape = (int(19 * pitch), int(19 * pitch))
+    auto = displacement_maps(pts, disp, shape, scale_px=pitch)
+    tps = displacement_maps(pts, disp, shape, scale_px=pitch, order=2)
+    assert (auto.order, tps.order) == (3, 2)
+    g = np.linspace(2 * pitch, 17 * pitch, 46)
+    probe = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    truth = fine_field(probe / pitch - 1.0)
+    error = {
+        m.order: np.sqrt(np.mean(np.sum((m.evaluate(probe) - truth) ** 2, axis=1)))
+        for m in (auto, tps)
+    }
+    assert error[3] < 0.5 * error[2]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gcv_keeps_order_2_where_the_noise_hides_the_field(seed):
+    # an affine field under noise: both orders smooth to the trend, with
+    # scores within a fraction of a per cent: the thin-plate spline stays
+    unit, rng = _lattice(18, seed)
+    disp = np.column_stack([0.01 * unit[:, 0], -0.02 * unit[:, 1]])
+    disp += rng.normal(0.0, 0.02, unit.shape)
+    _, scores, _, order = gcv_choice(unit, disp, 4, candidate_degrees(len(unit)))
+    assert order == 2
+    low, high = sorted(scores["order_scores"].values())
+    assert high < (1 + ORDER3_MARGIN) * low
+
+
+def test_order_2_with_too_few_holes_for_a_quadratic_trend():
+    # 10 holes: only an affine trend has two holes per term, and order 3 needs a quadratic one
+    unit, rng = _lattice(4, seed=3)
+    unit = unit[:10]
+    pts = (unit + 1.0) * 50.0
+    disp = fine_field(unit) + rng.normal(0.0, 0.003, unit.shape)
+    maps = displacement_maps(pts, disp, (260, 260), scale_px=50.0)
+    assert (maps.order, maps.degree) == (2, 1)
+    assert list(maps.smoothing_scores["order_scores"]) == [2]
+    with pytest.raises(CcdgridError, match="order 3"):
+        displacement_maps(pts, disp, (260, 260), scale_px=50.0, order=3, degree=1)
+    with pytest.raises(CcdgridError, match="`order`"):
+        displacement_maps(pts, disp, (260, 260), scale_px=50.0, order=4)

@@ -242,12 +242,21 @@ def test_gcv_from_the_previous_eigenbasis_is_exact_for_a_similarity(shape, pitch
     assert len(sub) == min(len(pts), GCV_MAX_POINTS)
     # the direct GCV of the new holes (tested against explicit smoother matrices in test_gcv.py)
     degrees = candidate_degrees(len(pts)) if len(sub) == len(pts) else None
-    smoothing, scores, degree = gcv_choice(new[sub] / pitch, disp[sub], 4, degrees)
+    smoothing, scores, degree, order = gcv_choice(new[sub] / pitch, disp[sub], 4, degrees)
     np.testing.assert_allclose(warm.smoothing_scores["score"], scores["score"], rtol=1e-8)
+    # both kernel orders' eigenbases were reused (the order-3 one scales as a⁴)
+    assert [b.order for b in warm.gcv_basis.others] == [3]
+    assert warm.gcv_basis.others[0].vec is prev.gcv_basis.others[0].vec
+    np.testing.assert_allclose(
+        warm.smoothing_scores["order_scores"][3], scores["order_scores"][3], rtol=1e-8
+    )
     # the same minimum, refined from scores that agree to rounding; the same
-    # holes in the same order keep the previous smoothing when GCV's is near it
-    assert warm.degree == degree
-    kept = abs(np.log(smoothing / prev.smoothing)) <= np.log(_KEEP_SMOOTHING)
+    # holes in the same order (and the same model) keep the previous
+    # smoothing when GCV's is near it
+    assert (warm.degree, warm.order) == (degree, order)
+    kept = (prev.degree, prev.order) == (degree, order) and abs(
+        np.log(smoothing / prev.smoothing)
+    ) <= np.log(_KEEP_SMOOTHING)
     assert warm.smoothing == pytest.approx(prev.smoothing if kept else smoothing, rel=1e-6)
 
 
@@ -387,13 +396,18 @@ def test_a_smoothing_chosen_near_the_previous_one_is_replaced_by_it():
     warm = displacement_maps(new, near, SHAPE, degree=3, previous=prev)
     assert warm.smoothing == prev.smoothing  # ... and the previous one serves
     assert warm.tps_factor.upper is prev.tps_factor.upper
-    fixed = displacement_maps(new, near, SHAPE, degree=3, smoothing=prev.smoothing)
+    fixed = displacement_maps(
+        new, near, SHAPE, degree=3, smoothing=prev.smoothing, order=prev.order
+    )
     np.testing.assert_allclose(warm.dx, fixed.dx, rtol=0, atol=1e-6)
     np.testing.assert_allclose(warm.dy, fixed.dy, rtol=0, atol=1e-6)
-    # ten times the noise: GCV's choice is far from the previous one and stays
+    # ten times the noise: GCV's choice is far from the previous one (here
+    # even of another kernel order, whose smoothing is in other units) and stays
     far = field.displacement(new) + rng.normal(0, 0.2, pts.shape)
     cold = displacement_maps(new, far, SHAPE, degree=3)
-    assert abs(np.log(cold.smoothing / prev.smoothing)) > np.log(_KEEP_SMOOTHING)
+    assert cold.order != prev.order or abs(np.log(cold.smoothing / prev.smoothing)) > np.log(
+        _KEEP_SMOOTHING
+    )
     warm = displacement_maps(new, far, SHAPE, degree=3, previous=prev)
     # (the eigenbasis reused: the same scores to rounding)
     assert warm.smoothing == pytest.approx(cold.smoothing, rel=1e-9)

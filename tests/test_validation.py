@@ -208,8 +208,10 @@ def test_calibration_cv_reports_the_maps_in_sample_residual(strong_1024):
         indices=cal.grid.indices,
         smoothing=cal.maps.smoothing,
         degree=cal.maps.degree,
+        order=cal.maps.order,
         scale_px=cal.maps.scale_px,
     )
+    assert cal.cross_validation.order == cal.maps.order
     assert cal.cross_validation.in_sample_rms_px == pytest.approx(refit.in_sample_rms_px, rel=1e-6)
     np.testing.assert_allclose(cal.cross_validation.predicted, refit.predicted, atol=1e-9)
 

@@ -301,11 +301,16 @@ def test_warm_maps_reuse_the_previous_smoothing_and_degree_on_request(base, tmp_
     warm = recalibrate(g.image, prev, cv_folds=0, smoothing="previous")
     assert warm.maps.smoothing == prev.maps.smoothing
     assert warm.maps.degree == prev.maps.degree
+    # with the kernel order its smoothing was chosen for (its units are the order's)
+    assert warm.maps.order == prev.maps.order
     assert warm.maps.smoothing_scores is None
     path = tmp_path / "detector.h5"
     prev.save(path)
+    assert prev.params["resolved"]["map_order"] == prev.maps.order
     from_file = recalibrate(g.image, path, cv_folds=0, smoothing="previous")
     assert from_file.maps.degree == prev.maps.degree
+    assert from_file.maps.order == prev.maps.order
+    assert from_file.params["resolved"]["map_order"] == prev.maps.order
     # a cold fallback chooses by GCV
     with pytest.warns(WarmStartFallback):
         far = recalibrate(

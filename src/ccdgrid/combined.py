@@ -47,6 +47,7 @@ from .pipeline import (
     calibrate,
 )
 from .polarity import check_polarity, invert
+from .thinplate import fit_tps
 
 __all__ = ["CombinedCalibration", "CombinedPositions", "calibrate_combined"]
 
@@ -500,6 +501,7 @@ def calibrate_combined(
             "map_smoothing": maps.smoothing,
             "smoothing_choice": choice,
             "map_degree": maps.degree,
+            "map_order": maps.order,
             "map_method": maps.method,
             "grid_method": grid.method_used,
             "per_image": {
@@ -796,21 +798,35 @@ def _combined_maps(points, disp, indices, shape, scale_px, smoothing, cv_folds):
     coarse = 4.0 * scale_px
     direct = displacement_maps(points, disp, shape, scale_px=scale_px, coarse_step=coarse)
     means = displacement_maps(mean_pts, mean_disp, shape, scale_px=scale_px, coarse_step=coarse)
+    # each with the kernel order GCV chose with its smoothing (the smoothing's units)
     candidates = {
-        "all samples, GCV": (False, direct.smoothing, direct.degree),
-        "all samples, site GCV": (False, means.smoothing / per_site, means.degree),
-        "per-site means": (True, means.smoothing, means.degree),
+        "all samples, GCV": (False, direct.smoothing, direct.degree, direct.order),
+        "all samples, site GCV": (
+            False,
+            means.smoothing / per_site,
+            means.degree,
+            means.order,
+        ),
+        "per-site means": (True, means.smoothing, means.degree, means.order),
     }
     errors = _site_cv_error(points, disp, indices, candidates, scale_px)
     choice = min(errors, key=errors.get)
-    on_means, s, degree = candidates[choice]
+    on_means, s, degree, order = candidates[choice]
     if on_means:
         maps = displacement_maps(
-            mean_pts, mean_disp, shape, smoothing=s, degree=degree, scale_px=scale_px
+            mean_pts,
+            mean_disp,
+            shape,
+            smoothing=s,
+            degree=degree,
+            scale_px=scale_px,
+            order=order,
         )
         cv = _cross_validation(mean_pts, mean_disp, sites, maps, cv_folds)
         return maps, cv, choice, s
-    maps = displacement_maps(points, disp, shape, smoothing=s, degree=degree, scale_px=scale_px)
+    maps = displacement_maps(
+        points, disp, shape, smoothing=s, degree=degree, scale_px=scale_px, order=order
+    )
     cv = _cross_validation(points, disp, indices, maps, cv_folds)
     return maps, cv, choice, s * per_site
 
@@ -834,11 +850,11 @@ def _site_cv_error(points, disp, indices, candidates, scale_px):
         train = ~test[inverse.ravel()]
         if not test.any():
             continue
-        for name, (on_means, s, degree) in candidates.items():
+        for name, (on_means, s, degree, order) in candidates.items():
             x, y = (
                 (mean_pts[~test], mean_disp[~test]) if on_means else (points[train], disp[train])
             )
-            rbf = _tps(x / scale_px, y, s, degree)
+            rbf = _tps(x / scale_px, y, s, degree, order)
             if rbf is None:
                 errors[name] = np.inf
                 continue
@@ -847,8 +863,17 @@ def _site_cv_error(points, disp, indices, candidates, scale_px):
     return errors
 
 
-def _tps(x, y, smoothing, degree):
-    """A smoothing thin-plate ``RBFInterpolator``, with an affine trend if ``degree``'s fails."""
+def _tps(x, y, smoothing, degree, order=2):
+    """A smoothing thin-plate ``RBFInterpolator``, with an affine trend if ``degree``'s fails.
+
+    Kernel order 3 (``-r⁴ log r``, which scipy does not have): ccdgrid's
+    own spline, with the same fallback (to an affine trend and order 2).
+    """
+    if order == 3:
+        try:
+            return fit_tps(x, y, smoothing, degree, order=3)[0]
+        except CcdgridError:
+            return None
     for deg in dict.fromkeys((degree, 1)):
         try:
             return RBFInterpolator(
@@ -879,6 +904,7 @@ def _cross_validation(points, disp, indices, maps, cv_folds, **fit):
             "method": maps.method,
             "smoothing": maps.smoothing,
             "degree": maps.degree,
+            "order": maps.order,
             "scale_px": maps.scale_px,
         }
     try:

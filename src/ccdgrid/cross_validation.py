@@ -18,7 +18,7 @@ from ._blas import one_blas_thread
 from ._map_checks import METHODS, MIN_POINTS, check_degree, non_negative, positive, rms
 from ._validation import as_points, check_backend
 from .errors import CcdgridError
-from .gcv import GCV_MAX_POINTS, gcv_smoothing, gcv_subset
+from .gcv import GCV_MAX_POINTS, gcv_choice, gcv_subset
 from .thinplate import fit_tps
 
 __all__ = ["CrossValidation", "cross_validate"]
@@ -61,9 +61,12 @@ class CrossValidation:
     method : str
         ``"tps"`` or ``"cubic"``.
     smoothing : float or None
-        Thin-plate smoothing used by every fold, pitch² units.
+        Thin-plate smoothing used by every fold, pitch² units for kernel
+        order 2, pitch⁴ for order 3.
     degree : int or None
         Polynomial trend degree used (``None`` for cubic).
+    order : int or None
+        Thin-plate kernel order used, 2 or 3 (``None`` for cubic).
     seconds : float, s
         Wall time of the k fits.
     factors : dict or None
@@ -91,6 +94,7 @@ class CrossValidation:
     degree: object
     seconds: float
     factors: object = field(default=None, repr=False, compare=False)
+    order: object = None
 
     @property
     def rms_pitch(self):
@@ -139,6 +143,7 @@ def cross_validate(
     backend="cython",
     in_sample_rms=None,
     previous=None,
+    order=None,
 ):
     """k-fold cross-validated error of the displacement maps at the holes.
 
@@ -165,9 +170,11 @@ def cross_validate(
     method : {"tps", "cubic"}
         The map's method (see :func:`ccdgrid.maps.displacement_maps`).
     smoothing : float, "auto" or None
-        Thin-plate smoothing, pitch² units, used for every fold (pass the
-        full map's ``DisplacementMaps.smoothing``). None or "auto": chosen
-        once by GCV on all holes, as :func:`ccdgrid.maps.displacement_maps` does.
+        Thin-plate smoothing, pitch² units for kernel order 2, pitch⁴ for
+        order 3, used for every fold (pass the full map's
+        ``DisplacementMaps.smoothing``). None or "auto": chosen once by GCV
+        on all holes, with the kernel order unless ``order`` is given, as
+        :func:`ccdgrid.maps.displacement_maps` does.
     degree : int or None
         Trend degree (pass ``DisplacementMaps.degree``); None: chosen from
         the number of holes of one training set.
@@ -194,6 +201,10 @@ def cross_validate(
         system is solved from that fold's previous factor (see
         :class:`ccdgrid.thinplate.ThinPlate`; ~12 ms instead of ~35 ms per
         fold of 1200 holes). Unusable factors are ignored.
+    order : {2, 3} or None
+        Thin-plate kernel order (pass ``DisplacementMaps.order``: the
+        smoothing's units are the order's). None: chosen by GCV with an
+        automatic smoothing, else 2.
 
     Returns
     -------
@@ -256,39 +267,47 @@ def cross_validate(
 
     if max_holes is not None:
         max_holes = int(positive(max_holes, "max_holes"))
-    order = range(k)
+    evaluated = range(k)
     if max_holes is not None:
         reached = np.cumsum(np.bincount(folds, minlength=k)) >= max_holes
-        order = range(int(np.argmax(reached)) + 1 if reached.any() else k)
+        evaluated = range(int(np.argmax(reached)) + 1 if reached.any() else k)
 
     predicted = np.full((n, 2), np.nan)
     if method == "tps":
         degree = check_degree(degree, n_train)
+        if order is not None and (isinstance(order, bool) or order not in (2, 3)):
+            raise CcdgridError(f"`order` must be 2, 3 or None, got {order!r}")
+        if order == 3 and degree < 2:
+            raise CcdgridError(f"kernel order 3 needs a trend of degree 2 or more, not {degree}")
         if smoothing is None or (isinstance(smoothing, str) and smoothing == "auto"):
             sub = gcv_subset(pts, GCV_MAX_POINTS)
-            smoothing, _ = gcv_smoothing(pts[sub] / scale_px, disp[sub], degree, backend)
+            orders = (order,) if order is not None else (2, 3) if degree >= 2 else (2,)
+            smoothing, _, _, order = gcv_choice(
+                pts[sub] / scale_px, disp[sub], degree, None, backend, orders=orders
+            )
+        order = 2 if order is None else int(order)
         smoothing = non_negative(smoothing, "smoothing")
         unit = pts / scale_px
         if in_sample_rms is None:
-            full, _ = fit_tps(unit, disp, smoothing, degree, backend)
+            full, _ = fit_tps(unit, disp, smoothing, degree, backend, order=order)
             in_sample = rms(full.residual_at_centres())
         else:
             in_sample = non_negative(in_sample_rms, "in_sample_rms")
-        before = _previous_factors(previous, k, folds, smoothing)
+        before = _previous_factors(previous, k, folds, smoothing, order)
         kept = []
-        for f in order:
+        for f in evaluated:
             test = folds == f
             if test.any():
                 rbf, _ = fit_tps(
-                    unit[~test], disp[~test], smoothing, degree, backend, before.get(f)
+                    unit[~test], disp[~test], smoothing, degree, backend, before.get(f), order
                 )
                 predicted[test] = rbf(unit[test])
                 kept.append((f, getattr(rbf, "factor", None)))
         factors = dict(kept) if all(fac is not None for _, fac in kept) else None
     else:
-        smoothing = degree = factors = None
+        smoothing = degree = order = factors = None
         in_sample = 0.0  # the cubic interpolant passes through every hole
-        for f in order:
+        for f in evaluated:
             test = folds == f
             if test.any():
                 predicted[test] = CloughTocher2DInterpolator(pts[~test], disp[~test])(pts[test])
@@ -300,7 +319,7 @@ def cross_validate(
     return CrossValidation(
         k=k,
         folds=folds,
-        folds_evaluated=len(order),
+        folds_evaluated=len(evaluated),
         predicted=predicted,
         residuals=residuals,
         n_evaluated=int(ok.sum()),
@@ -314,14 +333,16 @@ def cross_validate(
         degree=degree,
         seconds=time.perf_counter() - t0,
         factors=factors,
+        order=order,
     )
 
 
-def _previous_factors(previous, k, folds, smoothing):
+def _previous_factors(previous, k, folds, smoothing, order):
     """``{fold: SystemFactor}`` of a previous cross-validation with these folds, else empty.
 
-    Only at the same smoothing: a factor made at another one would not
-    precondition the fold's system well (see ``maps._previous_factor``).
+    Only at the same smoothing and kernel order: a factor made at another
+    one would not precondition the fold's system well (see
+    ``maps._previous_factor``).
     """
     if previous is None:
         return {}
@@ -332,6 +353,8 @@ def _previous_factors(previous, k, folds, smoothing):
     if previous.factors is None or previous.k != k or not np.array_equal(previous.folds, folds):
         return {}
     if previous.smoothing is None or not np.isclose(previous.smoothing, smoothing, rtol=1e-9):
+        return {}
+    if previous.order != order:
         return {}
     return previous.factors
 

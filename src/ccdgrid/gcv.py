@@ -1,9 +1,10 @@
-"""Generalised cross-validation (GCV) of the thin-plate smoothing and trend degree.
+"""Generalised cross-validation (GCV) of the thin-plate smoothing, trend degree and kernel order.
 
-:func:`gcv_scores` scores every smoothing of ``GCV_GRID`` (pitch² units) for
-each trend degree from one eigendecomposition of the projected kernel
-matrix; :func:`gcv_choice` picks the degree with the lowest score and
-refines its smoothing between grid values. :class:`GcvBasis` keeps that
+:func:`gcv_scores` scores every smoothing of ``GCV_GRIDS[order]`` for each
+trend degree from one eigendecomposition of the projected kernel matrix of
+one kernel order (2: ``r² log r``, smoothing in pitch²; 3: ``-r⁴ log r``,
+smoothing in pitch⁴); :func:`gcv_choice` picks the model (order, degree)
+with the lowest score and refines its smoothing between grid values. :class:`GcvBasis` keeps that
 eigenbasis so that the next fit of the same plate moved a little
 (:func:`reused_gcv_scores`) only projects the new displacement.
 :func:`gcv_subset` bounds the O(N³) cost to ``GCV_MAX_POINTS`` holes in
@@ -17,7 +18,7 @@ Private to ccdgrid: these names are the API of :mod:`ccdgrid.maps` and
 """
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import linalg, optimize
@@ -27,7 +28,10 @@ from .thinplate import _TILE_ABOVE, ENGINES, apply_q, monomials, rotate_symmetri
 
 __all__ = [
     "GCV_GRID",
+    "GCV_GRIDS",
     "GCV_MAX_POINTS",
+    "KERNEL_NAMES",
+    "ORDER3_MARGIN",
     "GcvBasis",
     "GcvScores",
     "candidate_degrees",
@@ -44,6 +48,25 @@ __all__ = [
 ]
 
 GCV_GRID = np.logspace(-6, 3, 37)  # smoothing values tried, in units of pitch²
+# The order-3 kernel -r⁴ log r: its smoothing is in units of pitch⁴ (the
+# kernel scales as length⁴). The eigenvalues of its projected kernel matrix
+# (what the smoothing is weighed against) are those of r² log r at a hole's
+# scale (smallest 0.22 against 0.29, on a jittered 20 x 20 lattice with a
+# quadratic trend) but reach 3.7e5 against 1.3e3 at the plate's: smoothing
+# a field to its trend takes ~300x more, hence three more decades at the
+# top, same step (1.78x) as GCV_GRID. GCV chose 1e-6 (three plates of the
+# outside generator, low noise), 7.1, 17 and 372 pitch⁴ on the others; the
+# best smoothing for the truth lay in 1e-6 to 1e3.
+GCV_GRID_ORDER3 = np.logspace(-6, 6, 49)
+GCV_GRIDS = {2: GCV_GRID, 3: GCV_GRID_ORDER3}
+# The order-3 kernel is chosen when its GCV score is this much below the
+# thin-plate spline's (relative). Where the noise hides the field both are
+# smoothed to the trend and their scores differ by less than 0.5 % either
+# way (8 plates of 324 holes, noise only); where order 3 follows the field
+# better its score was 4.5-70 % lower (the outside generator's plates).
+ORDER3_MARGIN = 0.01
+# how the kernels are named to users (summary, detector file)
+KERNEL_NAMES = {2: "tps", 3: "tps3"}
 # GCV needs an O(N³) eigendecomposition; above this many holes it runs on
 # patches of holes spread over the plate (see spread_subset)
 GCV_MAX_POINTS = 500
@@ -71,52 +94,111 @@ def candidate_degrees(n_points):
     return [d for d in (1, 2, 3, 4) if n_points >= (d + 1) * (d + 2)] or [1]
 
 
-def gcv_choice(pts, disp, degree, degrees, backend="cython", scorer=None):
-    """``(smoothing, scores, degree)`` minimising the GCV score.
+def gcv_choice(pts, disp, degree, degrees, backend="cython", scorer=None, orders=(2, 3)):
+    """``(smoothing, scores, degree, order)`` minimising the GCV score.
 
-    The degree is that of the lowest score on ``GCV_GRID``, the smoothing
-    its minimum refined between grid values (:func:`refined_minimum`).
-    ``degrees`` None: the smoothing for ``degree`` alone. Otherwise the pair
-    (degree, smoothing) with the lowest score: GCV estimates the
-    leave-one-out error of the whole fit, trend included, so scores of
-    different degrees compare. It matters with few holes (a coarse pitch,
-    a small lit area): 23 holes under a cubic barrel distortion left
-    0.20 px RMS between the holes with the affine trend the fixed rule
-    gave, 0.016 px with the cubic one GCV picks.
+    The model (kernel order, trend degree) is that of the lowest score on
+    its grid (``GCV_GRIDS[order]``), the smoothing its minimum refined
+    between grid values (:func:`refined_minimum`). ``degrees`` None: the
+    smoothing for ``degree`` alone (and the order among ``orders``).
+    Otherwise the pair (degree, smoothing) with the lowest score: GCV
+    estimates the leave-one-out error of the whole fit, trend included, so
+    scores of different degrees compare. It matters with few holes (a
+    coarse pitch, a small lit area): 23 holes under a cubic barrel
+    distortion left 0.20 px RMS between the holes with the affine trend the
+    fixed rule gave, 0.016 px with the cubic one GCV picks. The same holds
+    between kernel orders: order 3 (``-r⁴ log r``) is scored with the
+    degrees >= 2 among those (its trend must hold the quadratics), order 2
+    with all of them.
 
-    ``scorer(degrees)`` returns the scores (default: :func:`gcv_scores`
-    of ``pts`` and ``disp``).
+    ``scorer(degrees, order=order)`` returns the scores (default:
+    :func:`gcv_scores` of ``pts`` and ``disp``). ``orders``: the kernel
+    orders to choose from; an order that cannot be scored (no degree for
+    it, a singular system) is left out, unless it is the only one.
+
+    Returns
+    -------
+    smoothing : float
+        Length² units for order 2 (pitch², with ``pts`` in pitches),
+        length⁴ for order 3.
+    scores : dict
+        ``{"smoothing": grid, "score": scores on it}`` of the model chosen;
+        with ``degrees``, ``"degree_scores"``: the best score of each degree
+        of the order chosen; ``"order"``: the order chosen and
+        ``"order_scores"``: ``{order: best score}`` of every order scored.
+    degree : int
+        Trend degree chosen.
+    order : int
+        Kernel order chosen, 2 or 3.
     """
     if scorer is None:
         scorer = functools.partial(gcv_scores, pts, disp, backend=backend)
+    orders = sorted(set(orders))
     if degrees is None:
-        smoothing, scores = gcv_smoothing(pts, disp, degree, backend, scorer)
-        return smoothing, scores, degree
+        by_order = {}
+        for order in orders:
+            if degree < order - 1 and len(orders) > 1:
+                continue
+            try:
+                by_order[order] = scorer([degree], order=order)
+            except (np.linalg.LinAlgError, linalg.LinAlgError):
+                if len(orders) == 1:
+                    raise
+        if not by_order:
+            raise np.linalg.LinAlgError("no kernel order could be scored")
+        best = {o: float(np.min(v[degree])) for o, v in by_order.items()}
+        order = _preferred_order(best)
+        chosen = by_order[order]
+        smoothing = refined_minimum(chosen, degree)
+        scores = {"smoothing": chosen.grid.copy(), "score": chosen[degree]}
+        scores.update(order=order, order_scores=best)
+        return smoothing, scores, degree, order
     # holes along a few lines leave a trend undetermined
     full_rank = [
         deg
         for deg in degrees
         if np.linalg.matrix_rank(monomials(pts, deg)) == (deg + 1) * (deg + 2) // 2
     ]
-    try:
-        by_degree = scorer(full_rank) if full_rank else {}
-    except (np.linalg.LinAlgError, linalg.LinAlgError):
-        by_degree = {}
-    best = None
-    for deg, score in by_degree.items():
-        k = int(np.argmin(score))
-        if np.isfinite(score[k]) and (best is None or score[k] < best[0]):
-            best = (float(score[k]), k, deg)
-    if best is None:
-        smoothing, scores = gcv_smoothing(pts, disp, degree, backend, scorer)
-        return smoothing, scores, degree
-    _, _, deg = best
+    by_model = {}
+    for order in orders:
+        usable = [deg for deg in full_rank if deg >= order - 1]
+        try:
+            by_model[order] = scorer(usable, order=order) if usable else {}
+        except (np.linalg.LinAlgError, linalg.LinAlgError):
+            by_model[order] = {}
+    best = {}  # order: (lowest score, its degree)
+    for order, by_degree in by_model.items():
+        for deg, score in by_degree.items():
+            low = float(np.min(score))
+            if np.isfinite(low) and (order not in best or low < best[order][0]):
+                best[order] = (low, deg)
+    if not best:
+        order = orders[0]
+        smoothing, scores = gcv_smoothing(pts, disp, degree, backend, scorer, order)
+        return smoothing, scores, degree, order
+    order = _preferred_order({o: v[0] for o, v in best.items()})
+    deg = best[order][1]
+    by_degree = by_model[order]
     scores = {
-        "smoothing": GCV_GRID.copy(),
+        "smoothing": by_degree.grid.copy(),
         "score": by_degree[deg],
         "degree_scores": {d: float(v.min()) for d, v in by_degree.items()},
+        "order": order,
+        "order_scores": {o: v[0] for o, v in best.items()},
     }
-    return refined_minimum(by_degree, deg), scores, deg
+    return refined_minimum(by_degree, deg), scores, deg, order
+
+
+def _preferred_order(best):
+    """The kernel order of ``best`` ``{order: lowest GCV score}`` to fit.
+
+    Order 3 only when its score is below order 2's by more than
+    ``ORDER3_MARGIN``: where the two are that close (a field the noise
+    hides, smoothed to its trend by both) the thin-plate spline stays.
+    """
+    if 2 in best and 3 in best:
+        return 3 if best[3] < (1.0 - ORDER3_MARGIN) * best[2] else 2
+    return min(best)
 
 
 def gcv_subset(pts, limit=GCV_MAX_POINTS):
@@ -262,25 +344,29 @@ def spread_subset(pts, limit, cells=SUBSET_CELLS):
     return np.sort(np.argsort(rank, kind="stable")[:limit])
 
 
-def gcv_smoothing(pts, disp, degree, backend="cython", scorer=None):
+def gcv_smoothing(pts, disp, degree, backend="cython", scorer=None, order=2):
     """``(smoothing, {"smoothing": (K,), "score": (K,)})`` minimising the GCV score.
 
-    The smoothing is the minimum refined between the grid's neighbours of
-    its best value (see :func:`refined_minimum`).
+    For the kernel of ``order`` (smoothing in length² units for order 2,
+    length⁴ for order 3, on ``GCV_GRIDS[order]``). The smoothing is the
+    minimum refined between the grid's neighbours of its best value (see
+    :func:`refined_minimum`).
     """
     if scorer is None:
         scorer = functools.partial(gcv_scores, pts, disp, backend=backend)
-    by_degree = scorer([degree])
+    by_degree = scorer([degree], order=order)
     score = by_degree[degree]
     smoothing = refined_minimum(by_degree, degree)
-    return smoothing, {"smoothing": GCV_GRID.copy(), "score": score}
+    grid = getattr(by_degree, "grid", GCV_GRIDS[order])
+    return smoothing, {"smoothing": grid.copy(), "score": score}
 
 
 def refined_minimum(by_degree, degree):
     """The smoothing minimising ``degree``'s GCV score, refined between grid values.
 
-    ``by_degree`` is what :func:`gcv_scores` returns. The grid's best value
-    ``GCV_GRID[k]`` brackets the minimum between its neighbours, where the
+    ``by_degree`` is what :func:`gcv_scores` returns (its ``grid``, that of
+    its kernel order; ``GCV_GRID`` for a plain dict). The grid's best value
+    ``grid[k]`` brackets the minimum between its neighbours, where the
     score is minimised in ``log s`` (bounded Brent, to 0.1 % of ``s``); the
     grid's value is kept at either end of the grid, for scores that are not
     a :class:`GcvScores`, and if the refinement does not score lower.
@@ -295,10 +381,11 @@ def refined_minimum(by_degree, degree):
     (:func:`ccdgrid.maps.displacement_maps`).
     """
     score = by_degree[degree]
+    grid = getattr(by_degree, "grid", GCV_GRID)
     k = int(np.argmin(score))
-    if not isinstance(by_degree, GcvScores) or k in (0, len(GCV_GRID) - 1):
-        return float(GCV_GRID[k])
-    lo, hi = np.log(GCV_GRID[k - 1]), np.log(GCV_GRID[k + 1])
+    if not isinstance(by_degree, GcvScores) or k in (0, len(grid) - 1):
+        return float(grid[k])
+    lo, hi = np.log(grid[k - 1]), np.log(grid[k + 1])
     best = optimize.minimize_scalar(
         lambda t: by_degree.at(degree, np.exp(t)),
         bounds=(lo, hi),
@@ -306,12 +393,12 @@ def refined_minimum(by_degree, degree):
         options={"xatol": 1e-3},
     )
     if not (best.success and np.isfinite(best.fun) and best.fun < score[k]):
-        return float(GCV_GRID[k])
+        return float(grid[k])
     return float(np.exp(best.x))
 
 
-def gcv_scores(pts, disp, degrees, backend="cython", keep=None):
-    """GCV score of every smoothing of ``GCV_GRID``, for each trend degree.
+def gcv_scores(pts, disp, degrees, backend="cython", keep=None, order=2):
+    """GCV score of every smoothing of ``GCV_GRIDS[order]``, for each trend degree.
 
     Parameters
     ----------
@@ -320,18 +407,22 @@ def gcv_scores(pts, disp, degrees, backend="cython", keep=None):
     disp : ndarray of shape (N, 2), float64, px
         Displacement at the holes; the score sums both components.
     degrees : list of int
-        Trend degrees, each with full-rank monomials at ``pts``.
+        Trend degrees, each with full-rank monomials at ``pts``, each
+        >= ``order - 1``.
     backend : {"cython", "numpy"}
         Engine of the kernel matrix.
     keep : dict or None
-        If given, ``keep["basis"]`` receives the eigenbasis as a
+        If given, ``keep["bases"][order]`` receives the eigenbasis as a
         :class:`GcvBasis` (``rows`` None), for :func:`reused_gcv_scores`.
+    order : {2, 3}
+        Kernel order: ``r² log r`` (smoothing in length², ``GCV_GRID``) or
+        ``-r⁴ log r`` (length⁴, ``GCV_GRID_ORDER3``).
 
     Returns
     -------
     GcvScores
         ``{degree: ndarray of shape (K,)}``, ``N |(I - H(s)) d|² / tr(I - H(s))²``
-        for every ``s`` of ``GCV_GRID``; its ``at(degree, s)`` scores any ``s``.
+        for every ``s`` of its ``grid``; its ``at(degree, s)`` scores any ``s``.
 
     Notes
     -----
@@ -349,13 +440,15 @@ def gcv_scores(pts, disp, degrees, backend="cython", keep=None):
     """
     n = len(pts)
     base = min(degrees)
+    if base < order - 1:
+        raise ValueError(f"kernel order {order} needs trend degrees >= {order - 1}, got {base}")
     n_base = (base + 1) * (base + 2) // 2
     poly = monomials(pts, max(degrees))  # columns by total degree: the lowest first
     # Q = [Q1 Q2] kept as n_base Householder reflectors: applying them costs
     # O(N² n_base) where products with an explicit Q2 cost O(N³)
     (house, tau), _ = linalg.qr(poly[:, :n_base], mode="raw")
     kern = np.empty((n, n))
-    ENGINES[backend].kernel_matrix(np.ascontiguousarray(pts, dtype=np.float64), 0.0, kern)
+    ENGINES[backend].kernel_matrix(np.ascontiguousarray(pts, dtype=np.float64), 0.0, kern, order)
     rotated = rotate_symmetric(house, tau, kern)  # upper triangle only
     lam, vec = linalg.eigh(rotated[n_base:, n_base:], lower=False, driver="evd")
     lam = np.maximum(lam, 0.0)  # conditionally positive definite: tiny negatives are rounding
@@ -364,7 +457,7 @@ def gcv_scores(pts, disp, degrees, backend="cython", keep=None):
     g = both[:, :2]  # (m, 2) displacement in the eigenbasis
     extra = both[:, 2:]  # (m, P - n_base) higher monomials in the eigenbasis
     if keep is not None:
-        keep["basis"] = GcvBasis(
+        keep.setdefault("bases", {})[order] = GcvBasis(
             points=None,
             rows=None,
             nodes=np.array(pts, dtype=np.float64),
@@ -374,23 +467,28 @@ def gcv_scores(pts, disp, degrees, backend="cython", keep=None):
             lam=lam,
             vec=vec,
             extra=extra.copy(),
+            order=order,
         )
-    return GcvScores((lam, g, extra, n, n_base), degrees)
+    return GcvScores((lam, g, extra, n, n_base), degrees, order)
 
 
 class GcvScores(dict):
-    """``{degree: (K,) scores on GCV_GRID}``, and the score at any smoothing (:meth:`at`).
+    """``{degree: (K,) scores on grid}``, and the score at any smoothing (:meth:`at`).
 
     Made by :func:`gcv_scores` and :func:`reused_gcv_scores`, which keep the
-    eigenbasis quantities the scores come from (O(m r) memory).
+    eigenbasis quantities the scores come from (O(m r) memory). ``order``
+    is the kernel order scored, ``grid`` its smoothing values
+    (``GCV_GRIDS[order]``).
     """
 
-    def __init__(self, spectrum, degrees):
-        super().__init__(_gcv_from_eigenbasis(*spectrum, degrees))
+    def __init__(self, spectrum, degrees, order=2):
+        self.order = order
+        self.grid = GCV_GRIDS[order]
+        super().__init__(_gcv_from_eigenbasis(*spectrum, degrees, self.grid))
         self._spectrum = spectrum
 
     def at(self, degree, smoothing):
-        """GCV score of ``degree`` (one of the keys) at ``smoothing`` (> 0, pitch²)."""
+        """GCV score of ``degree`` (one of the keys) at ``smoothing`` (> 0, grid units)."""
         if degree not in self:
             raise KeyError(degree)
         grid = np.array([float(smoothing)])
@@ -430,6 +528,11 @@ def _gcv_from_eigenbasis(lam, g, extra, n, n_base, degrees, grid=GCV_GRID):
 class GcvBasis:
     """Eigenbasis of a GCV (see :func:`gcv_scores`), kept for the next fit of the plate.
 
+    One kernel order's (``order``); ``others``: the bases of the other
+    orders the same GCV scored, on the same points (what
+    :func:`ccdgrid.maps.displacement_maps` keeps is the order-2 basis, with
+    the order-3 one among its ``others``).
+
     ``points`` (N, 2) float64: all the points fitted, px, and ``rows`` (m,)
     int64: the rows of those the GCV ran on (both set by
     :func:`ccdgrid.maps.displacement_maps`); ``nodes`` (m, 2) float64: those points in
@@ -450,6 +553,8 @@ class GcvBasis:
     lam: np.ndarray
     vec: np.ndarray
     extra: np.ndarray
+    order: int = 2
+    others: tuple = ()
 
 
 # Largest RMS departure of the holes from a similarity of the holes a GCV
@@ -473,35 +578,40 @@ def _similarity(old, new):
     return float(abs(a) ** 2), float(np.sqrt(np.mean(np.abs(zn - a * zo) ** 2)))
 
 
-def reused_gcv_scores(basis, nodes, disp, degrees, backend="cython", keep=None):
+def reused_gcv_scores(basis, nodes, disp, degrees, backend="cython", keep=None, order=2):
     """GCV scores of ``disp`` at ``nodes`` from a previous fit's eigenbasis, when exact enough.
 
     ``nodes`` (m, 2) are the points of ``basis.nodes`` (same holes, same
-    order) measured again, ``disp`` (m, 2) the new displacement there. The
-    thin-plate kernel ``r² log r`` projected on the complement of a trend of
-    degree >= 1 scales by ``a²`` when the points move by a similarity of
-    scale ``a`` (the ``r² log a`` term is a trend of degree 1, which the
-    projection removes), and a polynomial space is mapped onto itself by any
-    affine map: for a plate moved by a similarity (plus a small warp) the
-    previous eigenbasis with its eigenvalues times ``a²`` is that of the new
-    points, and only the displacement has to be projected, O(m²) instead of
-    the O(m³) eigendecomposition. Used when the points depart from the best
-    similarity of the old ones by at most ``_REUSE_MAX_WARP`` (RMS, pitch
-    units) and the degrees asked for are covered; otherwise
+    order) measured again, ``disp`` (m, 2) the new displacement there; the
+    basis of kernel ``order`` is ``basis`` or one of its ``others``. The
+    kernel ``r^(2k - 2) log r`` of order ``k`` projected on the complement of
+    a trend of degree >= k - 1 scales by ``a^(2k - 2)`` when the points move
+    by a similarity of scale ``a`` (the ``r^(2k - 2) log a`` term is a
+    polynomial in the pair whose every monomial is of degree <= k - 1 in
+    one of the two points, which the projection removes), and a polynomial
+    space is mapped onto itself by any affine map: for a plate moved by a
+    similarity (plus a small warp) the previous eigenbasis with its
+    eigenvalues times ``a²`` (order 2) or ``a⁴`` (order 3) is that of the
+    new points, and only the displacement has to be projected, O(m²)
+    instead of the O(m³) eigendecomposition. Used when the points depart
+    from the best similarity of the old ones by at most ``_REUSE_MAX_WARP``
+    (RMS, pitch units) and the degrees asked for are covered; otherwise
     :func:`gcv_scores` computes them again (``keep`` as there: the basis
-    used is put in ``keep["basis"]``).
+    used is put in ``keep["bases"][order]``).
     """
+    basis = next((b for b in (basis, *basis.others) if b.order == order), None)
+    if basis is None:
+        return gcv_scores(nodes, disp, degrees, backend, keep, order)
     base, top = basis.degrees
     scale2, warp = _similarity(basis.nodes, nodes)
     if min(degrees) != base or max(degrees) > top or warp > _REUSE_MAX_WARP:
-        return gcv_scores(nodes, disp, degrees, backend, keep)
+        return gcv_scores(nodes, disp, degrees, backend, keep, order)
     n_base = len(basis.tau)
     proj = apply_q(basis.house, basis.tau, np.array(disp, dtype=np.float64), "L")[n_base:]
     if keep is not None:
-        keep["basis"] = basis
-    return GcvScores(
-        (scale2 * basis.lam, basis.vec.T @ proj, basis.extra, len(nodes), n_base), degrees
-    )
+        keep.setdefault("bases", {})[order] = replace(basis, others=())
+    lam = scale2 ** (order - 1) * basis.lam
+    return GcvScores((lam, basis.vec.T @ proj, basis.extra, len(nodes), n_base), degrees, order)
 
 
 def reused_subset(basis, rows):

@@ -25,6 +25,7 @@ from ._notes import collected, warn
 from ._validation import as_points, check_backend, check_image, split_masked
 from .cross_validation import cross_validate
 from .errors import CcdgridError
+from .gcv import KERNEL_NAMES
 from .gridfit import _check_pitch, centred_grid, fit_grid
 from .lattice import index_holes
 from .lit_edge import soft_edge_rows
@@ -128,8 +129,9 @@ class Calibration:
             f"({grid.residual_rms / pitch_px:.4f} / {grid.residual_max / pitch_px:.4f} pitch)",
             f"grid fit: {grid.method_used} (RMS lsq {grid.rms_lsq:.4f} px, "
             f"seed {grid.rms_seed:.4f} px)",
-            f"maps: {self.maps.method} (trend degree {self.maps.degree}), "
-            f"smoothing {self.maps.smoothing:.3g} pitch²{_local_text(self.maps)}, "
+            f"maps: {_kernel_name(self.maps)} (trend degree {self.maps.degree}), "
+            f"smoothing {self.maps.smoothing:.3g} {_smoothing_unit(self.maps)}"
+            f"{_local_text(self.maps)}, "
             f"residual at the holes {self.maps.fit_residual_rms:.4f} px; "
             f"{int(np.count_nonzero(self.mask))} pixels masked "
             f"({np.count_nonzero(self.mask) / max(self.mask.size, 1):.1%} of the image)",
@@ -482,6 +484,7 @@ def _calibrate_as(
             "outlier_threshold_px": lattice.outlier_threshold_px,
             "smoothing": maps.smoothing,
             "map_degree": maps.degree,
+            "map_order": maps.order,
             "map_method": maps.method,
             "grid_method": grid.method_used,
         },
@@ -593,6 +596,7 @@ def _cross_validation(points, grid, maps, cv_folds, previous=None, **options):
             method=maps.method,
             smoothing=maps.smoothing,
             degree=maps.degree,
+            order=maps.order,
             scale_px=maps.scale_px,
             # the maps were fitted to these holes with these settings: no second full fit
             in_sample_rms=maps.fit_residual_rms if maps.method == "tps" else None,
@@ -624,6 +628,16 @@ _MAX_CV_PITCH = 0.03
 # is 0.0054 pitch)
 _WARN_CV_PITCH = 0.01
 _WARN_CV_PX = 0.3
+
+
+def _kernel_name(maps):
+    """``"tps"`` (kernel ``r² log r``), ``"tps3"`` (``-r⁴ log r``) or the method's name."""
+    return KERNEL_NAMES.get(maps.order, maps.method) if maps.method == "tps" else maps.method
+
+
+def _smoothing_unit(maps):
+    """The unit of the maps' smoothing: pitch² for kernel order 2, pitch⁴ for order 3."""
+    return "pitch⁴" if maps.order == 3 else "pitch²"
 
 
 def _local_text(maps):

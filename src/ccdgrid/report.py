@@ -443,13 +443,15 @@ def _method_text(resolved):
     parts = []
     if resolved.get("hole_diameter") is not None:
         parts.append(f"hole Ø {resolved['hole_diameter']:.1f} px")
+    third = resolved.get("map_order") == 3
     if resolved.get("map_method"):
-        text = f"maps: {resolved['map_method']}"
+        name = resolved["map_method"]
+        text = f"maps: {'tps3' if third and name == 'tps' else name}"
         if resolved.get("map_degree") is not None:
             text += f" (trend degree {resolved['map_degree']})"
         parts.append(text)
     if resolved.get("smoothing") is not None:
-        parts.append(f"smoothing {resolved['smoothing']:.3g} pitch²")
+        parts.append(f"smoothing {resolved['smoothing']:.3g} {'pitch⁴' if third else 'pitch²'}")
     return ", ".join(parts)
 
 

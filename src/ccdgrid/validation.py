@@ -577,6 +577,7 @@ def _cross_validation_of(detector):
             method=method if method in ("tps", "cubic") else "tps",
             smoothing=resolved.get("smoothing"),
             degree=resolved.get("map_degree"),
+            order=resolved.get("map_order"),
             scale_px=resolved.get("pitch_px"),
         )
     except CcdgridError:

@@ -175,6 +175,7 @@ class _Previous:
     mask: np.ndarray
     smoothing: object  # float, pitch² units, or None when unknown
     degree: object = None  # trend degree of the previous maps, or None when unknown
+    order: object = None  # their kernel order (2 or 3), or None when unknown (then 2)
     shapes: object = None  # (N, 2) fitted radius and blur of the holes, px, or None
     # DisplacementMaps fitted to ``peaks`` in their order (its GCV eigenbasis
     # is reused), or None (from a detector file)
@@ -365,20 +366,25 @@ def recalibrate(
         outlier_threshold_px=None,
     )
     t0 = time.perf_counter()
-    map_smoothing, map_degree = smoothing, None
+    map_smoothing, map_degree, map_order = smoothing, None, None
     if _wants_previous(smoothing):
         map_smoothing = None
         if _same_hole_set(n_ok, len(prev.peaks)):
             # the same detector, plate, exposure and holes: the previous
-            # smoothing and the trend degree GCV chose with it fit again
+            # smoothing and the trend degree and kernel order GCV chose with
+            # it fit again (the smoothing's units are the order's)
             map_smoothing = prev.smoothing
             map_degree = _degree(prev.degree, n_ok) if map_smoothing is not None else None
+            map_order = 3 if prev.order == 3 else 2
+            if map_order == 3 and (map_degree is None or map_degree < 2):
+                map_smoothing = map_degree = map_order = None  # GCV again
     maps = displacement_maps(
         peaks,
         grid.displacement,
         prev.shape,
         smoothing=map_smoothing,
         degree=map_degree,
+        order=map_order,
         scale_px=holes.pitch_px,
         # the holes keep their previous rows: the previous fit's GCV
         # eigenbasis is reused when they moved by a similarity
@@ -411,6 +417,7 @@ def recalibrate(
             "threshold": float(holes.threshold),
             "smoothing": maps.smoothing,
             "map_degree": maps.degree,
+            "map_order": maps.order,
             "map_method": maps.method,
             "grid_method": grid.method_used,
         },
@@ -470,6 +477,7 @@ def _previous(previous):
             mask=previous.mask,
             smoothing=_smoothing(getattr(previous.maps, "smoothing", None)),
             degree=getattr(previous.maps, "degree", None),
+            order=getattr(previous.maps, "order", None),
             shapes=_shapes(holes, valid),
             maps=maps,
             # fitted to the same holes as the maps (a combined calibration's are not)
@@ -510,6 +518,7 @@ def _previous(previous):
         mask=previous.mask,
         smoothing=_smoothing(resolved.get("smoothing")),
         degree=resolved.get("map_degree"),
+        order=resolved.get("map_order"),
         shapes=_record_shapes(resolved, int(valid.sum())),
         polarity=polarity_of(previous),
     )
