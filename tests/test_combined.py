@@ -54,6 +54,21 @@ def test_combined_lowers_the_dense_residual(estimated):
     assert rms_combined < 0.8 * rms_single
 
 
+def test_the_joint_maps_cover_what_one_image_covers(estimated):
+    # the border-gap rule weighed each edge against the points' nearest
+    # neighbours: the samples of one hole a fraction of a pitch apart made
+    # every edge between holes a "gap", and most of the detector was masked
+    # (all of it on a 1024² plate moved by 18 px)
+    plates, cal = estimated
+    single = cal.combined.single
+    valid_single = np.count_nonzero(single.mask == 0)
+    assert np.count_nonzero(cal.mask == 0) >= 0.97 * valid_single
+    # within the lit area, nothing one image keeps is lost
+    lit = plates[0].taper_mask
+    lost = (single.mask == 0) & (cal.mask != 0) & lit
+    assert np.count_nonzero(lost) <= 0.01 * valid_single
+
+
 def test_two_positions_are_enough_to_gain():
     plates = _plates(1, OFFSETS[:2])
     cal = calibrate_combined([p.image for p in plates], cv_folds=0)

@@ -29,6 +29,7 @@ import numpy as np
 from scipy.interpolate import RBFInterpolator
 
 from ._validation import as_image, check_backend
+from .coverage import mask_border_gaps
 from .cross_validation import cross_validate
 from .errors import CcdgridError
 from .gridfit import _check_pitch, centred_grid, fit_grid
@@ -791,12 +792,16 @@ def _combined_maps(points, disp, indices, shape, scale_px, smoothing, cv_folds):
         return maps, cv, choice, maps.smoothing
     per_site = len(mean_pts) / len(points)
     if smoothing is not None:
-        maps = displacement_maps(points, disp, shape, smoothing=smoothing, scale_px=scale_px)
+        maps = _all_samples_maps(
+            points, disp, mean_pts, shape, smoothing=smoothing, scale_px=scale_px
+        )
         cv = _cross_validation(points, disp, indices, maps, cv_folds)
         return maps, cv, "all samples, given smoothing", maps.smoothing * per_site
     # only the smoothing and degree are wanted here: a coarse evaluation grid keeps it cheap
     coarse = 4.0 * scale_px
-    direct = displacement_maps(points, disp, shape, scale_px=scale_px, coarse_step=coarse)
+    direct = displacement_maps(
+        points, disp, shape, scale_px=scale_px, coarse_step=coarse, gap_ratio=None
+    )
     means = displacement_maps(mean_pts, mean_disp, shape, scale_px=scale_px, coarse_step=coarse)
     # each with the kernel order GCV chose with its smoothing (the smoothing's units)
     candidates = {
@@ -824,11 +829,26 @@ def _combined_maps(points, disp, indices, shape, scale_px, smoothing, cv_folds):
         )
         cv = _cross_validation(mean_pts, mean_disp, sites, maps, cv_folds)
         return maps, cv, choice, s
-    maps = displacement_maps(
-        points, disp, shape, smoothing=s, degree=degree, scale_px=scale_px, order=order
+    maps = _all_samples_maps(
+        points, disp, mean_pts, shape, smoothing=s, degree=degree, scale_px=scale_px, order=order
     )
     cv = _cross_validation(points, disp, indices, maps, cv_folds)
     return maps, cv, choice, s * per_site
+
+
+def _all_samples_maps(points, disp, sites, shape, **fit):
+    """Maps fitted to every sample, with the border gaps of the lattice ``sites`` masked.
+
+    The gap rule (:func:`ccdgrid.coverage.mask_border_gaps`) weighs each
+    Delaunay edge against its points' nearest-neighbour distance: the
+    samples of one hole in images shifted by a fraction of a pitch lie a
+    few pixels apart, every edge between two holes looked like a gap, and
+    the whole detector was masked. It runs on the sites' mean positions,
+    one point per hole; the hull is that of all the samples.
+    """
+    maps = displacement_maps(points, disp, shape, gap_ratio=None, **fit)
+    mask_border_gaps(sites, maps.mask)
+    return maps
 
 
 def _site_cv_error(points, disp, indices, candidates, scale_px):
