@@ -236,6 +236,29 @@ def test_gross_misses_are_rare_and_far_beyond_the_others():
     assert pipeline._gross_misses(None, 40.0).size == 0
 
 
+def test_a_hole_missed_alone_among_its_neighbours_is_gross():
+    # 0.3 px at a 40 px pitch is under 0.02 pitch, but its neighbours are
+    # missed by 0.01: a bad centre (fuzz plates whose maps it left 0.5-1.3 px
+    # off there), where a feature of the field is missed at its neighbours too
+    ij = np.stack(np.meshgrid(np.arange(20.0), np.arange(20.0), indexing="ij"), -1)
+    points = 40.0 * ij.reshape(-1, 2)
+    rng = np.random.default_rng(0)
+    miss = np.abs(rng.normal(0.0, 0.01, (400, 2)))
+    alone = 10 * 20 + 10
+    miss[alone] = (0.3, 0.0)
+    cv = types.SimpleNamespace(residuals=miss)
+    np.testing.assert_array_equal(pipeline._gross_misses(cv, 40.0, points), [alone])
+    assert pipeline._gross_misses(cv, 40.0).size == 0  # without the neighbours: the old rule
+    # a feature about two pitches wide: its holes are missed together
+    r2 = np.sum((ij.reshape(-1, 2) - (10.0, 10.0)) ** 2, axis=1)
+    bump = miss.copy()
+    bump[:, 0] += 0.3 * np.exp(-r2 / (2 * 1.0**2))
+    assert pipeline._gross_misses(types.SimpleNamespace(residuals=bump), 40.0, points).size == 0
+    # NaN misses (folds not evaluated) among the neighbours are left out
+    miss[alone + 1] = np.nan
+    np.testing.assert_array_equal(pipeline._gross_misses(cv, 40.0, points), [alone])
+
+
 def test_summary_names_the_figures(fake_peaks):
     cal = calibrate(np.zeros(SHAPE), source="grid.edf")
     text = cal.summary()
