@@ -440,3 +440,21 @@ def test_maps_written_into_memory_mapped_beforehand():
         displacement_maps(pts, disp, SHAPE, outputs=np.zeros((2, *SHAPE), np.float32))
     with pytest.raises(CcdgridError, match="`shape` must be two positive integers"):
         map_outputs((0, 5))
+
+
+def test_a_strip_of_holes_gets_the_smoothing_of_the_order_it_is_fitted_with():
+    # three rows of holes leave a quartic trend undetermined: the fit falls
+    # back to an affine trend and order 2, and GCV's smoothing must be in
+    # that order's units (an order-3 value, in pitch⁴, was used as pitch²:
+    # 237 where order 2 chose 5.5, the map 6x further from the truth)
+    rng = np.random.default_rng(1)
+    yy, xx = np.meshgrid(20 + 20 * np.arange(3), 20 + 20 * np.arange(300), indexing="ij")
+    pts = np.column_stack([yy.ravel(), xx.ravel()]).astype(float)
+    pts += rng.normal(0, 0.02, pts.shape)
+    true = np.column_stack([0.2 * np.sin(pts[:, 1] / 40 * 2 * np.pi), np.zeros(len(pts))])
+    disp = true + rng.normal(0, 0.03, pts.shape)
+    m = displacement_maps(pts, disp, (80, 6020), scale_px=20.0, coarse_step=10)
+    assert m.order == 2
+    assert m.smoothing_scores["order"] == 2
+    forced = displacement_maps(pts, disp, (80, 6020), scale_px=20.0, coarse_step=10, order=2)
+    assert m.smoothing == pytest.approx(forced.smoothing, rel=0.1)

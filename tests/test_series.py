@@ -804,6 +804,34 @@ def test_a_frame_done_before_the_reference_gets_its_drift_with_the_next(
     assert worker.run(specs[1], None, -1, False, str(marker))[1] == []
 
 
+def test_a_late_drift_that_fails_is_a_note_not_the_end_of_the_series(
+    stack, serial, tmp_path, monkeypatch
+):
+    marker = tmp_path / "reference.json"
+    config = _Config(pitch=5e-3, options={"cv_folds": 0}, mask=None, save_workers=1)
+    worker = _series_worker._Worker(config)
+    specs = [
+        _Spec(k, f"{stack}::/entry/data", k, output=str(tmp_path / f"d{k}.h5")) for k in (2, 3)
+    ]
+    worker.run(specs[0], None, -1, False, str(marker))
+    marker.write_text(json.dumps({"path": serial[0].frames[0].output, "index": 0}))
+    aligned = _series_worker._aligned_drift
+    calls = []
+
+    def fail_first(reference, calibration):
+        calls.append(1)
+        if len(calls) == 2:  # the kept frame's, measured after the frame's own
+            raise RuntimeError("a bug")
+        return aligned(reference, calibration)
+
+    monkeypatch.setattr(_series_worker, "_aligned_drift", fail_first)
+    row, late = worker.run(specs[1], None, -1, False, str(marker))
+    assert row.ok
+    assert row.reference_index == 0  # the frame's own drift is measured
+    assert [index for index, _ in late] == [2]
+    assert late[0][1].note == "drift not measured: unexpected RuntimeError: a bug"
+
+
 def _frame_1_before_the_reference(monkeypatch, before_frame_2=None):
     """Make series frame 0 wait until frame 1 is done; record what the pool is asked.
 

@@ -182,10 +182,17 @@ class _Worker:
                 return []
         with self._unmeasured_lock:
             waiting, self._unmeasured = self._unmeasured, {}
-        return [
-            (index, self._drift_row(reference, reference_index, cal))
-            for index, cal in sorted(waiting.items())
-        ]
+        late = []
+        for index, cal in sorted(waiting.items()):
+            if index == reference_index:
+                continue  # the reference itself: its drift is zero
+            try:
+                late.append((index, self._drift_row(reference, reference_index, cal)))
+            except Exception as exc:  # a bug on one frame must not stop the series
+                row = FrameResult(index=-1, file="")
+                row.note = f"drift not measured: unexpected {type(exc).__name__}: {exc}"
+                late.append((index, row))
+        return late
 
     def _borrow(self):
         """Take one core lent by an idle worker, if any: 1, else 0."""

@@ -135,9 +135,13 @@ def gcv_choice(pts, disp, degree, degrees, backend="cython", scorer=None, orders
         scorer = functools.partial(gcv_scores, pts, disp, backend=backend)
     orders = sorted(set(orders))
     if degrees is None:
+        # holes along a few lines leave the trend undetermined: the fit then
+        # falls back to an affine trend and order 2, whose smoothing is not
+        # in order 3's units (pitch² against pitch⁴)
+        full = np.linalg.matrix_rank(monomials(pts, degree)) == (degree + 1) * (degree + 2) // 2
         by_order = {}
         for order in orders:
-            if degree < order - 1 and len(orders) > 1:
+            if (degree < order - 1 or (order > 2 and not full)) and len(orders) > 1:
                 continue
             try:
                 by_order[order] = scorer([degree], order=order)

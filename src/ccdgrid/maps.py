@@ -465,6 +465,14 @@ def displacement_maps(
         previous, reuse, len(pts), smoothing, degree, order, chosen=scores is not None
     )
     rbf, degree = fit_tps(pts / scale_px, disp, smoothing, degree, backend, factor, order)
+    if rbf.order != order and scores is not None:
+        # the fit fell back to order 2 (a trend the holes leave undetermined,
+        # in a tile): GCV's smoothing was in order 3's units, chosen again
+        smoothing, scores, degree, order = gcv_choice(
+            pts[sub] / scale_px, disp[sub], degree, None, backend, orders=(rbf.order,)
+        )
+        gcv_basis = None
+        rbf, degree = fit_tps(pts / scale_px, disp, smoothing, degree, backend, order=rbf.order)
     if on_subset:
         rbf, smoothing, degree, scores = _lower_for_local_misfit(
             pts, disp, scale_px, rbf, smoothing, degree, scores, backend

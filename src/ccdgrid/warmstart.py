@@ -375,7 +375,8 @@ def recalibrate(
             # it fit again (the smoothing's units are the order's)
             map_smoothing = prev.smoothing
             map_degree = _degree(prev.degree, n_ok) if map_smoothing is not None else None
-            map_order = 3 if prev.order == 3 else 2
+            if map_smoothing is not None:  # else GCV chooses the order too
+                map_order = 3 if prev.order == 3 else 2
             if map_order == 3 and (map_degree is None or map_degree < 2):
                 map_smoothing = map_degree = map_order = None  # GCV again
     maps = displacement_maps(
