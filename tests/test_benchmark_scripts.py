@@ -34,6 +34,8 @@ RUNS = {
     "validation": (["validation.py", "--size", "512"], "mean mis-placement"),
     "compare-e2e": (["compare.py", "--quick", "--only", "e2e"], "stages ccdgrid"),
     "huffman": (["suite/bench_huffman.py", "64"], "zlib Huffman-only"),
+    # one plate of the seventh generator at 1024², calibrated (not refused)
+    "outside": (["outside_plates.py", "--size", "1024", "--only", "radial-only"], " log r deg "),
     # two 1024² plates (defects of five kinds), then the summary of the file
     "fuzz": (
         ["fuzz.py", "--seeds", "2,5", "--out", "results.jsonl", "--summary", "results.jsonl"],
