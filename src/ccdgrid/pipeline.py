@@ -483,10 +483,7 @@ def _calibrate_as(
             "lattice_tolerance": lattice.tolerance,
             "outlier_threshold_px": lattice.outlier_threshold_px,
             "smoothing": maps.smoothing,
-            "map_degree": maps.degree,
-            "map_order": maps.order,
-            "map_method": maps.method,
-            "grid_method": grid.method_used,
+            **_fit_params(maps, grid),
         },
     }
     return (
@@ -628,6 +625,19 @@ _MAX_CV_PITCH = 0.03
 # is 0.0054 pitch)
 _WARN_CV_PITCH = 0.01
 _WARN_CV_PX = 0.3
+
+
+def _fit_params(maps, grid):
+    """The maps' and grid fit's choices a detector file records (``params["resolved"]``).
+
+    What a warm start or a validation from the file fits again with.
+    """
+    return {
+        "map_degree": maps.degree,
+        "map_order": maps.order,
+        "map_method": maps.method,
+        "grid_method": grid.method_used,
+    }
 
 
 def _kernel_name(maps):

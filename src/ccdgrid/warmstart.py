@@ -56,6 +56,7 @@ from .pipeline import (
     Calibration,
     _check_folds,
     _cross_validation,
+    _fit_params,
     _output_mask,
     _read,
     calibrate,
@@ -417,10 +418,7 @@ def recalibrate(
             "pitch_px": float(holes.pitch_px),
             "threshold": float(holes.threshold),
             "smoothing": maps.smoothing,
-            "map_degree": maps.degree,
-            "map_order": maps.order,
-            "map_method": maps.method,
-            "grid_method": grid.method_used,
+            **_fit_params(maps, grid),
         },
     }
     cal = WarmCalibration(
