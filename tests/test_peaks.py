@@ -18,6 +18,7 @@ from ccdgrid.grid_scale import _thin_ceiling
 from ccdgrid.peaks import (
     MIN_HOLES,
     HoleSearch,
+    _pile_up_levels,
     _saturated_plateaus,
     _thin_ceiling_at,
     _without_pixels,
@@ -272,13 +273,21 @@ def test_hot_pixels_rejected_with_reason(backend):
         (4000.0, 60, [(700, 350)]),
     ],
 )
-def test_saturated_blobs(backend, amplitude, radius, blobs):
+# hot pixels added to a float image after its saturation, brighter than the
+# saturated spots: these were no longer at the maximum, and their plateaus
+# made the threshold (3 blobs: 3 "holes" found)
+@pytest.mark.parametrize("hot_above", [False, True])
+def test_saturated_blobs(backend, amplitude, radius, blobs, hot_above):
     img, truth, visible, _ = make_grid(
         (1024, 1024), pitch=60.0, diameter=20.0, amplitude=amplitude, vignetting=0.5, seed=32
     )
     yy, xx = np.mgrid[:1024, :1024]
     for y, x in blobs:
         img[np.hypot(yy - y, xx - x) < radius] = 65535.0
+    if hot_above:
+        rng = np.random.default_rng(5)
+        hot = rng.integers(0, 1024, size=(300, 2))
+        img[hot[:, 0], hot[:, 1]] = rng.uniform(7e4, 9e4, size=len(hot))
     # holes whose fit window (~25 px) a blob and its rim (10 px) do not reach
     clear = cKDTree(blobs).query(truth)[0] > radius + 10 + 25 + 10
     search = find_holes(img, backend=backend)
@@ -329,6 +338,25 @@ def test_saturated_plateaus_wider_than_two_holes_and_their_rim():
     valid = np.ones(img.shape, bool)
     valid[100:120, 150:170] = False
     assert _saturated_plateaus(img, valid, 10.0) is None
+
+
+def test_pile_up_levels_are_clipping_not_noise():
+    rng = np.random.default_rng(2)
+    # noise: one sample per level in a float image, smoothly falling counts
+    # in an integer one (Poisson at 50 counts: many samples a level)
+    noise = rng.normal(1000.0, 30.0, (600, 700)).astype(np.float32)
+    counts = rng.poisson(50.0, (600, 700)).astype(np.float32)
+    for img in (noise, counts):
+        assert _pile_up_levels(img, None, img.max()) == []
+    # clipped at 1100 (2.5 % of the pixels), a few hot pixels above
+    clipped = np.minimum(noise, np.float32(1100.0))
+    clipped[5, :40] = 5000.0
+    assert _pile_up_levels(clipped, None, clipped.max()) == [np.float32(1100.0)]
+    # its pixels invalid, the level is gone
+    valid = clipped < 1100.0
+    assert _pile_up_levels(clipped, valid, clipped.max()) == []
+    # the maximum itself is never one of them
+    assert _pile_up_levels(clipped, None, np.float32(1100.0)) == []
 
 
 @pytest.mark.parametrize("seed", [0, 1, 3])
