@@ -222,6 +222,22 @@ def test_stack_without_frame(tmp_path, rng):
         read_image(path)
 
 
+@pytest.mark.parametrize("channels", [3, 4])
+def test_a_colour_image_is_not_taken_for_a_stack(tmp_path, rng, channels):
+    # it was "holds 64 frames: choose one with frame="
+    path = tmp_path / "photo.npy"
+    np.save(path, rng.integers(0, 255, (64, 80, channels), dtype=np.uint8))
+
+    with pytest.raises(
+        CcdgridError, match=rf"colour image \(64 x 80 pixels, {channels} channels\)"
+    ):
+        read_image(path)
+    # a stack of frames 3 px wide is still a stack (too narrow for a grid)
+    np.save(path, _image(rng, (5, 6, 3)))
+    with pytest.raises(CcdgridError, match="holds 5 frames"):
+        read_image(path)
+
+
 def test_frame_out_of_range(tmp_path, rng):
     path = tmp_path / "stack.npy"
     np.save(path, _image(rng, (3, 12, 17)))

@@ -174,6 +174,10 @@ class SeveralFramesError(CcdgridError):
         self.label, self.nframes = str(label), int(nframes)
 
 
+# The least side of a frame a 3-D array's last axis may be (less: colour channels)
+_MIN_FRAME_SIDE = 8
+
+
 def _frame_index(nframes, frame, label):
     """Index of the frame to read among ``nframes``, or a CcdgridError."""
     if nframes == 0:
@@ -189,6 +193,13 @@ def _frame_index(nframes, frame, label):
 
 def _select_frame(data, frame, label):
     """Reduce a 2-D or 3-D array (or memory map, or dataset) to one 2-D frame."""
+    if data.ndim == 3 and data.shape[2] in (3, 4) and min(data.shape[:2]) >= _MIN_FRAME_SIDE:
+        # frames 3 or 4 px wide hold no grid: the last axis is a colour's
+        raise CcdgridError(
+            f"{label} holds a colour image ({data.shape[0]} x {data.shape[1]} pixels, "
+            f"{data.shape[2]} channels), not a detector's intensity image: give the "
+            "detector's own image"
+        )
     if data.ndim == 3:
         return data[_frame_index(data.shape[0], frame, label)]
     if data.ndim == 2:
