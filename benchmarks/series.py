@@ -6,6 +6,7 @@ Usage (from the repository root, with ccdgrid installed)::
     python benchmarks/series.py --repeat 2 --all     # also threads, warm starts, a plain loop
     python benchmarks/series.py --frames 4 --size 1024 --repeat 1
     python benchmarks/series.py --repeat 2 --timeline  # where each worker spent its time
+    python benchmarks/series.py --repeat 3 --ceiling   # and what two busy cores give here
 
 A stack of FReLoN-like frames of one plate (``grid_image`` with the
 ``frelon_2048`` presets, strong distortion, the same seed, so the same true
@@ -42,6 +43,10 @@ s from the call, and in brackets the CPU time of the frame's process while
 it ran; a ``+`` when the frame's detector file was compressed with a core
 lent by an idle worker at the end), its busy and CPU time, gaps and idle
 time at the end.
+``--ceiling`` measures what this machine gives two workers without the
+series: the series' per-frame work (``calibrate`` + ``save_detector`` with
+one compression thread) in one fresh process, then in two at once (see
+:func:`ceiling`); twice the first time over the second bounds the ratio.
 ``--outdir /dev/shm`` writes the detector files to memory (the disk out of
 the measure).
 
@@ -241,6 +246,71 @@ def plain_loop(stack_path, n):
         shutil.rmtree(out, ignore_errors=True)
 
 
+def _ceiling_worker(source, frames, outdir, barrier, queue):
+    """Calibrate and save ``frames`` of ``source`` in a loop, as a series worker does."""
+    from ccdgrid.detector_file import save_detector
+    from ccdgrid.io import read_image
+
+    images = [read_image(source, frame=k, sha256="")[0] for k in frames]
+    save_detector(os.path.join(outdir, "warm-up.h5"), calibrate(images[0], pitch=5e-3), workers=1)
+    barrier.wait()
+    start, cpu = time.perf_counter(), time.process_time()
+    for k, image in zip(frames, images, strict=True):
+        save_detector(os.path.join(outdir, f"{k}.h5"), calibrate(image, pitch=5e-3), workers=1)
+    queue.put((time.perf_counter() - start, time.process_time() - cpu))
+
+
+def ceiling(source, frames, outdir=None):
+    """Seconds per frame of the series' work alone and with two processes at once.
+
+    The work of a series worker without the series: in a fresh process
+    (spawned, one thread for BLAS and OpenMP as the series' workers), the
+    frames read into memory first, one frame calibrated and saved to warm
+    up, then ``frames`` frames calibrated and saved (``save_detector`` with
+    one compression thread, the series' setting). Once with one such
+    process, once with two started together (each its own frames). The
+    ratio of the two says what two busy cores give on this machine: the
+    cores' own slowdown when both work (shared caches, memory bandwidth,
+    the host's clock) and the core a single worker's file writer borrows.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    os.environ.update({k: "1" for k in saved})
+    out = tempfile.mkdtemp(prefix="ccdgrid-bench-ceiling-", dir=outdir)
+    try:
+        result = {}
+        for n in (1, 2):
+            barrier, queue = ctx.Barrier(n), ctx.Queue()
+            procs = [
+                ctx.Process(
+                    target=_ceiling_worker,
+                    args=(source, frames, os.path.join(out, str(p)), barrier, queue),
+                )
+                for p in range(n)
+            ]
+            for p in range(n):
+                os.makedirs(os.path.join(out, str(p)), exist_ok=True)
+            for proc in procs:
+                proc.start()
+            times = [queue.get() for _ in procs]
+            for proc in procs:
+                proc.join()
+            result[n] = (
+                max(t[0] for t in times) / len(frames),
+                sum(t[1] for t in times) / (n * len(frames)),
+            )
+        return result
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, default=16)
@@ -257,6 +327,12 @@ def main():
         "--timeline",
         action="store_true",
         help="print each worker's start-up, frames and idle time in the best runs",
+    )
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also measure the series' work (calibrate + save) in one process alone and in two "
+        "at once, without the series: what two busy cores give on this machine",
     )
     args = parser.parse_args()
 
@@ -342,6 +418,20 @@ def main():
             f"CPU time 2 workers / 1 worker: {two.cpu_seconds / one.cpu_seconds:.2f} "
             f"(a ratio on an idle machine of at most {2 * one.cpu_seconds / two.cpu_seconds:.2f})"
         )
+        if args.ceiling:
+            frames = list(range(min(args.frames, 8)))
+            best = {}
+            for _ in range(args.repeat):
+                for n, (wall, cpu) in ceiling(source, frames, args.outdir).items():
+                    if n not in best or wall < best[n][0]:
+                        best[n] = (wall, cpu)
+            (one, one_cpu), (two, two_cpu) = best[1], best[2]
+            print(
+                f"ceiling (the series' work without the series, {len(frames)} frames a process, "
+                f"best of {args.repeat}): {one:.3f} s a frame alone (CPU {one_cpu:.3f} s), "
+                f"{two:.3f} s with two processes at once (CPU {two_cpu:.3f} s each): two workers "
+                f"give at most x{2 * one / two:.2f} of one on this machine, start-up aside"
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

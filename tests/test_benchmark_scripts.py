@@ -25,6 +25,10 @@ RUNS = {
     ),
     "warmstart": (["warmstart.py", "--sizes", "512", "--repeat", "1"], "drift since the previous"),
     "series": (["series.py", "--frames", "2", "--size", "512", "--repeat", "1"], "ratio 2 work"),
+    "series-ceiling": (
+        ["series.py", "--frames", "2", "--size", "512", "--repeat", "1", "--ceiling"],
+        "two workers give at most",
+    ),
     "combined": (
         ["combined.py", "--size", "512", "--seeds", "1", "--positions", "2"],
         "combined / single dense RMS",
