@@ -251,13 +251,19 @@ def _ceiling_worker(source, frames, outdir, barrier, queue):
     from ccdgrid.detector_file import save_detector
     from ccdgrid.io import read_image
 
-    images = [read_image(source, frame=k, sha256="")[0] for k in frames]
-    save_detector(os.path.join(outdir, "warm-up.h5"), calibrate(images[0], pitch=5e-3), workers=1)
-    barrier.wait()
-    start, cpu = time.perf_counter(), time.process_time()
-    for k, image in zip(frames, images, strict=True):
-        save_detector(os.path.join(outdir, f"{k}.h5"), calibrate(image, pitch=5e-3), workers=1)
-    queue.put((time.perf_counter() - start, time.process_time() - cpu))
+    try:
+        images = [read_image(source, frame=k, sha256="")[0] for k in frames]
+        warm_up = calibrate(images[0], pitch=5e-3)
+        save_detector(os.path.join(outdir, "warm-up.h5"), warm_up, workers=1)
+        barrier.wait()
+        start, cpu = time.perf_counter(), time.process_time()
+        for k, image in zip(frames, images, strict=True):
+            save_detector(os.path.join(outdir, f"{k}.h5"), calibrate(image, pitch=5e-3), workers=1)
+        queue.put((time.perf_counter() - start, time.process_time() - cpu))
+    except BaseException as exc:
+        barrier.abort()  # the other process must not wait for this one
+        queue.put(f"{type(exc).__name__}: {exc}")
+        raise
 
 
 def ceiling(source, frames, outdir=None):
@@ -294,9 +300,13 @@ def ceiling(source, frames, outdir=None):
                 os.makedirs(os.path.join(out, str(p)), exist_ok=True)
             for proc in procs:
                 proc.start()
-            times = [queue.get() for _ in procs]
+            # a worker killed (out of memory, say) puts nothing: give up in time
+            times = [queue.get(timeout=1800) for _ in procs]
             for proc in procs:
                 proc.join()
+            failed = [t for t in times if isinstance(t, str)]
+            if failed:
+                raise SystemExit(f"the ceiling's worker failed: {failed[0]}")
             result[n] = (
                 max(t[0] for t in times) / len(frames),
                 sum(t[1] for t in times) / (n * len(frames)),
