@@ -246,6 +246,10 @@ def plain_loop(stack_path, n):
         shutil.rmtree(out, ignore_errors=True)
 
 
+# s a ceiling's process may wait for the other, or this one for a result
+_CEILING_WAIT = 1800
+
+
 def _ceiling_worker(source, frames, outdir, barrier, queue):
     """Calibrate and save ``frames`` of ``source`` in a loop, as a series worker does."""
     from ccdgrid.detector_file import save_detector
@@ -255,7 +259,7 @@ def _ceiling_worker(source, frames, outdir, barrier, queue):
         images = [read_image(source, frame=k, sha256="")[0] for k in frames]
         warm_up = calibrate(images[0], pitch=5e-3)
         save_detector(os.path.join(outdir, "warm-up.h5"), warm_up, workers=1)
-        barrier.wait()
+        barrier.wait(timeout=_CEILING_WAIT)
         start, cpu = time.perf_counter(), time.process_time()
         for k, image in zip(frames, images, strict=True):
             save_detector(os.path.join(outdir, f"{k}.h5"), calibrate(image, pitch=5e-3), workers=1)
@@ -274,7 +278,7 @@ def ceiling(source, frames, outdir=None):
     frames read into memory first, one frame calibrated and saved to warm
     up, then ``frames`` frames calibrated and saved (``save_detector`` with
     one compression thread, the series' setting). Once with one such
-    process, once with two started together (each its own frames). The
+    process, once with two started together (each all the frames). The
     ratio of the two says what two busy cores give on this machine: the
     cores' own slowdown when both work (shared caches, memory bandwidth,
     the host's clock) and the core a single worker's file writer borrows.
@@ -282,11 +286,13 @@ def ceiling(source, frames, outdir=None):
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    from ccdgrid._series_worker import THREAD_ENV
+
+    saved = {k: os.environ.get(k) for k in THREAD_ENV}
     os.environ.update({k: "1" for k in saved})
     out = tempfile.mkdtemp(prefix="ccdgrid-bench-ceiling-", dir=outdir)
     try:
-        result = {}
+        result, procs = {}, []
         for n in (1, 2):
             barrier, queue = ctx.Barrier(n), ctx.Queue()
             procs = [
@@ -301,7 +307,7 @@ def ceiling(source, frames, outdir=None):
             for proc in procs:
                 proc.start()
             # a worker killed (out of memory, say) puts nothing: give up in time
-            times = [queue.get(timeout=1800) for _ in procs]
+            times = [queue.get(timeout=_CEILING_WAIT) for _ in procs]
             for proc in procs:
                 proc.join()
             failed = [t for t in times if isinstance(t, str)]
@@ -313,6 +319,10 @@ def ceiling(source, frames, outdir=None):
             )
         return result
     finally:
+        for proc in procs:  # one killed leaves the other waiting: not at exit
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
         shutil.rmtree(out, ignore_errors=True)
         for key, value in saved.items():
             if value is None:

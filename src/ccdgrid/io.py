@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import CcdgridError
 
-__all__ = ["SeveralFramesError", "read_image", "read_mask", "sha256_file"]
+__all__ = ["SeveralFramesError", "read_image", "read_mask", "refuse_colour", "sha256_file"]
 
 _HDF5_SUFFIXES = {".h5", ".hdf5", ".hdf", ".nxs", ".nx", ".nx5", ".cxi"}
 _HASH_BLOCK = 1 << 20
@@ -178,6 +178,17 @@ class SeveralFramesError(CcdgridError):
 _MIN_FRAME_SIDE = 8
 
 
+def refuse_colour(shape, label):
+    """Raise a CcdgridError if an array of ``shape`` is a colour image (h, w, 3 or 4)."""
+    if len(shape) == 3 and shape[2] in (3, 4) and min(shape[:2]) >= _MIN_FRAME_SIDE:
+        # frames 3 or 4 px wide hold no grid: the last axis is a colour's
+        raise CcdgridError(
+            f"{label} holds a colour image ({shape[0]} x {shape[1]} pixels, "
+            f"{shape[2]} channels), not a detector's intensity image: give the "
+            "detector's own image"
+        )
+
+
 def _frame_index(nframes, frame, label):
     """Index of the frame to read among ``nframes``, or a CcdgridError."""
     if nframes == 0:
@@ -193,13 +204,7 @@ def _frame_index(nframes, frame, label):
 
 def _select_frame(data, frame, label):
     """Reduce a 2-D or 3-D array (or memory map, or dataset) to one 2-D frame."""
-    if data.ndim == 3 and data.shape[2] in (3, 4) and min(data.shape[:2]) >= _MIN_FRAME_SIDE:
-        # frames 3 or 4 px wide hold no grid: the last axis is a colour's
-        raise CcdgridError(
-            f"{label} holds a colour image ({data.shape[0]} x {data.shape[1]} pixels, "
-            f"{data.shape[2]} channels), not a detector's intensity image: give the "
-            "detector's own image"
-        )
+    refuse_colour(data.shape, label)
     if data.ndim == 3:
         return data[_frame_index(data.shape[0], frame, label)]
     if data.ndim == 2:

@@ -926,18 +926,24 @@ def _max_plateaus(img, valid):
     if found is not None and found[1][1:].max() >= _MIN_SPOT:
         return found
     for level in _pile_up_levels(img, valid, top):
-        below = _plateaus_at(img, valid, level)
+        # a spot of _MIN_SPOT px (16 px across) leaves a quarter of its
+        # pixels or more in every 4th row: a pass over a quarter of the image
+        # rules most levels out (the sparse tail of integer data has some)
+        if np.count_nonzero(img[::4] == level) < _MIN_SPOT / 8:
+            continue
+        below = _plateaus_at(img, valid, level, least=_MIN_SPOT)
         if below is not None and below[1][1:].max() >= _MIN_SPOT:
             return below
     return found
 
 
-def _plateaus_at(img, valid, level):
-    """``(labels, areas)`` of the 4-connected plateaus at ``level``, or None under 9 px."""
+def _plateaus_at(img, valid, level, least=9):
+    """``(labels, areas)`` of the 4-connected plateaus at ``level``, or None under ``least`` px."""
     at = img == level
     if valid is not None:
         at &= valid
-    if np.count_nonzero(at) < 9:
+    # counting first spares labelling the whole image for a level too sparse
+    if np.count_nonzero(at) < least:
         return None
     labels, n = ndimage.label(at)
     return labels, np.bincount(labels.ravel(), minlength=n + 1)
@@ -951,16 +957,20 @@ def _pile_up_levels(img, valid, top, most=3):
     """Levels under ``top`` where the brightest valid pixels pile up, highest first.
 
     Clipping piles pixels up at one value: in a sample of the image (every
-    pixel up to 2**18 of them, else a regular stride) a level among the
-    brightest 2 % is a pile-up when it holds at least 3 samples and four
-    times as many as the next level down (noise spreads the brightest
-    values over one sample each in a float image, over smoothly falling
-    counts in an integer one). At most ``most`` levels.
+    pixel up to 2**18 of them, else every s-th row and column) a level
+    among the brightest 2 % is a pile-up when it holds four times as many
+    samples as the next level down, and at least 3 and as many as a spot
+    of half of :data:`_MIN_SPOT` pixels leaves in the sample (noise
+    spreads the brightest values over one sample each in a float image,
+    over smoothly falling counts in an integer one, whose sparse tail may
+    still hold a level 4 samples strong after one of 1). At most ``most``
+    levels.
     """
-    step = max(1, img.size // _LEVEL_SAMPLE)
-    sample = img.ravel()[::step]
+    stride = max(1, int(np.sqrt(img.size / _LEVEL_SAMPLE)))
+    # a 2-D stride: a flat one that divides the width samples a few columns
+    sample = img[::stride, ::stride].ravel()
     if valid is not None:
-        sample = sample[valid.ravel()[::step]]
+        sample = sample[valid[::stride, ::stride].ravel()]
     keep = max(len(sample) // 50, 64)
     if len(sample) <= keep:
         return []
@@ -971,14 +981,15 @@ def _pile_up_levels(img, valid, top, most=3):
     under = sample[sample < values[0]]
     first = np.count_nonzero(under == under.max()) if len(under) else 0
     lower = np.concatenate([[first], counts[:-1]])
-    piled = (counts >= 3) & (counts >= 4 * lower)
+    least = max(3.0, 0.5 * _MIN_SPOT / stride**2)
+    piled = (counts >= least) & (counts >= 4 * lower)
     return list(values[piled][::-1][:most])
 
 
 def _saturated_plateaus(img, valid, diameter, plateaus=None):
-    """Pixels of saturated spots (plateaus at the image's maximum) and their rim; or None.
+    """Pixels of saturated spots (plateaus at the saturation level) and their rim; or None.
 
-    A plateau is a 4-connected set of pixels at the maximum of the valid
+    A plateau is a 4-connected set of pixels at the saturation level of the valid
     pixels. With the hole ``diameter`` (px) known, a plateau is a spot when
     it covers more than twice the area of a hole. Without it, when it
     covers more than 200 px and, among six plateaus or more, four times

@@ -131,12 +131,14 @@ def _count_frames(text):
             node = handle.get(name)
             if not isinstance(node, h5py.Dataset):
                 raise CcdgridError(f"{path} has no dataset {name!r}")
+            io.refuse_colour(node.shape, f"{path}::{name}")
             return node.shape[0] if node.ndim == 3 else 1
     if suffix == ".npy":
         try:
             data = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise CcdgridError(f"cannot read {path} as a .npy array: {exc}") from exc
+        io.refuse_colour(data.shape, str(path))
         return data.shape[0] if data.ndim == 3 else 1
     return None
 
@@ -182,6 +184,9 @@ def _specs(sources, frames):
     for n, src in enumerate(sources):
         if isinstance(src, np.ndarray):
             label = f"<array {n}>"
+            from .io import refuse_colour  # numpy: not on the CLI's import path
+
+            refuse_colour(src.shape, label)
             if src.ndim == 2:  # one image, whatever the selection
                 specs.append(_Spec(len(specs), label, None, array=src))
             elif src.ndim == 3:
