@@ -285,9 +285,9 @@ def ceiling(source, frames, outdir=None):
     """
     import multiprocessing
 
-    ctx = multiprocessing.get_context("spawn")
     from ccdgrid._series_worker import THREAD_ENV
 
+    ctx = multiprocessing.get_context("spawn")
     saved = {k: os.environ.get(k) for k in THREAD_ENV}
     os.environ.update({k: "1" for k in saved})
     out = tempfile.mkdtemp(prefix="ccdgrid-bench-ceiling-", dir=outdir)
@@ -302,9 +302,8 @@ def ceiling(source, frames, outdir=None):
                 )
                 for p in range(n)
             ]
-            for p in range(n):
+            for p, proc in enumerate(procs):
                 os.makedirs(os.path.join(out, str(p)), exist_ok=True)
-            for proc in procs:
                 proc.start()
             # a worker killed (out of memory, say) puts nothing: give up in time
             times = [queue.get(timeout=_CEILING_WAIT) for _ in procs]

@@ -926,9 +926,10 @@ def _max_plateaus(img, valid):
     if found is not None and found[1][1:].max() >= _MIN_SPOT:
         return found
     for level in _pile_up_levels(img, valid, top):
-        # a spot of _MIN_SPOT px (16 px across) leaves a quarter of its
-        # pixels or more in every 4th row: a pass over a quarter of the image
-        # rules most levels out (the sparse tail of integer data has some)
+        # a spot of _MIN_SPOT px (16 px across) keeps about a quarter of its
+        # pixels in every 4th row; asking for half of that there, a pass over
+        # a quarter of the image rules out the false levels that the sparse
+        # tail of integer data makes
         if np.count_nonzero(img[::4] == level) < _MIN_SPOT / 8:
             continue
         below = _plateaus_at(img, valid, level, least=_MIN_SPOT)

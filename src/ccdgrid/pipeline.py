@@ -782,9 +782,7 @@ def _gross_misses(cv, pitch_px, points=None):
     # only without a gross miss: a hole missed by pitches pulls the maps
     # fitted without its neighbours, up to two rings of holes around it
     if points is not None and len(points) > _ISOLATED_NEIGHBOURS and not gross.any():
-        alone = np.flatnonzero(
-            finite & ~gross & (miss > max(typical, _ISOLATED_MISS_PITCH * pitch_px))
-        )
+        alone = np.flatnonzero(finite & (miss > max(typical, _ISOLATED_MISS_PITCH * pitch_px)))
         if alone.size:
             _, near = cKDTree(points).query(points[alone], k=_ISOLATED_NEIGHBOURS + 1)
             around = miss[near[:, 1:]]

@@ -170,6 +170,8 @@ def _specs(sources, frames):
     """Expand sources and a frame selection into one :class:`_Spec` per frame."""
     import numpy as np
 
+    from .io import refuse_colour
+
     if isinstance(sources, (str, os.PathLike, np.ndarray)):
         sources = [sources]
     try:
@@ -184,8 +186,6 @@ def _specs(sources, frames):
     for n, src in enumerate(sources):
         if isinstance(src, np.ndarray):
             label = f"<array {n}>"
-            from .io import refuse_colour  # numpy: not on the CLI's import path
-
             refuse_colour(src.shape, label)
             if src.ndim == 2:  # one image, whatever the selection
                 specs.append(_Spec(len(specs), label, None, array=src))
